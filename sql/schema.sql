@@ -1,0 +1,98 @@
+-- Storage for queues and messages. Why it looks like this: docs/design.md.
+
+-- Queue definitions. Messages refer to queues by queue_id, so no queue name ever reaches SQL text.
+CREATE SEQUENCE bussig.queue_id_seq AS int;
+CREATE TABLE bussig.queue (
+    queue_id             int PRIMARY KEY DEFAULT nextval('bussig.queue_id_seq'),
+    name                 text NOT NULL UNIQUE
+                         CONSTRAINT queue_name_valid CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$'),
+    -- NULL only for a dead-letter queue created as one: it has none of its own.
+    dead_letter_queue_id int REFERENCES bussig.queue (queue_id),
+    -- Set on a dead-letter queue that create_queue made for this queue, so drop_queue takes it along.
+    dead_letter_owner_id int,
+    max_deliveries       int NOT NULL CHECK (max_deliveries >= 1),
+    lock_timeout         interval NOT NULL CHECK (lock_timeout > interval '0'),
+    message_ttl          interval CHECK (message_ttl > interval '0'),
+    retry_delay          interval NOT NULL CHECK (retry_delay >= interval '0'),
+    retry_delay_max      interval NOT NULL CHECK (retry_delay_max >= retry_delay),
+    retry_multiplier     float8 NOT NULL CHECK (retry_multiplier >= 1),
+    dedup_window         interval NOT NULL CHECK (dedup_window >= interval '0'),
+    created_at           timestamptz NOT NULL DEFAULT now()
+);
+ALTER SEQUENCE bussig.queue_id_seq OWNED BY bussig.queue.queue_id;
+
+-- One row per message in one queue. A locked message is one whose visible_at lies in the future and
+-- whose lock_token is set; a delayed one has visible_at in the future and no token. Lock expiry needs
+-- no writer: the message is simply visible again.
+CREATE SEQUENCE bussig.message_id_seq;
+CREATE TABLE bussig.message (
+    message_id     bigint PRIMARY KEY DEFAULT nextval('bussig.message_id_seq'),
+    visible_at     timestamptz NOT NULL,
+    enqueued_at    timestamptz NOT NULL DEFAULT now(),
+    queue_id       int NOT NULL,
+    priority       int NOT NULL DEFAULT 0,
+    delivery_count int NOT NULL DEFAULT 0,
+    lock_token     uuid,
+    payload        jsonb NOT NULL,
+    headers        jsonb,
+    subject        text,
+    correlation_id text,
+    reply_to       text,
+    -- The latest nack's error, carried into the dead-letter headers when the message dies later.
+    last_error     text
+);
+ALTER SEQUENCE bussig.message_id_seq OWNED BY bussig.message.message_id;
+
+-- Delivery order. Within one priority, ready messages (visible_at <= now) sort before locked and
+-- delayed ones, so a read never walks past in-flight messages to find work (pgmq's head-of-line problem).
+CREATE INDEX message_delivery_order ON bussig.message (queue_id, priority DESC, visible_at, message_id);
+
+-- De-duplication keys of send(dedup_id => ...), each alive for its queue's dedup_window.
+CREATE TABLE bussig.dedup (
+    queue_id   int NOT NULL,
+    dedup_id   text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (queue_id, dedup_id)
+);
+
+-- Definitions and messages travel with pg_dump.
+SELECT pg_catalog.pg_extension_config_dump('bussig.queue', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.queue_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.message', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.message_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.dedup', '');
+
+-- The delay before a nacked message is ready again: retry_delay * retry_multiplier^(attempt-1), capped
+-- at retry_delay_max. Computed in log space so that no attempt count can overflow. Inlined by the planner.
+CREATE FUNCTION bussig.retry_backoff(retry_delay interval, retry_multiplier float8,
+                                     retry_delay_max interval, attempt int)
+RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT least(retry_delay_max,
+                 retry_delay * exp(least(greatest(attempt - 1, 0) * ln(retry_multiplier),
+                                         ln(greatest(extract(epoch FROM retry_delay_max)::float8
+                                                     / nullif(extract(epoch FROM retry_delay)::float8, 0), 1)))))
+$$;
+
+CREATE VIEW bussig.queues AS
+SELECT q.name AS queue,
+       d.name AS dead_letter_queue,
+       s.ready,
+       s.delayed,
+       s.locked,
+       s.oldest_ready_age,
+       q.max_deliveries,
+       q.lock_timeout,
+       q.message_ttl,
+       q.created_at
+FROM bussig.queue q
+LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE m.visible_at <= now()) AS ready,
+           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NULL) AS delayed,
+           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NOT NULL) AS locked,
+           now() - min(m.enqueued_at) FILTER (WHERE m.visible_at <= now()) AS oldest_ready_age
+    FROM bussig.message m
+    WHERE m.queue_id = q.queue_id
+) s;

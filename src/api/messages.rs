@@ -1,0 +1,688 @@
+//! Sending, receiving and settling messages. Each verb is one kept statement in the common case; the
+//! queue is named in the statement itself so that no separate look-up precedes the work, and only an
+//! empty result pays for finding out why (unknown queue, stale token, duplicate).
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::pg_sys::{self, panic::ErrorReport};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::Uuid;
+
+use super::queues::{self, SettingsChange};
+use crate::datum::{ArrayShape, BigintArray, Jsonb, JsonbArray, UuidArray};
+use crate::error::{BusError, BusResult};
+use crate::gucs;
+use crate::plans::{self, Statement};
+use crate::validate::{self, required};
+
+static SEND: Statement = Statement {
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
+          SELECT q.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7
+          FROM bussig.queue q WHERE q.name = $1
+          RETURNING message_id",
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::JSONBOID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+    ],
+    writes: true,
+};
+
+// A key that expired stays in place until the worker prunes it; ON CONFLICT revives it.
+static SEND_DEDUPLICATED: Statement = Statement {
+    sql: "WITH q AS (SELECT queue_id, dedup_window FROM bussig.queue WHERE name = $1),
+          fresh AS (
+              INSERT INTO bussig.dedup AS d (queue_id, dedup_id, expires_at)
+              SELECT queue_id, $8, now() + dedup_window FROM q
+              ON CONFLICT (queue_id, dedup_id) DO UPDATE SET expires_at = excluded.expires_at
+              WHERE d.expires_at <= now()
+              RETURNING queue_id
+          )
+          INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
+          SELECT fresh.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7
+          FROM fresh
+          RETURNING message_id",
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::JSONBOID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+    ],
+    writes: true,
+};
+
+static SEND_BATCH: Statement = Statement {
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
+          SELECT q.queue_id, p.payload, $3, now() + coalesce($4, interval '0'), $5
+          FROM bussig.queue q, unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, n)
+          WHERE q.name = $1
+          ORDER BY p.n
+          RETURNING message_id",
+    args: &[pg_sys::TEXTOID, pg_sys::JSONBARRAYOID, pg_sys::JSONBOID, pg_sys::INTERVALOID, pg_sys::INT4OID],
+    writes: true,
+};
+
+// Locks up to $2 ready messages in delivery order, skipping rows other consumers hold. A message
+// past its TTL or its last allowed delivery comes back flagged with dead_reason instead of being
+// handed out; the caller moves it to the dead-letter queue in the same transaction.
+static READ: Statement = Statement {
+    sql: "WITH q AS (
+              SELECT queue_id, max_deliveries, message_ttl, lock_timeout,
+                     dead_letter_queue_id IS NOT NULL AS has_dead_letter_queue
+              FROM bussig.queue WHERE name = $1
+          ), picked AS (
+              SELECT m.message_id, m.visible_at AS ready_at
+              FROM bussig.message m
+              WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= now()
+              ORDER BY m.priority DESC, m.visible_at, m.message_id
+              LIMIT $2
+              FOR UPDATE SKIP LOCKED
+          )
+          UPDATE bussig.message m
+          SET visible_at = now() + coalesce($3, q.lock_timeout),
+              lock_token = gen_random_uuid(),
+              delivery_count = m.delivery_count + 1
+          FROM picked, q
+          WHERE m.message_id = picked.message_id
+          RETURNING m.message_id, m.lock_token, m.subject, m.payload, m.headers, m.delivery_count,
+                    m.priority, m.enqueued_at, m.correlation_id, m.reply_to, picked.ready_at,
+                    CASE WHEN q.message_ttl IS NOT NULL AND m.enqueued_at <= now() - q.message_ttl
+                              THEN 'expired'
+                         WHEN q.has_dead_letter_queue AND m.delivery_count > q.max_deliveries
+                              THEN 'max_deliveries'
+                    END AS dead_reason,
+                    q.has_dead_letter_queue",
+    args: &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+static ACK: Statement = Statement {
+    sql: "DELETE FROM bussig.message m USING bussig.queue q
+          WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3",
+    args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID],
+    writes: true,
+};
+
+static ACK_BATCH: Statement = Statement {
+    sql: "DELETE FROM bussig.message m
+          USING bussig.queue q, unnest($2::bigint[], $3::uuid[]) AS a(message_id, lock_token)
+          WHERE q.name = $1 AND m.queue_id = q.queue_id
+            AND m.message_id = a.message_id AND m.lock_token = a.lock_token",
+    args: &[pg_sys::TEXTOID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
+    writes: true,
+};
+
+// A message on its last allowed delivery is not given back: NACK leaves it for DEAD_LETTER.
+static NACK: Statement = Statement {
+    sql: "UPDATE bussig.message m
+          SET visible_at = now() + coalesce($4, bussig.retry_backoff(q.retry_delay, q.retry_multiplier,
+                                                                     q.retry_delay_max, m.delivery_count)),
+              lock_token = NULL,
+              last_error = coalesce($5, m.last_error)
+          FROM bussig.queue q
+          WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3
+            AND NOT (q.dead_letter_queue_id IS NOT NULL AND m.delivery_count >= q.max_deliveries)",
+    args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID, pg_sys::INTERVALOID, pg_sys::TEXTOID],
+    writes: true,
+};
+
+// Moves messages of queue $5 to its dead-letter queue: those in $1, holding token $2 when one is
+// given, and, unless $6 forces it, only when their last allowed delivery has been used.
+static DEAD_LETTER: Statement = Statement {
+    sql: "UPDATE bussig.message m
+          SET queue_id = q.dead_letter_queue_id,
+              visible_at = now(),
+              lock_token = NULL,
+              delivery_count = 0,
+              last_error = NULL,
+              headers = coalesce(m.headers, '{}') || jsonb_build_object(
+                  'bussig-dead-letter-reason', $3,
+                  'bussig-dead-letter-error', coalesce($4, m.last_error),
+                  'bussig-source-queue', q.name)
+          FROM bussig.queue q
+          WHERE q.name = $5 AND m.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
+            AND m.message_id = ANY ($1)
+            AND ($2::uuid IS NULL OR m.lock_token = $2)
+            AND ($6 OR m.delivery_count >= q.max_deliveries)",
+    args: &[
+        pg_sys::INT8ARRAYOID,
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::BOOLOID,
+    ],
+    writes: true,
+};
+
+// A dead-letter queue has none of its own: its expired messages are simply dropped (retention).
+static DELETE_MESSAGES: Statement = Statement {
+    sql: "DELETE FROM bussig.message WHERE message_id = ANY ($1)",
+    args: &[pg_sys::INT8ARRAYOID],
+    writes: true,
+};
+
+static EXTEND_LOCK: Statement = Statement {
+    sql: "UPDATE bussig.message m
+          SET visible_at = now() + coalesce($4, q.lock_timeout)
+          FROM bussig.queue q
+          WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3",
+    args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+// Messages a consumer of the dead-letter queue holds right now stay where they are.
+static REDRIVE: Statement = Statement {
+    sql: "WITH picked AS (
+              SELECT m.message_id
+              FROM bussig.message m
+              WHERE m.queue_id = $2
+                AND m.headers ->> 'bussig-source-queue' = $1
+                AND (m.lock_token IS NULL OR m.visible_at <= now())
+              ORDER BY m.message_id
+              LIMIT $4
+              FOR UPDATE SKIP LOCKED
+          )
+          UPDATE bussig.message m
+          SET queue_id = $3,
+              visible_at = now(),
+              lock_token = NULL,
+              delivery_count = 0,
+              last_error = NULL,
+              headers = nullif(m.headers - ARRAY['bussig-dead-letter-reason', 'bussig-dead-letter-error',
+                                                 'bussig-source-queue'], '{}')
+          FROM picked
+          WHERE m.message_id = picked.message_id",
+    args: &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT4OID],
+    writes: true,
+};
+
+// Ready messages in delivery order, then the rest in the order they will become ready.
+static PEEK: Statement = Statement {
+    sql: "WITH q AS (SELECT queue_id FROM bussig.queue WHERE name = $1)
+          (SELECT m.message_id, 'ready' AS state, m.visible_at, m.subject, m.payload, m.headers,
+                  m.delivery_count, m.priority, m.enqueued_at, m.correlation_id, m.reply_to
+           FROM bussig.message m
+           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= now()
+           ORDER BY m.priority DESC, m.visible_at, m.message_id
+           LIMIT $2)
+          UNION ALL
+          (SELECT m.message_id, CASE WHEN m.lock_token IS NULL THEN 'delayed' ELSE 'locked' END,
+                  m.visible_at, m.subject, m.payload, m.headers,
+                  m.delivery_count, m.priority, m.enqueued_at, m.correlation_id, m.reply_to
+           FROM bussig.message m
+           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at > now()
+           ORDER BY m.visible_at, m.priority DESC, m.message_id
+           LIMIT $2)
+          LIMIT $2",
+    args: &[pg_sys::TEXTOID, pg_sys::INT4OID],
+    writes: false,
+};
+
+/// How many rows a kept statement touched, as a count.
+fn processed(client: &mut SpiClient<'_>, statement: &'static Statement, args: &[DatumWithOid<'_>]) -> BusResult<i64> {
+    Ok(plans::run(client, statement, args)?.len() as i64)
+}
+
+/// A statement that found nothing: the queue must exist, otherwise the answer is simply "no".
+fn nothing_done<T>(client: &mut SpiClient<'_>, queue: &str, answer: T) -> BusResult<T> {
+    queues::require(client, queue)?;
+    Ok(answer)
+}
+
+fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
+    match headers {
+        Some(headers) if !headers.is_object() => {
+            Err(BusError::invalid("headers", "they must be a JSON object, such as '{\"key\": \"value\"}'"))
+        }
+        headers => Ok(headers),
+    }
+}
+
+fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> {
+    let size = payload_size + headers.map_or(0, |headers| headers.size());
+    let limit = gucs::MAX_MESSAGE_SIZE.get();
+    if size > limit as usize {
+        return Err(BusError::MessageTooLarge { size, limit });
+    }
+    Ok(())
+}
+
+fn check_delay(delay: Option<Interval>) -> BusResult<Option<Interval>> {
+    if let Some(delay) = &delay {
+        validate::not_negative(delay, "delay")?;
+    }
+    Ok(delay)
+}
+
+/// Runs a send statement, creating the queue first when it is unknown and auto-creation is on.
+/// None when the statement inserted nothing into an existing queue (a duplicate).
+fn insert_messages(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<Option<Vec<i64>>> {
+    for attempt in 0..2 {
+        let mut ids = Vec::new();
+        for row in plans::run(client, statement, args)? {
+            ids.push(row.get::<i64>(1)?.expect("message_id is NOT NULL"));
+        }
+        if !ids.is_empty() || queues::resolve(client, queue)?.is_some() {
+            return Ok((!ids.is_empty()).then_some(ids));
+        }
+        if attempt > 0 || !gucs::AUTO_CREATE_QUEUES.get() {
+            break;
+        }
+        queues::create(client, queue, SettingsChange::default(), None)?;
+    }
+    Err(BusError::UnknownQueue(queue.to_string()))
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern]
+fn send(
+    queue: Option<&str>,
+    payload: Option<Jsonb>,
+    headers: default!(Option<Jsonb>, "NULL"),
+    delay: default!(Option<Interval>, "NULL"),
+    priority: default!(Option<i32>, 0),
+    dedup_id: default!(Option<&str>, "NULL"),
+    correlation_id: default!(Option<&str>, "NULL"),
+    reply_to: default!(Option<&str>, "NULL"),
+) -> Result<Option<i64>, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    let payload = required(payload, "payload")?;
+    let headers = check_headers(headers)?;
+    let delay = check_delay(delay)?;
+    let priority = required(priority, "priority")?;
+    check_size(payload.size(), headers)?;
+    let mut args: Vec<DatumWithOid> = vec![
+        queue.into(),
+        payload.into(),
+        headers.into(),
+        delay.into(),
+        priority.into(),
+        correlation_id.into(),
+        reply_to.into(),
+    ];
+    let statement = match dedup_id {
+        Some(dedup_id) => {
+            args.push(dedup_id.into());
+            &SEND_DEDUPLICATED
+        }
+        None => &SEND,
+    };
+    let ids = Spi::connect_mut(|client| insert_messages(client, queue, statement, &args))?;
+    Ok(ids.map(|ids| ids[0]))
+}
+
+#[pg_extern]
+fn send_batch(
+    queue: Option<&str>,
+    payloads: Option<JsonbArray>,
+    headers: default!(Option<Jsonb>, "NULL"),
+    delay: default!(Option<Interval>, "NULL"),
+    priority: default!(Option<i32>, 0),
+) -> Result<SetOfIterator<'static, i64>, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    let payloads = required(payloads, "payloads")?;
+    let headers = check_headers(headers)?;
+    let delay = check_delay(delay)?;
+    let priority = required(priority, "priority")?;
+    let (count, any_null) = payloads.shape();
+    if any_null {
+        return Err(BusError::NullArgument("every element of payloads").into());
+    }
+    if count > 0 {
+        let largest = payloads.element_sizes().into_iter().max().unwrap_or(0);
+        check_size(largest, headers)?;
+    }
+    let args: [DatumWithOid; 5] = [queue.into(), payloads.into(), headers.into(), delay.into(), priority.into()];
+    let ids = Spi::connect_mut(|client| insert_messages(client, queue, &SEND_BATCH, &args))?;
+    let mut ids = ids.unwrap_or_default();
+    ids.sort_unstable();
+    Ok(SetOfIterator::new(ids))
+}
+
+struct Delivery {
+    message_id: i64,
+    lock_token: Uuid,
+    subject: Option<String>,
+    payload: Jsonb,
+    headers: Option<Jsonb>,
+    delivery_count: i32,
+    priority: i32,
+    enqueued_at: TimestampWithTimeZone,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    ready_at: TimestampWithTimeZone,
+}
+
+/// Moves messages the read found dead out of the queue, in the reader's transaction.
+fn bury(client: &mut SpiClient<'_>, queue: &str, dead: Vec<(i64, String, bool)>) -> BusResult<()> {
+    for reason in ["expired", "max_deliveries"] {
+        let (moved, dropped): (Vec<_>, Vec<_>) = dead
+            .iter()
+            .filter(|(_, why, _)| why == reason)
+            .partition(|(_, _, has_dead_letter_queue)| *has_dead_letter_queue);
+        let ids = |list: Vec<&(i64, String, bool)>| list.iter().map(|(id, _, _)| *id).collect::<Vec<i64>>();
+        if !moved.is_empty() {
+            let args: [DatumWithOid; 6] = [
+                ids(moved).into(),
+                Option::<Uuid>::None.into(),
+                reason.into(),
+                Option::<&str>::None.into(),
+                queue.into(),
+                true.into(),
+            ];
+            plans::run(client, &DEAD_LETTER, &args)?;
+        }
+        if !dropped.is_empty() {
+            plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])?;
+        }
+    }
+    Ok(())
+}
+
+fn receive(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    max_messages: i32,
+    lock_timeout: Option<Interval>,
+) -> BusResult<Vec<Delivery>> {
+    let mut delivered = Vec::new();
+    loop {
+        let wanted = max_messages - delivered.len() as i32;
+        let mut dead = Vec::new();
+        let mut returned = 0;
+        for row in plans::run(client, &READ, &[queue.into(), wanted.into(), lock_timeout.into()])? {
+            returned += 1;
+            let message_id = row.get::<i64>(1)?.expect("NOT NULL");
+            if let Some(reason) = row.get::<String>(12)? {
+                dead.push((message_id, reason, row.get::<bool>(13)?.expect("NOT NULL")));
+                continue;
+            }
+            delivered.push(Delivery {
+                message_id,
+                lock_token: row.get(2)?.expect("NOT NULL"),
+                subject: row.get(3)?,
+                payload: row.get(4)?.expect("NOT NULL"),
+                headers: row.get(5)?,
+                delivery_count: row.get(6)?.expect("NOT NULL"),
+                priority: row.get(7)?.expect("NOT NULL"),
+                enqueued_at: row.get(8)?.expect("NOT NULL"),
+                correlation_id: row.get(9)?,
+                reply_to: row.get(10)?,
+                ready_at: row.get(11)?.expect("NOT NULL"),
+            });
+        }
+        if returned == 0 && delivered.is_empty() {
+            return nothing_done(client, queue, delivered);
+        }
+        let more_may_be_ready = returned == wanted && !dead.is_empty();
+        bury(client, queue, dead)?;
+        if !more_may_be_ready {
+            break;
+        }
+    }
+    // RETURNING gives no order: restore delivery order.
+    delivered.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.ready_at.cmp(&b.ready_at))
+            .then(a.message_id.cmp(&b.message_id))
+    });
+    Ok(delivered)
+}
+
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+fn read(
+    queue: Option<&str>,
+    max_messages: default!(Option<i32>, 1),
+    lock_timeout: default!(Option<Interval>, "NULL"),
+    wait: default!(Option<Interval>, "NULL"),
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(message_id, i64),
+            name!(lock_token, Uuid),
+            name!(subject, Option<String>),
+            name!(payload, Jsonb),
+            name!(headers, Option<Jsonb>),
+            name!(delivery_count, i32),
+            name!(priority, i32),
+            name!(enqueued_at, TimestampWithTimeZone),
+            name!(correlation_id, Option<String>),
+            name!(reply_to, Option<String>),
+        ),
+    >,
+    ErrorReport,
+> {
+    let queue = validate::queue_name(queue)?;
+    let max_messages = validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
+    if let Some(lock_timeout) = &lock_timeout {
+        validate::positive(lock_timeout, "lock_timeout")?;
+    }
+    if wait.is_some() {
+        return Err(BusError::NotSupported("read(wait => ...)").into());
+    }
+    let delivered = Spi::connect_mut(|client| receive(client, queue, max_messages, lock_timeout))?;
+    Ok(TableIterator::new(delivered.into_iter().map(|d| {
+        (
+            d.message_id,
+            d.lock_token,
+            d.subject,
+            d.payload,
+            d.headers,
+            d.delivery_count,
+            d.priority,
+            d.enqueued_at,
+            d.correlation_id,
+            d.reply_to,
+        )
+    })))
+}
+
+/// The three arguments that name one delivery of one message.
+fn delivery(
+    queue: Option<&str>,
+    message_id: Option<i64>,
+    lock_token: Option<Uuid>,
+) -> BusResult<(&str, i64, Uuid)> {
+    Ok((
+        validate::queue_name(queue)?,
+        required(message_id, "message_id")?,
+        required(lock_token, "lock_token")?,
+    ))
+}
+
+/// Runs a settle statement for one delivery: true when it applied, false for a stale token.
+fn settle(queue: &str, statement: &'static Statement, args: &[DatumWithOid<'_>]) -> BusResult<bool> {
+    Spi::connect_mut(|client| {
+        if processed(client, statement, args)? > 0 {
+            return Ok(true);
+        }
+        nothing_done(client, queue, false)
+    })
+}
+
+#[pg_extern]
+fn ack(queue: Option<&str>, message_id: Option<i64>, lock_token: Option<Uuid>) -> Result<bool, ErrorReport> {
+    let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
+    Ok(settle(queue, &ACK, &[queue.into(), message_id.into(), lock_token.into()])?)
+}
+
+#[pg_extern]
+fn ack_batch(
+    queue: Option<&str>,
+    message_ids: Option<BigintArray>,
+    lock_tokens: Option<UuidArray>,
+) -> Result<i64, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    let message_ids = required(message_ids, "message_ids")?;
+    let lock_tokens = required(lock_tokens, "lock_tokens")?;
+    let (ids, _) = message_ids.shape();
+    let (tokens, _) = lock_tokens.shape();
+    if ids != tokens {
+        return Err(BusError::invalid(
+            "lock_tokens",
+            format!("{tokens} lock tokens do not match {ids} message ids"),
+        )
+        .into());
+    }
+    Ok(Spi::connect_mut(|client| {
+        let removed = processed(client, &ACK_BATCH, &[queue.into(), message_ids.into(), lock_tokens.into()])?;
+        if removed > 0 {
+            return Ok(removed);
+        }
+        nothing_done(client, queue, 0)
+    })?)
+}
+
+#[pg_extern]
+fn nack(
+    queue: Option<&str>,
+    message_id: Option<i64>,
+    lock_token: Option<Uuid>,
+    delay: default!(Option<Interval>, "NULL"),
+    error: default!(Option<&str>, "NULL"),
+) -> Result<bool, ErrorReport> {
+    let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
+    let delay = check_delay(delay)?;
+    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+        let args: [DatumWithOid; 5] =
+            [queue.into(), message_id.into(), lock_token.into(), delay.into(), error.into()];
+        if processed(client, &NACK, &args)? > 0 {
+            return Ok(true);
+        }
+        let args: [DatumWithOid; 6] = [
+            vec![message_id].into(),
+            lock_token.into(),
+            "max_deliveries".into(),
+            error.into(),
+            queue.into(),
+            false.into(),
+        ];
+        if processed(client, &DEAD_LETTER, &args)? > 0 {
+            return Ok(true);
+        }
+        nothing_done(client, queue, false)
+    })?)
+}
+
+#[pg_extern]
+fn extend_lock(
+    queue: Option<&str>,
+    message_id: Option<i64>,
+    lock_token: Option<Uuid>,
+    lock_timeout: default!(Option<Interval>, "NULL"),
+) -> Result<bool, ErrorReport> {
+    let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
+    if let Some(lock_timeout) = &lock_timeout {
+        validate::positive(lock_timeout, "lock_timeout")?;
+    }
+    Ok(settle(queue, &EXTEND_LOCK, &[queue.into(), message_id.into(), lock_token.into(), lock_timeout.into()])?)
+}
+
+#[pg_extern]
+fn dead_letter(
+    queue: Option<&str>,
+    message_id: Option<i64>,
+    lock_token: Option<Uuid>,
+    reason: default!(Option<&str>, "'rejected'"),
+    error: default!(Option<&str>, "NULL"),
+) -> Result<bool, ErrorReport> {
+    let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
+    let reason = required(reason, "reason")?;
+    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+        let args: [DatumWithOid; 6] =
+            [vec![message_id].into(), lock_token.into(), reason.into(), error.into(), queue.into(), true.into()];
+        if processed(client, &DEAD_LETTER, &args)? > 0 {
+            return Ok(true);
+        }
+        if queues::require(client, queue)?.dead_letter_queue_id.is_none() {
+            return Err(BusError::NoDeadLetterQueue(queue.to_string()));
+        }
+        Ok(false)
+    })?)
+}
+
+#[pg_extern]
+fn redrive(queue: Option<&str>, max_messages: default!(Option<i32>, "NULL")) -> Result<i64, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    if let Some(max) = max_messages {
+        if max < 1 {
+            return Err(BusError::invalid("max_messages", format!("{max} is less than 1")).into());
+        }
+    }
+    Ok(Spi::connect_mut(|client| -> BusResult<i64> {
+        let found = queues::require(client, queue)?;
+        let Some(dead_letter_queue_id) = found.dead_letter_queue_id else {
+            return Err(BusError::NoDeadLetterQueue(queue.to_string()));
+        };
+        let args: [DatumWithOid; 4] =
+            [queue.into(), dead_letter_queue_id.into(), found.queue_id.into(), max_messages.into()];
+        processed(client, &REDRIVE, &args)
+    })?)
+}
+
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+fn peek(
+    queue: Option<&str>,
+    max_messages: default!(Option<i32>, 10),
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(message_id, i64),
+            name!(state, String),
+            name!(visible_at, TimestampWithTimeZone),
+            name!(subject, Option<String>),
+            name!(payload, Jsonb),
+            name!(headers, Option<Jsonb>),
+            name!(delivery_count, i32),
+            name!(priority, i32),
+            name!(enqueued_at, TimestampWithTimeZone),
+            name!(correlation_id, Option<String>),
+            name!(reply_to, Option<String>),
+        ),
+    >,
+    ErrorReport,
+> {
+    let queue = validate::queue_name(queue)?;
+    let max_messages = validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
+    let rows = Spi::connect_mut(|client| -> BusResult<Vec<_>> {
+        let mut rows = Vec::new();
+        for row in plans::run(client, &PEEK, &[queue.into(), max_messages.into()])? {
+            rows.push((
+                row.get::<i64>(1)?.expect("NOT NULL"),
+                row.get::<String>(2)?.expect("NOT NULL"),
+                row.get::<TimestampWithTimeZone>(3)?.expect("NOT NULL"),
+                row.get::<String>(4)?,
+                row.get::<Jsonb>(5)?.expect("NOT NULL"),
+                row.get::<Jsonb>(6)?,
+                row.get::<i32>(7)?.expect("NOT NULL"),
+                row.get::<i32>(8)?.expect("NOT NULL"),
+                row.get::<TimestampWithTimeZone>(9)?.expect("NOT NULL"),
+                row.get::<String>(10)?,
+                row.get::<String>(11)?,
+            ));
+        }
+        if rows.is_empty() {
+            return nothing_done(client, queue, rows);
+        }
+        Ok(rows)
+    })?;
+    Ok(TableIterator::new(rows))
+}

@@ -1,0 +1,394 @@
+//! Queue definitions: create, alter, drop, purge.
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::pg_sys::{self, panic::ErrorReport};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use crate::error::{BusError, BusResult};
+use crate::plans::{self, Statement};
+use crate::validate;
+
+/// A queue as the hot paths need it.
+pub struct QueueRef {
+    pub queue_id: i32,
+    pub dead_letter_queue_id: Option<i32>,
+}
+
+static RESOLVE: Statement = Statement {
+    sql: "SELECT queue_id, dead_letter_queue_id FROM bussig.queue WHERE name = $1",
+    args: &[pg_sys::TEXTOID],
+    writes: false,
+};
+
+pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<QueueRef>> {
+    let table = plans::run(client, &RESOLVE, &[name.into()])?;
+    for row in table {
+        return Ok(Some(QueueRef {
+            queue_id: row.get(1)?.expect("queue_id is NOT NULL"),
+            dead_letter_queue_id: row.get(2)?,
+        }));
+    }
+    Ok(None)
+}
+
+pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<QueueRef> {
+    resolve(client, name)?.ok_or_else(|| BusError::UnknownQueue(name.to_string()))
+}
+
+/// Every setting of a queue, complete and checked.
+pub struct QueueSettings {
+    max_deliveries: i32,
+    lock_timeout: Interval,
+    message_ttl: Option<Interval>,
+    retry_delay: Interval,
+    retry_delay_max: Interval,
+    retry_multiplier: f64,
+    dedup_window: Interval,
+}
+
+impl Default for QueueSettings {
+    /// The defaults create_queue documents in its signature.
+    fn default() -> Self {
+        QueueSettings {
+            max_deliveries: 5,
+            lock_timeout: Interval::from_seconds(30.0),
+            message_ttl: None,
+            retry_delay: Interval::from_seconds(1.0),
+            retry_delay_max: Interval::from_minutes(15),
+            retry_multiplier: 2.0,
+            dedup_window: Interval::from_minutes(5),
+        }
+    }
+}
+
+/// The settings a caller named; None leaves a setting as it is. A zero message_ttl removes the TTL.
+#[derive(Default)]
+pub struct SettingsChange {
+    pub max_deliveries: Option<i32>,
+    pub lock_timeout: Option<Interval>,
+    pub message_ttl: Option<Interval>,
+    pub retry_delay: Option<Interval>,
+    pub retry_delay_max: Option<Interval>,
+    pub retry_multiplier: Option<f64>,
+    pub dedup_window: Option<Interval>,
+}
+
+impl SettingsChange {
+    fn apply(self, base: QueueSettings) -> BusResult<QueueSettings> {
+        let settings = QueueSettings {
+            max_deliveries: self.max_deliveries.unwrap_or(base.max_deliveries),
+            lock_timeout: self.lock_timeout.unwrap_or(base.lock_timeout),
+            message_ttl: match self.message_ttl {
+                Some(ttl) if validate::is_zero(&ttl) => None,
+                Some(ttl) => Some(ttl),
+                None => base.message_ttl,
+            },
+            retry_delay: self.retry_delay.unwrap_or(base.retry_delay),
+            retry_delay_max: self.retry_delay_max.unwrap_or(base.retry_delay_max),
+            retry_multiplier: self.retry_multiplier.unwrap_or(base.retry_multiplier),
+            dedup_window: self.dedup_window.unwrap_or(base.dedup_window),
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+}
+
+impl QueueSettings {
+    fn check(&self) -> BusResult<()> {
+        if self.max_deliveries < 1 {
+            return Err(BusError::invalid("max_deliveries", "it must be at least 1"));
+        }
+        validate::positive(&self.lock_timeout, "lock_timeout")?;
+        if let Some(ttl) = &self.message_ttl {
+            validate::not_negative(ttl, "message_ttl")?;
+        }
+        validate::not_negative(&self.retry_delay, "retry_delay")?;
+        validate::at_most(
+            &self.retry_delay,
+            &self.retry_delay_max,
+            "retry_delay_max",
+            "it must not be shorter than retry_delay",
+        )?;
+        if !(self.retry_multiplier >= 1.0 && self.retry_multiplier.is_finite()) {
+            return Err(BusError::invalid("retry_multiplier", "it must be a finite number of at least 1"));
+        }
+        validate::not_negative(&self.dedup_window, "dedup_window")
+    }
+
+    fn args(&self) -> [DatumWithOid<'static>; 7] {
+        [
+            self.max_deliveries.into(),
+            self.lock_timeout.into(),
+            self.message_ttl.into(),
+            self.retry_delay.into(),
+            self.retry_delay_max.into(),
+            self.retry_multiplier.into(),
+            self.dedup_window.into(),
+        ]
+    }
+}
+
+// Statements that take QueueSettings::args() first, then what they name.
+const SETTINGS_THEN_NAME_AND_OWNER: [pg_sys::Oid; 9] = [
+    pg_sys::INT4OID,
+    pg_sys::INTERVALOID,
+    pg_sys::INTERVALOID,
+    pg_sys::INTERVALOID,
+    pg_sys::INTERVALOID,
+    pg_sys::FLOAT8OID,
+    pg_sys::INTERVALOID,
+    pg_sys::TEXTOID,
+    pg_sys::INT4OID,
+];
+const SETTINGS_THEN_QUEUE_ID: [pg_sys::Oid; 8] = [
+    pg_sys::INT4OID,
+    pg_sys::INTERVALOID,
+    pg_sys::INTERVALOID,
+    pg_sys::INTERVALOID,
+    pg_sys::INTERVALOID,
+    pg_sys::FLOAT8OID,
+    pg_sys::INTERVALOID,
+    pg_sys::INT4OID,
+];
+
+static INSERT_QUEUE: Statement = Statement {
+    sql: "INSERT INTO bussig.queue (max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max,
+                                    retry_multiplier, dedup_window, name, dead_letter_owner_id)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+          ON CONFLICT (name) DO NOTHING
+          RETURNING queue_id",
+    args: &SETTINGS_THEN_NAME_AND_OWNER,
+    writes: true,
+};
+
+static LOAD_SETTINGS: Statement = Statement {
+    sql: "SELECT max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max, retry_multiplier,
+                 dedup_window, queue_id
+          FROM bussig.queue WHERE name = $1 FOR UPDATE",
+    args: &[pg_sys::TEXTOID],
+    writes: true,
+};
+
+static UPDATE_SETTINGS: Statement = Statement {
+    sql: "UPDATE bussig.queue
+          SET max_deliveries = $1, lock_timeout = $2, message_ttl = $3, retry_delay = $4,
+              retry_delay_max = $5, retry_multiplier = $6, dedup_window = $7
+          WHERE queue_id = $8",
+    args: &SETTINGS_THEN_QUEUE_ID,
+    writes: true,
+};
+
+static SET_DEAD_LETTER_QUEUE: Statement = Statement {
+    sql: "UPDATE bussig.queue SET dead_letter_queue_id = $2 WHERE queue_id = $1",
+    args: &[pg_sys::INT4OID, pg_sys::INT4OID],
+    writes: true,
+};
+
+static DEAD_LETTER_USERS: Statement = Statement {
+    sql: "SELECT string_agg(quote_ident(name), ', ' ORDER BY name)
+          FROM bussig.queue WHERE dead_letter_queue_id = $1 AND queue_id <> $1",
+    args: &[pg_sys::INT4OID],
+    writes: false,
+};
+
+// The queue goes with its messages, its de-duplication keys and the dead-letter queue made for it,
+// unless another queue still sends its dead letters there.
+static DROP_QUEUE: Statement = Statement {
+    sql: "WITH doomed AS (
+              SELECT d.queue_id FROM bussig.queue d
+              WHERE d.queue_id = $1
+                 OR (d.dead_letter_owner_id = $1
+                     AND NOT EXISTS (SELECT FROM bussig.queue u
+                                     WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1))
+          ), gone_messages AS (
+              DELETE FROM bussig.message WHERE queue_id IN (SELECT queue_id FROM doomed)
+          ), gone_keys AS (
+              DELETE FROM bussig.dedup WHERE queue_id IN (SELECT queue_id FROM doomed)
+          )
+          DELETE FROM bussig.queue WHERE queue_id IN (SELECT queue_id FROM doomed)",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+static PURGE_QUEUE: Statement = Statement {
+    sql: "DELETE FROM bussig.message WHERE queue_id = $1",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+fn insert_queue(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    settings: &QueueSettings,
+    dead_letter_owner_id: Option<i32>,
+) -> BusResult<Option<i32>> {
+    let [a1, a2, a3, a4, a5, a6, a7] = settings.args();
+    let args = [a1, a2, a3, a4, a5, a6, a7, name.into(), dead_letter_owner_id.into()];
+    let table = plans::run(client, &INSERT_QUEUE, &args)?;
+    for row in table {
+        return Ok(row.get(1)?);
+    }
+    Ok(None)
+}
+
+/// The dead-letter queue called `name`, created with default settings and none of its own if missing.
+fn ensure_dead_letter_queue(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    owner_id: Option<i32>,
+) -> BusResult<i32> {
+    if let Some(queue_id) = insert_queue(client, name, &QueueSettings::default(), owner_id)? {
+        return Ok(queue_id);
+    }
+    Ok(require(client, name)?.queue_id)
+}
+
+fn own_dead_letter_queue_name(queue: &str) -> BusResult<String> {
+    let name = format!("{queue}_dlq");
+    if name.len() > validate::MAX_QUEUE_NAME_LEN {
+        return Err(BusError::invalid(
+            "queue",
+            format!("its dead-letter queue name \"{name}\" would be longer than 60 characters; name a dead_letter_queue"),
+        ));
+    }
+    Ok(name)
+}
+
+fn checked_dead_letter_queue<'a>(queue: &str, dead_letter_queue: &'a str) -> BusResult<&'a str> {
+    let name = validate::queue_name(Some(dead_letter_queue))?;
+    if name == queue {
+        return Err(BusError::invalid("dead_letter_queue", "a queue cannot be its own dead-letter queue"));
+    }
+    Ok(name)
+}
+
+/// Creates `queue` and its dead-letter queue; false when the queue already existed (left untouched).
+pub fn create(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    change: SettingsChange,
+    dead_letter_queue: Option<&str>,
+) -> BusResult<bool> {
+    let settings = change.apply(QueueSettings::default())?;
+    let (dead_letter_name, owned) = match dead_letter_queue {
+        Some(name) => (checked_dead_letter_queue(queue, name)?.to_string(), false),
+        None => (own_dead_letter_queue_name(queue)?, true),
+    };
+    let Some(queue_id) = insert_queue(client, queue, &settings, None)? else {
+        return Ok(false);
+    };
+    let dead_letter_id = ensure_dead_letter_queue(client, &dead_letter_name, owned.then_some(queue_id))?;
+    plans::run(client, &SET_DEAD_LETTER_QUEUE, &[queue_id.into(), dead_letter_id.into()])?;
+    Ok(true)
+}
+
+/// Refuses an explicit NULL for a setting that has a default: NULL there is almost always a bug.
+fn setting<T>(value: Option<T>, what: &'static str) -> BusResult<Option<T>> {
+    validate::required(value, what).map(Some)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern]
+fn create_queue(
+    queue: Option<&str>,
+    max_deliveries: default!(Option<i32>, 5),
+    lock_timeout: default!(Option<Interval>, "'30 seconds'"),
+    message_ttl: default!(Option<Interval>, "NULL"),
+    retry_delay: default!(Option<Interval>, "'1 second'"),
+    retry_delay_max: default!(Option<Interval>, "'15 minutes'"),
+    retry_multiplier: default!(Option<f64>, 2.0),
+    dedup_window: default!(Option<Interval>, "'5 minutes'"),
+    dead_letter_queue: default!(Option<&str>, "NULL"),
+) -> Result<bool, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    let change = SettingsChange {
+        max_deliveries: setting(max_deliveries, "max_deliveries")?,
+        lock_timeout: setting(lock_timeout, "lock_timeout")?,
+        message_ttl,
+        retry_delay: setting(retry_delay, "retry_delay")?,
+        retry_delay_max: setting(retry_delay_max, "retry_delay_max")?,
+        retry_multiplier: setting(retry_multiplier, "retry_multiplier")?,
+        dedup_window: setting(dedup_window, "dedup_window")?,
+    };
+    Ok(Spi::connect_mut(|client| create(client, queue, change, dead_letter_queue))?)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern]
+fn alter_queue(
+    queue: Option<&str>,
+    max_deliveries: default!(Option<i32>, "NULL"),
+    lock_timeout: default!(Option<Interval>, "NULL"),
+    message_ttl: default!(Option<Interval>, "NULL"),
+    retry_delay: default!(Option<Interval>, "NULL"),
+    retry_delay_max: default!(Option<Interval>, "NULL"),
+    retry_multiplier: default!(Option<f64>, "NULL"),
+    dedup_window: default!(Option<Interval>, "NULL"),
+    dead_letter_queue: default!(Option<&str>, "NULL"),
+) -> Result<(), ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    let change = SettingsChange {
+        max_deliveries,
+        lock_timeout,
+        message_ttl,
+        retry_delay,
+        retry_delay_max,
+        retry_multiplier,
+        dedup_window,
+    };
+    Ok(Spi::connect_mut(|client| -> BusResult<()> {
+        let mut queue_id = None;
+        let mut current = None;
+        for row in plans::run(client, &LOAD_SETTINGS, &[queue.into()])? {
+            current = Some(QueueSettings {
+                max_deliveries: row.get(1)?.expect("NOT NULL"),
+                lock_timeout: row.get(2)?.expect("NOT NULL"),
+                message_ttl: row.get(3)?,
+                retry_delay: row.get(4)?.expect("NOT NULL"),
+                retry_delay_max: row.get(5)?.expect("NOT NULL"),
+                retry_multiplier: row.get(6)?.expect("NOT NULL"),
+                dedup_window: row.get(7)?.expect("NOT NULL"),
+            });
+            queue_id = row.get::<i32>(8)?;
+        }
+        let (Some(current), Some(queue_id)) = (current, queue_id) else {
+            return Err(BusError::UnknownQueue(queue.to_string()));
+        };
+        let settings = change.apply(current)?;
+        let [a1, a2, a3, a4, a5, a6, a7] = settings.args();
+        plans::run(client, &UPDATE_SETTINGS, &[a1, a2, a3, a4, a5, a6, a7, queue_id.into()])?;
+        if let Some(name) = dead_letter_queue {
+            let name = checked_dead_letter_queue(queue, name)?;
+            let dead_letter_id = ensure_dead_letter_queue(client, name, None)?;
+            plans::run(client, &SET_DEAD_LETTER_QUEUE, &[queue_id.into(), dead_letter_id.into()])?;
+        }
+        Ok(())
+    })?)
+}
+
+#[pg_extern]
+fn drop_queue(queue: Option<&str>) -> Result<bool, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+        let Some(found) = resolve(client, queue)? else {
+            return Ok(false);
+        };
+        let users = plans::run(client, &DEAD_LETTER_USERS, &[found.queue_id.into()])?;
+        for row in users {
+            if let Some(users) = row.get::<String>(1)? {
+                return Err(BusError::DeadLetterQueueInUse { queue: queue.to_string(), users });
+            }
+        }
+        plans::run(client, &DROP_QUEUE, &[found.queue_id.into()])?;
+        Ok(true)
+    })?)
+}
+
+#[pg_extern]
+fn purge_queue(queue: Option<&str>) -> Result<i64, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    Ok(Spi::connect_mut(|client| -> BusResult<i64> {
+        let found = require(client, queue)?;
+        Ok(plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len() as i64)
+    })?)
+}

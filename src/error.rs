@@ -1,0 +1,91 @@
+//! Every failure the SQL API can report, each with the SQLSTATE clients branch on.
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgSqlErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
+
+    #[error("invalid queue name {name:?}: {why}")]
+    InvalidQueueName { name: String, why: &'static str },
+
+    #[error("invalid {what}: {why}")]
+    InvalidArgument { what: &'static str, why: String },
+
+    #[error("queue \"{0}\" does not exist")]
+    UnknownQueue(String),
+
+    #[error("message of {size} bytes is larger than bussig.max_message_size ({limit} bytes)")]
+    MessageTooLarge { size: usize, limit: i32 },
+
+    #[error("{0} is not supported yet")]
+    NotSupported(&'static str),
+
+    #[error("queue \"{queue}\" is the dead-letter queue of {users}")]
+    DeadLetterQueueInUse { queue: String, users: String },
+
+    #[error("queue \"{0}\" is a dead-letter queue and has none of its own")]
+    NoDeadLetterQueue(String),
+
+    #[error("internal SPI error: {0}")]
+    Spi(#[from] pgrx::spi::SpiError),
+}
+
+impl BusError {
+    pub fn invalid(what: &'static str, why: impl Into<String>) -> Self {
+        BusError::InvalidArgument { what, why: why.into() }
+    }
+
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            BusError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            BusError::InvalidQueueName { .. } | BusError::InvalidArgument { .. } => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            BusError::UnknownQueue(_) => ERRCODE_UNDEFINED_OBJECT,
+            BusError::MessageTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            BusError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            BusError::DeadLetterQueueInUse { .. } => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            BusError::NoDeadLetterQueue(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            BusError::Spi(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            BusError::InvalidQueueName { .. } => Some(
+                "Queue names are 1-60 letters, digits, '_', '-' or '.', starting with a letter or digit."
+                    .into(),
+            ),
+            BusError::UnknownQueue(name) => Some(format!(
+                "Create it with SELECT bussig.create_queue('{name}'), or set bussig.auto_create_queues = on."
+            )),
+            BusError::MessageTooLarge { .. } => Some(
+                "Store large bodies in a table and send a reference, or raise bussig.max_message_size."
+                    .into(),
+            ),
+            BusError::DeadLetterQueueInUse { .. } => {
+                Some("Drop those queues first, or point them at another dead-letter queue with alter_queue.".into())
+            }
+            BusError::NoDeadLetterQueue(name) => Some(format!(
+                "redrive and dead_letter take the source queue; give queue \"{name}\" a dead-letter queue with alter_queue if it needs one."
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl From<BusError> for ErrorReport {
+    fn from(err: BusError) -> Self {
+        let hint = err.hint();
+        let report = ErrorReport::new(err.sqlstate(), err.to_string(), "bussig");
+        match hint {
+            Some(hint) => report.set_hint(hint),
+            None => report,
+        }
+    }
+}
+
+pub type BusResult<T> = Result<T, BusError>;

@@ -1,0 +1,28 @@
+//! bussig: a message bus inside PostgreSQL. The SQL surface lives in `api`, storage in `sql/`.
+use pgrx::prelude::*;
+
+mod api;
+mod datum;
+mod error;
+mod gucs;
+mod plans;
+mod validate;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,85 @@
+//! Argument checks shared by every SQL function, so each raises the same SQLSTATE for the same mistake.
+use pgrx::datum::Interval;
+
+use crate::error::{BusError, BusResult};
+
+pub const MAX_QUEUE_NAME_LEN: usize = 60;
+pub const MAX_BATCH: i32 = 1000;
+
+/// A required argument: NULL raises 22004 naming it.
+pub fn required<T>(value: Option<T>, what: &'static str) -> BusResult<T> {
+    value.ok_or(BusError::NullArgument(what))
+}
+
+/// Checks a queue name and hands it back, so that only checked names travel further.
+pub fn queue_name(name: Option<&str>) -> BusResult<&str> {
+    let name = required(name, "queue")?;
+    let invalid = |why| Err(BusError::InvalidQueueName { name: name.to_string(), why });
+    let Some(first) = name.chars().next() else {
+        return invalid("it is empty");
+    };
+    if name.len() > MAX_QUEUE_NAME_LEN {
+        return invalid("it is longer than 60 characters");
+    }
+    if !first.is_ascii_alphanumeric() {
+        return invalid("it must start with a letter or digit");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+        return invalid("it may contain only letters, digits, '_', '-' and '.'");
+    }
+    Ok(name)
+}
+
+/// Interval length as PostgreSQL compares intervals (a month is 30 days, a day 24 hours).
+fn micros(interval: &Interval) -> i128 {
+    interval.as_micros()
+}
+
+pub fn not_negative(interval: &Interval, what: &'static str) -> BusResult<()> {
+    if micros(interval) < 0 {
+        return Err(BusError::invalid(what, "it must not be negative"));
+    }
+    Ok(())
+}
+
+pub fn positive(interval: &Interval, what: &'static str) -> BusResult<()> {
+    if micros(interval) <= 0 {
+        return Err(BusError::invalid(what, "it must be positive"));
+    }
+    Ok(())
+}
+
+pub fn is_zero(interval: &Interval) -> bool {
+    micros(interval) == 0
+}
+
+pub fn at_most(first: &Interval, second: &Interval, what: &'static str, why: &str) -> BusResult<()> {
+    if micros(first) > micros(second) {
+        return Err(BusError::invalid(what, why));
+    }
+    Ok(())
+}
+
+/// A message-count argument such as max_messages: 1 to MAX_BATCH.
+pub fn batch_size(value: i32, what: &'static str) -> BusResult<i32> {
+    if !(1..=MAX_BATCH).contains(&value) {
+        return Err(BusError::invalid(what, format!("{value} is not between 1 and {MAX_BATCH}")));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names() {
+        for good in ["a", "Orders", "orders.v2", "0-job_x", &"q".repeat(60)] {
+            assert_eq!(queue_name(Some(good)).unwrap(), good);
+        }
+        for bad in ["", "_a", "-a", ".a", "a b", "a'b", "a;b", "ä", "a/b", &"q".repeat(61)] {
+            assert!(matches!(queue_name(Some(bad)), Err(BusError::InvalidQueueName { .. })), "{bad:?}");
+        }
+        assert!(matches!(queue_name(None), Err(BusError::NullArgument("queue"))));
+    }
+}

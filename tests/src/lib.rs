@@ -1,0 +1,203 @@
+//! Shared helpers for bussig's client-level integration tests.
+//!
+//! Every test opens its own connections and its own uniquely named queues,
+//! because the tests of one binary run in parallel threads.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use postgres::{Client, GenericClient, NoTls};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use postgres::error::SqlState;
+pub use serde_json::json;
+
+/// Opens a connection to the database named by `BUSSIG_TEST_URL`.
+pub fn connect() -> Client {
+    let url = std::env::var("BUSSIG_TEST_URL")
+        .expect("BUSSIG_TEST_URL is not set: run `make test`");
+    let mut client = Client::connect(&url, NoTls)
+        .unwrap_or_else(|e| panic!("cannot connect to BUSSIG_TEST_URL ({url}): {e}"));
+    // A hung statement should fail the test, not the whole run.
+    client
+        .batch_execute("SET statement_timeout = '30s'")
+        .expect("set statement_timeout");
+    client
+}
+
+/// A queue name no other test (or earlier run) uses: `<test>_<pid>_<clock>_<n>`.
+/// Kept to at most 56 characters so `<name>_dlq` still fits in 60.
+pub fn unique_name(test: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock before 1970")
+        .as_secs()
+        % 0x10_0000;
+    let test: String = test.chars().take(30).collect();
+    format!("{test}_{}_{clock:x}_{n}", std::process::id())
+}
+
+/// A queue created for one test and dropped (with its `_dlq`) when it goes
+/// out of scope, even if the test panics.
+pub struct Queue {
+    pub name: String,
+}
+
+impl Queue {
+    /// Creates a fresh queue; `options` are extra named arguments for
+    /// `bussig.create_queue`, e.g. `"max_deliveries => 3"` (or `""`).
+    pub fn create(client: &mut Client, test: &str, options: &str) -> Queue {
+        let name = unique_name(test);
+        let sep = if options.is_empty() { "" } else { ", " };
+        let sql = format!("SELECT bussig.create_queue($1::text{sep}{options})");
+        let created: bool = client.query_one(&sql, &[&name]).expect(&sql).get(0);
+        assert!(created, "create_queue({name}) returned false for a new name");
+        Queue { name }
+    }
+
+    /// The dead-letter queue every queue gets by default.
+    pub fn dlq(&self) -> String {
+        format!("{}_dlq", self.name)
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Best effort: a failing test must still report its own panic.
+        let Ok(url) = std::env::var("BUSSIG_TEST_URL") else { return };
+        let Ok(mut client) = Client::connect(&url, NoTls) else { return };
+        let _ = client.batch_execute("SET lock_timeout = '10s'");
+        let _ = client.execute("SELECT bussig.drop_queue($1::text)", &[&self.name]);
+    }
+}
+
+/// Calls `check` every 50 ms until it returns `Some`, panicking after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One row of `bussig.read`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: i64,
+    pub token: Uuid,
+    pub payload: Value,
+    pub headers: Option<Value>,
+    pub delivery_count: i32,
+    pub priority: i32,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// `bussig.read(queue, max, lock_timeout)`; `lock_timeout` is interval text
+/// such as `"1 second"`, or `None` for the queue's own.
+pub fn read(
+    c: &mut impl GenericClient,
+    queue: &str,
+    max: i32,
+    lock_timeout: Option<&str>,
+) -> Vec<Delivery> {
+    let sql = "SELECT message_id, lock_token, payload, headers, delivery_count, priority, \
+                      correlation_id, reply_to \
+               FROM bussig.read($1::text, $2::int, $3::text::interval)";
+    c.query(sql, &[&queue, &max, &lock_timeout])
+        .unwrap_or_else(|e| panic!("read({queue}): {e}"))
+        .iter()
+        .map(|r| Delivery {
+            id: r.get(0),
+            token: r.get(1),
+            payload: r.get(2),
+            headers: r.get(3),
+            delivery_count: r.get(4),
+            priority: r.get(5),
+            correlation_id: r.get(6),
+            reply_to: r.get(7),
+        })
+        .collect()
+}
+
+/// Reads at most one message with the queue's lock timeout.
+pub fn read_one(c: &mut impl GenericClient, queue: &str) -> Option<Delivery> {
+    read(c, queue, 1, None).pop()
+}
+
+/// One row of `bussig.peek`.
+#[derive(Debug, Clone)]
+pub struct Peeked {
+    pub id: i64,
+    pub state: String,
+    pub payload: Value,
+    pub headers: Option<Value>,
+    pub delivery_count: i32,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// `bussig.peek(queue, 100)`: what is in the queue, without locking anything.
+pub fn peek(c: &mut impl GenericClient, queue: &str) -> Vec<Peeked> {
+    let sql = "SELECT message_id, state, payload, headers, delivery_count, correlation_id, reply_to \
+               FROM bussig.peek($1::text, 100)";
+    c.query(sql, &[&queue])
+        .unwrap_or_else(|e| panic!("peek({queue}): {e}"))
+        .iter()
+        .map(|r| Peeked {
+            id: r.get(0),
+            state: r.get(1),
+            payload: r.get(2),
+            headers: r.get(3),
+            delivery_count: r.get(4),
+            correlation_id: r.get(5),
+            reply_to: r.get(6),
+        })
+        .collect()
+}
+
+/// `bussig.send(queue, payload)` with every option at its default.
+pub fn send(c: &mut impl GenericClient, queue: &str, payload: &Value) -> i64 {
+    c.query_one("SELECT bussig.send($1::text, $2::jsonb)", &[&queue, payload])
+        .unwrap_or_else(|e| panic!("send({queue}): {e}"))
+        .get::<_, Option<i64>>(0)
+        .expect("send without dedup_id returned NULL")
+}
+
+/// `bussig.send_batch(queue, payloads)`: the new ids.
+pub fn send_batch(c: &mut impl GenericClient, queue: &str, payloads: &[Value]) -> Vec<i64> {
+    c.query("SELECT bussig.send_batch($1::text, $2::jsonb[])", &[&queue, &payloads])
+        .unwrap_or_else(|e| panic!("send_batch({queue}): {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `bussig.ack(queue, id, token)`.
+pub fn ack(c: &mut impl GenericClient, queue: &str, id: i64, token: Uuid) -> bool {
+    c.query_one("SELECT bussig.ack($1::text, $2::bigint, $3::uuid)", &[&queue, &id, &token])
+        .unwrap_or_else(|e| panic!("ack({queue}, {id}): {e}"))
+        .get(0)
+}
+
+/// `(ready, delayed, locked)` from the `bussig.queues` view.
+pub fn counts(c: &mut impl GenericClient, queue: &str) -> (i64, i64, i64) {
+    let sql = "SELECT ready::bigint, delayed::bigint, locked::bigint \
+               FROM bussig.queues WHERE queue = $1::text";
+    let row = c
+        .query_one(sql, &[&queue])
+        .unwrap_or_else(|e| panic!("bussig.queues row for {queue}: {e}"));
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// A string header, if present.
+pub fn header<'a>(headers: &'a Option<Value>, key: &str) -> Option<&'a str> {
+    headers.as_ref()?.get(key)?.as_str()
+}
