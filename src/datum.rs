@@ -90,7 +90,11 @@ impl Jsonb {
     pub fn is_object(&self) -> bool {
         unsafe {
             let detoasted = pg_sys::pg_detoast_datum(self.0.cast_mut_ptr());
-            let header = detoasted.cast::<u8>().add(pg_sys::VARHDRSZ).cast::<u32>().read_unaligned();
+            let header = detoasted
+                .cast::<u8>()
+                .add(pg_sys::VARHDRSZ)
+                .cast::<u32>()
+                .read_unaligned();
             header & pg_sys::JB_FOBJECT != 0
         }
     }

@@ -34,7 +34,10 @@ pub enum BusError {
 
 impl BusError {
     pub fn invalid(what: &'static str, why: impl Into<String>) -> Self {
-        BusError::InvalidArgument { what, why: why.into() }
+        BusError::InvalidArgument {
+            what,
+            why: why.into(),
+        }
     }
 
     fn sqlstate(&self) -> PgSqlErrorCode {

@@ -8,7 +8,7 @@ mod gucs;
 mod plans;
 mod validate;
 
-::pgrx::pg_module_magic!();
+::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 

@@ -22,7 +22,10 @@ thread_local! {
     static KEPT: RefCell<HashMap<usize, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
-fn kept(client: &SpiClient<'_>, statement: &'static Statement) -> SpiResult<Rc<OwnedPreparedStatement>> {
+fn kept(
+    client: &SpiClient<'_>,
+    statement: &'static Statement,
+) -> SpiResult<Rc<OwnedPreparedStatement>> {
     let key = statement as *const Statement as usize;
     if let Some(plan) = KEPT.with(|kept| kept.borrow().get(&key).cloned()) {
         return Ok(plan);

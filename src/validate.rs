@@ -14,7 +14,12 @@ pub fn required<T>(value: Option<T>, what: &'static str) -> BusResult<T> {
 /// Checks a queue name and hands it back, so that only checked names travel further.
 pub fn queue_name(name: Option<&str>) -> BusResult<&str> {
     let name = required(name, "queue")?;
-    let invalid = |why| Err(BusError::InvalidQueueName { name: name.to_string(), why });
+    let invalid = |why| {
+        Err(BusError::InvalidQueueName {
+            name: name.to_string(),
+            why,
+        })
+    };
     let Some(first) = name.chars().next() else {
         return invalid("it is empty");
     };
@@ -24,7 +29,10 @@ pub fn queue_name(name: Option<&str>) -> BusResult<&str> {
     if !first.is_ascii_alphanumeric() {
         return invalid("it must start with a letter or digit");
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
         return invalid("it may contain only letters, digits, '_', '-' and '.'");
     }
     Ok(name)
@@ -53,7 +61,12 @@ pub fn is_zero(interval: &Interval) -> bool {
     micros(interval) == 0
 }
 
-pub fn at_most(first: &Interval, second: &Interval, what: &'static str, why: &str) -> BusResult<()> {
+pub fn at_most(
+    first: &Interval,
+    second: &Interval,
+    what: &'static str,
+    why: &str,
+) -> BusResult<()> {
     if micros(first) > micros(second) {
         return Err(BusError::invalid(what, why));
     }
@@ -63,7 +76,10 @@ pub fn at_most(first: &Interval, second: &Interval, what: &'static str, why: &st
 /// A message-count argument such as max_messages: 1 to MAX_BATCH.
 pub fn batch_size(value: i32, what: &'static str) -> BusResult<i32> {
     if !(1..=MAX_BATCH).contains(&value) {
-        return Err(BusError::invalid(what, format!("{value} is not between 1 and {MAX_BATCH}")));
+        return Err(BusError::invalid(
+            what,
+            format!("{value} is not between 1 and {MAX_BATCH}"),
+        ));
     }
     Ok(value)
 }
@@ -77,9 +93,29 @@ mod tests {
         for good in ["a", "Orders", "orders.v2", "0-job_x", &"q".repeat(60)] {
             assert_eq!(queue_name(Some(good)).unwrap(), good);
         }
-        for bad in ["", "_a", "-a", ".a", "a b", "a'b", "a;b", "ä", "a/b", &"q".repeat(61)] {
-            assert!(matches!(queue_name(Some(bad)), Err(BusError::InvalidQueueName { .. })), "{bad:?}");
+        for bad in [
+            "",
+            "_a",
+            "-a",
+            ".a",
+            "a b",
+            "a'b",
+            "a;b",
+            "ä",
+            "a/b",
+            &"q".repeat(61),
+        ] {
+            assert!(
+                matches!(
+                    queue_name(Some(bad)),
+                    Err(BusError::InvalidQueueName { .. })
+                ),
+                "{bad:?}"
+            );
         }
-        assert!(matches!(queue_name(None), Err(BusError::NullArgument("queue"))));
+        assert!(matches!(
+            queue_name(None),
+            Err(BusError::NullArgument("queue"))
+        ));
     }
 }

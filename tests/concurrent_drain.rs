@@ -52,9 +52,15 @@ fn produce(shared: &Shared, producer: i64) {
     let mut c = connect();
     let first = PREFILL + producer * PER_PRODUCER;
     for start in (first..first + PER_PRODUCER).step_by(ROUND as usize) {
-        let payloads: Vec<_> = (start..start + ROUND - 1).map(|n| json!({ "n": n })).collect();
+        let payloads: Vec<_> = (start..start + ROUND - 1)
+            .map(|n| json!({ "n": n }))
+            .collect();
         let ids = send_batch(&mut c, &shared.queue, &payloads);
-        assert_eq!(ids.len(), payloads.len(), "send_batch returned the wrong number of ids");
+        assert_eq!(
+            ids.len(),
+            payloads.len(),
+            "send_batch returned the wrong number of ids"
+        );
         record_sent(shared, &ids);
         let id = send(&mut c, &shared.queue, &json!({ "n": start + ROUND - 1 }));
         record_sent(shared, &[id]);
@@ -64,7 +70,10 @@ fn produce(shared: &Shared, producer: i64) {
 fn consume(shared: &Shared) {
     let mut c = connect();
     loop {
-        assert!(Instant::now() < shared.deadline, "drain did not finish in time");
+        assert!(
+            Instant::now() < shared.deadline,
+            "drain did not finish in time"
+        );
         // Read the flag before reading: an empty read after that means all sends are visible.
         let producers_done = shared.producers_left.load(Ordering::SeqCst) == 0;
         let batch = read(&mut c, &shared.queue, READ_BATCH, None);
@@ -78,14 +87,25 @@ fn consume(shared: &Shared) {
 
         let doubly_held: Vec<i64> = {
             let mut held = lock(&shared.held);
-            batch.iter().filter(|d| !held.insert(d.id)).map(|d| d.id).collect()
+            batch
+                .iter()
+                .filter(|d| !held.insert(d.id))
+                .map(|d| d.id)
+                .collect()
         };
-        assert!(doubly_held.is_empty(), "held by two consumers at once: {doubly_held:?}");
+        assert!(
+            doubly_held.is_empty(),
+            "held by two consumers at once: {doubly_held:?}"
+        );
 
         let mut tx = c.transaction().expect("begin");
         for d in &batch {
             assert_eq!(d.delivery_count, 1, "message {} was redelivered", d.id);
-            assert!(ack(&mut tx, &shared.queue, d.id, d.token), "ack({}) returned false", d.id);
+            assert!(
+                ack(&mut tx, &shared.queue, d.id, d.token),
+                "ack({}) returned false",
+                d.id
+            );
         }
         tx.commit().expect("commit acks");
 
@@ -93,7 +113,11 @@ fn consume(shared: &Shared) {
         let mut held = lock(&shared.held);
         for d in &batch {
             let n = d.payload["n"].as_i64().expect("payload has n");
-            assert!(acked.insert(d.id, n).is_none(), "message {} acked twice", d.id);
+            assert!(
+                acked.insert(d.id, n).is_none(),
+                "message {} acked twice",
+                d.id
+            );
             held.remove(&d.id);
         }
     }
@@ -103,7 +127,11 @@ fn consume(shared: &Shared) {
 fn concurrent_drain() {
     let mut client = connect();
     // A long lock timeout: any redelivery here would be a bug, not an expiry.
-    let queue = Queue::create(&mut client, "concurrent_drain", "lock_timeout => '5 minutes'");
+    let queue = Queue::create(
+        &mut client,
+        "concurrent_drain",
+        "lock_timeout => '5 minutes'",
+    );
     let shared = Shared {
         queue: queue.name.clone(),
         deadline: Instant::now() + Duration::from_secs(50),
@@ -116,7 +144,11 @@ fn concurrent_drain() {
     for start in (0..PREFILL).step_by(500) {
         let payloads: Vec<_> = (start..start + 500).map(|n| json!({ "n": n })).collect();
         let ids = send_batch(&mut client, &queue.name, &payloads);
-        assert_eq!(ids.len(), payloads.len(), "send_batch returned the wrong number of ids");
+        assert_eq!(
+            ids.len(),
+            payloads.len(),
+            "send_batch returned the wrong number of ids"
+        );
         record_sent(&shared, &ids);
     }
 
@@ -134,13 +166,25 @@ fn concurrent_drain() {
     let acked = lock(&shared.acked);
     assert_eq!(sent.len() as i64, TOTAL, "not every send returned an id");
     let acked_ids: HashSet<i64> = acked.keys().copied().collect();
-    assert_eq!(acked_ids.len(), sent.len(), "acked {} of {} messages", acked.len(), sent.len());
+    assert_eq!(
+        acked_ids.len(),
+        sent.len(),
+        "acked {} of {} messages",
+        acked.len(),
+        sent.len()
+    );
     assert!(acked_ids == *sent, "the acked ids are not the sent ids");
     let mut ns: Vec<i64> = acked.values().copied().collect();
     ns.sort_unstable();
     assert!(ns.into_iter().eq(0..TOTAL), "payloads lost or duplicated");
-    assert!(lock(&shared.held).is_empty(), "messages still held after the drain");
+    assert!(
+        lock(&shared.held).is_empty(),
+        "messages still held after the drain"
+    );
 
-    assert!(peek(&mut client, &queue.name).is_empty(), "messages left in the queue");
+    assert!(
+        peek(&mut client, &queue.name).is_empty(),
+        "messages left in the queue"
+    );
     assert_eq!(counts(&mut client, &queue.name), (0, 0, 0));
 }

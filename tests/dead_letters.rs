@@ -6,8 +6,11 @@ use uuid::Uuid;
 
 use bussig_tests::*;
 
-const DEAD_LETTER_HEADERS: [&str; 3] =
-    ["bussig-dead-letter-reason", "bussig-dead-letter-error", "bussig-source-queue"];
+const DEAD_LETTER_HEADERS: [&str; 3] = [
+    "bussig-dead-letter-reason",
+    "bussig-dead-letter-error",
+    "bussig-source-queue",
+];
 
 #[test]
 fn dead_letters() {
@@ -15,7 +18,10 @@ fn dead_letters() {
     let queue = Queue::create(&mut client, "dead_letters", "max_deliveries => 3");
     let (q, dlq) = (queue.name.as_str(), queue.dlq());
     let dlq_of_q: String = client
-        .query_one("SELECT dead_letter_queue FROM bussig.queues WHERE queue = $1::text", &[&q])
+        .query_one(
+            "SELECT dead_letter_queue FROM bussig.queues WHERE queue = $1::text",
+            &[&q],
+        )
         .unwrap()
         .get(0);
     assert_eq!(dlq_of_q, dlq);
@@ -34,9 +40,15 @@ fn dead_letters() {
         let d = read_one(&mut client, q).expect("message is ready again after nack");
         assert_eq!((d.id, d.delivery_count), (id, attempt));
         let error = (attempt == 3).then_some("boom");
-        assert!(nack(&mut client, q, id, d.token, error), "nack {attempt} failed");
+        assert!(
+            nack(&mut client, q, id, d.token, error),
+            "nack {attempt} failed"
+        );
     }
-    assert!(read_one(&mut client, q).is_none(), "delivered more than max_deliveries times");
+    assert!(
+        read_one(&mut client, q).is_none(),
+        "delivered more than max_deliveries times"
+    );
     assert!(peek(&mut client, q).is_empty());
 
     let dead = peek(&mut client, &dlq);
@@ -46,21 +58,37 @@ fn dead_letters() {
     assert_eq!(dead.correlation_id.as_deref(), Some("corr-1"));
     assert_eq!(dead.reply_to.as_deref(), Some("replies"));
     assert_eq!(header(&dead.headers, "trace"), Some("t-1"));
-    assert_eq!(header(&dead.headers, "bussig-dead-letter-reason"), Some("max_deliveries"));
-    assert_eq!(header(&dead.headers, "bussig-dead-letter-error"), Some("boom"));
+    assert_eq!(
+        header(&dead.headers, "bussig-dead-letter-reason"),
+        Some("max_deliveries")
+    );
+    assert_eq!(
+        header(&dead.headers, "bussig-dead-letter-error"),
+        Some("boom")
+    );
     assert_eq!(header(&dead.headers, "bussig-source-queue"), Some(q));
 
     // Redrive: back in the queue, fresh count, no dead-letter headers.
-    let moved: i64 = client.query_one("SELECT bussig.redrive($1::text)", &[&q]).unwrap().get(0);
+    let moved: i64 = client
+        .query_one("SELECT bussig.redrive($1::text)", &[&q])
+        .unwrap()
+        .get(0);
     assert_eq!(moved, 1);
-    assert!(peek(&mut client, &dlq).is_empty(), "redrive left the message in {dlq}");
+    assert!(
+        peek(&mut client, &dlq).is_empty(),
+        "redrive left the message in {dlq}"
+    );
     let back = read_one(&mut client, q).expect("redriven message is readable");
     assert_eq!((&back.payload, back.delivery_count), (&payload, 1));
     assert_eq!(back.correlation_id.as_deref(), Some("corr-1"));
     assert_eq!(back.reply_to.as_deref(), Some("replies"));
     assert_eq!(header(&back.headers, "trace"), Some("t-1"));
     for key in DEAD_LETTER_HEADERS {
-        assert_eq!(header(&back.headers, key), None, "redriven message still has {key}");
+        assert_eq!(
+            header(&back.headers, key),
+            None,
+            "redriven message still has {key}"
+        );
     }
     assert!(ack(&mut client, q, back.id, back.token));
 
@@ -71,20 +99,38 @@ fn dead_letters() {
     let moved: bool = client.query_one(sql, &[&q, &id, &d.token]).unwrap().get(0);
     assert!(moved, "dead_letter with the current token failed");
     let again: bool = client.query_one(sql, &[&q, &id, &d.token]).unwrap().get(0);
-    assert!(!again, "dead_letter of a message already gone returned true");
-    assert!(peek(&mut client, q).is_empty(), "dead-lettered message still in {q}");
+    assert!(
+        !again,
+        "dead_letter of a message already gone returned true"
+    );
+    assert!(
+        peek(&mut client, q).is_empty(),
+        "dead-lettered message still in {q}"
+    );
     let dead = peek(&mut client, &dlq);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload, json!({ "bad": true }));
-    assert_eq!(header(&dead[0].headers, "bussig-dead-letter-reason"), Some("rejected"));
-    assert_eq!(header(&dead[0].headers, "bussig-dead-letter-error"), Some("bad input"));
+    assert_eq!(
+        header(&dead[0].headers, "bussig-dead-letter-reason"),
+        Some("rejected")
+    );
+    assert_eq!(
+        header(&dead[0].headers, "bussig-dead-letter-error"),
+        Some("bad input")
+    );
     assert_eq!(header(&dead[0].headers, "bussig-source-queue"), Some(q));
 
     // drop_queue takes the queue's own dead-letter queue with it.
-    let dropped: bool = client.query_one("SELECT bussig.drop_queue($1::text)", &[&q]).unwrap().get(0);
+    let dropped: bool = client
+        .query_one("SELECT bussig.drop_queue($1::text)", &[&q])
+        .unwrap()
+        .get(0);
     assert!(dropped);
     let left: i64 = client
-        .query_one("SELECT count(*) FROM bussig.queues WHERE queue IN ($1::text, $2::text)", &[&q, &dlq])
+        .query_one(
+            "SELECT count(*) FROM bussig.queues WHERE queue IN ($1::text, $2::text)",
+            &[&q, &dlq],
+        )
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "drop_queue left {q} or {dlq} behind");
@@ -93,5 +139,7 @@ fn dead_letters() {
 /// `bussig.nack(queue, id, token, delay => '0', error => error)`.
 fn nack(c: &mut Client, q: &str, id: i64, token: Uuid, error: Option<&str>) -> bool {
     let sql = "SELECT bussig.nack($1::text, $2::bigint, $3::uuid, delay => '0', error => $4::text)";
-    c.query_one(sql, &[&q, &id, &token, &error]).expect("nack").get(0)
+    c.query_one(sql, &[&q, &id, &token, &error])
+        .expect("nack")
+        .get(0)
 }

@@ -8,7 +8,11 @@ use bussig_tests::*;
 /// Runs `sql` and asserts that it fails with `expected`.
 fn assert_fails(c: &mut Client, expected: &SqlState, sql: &str, params: &[&(dyn ToSql + Sync)]) {
     match c.query(sql, params) {
-        Ok(rows) => panic!("{sql} succeeded ({} rows), expected {}", rows.len(), expected.code()),
+        Ok(rows) => panic!(
+            "{sql} succeeded ({} rows), expected {}",
+            rows.len(),
+            expected.code()
+        ),
         Err(e) => assert_eq!(e.code(), Some(expected), "{sql}: {e}"),
     }
 }
@@ -22,17 +26,40 @@ fn error_paths() {
 
     // Unknown queue.
     let c = &mut client;
-    assert_fails(c, &SqlState::UNDEFINED_OBJECT, "SELECT bussig.send($1::text, '{}')", &[&missing]);
-    assert_fails(c, &SqlState::UNDEFINED_OBJECT, "SELECT * FROM bussig.read($1::text)", &[&missing]);
+    assert_fails(
+        c,
+        &SqlState::UNDEFINED_OBJECT,
+        "SELECT bussig.send($1::text, '{}')",
+        &[&missing],
+    );
+    assert_fails(
+        c,
+        &SqlState::UNDEFINED_OBJECT,
+        "SELECT * FROM bussig.read($1::text)",
+        &[&missing],
+    );
 
     // Invalid names and arguments.
     let bad = &SqlState::INVALID_PARAMETER_VALUE;
     assert_fails(c, bad, "SELECT bussig.create_queue('bad name')", &[]);
     assert_fails(c, bad, "SELECT bussig.create_queue('')", &[]);
-    assert_fails(c, bad, "SELECT bussig.create_queue($1::text)", &[&"a".repeat(61)]);
-    assert_fails(c, bad, "SELECT * FROM bussig.read($1::text, max_messages => 0)", &[&q]);
+    assert_fails(
+        c,
+        bad,
+        "SELECT bussig.create_queue($1::text)",
+        &[&"a".repeat(61)],
+    );
+    assert_fails(
+        c,
+        bad,
+        "SELECT * FROM bussig.read($1::text, max_messages => 0)",
+        &[&q],
+    );
 
     // Creating an existing queue is not an error: it reports false.
-    let created: bool = c.query_one("SELECT bussig.create_queue($1::text)", &[&q]).unwrap().get(0);
+    let created: bool = c
+        .query_one("SELECT bussig.create_queue($1::text)", &[&q])
+        .unwrap()
+        .get(0);
     assert!(!created, "create_queue of an existing queue returned true");
 }

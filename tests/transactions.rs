@@ -14,13 +14,22 @@ fn transactions() {
     let mut tx = client.transaction().unwrap();
     send(&mut tx, q, &json!({ "rolled": "back" }));
     tx.rollback().unwrap();
-    assert!(read(&mut client, q, 10, None).is_empty(), "rolled-back send was delivered");
-    assert!(peek(&mut client, q).is_empty(), "rolled-back send is visible to peek");
+    assert!(
+        read(&mut client, q, 10, None).is_empty(),
+        "rolled-back send was delivered"
+    );
+    assert!(
+        peek(&mut client, q).is_empty(),
+        "rolled-back send is visible to peek"
+    );
 
     // An uncommitted send is invisible to other connections until commit.
     let mut tx = client.transaction().unwrap();
     let id = send(&mut tx, q, &json!({ "k": 1 }));
-    assert!(read_one(&mut other, q).is_none(), "uncommitted send was delivered");
+    assert!(
+        read_one(&mut other, q).is_none(),
+        "uncommitted send was delivered"
+    );
     tx.commit().unwrap();
 
     // A rolled-back read leaves the message ready with its count unchanged.
@@ -30,13 +39,25 @@ fn transactions() {
     tx.rollback().unwrap();
     let seen = peek(&mut client, q);
     assert_eq!(seen.len(), 1);
-    assert_eq!((seen[0].state.as_str(), seen[0].delivery_count), ("ready", 0));
-    assert!(!ack(&mut client, q, id, first.token), "token of a rolled-back read acked");
+    assert_eq!(
+        (seen[0].state.as_str(), seen[0].delivery_count),
+        ("ready", 0)
+    );
+    assert!(
+        !ack(&mut client, q, id, first.token),
+        "token of a rolled-back read acked"
+    );
 
     let second = read_one(&mut client, q).expect("message is ready again after rollback");
     assert_eq!((second.id, second.delivery_count), (id, 1));
-    assert_ne!(second.token, first.token, "a new read must get a fresh token");
-    assert!(!ack(&mut client, q, id, first.token), "token of a rolled-back read acked");
+    assert_ne!(
+        second.token, first.token,
+        "a new read must get a fresh token"
+    );
+    assert!(
+        !ack(&mut client, q, id, first.token),
+        "token of a rolled-back read acked"
+    );
 
     // A rolled-back ack leaves the message locked under the same token.
     let mut tx = client.transaction().unwrap();
@@ -45,6 +66,9 @@ fn transactions() {
     let seen = peek(&mut client, q);
     assert_eq!(seen.len(), 1, "rolled-back ack removed the message");
     assert_eq!(seen[0].state, "locked");
-    assert!(ack(&mut client, q, id, second.token), "token should still ack after rollback");
+    assert!(
+        ack(&mut client, q, id, second.token),
+        "token should still ack after rollback"
+    );
     assert!(peek(&mut client, q).is_empty());
 }

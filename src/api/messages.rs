@@ -65,7 +65,13 @@ static SEND_BATCH: Statement = Statement {
           WHERE q.name = $1
           ORDER BY p.n
           RETURNING message_id",
-    args: &[pg_sys::TEXTOID, pg_sys::JSONBARRAYOID, pg_sys::JSONBOID, pg_sys::INTERVALOID, pg_sys::INT4OID],
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::JSONBARRAYOID,
+        pg_sys::JSONBOID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT4OID,
+    ],
     writes: true,
 };
 
@@ -104,7 +110,8 @@ static READ: Statement = Statement {
 };
 
 static ACK: Statement = Statement {
-    sql: "DELETE FROM bussig.message m USING bussig.queue q
+    sql:
+        "DELETE FROM bussig.message m USING bussig.queue q
           WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3",
     args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID],
     writes: true,
@@ -170,11 +177,17 @@ static DELETE_MESSAGES: Statement = Statement {
 };
 
 static EXTEND_LOCK: Statement = Statement {
-    sql: "UPDATE bussig.message m
+    sql:
+        "UPDATE bussig.message m
           SET visible_at = now() + coalesce($4, q.lock_timeout)
           FROM bussig.queue q
           WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3",
-    args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID, pg_sys::INTERVALOID],
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::INT8OID,
+        pg_sys::UUIDOID,
+        pg_sys::INTERVALOID,
+    ],
     writes: true,
 };
 
@@ -227,7 +240,11 @@ static PEEK: Statement = Statement {
 };
 
 /// How many rows a kept statement touched, as a count.
-fn processed(client: &mut SpiClient<'_>, statement: &'static Statement, args: &[DatumWithOid<'_>]) -> BusResult<i64> {
+fn processed(
+    client: &mut SpiClient<'_>,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<i64> {
     Ok(plans::run(client, statement, args)?.len() as i64)
 }
 
@@ -239,9 +256,10 @@ fn nothing_done<T>(client: &mut SpiClient<'_>, queue: &str, answer: T) -> BusRes
 
 fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
     match headers {
-        Some(headers) if !headers.is_object() => {
-            Err(BusError::invalid("headers", "they must be a JSON object, such as '{\"key\": \"value\"}'"))
-        }
+        Some(headers) if !headers.is_object() => Err(BusError::invalid(
+            "headers",
+            "they must be a JSON object, such as '{\"key\": \"value\"}'",
+        )),
         headers => Ok(headers),
     }
 }
@@ -345,7 +363,13 @@ fn send_batch(
         let largest = payloads.element_sizes().into_iter().max().unwrap_or(0);
         check_size(largest, headers)?;
     }
-    let args: [DatumWithOid; 5] = [queue.into(), payloads.into(), headers.into(), delay.into(), priority.into()];
+    let args: [DatumWithOid; 5] = [
+        queue.into(),
+        payloads.into(),
+        headers.into(),
+        delay.into(),
+        priority.into(),
+    ];
     let ids = Spi::connect_mut(|client| insert_messages(client, queue, &SEND_BATCH, &args))?;
     let mut ids = ids.unwrap_or_default();
     ids.sort_unstable();
@@ -373,7 +397,9 @@ fn bury(client: &mut SpiClient<'_>, queue: &str, dead: Vec<(i64, String, bool)>)
             .iter()
             .filter(|(_, why, _)| why == reason)
             .partition(|(_, _, has_dead_letter_queue)| *has_dead_letter_queue);
-        let ids = |list: Vec<&(i64, String, bool)>| list.iter().map(|(id, _, _)| *id).collect::<Vec<i64>>();
+        let ids = |list: Vec<&(i64, String, bool)>| {
+            list.iter().map(|(id, _, _)| *id).collect::<Vec<i64>>()
+        };
         if !moved.is_empty() {
             let args: [DatumWithOid; 6] = [
                 ids(moved).into(),
@@ -403,7 +429,11 @@ fn receive(
         let wanted = max_messages - delivered.len() as i32;
         let mut dead = Vec::new();
         let mut returned = 0;
-        for row in plans::run(client, &READ, &[queue.into(), wanted.into(), lock_timeout.into()])? {
+        for row in plans::run(
+            client,
+            &READ,
+            &[queue.into(), wanted.into(), lock_timeout.into()],
+        )? {
             returned += 1;
             let message_id = row.get::<i64>(1)?.expect("NOT NULL");
             if let Some(reason) = row.get::<String>(12)? {
@@ -469,7 +499,8 @@ fn read(
     ErrorReport,
 > {
     let queue = validate::queue_name(queue)?;
-    let max_messages = validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
+    let max_messages =
+        validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
     if let Some(lock_timeout) = &lock_timeout {
         validate::positive(lock_timeout, "lock_timeout")?;
     }
@@ -507,7 +538,11 @@ fn delivery(
 }
 
 /// Runs a settle statement for one delivery: true when it applied, false for a stale token.
-fn settle(queue: &str, statement: &'static Statement, args: &[DatumWithOid<'_>]) -> BusResult<bool> {
+fn settle(
+    queue: &str,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<bool> {
     Spi::connect_mut(|client| {
         if processed(client, statement, args)? > 0 {
             return Ok(true);
@@ -517,9 +552,17 @@ fn settle(queue: &str, statement: &'static Statement, args: &[DatumWithOid<'_>])
 }
 
 #[pg_extern]
-fn ack(queue: Option<&str>, message_id: Option<i64>, lock_token: Option<Uuid>) -> Result<bool, ErrorReport> {
+fn ack(
+    queue: Option<&str>,
+    message_id: Option<i64>,
+    lock_token: Option<Uuid>,
+) -> Result<bool, ErrorReport> {
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
-    Ok(settle(queue, &ACK, &[queue.into(), message_id.into(), lock_token.into()])?)
+    Ok(settle(
+        queue,
+        &ACK,
+        &[queue.into(), message_id.into(), lock_token.into()],
+    )?)
 }
 
 #[pg_extern]
@@ -541,7 +584,11 @@ fn ack_batch(
         .into());
     }
     Ok(Spi::connect_mut(|client| {
-        let removed = processed(client, &ACK_BATCH, &[queue.into(), message_ids.into(), lock_tokens.into()])?;
+        let removed = processed(
+            client,
+            &ACK_BATCH,
+            &[queue.into(), message_ids.into(), lock_tokens.into()],
+        )?;
         if removed > 0 {
             return Ok(removed);
         }
@@ -560,8 +607,13 @@ fn nack(
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
     let delay = check_delay(delay)?;
     Ok(Spi::connect_mut(|client| -> BusResult<bool> {
-        let args: [DatumWithOid; 5] =
-            [queue.into(), message_id.into(), lock_token.into(), delay.into(), error.into()];
+        let args: [DatumWithOid; 5] = [
+            queue.into(),
+            message_id.into(),
+            lock_token.into(),
+            delay.into(),
+            error.into(),
+        ];
         if processed(client, &NACK, &args)? > 0 {
             return Ok(true);
         }
@@ -591,7 +643,16 @@ fn extend_lock(
     if let Some(lock_timeout) = &lock_timeout {
         validate::positive(lock_timeout, "lock_timeout")?;
     }
-    Ok(settle(queue, &EXTEND_LOCK, &[queue.into(), message_id.into(), lock_token.into(), lock_timeout.into()])?)
+    Ok(settle(
+        queue,
+        &EXTEND_LOCK,
+        &[
+            queue.into(),
+            message_id.into(),
+            lock_token.into(),
+            lock_timeout.into(),
+        ],
+    )?)
 }
 
 #[pg_extern]
@@ -605,12 +666,21 @@ fn dead_letter(
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
     let reason = required(reason, "reason")?;
     Ok(Spi::connect_mut(|client| -> BusResult<bool> {
-        let args: [DatumWithOid; 6] =
-            [vec![message_id].into(), lock_token.into(), reason.into(), error.into(), queue.into(), true.into()];
+        let args: [DatumWithOid; 6] = [
+            vec![message_id].into(),
+            lock_token.into(),
+            reason.into(),
+            error.into(),
+            queue.into(),
+            true.into(),
+        ];
         if processed(client, &DEAD_LETTER, &args)? > 0 {
             return Ok(true);
         }
-        if queues::require(client, queue)?.dead_letter_queue_id.is_none() {
+        if queues::require(client, queue)?
+            .dead_letter_queue_id
+            .is_none()
+        {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
         }
         Ok(false)
@@ -618,7 +688,10 @@ fn dead_letter(
 }
 
 #[pg_extern]
-fn redrive(queue: Option<&str>, max_messages: default!(Option<i32>, "NULL")) -> Result<i64, ErrorReport> {
+fn redrive(
+    queue: Option<&str>,
+    max_messages: default!(Option<i32>, "NULL"),
+) -> Result<i64, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     if let Some(max) = max_messages {
         if max < 1 {
@@ -630,8 +703,12 @@ fn redrive(queue: Option<&str>, max_messages: default!(Option<i32>, "NULL")) -> 
         let Some(dead_letter_queue_id) = found.dead_letter_queue_id else {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
         };
-        let args: [DatumWithOid; 4] =
-            [queue.into(), dead_letter_queue_id.into(), found.queue_id.into(), max_messages.into()];
+        let args: [DatumWithOid; 4] = [
+            queue.into(),
+            dead_letter_queue_id.into(),
+            found.queue_id.into(),
+            max_messages.into(),
+        ];
         processed(client, &REDRIVE, &args)
     })?)
 }
@@ -661,7 +738,8 @@ fn peek(
     ErrorReport,
 > {
     let queue = validate::queue_name(queue)?;
-    let max_messages = validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
+    let max_messages =
+        validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
     let rows = Spi::connect_mut(|client| -> BusResult<Vec<_>> {
         let mut rows = Vec::new();
         for row in plans::run(client, &PEEK, &[queue.into(), max_messages.into()])? {

@@ -110,7 +110,10 @@ impl QueueSettings {
             "it must not be shorter than retry_delay",
         )?;
         if !(self.retry_multiplier >= 1.0 && self.retry_multiplier.is_finite()) {
-            return Err(BusError::invalid("retry_multiplier", "it must be a finite number of at least 1"));
+            return Err(BusError::invalid(
+                "retry_multiplier",
+                "it must be a finite number of at least 1",
+            ));
         }
         validate::not_negative(&self.dedup_window, "dedup_window")
     }
@@ -223,7 +226,17 @@ fn insert_queue(
     dead_letter_owner_id: Option<i32>,
 ) -> BusResult<Option<i32>> {
     let [a1, a2, a3, a4, a5, a6, a7] = settings.args();
-    let args = [a1, a2, a3, a4, a5, a6, a7, name.into(), dead_letter_owner_id.into()];
+    let args = [
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        name.into(),
+        dead_letter_owner_id.into(),
+    ];
     let table = plans::run(client, &INSERT_QUEUE, &args)?;
     for row in table {
         return Ok(row.get(1)?);
@@ -257,7 +270,10 @@ fn own_dead_letter_queue_name(queue: &str) -> BusResult<String> {
 fn checked_dead_letter_queue<'a>(queue: &str, dead_letter_queue: &'a str) -> BusResult<&'a str> {
     let name = validate::queue_name(Some(dead_letter_queue))?;
     if name == queue {
-        return Err(BusError::invalid("dead_letter_queue", "a queue cannot be its own dead-letter queue"));
+        return Err(BusError::invalid(
+            "dead_letter_queue",
+            "a queue cannot be its own dead-letter queue",
+        ));
     }
     Ok(name)
 }
@@ -277,8 +293,13 @@ pub fn create(
     let Some(queue_id) = insert_queue(client, queue, &settings, None)? else {
         return Ok(false);
     };
-    let dead_letter_id = ensure_dead_letter_queue(client, &dead_letter_name, owned.then_some(queue_id))?;
-    plans::run(client, &SET_DEAD_LETTER_QUEUE, &[queue_id.into(), dead_letter_id.into()])?;
+    let dead_letter_id =
+        ensure_dead_letter_queue(client, &dead_letter_name, owned.then_some(queue_id))?;
+    plans::run(
+        client,
+        &SET_DEAD_LETTER_QUEUE,
+        &[queue_id.into(), dead_letter_id.into()],
+    )?;
     Ok(true)
 }
 
@@ -310,7 +331,9 @@ fn create_queue(
         retry_multiplier: setting(retry_multiplier, "retry_multiplier")?,
         dedup_window: setting(dedup_window, "dedup_window")?,
     };
-    Ok(Spi::connect_mut(|client| create(client, queue, change, dead_letter_queue))?)
+    Ok(Spi::connect_mut(|client| {
+        create(client, queue, change, dead_letter_queue)
+    })?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -356,11 +379,19 @@ fn alter_queue(
         };
         let settings = change.apply(current)?;
         let [a1, a2, a3, a4, a5, a6, a7] = settings.args();
-        plans::run(client, &UPDATE_SETTINGS, &[a1, a2, a3, a4, a5, a6, a7, queue_id.into()])?;
+        plans::run(
+            client,
+            &UPDATE_SETTINGS,
+            &[a1, a2, a3, a4, a5, a6, a7, queue_id.into()],
+        )?;
         if let Some(name) = dead_letter_queue {
             let name = checked_dead_letter_queue(queue, name)?;
             let dead_letter_id = ensure_dead_letter_queue(client, name, None)?;
-            plans::run(client, &SET_DEAD_LETTER_QUEUE, &[queue_id.into(), dead_letter_id.into()])?;
+            plans::run(
+                client,
+                &SET_DEAD_LETTER_QUEUE,
+                &[queue_id.into(), dead_letter_id.into()],
+            )?;
         }
         Ok(())
     })?)
@@ -376,7 +407,10 @@ fn drop_queue(queue: Option<&str>) -> Result<bool, ErrorReport> {
         let users = plans::run(client, &DEAD_LETTER_USERS, &[found.queue_id.into()])?;
         for row in users {
             if let Some(users) = row.get::<String>(1)? {
-                return Err(BusError::DeadLetterQueueInUse { queue: queue.to_string(), users });
+                return Err(BusError::DeadLetterQueueInUse {
+                    queue: queue.to_string(),
+                    users,
+                });
             }
         }
         plans::run(client, &DROP_QUEUE, &[found.queue_id.into()])?;

@@ -1,0 +1,921 @@
+//! Unit tests of every SQL function, run inside one transaction each (rolled back afterwards), so
+//! time does not pass within a test: lock expiry and TTL are simulated by moving timestamps back.
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// The SQLSTATE a statement fails with, or None when it succeeds. An exception block around it
+    /// rolls back whatever the statement did, as a client's failed statement would be.
+    fn sqlstate_of(sql: &str) -> Option<String> {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(statement text) RETURNS text
+             LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE statement; RETURN NULL;
+             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE;
+             END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap()
+    }
+
+    fn assert_fails(sql: &str, sqlstate: &str) {
+        assert_eq!(sqlstate_of(sql).as_deref(), Some(sqlstate), "{sql}");
+    }
+
+    fn one<T: IntoDatum + FromDatum>(sql: &str) -> Option<T> {
+        Spi::get_one::<T>(sql).unwrap()
+    }
+
+    fn count(sql: &str) -> i64 {
+        one::<i64>(&format!("SELECT count(*) FROM ({sql}) AS rows")).unwrap()
+    }
+
+    fn run(sql: &str) {
+        Spi::run(sql).unwrap()
+    }
+
+    fn messages_in(queue: &str) -> i64 {
+        count(&format!(
+            "SELECT FROM bussig.message m JOIN bussig.queue q USING (queue_id) WHERE q.name = '{queue}'"
+        ))
+    }
+
+    /// Reads one message and keeps its delivery in temp table `got` for later settle calls.
+    fn read_into_got(queue: &str) {
+        run("DROP TABLE IF EXISTS pg_temp.got");
+        run(&format!(
+            "CREATE TEMP TABLE got AS SELECT * FROM bussig.read('{queue}')"
+        ));
+    }
+
+    /// Makes every lock and delay of the queue run out, as if time had passed.
+    fn let_time_pass(queue: &str) {
+        run(&format!(
+            "UPDATE bussig.message SET visible_at = now() - interval '1 second', enqueued_at = enqueued_at - interval '1 second'
+             WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = '{queue}')"
+        ));
+    }
+
+    #[pg_test]
+    fn create_queue_makes_queue_and_dead_letter_queue() {
+        assert_eq!(
+            one::<bool>("SELECT bussig.create_queue('orders')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.create_queue('orders', max_deliveries => 9)"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<i32>("SELECT max_deliveries FROM bussig.queues WHERE queue = 'orders'"),
+            Some(5)
+        );
+        assert_eq!(
+            one::<String>("SELECT dead_letter_queue FROM bussig.queues WHERE queue = 'orders'")
+                .as_deref(),
+            Some("orders_dlq")
+        );
+        assert_eq!(
+            one::<String>("SELECT dead_letter_queue FROM bussig.queues WHERE queue = 'orders_dlq'"),
+            None
+        );
+        // The dead-letter queue made for it has the same defaults create_queue documents.
+        assert_eq!(
+            count(
+                "SELECT max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max, retry_multiplier,
+                        dedup_window FROM bussig.queue WHERE name IN ('orders', 'orders_dlq')
+                 GROUP BY 1, 2, 3, 4, 5, 6, 7"
+            ),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn create_queue_with_settings_and_shared_dead_letter_queue() {
+        run(
+            "SELECT bussig.create_queue('a', max_deliveries => 3, lock_timeout => '1 minute',
+             message_ttl => '1 hour', retry_delay => '2 seconds', retry_delay_max => '1 minute',
+             retry_multiplier => 3, dedup_window => '0', dead_letter_queue => 'shared.dlq')",
+        );
+        run("SELECT bussig.create_queue('b', dead_letter_queue => 'shared.dlq')");
+        assert_eq!(
+            count("SELECT FROM bussig.queues WHERE dead_letter_queue = 'shared.dlq' AND queue IN ('a', 'b')"),
+            2
+        );
+        assert_eq!(
+            count("SELECT FROM bussig.queue WHERE name LIKE '%\\_dlq'"),
+            0
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT format('%s %s %s %s %s %s %s', max_deliveries, lock_timeout, message_ttl, retry_delay,
+                               retry_delay_max, retry_multiplier, dedup_window)
+                 FROM bussig.queue WHERE name = 'a'"
+            )
+            .as_deref(),
+            Some("3 00:01:00 01:00:00 00:00:02 00:01:00 3 00:00:00")
+        );
+    }
+
+    #[pg_test]
+    fn create_queue_rejects_bad_input_and_creates_nothing() {
+        for (sql, sqlstate) in [
+            ("SELECT bussig.create_queue('bad name')", "22023"),
+            ("SELECT bussig.create_queue('')", "22023"),
+            ("SELECT bussig.create_queue('_x')", "22023"),
+            (
+                "SELECT bussig.create_queue('x''; DROP TABLE bussig.queue; --')",
+                "22023",
+            ),
+            ("SELECT bussig.create_queue(repeat('q', 61))", "22023"),
+            // 57 characters plus '_dlq' would be an unusable dead-letter queue name.
+            ("SELECT bussig.create_queue(repeat('q', 57))", "22023"),
+            ("SELECT bussig.create_queue(NULL)", "22004"),
+            (
+                "SELECT bussig.create_queue('x', max_deliveries => 0)",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', max_deliveries => NULL)",
+                "22004",
+            ),
+            (
+                "SELECT bussig.create_queue('x', lock_timeout => '0')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', lock_timeout => '-1 s')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', message_ttl => '-1 s')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', retry_delay => '-1 s')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', retry_delay => '1 hour')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', retry_multiplier => 0.5)",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', retry_multiplier => 'NaN')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', retry_multiplier => 'Infinity')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', dedup_window => '-1 s')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', dead_letter_queue => 'x')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('x', dead_letter_queue => 'bad name')",
+                "22023",
+            ),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+        assert_eq!(count("SELECT FROM bussig.queue"), 0);
+        // 56 characters leave room for '_dlq'.
+        assert_eq!(
+            one::<bool>("SELECT bussig.create_queue(repeat('q', 56))"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn queue_names_are_case_sensitive() {
+        run("SELECT bussig.create_queue('Orders')");
+        assert_eq!(
+            one::<bool>("SELECT bussig.create_queue('orders')"),
+            Some(true)
+        );
+        run("SELECT bussig.send('Orders', '1')");
+        assert_eq!(messages_in("Orders"), 1);
+        assert_eq!(messages_in("orders"), 0);
+    }
+
+    #[pg_test]
+    fn alter_queue_changes_only_what_it_names() {
+        run("SELECT bussig.create_queue('q', max_deliveries => 3, message_ttl => '1 hour')");
+        run("SELECT bussig.alter_queue('q', lock_timeout => '5 minutes')");
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s', max_deliveries, lock_timeout, message_ttl) FROM bussig.queues WHERE queue = 'q'")
+                .as_deref(),
+            Some("3 00:05:00 01:00:00")
+        );
+        run("SELECT bussig.alter_queue('q', message_ttl => '0')");
+        assert_eq!(
+            one::<bool>("SELECT message_ttl IS NULL FROM bussig.queues WHERE queue = 'q'"),
+            Some(true)
+        );
+        run("SELECT bussig.alter_queue('q', dead_letter_queue => 'elsewhere')");
+        assert_eq!(
+            one::<String>("SELECT dead_letter_queue FROM bussig.queues WHERE queue = 'q'")
+                .as_deref(),
+            Some("elsewhere")
+        );
+        // The old dead-letter queue stays: it may hold messages.
+        assert_eq!(count("SELECT FROM bussig.queue WHERE name = 'q_dlq'"), 1);
+    }
+
+    #[pg_test]
+    fn alter_queue_rejects_bad_input_and_changes_nothing() {
+        run("SELECT bussig.create_queue('q', retry_delay => '1 second')");
+        for (sql, sqlstate) in [
+            (
+                "SELECT bussig.alter_queue('missing', max_deliveries => 2)",
+                "42704",
+            ),
+            ("SELECT bussig.alter_queue('bad name')", "22023"),
+            ("SELECT bussig.alter_queue(NULL)", "22004"),
+            (
+                "SELECT bussig.alter_queue('q', max_deliveries => 0)",
+                "22023",
+            ),
+            (
+                "SELECT bussig.alter_queue('q', retry_delay_max => '10 ms')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.alter_queue('q', lock_timeout => '0')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.alter_queue('q', max_deliveries => 7, dead_letter_queue => 'q')",
+                "22023",
+            ),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s', max_deliveries, lock_timeout, dead_letter_queue) FROM bussig.queues WHERE queue = 'q'")
+                .as_deref(),
+            Some("5 00:00:30 q_dlq")
+        );
+    }
+
+    #[pg_test]
+    fn drop_queue_takes_messages_keys_and_own_dead_letter_queue() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send('q', '1', dedup_id => 'k')");
+        run("SELECT bussig.create_queue('other', dead_letter_queue => 'shared')");
+        run("SELECT bussig.create_queue('third', dead_letter_queue => 'shared')");
+        assert_eq!(one::<bool>("SELECT bussig.drop_queue('q')"), Some(true));
+        assert_eq!(one::<bool>("SELECT bussig.drop_queue('q')"), Some(false));
+        assert_eq!(
+            count("SELECT FROM bussig.queue WHERE name IN ('q', 'q_dlq')"),
+            0
+        );
+        assert_eq!(count("SELECT FROM bussig.message"), 0);
+        assert_eq!(count("SELECT FROM bussig.dedup"), 0);
+        // A dead-letter queue that others use is refused, and survives its users one at a time.
+        assert_fails("SELECT bussig.drop_queue('shared')", "2BP01");
+        run("SELECT bussig.drop_queue('other')");
+        assert_eq!(count("SELECT FROM bussig.queue WHERE name = 'shared'"), 1);
+        assert_fails("SELECT bussig.drop_queue('bad name')", "22023");
+        assert_fails("SELECT bussig.drop_queue(NULL)", "22004");
+    }
+
+    #[pg_test]
+    fn purge_queue_counts_what_it_deletes() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.create_queue('keep')");
+        run("SELECT bussig.send_batch('q', ARRAY['1', '2', '3']::jsonb[])");
+        run("SELECT bussig.send('keep', '1')");
+        assert_eq!(one::<i64>("SELECT bussig.purge_queue('q')"), Some(3));
+        assert_eq!(one::<i64>("SELECT bussig.purge_queue('q')"), Some(0));
+        assert_eq!(messages_in("keep"), 1);
+        assert_fails("SELECT bussig.purge_queue('missing')", "42704");
+        assert_fails("SELECT bussig.purge_queue(NULL)", "22004");
+    }
+
+    #[pg_test]
+    fn send_stores_everything_it_is_given() {
+        run("SELECT bussig.create_queue('q')");
+        let id = one::<i64>(
+            r#"SELECT bussig.send('q', '{"order": 1}', headers => '{"h": "v"}', delay => '1 minute',
+                 priority => 7, correlation_id => 'c', reply_to => 'replies')"#,
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT format('%s %s %s %s %s %s %s', state, payload, headers, priority, correlation_id, reply_to,
+                               visible_at - enqueued_at)
+                 FROM bussig.peek('q') WHERE message_id = {id}"
+            ))
+            .as_deref(),
+            Some(r#"delayed {"order": 1} {"h": "v"} 7 c replies 00:01:00"#)
+        );
+    }
+
+    #[pg_test]
+    fn send_rejects_bad_input_and_enqueues_nothing() {
+        run("SELECT bussig.create_queue('q')");
+        for (sql, sqlstate) in [
+            ("SELECT bussig.send('missing', '1')", "42704"),
+            ("SELECT bussig.send('bad name', '1')", "22023"),
+            ("SELECT bussig.send(NULL, '1')", "22004"),
+            ("SELECT bussig.send('q', NULL)", "22004"),
+            ("SELECT bussig.send('q', '1', headers => '[1]')", "22023"),
+            ("SELECT bussig.send('q', '1', headers => '\"text\"')", "22023"),
+            ("SELECT bussig.send('q', '1', delay => '-1 second')", "22023"),
+            ("SELECT bussig.send('q', '1', priority => NULL)", "22004"),
+            ("SELECT bussig.send('q', jsonb_build_object('x', repeat('a', 1048576)))", "54000"),
+            ("SELECT bussig.send('q', '1', headers => jsonb_build_object('x', repeat('a', 1048576)))", "54000"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+        assert_eq!(count("SELECT FROM bussig.message"), 0);
+        assert_eq!(count("SELECT FROM bussig.queue WHERE name = 'missing'"), 0);
+    }
+
+    #[pg_test]
+    fn send_size_limit_is_a_setting() {
+        run("SELECT bussig.create_queue('q')");
+        run("SET LOCAL bussig.max_message_size = '2kB'");
+        assert_fails(
+            "SELECT bussig.send('q', to_jsonb(repeat('a', 2100)))",
+            "54000",
+        );
+        assert!(one::<i64>("SELECT bussig.send('q', to_jsonb(repeat('a', 1900)))").is_some());
+    }
+
+    #[pg_test]
+    fn send_auto_creates_queues_only_when_allowed() {
+        assert_fails("SELECT bussig.send('fresh', '1')", "42704");
+        run("SET LOCAL bussig.auto_create_queues = on");
+        assert!(one::<i64>("SELECT bussig.send('fresh', '1')").is_some());
+        assert_eq!(
+            one::<String>("SELECT dead_letter_queue FROM bussig.queues WHERE queue = 'fresh'")
+                .as_deref(),
+            Some("fresh_dlq")
+        );
+        assert_eq!(messages_in("fresh"), 1);
+    }
+
+    #[pg_test]
+    fn send_deduplicates_within_the_window() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.create_queue('other')");
+        assert!(one::<i64>("SELECT bussig.send('q', '1', dedup_id => 'k')").is_some());
+        assert_eq!(
+            one::<i64>("SELECT bussig.send('q', '2', dedup_id => 'k')"),
+            None
+        );
+        // Keys are per queue.
+        assert!(one::<i64>("SELECT bussig.send('other', '3', dedup_id => 'k')").is_some());
+        assert_eq!(messages_in("q"), 1);
+        // Once the window has passed, the key is free again.
+        run("UPDATE bussig.dedup SET expires_at = now() - interval '1 second'");
+        assert!(one::<i64>("SELECT bussig.send('q', '4', dedup_id => 'k')").is_some());
+        assert_eq!(messages_in("q"), 2);
+        assert_fails(
+            "SELECT bussig.send('missing', '1', dedup_id => 'k')",
+            "42704",
+        );
+    }
+
+    #[pg_test]
+    fn send_batch_returns_ids_in_input_order() {
+        run("SELECT bussig.create_queue('q')");
+        let ids = Spi::connect(|client| {
+            client
+                .select("SELECT bussig.send_batch('q', ARRAY['\"a\"', '\"b\"', '\"c\"']::jsonb[], priority => 2)", None, &[])
+                .unwrap()
+                .map(|row| row.get::<i64>(1).unwrap().unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(ids.len(), 3);
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(
+            one::<String>("SELECT string_agg(payload #>> '{}', '' ORDER BY message_id) FROM bussig.peek('q') WHERE priority = 2")
+                .as_deref(),
+            Some("abc")
+        );
+        assert_eq!(count("SELECT bussig.send_batch('q', ARRAY[]::jsonb[])"), 0);
+    }
+
+    #[pg_test]
+    fn send_batch_is_all_or_nothing() {
+        run("SELECT bussig.create_queue('q')");
+        for (sql, sqlstate) in [
+            (
+                "SELECT bussig.send_batch('q', ARRAY['1', NULL]::jsonb[])",
+                "22004",
+            ),
+            ("SELECT bussig.send_batch('q', NULL)", "22004"),
+            (
+                "SELECT bussig.send_batch('q', ARRAY['1', to_jsonb(repeat('a', 1048576))])",
+                "54000",
+            ),
+            (
+                "SELECT bussig.send_batch('q', ARRAY['1']::jsonb[], headers => '1')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.send_batch('q', ARRAY['1']::jsonb[], delay => '-1 s')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.send_batch('missing', ARRAY['1']::jsonb[])",
+                "42704",
+            ),
+            (
+                "SELECT bussig.send_batch('missing', ARRAY[]::jsonb[])",
+                "42704",
+            ),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+        assert_eq!(count("SELECT FROM bussig.message"), 0);
+    }
+
+    #[pg_test]
+    fn read_delivers_by_priority_then_age_and_locks() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send('q', '\"low\"')");
+        run("SELECT bussig.send('q', '\"high\"', priority => 5)");
+        run("SELECT bussig.send('q', '\"low2\"')");
+        run("SELECT bussig.send('q', '\"mid\"', priority => 1)");
+        run("SELECT bussig.send('q', '\"later\"', delay => '1 hour', priority => 9)");
+        assert_eq!(
+            one::<String>("SELECT string_agg(payload #>> '{}', ' ') FROM bussig.read('q', 10)")
+                .as_deref(),
+            Some("high mid low low2")
+        );
+        // Locked now: nothing left to read, and each was delivered once under its own token.
+        assert_eq!(count("SELECT * FROM bussig.read('q', 10)"), 0);
+        assert_eq!(
+            count("SELECT FROM bussig.peek('q') WHERE state = 'locked' AND delivery_count = 1"),
+            4
+        );
+        assert_eq!(
+            count("SELECT DISTINCT lock_token FROM bussig.message WHERE lock_token IS NOT NULL"),
+            4
+        );
+        assert_eq!(
+            count("SELECT FROM bussig.peek('q') WHERE state = 'delayed'"),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn read_honours_max_messages_and_lock_timeout() {
+        run("SELECT bussig.create_queue('q', lock_timeout => '10 minutes')");
+        run("SELECT bussig.send_batch('q', ARRAY['1', '2', '3']::jsonb[])");
+        assert_eq!(count("SELECT * FROM bussig.read('q')"), 1);
+        assert_eq!(
+            count("SELECT * FROM bussig.read('q', 1, lock_timeout => '2 seconds')"),
+            1
+        );
+        assert_eq!(
+            count("SELECT FROM bussig.message WHERE visible_at = now() + interval '10 minutes'"),
+            1
+        );
+        assert_eq!(
+            count("SELECT FROM bussig.message WHERE visible_at = now() + interval '2 seconds'"),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn read_redelivers_after_lock_expiry_with_a_new_token() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send('q', '1')");
+        read_into_got("q");
+        let_time_pass("q");
+        assert_eq!(
+            one::<bool>("SELECT r.lock_token <> got.lock_token AND r.delivery_count = 2 FROM bussig.read('q') r, got"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.ack('q', message_id, lock_token) FROM got"),
+            Some(false)
+        );
+    }
+
+    #[pg_test]
+    fn read_dead_letters_exhausted_and_expired_messages() {
+        run("SELECT bussig.create_queue('q', max_deliveries => 2, message_ttl => '1 hour')");
+        run("SELECT bussig.send('q', '\"tired\"', correlation_id => 'c')");
+        run("SELECT bussig.send('q', '\"old\"')");
+        run("SELECT bussig.send('q', '\"fresh\"')");
+        run("UPDATE bussig.message SET delivery_count = 2, last_error = 'boom' WHERE payload = '\"tired\"'");
+        run("UPDATE bussig.message SET enqueued_at = now() - interval '2 hours' WHERE payload = '\"old\"'");
+        // Both dead ones are skipped and the read still fills up with the fresh one.
+        assert_eq!(
+            one::<String>("SELECT string_agg(payload #>> '{}', ' ') FROM bussig.read('q', 1)")
+                .as_deref(),
+            Some("fresh")
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(format('%s %s %s %s %s', payload #>> '{}', headers ->> 'bussig-dead-letter-reason',
+                        headers ->> 'bussig-dead-letter-error', headers ->> 'bussig-source-queue', delivery_count), ', '
+                        ORDER BY message_id)
+                 FROM bussig.peek('q_dlq')"
+            )
+            .as_deref(),
+            Some("tired max_deliveries boom q 0, old expired  q 0")
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT correlation_id FROM bussig.peek('q_dlq') WHERE payload = '\"tired\"'"
+            )
+            .as_deref(),
+            Some("c")
+        );
+    }
+
+    #[pg_test]
+    fn a_dead_letter_queue_drops_expired_messages_and_never_dead_letters() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.alter_queue('q_dlq', message_ttl => '1 day', max_deliveries => 1)");
+        run("SELECT bussig.send('q_dlq', '\"old\"')");
+        run("SELECT bussig.send('q_dlq', '\"retried\"')");
+        run("UPDATE bussig.message SET enqueued_at = now() - interval '2 days' WHERE payload = '\"old\"'");
+        run("UPDATE bussig.message SET delivery_count = 5 WHERE payload = '\"retried\"'");
+        assert_eq!(
+            one::<String>("SELECT string_agg(payload #>> '{}', ' ') FROM bussig.read('q_dlq', 5)")
+                .as_deref(),
+            Some("retried")
+        );
+        assert_eq!(messages_in("q_dlq"), 1);
+    }
+
+    #[pg_test]
+    fn read_rejects_bad_input() {
+        run("SELECT bussig.create_queue('q')");
+        for (sql, sqlstate) in [
+            ("SELECT * FROM bussig.read('missing')", "42704"),
+            ("SELECT * FROM bussig.read('bad name')", "22023"),
+            ("SELECT * FROM bussig.read(NULL)", "22004"),
+            ("SELECT * FROM bussig.read('q', 0)", "22023"),
+            ("SELECT * FROM bussig.read('q', -1)", "22023"),
+            ("SELECT * FROM bussig.read('q', 1001)", "22023"),
+            ("SELECT * FROM bussig.read('q', NULL)", "22004"),
+            (
+                "SELECT * FROM bussig.read('q', 1, lock_timeout => '0')",
+                "22023",
+            ),
+            (
+                "SELECT * FROM bussig.read('q', 1, lock_timeout => '-1 s')",
+                "22023",
+            ),
+            ("SELECT * FROM bussig.read('q', 1, wait => '1 s')", "0A000"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+        assert_eq!(count("SELECT * FROM bussig.read('q', 1000)"), 0);
+    }
+
+    #[pg_test]
+    fn ack_removes_only_with_the_latest_token() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send('q', '1')");
+        read_into_got("q");
+        assert_eq!(
+            one::<bool>("SELECT bussig.ack('q', message_id, gen_random_uuid()) FROM got"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.ack('q', message_id, lock_token) FROM got"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.ack('q', message_id, lock_token) FROM got"),
+            Some(false)
+        );
+        assert_eq!(messages_in("q"), 0);
+    }
+
+    #[pg_test]
+    fn ack_rejects_bad_input() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.create_queue('p')");
+        run("SELECT bussig.send('q', '1')");
+        read_into_got("q");
+        for (sql, sqlstate) in [
+            (
+                "SELECT bussig.ack('missing', 1, gen_random_uuid())",
+                "42704",
+            ),
+            (
+                "SELECT bussig.ack('bad name', 1, gen_random_uuid())",
+                "22023",
+            ),
+            ("SELECT bussig.ack(NULL, 1, gen_random_uuid())", "22004"),
+            ("SELECT bussig.ack('q', NULL, gen_random_uuid())", "22004"),
+            ("SELECT bussig.ack('q', 1, NULL)", "22004"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+        // Settling in the wrong queue does nothing.
+        assert_eq!(
+            one::<bool>("SELECT bussig.ack('p', message_id, lock_token) FROM got"),
+            Some(false)
+        );
+        assert_eq!(messages_in("q"), 1);
+    }
+
+    #[pg_test]
+    fn ack_batch_counts_what_it_removes() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send_batch('q', ARRAY['1', '2', '3']::jsonb[])");
+        run("CREATE TEMP TABLE got AS SELECT * FROM bussig.read('q', 3)");
+        assert_eq!(
+            one::<i64>(
+                "SELECT bussig.ack_batch('q', array_agg(message_id), array_agg(CASE WHEN message_id = (SELECT min(message_id) FROM got)
+                        THEN gen_random_uuid() ELSE lock_token END)) FROM got"
+            ),
+            Some(2)
+        );
+        assert_eq!(messages_in("q"), 1);
+        assert_eq!(
+            one::<i64>("SELECT bussig.ack_batch('q', ARRAY[]::bigint[], ARRAY[]::uuid[])"),
+            Some(0)
+        );
+        for (sql, sqlstate) in [
+            (
+                "SELECT bussig.ack_batch('q', ARRAY[1, 2], ARRAY[gen_random_uuid()])",
+                "22023",
+            ),
+            (
+                "SELECT bussig.ack_batch('q', NULL, ARRAY[gen_random_uuid()])",
+                "22004",
+            ),
+            ("SELECT bussig.ack_batch('q', ARRAY[1], NULL)", "22004"),
+            (
+                "SELECT bussig.ack_batch('missing', ARRAY[1], ARRAY[gen_random_uuid()])",
+                "42704",
+            ),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+    }
+
+    #[pg_test]
+    fn nack_gives_back_with_backoff_or_delay() {
+        run("SELECT bussig.create_queue('q', retry_delay => '10 seconds', retry_multiplier => 3, retry_delay_max => '1 minute')");
+        run("SELECT bussig.send('q', '1')");
+        read_into_got("q");
+        assert_eq!(
+            one::<bool>("SELECT bussig.nack('q', message_id, lock_token, error => 'e1') FROM got"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s', state, visible_at - now(), delivery_count) FROM bussig.peek('q')").as_deref(),
+            Some("delayed 00:00:10 1")
+        );
+        // A nacked delivery is settled: its token no longer acks.
+        assert_eq!(
+            one::<bool>("SELECT bussig.ack('q', message_id, lock_token) FROM got"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.nack('q', message_id, lock_token) FROM got"),
+            Some(false)
+        );
+        let_time_pass("q");
+        read_into_got("q");
+        run("SELECT bussig.nack('q', message_id, lock_token) FROM got");
+        assert_eq!(
+            one::<String>("SELECT (visible_at - now())::text FROM bussig.peek('q')").as_deref(),
+            Some("00:00:30")
+        );
+        let_time_pass("q");
+        read_into_got("q");
+        run("SELECT bussig.nack('q', message_id, lock_token) FROM got");
+        assert_eq!(
+            one::<String>("SELECT (visible_at - now())::text FROM bussig.peek('q')").as_deref(),
+            Some("00:01:00")
+        );
+        let_time_pass("q");
+        read_into_got("q");
+        run("SELECT bussig.nack('q', message_id, lock_token, delay => '0') FROM got");
+        assert_eq!(
+            one::<String>("SELECT state FROM bussig.peek('q')").as_deref(),
+            Some("ready")
+        );
+        assert_eq!(
+            one::<String>("SELECT last_error FROM bussig.message").as_deref(),
+            Some("e1")
+        );
+    }
+
+    #[pg_test]
+    fn nack_on_the_last_delivery_dead_letters() {
+        run("SELECT bussig.create_queue('q', max_deliveries => 1)");
+        run("SELECT bussig.send('q', '1', reply_to => 'r')");
+        read_into_got("q");
+        assert_eq!(
+            one::<bool>(
+                "SELECT bussig.nack('q', message_id, lock_token, error => 'boom') FROM got"
+            ),
+            Some(true)
+        );
+        assert_eq!(messages_in("q"), 0);
+        assert_eq!(
+            one::<String>(
+                "SELECT format('%s %s %s %s', headers ->> 'bussig-dead-letter-reason', headers ->> 'bussig-dead-letter-error',
+                               headers ->> 'bussig-source-queue', reply_to) FROM bussig.peek('q_dlq')"
+            )
+            .as_deref(),
+            Some("max_deliveries boom q r")
+        );
+        for (sql, sqlstate) in [
+            (
+                "SELECT bussig.nack('missing', 1, gen_random_uuid())",
+                "42704",
+            ),
+            (
+                "SELECT bussig.nack('q', 1, gen_random_uuid(), delay => '-1 s')",
+                "22023",
+            ),
+            ("SELECT bussig.nack('q', NULL, gen_random_uuid())", "22004"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+    }
+
+    #[pg_test]
+    fn extend_lock_moves_the_deadline() {
+        run("SELECT bussig.create_queue('q', lock_timeout => '1 minute')");
+        run("SELECT bussig.send('q', '1')");
+        read_into_got("q");
+        assert_eq!(
+            one::<bool>(
+                "SELECT bussig.extend_lock('q', message_id, lock_token, '1 hour') FROM got"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            one::<String>("SELECT (visible_at - now())::text FROM bussig.peek('q')").as_deref(),
+            Some("01:00:00")
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.extend_lock('q', message_id, lock_token) FROM got"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<String>("SELECT (visible_at - now())::text FROM bussig.peek('q')").as_deref(),
+            Some("00:01:00")
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.extend_lock('q', message_id, gen_random_uuid()) FROM got"),
+            Some(false)
+        );
+        for (sql, sqlstate) in [
+            (
+                "SELECT bussig.extend_lock('q', 1, gen_random_uuid(), '0')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.extend_lock('missing', 1, gen_random_uuid())",
+                "42704",
+            ),
+            ("SELECT bussig.extend_lock('q', 1, NULL)", "22004"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+    }
+
+    #[pg_test]
+    fn dead_letter_moves_now_with_reason() {
+        run("SELECT bussig.create_queue('q')");
+        run(
+            r#"SELECT bussig.send('q', '{"a": 1}', headers => '{"keep": "me"}', correlation_id => 'c')"#,
+        );
+        read_into_got("q");
+        assert_eq!(
+            one::<bool>("SELECT bussig.dead_letter('q', message_id, gen_random_uuid()) FROM got"),
+            Some(false)
+        );
+        assert_eq!(one::<bool>("SELECT bussig.dead_letter('q', message_id, lock_token, 'poison', 'bad field') FROM got"), Some(true));
+        assert_eq!(
+            one::<bool>("SELECT bussig.dead_letter('q', message_id, lock_token) FROM got"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT format('%s %s %s %s %s', state, headers ->> 'keep', headers ->> 'bussig-dead-letter-reason',
+                               headers ->> 'bussig-dead-letter-error', correlation_id) FROM bussig.peek('q_dlq')"
+            )
+            .as_deref(),
+            Some("ready me poison bad field c")
+        );
+        assert_fails(
+            "SELECT bussig.dead_letter('q_dlq', 1, gen_random_uuid())",
+            "55000",
+        );
+        assert_fails(
+            "SELECT bussig.dead_letter('q', 1, gen_random_uuid(), NULL)",
+            "22004",
+        );
+        assert_fails(
+            "SELECT bussig.dead_letter('missing', 1, gen_random_uuid())",
+            "42704",
+        );
+    }
+
+    #[pg_test]
+    fn redrive_brings_dead_letters_home_oldest_first() {
+        run("SELECT bussig.create_queue('a', dead_letter_queue => 'dlq')");
+        run("SELECT bussig.create_queue('b', dead_letter_queue => 'dlq')");
+        for (queue, payload) in [("a", "1"), ("b", "2"), ("a", "3"), ("a", "4")] {
+            run(&format!("SELECT bussig.send('{queue}', '{payload}')"));
+            read_into_got(queue);
+            run(&format!(
+                "SELECT bussig.dead_letter('{queue}', message_id, lock_token) FROM got"
+            ));
+        }
+        assert_eq!(one::<i64>("SELECT bussig.redrive('a', 2)"), Some(2));
+        assert_eq!(
+            one::<String>("SELECT string_agg(format('%s:%s:%s', payload, delivery_count, headers IS NULL), ' ') FROM bussig.read('a', 10)").as_deref(),
+            Some("1:1:t 3:1:t")
+        );
+        assert_eq!(one::<i64>("SELECT bussig.redrive('a')"), Some(1));
+        assert_eq!(one::<i64>("SELECT bussig.redrive('a')"), Some(0));
+        assert_eq!(messages_in("dlq"), 1);
+        for (sql, sqlstate) in [
+            ("SELECT bussig.redrive('dlq')", "55000"),
+            ("SELECT bussig.redrive('missing')", "42704"),
+            ("SELECT bussig.redrive('a', 0)", "22023"),
+            ("SELECT bussig.redrive(NULL)", "22004"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+    }
+
+    #[pg_test]
+    fn peek_browses_in_delivery_order_without_locking() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send('q', '\"delayed\"', delay => '1 hour')");
+        run("SELECT bussig.send('q', '\"ready\"')");
+        run("SELECT bussig.send('q', '\"urgent\"', priority => 3)");
+        run("SELECT bussig.send('q', '\"locked\"')");
+        run("UPDATE bussig.message SET lock_token = gen_random_uuid(), visible_at = now() + interval '1 minute' WHERE payload = '\"locked\"'");
+        assert_eq!(
+            one::<String>("SELECT string_agg(format('%s=%s', payload #>> '{}', state), ' ') FROM bussig.peek('q')").as_deref(),
+            Some("urgent=ready ready=ready locked=locked delayed=delayed")
+        );
+        assert_eq!(count("SELECT * FROM bussig.peek('q', 2)"), 2);
+        assert_eq!(
+            count("SELECT FROM bussig.message WHERE delivery_count > 0"),
+            0
+        );
+        for (sql, sqlstate) in [
+            ("SELECT * FROM bussig.peek('q', 0)", "22023"),
+            ("SELECT * FROM bussig.peek('q', 1001)", "22023"),
+            ("SELECT * FROM bussig.peek('missing')", "42704"),
+            ("SELECT * FROM bussig.peek(NULL)", "22004"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+    }
+
+    #[pg_test]
+    fn queues_view_counts_states() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send_batch('q', ARRAY['1', '2', '3']::jsonb[])");
+        run("SELECT bussig.send('q', '4', delay => '1 hour')");
+        run("SELECT * FROM bussig.read('q')");
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s %s', ready, delayed, locked, oldest_ready_age IS NOT NULL) FROM bussig.queues WHERE queue = 'q'")
+                .as_deref(),
+            Some("2 1 1 t")
+        );
+    }
+
+    #[pg_test]
+    fn retry_backoff_grows_and_caps() {
+        assert_eq!(
+            one::<String>("SELECT string_agg(bussig.retry_backoff('1 second', 2, '1 minute', n)::text, ' ') FROM generate_series(1, 8) n")
+                .as_deref(),
+            Some("00:00:01 00:00:02 00:00:04 00:00:08 00:00:16 00:00:32 00:01:00 00:01:00")
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT bussig.retry_backoff('1 second', 10, '1 hour', 2147483647)::text"
+            )
+            .as_deref(),
+            Some("01:00:00")
+        );
+        assert_eq!(
+            one::<String>("SELECT bussig.retry_backoff('0', 2, '1 hour', 50)::text").as_deref(),
+            Some("00:00:00")
+        );
+    }
+}

@@ -16,8 +16,8 @@ pub use serde_json::json;
 
 /// Opens a connection to the database named by `BUSSIG_TEST_URL`.
 pub fn connect() -> Client {
-    let url = std::env::var("BUSSIG_TEST_URL")
-        .expect("BUSSIG_TEST_URL is not set: run `make test`");
+    let url =
+        std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`");
     let mut client = Client::connect(&url, NoTls)
         .unwrap_or_else(|e| panic!("cannot connect to BUSSIG_TEST_URL ({url}): {e}"));
     // A hung statement should fail the test, not the whole run.
@@ -55,7 +55,10 @@ impl Queue {
         let sep = if options.is_empty() { "" } else { ", " };
         let sql = format!("SELECT bussig.create_queue($1::text{sep}{options})");
         let created: bool = client.query_one(&sql, &[&name]).expect(&sql).get(0);
-        assert!(created, "create_queue({name}) returned false for a new name");
+        assert!(
+            created,
+            "create_queue({name}) returned false for a new name"
+        );
         Queue { name }
     }
 
@@ -68,8 +71,12 @@ impl Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         // Best effort: a failing test must still report its own panic.
-        let Ok(url) = std::env::var("BUSSIG_TEST_URL") else { return };
-        let Ok(mut client) = Client::connect(&url, NoTls) else { return };
+        let Ok(url) = std::env::var("BUSSIG_TEST_URL") else {
+            return;
+        };
+        let Ok(mut client) = Client::connect(&url, NoTls) else {
+            return;
+        };
         let _ = client.batch_execute("SET lock_timeout = '10s'");
         let _ = client.execute("SELECT bussig.drop_queue($1::text)", &[&self.name]);
     }
@@ -82,7 +89,10 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(50));
     }
 }
@@ -146,7 +156,8 @@ pub struct Peeked {
 
 /// `bussig.peek(queue, 100)`: what is in the queue, without locking anything.
 pub fn peek(c: &mut impl GenericClient, queue: &str) -> Vec<Peeked> {
-    let sql = "SELECT message_id, state, payload, headers, delivery_count, correlation_id, reply_to \
+    let sql =
+        "SELECT message_id, state, payload, headers, delivery_count, correlation_id, reply_to \
                FROM bussig.peek($1::text, 100)";
     c.query(sql, &[&queue])
         .unwrap_or_else(|e| panic!("peek({queue}): {e}"))
@@ -165,26 +176,35 @@ pub fn peek(c: &mut impl GenericClient, queue: &str) -> Vec<Peeked> {
 
 /// `bussig.send(queue, payload)` with every option at its default.
 pub fn send(c: &mut impl GenericClient, queue: &str, payload: &Value) -> i64 {
-    c.query_one("SELECT bussig.send($1::text, $2::jsonb)", &[&queue, payload])
-        .unwrap_or_else(|e| panic!("send({queue}): {e}"))
-        .get::<_, Option<i64>>(0)
-        .expect("send without dedup_id returned NULL")
+    c.query_one(
+        "SELECT bussig.send($1::text, $2::jsonb)",
+        &[&queue, payload],
+    )
+    .unwrap_or_else(|e| panic!("send({queue}): {e}"))
+    .get::<_, Option<i64>>(0)
+    .expect("send without dedup_id returned NULL")
 }
 
 /// `bussig.send_batch(queue, payloads)`: the new ids.
 pub fn send_batch(c: &mut impl GenericClient, queue: &str, payloads: &[Value]) -> Vec<i64> {
-    c.query("SELECT bussig.send_batch($1::text, $2::jsonb[])", &[&queue, &payloads])
-        .unwrap_or_else(|e| panic!("send_batch({queue}): {e}"))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    c.query(
+        "SELECT bussig.send_batch($1::text, $2::jsonb[])",
+        &[&queue, &payloads],
+    )
+    .unwrap_or_else(|e| panic!("send_batch({queue}): {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// `bussig.ack(queue, id, token)`.
 pub fn ack(c: &mut impl GenericClient, queue: &str, id: i64, token: Uuid) -> bool {
-    c.query_one("SELECT bussig.ack($1::text, $2::bigint, $3::uuid)", &[&queue, &id, &token])
-        .unwrap_or_else(|e| panic!("ack({queue}, {id}): {e}"))
-        .get(0)
+    c.query_one(
+        "SELECT bussig.ack($1::text, $2::bigint, $3::uuid)",
+        &[&queue, &id, &token],
+    )
+    .unwrap_or_else(|e| panic!("ack({queue}, {id}): {e}"))
+    .get(0)
 }
 
 /// `(ready, delayed, locked)` from the `bussig.queues` view.
