@@ -2,7 +2,7 @@
 # `make test`: every test bussig has, against throw-away clusters.
 #   1. #[pg_test] unit tests, inside pgrx's own test cluster
 #   2. pg_regress scripts in pg_test/ (SQL with expected output)
-#   3. client-level tests in tests/, over a real client library, with the background worker loaded
+#   3. client-level tests in tests/, over a real client library
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,22 +12,23 @@ PORT=${BUSSIG_TEST_PORT:-28816}
 
 .ci/setup.sh
 
+work=$(mktemp -d /tmp/bussig-test.XXXXXX)
+chmod 755 "$work"
+log="$work/test.log"
+trap '.ci/cluster.sh stop "$work/pgdata"; rm -rf "$work"' EXIT
+
 echo "== unit tests (#[pg_test])"
-cargo pgrx test pg15 --runas postgres --pgdata /tmp/bussig-pgrx-test
+cargo pgrx test pg15 --runas postgres --pgdata /tmp/bussig-pgrx-test 2>&1 | tee -a "$log"
 
 echo "== install into PostgreSQL 15"
 cargo pgrx install --pg-config "$PG_BIN/pg_config" >/dev/null
-
-work=$(mktemp -d /tmp/bussig-test.XXXXXX)
-chmod 755 "$work"
-trap '.ci/cluster.sh stop "$work/pgdata"; rm -rf "$work"' EXIT
 .ci/cluster.sh start "$work/pgdata" "$PORT"
 psql=("$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres)
 
 echo "== pg_regress (pg_test/)"
 tests=$(cd pg_test/sql && ls *.sql | sed 's/\.sql$//')
 if ! "$(dirname "$PGXS")/../test/regress/pg_regress" --bindir="$PG_BIN" --host=127.0.0.1 --port="$PORT" \
-    --user=postgres --dbname=bussig_regress --inputdir=pg_test --outputdir="$work/regress" $tests; then
+    --user=postgres --dbname=bussig_regress --inputdir=pg_test --outputdir="$work/regress" $tests | tee -a "$log"; then
     cat "$work/regress/regression.diffs"
     exit 1
 fi
@@ -36,4 +37,9 @@ echo "== client tests (tests/)"
 "${psql[@]}" -d postgres -c "CREATE DATABASE bussig_test"
 "${psql[@]}" -d bussig_test -c "CREATE EXTENSION bussig"
 BUSSIG_TEST_URL="host=127.0.0.1 port=$PORT user=postgres dbname=bussig_test" \
-    cargo test -p bussig-tests -- --test-threads=4
+    cargo test -p bussig-tests -- --test-threads=4 2>&1 | tee -a "$log"
+
+# One closing line for all of it: cargo's "test result" lines plus pg_regress's "test … ok  N ms" lines.
+passed=$(awk '/^test result:/ {n += $4} /^test .* \.\.\. ok +[0-9]+ ms$/ {n++} END {print n + 0}' "$log")
+failed=$(awk '/^test result:/ {n += $6} END {print n + 0}' "$log")
+echo "bussig: $passed passed, $failed failed"

@@ -73,13 +73,30 @@ pub fn at_most(
     Ok(())
 }
 
-/// A message-count argument such as max_messages: 1 to MAX_BATCH.
-pub fn batch_size(value: i32, what: &'static str) -> BusResult<i32> {
+/// The max_messages of read and peek: 1 to MAX_BATCH.
+pub fn max_messages(value: Option<i32>) -> BusResult<i32> {
+    let value = required(value, "max_messages")?;
     if !(1..=MAX_BATCH).contains(&value) {
         return Err(BusError::invalid(
-            what,
+            "max_messages",
             format!("{value} is not between 1 and {MAX_BATCH}"),
         ));
+    }
+    Ok(value)
+}
+
+/// An optional lock_timeout override: positive when given.
+pub fn lock_timeout(value: Option<Interval>) -> BusResult<Option<Interval>> {
+    if let Some(lock_timeout) = &value {
+        positive(lock_timeout, "lock_timeout")?;
+    }
+    Ok(value)
+}
+
+/// An optional delay: not negative when given.
+pub fn delay(value: Option<Interval>) -> BusResult<Option<Interval>> {
+    if let Some(delay) = &value {
+        not_negative(delay, "delay")?;
     }
     Ok(value)
 }

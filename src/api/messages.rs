@@ -273,13 +273,6 @@ fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> {
     Ok(())
 }
 
-fn check_delay(delay: Option<Interval>) -> BusResult<Option<Interval>> {
-    if let Some(delay) = &delay {
-        validate::not_negative(delay, "delay")?;
-    }
-    Ok(delay)
-}
-
 /// Runs a send statement, creating the queue first when it is unknown and auto-creation is on.
 /// None when the statement inserted nothing into an existing queue (a duplicate).
 fn insert_messages(
@@ -319,7 +312,7 @@ fn send(
     let queue = validate::queue_name(queue)?;
     let payload = required(payload, "payload")?;
     let headers = check_headers(headers)?;
-    let delay = check_delay(delay)?;
+    let delay = validate::delay(delay)?;
     let priority = required(priority, "priority")?;
     check_size(payload.size(), headers)?;
     let mut args: Vec<DatumWithOid> = vec![
@@ -353,7 +346,7 @@ fn send_batch(
     let queue = validate::queue_name(queue)?;
     let payloads = required(payloads, "payloads")?;
     let headers = check_headers(headers)?;
-    let delay = check_delay(delay)?;
+    let delay = validate::delay(delay)?;
     let priority = required(priority, "priority")?;
     let (count, any_null) = payloads.shape();
     if any_null {
@@ -499,11 +492,8 @@ fn read(
     ErrorReport,
 > {
     let queue = validate::queue_name(queue)?;
-    let max_messages =
-        validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
-    if let Some(lock_timeout) = &lock_timeout {
-        validate::positive(lock_timeout, "lock_timeout")?;
-    }
+    let max_messages = validate::max_messages(max_messages)?;
+    let lock_timeout = validate::lock_timeout(lock_timeout)?;
     if wait.is_some() {
         return Err(BusError::NotSupported("read(wait => ...)").into());
     }
@@ -605,7 +595,7 @@ fn nack(
     error: default!(Option<&str>, "NULL"),
 ) -> Result<bool, ErrorReport> {
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
-    let delay = check_delay(delay)?;
+    let delay = validate::delay(delay)?;
     Ok(Spi::connect_mut(|client| -> BusResult<bool> {
         let args: [DatumWithOid; 5] = [
             queue.into(),
@@ -640,9 +630,7 @@ fn extend_lock(
     lock_timeout: default!(Option<Interval>, "NULL"),
 ) -> Result<bool, ErrorReport> {
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
-    if let Some(lock_timeout) = &lock_timeout {
-        validate::positive(lock_timeout, "lock_timeout")?;
-    }
+    let lock_timeout = validate::lock_timeout(lock_timeout)?;
     Ok(settle(
         queue,
         &EXTEND_LOCK,
@@ -738,8 +726,7 @@ fn peek(
     ErrorReport,
 > {
     let queue = validate::queue_name(queue)?;
-    let max_messages =
-        validate::batch_size(required(max_messages, "max_messages")?, "max_messages")?;
+    let max_messages = validate::max_messages(max_messages)?;
     let rows = Spi::connect_mut(|client| -> BusResult<Vec<_>> {
         let mut rows = Vec::new();
         for row in plans::run(client, &PEEK, &[queue.into(), max_messages.into()])? {

@@ -21,14 +21,13 @@ static RESOLVE: Statement = Statement {
 };
 
 pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<QueueRef>> {
-    let table = plans::run(client, &RESOLVE, &[name.into()])?;
-    for row in table {
-        return Ok(Some(QueueRef {
-            queue_id: row.get(1)?.expect("queue_id is NOT NULL"),
-            dead_letter_queue_id: row.get(2)?,
-        }));
-    }
-    Ok(None)
+    let Some(row) = plans::run(client, &RESOLVE, &[name.into()])?.next() else {
+        return Ok(None);
+    };
+    Ok(Some(QueueRef {
+        queue_id: row.get(1)?.expect("queue_id is NOT NULL"),
+        dead_letter_queue_id: row.get(2)?,
+    }))
 }
 
 pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<QueueRef> {
@@ -131,8 +130,8 @@ impl QueueSettings {
     }
 }
 
-// Statements that take QueueSettings::args() first, then what they name.
-const SETTINGS_THEN_NAME_AND_OWNER: [pg_sys::Oid; 9] = [
+/// Parameter types of QueueSettings::args(), which statements take first.
+const SETTINGS_OIDS: [pg_sys::Oid; 7] = [
     pg_sys::INT4OID,
     pg_sys::INTERVALOID,
     pg_sys::INTERVALOID,
@@ -140,19 +139,23 @@ const SETTINGS_THEN_NAME_AND_OWNER: [pg_sys::Oid; 9] = [
     pg_sys::INTERVALOID,
     pg_sys::FLOAT8OID,
     pg_sys::INTERVALOID,
-    pg_sys::TEXTOID,
-    pg_sys::INT4OID,
 ];
-const SETTINGS_THEN_QUEUE_ID: [pg_sys::Oid; 8] = [
-    pg_sys::INT4OID,
-    pg_sys::INTERVALOID,
-    pg_sys::INTERVALOID,
-    pg_sys::INTERVALOID,
-    pg_sys::INTERVALOID,
-    pg_sys::FLOAT8OID,
-    pg_sys::INTERVALOID,
-    pg_sys::INT4OID,
-];
+
+const fn settings_then<const EXTRA: usize, const ALL: usize>(
+    extra: [pg_sys::Oid; EXTRA],
+) -> [pg_sys::Oid; ALL] {
+    let mut all = [pg_sys::InvalidOid; ALL];
+    let mut i = 0;
+    while i < ALL {
+        all[i] = if i < SETTINGS_OIDS.len() {
+            SETTINGS_OIDS[i]
+        } else {
+            extra[i - SETTINGS_OIDS.len()]
+        };
+        i += 1;
+    }
+    all
+}
 
 static INSERT_QUEUE: Statement = Statement {
     sql: "INSERT INTO bussig.queue (max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max,
@@ -160,7 +163,7 @@ static INSERT_QUEUE: Statement = Statement {
           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
           ON CONFLICT (name) DO NOTHING
           RETURNING queue_id",
-    args: &SETTINGS_THEN_NAME_AND_OWNER,
+    args: &settings_then::<2, 9>([pg_sys::TEXTOID, pg_sys::INT4OID]),
     writes: true,
 };
 
@@ -177,7 +180,7 @@ static UPDATE_SETTINGS: Statement = Statement {
           SET max_deliveries = $1, lock_timeout = $2, message_ttl = $3, retry_delay = $4,
               retry_delay_max = $5, retry_multiplier = $6, dedup_window = $7
           WHERE queue_id = $8",
-    args: &SETTINGS_THEN_QUEUE_ID,
+    args: &settings_then::<1, 8>([pg_sys::INT4OID]),
     writes: true,
 };
 
@@ -237,11 +240,10 @@ fn insert_queue(
         name.into(),
         dead_letter_owner_id.into(),
     ];
-    let table = plans::run(client, &INSERT_QUEUE, &args)?;
-    for row in table {
-        return Ok(row.get(1)?);
+    match plans::run(client, &INSERT_QUEUE, &args)?.next() {
+        Some(row) => Ok(row.get(1)?),
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 /// The dead-letter queue called `name`, created with default settings and none of its own if missing.
@@ -360,23 +362,19 @@ fn alter_queue(
         dedup_window,
     };
     Ok(Spi::connect_mut(|client| -> BusResult<()> {
-        let mut queue_id = None;
-        let mut current = None;
-        for row in plans::run(client, &LOAD_SETTINGS, &[queue.into()])? {
-            current = Some(QueueSettings {
-                max_deliveries: row.get(1)?.expect("NOT NULL"),
-                lock_timeout: row.get(2)?.expect("NOT NULL"),
-                message_ttl: row.get(3)?,
-                retry_delay: row.get(4)?.expect("NOT NULL"),
-                retry_delay_max: row.get(5)?.expect("NOT NULL"),
-                retry_multiplier: row.get(6)?.expect("NOT NULL"),
-                dedup_window: row.get(7)?.expect("NOT NULL"),
-            });
-            queue_id = row.get::<i32>(8)?;
-        }
-        let (Some(current), Some(queue_id)) = (current, queue_id) else {
+        let Some(row) = plans::run(client, &LOAD_SETTINGS, &[queue.into()])?.next() else {
             return Err(BusError::UnknownQueue(queue.to_string()));
         };
+        let current = QueueSettings {
+            max_deliveries: row.get(1)?.expect("NOT NULL"),
+            lock_timeout: row.get(2)?.expect("NOT NULL"),
+            message_ttl: row.get(3)?,
+            retry_delay: row.get(4)?.expect("NOT NULL"),
+            retry_delay_max: row.get(5)?.expect("NOT NULL"),
+            retry_multiplier: row.get(6)?.expect("NOT NULL"),
+            dedup_window: row.get(7)?.expect("NOT NULL"),
+        };
+        let queue_id: i32 = row.get(8)?.expect("NOT NULL");
         let settings = change.apply(current)?;
         let [a1, a2, a3, a4, a5, a6, a7] = settings.args();
         plans::run(
@@ -404,14 +402,12 @@ fn drop_queue(queue: Option<&str>) -> Result<bool, ErrorReport> {
         let Some(found) = resolve(client, queue)? else {
             return Ok(false);
         };
-        let users = plans::run(client, &DEAD_LETTER_USERS, &[found.queue_id.into()])?;
-        for row in users {
-            if let Some(users) = row.get::<String>(1)? {
-                return Err(BusError::DeadLetterQueueInUse {
-                    queue: queue.to_string(),
-                    users,
-                });
-            }
+        let users = plans::run(client, &DEAD_LETTER_USERS, &[found.queue_id.into()])?.next();
+        if let Some(users) = users.map(|row| row.get::<String>(1)).transpose()?.flatten() {
+            return Err(BusError::DeadLetterQueueInUse {
+                queue: queue.to_string(),
+                users,
+            });
         }
         plans::run(client, &DROP_QUEUE, &[found.queue_id.into()])?;
         Ok(true)
