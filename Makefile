@@ -12,7 +12,7 @@ setup:
 	@.ci/setup.sh
 
 install: setup
-	cargo pgrx install --release --pg-config $(PG_BIN)/pg_config
+	@.ci/install.sh
 
 run: install
 	@mkdir -p $(dir $(RUN_DATA))

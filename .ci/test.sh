@@ -21,7 +21,7 @@ echo "== unit tests (#[pg_test])"
 cargo pgrx test pg15 --runas postgres --pgdata /tmp/bussig-pgrx-test 2>&1 | tee -a "$log"
 
 echo "== install into PostgreSQL 15"
-cargo pgrx install --pg-config "$PG_BIN/pg_config" >/dev/null
+.ci/install.sh --debug
 .ci/cluster.sh start "$work/pgdata" "$PORT"
 psql=("$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres)
 
