@@ -17,6 +17,11 @@ CREATE TABLE bussig.queue (
     retry_delay_max      interval NOT NULL CHECK (retry_delay_max >= retry_delay),
     retry_multiplier     float8 NOT NULL CHECK (retry_multiplier >= 1),
     dedup_window         interval NOT NULL CHECK (dedup_window >= interval '0'),
+    -- One NOTIFY bussig_<name> per committing transaction that made messages ready here.
+    notify               boolean NOT NULL DEFAULT false,
+    -- An ephemeral queue is dropped by the worker when no heartbeat came for ephemeral_ttl.
+    ephemeral_ttl        interval CHECK (ephemeral_ttl > interval '0'),
+    heartbeat_at         timestamptz,
     created_at           timestamptz NOT NULL DEFAULT now()
 );
 ALTER SEQUENCE bussig.queue_id_seq OWNED BY bussig.queue.queue_id;
@@ -32,20 +37,27 @@ CREATE TABLE bussig.message (
     queue_id       int NOT NULL,
     priority       int NOT NULL DEFAULT 0,
     delivery_count int NOT NULL DEFAULT 0,
+    -- Set while the message is out on its last allowed delivery: if that lock runs out, the worker
+    -- dead-letters it (found through a partial index, without walking any backlog).
+    final_delivery boolean NOT NULL DEFAULT false,
     lock_token     uuid,
-    payload        jsonb NOT NULL,
+    -- The payload, or the shared body it was published with (see bussig.body): never both.
+    payload        jsonb,
+    body_id        bigint,
     headers        jsonb,
     subject        text,
     correlation_id text,
     reply_to       text,
     -- The latest nack's error, carried into the dead-letter headers when the message dies later.
-    last_error     text
+    last_error     text,
+    CHECK ((payload IS NULL) <> (body_id IS NULL))
 );
 ALTER SEQUENCE bussig.message_id_seq OWNED BY bussig.message.message_id;
 
 -- Delivery order. Within one priority, ready messages (visible_at <= now) sort before locked and
 -- delayed ones, so a read never walks past in-flight messages to find work (pgmq's head-of-line problem).
 CREATE INDEX message_delivery_order ON bussig.message (queue_id, priority DESC, visible_at, message_id);
+CREATE INDEX message_final_lock ON bussig.message (visible_at) WHERE final_delivery;
 
 -- De-duplication keys of send(dedup_id => ...), each alive for its queue's dedup_window.
 CREATE TABLE bussig.dedup (
@@ -54,6 +66,7 @@ CREATE TABLE bussig.dedup (
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (queue_id, dedup_id)
 );
+CREATE INDEX dedup_expiry ON bussig.dedup (expires_at);
 
 -- Definitions and messages travel with pg_dump.
 SELECT pg_catalog.pg_extension_config_dump('bussig.queue', '');

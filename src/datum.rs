@@ -122,8 +122,8 @@ impl ArrayShape for BigintArray {}
 impl ArrayShape for UuidArray {}
 
 impl JsonbArray {
-    /// The stored size of each element; the caller has ruled out NULL elements.
-    pub fn element_sizes(&self) -> Vec<usize> {
+    /// The elements, as datums that live as long as the array; the caller has ruled out NULLs.
+    pub fn elements(&self) -> Vec<Jsonb> {
         unsafe {
             let array = pg_sys::pg_detoast_datum(self.0.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
             let mut elements = std::ptr::null_mut();
@@ -141,7 +141,7 @@ impl JsonbArray {
             );
             std::slice::from_raw_parts(elements, count as usize)
                 .iter()
-                .map(|&element| pg_sys::toast_raw_datum_size(element))
+                .map(|&element| Jsonb(element))
                 .collect()
         }
     }

@@ -13,6 +13,18 @@ pub enum BusError {
     #[error("invalid {what}: {why}")]
     InvalidArgument { what: &'static str, why: String },
 
+    #[error("invalid subject {subject:?}: {why}")]
+    InvalidSubject {
+        subject: String,
+        why: crate::routing::SubjectError,
+    },
+
+    #[error("invalid pattern {pattern:?}: {why}")]
+    InvalidPattern {
+        pattern: String,
+        why: crate::routing::SubjectError,
+    },
+
     #[error("queue \"{0}\" does not exist")]
     UnknownQueue(String),
 
@@ -44,9 +56,10 @@ impl BusError {
         use PgSqlErrorCode::*;
         match self {
             BusError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            BusError::InvalidQueueName { .. } | BusError::InvalidArgument { .. } => {
-                ERRCODE_INVALID_PARAMETER_VALUE
-            }
+            BusError::InvalidQueueName { .. }
+            | BusError::InvalidArgument { .. }
+            | BusError::InvalidSubject { .. }
+            | BusError::InvalidPattern { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             BusError::UnknownQueue(_) => ERRCODE_UNDEFINED_OBJECT,
             BusError::MessageTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             BusError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -60,6 +73,14 @@ impl BusError {
         match self {
             BusError::InvalidQueueName { .. } => Some(
                 "Queue names are 1-60 letters, digits, '_', '-' or '.', starting with a letter or digit."
+                    .into(),
+            ),
+            BusError::InvalidSubject { .. } => Some(
+                "A subject is 1-16 dot-separated tokens of printable ASCII, at most 255 bytes, without wildcards."
+                    .into(),
+            ),
+            BusError::InvalidPattern { .. } => Some(
+                "A pattern is a subject whose tokens may be '*' (one token) or, last, '>' (one or more tokens)."
                     .into(),
             ),
             BusError::UnknownQueue(name) => Some(format!(

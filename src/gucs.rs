@@ -1,4 +1,6 @@
 //! Settings, all under `bussig.*`.
+use std::ffi::CString;
+
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 /// Lets `send` create an unknown queue with default settings instead of failing with 42704. Off by
@@ -9,6 +11,19 @@ pub static AUTO_CREATE_QUEUES: GucSetting<bool> = GucSetting::<bool>::new(false)
 /// or object store with a reference in the message; this keeps one bad producer from filling the queue.
 /// Superuser-only so that a client cannot raise its own limit.
 pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+
+/// A publish that reaches more queues than this hands the fan-out to the background worker, which
+/// inserts the messages after commit: the publisher's transaction stays short however many queues
+/// subscribe. Smaller fan-outs are written in the publishing transaction.
+pub static INLINE_FANOUT_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(16);
+
+/// How often the worker runs its maintenance steps (lock and TTL expiry, key pruning, ephemeral
+/// queues, body collection). Fan-outs do not wait for it: a commit wakes the worker at once.
+pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// Databases the worker serves, comma-separated; empty serves every database with the extension.
+/// Lets a cluster with many databases keep worker processes where bussig is used.
+pub static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn register() {
     GucRegistry::define_bool_guc(
@@ -28,5 +43,33 @@ pub fn register() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"bussig.inline_fanout_limit",
+        c"Largest fan-out a publish writes itself; larger ones go to the worker.",
+        c"Without the background worker every fan-out is written by the publish.",
+        &INLINE_FANOUT_LIMIT,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"bussig.maintenance_interval",
+        c"Time between two rounds of the background worker's maintenance.",
+        c"",
+        &MAINTENANCE_INTERVAL,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"bussig.worker_databases",
+        c"Databases the background worker serves (comma-separated; empty: all with the extension).",
+        c"",
+        &WORKER_DATABASES,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
 }

@@ -9,15 +9,26 @@ mod datum;
 mod error;
 mod gucs;
 mod plans;
+mod routing;
 mod validate;
+mod wakeup;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/topics.sql", name = "topics", requires = ["schema"]);
+extension_sql!(
+    "SELECT bussig.ensure_worker();",
+    name = "ensure_worker",
+    finalize
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::register();
+    wakeup::init();
+    worker::register();
 }
 
 #[cfg(test)]

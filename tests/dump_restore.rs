@@ -8,18 +8,23 @@ use postgres::{Client, NoTls};
 
 /// PostgreSQL's client programs; `make test` uses the system PostgreSQL 15.
 fn pg_program(name: &str) -> String {
-    let bin = std::env::var("BUSSIG_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let bin =
+        std::env::var("BUSSIG_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
     format!("{bin}/{name}")
 }
 
 /// BUSSIG_TEST_URL pointed at another database (a later key wins in a libpq connection string).
 fn url_for(database: &str) -> String {
-    let url = std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`");
+    let url =
+        std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`");
     format!("{url} dbname={database}")
 }
 
 fn run(program: &str, args: &[&str]) {
-    let output = Command::new(pg_program(program)).args(args).output().expect(program);
+    let output = Command::new(pg_program(program))
+        .args(args)
+        .output()
+        .expect(program);
     assert!(
         output.status.success(),
         "{program} failed: {}",
@@ -33,7 +38,12 @@ fn snapshot(client: &mut Client) -> Vec<String> {
                UNION ALL SELECT format('%s', m) FROM bussig.message m
                UNION ALL SELECT format('%s', d) FROM bussig.dedup d
                ORDER BY 1";
-    client.query(sql, &[]).expect(sql).iter().map(|row| row.get(0)).collect()
+    client
+        .query(sql, &[])
+        .expect(sql)
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
 }
 
 #[test]
@@ -42,7 +52,9 @@ fn dump_restore_keeps_queues_messages_and_keys() {
     let source = unique_name("dump_src");
     let target = unique_name("dump_dst");
     for database in [&source, &target] {
-        admin.batch_execute(&format!("CREATE DATABASE \"{database}\"")).expect("create database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+            .expect("create database");
     }
 
     let mut src = Client::connect(&url_for(&source), NoTls).expect("connect to source");
@@ -58,7 +70,10 @@ fn dump_restore_keeps_queues_messages_and_keys() {
     )
     .expect("fill source");
     let before = snapshot(&mut src);
-    let last_id: i64 = src.query_one("SELECT max(message_id) FROM bussig.message", &[]).unwrap().get(0);
+    let last_id: i64 = src
+        .query_one("SELECT max(message_id) FROM bussig.message", &[])
+        .unwrap()
+        .get(0);
     drop(src);
 
     let dump = std::env::temp_dir().join(format!("{source}.dump"));
@@ -70,14 +85,28 @@ fn dump_restore_keeps_queues_messages_and_keys() {
     let mut dst = Client::connect(&url_for(&target), NoTls).expect("connect to target");
     assert_eq!(snapshot(&mut dst), before, "restored contents differ");
 
-    let next_id: i64 = dst.query_one("SELECT bussig.send('orders', '{}')", &[]).unwrap().get(0);
-    assert!(next_id > last_id, "ids restart after restore: {next_id} <= {last_id}");
-    let duplicate: Option<i64> =
-        dst.query_one("SELECT bussig.send('orders', '{}', dedup_id => 'k1')", &[]).unwrap().get(0);
+    let next_id: i64 = dst
+        .query_one("SELECT bussig.send('orders', '{}')", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        next_id > last_id,
+        "ids restart after restore: {next_id} <= {last_id}"
+    );
+    let duplicate: Option<i64> = dst
+        .query_one("SELECT bussig.send('orders', '{}', dedup_id => 'k1')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(duplicate, None, "dedup key lost in restore");
-    let redriven: i64 = dst.query_one("SELECT bussig.redrive('mail')", &[]).unwrap().get(0);
+    let redriven: i64 = dst
+        .query_one("SELECT bussig.redrive('mail')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(redriven, 1);
-    let ready: i64 = dst.query_one("SELECT count(*) FROM bussig.read('mail', 10)", &[]).unwrap().get(0);
+    let ready: i64 = dst
+        .query_one("SELECT count(*) FROM bussig.read('mail', 10)", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(ready, 2);
     drop(dst);
 

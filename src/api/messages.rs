@@ -1,6 +1,8 @@
 //! Sending, receiving and settling messages. Each verb is one kept statement in the common case; the
 //! queue is named in the statement itself so that no separate look-up precedes the work, and only an
 //! empty result pays for finding out why (unknown queue, stale token, duplicate).
+use std::time::{Duration, Instant};
+
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys::{self, panic::ErrorReport};
 use pgrx::prelude::*;
@@ -13,12 +15,17 @@ use crate::error::{BusError, BusResult};
 use crate::gucs;
 use crate::plans::{self, Statement};
 use crate::validate::{self, required};
+use crate::wakeup;
 
+// Every send statement returns (message_id, queue_id, notify) per message.
 static SEND: Statement = Statement {
-    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
-          SELECT q.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7
-          FROM bussig.queue q WHERE q.name = $1
-          RETURNING message_id",
+    sql: "WITH q AS (SELECT queue_id, notify FROM bussig.queue WHERE name = $1),
+          sent AS (
+              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
+              SELECT q.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7 FROM q
+              RETURNING message_id
+          )
+          SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
     args: &[
         pg_sys::TEXTOID,
         pg_sys::JSONBOID,
@@ -33,18 +40,20 @@ static SEND: Statement = Statement {
 
 // A key that expired stays in place until the worker prunes it; ON CONFLICT revives it.
 static SEND_DEDUPLICATED: Statement = Statement {
-    sql: "WITH q AS (SELECT queue_id, dedup_window FROM bussig.queue WHERE name = $1),
+    sql: "WITH q AS (SELECT queue_id, dedup_window, notify FROM bussig.queue WHERE name = $1),
           fresh AS (
               INSERT INTO bussig.dedup AS d (queue_id, dedup_id, expires_at)
               SELECT queue_id, $8, now() + dedup_window FROM q
               ON CONFLICT (queue_id, dedup_id) DO UPDATE SET expires_at = excluded.expires_at
               WHERE d.expires_at <= now()
               RETURNING queue_id
+          ),
+          sent AS (
+              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
+              SELECT fresh.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7 FROM fresh
+              RETURNING message_id
           )
-          INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
-          SELECT fresh.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7
-          FROM fresh
-          RETURNING message_id",
+          SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
     args: &[
         pg_sys::TEXTOID,
         pg_sys::JSONBOID,
@@ -59,12 +68,15 @@ static SEND_DEDUPLICATED: Statement = Statement {
 };
 
 static SEND_BATCH: Statement = Statement {
-    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
-          SELECT q.queue_id, p.payload, $3, now() + coalesce($4, interval '0'), $5
-          FROM bussig.queue q, unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, n)
-          WHERE q.name = $1
-          ORDER BY p.n
-          RETURNING message_id",
+    sql: "WITH q AS (SELECT queue_id, notify FROM bussig.queue WHERE name = $1),
+          sent AS (
+              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
+              SELECT q.queue_id, p.payload, $3, now() + coalesce($4, interval '0'), $5
+              FROM q, unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, n)
+              ORDER BY p.n
+              RETURNING message_id
+          )
+          SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
     args: &[
         pg_sys::TEXTOID,
         pg_sys::JSONBARRAYOID,
@@ -81,25 +93,28 @@ static SEND_BATCH: Statement = Statement {
 static READ: Statement = Statement {
     sql: "WITH q AS (
               SELECT queue_id, max_deliveries, message_ttl, lock_timeout,
-                     dead_letter_queue_id IS NOT NULL AS has_dead_letter_queue
+                     dead_letter_queue_id IS NOT NULL AS has_dead_letter_queue, clock_timestamp() AS now
               FROM bussig.queue WHERE name = $1
           ), picked AS (
               SELECT m.message_id, m.visible_at AS ready_at
               FROM bussig.message m
-              WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= now()
+              WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
               ORDER BY m.priority DESC, m.visible_at, m.message_id
               LIMIT $2
               FOR UPDATE SKIP LOCKED
           )
           UPDATE bussig.message m
-          SET visible_at = now() + coalesce($3, q.lock_timeout),
+          SET visible_at = q.now + coalesce($3, q.lock_timeout),
               lock_token = gen_random_uuid(),
-              delivery_count = m.delivery_count + 1
+              delivery_count = m.delivery_count + 1,
+              final_delivery = q.has_dead_letter_queue AND m.delivery_count + 1 >= q.max_deliveries
           FROM picked, q
           WHERE m.message_id = picked.message_id
-          RETURNING m.message_id, m.lock_token, m.subject, m.payload, m.headers, m.delivery_count,
+          RETURNING m.message_id, m.lock_token, m.subject,
+                    coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)),
+                    m.headers, m.delivery_count,
                     m.priority, m.enqueued_at, m.correlation_id, m.reply_to, picked.ready_at,
-                    CASE WHEN q.message_ttl IS NOT NULL AND m.enqueued_at <= now() - q.message_ttl
+                    CASE WHEN q.message_ttl IS NOT NULL AND m.enqueued_at <= q.now - q.message_ttl
                               THEN 'expired'
                          WHEN q.has_dead_letter_queue AND m.delivery_count > q.max_deliveries
                               THEN 'max_deliveries'
@@ -129,7 +144,7 @@ static ACK_BATCH: Statement = Statement {
 // A message on its last allowed delivery is not given back: NACK leaves it for DEAD_LETTER.
 static NACK: Statement = Statement {
     sql: "UPDATE bussig.message m
-          SET visible_at = now() + coalesce($4, bussig.retry_backoff(q.retry_delay, q.retry_multiplier,
+          SET visible_at = clock_timestamp() + coalesce($4, bussig.retry_backoff(q.retry_delay, q.retry_multiplier,
                                                                      q.retry_delay_max, m.delivery_count)),
               lock_token = NULL,
               last_error = coalesce($5, m.last_error)
@@ -140,21 +155,23 @@ static NACK: Statement = Statement {
     writes: true,
 };
 
-// Moves messages of queue $5 to its dead-letter queue: those in $1, holding token $2 when one is
-// given, and, unless $6 forces it, only when their last allowed delivery has been used.
+// Moves messages of queue $5 (of any queue when NULL) to their dead-letter queue: those in $1,
+// holding token $2 when one is given, and, unless $6 forces it, only when their last allowed
+// delivery has been used.
 static DEAD_LETTER: Statement = Statement {
     sql: "UPDATE bussig.message m
           SET queue_id = q.dead_letter_queue_id,
-              visible_at = now(),
+              visible_at = clock_timestamp(),
               lock_token = NULL,
               delivery_count = 0,
+              final_delivery = false,
               last_error = NULL,
               headers = coalesce(m.headers, '{}') || jsonb_build_object(
                   'bussig-dead-letter-reason', $3,
                   'bussig-dead-letter-error', coalesce($4, m.last_error),
                   'bussig-source-queue', q.name)
           FROM bussig.queue q
-          WHERE q.name = $5 AND m.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
+          WHERE ($5::text IS NULL OR q.name = $5) AND m.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
             AND m.message_id = ANY ($1)
             AND ($2::uuid IS NULL OR m.lock_token = $2)
             AND ($6 OR m.delivery_count >= q.max_deliveries)",
@@ -179,7 +196,7 @@ static DELETE_MESSAGES: Statement = Statement {
 static EXTEND_LOCK: Statement = Statement {
     sql:
         "UPDATE bussig.message m
-          SET visible_at = now() + coalesce($4, q.lock_timeout)
+          SET visible_at = clock_timestamp() + coalesce($4, q.lock_timeout)
           FROM bussig.queue q
           WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3",
     args: &[
@@ -198,16 +215,17 @@ static REDRIVE: Statement = Statement {
               FROM bussig.message m
               WHERE m.queue_id = $2
                 AND m.headers ->> 'bussig-source-queue' = $1
-                AND (m.lock_token IS NULL OR m.visible_at <= now())
+                AND (m.lock_token IS NULL OR m.visible_at <= clock_timestamp())
               ORDER BY m.message_id
               LIMIT $4
               FOR UPDATE SKIP LOCKED
           )
           UPDATE bussig.message m
           SET queue_id = $3,
-              visible_at = now(),
+              visible_at = clock_timestamp(),
               lock_token = NULL,
               delivery_count = 0,
+              final_delivery = false,
               last_error = NULL,
               headers = nullif(m.headers - ARRAY['bussig-dead-letter-reason', 'bussig-dead-letter-error',
                                                  'bussig-source-queue'], '{}')
@@ -219,19 +237,21 @@ static REDRIVE: Statement = Statement {
 
 // Ready messages in delivery order, then the rest in the order they will become ready.
 static PEEK: Statement = Statement {
-    sql: "WITH q AS (SELECT queue_id FROM bussig.queue WHERE name = $1)
-          (SELECT m.message_id, 'ready' AS state, m.visible_at, m.subject, m.payload, m.headers,
+    sql: "WITH q AS (SELECT queue_id, clock_timestamp() AS now FROM bussig.queue WHERE name = $1)
+          (SELECT m.message_id, 'ready' AS state, m.visible_at, m.subject,
+                  coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)), m.headers,
                   m.delivery_count, m.priority, m.enqueued_at, m.correlation_id, m.reply_to
            FROM bussig.message m
-           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= now()
+           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
            ORDER BY m.priority DESC, m.visible_at, m.message_id
            LIMIT $2)
           UNION ALL
           (SELECT m.message_id, CASE WHEN m.lock_token IS NULL THEN 'delayed' ELSE 'locked' END,
-                  m.visible_at, m.subject, m.payload, m.headers,
+                  m.visible_at, m.subject,
+                  coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)), m.headers,
                   m.delivery_count, m.priority, m.enqueued_at, m.correlation_id, m.reply_to
            FROM bussig.message m
-           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at > now()
+           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at > (SELECT now FROM q)
            ORDER BY m.visible_at, m.priority DESC, m.message_id
            LIMIT $2)
           LIMIT $2",
@@ -254,7 +274,7 @@ fn nothing_done<T>(client: &mut SpiClient<'_>, queue: &str, answer: T) -> BusRes
     Ok(answer)
 }
 
-fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
+pub fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
     match headers {
         Some(headers) if !headers.is_object() => Err(BusError::invalid(
             "headers",
@@ -264,7 +284,7 @@ fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
     }
 }
 
-fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> {
+pub fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> {
     let size = payload_size + headers.map_or(0, |headers| headers.size());
     let limit = gucs::MAX_MESSAGE_SIZE.get();
     if size > limit as usize {
@@ -278,16 +298,28 @@ fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> {
 fn insert_messages(
     client: &mut SpiClient<'_>,
     queue: &str,
+    delay: Option<Interval>,
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<Option<Vec<i64>>> {
     for attempt in 0..2 {
         let mut ids = Vec::new();
+        let mut destination = None;
         for row in plans::run(client, statement, args)? {
             ids.push(row.get::<i64>(1)?.expect("message_id is NOT NULL"));
+            destination = Some((
+                row.get::<i32>(2)?.expect("NOT NULL"),
+                row.get::<bool>(3)?.expect("NOT NULL"),
+            ));
         }
-        if !ids.is_empty() || queues::resolve(client, queue)?.is_some() {
-            return Ok((!ids.is_empty()).then_some(ids));
+        if let Some((queue_id, notify)) = destination {
+            if delay.is_none_or(|delay| validate::is_zero(&delay)) {
+                wakeup::announce(queue_id, queue, notify);
+            }
+            return Ok(Some(ids));
+        }
+        if queues::resolve(client, queue)?.is_some() {
+            return Ok(None);
         }
         if attempt > 0 || !gucs::AUTO_CREATE_QUEUES.get() {
             break;
@@ -331,7 +363,7 @@ fn send(
         }
         None => &SEND,
     };
-    let ids = Spi::connect_mut(|client| insert_messages(client, queue, statement, &args))?;
+    let ids = Spi::connect_mut(|client| insert_messages(client, queue, delay, statement, &args))?;
     Ok(ids.map(|ids| ids[0]))
 }
 
@@ -353,7 +385,12 @@ fn send_batch(
         return Err(BusError::NullArgument("every element of payloads").into());
     }
     if count > 0 {
-        let largest = payloads.element_sizes().into_iter().max().unwrap_or(0);
+        let largest = payloads
+            .elements()
+            .iter()
+            .map(Jsonb::size)
+            .max()
+            .unwrap_or(0);
         check_size(largest, headers)?;
     }
     let args: [DatumWithOid; 5] = [
@@ -363,7 +400,7 @@ fn send_batch(
         delay.into(),
         priority.into(),
     ];
-    let ids = Spi::connect_mut(|client| insert_messages(client, queue, &SEND_BATCH, &args))?;
+    let ids = Spi::connect_mut(|client| insert_messages(client, queue, delay, &SEND_BATCH, &args))?;
     let mut ids = ids.unwrap_or_default();
     ids.sort_unstable();
     Ok(SetOfIterator::new(ids))
@@ -383,16 +420,19 @@ struct Delivery {
     ready_at: TimestampWithTimeZone,
 }
 
-/// Moves messages the read found dead out of the queue, in the reader's transaction.
-fn bury(client: &mut SpiClient<'_>, queue: &str, dead: Vec<(i64, String, bool)>) -> BusResult<()> {
+/// A message that may not be delivered again: (message_id, reason, whether its queue has a
+/// dead-letter queue).
+pub type Dead = (i64, String, bool);
+
+/// Moves dead messages of `queue` (of any queue when None) to their dead-letter queue, in the
+/// caller's transaction; in a queue without one, expired messages are deleted.
+pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) -> BusResult<()> {
     for reason in ["expired", "max_deliveries"] {
         let (moved, dropped): (Vec<_>, Vec<_>) = dead
             .iter()
             .filter(|(_, why, _)| why == reason)
             .partition(|(_, _, has_dead_letter_queue)| *has_dead_letter_queue);
-        let ids = |list: Vec<&(i64, String, bool)>| {
-            list.iter().map(|(id, _, _)| *id).collect::<Vec<i64>>()
-        };
+        let ids = |list: Vec<&Dead>| list.iter().map(|(id, _, _)| *id).collect::<Vec<i64>>();
         if !moved.is_empty() {
             let args: [DatumWithOid; 6] = [
                 ids(moved).into(),
@@ -451,7 +491,7 @@ fn receive(
             return nothing_done(client, queue, delivered);
         }
         let more_may_be_ready = returned == wanted && !dead.is_empty();
-        bury(client, queue, dead)?;
+        bury(client, Some(queue), dead)?;
         if !more_may_be_ready {
             break;
         }
@@ -464,6 +504,55 @@ fn receive(
             .then(a.message_id.cmp(&b.message_id))
     });
     Ok(delivered)
+}
+
+// When the next locked or delayed message of the queue becomes ready, as seconds from now.
+static NEXT_READY: Statement = Statement {
+    sql: "SELECT extract(epoch FROM min(visible_at) - clock_timestamp())::float8
+          FROM bussig.message WHERE queue_id = $1 AND visible_at > clock_timestamp()",
+    args: &[pg_sys::INT4OID],
+    writes: false,
+};
+
+/// Whether this transaction reads with one snapshot throughout: waiting could never show it news.
+fn snapshot_is_fixed() -> bool {
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
+/// Reads what is ready; with a wait, sleeps until a commit makes messages ready in the queue, a
+/// delay or lock runs out, or the wait is over, and reads again.
+fn receive_waiting(
+    queue: &str,
+    max_messages: i32,
+    lock_timeout: Option<Interval>,
+    wait: Duration,
+) -> BusResult<Vec<Delivery>> {
+    let deadline = Instant::now() + wait;
+    let mut waiting = None;
+    loop {
+        let delivered =
+            Spi::connect_mut(|client| receive(client, queue, max_messages, lock_timeout))?;
+        let now = Instant::now();
+        if !delivered.is_empty() || now >= deadline || snapshot_is_fixed() {
+            return Ok(delivered);
+        }
+        let Some(waiting) = &waiting else {
+            // Register, then read once more before the first sleep: a commit between the read above
+            // and the registration would otherwise go unnoticed.
+            let queue_id = Spi::connect_mut(|client| queues::require(client, queue))?.queue_id;
+            waiting = Some((queue_id, wakeup::Waiting::register(queue_id)));
+            continue;
+        };
+        let next_ready = Spi::connect_mut(|client| -> BusResult<Option<f64>> {
+            Ok(plans::run(client, &NEXT_READY, &[waiting.0.into()])?
+                .next()
+                .and_then(|row| row.get(1).ok().flatten()))
+        })?;
+        let until_ready = next_ready.map_or(Duration::MAX, |seconds| {
+            Duration::from_secs_f64(seconds.max(0.0))
+        });
+        waiting.1.sleep((deadline - now).min(until_ready));
+    }
 }
 
 #[allow(clippy::type_complexity)]
@@ -494,10 +583,14 @@ fn read(
     let queue = validate::queue_name(queue)?;
     let max_messages = validate::max_messages(max_messages)?;
     let lock_timeout = validate::lock_timeout(lock_timeout)?;
-    if wait.is_some() {
-        return Err(BusError::NotSupported("read(wait => ...)").into());
-    }
-    let delivered = Spi::connect_mut(|client| receive(client, queue, max_messages, lock_timeout))?;
+    let wait = match wait {
+        Some(wait) => {
+            validate::not_negative(&wait, "wait")?;
+            Duration::from_micros(wait.as_micros().clamp(0, u64::MAX as i128) as u64)
+        }
+        None => Duration::ZERO,
+    };
+    let delivered = receive_waiting(queue, max_messages, lock_timeout, wait)?;
     Ok(TableIterator::new(delivered.into_iter().map(|d| {
         (
             d.message_id,

@@ -43,6 +43,7 @@ pub struct QueueSettings {
     retry_delay_max: Interval,
     retry_multiplier: f64,
     dedup_window: Interval,
+    notify: bool,
 }
 
 impl Default for QueueSettings {
@@ -56,6 +57,7 @@ impl Default for QueueSettings {
             retry_delay_max: Interval::from_minutes(15),
             retry_multiplier: 2.0,
             dedup_window: Interval::from_minutes(5),
+            notify: false,
         }
     }
 }
@@ -70,6 +72,7 @@ pub struct SettingsChange {
     pub retry_delay_max: Option<Interval>,
     pub retry_multiplier: Option<f64>,
     pub dedup_window: Option<Interval>,
+    pub notify: Option<bool>,
 }
 
 impl SettingsChange {
@@ -86,6 +89,7 @@ impl SettingsChange {
             retry_delay_max: self.retry_delay_max.unwrap_or(base.retry_delay_max),
             retry_multiplier: self.retry_multiplier.unwrap_or(base.retry_multiplier),
             dedup_window: self.dedup_window.unwrap_or(base.dedup_window),
+            notify: self.notify.unwrap_or(base.notify),
         };
         settings.check()?;
         Ok(settings)
@@ -117,7 +121,18 @@ impl QueueSettings {
         validate::not_negative(&self.dedup_window, "dedup_window")
     }
 
-    fn args(&self) -> [DatumWithOid<'static>; 7] {
+    /// NOTIFY channels are identifiers of at most 63 bytes: "bussig_" leaves 56 for the name.
+    fn check_notify(&self, queue: &str) -> BusResult<()> {
+        if self.notify && queue.len() > MAX_NOTIFY_QUEUE_NAME {
+            return Err(BusError::invalid(
+                "notify",
+                format!("the channel bussig_{queue} would be longer than 63 bytes; notify needs a queue name of at most {MAX_NOTIFY_QUEUE_NAME} characters"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn args(&self) -> [DatumWithOid<'static>; 8] {
         [
             self.max_deliveries.into(),
             self.lock_timeout.into(),
@@ -126,12 +141,15 @@ impl QueueSettings {
             self.retry_delay_max.into(),
             self.retry_multiplier.into(),
             self.dedup_window.into(),
+            self.notify.into(),
         ]
     }
 }
 
+const MAX_NOTIFY_QUEUE_NAME: usize = 56;
+
 /// Parameter types of QueueSettings::args(), which statements take first.
-const SETTINGS_OIDS: [pg_sys::Oid; 7] = [
+const SETTINGS_OIDS: [pg_sys::Oid; 8] = [
     pg_sys::INT4OID,
     pg_sys::INTERVALOID,
     pg_sys::INTERVALOID,
@@ -139,6 +157,7 @@ const SETTINGS_OIDS: [pg_sys::Oid; 7] = [
     pg_sys::INTERVALOID,
     pg_sys::FLOAT8OID,
     pg_sys::INTERVALOID,
+    pg_sys::BOOLOID,
 ];
 
 const fn settings_then<const EXTRA: usize, const ALL: usize>(
@@ -159,17 +178,17 @@ const fn settings_then<const EXTRA: usize, const ALL: usize>(
 
 static INSERT_QUEUE: Statement = Statement {
     sql: "INSERT INTO bussig.queue (max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max,
-                                    retry_multiplier, dedup_window, name, dead_letter_owner_id)
-          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                    retry_multiplier, dedup_window, notify, name, dead_letter_owner_id)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
           ON CONFLICT (name) DO NOTHING
           RETURNING queue_id",
-    args: &settings_then::<2, 9>([pg_sys::TEXTOID, pg_sys::INT4OID]),
+    args: &settings_then::<2, 10>([pg_sys::TEXTOID, pg_sys::INT4OID]),
     writes: true,
 };
 
 static LOAD_SETTINGS: Statement = Statement {
     sql: "SELECT max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max, retry_multiplier,
-                 dedup_window, queue_id
+                 dedup_window, notify, queue_id
           FROM bussig.queue WHERE name = $1 FOR UPDATE",
     args: &[pg_sys::TEXTOID],
     writes: true,
@@ -178,9 +197,9 @@ static LOAD_SETTINGS: Statement = Statement {
 static UPDATE_SETTINGS: Statement = Statement {
     sql: "UPDATE bussig.queue
           SET max_deliveries = $1, lock_timeout = $2, message_ttl = $3, retry_delay = $4,
-              retry_delay_max = $5, retry_multiplier = $6, dedup_window = $7
-          WHERE queue_id = $8",
-    args: &settings_then::<1, 8>([pg_sys::INT4OID]),
+              retry_delay_max = $5, retry_multiplier = $6, dedup_window = $7, notify = $8
+          WHERE queue_id = $9",
+    args: &settings_then::<1, 9>([pg_sys::INT4OID]),
     writes: true,
 };
 
@@ -228,7 +247,7 @@ fn insert_queue(
     settings: &QueueSettings,
     dead_letter_owner_id: Option<i32>,
 ) -> BusResult<Option<i32>> {
-    let [a1, a2, a3, a4, a5, a6, a7] = settings.args();
+    let [a1, a2, a3, a4, a5, a6, a7, a8] = settings.args();
     let args = [
         a1,
         a2,
@@ -237,6 +256,7 @@ fn insert_queue(
         a5,
         a6,
         a7,
+        a8,
         name.into(),
         dead_letter_owner_id.into(),
     ];
@@ -288,6 +308,7 @@ pub fn create(
     dead_letter_queue: Option<&str>,
 ) -> BusResult<bool> {
     let settings = change.apply(QueueSettings::default())?;
+    settings.check_notify(queue)?;
     let (dead_letter_name, owned) = match dead_letter_queue {
         Some(name) => (checked_dead_letter_queue(queue, name)?.to_string(), false),
         None => (own_dead_letter_queue_name(queue)?, true),
@@ -322,6 +343,7 @@ fn create_queue(
     retry_multiplier: default!(Option<f64>, 2.0),
     dedup_window: default!(Option<Interval>, "'5 minutes'"),
     dead_letter_queue: default!(Option<&str>, "NULL"),
+    notify: default!(Option<bool>, false),
 ) -> Result<bool, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let change = SettingsChange {
@@ -332,6 +354,7 @@ fn create_queue(
         retry_delay_max: setting(retry_delay_max, "retry_delay_max")?,
         retry_multiplier: setting(retry_multiplier, "retry_multiplier")?,
         dedup_window: setting(dedup_window, "dedup_window")?,
+        notify: setting(notify, "notify")?,
     };
     Ok(Spi::connect_mut(|client| {
         create(client, queue, change, dead_letter_queue)
@@ -350,6 +373,7 @@ fn alter_queue(
     retry_multiplier: default!(Option<f64>, "NULL"),
     dedup_window: default!(Option<Interval>, "NULL"),
     dead_letter_queue: default!(Option<&str>, "NULL"),
+    notify: default!(Option<bool>, "NULL"),
 ) -> Result<(), ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let change = SettingsChange {
@@ -360,6 +384,7 @@ fn alter_queue(
         retry_delay_max,
         retry_multiplier,
         dedup_window,
+        notify,
     };
     Ok(Spi::connect_mut(|client| -> BusResult<()> {
         let Some(row) = plans::run(client, &LOAD_SETTINGS, &[queue.into()])?.next() else {
@@ -373,14 +398,16 @@ fn alter_queue(
             retry_delay_max: row.get(5)?.expect("NOT NULL"),
             retry_multiplier: row.get(6)?.expect("NOT NULL"),
             dedup_window: row.get(7)?.expect("NOT NULL"),
+            notify: row.get(8)?.expect("NOT NULL"),
         };
-        let queue_id: i32 = row.get(8)?.expect("NOT NULL");
+        let queue_id: i32 = row.get(9)?.expect("NOT NULL");
         let settings = change.apply(current)?;
-        let [a1, a2, a3, a4, a5, a6, a7] = settings.args();
+        settings.check_notify(queue)?;
+        let [a1, a2, a3, a4, a5, a6, a7, a8] = settings.args();
         plans::run(
             client,
             &UPDATE_SETTINGS,
-            &[a1, a2, a3, a4, a5, a6, a7, queue_id.into()],
+            &[a1, a2, a3, a4, a5, a6, a7, a8, queue_id.into()],
         )?;
         if let Some(name) = dead_letter_queue {
             let name = checked_dead_letter_queue(queue, name)?;
@@ -395,6 +422,22 @@ fn alter_queue(
     })?)
 }
 
+/// The queues that send their dead letters to this one, as a list; None when there are none.
+fn dead_letter_users(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<Option<String>> {
+    let users = plans::run(client, &DEAD_LETTER_USERS, &[queue_id.into()])?.next();
+    Ok(users.map(|row| row.get::<String>(1)).transpose()?.flatten())
+}
+
+/// Drops a queue with its messages, keys, subscriptions and own dead-letter queue; false when other
+/// queues still send their dead letters to it.
+pub fn drop_queue_by_id(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<bool> {
+    if dead_letter_users(client, queue_id)?.is_some() {
+        return Ok(false);
+    }
+    plans::run(client, &DROP_QUEUE, &[queue_id.into()])?;
+    Ok(true)
+}
+
 #[pg_extern]
 fn drop_queue(queue: Option<&str>) -> Result<bool, ErrorReport> {
     let queue = validate::queue_name(queue)?;
@@ -402,15 +445,13 @@ fn drop_queue(queue: Option<&str>) -> Result<bool, ErrorReport> {
         let Some(found) = resolve(client, queue)? else {
             return Ok(false);
         };
-        let users = plans::run(client, &DEAD_LETTER_USERS, &[found.queue_id.into()])?.next();
-        if let Some(users) = users.map(|row| row.get::<String>(1)).transpose()?.flatten() {
+        if let Some(users) = dead_letter_users(client, found.queue_id)? {
             return Err(BusError::DeadLetterQueueInUse {
                 queue: queue.to_string(),
                 users,
             });
         }
-        plans::run(client, &DROP_QUEUE, &[found.queue_id.into()])?;
-        Ok(true)
+        drop_queue_by_id(client, found.queue_id)
     })?)
 }
 

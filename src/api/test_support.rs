@@ -1,0 +1,54 @@
+//! Helpers shared by the #[pg_test] modules.
+use pgrx::prelude::*;
+
+/// The SQLSTATE a statement fails with, or None when it succeeds. An exception block around it
+/// rolls back whatever the statement did, as a client's failed statement would be.
+pub fn sqlstate_of(sql: &str) -> Option<String> {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(statement text) RETURNS text
+         LANGUAGE plpgsql AS $$
+         BEGIN EXECUTE statement; RETURN NULL;
+         EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE;
+         END $$",
+    )
+    .unwrap();
+    Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap()
+}
+
+pub fn assert_fails(sql: &str, sqlstate: &str) {
+    assert_eq!(sqlstate_of(sql).as_deref(), Some(sqlstate), "{sql}");
+}
+
+pub fn one<T: IntoDatum + FromDatum>(sql: &str) -> Option<T> {
+    Spi::get_one::<T>(sql).unwrap()
+}
+
+pub fn count(sql: &str) -> i64 {
+    one::<i64>(&format!("SELECT count(*) FROM ({sql}) AS rows")).unwrap()
+}
+
+pub fn run(sql: &str) {
+    Spi::run(sql).unwrap()
+}
+
+pub fn messages_in(queue: &str) -> i64 {
+    count(&format!(
+        "SELECT FROM bussig.message m JOIN bussig.queue q USING (queue_id) WHERE q.name = '{queue}'"
+    ))
+}
+
+/// Reads one message and keeps its delivery in temp table `got` for later settle calls.
+pub fn read_into_got(queue: &str) {
+    run("DROP TABLE IF EXISTS pg_temp.got");
+    run(&format!(
+        "CREATE TEMP TABLE got AS SELECT * FROM bussig.read('{queue}')"
+    ));
+}
+
+/// Makes every lock and delay of the queue run out, as if time had passed.
+pub fn let_time_pass(queue: &str) {
+    run(&format!(
+        "UPDATE bussig.message SET visible_at = now() - interval '1 second', enqueued_at = enqueued_at - interval '1 second'
+         WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = '{queue}')"
+    ));
+}

@@ -1,0 +1,279 @@
+//! Wakes readers waiting in `read(wait => ...)`, and the database's worker, when a transaction that
+//! made messages ready commits. Waiters register their latch in shared memory; writers note the
+//! queues they touched, and a commit hook sets the matching latches. No LISTEN, no polling loop:
+//! this works through transaction-pooling proxies and reacts within milliseconds.
+//!
+//! Without `shared_preload_libraries = 'bussig'` there is no shared memory: waiting readers then
+//! poll on a short timeout instead.
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use pgrx::{pg_guard, pg_shmem_init, pg_sys, IntoDatum, PGRXSharedMemory, PgAtomic, PgLwLock};
+
+/// Readers that can wait at once in the whole cluster; more wait by polling.
+const WAITER_SLOTS: usize = 1024;
+/// Databases whose worker can be woken at once.
+const WORKER_SLOTS: usize = 64;
+/// How often a reader re-checks when it cannot be woken (no preload, or no free slot).
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+#[derive(Clone, Copy, Default)]
+struct Sleeper {
+    pid: i32,
+    database: u32,
+    queue_id: i32,
+    latch: usize,
+}
+
+#[derive(Clone, Copy)]
+pub struct Sleepers {
+    readers: [Sleeper; WAITER_SLOTS],
+    workers: [Sleeper; WORKER_SLOTS],
+}
+
+impl Default for Sleepers {
+    fn default() -> Self {
+        Sleepers {
+            readers: [Sleeper::default(); WAITER_SLOTS],
+            workers: [Sleeper::default(); WORKER_SLOTS],
+        }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Sleepers {}
+
+static SLEEPERS: PgLwLock<Sleepers> = unsafe { PgLwLock::new(c"bussig_sleepers") };
+/// Readers registered right now: lets a commit skip the lock when nobody waits.
+static READERS_WAITING: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"bussig_readers_waiting") };
+/// Set in the postmaster when preloaded; forked processes inherit it.
+static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Queues this transaction made messages ready in.
+    static READY: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    /// Whether this transaction handed a fan-out to the worker.
+    static FANOUT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from _PG_init: shared memory only exists when preloaded; the hooks are per process.
+pub fn init() {
+    unsafe {
+        if pg_sys::process_shared_preload_libraries_in_progress {
+            pg_shmem_init!(SLEEPERS);
+            pg_shmem_init!(READERS_WAITING);
+            SHARED_MEMORY.store(true, Ordering::Relaxed);
+        }
+        pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
+        pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+    }
+}
+
+pub fn shared_memory() -> bool {
+    SHARED_MEMORY.load(Ordering::Relaxed)
+}
+
+/// Messages became ready in `queue_id`; readers waiting there are woken when this transaction commits.
+fn note_ready(queue_id: i32) {
+    READY.with(|ready| ready.borrow_mut().push(queue_id));
+}
+
+/// Messages became ready in this queue: its readers are woken at commit, and it gets its NOTIFY
+/// when it asked for one.
+pub fn announce(queue_id: i32, queue_name: &str, notify: bool) {
+    note_ready(queue_id);
+    if notify {
+        send_notify(queue_name);
+    }
+}
+
+/// One NOTIFY bussig_<queue> at commit: PostgreSQL folds repeats within a transaction into one.
+fn send_notify(queue_name: &str) {
+    let channel = format!("bussig_{queue_name}");
+    unsafe {
+        pgrx::direct_function_call::<()>(
+            pg_sys::pg_notify,
+            &[channel.as_str().into_datum(), "".into_datum()],
+        );
+    }
+}
+
+/// This transaction handed a fan-out to the worker; wake it at commit.
+pub fn note_fanout() {
+    FANOUT.with(|fanout| fanout.set(true));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _argument: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            let ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
+            let fanout = FANOUT.with(|fanout| fanout.replace(false));
+            if shared_memory() {
+                if !ready.is_empty() {
+                    wake_readers(&ready);
+                }
+                if fanout {
+                    wake_worker();
+                }
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            READY.with(|ready| ready.borrow_mut().clear());
+            FANOUT.with(|fanout| fanout.set(false));
+        }
+        _ => {}
+    }
+}
+
+fn wake_readers(ready: &[i32]) {
+    if READERS_WAITING.get().load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let sleepers = SLEEPERS.share();
+    for reader in sleepers.readers.iter() {
+        if reader.pid != 0 && reader.database == database && ready.contains(&reader.queue_id) {
+            unsafe { pg_sys::SetLatch(reader.latch as *mut pg_sys::Latch) };
+        }
+    }
+}
+
+fn wake_worker() {
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let sleepers = SLEEPERS.share();
+    for worker in sleepers.workers.iter() {
+        if worker.pid != 0 && worker.database == database {
+            unsafe { pg_sys::SetLatch(worker.latch as *mut pg_sys::Latch) };
+        }
+    }
+}
+
+fn me(queue_id: i32) -> Sleeper {
+    unsafe {
+        Sleeper {
+            pid: pg_sys::MyProcPid,
+            database: pg_sys::MyDatabaseId.to_u32(),
+            queue_id,
+            latch: pg_sys::MyLatch as usize,
+        }
+    }
+}
+
+/// Frees every slot this process holds, including ones left by an error that skipped a Drop.
+fn release_all(sleepers: &mut Sleepers) -> u32 {
+    let pid = unsafe { pg_sys::MyProcPid };
+    let mut freed = 0;
+    for slot in sleepers
+        .readers
+        .iter_mut()
+        .chain(sleepers.workers.iter_mut())
+    {
+        if slot.pid == pid {
+            *slot = Sleeper::default();
+            freed += 1;
+        }
+    }
+    freed
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: i32, _argument: pg_sys::Datum) {
+    if shared_memory() {
+        let mut sleepers = SLEEPERS.exclusive();
+        let pid = unsafe { pg_sys::MyProcPid };
+        let readers = sleepers
+            .readers
+            .iter()
+            .filter(|reader| reader.pid == pid)
+            .count() as u32;
+        release_all(&mut sleepers);
+        READERS_WAITING.get().fetch_sub(readers, Ordering::AcqRel);
+    }
+}
+
+/// A reader's place in the waiter table for as long as it waits; freed on drop, also when an error
+/// or a cancel unwinds the wait.
+pub struct Waiting {
+    registered: bool,
+}
+
+impl Waiting {
+    pub fn register(queue_id: i32) -> Waiting {
+        if !shared_memory() {
+            return Waiting { registered: false };
+        }
+        let mut sleepers = SLEEPERS.exclusive();
+        let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == 0) else {
+            return Waiting { registered: false };
+        };
+        *slot = me(queue_id);
+        READERS_WAITING.get().fetch_add(1, Ordering::AcqRel);
+        Waiting { registered: true }
+    }
+
+    /// Sleeps until woken, `timeout` passes, or an interrupt (cancel, statement_timeout, shutdown)
+    /// arrives; interrupts raise their error here.
+    pub fn sleep(&self, timeout: Duration) {
+        let timeout = if self.registered {
+            timeout
+        } else {
+            timeout.min(POLL_INTERVAL)
+        };
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                timeout.as_millis().clamp(1, i64::MAX as u128) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.registered {
+            let mut sleepers = SLEEPERS.exclusive();
+            let pid = unsafe { pg_sys::MyProcPid };
+            if let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
+                *slot = Sleeper::default();
+                READERS_WAITING.get().fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// Asks the launcher (registered with no database) to look for databases to serve now.
+pub fn wake_launcher() {
+    let sleepers = SLEEPERS.share();
+    for worker in sleepers.workers.iter() {
+        if worker.pid != 0 && worker.database == 0 {
+            unsafe { pg_sys::SetLatch(worker.latch as *mut pg_sys::Latch) };
+        }
+    }
+}
+
+/// The launcher and each database worker announce themselves so that they can be woken: the
+/// launcher by CREATE EXTENSION, a database worker by commits that hand it a fan-out.
+pub fn register_worker() {
+    if !shared_memory() {
+        return;
+    }
+    let mut sleepers = SLEEPERS.exclusive();
+    release_all(&mut sleepers);
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let free = sleepers
+        .workers
+        .iter()
+        .position(|slot| slot.pid == 0 || slot.database == database);
+    if let Some(index) = free {
+        sleepers.workers[index] = me(0);
+    }
+}

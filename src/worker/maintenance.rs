@@ -1,0 +1,238 @@
+//! The worker's steps. Each runs in the caller's transaction and is also reachable from SQL through
+//! `bussig.run_maintenance()`, so it can be tested, and scheduled where the worker is not loaded.
+use std::time::Instant;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use crate::api::{bury, drop_queue_by_id, Dead};
+use crate::error::BusResult;
+use crate::plans::{self, Statement};
+use crate::wakeup;
+
+/// Rows one step handles per transaction, so that no step holds locks for long.
+pub const BATCH: i32 = 1000;
+
+static EXPIRED_FINAL_LOCKS: Statement = Statement {
+    sql: "SELECT message_id FROM bussig.message
+          WHERE final_delivery AND lock_token IS NOT NULL AND visible_at <= clock_timestamp()
+          ORDER BY visible_at LIMIT $1
+          FOR UPDATE SKIP LOCKED",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+// Only ready messages can be expired by a reader too; locked and delayed ones wait until they are.
+static EXPIRED_BY_TTL: Statement = Statement {
+    sql: "SELECT m.message_id, q.dead_letter_queue_id IS NOT NULL
+          FROM bussig.queue q
+          CROSS JOIN LATERAL (
+              SELECT message_id FROM bussig.message m
+              WHERE m.queue_id = q.queue_id AND m.visible_at <= clock_timestamp()
+                AND m.enqueued_at <= clock_timestamp() - q.message_ttl
+              LIMIT $1
+              FOR UPDATE SKIP LOCKED
+          ) m
+          WHERE q.message_ttl IS NOT NULL",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+static PRUNE_DEDUP_KEYS: Statement = Statement {
+    sql: "DELETE FROM bussig.dedup WHERE ctid = ANY (ARRAY(
+              SELECT ctid FROM bussig.dedup WHERE expires_at <= now() LIMIT $1))",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+static EXPIRED_EPHEMERAL_QUEUES: Statement = Statement {
+    sql: "SELECT queue_id FROM bussig.queue
+          WHERE ephemeral_ttl IS NOT NULL AND heartbeat_at + ephemeral_ttl < clock_timestamp()
+          FOR UPDATE SKIP LOCKED",
+    args: &[],
+    writes: true,
+};
+
+static NEXT_FANOUT: Statement = Statement {
+    sql: "SELECT fanout_id, next_index, cardinality(queue_ids), visible_at <= clock_timestamp()
+          FROM bussig.fanout ORDER BY fanout_id LIMIT 1
+          FOR UPDATE SKIP LOCKED",
+    args: &[],
+    writes: true,
+};
+
+// Queues dropped since the publish are skipped.
+static FANOUT_CHUNK: Statement = Statement {
+    sql:
+        "INSERT INTO bussig.message (queue_id, body_id, headers, visible_at, enqueued_at, priority,
+                                      correlation_id, reply_to, subject)
+          SELECT q.queue_id, f.body_id, f.headers, f.visible_at, f.enqueued_at, f.priority,
+                 f.correlation_id, f.reply_to, f.subject
+          FROM bussig.fanout f
+          CROSS JOIN LATERAL unnest(f.queue_ids[$2:$3]) AS target(queue_id)
+          JOIN bussig.queue q ON q.queue_id = target.queue_id
+          WHERE f.fanout_id = $1
+          RETURNING queue_id",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INT4OID],
+    writes: true,
+};
+
+static ANNOUNCED_QUEUES: Statement = Statement {
+    sql: "SELECT queue_id, name, notify FROM bussig.queue WHERE queue_id = ANY ($1)",
+    args: &[pg_sys::INT4ARRAYOID],
+    writes: false,
+};
+
+static FANOUT_ADVANCE: Statement = Statement {
+    sql: "UPDATE bussig.fanout SET next_index = $2 WHERE fanout_id = $1",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID],
+    writes: true,
+};
+
+static FANOUT_DONE: Statement = Statement {
+    sql: "DELETE FROM bussig.fanout WHERE fanout_id = $1",
+    args: &[pg_sys::INT8OID],
+    writes: true,
+};
+
+static COLLECT_BODIES: Statement = Statement {
+    sql: "DELETE FROM bussig.body WHERE body_id = ANY (ARRAY(
+              SELECT b.body_id FROM bussig.body b
+              WHERE NOT EXISTS (SELECT FROM bussig.message m WHERE m.body_id = b.body_id)
+                AND NOT EXISTS (SELECT FROM bussig.fanout f WHERE f.body_id = b.body_id)
+              ORDER BY b.body_id LIMIT $1))",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+// A send racing drop_queue can leave a message whose queue is gone; nobody could ever read it.
+static ORPHANED_MESSAGES: Statement = Statement {
+    sql: "DELETE FROM bussig.message WHERE message_id = ANY (ARRAY(
+              SELECT m.message_id FROM bussig.message m
+              WHERE NOT EXISTS (SELECT FROM bussig.queue q WHERE q.queue_id = m.queue_id)
+              LIMIT $1))",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+fn ids(
+    client: &mut SpiClient<'_>,
+    statement: &'static Statement,
+    limit: i32,
+) -> BusResult<Vec<i64>> {
+    plans::run(client, statement, &[limit.into()])?
+        .map(|row| Ok(row.get::<i64>(1)?.expect("NOT NULL")))
+        .collect()
+}
+
+/// Dead-letters messages whose lock ran out on their last allowed delivery.
+pub fn dead_letter_expired_locks(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    let dead: Vec<Dead> = ids(client, &EXPIRED_FINAL_LOCKS, BATCH)?
+        .into_iter()
+        .map(|id| (id, "max_deliveries".to_string(), true))
+        .collect();
+    let count = dead.len() as i64;
+    bury(client, None, dead)?;
+    Ok(count)
+}
+
+/// Dead-letters messages older than their queue's message_ttl (deletes them in a dead-letter queue).
+pub fn expire_messages(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    let mut dead: Vec<Dead> = Vec::new();
+    for row in plans::run(client, &EXPIRED_BY_TTL, &[BATCH.into()])? {
+        dead.push((
+            row.get(1)?.expect("NOT NULL"),
+            "expired".to_string(),
+            row.get(2)?.expect("NOT NULL"),
+        ));
+    }
+    let count = dead.len() as i64;
+    bury(client, None, dead)?;
+    Ok(count)
+}
+
+pub fn prune_dedup_keys(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    Ok(plans::run(client, &PRUNE_DEDUP_KEYS, &[BATCH.into()])?.len() as i64)
+}
+
+/// Drops ephemeral queues whose heartbeat stopped, with their messages and subscriptions.
+pub fn drop_expired_queues(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    let expired: Vec<i32> = plans::run(client, &EXPIRED_EPHEMERAL_QUEUES, &[])?
+        .map(|row| Ok(row.get::<i32>(1)?.expect("NOT NULL")))
+        .collect::<BusResult<_>>()?;
+    let mut dropped = 0;
+    for queue_id in expired {
+        if drop_queue_by_id(client, queue_id)? {
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
+/// Delivers up to `chunk` queues of the oldest pending fan-out; None when there is none.
+pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option<i64>> {
+    let Some(job) = plans::run(client, &NEXT_FANOUT, &[])?.next() else {
+        return Ok(None);
+    };
+    let fanout_id: i64 = job.get(1)?.expect("NOT NULL");
+    let from: i32 = job.get(2)?.expect("NOT NULL");
+    let total: i32 = job.get(3)?.expect("NOT NULL");
+    let ready_now: bool = job.get(4)?.expect("NOT NULL");
+    let to = from.saturating_add(chunk - 1).min(total);
+    let delivered: Vec<i32> = plans::run(
+        client,
+        &FANOUT_CHUNK,
+        &[fanout_id.into(), from.into(), to.into()],
+    )?
+    .map(|row| Ok(row.get::<i32>(1)?.expect("NOT NULL")))
+    .collect::<BusResult<_>>()?;
+    if to >= total {
+        plans::run(client, &FANOUT_DONE, &[fanout_id.into()])?;
+    } else {
+        plans::run(
+            client,
+            &FANOUT_ADVANCE,
+            &[fanout_id.into(), (to + 1).into()],
+        )?;
+    }
+    if ready_now && !delivered.is_empty() {
+        for row in plans::run(client, &ANNOUNCED_QUEUES, &[delivered.clone().into()])? {
+            let queue_id: i32 = row.get(1)?.expect("NOT NULL");
+            let name: String = row.get(2)?.expect("NOT NULL");
+            wakeup::announce(queue_id, &name, row.get(3)?.expect("NOT NULL"));
+        }
+    }
+    Ok(Some(delivered.len() as i64))
+}
+
+pub fn collect_bodies(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    Ok(plans::run(client, &COLLECT_BODIES, &[BATCH.into()])?.len() as i64)
+}
+
+pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    Ok(plans::run(client, &ORPHANED_MESSAGES, &[BATCH.into()])?.len() as i64)
+}
+
+/// Every step once, in the caller's transaction; pending fan-outs are delivered completely.
+#[pg_extern]
+fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
+    Ok(Spi::connect_mut(|client| -> BusResult<pgrx::JsonB> {
+        let started = Instant::now();
+        let mut fanned_out = 0;
+        while let Some(delivered) = fan_out_chunk(client, BATCH)? {
+            fanned_out += delivered;
+        }
+        let counts = serde_json::json!({
+            "dead_lettered_locks": dead_letter_expired_locks(client)?,
+            "expired_messages": expire_messages(client)?,
+            "pruned_dedup_keys": prune_dedup_keys(client)?,
+            "dropped_queues": drop_expired_queues(client)?,
+            "fanned_out": fanned_out,
+            "collected_bodies": collect_bodies(client)?,
+            "removed_orphans": remove_orphans(client)?,
+            "milliseconds": started.elapsed().as_millis() as u64,
+        });
+        Ok(pgrx::JsonB(counts))
+    })?)
+}

@@ -1,0 +1,280 @@
+//! The background worker. With `shared_preload_libraries = 'bussig'` a launcher starts with the
+//! server, lists the databases and starts one worker in each (that has the extension, and that
+//! `bussig.worker_databases` allows). Each worker runs the maintenance steps every
+//! `bussig.maintenance_interval`, and at once when a commit hands it a fan-out. A step that fails is
+//! logged and rolled back; the loop goes on.
+pub mod maintenance;
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, IntoDatum, PgTryBuilder};
+
+use crate::error::BusResult;
+use crate::{gucs, wakeup};
+
+const LAUNCHER_TYPE: &str = "bussig launcher";
+const WORKER_TYPE: &str = "bussig worker";
+/// How often the launcher looks for new databases, and retries one whose worker stopped.
+const LAUNCHER_INTERVAL: Duration = Duration::from_secs(10);
+/// A database whose worker exited (no extension there) is tried again after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Slow steps (a scan of all messages) run once per this many rounds.
+const ROUNDS_PER_ORPHAN_SCAN: u64 = 300;
+/// Session advisory lock key that keeps one worker per database.
+const WORKER_LOCK_KEY: i64 = 0x6275_7373_6967; // "bussig"
+
+/// Registers the launcher; only possible while the server preloads the library.
+pub fn register() {
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    BackgroundWorkerBuilder::new(LAUNCHER_TYPE)
+        .set_type(LAUNCHER_TYPE)
+        .set_library("bussig")
+        .set_function("bussig_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Whether a worker runs in this database to take fan-outs off publishers.
+pub fn serves_this_database() -> bool {
+    wakeup::shared_memory() && database_allowed(&current_database())
+}
+
+fn current_database() -> String {
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// `bussig.worker_databases`: a comma-separated list, empty for all.
+fn database_allowed(name: &str) -> bool {
+    match gucs::WORKER_DATABASES.get() {
+        Some(list) => {
+            let list = list.to_string_lossy();
+            list.trim().is_empty() || list.split(',').any(|allowed| allowed.trim() == name)
+        }
+        None => true,
+    }
+}
+
+/// Called at CREATE EXTENSION: says once when no worker will run, and otherwise asks the launcher
+/// to start this database's worker now rather than at its next round.
+#[pg_extern]
+fn ensure_worker() -> &'static str {
+    if !wakeup::shared_memory() {
+        pgrx::notice!(
+            "bussig: the background worker is not running: add bussig to shared_preload_libraries and \
+             restart the server, or schedule SELECT bussig.run_maintenance() (every second, e.g. with pg_cron)"
+        );
+        return "not loaded";
+    }
+    if !database_allowed(&current_database()) {
+        return "not in bussig.worker_databases";
+    }
+    wakeup::wake_launcher();
+    "starting"
+}
+
+/// Runs one step in its own transaction; an error is logged and rolled back, never fatal.
+fn run_step<T>(
+    name: &str,
+    step: impl FnOnce() -> BusResult<T> + std::panic::UnwindSafe,
+) -> Option<T> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let outcome = PgTryBuilder::new(|| step().map_err(|error| error.to_string()))
+        .catch_others(|caught| {
+            Err(match caught {
+                pg_sys::panic::CaughtError::PostgresError(report)
+                | pg_sys::panic::CaughtError::ErrorReport(report) => report.message().to_string(),
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                    ereport.message().to_string()
+                }
+            })
+        })
+        .execute();
+    match outcome {
+        Ok(value) => {
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Some(value)
+        }
+        Err(message) => {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            pgrx::warning!("bussig worker: {name} failed and was rolled back: {message}");
+            None
+        }
+    }
+}
+
+fn reload_settings_if_asked() {
+    if BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bussig_launcher_main(_argument: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    wakeup::register_worker();
+    let mut workers: HashMap<pg_sys::Oid, (DynamicBackgroundWorker, Instant)> = HashMap::new();
+    // A wake-up (CREATE EXTENSION somewhere) retries every database at once.
+    let mut woken = true;
+    loop {
+        reload_settings_if_asked();
+        for (database, name) in databases() {
+            if !database_allowed(&name) {
+                continue;
+            }
+            let running = workers.get(&database).is_some_and(|(worker, started)| {
+                worker.pid().is_ok() || (!woken && started.elapsed() < RETRY_AFTER)
+            });
+            if running {
+                continue;
+            }
+            match start_database_worker(database, &name) {
+                Some(worker) => {
+                    workers.insert(database, (worker, Instant::now()));
+                }
+                None => {
+                    pgrx::warning!("bussig launcher: could not start a worker for database {name}")
+                }
+            }
+        }
+        let slept = Instant::now();
+        if !BackgroundWorker::wait_latch(Some(LAUNCHER_INTERVAL)) {
+            break;
+        }
+        woken = slept.elapsed() < LAUNCHER_INTERVAL;
+    }
+}
+
+fn start_database_worker(database: pg_sys::Oid, name: &str) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(&format!("{WORKER_TYPE} for {name}"))
+        .set_type(WORKER_TYPE)
+        .set_library("bussig")
+        .set_function("bussig_worker_main")
+        .set_argument(database.into_datum())
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .ok()
+}
+
+/// Databases that accept connections, read from the shared catalog (the launcher has no database).
+fn databases() -> Vec<(pg_sys::Oid, String)> {
+    let mut found = Vec::new();
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        let relation =
+            pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let database = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            if database.datallowconn && !database.datistemplate {
+                let name = CStr::from_ptr(database.datname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                found.push((database.oid, name));
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(relation, pg_sys::AccessShareLock as i32);
+        pg_sys::CommitTransactionCommand();
+    }
+    found
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
+    let database = pg_sys::Oid::from(argument.value() as u32);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    // Exit quietly where there is nothing to serve, or another worker already serves.
+    if run_step("start", claim_database) != Some(true) {
+        return;
+    }
+    wakeup::register_worker();
+    let mut round: u64 = 0;
+    loop {
+        reload_settings_if_asked();
+        if run_step("check", extension_present) != Some(true) {
+            return;
+        }
+        run_round(round);
+        round += 1;
+        let interval = Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
+        if !BackgroundWorker::wait_latch(Some(interval)) {
+            return;
+        }
+    }
+}
+
+fn claim_database() -> BusResult<bool> {
+    let present = extension_present()?;
+    let claimed = Spi::get_one_with_args::<bool>(
+        "SELECT pg_try_advisory_lock($1)",
+        &[WORKER_LOCK_KEY.into()],
+    )?;
+    Ok(present && claimed == Some(true))
+}
+
+fn extension_present() -> BusResult<bool> {
+    Ok(
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'bussig')")?
+            == Some(true),
+    )
+}
+
+/// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction until
+/// none is left, so that a worker killed in the middle redoes at most one uncommitted chunk.
+fn run_round(round: u64) {
+    while let Some(Some(_)) = run_step("fan-out", || {
+        Spi::connect_mut(|client| maintenance::fan_out_chunk(client, maintenance::BATCH))
+    }) {}
+    run_step("dead-lettering expired locks", || {
+        Spi::connect_mut(maintenance::dead_letter_expired_locks)
+    });
+    run_step("message expiry", || {
+        Spi::connect_mut(maintenance::expire_messages)
+    });
+    run_step("de-duplication key pruning", || {
+        Spi::connect_mut(maintenance::prune_dedup_keys)
+    });
+    run_step("ephemeral queue expiry", || {
+        Spi::connect_mut(maintenance::drop_expired_queues)
+    });
+    run_step("body collection", || {
+        Spi::connect_mut(maintenance::collect_bodies)
+    });
+    if round.is_multiple_of(ROUNDS_PER_ORPHAN_SCAN) {
+        run_step("orphan removal", || {
+            Spi::connect_mut(maintenance::remove_orphans)
+        });
+    }
+}
