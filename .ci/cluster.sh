@@ -2,6 +2,7 @@
 # Starts or stops a throw-away PostgreSQL cluster owned by `postgres` (initdb refuses root).
 #   cluster.sh start DATADIR PORT   initdb if needed, preload bussig, start, wait until ready
 #   cluster.sh stop DATADIR         fast shutdown, if running
+#   cluster.sh running DATADIR      exit status 0 when it runs
 set -euo pipefail
 
 PG_BIN=/usr/lib/postgresql/15/bin
@@ -35,8 +36,11 @@ stop)
         as_postgres "$PG_BIN/pg_ctl" -D "$datadir" -m fast -w stop >/dev/null
     fi
     ;;
+running)
+    [[ -d "$datadir" ]] && as_postgres "$PG_BIN/pg_ctl" -D "$datadir" status >/dev/null 2>&1
+    ;;
 *)
-    echo "usage: $0 start DATADIR PORT | stop DATADIR" >&2
+    echo "usage: $0 start DATADIR PORT | stop DATADIR | running DATADIR" >&2
     exit 2
     ;;
 esac

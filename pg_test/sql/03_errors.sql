@@ -22,7 +22,7 @@ SELECT statement, pg_temp.try(statement) AS outcome FROM (VALUES
     ($$SELECT bussig.send_batch('q', ARRAY['{}', NULL]::jsonb[])$$),
     ($$SELECT * FROM bussig.read('q', 0)$$),
     ($$SELECT * FROM bussig.read('q', 1001)$$),
-    ($$SELECT * FROM bussig.read('q', wait => '1 second')$$),
+    ($$SELECT * FROM bussig.read('q', wait => '-1 second')$$),
     ($$SELECT bussig.ack('q', NULL, gen_random_uuid())$$),
     ($$SELECT bussig.ack_batch('q', ARRAY[1, 2], ARRAY[gen_random_uuid()])$$),
     ($$SELECT bussig.redrive('q_dlq')$$),

@@ -1,0 +1,339 @@
+//! `read(wait => ...)`: a reader with nothing to read waits, is woken by the
+//! committing writer within milliseconds or when a delay runs out, returns
+//! empty when the wait ends, and can be interrupted by statement_timeout or
+//! pg_cancel_backend. Queues with `notify => true` get one NOTIFY per
+//! committed transaction that made messages ready there.
+
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Notification};
+use serde_json::Value;
+
+use bussig_tests::*;
+
+/// `read(queue, 10, wait => wait)`: the payloads it returned.
+fn read_waiting(c: &mut Client, queue: &str, wait: &str) -> Result<Vec<Value>, postgres::Error> {
+    let rows = c.query(
+        "SELECT payload FROM bussig.read($1::text, 10, wait => $2::text::interval)",
+        &[&queue, &wait],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What a reader thread saw: the read's result and when it returned.
+type Outcome = (Result<Vec<Value>, postgres::Error>, Instant, Client);
+
+/// Starts `read(queue, wait => wait)` on `reader` in its own thread; returns
+/// the reader's backend pid and the thread.
+fn spawn_reader(mut reader: Client, queue: &str, wait: &str) -> (i32, JoinHandle<Outcome>) {
+    let pid: i32 = reader
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let (queue, wait) = (queue.to_string(), wait.to_string());
+    let handle = thread::spawn(move || {
+        let result = read_waiting(&mut reader, &queue, &wait);
+        (result, Instant::now(), reader)
+    });
+    (pid, handle)
+}
+
+/// Polls pg_stat_activity until backend `pid` sleeps in bussig's wait.
+fn wait_until_waiting(observer: &mut Client, pid: i32) {
+    eventually(
+        Duration::from_secs(5),
+        "the reader to wait (wait_event_type 'Extension')",
+        || {
+            let row = observer
+                .query_opt(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .unwrap();
+            let event: Option<String> = row.and_then(|r| r.get(0));
+            (event.as_deref() == Some("Extension")).then_some(())
+        },
+    );
+}
+
+#[test]
+fn commit_wakes_a_waiting_reader() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_wake", "");
+    let q = queue.name.as_str();
+
+    let (pid, reader) = spawn_reader(connect(), q, "5 seconds");
+    wait_until_waiting(&mut client, pid);
+
+    send(&mut client, q, &json!({ "wake": "up" }));
+    let committed = Instant::now();
+    let (result, returned, _) = reader.join().expect("reader thread");
+    let latency = returned.saturating_duration_since(committed);
+    assert_eq!(result.expect("read"), vec![json!({ "wake": "up" })]);
+    assert!(
+        latency < Duration::from_millis(100),
+        "the reader returned {latency:?} after the commit (expected < 100 ms)"
+    );
+
+    // A rolled-back send must not end the wait with a message; a committed
+    // publish routed to the queue wakes the reader just like a send.
+    let subject = format!("{}.wake", unique_name("long_poll"));
+    client
+        .execute("SELECT bussig.subscribe($1::text, $2::text)", &[&q, &subject])
+        .unwrap();
+    let (pid, reader) = spawn_reader(connect(), q, "5 seconds");
+    wait_until_waiting(&mut client, pid);
+    let mut tx = client.transaction().unwrap();
+    send(&mut tx, q, &json!({ "rolled": "back" }));
+    tx.rollback().unwrap();
+    let published: i32 = client
+        .query_one(
+            "SELECT bussig.publish($1::text, '{\"published\": true}')",
+            &[&subject],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1);
+    let committed = Instant::now();
+    let (result, returned, _) = reader.join().expect("reader thread");
+    let latency = returned.saturating_duration_since(committed);
+    assert_eq!(result.expect("read"), vec![json!({ "published": true })]);
+    assert!(
+        latency < Duration::from_millis(100),
+        "the reader returned {latency:?} after the publish committed (expected < 100 ms)"
+    );
+}
+
+#[test]
+fn delayed_message_ends_the_wait_when_it_becomes_ready() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_delay", "");
+    let q = queue.name.as_str();
+    let send_delayed = |c: &mut Client, payload: Value| {
+        c.execute(
+            "SELECT bussig.send($1::text, $2::jsonb, delay => '1 second')",
+            &[&q, &payload],
+        )
+        .unwrap();
+        Instant::now()
+    };
+
+    // The delayed message exists before the reader starts waiting.
+    let sent = send_delayed(&mut client, json!({ "delayed": "before" }));
+    let (_, reader) = spawn_reader(connect(), q, "5 seconds");
+    let (result, returned, _) = reader.join().expect("reader thread");
+    let elapsed = returned.duration_since(sent);
+    assert_eq!(result.expect("read"), vec![json!({ "delayed": "before" })]);
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed <= Duration::from_secs(3),
+        "read returned {elapsed:?} after a 1 s delayed send (expected 0.9–3 s)"
+    );
+
+    // The delayed message is sent while the reader already waits.
+    let (pid, reader) = spawn_reader(connect(), q, "5 seconds");
+    wait_until_waiting(&mut client, pid);
+    let sent = send_delayed(&mut client, json!({ "delayed": "during" }));
+    let (result, returned, _) = reader.join().expect("reader thread");
+    let elapsed = returned.saturating_duration_since(sent);
+    assert_eq!(result.expect("read"), vec![json!({ "delayed": "during" })]);
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed <= Duration::from_secs(3),
+        "read returned {elapsed:?} after a 1 s delayed send made during the wait \
+         (expected 0.9–3 s)"
+    );
+}
+
+#[test]
+fn wait_without_messages_returns_empty() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_empty", "");
+    let q = queue.name.as_str();
+
+    let started = Instant::now();
+    let got = read_waiting(&mut client, q, "0.5 seconds").expect("read");
+    let elapsed = started.elapsed();
+    assert!(got.is_empty(), "nothing was sent, got {got:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed <= Duration::from_secs(2),
+        "a 0.5 s wait took {elapsed:?} (expected 0.4–2 s)"
+    );
+
+    // A message that is locked by someone else does not end the wait either.
+    send(&mut client, q, &json!({ "locked": true }));
+    let mut other = connect();
+    assert_eq!(read(&mut other, q, 1, Some("1 minute")).len(), 1);
+    let started = Instant::now();
+    let got = read_waiting(&mut client, q, "0.5 seconds").expect("read");
+    let elapsed = started.elapsed();
+    assert!(got.is_empty(), "a locked message was delivered: {got:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed <= Duration::from_secs(2),
+        "a 0.5 s wait took {elapsed:?} (expected 0.4–2 s)"
+    );
+}
+
+#[test]
+fn statement_timeout_ends_a_wait() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_timeout", "");
+    let q = queue.name.as_str();
+
+    client
+        .batch_execute("SET statement_timeout = '300ms'")
+        .unwrap();
+    let started = Instant::now();
+    let err = read_waiting(&mut client, q, "5 seconds").expect_err("statement_timeout");
+    let elapsed = started.elapsed();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(3),
+        "a 300 ms statement_timeout ended the wait after {elapsed:?}"
+    );
+
+    // The same connection reads normally right after.
+    send(&mut client, q, &json!({ "after": "timeout" }));
+    let got = read_waiting(&mut client, q, "0 seconds").expect("read after timeout");
+    assert_eq!(got, vec![json!({ "after": "timeout" })]);
+    let got = read_waiting(&mut client, q, "0.1 seconds").expect("a short wait after timeout");
+    assert!(got.is_empty(), "{got:?}");
+
+    // ... and can still be woken by a commit.
+    client.batch_execute("SET statement_timeout = '30s'").unwrap();
+    let (pid, reader) = spawn_reader(client, q, "5 seconds");
+    let mut writer = connect();
+    wait_until_waiting(&mut writer, pid);
+    send(&mut writer, q, &json!({ "woken": "after timeout" }));
+    let committed = Instant::now();
+    let (result, returned, _) = reader.join().expect("reader thread");
+    assert_eq!(result.expect("read"), vec![json!({ "woken": "after timeout" })]);
+    let latency = returned.saturating_duration_since(committed);
+    assert!(
+        latency < Duration::from_millis(100),
+        "woken {latency:?} after the commit (expected < 100 ms)"
+    );
+}
+
+#[test]
+fn cancel_ends_a_wait() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_cancel", "");
+    let q = queue.name.as_str();
+
+    let (pid, reader) = spawn_reader(connect(), q, "5 seconds");
+    wait_until_waiting(&mut client, pid);
+    let canceled: bool = client
+        .query_one("SELECT pg_cancel_backend($1)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(canceled, "pg_cancel_backend({pid})");
+    let asked = Instant::now();
+    let (result, returned, mut reader) = reader.join().expect("reader thread");
+    let err = result.expect_err("a canceled wait must fail");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    let latency = returned.saturating_duration_since(asked);
+    assert!(
+        latency < Duration::from_secs(1),
+        "the wait ended {latency:?} after pg_cancel_backend"
+    );
+
+    // The canceled connection is usable: it reads what is there.
+    send(&mut client, q, &json!({ "after": "cancel" }));
+    let got = read_waiting(&mut reader, q, "1 second").expect("read after cancel");
+    assert_eq!(got, vec![json!({ "after": "cancel" })]);
+}
+
+/// Collects notifications on `channel` until `count` arrived (deadline 10 s),
+/// then for another `quiet` to catch any extra one.
+fn collect_notifications(
+    listener: &mut Client,
+    channel: &str,
+    count: usize,
+    quiet: Duration,
+) -> Vec<Notification> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "timed out waiting for {count} notifications on {channel}, got {}",
+            got.len()
+        );
+        let mut notes = listener.notifications();
+        let mut iter = notes.timeout_iter(left);
+        match iter.next().expect("notification stream") {
+            Some(n) => got.push(n),
+            None => continue,
+        }
+    }
+    let mut notes = listener.notifications();
+    let mut iter = notes.timeout_iter(quiet);
+    while let Some(n) = iter.next().expect("notification stream") {
+        got.push(n);
+    }
+    got.retain(|n| n.channel() == channel);
+    got
+}
+
+#[test]
+fn notify_queue_gets_one_notification_per_commit() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_notify", "notify => true");
+    let q = queue.name.as_str();
+    let channel = format!("bussig_{q}");
+    let subject = format!("{}.note", unique_name("long_poll_notify"));
+    client
+        .execute("SELECT bussig.subscribe($1::text, $2::text)", &[&q, &subject])
+        .unwrap();
+
+    let mut listener = connect();
+    listener
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .unwrap();
+    let sender_pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+
+    // Rolled back: no notification.
+    let mut tx = client.transaction().unwrap();
+    send(&mut tx, q, &json!({ "rolled": "back" }));
+    tx.rollback().unwrap();
+    // Three sends and a publish in one transaction: one notification.
+    let mut tx = client.transaction().unwrap();
+    for n in 0..3 {
+        send(&mut tx, q, &json!({ "n": n }));
+    }
+    tx.execute("SELECT bussig.publish($1::text, '{\"n\": 3}')", &[&subject])
+        .unwrap();
+    tx.commit().unwrap();
+    // A send_batch on its own: one more.
+    send_batch(&mut client, q, &[json!({ "n": 4 }), json!({ "n": 5 })]);
+    // A publish on its own: one more.
+    client
+        .execute("SELECT bussig.publish($1::text, '{\"n\": 6}')", &[&subject])
+        .unwrap();
+
+    let got = collect_notifications(&mut listener, &channel, 3, Duration::from_millis(500));
+    assert_eq!(
+        got.len(),
+        3,
+        "expected one notification per committed transaction, got {got:?}"
+    );
+    for n in &got {
+        assert_eq!(n.channel(), channel);
+        assert_eq!(n.process_id(), sender_pid, "{n:?}");
+    }
+
+    // Reading and acking make nothing ready: no notification.
+    let mut reader = connect();
+    let delivered = read(&mut reader, q, 10, None);
+    assert_eq!(delivered.len(), 7, "{delivered:?}");
+    for d in &delivered {
+        assert!(ack(&mut reader, q, d.id, d.token));
+    }
+    let got = collect_notifications(&mut listener, &channel, 0, Duration::from_millis(500));
+    assert!(got.is_empty(), "read/ack notified: {got:?}");
+}
