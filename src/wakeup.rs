@@ -54,6 +54,7 @@ thread_local! {
     static READY: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
     /// Whether this transaction handed a fan-out to the worker.
     static FANOUT: Cell<bool> = const { Cell::new(false) };
+    static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Called from _PG_init: shared memory only exists when preloaded; the hooks are per process.
@@ -65,7 +66,14 @@ pub fn init() {
             SHARED_MEMORY.store(true, Ordering::Relaxed);
         }
         pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
-        pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+    }
+}
+
+/// Frees this process's slots when it exits without unwinding (FATAL, e.g. pg_terminate_backend).
+/// Registered in the process itself: forked children drop the exit callbacks of the postmaster.
+fn ensure_exit_hook() {
+    if !EXIT_HOOK.with(|registered| registered.replace(true)) {
+        unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     }
 }
 
@@ -207,6 +215,7 @@ impl Waiting {
         if !shared_memory() {
             return Waiting { registered: false };
         }
+        ensure_exit_hook();
         let mut sleepers = SLEEPERS.exclusive();
         let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == 0) else {
             return Waiting { registered: false };
@@ -266,6 +275,7 @@ pub fn register_worker() {
     if !shared_memory() {
         return;
     }
+    ensure_exit_hook();
     let mut sleepers = SLEEPERS.exclusive();
     release_all(&mut sleepers);
     let database = unsafe { pg_sys::MyDatabaseId }.to_u32();

@@ -1,14 +1,7 @@
 -- Wrong input gets a clear error with the right SQLSTATE, and changes nothing.
-CREATE FUNCTION pg_temp.try(statement text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE statement;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || SQLERRM;
-END $$;
 
 SELECT bussig.create_queue('q');
-SELECT statement, pg_temp.try(statement) AS outcome FROM (VALUES
+SELECT statement, outcome_of(statement) AS outcome FROM (VALUES
     ($$SELECT bussig.create_queue('bad name')$$),
     ($$SELECT bussig.create_queue('x"; DROP TABLE bussig.message; --')$$),
     ($$SELECT bussig.create_queue(repeat('x', 61))$$),

@@ -25,14 +25,7 @@ SELECT bussig.heartbeat('node-1'), bussig.heartbeat('billing');
 SELECT queue, expires_at > now() AS alive FROM bussig.subscriptions WHERE queue = 'node-1';
 
 -- Invalid subjects and patterns are refused with 22023.
-CREATE FUNCTION pg_temp.try(statement text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE statement;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || SQLERRM;
-END $$;
-SELECT statement, pg_temp.try(statement) AS outcome FROM (VALUES
+SELECT statement, outcome_of(statement) AS outcome FROM (VALUES
     ($$SELECT bussig.subscribe('q', 'a*')$$),
     ($$SELECT bussig.subscribe('q', 'a.>.b')$$),
     ($$SELECT bussig.subscribe('q', 'a..b')$$),

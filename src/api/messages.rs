@@ -274,6 +274,28 @@ fn nothing_done<T>(client: &mut SpiClient<'_>, queue: &str, answer: T) -> BusRes
     Ok(answer)
 }
 
+/// What send and publish both take, checked.
+pub struct Outgoing {
+    pub payload: Jsonb,
+    pub headers: Option<Jsonb>,
+    pub delay: Option<Interval>,
+    pub priority: i32,
+}
+
+impl Outgoing {
+    pub fn check(
+        payload: Option<Jsonb>,
+        headers: Option<Jsonb>,
+        delay: Option<Interval>,
+        priority: Option<i32>,
+    ) -> BusResult<Outgoing> {
+        let payload = required(payload, "payload")?;
+        let headers = check_headers(headers)?;
+        check_size(payload.size(), headers)?;
+        Ok(Outgoing { payload, headers, delay: validate::delay(delay)?, priority: required(priority, "priority")? })
+    }
+}
+
 pub fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
     match headers {
         Some(headers) if !headers.is_object() => Err(BusError::invalid(
@@ -342,11 +364,7 @@ fn send(
     reply_to: default!(Option<&str>, "NULL"),
 ) -> Result<Option<i64>, ErrorReport> {
     let queue = validate::queue_name(queue)?;
-    let payload = required(payload, "payload")?;
-    let headers = check_headers(headers)?;
-    let delay = validate::delay(delay)?;
-    let priority = required(priority, "priority")?;
-    check_size(payload.size(), headers)?;
+    let Outgoing { payload, headers, delay, priority } = Outgoing::check(payload, headers, delay, priority)?;
     let mut args: Vec<DatumWithOid> = vec![
         queue.into(),
         payload.into(),

@@ -5,7 +5,7 @@ use pgrx::pg_sys::{self, panic::ErrorReport};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use super::messages::{check_headers, check_size};
+use super::messages::{check_headers, check_size, Outgoing};
 use super::queues::{self, SettingsChange};
 use crate::datum::{ArrayShape, Jsonb, JsonbArray};
 use crate::error::{BusError, BusResult};
@@ -231,11 +231,7 @@ fn publish(
     reply_to: default!(Option<&str>, "NULL"),
 ) -> Result<i32, ErrorReport> {
     let subject = checked_subject(subject)?;
-    let payload = required(payload, "payload")?;
-    let headers = check_headers(headers)?;
-    let delay = validate::delay(delay)?;
-    let priority = required(priority, "priority")?;
-    check_size(payload.size(), headers)?;
+    let Outgoing { payload, headers, delay, priority } = Outgoing::check(payload, headers, delay, priority)?;
     let count = Spi::connect_mut(|client| {
         route(
             client,
