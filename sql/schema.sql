@@ -25,6 +25,9 @@ CREATE TABLE bussig.queue (
     created_at           timestamptz NOT NULL DEFAULT now()
 );
 ALTER SEQUENCE bussig.queue_id_seq OWNED BY bussig.queue.queue_id;
+-- drop_queue looks queues up by their dead-letter queue, as does the foreign key's check.
+CREATE INDEX queue_dead_letter_queue ON bussig.queue (dead_letter_queue_id);
+CREATE INDEX queue_dead_letter_owner ON bussig.queue (dead_letter_owner_id);
 
 -- One row per message in one queue. A locked message is one whose visible_at lies in the future and
 -- whose lock_token is set; a delayed one has visible_at in the future and no token. Lock expiry needs

@@ -81,16 +81,17 @@ pub fn shared_memory() -> bool {
     SHARED_MEMORY.load(Ordering::Relaxed)
 }
 
-/// Messages became ready in `queue_id`; readers waiting there are woken when this transaction commits.
-fn note_ready(queue_id: i32) {
+/// Readers waiting in `queue_id` are woken when this transaction commits.
+pub fn note_ready(queue_id: i32) {
     READY.with(|ready| ready.borrow_mut().push(queue_id));
 }
 
-/// Messages became ready in this queue: its readers are woken at commit, and it gets its NOTIFY
-/// when it asked for one.
-pub fn announce(queue_id: i32, queue_name: &str, notify: bool) {
+/// Messages arrived in this queue: its waiting readers are woken at commit (a delayed message too,
+/// so that they sleep only until it becomes ready), and when they are ready now and the queue asked
+/// for it, it gets its NOTIFY.
+pub fn announce(queue_id: i32, queue_name: &str, notify: bool, ready_now: bool) {
     note_ready(queue_id);
-    if notify {
+    if notify && ready_now {
         send_notify(queue_name);
     }
 }

@@ -58,6 +58,16 @@ fn wait_until_waiting(observer: &mut Client, pid: i32) {
     );
 }
 
+/// Sends `payload` with a 1 s delay; returns when the send committed.
+fn send_delayed(c: &mut Client, queue: &str, payload: Value) -> Instant {
+    c.execute(
+        "SELECT bussig.send($1::text, $2::jsonb, delay => '1 second')",
+        &[&queue, &payload],
+    )
+    .unwrap();
+    Instant::now()
+}
+
 #[test]
 fn commit_wakes_a_waiting_reader() {
     let mut client = connect();
@@ -81,7 +91,10 @@ fn commit_wakes_a_waiting_reader() {
     // publish routed to the queue wakes the reader just like a send.
     let subject = format!("{}.wake", unique_name("long_poll"));
     client
-        .execute("SELECT bussig.subscribe($1::text, $2::text)", &[&q, &subject])
+        .execute(
+            "SELECT bussig.subscribe($1::text, $2::text)",
+            &[&q, &subject],
+        )
         .unwrap();
     let (pid, reader) = spawn_reader(connect(), q, "5 seconds");
     wait_until_waiting(&mut client, pid);
@@ -111,17 +124,9 @@ fn delayed_message_ends_the_wait_when_it_becomes_ready() {
     let mut client = connect();
     let queue = Queue::create(&mut client, "long_poll_delay", "");
     let q = queue.name.as_str();
-    let send_delayed = |c: &mut Client, payload: Value| {
-        c.execute(
-            "SELECT bussig.send($1::text, $2::jsonb, delay => '1 second')",
-            &[&q, &payload],
-        )
-        .unwrap();
-        Instant::now()
-    };
 
     // The delayed message exists before the reader starts waiting.
-    let sent = send_delayed(&mut client, json!({ "delayed": "before" }));
+    let sent = send_delayed(&mut client, q, json!({ "delayed": "before" }));
     let (_, reader) = spawn_reader(connect(), q, "5 seconds");
     let (result, returned, _) = reader.join().expect("reader thread");
     let elapsed = returned.duration_since(sent);
@@ -130,11 +135,19 @@ fn delayed_message_ends_the_wait_when_it_becomes_ready() {
         elapsed >= Duration::from_millis(900) && elapsed <= Duration::from_secs(3),
         "read returned {elapsed:?} after a 1 s delayed send (expected 0.9–3 s)"
     );
+}
 
-    // The delayed message is sent while the reader already waits.
+#[test]
+fn delayed_message_sent_during_the_wait_ends_it_when_ready() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_delay_during", "");
+    let q = queue.name.as_str();
+
+    // The delayed message is sent while the reader already waits: it becomes
+    // ready after 1 s, and the reader waiting for a ready message returns then.
     let (pid, reader) = spawn_reader(connect(), q, "5 seconds");
     wait_until_waiting(&mut client, pid);
-    let sent = send_delayed(&mut client, json!({ "delayed": "during" }));
+    let sent = send_delayed(&mut client, q, json!({ "delayed": "during" }));
     let (result, returned, _) = reader.join().expect("reader thread");
     let elapsed = returned.saturating_duration_since(sent);
     assert_eq!(result.expect("read"), vec![json!({ "delayed": "during" })]);
@@ -200,14 +213,19 @@ fn statement_timeout_ends_a_wait() {
     assert!(got.is_empty(), "{got:?}");
 
     // ... and can still be woken by a commit.
-    client.batch_execute("SET statement_timeout = '30s'").unwrap();
+    client
+        .batch_execute("SET statement_timeout = '30s'")
+        .unwrap();
     let (pid, reader) = spawn_reader(client, q, "5 seconds");
     let mut writer = connect();
     wait_until_waiting(&mut writer, pid);
     send(&mut writer, q, &json!({ "woken": "after timeout" }));
     let committed = Instant::now();
     let (result, returned, _) = reader.join().expect("reader thread");
-    assert_eq!(result.expect("read"), vec![json!({ "woken": "after timeout" })]);
+    assert_eq!(
+        result.expect("read"),
+        vec![json!({ "woken": "after timeout" })]
+    );
     let latency = returned.saturating_duration_since(committed);
     assert!(
         latency < Duration::from_millis(100),
@@ -285,7 +303,10 @@ fn notify_queue_gets_one_notification_per_commit() {
     let channel = format!("bussig_{q}");
     let subject = format!("{}.note", unique_name("long_poll_notify"));
     client
-        .execute("SELECT bussig.subscribe($1::text, $2::text)", &[&q, &subject])
+        .execute(
+            "SELECT bussig.subscribe($1::text, $2::text)",
+            &[&q, &subject],
+        )
         .unwrap();
 
     let mut listener = connect();

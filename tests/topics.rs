@@ -179,7 +179,16 @@ fn fan_out_with_overlapping_patterns() {
         pairs(&[(c, &all), (d, &invoices)]),
         "match({invoice})"
     );
-    assert_eq!(matches(&mut client, &format!("{p}.orders")), vec![]);
+    // `>` takes one or more tokens: only C's `<p>.>` matches `<p>.orders`.
+    assert_eq!(
+        matches(&mut client, &format!("{p}.orders")),
+        pairs(&[(c, &all)])
+    );
+    assert_eq!(
+        matches(&mut client, &p),
+        vec![],
+        "`<p>.>` must not match `<p>`"
+    );
 
     // Publish: A gets one copy of orders.eu although two of its patterns match.
     let headers = json!({ "tenant": "acme", "n": 1 });
@@ -205,7 +214,12 @@ fn fan_out_with_overlapping_patterns() {
 
     let events = |rows: &[Routed]| -> Vec<(String, Value)> {
         rows.iter()
-            .map(|r| (r.subject.clone().expect("subject column"), r.payload.clone()))
+            .map(|r| {
+                (
+                    r.subject.clone().expect("subject column"),
+                    r.payload.clone(),
+                )
+            })
             .collect()
     };
     let got_a = read_routed(&mut client, a, 10);
@@ -396,9 +410,7 @@ fn invalid_subjects_and_patterns() {
     let bad = &SqlState::INVALID_PARAMETER_VALUE;
 
     let long = vec!["a"; 17].join(".");
-    let bad_subjects = [
-        "", "a..b", ".a", "a.", "a.*", "a.>", "a b", "a*", &long,
-    ];
+    let bad_subjects = ["", "a..b", ".a", "a.", "a.*", "a.>", "a b", "a*", &long];
     for subject in bad_subjects {
         assert_fails(c, bad, "SELECT bussig.publish($1::text, '{}')", &[&subject]);
         assert_fails(
@@ -491,7 +503,10 @@ fn large_fan_out_is_delivered_by_the_worker() {
                 .collect();
             assert_eq!(ready.len(), QUEUES, "a queue vanished: {ready:?}");
             for (q, n) in &ready {
-                assert!(*n <= MESSAGES, "{q} holds {n} messages, more than {MESSAGES}");
+                assert!(
+                    *n <= MESSAGES,
+                    "{q} holds {n} messages, more than {MESSAGES}"
+                );
             }
             ready.values().all(|n| *n == MESSAGES).then_some(())
         },
@@ -503,7 +518,8 @@ fn large_fan_out_is_delivered_by_the_worker() {
     for q in &names {
         let got = read_routed(&mut client, q, 100);
         assert!(
-            got.iter().all(|r| r.subject.as_deref() == Some(subject.as_str())),
+            got.iter()
+                .all(|r| r.subject.as_deref() == Some(subject.as_str())),
             "{q}: wrong subject in {got:?}"
         );
         let mut payloads: Vec<Value> = got.into_iter().map(|r| r.payload).collect();

@@ -63,6 +63,47 @@ fn worker_is_running_for_this_database() {
     assert_eq!(launchers, 1, "bussig launcher rows");
 }
 
+/// One worker per database with the extension: the launcher starts a worker
+/// once per database (one without the extension sees it exit and is retried
+/// much later), not in a loop. Watched for 3 s, no database may see more than
+/// a few distinct worker processes.
+#[test]
+fn launcher_does_not_restart_workers_in_a_loop() {
+    let mut client = connect();
+    let mut seen: std::collections::BTreeMap<String, std::collections::BTreeSet<i32>> =
+        Default::default();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for row in client
+            .query(
+                "SELECT coalesce(datname, ''), pid FROM pg_stat_activity \
+                 WHERE backend_type = 'bussig worker'",
+                &[],
+            )
+            .unwrap()
+        {
+            seen.entry(row.get(0)).or_default().insert(row.get(1));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        seen.get(&database).map(|pids| pids.len()),
+        Some(1),
+        "this database's worker processes over 3 s: {seen:?}"
+    );
+    for (database, pids) in &seen {
+        assert!(
+            pids.len() <= 3,
+            "{} bussig worker processes came and went in database {database:?} within 3 s: {pids:?}",
+            pids.len()
+        );
+    }
+}
+
 #[test]
 fn expired_message_is_dead_lettered_by_the_worker() {
     let mut client = connect();
@@ -88,9 +129,16 @@ fn expired_message_is_dead_lettered_by_the_worker() {
         "{dead:?}"
     );
     assert_eq!(header(&dead.headers, "bussig-source-queue"), Some(q));
-    assert_eq!(dead.headers.as_ref().and_then(|h| h.get("h")), Some(&json!(1)));
+    assert_eq!(
+        dead.headers.as_ref().and_then(|h| h.get("h")),
+        Some(&json!(1))
+    );
     assert_eq!(dead.payload, json!({ "k": "expires" }));
-    assert_eq!(counts(&mut client, q), (0, 0, 0), "the expired message is gone");
+    assert_eq!(
+        counts(&mut client, q),
+        (0, 0, 0),
+        "the expired message is gone"
+    );
 }
 
 #[test]
@@ -117,7 +165,11 @@ fn lock_running_out_on_last_delivery_dead_letters() {
     );
     assert_eq!(header(&dead.headers, "bussig-source-queue"), Some(q));
     assert_eq!(dead.payload, json!({ "k": "once" }));
-    assert_eq!(counts(&mut client, q), (0, 0, 0), "the message left its queue");
+    assert_eq!(
+        counts(&mut client, q),
+        (0, 0, 0),
+        "the message left its queue"
+    );
     assert!(
         !ack(&mut client, q, id, delivered[0].token),
         "a dead-lettered message was acked in its old queue"
@@ -166,7 +218,10 @@ fn ephemeral_queue_without_heartbeat_is_dropped() {
                     .query_one("SELECT bussig.heartbeat($1::text)", &[&name])
                     .expect("heartbeat")
                     .get(0);
-                assert!(ok, "heartbeat({name}) on a live ephemeral queue returned false");
+                assert!(
+                    ok,
+                    "heartbeat({name}) on a live ephemeral queue returned false"
+                );
                 thread::sleep(Duration::from_millis(500));
             }
         })
@@ -187,12 +242,18 @@ fn ephemeral_queue_without_heartbeat_is_dropped() {
         .unwrap()
         .get(0);
     assert_eq!(reached, 1);
-    assert!(queue_exists(&mut client, &idle.dlq()), "subscribe created {}", idle.dlq());
+    assert!(
+        queue_exists(&mut client, &idle.dlq()),
+        "subscribe created {}",
+        idle.dlq()
+    );
 
     // The idle queue goes, with its subscriptions, messages and dead-letter queue.
-    eventually(DEADLINE, "the worker to drop the idle ephemeral queue", || {
-        (!queue_exists(&mut client, &idle.name)).then_some(())
-    });
+    eventually(
+        DEADLINE,
+        "the worker to drop the idle ephemeral queue",
+        || (!queue_exists(&mut client, &idle.name)).then_some(()),
+    );
     assert_eq!(subscription_count(&mut client, &idle.name), 0);
     assert!(
         !queue_exists(&mut client, &idle.dlq()),
@@ -203,7 +264,10 @@ fn ephemeral_queue_without_heartbeat_is_dropped() {
         .query_one("SELECT bussig.publish($1::text, '{}')", &[&idle_subject])
         .unwrap()
         .get(0);
-    assert_eq!(reached, 0, "a dropped ephemeral queue still receives messages");
+    assert_eq!(
+        reached, 0,
+        "a dropped ephemeral queue still receives messages"
+    );
 
     // The heartbeated one stays, well past several of its ttls.
     let outlive = Duration::from_secs(7);

@@ -150,7 +150,8 @@ static NACK: Statement = Statement {
               last_error = coalesce($5, m.last_error)
           FROM bussig.queue q
           WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3
-            AND NOT (q.dead_letter_queue_id IS NOT NULL AND m.delivery_count >= q.max_deliveries)",
+            AND NOT (q.dead_letter_queue_id IS NOT NULL AND m.delivery_count >= q.max_deliveries)
+          RETURNING q.queue_id, q.notify, m.visible_at <= clock_timestamp()",
     args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID, pg_sys::INTERVALOID, pg_sys::TEXTOID],
     writes: true,
 };
@@ -174,7 +175,8 @@ static DEAD_LETTER: Statement = Statement {
           WHERE ($5::text IS NULL OR q.name = $5) AND m.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
             AND m.message_id = ANY ($1)
             AND ($2::uuid IS NULL OR m.lock_token = $2)
-            AND ($6 OR m.delivery_count >= q.max_deliveries)",
+            AND ($6 OR m.delivery_count >= q.max_deliveries)
+          RETURNING m.queue_id",
     args: &[
         pg_sys::INT8ARRAYOID,
         pg_sys::UUIDOID,
@@ -259,6 +261,19 @@ static PEEK: Statement = Statement {
     writes: false,
 };
 
+/// Runs DEAD_LETTER: how many messages moved. Readers waiting on their dead-letter queues are woken.
+fn move_to_dead_letter_queue(
+    client: &mut SpiClient<'_>,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<i64> {
+    let mut moved = 0;
+    for row in plans::run(client, &DEAD_LETTER, args)? {
+        wakeup::note_ready(row.get::<i32>(1)?.expect("NOT NULL"));
+        moved += 1;
+    }
+    Ok(moved)
+}
+
 /// How many rows a kept statement touched, as a count.
 fn processed(
     client: &mut SpiClient<'_>,
@@ -292,7 +307,12 @@ impl Outgoing {
         let payload = required(payload, "payload")?;
         let headers = check_headers(headers)?;
         check_size(payload.size(), headers)?;
-        Ok(Outgoing { payload, headers, delay: validate::delay(delay)?, priority: required(priority, "priority")? })
+        Ok(Outgoing {
+            payload,
+            headers,
+            delay: validate::delay(delay)?,
+            priority: required(priority, "priority")?,
+        })
     }
 }
 
@@ -335,9 +355,8 @@ fn insert_messages(
             ));
         }
         if let Some((queue_id, notify)) = destination {
-            if delay.is_none_or(|delay| validate::is_zero(&delay)) {
-                wakeup::announce(queue_id, queue, notify);
-            }
+            let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
+            wakeup::announce(queue_id, queue, notify, ready_now);
             return Ok(Some(ids));
         }
         if queues::resolve(client, queue)?.is_some() {
@@ -364,7 +383,12 @@ fn send(
     reply_to: default!(Option<&str>, "NULL"),
 ) -> Result<Option<i64>, ErrorReport> {
     let queue = validate::queue_name(queue)?;
-    let Outgoing { payload, headers, delay, priority } = Outgoing::check(payload, headers, delay, priority)?;
+    let Outgoing {
+        payload,
+        headers,
+        delay,
+        priority,
+    } = Outgoing::check(payload, headers, delay, priority)?;
     let mut args: Vec<DatumWithOid> = vec![
         queue.into(),
         payload.into(),
@@ -460,7 +484,7 @@ pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) ->
                 queue.into(),
                 true.into(),
             ];
-            plans::run(client, &DEAD_LETTER, &args)?;
+            move_to_dead_letter_queue(client, &args)?;
         }
         if !dropped.is_empty() {
             plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])?;
@@ -715,7 +739,14 @@ fn nack(
             delay.into(),
             error.into(),
         ];
-        if processed(client, &NACK, &args)? > 0 {
+        if let Some(row) = plans::run(client, &NACK, &args)?.next() {
+            let queue_id: i32 = row.get(1)?.expect("NOT NULL");
+            wakeup::announce(
+                queue_id,
+                queue,
+                row.get(2)?.expect("NOT NULL"),
+                row.get(3)?.expect("NOT NULL"),
+            );
             return Ok(true);
         }
         let args: [DatumWithOid; 6] = [
@@ -726,7 +757,7 @@ fn nack(
             queue.into(),
             false.into(),
         ];
-        if processed(client, &DEAD_LETTER, &args)? > 0 {
+        if move_to_dead_letter_queue(client, &args)? > 0 {
             return Ok(true);
         }
         nothing_done(client, queue, false)
@@ -773,7 +804,7 @@ fn dead_letter(
             queue.into(),
             true.into(),
         ];
-        if processed(client, &DEAD_LETTER, &args)? > 0 {
+        if move_to_dead_letter_queue(client, &args)? > 0 {
             return Ok(true);
         }
         if queues::require(client, queue)?
@@ -808,7 +839,11 @@ fn redrive(
             found.queue_id.into(),
             max_messages.into(),
         ];
-        processed(client, &REDRIVE, &args)
+        let redriven = processed(client, &REDRIVE, &args)?;
+        if redriven > 0 {
+            wakeup::announce(found.queue_id, queue, found.notify, true);
+        }
+        Ok(redriven)
     })?)
 }
 

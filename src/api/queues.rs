@@ -12,10 +12,11 @@ use crate::validate;
 pub struct QueueRef {
     pub queue_id: i32,
     pub dead_letter_queue_id: Option<i32>,
+    pub notify: bool,
 }
 
 static RESOLVE: Statement = Statement {
-    sql: "SELECT queue_id, dead_letter_queue_id FROM bussig.queue WHERE name = $1",
+    sql: "SELECT queue_id, dead_letter_queue_id, notify FROM bussig.queue WHERE name = $1",
     args: &[pg_sys::TEXTOID],
     writes: false,
 };
@@ -27,6 +28,7 @@ pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Queue
     Ok(Some(QueueRef {
         queue_id: row.get(1)?.expect("queue_id is NOT NULL"),
         dead_letter_queue_id: row.get(2)?,
+        notify: row.get(3)?.expect("NOT NULL"),
     }))
 }
 
@@ -220,11 +222,12 @@ static DEAD_LETTER_USERS: Statement = Statement {
 // unless another queue still sends its dead letters there.
 static DROP_QUEUE: Statement = Statement {
     sql: "WITH doomed AS (
+              SELECT $1 AS queue_id
+              UNION ALL
               SELECT d.queue_id FROM bussig.queue d
-              WHERE d.queue_id = $1
-                 OR (d.dead_letter_owner_id = $1
-                     AND NOT EXISTS (SELECT FROM bussig.queue u
-                                     WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1))
+              WHERE d.dead_letter_owner_id = $1
+                AND NOT EXISTS (SELECT FROM bussig.queue u
+                                WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1)
           ), gone_messages AS (
               DELETE FROM bussig.message WHERE queue_id IN (SELECT queue_id FROM doomed)
           ), gone_keys AS (

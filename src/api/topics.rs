@@ -210,8 +210,8 @@ fn route(
     let mut delivered = 0;
     for row in plans::run(client, statement, &args)? {
         let queue_id: i32 = row.get(1)?.expect("NOT NULL");
-        if let (true, Some((name, notify))) = (ready_now, routes.queues.get(&queue_id)) {
-            wakeup::announce(queue_id, name, *notify);
+        if let Some((name, notify)) = routes.queues.get(&queue_id) {
+            wakeup::announce(queue_id, name, *notify, ready_now);
         }
         delivered += 1;
     }
@@ -231,7 +231,12 @@ fn publish(
     reply_to: default!(Option<&str>, "NULL"),
 ) -> Result<i32, ErrorReport> {
     let subject = checked_subject(subject)?;
-    let Outgoing { payload, headers, delay, priority } = Outgoing::check(payload, headers, delay, priority)?;
+    let Outgoing {
+        payload,
+        headers,
+        delay,
+        priority,
+    } = Outgoing::check(payload, headers, delay, priority)?;
     let count = Spi::connect_mut(|client| {
         route(
             client,

@@ -196,11 +196,11 @@ pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option
             &[fanout_id.into(), (to + 1).into()],
         )?;
     }
-    if ready_now && !delivered.is_empty() {
+    if !delivered.is_empty() {
         for row in plans::run(client, &ANNOUNCED_QUEUES, &[delivered.clone().into()])? {
             let queue_id: i32 = row.get(1)?.expect("NOT NULL");
             let name: String = row.get(2)?.expect("NOT NULL");
-            wakeup::announce(queue_id, &name, row.get(3)?.expect("NOT NULL"));
+            wakeup::announce(queue_id, &name, row.get(3)?.expect("NOT NULL"), ready_now);
         }
     }
     Ok(Some(delivered.len() as i64))

@@ -10,7 +10,8 @@ use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
+    SignalWakeFlags,
 };
 use pgrx::prelude::*;
 use pgrx::{pg_sys, IntoDatum, PgTryBuilder};
@@ -136,7 +137,9 @@ pub extern "C-unwind" fn bussig_launcher_main(_argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
     wakeup::register_worker();
-    let mut workers: HashMap<pg_sys::Oid, (DynamicBackgroundWorker, Instant)> = HashMap::new();
+    // Per database: the worker last started (None when starting failed) and when.
+    let mut attempts: HashMap<pg_sys::Oid, (Option<DynamicBackgroundWorker>, Instant)> =
+        HashMap::new();
     // A wake-up (CREATE EXTENSION somewhere) retries every database at once.
     let mut woken = true;
     loop {
@@ -145,20 +148,22 @@ pub extern "C-unwind" fn bussig_launcher_main(_argument: pg_sys::Datum) {
             if !database_allowed(&name) {
                 continue;
             }
-            let running = workers.get(&database).is_some_and(|(worker, started)| {
-                worker.pid().is_ok() || (!woken && started.elapsed() < RETRY_AFTER)
-            });
-            if running {
-                continue;
-            }
-            match start_database_worker(database, &name) {
-                Some(worker) => {
-                    workers.insert(database, (worker, Instant::now()));
-                }
-                None => {
-                    pgrx::warning!("bussig launcher: could not start a worker for database {name}")
+            if let Some((worker, started)) = attempts.get(&database) {
+                let alive = worker.as_ref().is_some_and(|worker| {
+                    matches!(
+                        worker.pid(),
+                        Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)
+                    )
+                });
+                if alive || (!woken && started.elapsed() < RETRY_AFTER) {
+                    continue;
                 }
             }
+            let worker = start_database_worker(database, &name);
+            if worker.is_none() {
+                pgrx::warning!("bussig launcher: could not start a worker for database {name}; retrying in a minute");
+            }
+            attempts.insert(database, (worker, Instant::now()));
         }
         let slept = Instant::now();
         if !BackgroundWorker::wait_latch(Some(LAUNCHER_INTERVAL)) {
@@ -176,7 +181,6 @@ fn start_database_worker(database: pg_sys::Oid, name: &str) -> Option<DynamicBac
         .set_argument(database.into_datum())
         .enable_spi_access()
         .set_restart_time(None)
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .load_dynamic()
         .ok()
 }
@@ -236,6 +240,9 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
 }
 
 fn claim_database() -> BusResult<bool> {
+    // The steps run the same few statements over and over: a JIT compile per run would cost more
+    // than the work whenever a large table makes a plan look expensive.
+    Spi::run("SET jit = off")?;
     let present = extension_present()?;
     let claimed = Spi::get_one_with_args::<bool>(
         "SELECT pg_try_advisory_lock($1)",
