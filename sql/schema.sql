@@ -91,6 +91,19 @@ AS $$
                                                      / nullif(extract(epoch FROM retry_delay)::float8, 0), 1)))))
 $$;
 
+-- Message counts per queue, refreshed by the worker every bussig.stats_interval. Derived data:
+-- not dumped, and read by bussig.queues only for queues too large to count on every look.
+CREATE TABLE bussig.queue_stats (
+    queue_id           int PRIMARY KEY,
+    ready              bigint NOT NULL,
+    delayed            bigint NOT NULL,
+    locked             bigint NOT NULL,
+    oldest_ready_since timestamptz,
+    counted_at         timestamptz NOT NULL
+);
+
+-- Counts are live and exact for queues below 10,000 messages. A larger queue shows the worker's last
+-- count when it is at most a minute old, so that watching a big queue costs nothing.
 CREATE VIEW bussig.queues AS
 SELECT q.name AS queue,
        d.name AS dead_letter_queue,
@@ -104,11 +117,19 @@ SELECT q.name AS queue,
        q.created_at
 FROM bussig.queue q
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
+LEFT JOIN bussig.queue_stats counted
+       ON counted.queue_id = q.queue_id
+      AND counted.ready + counted.delayed + counted.locked >= 10000
+      AND counted.counted_at > now() - interval '1 minute'
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE m.visible_at <= now()) AS ready,
-           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NULL) AS delayed,
-           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NOT NULL) AS locked,
-           now() - min(m.enqueued_at) FILTER (WHERE m.visible_at <= now()) AS oldest_ready_age
+    SELECT counted.ready, counted.delayed, counted.locked, now() - counted.oldest_ready_since AS oldest_ready_age
+    WHERE counted.queue_id IS NOT NULL
+    UNION ALL
+    SELECT count(*) FILTER (WHERE m.visible_at <= now()),
+           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NULL),
+           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NOT NULL),
+           now() - min(m.enqueued_at) FILTER (WHERE m.visible_at <= now())
     FROM bussig.message m
-    WHERE m.queue_id = q.queue_id
+    WHERE counted.queue_id IS NULL AND m.queue_id = q.queue_id
+    HAVING counted.queue_id IS NULL
 ) s;

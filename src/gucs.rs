@@ -21,6 +21,10 @@ pub static INLINE_FANOUT_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(16);
 /// queues, body collection). Fan-outs do not wait for it: a commit wakes the worker at once.
 pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// How often the worker recounts the messages of every queue, for bussig.queues to show large queues
+/// without counting them on each look. One pass over the message table per interval.
+pub static STATS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
 /// Databases the worker serves, comma-separated; empty serves every database with the extension.
 /// Lets a cluster with many databases keep worker processes where bussig is used.
 pub static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -61,6 +65,16 @@ pub fn register() {
         &MAINTENANCE_INTERVAL,
         10,
         3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"bussig.stats_interval",
+        c"Time between two counts of every queue's messages by the background worker.",
+        c"bussig.queues shows these counts for queues of 10,000 messages or more.",
+        &STATS_INTERVAL,
+        100,
+        86_400_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

@@ -406,6 +406,33 @@ mod tests {
     }
 
     #[pg_test]
+    fn queues_view_reads_large_queues_from_the_workers_count() {
+        run("SELECT bussig.create_queue('big'), bussig.create_queue('small')");
+        run("SELECT bussig.send_batch('big', array_agg(to_jsonb(n))) FROM generate_series(1, 10000) n");
+        run("SELECT bussig.send_batch('small', ARRAY['1', '2']::jsonb[])");
+        assert_eq!(maintenance("counted_queues"), 2);
+        // Both change after the count: the small queue shows it at once, the big one at the next count.
+        run("SELECT * FROM bussig.read('big', 5)");
+        run("SELECT * FROM bussig.read('small')");
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(format('%s:%s/%s/%s', queue, ready, delayed, locked), ' ' ORDER BY queue)
+                 FROM bussig.queues WHERE queue IN ('big', 'small')"
+            )
+            .as_deref(),
+            Some("big:10000/0/0 small:1/0/1")
+        );
+        assert_eq!(maintenance("counted_queues"), 2);
+        assert_eq!(
+            one::<String>(
+                "SELECT format('%s/%s', ready, locked) FROM bussig.queues WHERE queue = 'big'"
+            )
+            .as_deref(),
+            Some("9995/5")
+        );
+    }
+
+    #[pg_test]
     fn read_waits_for_nothing_longer_than_asked() {
         run("SELECT bussig.create_queue('q')");
         let waited = one::<f64>(

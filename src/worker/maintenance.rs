@@ -116,6 +116,29 @@ static ORPHANED_MESSAGES: Statement = Statement {
     writes: true,
 };
 
+// One pass over all messages; the worker runs it every bussig.stats_interval.
+static REFRESH_STATS: Statement = Statement {
+    sql: "WITH counted AS (
+              SELECT queue_id,
+                     count(*) FILTER (WHERE visible_at <= now()) AS ready,
+                     count(*) FILTER (WHERE visible_at > now() AND lock_token IS NULL) AS delayed,
+                     count(*) FILTER (WHERE visible_at > now() AND lock_token IS NOT NULL) AS locked,
+                     min(enqueued_at) FILTER (WHERE visible_at <= now()) AS oldest_ready_since
+              FROM bussig.message GROUP BY queue_id
+          ), saved AS (
+              INSERT INTO bussig.queue_stats AS s (queue_id, ready, delayed, locked, oldest_ready_since, counted_at)
+              SELECT c.queue_id, c.ready, c.delayed, c.locked, c.oldest_ready_since, now()
+              FROM counted c JOIN bussig.queue q USING (queue_id)
+              ON CONFLICT (queue_id) DO UPDATE
+              SET ready = excluded.ready, delayed = excluded.delayed, locked = excluded.locked,
+                  oldest_ready_since = excluded.oldest_ready_since, counted_at = excluded.counted_at
+              RETURNING queue_id
+          )
+          DELETE FROM bussig.queue_stats s WHERE NOT EXISTS (SELECT FROM saved WHERE saved.queue_id = s.queue_id)",
+    args: &[],
+    writes: true,
+};
+
 fn ids(
     client: &mut SpiClient<'_>,
     statement: &'static Statement,
@@ -210,6 +233,12 @@ pub fn collect_bodies(client: &mut SpiClient<'_>) -> BusResult<i64> {
     Ok(plans::run(client, &COLLECT_BODIES, &[BATCH.into()])?.len() as i64)
 }
 
+/// Recounts every queue for bussig.queues; returns how many queues hold messages.
+pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    plans::run(client, &REFRESH_STATS, &[])?;
+    Ok(Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0))
+}
+
 pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
     Ok(plans::run(client, &ORPHANED_MESSAGES, &[BATCH.into()])?.len() as i64)
 }
@@ -231,6 +260,7 @@ fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
             "fanned_out": fanned_out,
             "collected_bodies": collect_bodies(client)?,
             "removed_orphans": remove_orphans(client)?,
+            "counted_queues": refresh_stats(client)?,
             "milliseconds": started.elapsed().as_millis() as u64,
         });
         Ok(pgrx::JsonB(counts))

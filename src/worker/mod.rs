@@ -49,6 +49,7 @@ pub fn serves_this_database() -> bool {
     wakeup::shared_memory() && database_allowed(&current_database())
 }
 
+/// The name of the connected database; needs a transaction (it reads the catalog cache).
 fn current_database() -> String {
     unsafe {
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
@@ -220,17 +221,20 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     // Exit quietly where there is nothing to serve, or another worker already serves.
-    if run_step("start", claim_database) != Some(true) {
+    let Some(Some(database_name)) = run_step("start", claim_database) else {
         return;
-    }
+    };
     wakeup::register_worker();
     let mut round: u64 = 0;
+    let mut last_count = None;
     loop {
         reload_settings_if_asked();
-        if run_step("check", extension_present) != Some(true) {
+        // A reload may take this database off bussig.worker_databases; so may DROP EXTENSION.
+        if !database_allowed(&database_name) || run_step("check", extension_present) != Some(true) {
             return;
         }
         run_round(round);
+        refresh_stats_when_due(&mut last_count);
         round += 1;
         let interval = Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
         if !BackgroundWorker::wait_latch(Some(interval)) {
@@ -239,16 +243,20 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
     }
 }
 
-fn claim_database() -> BusResult<bool> {
+/// This database's name when this worker is to serve it: the extension is there and no other
+/// worker holds the database. Runs in a transaction (the name comes from the catalog cache).
+fn claim_database() -> BusResult<Option<String>> {
     // The steps run the same few statements over and over: a JIT compile per run would cost more
     // than the work whenever a large table makes a plan look expensive.
     Spi::run("SET jit = off")?;
-    let present = extension_present()?;
+    if !extension_present()? {
+        return Ok(None);
+    }
     let claimed = Spi::get_one_with_args::<bool>(
         "SELECT pg_try_advisory_lock($1)",
         &[WORKER_LOCK_KEY.into()],
     )?;
-    Ok(present && claimed == Some(true))
+    Ok((claimed == Some(true)).then(current_database))
 }
 
 fn extension_present() -> BusResult<bool> {
@@ -283,5 +291,16 @@ fn run_round(round: u64) {
         run_step("orphan removal", || {
             Spi::connect_mut(maintenance::remove_orphans)
         });
+    }
+}
+
+/// Recounts the queues for bussig.queues when bussig.stats_interval has passed since the last count.
+fn refresh_stats_when_due(last: &mut Option<Instant>) {
+    let interval = Duration::from_millis(gucs::STATS_INTERVAL.get().max(1) as u64);
+    if last.is_none_or(|last| last.elapsed() >= interval) {
+        run_step("statistics", || {
+            Spi::connect_mut(maintenance::refresh_stats)
+        });
+        *last = Some(Instant::now());
     }
 }
