@@ -102,8 +102,9 @@ CREATE TABLE bussig.queue_stats (
     counted_at         timestamptz NOT NULL
 );
 
--- Counts are live and exact for queues below 10,000 messages. A larger queue shows the worker's last
--- count when it is at most a minute old, so that watching a big queue costs nothing.
+-- Counts are live and exact for a queue that holds fewer than 10,000 messages now (a probe of at
+-- most that many index entries tells). A larger queue shows the worker's last count when it is at most
+-- a minute old, so that watching a big queue costs little.
 CREATE VIEW bussig.queues AS
 SELECT q.name AS queue,
        d.name AS dead_letter_queue,
@@ -117,9 +118,13 @@ SELECT q.name AS queue,
        q.created_at
 FROM bussig.queue q
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS at_least
+    FROM (SELECT FROM bussig.message m WHERE m.queue_id = q.queue_id LIMIT 10000) AS probe
+) size
 LEFT JOIN bussig.queue_stats counted
        ON counted.queue_id = q.queue_id
-      AND counted.ready + counted.delayed + counted.locked >= 10000
+      AND size.at_least >= 10000
       AND counted.counted_at > now() - interval '1 minute'
 CROSS JOIN LATERAL (
     SELECT counted.ready, counted.delayed, counted.locked, now() - counted.oldest_ready_since AS oldest_ready_age

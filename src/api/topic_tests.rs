@@ -430,6 +430,12 @@ mod tests {
             .as_deref(),
             Some("9995/5")
         );
+        // Once the queue is small again, it is counted live without waiting for the worker.
+        run("SELECT bussig.purge_queue('big')");
+        assert_eq!(
+            one::<String>("SELECT format('%s/%s', ready, locked) FROM bussig.queues WHERE queue = 'big'").as_deref(),
+            Some("0/0")
+        );
     }
 
     #[pg_test]
