@@ -8,7 +8,8 @@ set -euo pipefail
 PG_BIN=/usr/lib/postgresql/15/bin
 action=$1
 datadir=$2
-as_postgres() { runuser -u postgres -- "$@"; }
+# A Rust backtrace in the environment would end up in every error's DETAIL.
+as_postgres() { runuser -u postgres -- env -u RUST_BACKTRACE "$@"; }
 
 case "$action" in
 start)

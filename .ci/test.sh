@@ -38,9 +38,10 @@ echo "== client tests (tests/)"
 "${psql[@]}" -d bussig_test -c "CREATE EXTENSION bussig"
 export BUSSIG_TEST_URL="host=127.0.0.1 port=$PORT user=postgres dbname=bussig_test"
 cargo test -p bussig-tests -- --test-threads=4 \
-    --skip fan_out_survives_worker_kill --skip workers_follow_a_reloaded 2>&1 | tee -a "$log"
+    --skip fan_out_survives_worker_kill --skip workers_follow_a_reloaded \
+    --skip a_failing_step_does_not_stop 2>&1 | tee -a "$log"
 # These change the whole server (a reload; a killed worker restarts every process): alone, last.
-cargo test -p bussig-tests --test worker_reload 2>&1 | tee -a "$log"
+cargo test -p bussig-tests --test worker_reload -- --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p bussig-tests --test worker_crash 2>&1 | tee -a "$log"
 
 # One closing line for all of it: cargo's "test result" lines plus pg_regress's "test … ok  N ms" lines.

@@ -433,8 +433,19 @@ mod tests {
         // Once the queue is small again, it is counted live without waiting for the worker.
         run("SELECT bussig.purge_queue('big')");
         assert_eq!(
-            one::<String>("SELECT format('%s/%s', ready, locked) FROM bussig.queues WHERE queue = 'big'").as_deref(),
+            one::<String>(
+                "SELECT format('%s/%s', ready, locked) FROM bussig.queues WHERE queue = 'big'"
+            )
+            .as_deref(),
             Some("0/0")
+        );
+    }
+
+    #[pg_test]
+    fn without_the_preload_the_worker_is_reported_missing() {
+        assert_eq!(
+            one::<String>("SELECT bussig.ensure_worker()").as_deref(),
+            Some("not loaded")
         );
     }
 
