@@ -563,12 +563,71 @@ fn snapshot_is_fixed() -> bool {
 
 /// Reads what is ready; with a wait, sleeps until a commit makes messages ready in the queue, a
 /// delay or lock runs out, or the wait is over, and reads again.
-fn receive_waiting(
-    queue: &str,
+/// The arguments of read and ack_and_read, checked.
+struct ReadRequest {
     max_messages: i32,
     lock_timeout: Option<Interval>,
     wait: Duration,
-) -> BusResult<Vec<Delivery>> {
+}
+
+impl ReadRequest {
+    fn check(
+        max_messages: Option<i32>,
+        lock_timeout: Option<Interval>,
+        wait: Option<Interval>,
+    ) -> BusResult<ReadRequest> {
+        let wait = match wait {
+            Some(wait) => {
+                validate::not_negative(&wait, "wait")?;
+                Duration::from_micros(wait.as_micros().clamp(0, u64::MAX as i128) as u64)
+            }
+            None => Duration::ZERO,
+        };
+        Ok(ReadRequest {
+            max_messages: validate::max_messages(max_messages)?,
+            lock_timeout: validate::lock_timeout(lock_timeout)?,
+            wait,
+        })
+    }
+}
+
+type DeliveryRow = (
+    i64,
+    Uuid,
+    Option<String>,
+    Jsonb,
+    Option<Jsonb>,
+    i32,
+    i32,
+    TimestampWithTimeZone,
+    Option<String>,
+    Option<String>,
+);
+
+/// The rows read and ack_and_read return.
+fn deliveries(delivered: Vec<Delivery>) -> TableIterator<'static, DeliveryRow> {
+    TableIterator::new(delivered.into_iter().map(|d| {
+        (
+            d.message_id,
+            d.lock_token,
+            d.subject,
+            d.payload,
+            d.headers,
+            d.delivery_count,
+            d.priority,
+            d.enqueued_at,
+            d.correlation_id,
+            d.reply_to,
+        )
+    }))
+}
+
+fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>> {
+    let ReadRequest {
+        max_messages,
+        lock_timeout,
+        wait,
+    } = request;
     let deadline = Instant::now() + wait;
     let mut waiting = None;
     loop {
@@ -623,30 +682,8 @@ fn read(
     ErrorReport,
 > {
     let queue = validate::queue_name(queue)?;
-    let max_messages = validate::max_messages(max_messages)?;
-    let lock_timeout = validate::lock_timeout(lock_timeout)?;
-    let wait = match wait {
-        Some(wait) => {
-            validate::not_negative(&wait, "wait")?;
-            Duration::from_micros(wait.as_micros().clamp(0, u64::MAX as i128) as u64)
-        }
-        None => Duration::ZERO,
-    };
-    let delivered = receive_waiting(queue, max_messages, lock_timeout, wait)?;
-    Ok(TableIterator::new(delivered.into_iter().map(|d| {
-        (
-            d.message_id,
-            d.lock_token,
-            d.subject,
-            d.payload,
-            d.headers,
-            d.delivery_count,
-            d.priority,
-            d.enqueued_at,
-            d.correlation_id,
-            d.reply_to,
-        )
-    })))
+    let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
+    Ok(deliveries(receive_waiting(queue, request)?))
 }
 
 /// The three arguments that name one delivery of one message.
@@ -690,6 +727,22 @@ fn ack(
     )?)
 }
 
+/// Message ids and their lock tokens, checked to pair up one to one.
+fn settled_pairs(
+    message_ids: BigintArray,
+    lock_tokens: UuidArray,
+) -> BusResult<(BigintArray, UuidArray)> {
+    let (ids, _) = message_ids.shape();
+    let (tokens, _) = lock_tokens.shape();
+    if ids != tokens {
+        return Err(BusError::invalid(
+            "lock_tokens",
+            format!("{tokens} lock tokens do not match {ids} message ids"),
+        ));
+    }
+    Ok((message_ids, lock_tokens))
+}
+
 #[pg_extern]
 fn ack_batch(
     queue: Option<&str>,
@@ -697,17 +750,10 @@ fn ack_batch(
     lock_tokens: Option<UuidArray>,
 ) -> Result<i64, ErrorReport> {
     let queue = validate::queue_name(queue)?;
-    let message_ids = required(message_ids, "message_ids")?;
-    let lock_tokens = required(lock_tokens, "lock_tokens")?;
-    let (ids, _) = message_ids.shape();
-    let (tokens, _) = lock_tokens.shape();
-    if ids != tokens {
-        return Err(BusError::invalid(
-            "lock_tokens",
-            format!("{tokens} lock tokens do not match {ids} message ids"),
-        )
-        .into());
-    }
+    let (message_ids, lock_tokens) = settled_pairs(
+        required(message_ids, "message_ids")?,
+        required(lock_tokens, "lock_tokens")?,
+    )?;
     Ok(Spi::connect_mut(|client| {
         let removed = processed(
             client,
@@ -719,6 +765,55 @@ fn ack_batch(
         }
         nothing_done(client, queue, 0)
     })?)
+}
+
+/// The consumer loop in one call: acknowledges the previous batch (stale tokens are skipped, as
+/// by ack_batch) and reads the next, in one transaction and one round trip. NULL arrays ack nothing.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+#[pg_extern]
+fn ack_and_read(
+    queue: Option<&str>,
+    message_ids: default!(Option<BigintArray>, "NULL"),
+    lock_tokens: default!(Option<UuidArray>, "NULL"),
+    max_messages: default!(Option<i32>, 1),
+    lock_timeout: default!(Option<Interval>, "NULL"),
+    wait: default!(Option<Interval>, "NULL"),
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(message_id, i64),
+            name!(lock_token, Uuid),
+            name!(subject, Option<String>),
+            name!(payload, Jsonb),
+            name!(headers, Option<Jsonb>),
+            name!(delivery_count, i32),
+            name!(priority, i32),
+            name!(enqueued_at, TimestampWithTimeZone),
+            name!(correlation_id, Option<String>),
+            name!(reply_to, Option<String>),
+        ),
+    >,
+    ErrorReport,
+> {
+    let queue = validate::queue_name(queue)?;
+    let settled = match (message_ids, lock_tokens) {
+        (None, None) => None,
+        (Some(ids), Some(tokens)) => Some(settled_pairs(ids, tokens)?),
+        (None, Some(_)) => return Err(BusError::NullArgument("message_ids").into()),
+        (Some(_), None) => return Err(BusError::NullArgument("lock_tokens").into()),
+    };
+    let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
+    if let Some((message_ids, lock_tokens)) = settled {
+        Spi::connect_mut(|client| {
+            processed(
+                client,
+                &ACK_BATCH,
+                &[queue.into(), message_ids.into(), lock_tokens.into()],
+            )
+        })?;
+    }
+    Ok(deliveries(receive_waiting(queue, request)?))
 }
 
 #[pg_extern]

@@ -618,6 +618,47 @@ mod tests {
     }
 
     #[pg_test]
+    fn ack_and_read_settles_one_batch_and_locks_the_next() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send_batch('q', ARRAY['1', '2', '3', '4', '5']::jsonb[])");
+        run("CREATE TEMP TABLE got AS SELECT * FROM bussig.ack_and_read('q', max_messages => 2)");
+        assert_eq!(count("SELECT * FROM got"), 2);
+        for expected_next in [2, 1, 0] {
+            run("CREATE TEMP TABLE next AS
+                 SELECT * FROM bussig.ack_and_read('q', (SELECT array_agg(message_id) FROM got),
+                                                   (SELECT array_agg(lock_token) FROM got), 2)");
+            assert_eq!(count("SELECT * FROM next"), expected_next);
+            run("DROP TABLE got; ALTER TABLE next RENAME TO got");
+        }
+        assert_eq!(messages_in("q"), 0);
+        // A stale token is skipped, not an error; the read still happens.
+        run("SELECT bussig.send('q', '6')");
+        assert_eq!(count("SELECT * FROM bussig.ack_and_read('q', ARRAY[1]::bigint[], ARRAY[gen_random_uuid()])"), 1);
+        for (sql, sqlstate) in [
+            (
+                "SELECT * FROM bussig.ack_and_read('q', ARRAY[1, 2], ARRAY[gen_random_uuid()])",
+                "22023",
+            ),
+            (
+                "SELECT * FROM bussig.ack_and_read('q', ARRAY[1]::bigint[], NULL)",
+                "22004",
+            ),
+            (
+                "SELECT * FROM bussig.ack_and_read('q', NULL, ARRAY[gen_random_uuid()])",
+                "22004",
+            ),
+            (
+                "SELECT * FROM bussig.ack_and_read('q', max_messages => 0)",
+                "22023",
+            ),
+            ("SELECT * FROM bussig.ack_and_read('missing')", "42704"),
+            ("SELECT * FROM bussig.ack_and_read(NULL)", "22004"),
+        ] {
+            assert_fails(sql, sqlstate);
+        }
+    }
+
+    #[pg_test]
     fn nack_gives_back_with_backoff_or_delay() {
         run("SELECT bussig.create_queue('q', retry_delay => '10 seconds', retry_multiplier => 3, retry_delay_max => '1 minute')");
         run("SELECT bussig.send('q', '1')");
