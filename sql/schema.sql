@@ -117,6 +117,8 @@ SELECT q.name AS queue,
        q.message_ttl,
        q.created_at
 FROM bussig.queue q
+-- The wall clock, as read and peek use it, taken once.
+CROSS JOIN (SELECT clock_timestamp() AS now) AS clock
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
 CROSS JOIN LATERAL (
     SELECT count(*) AS at_least
@@ -125,15 +127,15 @@ CROSS JOIN LATERAL (
 LEFT JOIN bussig.queue_stats counted
        ON counted.queue_id = q.queue_id
       AND size.at_least >= 10000
-      AND counted.counted_at > now() - interval '1 minute'
+            AND counted.counted_at > clock.now - interval '1 minute'
 CROSS JOIN LATERAL (
-    SELECT counted.ready, counted.delayed, counted.locked, now() - counted.oldest_ready_since AS oldest_ready_age
+        SELECT counted.ready, counted.delayed, counted.locked, clock.now - counted.oldest_ready_since AS oldest_ready_age
     WHERE counted.queue_id IS NOT NULL
     UNION ALL
-    SELECT count(*) FILTER (WHERE m.visible_at <= now()),
-           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NULL),
-           count(*) FILTER (WHERE m.visible_at > now() AND m.lock_token IS NOT NULL),
-           now() - min(m.enqueued_at) FILTER (WHERE m.visible_at <= now())
+        SELECT count(*) FILTER (WHERE m.visible_at <= clock.now),
+           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NULL),
+           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NOT NULL),
+           clock.now - min(m.enqueued_at) FILTER (WHERE m.visible_at <= clock.now)
     FROM bussig.message m
     WHERE counted.queue_id IS NULL AND m.queue_id = q.queue_id
     HAVING counted.queue_id IS NULL

@@ -83,7 +83,12 @@ pub fn shared_memory() -> bool {
 
 /// Readers waiting in `queue_id` are woken when this transaction commits.
 pub fn note_ready(queue_id: i32) {
-    READY.with(|ready| ready.borrow_mut().push(queue_id));
+    READY.with(|ready| {
+        let mut ready = ready.borrow_mut();
+        if ready.last() != Some(&queue_id) {
+            ready.push(queue_id);
+        }
+    });
 }
 
 /// Messages arrived in this queue: its waiting readers are woken at commit (a delayed message too,
@@ -120,7 +125,9 @@ unsafe extern "C-unwind" fn on_transaction_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            let ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
+            let mut ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
+            ready.sort_unstable();
+            ready.dedup();
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
             if shared_memory() {
                 if !ready.is_empty() {
@@ -146,7 +153,10 @@ fn wake_readers(ready: &[i32]) {
     let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let sleepers = SLEEPERS.share();
     for reader in sleepers.readers.iter() {
-        if reader.pid != 0 && reader.database == database && ready.contains(&reader.queue_id) {
+        if reader.pid != 0
+            && reader.database == database
+            && ready.binary_search(&reader.queue_id).is_ok()
+        {
             unsafe { pg_sys::SetLatch(reader.latch as *mut pg_sys::Latch) };
         }
     }
@@ -258,6 +268,19 @@ impl Drop for Waiting {
             }
         }
     }
+}
+
+/// Whether a worker is registered for this database (a worker that exits frees its slot).
+pub fn worker_registered() -> bool {
+    if !shared_memory() {
+        return false;
+    }
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    SLEEPERS
+        .share()
+        .workers
+        .iter()
+        .any(|worker| worker.pid != 0 && worker.database == database)
 }
 
 /// Asks the launcher (registered with no database) to look for databases to serve now.

@@ -22,7 +22,7 @@ static SEND: Statement = Statement {
     sql: "WITH q AS (SELECT queue_id, notify FROM bussig.queue WHERE name = $1),
           sent AS (
               INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
-              SELECT q.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7 FROM q
+              SELECT q.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7 FROM q
               RETURNING message_id
           )
           SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
@@ -50,7 +50,7 @@ static SEND_DEDUPLICATED: Statement = Statement {
           ),
           sent AS (
               INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
-              SELECT fresh.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7 FROM fresh
+              SELECT fresh.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7 FROM fresh
               RETURNING message_id
           )
           SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
@@ -71,7 +71,7 @@ static SEND_BATCH: Statement = Statement {
     sql: "WITH q AS (SELECT queue_id, notify FROM bussig.queue WHERE name = $1),
           sent AS (
               INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
-              SELECT q.queue_id, p.payload, $3, now() + coalesce($4, interval '0'), $5
+              SELECT q.queue_id, p.payload, $3, clock_timestamp() + coalesce($4, interval '0'), $5
               FROM q, unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, n)
               ORDER BY p.n
               RETURNING message_id
@@ -549,11 +549,12 @@ fn receive(
 }
 
 // When the next locked or delayed message of the queue becomes ready, as seconds from now.
+// A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
 static NEXT_READY: Statement = Statement {
     sql: "SELECT extract(epoch FROM min(visible_at) - clock_timestamp())::float8
-          FROM bussig.message WHERE queue_id = $1 AND visible_at > clock_timestamp()",
+          FROM bussig.message WHERE queue_id = $1 AND visible_at > (SELECT clock_timestamp())",
     args: &[pg_sys::INT4OID],
-    writes: false,
+    writes: true,
 };
 
 /// Whether this transaction reads with one snapshot throughout: waiting could never show it news.
@@ -732,8 +733,14 @@ fn settled_pairs(
     message_ids: BigintArray,
     lock_tokens: UuidArray,
 ) -> BusResult<(BigintArray, UuidArray)> {
-    let (ids, _) = message_ids.shape();
-    let (tokens, _) = lock_tokens.shape();
+    let (ids, null_id) = message_ids.shape();
+    let (tokens, null_token) = lock_tokens.shape();
+    if null_id {
+        return Err(BusError::NullArgument("every element of message_ids"));
+    }
+    if null_token {
+        return Err(BusError::NullArgument("every element of lock_tokens"));
+    }
     if ids != tokens {
         return Err(BusError::invalid(
             "lock_tokens",
@@ -803,15 +810,19 @@ fn ack_and_read(
         (None, Some(_)) => return Err(BusError::NullArgument("message_ids").into()),
         (Some(_), None) => return Err(BusError::NullArgument("lock_tokens").into()),
     };
-    let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
+    let mut request = ReadRequest::check(max_messages, lock_timeout, wait)?;
     if let Some((message_ids, lock_tokens)) = settled {
-        Spi::connect_mut(|client| {
+        let acked = Spi::connect_mut(|client| {
             processed(
                 client,
                 &ACK_BATCH,
                 &[queue.into(), message_ids.into(), lock_tokens.into()],
             )
         })?;
+        // Acks commit with the call: a wait that a timeout or cancel ends would undo them.
+        if acked > 0 {
+            request.wait = Duration::ZERO;
+        }
     }
     Ok(deliveries(receive_waiting(queue, request)?))
 }

@@ -211,6 +211,19 @@ static SET_DEAD_LETTER_QUEUE: Statement = Statement {
     writes: true,
 };
 
+// Whether following dead-letter queues from $2 leads back to $1.
+static DEAD_LETTER_CYCLE: Statement = Statement {
+    sql: "WITH RECURSIVE chain(queue_id) AS (
+              SELECT $2
+              UNION
+              SELECT q.dead_letter_queue_id FROM bussig.queue q JOIN chain USING (queue_id)
+              WHERE q.dead_letter_queue_id IS NOT NULL
+          )
+          SELECT EXISTS (SELECT FROM chain WHERE queue_id = $1)",
+    args: &[pg_sys::INT4OID, pg_sys::INT4OID],
+    writes: false,
+};
+
 static DEAD_LETTER_USERS: Statement = Statement {
     sql: "SELECT string_agg(quote_ident(name), ', ' ORDER BY name)
           FROM bussig.queue WHERE dead_letter_queue_id = $1 AND queue_id <> $1",
@@ -312,6 +325,9 @@ pub fn create(
 ) -> BusResult<bool> {
     let settings = change.apply(QueueSettings::default())?;
     settings.check_notify(queue)?;
+    if resolve(client, queue)?.is_some() {
+        return Ok(false);
+    }
     let (dead_letter_name, owned) = match dead_letter_queue {
         Some(name) => (checked_dead_letter_queue(queue, name)?.to_string(), false),
         None => (own_dead_letter_queue_name(queue)?, true),
@@ -415,6 +431,21 @@ fn alter_queue(
         if let Some(name) = dead_letter_queue {
             let name = checked_dead_letter_queue(queue, name)?;
             let dead_letter_id = ensure_dead_letter_queue(client, name, None)?;
+            let cycle = plans::run(
+                client,
+                &DEAD_LETTER_CYCLE,
+                &[queue_id.into(), dead_letter_id.into()],
+            )?
+            .next()
+            .map(|row| row.get::<bool>(1))
+            .transpose()?
+            .flatten();
+            if cycle == Some(true) {
+                return Err(BusError::invalid(
+                    "dead_letter_queue",
+                    format!("\"{name}\" sends its dead letters on to \"{queue}\": messages would go round in a circle"),
+                ));
+            }
             plans::run(
                 client,
                 &SET_DEAD_LETTER_QUEUE,

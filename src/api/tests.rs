@@ -262,7 +262,7 @@ mod tests {
         assert_eq!(
             one::<String>(&format!(
                 "SELECT format('%s %s %s %s %s %s %s', state, payload, headers, priority, correlation_id, reply_to,
-                               visible_at - enqueued_at)
+                               date_trunc('second', visible_at - enqueued_at))
                  FROM bussig.peek('q') WHERE message_id = {id}"
             ))
             .as_deref(),
@@ -656,6 +656,51 @@ mod tests {
         ] {
             assert_fails(sql, sqlstate);
         }
+    }
+
+        #[pg_test]
+    fn ack_and_read_does_not_wait_once_it_acknowledged() {
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send('q', '1')");
+        read_into_got("q");
+        let waited = one::<f64>(
+            "WITH t AS (SELECT clock_timestamp() AS started),
+                  r AS (SELECT count(*) FROM bussig.ack_and_read('q', (SELECT array_agg(message_id) FROM got),
+                                                                 (SELECT array_agg(lock_token) FROM got),
+                                                                 wait => '5 seconds'))
+             SELECT extract(epoch FROM clock_timestamp() - started)::float8 FROM t, r",
+        )
+        .unwrap();
+        assert!(waited < 2.0, "waited {waited} s after acknowledging");
+        assert_eq!(messages_in("q"), 0);
+    }
+
+    #[pg_test]
+    fn batch_settlement_refuses_null_elements() {
+        run("SELECT bussig.create_queue('q')");
+        assert_fails("SELECT bussig.ack_batch('q', ARRAY[1, NULL], ARRAY[gen_random_uuid(), gen_random_uuid()])", "22004");
+        assert_fails("SELECT bussig.ack_batch('q', ARRAY[1, 2], ARRAY[gen_random_uuid(), NULL])", "22004");
+        assert_fails("SELECT * FROM bussig.ack_and_read('q', ARRAY[NULL]::bigint[], ARRAY[gen_random_uuid()])", "22004");
+    }
+
+    #[pg_test]
+    fn dead_letter_queues_cannot_form_a_circle() {
+        run("SELECT bussig.create_queue('orders')");
+        assert_fails("SELECT bussig.alter_queue('orders_dlq', dead_letter_queue => 'orders')", "22023");
+        run("SELECT bussig.create_queue('a', dead_letter_queue => 'b')");
+        run("SELECT bussig.alter_queue('b', dead_letter_queue => 'c')");
+        assert_fails("SELECT bussig.alter_queue('c', dead_letter_queue => 'a')", "22023");
+        assert_eq!(one::<bool>("SELECT dead_letter_queue IS NULL FROM bussig.queues WHERE queue = 'c'"), Some(true));
+        // A chain that does not come back is fine.
+        run("SELECT bussig.alter_queue('c', dead_letter_queue => 'final')");
+    }
+
+    #[pg_test]
+    fn an_existing_queue_with_a_long_name_is_not_an_error() {
+        let name = "l".repeat(60);
+        run(&format!("SELECT bussig.create_queue('{name}', dead_letter_queue => 'failed')"));
+        assert_eq!(one::<bool>(&format!("SELECT bussig.create_queue('{name}')")), Some(false));
+        assert_eq!(one::<bool>(&format!("SELECT bussig.subscribe('{name}', 'x.>')")), Some(true));
     }
 
     #[pg_test]

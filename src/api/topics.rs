@@ -55,7 +55,7 @@ static CLAIM_DEDUP: Statement = Statement {
 // One queue: the payload is stored inline, as by send.
 static PUBLISH_ONE: Statement = Statement {
     sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to, subject)
-          SELECT q.queue_id, $2, $3, now() + coalesce($4, interval '0'), $5, $6, $7, $8
+          SELECT q.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8
           FROM bussig.queue q WHERE q.queue_id = ($1::int[])[1]
           RETURNING queue_id",
     args: &PUBLISH_ARGS,
@@ -66,7 +66,7 @@ static PUBLISH_ONE: Statement = Statement {
 static PUBLISH_SHARED: Statement = Statement {
     sql: "WITH body AS (INSERT INTO bussig.body (payload) VALUES ($2) RETURNING body_id)
           INSERT INTO bussig.message (queue_id, body_id, headers, visible_at, priority, correlation_id, reply_to, subject)
-          SELECT q.queue_id, body.body_id, $3, now() + coalesce($4, interval '0'), $5, $6, $7, $8
+          SELECT q.queue_id, body.body_id, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8
           FROM body, bussig.queue q WHERE q.queue_id = ANY ($1)
           RETURNING queue_id",
     args: &PUBLISH_ARGS,
@@ -78,7 +78,7 @@ static PUBLISH_TO_WORKER: Statement = Statement {
     sql: "WITH body AS (INSERT INTO bussig.body (payload) VALUES ($2) RETURNING body_id)
           INSERT INTO bussig.fanout (queue_ids, body_id, headers, visible_at, enqueued_at, priority,
                                      correlation_id, reply_to, subject)
-          SELECT $1, body.body_id, $3, now() + coalesce($4, interval '0'), now(), $5, $6, $7, $8 FROM body",
+          SELECT $1, body.body_id, $3, clock_timestamp() + coalesce($4, interval '0'), now(), $5, $6, $7, $8 FROM body",
     args: &PUBLISH_ARGS,
     writes: true,
 };

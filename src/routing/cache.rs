@@ -24,14 +24,18 @@ thread_local! {
     static ROUTES: RefCell<Option<Rc<Routes>>> = const { RefCell::new(None) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// The OID of bussig.subscription when the cached routes were loaded.
-    static WATCHED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+        static WATCHED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// Bumped by every invalidation: routes loaded while it moved are not kept.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
+// Run as a writing statement so that it takes a new snapshot (at READ COMMITTED), not the one the
+// calling statement started with: a subscription committed in between must not be missed.
 static LOAD_SUBSCRIPTIONS: Statement = Statement {
     sql: "SELECT s.queue_id, s.pattern, q.name, q.notify
           FROM bussig.subscription s JOIN bussig.queue q USING (queue_id)",
     args: &[],
-    writes: false,
+    writes: true,
 };
 
 static SUBSCRIPTION_TABLE: Statement = Statement {
@@ -49,6 +53,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_argument: pg_sys::Datum, r
 }
 
 fn forget() {
+    GENERATION.with(|generation| generation.set(generation.get() + 1));
     ROUTES.with(|routes| routes.borrow_mut().take());
 }
 
@@ -67,6 +72,7 @@ pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
     if let Some(routes) = ROUTES.with(|routes| routes.borrow().clone()) {
         return Ok(routes);
     }
+    let generation = GENERATION.with(Cell::get);
     let mut routes = Routes {
         index: PatternIndex::new(),
         queues: HashMap::new(),
@@ -88,7 +94,11 @@ pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
         .and_then(|row| row.get(1).ok().flatten());
     WATCHED.with(|cell| cell.set(watched.unwrap_or(pg_sys::InvalidOid)));
     let routes = Rc::new(routes);
-    ROUTES.with(|cached| *cached.borrow_mut() = Some(routes.clone()));
+    // Routes read under a transaction-long snapshot (REPEATABLE READ) serve this call only.
+    let fixed_snapshot = unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 };
+    if !fixed_snapshot && GENERATION.with(Cell::get) == generation {
+        ROUTES.with(|cached| *cached.borrow_mut() = Some(routes.clone()));
+    }
     Ok(routes)
 }
 

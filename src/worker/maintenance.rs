@@ -15,10 +15,11 @@ use crate::wakeup;
 pub const BATCH: i32 = 1000;
 
 static EXPIRED_FINAL_LOCKS: Statement = Statement {
-    sql: "SELECT message_id FROM bussig.message
-          WHERE final_delivery AND lock_token IS NOT NULL AND visible_at <= clock_timestamp()
-          ORDER BY visible_at LIMIT $1
-          FOR UPDATE SKIP LOCKED",
+        sql: "SELECT m.message_id FROM bussig.message m JOIN bussig.queue q USING (queue_id)
+          WHERE m.final_delivery AND m.lock_token IS NOT NULL AND m.visible_at <= (SELECT clock_timestamp())
+            AND m.delivery_count >= q.max_deliveries
+          ORDER BY m.visible_at LIMIT $1
+          FOR UPDATE OF m SKIP LOCKED",
     args: &[pg_sys::INT4OID],
     writes: true,
 };
@@ -29,8 +30,8 @@ static EXPIRED_BY_TTL: Statement = Statement {
           FROM bussig.queue q
           CROSS JOIN LATERAL (
               SELECT message_id FROM bussig.message m
-              WHERE m.queue_id = q.queue_id AND m.visible_at <= clock_timestamp()
-                AND m.enqueued_at <= clock_timestamp() - q.message_ttl
+                            WHERE m.queue_id = q.queue_id AND m.visible_at <= (SELECT clock_timestamp())
+                AND m.enqueued_at <= (SELECT clock_timestamp()) - q.message_ttl
               LIMIT $1
               FOR UPDATE SKIP LOCKED
           ) m
@@ -118,16 +119,16 @@ static ORPHANED_MESSAGES: Statement = Statement {
 
 // One pass over all messages; the worker runs it every bussig.stats_interval.
 static REFRESH_STATS: Statement = Statement {
-    sql: "WITH counted AS (
+        sql: "WITH clock AS (SELECT clock_timestamp() AS now), counted AS (
               SELECT queue_id,
-                     count(*) FILTER (WHERE visible_at <= now()) AS ready,
-                     count(*) FILTER (WHERE visible_at > now() AND lock_token IS NULL) AS delayed,
-                     count(*) FILTER (WHERE visible_at > now() AND lock_token IS NOT NULL) AS locked,
-                     min(enqueued_at) FILTER (WHERE visible_at <= now()) AS oldest_ready_since
-              FROM bussig.message GROUP BY queue_id
+                     count(*) FILTER (WHERE visible_at <= clock.now) AS ready,
+                     count(*) FILTER (WHERE visible_at > clock.now AND lock_token IS NULL) AS delayed,
+                     count(*) FILTER (WHERE visible_at > clock.now AND lock_token IS NOT NULL) AS locked,
+                     min(enqueued_at) FILTER (WHERE visible_at <= clock.now) AS oldest_ready_since
+              FROM bussig.message, clock GROUP BY queue_id
           ), saved AS (
               INSERT INTO bussig.queue_stats AS s (queue_id, ready, delayed, locked, oldest_ready_since, counted_at)
-              SELECT c.queue_id, c.ready, c.delayed, c.locked, c.oldest_ready_since, now()
+                            SELECT c.queue_id, c.ready, c.delayed, c.locked, c.oldest_ready_since, clock_timestamp()
               FROM counted c JOIN bussig.queue q USING (queue_id)
               ON CONFLICT (queue_id) DO UPDATE
               SET ready = excluded.ready, delayed = excluded.delayed, locked = excluded.locked,
@@ -248,6 +249,8 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
 fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
     Ok(Spi::connect_mut(|client| -> BusResult<pgrx::JsonB> {
         let started = Instant::now();
+        // Full scans over a large table must not pay a JIT compile on every call.
+        Spi::run("SET LOCAL jit = off")?;
         let mut fanned_out = 0;
         while let Some(delivered) = fan_out_chunk(client, BATCH)? {
             fanned_out += delivered;

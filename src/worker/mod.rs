@@ -44,9 +44,9 @@ pub fn register() {
         .load();
 }
 
-/// Whether a worker runs in this database to take fan-outs off publishers.
+/// Whether a worker runs in this database now, to take fan-outs off publishers.
 pub fn serves_this_database() -> bool {
-    wakeup::shared_memory() && database_allowed(&current_database())
+    wakeup::worker_registered() && database_allowed(&current_database())
 }
 
 /// The name of the connected database; needs a transaction (it reads the catalog cache).
@@ -249,6 +249,10 @@ fn claim_database() -> BusResult<Option<String>> {
     // The steps run the same few statements over and over: a JIT compile per run would cost more
     // than the work whenever a large table makes a plan look expensive.
     Spi::run("SET jit = off")?;
+    // A step blocked by a consumer's row locks gives up and is retried next round, rather than
+    // holding up every other step (fan-outs, expiry) in this database.
+    Spi::run("SET lock_timeout = '1s'")?;
+    Spi::run("SET statement_timeout = '5min'")?;
     if !extension_present()? {
         return Ok(None);
     }
