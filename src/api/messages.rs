@@ -87,7 +87,7 @@ static SEND_BATCH: Statement = Statement {
     writes: true,
 };
 
-// Locks up to $2 ready messages in delivery order, skipping rows other consumers hold. A message
+// Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold. A message
 // past its TTL or its last allowed delivery comes back flagged with dead_reason instead of being
 // handed out; the caller moves it to the dead-letter queue in the same transaction.
 static READ: Statement = Statement {
@@ -99,12 +99,12 @@ static READ: Statement = Statement {
               SELECT m.message_id, m.visible_at AS ready_at
               FROM bussig.message m
               WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
-              ORDER BY m.priority DESC, m.visible_at, m.message_id
-              LIMIT $2
+                            ORDER BY m.priority DESC, m.visible_at, m.message_id
+              LIMIT {limit}
               FOR UPDATE SKIP LOCKED
           )
           UPDATE bussig.message m
-          SET visible_at = q.now + coalesce($3, q.lock_timeout),
+          SET visible_at = q.now + coalesce($2, q.lock_timeout),
               lock_token = gen_random_uuid(),
               delivery_count = m.delivery_count + 1,
               final_delivery = q.has_dead_letter_queue AND m.delivery_count + 1 >= q.max_deliveries
@@ -120,7 +120,7 @@ static READ: Statement = Statement {
                               THEN 'max_deliveries'
                     END AS dead_reason,
                     q.has_dead_letter_queue",
-    args: &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INTERVALOID],
+        args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
     writes: true,
 };
 
@@ -504,11 +504,8 @@ fn receive(
         let wanted = max_messages - delivered.len() as i32;
         let mut dead = Vec::new();
         let mut returned = 0;
-        for row in plans::run(
-            client,
-            &READ,
-            &[queue.into(), wanted.into(), lock_timeout.into()],
-        )? {
+        for row in plans::run_limited(client, &READ, wanted, &[queue.into(), lock_timeout.into()])?
+        {
             returned += 1;
             let message_id = row.get::<i64>(1)?.expect("NOT NULL");
             if let Some(reason) = row.get::<String>(12)? {

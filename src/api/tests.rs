@@ -658,7 +658,7 @@ mod tests {
         }
     }
 
-        #[pg_test]
+    #[pg_test]
     fn ack_and_read_does_not_wait_once_it_acknowledged() {
         run("SELECT bussig.create_queue('q')");
         run("SELECT bussig.send('q', '1')");
@@ -679,18 +679,30 @@ mod tests {
     fn batch_settlement_refuses_null_elements() {
         run("SELECT bussig.create_queue('q')");
         assert_fails("SELECT bussig.ack_batch('q', ARRAY[1, NULL], ARRAY[gen_random_uuid(), gen_random_uuid()])", "22004");
-        assert_fails("SELECT bussig.ack_batch('q', ARRAY[1, 2], ARRAY[gen_random_uuid(), NULL])", "22004");
+        assert_fails(
+            "SELECT bussig.ack_batch('q', ARRAY[1, 2], ARRAY[gen_random_uuid(), NULL])",
+            "22004",
+        );
         assert_fails("SELECT * FROM bussig.ack_and_read('q', ARRAY[NULL]::bigint[], ARRAY[gen_random_uuid()])", "22004");
     }
 
     #[pg_test]
     fn dead_letter_queues_cannot_form_a_circle() {
         run("SELECT bussig.create_queue('orders')");
-        assert_fails("SELECT bussig.alter_queue('orders_dlq', dead_letter_queue => 'orders')", "22023");
+        assert_fails(
+            "SELECT bussig.alter_queue('orders_dlq', dead_letter_queue => 'orders')",
+            "22023",
+        );
         run("SELECT bussig.create_queue('a', dead_letter_queue => 'b')");
         run("SELECT bussig.alter_queue('b', dead_letter_queue => 'c')");
-        assert_fails("SELECT bussig.alter_queue('c', dead_letter_queue => 'a')", "22023");
-        assert_eq!(one::<bool>("SELECT dead_letter_queue IS NULL FROM bussig.queues WHERE queue = 'c'"), Some(true));
+        assert_fails(
+            "SELECT bussig.alter_queue('c', dead_letter_queue => 'a')",
+            "22023",
+        );
+        assert_eq!(
+            one::<bool>("SELECT dead_letter_queue IS NULL FROM bussig.queues WHERE queue = 'c'"),
+            Some(true)
+        );
         // A chain that does not come back is fine.
         run("SELECT bussig.alter_queue('c', dead_letter_queue => 'final')");
     }
@@ -698,9 +710,17 @@ mod tests {
     #[pg_test]
     fn an_existing_queue_with_a_long_name_is_not_an_error() {
         let name = "l".repeat(60);
-        run(&format!("SELECT bussig.create_queue('{name}', dead_letter_queue => 'failed')"));
-        assert_eq!(one::<bool>(&format!("SELECT bussig.create_queue('{name}')")), Some(false));
-        assert_eq!(one::<bool>(&format!("SELECT bussig.subscribe('{name}', 'x.>')")), Some(true));
+        run(&format!(
+            "SELECT bussig.create_queue('{name}', dead_letter_queue => 'failed')"
+        ));
+        assert_eq!(
+            one::<bool>(&format!("SELECT bussig.create_queue('{name}')")),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT bussig.subscribe('{name}', 'x.>')")),
+            Some(true)
+        );
     }
 
     #[pg_test]
