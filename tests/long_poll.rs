@@ -358,3 +358,38 @@ fn notify_queue_gets_one_notification_per_commit() {
     let got = collect_notifications(&mut listener, &channel, 0, Duration::from_millis(500));
     assert!(got.is_empty(), "read/ack notified: {got:?}");
 }
+
+#[test]
+fn a_dead_letter_notifies_a_dead_letter_queue_that_asked() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_dead_notify", "");
+    let dead_letters = queue.dlq();
+    client
+        .execute(
+            "SELECT bussig.alter_queue($1::text, notify => true)",
+            &[&dead_letters],
+        )
+        .unwrap();
+    let channel = format!("bussig_{dead_letters}");
+    let mut listener = connect();
+    listener
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .unwrap();
+
+    send(&mut client, &queue.name, &json!({ "poison": true }));
+    let delivered = read(&mut client, &queue.name, 1, None);
+    let moved: bool = client
+        .query_one(
+            "SELECT bussig.dead_letter($1::text, $2, $3)",
+            &[&queue.name, &delivered[0].id, &delivered[0].token],
+        )
+        .unwrap()
+        .get(0);
+    assert!(moved);
+    let got = collect_notifications(&mut listener, &channel, 1, Duration::from_millis(500));
+    assert_eq!(
+        got.len(),
+        1,
+        "expected the dead-letter queue's notification, got {got:?}"
+    );
+}

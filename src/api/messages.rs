@@ -175,8 +175,8 @@ static DEAD_LETTER: Statement = Statement {
           WHERE ($5::text IS NULL OR q.name = $5) AND m.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
             AND m.message_id = ANY ($1)
             AND ($2::uuid IS NULL OR m.lock_token = $2)
-            AND ($6 OR m.delivery_count >= q.max_deliveries)
-          RETURNING m.queue_id",
+                        AND ($6 OR m.delivery_count >= q.max_deliveries)
+          RETURNING m.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = m.queue_id AND d.notify)",
     args: &[
         pg_sys::INT8ARRAYOID,
         pg_sys::UUIDOID,
@@ -261,14 +261,19 @@ static PEEK: Statement = Statement {
     writes: false,
 };
 
-/// Runs DEAD_LETTER: how many messages moved. Readers waiting on their dead-letter queues are woken.
+/// Runs DEAD_LETTER: how many messages moved. Readers waiting on their dead-letter queues are woken,
+/// and a dead-letter queue that asked for NOTIFY gets it.
 fn move_to_dead_letter_queue(
     client: &mut SpiClient<'_>,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<i64> {
     let mut moved = 0;
     for row in plans::run(client, &DEAD_LETTER, args)? {
-        wakeup::note_ready(row.get::<i32>(1)?.expect("NOT NULL"));
+        let queue_id: i32 = row.get(1)?.expect("NOT NULL");
+        match row.get::<String>(2)? {
+            Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true),
+            None => wakeup::note_ready(queue_id),
+        }
         moved += 1;
     }
     Ok(moved)
