@@ -97,13 +97,20 @@ static FANOUT_DONE: Statement = Statement {
     writes: true,
 };
 
+// Examines the next $2 bodies after body_id $1 and deletes those nothing refers to any more; returns
+// the last body examined (NULL at the end of the table) and how many went.
 static COLLECT_BODIES: Statement = Statement {
-    sql: "DELETE FROM bussig.body WHERE body_id = ANY (ARRAY(
-              SELECT b.body_id FROM bussig.body b
-              WHERE NOT EXISTS (SELECT FROM bussig.message m WHERE m.body_id = b.body_id)
+    sql: "WITH examined AS (
+              SELECT body_id FROM bussig.body WHERE body_id > $1 ORDER BY body_id LIMIT $2
+          ), collected AS (
+              DELETE FROM bussig.body b USING examined e
+              WHERE b.body_id = e.body_id
+                AND NOT EXISTS (SELECT FROM bussig.message m WHERE m.body_id = b.body_id)
                 AND NOT EXISTS (SELECT FROM bussig.fanout f WHERE f.body_id = b.body_id)
-              ORDER BY b.body_id LIMIT $1))",
-    args: &[pg_sys::INT4OID],
+              RETURNING 1
+          )
+          SELECT (SELECT max(body_id) FROM examined), (SELECT count(*) FROM collected)",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID],
     writes: true,
 };
 
@@ -230,8 +237,26 @@ pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option
     Ok(Some(delivered.len() as i64))
 }
 
-pub fn collect_bodies(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    Ok(plans::run(client, &COLLECT_BODIES, &[BATCH.into()])?.len() as i64)
+/// Deletes unreferenced bodies among the next BATCH after `after`, so that no round walks every live
+/// body. Returns how many went, and where the next round goes on (None: the end was reached).
+pub fn collect_bodies(client: &mut SpiClient<'_>, after: i64) -> BusResult<(i64, Option<i64>)> {
+    let row = plans::run(client, &COLLECT_BODIES, &[after.into(), BATCH.into()])?
+        .next()
+        .expect("an aggregate returns a row");
+    Ok((row.get::<i64>(2)?.unwrap_or(0), row.get::<i64>(1)?))
+}
+
+/// One whole pass over the bodies.
+fn collect_all_bodies(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    let (mut after, mut collected) = (0, 0);
+    loop {
+        let (count, next) = collect_bodies(client, after)?;
+        collected += count;
+        match next {
+            Some(next) => after = next,
+            None => return Ok(collected),
+        }
+    }
 }
 
 /// Recounts every queue for bussig.queues; returns how many queues hold messages.
@@ -261,7 +286,7 @@ fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
             "pruned_dedup_keys": prune_dedup_keys(client)?,
             "dropped_queues": drop_expired_queues(client)?,
             "fanned_out": fanned_out,
-            "collected_bodies": collect_bodies(client)?,
+                        "collected_bodies": collect_all_bodies(client)?,
             "removed_orphans": remove_orphans(client)?,
             "counted_queues": refresh_stats(client)?,
             "milliseconds": started.elapsed().as_millis() as u64,

@@ -227,13 +227,15 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
     wakeup::register_worker();
     let mut round: u64 = 0;
     let mut last_count = None;
+    // Where body collection goes on from: it examines a slice of the bodies each round.
+    let mut bodies_after = 0;
     loop {
         reload_settings_if_asked();
         // A reload may take this database off bussig.worker_databases; so may DROP EXTENSION.
         if !database_allowed(&database_name) || run_step("check", extension_present) != Some(true) {
             return;
         }
-        run_round(round);
+        run_round(round, &mut bodies_after);
         refresh_stats_when_due(&mut last_count);
         round += 1;
         let interval = Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
@@ -272,7 +274,7 @@ fn extension_present() -> BusResult<bool> {
 
 /// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction until
 /// none is left, so that a worker killed in the middle redoes at most one uncommitted chunk.
-fn run_round(round: u64) {
+fn run_round(round: u64, bodies_after: &mut i64) {
     while let Some(Some(_)) = run_step("fan-out", || {
         Spi::connect_mut(|client| maintenance::fan_out_chunk(client, maintenance::BATCH))
     }) {}
@@ -288,9 +290,12 @@ fn run_round(round: u64) {
     run_step("ephemeral queue expiry", || {
         Spi::connect_mut(maintenance::drop_expired_queues)
     });
-    run_step("body collection", || {
-        Spi::connect_mut(maintenance::collect_bodies)
-    });
+    let after = *bodies_after;
+    if let Some((_, next)) = run_step("body collection", || {
+        Spi::connect_mut(|client| maintenance::collect_bodies(client, after))
+    }) {
+        *bodies_after = next.unwrap_or(0);
+    }
     if round.is_multiple_of(ROUNDS_PER_ORPHAN_SCAN) {
         run_step("orphan removal", || {
             Spi::connect_mut(maintenance::remove_orphans)
