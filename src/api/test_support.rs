@@ -19,6 +19,13 @@ pub fn assert_fails(sql: &str, sqlstate: &str) {
     assert_eq!(sqlstate_of(sql).as_deref(), Some(sqlstate), "{sql}");
 }
 
+/// Each (statement, SQLSTATE) pair fails as given.
+pub fn assert_all_fail(cases: &[(&str, &str)]) {
+    for (sql, sqlstate) in cases {
+        assert_fails(sql, sqlstate);
+    }
+}
+
 pub fn one<T: IntoDatum + FromDatum>(sql: &str) -> Option<T> {
     Spi::get_one::<T>(sql).unwrap()
 }

@@ -69,7 +69,7 @@ mod tests {
 
     #[pg_test]
     fn create_queue_rejects_bad_input_and_creates_nothing() {
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             ("SELECT bussig.create_queue('bad name')", "22023"),
             ("SELECT bussig.create_queue('')", "22023"),
             ("SELECT bussig.create_queue('_x')", "22023"),
@@ -133,9 +133,7 @@ mod tests {
                 "SELECT bussig.create_queue('x', dead_letter_queue => 'bad name')",
                 "22023",
             ),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
         assert_eq!(count("SELECT FROM bussig.queue"), 0);
         // 56 characters leave room for '_dlq'.
         assert_eq!(
@@ -183,7 +181,7 @@ mod tests {
     #[pg_test]
     fn alter_queue_rejects_bad_input_and_changes_nothing() {
         run("SELECT bussig.create_queue('q', retry_delay => '1 second')");
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             (
                 "SELECT bussig.alter_queue('missing', max_deliveries => 2)",
                 "42704",
@@ -206,9 +204,7 @@ mod tests {
                 "SELECT bussig.alter_queue('q', max_deliveries => 7, dead_letter_queue => 'q')",
                 "22023",
             ),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
         assert_eq!(
             one::<String>("SELECT format('%s %s %s', max_deliveries, lock_timeout, dead_letter_queue) FROM bussig.queues WHERE queue = 'q'")
                 .as_deref(),
@@ -273,7 +269,7 @@ mod tests {
     #[pg_test]
     fn send_rejects_bad_input_and_enqueues_nothing() {
         run("SELECT bussig.create_queue('q')");
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             ("SELECT bussig.send('missing', '1')", "42704"),
             ("SELECT bussig.send('bad name', '1')", "22023"),
             ("SELECT bussig.send(NULL, '1')", "22004"),
@@ -284,9 +280,7 @@ mod tests {
             ("SELECT bussig.send('q', '1', priority => NULL)", "22004"),
             ("SELECT bussig.send('q', jsonb_build_object('x', repeat('a', 1048576)))", "54000"),
             ("SELECT bussig.send('q', '1', headers => jsonb_build_object('x', repeat('a', 1048576)))", "54000"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
         assert_eq!(count("SELECT FROM bussig.message"), 0);
         assert_eq!(count("SELECT FROM bussig.queue WHERE name = 'missing'"), 0);
     }
@@ -360,7 +354,7 @@ mod tests {
     #[pg_test]
     fn send_batch_is_all_or_nothing() {
         run("SELECT bussig.create_queue('q')");
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             (
                 "SELECT bussig.send_batch('q', ARRAY['1', NULL]::jsonb[])",
                 "22004",
@@ -386,9 +380,7 @@ mod tests {
                 "SELECT bussig.send_batch('missing', ARRAY[]::jsonb[])",
                 "42704",
             ),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
         assert_eq!(count("SELECT FROM bussig.message"), 0);
     }
 
@@ -509,7 +501,7 @@ mod tests {
     #[pg_test]
     fn read_rejects_bad_input() {
         run("SELECT bussig.create_queue('q')");
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             ("SELECT * FROM bussig.read('missing')", "42704"),
             ("SELECT * FROM bussig.read('bad name')", "22023"),
             ("SELECT * FROM bussig.read(NULL)", "22004"),
@@ -526,9 +518,7 @@ mod tests {
                 "22023",
             ),
             ("SELECT * FROM bussig.read('q', 1, wait => '-1 s')", "22023"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
         assert_eq!(count("SELECT * FROM bussig.read('q', 1000)"), 0);
     }
 
@@ -558,7 +548,7 @@ mod tests {
         run("SELECT bussig.create_queue('p')");
         run("SELECT bussig.send('q', '1')");
         read_into_got("q");
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             (
                 "SELECT bussig.ack('missing', 1, gen_random_uuid())",
                 "42704",
@@ -570,9 +560,7 @@ mod tests {
             ("SELECT bussig.ack(NULL, 1, gen_random_uuid())", "22004"),
             ("SELECT bussig.ack('q', NULL, gen_random_uuid())", "22004"),
             ("SELECT bussig.ack('q', 1, NULL)", "22004"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
         // Settling in the wrong queue does nothing.
         assert_eq!(
             one::<bool>("SELECT bussig.ack('p', message_id, lock_token) FROM got"),
@@ -598,7 +586,7 @@ mod tests {
             one::<i64>("SELECT bussig.ack_batch('q', ARRAY[]::bigint[], ARRAY[]::uuid[])"),
             Some(0)
         );
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             (
                 "SELECT bussig.ack_batch('q', ARRAY[1, 2], ARRAY[gen_random_uuid()])",
                 "22023",
@@ -612,9 +600,7 @@ mod tests {
                 "SELECT bussig.ack_batch('missing', ARRAY[1], ARRAY[gen_random_uuid()])",
                 "42704",
             ),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
     }
 
     #[pg_test]
@@ -634,7 +620,7 @@ mod tests {
         // A stale token is skipped, not an error; the read still happens.
         run("SELECT bussig.send('q', '6')");
         assert_eq!(count("SELECT * FROM bussig.ack_and_read('q', ARRAY[1]::bigint[], ARRAY[gen_random_uuid()])"), 1);
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             (
                 "SELECT * FROM bussig.ack_and_read('q', ARRAY[1, 2], ARRAY[gen_random_uuid()])",
                 "22023",
@@ -653,9 +639,7 @@ mod tests {
             ),
             ("SELECT * FROM bussig.ack_and_read('missing')", "42704"),
             ("SELECT * FROM bussig.ack_and_read(NULL)", "22004"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
     }
 
     #[pg_test]
@@ -798,7 +782,7 @@ mod tests {
             .as_deref(),
             Some("max_deliveries boom q r")
         );
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             (
                 "SELECT bussig.nack('missing', 1, gen_random_uuid())",
                 "42704",
@@ -808,9 +792,7 @@ mod tests {
                 "22023",
             ),
             ("SELECT bussig.nack('q', NULL, gen_random_uuid())", "22004"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
     }
 
     #[pg_test]
@@ -846,7 +828,7 @@ mod tests {
             one::<bool>("SELECT bussig.extend_lock('q', message_id, gen_random_uuid()) FROM got"),
             Some(false)
         );
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             (
                 "SELECT bussig.extend_lock('q', 1, gen_random_uuid(), '0')",
                 "22023",
@@ -856,9 +838,7 @@ mod tests {
                 "42704",
             ),
             ("SELECT bussig.extend_lock('q', 1, NULL)", "22004"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
     }
 
     #[pg_test]
@@ -918,14 +898,12 @@ mod tests {
         assert_eq!(one::<i64>("SELECT bussig.redrive('a')"), Some(1));
         assert_eq!(one::<i64>("SELECT bussig.redrive('a')"), Some(0));
         assert_eq!(messages_in("dlq"), 1);
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             ("SELECT bussig.redrive('dlq')", "55000"),
             ("SELECT bussig.redrive('missing')", "42704"),
             ("SELECT bussig.redrive('a', 0)", "22023"),
             ("SELECT bussig.redrive(NULL)", "22004"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
     }
 
     #[pg_test]
@@ -945,14 +923,12 @@ mod tests {
             count("SELECT FROM bussig.message WHERE delivery_count > 0"),
             0
         );
-        for (sql, sqlstate) in [
+        assert_all_fail(&[
             ("SELECT * FROM bussig.peek('q', 0)", "22023"),
             ("SELECT * FROM bussig.peek('q', 1001)", "22023"),
             ("SELECT * FROM bussig.peek('missing')", "42704"),
             ("SELECT * FROM bussig.peek(NULL)", "22004"),
-        ] {
-            assert_fails(sql, sqlstate);
-        }
+        ]);
     }
 
     #[pg_test]
