@@ -7,6 +7,7 @@ use std::rc::Rc;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
+use pgrx::{FromDatum, IntoDatum};
 
 /// One SQL statement with its parameter types. `writes` is false only for plain SELECTs, which then
 /// run read-only (no command counter bump, and the calling statement's snapshot).
@@ -14,6 +15,12 @@ pub struct Statement {
     pub sql: &'static str,
     pub args: &'static [pg_sys::Oid],
     pub writes: bool,
+}
+
+/// Whether this transaction reads with one snapshot throughout (REPEATABLE READ or SERIALIZABLE):
+/// no statement in it can see what others commit later.
+pub fn snapshot_is_fixed() -> bool {
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
 /// Where the row count of a statement run with `run_limited` goes.
@@ -71,4 +78,15 @@ pub fn run_limited<'conn>(
     } else {
         client.select(&*plan, None, args)
     }
+}
+
+/// The first column of every row a kept statement returns; the column is NOT NULL.
+pub fn first_column<T: FromDatum + IntoDatum>(
+    client: &mut SpiClient<'_>,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<Vec<T>> {
+    run(client, statement, args)?
+        .map(|row| Ok(row.get::<T>(1)?.expect("NOT NULL")))
+        .collect()
 }

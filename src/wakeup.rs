@@ -134,7 +134,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
                     wake_readers(&ready);
                 }
                 if fanout {
-                    wake_worker();
+                    wake_workers_of(unsafe { pg_sys::MyDatabaseId }.to_u32());
                 }
             }
         }
@@ -162,8 +162,8 @@ fn wake_readers(ready: &[i32]) {
     }
 }
 
-fn wake_worker() {
-    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+/// Sets the latch of the worker registered for `database`; database 0 is the launcher's.
+fn wake_workers_of(database: u32) {
     let sleepers = SLEEPERS.share();
     for worker in sleepers.workers.iter() {
         if worker.pid != 0 && worker.database == database {
@@ -285,12 +285,7 @@ pub fn worker_registered() -> bool {
 
 /// Asks the launcher (registered with no database) to look for databases to serve now.
 pub fn wake_launcher() {
-    let sleepers = SLEEPERS.share();
-    for worker in sleepers.workers.iter() {
-        if worker.pid != 0 && worker.database == 0 {
-            unsafe { pg_sys::SetLatch(worker.latch as *mut pg_sys::Latch) };
-        }
-    }
+    wake_workers_of(0);
 }
 
 /// The launcher and each database worker announce themselves so that they can be woken: the

@@ -559,11 +559,6 @@ static NEXT_READY: Statement = Statement {
     writes: true,
 };
 
-/// Whether this transaction reads with one snapshot throughout: waiting could never show it news.
-fn snapshot_is_fixed() -> bool {
-    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
-}
-
 /// Reads what is ready; with a wait, sleeps until a commit makes messages ready in the queue, a
 /// delay or lock runs out, or the wait is over, and reads again.
 /// The arguments of read and ack_and_read, checked.
@@ -637,7 +632,8 @@ fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>
         let delivered =
             Spi::connect_mut(|client| receive(client, queue, max_messages, lock_timeout))?;
         let now = Instant::now();
-        if !delivered.is_empty() || now >= deadline || snapshot_is_fixed() {
+        // Waiting could never show a transaction-long snapshot anything new.
+        if !delivered.is_empty() || now >= deadline || plans::snapshot_is_fixed() {
             return Ok(delivered);
         }
         let Some(waiting) = &waiting else {

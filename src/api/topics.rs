@@ -172,14 +172,11 @@ fn route(
     let routes = cache::routes(client)?;
     let mut queue_ids = routes.index.matching_values(subject);
     if let (Some(dedup_id), false) = (dedup_id, queue_ids.is_empty()) {
-        let claimed = plans::run(
+        queue_ids = plans::first_column(
             client,
             &CLAIM_DEDUP,
             &[queue_ids.clone().into(), dedup_id.into()],
         )?;
-        queue_ids = claimed
-            .map(|row| row.get::<i32>(1).map(|id| id.expect("NOT NULL")))
-            .collect::<Result<_, _>>()?;
         queue_ids.sort_unstable();
     }
     if queue_ids.is_empty() {

@@ -44,6 +44,14 @@ static SUBSCRIPTION_TABLE: Statement = Statement {
     writes: false,
 };
 
+/// The OID of bussig.subscription, looked up each time: the extension may have been recreated.
+fn subscription_table(client: &mut SpiClient<'_>) -> BusResult<Option<pg_sys::Oid>> {
+    match plans::run(client, &SUBSCRIPTION_TABLE, &[])?.next() {
+        Some(row) => Ok(row.get(1)?),
+        None => Ok(None),
+    }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_argument: pg_sys::Datum, relid: pg_sys::Oid) {
     let watched = WATCHED.with(Cell::get);
@@ -89,14 +97,11 @@ pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
             ),
         );
     }
-    let watched = plans::run(client, &SUBSCRIPTION_TABLE, &[])?
-        .next()
-        .and_then(|row| row.get(1).ok().flatten());
+    let watched = subscription_table(client)?;
     WATCHED.with(|cell| cell.set(watched.unwrap_or(pg_sys::InvalidOid)));
     let routes = Rc::new(routes);
-    // Routes read under a transaction-long snapshot (REPEATABLE READ) serve this call only.
-    let fixed_snapshot = unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 };
-    if !fixed_snapshot && GENERATION.with(Cell::get) == generation {
+    // Routes read under a transaction-long snapshot serve this call only.
+    if !plans::snapshot_is_fixed() && GENERATION.with(Cell::get) == generation {
         ROUTES.with(|cached| *cached.borrow_mut() = Some(routes.clone()));
     }
     Ok(routes)
@@ -105,11 +110,10 @@ pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
 /// Called by the trigger on subscriptions and queues: every backend drops its routes (this one at
 /// once, the others when this transaction commits).
 #[pg_extern]
-fn invalidate_routing() {
+fn invalidate_routing() -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
     forget();
-    if let Ok(Some(table)) =
-        Spi::get_one::<pg_sys::Oid>("SELECT to_regclass('bussig.subscription')::oid")
-    {
+    if let Some(table) = Spi::connect_mut(subscription_table)? {
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) };
     }
+    Ok(())
 }

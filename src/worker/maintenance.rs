@@ -147,22 +147,13 @@ static REFRESH_STATS: Statement = Statement {
     writes: true,
 };
 
-fn ids(
-    client: &mut SpiClient<'_>,
-    statement: &'static Statement,
-    limit: i32,
-) -> BusResult<Vec<i64>> {
-    plans::run(client, statement, &[limit.into()])?
-        .map(|row| Ok(row.get::<i64>(1)?.expect("NOT NULL")))
-        .collect()
-}
-
 /// Dead-letters messages whose lock ran out on their last allowed delivery.
 pub fn dead_letter_expired_locks(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    let dead: Vec<Dead> = ids(client, &EXPIRED_FINAL_LOCKS, BATCH)?
-        .into_iter()
-        .map(|id| (id, "max_deliveries".to_string(), true))
-        .collect();
+    let dead: Vec<Dead> =
+        plans::first_column::<i64>(client, &EXPIRED_FINAL_LOCKS, &[BATCH.into()])?
+            .into_iter()
+            .map(|id| (id, "max_deliveries".to_string(), true))
+            .collect();
     let count = dead.len() as i64;
     bury(client, None, dead)?;
     Ok(count)
@@ -189,9 +180,7 @@ pub fn prune_dedup_keys(client: &mut SpiClient<'_>) -> BusResult<i64> {
 
 /// Drops ephemeral queues whose heartbeat stopped, with their messages and subscriptions.
 pub fn drop_expired_queues(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    let expired: Vec<i32> = plans::run(client, &EXPIRED_EPHEMERAL_QUEUES, &[])?
-        .map(|row| Ok(row.get::<i32>(1)?.expect("NOT NULL")))
-        .collect::<BusResult<_>>()?;
+    let expired: Vec<i32> = plans::first_column(client, &EXPIRED_EPHEMERAL_QUEUES, &[])?;
     let mut dropped = 0;
     for queue_id in expired {
         if drop_queue_by_id(client, queue_id)? {
@@ -211,13 +200,11 @@ pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option
     let total: i32 = job.get(3)?.expect("NOT NULL");
     let ready_now: bool = job.get(4)?.expect("NOT NULL");
     let to = from.saturating_add(chunk - 1).min(total);
-    let delivered: Vec<i32> = plans::run(
+    let delivered: Vec<i32> = plans::first_column(
         client,
         &FANOUT_CHUNK,
         &[fanout_id.into(), from.into(), to.into()],
-    )?
-    .map(|row| Ok(row.get::<i32>(1)?.expect("NOT NULL")))
-    .collect::<BusResult<_>>()?;
+    )?;
     if to >= total {
         plans::run(client, &FANOUT_DONE, &[fanout_id.into()])?;
     } else {
