@@ -62,6 +62,15 @@ ALTER SEQUENCE bussig.message_id_seq OWNED BY bussig.message.message_id;
 CREATE INDEX message_delivery_order ON bussig.message (queue_id, priority DESC, visible_at, message_id);
 CREATE INDEX message_final_lock ON bussig.message (visible_at) WHERE final_delivery;
 
+-- Queues drop_queue removed. A send that raced the drop may still commit a message for one of them;
+-- the worker deletes such messages once in-flight sends have had time to finish. Recording the drop
+-- keeps that from ever touching messages whose queue is merely not loaded yet (pg_restore loads
+-- bussig.message before bussig.queue). Not dumped.
+CREATE TABLE bussig.dropped_queue (
+    queue_id   int PRIMARY KEY,
+    dropped_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
 -- De-duplication keys of send(dedup_id => ...), each alive for its queue's dedup_window.
 CREATE TABLE bussig.dedup (
     queue_id   int NOT NULL,

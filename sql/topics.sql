@@ -4,9 +4,12 @@
 -- The worker deletes a body once no message and no pending fan-out refers to it.
 CREATE SEQUENCE bussig.body_id_seq;
 CREATE TABLE bussig.body (
-    body_id    bigint PRIMARY KEY DEFAULT nextval('bussig.body_id_seq'),
+        body_id    bigint PRIMARY KEY DEFAULT nextval('bussig.body_id_seq'),
     created_at timestamptz NOT NULL DEFAULT now(),
-    payload    jsonb NOT NULL
+    payload    jsonb NOT NULL,
+    -- When the worker first found nothing referring to it. It deletes the body only when that is still
+    -- so a minute later: a restore loads bodies before the messages that refer to them.
+    unreferenced_since timestamptz
 );
 ALTER SEQUENCE bussig.body_id_seq OWNED BY bussig.body.body_id;
 CREATE INDEX message_body ON bussig.message (body_id) WHERE body_id IS NOT NULL;

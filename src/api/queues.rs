@@ -243,8 +243,11 @@ static DROP_QUEUE: Statement = Statement {
                                 WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1)
           ), gone_messages AS (
               DELETE FROM bussig.message WHERE queue_id IN (SELECT queue_id FROM doomed)
-          ), gone_keys AS (
+                    ), gone_keys AS (
               DELETE FROM bussig.dedup WHERE queue_id IN (SELECT queue_id FROM doomed)
+          ), recorded AS (
+              INSERT INTO bussig.dropped_queue (queue_id) SELECT queue_id FROM doomed
+              ON CONFLICT (queue_id) DO UPDATE SET dropped_at = excluded.dropped_at
           )
           DELETE FROM bussig.queue WHERE queue_id IN (SELECT queue_id FROM doomed)",
     args: &[pg_sys::INT4OID],

@@ -97,30 +97,40 @@ static FANOUT_DONE: Statement = Statement {
     writes: true,
 };
 
-// Examines the next $2 bodies after body_id $1 and deletes those nothing refers to any more; returns
-// the last body examined (NULL at the end of the table) and how many went.
+// Examines the next $2 bodies after body_id $1: deletes those nothing has referred to for a minute,
+// marks those nothing refers to now, and clears the mark of those referred to again. Returns the last
+// body examined (NULL at the end of the table) and how many went.
 static COLLECT_BODIES: Statement = Statement {
     sql: "WITH examined AS (
-              SELECT body_id FROM bussig.body WHERE body_id > $1 ORDER BY body_id LIMIT $2
+              SELECT b.body_id, b.unreferenced_since,
+                     NOT EXISTS (SELECT FROM bussig.message m WHERE m.body_id = b.body_id)
+                     AND NOT EXISTS (SELECT FROM bussig.fanout f WHERE f.body_id = b.body_id) AS unreferenced
+              FROM bussig.body b WHERE b.body_id > $1 ORDER BY b.body_id LIMIT $2
           ), collected AS (
               DELETE FROM bussig.body b USING examined e
-              WHERE b.body_id = e.body_id
-                AND NOT EXISTS (SELECT FROM bussig.message m WHERE m.body_id = b.body_id)
-                AND NOT EXISTS (SELECT FROM bussig.fanout f WHERE f.body_id = b.body_id)
+              WHERE b.body_id = e.body_id AND e.unreferenced
+                AND e.unreferenced_since < clock_timestamp() - interval '1 minute'
               RETURNING 1
+          ), marked AS (
+              UPDATE bussig.body b
+              SET unreferenced_since = CASE WHEN e.unreferenced THEN clock_timestamp() END
+              FROM examined e
+              WHERE b.body_id = e.body_id AND e.unreferenced = (e.unreferenced_since IS NULL)
           )
           SELECT (SELECT max(body_id) FROM examined), (SELECT count(*) FROM collected)",
     args: &[pg_sys::INT8OID, pg_sys::INT4OID],
     writes: true,
 };
 
-// A send racing drop_queue can leave a message whose queue is gone; nobody could ever read it.
+// A send racing drop_queue can leave a message whose queue is gone; nobody could ever read it. A
+// minute after the drop, every such send has committed or rolled back.
 static ORPHANED_MESSAGES: Statement = Statement {
-    sql: "DELETE FROM bussig.message WHERE message_id = ANY (ARRAY(
-              SELECT m.message_id FROM bussig.message m
-              WHERE NOT EXISTS (SELECT FROM bussig.queue q WHERE q.queue_id = m.queue_id)
-              LIMIT $1))",
-    args: &[pg_sys::INT4OID],
+    sql: "WITH settled AS (
+              DELETE FROM bussig.dropped_queue WHERE dropped_at < clock_timestamp() - interval '1 minute'
+              RETURNING queue_id
+          )
+          DELETE FROM bussig.message WHERE queue_id IN (SELECT queue_id FROM settled)",
+    args: &[],
     writes: true,
 };
 
@@ -253,7 +263,7 @@ pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
 }
 
 pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    Ok(plans::run(client, &ORPHANED_MESSAGES, &[BATCH.into()])?.len() as i64)
+    Ok(plans::run(client, &ORPHANED_MESSAGES, &[])?.len() as i64)
 }
 
 /// Every step once, in the caller's transaction; pending fan-outs are delivered completely.

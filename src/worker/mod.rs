@@ -25,8 +25,7 @@ const WORKER_TYPE: &str = "bussig worker";
 const LAUNCHER_INTERVAL: Duration = Duration::from_secs(10);
 /// A database whose worker exited (no extension there) is tried again after this long.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
-/// Slow steps (a scan of all messages) run once per this many rounds.
-const ROUNDS_PER_ORPHAN_SCAN: u64 = 300;
+
 /// Session advisory lock key that keeps one worker per database.
 const WORKER_LOCK_KEY: i64 = 0x6275_7373_6967; // "bussig"
 
@@ -225,7 +224,7 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
         return;
     };
     wakeup::register_worker();
-    let mut round: u64 = 0;
+
     let mut last_count = None;
     // Where body collection goes on from: it examines a slice of the bodies each round.
     let mut bodies_after = 0;
@@ -235,9 +234,9 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
         if !database_allowed(&database_name) || run_step("check", extension_present) != Some(true) {
             return;
         }
-        run_round(round, &mut bodies_after);
+        run_round(&mut bodies_after);
         refresh_stats_when_due(&mut last_count);
-        round += 1;
+
         let interval = Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
         if !BackgroundWorker::wait_latch(Some(interval)) {
             return;
@@ -274,7 +273,7 @@ fn extension_present() -> BusResult<bool> {
 
 /// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction until
 /// none is left, so that a worker killed in the middle redoes at most one uncommitted chunk.
-fn run_round(round: u64, bodies_after: &mut i64) {
+fn run_round(bodies_after: &mut i64) {
     while let Some(Some(_)) = run_step("fan-out", || {
         Spi::connect_mut(|client| maintenance::fan_out_chunk(client, maintenance::BATCH))
     }) {}
@@ -296,11 +295,9 @@ fn run_round(round: u64, bodies_after: &mut i64) {
     }) {
         *bodies_after = next.unwrap_or(0);
     }
-    if round.is_multiple_of(ROUNDS_PER_ORPHAN_SCAN) {
-        run_step("orphan removal", || {
-            Spi::connect_mut(maintenance::remove_orphans)
-        });
-    }
+    run_step("orphan removal", || {
+        Spi::connect_mut(maintenance::remove_orphans)
+    });
 }
 
 /// Recounts the queues for bussig.queues when bussig.stats_interval has passed since the last count.
