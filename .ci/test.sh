@@ -18,6 +18,9 @@ log="$work/test.log"
 trap '.ci/cluster.sh stop "$work/pgdata"; rm -rf "$work"' EXIT
 
 echo "== unit tests (#[pg_test])"
+# pgrx copies bussig.so over the installed one in place, which would crash any running server that has it
+# mapped; removed first, the copy gets a new inode and running servers keep the old file.
+rm -f "$("$PG_BIN/pg_config" --pkglibdir)/bussig.so"
 cargo pgrx test pg15 --runas postgres --pgdata /tmp/bussig-pgrx-test 2>&1 | tee -a "$log"
 
 echo "== install into PostgreSQL 15"
