@@ -13,6 +13,9 @@ if ! build_log=$(cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$out" "$
     echo "$build_log" >&2
     exit 1
 fi
+# The full scripts of earlier releases too (pgrx packages only the upgrade scripts): tests install
+# the first release and update it.
+cp sql/bussig--*.sql "$out$("$PG_CONFIG" --sharedir)/extension/"
 (cd "$out" && find . -type f) | while read -r file; do
     target="/${file#./}"
     install -D -m 644 "$out/$file" "$target.new"

@@ -22,12 +22,66 @@ CREATE TABLE bussig.queue (
     -- An ephemeral queue is dropped by the worker when no heartbeat came for ephemeral_ttl.
     ephemeral_ttl        interval CHECK (ephemeral_ttl > interval '0'),
     heartbeat_at         timestamptz,
-    created_at           timestamptz NOT NULL DEFAULT now()
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    -- The role that created it: it may do everything with the queue, and grant that to others.
+    owner                name NOT NULL
 );
 ALTER SEQUENCE bussig.queue_id_seq OWNED BY bussig.queue.queue_id;
 -- drop_queue looks queues up by their dead-letter queue, as does the foreign key's check.
 CREATE INDEX queue_dead_letter_queue ON bussig.queue (dead_letter_queue_id);
 CREATE INDEX queue_dead_letter_owner ON bussig.queue (dead_letter_owner_id);
+
+-- Privileges on a queue beyond its owner's (bussig.grant). Roles are kept by name, as pg_dump writes
+-- them, so grants survive a restore into a cluster whose roles have other OIDs; 'public' is everyone.
+CREATE TABLE bussig.queue_grant (
+    queue_id  int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
+    grantee   name NOT NULL,
+    privilege text NOT NULL CHECK (privilege IN ('send', 'consume', 'manage')),
+    PRIMARY KEY (queue_id, grantee, privilege)
+);
+-- Roles the extension owner allowed to create queues (bussig.grant_create_queues).
+CREATE TABLE bussig.queue_creator (
+    grantee name PRIMARY KEY
+);
+
+-- Whether role holds privilege (any, when NULL) on queue: the owner of extension bussig (and every
+-- superuser) holds all of them on every queue, a queue's owner all of them on it. NULL when there is
+-- no such queue. Like has_table_privilege, anyone may ask about anyone.
+CREATE FUNCTION bussig.has_queue_privilege(role regrole, queue text, privilege text)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role($1, n.nspowner, 'USAGE')
+        OR EXISTS (SELECT FROM pg_roles r WHERE r.rolname = q.owner AND pg_has_role($1, r.oid, 'USAGE'))
+        OR EXISTS (SELECT FROM bussig.queue_grant g
+                   WHERE g.queue_id = q.queue_id
+                     AND (g.privilege = $3 OR $3 IS NULL)
+                     AND (g.grantee = 'public'
+                          OR EXISTS (SELECT FROM pg_roles r
+                                     WHERE r.rolname = g.grantee AND pg_has_role($1, r.oid, 'USAGE'))))
+    FROM bussig.queue q, pg_namespace n
+    WHERE q.name = $2 AND n.nspname = 'bussig'
+$$;
+
+-- The same for the current user.
+CREATE FUNCTION bussig.has_queue_privilege(queue text, privilege text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$ SELECT bussig.has_queue_privilege(pg_catalog.to_regrole(current_user::text), $1, $2) $$;
+
+-- Whether role may create queues: the extension owner allowed it, or role owns the extension.
+CREATE FUNCTION bussig.may_create_queues(role regrole)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role($1, n.nspowner, 'USAGE')
+        OR EXISTS (SELECT FROM bussig.queue_creator c
+                   WHERE c.grantee = 'public'
+                      OR EXISTS (SELECT FROM pg_roles r
+                                 WHERE r.rolname = c.grantee AND pg_has_role($1, r.oid, 'USAGE')))
+    FROM pg_namespace n
+    WHERE n.nspname = 'bussig'
+$$;
 
 -- One row per message in one queue. A locked message is one whose visible_at lies in the future and
 -- whose lock_token is set; a delayed one has visible_at in the future and no token. Lock expiry needs
@@ -86,6 +140,8 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.queue_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.message', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.message_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.dedup', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.queue_grant', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.queue_creator', '');
 
 -- The delay before a nacked message is ready again: retry_delay * retry_multiplier^(attempt-1), capped
 -- at retry_delay_max. Computed in log space so that no attempt count can overflow. Inlined by the planner.
@@ -113,7 +169,7 @@ CREATE TABLE bussig.queue_stats (
 
 -- Counts are live and exact for a queue that holds fewer than 10,000 messages now (a probe of at
 -- most that many index entries tells). A larger queue shows the worker's last count when it is at most
--- a minute old, so that watching a big queue costs little.
+-- a minute old, so that watching a big queue costs little. Each role sees the queues it may use.
 CREATE VIEW bussig.queues AS
 SELECT q.name AS queue,
        d.name AS dead_letter_queue,
@@ -124,7 +180,8 @@ SELECT q.name AS queue,
        q.max_deliveries,
        q.lock_timeout,
        q.message_ttl,
-       q.created_at
+       q.created_at,
+       q.owner
 FROM bussig.queue q
 -- The wall clock, as read and peek use it, taken once.
 CROSS JOIN (SELECT clock_timestamp() AS now) AS clock
@@ -148,4 +205,12 @@ CROSS JOIN LATERAL (
     FROM bussig.message m
     WHERE counted.queue_id IS NULL AND m.queue_id = q.queue_id
     HAVING counted.queue_id IS NULL
-) s;
+) s
+WHERE bussig.has_queue_privilege(q.name);
+
+-- The grants on the queues the current user may manage.
+CREATE VIEW bussig.grants AS
+SELECT q.name AS queue, g.grantee, g.privilege
+FROM bussig.queue_grant g
+JOIN bussig.queue q USING (queue_id)
+WHERE bussig.has_queue_privilege(q.name, 'manage');

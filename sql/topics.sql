@@ -61,4 +61,5 @@ CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify OR DELETE ON b
 CREATE VIEW bussig.subscriptions AS
 SELECT q.name AS queue, s.pattern, s.created_at, q.heartbeat_at + q.ephemeral_ttl AS expires_at
 FROM bussig.subscription s
-JOIN bussig.queue q USING (queue_id);
+JOIN bussig.queue q USING (queue_id)
+WHERE bussig.has_queue_privilege(q.name);

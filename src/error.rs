@@ -40,6 +40,20 @@ pub enum BusError {
     #[error("queue \"{0}\" is a dead-letter queue and has none of its own")]
     NoDeadLetterQueue(String),
 
+    #[error("permission denied for queue \"{queue}\": role \"{role}\" lacks {privilege}")]
+    PermissionDenied {
+        /// send, consume or manage (bussig.grant), create (bussig.grant_create_queues), or ownership
+        privilege: &'static str,
+        queue: String,
+        role: String,
+    },
+
+    #[error("permission denied: only the owner of extension bussig may call {0}")]
+    OwnerOnly(&'static str),
+
+    #[error("role \"{0}\" does not exist")]
+    UnknownRole(String),
+
     #[error("internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -60,7 +74,10 @@ impl BusError {
             | BusError::InvalidArgument { .. }
             | BusError::InvalidSubject { .. }
             | BusError::InvalidPattern { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
-            BusError::UnknownQueue(_) => ERRCODE_UNDEFINED_OBJECT,
+            BusError::UnknownQueue(_) | BusError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
+            BusError::PermissionDenied { .. } | BusError::OwnerOnly(_) => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
             BusError::MessageTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             BusError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             BusError::DeadLetterQueueInUse { .. } => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
@@ -95,6 +112,15 @@ impl BusError {
             }
             BusError::NoDeadLetterQueue(name) => Some(format!(
                 "redrive and dead_letter take the source queue; give queue \"{name}\" a dead-letter queue with alter_queue if it needs one."
+            )),
+            BusError::PermissionDenied { privilege: "create", role, .. } => Some(format!(
+                "The owner of extension bussig can allow it: SELECT bussig.grant_create_queues('{role}')."
+            )),
+            BusError::PermissionDenied { privilege: "ownership", .. } => Some(
+                "Only the queue's owner, the owner of extension bussig or a superuser can.".into(),
+            ),
+            BusError::PermissionDenied { privilege, queue, role } => Some(format!(
+                "The queue's owner can allow it: SELECT bussig.grant('{queue}', '{role}', ARRAY['{privilege}'])."
             )),
             _ => None,
         }

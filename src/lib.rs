@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 
+mod access;
 mod api;
 mod datum;
 mod error;
@@ -18,11 +19,7 @@ mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/topics.sql", name = "topics", requires = ["schema"]);
-extension_sql!(
-    "SELECT bussig.ensure_worker();",
-    name = "ensure_worker",
-    finalize
-);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

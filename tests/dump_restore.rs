@@ -1,42 +1,17 @@
 //! Queue definitions, messages and de-duplication keys survive pg_dump / pg_restore into a new database,
 //! and the API carries on there (ids continue, remembered dedup ids still deduplicate).
 
-use std::process::Command;
-
 use bussig_tests::*;
-use postgres::{Client, NoTls};
-
-/// PostgreSQL's client programs; `make test` uses the system PostgreSQL 15.
-fn pg_program(name: &str) -> String {
-    let bin =
-        std::env::var("BUSSIG_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    format!("{bin}/{name}")
-}
-
-/// BUSSIG_TEST_URL pointed at another database (a later key wins in a libpq connection string).
-fn url_for(database: &str) -> String {
-    let url =
-        std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`");
-    format!("{url} dbname={database}")
-}
-
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(pg_program(program))
-        .args(args)
-        .output()
-        .expect(program);
-    assert!(
-        output.status.success(),
-        "{program} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use postgres::Client;
 
 /// Everything bussig stores, as text, in a stable order.
 fn snapshot(client: &mut Client) -> Vec<String> {
     let sql = "SELECT format('%s', q) FROM bussig.queue q
                UNION ALL SELECT format('%s', m) FROM bussig.message m
                UNION ALL SELECT format('%s', d) FROM bussig.dedup d
+               UNION ALL SELECT format('%s', g) FROM bussig.queue_grant g
+               UNION ALL SELECT format('%s', c) FROM bussig.queue_creator c
+               UNION ALL SELECT format('%s', s) FROM bussig.subscription s
                ORDER BY 1";
     client
         .query(sql, &[])
@@ -47,27 +22,27 @@ fn snapshot(client: &mut Client) -> Vec<String> {
 }
 
 #[test]
-fn dump_restore_keeps_queues_messages_and_keys() {
-    let mut admin = connect();
-    let source = unique_name("dump_src");
-    let target = unique_name("dump_dst");
-    for database in [&source, &target] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE \"{database}\""))
-            .expect("create database");
-    }
+fn dump_restore_keeps_queues_messages_keys_and_grants() {
+    let source = Database::create("dump_src");
+    let target = Database::create("dump_dst");
+    let role = Role::create("dump_role");
 
-    let mut src = Client::connect(&url_for(&source), NoTls).expect("connect to source");
-    src.batch_execute(
+    let mut src = source.connect();
+    src.batch_execute(&format!(
         r#"CREATE EXTENSION bussig;
            SELECT bussig.create_queue('orders', max_deliveries => 7, message_ttl => '1 day',
                                       dead_letter_queue => 'failed');
            SELECT bussig.create_queue('mail', retry_multiplier => 3);
-           SELECT bussig.send('orders', '{"n": 1}', headers => '{"h": "v"}', delay => '1 hour',
+           SELECT bussig.send('orders', '{{"n": 1}}', headers => '{{"h": "v"}}', delay => '1 hour',
                               priority => 4, dedup_id => 'k1', correlation_id => 'c', reply_to => 'r');
-           SELECT bussig.send_batch('mail', ARRAY['{"n": 2}', '{"n": 3}']::jsonb[]);
-           SELECT bussig.dead_letter('mail', message_id, lock_token, 'bad', 'oops') FROM bussig.read('mail');"#,
-    )
+           SELECT bussig.send_batch('mail', ARRAY['{{"n": 2}}', '{{"n": 3}}']::jsonb[]);
+           SELECT bussig.dead_letter('mail', message_id, lock_token, 'bad', 'oops') FROM bussig.read('mail');
+           SELECT bussig.subscribe('mail', 'mail.>');
+           SELECT bussig.grant('orders', '{role}', ARRAY['send', 'consume']);
+           SELECT bussig.grant('mail', 'public', ARRAY['send']);
+           SELECT bussig.grant_create_queues('{role}');"#,
+        role = role.name
+    ))
     .expect("fill source");
     let before = snapshot(&mut src);
     let last_id: i64 = src
@@ -76,13 +51,13 @@ fn dump_restore_keeps_queues_messages_and_keys() {
         .get(0);
     drop(src);
 
-    let dump = std::env::temp_dir().join(format!("{source}.dump"));
+    let dump = std::env::temp_dir().join(format!("{}.dump", source.name));
     let dump = dump.to_str().unwrap();
-    run("pg_dump", &["-Fc", "-f", dump, "-d", &url_for(&source)]);
-    run("pg_restore", &["-d", &url_for(&target), dump]);
+    run_program("pg_dump", &["-Fc", "-f", dump, "-d", &url_for(&source.name)]);
+    run_program("pg_restore", &["-d", &url_for(&target.name), dump]);
     std::fs::remove_file(dump).ok();
 
-    let mut dst = Client::connect(&url_for(&target), NoTls).expect("connect to target");
+    let mut dst = target.connect();
     assert_eq!(snapshot(&mut dst), before, "restored contents differ");
 
     let next_id: i64 = dst
@@ -108,11 +83,22 @@ fn dump_restore_keeps_queues_messages_and_keys() {
         .unwrap()
         .get(0);
     assert_eq!(ready, 2);
-    drop(dst);
-
-    for database in [&source, &target] {
-        admin
-            .batch_execute(&format!("DROP DATABASE \"{database}\" WITH (FORCE)"))
-            .expect("drop database");
-    }
+    // The grants hold in the new database: the role may send and consume on orders, create queues,
+    // and nothing more.
+    let may: Vec<bool> = dst
+        .query_one(
+            "SELECT bussig.has_queue_privilege($1::text::regrole, 'orders', 'send'),
+                    bussig.has_queue_privilege($1::text::regrole, 'orders', 'manage'),
+                    bussig.has_queue_privilege($1::text::regrole, 'mail', 'send'),
+                    bussig.may_create_queues($1::text::regrole)",
+            &[&role.name],
+        )
+        .map(|row| (0..4).map(|i| row.get(i)).collect())
+        .unwrap();
+    assert_eq!(may, [true, false, true, true]);
+    let published: i32 = dst
+        .query_one("SELECT bussig.publish('mail.x', '{}')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1, "subscription lost in restore");
 }

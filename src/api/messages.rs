@@ -11,6 +11,7 @@ use pgrx::Uuid;
 
 use super::queues::{self, SettingsChange};
 use crate::datum::{ArrayShape, BigintArray, Jsonb, JsonbArray, UuidArray};
+use crate::access::{self, Caller, Privilege};
 use crate::error::{BusError, BusResult};
 use crate::gucs;
 use crate::plans::{self, Statement};
@@ -344,11 +345,16 @@ pub fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> 
 /// None when the statement inserted nothing into an existing queue (a duplicate).
 fn insert_messages(
     client: &mut SpiClient<'_>,
+    caller: &Caller,
     queue: &str,
     delay: Option<Interval>,
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<Option<Vec<i64>>> {
+    match caller.require(client, queue, Privilege::Send) {
+        Err(BusError::UnknownQueue(_)) => {}
+        checked => checked?,
+    }
     for attempt in 0..2 {
         let mut ids = Vec::new();
         let mut destination = None;
@@ -370,7 +376,7 @@ fn insert_messages(
         if attempt > 0 || !gucs::AUTO_CREATE_QUEUES.get() {
             break;
         }
-        queues::create(client, queue, SettingsChange::default(), None)?;
+        queues::create(client, caller, queue, SettingsChange::default(), None)?;
     }
     Err(BusError::UnknownQueue(queue.to_string()))
 }
@@ -410,7 +416,9 @@ fn send(
         }
         None => &SEND,
     };
-    let ids = Spi::connect_mut(|client| insert_messages(client, queue, delay, statement, &args))?;
+    let ids = access::connect(|client, caller| {
+        insert_messages(client, caller, queue, delay, statement, &args)
+    })?;
     Ok(ids.map(|ids| ids[0]))
 }
 
@@ -447,7 +455,9 @@ fn send_batch(
         delay.into(),
         priority.into(),
     ];
-    let ids = Spi::connect_mut(|client| insert_messages(client, queue, delay, &SEND_BATCH, &args))?;
+    let ids = access::connect(|client, caller| {
+        insert_messages(client, caller, queue, delay, &SEND_BATCH, &args)
+    })?;
     let mut ids = ids.unwrap_or_default();
     ids.sort_unstable();
     Ok(SetOfIterator::new(ids))
@@ -629,8 +639,10 @@ fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>
     let deadline = Instant::now() + wait;
     let mut waiting = None;
     loop {
-        let delivered =
-            Spi::connect_mut(|client| receive(client, queue, max_messages, lock_timeout))?;
+        let delivered = access::connect(|client, caller| {
+            caller.require(client, queue, Privilege::Consume)?;
+            receive(client, queue, max_messages, lock_timeout)
+        })?;
         let now = Instant::now();
         // Waiting could never show a transaction-long snapshot anything new.
         if !delivered.is_empty() || now >= deadline || plans::snapshot_is_fixed() {
@@ -639,11 +651,11 @@ fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>
         let Some(waiting) = &waiting else {
             // Register, then read once more before the first sleep: a commit between the read above
             // and the registration would otherwise go unnoticed.
-            let queue_id = Spi::connect_mut(|client| queues::require(client, queue))?.queue_id;
+            let queue_id = access::connect(|client, _| queues::require(client, queue))?.queue_id;
             waiting = Some((queue_id, wakeup::Waiting::register(queue_id)));
             continue;
         };
-        let next_ready = Spi::connect_mut(|client| -> BusResult<Option<f64>> {
+        let next_ready = access::connect(|client, _| -> BusResult<Option<f64>> {
             Ok(plans::run(client, &NEXT_READY, &[waiting.0.into()])?
                 .next()
                 .and_then(|row| row.get(1).ok().flatten()))
@@ -704,7 +716,8 @@ fn settle(
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<bool> {
-    Spi::connect_mut(|client| {
+    access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
         if processed(client, statement, args)? > 0 {
             return Ok(true);
         }
@@ -759,7 +772,8 @@ fn ack_batch(
         required(message_ids, "message_ids")?,
         required(lock_tokens, "lock_tokens")?,
     )?;
-    Ok(Spi::connect_mut(|client| {
+    Ok(access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
         let removed = processed(
             client,
             &ACK_BATCH,
@@ -810,7 +824,8 @@ fn ack_and_read(
     };
     let mut request = ReadRequest::check(max_messages, lock_timeout, wait)?;
     if let Some((message_ids, lock_tokens)) = settled {
-        let acked = Spi::connect_mut(|client| {
+        let acked = access::connect(|client, caller| {
+            caller.require(client, queue, Privilege::Consume)?;
             processed(
                 client,
                 &ACK_BATCH,
@@ -835,7 +850,8 @@ fn nack(
 ) -> Result<bool, ErrorReport> {
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
     let delay = validate::delay(delay)?;
-    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+    Ok(access::connect(|client, caller| -> BusResult<bool> {
+        caller.require(client, queue, Privilege::Consume)?;
         let args: [DatumWithOid; 5] = [
             queue.into(),
             message_id.into(),
@@ -899,7 +915,8 @@ fn dead_letter(
 ) -> Result<bool, ErrorReport> {
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
     let reason = required(reason, "reason")?;
-    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+    Ok(access::connect(|client, caller| -> BusResult<bool> {
+        caller.require(client, queue, Privilege::Consume)?;
         let args: [DatumWithOid; 6] = [
             vec![message_id].into(),
             lock_token.into(),
@@ -932,7 +949,8 @@ fn redrive(
             return Err(BusError::invalid("max_messages", format!("{max} is less than 1")).into());
         }
     }
-    Ok(Spi::connect_mut(|client| -> BusResult<i64> {
+    Ok(access::connect(|client, caller| -> BusResult<i64> {
+        caller.require(client, queue, Privilege::Manage)?;
         let found = queues::require(client, queue)?;
         let Some(dead_letter_queue_id) = found.dead_letter_queue_id else {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
@@ -977,7 +995,8 @@ fn peek(
 > {
     let queue = validate::queue_name(queue)?;
     let max_messages = validate::max_messages(max_messages)?;
-    let rows = Spi::connect_mut(|client| -> BusResult<Vec<_>> {
+    let rows = access::connect(|client, caller| -> BusResult<Vec<_>> {
+        caller.require(client, queue, Privilege::Consume)?;
         let mut rows = Vec::new();
         for row in plans::run(client, &PEEK, &[queue.into(), max_messages.into()])? {
             rows.push((

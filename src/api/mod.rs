@@ -1,4 +1,5 @@
 //! The SQL surface: every `#[pg_extern]` lives below this module.
+mod grants;
 mod messages;
 mod queues;
 mod topics;

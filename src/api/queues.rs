@@ -4,6 +4,7 @@ use pgrx::pg_sys::{self, panic::ErrorReport};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
+use crate::access::{self, Caller, Privilege};
 use crate::error::{BusError, BusResult};
 use crate::plans::{self, Statement};
 use crate::validate;
@@ -180,11 +181,11 @@ const fn settings_then<const EXTRA: usize, const ALL: usize>(
 
 static INSERT_QUEUE: Statement = Statement {
     sql: "INSERT INTO bussig.queue (max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max,
-                                    retry_multiplier, dedup_window, notify, name, dead_letter_owner_id)
-          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                    retry_multiplier, dedup_window, notify, name, dead_letter_owner_id, owner)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, pg_catalog.pg_get_userbyid($11))
           ON CONFLICT (name) DO NOTHING
           RETURNING queue_id",
-    args: &settings_then::<2, 10>([pg_sys::TEXTOID, pg_sys::INT4OID]),
+    args: &settings_then::<3, 11>([pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::OIDOID]),
     writes: true,
 };
 
@@ -265,6 +266,7 @@ fn insert_queue(
     name: &str,
     settings: &QueueSettings,
     dead_letter_owner_id: Option<i32>,
+    owner: pg_sys::Oid,
 ) -> BusResult<Option<i32>> {
     let [a1, a2, a3, a4, a5, a6, a7, a8] = settings.args();
     let args = [
@@ -278,6 +280,7 @@ fn insert_queue(
         a8,
         name.into(),
         dead_letter_owner_id.into(),
+        owner.into(),
     ];
     match plans::run(client, &INSERT_QUEUE, &args)?.next() {
         Some(row) => Ok(row.get(1)?),
@@ -285,13 +288,21 @@ fn insert_queue(
     }
 }
 
-/// The dead-letter queue called `name`, created with default settings and none of its own if missing.
+/// The dead-letter queue called `name`, created for the caller with default settings and none of its
+/// own if missing. An existing one must take the caller's sends: dead letters are sends to it.
 fn ensure_dead_letter_queue(
     client: &mut SpiClient<'_>,
+    caller: &Caller,
     name: &str,
     owner_id: Option<i32>,
 ) -> BusResult<i32> {
-    if let Some(queue_id) = insert_queue(client, name, &QueueSettings::default(), owner_id)? {
+    if let Some(found) = resolve(client, name)? {
+        caller.require(client, name, Privilege::Send)?;
+        return Ok(found.queue_id);
+    }
+    caller.require_create(client, name)?;
+    let settings = QueueSettings::default();
+    if let Some(queue_id) = insert_queue(client, name, &settings, owner_id, caller.role())? {
         return Ok(queue_id);
     }
     Ok(require(client, name)?.queue_id)
@@ -322,6 +333,7 @@ fn checked_dead_letter_queue<'a>(queue: &str, dead_letter_queue: &'a str) -> Bus
 /// Creates `queue` and its dead-letter queue; false when the queue already existed (left untouched).
 pub fn create(
     client: &mut SpiClient<'_>,
+    caller: &Caller,
     queue: &str,
     change: SettingsChange,
     dead_letter_queue: Option<&str>,
@@ -331,15 +343,16 @@ pub fn create(
     if resolve(client, queue)?.is_some() {
         return Ok(false);
     }
+    caller.require_create(client, queue)?;
     let (dead_letter_name, owned) = match dead_letter_queue {
         Some(name) => (checked_dead_letter_queue(queue, name)?.to_string(), false),
         None => (own_dead_letter_queue_name(queue)?, true),
     };
-    let Some(queue_id) = insert_queue(client, queue, &settings, None)? else {
+    let Some(queue_id) = insert_queue(client, queue, &settings, None, caller.role())? else {
         return Ok(false);
     };
     let dead_letter_id =
-        ensure_dead_letter_queue(client, &dead_letter_name, owned.then_some(queue_id))?;
+        ensure_dead_letter_queue(client, caller, &dead_letter_name, owned.then_some(queue_id))?;
     plans::run(
         client,
         &SET_DEAD_LETTER_QUEUE,
@@ -378,8 +391,8 @@ fn create_queue(
         dedup_window: setting(dedup_window, "dedup_window")?,
         notify: setting(notify, "notify")?,
     };
-    Ok(Spi::connect_mut(|client| {
-        create(client, queue, change, dead_letter_queue)
+    Ok(access::connect(|client, caller| {
+        create(client, caller, queue, change, dead_letter_queue)
     })?)
 }
 
@@ -408,7 +421,8 @@ fn alter_queue(
         dedup_window,
         notify,
     };
-    Ok(Spi::connect_mut(|client| -> BusResult<()> {
+    Ok(access::connect(|client, caller| -> BusResult<()> {
+        caller.require(client, queue, Privilege::Manage)?;
         let Some(row) = plans::run(client, &LOAD_SETTINGS, &[queue.into()])?.next() else {
             return Err(BusError::UnknownQueue(queue.to_string()));
         };
@@ -433,7 +447,7 @@ fn alter_queue(
         )?;
         if let Some(name) = dead_letter_queue {
             let name = checked_dead_letter_queue(queue, name)?;
-            let dead_letter_id = ensure_dead_letter_queue(client, name, None)?;
+            let dead_letter_id = ensure_dead_letter_queue(client, caller, name, None)?;
             let cycle = plans::run(
                 client,
                 &DEAD_LETTER_CYCLE,
@@ -478,10 +492,11 @@ pub fn drop_queue_by_id(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<
 #[pg_extern]
 fn drop_queue(queue: Option<&str>) -> Result<bool, ErrorReport> {
     let queue = validate::queue_name(queue)?;
-    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+    Ok(access::connect(|client, caller| -> BusResult<bool> {
         let Some(found) = resolve(client, queue)? else {
             return Ok(false);
         };
+        caller.require(client, queue, Privilege::Manage)?;
         if let Some(users) = dead_letter_users(client, found.queue_id)? {
             return Err(BusError::DeadLetterQueueInUse {
                 queue: queue.to_string(),
@@ -495,7 +510,8 @@ fn drop_queue(queue: Option<&str>) -> Result<bool, ErrorReport> {
 #[pg_extern]
 fn purge_queue(queue: Option<&str>) -> Result<i64, ErrorReport> {
     let queue = validate::queue_name(queue)?;
-    Ok(Spi::connect_mut(|client| -> BusResult<i64> {
+    Ok(access::connect(|client, caller| -> BusResult<i64> {
+        caller.require(client, queue, Privilege::Manage)?;
         let found = require(client, queue)?;
         Ok(plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len() as i64)
     })?)

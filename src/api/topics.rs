@@ -8,6 +8,7 @@ use pgrx::spi::SpiClient;
 use super::messages::{check_headers, check_size, Outgoing};
 use super::queues::{self, SettingsChange};
 use crate::datum::{ArrayShape, Jsonb, JsonbArray};
+use crate::access::{self, Caller, Privilege};
 use crate::error::{BusError, BusResult};
 use crate::gucs;
 use crate::plans::{self, Statement};
@@ -123,8 +124,10 @@ fn subscribe(
     if let Some(ttl) = &ttl {
         validate::positive(ttl, "ttl")?;
     }
-    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
-        queues::create(client, queue, SettingsChange::default(), None)?;
+    Ok(access::connect(|client, caller| -> BusResult<bool> {
+        if !queues::create(client, caller, queue, SettingsChange::default(), None)? {
+            caller.require(client, queue, Privilege::Manage)?;
+        }
         let queue_id = queues::require(client, queue)?.queue_id;
         if let Some(ttl) = ttl {
             plans::run(client, &MAKE_EPHEMERAL, &[queue_id.into(), ttl.into()])?;
@@ -137,7 +140,8 @@ fn subscribe(
 fn unsubscribe(queue: Option<&str>, pattern: Option<&str>) -> Result<bool, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let pattern = checked_pattern(pattern)?;
-    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+    Ok(access::connect(|client, caller| -> BusResult<bool> {
+        caller.require(client, queue, Privilege::Manage)?;
         let queue_id = queues::require(client, queue)?.queue_id;
         Ok(!plans::run(client, &UNSUBSCRIBE, &[queue_id.into(), pattern.into()])?.is_empty())
     })?)
@@ -147,7 +151,8 @@ fn unsubscribe(queue: Option<&str>, pattern: Option<&str>) -> Result<bool, Error
 #[pg_extern]
 fn heartbeat(queue: Option<&str>) -> Result<bool, ErrorReport> {
     let queue = validate::queue_name(queue)?;
-    Ok(Spi::connect_mut(|client| -> BusResult<bool> {
+    Ok(access::connect(|client, caller| -> BusResult<bool> {
+        caller.require(client, queue, Privilege::Consume)?;
         if !plans::run(client, &HEARTBEAT, &[queue.into()])?.is_empty() {
             return Ok(true);
         }
@@ -156,10 +161,12 @@ fn heartbeat(queue: Option<&str>) -> Result<bool, ErrorReport> {
     })?)
 }
 
-/// One message for every subscribed queue whose pattern matches; how many queues received it.
+/// One message for every subscribed queue whose pattern matches and that the caller may send to; how
+/// many queues received it.
 #[allow(clippy::too_many_arguments)]
 fn route(
     client: &mut SpiClient<'_>,
+    caller: &Caller,
     subject: &str,
     payload: Jsonb,
     headers: Option<Jsonb>,
@@ -170,7 +177,8 @@ fn route(
     reply_to: Option<&str>,
 ) -> BusResult<i64> {
     let routes = cache::routes(client)?;
-    let mut queue_ids = routes.index.matching_values(subject);
+    let matching = routes.index.matching_values(subject);
+    let mut queue_ids = caller.permitted(client, matching, Some(Privilege::Send))?;
     if let (Some(dedup_id), false) = (dedup_id, queue_ids.is_empty()) {
         queue_ids = plans::first_column(
             client,
@@ -234,9 +242,10 @@ fn publish(
         delay,
         priority,
     } = Outgoing::check(payload, headers, delay, priority)?;
-    let count = Spi::connect_mut(|client| {
+    let count = access::connect(|client, caller| {
         route(
             client,
+            caller,
             subject,
             payload,
             headers,
@@ -276,10 +285,10 @@ fn publish_batch(
         subject_list.push(checked_subject(subject.as_deref())?);
         check_size(payload.size(), headers)?;
     }
-    Ok(Spi::connect_mut(|client| -> BusResult<i64> {
+    Ok(access::connect(|client, caller| -> BusResult<i64> {
         let mut total = 0;
         for (subject, payload) in subject_list.into_iter().zip(payloads) {
-            total += route(client, subject, payload, headers, None, 0, None, None, None)?;
+            total += route(client, caller, subject, payload, headers, None, 0, None, None, None)?;
         }
         Ok(total)
     })?)
@@ -291,12 +300,14 @@ fn match_subject(
     subject: Option<&str>,
 ) -> Result<TableIterator<'static, (name!(queue, String), name!(pattern, String))>, ErrorReport> {
     let subject = checked_subject(subject)?;
-    let rows = Spi::connect_mut(|client| -> BusResult<Vec<(String, String)>> {
+    let rows = access::connect(|client, caller| -> BusResult<Vec<(String, String)>> {
         let routes = cache::routes(client)?;
-        let mut rows: Vec<(String, String)> = routes
-            .index
-            .matches(subject)
+        let matches = routes.index.matches(subject);
+        let ids = matches.iter().map(|&(_, queue_id)| queue_id).collect();
+        let visible = caller.permitted(client, ids, None)?;
+        let mut rows: Vec<(String, String)> = matches
             .into_iter()
+            .filter(|(_, queue_id)| visible.contains(queue_id))
             .filter_map(|(pattern, queue_id)| {
                 routes
                     .queues

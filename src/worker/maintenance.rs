@@ -269,6 +269,7 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
 /// Every step once, in the caller's transaction; pending fan-outs are delivered completely.
 #[pg_extern]
 fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
+    crate::access::require_owner("run_maintenance")?;
     Ok(Spi::connect_mut(|client| -> BusResult<pgrx::JsonB> {
         let started = Instant::now();
         // Full scans over a large table must not pay a JIT compile on every call.

@@ -254,6 +254,8 @@ fn claim_database() -> BusResult<Option<String>> {
     // holding up every other step (fan-outs, expiry) in this database.
     Spi::run("SET lock_timeout = '1s'")?;
     Spi::run("SET statement_timeout = '5min'")?;
+    // The worker is a superuser: no object anyone creates may stand in for a built-in one.
+    Spi::run("SET search_path = pg_catalog, pg_temp")?;
     if !extension_present()? {
         return Ok(None);
     }

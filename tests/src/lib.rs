@@ -221,3 +221,83 @@ pub fn counts(c: &mut impl GenericClient, queue: &str) -> (i64, i64, i64) {
 pub fn header<'a>(headers: &'a Option<Value>, key: &str) -> Option<&'a str> {
     headers.as_ref()?.get(key)?.as_str()
 }
+
+/// PostgreSQL's client programs; `make test` uses the system PostgreSQL 15.
+pub fn pg_program(name: &str) -> String {
+    let bin =
+        std::env::var("BUSSIG_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    format!("{bin}/{name}")
+}
+
+/// BUSSIG_TEST_URL pointed at another database (a later key wins in a libpq connection string).
+pub fn url_for(database: &str) -> String {
+    let url =
+        std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`");
+    format!("{url} dbname={database}")
+}
+
+/// Runs one of PostgreSQL's client programs and fails the test when it fails.
+pub fn run_program(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(pg_program(program))
+        .args(args)
+        .output()
+        .expect(program);
+    assert!(
+        output.status.success(),
+        "{program} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A database of its own for one test, dropped (with FORCE: the worker may be connected) at the end.
+pub struct Database {
+    pub name: String,
+}
+
+impl Database {
+    pub fn create(test: &str) -> Database {
+        let name = unique_name(test);
+        connect()
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .expect("create database");
+        Database { name }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&url_for(&self.name), NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to database {}: {e}", self.name))
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        if let Err(e) = connect().batch_execute(&sql) {
+            eprintln!("{sql}: {e}");
+        }
+    }
+}
+
+/// A login role of its own for one test, dropped at the end.
+pub struct Role {
+    pub name: String,
+}
+
+impl Role {
+    pub fn create(test: &str) -> Role {
+        let name = unique_name(test);
+        connect()
+            .batch_execute(&format!("CREATE ROLE \"{name}\" LOGIN"))
+            .expect("create role");
+        Role { name }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let sql = format!("DROP ROLE IF EXISTS \"{}\"", self.name);
+        if let Err(e) = connect().batch_execute(&sql) {
+            eprintln!("{sql}: {e}");
+        }
+    }
+}

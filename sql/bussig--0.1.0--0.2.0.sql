@@ -1,0 +1,134 @@
+-- bussig 0.1.0 to 0.2.0: queue owners, grants, and the right to create queues.
+\echo Use "ALTER EXTENSION bussig UPDATE" to load this file. \quit
+
+-- Queues made before owners existed belong to the extension's owner.
+ALTER TABLE bussig.queue ADD COLUMN owner name;
+UPDATE bussig.queue
+SET owner = (SELECT pg_catalog.pg_get_userbyid(nspowner) FROM pg_catalog.pg_namespace WHERE nspname = 'bussig');
+ALTER TABLE bussig.queue ALTER COLUMN owner SET NOT NULL;
+
+-- Privileges on a queue beyond its owner's (bussig.grant). Roles are kept by name, as pg_dump writes
+-- them, so grants survive a restore into a cluster whose roles have other OIDs; 'public' is everyone.
+CREATE TABLE bussig.queue_grant (
+    queue_id  int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
+    grantee   name NOT NULL,
+    privilege text NOT NULL CHECK (privilege IN ('send', 'consume', 'manage')),
+    PRIMARY KEY (queue_id, grantee, privilege)
+);
+-- Roles the extension owner allowed to create queues (bussig.grant_create_queues).
+CREATE TABLE bussig.queue_creator (
+    grantee name PRIMARY KEY
+);
+
+-- Whether role holds privilege (any, when NULL) on queue: the owner of extension bussig (and every
+-- superuser) holds all of them on every queue, a queue's owner all of them on it. NULL when there is
+-- no such queue. Like has_table_privilege, anyone may ask about anyone.
+CREATE FUNCTION bussig.has_queue_privilege(role regrole, queue text, privilege text)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role($1, n.nspowner, 'USAGE')
+        OR EXISTS (SELECT FROM pg_roles r WHERE r.rolname = q.owner AND pg_has_role($1, r.oid, 'USAGE'))
+        OR EXISTS (SELECT FROM bussig.queue_grant g
+                   WHERE g.queue_id = q.queue_id
+                     AND (g.privilege = $3 OR $3 IS NULL)
+                     AND (g.grantee = 'public'
+                          OR EXISTS (SELECT FROM pg_roles r
+                                     WHERE r.rolname = g.grantee AND pg_has_role($1, r.oid, 'USAGE'))))
+    FROM bussig.queue q, pg_namespace n
+    WHERE q.name = $2 AND n.nspname = 'bussig'
+$$;
+
+-- The same for the current user.
+CREATE FUNCTION bussig.has_queue_privilege(queue text, privilege text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$ SELECT bussig.has_queue_privilege(pg_catalog.to_regrole(current_user::text), $1, $2) $$;
+
+-- Whether role may create queues: the extension owner allowed it, or role owns the extension.
+CREATE FUNCTION bussig.may_create_queues(role regrole)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role($1, n.nspowner, 'USAGE')
+        OR EXISTS (SELECT FROM bussig.queue_creator c
+                   WHERE c.grantee = 'public'
+                      OR EXISTS (SELECT FROM pg_roles r
+                                 WHERE r.rolname = c.grantee AND pg_has_role($1, r.oid, 'USAGE')))
+    FROM pg_namespace n
+    WHERE n.nspname = 'bussig'
+$$;
+
+SELECT pg_catalog.pg_extension_config_dump('bussig.queue_grant', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.queue_creator', '');
+
+-- Counts are live and exact for a queue that holds fewer than 10,000 messages now (a probe of at
+-- most that many index entries tells). A larger queue shows the worker's last count when it is at most
+-- a minute old, so that watching a big queue costs little. Each role sees the queues it may use.
+CREATE OR REPLACE VIEW bussig.queues AS
+SELECT q.name AS queue,
+       d.name AS dead_letter_queue,
+       s.ready,
+       s.delayed,
+       s.locked,
+       s.oldest_ready_age,
+       q.max_deliveries,
+       q.lock_timeout,
+       q.message_ttl,
+       q.created_at,
+       q.owner
+FROM bussig.queue q
+-- The wall clock, as read and peek use it, taken once.
+CROSS JOIN (SELECT clock_timestamp() AS now) AS clock
+LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS at_least
+    FROM (SELECT FROM bussig.message m WHERE m.queue_id = q.queue_id LIMIT 10000) AS probe
+) size
+LEFT JOIN bussig.queue_stats counted
+       ON counted.queue_id = q.queue_id
+      AND size.at_least >= 10000
+            AND counted.counted_at > clock.now - interval '1 minute'
+CROSS JOIN LATERAL (
+        SELECT counted.ready, counted.delayed, counted.locked, clock.now - counted.oldest_ready_since AS oldest_ready_age
+    WHERE counted.queue_id IS NOT NULL
+    UNION ALL
+        SELECT count(*) FILTER (WHERE m.visible_at <= clock.now),
+           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NULL),
+           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NOT NULL),
+           clock.now - min(m.enqueued_at) FILTER (WHERE m.visible_at <= clock.now)
+    FROM bussig.message m
+    WHERE counted.queue_id IS NULL AND m.queue_id = q.queue_id
+    HAVING counted.queue_id IS NULL
+) s
+WHERE bussig.has_queue_privilege(q.name);
+
+-- The grants on the queues the current user may manage.
+CREATE VIEW bussig.grants AS
+SELECT q.name AS queue, g.grantee, g.privilege
+FROM bussig.queue_grant g
+JOIN bussig.queue q USING (queue_id)
+WHERE bussig.has_queue_privilege(q.name, 'manage');
+
+CREATE OR REPLACE VIEW bussig.subscriptions AS
+SELECT q.name AS queue, s.pattern, s.created_at, q.heartbeat_at + q.ephemeral_ttl AS expires_at
+FROM bussig.subscription s
+JOIN bussig.queue q USING (queue_id)
+WHERE bussig.has_queue_privilege(q.name);
+
+-- The new SQL functions, as the 0.2.0 library defines them.
+CREATE FUNCTION bussig."grant"(queue text, role text, privileges text[])
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'grant_wrapper';
+CREATE FUNCTION bussig."revoke"(queue text, role text, privileges text[] DEFAULT NULL)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_wrapper';
+CREATE FUNCTION bussig.grant_create_queues(role text)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'grant_create_queues_wrapper';
+CREATE FUNCTION bussig.revoke_create_queues(role text)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_create_queues_wrapper';
+
+-- Privileges: the SQL functions check who calls them (src/access.rs) and work as the extension owner;
+-- the tables stay closed to everyone else.
+GRANT USAGE ON SCHEMA bussig TO PUBLIC;
+GRANT SELECT ON bussig.queues, bussig.subscriptions, bussig.grants TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION bussig.run_maintenance(), bussig.invalidate_routing(), bussig.ensure_worker(),
+    bussig.routing_changed() FROM PUBLIC;

@@ -1,0 +1,238 @@
+//! Who may do what. Every SQL function checks its caller's privileges on the queues it touches, then
+//! runs bussig's own statements as the extension's owner (the owner of schema `bussig`), with
+//! `search_path` pinned so that no object of the caller's can stand in for a built-in one. The tables
+//! stay closed to everyone else; this is what a SECURITY DEFINER function does, except that the caller
+//! stays known for the checks.
+use std::ffi::CString;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use crate::error::{BusError, BusResult};
+use crate::plans::{self, Statement};
+
+/// What a role may do with one queue (`bussig.grant`); a queue's owner may do all of it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Privilege {
+    /// send, send_batch, and receiving publishes
+    Send,
+    /// read, ack, nack, extend_lock, dead_letter, peek, heartbeat
+    Consume,
+    /// alter, purge, drop, redrive, subscribe, unsubscribe
+    Manage,
+}
+
+impl Privilege {
+    pub const ALL: [Privilege; 3] = [Privilege::Send, Privilege::Consume, Privilege::Manage];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Privilege::Send => "send",
+            Privilege::Consume => "consume",
+            Privilege::Manage => "manage",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Privilege> {
+        Privilege::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// The role a call came from.
+pub struct Caller {
+    role: pg_sys::Oid,
+    /// The extension owner, a member of it, or a superuser: no check applies.
+    unrestricted: bool,
+}
+
+static HAS_QUEUE_PRIVILEGE: Statement = Statement {
+    sql: "SELECT bussig.has_queue_privilege($1::regrole, $2, $3)",
+    args: &[pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
+    writes: false,
+};
+
+static MAY_CREATE_QUEUES: Statement = Statement {
+    sql: "SELECT bussig.may_create_queues($1::regrole)",
+    args: &[pg_sys::OIDOID],
+    writes: false,
+};
+
+// $3 NULL: any privilege.
+static PERMITTED: Statement = Statement {
+    sql: "SELECT queue_id FROM bussig.queue
+          WHERE queue_id = ANY($2) AND bussig.has_queue_privilege($1::regrole, name, $3)",
+    args: &[pg_sys::OIDOID, pg_sys::INT4ARRAYOID, pg_sys::TEXTOID],
+    writes: false,
+};
+
+static OWNS_QUEUE: Statement = Statement {
+    sql: "SELECT pg_catalog.pg_has_role($1, r.oid, 'USAGE')
+          FROM bussig.queue q LEFT JOIN pg_catalog.pg_roles r ON r.rolname = q.owner
+          WHERE q.name = $2",
+    args: &[pg_sys::OIDOID, pg_sys::TEXTOID],
+    writes: false,
+};
+
+fn first_bool(
+    client: &mut SpiClient<'_>,
+    statement: &'static Statement,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> BusResult<Option<bool>> {
+    Ok(plans::run(client, statement, args)?
+        .next()
+        .map(|row| row.get::<bool>(1))
+        .transpose()?
+        .flatten())
+}
+
+impl Caller {
+    pub fn role(&self) -> pg_sys::Oid {
+        self.role
+    }
+
+    /// Fails with 42501 unless the caller holds `privilege` on `queue` (42704 when there is no such queue).
+    pub fn require(&self, client: &mut SpiClient<'_>, queue: &str, privilege: Privilege) -> BusResult<()> {
+        if self.unrestricted {
+            return Ok(());
+        }
+        let args = [self.role.into(), queue.into(), privilege.name().into()];
+        match first_bool(client, &HAS_QUEUE_PRIVILEGE, &args)? {
+            Some(true) => Ok(()),
+            Some(false) => Err(self.denied(privilege.name(), queue)),
+            None => Err(BusError::UnknownQueue(queue.to_string())),
+        }
+    }
+
+    /// Fails with 42501 unless the caller owns `queue` (or is unrestricted); 42704 for no such queue.
+    pub fn require_queue_owner(&self, client: &mut SpiClient<'_>, queue: &str) -> BusResult<()> {
+        if self.unrestricted {
+            return Ok(());
+        }
+        let found = plans::run(client, &OWNS_QUEUE, &[self.role.into(), queue.into()])?
+            .next()
+            .map(|row| row.get::<bool>(1))
+            .transpose()?;
+        match found {
+            None => Err(BusError::UnknownQueue(queue.to_string())),
+            Some(Some(true)) => Ok(()),
+            Some(_) => Err(self.denied("ownership", queue)),
+        }
+    }
+
+    fn denied(&self, privilege: &'static str, queue: &str) -> BusError {
+        BusError::PermissionDenied {
+            privilege,
+            queue: queue.to_string(),
+            role: role_name(self.role),
+        }
+    }
+
+    /// Fails with 42501 unless the extension owner allowed the caller to create queues.
+    pub fn require_create(&self, client: &mut SpiClient<'_>, queue: &str) -> BusResult<()> {
+        if self.unrestricted {
+            return Ok(());
+        }
+        if first_bool(client, &MAY_CREATE_QUEUES, &[self.role.into()])? == Some(true) {
+            return Ok(());
+        }
+        Err(self.denied("create", queue))
+    }
+
+    /// The queues among `queue_ids` on which the caller holds `privilege` (any, when None), in order.
+    pub fn permitted(
+        &self,
+        client: &mut SpiClient<'_>,
+        mut queue_ids: Vec<i32>,
+        privilege: Option<Privilege>,
+    ) -> BusResult<Vec<i32>> {
+        if self.unrestricted || queue_ids.is_empty() {
+            return Ok(queue_ids);
+        }
+        let args = [
+            self.role.into(),
+            queue_ids.clone().into(),
+            privilege.map(Privilege::name).into(),
+        ];
+        let allowed: Vec<i32> = plans::first_column(client, &PERMITTED, &args)?;
+        queue_ids.retain(|id| allowed.contains(id));
+        Ok(queue_ids)
+    }
+}
+
+fn role_name(role: pg_sys::Oid) -> String {
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(role, false)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Fails with 42501 unless the caller is the extension owner, a member of it, or a superuser.
+pub fn require_owner(function: &'static str) -> BusResult<()> {
+    if unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), extension_owner()) } {
+        return Ok(());
+    }
+    Err(BusError::OwnerOnly(function))
+}
+
+/// The owner of schema `bussig`, read from the catalog cache on each call (it is two hash lookups).
+fn extension_owner() -> pg_sys::Oid {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"bussig".as_ptr(), false);
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            pg_sys::Datum::from(namespace),
+        );
+        if tuple.is_null() {
+            pgrx::error!("schema bussig vanished while in use");
+        }
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tuple)).nspowner;
+        pg_sys::ReleaseSysCache(tuple);
+        owner
+    }
+}
+
+/// Runs `work` on an SPI connection as the extension owner, with `search_path` pinned, and hands it
+/// the caller for its privilege checks. An error inside leaves the user and setting switched; the
+/// (sub)transaction abort that follows restores both, as it does for SECURITY DEFINER functions.
+pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>) -> BusResult<R> {
+    let mut role = pg_sys::InvalidOid;
+    let mut security_context = 0;
+    unsafe { pg_sys::GetUserIdAndSecContext(&mut role, &mut security_context) };
+    let owner = extension_owner();
+    let caller = Caller {
+        role,
+        unrestricted: unsafe { pg_sys::has_privs_of_role(role, owner) },
+    };
+    let nest_level = unsafe { pg_sys::NewGUCNestLevel() };
+    pin_search_path();
+    unsafe {
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            security_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        )
+    };
+    let result = Spi::connect_mut(|client| work(client, &caller));
+    unsafe {
+        pg_sys::SetUserIdAndSecContext(role, security_context);
+        pg_sys::AtEOXact_GUC(true, nest_level);
+    }
+    result
+}
+
+/// Only the system catalogs, then (last, so it can shadow nothing) the session's temporary schema.
+fn pin_search_path() {
+    let name = CString::new("search_path").expect("no NUL");
+    let value = CString::new("pg_catalog, pg_temp").expect("no NUL");
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}
