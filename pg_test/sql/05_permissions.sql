@@ -68,7 +68,7 @@ INSERT INTO calls (call) VALUES
     ($$SELECT count(*) FROM bussig.subscriptions$$),
     ($$SELECT count(*) FROM bussig.grants$$),
     ($$SELECT bussig.run_maintenance() IS NOT NULL$$),
-    ($$SELECT bussig.ensure_worker()$$),
+    ($$SELECT bussig.ensure_worker() IS NOT NULL$$),
     ($$SELECT bussig.invalidate_routing()$$),
     ($$SELECT count(*) FROM bussig.message$$),
     ($$SELECT count(*) FROM bussig.queue_grant$$),
