@@ -43,18 +43,41 @@ fn micros(interval: &Interval) -> i128 {
     interval.as_micros()
 }
 
+/// The longest interval any argument takes. Times are now plus or minus an interval, and PostgreSQL's
+/// timestamps end in 4713 BC: a longer one would break every later statement that computes with it,
+/// the worker's among them.
+const MAX_INTERVAL_YEARS: i128 = 1000;
+
+fn at_most_max(interval: &Interval, what: &'static str) -> BusResult<()> {
+    const MICROS_PER_YEAR: i128 = 366 * 24 * 3600 * 1_000_000;
+    // Each part on its own too: timestamp arithmetic adds months, days and time one after another.
+    let parts = [
+        micros(interval),
+        interval.months() as i128 * 31 * 24 * 3600 * 1_000_000,
+        interval.days() as i128 * 24 * 3600 * 1_000_000,
+        interval.micros() as i128,
+    ];
+    if parts.iter().any(|part| part.abs() > MAX_INTERVAL_YEARS * MICROS_PER_YEAR) {
+        return Err(BusError::invalid(
+            what,
+            format!("it must not be longer than {MAX_INTERVAL_YEARS} years"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn not_negative(interval: &Interval, what: &'static str) -> BusResult<()> {
     if micros(interval) < 0 {
         return Err(BusError::invalid(what, "it must not be negative"));
     }
-    Ok(())
+    at_most_max(interval, what)
 }
 
 pub fn positive(interval: &Interval, what: &'static str) -> BusResult<()> {
     if micros(interval) <= 0 {
         return Err(BusError::invalid(what, "it must be positive"));
     }
-    Ok(())
+    at_most_max(interval, what)
 }
 
 pub fn is_zero(interval: &Interval) -> bool {

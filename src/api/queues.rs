@@ -109,6 +109,7 @@ impl QueueSettings {
             validate::not_negative(ttl, "message_ttl")?;
         }
         validate::not_negative(&self.retry_delay, "retry_delay")?;
+        validate::not_negative(&self.retry_delay_max, "retry_delay_max")?;
         validate::at_most(
             &self.retry_delay,
             &self.retry_delay_max,
