@@ -401,7 +401,7 @@ mod tests {
             queue = "b"
             ordered = true
             batch_size = 5
-            lock_timeout = "10s"
+            lock_timeout = "20s"
             [[route.map]]
             from = "orders.*"
             to = "prod.orders.*"
@@ -409,7 +409,7 @@ mod tests {
         let config = Config::parse("t.toml", text, no_env).unwrap();
         let (a, b) = (&config.routes[0], &config.routes[1]);
         assert_eq!((a.batch_size, a.lock_timeout), (20, Some(Duration::from_secs(60))));
-        assert_eq!((b.batch_size, b.lock_timeout), (5, Some(Duration::from_secs(10))));
+        assert_eq!((b.batch_size, b.lock_timeout), (5, Some(Duration::from_secs(20))));
         assert!(b.ordered);
         assert_eq!(b.target_subject(Some("orders.eu")).as_deref(), Some("prod.orders.eu"));
         assert_eq!(b.target_subject(Some("billing.eu")).as_deref(), Some("billing.eu"));
