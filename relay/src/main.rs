@@ -183,6 +183,20 @@ async fn check_queues(bus: &Bus, config: &Config) -> Result<Vec<QueueInfo>, Star
     Ok(queues)
 }
 
+/// Asks the JetStream API for account information with a raw request: the client's typed
+/// answer expects fields older servers do not send.
+async fn check_jetstream(nats: &async_nats::Client) -> Result<(), String> {
+    let reply = nats
+        .request("$JS.API.INFO", Vec::new().into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let info: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
+    match info.get("error") {
+        Some(error) => Err(error.to_string()),
+        None => Ok(()),
+    }
+}
+
 /// Each fixed subject must land in a stream whose duplicate window covers a re-send after a lock
 /// runs out; a shorter window is allowed but warned about.
 async fn check_streams(
@@ -265,13 +279,10 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
         .timeout(config.ack_timeout)
         .backpressure_on_inflight(true)
         .build(nats.clone());
-    jetstream
-        .query_account()
-        .await
-        .map_err(|e| StartError::NoJetStream {
-            url: redact(&config.nats_url),
-            message: e.to_string(),
-        })?;
+    check_jetstream(&nats).await.map_err(|message| StartError::NoJetStream {
+        url: redact(&config.nats_url),
+        message,
+    })?;
     check_streams(&jetstream, &config, &queues).await?;
     if arguments.check {
         println!("configuration OK: {} route(s)", config.routes.len());
