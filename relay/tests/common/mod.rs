@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 
+#[allow(unused_imports)]
 pub use serde_json::json;
 
 /// Calls `check` every 50 ms until it returns `Some`, panicking after `timeout`.
