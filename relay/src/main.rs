@@ -352,7 +352,8 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
         warn!(timeout = ?config.shutdown_timeout,
               "batches still in flight at the shutdown timeout; their locks will lapse and bussig redelivers them");
     }
-    let _ = nats.flush().await;
+    // Bounded: with NATS away, a flush would wait for the reconnect.
+    let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
     info!("stopped");
     Ok(())
 }
