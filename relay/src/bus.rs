@@ -91,10 +91,14 @@ impl Bus {
         }
         // Notice a peer that vanished without closing the socket well before the OS default of hours.
         config.keepalives_idle(Duration::from_secs(30));
-        let (client, connection) = config.connect(NoTls).await.map_err(|source| BusError::Connect {
-            url: redact(url),
-            source,
-        })?;
+        let (client, connection) =
+            config
+                .connect(NoTls)
+                .await
+                .map_err(|source| BusError::Connect {
+                    url: redact(url),
+                    source,
+                })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "database connection ended");
@@ -129,7 +133,10 @@ impl Bus {
             )
             .await
             .map_err(|e| match e.code() {
-                Some(code) if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::INVALID_SCHEMA_NAME => {
+                Some(code)
+                    if *code == SqlState::UNDEFINED_TABLE
+                        || *code == SqlState::INVALID_SCHEMA_NAME =>
+                {
                     BusError::NoExtension(e)
                 }
                 _ => BusError::Query(e),
@@ -154,7 +161,10 @@ impl Bus {
                 &[&names],
             )
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     /// Takes the session advisory lock that makes this session the only relay draining an ordered
@@ -203,7 +213,10 @@ impl Bus {
         let (ids, tokens) = ids_and_tokens(deliveries);
         let row = self
             .client
-            .query_one("SELECT bussig.ack_batch($1, $2, $3)", &[&queue, &ids, &tokens])
+            .query_one(
+                "SELECT bussig.ack_batch($1, $2, $3)",
+                &[&queue, &ids, &tokens],
+            )
             .await?;
         Ok(row.get(0))
     }

@@ -30,7 +30,9 @@ pub enum ConfigError {
     },
     #[error("configuration file {path} is not valid: {message}")]
     Parse { path: String, message: String },
-    #[error("no database given: set `database_url` in the configuration file or {DATABASE_URL_ENV}")]
+    #[error(
+        "no database given: set `database_url` in the configuration file or {DATABASE_URL_ENV}"
+    )]
     NoDatabase,
     #[error("the configuration has no [[route]]: nothing to relay")]
     NoRoutes,
@@ -44,7 +46,7 @@ pub enum ConfigError {
     Subject {
         index: usize,
         queue: String,
-        source: SubjectError,
+        source: Box<SubjectError>,
     },
     #[error("queue `{0}` has more than one route: give each queue one route")]
     DuplicateQueue(String),
@@ -172,7 +174,11 @@ pub fn parse_duration(name: &str, value: &str) -> Result<Duration, ConfigError> 
     Duration::try_from_secs_f64(seconds).map_err(|_| invalid())
 }
 
-fn duration_or(name: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration_or(
+    name: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     value.map_or(Ok(default), |v| parse_duration(name, v))
 }
 
@@ -222,9 +228,17 @@ impl Config {
         })?;
         let ack_timeout = positive(
             "ack_timeout",
-            duration_or("ack_timeout", file.ack_timeout.as_deref(), Duration::from_secs(5))?,
+            duration_or(
+                "ack_timeout",
+                file.ack_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
         )?;
-        let poll_wait = duration_or("poll_wait", file.poll_wait.as_deref(), Duration::from_secs(10))?;
+        let poll_wait = duration_or(
+            "poll_wait",
+            file.poll_wait.as_deref(),
+            Duration::from_secs(10),
+        )?;
         let shutdown_timeout = duration_or(
             "shutdown_timeout",
             file.shutdown_timeout.as_deref(),
@@ -258,7 +272,7 @@ impl Config {
             let subject_error = |source| ConfigError::Subject {
                 index,
                 queue: queue.clone(),
-                source,
+                source: Box::new(source),
             };
             if queue.trim().is_empty() {
                 return Err(route_error("`queue` is empty".to_string()));
@@ -275,14 +289,19 @@ impl Config {
                 .map(|m| Mapping::new(&m.from, &m.to))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(subject_error)?;
-            let batch_size = route.batch_size.or(file.batch_size).unwrap_or(DEFAULT_BATCH_SIZE);
+            let batch_size = route
+                .batch_size
+                .or(file.batch_size)
+                .unwrap_or(DEFAULT_BATCH_SIZE);
             if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
                 return Err(route_error(format!(
                     "batch_size {batch_size} is outside 1..={MAX_BATCH_SIZE}"
                 )));
             }
             let lock_timeout = match route.lock_timeout.as_deref() {
-                Some(v) => Some(parse_duration("lock_timeout", v).map_err(|e| route_error(e.to_string()))?),
+                Some(v) => Some(
+                    parse_duration("lock_timeout", v).map_err(|e| route_error(e.to_string()))?,
+                ),
                 None => default_lock_timeout,
             };
             if let Some(lock) = lock_timeout {
@@ -335,7 +354,12 @@ pub fn redact(url: &str) -> String {
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         if let Some(at) = rest[..authority_end].rfind('@') {
             if let Some(colon) = rest[..at].find(':') {
-                return format!("{}://{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..]);
+                return format!(
+                    "{}://{}:***{}",
+                    &url[..scheme_end],
+                    &rest[..colon],
+                    &rest[at..]
+                );
             }
         }
         return url.to_string();
@@ -371,7 +395,10 @@ mod tests {
         assert_eq!(config.metrics_address.to_string(), DEFAULT_METRICS_ADDRESS);
         assert_eq!(config.log_format, LogFormat::Json);
         let route = &config.routes[0];
-        assert_eq!((route.batch_size, route.ordered, route.concurrency), (100, false, 1));
+        assert_eq!(
+            (route.batch_size, route.ordered, route.concurrency),
+            (100, false, 1)
+        );
         assert_eq!(route.lock_timeout, None);
     }
 
@@ -408,20 +435,41 @@ mod tests {
         "#;
         let config = Config::parse("t.toml", text, no_env).unwrap();
         let (a, b) = (&config.routes[0], &config.routes[1]);
-        assert_eq!((a.batch_size, a.lock_timeout), (20, Some(Duration::from_secs(60))));
-        assert_eq!((b.batch_size, b.lock_timeout), (5, Some(Duration::from_secs(20))));
+        assert_eq!(
+            (a.batch_size, a.lock_timeout),
+            (20, Some(Duration::from_secs(60)))
+        );
+        assert_eq!(
+            (b.batch_size, b.lock_timeout),
+            (5, Some(Duration::from_secs(20)))
+        );
         assert!(b.ordered);
-        assert_eq!(b.target_subject(Some("orders.eu")).as_deref(), Some("prod.orders.eu"));
-        assert_eq!(b.target_subject(Some("billing.eu")).as_deref(), Some("billing.eu"));
+        assert_eq!(
+            b.target_subject(Some("orders.eu")).as_deref(),
+            Some("prod.orders.eu")
+        );
+        assert_eq!(
+            b.target_subject(Some("billing.eu")).as_deref(),
+            Some("billing.eu")
+        );
         assert_eq!(b.target_subject(None), None);
     }
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("x", "500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("x", "1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("x", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_duration("x", "1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("x", "1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(
+            parse_duration("x", "1h").unwrap(),
+            Duration::from_secs(3600)
+        );
         for bad in ["", "10", "s", "ten s", "5 days", "-1s"] {
             assert!(parse_duration("x", bad).is_err(), "{bad:?} parsed");
         }
@@ -433,23 +481,52 @@ mod tests {
         let cases = [
             ("", "no database given"),
             (db, "has no [[route]]"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\nsubject = \"a.*\""), "cannot have one"),
+            (
+                &format!("{db}[[route]]\nqueue = \"q\"\nsubject = \"a.*\""),
+                "cannot have one",
+            ),
             (
                 &format!("{db}[[route]]\nqueue = \"q\"\nmap = [{{from = \"o.*\", to = \"p.o\"}}]"),
                 "same wildcards",
             ),
-            (&format!("{db}[[route]]\nqueue = \"q\"\nbatch_size = 0"), "outside 1..=1000"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\nbatch_size = 1001"), "outside 1..=1000"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\n[[route]]\nqueue = \"q\""), "more than one route"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\nordered = true\nconcurrency = 2"), "ordered"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\nlock_timeout = \"10s\""), "more than twice ack_timeout"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\nqueue_name = \"x\""), "unknown field"),
-            (&format!("{db}poll_wait = \"soon\"\n[[route]]\nqueue = \"q\""), "not a duration"),
-            (&format!("{db}metrics_address = \"here\"\n[[route]]\nqueue = \"q\""), "not an address"),
+            (
+                &format!("{db}[[route]]\nqueue = \"q\"\nbatch_size = 0"),
+                "outside 1..=1000",
+            ),
+            (
+                &format!("{db}[[route]]\nqueue = \"q\"\nbatch_size = 1001"),
+                "outside 1..=1000",
+            ),
+            (
+                &format!("{db}[[route]]\nqueue = \"q\"\n[[route]]\nqueue = \"q\""),
+                "more than one route",
+            ),
+            (
+                &format!("{db}[[route]]\nqueue = \"q\"\nordered = true\nconcurrency = 2"),
+                "ordered",
+            ),
+            (
+                &format!("{db}[[route]]\nqueue = \"q\"\nlock_timeout = \"10s\""),
+                "more than twice ack_timeout",
+            ),
+            (
+                &format!("{db}[[route]]\nqueue = \"q\"\nqueue_name = \"x\""),
+                "unknown field",
+            ),
+            (
+                &format!("{db}poll_wait = \"soon\"\n[[route]]\nqueue = \"q\""),
+                "not a duration",
+            ),
+            (
+                &format!("{db}metrics_address = \"here\"\n[[route]]\nqueue = \"q\""),
+                "not an address",
+            ),
             ("database_url = [", "not valid"),
         ];
         for (text, expected) in cases {
-            let error = Config::parse("t.toml", text, no_env).expect_err(text).to_string();
+            let error = Config::parse("t.toml", text, no_env)
+                .expect_err(text)
+                .to_string();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
     }
@@ -460,7 +537,10 @@ mod tests {
             redact("host=db user=relay password=secret dbname=app"),
             "host=db user=relay password=*** dbname=app"
         );
-        assert_eq!(redact("postgres://relay:secret@db:5432/app"), "postgres://relay:***@db:5432/app");
+        assert_eq!(
+            redact("postgres://relay:secret@db:5432/app"),
+            "postgres://relay:***@db:5432/app"
+        );
         assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 }

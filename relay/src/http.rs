@@ -33,14 +33,18 @@ impl Status {
         let check = async {
             let mut session = self.database.lock().await;
             if session.as_ref().is_none_or(Bus::is_closed) {
-                *session = Bus::connect(&self.database_url, DATABASE_CHECK_TIMEOUT).await.ok();
+                *session = Bus::connect(&self.database_url, DATABASE_CHECK_TIMEOUT)
+                    .await
+                    .ok();
             }
             match session.as_ref() {
                 Some(bus) => bus.ping().await.is_ok(),
                 None => false,
             }
         };
-        let up = tokio::time::timeout(DATABASE_CHECK_TIMEOUT, check).await.unwrap_or(false);
+        let up = tokio::time::timeout(DATABASE_CHECK_TIMEOUT, check)
+            .await
+            .unwrap_or(false);
         self.metrics.database_up.store(up, Ordering::Relaxed);
         up
     }
@@ -106,7 +110,9 @@ async fn respond(mut stream: TcpStream, status: &Status) -> std::io::Result<()> 
     };
     tokio::time::timeout(REQUEST_TIMEOUT, read_head)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head too slow"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "request head too slow")
+        })??;
     let line = String::from_utf8_lossy(&head);
     let mut words = line.split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
@@ -122,7 +128,11 @@ async fn respond(mut stream: TcpStream, status: &Status) -> std::io::Result<()> 
             }
             "/health" => (200, "text/plain", "ok\n".to_string()),
             "/ready" => ready(status).await,
-            _ => (404, "text/plain", "not found: try /metrics, /health or /ready\n".to_string()),
+            _ => (
+                404,
+                "text/plain",
+                "not found: try /metrics, /health or /ready\n".to_string(),
+            ),
         }
     };
     let reason = match code {
@@ -158,6 +168,10 @@ async fn ready(status: &Status) -> (u16, &'static str, String) {
     if missing.is_empty() {
         (200, "text/plain", "ready\n".to_string())
     } else {
-        (503, "text/plain", format!("not ready: {}\n", missing.join(", ")))
+        (
+            503,
+            "text/plain",
+            format!("not ready: {}\n", missing.join(", ")),
+        )
     }
 }

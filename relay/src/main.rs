@@ -116,9 +116,9 @@ fn parse_arguments() -> Result<Option<Arguments>, StartError> {
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--config" | "-c") => {
-                let path = args
-                    .next()
-                    .ok_or_else(|| StartError::Usage(format!("--config needs a file\n\n{USAGE}")))?;
+                let path = args.next().ok_or_else(|| {
+                    StartError::Usage(format!("--config needs a file\n\n{USAGE}"))
+                })?;
                 config = Some(PathBuf::from(path));
             }
             Some("--check") => check = true,
@@ -190,7 +190,8 @@ async fn check_jetstream(nats: &async_nats::Client) -> Result<(), String> {
         .request("$JS.API.INFO", Vec::new().into())
         .await
         .map_err(|e| e.to_string())?;
-    let info: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
     match info.get("error") {
         Some(error) => Err(error.to_string()),
         None => Ok(()),
@@ -205,10 +206,15 @@ async fn check_streams(
     queues: &[QueueInfo],
 ) -> Result<(), StartError> {
     for (i, (route, queue)) in config.routes.iter().zip(queues).enumerate() {
-        let Some(subject) = &route.subject else { continue };
+        let Some(subject) = &route.subject else {
+            continue;
+        };
         let name = match jetstream.stream_by_subject(subject.clone()).await {
             Ok(name) => name,
-            Err(e) if e.kind() == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound => {
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound =>
+            {
                 return Err(StartError::NoStream {
                     index: i + 1,
                     queue: route.queue.clone(),
@@ -222,13 +228,14 @@ async fn check_streams(
                 })
             }
         };
-        let mut stream = jetstream
-            .get_stream(&name)
-            .await
-            .map_err(|e| StartError::StreamLookup {
-                subject: subject.clone(),
-                message: e.to_string(),
-            })?;
+        let mut stream =
+            jetstream
+                .get_stream(&name)
+                .await
+                .map_err(|e| StartError::StreamLookup {
+                    subject: subject.clone(),
+                    message: e.to_string(),
+                })?;
         let window = stream
             .info()
             .await
@@ -279,10 +286,12 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
         .timeout(config.ack_timeout)
         .backpressure_on_inflight(true)
         .build(nats.clone());
-    check_jetstream(&nats).await.map_err(|message| StartError::NoJetStream {
-        url: redact(&config.nats_url),
-        message,
-    })?;
+    check_jetstream(&nats)
+        .await
+        .map_err(|message| StartError::NoJetStream {
+            url: redact(&config.nats_url),
+            message,
+        })?;
     check_streams(&jetstream, &config, &queues).await?;
     if arguments.check {
         println!("configuration OK: {} route(s)", config.routes.len());
@@ -341,7 +350,10 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
     };
-    info!(signal = received, "shutting down: finishing or releasing batches in flight");
+    info!(
+        signal = received,
+        "shutting down: finishing or releasing batches in flight"
+    );
     status.stopping.store(true, Ordering::Relaxed);
     let _ = stop.send(true);
     let finished = tokio::time::timeout(config.shutdown_timeout, async {

@@ -7,7 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds of the batch duration histogram, in seconds.
-const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const DURATION_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A series written for every route: name, help text, and where its value comes from.
+type CounterSeries = (&'static str, &'static str, fn(&RouteMetrics) -> &AtomicU64);
+type GaugeSeries = (&'static str, &'static str, fn(&RouteMetrics) -> f64);
 
 #[derive(Default)]
 pub struct RouteMetrics {
@@ -78,7 +84,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [(&str, &str, fn(&RouteMetrics) -> &AtomicU64); 3] = [
+        let counters: [CounterSeries; 3] = [
             (
                 "bussig_relay_published_total",
                 "Messages JetStream stored (acknowledged in bussig afterwards).",
@@ -98,7 +104,12 @@ impl Metrics {
         for (name, help, field) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (queue, m) in &self.routes {
-                let _ = writeln!(out, "{name}{{route=\"{}\"}} {}", escape(queue), load(field(m)));
+                let _ = writeln!(
+                    out,
+                    "{name}{{route=\"{}\"}} {}",
+                    escape(queue),
+                    load(field(m))
+                );
             }
         }
 
@@ -118,7 +129,7 @@ impl Metrics {
             }
         }
 
-        let gauges: [(&str, &str, fn(&RouteMetrics) -> f64); 3] = [
+        let gauges: [GaugeSeries; 3] = [
             (
                 "bussig_relay_in_flight",
                 "Messages this relay holds locked: read, not yet settled.",
@@ -150,21 +161,39 @@ impl Metrics {
         for (queue, m) in &self.routes {
             let queue = escape(queue);
             for (bound, bucket) in DURATION_BUCKETS.iter().zip(&m.batch_buckets) {
-                let _ = writeln!(out, "{name}_bucket{{route=\"{queue}\",le=\"{bound}\"}} {}", load(bucket));
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{route=\"{queue}\",le=\"{bound}\"}} {}",
+                    load(bucket)
+                );
             }
             let count = load(&m.batch_count);
-            let _ = writeln!(out, "{name}_bucket{{route=\"{queue}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{route=\"{queue}\",le=\"+Inf\"}} {count}"
+            );
             let sum = load(&m.batch_micros) as f64 / 1e6;
             let _ = writeln!(out, "{name}_sum{{route=\"{queue}\"}} {sum}");
             let _ = writeln!(out, "{name}_count{{route=\"{queue}\"}} {count}");
         }
 
         for (name, help, up) in [
-            ("bussig_relay_database_up", "1 when the database answered the last check.", &self.database_up),
-            ("bussig_relay_nats_up", "1 when the NATS connection is established.", &self.nats_up),
+            (
+                "bussig_relay_database_up",
+                "1 when the database answered the last check.",
+                &self.database_up,
+            ),
+            (
+                "bussig_relay_nats_up",
+                "1 when the NATS connection is established.",
+                &self.nats_up,
+            ),
         ] {
             let value = u8::from(up.load(Ordering::Relaxed));
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
         out
     }
@@ -172,7 +201,10 @@ impl Metrics {
 
 /// Label values escape backslash, quote and newline.
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -196,7 +228,10 @@ mod tests {
             "bussig_relay_batch_duration_seconds_count{route=\"orders\"} 1",
             "bussig_relay_nats_up 0",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

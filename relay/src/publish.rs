@@ -62,7 +62,8 @@ pub fn build(
     let mut headers = HeaderMap::new();
     if let Some(Value::Object(user)) = &delivery.headers {
         for (name, value) in user {
-            let header = HeaderName::from_str(name).map_err(|_| Unpublishable::HeaderName(name.clone()))?;
+            let header =
+                HeaderName::from_str(name).map_err(|_| Unpublishable::HeaderName(name.clone()))?;
             let text = match value {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
@@ -71,7 +72,10 @@ pub fn build(
         }
     }
     if let Some(correlation_id) = &delivery.correlation_id {
-        headers.insert(CORRELATION_ID_HEADER, header_value(CORRELATION_ID_HEADER, correlation_id)?);
+        headers.insert(
+            CORRELATION_ID_HEADER,
+            header_value(CORRELATION_ID_HEADER, correlation_id)?,
+        );
     }
     if let Some(reply_to) = &delivery.reply_to {
         headers.insert(REPLY_TO_HEADER, header_value(REPLY_TO_HEADER, reply_to)?);
@@ -84,7 +88,10 @@ pub fn build(
     // Set last, so a user header of the same name cannot defeat de-duplication.
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
-        header_value("Nats-Msg-Id", &message_id(message_id_prefix, queue, delivery.id))?,
+        header_value(
+            "Nats-Msg-Id",
+            &message_id(message_id_prefix, queue, delivery.id),
+        )?,
     );
     let payload = serde_json::to_vec(&delivery.payload).expect("a JSON value always serialises");
     Ok(Outgoing {
@@ -123,9 +130,9 @@ fn classify(error: PublishError) -> Outcome {
         | PublishErrorKind::MaxPayloadExceeded
         | PublishErrorKind::WrongLastMessageId
         | PublishErrorKind::WrongLastSequence => Outcome::Rejected(text),
-        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::MaxAckPending => {
-            Outcome::Unavailable(text)
-        }
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending => Outcome::Unavailable(text),
         // An API error in the PubAck is JetStream's answer; anything else is on the way there.
         PublishErrorKind::Other => {
             let answered = error
@@ -178,7 +185,9 @@ mod tests {
 
     #[test]
     fn headers_carry_user_headers_and_bussig_fields() {
-        let d = delivery(Some(json!({"tenant": "acme", "attempt": 3, "Nats-Msg-Id": "forged"})));
+        let d = delivery(Some(
+            json!({"tenant": "acme", "attempt": 3, "Nats-Msg-Id": "forged"}),
+        ));
         let out = build(&d, "orders", Some("prod.orders.eu".to_string()), "").unwrap();
         assert_eq!(out.subject, "prod.orders.eu");
         let get = |name: &str| out.headers.get(name).map(|v| v.as_str().to_string());
@@ -195,10 +204,19 @@ mod tests {
     #[test]
     fn unpublishable_messages_say_why() {
         let d = delivery(None);
-        assert!(matches!(build(&d, "q", None, ""), Err(Unpublishable::NoSubject)));
+        assert!(matches!(
+            build(&d, "q", None, ""),
+            Err(Unpublishable::NoSubject)
+        ));
         let d = delivery(Some(json!({"bad name": "x"})));
-        assert!(matches!(build(&d, "q", Some("s".into()), ""), Err(Unpublishable::HeaderName(_))));
+        assert!(matches!(
+            build(&d, "q", Some("s".into()), ""),
+            Err(Unpublishable::HeaderName(_))
+        ));
         let d = delivery(Some(json!({"ok": "line\nbreak"})));
-        assert!(matches!(build(&d, "q", Some("s".into()), ""), Err(Unpublishable::HeaderValue(_))));
+        assert!(matches!(
+            build(&d, "q", Some("s".into()), ""),
+            Err(Unpublishable::HeaderValue(_))
+        ));
     }
 }

@@ -85,7 +85,9 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.metrics.in_flight.fetch_sub(self.count, Ordering::Relaxed);
+        self.metrics
+            .in_flight
+            .fetch_sub(self.count, Ordering::Relaxed);
     }
 }
 
@@ -199,7 +201,12 @@ impl Worker {
         let mut pending = Vec::with_capacity(batch.len());
         for delivery in batch {
             let subject = self.route.target_subject(delivery.subject.as_deref());
-            match publish::build(&delivery, &self.route.queue, subject, &config.message_id_prefix) {
+            match publish::build(
+                &delivery,
+                &self.route.queue,
+                subject,
+                &config.message_id_prefix,
+            ) {
                 Ok(outgoing) => pending.push((delivery, outgoing)),
                 Err(why) => {
                     self.reject_for_good(bus, &delivery, "unpublishable", &why.to_string())
@@ -209,7 +216,8 @@ impl Worker {
             }
         }
         if self.route.ordered {
-            self.deliver_in_order(bus, pending.into(), &mut in_flight).await?;
+            self.deliver_in_order(bus, pending.into(), &mut in_flight)
+                .await?;
         } else {
             self.deliver_all(bus, pending, &mut in_flight).await?;
         }
@@ -226,7 +234,10 @@ impl Worker {
         error: &str,
     ) -> Result<(), BusError> {
         warn!(route = %self.route.queue, message_id = delivery.id, reason, error, "dead-lettering message");
-        match bus.dead_letter(&self.route.queue, delivery, reason, error).await {
+        match bus
+            .dead_letter(&self.route.queue, delivery, reason, error)
+            .await
+        {
             Ok(moved) => {
                 if moved {
                     self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -235,7 +246,8 @@ impl Worker {
             }
             // A queue without a dead-letter queue of its own (itself one): retry with backoff instead.
             Err(e) if !e.is_connection() => {
-                bus.nack(&self.route.queue, &[delivery], None, error).await?;
+                bus.nack(&self.route.queue, &[delivery], None, error)
+                    .await?;
                 Ok(())
             }
             Err(e) => Err(e),
@@ -305,8 +317,13 @@ impl Worker {
             pending = unavailable;
             if !self.pause(retry.next_delay()).await {
                 let held: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
-                bus.nack(&queue, &held, Some(Duration::ZERO), "relay shutting down before NATS confirmed")
-                    .await?;
+                bus.nack(
+                    &queue,
+                    &held,
+                    Some(Duration::ZERO),
+                    "relay shutting down before NATS confirmed",
+                )
+                .await?;
                 return Ok(());
             }
             self.keep_locks(bus, &mut pending).await?;
@@ -325,7 +342,8 @@ impl Worker {
     ) -> Result<(), BusError> {
         let queue = self.route.queue.clone();
         let mut confirmed: Vec<Delivery> = Vec::new();
-        let mut unavailable_retry = Backoff::new(Duration::from_millis(200), self.lock_timeout() / 3);
+        let mut unavailable_retry =
+            Backoff::new(Duration::from_millis(200), self.lock_timeout() / 3);
         let mut rejections = 0;
         while let Some((delivery, outgoing)) = pending.front() {
             let outcome = match publish::send(&self.shared.jetstream, outgoing).await {
@@ -345,8 +363,10 @@ impl Worker {
                     let attempts = delivery.delivery_count + rejections;
                     if attempts >= self.queue.max_deliveries {
                         let (delivery, _) = pending.pop_front().expect("front exists");
-                        self.settle_confirmed(bus, &mut confirmed, in_flight).await?;
-                        self.reject_for_good(bus, &delivery, "max_deliveries", &error).await?;
+                        self.settle_confirmed(bus, &mut confirmed, in_flight)
+                            .await?;
+                        self.reject_for_good(bus, &delivery, "max_deliveries", &error)
+                            .await?;
                         in_flight.settled(1);
                         rejections = 0;
                         continue;
@@ -365,10 +385,12 @@ impl Worker {
                     delay
                 }
             };
-            self.settle_confirmed(bus, &mut confirmed, in_flight).await?;
+            self.settle_confirmed(bus, &mut confirmed, in_flight)
+                .await?;
             if !self.hold(bus, &mut pending, delay).await? {
                 let held: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
-                bus.nack(&queue, &held, Some(Duration::ZERO), "relay shutting down").await?;
+                bus.nack(&queue, &held, Some(Duration::ZERO), "relay shutting down")
+                    .await?;
                 return Ok(());
             }
         }
@@ -416,7 +438,11 @@ impl Worker {
         C: HeldMessages,
     {
         let held = bus
-            .extend_locks(&self.route.queue, &pending.deliveries(), self.route.lock_timeout)
+            .extend_locks(
+                &self.route.queue,
+                &pending.deliveries(),
+                self.route.lock_timeout,
+            )
             .await?;
         let lost = pending.keep(|d| held.contains(&d.id));
         if lost > 0 {
@@ -465,7 +491,10 @@ mod tests {
         let delays: Vec<Duration> = (0..4).map(|_| backoff.next_delay()).collect();
         let expected = [100, 200, 350, 350].map(Duration::from_millis);
         for (delay, full) in delays.iter().zip(expected) {
-            assert!(*delay <= full && *delay >= full.mul_f64(0.8), "{delay:?} vs {full:?}");
+            assert!(
+                *delay <= full && *delay >= full.mul_f64(0.8),
+                "{delay:?} vs {full:?}"
+            );
         }
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));

@@ -142,7 +142,9 @@ impl Mapping {
         self.to
             .iter()
             .map(|token| match token.as_str() {
-                "*" | ">" => captured.next().expect("checked: as many wildcards as captures"),
+                "*" | ">" => captured
+                    .next()
+                    .expect("checked: as many wildcards as captures"),
                 literal => literal.to_string(),
             })
             .collect::<Vec<_>>()
@@ -157,17 +159,35 @@ mod tests {
     #[test]
     fn subjects_are_checked() {
         assert_eq!(check_subject("prod.orders"), Ok(()));
-        assert!(matches!(check_subject("a..b"), Err(SubjectError::EmptyToken(_))));
-        assert!(matches!(check_subject(""), Err(SubjectError::EmptyToken(_))));
-        assert!(matches!(check_subject("a b"), Err(SubjectError::InvalidCharacter(_))));
-        assert!(matches!(check_subject("a.*"), Err(SubjectError::Wildcard(_))));
-        assert!(matches!(check_subject(&"a".repeat(256)), Err(SubjectError::TooLong(_))));
+        assert!(matches!(
+            check_subject("a..b"),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            check_subject(""),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            check_subject("a b"),
+            Err(SubjectError::InvalidCharacter(_))
+        ));
+        assert!(matches!(
+            check_subject("a.*"),
+            Err(SubjectError::Wildcard(_))
+        ));
+        assert!(matches!(
+            check_subject(&"a".repeat(256)),
+            Err(SubjectError::TooLong(_))
+        ));
     }
 
     #[test]
     fn single_token_wildcards_map_in_order() {
         let mapping = Mapping::new("orders.*.*", "prod.orders.*.x.*").unwrap();
-        assert_eq!(mapping.apply("orders.eu.paid").as_deref(), Some("prod.orders.eu.x.paid"));
+        assert_eq!(
+            mapping.apply("orders.eu.paid").as_deref(),
+            Some("prod.orders.eu.x.paid")
+        );
         assert_eq!(mapping.apply("orders.eu"), None);
         assert_eq!(mapping.apply("orders.eu.paid.late"), None);
         assert_eq!(mapping.apply("billing.eu.paid"), None);
@@ -176,7 +196,10 @@ mod tests {
     #[test]
     fn tail_wildcard_keeps_every_remaining_token() {
         let mapping = Mapping::new("orders.>", "prod.orders.>").unwrap();
-        assert_eq!(mapping.apply("orders.eu.paid").as_deref(), Some("prod.orders.eu.paid"));
+        assert_eq!(
+            mapping.apply("orders.eu.paid").as_deref(),
+            Some("prod.orders.eu.paid")
+        );
         assert_eq!(mapping.apply("orders"), None);
         let everything = Mapping::new(">", "mirror.>").unwrap();
         assert_eq!(everything.apply("a.b").as_deref(), Some("mirror.a.b"));
@@ -185,7 +208,10 @@ mod tests {
     #[test]
     fn literal_mapping_renames_one_subject() {
         let mapping = Mapping::new("orders.created", "prod.orders.created").unwrap();
-        assert_eq!(mapping.apply("orders.created").as_deref(), Some("prod.orders.created"));
+        assert_eq!(
+            mapping.apply("orders.created").as_deref(),
+            Some("prod.orders.created")
+        );
         assert_eq!(mapping.apply("orders.deleted"), None);
     }
 

@@ -27,9 +27,16 @@ fn run(config: &str, nats_url: &str, database_url: &str, args: &[&str]) -> Outpu
 
 fn assert_fails(output: &Output, code: i32, message: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(code), "exit status; stderr:\n{stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "exit status; stderr:\n{stderr}"
+    );
     // The plain message comes last, after any log lines; it may span lines (a TOML excerpt).
-    let plain = stderr.rfind("bussig-relay: ").map(|at| &stderr[at..]).unwrap_or("");
+    let plain = stderr
+        .rfind("bussig-relay: ")
+        .map(|at| &stderr[at..])
+        .unwrap_or("");
     assert!(
         plain.contains(message),
         "expected a last line naming `{message}`, got:\n{stderr}"
@@ -47,10 +54,17 @@ async fn bad_configurations_exit_with_a_clear_message() {
     let url = database_url();
 
     let output = run(&good, &nats.url(), &url, &["--check"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("configuration OK"));
 
-    let unknown = format!("{FAST}{}", route("no_such_queue_for_relay", "checked.out", ""));
+    let unknown = format!(
+        "{FAST}{}",
+        route("no_such_queue_for_relay", "checked.out", "")
+    );
     assert_fails(
         &run(&unknown, &nats.url(), &url, &[]),
         2,
@@ -59,12 +73,24 @@ async fn bad_configurations_exit_with_a_clear_message() {
 
     let bad_mapping = format!(
         "{FAST}{}",
-        route(&queue.name, "checked.out", "[[route.map]]\nfrom = \"orders.*\"\nto = \"checked.orders\"")
+        route(
+            &queue.name,
+            "checked.out",
+            "[[route.map]]\nfrom = \"orders.*\"\nto = \"checked.orders\""
+        )
     );
-    assert_fails(&run(&bad_mapping, &nats.url(), &url, &[]), 2, "same wildcards");
+    assert_fails(
+        &run(&bad_mapping, &nats.url(), &url, &[]),
+        2,
+        "same wildcards",
+    );
 
     let wildcard_subject = format!("{FAST}{}", route(&queue.name, "checked.*", ""));
-    assert_fails(&run(&wildcard_subject, &nats.url(), &url, &[]), 2, "cannot have one");
+    assert_fails(
+        &run(&wildcard_subject, &nats.url(), &url, &[]),
+        2,
+        "cannot have one",
+    );
 
     let no_stream = format!("{FAST}{}", route(&queue.name, "elsewhere.out", ""));
     assert_fails(
@@ -76,17 +102,36 @@ async fn bad_configurations_exit_with_a_clear_message() {
     let nobody = format!("nats://127.0.0.1:{}", free_port());
     assert_fails(&run(&good, &nobody, &url, &[]), 1, "cannot connect to NATS");
 
-    let no_database = format!("host=127.0.0.1 port={} user=postgres dbname=none connect_timeout=5", free_port());
-    assert_fails(&run(&good, &nats.url(), &no_database, &[]), 1, "cannot connect to the database");
+    let no_database = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=none connect_timeout=5",
+        free_port()
+    );
+    assert_fails(
+        &run(&good, &nats.url(), &no_database, &[]),
+        1,
+        "cannot connect to the database",
+    );
 
-    assert_fails(&run("[[route]]\nqueue = ", &nats.url(), &url, &[]), 2, "is not valid");
-    assert_fails(&run(&good, &nats.url(), &url, &["--frobnicate"]), 2, "unknown argument");
+    assert_fails(
+        &run("[[route]]\nqueue = ", &nats.url(), &url, &[]),
+        2,
+        "is not valid",
+    );
+    assert_fails(
+        &run(&good, &nats.url(), &url, &["--frobnicate"]),
+        2,
+        "unknown argument",
+    );
 
     let missing = Command::new(env!("CARGO_BIN_EXE_bussig-relay"))
         .args(["--config", "no-such-relay-config.toml"])
         .output()
         .expect("run bussig-relay");
-    assert_fails(&missing, 2, "cannot read configuration file no-such-relay-config.toml");
+    assert_fails(
+        &missing,
+        2,
+        "cannot read configuration file no-such-relay-config.toml",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,5 +155,9 @@ async fn a_taken_metrics_address_is_reported() {
         .env("BUSSIG_RELAY_METRICS_ADDRESS", &address)
         .output()
         .expect("run bussig-relay");
-    assert_fails(&output, 1, &format!("cannot listen on metrics_address {address}"));
+    assert_fails(
+        &output,
+        1,
+        &format!("cannot listen on metrics_address {address}"),
+    );
 }

@@ -50,7 +50,11 @@ async fn rejected_messages_end_in_the_dead_letter_queue() {
     let config = format!(
         "{FAST}{}{}",
         route(&plain.name, "dead.plain", "batch_size = 4"),
-        route(&ordered.name, "dead.ordered", "batch_size = 4\nordered = true"),
+        route(
+            &ordered.name,
+            "dead.ordered",
+            "batch_size = 4\nordered = true"
+        ),
     );
     let relay = Relay::start_ready(&nats.url(), &config).await;
 
@@ -66,24 +70,44 @@ async fn rejected_messages_end_in_the_dead_letter_queue() {
     assert_eq!(dead_ids, [rejected_plain, unpublishable]);
     let (_, payload, headers) = &dead[0];
     assert_eq!(payload["i"], 5);
-    assert_eq!(header(headers, "bussig-dead-letter-reason"), Some("max_deliveries"));
+    assert_eq!(
+        header(headers, "bussig-dead-letter-reason"),
+        Some("max_deliveries")
+    );
     let error = header(headers, "bussig-dead-letter-error").unwrap_or("");
-    assert!(error.contains("maximum"), "JetStream's reason is kept: {error}");
-    assert_eq!(header(headers, "bussig-source-queue"), Some(plain.name.as_str()));
+    assert!(
+        error.contains("maximum"),
+        "JetStream's reason is kept: {error}"
+    );
+    assert_eq!(
+        header(headers, "bussig-source-queue"),
+        Some(plain.name.as_str())
+    );
     let (_, _, headers) = &dead[1];
-    assert_eq!(header(headers, "bussig-dead-letter-reason"), Some("unpublishable"));
-    assert!(header(headers, "bussig-dead-letter-error").unwrap_or("").contains("bad name"));
+    assert_eq!(
+        header(headers, "bussig-dead-letter-reason"),
+        Some("unpublishable")
+    );
+    assert!(header(headers, "bussig-dead-letter-error")
+        .unwrap_or("")
+        .contains("bad name"));
 
     let dead = peek(&db, &ordered.dlq()).await;
     assert_eq!(dead.len(), 1);
     let (id, _, headers) = &dead[0];
     assert_eq!(*id, rejected_ordered);
-    assert_eq!(header(headers, "bussig-dead-letter-reason"), Some("max_deliveries"));
-    assert!(header(headers, "bussig-dead-letter-error").unwrap_or("").contains("maximum"));
+    assert_eq!(
+        header(headers, "bussig-dead-letter-reason"),
+        Some("max_deliveries")
+    );
+    assert!(header(headers, "bussig-dead-letter-error")
+        .unwrap_or("")
+        .contains("maximum"));
 
     let metrics = relay.metrics().await;
     for (queue, dead_lettered) in [(&plain.name, 2.0), (&ordered.name, 1.0)] {
-        let rejected = format!("bussig_relay_failed_total{{route=\"{queue}\",reason=\"rejected\"}}");
+        let rejected =
+            format!("bussig_relay_failed_total{{route=\"{queue}\",reason=\"rejected\"}}");
         assert_eq!(metric(&metrics, &rejected), Some(3.0), "{metrics}");
         let dead = format!("bussig_relay_dead_lettered_total{{route=\"{queue}\"}}");
         assert_eq!(metric(&metrics, &dead), Some(dead_lettered), "{metrics}");

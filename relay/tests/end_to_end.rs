@@ -62,7 +62,11 @@ async fn committed_messages_arrive_once_and_rolled_back_ones_never() {
         .query_one(
             "SELECT bussig.send($1::text, $2::jsonb, headers => $3::jsonb, \
                     correlation_id => 'corr-7', reply_to => 'replies.7')",
-            &[&plain.name, &json!({ "i": 40 }), &json!({ "tenant": "acme", "attempt": 2 })],
+            &[
+                &plain.name,
+                &json!({ "i": 40 }),
+                &json!({ "tenant": "acme", "attempt": 2 }),
+            ],
         )
         .await
         .expect("send with headers")
@@ -72,7 +76,12 @@ async fn committed_messages_arrive_once_and_rolled_back_ones_never() {
         send_ordered(&db, &ordered.name, &topic, i).await;
     }
     db.batch_execute("BEGIN").await.unwrap();
-    send_each(&db, &plain.name, (0..10).map(|_| json!({ "rolled_back": true }))).await;
+    send_each(
+        &db,
+        &plain.name,
+        (0..10).map(|_| json!({ "rolled_back": true })),
+    )
+    .await;
     send_ordered(&db, &ordered.name, &topic, -1).await;
     db.batch_execute("ROLLBACK").await.unwrap();
 
@@ -114,7 +123,10 @@ async fn committed_messages_arrive_once_and_rolled_back_ones_never() {
     assert_eq!(special.header("Bussig-Reply-To"), Some("replies.7"));
 
     // The ordered route: every message once, in sending order, each on its subject.
-    assert_eq!(sequence_numbers(&stored, &ordered.name), (0..60).collect::<Vec<_>>());
+    assert_eq!(
+        sequence_numbers(&stored, &ordered.name),
+        (0..60).collect::<Vec<_>>()
+    );
     let ordered_stored: Vec<&Stored> = stored
         .iter()
         .filter(|m| m.header("Bussig-Queue") == Some(ordered.name.as_str()))
@@ -132,21 +144,36 @@ async fn committed_messages_arrive_once_and_rolled_back_ones_never() {
         assert_eq!(m.subject, expected, "subject of message {i}");
         if i % 3 != 2 {
             let region = if i % 2 == 0 { "eu" } else { "us" };
-            assert_eq!(m.header("Bussig-Subject"), Some(format!("{topic}.{region}").as_str()));
+            assert_eq!(
+                m.header("Bussig-Subject"),
+                Some(format!("{topic}.{region}").as_str())
+            );
         }
     }
     assert!(
-        stored.iter().all(|m| m.payload.get("rolled_back").is_none() && m.payload["i"] != -1),
+        stored
+            .iter()
+            .all(|m| m.payload.get("rolled_back").is_none() && m.payload["i"] != -1),
         "a rolled-back message reached the stream"
     );
 
     let metrics = relay.metrics().await;
     let published = format!("bussig_relay_published_total{{route=\"{}\"}}", plain.name);
-    assert_eq!(metric(&metrics, &published), Some(plain_ids.len() as f64), "{metrics}");
+    assert_eq!(
+        metric(&metrics, &published),
+        Some(plain_ids.len() as f64),
+        "{metrics}"
+    );
     let in_flight = format!("bussig_relay_in_flight{{route=\"{}\"}}", ordered.name);
     assert_eq!(metric(&metrics, &in_flight), Some(0.0));
-    assert_eq!(http_get(relay.metrics_port, "/health").await.map(|r| r.0), Some(200));
-    assert_eq!(http_get(relay.metrics_port, "/nowhere").await.map(|r| r.0), Some(404));
+    assert_eq!(
+        http_get(relay.metrics_port, "/health").await.map(|r| r.0),
+        Some(200)
+    );
+    assert_eq!(
+        http_get(relay.metrics_port, "/nowhere").await.map(|r| r.0),
+        Some(404)
+    );
 
     let status = relay.terminate().await;
     assert!(status.success(), "SIGTERM ended the relay with {status}");

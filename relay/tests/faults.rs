@@ -18,7 +18,11 @@ fn payloads(range: std::ops::Range<i64>) -> Vec<Value> {
 
 /// Ids of messages that are both in the stream and still in the queue (locked): stored, not yet
 /// acknowledged, so a restarted relay must send them again and JetStream must drop the copy.
-async fn stored_but_unacknowledged(db: &tokio_postgres::Client, stored: &[Stored], queue: &str) -> usize {
+async fn stored_but_unacknowledged(
+    db: &tokio_postgres::Client,
+    stored: &[Stored],
+    queue: &str,
+) -> usize {
     let in_queue: Vec<i64> = peek(db, queue).await.iter().map(|(id, _, _)| *id).collect();
     stored
         .iter()
@@ -37,7 +41,10 @@ async fn relay_killed_in_the_middle_of_a_batch_resumes_without_loss_or_duplicate
     for chunk in 0..10 {
         ids.extend(send_batch(&db, &queue.name, &payloads(chunk * 300..(chunk + 1) * 300)).await);
     }
-    let config = format!("{FAST}{}", route(&queue.name, "kill.out", "batch_size = 50"));
+    let config = format!(
+        "{FAST}{}",
+        route(&queue.name, "kill.out", "batch_size = 50")
+    );
     let mut relay = Relay::spawn(&nats.url(), &config);
 
     // SIGKILL while messages are locked by the relay: a batch was in flight.
@@ -52,7 +59,10 @@ async fn relay_killed_in_the_middle_of_a_batch_resumes_without_loss_or_duplicate
         relay.kill();
         let (_, _, locked) = counts(&db, &queue.name).await;
         let stored = stream_messages(&js, "KILL").await;
-        assert!(stored.len() < ids.len(), "the relay finished before it could be killed");
+        assert!(
+            stored.len() < ids.len(),
+            "the relay finished before it could be killed"
+        );
         if locked > 0 {
             break stored_but_unacknowledged(&db, &stored, &queue.name).await;
         }
@@ -62,11 +72,19 @@ async fn relay_killed_in_the_middle_of_a_batch_resumes_without_loss_or_duplicate
 
     relay.start(&nats.url());
     wait_relayed(&db, &js, "KILL", &queue.name, ids.len(), LONG).await;
-    assert_exactly_once(&stream_messages(&js, "KILL").await, &queue.name, &ids, false);
+    assert_exactly_once(
+        &stream_messages(&js, "KILL").await,
+        &queue.name,
+        &ids,
+        false,
+    );
     if resent > 0 {
         let duplicates = format!("bussig_relay_duplicates_total{{route=\"{}\"}}", queue.name);
         let removed = metric(&relay.metrics().await, &duplicates).unwrap_or(0.0);
-        assert!(removed >= resent as f64, "{resent} re-sent, JetStream removed {removed}");
+        assert!(
+            removed >= resent as f64,
+            "{resent} re-sent, JetStream removed {removed}"
+        );
     }
     relay.assert_running();
 }
@@ -81,8 +99,16 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
     let ordered = Queue::create(&db, "outage_ordered", "").await;
     let config = format!(
         "{FAST}{}{}",
-        route(&plain.name, "outage.plain", "batch_size = 20\nconcurrency = 2"),
-        route(&ordered.name, "outage.ordered", "batch_size = 20\nordered = true"),
+        route(
+            &plain.name,
+            "outage.plain",
+            "batch_size = 20\nconcurrency = 2"
+        ),
+        route(
+            &ordered.name,
+            "outage.ordered",
+            "batch_size = 20\nordered = true"
+        ),
     );
     let mut relay = Relay::start_ready(&nats.url(), &config).await;
 
@@ -114,7 +140,11 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
     .await;
     nats.stop().await;
     let port = relay.metrics_port;
-    let body = eventually(LONG, "/ready to report NATS down", async || match http_get(port, "/ready").await {
+    let body = eventually(LONG, "/ready to report NATS down", async || match http_get(
+        port, "/ready",
+    )
+    .await
+    {
         Some((503, body)) => Some(body),
         _ => None,
     })
@@ -144,8 +174,16 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
     let stored = stream_messages(&js, "OUTAGE").await;
     assert_exactly_once(&stored, &plain.name, &plain_ids, false);
     assert_exactly_once(&stored, &ordered.name, &ordered_ids, true);
-    assert_eq!(total(&db, &plain.dlq()).await, 0, "the outage dead-lettered messages");
-    assert_eq!(total(&db, &ordered.dlq()).await, 0, "the outage dead-lettered messages");
+    assert_eq!(
+        total(&db, &plain.dlq()).await,
+        0,
+        "the outage dead-lettered messages"
+    );
+    assert_eq!(
+        total(&db, &ordered.dlq()).await,
+        0,
+        "the outage dead-lettered messages"
+    );
     relay.assert_running();
 }
 
@@ -161,8 +199,16 @@ async fn two_relays_share_the_work_and_one_drains_an_ordered_queue() {
     let mut ordered_ids = send_batch(&db, &ordered.name, &payloads(0..200)).await;
     let config = format!(
         "{FAST}{}{}",
-        route(&plain.name, "pair.plain", "batch_size = 20\nconcurrency = 2"),
-        route(&ordered.name, "pair.ordered", "batch_size = 10\nordered = true"),
+        route(
+            &plain.name,
+            "pair.plain",
+            "batch_size = 20\nconcurrency = 2"
+        ),
+        route(
+            &ordered.name,
+            "pair.ordered",
+            "batch_size = 10\nordered = true"
+        ),
     );
     let first = Relay::spawn(&nats.url(), &config);
     let second = Relay::spawn(&nats.url(), &config);
@@ -183,7 +229,11 @@ async fn two_relays_share_the_work_and_one_drains_an_ordered_queue() {
         metric(&a, &published(&plain.name)).unwrap(),
         metric(&b, &published(&plain.name)).unwrap(),
     );
-    assert_eq!(plain_counts.0 + plain_counts.1, plain_ids.len() as f64, "{plain_counts:?}");
+    assert_eq!(
+        plain_counts.0 + plain_counts.1,
+        plain_ids.len() as f64,
+        "{plain_counts:?}"
+    );
     let ordered_counts = (
         metric(&a, &published(&ordered.name)).unwrap(),
         metric(&b, &published(&ordered.name)).unwrap(),
@@ -201,7 +251,14 @@ async fn sigterm_releases_a_batch_nats_never_confirmed() {
     let js = nats.jetstream().await;
     create_stream(&js, "TERM", &["term.>"], -1).await;
     let queue = Queue::create(&db, "term", "lock_timeout => '5 minutes'").await;
-    let config = format!("{FAST}{}", route(&queue.name, "term.out", "batch_size = 10\nlock_timeout = \"5m\""));
+    let config = format!(
+        "{FAST}{}",
+        route(
+            &queue.name,
+            "term.out",
+            "batch_size = 10\nlock_timeout = \"5m\""
+        )
+    );
     let mut relay = Relay::start_ready(&nats.url(), &config).await;
     nats.stop().await;
     send_each(&db, &queue.name, payloads(0..30)).await;

@@ -24,13 +24,20 @@ use tokio_postgres::{Client, NoTls};
 pub use serde_json::json;
 
 /// Calls `check` every 50 ms until it returns `Some`, panicking after `timeout`.
-pub async fn eventually<T>(timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -101,7 +108,10 @@ impl Queue {
         let sep = if options.is_empty() { "" } else { ", " };
         let sql = format!("SELECT bussig.create_queue($1::text{sep}{options})");
         let created: bool = db.query_one(&sql, &[&name]).await.expect(&sql).get(0);
-        assert!(created, "create_queue({name}) returned false for a new name");
+        assert!(
+            created,
+            "create_queue({name}) returned false for a new name"
+        );
         Queue { name }
     }
 
@@ -115,12 +125,19 @@ impl Drop for Queue {
         // Drop runs inside the test's runtime: use a thread with a runtime of its own.
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             runtime.block_on(async {
-                let (client, connection) = tokio_postgres::connect(&database_url(), NoTls).await.ok()?;
+                let (client, connection) =
+                    tokio_postgres::connect(&database_url(), NoTls).await.ok()?;
                 tokio::spawn(connection);
                 let _ = client.batch_execute("SET lock_timeout = '10s'").await;
-                client.execute("SELECT bussig.drop_queue($1::text)", &[&name]).await.ok()
+                client
+                    .execute("SELECT bussig.drop_queue($1::text)", &[&name])
+                    .await
+                    .ok()
             })
         })
         .join();
@@ -128,11 +145,18 @@ impl Drop for Queue {
 }
 
 /// Sends one message per committed transaction; returns the ids in sending order.
-pub async fn send_each(db: &Client, queue: &str, payloads: impl IntoIterator<Item = Value>) -> Vec<i64> {
+pub async fn send_each(
+    db: &Client,
+    queue: &str,
+    payloads: impl IntoIterator<Item = Value>,
+) -> Vec<i64> {
     let mut ids = Vec::new();
     for payload in payloads {
         let row = db
-            .query_one("SELECT bussig.send($1::text, $2::jsonb)", &[&queue, &payload])
+            .query_one(
+                "SELECT bussig.send($1::text, $2::jsonb)",
+                &[&queue, &payload],
+            )
             .await
             .unwrap_or_else(|e| panic!("send({queue}): {e}"));
         ids.push(row.get(0));
@@ -142,12 +166,15 @@ pub async fn send_each(db: &Client, queue: &str, payloads: impl IntoIterator<Ite
 
 /// Sends all payloads in one committed transaction.
 pub async fn send_batch(db: &Client, queue: &str, payloads: &[Value]) -> Vec<i64> {
-    db.query("SELECT bussig.send_batch($1::text, $2::jsonb[])", &[&queue, &payloads])
-        .await
-        .unwrap_or_else(|e| panic!("send_batch({queue}): {e}"))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    db.query(
+        "SELECT bussig.send_batch($1::text, $2::jsonb[])",
+        &[&queue, &payloads],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("send_batch({queue}): {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// `(ready, delayed, locked)` of a queue.
@@ -170,12 +197,15 @@ pub async fn total(db: &Client, queue: &str) -> i64 {
 
 /// `(message_id, headers)` of what a queue holds, e.g. a dead-letter queue.
 pub async fn peek(db: &Client, queue: &str) -> Vec<(i64, Value, Option<Value>)> {
-    db.query("SELECT message_id, payload, headers FROM bussig.peek($1::text, 1000)", &[&queue])
-        .await
-        .unwrap_or_else(|e| panic!("peek({queue}): {e}"))
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect()
+    db.query(
+        "SELECT message_id, payload, headers FROM bussig.peek($1::text, 1000)",
+        &[&queue],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("peek({queue}): {e}"))
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
 }
 
 /// `NATS_SERVER` names the binary when it is not `nats-server` on the PATH.
@@ -210,7 +240,14 @@ impl Nats {
         assert!(self.child.is_none(), "nats-server is already running");
         let log = fs::File::create(self.store.0.join("server.log")).expect("nats log file");
         let child = Command::new(nats_server_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.store.0.join("jetstream"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -218,12 +255,19 @@ impl Nats {
             .expect("start nats-server (apt-get install nats-server)");
         self.child = Some(child);
         let url = self.url();
-        eventually(Duration::from_secs(20), "nats-server to take clients", async || {
-            let client = async_nats::connect(url.as_str()).await.ok()?;
-            let reply = client.request("$JS.API.INFO", Vec::new().into()).await.ok()?;
-            let info: Value = serde_json::from_slice(&reply.payload).ok()?;
-            info.get("error").is_none().then_some(())
-        })
+        eventually(
+            Duration::from_secs(20),
+            "nats-server to take clients",
+            async || {
+                let client = async_nats::connect(url.as_str()).await.ok()?;
+                let reply = client
+                    .request("$JS.API.INFO", Vec::new().into())
+                    .await
+                    .ok()?;
+                let info: Value = serde_json::from_slice(&reply.payload).ok()?;
+                info.get("error").is_none().then_some(())
+            },
+        )
         .await;
     }
 
@@ -238,7 +282,9 @@ impl Nats {
     }
 
     pub async fn jetstream(&self) -> jetstream::Context {
-        let client = async_nats::connect(self.url().as_str()).await.expect("connect to nats-server");
+        let client = async_nats::connect(self.url().as_str())
+            .await
+            .expect("connect to nats-server");
         jetstream::new(client)
     }
 }
@@ -253,7 +299,12 @@ impl Drop for Nats {
 }
 
 /// A stream capturing `subjects`, with a two-minute duplicate window.
-pub async fn create_stream(js: &jetstream::Context, name: &str, subjects: &[&str], max_message_size: i32) {
+pub async fn create_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &[&str],
+    max_message_size: i32,
+) {
     js.create_stream(stream::Config {
         name: name.to_string(),
         subjects: subjects.iter().map(|s| s.to_string()).collect(),
@@ -296,11 +347,21 @@ pub async fn stream_messages(js: &jetstream::Context, name: &str) -> Vec<Stored>
         return messages;
     }
     for sequence in state.first_sequence..=state.last_sequence {
-        let raw = stream.get_raw_message(sequence).await.expect("get stream message");
+        let raw = stream
+            .get_raw_message(sequence)
+            .await
+            .expect("get stream message");
         let headers = raw
             .headers
             .iter()
-            .map(|(k, v)| (k.to_string(), v.first().map(|v| v.as_str().to_string()).unwrap_or_default()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.first()
+                        .map(|v| v.as_str().to_string())
+                        .unwrap_or_default(),
+                )
+            })
             .collect();
         messages.push(Stored {
             sequence,
@@ -319,7 +380,12 @@ pub async fn stream_count(js: &jetstream::Context, name: &str) -> u64 {
 
 /// The messages of `queue` in the stream; panics unless each of `expected` is there exactly once
 /// and nothing else is, and, when `ordered`, in the order of `expected`.
-pub fn assert_exactly_once(stored: &[Stored], queue: &str, expected: &[i64], ordered: bool) -> Vec<Stored> {
+pub fn assert_exactly_once(
+    stored: &[Stored],
+    queue: &str,
+    expected: &[i64],
+    ordered: bool,
+) -> Vec<Stored> {
     let mine: Vec<Stored> = stored
         .iter()
         .filter(|m| m.header("Bussig-Queue") == Some(queue))
@@ -328,14 +394,35 @@ pub fn assert_exactly_once(stored: &[Stored], queue: &str, expected: &[i64], ord
     let ids: Vec<i64> = mine.iter().map(Stored::message_id).collect();
     let mut seen = HashSet::new();
     let duplicates: Vec<i64> = ids.iter().copied().filter(|id| !seen.insert(*id)).collect();
-    assert!(duplicates.is_empty(), "{queue}: stored more than once: {duplicates:?}");
+    assert!(
+        duplicates.is_empty(),
+        "{queue}: stored more than once: {duplicates:?}"
+    );
     let expected_set: HashSet<i64> = expected.iter().copied().collect();
-    let missing: Vec<i64> = expected.iter().copied().filter(|id| !seen.contains(id)).collect();
-    let extra: Vec<i64> = ids.iter().copied().filter(|id| !expected_set.contains(id)).collect();
-    assert!(missing.is_empty(), "{queue}: {} never stored: {missing:?}", missing.len());
-    assert!(extra.is_empty(), "{queue}: stored but never committed: {extra:?}");
+    let missing: Vec<i64> = expected
+        .iter()
+        .copied()
+        .filter(|id| !seen.contains(id))
+        .collect();
+    let extra: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !expected_set.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{queue}: {} never stored: {missing:?}",
+        missing.len()
+    );
+    assert!(
+        extra.is_empty(),
+        "{queue}: stored but never committed: {extra:?}"
+    );
     if ordered {
-        assert_eq!(ids, expected, "{queue}: stream order differs from sending order");
+        assert_eq!(
+            ids, expected,
+            "{queue}: stream order differs from sending order"
+        );
     }
     for message in &mine {
         assert_eq!(
@@ -348,15 +435,29 @@ pub fn assert_exactly_once(stored: &[Stored], queue: &str, expected: &[i64], ord
 }
 
 /// Waits until the queue is empty and the stream holds `count` messages of it.
-pub async fn wait_relayed(db: &Client, js: &jetstream::Context, stream: &str, queue: &str, count: usize, timeout: Duration) {
-    eventually(timeout, &format!("{count} messages of {queue} in stream {stream}"), async || {
-        if total(db, queue).await != 0 {
-            return None;
-        }
-        let stored = stream_messages(js, stream).await;
-        let mine = stored.iter().filter(|m| m.header("Bussig-Queue") == Some(queue)).count();
-        (mine >= count).then_some(())
-    })
+pub async fn wait_relayed(
+    db: &Client,
+    js: &jetstream::Context,
+    stream: &str,
+    queue: &str,
+    count: usize,
+    timeout: Duration,
+) {
+    eventually(
+        timeout,
+        &format!("{count} messages of {queue} in stream {stream}"),
+        async || {
+            if total(db, queue).await != 0 {
+                return None;
+            }
+            let stored = stream_messages(js, stream).await;
+            let mine = stored
+                .iter()
+                .filter(|m| m.header("Bussig-Queue") == Some(queue))
+                .count();
+            (mine >= count).then_some(())
+        },
+    )
     .await;
 }
 
@@ -370,16 +471,23 @@ pub fn signal(pid: u32, name: &str) {
 
 /// `GET path` on the relay's HTTP port: `(status code, body)`, or None when it does not answer.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .ok()?
+    .ok()?;
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
     Some((code, body))
 }
 
@@ -435,7 +543,10 @@ impl Relay {
             .arg(self.config_path())
             .env("DATABASE_URL", database_url())
             .env("NATS_URL", nats_url)
-            .env("BUSSIG_RELAY_METRICS_ADDRESS", format!("127.0.0.1:{}", self.metrics_port))
+            .env(
+                "BUSSIG_RELAY_METRICS_ADDRESS",
+                format!("127.0.0.1:{}", self.metrics_port),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -457,7 +568,11 @@ impl Relay {
             }),
         )
         .await;
-        assert!(ready.is_ok(), "relay never became ready; its log:\n{}", self.log());
+        assert!(
+            ready.is_ok(),
+            "relay never became ready; its log:\n{}",
+            self.log()
+        );
     }
 
     pub async fn metrics(&self) -> String {
@@ -486,7 +601,10 @@ impl Relay {
 
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("relay is running");
-        let status = eventually(timeout, "the relay to exit", async || child.try_wait().expect("wait")).await;
+        let status = eventually(timeout, "the relay to exit", async || {
+            child.try_wait().expect("wait")
+        })
+        .await;
         self.child = None;
         status
     }
