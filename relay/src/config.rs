@@ -54,6 +54,8 @@ pub enum ConfigError {
     Duration { name: String, value: String },
     #[error("`{name}`: {message}")]
     Invalid { name: String, message: String },
+    #[error("stream `{name}`: {message}")]
+    Stream { name: String, message: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +75,16 @@ struct FileConfig {
     log_format: LogFormat,
     #[serde(default, rename = "route")]
     routes: Vec<FileRoute>,
+    #[serde(default, rename = "stream")]
+    streams: Vec<FileStream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStream {
+    name: String,
+    subjects: Vec<String>,
+    duplicate_window: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +132,15 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub routes: Vec<Route>,
+    pub streams: Vec<Stream>,
+}
+
+/// A stream the relay creates at start when it does not exist; an existing one is left as it is.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub duplicate_window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +354,12 @@ impl Config {
             });
         }
 
+        let streams = file
+            .streams
+            .into_iter()
+            .map(Stream::check)
+            .collect::<Result<Vec<_>, _>>()?;
+
         Ok(Config {
             database_url,
             nats_url,
@@ -343,6 +370,44 @@ impl Config {
             shutdown_timeout,
             log_format: file.log_format,
             routes,
+            streams,
+        })
+    }
+}
+
+impl Stream {
+    fn check(file: FileStream) -> Result<Stream, ConfigError> {
+        let invalid = |message: String| ConfigError::Stream {
+            name: file.name.clone(),
+            message,
+        };
+        // JetStream uses the name in subjects and file names.
+        let bad_name = file.name.is_empty()
+            || file
+                .name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c));
+        if bad_name {
+            return Err(invalid(
+                "a stream name must be non-empty, without whitespace, `.`, `*`, `>`, `/` or `\\`"
+                    .to_string(),
+            ));
+        }
+        if file.subjects.is_empty() {
+            return Err(invalid("`subjects` is empty".to_string()));
+        }
+        for subject in &file.subjects {
+            subject::check_pattern(subject).map_err(|e| invalid(e.to_string()))?;
+        }
+        let duplicate_window = duration_or(
+            "duplicate_window",
+            file.duplicate_window.as_deref(),
+            Duration::from_secs(120),
+        )?;
+        Ok(Stream {
+            name: file.name,
+            subjects: file.subjects,
+            duplicate_window,
         })
     }
 }
@@ -522,6 +587,9 @@ mod tests {
                 "not an address",
             ),
             ("database_url = [", "not valid"),
+            (&format!("{db}[[route]]\nqueue = \"q\"\n[[stream]]\nname = \"a.b\"\nsubjects = [\"x\"]"), "stream name"),
+            (&format!("{db}[[route]]\nqueue = \"q\"\n[[stream]]\nname = \"S\"\nsubjects = []"), "is empty"),
+            (&format!("{db}[[route]]\nqueue = \"q\"\n[[stream]]\nname = \"S\"\nsubjects = [\"a.>.b\"]"), "before its last"),
         ];
         for (text, expected) in cases {
             let error = Config::parse("t.toml", text, no_env)

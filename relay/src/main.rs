@@ -80,6 +80,8 @@ enum StartError {
         queue: String,
         subject: String,
     },
+    #[error("cannot create stream `{name}`: {message}")]
+    StreamCreate { name: String, message: String },
     #[error("cannot look up the stream for subject `{subject}`: {message}")]
     StreamLookup { subject: String, message: String },
     #[error("cannot listen on metrics_address {address}: {source}")]
@@ -96,7 +98,8 @@ impl StartError {
             | StartError::Config(_)
             | StartError::UnknownQueue { .. }
             | StartError::LockTooShort { .. }
-            | StartError::NoStream { .. } => 2,
+            | StartError::NoStream { .. }
+            | StartError::StreamCreate { .. } => 2,
             StartError::Database(BusError::Url(_)) => 2,
             _ => 1,
         }
@@ -198,6 +201,30 @@ async fn check_jetstream(nats: &async_nats::Client) -> Result<(), String> {
     }
 }
 
+/// Creates the configured streams that do not exist yet; existing ones are not changed.
+async fn ensure_streams(
+    jetstream: &async_nats::jetstream::Context,
+    config: &Config,
+) -> Result<(), StartError> {
+    for wanted in &config.streams {
+        let stream = jetstream
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: wanted.name.clone(),
+                subjects: wanted.subjects.clone(),
+                duplicate_window: wanted.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| StartError::StreamCreate {
+                name: wanted.name.clone(),
+                message: e.to_string(),
+            })?;
+        let subjects = &stream.cached_info().config.subjects;
+        info!(stream = %wanted.name, ?subjects, "stream ready");
+    }
+    Ok(())
+}
+
 /// Each fixed subject must land in a stream whose duplicate window covers a re-send after a lock
 /// runs out; a shorter window is allowed but warned about.
 async fn check_streams(
@@ -292,6 +319,7 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
             url: redact(&config.nats_url),
             message,
         })?;
+    ensure_streams(&jetstream, &config).await?;
     check_streams(&jetstream, &config, &queues).await?;
     if arguments.check {
         println!("configuration OK: {} route(s)", config.routes.len());

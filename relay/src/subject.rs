@@ -54,7 +54,7 @@ pub fn check_subject(subject: &str) -> Result<(), SubjectError> {
 }
 
 /// A pattern: `*` matches one token, a last `>` one or more.
-fn check_pattern(pattern: &str) -> Result<Vec<&str>, SubjectError> {
+pub fn check_pattern(pattern: &str) -> Result<Vec<&str>, SubjectError> {
     let tokens = tokens(pattern)?;
     for (i, token) in tokens.iter().enumerate() {
         let wildcard = *token == "*" || *token == ">";

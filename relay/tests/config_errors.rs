@@ -99,6 +99,16 @@ async fn bad_configurations_exit_with_a_clear_message() {
         "no JetStream stream captures subject `elsewhere.out`",
     );
 
+    let overlapping = format!(
+        "{FAST}[[stream]]\nname = \"OTHER\"\nsubjects = [\"checked.>\"]\n{}",
+        route(&queue.name, "checked.out", "")
+    );
+    assert_fails(
+        &run(&overlapping, &nats.url(), &url, &[]),
+        2,
+        "cannot create stream `OTHER`",
+    );
+
     let nobody = format!("nats://127.0.0.1:{}", free_port());
     assert_fails(&run(&good, &nobody, &url, &[]), 1, "cannot connect to NATS");
 

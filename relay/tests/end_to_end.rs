@@ -43,7 +43,6 @@ async fn committed_messages_arrive_once_and_rolled_back_ones_never() {
     let db = connect().await;
     let nats = Nats::start().await;
     let js = nats.jetstream().await;
-    create_stream(&js, "E2E", &["e2e.>"], -1).await;
     let plain = Queue::create(&db, "e2e_plain", "").await;
     let ordered = Queue::create(&db, "e2e_ordered", "").await;
     let topic = format!("t{}", ordered.name.replace('_', ""));
@@ -85,8 +84,9 @@ async fn committed_messages_arrive_once_and_rolled_back_ones_never() {
     send_ordered(&db, &ordered.name, &topic, -1).await;
     db.batch_execute("ROLLBACK").await.unwrap();
 
+    // The relay creates the stream it is told about.
     let config = format!(
-        "{FAST}{}{}",
+        "{FAST}[[stream]]\nname = \"E2E\"\nsubjects = [\"e2e.>\"]\nduplicate_window = \"2m\"\n{}{}",
         route(&plain.name, "e2e.plain", "batch_size = 8"),
         route(
             &ordered.name,
@@ -109,6 +109,12 @@ async fn committed_messages_arrive_once_and_rolled_back_ones_never() {
     wait_relayed(&db, &js, "E2E", &plain.name, plain_ids.len(), timeout).await;
     wait_relayed(&db, &js, "E2E", &ordered.name, 60, timeout).await;
     let stored = stream_messages(&js, "E2E").await;
+    let mut stream = js
+        .get_stream("E2E")
+        .await
+        .expect("the relay created the stream");
+    let created = stream.info().await.expect("stream info").config.clone();
+    assert_eq!(created.duplicate_window, Duration::from_secs(120));
 
     let plain_stored = assert_exactly_once(&stored, &plain.name, &plain_ids, false);
     assert!(plain_stored.iter().all(|m| m.subject == "e2e.plain"));
