@@ -85,7 +85,10 @@ impl Bus {
     /// Opens a session; `statement_timeout` guards against a server that stops answering.
     pub async fn connect(url: &str, statement_timeout: Duration) -> Result<Bus, BusError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(BusError::Url)?;
-        config.application_name("bussig-relay");
+        // The connection string may name the session itself, e.g. to tell relays apart.
+        if config.get_application_name().is_none() {
+            config.application_name("bussig-relay");
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }

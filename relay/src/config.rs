@@ -600,6 +600,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let text = include_str!("../bussig-relay.example.toml");
+        let config = Config::parse("example", text, no_env).unwrap();
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.streams[0].subjects, ["prod.orders.>"]);
+        let orders = &config.routes[0];
+        assert_eq!(
+            orders.target_subject(Some("orders.eu")).as_deref(),
+            Some("prod.orders.eu")
+        );
+        assert_eq!(
+            orders.target_subject(None).as_deref(),
+            Some("prod.orders.direct")
+        );
+    }
+
+    #[test]
     fn passwords_are_hidden() {
         assert_eq!(
             redact("host=db user=relay password=secret dbname=app"),

@@ -365,6 +365,7 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
                     shared: shared.clone(),
                     metrics: metrics.route(&route.queue),
                     shutdown: shutdown.clone(),
+                    interrupted: Vec::new(),
                 }
                 .run(),
             );

@@ -97,6 +97,9 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub metrics: Arc<RouteMetrics>,
     pub shutdown: watch::Receiver<bool>,
+    /// The batch a lost database session interrupted. Lock tokens outlive sessions, so after a
+    /// reconnect the worker settles it before reading more, which keeps an ordered route in order.
+    pub interrupted: Vec<Delivery>,
 }
 
 impl Worker {
@@ -156,18 +159,54 @@ impl Worker {
             }
             info!(route = %self.route.queue, "draining ordered queue");
         }
+        let interrupted = std::mem::take(&mut self.interrupted);
+        if !interrupted.is_empty() {
+            let still_held = self.still_held(bus, &interrupted).await;
+            let batch = match still_held {
+                Ok(batch) => batch,
+                Err(e) => {
+                    self.interrupted = interrupted;
+                    return Err(e);
+                }
+            };
+            info!(route = %self.route.queue, messages = batch.len(), "resuming the interrupted batch");
+            self.deliver_keeping(bus, batch).await?;
+        }
         loop {
             let Some(batch) = self.read(bus).await? else {
                 return Ok(());
             };
             reconnect.reset();
             if !batch.is_empty() {
-                self.deliver(bus, batch).await?;
+                self.deliver_keeping(bus, batch).await?;
             }
             if self.stopping() {
                 return Ok(());
             }
         }
+    }
+
+    /// The deliveries whose locks this relay still holds, locks extended; settled or lost ones go.
+    async fn still_held(&self, bus: &Bus, batch: &[Delivery]) -> Result<Vec<Delivery>, BusError> {
+        let all: Vec<&Delivery> = batch.iter().collect();
+        let held = bus
+            .extend_locks(&self.route.queue, &all, self.route.lock_timeout)
+            .await?;
+        Ok(batch
+            .iter()
+            .filter(|d| held.contains(&d.id))
+            .cloned()
+            .collect())
+    }
+
+    /// Delivers a batch; when the database fails on the way, keeps it for after the reconnect.
+    async fn deliver_keeping(&mut self, bus: &Bus, batch: Vec<Delivery>) -> Result<(), BusError> {
+        let copy = batch.clone();
+        let result = self.deliver(bus, batch).await;
+        if result.is_err() {
+            self.interrupted = copy;
+        }
+        result
     }
 
     /// The next batch, waiting for one up to `poll_wait`; None on shutdown.

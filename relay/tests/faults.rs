@@ -112,27 +112,7 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
     );
     let mut relay = Relay::start_ready(&nats.url(), &config).await;
 
-    // A producer commits one message to each queue every few milliseconds throughout.
-    let sent = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = {
-        let (sent, stop) = (sent.clone(), stop.clone());
-        let queues = (plain.name.clone(), ordered.name.clone());
-        tokio::spawn(async move {
-            let db = connect().await;
-            let (mut plain_ids, mut ordered_ids) = (Vec::new(), Vec::new());
-            let mut pace = tokio::time::interval(Duration::from_millis(5));
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                pace.tick().await;
-                plain_ids.extend(send_each(&db, &queues.0, [json!({ "i": i })]).await);
-                ordered_ids.extend(send_each(&db, &queues.1, [json!({ "i": i })]).await);
-                i += 1;
-                sent.store(i as usize, Ordering::Relaxed);
-            }
-            (plain_ids, ordered_ids)
-        })
-    };
+    let producer = Producer::start(vec![plain.name.clone(), ordered.name.clone()]);
 
     eventually(LONG, "messages flowing before the outage", async || {
         (stream_count(&js, "OUTAGE").await >= 100).then_some(())
@@ -151,22 +131,18 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
     .await;
     assert!(body.contains("NATS disconnected"), "{body}");
     // Keep producing for a few seconds' worth of messages while NATS is away.
-    let at_stop = sent.load(Ordering::Relaxed);
-    eventually(LONG, "messages sent during the outage", async || {
-        (sent.load(Ordering::Relaxed) >= at_stop + 300).then_some(())
-    })
-    .await;
+    producer
+        .wait_for_more(300, "messages sent during the outage")
+        .await;
     relay.assert_running();
 
     nats.restart().await;
     relay.wait_ready().await;
-    let resumed = sent.load(Ordering::Relaxed);
-    eventually(LONG, "messages sent after the outage", async || {
-        (sent.load(Ordering::Relaxed) >= resumed + 100).then_some(())
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let (plain_ids, ordered_ids) = producer.await.expect("producer");
+    producer
+        .wait_for_more(100, "messages sent after the outage")
+        .await;
+    let ids = producer.finish().await;
+    let (plain_ids, ordered_ids) = (&ids[0], &ids[1]);
 
     let js = nats.jetstream().await;
     wait_relayed(&db, &js, "OUTAGE", &plain.name, plain_ids.len(), LONG).await;
@@ -185,6 +161,108 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
         "the outage dead-lettered messages"
     );
     relay.assert_running();
+}
+
+/// Commits one message to each queue every few milliseconds until stopped; returns the ids.
+struct Producer {
+    sent: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Vec<i64>>>,
+}
+
+impl Producer {
+    fn start(queues: Vec<String>) -> Producer {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counter, stopped) = (sent.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let db = connect().await;
+            let mut ids = vec![Vec::new(); queues.len()];
+            let mut pace = tokio::time::interval(Duration::from_millis(5));
+            let mut i = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                pace.tick().await;
+                for (queue, ids) in queues.iter().zip(&mut ids) {
+                    ids.extend(send_each(&db, queue, [json!({ "i": i })]).await);
+                }
+                i += 1;
+                counter.store(i as usize, Ordering::Relaxed);
+            }
+            ids
+        });
+        Producer { sent, stop, task }
+    }
+
+    /// Waits until `count` more rounds have been sent.
+    async fn wait_for_more(&self, count: usize, what: &str) {
+        let from = self.sent.load(Ordering::Relaxed);
+        eventually(LONG, what, async || {
+            (self.sent.load(Ordering::Relaxed) >= from + count).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> Vec<Vec<i64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("producer")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_sessions_lost_under_load_lose_and_duplicate_nothing() {
+    let db = connect().await;
+    let nats = Nats::start().await;
+    let js = nats.jetstream().await;
+    create_stream(&js, "DBLOSS", &["dbloss.>"], -1).await;
+    let plain = Queue::create(&db, "dbloss_plain", "").await;
+    let ordered = Queue::create(&db, "dbloss_ordered", "").await;
+    let config = format!(
+        "{FAST}{}{}",
+        route(
+            &plain.name,
+            "dbloss.plain",
+            "batch_size = 20\nconcurrency = 2"
+        ),
+        route(
+            &ordered.name,
+            "dbloss.ordered",
+            "batch_size = 20\nordered = true"
+        ),
+    );
+    // A session name of its own, so only this relay's sessions are terminated.
+    let session = format!("relay_{}", plain.name);
+    let url = format!("{} application_name={session}", database_url());
+    let mut relay = Relay::spawn_on(&url, &nats.url(), &config);
+    relay.wait_ready().await;
+    let producer = Producer::start(vec![plain.name.clone(), ordered.name.clone()]);
+
+    for _ in 0..3 {
+        producer
+            .wait_for_more(100, "messages before terminating sessions")
+            .await;
+        let terminated: i64 = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = $1",
+                &[&session],
+            )
+            .await
+            .expect("terminate the relay's sessions")
+            .get(0);
+        assert!(terminated >= 3, "terminated {terminated} sessions");
+    }
+    producer
+        .wait_for_more(100, "messages after the last termination")
+        .await;
+    let ids = producer.finish().await;
+
+    wait_relayed(&db, &js, "DBLOSS", &plain.name, ids[0].len(), LONG).await;
+    wait_relayed(&db, &js, "DBLOSS", &ordered.name, ids[1].len(), LONG).await;
+    let stored = stream_messages(&js, "DBLOSS").await;
+    assert_exactly_once(&stored, &plain.name, &ids[0], false);
+    assert_exactly_once(&stored, &ordered.name, &ids[1], true);
+    relay.assert_running();
+    assert!(relay.log().contains("reconnecting"), "{}", relay.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

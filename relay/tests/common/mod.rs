@@ -500,6 +500,7 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
 /// A relay process with its own config file and log; killed when dropped.
 pub struct Relay {
     pub metrics_port: u16,
+    database_url: String,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -508,9 +509,15 @@ impl Relay {
     /// Writes `config` (TOML without database_url, nats_url or metrics_address: those come from
     /// the environment, as in production) and starts the relay without waiting for it.
     pub fn spawn(nats_url: &str, config: &str) -> Relay {
+        Relay::spawn_on(&database_url(), nats_url, config)
+    }
+
+    /// As `spawn`, with another connection string, e.g. one naming the session.
+    pub fn spawn_on(database_url: &str, nats_url: &str, config: &str) -> Relay {
         let dir = TempDir::new("relay");
         let mut relay = Relay {
             metrics_port: free_port(),
+            database_url: database_url.to_string(),
             dir,
             child: None,
         };
@@ -541,7 +548,7 @@ impl Relay {
         let child = Command::new(env!("CARGO_BIN_EXE_bussig-relay"))
             .arg("--config")
             .arg(self.config_path())
-            .env("DATABASE_URL", database_url())
+            .env("DATABASE_URL", &self.database_url)
             .env("NATS_URL", nats_url)
             .env(
                 "BUSSIG_RELAY_METRICS_ADDRESS",
