@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 : "${BUSSIG_TEST_URL:?set BUSSIG_TEST_URL to a database with the bussig extension}"
+# Debian's package installs it in /usr/sbin, which not every PATH has.
+if [[ -z "${NATS_SERVER:-}" ]] && ! command -v nats-server >/dev/null && [[ -x /usr/sbin/nats-server ]]; then
+    export NATS_SERVER=/usr/sbin/nats-server
+fi
 if ! command -v "${NATS_SERVER:-nats-server}" >/dev/null; then
     echo "relay-test: nats-server not found (apt-get install nats-server, or set NATS_SERVER)" >&2
     exit 1

@@ -296,11 +296,10 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
         .name("bussig-relay")
         .connection_timeout(NATS_CONNECT_TIMEOUT)
         .max_reconnects(None)
+        // The client logs every event itself; a lost server deserves a warning.
         .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => info!("NATS connected"),
-                async_nats::Event::Disconnected => warn!("NATS disconnected; reconnecting"),
-                other => info!(event = %other, "NATS event"),
+            if let async_nats::Event::Disconnected = event {
+                warn!("NATS disconnected; publishes are held until it reconnects");
             }
         })
         .connect(config.nats_url.as_str())
