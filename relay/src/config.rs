@@ -260,6 +260,13 @@ impl Config {
             file.poll_wait.as_deref(),
             Duration::from_secs(10),
         )?;
+        // A read that returns at once on an idle queue would turn the relay into a busy loop.
+        if poll_wait < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid {
+                name: "poll_wait".to_string(),
+                message: "must be at least 100ms".to_string(),
+            });
+        }
         let shutdown_timeout = duration_or(
             "shutdown_timeout",
             file.shutdown_timeout.as_deref(),
@@ -581,6 +588,10 @@ mod tests {
             (
                 &format!("{db}poll_wait = \"soon\"\n[[route]]\nqueue = \"q\""),
                 "not a duration",
+            ),
+            (
+                &format!("{db}poll_wait = \"0s\"\n[[route]]\nqueue = \"q\""),
+                "at least 100ms",
             ),
             (
                 &format!("{db}metrics_address = \"here\"\n[[route]]\nqueue = \"q\""),
