@@ -148,8 +148,8 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
     wait_relayed(&db, &js, "OUTAGE", &plain.name, plain_ids.len(), LONG).await;
     wait_relayed(&db, &js, "OUTAGE", &ordered.name, ordered_ids.len(), LONG).await;
     let stored = stream_messages(&js, "OUTAGE").await;
-    assert_exactly_once(&stored, &plain.name, &plain_ids, false);
-    assert_exactly_once(&stored, &ordered.name, &ordered_ids, true);
+    assert_exactly_once(&stored, &plain.name, plain_ids, false);
+    assert_exactly_once(&stored, &ordered.name, ordered_ids, true);
     assert_eq!(
         total(&db, &plain.dlq()).await,
         0,
