@@ -258,7 +258,8 @@ impl Worker {
             self.deliver_in_order(bus, pending.into(), &mut in_flight)
                 .await?;
         } else {
-            self.deliver_all(bus, pending, &mut in_flight).await?;
+            self.deliver_all(bus, pending.into(), &mut in_flight)
+                .await?;
         }
         metrics.observe_batch(started.elapsed());
         Ok(())
@@ -308,7 +309,7 @@ impl Worker {
     async fn deliver_all(
         &mut self,
         bus: &Bus,
-        mut pending: Vec<(Delivery, Outgoing)>,
+        mut pending: VecDeque<(Delivery, Outgoing)>,
         in_flight: &mut InFlight<'_>,
     ) -> Result<(), BusError> {
         let queue = self.route.queue.clone();
@@ -319,7 +320,7 @@ impl Worker {
                 acks.push(publish::send(&self.shared.jetstream, outgoing).await);
             }
             let mut stored = Vec::new();
-            let mut unavailable = Vec::new();
+            let mut unavailable = VecDeque::new();
             let mut last_unavailable = String::new();
             for ((delivery, outgoing), ack) in pending.into_iter().zip(acks) {
                 let outcome = match ack {
@@ -341,7 +342,7 @@ impl Worker {
                     }
                     Outcome::Unavailable(error) => {
                         last_unavailable = error;
-                        unavailable.push((delivery, outgoing));
+                        unavailable.push_back((delivery, outgoing));
                     }
                 }
             }
@@ -472,51 +473,22 @@ impl Worker {
 
     /// Extends the locks of held messages; drops those whose lock was lost (another reader has
     /// them now, and JetStream will drop whichever copy comes second).
-    async fn keep_locks<C>(&self, bus: &Bus, pending: &mut C) -> Result<(), BusError>
-    where
-        C: HeldMessages,
-    {
+    async fn keep_locks(
+        &self,
+        bus: &Bus,
+        pending: &mut VecDeque<(Delivery, Outgoing)>,
+    ) -> Result<(), BusError> {
+        let deliveries: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
         let held = bus
-            .extend_locks(
-                &self.route.queue,
-                &pending.deliveries(),
-                self.route.lock_timeout,
-            )
+            .extend_locks(&self.route.queue, &deliveries, self.route.lock_timeout)
             .await?;
-        let lost = pending.keep(|d| held.contains(&d.id));
+        let before = pending.len();
+        pending.retain(|(d, _)| held.contains(&d.id));
+        let lost = before - pending.len();
         if lost > 0 {
             warn!(route = %self.route.queue, messages = lost, "lost the lock on held messages");
         }
         Ok(())
-    }
-}
-
-/// A batch still held, in either container the two delivery modes use.
-trait HeldMessages {
-    fn deliveries(&self) -> Vec<&Delivery>;
-    /// Keeps the messages `held` accepts; returns how many went.
-    fn keep(&mut self, held: impl Fn(&Delivery) -> bool) -> usize;
-}
-
-impl HeldMessages for Vec<(Delivery, Outgoing)> {
-    fn deliveries(&self) -> Vec<&Delivery> {
-        self.iter().map(|(d, _)| d).collect()
-    }
-    fn keep(&mut self, held: impl Fn(&Delivery) -> bool) -> usize {
-        let before = self.len();
-        self.retain(|(d, _)| held(d));
-        before - self.len()
-    }
-}
-
-impl HeldMessages for VecDeque<(Delivery, Outgoing)> {
-    fn deliveries(&self) -> Vec<&Delivery> {
-        self.iter().map(|(d, _)| d).collect()
-    }
-    fn keep(&mut self, held: impl Fn(&Delivery) -> bool) -> usize {
-        let before = self.len();
-        self.retain(|(d, _)| held(d));
-        before - self.len()
     }
 }
 

@@ -10,10 +10,21 @@ use common::*;
 
 /// Runs the relay on `config` with the given NATS and database, to completion.
 fn run(config: &str, nats_url: &str, database_url: &str, args: &[&str]) -> Output {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    run_serving(config, nats_url, database_url, args, &metrics_address)
+}
+
+/// As `run`, serving HTTP on `metrics_address`.
+fn run_serving(
+    config: &str,
+    nats_url: &str,
+    database_url: &str,
+    args: &[&str],
+    metrics_address: &str,
+) -> Output {
     let dir = TempDir::new("config");
     let path = dir.0.join("relay.toml");
     fs::write(&path, config).expect("write config");
-    let metrics_address = format!("127.0.0.1:{}", free_port());
     Command::new(env!("CARGO_BIN_EXE_bussig-relay"))
         .arg("--config")
         .arg(&path)
@@ -154,17 +165,7 @@ async fn a_taken_metrics_address_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = taken.local_addr().unwrap().to_string();
     let config = format!("{FAST}{}", route(&queue.name, "checked.out", ""));
-    let dir = TempDir::new("config");
-    let path = dir.0.join("relay.toml");
-    fs::write(&path, config).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_bussig-relay"))
-        .arg("--config")
-        .arg(&path)
-        .env("DATABASE_URL", database_url())
-        .env("NATS_URL", nats.url())
-        .env("BUSSIG_RELAY_METRICS_ADDRESS", &address)
-        .output()
-        .expect("run bussig-relay");
+    let output = run_serving(&config, &nats.url(), &database_url(), &[], &address);
     assert_fails(
         &output,
         1,
