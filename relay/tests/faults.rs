@@ -130,6 +130,15 @@ async fn nats_stopped_under_load_loses_and_duplicates_nothing() {
     })
     .await;
     assert!(body.contains("NATS disconnected"), "{body}");
+    // Keep producing until the relay has held messages NATS could not take.
+    let unavailable = format!(
+        "bussig_relay_failed_total{{route=\"{}\",reason=\"unavailable\"}}",
+        plain.name
+    );
+    eventually(LONG, "publishes failing while NATS is away", async || {
+        (metric(&relay.metrics().await, &unavailable)? > 0.0).then_some(())
+    })
+    .await;
     // Keep producing for a few seconds' worth of messages while NATS is away.
     producer
         .wait_for_more(300, "messages sent during the outage")
