@@ -3,6 +3,7 @@
 #   1. #[pg_test] unit tests, inside pgrx's own test cluster
 #   2. pg_regress scripts in pg_test/ (SQL with expected output)
 #   3. client-level tests in tests/, over a real client library
+#   4. the relay to NATS JetStream in relay/, against a real nats-server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +47,8 @@ cargo test -p bussig-tests -- --test-threads=4 \
 # These change the whole server (a reload; a killed worker restarts every process): alone, last.
 cargo test -p bussig-tests --test worker_reload -- --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p bussig-tests --test worker_crash 2>&1 | tee -a "$log"
+
+.ci/relay-test.sh 2>&1 | tee -a "$log"
 
 # One closing line for all of it: cargo's "test result" lines plus pg_regress's "test … ok  N ms" lines.
 passed=$(awk '/^test result:/ {n += $4} /^test .* \.\.\. ok +[0-9]+ ms$/ {n++} END {print n + 0}' "$log")

@@ -1,0 +1,513 @@
+//! Moving one route's messages: read a batch under lock, publish it, wait for the PubAcks, settle it
+//! in bussig. One `Worker` is one batch in flight; a route has `concurrency` of them.
+
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+use tracing::{debug, info, warn};
+
+use crate::bus::{Bus, BusError, Delivery, QueueInfo};
+use crate::config::{Config, Route};
+use crate::metrics::RouteMetrics;
+use crate::publish::{self, Outcome, Outgoing};
+
+/// How often a relay on standby asks again for an ordered queue another relay drains.
+const STANDBY_INTERVAL: Duration = Duration::from_secs(2);
+/// Room above the longest read wait before the database session counts as hung.
+const STATEMENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
+
+/// Capped exponential backoff with jitter, so relays that lost the same server do not return in step.
+pub struct Backoff {
+    first: Duration,
+    cap: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            first,
+            cap,
+            next: first,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        // 80% to 100% of the delay.
+        let jitter = RandomState::new().build_hasher().finish() % 1000;
+        delay.mul_f64(0.8 + 0.2 * jitter as f64 / 1000.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// Resolves once shutdown is asked for (or whoever could ask is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns must not live across an await of the caller.
+    let _ = shutdown.wait_for(|stop| *stop).await.is_ok();
+}
+
+/// What every worker shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub jetstream: async_nats::jetstream::Context,
+}
+
+/// Keeps the in-flight gauge right whichever way a batch ends.
+struct InFlight<'a> {
+    metrics: &'a RouteMetrics,
+    count: i64,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a RouteMetrics, count: usize) -> InFlight<'a> {
+        let count = count as i64;
+        metrics.in_flight.fetch_add(count, Ordering::Relaxed);
+        InFlight { metrics, count }
+    }
+
+    fn settled(&mut self, count: usize) {
+        let count = (count as i64).min(self.count);
+        self.count -= count;
+        self.metrics.in_flight.fetch_sub(count, Ordering::Relaxed);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .in_flight
+            .fetch_sub(self.count, Ordering::Relaxed);
+    }
+}
+
+pub struct Worker {
+    pub route: Route,
+    pub queue: QueueInfo,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<RouteMetrics>,
+    pub shutdown: watch::Receiver<bool>,
+    /// The batch a lost database session interrupted. Lock tokens outlive sessions, so after a
+    /// reconnect the worker settles it before reading more, which keeps an ordered route in order.
+    pub interrupted: Vec<Delivery>,
+}
+
+impl Worker {
+    fn lock_timeout(&self) -> Duration {
+        self.route.lock_timeout.unwrap_or(self.queue.lock_timeout)
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sleeps for `delay`; false when shutdown came first.
+    async fn pause(&mut self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = stopped(&mut self.shutdown) => false,
+        }
+    }
+
+    /// Runs until shutdown, reconnecting to the database as long as it takes.
+    pub async fn run(mut self) {
+        let config = self.shared.config.clone();
+        let statement_timeout = config.poll_wait + STATEMENT_TIMEOUT_MARGIN;
+        let mut reconnect = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        while !self.stopping() {
+            let bus = match Bus::connect(&config.database_url, statement_timeout).await {
+                Ok(bus) => bus,
+                Err(error) => {
+                    warn!(route = %self.route.queue, %error, "cannot reach the database; retrying");
+                    self.pause(reconnect.next_delay()).await;
+                    continue;
+                }
+            };
+            match self.drain(&bus, &mut reconnect).await {
+                Ok(()) => break,
+                Err(error) => {
+                    warn!(route = %self.route.queue, %error, "database call failed; reconnecting");
+                    self.pause(reconnect.next_delay()).await;
+                }
+            }
+        }
+        debug!(route = %self.route.queue, "worker stopped");
+    }
+
+    /// Reads and delivers batches on one session until shutdown (Ok) or a database error.
+    async fn drain(&mut self, bus: &Bus, reconnect: &mut Backoff) -> Result<(), BusError> {
+        if self.route.ordered {
+            let mut announced = false;
+            while !bus.try_lock_ordered_queue(&self.route.queue).await? {
+                if !announced {
+                    info!(route = %self.route.queue, "another relay drains this ordered queue; standing by");
+                    announced = true;
+                }
+                if !self.pause(STANDBY_INTERVAL).await {
+                    return Ok(());
+                }
+            }
+            info!(route = %self.route.queue, "draining ordered queue");
+        }
+        let interrupted = std::mem::take(&mut self.interrupted);
+        if !interrupted.is_empty() {
+            let still_held = self.still_held(bus, &interrupted).await;
+            let batch = match still_held {
+                Ok(batch) => batch,
+                Err(e) => {
+                    self.interrupted = interrupted;
+                    return Err(e);
+                }
+            };
+            info!(route = %self.route.queue, messages = batch.len(), "resuming the interrupted batch");
+            self.deliver_keeping(bus, batch).await?;
+        }
+        loop {
+            let Some(batch) = self.read(bus).await? else {
+                return Ok(());
+            };
+            reconnect.reset();
+            if !batch.is_empty() {
+                self.deliver_keeping(bus, batch).await?;
+            }
+            if self.stopping() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The deliveries whose locks this relay still holds, locks extended; settled or lost ones go.
+    async fn still_held(&self, bus: &Bus, batch: &[Delivery]) -> Result<Vec<Delivery>, BusError> {
+        let all: Vec<&Delivery> = batch.iter().collect();
+        let held = bus
+            .extend_locks(&self.route.queue, &all, self.route.lock_timeout)
+            .await?;
+        Ok(batch
+            .iter()
+            .filter(|d| held.contains(&d.id))
+            .cloned()
+            .collect())
+    }
+
+    /// Delivers a batch; when the database fails on the way, keeps it for after the reconnect.
+    async fn deliver_keeping(&mut self, bus: &Bus, batch: Vec<Delivery>) -> Result<(), BusError> {
+        let copy = batch.clone();
+        let result = self.deliver(bus, batch).await;
+        if result.is_err() {
+            self.interrupted = copy;
+        }
+        result
+    }
+
+    /// The next batch, waiting for one up to `poll_wait`; None on shutdown.
+    async fn read(&mut self, bus: &Bus) -> Result<Option<Vec<Delivery>>, BusError> {
+        let read = bus.read(
+            &self.route.queue,
+            self.route.batch_size,
+            self.route.lock_timeout,
+            self.shared.config.poll_wait,
+        );
+        tokio::pin!(read);
+        tokio::select! {
+            batch = &mut read => Ok(Some(batch?)),
+            _ = stopped(&mut self.shutdown) => {
+                let _ = bus.cancel_token().cancel_query(NoTls).await;
+                // A read that finished before the cancel arrived has locked messages: give them back.
+                if let Ok(batch) = read.await {
+                    let held: Vec<&Delivery> = batch.iter().collect();
+                    bus.nack(&self.route.queue, &held, Some(Duration::ZERO), "relay shutting down").await?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn deliver(&mut self, bus: &Bus, batch: Vec<Delivery>) -> Result<(), BusError> {
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let mut in_flight = InFlight::new(&metrics, batch.len());
+        let config = self.shared.config.clone();
+        let mut pending = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let subject = self.route.target_subject(delivery.subject.as_deref());
+            match publish::build(
+                &delivery,
+                &self.route.queue,
+                subject,
+                &config.message_id_prefix,
+            ) {
+                Ok(outgoing) => pending.push((delivery, outgoing)),
+                Err(why) => {
+                    self.reject_for_good(bus, &delivery, "unpublishable", &why.to_string())
+                        .await?;
+                    in_flight.settled(1);
+                }
+            }
+        }
+        if self.route.ordered {
+            self.deliver_in_order(bus, pending.into(), &mut in_flight)
+                .await?;
+        } else {
+            self.deliver_all(bus, pending.into(), &mut in_flight)
+                .await?;
+        }
+        metrics.observe_batch(started.elapsed());
+        Ok(())
+    }
+
+    /// A message that can never be published goes to the dead-letter queue at once.
+    async fn reject_for_good(
+        &self,
+        bus: &Bus,
+        delivery: &Delivery,
+        reason: &str,
+        error: &str,
+    ) -> Result<(), BusError> {
+        warn!(route = %self.route.queue, message_id = delivery.id, reason, error, "dead-lettering message");
+        match bus
+            .dead_letter(&self.route.queue, delivery, reason, error)
+            .await
+        {
+            Ok(moved) => {
+                if moved {
+                    self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            // A queue without a dead-letter queue of its own (itself one): retry with backoff instead.
+            Err(e) if !e.is_connection() => {
+                bus.nack(&self.route.queue, &[delivery], None, error)
+                    .await?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn count_outcome(&self, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Stored { duplicate: false } => &self.metrics.published,
+            Outcome::Stored { duplicate: true } => &self.metrics.duplicates,
+            Outcome::Rejected(_) => &self.metrics.rejected,
+            Outcome::Unavailable(_) => &self.metrics.unavailable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Unordered: publish the whole batch at once, then wait for every PubAck. Rejected messages
+    /// are nacked with the queue's backoff; those NATS did not answer are held and sent again.
+    async fn deliver_all(
+        &mut self,
+        bus: &Bus,
+        mut pending: VecDeque<(Delivery, Outgoing)>,
+        in_flight: &mut InFlight<'_>,
+    ) -> Result<(), BusError> {
+        let queue = self.route.queue.clone();
+        let mut retry = Backoff::new(Duration::from_millis(200), self.lock_timeout() / 3);
+        loop {
+            let mut acks = Vec::with_capacity(pending.len());
+            for (_, outgoing) in &pending {
+                acks.push(publish::send(&self.shared.jetstream, outgoing).await);
+            }
+            let mut stored = Vec::new();
+            let mut unavailable = VecDeque::new();
+            let mut last_unavailable = String::new();
+            for ((delivery, outgoing), ack) in pending.into_iter().zip(acks) {
+                let outcome = match ack {
+                    Ok(future) => Outcome::of(future.await),
+                    Err(outcome) => outcome,
+                };
+                self.count_outcome(&outcome);
+                match outcome {
+                    Outcome::Stored { .. } => stored.push(delivery),
+                    Outcome::Rejected(error) => {
+                        let last = delivery.delivery_count >= self.queue.max_deliveries;
+                        warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
+                              delivery = delivery.delivery_count, %error,
+                              "JetStream rejected the message; nacked");
+                        if bus.nack(&queue, &[&delivery], None, &error).await? > 0 && last {
+                            self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        in_flight.settled(1);
+                    }
+                    Outcome::Unavailable(error) => {
+                        last_unavailable = error;
+                        unavailable.push_back((delivery, outgoing));
+                    }
+                }
+            }
+            let stored: Vec<&Delivery> = stored.iter().collect();
+            bus.ack(&queue, &stored).await?;
+            in_flight.settled(stored.len());
+            if unavailable.is_empty() {
+                return Ok(());
+            }
+            warn!(route = %queue, messages = unavailable.len(), error = %last_unavailable,
+                  "NATS did not confirm; holding the messages and sending them again");
+            pending = unavailable;
+            if !self.pause(retry.next_delay()).await {
+                let held: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
+                bus.nack(
+                    &queue,
+                    &held,
+                    Some(Duration::ZERO),
+                    "relay shutting down before NATS confirmed",
+                )
+                .await?;
+                return Ok(());
+            }
+            self.keep_locks(bus, &mut pending).await?;
+        }
+    }
+
+    /// Ordered: one message at a time, each confirmed before the next is sent, so nothing later
+    /// overtakes a message that failed. A rejected message is retried here, in place, with the
+    /// queue's backoff (a nack would put it behind the rest of the queue) until its deliveries
+    /// run out; then it is dead-lettered and the batch goes on.
+    async fn deliver_in_order(
+        &mut self,
+        bus: &Bus,
+        mut pending: VecDeque<(Delivery, Outgoing)>,
+        in_flight: &mut InFlight<'_>,
+    ) -> Result<(), BusError> {
+        let queue = self.route.queue.clone();
+        let mut confirmed: Vec<Delivery> = Vec::new();
+        let mut unavailable_retry =
+            Backoff::new(Duration::from_millis(200), self.lock_timeout() / 3);
+        let mut rejections = 0;
+        while let Some((delivery, outgoing)) = pending.front() {
+            let outcome = match publish::send(&self.shared.jetstream, outgoing).await {
+                Ok(future) => Outcome::of(future.await),
+                Err(outcome) => outcome,
+            };
+            self.count_outcome(&outcome);
+            let delay = match outcome {
+                Outcome::Stored { .. } => {
+                    let (delivery, _) = pending.pop_front().expect("front exists");
+                    confirmed.push(delivery);
+                    unavailable_retry.reset();
+                    rejections = 0;
+                    continue;
+                }
+                Outcome::Rejected(error) => {
+                    let attempts = delivery.delivery_count + rejections;
+                    if attempts >= self.queue.max_deliveries {
+                        let (delivery, _) = pending.pop_front().expect("front exists");
+                        self.settle_confirmed(bus, &mut confirmed, in_flight)
+                            .await?;
+                        self.reject_for_good(bus, &delivery, "max_deliveries", &error)
+                            .await?;
+                        in_flight.settled(1);
+                        rejections = 0;
+                        continue;
+                    }
+                    rejections += 1;
+                    let delay = bus.retry_backoff(&queue, attempts).await?;
+                    warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
+                          attempt = attempts, %error, retry_in = ?delay,
+                          "JetStream rejected the message; later messages wait behind it");
+                    delay
+                }
+                Outcome::Unavailable(error) => {
+                    let delay = unavailable_retry.next_delay();
+                    warn!(route = %queue, message_id = delivery.id, %error, retry_in = ?delay,
+                          "NATS did not confirm; holding the batch and sending again");
+                    delay
+                }
+            };
+            self.settle_confirmed(bus, &mut confirmed, in_flight)
+                .await?;
+            if !self.hold(bus, &mut pending, delay).await? {
+                let held: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
+                bus.nack(&queue, &held, Some(Duration::ZERO), "relay shutting down")
+                    .await?;
+                return Ok(());
+            }
+        }
+        self.settle_confirmed(bus, &mut confirmed, in_flight).await
+    }
+
+    async fn settle_confirmed(
+        &self,
+        bus: &Bus,
+        confirmed: &mut Vec<Delivery>,
+        in_flight: &mut InFlight<'_>,
+    ) -> Result<(), BusError> {
+        let held: Vec<&Delivery> = confirmed.iter().collect();
+        bus.ack(&self.route.queue, &held).await?;
+        in_flight.settled(confirmed.len());
+        confirmed.clear();
+        Ok(())
+    }
+
+    /// Waits `delay` keeping the batch locked; false on shutdown.
+    async fn hold(
+        &mut self,
+        bus: &Bus,
+        pending: &mut VecDeque<(Delivery, Outgoing)>,
+        delay: Duration,
+    ) -> Result<bool, BusError> {
+        let deadline = Instant::now() + delay;
+        let step = self.lock_timeout() / 3;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.pause(left.min(step)).await {
+                return Ok(false);
+            }
+            self.keep_locks(bus, pending).await?;
+            if left <= step {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Extends the locks of held messages; drops those whose lock was lost (another reader has
+    /// them now, and JetStream will drop whichever copy comes second).
+    async fn keep_locks(
+        &self,
+        bus: &Bus,
+        pending: &mut VecDeque<(Delivery, Outgoing)>,
+    ) -> Result<(), BusError> {
+        let deliveries: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
+        let held = bus
+            .extend_locks(&self.route.queue, &deliveries, self.route.lock_timeout)
+            .await?;
+        let before = pending.len();
+        pending.retain(|(d, _)| held.contains(&d.id));
+        let lost = before - pending.len();
+        if lost > 0 {
+            warn!(route = %self.route.queue, messages = lost, "lost the lock on held messages");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let delays: Vec<Duration> = (0..4).map(|_| backoff.next_delay()).collect();
+        let expected = [100, 200, 350, 350].map(Duration::from_millis);
+        for (delay, full) in delays.iter().zip(expected) {
+            assert!(
+                *delay <= full && *delay >= full.mul_f64(0.8),
+                "{delay:?} vs {full:?}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}
