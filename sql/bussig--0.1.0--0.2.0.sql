@@ -76,7 +76,11 @@ SELECT q.name AS queue,
        q.lock_timeout,
        q.message_ttl,
        q.created_at,
-       q.owner
+       q.owner,
+       q.retry_delay,
+       q.retry_delay_max,
+       q.retry_multiplier,
+       q.dedup_window
 FROM bussig.queue q
 -- The wall clock, as read and peek use it, taken once.
 CROSS JOIN (SELECT clock_timestamp() AS now) AS clock

@@ -295,7 +295,7 @@ impl Bus {
             .query_one(
                 "SELECT extract(epoch FROM bussig.retry_backoff(q.retry_delay, q.retry_multiplier,
                                                               q.retry_delay_max, $2))::float8
-                 FROM bussig.queue q WHERE q.name = $1",
+                 FROM bussig.queues q WHERE q.queue = $1",
                 &[&queue, &attempt],
             )
             .await?;
