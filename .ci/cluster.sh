@@ -24,7 +24,9 @@ port = $port
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$datadir'
 shared_preload_libraries = 'bussig'
-max_connections = 100
+max_connections = 200
+# A worker per database with bussig, and the tests create many databases.
+max_worker_processes = 32
 fsync = on
 CONF
     fi

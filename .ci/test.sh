@@ -10,13 +10,14 @@ cd "$(dirname "$0")/.."
 PG_BIN=/usr/lib/postgresql/15/bin
 PGXS=$("$PG_BIN/pg_config" --pgxs)
 PORT=${BUSSIG_TEST_PORT:-28816}
+BOUNCER_PORT=$((PORT + 2))
 
 .ci/setup.sh
 
 work=$(mktemp -d /tmp/bussig-test.XXXXXX)
 chmod 755 "$work"
 log="$work/test.log"
-trap '.ci/cluster.sh stop "$work/pgdata"; rm -rf "$work"' EXIT
+trap '.ci/pgbouncer.sh stop "$work/pgbouncer"; .ci/cluster.sh stop "$work/pgdata"; rm -rf "$work"' EXIT
 
 echo "== unit tests (#[pg_test])"
 # pgrx copies bussig.so over the installed one in place, which would crash any running server that has it
@@ -41,11 +42,29 @@ echo "== client tests (tests/)"
 "${psql[@]}" -d postgres -c "CREATE DATABASE bussig_test"
 "${psql[@]}" -d bussig_test -c "CREATE EXTENSION bussig"
 export BUSSIG_TEST_URL="host=127.0.0.1 port=$PORT user=postgres dbname=bussig_test"
-cargo test -p bussig-tests -- --test-threads=4 \
-    --skip fan_out_survives_worker_kill --skip workers_follow_a_reloaded \
-    --skip a_failing_step_does_not_stop 2>&1 | tee -a "$log"
-# These change the whole server (a reload; a killed worker restarts every process): alone, last.
+export BUSSIG_TEST_PGDATA="$work/pgdata"
+# A hung statement fails its test instead of the run, behind the proxy too.
+"${psql[@]}" -d postgres -c "ALTER DATABASE bussig_test SET statement_timeout = '30s'"
+# These stop, crash or reload the whole server: they run alone, after the others.
+server_level=(fan_out_survives_worker_kill workers_follow_a_reloaded a_failing_step_does_not_stop
+              consumer_backend_killed immediate_stop_under_load terminated_waits_leave
+              canceled_and_timed_out_waits fast_shutdown_is_not_held_up)
+skip_server_level=$(printf -- '--skip %s ' "${server_level[@]}")
+# shellcheck disable=SC2086
+cargo test -p bussig-tests -- --test-threads=4 $skip_server_level 2>&1 | tee -a "$log"
+
+echo "== client tests through pgbouncer (transaction pooling)"
+.ci/pgbouncer.sh start "$work/pgbouncer" "$BOUNCER_PORT" "$PORT"
+# shellcheck disable=SC2086
+BUSSIG_TEST_SESSION_URL="$BUSSIG_TEST_URL" \
+BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \
+BUSSIG_TORTURE_SECONDS=15 \
+    cargo test -p bussig-tests -- --test-threads=4 $skip_server_level 2>&1 | tee -a "$log"
+.ci/pgbouncer.sh stop "$work/pgbouncer"
+
+echo "== server-level client tests (alone)"
 cargo test -p bussig-tests --test worker_reload -- --test-threads=1 2>&1 | tee -a "$log"
+cargo test -p bussig-tests --test crash_recovery -- --test-threads=1 2>&1 | tee -a "$log"
 cargo test -p bussig-tests --test worker_crash 2>&1 | tee -a "$log"
 
 .ci/relay-test.sh 2>&1 | tee -a "$log"

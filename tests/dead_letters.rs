@@ -1,7 +1,6 @@
 //! Messages that keep failing, or are rejected, land in `<queue>_dlq` with
 //! their content intact and a reason; redrive brings them back.
 
-use postgres::Client;
 use uuid::Uuid;
 
 use bussig_tests::*;

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use postgres::Client;
 use serde_json::Value;
 
 use bussig_tests::*;

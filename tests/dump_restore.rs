@@ -2,7 +2,6 @@
 //! and the API carries on there (ids continue, remembered dedup ids still deduplicate).
 
 use bussig_tests::*;
-use postgres::Client;
 
 /// Everything bussig stores, as text, in a stable order.
 fn snapshot(client: &mut Client) -> Vec<String> {
@@ -53,8 +52,8 @@ fn dump_restore_keeps_queues_messages_keys_and_grants() {
 
     let dump = std::env::temp_dir().join(format!("{}.dump", source.name));
     let dump = dump.to_str().unwrap();
-    run_program("pg_dump", &["-Fc", "-f", dump, "-d", &url_for(&source.name)]);
-    run_program("pg_restore", &["-d", &url_for(&target.name), dump]);
+    run_program("pg_dump", &["-Fc", "-f", dump, "-d", &session_url_for(&source.name)]);
+    run_program("pg_restore", &["-d", &session_url_for(&target.name), dump]);
     std::fs::remove_file(dump).ok();
 
     let mut dst = target.connect();

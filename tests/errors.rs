@@ -1,12 +1,10 @@
 //! Bad calls fail with the documented SQLSTATE, as a client sees it.
 
-use postgres::types::ToSql;
-use postgres::Client;
 
 use bussig_tests::*;
 
 /// Runs `sql` and asserts that it fails with `expected`.
-fn assert_fails(c: &mut Client, expected: &SqlState, sql: &str, params: &[&(dyn ToSql + Sync)]) {
+fn assert_fails(c: &mut Client, expected: &SqlState, sql: &str, params: &[&dyn Param]) {
     match c.query(sql, params) {
         Ok(rows) => panic!(
             "{sql} succeeded ({} rows), expected {}",

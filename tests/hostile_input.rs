@@ -3,8 +3,6 @@
 
 use std::cell::RefCell;
 
-use postgres::types::ToSql;
-use postgres::Client;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::Value;
@@ -12,7 +10,7 @@ use serde_json::Value;
 use bussig_tests::*;
 
 /// What a statement did: Ok, or the SQLSTATE it failed with.
-fn outcome(c: &mut Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), String> {
+fn outcome(c: &mut Client, sql: &str, params: &[&dyn Param]) -> Result<(), String> {
     match c.query(sql, params) {
         Ok(_) => Ok(()),
         Err(e) => Err(e
@@ -33,7 +31,7 @@ fn footprint(c: &mut Client) -> Vec<i64> {
 
 /// Runs `sql` and checks its outcome against `expected`. A call expected to fail runs on its own and
 /// must leave no trace; one expected to succeed is rolled back, so that every case starts alike.
-fn check(c: &mut Client, expected: Result<(), &str>, sql: &str, params: &[&(dyn ToSql + Sync)]) {
+fn check(c: &mut Client, expected: Result<(), &str>, sql: &str, params: &[&dyn Param]) {
     let got = if expected.is_ok() {
         c.batch_execute("BEGIN").unwrap();
         let got = outcome(c, sql, params);
@@ -51,8 +49,14 @@ fn check(c: &mut Client, expected: Result<(), &str>, sql: &str, params: &[&(dyn 
 }
 
 /// A database of the test's own with the extension, so that the footprint is the test's alone.
-fn own_database(test: &str) -> (Database, Client) {
+/// `setting` (e.g. "bussig.max_message_size = '2kB'") is the database's, set before anyone connects,
+/// so that it holds behind a transaction-pooling proxy too.
+fn own_database(test: &str, setting: Option<&str>) -> (Database, Client) {
     let database = Database::create(test);
+    if let Some(setting) = setting {
+        let sql = format!("ALTER DATABASE \"{}\" SET {setting}", database.name);
+        connect().batch_execute(&sql).expect(&sql);
+    }
     let mut client = database.connect();
     client.batch_execute("CREATE EXTENSION bussig").expect("create extension");
     (database, client)
@@ -105,7 +109,7 @@ fn sample(name: &str, queue: &str, other_queue: &str) -> String {
 /// default is NULL accepts NULL (it means "not given"); any other raises 22004, changing nothing.
 #[test]
 fn null_in_every_argument() {
-    let (_database, mut c) = own_database("null_args");
+    let (_database, mut c) = own_database("null_args", None);
     let queue = Queue::create(&mut c, "null_args", "");
     let other = Queue::create(&mut c, "null_args_other", "");
     let functions = c
@@ -161,7 +165,7 @@ fn valid_queue_name(name: &str) -> bool {
 
 #[test]
 fn queue_names_are_checked_before_anything_is_written() {
-    let (_database, client) = own_database("hostile");
+    let (_database, client) = own_database("hostile", None);
     let cell = RefCell::new(client);
     let names = prop_oneof![
         "[A-Za-z0-9][A-Za-z0-9_.-]{0,70}",
@@ -209,7 +213,7 @@ fn valid_subject(text: &str, pattern: bool) -> bool {
 
 #[test]
 fn subjects_and_patterns_follow_the_nats_rules() {
-    let (_database, client) = own_database("hostile");
+    let (_database, client) = own_database("hostile", None);
     let cell = RefCell::new(client);
     let queue = Queue::create(&mut cell.borrow_mut(), "hostile_subjects", "");
     let texts = prop_oneof![
@@ -253,11 +257,11 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 #[test]
 fn headers_must_be_objects_and_messages_fit_the_size_limit() {
-    let (_database, client) = own_database("hostile");
+    let limit = 2048;
+    let setting = format!("bussig.max_message_size = '{limit}B'");
+    let (_database, client) = own_database("hostile", Some(&setting));
     let cell = RefCell::new(client);
     let queue = Queue::create(&mut cell.borrow_mut(), "hostile_sizes", "");
-    let limit = 2048;
-    cell.borrow_mut().batch_execute(&format!("SET bussig.max_message_size = '{limit}B'")).unwrap();
     let cases = (json_value(), prop::option::of(json_value()), 0usize..3000);
     runner(200)
         .run(&cases, |(payload, headers, padding)| {
@@ -285,13 +289,12 @@ fn headers_must_be_objects_and_messages_fit_the_size_limit() {
             Ok(())
         })
         .unwrap();
-    cell.borrow_mut().batch_execute("RESET bussig.max_message_size").unwrap();
     cell.borrow_mut().execute("SELECT bussig.purge_queue($1::text)", &[&queue.name]).unwrap();
 }
 
 #[test]
 fn deeply_nested_json_is_stored_or_refused_cleanly() {
-    let (_database, mut c) = own_database("nesting");
+    let (_database, mut c) = own_database("nesting", None);
     let queue = Queue::create(&mut c, "hostile_nesting", "");
     for depth in [100, 1_000, 10_000, 100_000] {
         let payload = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
@@ -332,7 +335,7 @@ fn interval() -> impl Strategy<Value = (String, f64)> {
 /// years raise 22023; everything else is accepted.
 #[test]
 fn intervals_negative_and_enormous() {
-    let (_database, client) = own_database("hostile");
+    let (_database, client) = own_database("hostile", None);
     let cell = RefCell::new(client);
     let queue = Queue::create(&mut cell.borrow_mut(), "hostile_intervals", "");
     send(&mut *cell.borrow_mut(), &queue.name, &serde_json::json!({"ready": true}));
@@ -359,7 +362,7 @@ fn intervals_negative_and_enormous() {
 
 #[test]
 fn counts_and_array_lengths() {
-    let (_database, client) = own_database("hostile");
+    let (_database, client) = own_database("hostile", None);
     let cell = RefCell::new(client);
     let queue = Queue::create(&mut cell.borrow_mut(), "hostile_counts", "");
     runner(100)

@@ -4,7 +4,6 @@
 use std::time::{Duration, SystemTime};
 
 use bussig_tests::*;
-use postgres::Client;
 use uuid::Uuid;
 
 #[test]

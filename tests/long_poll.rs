@@ -8,13 +8,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, Notification};
+use postgres::Notification;
 use serde_json::Value;
 
 use bussig_tests::*;
 
 /// `read(queue, 10, wait => wait)`: the payloads it returned.
-fn read_waiting(c: &mut Client, queue: &str, wait: &str) -> Result<Vec<Value>, postgres::Error> {
+fn read_waiting(c: &mut impl GenericClient, queue: &str, wait: &str) -> Result<Vec<Value>, postgres::Error> {
     let rows = c.query(
         "SELECT payload FROM bussig.read($1::text, 10, wait => $2::text::interval)",
         &[&queue, &wait],
@@ -28,16 +28,23 @@ type Outcome = (Result<Vec<Value>, postgres::Error>, Instant, Client);
 /// Starts `read(queue, wait => wait)` on `reader` in its own thread; returns
 /// the reader's backend pid and the thread.
 fn spawn_reader(mut reader: Client, queue: &str, wait: &str) -> (i32, JoinHandle<Outcome>) {
-    let pid: i32 = reader
-        .query_one("SELECT pg_backend_pid()", &[])
-        .unwrap()
-        .get(0);
     let (queue, wait) = (queue.to_string(), wait.to_string());
+    let (pid_sender, pid) = std::sync::mpsc::channel();
     let handle = thread::spawn(move || {
-        let result = read_waiting(&mut reader, &queue, &wait);
-        (result, Instant::now(), reader)
+        // One transaction, so that a pooling proxy keeps the pid and the wait on one server connection.
+        let mut tx = reader.transaction().unwrap();
+        let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        pid_sender.send(pid).unwrap();
+        let result = read_waiting(&mut tx, &queue, &wait);
+        let returned = Instant::now();
+        if result.is_ok() {
+            tx.commit().unwrap();
+        } else {
+            drop(tx);
+        }
+        (result, returned, reader)
     });
-    (pid, handle)
+    (pid.recv().expect("reader's pid"), handle)
 }
 
 /// Polls pg_stat_activity until backend `pid` sleeps in bussig's wait.
@@ -193,12 +200,12 @@ fn statement_timeout_ends_a_wait() {
     let queue = Queue::create(&mut client, "long_poll_timeout", "");
     let q = queue.name.as_str();
 
-    client
-        .batch_execute("SET statement_timeout = '300ms'")
-        .unwrap();
+    let mut tx = client.transaction().unwrap();
+    tx.batch_execute("SET LOCAL statement_timeout = '300ms'").unwrap();
     let started = Instant::now();
-    let err = read_waiting(&mut client, q, "5 seconds").expect_err("statement_timeout");
+    let err = read_waiting(&mut tx, q, "5 seconds").expect_err("statement_timeout");
     let elapsed = started.elapsed();
+    drop(tx);
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
     assert!(
         elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(3),
@@ -213,9 +220,6 @@ fn statement_timeout_ends_a_wait() {
     assert!(got.is_empty(), "{got:?}");
 
     // ... and can still be woken by a commit.
-    client
-        .batch_execute("SET statement_timeout = '30s'")
-        .unwrap();
     let (pid, reader) = spawn_reader(client, q, "5 seconds");
     let mut writer = connect();
     wait_until_waiting(&mut writer, pid);
@@ -279,14 +283,14 @@ fn collect_notifications(
             "timed out waiting for {count} notifications on {channel}, got {}",
             got.len()
         );
-        let mut notes = listener.notifications();
+        let mut notes = listener.session().notifications();
         let mut iter = notes.timeout_iter(left);
         match iter.next().expect("notification stream") {
             Some(n) => got.push(n),
             None => continue,
         }
     }
-    let mut notes = listener.notifications();
+    let mut notes = listener.session().notifications();
     let mut iter = notes.timeout_iter(quiet);
     while let Some(n) = iter.next().expect("notification stream") {
         got.push(n);
@@ -309,7 +313,7 @@ fn notify_queue_gets_one_notification_per_commit() {
         )
         .unwrap();
 
-    let mut listener = connect();
+    let mut listener = connect_session();
     listener
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .unwrap();
@@ -371,7 +375,7 @@ fn a_dead_letter_notifies_a_dead_letter_queue_that_asked() {
         )
         .unwrap();
     let channel = format!("bussig_{dead_letters}");
-    let mut listener = connect();
+    let mut listener = connect_session();
     listener
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .unwrap();

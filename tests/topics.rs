@@ -8,8 +8,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use postgres::types::ToSql;
-use postgres::{Client, GenericClient};
 use serde_json::Value;
 
 use bussig_tests::*;
@@ -94,7 +92,7 @@ fn pairs(rows: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// Runs `sql` and asserts that it fails with `expected`.
-fn assert_fails(c: &mut Client, expected: &SqlState, sql: &str, params: &[&(dyn ToSql + Sync)]) {
+fn assert_fails(c: &mut Client, expected: &SqlState, sql: &str, params: &[&dyn Param]) {
     match c.query(sql, params) {
         Ok(rows) => panic!(
             "{sql} {params:?} succeeded ({} rows), expected {}",

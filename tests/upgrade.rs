@@ -3,7 +3,6 @@
 //! like a database where the current version was installed fresh.
 
 use bussig_tests::*;
-use postgres::Client;
 
 /// The first tagged release; every later one ships `sql/bussig--A--B.sql` from it on.
 const FIRST_RELEASE: &str = "0.1.0";
@@ -122,13 +121,14 @@ fn update_from_first_release_keeps_data_and_matches_a_fresh_install() {
     let role = Role::create("upgrade_role");
     db.execute("SELECT bussig.grant('orders', $1, ARRAY['consume'])", &[&role.name])
         .expect("grant after update");
-    db.batch_execute(&format!("SET ROLE \"{}\"", role.name)).unwrap();
-    assert_eq!(read(&mut db, "orders", 10, None).len(), 3, "granted role reads");
-    let denied = db
+    let mut as_role = db.transaction().unwrap();
+    as_role.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name)).unwrap();
+    assert_eq!(read(&mut as_role, "orders", 10, None).len(), 3, "granted role reads");
+    let denied = as_role
         .query_one("SELECT bussig.send('orders', '{}')", &[])
         .expect_err("send without the privilege");
     assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
-    db.batch_execute("RESET ROLE").unwrap();
+    drop(as_role);
     let maintenance = db.query_one("SELECT bussig.run_maintenance()", &[]);
     assert!(maintenance.is_ok(), "maintenance after update: {maintenance:?}");
 }

@@ -10,7 +10,6 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls};
 
 use bussig_tests::*;
 

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use bussig_tests::*;
-use postgres::Client;
 
 fn workers_here(client: &mut Client) -> i64 {
     client

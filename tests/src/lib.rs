@@ -7,18 +7,35 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use postgres::{Client, GenericClient, NoTls};
+mod session;
+
+pub use postgres::NoTls;
+pub use session::{Client, GenericClient, Param, Transaction, Typed};
 use serde_json::Value;
 use uuid::Uuid;
 
 pub use postgres::error::SqlState;
 pub use serde_json::json;
 
-/// Opens a connection to the database named by `BUSSIG_TEST_URL`.
+/// Opens a connection to the database named by `BUSSIG_TEST_URL` (directly, or through a
+/// transaction-pooling proxy when `make test` runs the suite a second time that way).
 pub fn connect() -> Client {
     let url =
         std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`");
-    let mut client = Client::connect(&url, NoTls)
+    connect_to(&url)
+}
+
+/// A connection of its own to the server, never through a pooling proxy: for LISTEN, which only a
+/// session can do. `BUSSIG_TEST_SESSION_URL`, else `BUSSIG_TEST_URL`.
+pub fn connect_session() -> Client {
+    match std::env::var("BUSSIG_TEST_SESSION_URL") {
+        Ok(url) => connect_to(&url),
+        Err(_) => connect(),
+    }
+}
+
+fn connect_to(url: &str) -> Client {
+    let mut client = Client::connect(url, NoTls)
         .unwrap_or_else(|e| panic!("cannot connect to BUSSIG_TEST_URL ({url}): {e}"));
     // A hung statement should fail the test, not the whole run.
     client
@@ -234,6 +251,14 @@ pub fn url_for(database: &str) -> String {
     let url =
         std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`");
     format!("{url} dbname={database}")
+}
+
+/// The same, never through a pooling proxy: for pg_dump and pg_restore, which need a session.
+pub fn session_url_for(database: &str) -> String {
+    match std::env::var("BUSSIG_TEST_SESSION_URL") {
+        Ok(url) => format!("{url} dbname={database}"),
+        Err(_) => url_for(database),
+    }
 }
 
 /// Runs one of PostgreSQL's client programs and fails the test when it fails.
