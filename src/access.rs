@@ -92,7 +92,12 @@ impl Caller {
     }
 
     /// Fails with 42501 unless the caller holds `privilege` on `queue` (42704 when there is no such queue).
-    pub fn require(&self, client: &mut SpiClient<'_>, queue: &str, privilege: Privilege) -> BusResult<()> {
+    pub fn require(
+        &self,
+        client: &mut SpiClient<'_>,
+        queue: &str,
+        privilege: Privilege,
+    ) -> BusResult<()> {
         if self.unrestricted {
             return Ok(());
         }
@@ -185,7 +190,8 @@ fn extension_owner() -> pg_sys::Oid {
         if tuple.is_null() {
             pgrx::error!("schema bussig vanished while in use");
         }
-        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tuple)).nspowner;
+        let owner =
+            (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tuple)).nspowner;
         pg_sys::ReleaseSysCache(tuple);
         owner
     }

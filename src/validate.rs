@@ -57,7 +57,10 @@ fn at_most_max(interval: &Interval, what: &'static str) -> BusResult<()> {
         interval.days() as i128 * 24 * 3600 * 1_000_000,
         interval.micros() as i128,
     ];
-    if parts.iter().any(|part| part.abs() > MAX_INTERVAL_YEARS * MICROS_PER_YEAR) {
+    if parts
+        .iter()
+        .any(|part| part.abs() > MAX_INTERVAL_YEARS * MICROS_PER_YEAR)
+    {
         return Err(BusError::invalid(
             what,
             format!("it must not be longer than {MAX_INTERVAL_YEARS} years"),

@@ -17,8 +17,6 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-
-
 use bussig_tests::*;
 
 /// One server, one test at a time, whatever --test-threads says.

@@ -52,7 +52,10 @@ fn dump_restore_keeps_queues_messages_keys_and_grants() {
 
     let dump = std::env::temp_dir().join(format!("{}.dump", source.name));
     let dump = dump.to_str().unwrap();
-    run_program("pg_dump", &["-Fc", "-f", dump, "-d", &session_url_for(&source.name)]);
+    run_program(
+        "pg_dump",
+        &["-Fc", "-f", dump, "-d", &session_url_for(&source.name)],
+    );
     run_program("pg_restore", &["-d", &session_url_for(&target.name), dump]);
     std::fs::remove_file(dump).ok();
 

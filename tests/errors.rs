@@ -1,6 +1,5 @@
 //! Bad calls fail with the documented SQLSTATE, as a client sees it.
 
-
 use bussig_tests::*;
 
 /// Runs `sql` and asserts that it fails with `expected`.

@@ -41,11 +41,19 @@ fn check(c: &mut Client, expected: Result<(), &str>, sql: &str, params: &[&dyn P
         let before = footprint(c);
         let got = outcome(c, sql, params);
         if got.is_err() {
-            assert_eq!(footprint(c), before, "{sql} with {params:?} failed but changed something");
+            assert_eq!(
+                footprint(c),
+                before,
+                "{sql} with {params:?} failed but changed something"
+            );
         }
         got
     };
-    assert_eq!(got.as_ref().map_err(|e| e.as_str()).copied(), expected, "{sql} with {params:?}");
+    assert_eq!(
+        got.as_ref().map_err(|e| e.as_str()).copied(),
+        expected,
+        "{sql} with {params:?}"
+    );
 }
 
 /// A database of the test's own with the extension, so that the footprint is the test's alone.
@@ -58,7 +66,9 @@ fn own_database(test: &str, setting: Option<&str>) -> (Database, Client) {
         connect().batch_execute(&sql).expect(&sql);
     }
     let mut client = database.connect();
-    client.batch_execute("CREATE EXTENSION bussig").expect("create extension");
+    client
+        .batch_execute("CREATE EXTENSION bussig")
+        .expect("create extension");
     (database, client)
 }
 
@@ -124,7 +134,11 @@ fn null_in_every_argument() {
             &[],
         )
         .expect("list functions");
-    assert!(functions.len() >= 20, "found only {} functions", functions.len());
+    assert!(
+        functions.len() >= 20,
+        "found only {} functions",
+        functions.len()
+    );
     for function in functions {
         let name: String = function.get(0);
         let args: Vec<String> = function.get(1);
@@ -145,11 +159,16 @@ fn null_in_every_argument() {
                 })
                 .collect();
             let sql = format!("SELECT * FROM bussig.\"{name}\"({})", call.join(", "));
-            let default_is_null = null_at >= first_default
-                && defaults[null_at - first_default].starts_with("NULL");
+            let default_is_null =
+                null_at >= first_default && defaults[null_at - first_default].starts_with("NULL");
             // ack_and_read settles a batch only when both arrays are given, and says so when one is missing.
-            let pair_half = name == "ack_and_read" && matches!(args[null_at].as_str(), "message_ids" | "lock_tokens");
-            let expected = if default_is_null && !pair_half { Ok(()) } else { Err("22004") };
+            let pair_half = name == "ack_and_read"
+                && matches!(args[null_at].as_str(), "message_ids" | "lock_tokens");
+            let expected = if default_is_null && !pair_half {
+                Ok(())
+            } else {
+                Err("22004")
+            };
             check(&mut c, expected, &sql, &[]);
         }
     }
@@ -186,12 +205,36 @@ fn queue_names_are_checked_before_anything_is_written() {
             } else {
                 Ok(())
             };
-            check(c, expected, "SELECT bussig.create_queue($1::text)", &[&name]);
+            check(
+                c,
+                expected,
+                "SELECT bussig.create_queue($1::text)",
+                &[&name],
+            );
             // A name that is no queue: every queue function says so, or that the name is invalid.
-            let unknown = if valid_queue_name(&name) { "42704" } else { "22023" };
-            check(c, Err(unknown), "SELECT bussig.send($1::text, '{}')", &[&name]);
-            check(c, Err(unknown), "SELECT * FROM bussig.read($1::text)", &[&name]);
-            check(c, Err(unknown), "SELECT bussig.purge_queue($1::text)", &[&name]);
+            let unknown = if valid_queue_name(&name) {
+                "42704"
+            } else {
+                "22023"
+            };
+            check(
+                c,
+                Err(unknown),
+                "SELECT bussig.send($1::text, '{}')",
+                &[&name],
+            );
+            check(
+                c,
+                Err(unknown),
+                "SELECT * FROM bussig.read($1::text)",
+                &[&name],
+            );
+            check(
+                c,
+                Err(unknown),
+                "SELECT bussig.purge_queue($1::text)",
+                &[&name],
+            );
             Ok(())
         })
         .unwrap();
@@ -229,11 +272,29 @@ fn subjects_and_patterns_follow_the_nats_rules() {
         .run(&texts, |text| {
             let mut c = cell.borrow_mut();
             let c = &mut *c;
-            let subject = if valid_subject(&text, false) { Ok(()) } else { Err("22023") };
-            check(c, subject, "SELECT bussig.publish($1::text, '{}')", &[&text]);
+            let subject = if valid_subject(&text, false) {
+                Ok(())
+            } else {
+                Err("22023")
+            };
+            check(
+                c,
+                subject,
+                "SELECT bussig.publish($1::text, '{}')",
+                &[&text],
+            );
             check(c, subject, "SELECT * FROM bussig.match($1::text)", &[&text]);
-            let pattern = if valid_subject(&text, true) { Ok(()) } else { Err("22023") };
-            check(c, pattern, "SELECT bussig.subscribe($1::text, $2::text)", &[&queue.name, &text]);
+            let pattern = if valid_subject(&text, true) {
+                Ok(())
+            } else {
+                Err("22023")
+            };
+            check(
+                c,
+                pattern,
+                "SELECT bussig.subscribe($1::text, $2::text)",
+                &[&queue.name, &text],
+            );
             Ok(())
         })
         .unwrap();
@@ -289,7 +350,9 @@ fn headers_must_be_objects_and_messages_fit_the_size_limit() {
             Ok(())
         })
         .unwrap();
-    cell.borrow_mut().execute("SELECT bussig.purge_queue($1::text)", &[&queue.name]).unwrap();
+    cell.borrow_mut()
+        .execute("SELECT bussig.purge_queue($1::text)", &[&queue.name])
+        .unwrap();
 }
 
 #[test]
@@ -299,14 +362,26 @@ fn deeply_nested_json_is_stored_or_refused_cleanly() {
     for depth in [100, 1_000, 10_000, 100_000] {
         let payload = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
         let before = footprint(&mut c);
-        match outcome(&mut c, "SELECT bussig.send($1::text, $2::text::jsonb)", &[&queue.name, &payload]) {
+        match outcome(
+            &mut c,
+            "SELECT bussig.send($1::text, $2::text::jsonb)",
+            &[&queue.name, &payload],
+        ) {
             Ok(()) => {
                 let stored: String = c
-                    .query_one("SELECT payload::text FROM bussig.peek($1::text, 1)", &[&queue.name])
+                    .query_one(
+                        "SELECT payload::text FROM bussig.peek($1::text, 1)",
+                        &[&queue.name],
+                    )
                     .unwrap()
                     .get(0);
-                assert_eq!(stored.len(), payload.len(), "depth {depth} stored differently");
-                c.execute("SELECT bussig.purge_queue($1::text)", &[&queue.name]).unwrap();
+                assert_eq!(
+                    stored.len(),
+                    payload.len(),
+                    "depth {depth} stored differently"
+                );
+                c.execute("SELECT bussig.purge_queue($1::text)", &[&queue.name])
+                    .unwrap();
             }
             // PostgreSQL's own parser refuses what would overrun its stack.
             Err(code) => {
@@ -321,13 +396,25 @@ fn deeply_nested_json_is_stored_or_refused_cleanly() {
 fn interval() -> impl Strategy<Value = (String, f64)> {
     let part = |max: i64| prop_oneof![-max..=max, -10i64..=10, Just(0i64)];
     (part(1_000_000), part(100_000_000), part(i64::MAX / 2)).prop_map(|(months, days, micros)| {
-        let years_of = |m: i64, d: i64, us: i64| m as f64 / 12.0 + d as f64 / 365.0 + us as f64 / 3.15e13;
-        let longest = [years_of(months, 0, 0), years_of(0, days, 0), years_of(0, 0, micros)]
-            .into_iter()
-            .map(f64::abs)
-            .fold(years_of(months, days, micros).abs(), f64::max);
+        let years_of =
+            |m: i64, d: i64, us: i64| m as f64 / 12.0 + d as f64 / 365.0 + us as f64 / 3.15e13;
+        let longest = [
+            years_of(months, 0, 0),
+            years_of(0, days, 0),
+            years_of(0, 0, micros),
+        ]
+        .into_iter()
+        .map(f64::abs)
+        .fold(years_of(months, days, micros).abs(), f64::max);
         let sign = years_of(months, days, micros);
-        (format!("{months} mons {days} days {micros} microseconds"), if longest > 1000.0 { f64::INFINITY } else { sign })
+        (
+            format!("{months} mons {days} days {micros} microseconds"),
+            if longest > 1000.0 {
+                f64::INFINITY
+            } else {
+                sign
+            },
+        )
     })
 }
 
@@ -338,26 +425,68 @@ fn intervals_negative_and_enormous() {
     let (_database, client) = own_database("hostile", None);
     let cell = RefCell::new(client);
     let queue = Queue::create(&mut cell.borrow_mut(), "hostile_intervals", "");
-    send(&mut *cell.borrow_mut(), &queue.name, &serde_json::json!({"ready": true}));
+    send(
+        &mut *cell.borrow_mut(),
+        &queue.name,
+        &serde_json::json!({"ready": true}),
+    );
     let near_limit = |(_, years): &(String, f64)| years.is_infinite() || years.abs() < 900.0;
     runner(200)
-        .run(&interval().prop_filter("not at the limit", near_limit), |(text, years)| {
-            let mut c = cell.borrow_mut();
-            let c = &mut *c;
-            let too_long = years.is_infinite();
-            let not_negative = if too_long || years < 0.0 { Err("22023") } else { Ok(()) };
-            let positive = if too_long || years <= 0.0 { Err("22023") } else { Ok(()) };
-            check(c, not_negative, "SELECT bussig.send($1::text, '{}', delay => $2::text::interval)", &[&queue.name, &text]);
-            // A ready message is there, so a valid wait returns at once.
-            check(c, not_negative, "SELECT * FROM bussig.read($1::text, wait => $2::text::interval)", &[&queue.name, &text]);
-            check(c, positive, "SELECT * FROM bussig.read($1::text, lock_timeout => $2::text::interval)", &[&queue.name, &text]);
-            check(c, positive, "SELECT bussig.alter_queue($1::text, lock_timeout => $2::text::interval)", &[&queue.name, &text]);
-            check(c, not_negative, "SELECT bussig.alter_queue($1::text, dedup_window => $2::text::interval)", &[&queue.name, &text]);
-            Ok(())
-        })
+        .run(
+            &interval().prop_filter("not at the limit", near_limit),
+            |(text, years)| {
+                let mut c = cell.borrow_mut();
+                let c = &mut *c;
+                let too_long = years.is_infinite();
+                let not_negative = if too_long || years < 0.0 {
+                    Err("22023")
+                } else {
+                    Ok(())
+                };
+                let positive = if too_long || years <= 0.0 {
+                    Err("22023")
+                } else {
+                    Ok(())
+                };
+                check(
+                    c,
+                    not_negative,
+                    "SELECT bussig.send($1::text, '{}', delay => $2::text::interval)",
+                    &[&queue.name, &text],
+                );
+                // A ready message is there, so a valid wait returns at once.
+                check(
+                    c,
+                    not_negative,
+                    "SELECT * FROM bussig.read($1::text, wait => $2::text::interval)",
+                    &[&queue.name, &text],
+                );
+                check(
+                    c,
+                    positive,
+                    "SELECT * FROM bussig.read($1::text, lock_timeout => $2::text::interval)",
+                    &[&queue.name, &text],
+                );
+                check(
+                    c,
+                    positive,
+                    "SELECT bussig.alter_queue($1::text, lock_timeout => $2::text::interval)",
+                    &[&queue.name, &text],
+                );
+                check(
+                    c,
+                    not_negative,
+                    "SELECT bussig.alter_queue($1::text, dedup_window => $2::text::interval)",
+                    &[&queue.name, &text],
+                );
+                Ok(())
+            },
+        )
         .unwrap();
     // The worker's steps still run: no setting can push a timestamp out of PostgreSQL's range.
-    cell.borrow_mut().query_one("SELECT bussig.run_maintenance()", &[]).expect("maintenance");
+    cell.borrow_mut()
+        .query_one("SELECT bussig.run_maintenance()", &[])
+        .expect("maintenance");
 }
 
 #[test]
@@ -366,20 +495,52 @@ fn counts_and_array_lengths() {
     let cell = RefCell::new(client);
     let queue = Queue::create(&mut cell.borrow_mut(), "hostile_counts", "");
     runner(100)
-        .run(&(any::<i32>(), 0usize..4, 0usize..4), |(max, ids, tokens)| {
-            let mut c = cell.borrow_mut();
-            let c = &mut *c;
-            let in_range = if (1..=1000).contains(&max) { Ok(()) } else { Err("22023") };
-            check(c, in_range, "SELECT * FROM bussig.read($1::text, $2::int)", &[&queue.name, &max]);
-            check(c, in_range, "SELECT * FROM bussig.peek($1::text, $2::int)", &[&queue.name, &max]);
-            let ids: Vec<i64> = (1..=ids as i64).collect();
-            let tokens: Vec<uuid::Uuid> = (0..tokens).map(|_| uuid::Uuid::new_v4()).collect();
-            let paired = if ids.len() == tokens.len() { Ok(()) } else { Err("22023") };
-            check(c, paired, "SELECT bussig.ack_batch($1::text, $2::bigint[], $3::uuid[])", &[&queue.name, &ids, &tokens]);
-            let subjects: Vec<String> = (0..ids.len()).map(|i| format!("s.{i}")).collect();
-            let payloads: Vec<Value> = (0..tokens.len()).map(|i| serde_json::json!(i)).collect();
-            check(c, paired, "SELECT bussig.publish_batch($1::text[], $2::jsonb[])", &[&subjects, &payloads]);
-            Ok(())
-        })
+        .run(
+            &(any::<i32>(), 0usize..4, 0usize..4),
+            |(max, ids, tokens)| {
+                let mut c = cell.borrow_mut();
+                let c = &mut *c;
+                let in_range = if (1..=1000).contains(&max) {
+                    Ok(())
+                } else {
+                    Err("22023")
+                };
+                check(
+                    c,
+                    in_range,
+                    "SELECT * FROM bussig.read($1::text, $2::int)",
+                    &[&queue.name, &max],
+                );
+                check(
+                    c,
+                    in_range,
+                    "SELECT * FROM bussig.peek($1::text, $2::int)",
+                    &[&queue.name, &max],
+                );
+                let ids: Vec<i64> = (1..=ids as i64).collect();
+                let tokens: Vec<uuid::Uuid> = (0..tokens).map(|_| uuid::Uuid::new_v4()).collect();
+                let paired = if ids.len() == tokens.len() {
+                    Ok(())
+                } else {
+                    Err("22023")
+                };
+                check(
+                    c,
+                    paired,
+                    "SELECT bussig.ack_batch($1::text, $2::bigint[], $3::uuid[])",
+                    &[&queue.name, &ids, &tokens],
+                );
+                let subjects: Vec<String> = (0..ids.len()).map(|i| format!("s.{i}")).collect();
+                let payloads: Vec<Value> =
+                    (0..tokens.len()).map(|i| serde_json::json!(i)).collect();
+                check(
+                    c,
+                    paired,
+                    "SELECT bussig.publish_batch($1::text[], $2::jsonb[])",
+                    &[&subjects, &payloads],
+                );
+                Ok(())
+            },
+        )
         .unwrap();
 }

@@ -14,7 +14,11 @@ use serde_json::Value;
 use bussig_tests::*;
 
 /// `read(queue, 10, wait => wait)`: the payloads it returned.
-fn read_waiting(c: &mut impl GenericClient, queue: &str, wait: &str) -> Result<Vec<Value>, postgres::Error> {
+fn read_waiting(
+    c: &mut impl GenericClient,
+    queue: &str,
+    wait: &str,
+) -> Result<Vec<Value>, postgres::Error> {
     let rows = c.query(
         "SELECT payload FROM bussig.read($1::text, 10, wait => $2::text::interval)",
         &[&queue, &wait],
@@ -201,7 +205,8 @@ fn statement_timeout_ends_a_wait() {
     let q = queue.name.as_str();
 
     let mut tx = client.transaction().unwrap();
-    tx.batch_execute("SET LOCAL statement_timeout = '300ms'").unwrap();
+    tx.batch_execute("SET LOCAL statement_timeout = '300ms'")
+        .unwrap();
     let started = Instant::now();
     let err = read_waiting(&mut tx, q, "5 seconds").expect_err("statement_timeout");
     let elapsed = started.elapsed();

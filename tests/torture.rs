@@ -16,7 +16,6 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-
 use uuid::Uuid;
 
 use bussig_tests::*;

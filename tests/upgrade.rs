@@ -57,12 +57,15 @@ fn update_from_first_release_keeps_data_and_matches_a_fresh_install() {
     let old = Database::create("upgrade_old");
     let fresh = Database::create("upgrade_new");
     let mut db = old.connect();
-    db.batch_execute(&format!("CREATE EXTENSION bussig VERSION '{FIRST_RELEASE}'"))
-        .expect("install the first release");
+    db.batch_execute(&format!(
+        "CREATE EXTENSION bussig VERSION '{FIRST_RELEASE}'"
+    ))
+    .expect("install the first release");
     db.batch_execute(include_str!("fixtures/bussig-0.1.0-data.sql"))
         .expect("load 0.1.0 data");
 
-    db.batch_execute("ALTER EXTENSION bussig UPDATE").expect("update");
+    db.batch_execute("ALTER EXTENSION bussig UPDATE")
+        .expect("update");
     let (installed, default): (String, String) = db
         .query_one(
             "SELECT installed_version, default_version FROM pg_available_extensions WHERE name = 'bussig'",
@@ -70,13 +73,23 @@ fn update_from_first_release_keeps_data_and_matches_a_fresh_install() {
         )
         .map(|row| (row.get(0), row.get(1)))
         .unwrap();
-    assert_eq!(installed, default, "ALTER EXTENSION UPDATE did not reach the current version");
+    assert_eq!(
+        installed, default,
+        "ALTER EXTENSION UPDATE did not reach the current version"
+    );
 
     let mut new = fresh.connect();
-    new.batch_execute("CREATE EXTENSION bussig").expect("fresh install");
+    new.batch_execute("CREATE EXTENSION bussig")
+        .expect("fresh install");
     let (updated, installed_fresh) = (shape(&mut db), shape(&mut new));
-    let only_updated: Vec<_> = updated.iter().filter(|line| !installed_fresh.contains(line)).collect();
-    let only_fresh: Vec<_> = installed_fresh.iter().filter(|line| !updated.contains(line)).collect();
+    let only_updated: Vec<_> = updated
+        .iter()
+        .filter(|line| !installed_fresh.contains(line))
+        .collect();
+    let only_fresh: Vec<_> = installed_fresh
+        .iter()
+        .filter(|line| !updated.contains(line))
+        .collect();
     assert!(
         only_updated.is_empty() && only_fresh.is_empty(),
         "the updated extension differs from a fresh install\nonly after update: {only_updated:#?}\nonly fresh: {only_fresh:#?}"
@@ -84,26 +97,43 @@ fn update_from_first_release_keeps_data_and_matches_a_fresh_install() {
 
     // The data: queues belong to the extension owner, every message is where it was.
     let owners: i64 = db
-        .query_one("SELECT count(*) FROM bussig.queues WHERE owner = current_user", &[])
+        .query_one(
+            "SELECT count(*) FROM bussig.queues WHERE owner = current_user",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(owners, 4);
-    assert_eq!(counts(&mut db, "orders"), (2, 1, 1), "(ready, delayed, locked) of orders");
+    assert_eq!(
+        counts(&mut db, "orders"),
+        (2, 1, 1),
+        "(ready, delayed, locked) of orders"
+    );
     let ready: Vec<Delivery> = read(&mut db, "orders", 10, None);
     assert_eq!(ready.len(), 2);
-    assert_eq!(ready[0].payload, json!({"shared": true}), "priority 5 first");
+    assert_eq!(
+        ready[0].payload,
+        json!({"shared": true}),
+        "priority 5 first"
+    );
     assert_eq!(ready[1].payload, json!({"order": 1}));
     assert_eq!(header(&ready[1].headers, "tenant"), Some("acme"));
     for delivery in &ready {
         assert!(ack(&mut db, "orders", delivery.id, delivery.token));
     }
     let token = uuid::Uuid::parse_str("00000000-0000-4000-8000-000000000003").unwrap();
-    assert!(ack(&mut db, "orders", 3, token), "a lock taken before the update still settles");
+    assert!(
+        ack(&mut db, "orders", 3, token),
+        "a lock taken before the update still settles"
+    );
 
     // The API: dedup ids remembered, subscriptions route, dead letters redrive, ids continue,
     // and the new privileges apply.
     let duplicate: Option<i64> = db
-        .query_one("SELECT bussig.send('orders', '{}', dedup_id => 'order-1')", &[])
+        .query_one(
+            "SELECT bussig.send('orders', '{}', dedup_id => 'order-1')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(duplicate, None);
@@ -119,16 +149,28 @@ fn update_from_first_release_keeps_data_and_matches_a_fresh_install() {
         .get(0);
     assert_eq!(redriven, 1);
     let role = Role::create("upgrade_role");
-    db.execute("SELECT bussig.grant('orders', $1, ARRAY['consume'])", &[&role.name])
-        .expect("grant after update");
+    db.execute(
+        "SELECT bussig.grant('orders', $1, ARRAY['consume'])",
+        &[&role.name],
+    )
+    .expect("grant after update");
     let mut as_role = db.transaction().unwrap();
-    as_role.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name)).unwrap();
-    assert_eq!(read(&mut as_role, "orders", 10, None).len(), 3, "granted role reads");
+    as_role
+        .batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
+        .unwrap();
+    assert_eq!(
+        read(&mut as_role, "orders", 10, None).len(),
+        3,
+        "granted role reads"
+    );
     let denied = as_role
         .query_one("SELECT bussig.send('orders', '{}')", &[])
         .expect_err("send without the privilege");
     assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
     drop(as_role);
     let maintenance = db.query_one("SELECT bussig.run_maintenance()", &[]);
-    assert!(maintenance.is_ok(), "maintenance after update: {maintenance:?}");
+    assert!(
+        maintenance.is_ok(),
+        "maintenance after update: {maintenance:?}"
+    );
 }

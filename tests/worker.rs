@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-
 use bussig_tests::*;
 
 const DEADLINE: Duration = Duration::from_secs(20);

@@ -10,7 +10,6 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-
 use bussig_tests::*;
 
 const QUEUES: i64 = 3000;

@@ -60,7 +60,10 @@ fn grantee(client: &mut SpiClient<'_>, role: &str) -> BusResult<String> {
 /// The privileges named, each once; `all` stands for every one. None (SQL NULL) is all of them.
 fn privilege_names(privileges: Option<Vec<Option<String>>>) -> BusResult<Vec<String>> {
     let Some(privileges) = privileges else {
-        return Ok(Privilege::ALL.iter().map(|p| p.name().to_string()).collect());
+        return Ok(Privilege::ALL
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect());
     };
     if privileges.is_empty() {
         return Err(BusError::invalid("privileges", "the array is empty"));
@@ -102,7 +105,11 @@ fn grant(
         super::queues::require(client, queue)?;
         caller.require_queue_owner(client, queue)?;
         let role = grantee(client, role)?;
-        plans::run(client, &GRANT, &[queue.into(), role.into(), privileges.into()])?;
+        plans::run(
+            client,
+            &GRANT,
+            &[queue.into(), role.into(), privileges.into()],
+        )?;
         Ok(())
     })?)
 }
@@ -121,31 +128,42 @@ fn revoke(
         super::queues::require(client, queue)?;
         caller.require_queue_owner(client, queue)?;
         let role = grantee(client, role)?;
-        plans::run(client, &REVOKE, &[queue.into(), role.into(), privileges.into()])?;
+        plans::run(
+            client,
+            &REVOKE,
+            &[queue.into(), role.into(), privileges.into()],
+        )?;
         Ok(())
     })?)
+}
+
+/// Runs a change of who may create queues; only the extension's owner may.
+fn change_creators(
+    role: Option<&str>,
+    function: &'static str,
+    statement: &'static Statement,
+) -> BusResult<()> {
+    let role = required(role, "role")?;
+    access::require_owner(function)?;
+    access::connect(|client, _| {
+        let role = grantee(client, role)?;
+        plans::run(client, statement, &[role.into()])?;
+        Ok(())
+    })
 }
 
 /// Lets a role (or `public`) create queues, which it then owns. Only the extension's owner may.
 #[pg_extern]
 fn grant_create_queues(role: Option<&str>) -> Result<(), ErrorReport> {
-    let role = required(role, "role")?;
-    access::require_owner("grant_create_queues")?;
-    Ok(access::connect(|client, _| {
-        let role = grantee(client, role)?;
-        plans::run(client, &GRANT_CREATE, &[role.into()])?;
-        Ok(())
-    })?)
+    Ok(change_creators(role, "grant_create_queues", &GRANT_CREATE)?)
 }
 
 /// Takes the right to create queues back; the queues the role created stay its own.
 #[pg_extern]
 fn revoke_create_queues(role: Option<&str>) -> Result<(), ErrorReport> {
-    let role = required(role, "role")?;
-    access::require_owner("revoke_create_queues")?;
-    Ok(access::connect(|client, _| {
-        let role = grantee(client, role)?;
-        plans::run(client, &REVOKE_CREATE, &[role.into()])?;
-        Ok(())
-    })?)
+    Ok(change_creators(
+        role,
+        "revoke_create_queues",
+        &REVOKE_CREATE,
+    )?)
 }

@@ -10,8 +10,8 @@ use pgrx::spi::SpiClient;
 use pgrx::Uuid;
 
 use super::queues::{self, SettingsChange};
-use crate::datum::{ArrayShape, BigintArray, Jsonb, JsonbArray, UuidArray};
 use crate::access::{self, Caller, Privilege};
+use crate::datum::{ArrayShape, BigintArray, Jsonb, JsonbArray, UuidArray};
 use crate::error::{BusError, BusResult};
 use crate::gucs;
 use crate::plans::{self, Statement};

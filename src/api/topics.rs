@@ -7,8 +7,8 @@ use pgrx::spi::SpiClient;
 
 use super::messages::{check_headers, check_size, Outgoing};
 use super::queues::{self, SettingsChange};
-use crate::datum::{ArrayShape, Jsonb, JsonbArray};
 use crate::access::{self, Caller, Privilege};
+use crate::datum::{ArrayShape, Jsonb, JsonbArray};
 use crate::error::{BusError, BusResult};
 use crate::gucs;
 use crate::plans::{self, Statement};
@@ -288,7 +288,9 @@ fn publish_batch(
     Ok(access::connect(|client, caller| -> BusResult<i64> {
         let mut total = 0;
         for (subject, payload) in subject_list.into_iter().zip(payloads) {
-            total += route(client, caller, subject, payload, headers, None, 0, None, None, None)?;
+            total += route(
+                client, caller, subject, payload, headers, None, 0, None, None, None,
+            )?;
         }
         Ok(total)
     })?)

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 mod session;
 
 pub use postgres::NoTls;
-pub use session::{Client, GenericClient, Param, Transaction, Typed};
 use serde_json::Value;
+pub use session::{Client, GenericClient, Param, Transaction, Typed};
 use uuid::Uuid;
 
 pub use postgres::error::SqlState;

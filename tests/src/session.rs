@@ -85,16 +85,25 @@ fn typed<'a>(params: &'a [&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), Type)>
 }
 
 fn exactly_one(sql: &str, mut rows: Vec<Row>) -> Result<Row, Error> {
-    assert_eq!(rows.len(), 1, "{sql} returned {} rows, expected one", rows.len());
+    assert_eq!(
+        rows.len(),
+        1,
+        "{sql} returned {} rows, expected one",
+        rows.len()
+    );
     Ok(rows.pop().expect("one row"))
 }
 
 fn at_most_one(sql: &str, mut rows: Vec<Row>) -> Result<Option<Row>, Error> {
-    assert!(rows.len() <= 1, "{sql} returned {} rows, expected at most one", rows.len());
+    assert!(
+        rows.len() <= 1,
+        "{sql} returned {} rows, expected at most one",
+        rows.len()
+    );
     Ok(rows.pop())
 }
 
-/// What a connection and a transaction on it both do.
+/// What a connection and a transaction on it both do (`use bussig_tests::*` brings it in scope).
 pub trait GenericClient {
     fn raw(&mut self) -> &mut postgres::Client;
 
@@ -149,26 +158,6 @@ impl Client {
     pub fn is_closed(&self) -> bool {
         self.inner.is_closed()
     }
-
-    pub fn query(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Vec<Row>, Error> {
-        GenericClient::query(self, sql, params)
-    }
-
-    pub fn query_one(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Row, Error> {
-        GenericClient::query_one(self, sql, params)
-    }
-
-    pub fn query_opt(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Option<Row>, Error> {
-        GenericClient::query_opt(self, sql, params)
-    }
-
-    pub fn execute(&mut self, sql: &str, params: &[&dyn Param]) -> Result<u64, Error> {
-        GenericClient::execute(self, sql, params)
-    }
-
-    pub fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
-        GenericClient::batch_execute(self, sql)
-    }
 }
 
 impl GenericClient for Client {
@@ -191,26 +180,6 @@ impl Transaction<'_> {
     pub fn rollback(mut self) -> Result<(), Error> {
         self.open = false;
         self.client.batch_execute("ROLLBACK")
-    }
-
-    pub fn query(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Vec<Row>, Error> {
-        GenericClient::query(self, sql, params)
-    }
-
-    pub fn query_one(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Row, Error> {
-        GenericClient::query_one(self, sql, params)
-    }
-
-    pub fn query_opt(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Option<Row>, Error> {
-        GenericClient::query_opt(self, sql, params)
-    }
-
-    pub fn execute(&mut self, sql: &str, params: &[&dyn Param]) -> Result<u64, Error> {
-        GenericClient::execute(self, sql, params)
-    }
-
-    pub fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
-        GenericClient::batch_execute(self, sql)
     }
 }
 
