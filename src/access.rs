@@ -197,7 +197,7 @@ fn extension_owner() -> pg_sys::Oid {
     }
 }
 
-/// Runs `work` on an SPI connection as the extension owner, with `search_path` pinned, and hands it
+/// Runs `work` on an SPI connection as the extension owner, with `search_path` and `jit` pinned, and hands it
 /// the caller for its privilege checks. An error inside leaves the user and setting switched; the
 /// (sub)transaction abort that follows restores both, as it does for SECURITY DEFINER functions.
 pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>) -> BusResult<R> {
@@ -210,7 +210,7 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
         unrestricted: unsafe { pg_sys::has_privs_of_role(role, owner) },
     };
     let nest_level = unsafe { pg_sys::NewGUCNestLevel() };
-    pin_search_path();
+    pin_settings();
     unsafe {
         pg_sys::SetUserIdAndSecContext(
             owner,
@@ -225,20 +225,24 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
     result
 }
 
-/// Only the system catalogs, then (last, so it can shadow nothing) the session's temporary schema.
-fn pin_search_path() {
-    let name = CString::new("search_path").expect("no NUL");
-    let value = CString::new("pg_catalog, pg_temp").expect("no NUL");
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+/// `search_path`: only the system catalogs, then (last, so it can shadow nothing) the session's
+/// temporary schema. `jit` off: bussig's statements are short, and a JIT compile, which a generic plan
+/// over a large table can look expensive enough to trigger, would cost more than the statement.
+fn pin_settings() {
+    for (name, value) in [("search_path", "pg_catalog, pg_temp"), ("jit", "off")] {
+        let name = CString::new(name).expect("no NUL");
+        let value = CString::new(value).expect("no NUL");
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
     }
 }

@@ -293,3 +293,29 @@ fn ephemeral_queue_without_heartbeat_is_dropped() {
     );
     assert_eq!(subscription_count(&mut client, &alive.name), 0);
 }
+
+#[test]
+fn a_bloated_message_table_is_rewritten_small() {
+    let mut c = connect();
+    let queue = Queue::create(&mut c, "worker_compaction", "");
+    // About 20 MB of messages, then none: the table is almost all dead space.
+    c.execute(
+        "SELECT count(*) FROM bussig.send_batch($1::text,
+             (SELECT array_agg(jsonb_build_object('n', i, 'pad', repeat('x', 300))) FROM generate_series(1, 60000) i))",
+        &[&queue.name],
+    )
+    .unwrap();
+    let size = |c: &mut Client| -> i64 {
+        c.query_one("SELECT pg_relation_size('bussig.message')", &[])
+            .unwrap()
+            .get(0)
+    };
+    let bloated = size(&mut c);
+    assert!(bloated > 16 << 20, "only {bloated} bytes written");
+    c.execute("SELECT bussig.purge_queue($1::text)", &[&queue.name])
+        .unwrap();
+    eventually(Duration::from_secs(120), "the message table to be rewritten", || {
+        let now = size(&mut c);
+        (now < bloated / 4).then_some(())
+    });
+}

@@ -302,13 +302,15 @@ fn run_round(bodies_after: &mut i64) {
     });
 }
 
-/// Recounts the queues for bussig.queues when bussig.stats_interval has passed since the last count.
+/// Recounts the queues for bussig.queues, and rewrites bloated tables, when bussig.stats_interval has
+/// passed since the last time.
 fn refresh_stats_when_due(last: &mut Option<Instant>) {
     let interval = Duration::from_millis(gucs::STATS_INTERVAL.get().max(1) as u64);
     if last.is_none_or(|last| last.elapsed() >= interval) {
         run_step("statistics", || {
             Spi::connect_mut(maintenance::refresh_stats)
         });
+        run_step("compaction", || Spi::connect_mut(maintenance::compact));
         *last = Some(Instant::now());
     }
 }
