@@ -198,12 +198,11 @@ fn queue_names_are_checked_before_anything_is_written() {
         .run(&names, |name| {
             let mut c = cell.borrow_mut();
             let c = &mut *c;
-            let expected = if !valid_queue_name(&name) {
-                Err("22023")
-            } else if name.len() > 56 {
-                Err("22023") // its dead-letter queue <name>_dlq would be longer than 60
-            } else {
+            // Over 56 characters, its dead-letter queue <name>_dlq would be longer than 60.
+            let expected = if valid_queue_name(&name) && name.len() <= 56 {
                 Ok(())
+            } else {
+                Err("22023")
             };
             check(
                 c,
