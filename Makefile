@@ -6,7 +6,7 @@ RUN_DATA  ?= $(shell runuser -u postgres -- test -x $(CURDIR) 2>/dev/null && ech
                 || echo /var/tmp/bussig-run-$(shell echo $(CURDIR) | md5sum | cut -c1-8)/pgdata)
 PSQL      := $(PG_BIN)/psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $(RUN_PORT) -U postgres
 
-.PHONY: run stop test setup install
+.PHONY: run stop test setup install bench
 
 setup:
 	@.ci/setup.sh
@@ -31,3 +31,7 @@ stop:
 
 test:
 	@.ci/test.sh
+
+# Not part of `make test`: a throw-away cluster on its own port; QUICK=1 for a short run.
+bench:
+	@QUICK=$(QUICK) bench/run.sh

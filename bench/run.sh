@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# `make bench`: one throw-away PostgreSQL 15 cluster with fixed settings, bussig, PgQ and a hand-written
+# SKIP LOCKED queue installed side by side, then the load generator (bench/src) runs every workload.
+#   QUICK=1               a short run (a minute or two) for use while developing
+#   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
+#   BENCH_PORT, BENCH_DATA  where the cluster listens and lives (defaults: 28850, /var/tmp/bussig-bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_BIN=/usr/lib/postgresql/15/bin
+port=${BENCH_PORT:-28850}
+base=${BENCH_DATA:-/var/tmp/bussig-bench}
+datadir=$base/pgdata
+as_postgres() { runuser -u postgres -- env -u RUST_BACKTRACE "$@"; }
+
+# Durable commits as in production; the rest sized so that no workload waits on a checkpoint or on
+# eviction, and identical for the three systems since they share the cluster.
+settings=$(cat <<CONF
+shared_buffers = 1GB
+work_mem = 16MB
+maintenance_work_mem = 256MB
+max_connections = 100
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+wal_level = replica
+max_wal_size = 8GB
+checkpoint_timeout = 15min
+autovacuum = on
+autovacuum_naptime = 10s
+jit = off
+shared_preload_libraries = 'bussig'
+CONF
+)
+
+if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
+    .ci/setup.sh
+    .ci/install.sh
+fi
+if [[ ! -f /usr/share/postgresql/15/extension/pgq.control ]]; then
+    apt-get install -y postgresql-15-pgq3 >/dev/null
+fi
+
+stop_cluster() {
+    if [[ -d "$datadir" ]] && as_postgres "$PG_BIN/pg_ctl" -D "$datadir" status >/dev/null 2>&1; then
+        as_postgres "$PG_BIN/pg_ctl" -D "$datadir" -m fast -w stop >/dev/null
+    fi
+}
+stop_cluster
+trap stop_cluster EXIT
+rm -rf "$base"
+mkdir -p "$datadir"
+chown -R postgres: "$base"
+chmod 700 "$datadir"
+as_postgres "$PG_BIN/initdb" -D "$datadir" -U postgres --auth=trust >/dev/null
+{
+    echo "port = $port"
+    echo "listen_addresses = '127.0.0.1'"
+    echo "unix_socket_directories = '$datadir'"
+    echo "$settings"
+} >>"$datadir/postgresql.conf"
+as_postgres "$PG_BIN/pg_ctl" -D "$datadir" -l "$base/server.log" -w -t 60 start >/dev/null
+
+echo "PostgreSQL 15 cluster on port $port (data in $datadir) with:"
+echo "$settings" | sed 's/^/    /'
+
+psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+psql -d postgres -c "CREATE DATABASE bench"
+psql -d bench -c "CREATE EXTENSION bussig" -c "CREATE EXTENSION pgq" 2>&1 | grep -v NOTICE || true
+psql -d bench -f bench/sql/hand_written.sql
+
+# Figures from an unoptimised build say nothing about bussig: say so, in the output and in the report.
+library=$("$PG_BIN/pg_config" --pkglibdir)/bussig.so
+if readelf -S "$library" 2>/dev/null | grep -q debug_info; then
+    export BENCH_WARNING="The bussig library measured here is a debug build ($library has debug information): its figures understate a release build."
+    echo "WARNING: $BENCH_WARNING" >&2
+fi
+
+export BENCH_URL="host=127.0.0.1 port=$port user=postgres dbname=bench"
+export BENCH_SETTINGS="$settings"
+mode=()
+[[ -n "${QUICK:-}" && "${QUICK}" != 0 ]] && mode=(--quick)
+cargo run --quiet --release -p bussig-bench -- "${mode[@]}"

@@ -1,0 +1,218 @@
+//! `make bench`: bussig against PgQ and a hand-written SKIP LOCKED queue, in one cluster and one run.
+//! `bench/run.sh` starts the cluster and installs the three systems; this program drives every workload,
+//! prints the tables and writes `docs/benchmarks.md` with the soak chart next to it.
+
+mod load;
+mod pg;
+mod report;
+mod soak;
+mod systems;
+mod workloads;
+
+use std::time::{Duration, Instant};
+
+use pg::Res;
+use report::{Machine, Section, Target};
+
+pub struct Config {
+    pub url: String,
+    pub quick: bool,
+    /// Length of every closed-loop measurement.
+    pub run: Duration,
+    pub clients: Vec<usize>,
+    /// Client counts for the bussig-only and latency workloads (5 and 6), a subset in a quick run.
+    pub subset_clients: Vec<usize>,
+    pub consume_fill: i64,
+    /// Locked or delayed messages ahead of the ready ones (workload 5), and the ready ones behind them.
+    pub backlog: i64,
+    pub ready: i64,
+    pub e2e_rate_per_producer: f64,
+    pub wake_samples: usize,
+    pub soak: Duration,
+    pub hold: Duration,
+    pub soak_interval: Duration,
+    pub soak_rate: f64,
+}
+
+impl Config {
+    fn new(url: String, quick: bool) -> Self {
+        let seconds = Duration::from_secs_f64;
+        if quick {
+            Config {
+                url,
+                quick,
+                run: seconds(1.0),
+                clients: vec![1, 2, 4],
+                subset_clients: vec![1],
+                consume_fill: 50_000,
+                backlog: 50_000,
+                ready: 10_000,
+                e2e_rate_per_producer: 200.0,
+                wake_samples: 100,
+                soak: seconds(45.0),
+                hold: seconds(9.0),
+                soak_interval: seconds(5.0),
+                soak_rate: 1_000.0,
+            }
+        } else {
+            Config {
+                url,
+                quick,
+                run: seconds(20.0),
+                clients: vec![1, 2, 4],
+                subset_clients: vec![1, 2, 4],
+                consume_fill: 500_000,
+                backlog: 50_000,
+                ready: 10_000,
+                e2e_rate_per_producer: 200.0,
+                wake_samples: 1_000,
+                soak: seconds(600.0),
+                hold: seconds(120.0),
+                soak_interval: seconds(10.0),
+                soak_rate: 1_000.0,
+            }
+        }
+    }
+}
+
+fn main() {
+    if let Err(error) = run() {
+        // postgres::Error says only "db error"; the server's message is in its source.
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        eprintln!("bench: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Res<()> {
+    let started = Instant::now();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let url =
+        std::env::var("BENCH_URL").map_err(|_| "BENCH_URL is not set (bench/run.sh sets it)")?;
+    let docs = std::env::var("BENCH_DOCS").unwrap_or_else(|_| "docs".into());
+    let cfg = Config::new(url, quick);
+    let mut admin = pg::connect(&cfg.url)?;
+    println!(
+        "{} run: {:.1} s per measurement, clients {:?}",
+        if quick { "QUICK" } else { "full" },
+        cfg.run.as_secs_f64(),
+        cfg.clients
+    );
+
+    let mut sections: Vec<Section> = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
+    let show = |section: Section, sections: &mut Vec<Section>| {
+        report::print_section(&section);
+        sections.push(section);
+    };
+    type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
+    let workloads: [(&str, Workload); 6] = [
+        ("1 send", workloads::sends),
+        ("2 send_batch", workloads::send_batches),
+        ("3 consume", workloads::consume),
+        ("5 head of line", workloads::head_of_line),
+        ("6 routing", workloads::routing),
+        ("7 long-poll wake", workloads::wake),
+    ];
+    for (name, workload) in workloads {
+        eprintln!(
+            "[{:>5.0} s] workload {name}",
+            started.elapsed().as_secs_f64()
+        );
+        workloads::settle(&mut admin)?;
+        let section = workload(&cfg, &mut admin, &mut targets)?;
+        show(section, &mut sections);
+        if name.starts_with('3') {
+            eprintln!(
+                "[{:>5.0} s] workload 4 producers and consumers",
+                started.elapsed().as_secs_f64()
+            );
+            workloads::settle(&mut admin)?;
+            show(workloads::end_to_end(&cfg, &mut admin)?, &mut sections);
+        }
+    }
+    // Workload 4 sits after 3 in the report, as in the list.
+    let order = |s: &Section| {
+        s.title
+            .split('.')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(99)
+    };
+    sections.sort_by_key(order);
+
+    eprintln!(
+        "[{:>5.0} s] workload 8 soak ({:.0} s) and 9 memory",
+        started.elapsed().as_secs_f64(),
+        cfg.soak.as_secs_f64()
+    );
+    workloads::settle(&mut admin)?;
+    let (soak_sections, chart) = soak::soak(&cfg, &mut admin, &mut targets)?;
+    for section in soak_sections {
+        show(section, &mut sections);
+    }
+    report::print_targets(&targets);
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let machine = describe_machine(&mut admin, quick, elapsed)?;
+    let chart_file = "benchmarks-soak.svg";
+    std::fs::write(format!("{docs}/{chart_file}"), report::soak_svg(&chart))?;
+    std::fs::write(
+        format!("{docs}/benchmarks.md"),
+        report::markdown(&machine, &sections, &targets, chart_file),
+    )?;
+    println!("\nwrote {docs}/benchmarks.md and {docs}/{chart_file} ({elapsed:.0} s in all)");
+    Ok(())
+}
+
+fn describe_machine(admin: &mut postgres::Client, quick: bool, elapsed: f64) -> Res<Machine> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_kb: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown".into(), |m| m.trim().to_string());
+    let cores = std::thread::available_parallelism().map_or("?".into(), |n| n.to_string());
+    let postgres: String = admin.query_one("SELECT version()", &[])?.get(0);
+    let date: String = admin
+        .query_one(
+            "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"')",
+            &[],
+        )?
+        .get(0);
+    let versions: Vec<String> = admin
+        .query("SELECT extname || ' ' || extversion FROM pg_extension WHERE extname IN ('bussig', 'pgq') ORDER BY 1", &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Machine {
+        cores,
+        memory: format!("{:.1} GiB", memory_kb / 1024.0 / 1024.0),
+        cpu,
+        postgres: format!("{postgres}; extensions: {}", versions.join(", ")),
+        settings: std::env::var("BENCH_SETTINGS").unwrap_or_default(),
+        date,
+        command: if quick {
+            "make bench QUICK=1".into()
+        } else {
+            "make bench".into()
+        },
+        elapsed: format!(
+            "{:.0} minutes {:.0} seconds",
+            (elapsed / 60.0).floor(),
+            elapsed % 60.0
+        ),
+    })
+}
