@@ -562,12 +562,22 @@ fn receive(
 
 // When the next locked or delayed message of the queue becomes ready, as seconds from now.
 // A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
+// Seconds until the first message that was not ready when the last read began ($2, seconds since the
+// epoch) becomes ready; negative when it already has. Measured from that moment, not from now: a delay
+// that runs out between the read and this probe must end the sleep, not be missed until the wait ends.
 static NEXT_READY: Statement = Statement {
     sql: "SELECT extract(epoch FROM min(visible_at) - clock_timestamp())::float8
-          FROM bussig.message WHERE queue_id = $1 AND visible_at > (SELECT clock_timestamp())",
-    args: &[pg_sys::INT4OID],
+          FROM bussig.message WHERE queue_id = $1 AND visible_at > to_timestamp($2)",
+    args: &[pg_sys::INT4OID, pg_sys::FLOAT8OID],
     writes: true,
 };
+
+/// The wall clock as seconds since the epoch, the clock PostgreSQL's clock_timestamp() reads.
+fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
 
 /// Reads what is ready; with a wait, sleeps until a commit makes messages ready in the queue, a
 /// delay or lock runs out, or the wait is over, and reads again.
@@ -639,6 +649,7 @@ fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>
     let deadline = Instant::now() + wait;
     let mut waiting = None;
     loop {
+        let read_began = epoch_seconds();
         let delivered = access::connect(|client, caller| {
             caller.require(client, queue, Privilege::Consume)?;
             receive(client, queue, max_messages, lock_timeout)
@@ -656,7 +667,7 @@ fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>
             continue;
         };
         let next_ready = access::connect(|client, _| -> BusResult<Option<f64>> {
-            Ok(plans::run(client, &NEXT_READY, &[waiting.0.into()])?
+            Ok(plans::run(client, &NEXT_READY, &[waiting.0.into(), read_began.into()])?
                 .next()
                 .and_then(|row| row.get(1).ok().flatten()))
         })?;
