@@ -560,11 +560,10 @@ fn receive(
     Ok(delivered)
 }
 
-// When the next locked or delayed message of the queue becomes ready, as seconds from now.
-// A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
 // Seconds until the first message that was not ready when the last read began ($2, seconds since the
 // epoch) becomes ready; negative when it already has. Measured from that moment, not from now: a delay
 // that runs out between the read and this probe must end the sleep, not be missed until the wait ends.
+// A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
 static NEXT_READY: Statement = Statement {
     sql: "SELECT extract(epoch FROM min(visible_at) - clock_timestamp())::float8
           FROM bussig.message WHERE queue_id = $1 AND visible_at > to_timestamp($2)",
