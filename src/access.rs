@@ -66,25 +66,14 @@ static PERMITTED: Statement = Statement {
     writes: false,
 };
 
+// false, not NULL, when the owner's role no longer exists: no row means no queue.
 static OWNS_QUEUE: Statement = Statement {
-    sql: "SELECT pg_catalog.pg_has_role($1, r.oid, 'USAGE')
+    sql: "SELECT coalesce(pg_catalog.pg_has_role($1, r.oid, 'USAGE'), false)
           FROM bussig.queue q LEFT JOIN pg_catalog.pg_roles r ON r.rolname = q.owner
           WHERE q.name = $2",
     args: &[pg_sys::OIDOID, pg_sys::TEXTOID],
     writes: false,
 };
-
-fn first_bool(
-    client: &mut SpiClient<'_>,
-    statement: &'static Statement,
-    args: &[pgrx::datum::DatumWithOid<'_>],
-) -> BusResult<Option<bool>> {
-    Ok(plans::run(client, statement, args)?
-        .next()
-        .map(|row| row.get::<bool>(1))
-        .transpose()?
-        .flatten())
-}
 
 impl Caller {
     pub fn role(&self) -> pg_sys::Oid {
@@ -102,7 +91,7 @@ impl Caller {
             return Ok(());
         }
         let args = [self.role.into(), queue.into(), privilege.name().into()];
-        match first_bool(client, &HAS_QUEUE_PRIVILEGE, &args)? {
+        match plans::first_value::<bool>(client, &HAS_QUEUE_PRIVILEGE, &args)? {
             Some(true) => Ok(()),
             Some(false) => Err(self.denied(privilege.name(), queue)),
             None => Err(BusError::UnknownQueue(queue.to_string())),
@@ -114,14 +103,11 @@ impl Caller {
         if self.unrestricted {
             return Ok(());
         }
-        let found = plans::run(client, &OWNS_QUEUE, &[self.role.into(), queue.into()])?
-            .next()
-            .map(|row| row.get::<bool>(1))
-            .transpose()?;
-        match found {
+        let args = [self.role.into(), queue.into()];
+        match plans::first_value::<bool>(client, &OWNS_QUEUE, &args)? {
             None => Err(BusError::UnknownQueue(queue.to_string())),
-            Some(Some(true)) => Ok(()),
-            Some(_) => Err(self.denied("ownership", queue)),
+            Some(true) => Ok(()),
+            Some(false) => Err(self.denied("ownership", queue)),
         }
     }
 
@@ -138,7 +124,9 @@ impl Caller {
         if self.unrestricted {
             return Ok(());
         }
-        if first_bool(client, &MAY_CREATE_QUEUES, &[self.role.into()])? == Some(true) {
+        if plans::first_value::<bool>(client, &MAY_CREATE_QUEUES, &[self.role.into()])?
+            == Some(true)
+        {
             return Ok(());
         }
         Err(self.denied("create", queue))
@@ -173,10 +161,15 @@ fn role_name(role: pg_sys::Oid) -> String {
 
 /// Fails with 42501 unless the caller is the extension owner, a member of it, or a superuser.
 pub fn require_owner(function: &'static str) -> BusResult<()> {
-    if unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), extension_owner()) } {
+    if is_unrestricted(unsafe { pg_sys::GetUserId() }, extension_owner()) {
         return Ok(());
     }
     Err(BusError::OwnerOnly(function))
+}
+
+/// The extension owner, its members and superusers may do everything.
+fn is_unrestricted(role: pg_sys::Oid, owner: pg_sys::Oid) -> bool {
+    unsafe { pg_sys::has_privs_of_role(role, owner) }
 }
 
 /// The owner of schema `bussig`, read from the catalog cache on each call (it is two hash lookups).
@@ -207,7 +200,7 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
     let owner = extension_owner();
     let caller = Caller {
         role,
-        unrestricted: unsafe { pg_sys::has_privs_of_role(role, owner) },
+        unrestricted: is_unrestricted(role, owner),
     };
     let nest_level = unsafe { pg_sys::NewGUCNestLevel() };
     pin_settings();

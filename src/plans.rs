@@ -80,6 +80,19 @@ pub fn run_limited<'conn>(
     }
 }
 
+/// The first column of the first row a kept statement returns; None for no row or a NULL.
+pub fn first_value<T: FromDatum + IntoDatum>(
+    client: &mut SpiClient<'_>,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<Option<T>> {
+    Ok(run(client, statement, args)?
+        .next()
+        .map(|row| row.get::<T>(1))
+        .transpose()?
+        .flatten())
+}
+
 /// The first column of every row a kept statement returns; the column is NOT NULL.
 pub fn first_column<T: FromDatum + IntoDatum>(
     client: &mut SpiClient<'_>,

@@ -249,7 +249,10 @@ impl Waiting {
                 pg_sys::MyLatch,
                 (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
                 // Rounded up: waking early for a delay that has not run out yet costs another round.
-                timeout.as_micros().div_ceil(1000).clamp(1, i64::MAX as u128) as std::ffi::c_long,
+                timeout
+                    .as_micros()
+                    .div_ceil(1000)
+                    .clamp(1, i64::MAX as u128) as std::ffi::c_long,
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);

@@ -46,12 +46,7 @@ fn grantee(client: &mut SpiClient<'_>, role: &str) -> BusResult<String> {
     if role.eq_ignore_ascii_case("public") {
         return Ok("public".into());
     }
-    let exists = plans::run(client, &ROLE_EXISTS, &[role.into()])?
-        .next()
-        .map(|row| row.get::<bool>(1))
-        .transpose()?
-        .flatten();
-    if exists != Some(true) {
+    if plans::first_value::<bool>(client, &ROLE_EXISTS, &[role.into()])? != Some(true) {
         return Err(BusError::UnknownRole(role.to_string()));
     }
     Ok(role.to_string())

@@ -666,9 +666,8 @@ fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>
             continue;
         };
         let next_ready = access::connect(|client, _| -> BusResult<Option<f64>> {
-            Ok(plans::run(client, &NEXT_READY, &[waiting.0.into(), read_began.into()])?
-                .next()
-                .and_then(|row| row.get(1).ok().flatten()))
+            let args = [waiting.0.into(), read_began.into()];
+            Ok(plans::first_value(client, &NEXT_READY, &args)?)
         })?;
         let until_ready = next_ready.map_or(Duration::MAX, |seconds| {
             Duration::from_secs_f64(seconds.max(0.0))

@@ -449,16 +449,8 @@ fn alter_queue(
         if let Some(name) = dead_letter_queue {
             let name = checked_dead_letter_queue(queue, name)?;
             let dead_letter_id = ensure_dead_letter_queue(client, caller, name, None)?;
-            let cycle = plans::run(
-                client,
-                &DEAD_LETTER_CYCLE,
-                &[queue_id.into(), dead_letter_id.into()],
-            )?
-            .next()
-            .map(|row| row.get::<bool>(1))
-            .transpose()?
-            .flatten();
-            if cycle == Some(true) {
+            let args = [queue_id.into(), dead_letter_id.into()];
+            if plans::first_value::<bool>(client, &DEAD_LETTER_CYCLE, &args)? == Some(true) {
                 return Err(BusError::invalid(
                     "dead_letter_queue",
                     format!("\"{name}\" sends its dead letters on to \"{queue}\": messages would go round in a circle"),
@@ -476,8 +468,11 @@ fn alter_queue(
 
 /// The queues that send their dead letters to this one, as a list; None when there are none.
 fn dead_letter_users(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<Option<String>> {
-    let users = plans::run(client, &DEAD_LETTER_USERS, &[queue_id.into()])?.next();
-    Ok(users.map(|row| row.get::<String>(1)).transpose()?.flatten())
+    Ok(plans::first_value(
+        client,
+        &DEAD_LETTER_USERS,
+        &[queue_id.into()],
+    )?)
 }
 
 /// Drops a queue with its messages, keys, subscriptions and own dead-letter queue; false when other
