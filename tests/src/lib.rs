@@ -296,10 +296,7 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-        if let Err(e) = connect().batch_execute(&sql) {
-            eprintln!("{sql}: {e}");
-        }
+        clean_up(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
     }
 }
 
@@ -320,9 +317,13 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let sql = format!("DROP ROLE IF EXISTS \"{}\"", self.name);
-        if let Err(e) = connect().batch_execute(&sql) {
-            eprintln!("{sql}: {e}");
-        }
+        clean_up(&format!("DROP ROLE IF EXISTS \"{}\"", self.name));
+    }
+}
+
+/// Runs a clean-up statement from a Drop: a failure is reported, never a second panic.
+fn clean_up(sql: &str) {
+    if let Err(e) = connect().batch_execute(sql) {
+        eprintln!("{sql}: {e}");
     }
 }
