@@ -3,6 +3,8 @@
 # SKIP LOCKED queue installed side by side, then the load generator (bench/src) runs every workload.
 #   QUICK=1               a short run (a minute or two) for use while developing
 #   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
+#   BENCH_ONLY=1,3        only those workloads (8: the soak); prints, writes nothing to docs/
+#   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
 #   BENCH_PORT, BENCH_DATA  where the cluster listens and lives (defaults: 28850, /var/tmp/bussig-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,6 +9,7 @@ mod api;
 mod datum;
 mod error;
 mod gucs;
+mod invalidation;
 mod plans;
 mod routing;
 mod validate;

@@ -3,6 +3,11 @@
 //! queues they touched, and a commit hook sets the matching latches. No LISTEN, no polling loop:
 //! this works through transaction-pooling proxies and reacts within milliseconds.
 //!
+//! The NOTIFY of a queue created with `notify => true` is sent by the database's worker, right after
+//! the commit that made messages ready: PostgreSQL serialises every committing transaction that
+//! notifies (a cluster-wide lock held until its commit is flushed), which would serialise the
+//! senders' commits. Where no worker runs, the sending transaction notifies itself.
+//!
 //! Without `shared_preload_libraries = 'bussig'` there is no shared memory: waiting readers then
 //! poll on a short timeout instead.
 use std::cell::{Cell, RefCell};
@@ -17,6 +22,8 @@ const WAITER_SLOTS: usize = 1024;
 const WORKER_SLOTS: usize = 64;
 /// How often a reader re-checks when it cannot be woken (no preload, or no free slot).
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Queues a worker keeps to notify; past that it notifies every queue that asked for it.
+const PENDING_NOTIFIES: usize = 32;
 
 #[derive(Clone, Copy, Default)]
 struct Sleeper {
@@ -24,6 +31,37 @@ struct Sleeper {
     database: u32,
     queue_id: i32,
     latch: usize,
+    /// A worker's errands, set by committing transactions.
+    errands: Errands,
+}
+
+/// What commits asked of a database's worker since it last looked.
+#[derive(Clone, Copy, Default)]
+pub struct Errands {
+    /// A fan-out is waiting.
+    pub fanout: bool,
+    /// Queues to NOTIFY (the first `notify_count`), or all of them when it overflowed.
+    notify_count: usize,
+    notify: [i32; PENDING_NOTIFIES],
+    pub notify_all: bool,
+}
+
+impl Errands {
+    pub fn notify(&self) -> &[i32] {
+        &self.notify[..self.notify_count]
+    }
+
+    fn add_notify(&mut self, queue_id: i32) {
+        if self.notify_all || self.notify().contains(&queue_id) {
+            return;
+        }
+        if self.notify_count == PENDING_NOTIFIES {
+            self.notify_all = true;
+            return;
+        }
+        self.notify[self.notify_count] = queue_id;
+        self.notify_count += 1;
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -52,6 +90,8 @@ static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 thread_local! {
     /// Queues this transaction made messages ready in.
     static READY: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    /// Of those, the queues the worker is to NOTIFY after the commit.
+    static NOTIFY_AFTER_COMMIT: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
     /// Whether this transaction handed a fan-out to the worker.
     static FANOUT: Cell<bool> = const { Cell::new(false) };
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
@@ -93,16 +133,26 @@ pub fn note_ready(queue_id: i32) {
 
 /// Messages arrived in this queue: its waiting readers are woken at commit (a delayed message too,
 /// so that they sleep only until it becomes ready), and when they are ready now and the queue asked
-/// for it, it gets its NOTIFY.
+/// for it, it gets its NOTIFY: from the worker after the commit, or with the commit where no worker
+/// serves this database.
 pub fn announce(queue_id: i32, queue_name: &str, notify: bool, ready_now: bool) {
     note_ready(queue_id);
     if notify && ready_now {
-        send_notify(queue_name);
+        if worker_registered() {
+            NOTIFY_AFTER_COMMIT.with(|queues| {
+                let mut queues = queues.borrow_mut();
+                if !queues.contains(&queue_id) {
+                    queues.push(queue_id);
+                }
+            });
+        } else {
+            send_notify(queue_name);
+        }
     }
 }
 
 /// One NOTIFY bussig_<queue> at commit: PostgreSQL folds repeats within a transaction into one.
-fn send_notify(queue_name: &str) {
+pub fn send_notify(queue_name: &str) {
     let channel = format!("bussig_{queue_name}");
     unsafe {
         pgrx::direct_function_call::<()>(
@@ -129,17 +179,20 @@ unsafe extern "C-unwind" fn on_transaction_end(
             ready.sort_unstable();
             ready.dedup();
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
+            let notify =
+                NOTIFY_AFTER_COMMIT.with(|queues| std::mem::take(&mut *queues.borrow_mut()));
             if shared_memory() {
                 if !ready.is_empty() {
                     wake_readers(&ready);
                 }
-                if fanout {
-                    wake_workers_of(unsafe { pg_sys::MyDatabaseId }.to_u32());
+                if fanout || !notify.is_empty() {
+                    send_errands(fanout, &notify);
                 }
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             READY.with(|ready| ready.borrow_mut().clear());
+            NOTIFY_AFTER_COMMIT.with(|queues| queues.borrow_mut().clear());
             FANOUT.with(|fanout| fanout.set(false));
         }
         _ => {}
@@ -162,6 +215,36 @@ fn wake_readers(ready: &[i32]) {
     }
 }
 
+/// Hands this database's worker a fan-out and queues to notify, and wakes it.
+fn send_errands(fanout: bool, notify: &[i32]) {
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let mut sleepers = SLEEPERS.exclusive();
+    for worker in sleepers.workers.iter_mut() {
+        if worker.pid != 0 && worker.database == database {
+            worker.errands.fanout |= fanout;
+            for &queue_id in notify {
+                worker.errands.add_notify(queue_id);
+            }
+            unsafe { pg_sys::SetLatch(worker.latch as *mut pg_sys::Latch) };
+        }
+    }
+}
+
+/// The errands commits left for this worker, now taken over.
+pub fn take_errands() -> Errands {
+    if !shared_memory() {
+        return Errands::default();
+    }
+    let pid = unsafe { pg_sys::MyProcPid };
+    let mut sleepers = SLEEPERS.exclusive();
+    sleepers
+        .workers
+        .iter_mut()
+        .find(|worker| worker.pid == pid)
+        .map(|worker| std::mem::take(&mut worker.errands))
+        .unwrap_or_default()
+}
+
 /// Sets the latch of the worker registered for `database`; database 0 is the launcher's.
 fn wake_workers_of(database: u32) {
     let sleepers = SLEEPERS.share();
@@ -179,6 +262,7 @@ fn me(queue_id: i32) -> Sleeper {
             database: pg_sys::MyDatabaseId.to_u32(),
             queue_id,
             latch: pg_sys::MyLatch as usize,
+            errands: Errands::default(),
         }
     }
 }

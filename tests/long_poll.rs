@@ -1,8 +1,8 @@
 //! `read(wait => ...)`: a reader with nothing to read waits, is woken by the
 //! committing writer within milliseconds or when a delay runs out, returns
 //! empty when the wait ends, and can be interrupted by statement_timeout or
-//! pg_cancel_backend. Queues with `notify => true` get one NOTIFY per
-//! committed transaction that made messages ready there.
+//! pg_cancel_backend. Queues with `notify => true` get a NOTIFY, from the
+//! worker, after each committed transaction that made messages ready there.
 
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -322,8 +322,13 @@ fn notify_queue_gets_one_notification_per_commit() {
     listener
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .unwrap();
-    let sender_pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
+    // The worker sends it, after the commit: notifying transactions commit one at a time.
+    let worker_pid: i32 = client
+        .query_one(
+            "SELECT pid FROM pg_stat_activity
+              WHERE backend_type = 'bussig worker' AND datname = current_database()",
+            &[],
+        )
         .unwrap()
         .get(0);
 
@@ -331,7 +336,11 @@ fn notify_queue_gets_one_notification_per_commit() {
     let mut tx = client.transaction().unwrap();
     send(&mut tx, q, &json!({ "rolled": "back" }));
     tx.rollback().unwrap();
-    // Three sends and a publish in one transaction: one notification.
+    let got = collect_notifications(&mut listener, &channel, 0, Duration::from_millis(500));
+    assert!(got.is_empty(), "a rolled-back send notified: {got:?}");
+
+    // Each commit that made messages ready is followed by one notification: three sends and a
+    // publish in one transaction, a send_batch on its own, a publish on its own.
     let mut tx = client.transaction().unwrap();
     for n in 0..3 {
         send(&mut tx, q, &json!({ "n": n }));
@@ -339,14 +348,23 @@ fn notify_queue_gets_one_notification_per_commit() {
     tx.execute("SELECT bussig.publish($1::text, '{\"n\": 3}')", &[&subject])
         .unwrap();
     tx.commit().unwrap();
-    // A send_batch on its own: one more.
+    let mut got = collect_notifications(&mut listener, &channel, 1, Duration::from_millis(300));
     send_batch(&mut client, q, &[json!({ "n": 4 }), json!({ "n": 5 })]);
-    // A publish on its own: one more.
+    got.extend(collect_notifications(
+        &mut listener,
+        &channel,
+        1,
+        Duration::from_millis(300),
+    ));
     client
         .execute("SELECT bussig.publish($1::text, '{\"n\": 6}')", &[&subject])
         .unwrap();
-
-    let got = collect_notifications(&mut listener, &channel, 3, Duration::from_millis(500));
+    got.extend(collect_notifications(
+        &mut listener,
+        &channel,
+        1,
+        Duration::from_millis(500),
+    ));
     assert_eq!(
         got.len(),
         3,
@@ -354,7 +372,7 @@ fn notify_queue_gets_one_notification_per_commit() {
     );
     for n in &got {
         assert_eq!(n.channel(), channel);
-        assert_eq!(n.process_id(), sender_pid, "{n:?}");
+        assert_eq!(n.process_id(), worker_pid, "{n:?}");
     }
 
     // Reading and acking make nothing ready: no notification.

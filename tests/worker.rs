@@ -314,8 +314,12 @@ fn a_bloated_message_table_is_rewritten_small() {
     assert!(bloated > 16 << 20, "only {bloated} bytes written");
     c.execute("SELECT bussig.purge_queue($1::text)", &[&queue.name])
         .unwrap();
-    eventually(Duration::from_secs(120), "the message table to be rewritten", || {
-        let now = size(&mut c);
-        (now < bloated / 4).then_some(())
-    });
+    eventually(
+        Duration::from_secs(120),
+        "the message table to be rewritten",
+        || {
+            let now = size(&mut c);
+            (now < bloated / 4).then_some(())
+        },
+    );
 }

@@ -95,7 +95,23 @@ fn run() -> Res<()> {
     let url =
         std::env::var("BENCH_URL").map_err(|_| "BENCH_URL is not set (bench/run.sh sets it)")?;
     let docs = std::env::var("BENCH_DOCS").unwrap_or_else(|_| "docs".into());
-    let cfg = Config::new(url, quick);
+    let mut cfg = Config::new(url, quick);
+    // While developing: BENCH_ONLY=1,3 runs those workloads (8 is the soak), BENCH_SECONDS sets the
+    // length of each measurement. A partial run prints its tables and writes nothing to docs/.
+    let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
+        .ok()
+        .map(|list| list.split(',').map(|w| w.trim().to_string()).collect());
+    let wanted = |number: &str| {
+        only.as_ref()
+            .is_none_or(|list| list.iter().any(|w| w == number))
+    };
+    if let Ok(seconds) = std::env::var("BENCH_SECONDS") {
+        cfg.run = Duration::from_secs_f64(
+            seconds
+                .parse()
+                .map_err(|_| "BENCH_SECONDS is not a number")?,
+        );
+    }
     let mut admin = pg::connect(&cfg.url)?;
     println!(
         "{} run: {:.1} s per measurement, clients {:?}",
@@ -120,6 +136,13 @@ fn run() -> Res<()> {
         ("7 long-poll wake", workloads::wake),
     ];
     for (name, workload) in workloads {
+        if !wanted(&name[..1]) {
+            if name.starts_with('3') && wanted("4") {
+                workloads::settle(&mut admin)?;
+                show(workloads::end_to_end(&cfg, &mut admin)?, &mut sections);
+            }
+            continue;
+        }
         eprintln!(
             "[{:>5.0} s] workload {name}",
             started.elapsed().as_secs_f64()
@@ -127,7 +150,7 @@ fn run() -> Res<()> {
         workloads::settle(&mut admin)?;
         let section = workload(&cfg, &mut admin, &mut targets)?;
         show(section, &mut sections);
-        if name.starts_with('3') {
+        if name.starts_with('3') && wanted("4") {
             eprintln!(
                 "[{:>5.0} s] workload 4 producers and consumers",
                 started.elapsed().as_secs_f64()
@@ -146,6 +169,16 @@ fn run() -> Res<()> {
     };
     sections.sort_by_key(order);
 
+    if only.is_some() {
+        if wanted("8") {
+            workloads::settle(&mut admin)?;
+            for section in soak::soak(&cfg, &mut admin, &mut targets)?.0 {
+                report::print_section(&section);
+            }
+        }
+        report::print_targets(&targets);
+        return Ok(());
+    }
     eprintln!(
         "[{:>5.0} s] workload 8 soak ({:.0} s) and 9 memory",
         started.elapsed().as_secs_f64(),

@@ -18,17 +18,14 @@ use crate::plans::{self, Statement};
 use crate::validate::{self, required};
 use crate::wakeup;
 
-// Every send statement returns (message_id, queue_id, notify) per message.
+// The queue comes as its id, from the backend's cache of queues (queues::resolve): a send is one
+// plain INSERT. A send that races a drop of its queue commits a message the worker then removes.
 static SEND: Statement = Statement {
-    sql: "WITH q AS (SELECT queue_id, notify FROM bussig.queue WHERE name = $1),
-          sent AS (
-              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
-              SELECT q.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7 FROM q
-              RETURNING message_id
-          )
-          SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
+          VALUES ($1, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7)
+          RETURNING message_id",
     args: &[
-        pg_sys::TEXTOID,
+        pg_sys::INT4OID,
         pg_sys::JSONBOID,
         pg_sys::JSONBOID,
         pg_sys::INTERVALOID,
@@ -41,7 +38,7 @@ static SEND: Statement = Statement {
 
 // A key that expired stays in place until the worker prunes it; ON CONFLICT revives it.
 static SEND_DEDUPLICATED: Statement = Statement {
-    sql: "WITH q AS (SELECT queue_id, dedup_window, notify FROM bussig.queue WHERE name = $1),
+    sql: "WITH q AS (SELECT queue_id, dedup_window FROM bussig.queue WHERE queue_id = $1),
           fresh AS (
               INSERT INTO bussig.dedup AS d (queue_id, dedup_id, expires_at)
               SELECT queue_id, $8, now() + dedup_window FROM q
@@ -54,9 +51,9 @@ static SEND_DEDUPLICATED: Statement = Statement {
               SELECT fresh.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7 FROM fresh
               RETURNING message_id
           )
-          SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
+          SELECT message_id FROM sent",
     args: &[
-        pg_sys::TEXTOID,
+        pg_sys::INT4OID,
         pg_sys::JSONBOID,
         pg_sys::JSONBOID,
         pg_sys::INTERVALOID,
@@ -68,18 +65,14 @@ static SEND_DEDUPLICATED: Statement = Statement {
     writes: true,
 };
 
+// The function scan hands the insert the payloads in array order, so ids follow that order.
 static SEND_BATCH: Statement = Statement {
-    sql: "WITH q AS (SELECT queue_id, notify FROM bussig.queue WHERE name = $1),
-          sent AS (
-              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
-              SELECT q.queue_id, p.payload, $3, clock_timestamp() + coalesce($4, interval '0'), $5
-              FROM q, unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, n)
-              ORDER BY p.n
-              RETURNING message_id
-          )
-          SELECT sent.message_id, q.queue_id, q.notify FROM sent, q",
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
+          SELECT $1, p.payload, $3, clock_timestamp() + coalesce($4, interval '0'), $5
+          FROM unnest($2::jsonb[]) AS p(payload)
+          RETURNING message_id",
     args: &[
-        pg_sys::TEXTOID,
+        pg_sys::INT4OID,
         pg_sys::JSONBARRAYOID,
         pg_sys::JSONBOID,
         pg_sys::INTERVALOID,
@@ -125,20 +118,19 @@ static READ: Statement = Statement {
     writes: true,
 };
 
+// Acks take the queue as its id, from queues::resolve.
 static ACK: Statement = Statement {
-    sql:
-        "DELETE FROM bussig.message m USING bussig.queue q
-          WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3",
-    args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID],
+    sql: "DELETE FROM bussig.message
+          WHERE queue_id = $1 AND message_id = $2 AND lock_token = $3",
+    args: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::UUIDOID],
     writes: true,
 };
 
 static ACK_BATCH: Statement = Statement {
     sql: "DELETE FROM bussig.message m
-          USING bussig.queue q, unnest($2::bigint[], $3::uuid[]) AS a(message_id, lock_token)
-          WHERE q.name = $1 AND m.queue_id = q.queue_id
-            AND m.message_id = a.message_id AND m.lock_token = a.lock_token",
-    args: &[pg_sys::TEXTOID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
+          USING unnest($2::bigint[], $3::uuid[]) AS a(message_id, lock_token)
+          WHERE m.queue_id = $1 AND m.message_id = a.message_id AND m.lock_token = a.lock_token",
+    args: &[pg_sys::INT4OID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
     writes: true,
 };
 
@@ -341,44 +333,42 @@ pub fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> 
     Ok(())
 }
 
-/// Runs a send statement, creating the queue first when it is unknown and auto-creation is on.
-/// None when the statement inserted nothing into an existing queue (a duplicate).
-fn insert_messages(
+/// The queue a send goes to, created first when it is unknown and auto-creation is on.
+fn destination(
     client: &mut SpiClient<'_>,
     caller: &Caller,
     queue: &str,
-    delay: Option<Interval>,
-    statement: &'static Statement,
-    args: &[DatumWithOid<'_>],
-) -> BusResult<Option<Vec<i64>>> {
+) -> BusResult<queues::QueueRef> {
     match caller.require(client, queue, Privilege::Send) {
         Err(BusError::UnknownQueue(_)) => {}
         checked => checked?,
     }
-    for attempt in 0..2 {
-        let mut ids = Vec::new();
-        let mut destination = None;
-        for row in plans::run(client, statement, args)? {
-            ids.push(row.get::<i64>(1)?.expect("message_id is NOT NULL"));
-            destination = Some((
-                row.get::<i32>(2)?.expect("NOT NULL"),
-                row.get::<bool>(3)?.expect("NOT NULL"),
-            ));
-        }
-        if let Some((queue_id, notify)) = destination {
-            let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
-            wakeup::announce(queue_id, queue, notify, ready_now);
-            return Ok(Some(ids));
-        }
-        if queues::resolve(client, queue)?.is_some() {
-            return Ok(None);
-        }
-        if attempt > 0 || !gucs::AUTO_CREATE_QUEUES.get() {
-            break;
-        }
-        queues::create(client, caller, queue, SettingsChange::default(), None)?;
+    if let Some(found) = queues::resolve(client, queue)? {
+        return Ok(found);
     }
-    Err(BusError::UnknownQueue(queue.to_string()))
+    if !gucs::AUTO_CREATE_QUEUES.get() {
+        return Err(BusError::UnknownQueue(queue.to_string()));
+    }
+    queues::create(client, caller, queue, SettingsChange::default(), None)?;
+    queues::require(client, queue)
+}
+
+/// Runs a send statement into `found`: the new message ids (none for a duplicate). Waiting readers
+/// are woken, and the queue's NOTIFY sent, at commit.
+fn insert_messages(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    found: queues::QueueRef,
+    delay: Option<Interval>,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<Vec<i64>> {
+    let ids: Vec<i64> = plans::first_column(client, statement, args)?;
+    if !ids.is_empty() {
+        let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
+        wakeup::announce(found.queue_id, queue, found.notify, ready_now);
+    }
+    Ok(ids)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -400,26 +390,27 @@ fn send(
         delay,
         priority,
     } = Outgoing::check(payload, headers, delay, priority)?;
-    let mut args: Vec<DatumWithOid> = vec![
-        queue.into(),
-        payload.into(),
-        headers.into(),
-        delay.into(),
-        priority.into(),
-        correlation_id.into(),
-        reply_to.into(),
-    ];
-    let statement = match dedup_id {
-        Some(dedup_id) => {
-            args.push(dedup_id.into());
-            &SEND_DEDUPLICATED
-        }
-        None => &SEND,
-    };
     let ids = access::connect(|client, caller| {
-        insert_messages(client, caller, queue, delay, statement, &args)
+        let found = destination(client, caller, queue)?;
+        let mut args: Vec<DatumWithOid> = vec![
+            found.queue_id.into(),
+            payload.into(),
+            headers.into(),
+            delay.into(),
+            priority.into(),
+            correlation_id.into(),
+            reply_to.into(),
+        ];
+        let statement = match dedup_id {
+            Some(dedup_id) => {
+                args.push(dedup_id.into());
+                &SEND_DEDUPLICATED
+            }
+            None => &SEND,
+        };
+        insert_messages(client, queue, found, delay, statement, &args)
     })?;
-    Ok(ids.map(|ids| ids[0]))
+    Ok(ids.first().copied())
 }
 
 #[pg_extern]
@@ -448,17 +439,17 @@ fn send_batch(
             .unwrap_or(0);
         check_size(largest, headers)?;
     }
-    let args: [DatumWithOid; 5] = [
-        queue.into(),
-        payloads.into(),
-        headers.into(),
-        delay.into(),
-        priority.into(),
-    ];
-    let ids = access::connect(|client, caller| {
-        insert_messages(client, caller, queue, delay, &SEND_BATCH, &args)
+    let mut ids = access::connect(|client, caller| {
+        let found = destination(client, caller, queue)?;
+        let args: [DatumWithOid; 5] = [
+            found.queue_id.into(),
+            payloads.into(),
+            headers.into(),
+            delay.into(),
+            priority.into(),
+        ];
+        insert_messages(client, queue, found, delay, &SEND_BATCH, &args)
     })?;
-    let mut ids = ids.unwrap_or_default();
     ids.sort_unstable();
     Ok(SetOfIterator::new(ids))
 }
@@ -639,20 +630,46 @@ fn deliveries(delivered: Vec<Delivery>) -> TableIterator<'static, DeliveryRow> {
     }))
 }
 
-fn receive_waiting(queue: &str, request: ReadRequest) -> BusResult<Vec<Delivery>> {
+/// Deletes the acknowledged messages of `queue` whose lock tokens still hold: how many.
+fn acknowledge(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    (message_ids, lock_tokens): (BigintArray, UuidArray),
+) -> BusResult<i64> {
+    let queue_id = queues::require(client, queue)?.queue_id;
+    processed(
+        client,
+        &ACK_BATCH,
+        &[queue_id.into(), message_ids.into(), lock_tokens.into()],
+    )
+}
+
+/// Reads as `read` does, acknowledging `acks` first in the same call (ack_and_read).
+fn receive_waiting(
+    queue: &str,
+    request: ReadRequest,
+    mut acks: Option<(BigintArray, UuidArray)>,
+) -> BusResult<Vec<Delivery>> {
     let ReadRequest {
         max_messages,
         lock_timeout,
-        wait,
+        mut wait,
     } = request;
-    let deadline = Instant::now() + wait;
+    let started = Instant::now();
     let mut waiting = None;
     loop {
         let read_began = epoch_seconds();
         let delivered = access::connect(|client, caller| {
             caller.require(client, queue, Privilege::Consume)?;
+            if let Some(acks) = acks.take() {
+                // Acks commit with the call: a wait that a timeout or cancel ends would undo them.
+                if acknowledge(client, queue, acks)? > 0 {
+                    wait = Duration::ZERO;
+                }
+            }
             receive(client, queue, max_messages, lock_timeout)
         })?;
+        let deadline = started + wait;
         let now = Instant::now();
         // Waiting could never show a transaction-long snapshot anything new.
         if !delivered.is_empty() || now >= deadline || plans::snapshot_is_fixed() {
@@ -703,7 +720,7 @@ fn read(
 > {
     let queue = validate::queue_name(queue)?;
     let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
-    Ok(deliveries(receive_waiting(queue, request)?))
+    Ok(deliveries(receive_waiting(queue, request, None)?))
 }
 
 /// The three arguments that name one delivery of one message.
@@ -741,11 +758,12 @@ fn ack(
     lock_token: Option<Uuid>,
 ) -> Result<bool, ErrorReport> {
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
-    Ok(settle(
-        queue,
-        &ACK,
-        &[queue.into(), message_id.into(), lock_token.into()],
-    )?)
+    Ok(access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
+        let queue_id = queues::require(client, queue)?.queue_id;
+        let args = [queue_id.into(), message_id.into(), lock_token.into()];
+        Ok(processed(client, &ACK, &args)? > 0)
+    })?)
 }
 
 /// Message ids and their lock tokens, checked to pair up one to one.
@@ -783,15 +801,7 @@ fn ack_batch(
     )?;
     Ok(access::connect(|client, caller| {
         caller.require(client, queue, Privilege::Consume)?;
-        let removed = processed(
-            client,
-            &ACK_BATCH,
-            &[queue.into(), message_ids.into(), lock_tokens.into()],
-        )?;
-        if removed > 0 {
-            return Ok(removed);
-        }
-        nothing_done(client, queue, 0)
+        acknowledge(client, queue, (message_ids, lock_tokens))
     })?)
 }
 
@@ -831,22 +841,8 @@ fn ack_and_read(
         (None, Some(_)) => return Err(BusError::NullArgument("message_ids").into()),
         (Some(_), None) => return Err(BusError::NullArgument("lock_tokens").into()),
     };
-    let mut request = ReadRequest::check(max_messages, lock_timeout, wait)?;
-    if let Some((message_ids, lock_tokens)) = settled {
-        let acked = access::connect(|client, caller| {
-            caller.require(client, queue, Privilege::Consume)?;
-            processed(
-                client,
-                &ACK_BATCH,
-                &[queue.into(), message_ids.into(), lock_tokens.into()],
-            )
-        })?;
-        // Acks commit with the call: a wait that a timeout or cancel ends would undo them.
-        if acked > 0 {
-            request.wait = Duration::ZERO;
-        }
-    }
-    Ok(deliveries(receive_waiting(queue, request)?))
+    let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
+    Ok(deliveries(receive_waiting(queue, request, settled)?))
 }
 
 #[pg_extern]

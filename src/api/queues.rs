@@ -1,4 +1,7 @@
 //! Queue definitions: create, alter, drop, purge.
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::pg_sys::{self, panic::ErrorReport};
 use pgrx::prelude::*;
@@ -6,31 +9,63 @@ use pgrx::spi::SpiClient;
 
 use crate::access::{self, Caller, Privilege};
 use crate::error::{BusError, BusResult};
+use crate::invalidation;
 use crate::plans::{self, Statement};
 use crate::validate;
 
 /// A queue as the hot paths need it.
+#[derive(Clone, Copy)]
 pub struct QueueRef {
     pub queue_id: i32,
     pub dead_letter_queue_id: Option<i32>,
     pub notify: bool,
 }
 
+/// Queues a backend remembers before it starts over: names of short-lived queues come and go.
+const KNOWN_QUEUES_LIMIT: usize = 10_000;
+
+thread_local! {
+    /// Queues this backend looked up by name, and the invalidation generation they belong to.
+    static KNOWN: RefCell<(u64, HashMap<String, QueueRef>)> = RefCell::new((0, HashMap::new()));
+}
+
+// A writing statement, so that it reads with a new snapshot (see `invalidation::may_keep`).
 static RESOLVE: Statement = Statement {
     sql: "SELECT queue_id, dead_letter_queue_id, notify FROM bussig.queue WHERE name = $1",
     args: &[pg_sys::TEXTOID],
-    writes: false,
+    writes: true,
 };
 
+/// The queue named `name`, from this backend's cache when no change to any queue came since.
 pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<QueueRef>> {
+    let generation = invalidation::generation(client)?;
+    let cached = KNOWN.with(|known| {
+        let known = known.borrow();
+        (known.0 == generation)
+            .then(|| known.1.get(name).copied())
+            .flatten()
+    });
+    if cached.is_some() {
+        return Ok(cached);
+    }
     let Some(row) = plans::run(client, &RESOLVE, &[name.into()])?.next() else {
         return Ok(None);
     };
-    Ok(Some(QueueRef {
+    let found = QueueRef {
         queue_id: row.get(1)?.expect("queue_id is NOT NULL"),
         dead_letter_queue_id: row.get(2)?,
         notify: row.get(3)?.expect("NOT NULL"),
-    }))
+    };
+    if invalidation::may_keep(generation) {
+        KNOWN.with(|known| {
+            let mut known = known.borrow_mut();
+            if known.0 != generation || known.1.len() >= KNOWN_QUEUES_LIMIT {
+                *known = (generation, HashMap::new());
+            }
+            known.1.insert(name.to_string(), found);
+        });
+    }
+    Ok(Some(found))
 }
 
 pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<QueueRef> {

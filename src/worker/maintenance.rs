@@ -85,6 +85,14 @@ static ANNOUNCED_QUEUES: Statement = Statement {
     writes: false,
 };
 
+// A writing statement, for a new snapshot: a queue's notify flag may have just been set.
+static NOTIFY: Statement = Statement {
+    sql: "SELECT pg_notify('bussig_' || name, '') FROM bussig.queue
+          WHERE notify AND (queue_id = ANY ($1) OR $2)",
+    args: &[pg_sys::INT4ARRAYOID, pg_sys::BOOLOID],
+    writes: true,
+};
+
 static FANOUT_ADVANCE: Statement = Statement {
     sql: "UPDATE bussig.fanout SET next_index = $2 WHERE fanout_id = $1",
     args: &[pg_sys::INT8OID, pg_sys::INT4OID],
@@ -302,6 +310,13 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
         }
     }
     Ok(compacted)
+}
+
+/// Sends the NOTIFY of the queues among `queue_ids` (of every queue, with `all`) that asked for one:
+/// how many. They go out when the worker's transaction commits.
+pub fn notify(client: &mut SpiClient<'_>, queue_ids: &[i32], all: bool) -> BusResult<i64> {
+    let args = [queue_ids.to_vec().into(), all.into()];
+    Ok(plans::run(client, &NOTIFY, &args)?.len() as i64)
 }
 
 pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {

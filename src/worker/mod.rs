@@ -1,7 +1,8 @@
 //! The background worker. With `shared_preload_libraries = 'bussig'` a launcher starts with the
 //! server, lists the databases and starts one worker in each (that has the extension, and that
 //! `bussig.worker_databases` allows). Each worker runs the maintenance steps every
-//! `bussig.maintenance_interval`, and at once when a commit hands it a fan-out. A step that fails is
+//! `bussig.maintenance_interval`, and at once when a commit hands it a fan-out; it sends the NOTIFYs
+//! that commits ask for as they come. A step that fails is
 //! logged and rolled back; the loop goes on.
 pub mod maintenance;
 
@@ -228,17 +229,35 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
     let mut last_count = None;
     // Where body collection goes on from: it examines a slice of the bodies each round.
     let mut bodies_after = 0;
+    let mut next_round = Instant::now();
     loop {
         reload_settings_if_asked();
-        // A reload may take this database off bussig.worker_databases; so may DROP EXTENSION.
-        if !database_allowed(&database_name) || run_step("check", extension_present) != Some(true) {
+        // A reload may take this database off bussig.worker_databases.
+        if !database_allowed(&database_name) {
             return;
         }
-        run_round(&mut bodies_after);
-        refresh_stats_when_due(&mut last_count);
-
-        let interval = Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
-        if !BackgroundWorker::wait_latch(Some(interval)) {
+        // Notifications go out at once, without a whole round: commits may ask for them thousands
+        // of times a second.
+        let errands = wakeup::take_errands();
+        if !errands.notify().is_empty() || errands.notify_all {
+            run_step("notify", || {
+                Spi::connect_mut(|client| {
+                    maintenance::notify(client, errands.notify(), errands.notify_all)
+                })
+            });
+        }
+        if errands.fanout || Instant::now() >= next_round {
+            // DROP EXTENSION ends the worker.
+            if run_step("check", extension_present) != Some(true) {
+                return;
+            }
+            run_round(&mut bodies_after);
+            refresh_stats_when_due(&mut last_count);
+            let interval = Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
+            next_round = Instant::now() + interval;
+        }
+        let until_round = next_round.saturating_duration_since(Instant::now());
+        if !BackgroundWorker::wait_latch(Some(until_round)) {
             return;
         }
     }

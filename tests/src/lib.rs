@@ -296,7 +296,10 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
-        clean_up(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
+        clean_up(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ));
     }
 }
 

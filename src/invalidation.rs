@@ -1,0 +1,80 @@
+//! How a backend's caches of bussig's own catalog (queue definitions, the subscription trie) learn
+//! of changes. Triggers on `bussig.queue` and `bussig.subscription` send a relcache invalidation of
+//! `bussig.subscription`: PostgreSQL delivers it to every backend when the changing transaction
+//! commits, to the changing backend at once, and to it again if that transaction aborts. Each
+//! delivery bumps a generation number; a cache entry is good while the generation it was loaded
+//! at is current.
+use std::cell::Cell;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use crate::error::BusResult;
+use crate::plans::{self, Statement};
+
+thread_local! {
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// The OID of bussig.subscription, or InvalidOid until looked up (again) after a change: the
+    /// extension may have been dropped and created anew.
+    static WATCHED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+static SUBSCRIPTION_TABLE: Statement = Statement {
+    sql: "SELECT to_regclass('bussig.subscription')::oid",
+    args: &[],
+    writes: false,
+};
+
+fn subscription_table(client: &mut SpiClient<'_>) -> BusResult<Option<pg_sys::Oid>> {
+    Ok(plans::first_value(client, &SUBSCRIPTION_TABLE, &[])?)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_argument: pg_sys::Datum, relid: pg_sys::Oid) {
+    let watched = WATCHED.with(Cell::get);
+    if relid == pg_sys::InvalidOid || relid == watched || watched == pg_sys::InvalidOid {
+        bump();
+    }
+}
+
+fn bump() {
+    GENERATION.with(|generation| generation.set(generation.get() + 1));
+    WATCHED.with(|watched| watched.set(pg_sys::InvalidOid));
+}
+
+/// The current generation, once the changes other transactions committed have been applied.
+pub fn generation(client: &mut SpiClient<'_>) -> BusResult<u64> {
+    if !CALLBACK_REGISTERED.with(|registered| registered.replace(true)) {
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(on_relcache_invalidation),
+                pg_sys::Datum::from(0),
+            )
+        };
+    }
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    if WATCHED.with(Cell::get) == pg_sys::InvalidOid {
+        let table = subscription_table(client)?.unwrap_or(pg_sys::InvalidOid);
+        WATCHED.with(|watched| watched.set(table));
+    }
+    Ok(GENERATION.with(Cell::get))
+}
+
+/// Whether what was loaded at `generation` may be kept: nothing changed while it loaded, and it was
+/// not read under a transaction-long snapshot, which may predate changes already announced.
+pub fn may_keep(generation: u64) -> bool {
+    !plans::snapshot_is_fixed() && GENERATION.with(Cell::get) == generation
+}
+
+/// Called by the triggers on queues and subscriptions: every backend drops its cached copies (this
+/// one at once, the others when this transaction commits).
+#[pg_extern]
+fn invalidate_routing() -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    bump();
+    if let Some(table) = Spi::connect_mut(subscription_table)? {
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) };
+    }
+    Ok(())
+}
