@@ -110,6 +110,11 @@ CREATE TABLE bussig.message (
     last_error     text
 );
 ALTER SEQUENCE bussig.message_id_seq OWNED BY bussig.message.message_id;
+-- Every message is inserted, updated on each delivery and deleted, and a read starts its index scan at
+-- the head of its queue, past the entries of messages consumed since the last VACUUM. So vacuum by the
+-- count of dead rows, not by a fifth of the table as for ordinary tables, and without cost delays.
+ALTER TABLE bussig.message SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+                                autovacuum_vacuum_cost_delay = 0);
 
 -- Delivery order. Within one priority, ready messages (visible_at <= now) sort before locked and
 -- delayed ones, so a read never walks past in-flight messages to find work (pgmq's head-of-line problem).

@@ -222,7 +222,11 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
 /// temporary schema. `jit` off: bussig's statements are short, and a JIT compile, which a generic plan
 /// over a large table can look expensive enough to trigger, would cost more than the statement.
 fn pin_settings() {
-    for (name, value) in [("search_path", "pg_catalog, pg_temp"), ("jit", "off")] {
+    let jit_on = unsafe { pg_sys::jit_enabled };
+    let pins = [("search_path", "pg_catalog, pg_temp")]
+        .into_iter()
+        .chain(jit_on.then_some(("jit", "off")));
+    for (name, value) in pins {
         let name = CString::new(name).expect("no NUL");
         let value = CString::new(value).expect("no NUL");
         unsafe {

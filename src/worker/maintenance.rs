@@ -270,9 +270,10 @@ pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
     Ok(Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0))
 }
 
-// A table is worth a rewrite when it is over 8 MB and at least nine tenths empty (live rows sized by a
-// sample), and no transaction older than 10 seconds could still need its dead rows: then a rewrite
-// keeps only live rows and gives the space back, where VACUUM would leave the file at its peak size.
+// A table is worth a rewrite when it is over 8 MB with its indexes and at least nine tenths empty (live
+// rows sized by a sample), and no transaction older than 10 seconds could still need its dead rows:
+// then a rewrite keeps only live rows and gives the space back, where VACUUM would leave the file (and
+// the indexes) at their peak size. VACUUM's own snapshots hold nothing back (a rewrite ignores them).
 // The message table is rewritten in delivery order, so that reads find ready messages on few pages.
 static COMPACTION_CANDIDATES: Statement = Statement {
     sql: "SELECT t.relid::oid, t.rewrite
@@ -282,13 +283,20 @@ static COMPACTION_CANDIDATES: Statement = Statement {
               ('bussig.body'::regclass, 'CLUSTER bussig.body USING body_pkey',
                (SELECT avg(pg_column_size(b.*)) FROM (SELECT * FROM bussig.body LIMIT 100) b))
           ) AS t(relid, rewrite, row_width)
-          WHERE pg_relation_size(t.relid) > 8 * 1024 * 1024
+          WHERE pg_total_relation_size(t.relid) > 8 * 1024 * 1024
             AND pg_relation_size(t.relid) > 10 * pg_stat_get_live_tuples(t.relid) * coalesce(t.row_width, 0)
             AND NOT EXISTS (SELECT FROM pg_stat_activity a
                             WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+                              AND a.backend_type <> 'autovacuum worker'
                               AND a.xact_start < clock_timestamp() - interval '10 seconds')",
     args: &[],
     writes: false,
+};
+
+static TOTAL_SIZE: Statement = Statement {
+    sql: "SELECT pg_total_relation_size($1)",
+    args: &[pg_sys::OIDOID],
+    writes: true,
 };
 
 /// Rewrites bloated tables, each under a lock taken only if it is free at once: readers and writers
@@ -305,7 +313,16 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     for (relid, rewrite) in candidates {
         let lock = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
         if unsafe { pg_sys::ConditionalLockRelationOid(relid, lock) } {
+            let mut size = || -> BusResult<i64> {
+                Ok(plans::first_value(client, &TOTAL_SIZE, &[relid.into()])?.unwrap_or(0))
+            };
+            let before = size()?;
             Spi::run(&rewrite)?;
+            pgrx::log!(
+                "bussig worker: {rewrite}: {} kB before, {} kB after",
+                before / 1024,
+                size()? / 1024
+            );
             compacted += 1;
         }
     }
