@@ -32,6 +32,7 @@ stop:
 test:
 	@.ci/test.sh
 
-# Not part of `make test`: a throw-away cluster on its own port; QUICK=1 for a short run.
+# Not part of `make test`: a throw-away cluster on its own port; QUICK=1 for a short run, CPU=1 for
+# the cost of one message in server CPU and WAL.
 bench:
-	@QUICK=$(QUICK) bench/run.sh
+	@QUICK=$(QUICK) CPU=$(CPU) bench/run.sh

@@ -276,7 +276,12 @@ pub fn markdown(
     let (header, rows) = target_rows(targets);
     out += &markdown_table(&header, &rows);
     let passed = targets.iter().filter(|t| t.pass).count();
-    let _ = writeln!(out, "\n{passed} of {} targets met.\n", targets.len());
+    let _ = writeln!(
+        out,
+        "\n{passed} of {} targets met. Where a target is missed, [performance.md](performance.md) says \
+         what limits it.\n",
+        targets.len()
+    );
     let _ = writeln!(out, "## Results\n");
     let _ = writeln!(
         out,
