@@ -137,13 +137,6 @@ GRANT SELECT ON bussig.queues, bussig.subscriptions, bussig.grants TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION bussig.run_maintenance(), bussig.invalidate_routing(), bussig.ensure_worker(),
     bussig.routing_changed() FROM PUBLIC;
 
--- Backends cache queues by name (src/api/queues.rs): creating a queue and changing its dead-letter
--- queue invalidate those caches too.
-DROP TRIGGER queue_routing_changed ON bussig.queue;
-CREATE TRIGGER queue_routing_changed
-    AFTER INSERT OR UPDATE OF name, notify, dead_letter_queue_id OR DELETE ON bussig.queue
-    FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
-
 -- The payload-or-body rule is bussig's own statements' to keep; checking it cost every insert.
 ALTER TABLE bussig.message DROP CONSTRAINT message_check;
 

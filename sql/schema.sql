@@ -17,7 +17,7 @@ CREATE TABLE bussig.queue (
     retry_delay_max      interval NOT NULL CHECK (retry_delay_max >= retry_delay),
     retry_multiplier     float8 NOT NULL CHECK (retry_multiplier >= 1),
     dedup_window         interval NOT NULL CHECK (dedup_window >= interval '0'),
-    -- One NOTIFY bussig_<name> per committing transaction that made messages ready here.
+    -- A NOTIFY bussig_<name> follows each commit that made messages ready here (see src/wakeup.rs).
     notify               boolean NOT NULL DEFAULT false,
     -- An ephemeral queue is dropped by the worker when no heartbeat came for ephemeral_ttl.
     ephemeral_ttl        interval CHECK (ephemeral_ttl > interval '0'),

@@ -47,9 +47,8 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.fanout', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.fanout_id_seq', '');
 
 -- Each backend caches the subscriptions as a token trie, and the queues it used by name; any change
--- to subscriptions, or to the queue columns the caches hold, invalidates every backend's copies (at
--- commit, or at once locally). A new queue does too: a backend may have cached it in a transaction
--- that then rolled back.
+-- to subscriptions, or to the queue names and notify flags the caches hold, invalidates every
+-- backend's copies (at commit, or at once locally).
 CREATE FUNCTION bussig.routing_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM bussig.invalidate_routing();
@@ -57,8 +56,7 @@ BEGIN
 END $$;
 CREATE TRIGGER subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.subscription
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
-CREATE TRIGGER queue_routing_changed
-    AFTER INSERT OR UPDATE OF name, notify, dead_letter_queue_id OR DELETE ON bussig.queue
+CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify OR DELETE ON bussig.queue
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
 
 CREATE VIEW bussig.subscriptions AS

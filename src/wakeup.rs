@@ -47,6 +47,14 @@ pub struct Errands {
 }
 
 impl Errands {
+    /// Only a fan-out.
+    pub fn fan_out() -> Errands {
+        Errands {
+            fanout: true,
+            ..Errands::default()
+        }
+    }
+
     pub fn notify(&self) -> &[i32] {
         &self.notify[..self.notify_count]
     }
@@ -90,8 +98,11 @@ static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 thread_local! {
     /// Queues this transaction made messages ready in.
     static READY: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
-    /// Of those, the queues the worker is to NOTIFY after the commit.
-    static NOTIFY_AFTER_COMMIT: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    /// Queues (id, name) to NOTIFY when this transaction commits: by the worker, or by the
+    /// transaction itself where no worker serves the database.
+    static NOTIFY_AT_COMMIT: RefCell<Vec<(i32, String)>> = const { RefCell::new(Vec::new()) };
+    /// Set in bussig's own background workers, which notify in their own transactions.
+    static IN_WORKER: Cell<bool> = const { Cell::new(false) };
     /// Whether this transaction handed a fan-out to the worker.
     static FANOUT: Cell<bool> = const { Cell::new(false) };
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
@@ -137,22 +148,23 @@ pub fn note_ready(queue_id: i32) {
 /// serves this database.
 pub fn announce(queue_id: i32, queue_name: &str, notify: bool, ready_now: bool) {
     note_ready(queue_id);
-    if notify && ready_now {
-        if worker_registered() {
-            NOTIFY_AFTER_COMMIT.with(|queues| {
-                let mut queues = queues.borrow_mut();
-                if !queues.contains(&queue_id) {
-                    queues.push(queue_id);
-                }
-            });
-        } else {
-            send_notify(queue_name);
-        }
+    if !(notify && ready_now) {
+        return;
     }
+    if !shared_memory() || IN_WORKER.with(Cell::get) {
+        send_notify(queue_name);
+        return;
+    }
+    NOTIFY_AT_COMMIT.with(|queues| {
+        let mut queues = queues.borrow_mut();
+        if !queues.iter().any(|(id, _)| *id == queue_id) {
+            queues.push((queue_id, queue_name.to_string()));
+        }
+    });
 }
 
 /// One NOTIFY bussig_<queue> at commit: PostgreSQL folds repeats within a transaction into one.
-pub fn send_notify(queue_name: &str) {
+fn send_notify(queue_name: &str) {
     let channel = format!("bussig_{queue_name}");
     unsafe {
         pgrx::direct_function_call::<()>(
@@ -174,13 +186,28 @@ unsafe extern "C-unwind" fn on_transaction_end(
 ) {
     use pg_sys::XactEvent::*;
     match event {
+        // Decided as late as possible: where no worker is registered now, the transaction notifies
+        // itself. A prepared transaction must, too: PostgreSQL then refuses the PREPARE, as it
+        // refuses every PREPARE after a NOTIFY.
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE
+            if NOTIFY_AT_COMMIT.with(|queues| !queues.borrow().is_empty())
+                && (event == XACT_EVENT_PRE_PREPARE || !worker_registered()) =>
+        {
+            let queues = NOTIFY_AT_COMMIT.with(|queues| std::mem::take(&mut *queues.borrow_mut()));
+            for (_, name) in queues {
+                send_notify(&name);
+            }
+        }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let mut ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
             ready.sort_unstable();
             ready.dedup();
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
-            let notify =
-                NOTIFY_AFTER_COMMIT.with(|queues| std::mem::take(&mut *queues.borrow_mut()));
+            let notify: Vec<i32> = NOTIFY_AT_COMMIT
+                .with(|queues| std::mem::take(&mut *queues.borrow_mut()))
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
             if shared_memory() {
                 if !ready.is_empty() {
                     wake_readers(&ready);
@@ -192,7 +219,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             READY.with(|ready| ready.borrow_mut().clear());
-            NOTIFY_AFTER_COMMIT.with(|queues| queues.borrow_mut().clear());
+            NOTIFY_AT_COMMIT.with(|queues| queues.borrow_mut().clear());
             FANOUT.with(|fanout| fanout.set(false));
         }
         _ => {}
@@ -226,6 +253,19 @@ fn send_errands(fanout: bool, notify: &[i32]) {
                 worker.errands.add_notify(queue_id);
             }
             unsafe { pg_sys::SetLatch(worker.latch as *mut pg_sys::Latch) };
+        }
+    }
+}
+
+/// Puts back errands a worker took but could not run (yet), for its next look.
+pub fn return_errands(errands: &Errands) {
+    let pid = unsafe { pg_sys::MyProcPid };
+    let mut sleepers = SLEEPERS.exclusive();
+    if let Some(worker) = sleepers.workers.iter_mut().find(|worker| worker.pid == pid) {
+        worker.errands.fanout |= errands.fanout;
+        worker.errands.notify_all |= errands.notify_all;
+        for &queue_id in errands.notify() {
+            worker.errands.add_notify(queue_id);
         }
     }
 }
@@ -379,6 +419,7 @@ pub fn wake_launcher() {
 /// The launcher and each database worker announce themselves so that they can be woken: the
 /// launcher by CREATE EXTENSION, a database worker by commits that hand it a fan-out.
 pub fn register_worker() {
+    IN_WORKER.with(|in_worker| in_worker.set(true));
     if !shared_memory() {
         return;
     }

@@ -305,7 +305,7 @@ fn collect_notifications(
 }
 
 #[test]
-fn notify_queue_gets_one_notification_per_commit() {
+fn notify_queue_is_notified_after_each_commit() {
     let mut client = connect();
     let queue = Queue::create(&mut client, "long_poll_notify", "notify => true");
     let q = queue.name.as_str();
@@ -323,14 +323,20 @@ fn notify_queue_gets_one_notification_per_commit() {
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .unwrap();
     // The worker sends it, after the commit: notifying transactions commit one at a time.
-    let worker_pid: i32 = client
-        .query_one(
-            "SELECT pid FROM pg_stat_activity
-              WHERE backend_type = 'bussig worker' AND datname = current_database()",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let worker_pid: i32 = eventually(
+        Duration::from_secs(10),
+        "one worker in this database",
+        || {
+            let rows = client
+                .query(
+                    "SELECT pid FROM pg_stat_activity
+                  WHERE backend_type = 'bussig worker' AND datname = current_database()",
+                    &[],
+                )
+                .unwrap();
+            (rows.len() == 1).then(|| rows[0].get(0))
+        },
+    );
 
     // Rolled back: no notification.
     let mut tx = client.transaction().unwrap();

@@ -18,7 +18,7 @@ use crate::plans::{self, Statement};
 use crate::validate::{self, required};
 use crate::wakeup;
 
-// The queue comes as its id, from the backend's cache of queues (queues::resolve): a send is one
+// The queue comes as its id, from the backend's cache of queues (queues::destination): a send is one
 // plain INSERT. A send that races a drop of its queue commits a message the worker then removes.
 static SEND: Statement = Statement {
     sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
@@ -118,7 +118,7 @@ static READ: Statement = Statement {
     writes: true,
 };
 
-// Acks take the queue as its id, from queues::resolve.
+// Acks take the queue as its id, from queues::destination.
 static ACK: Statement = Statement {
     sql: "DELETE FROM bussig.message
           WHERE queue_id = $1 AND message_id = $2 AND lock_token = $3",
@@ -338,19 +338,19 @@ fn destination(
     client: &mut SpiClient<'_>,
     caller: &Caller,
     queue: &str,
-) -> BusResult<queues::QueueRef> {
+) -> BusResult<queues::Destination> {
     match caller.require(client, queue, Privilege::Send) {
         Err(BusError::UnknownQueue(_)) => {}
         checked => checked?,
     }
-    if let Some(found) = queues::resolve(client, queue)? {
+    if let Some(found) = queues::destination(client, queue)? {
         return Ok(found);
     }
     if !gucs::AUTO_CREATE_QUEUES.get() {
         return Err(BusError::UnknownQueue(queue.to_string()));
     }
     queues::create(client, caller, queue, SettingsChange::default(), None)?;
-    queues::require(client, queue)
+    queues::require_destination(client, queue)
 }
 
 /// Runs a send statement into `found`: the new message ids (none for a duplicate). Waiting readers
@@ -358,7 +358,7 @@ fn destination(
 fn insert_messages(
     client: &mut SpiClient<'_>,
     queue: &str,
-    found: queues::QueueRef,
+    found: queues::Destination,
     delay: Option<Interval>,
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
@@ -636,7 +636,7 @@ fn acknowledge(
     queue: &str,
     (message_ids, lock_tokens): (BigintArray, UuidArray),
 ) -> BusResult<i64> {
-    let queue_id = queues::require(client, queue)?.queue_id;
+    let queue_id = queues::require_destination(client, queue)?.queue_id;
     processed(
         client,
         &ACK_BATCH,
@@ -760,7 +760,7 @@ fn ack(
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
     Ok(access::connect(|client, caller| {
         caller.require(client, queue, Privilege::Consume)?;
-        let queue_id = queues::require(client, queue)?.queue_id;
+        let queue_id = queues::require_destination(client, queue)?.queue_id;
         let args = [queue_id.into(), message_id.into(), lock_token.into()];
         Ok(processed(client, &ACK, &args)? > 0)
     })?)

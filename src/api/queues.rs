@@ -13,11 +13,34 @@ use crate::invalidation;
 use crate::plans::{self, Statement};
 use crate::validate;
 
-/// A queue as the hot paths need it.
-#[derive(Clone, Copy)]
+/// A queue, as read from bussig.queue.
 pub struct QueueRef {
     pub queue_id: i32,
     pub dead_letter_queue_id: Option<i32>,
+    pub notify: bool,
+}
+
+static RESOLVE: Statement = Statement {
+    sql: "SELECT queue_id, dead_letter_queue_id, notify FROM bussig.queue WHERE name = $1",
+    args: &[pg_sys::TEXTOID],
+    writes: false,
+};
+
+pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<QueueRef>> {
+    let Some(row) = plans::run(client, &RESOLVE, &[name.into()])?.next() else {
+        return Ok(None);
+    };
+    Ok(Some(QueueRef {
+        queue_id: row.get(1)?.expect("queue_id is NOT NULL"),
+        dead_letter_queue_id: row.get(2)?,
+        notify: row.get(3)?.expect("NOT NULL"),
+    }))
+}
+
+/// What sending to and acknowledging in a queue need, cached per backend by queue name.
+#[derive(Clone, Copy)]
+pub struct Destination {
+    pub queue_id: i32,
     pub notify: bool,
 }
 
@@ -26,18 +49,21 @@ const KNOWN_QUEUES_LIMIT: usize = 10_000;
 
 thread_local! {
     /// Queues this backend looked up by name, and the invalidation generation they belong to.
-    static KNOWN: RefCell<(u64, HashMap<String, QueueRef>)> = RefCell::new((0, HashMap::new()));
+    static KNOWN: RefCell<(u64, HashMap<String, Destination>)> = RefCell::new((0, HashMap::new()));
 }
 
-// A writing statement, so that it reads with a new snapshot (see `invalidation::may_keep`).
-static RESOLVE: Statement = Statement {
-    sql: "SELECT queue_id, dead_letter_queue_id, notify FROM bussig.queue WHERE name = $1",
+// A writing statement, so that it reads with a new snapshot (see `invalidation::may_keep`). The row's
+// xmin tells whether this transaction wrote it.
+static RESOLVE_DESTINATION: Statement = Statement {
+    sql: "SELECT queue_id, notify, xmin::text::bigint FROM bussig.queue WHERE name = $1",
     args: &[pg_sys::TEXTOID],
     writes: true,
 };
 
-/// The queue named `name`, from this backend's cache when no change to any queue came since.
-pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<QueueRef>> {
+/// The queue named `name`, from this backend's cache when no change to any queue's name or notify
+/// flag, and no drop, came since. A queue this transaction created or changed is not cached: the
+/// transaction may still roll back, and a new queue announces itself to no cache.
+pub fn destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Destination>> {
     let generation = invalidation::generation(client)?;
     let cached = KNOWN.with(|known| {
         let known = known.borrow();
@@ -48,15 +74,16 @@ pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Queue
     if cached.is_some() {
         return Ok(cached);
     }
-    let Some(row) = plans::run(client, &RESOLVE, &[name.into()])?.next() else {
+    let Some(row) = plans::run(client, &RESOLVE_DESTINATION, &[name.into()])?.next() else {
         return Ok(None);
     };
-    let found = QueueRef {
+    let found = Destination {
         queue_id: row.get(1)?.expect("queue_id is NOT NULL"),
-        dead_letter_queue_id: row.get(2)?,
-        notify: row.get(3)?.expect("NOT NULL"),
+        notify: row.get(2)?.expect("NOT NULL"),
     };
-    if invalidation::may_keep(generation) {
+    let writer = pg_sys::TransactionId::from(row.get::<i64>(3)?.expect("NOT NULL") as u32);
+    let written_here = unsafe { pg_sys::TransactionIdIsCurrentTransactionId(writer) };
+    if !written_here && invalidation::may_keep(generation) {
         KNOWN.with(|known| {
             let mut known = known.borrow_mut();
             if known.0 != generation || known.1.len() >= KNOWN_QUEUES_LIMIT {
@@ -66,6 +93,11 @@ pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Queue
         });
     }
     Ok(Some(found))
+}
+
+/// The cached queue, or 42704 when there is no such queue.
+pub fn require_destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Destination> {
+    destination(client, name)?.ok_or_else(|| BusError::UnknownQueue(name.to_string()))
 }
 
 pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<QueueRef> {

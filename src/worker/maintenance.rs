@@ -271,26 +271,33 @@ pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
 }
 
 // A table is worth a rewrite when it is over 8 MB with its indexes and at least nine tenths empty (live
-// rows sized by a sample), and no transaction older than 10 seconds could still need its dead rows:
+// rows sized by a sample; the messages counted exactly by the statistics step just before, since the
+// statistics system's estimate lags behind a bulk load and a rewrite of a large live set would hold
+// the table's lock for long), and no transaction older than 10 seconds could still need its dead rows:
 // then a rewrite keeps only live rows and gives the space back, where VACUUM would leave the file (and
-// the indexes) at their peak size. VACUUM's own snapshots hold nothing back (a rewrite ignores them).
+// the indexes) at their peak size. A plain VACUUM holds nothing back (a rewrite ignores it); ANALYZE does.
 // The message table is rewritten in delivery order, so that reads find ready messages on few pages.
 static COMPACTION_CANDIDATES: Statement = Statement {
     sql: "SELECT t.relid::oid, t.rewrite
           FROM (VALUES
               ('bussig.message'::regclass, 'CLUSTER bussig.message USING message_delivery_order',
-               (SELECT avg(pg_column_size(m.*)) FROM (SELECT * FROM bussig.message LIMIT 100) m)),
+               (SELECT avg(pg_column_size(m.*)) FROM (SELECT * FROM bussig.message LIMIT 100) m),
+               (SELECT coalesce(sum(ready + delayed + locked), 0) FROM bussig.queue_stats)),
               ('bussig.body'::regclass, 'CLUSTER bussig.body USING body_pkey',
-               (SELECT avg(pg_column_size(b.*)) FROM (SELECT * FROM bussig.body LIMIT 100) b))
-          ) AS t(relid, rewrite, row_width)
+               (SELECT avg(pg_column_size(b.*)) FROM (SELECT * FROM bussig.body LIMIT 100) b),
+               pg_stat_get_live_tuples('bussig.body'::regclass))
+          ) AS t(relid, rewrite, row_width, live_rows)
           WHERE pg_total_relation_size(t.relid) > 8 * 1024 * 1024
-            AND pg_relation_size(t.relid) > 10 * pg_stat_get_live_tuples(t.relid) * coalesce(t.row_width, 0)
+            AND pg_relation_size(t.relid) > 10 * t.live_rows * coalesce(t.row_width, 0)
             AND NOT EXISTS (SELECT FROM pg_stat_activity a
                             WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
-                              AND a.backend_type <> 'autovacuum worker'
+                              AND NOT (a.backend_type = 'autovacuum worker'
+                                       AND a.query LIKE 'autovacuum: VACUUM %'
+                                       AND a.query NOT LIKE '%ANALYZE%')
                               AND a.xact_start < clock_timestamp() - interval '10 seconds')",
     args: &[],
-    writes: false,
+    // A writing statement: it must see the counts the statistics step wrote in this transaction.
+    writes: true,
 };
 
 static TOTAL_SIZE: Statement = Statement {

@@ -18,7 +18,8 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, IntoDatum, PgTryBuilder};
 
 use crate::error::BusResult;
-use crate::{gucs, wakeup};
+use crate::gucs;
+use crate::wakeup::{self, Errands};
 
 const LAUNCHER_TYPE: &str = "bussig launcher";
 const WORKER_TYPE: &str = "bussig worker";
@@ -229,7 +230,9 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
     let mut last_count = None;
     // Where body collection goes on from: it examines a slice of the bodies each round.
     let mut bodies_after = 0;
-    let mut next_round = Instant::now();
+    let maintenance_interval =
+        || Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
+    let mut last_round: Option<Instant> = None;
     loop {
         reload_settings_if_asked();
         // A reload may take this database off bussig.worker_databases.
@@ -238,24 +241,18 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
         }
         // Notifications go out at once, without a whole round: commits may ask for them thousands
         // of times a second.
-        let errands = wakeup::take_errands();
-        if !errands.notify().is_empty() || errands.notify_all {
-            run_step("notify", || {
-                Spi::connect_mut(|client| {
-                    maintenance::notify(client, errands.notify(), errands.notify_all)
-                })
-            });
-        }
-        if errands.fanout || Instant::now() >= next_round {
+        let fanout = send_notifications(false);
+        // Due also when a reload shortened the interval.
+        if fanout || last_round.is_none_or(|last| last.elapsed() >= maintenance_interval()) {
             // DROP EXTENSION ends the worker.
             if run_step("check", extension_present) != Some(true) {
                 return;
             }
+            last_round = Some(Instant::now());
             run_round(&mut bodies_after);
             refresh_stats_when_due(&mut last_count);
-            let interval = Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
-            next_round = Instant::now() + interval;
         }
+        let next_round = last_round.map_or_else(Instant::now, |last| last + maintenance_interval());
         let until_round = next_round.saturating_duration_since(Instant::now());
         if !BackgroundWorker::wait_latch(Some(until_round)) {
             return;
@@ -292,33 +289,65 @@ fn extension_present() -> BusResult<bool> {
     )
 }
 
+/// Sends the NOTIFYs commits asked for since the last look, in one transaction; if that fails they
+/// are kept for the next look. Whether a commit also handed over a fan-out; with `keep_fanout` (in
+/// the middle of a round) that is left for the next look instead.
+fn send_notifications(keep_fanout: bool) -> bool {
+    let mut errands = wakeup::take_errands();
+    let fanout = std::mem::take(&mut errands.fanout);
+    if !errands.notify().is_empty() || errands.notify_all {
+        let sent = run_step("notify", || {
+            Spi::connect_mut(|client| {
+                maintenance::notify(client, errands.notify(), errands.notify_all)
+            })
+        });
+        if sent.is_none() {
+            wakeup::return_errands(&errands);
+        }
+    }
+    if fanout && keep_fanout {
+        wakeup::return_errands(&Errands::fan_out());
+        // So that the wait after this round ends at once.
+        unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+    }
+    fanout && !keep_fanout
+}
+
 /// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction until
 /// none is left, so that a worker killed in the middle redoes at most one uncommitted chunk.
+/// Between steps, notifications asked for meanwhile go out: a round over large tables takes a while.
 fn run_round(bodies_after: &mut i64) {
     while let Some(Some(_)) = run_step("fan-out", || {
         Spi::connect_mut(|client| maintenance::fan_out_chunk(client, maintenance::BATCH))
-    }) {}
+    }) {
+        send_notifications(true);
+    }
     run_step("dead-lettering expired locks", || {
         Spi::connect_mut(maintenance::dead_letter_expired_locks)
     });
+    send_notifications(true);
     run_step("message expiry", || {
         Spi::connect_mut(maintenance::expire_messages)
     });
+    send_notifications(true);
     run_step("de-duplication key pruning", || {
         Spi::connect_mut(maintenance::prune_dedup_keys)
     });
     run_step("ephemeral queue expiry", || {
         Spi::connect_mut(maintenance::drop_expired_queues)
     });
+    send_notifications(true);
     let after = *bodies_after;
     if let Some((_, next)) = run_step("body collection", || {
         Spi::connect_mut(|client| maintenance::collect_bodies(client, after))
     }) {
         *bodies_after = next.unwrap_or(0);
     }
+    send_notifications(true);
     run_step("orphan removal", || {
         Spi::connect_mut(maintenance::remove_orphans)
     });
+    send_notifications(true);
 }
 
 /// Recounts the queues for bussig.queues, and rewrites bloated tables, when bussig.stats_interval has
@@ -326,10 +355,14 @@ fn run_round(bodies_after: &mut i64) {
 fn refresh_stats_when_due(last: &mut Option<Instant>) {
     let interval = Duration::from_millis(gucs::STATS_INTERVAL.get().max(1) as u64);
     if last.is_none_or(|last| last.elapsed() >= interval) {
-        run_step("statistics", || {
+        let counted = run_step("statistics", || {
             Spi::connect_mut(maintenance::refresh_stats)
         });
-        run_step("compaction", || Spi::connect_mut(maintenance::compact));
+        send_notifications(true);
+        // Compaction judges the message table by these counts.
+        if counted.is_some() {
+            run_step("compaction", || Spi::connect_mut(maintenance::compact));
+        }
         *last = Some(Instant::now());
     }
 }
