@@ -21,21 +21,42 @@ const BATCH: usize = 10;
 struct Lane {
     consumed: Vec<u64>,
     read_ms: Vec<f64>,
-    consumer_peak_kb: u64,
-    producer_peak_kb: u64,
+    consumer_peak: Memory,
+    producer_peak: Memory,
 }
 
-fn peak_memory_kb(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+/// A process's peak resident set (`VmHWM`, shared buffers it touched included) and its private
+/// memory now (`RssAnon`), in kB.
+#[derive(Clone, Copy, Default)]
+struct Memory {
+    peak_kb: u64,
+    private_kb: u64,
+}
+
+fn memory_of(pid: i32) -> Memory {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Memory {
+        peak_kb: field("VmHWM:"),
+        private_kb: field("RssAnon:"),
+    }
+}
+
+fn memory_cell(memory: Memory) -> Cell {
+    Cell {
+        value: memory.peak_kb as f64 / 1024.0,
+        detail: format!(
+            "{:.1} MB private at the end",
+            memory.private_kb as f64 / 1024.0
+        ),
+    }
 }
 
 fn backend_pid(client: &mut Client) -> Res<i32> {
@@ -74,13 +95,13 @@ pub fn soak(
     let start = Instant::now();
     let at = |seconds: f64| start + Duration::from_secs_f64(seconds);
 
-    let (lanes, sizes, worker_peak_kb) = std::thread::scope(|scope| -> Res<_> {
+    let (lanes, sizes, worker_memory) = std::thread::scope(|scope| -> Res<_> {
         let ticker = scope.spawn(|| pgq_ticker(&cfg.url, Duration::from_millis(10), 100, &ticking));
         let lanes: Vec<_> = SYSTEMS
             .iter()
             .map(|&system| {
                 let running = &running;
-                let producer = scope.spawn(move || -> Res<u64> {
+                let producer = scope.spawn(move || -> Res<Memory> {
                     let mut client = connect(&cfg.url)?;
                     let mut send = batch_sender(&mut client, system, BATCH)?;
                     let pause = Duration::from_secs_f64(BATCH as f64 / cfg.soak_rate);
@@ -90,9 +111,9 @@ pub fn soak(
                         send(&mut client)?;
                         next += pause;
                     }
-                    Ok(peak_memory_kb(backend_pid(&mut client)?))
+                    Ok(memory_of(backend_pid(&mut client)?))
                 });
-                let consumer = scope.spawn(move || -> Res<(Vec<u64>, Vec<f64>, u64)> {
+                let consumer = scope.spawn(move || -> Res<(Vec<u64>, Vec<f64>, Memory)> {
                     let mut client = connect(&cfg.url)?;
                     // No long poll here: every consumer polls alike, so their read times compare.
                     let consumer = Consumer::new(&mut client, system, QUEUE, BATCH as i32, None)?;
@@ -121,7 +142,7 @@ pub fn soak(
                         .zip(&reads)
                         .map(|(b, n)| if *n > 0 { b / *n as f64 } else { f64::NAN })
                         .collect();
-                    Ok((consumed, read_ms, peak_memory_kb(backend_pid(&mut client)?)))
+                    Ok((consumed, read_ms, memory_of(backend_pid(&mut client)?)))
                 });
                 (system, producer, consumer)
             })
@@ -159,24 +180,24 @@ pub fn soak(
         running.store(false, Ordering::Relaxed);
         let mut lanes_out = Vec::new();
         for (system, producer, consumer) in lanes {
-            let producer_peak_kb = producer.join().expect("producer panicked")?;
-            let (consumed, read_ms, consumer_peak_kb) =
+            let producer_memory = producer.join().expect("producer panicked")?;
+            let (consumed, read_ms, consumer_memory) =
                 consumer.join().expect("consumer panicked")?;
             lanes_out.push((
                 system,
                 Lane {
                     consumed,
                     read_ms,
-                    consumer_peak_kb,
-                    producer_peak_kb,
+                    consumer_peak: consumer_memory,
+                    producer_peak: producer_memory,
                 },
             ));
         }
-        let worker_peak_kb = worker_pid.map(peak_memory_kb);
+        let worker_memory = worker_pid.map(memory_of);
         holder.join().expect("holder panicked")?;
         ticking.store(false, Ordering::Relaxed);
         ticker.join().expect("ticker panicked")?;
-        Ok((lanes_out, sizes, worker_peak_kb))
+        Ok((lanes_out, sizes, worker_memory))
     })?;
 
     let mut throughput = Section::new(
@@ -231,31 +252,22 @@ pub fn soak(
         "MB",
         "`VmHWM` (peak resident set) from `/proc/<pid>/status` of the soak's backends and of bussig's worker. \
          It counts the shared buffers a process touched, so it mostly measures how much of the table each \
-         one read.",
+         one read; `RssAnon` at the end of the soak, in brackets, is the process's own memory.",
     );
-    let per_lane = |pick: fn(&Lane) -> u64| {
+    let per_lane = |pick: fn(&Lane) -> Memory| {
         let mut cells = [None, None, None];
         for (i, (_, lane)) in lanes.iter().enumerate() {
-            cells[i] = Some(Cell {
-                value: pick(lane) as f64 / 1024.0,
-                detail: String::new(),
-            });
+            cells[i] = Some(memory_cell(pick(lane)));
         }
         cells
     };
-    memory.add("consumer backend", None, per_lane(|l| l.consumer_peak_kb));
-    memory.add("producer backend", None, per_lane(|l| l.producer_peak_kb));
-    if let Some(kb) = worker_peak_kb {
+    memory.add("consumer backend", None, per_lane(|l| l.consumer_peak));
+    memory.add("producer backend", None, per_lane(|l| l.producer_peak));
+    if let Some(worker) = worker_memory {
         memory.add(
             "bussig worker",
             None,
-            only(
-                System::Bussig,
-                Cell {
-                    value: kb as f64 / 1024.0,
-                    detail: String::new(),
-                },
-            ),
+            only(System::Bussig, memory_cell(worker)),
         );
     }
 
