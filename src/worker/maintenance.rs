@@ -337,8 +337,11 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
 }
 
 /// Sends the NOTIFY of the queues among `queue_ids` (of every queue, with `all`) that asked for one:
-/// how many. They go out when the worker's transaction commits.
+/// how many. They go out when the worker's transaction commits. Called in a transaction of its own.
 pub fn notify(client: &mut SpiClient<'_>, queue_ids: &[i32], all: bool) -> BusResult<i64> {
+    // A notification needs no durable commit; waiting for a WAL flush per batch of them would keep
+    // the worker busy exactly when senders commit fastest.
+    Spi::run("SET LOCAL synchronous_commit = off")?;
     let args = [queue_ids.to_vec().into(), all.into()];
     Ok(plans::run(client, &NOTIFY, &args)?.len() as i64)
 }

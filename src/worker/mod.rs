@@ -313,41 +313,44 @@ fn send_notifications(keep_fanout: bool) -> bool {
     fanout && !keep_fanout
 }
 
+/// A step of a round, then the notifications asked for while it ran: a round over large tables takes
+/// a while.
+fn round_step<T>(
+    name: &str,
+    step: impl FnOnce() -> BusResult<T> + std::panic::UnwindSafe,
+) -> Option<T> {
+    let outcome = run_step(name, step);
+    send_notifications(true);
+    outcome
+}
+
 /// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction until
 /// none is left, so that a worker killed in the middle redoes at most one uncommitted chunk.
-/// Between steps, notifications asked for meanwhile go out: a round over large tables takes a while.
 fn run_round(bodies_after: &mut i64) {
-    while let Some(Some(_)) = run_step("fan-out", || {
+    while let Some(Some(_)) = round_step("fan-out", || {
         Spi::connect_mut(|client| maintenance::fan_out_chunk(client, maintenance::BATCH))
-    }) {
-        send_notifications(true);
-    }
-    run_step("dead-lettering expired locks", || {
+    }) {}
+    round_step("dead-lettering expired locks", || {
         Spi::connect_mut(maintenance::dead_letter_expired_locks)
     });
-    send_notifications(true);
-    run_step("message expiry", || {
+    round_step("message expiry", || {
         Spi::connect_mut(maintenance::expire_messages)
     });
-    send_notifications(true);
-    run_step("de-duplication key pruning", || {
+    round_step("de-duplication key pruning", || {
         Spi::connect_mut(maintenance::prune_dedup_keys)
     });
-    run_step("ephemeral queue expiry", || {
+    round_step("ephemeral queue expiry", || {
         Spi::connect_mut(maintenance::drop_expired_queues)
     });
-    send_notifications(true);
     let after = *bodies_after;
-    if let Some((_, next)) = run_step("body collection", || {
+    if let Some((_, next)) = round_step("body collection", || {
         Spi::connect_mut(|client| maintenance::collect_bodies(client, after))
     }) {
         *bodies_after = next.unwrap_or(0);
     }
-    send_notifications(true);
-    run_step("orphan removal", || {
+    round_step("orphan removal", || {
         Spi::connect_mut(maintenance::remove_orphans)
     });
-    send_notifications(true);
 }
 
 /// Recounts the queues for bussig.queues, and rewrites bloated tables, when bussig.stats_interval has
@@ -355,13 +358,12 @@ fn run_round(bodies_after: &mut i64) {
 fn refresh_stats_when_due(last: &mut Option<Instant>) {
     let interval = Duration::from_millis(gucs::STATS_INTERVAL.get().max(1) as u64);
     if last.is_none_or(|last| last.elapsed() >= interval) {
-        let counted = run_step("statistics", || {
+        let counted = round_step("statistics", || {
             Spi::connect_mut(maintenance::refresh_stats)
         });
-        send_notifications(true);
         // Compaction judges the message table by these counts.
         if counted.is_some() {
-            run_step("compaction", || Spi::connect_mut(maintenance::compact));
+            round_step("compaction", || Spi::connect_mut(maintenance::compact));
         }
         *last = Some(Instant::now());
     }
