@@ -3,7 +3,7 @@
 //! `search_path` pinned so that no object of the caller's can stand in for a built-in one. The tables
 //! stay closed to everyone else; this is what a SECURITY DEFINER function does, except that the caller
 //! stays known for the checks.
-use std::ffi::CString;
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -191,8 +191,8 @@ fn extension_owner() -> pg_sys::Oid {
 }
 
 /// Runs `work` on an SPI connection as the extension owner, with `search_path` and `jit` pinned, and hands it
-/// the caller for its privilege checks. An error inside leaves the user and setting switched; the
-/// (sub)transaction abort that follows restores both, as it does for SECURITY DEFINER functions.
+/// the caller for its privilege checks. An error inside leaves the user and settings switched; the
+/// (sub)transaction abort that follows restores them, as it does for SECURITY DEFINER functions.
 pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>) -> BusResult<R> {
     let mut role = pg_sys::InvalidOid;
     let mut security_context = 0;
@@ -202,8 +202,7 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
         role,
         unrestricted: is_unrestricted(role, owner),
     };
-    let nest_level = unsafe { pg_sys::NewGUCNestLevel() };
-    pin_settings();
+    let pins = Pins::set();
     unsafe {
         pg_sys::SetUserIdAndSecContext(
             owner,
@@ -211,25 +210,24 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
         )
     };
     let result = Spi::connect_mut(|client| work(client, &caller));
-    unsafe {
-        pg_sys::SetUserIdAndSecContext(role, security_context);
-        pg_sys::AtEOXact_GUC(true, nest_level);
-    }
+    unsafe { pg_sys::SetUserIdAndSecContext(role, security_context) };
+    pins.restore();
     result
 }
 
-/// `search_path`: only the system catalogs, then (last, so it can shadow nothing) the session's
-/// temporary schema. `jit` off: bussig's statements are short, and a JIT compile, which a generic plan
-/// over a large table can look expensive enough to trigger, would cost more than the statement.
-fn pin_settings() {
-    let jit_on = unsafe { pg_sys::jit_enabled };
-    let pins = [("search_path", "pg_catalog, pg_temp")]
-        .into_iter()
-        .chain(jit_on.then_some(("jit", "off")));
-    for (name, value) in pins {
-        let name = CString::new(name).expect("no NUL");
-        let value = CString::new(value).expect("no NUL");
-        unsafe {
+/// `search_path`: only the system catalogs (and the session's temporary schema at most last, where it
+/// can shadow nothing). `jit` off: bussig's statements are short, and a JIT compile, which a generic
+/// plan over a large table can look expensive enough to trigger, would cost more than the statement.
+struct Pins {
+    guc_nest_level: Option<i32>,
+}
+
+impl Pins {
+    fn set() -> Pins {
+        push_search_path();
+        let mut guc_nest_level = None;
+        let mut pin = |name: &CStr, value: &CStr| unsafe {
+            guc_nest_level.get_or_insert_with(|| pg_sys::NewGUCNestLevel());
             pg_sys::set_config_option(
                 name.as_ptr(),
                 value.as_ptr(),
@@ -240,6 +238,54 @@ fn pin_settings() {
                 0,
                 false,
             );
+        };
+        if !SEARCH_PATH_BY_OVERRIDE {
+            pin(c"search_path", c"pg_catalog, pg_temp");
         }
+        if unsafe { pg_sys::jit_enabled } {
+            pin(c"jit", c"off");
+        }
+        Pins { guc_nest_level }
+    }
+
+    fn restore(self) {
+        if let Some(level) = self.guc_nest_level {
+            unsafe { pg_sys::AtEOXact_GUC(true, level) };
+        }
+        pop_search_path();
     }
 }
+
+/// Up to PostgreSQL 16 the search path can be overridden without the GUC machinery, which on those
+/// versions re-parses the setting on every change, walks every setting to restore it, and makes the
+/// calling statement's plan recompute the caller's path: together 5% of a `send`. PostgreSQL 17
+/// dropped the override stack and caches parsed paths instead.
+const SEARCH_PATH_BY_OVERRIDE: bool = cfg!(any(
+    feature = "pg13",
+    feature = "pg14",
+    feature = "pg15",
+    feature = "pg16"
+));
+
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+fn push_search_path() {
+    // No explicit schema, so nothing can be created in it: every bussig statement names its schema.
+    let mut path = pg_sys::OverrideSearchPath {
+        schemas: std::ptr::null_mut(),
+        addCatalog: true,
+        addTemp: false,
+        generation: 0,
+    };
+    unsafe { pg_sys::PushOverrideSearchPath(&mut path) };
+}
+
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+fn pop_search_path() {
+    unsafe { pg_sys::PopOverrideSearchPath() };
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
+fn push_search_path() {}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
+fn pop_search_path() {}

@@ -963,4 +963,43 @@ mod tests {
             Some("00:00:00")
         );
     }
+
+    #[pg_test]
+    fn callers_search_path_reaches_no_statement_and_is_kept() {
+        run("SELECT bussig.create_queue('q')");
+        run("CREATE SCHEMA evil");
+        run(
+            "CREATE FUNCTION evil.gen_random_uuid() RETURNS uuid LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$",
+        );
+        run(
+            "CREATE FUNCTION evil.clock_timestamp() RETURNS timestamptz LANGUAGE sql
+             AS $$ SELECT 'infinity'::timestamptz $$",
+        );
+        run("SET LOCAL search_path = evil, pg_catalog, public");
+        // An error raised while bussig's path is in force is rolled back with it.
+        run(
+            "CREATE FUNCTION evil.refuse() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+        );
+        run("CREATE TRIGGER refuse BEFORE INSERT ON bussig.message
+             FOR EACH ROW EXECUTE FUNCTION evil.refuse()");
+        assert_fails("SELECT bussig.send('q', '{}')", "P0001");
+        run("DROP TRIGGER refuse ON bussig.message");
+        assert!(one::<i64>("SELECT bussig.send('q', '{\"n\": 1}')").is_some());
+        assert_eq!(count("SELECT FROM bussig.read('q')"), 1);
+        assert_eq!(
+            one::<String>("SELECT current_setting('search_path')").as_deref(),
+            Some("evil, pg_catalog, public")
+        );
+        assert_eq!(
+            one::<String>("SELECT (current_schemas(false))[1]::text").as_deref(),
+            Some("evil")
+        );
+        // The caller's own statements still resolve through the caller's path.
+        assert_eq!(
+            sqlstate_of("SELECT gen_random_uuid()").as_deref(),
+            Some("P0001")
+        );
+    }
 }
