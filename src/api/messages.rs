@@ -10,6 +10,7 @@ use pgrx::spi::SpiClient;
 use pgrx::Uuid;
 
 use super::queues::{self, SettingsChange};
+use super::read_position::{self, Position};
 use crate::access::{self, Caller, Privilege};
 use crate::datum::{ArrayShape, BigintArray, Jsonb, JsonbArray, UuidArray};
 use crate::error::{BusError, BusResult};
@@ -81,40 +82,81 @@ static SEND_BATCH: Statement = Statement {
     writes: true,
 };
 
+/// A read: `$picked` chooses the messages (`message_id` and `ready_at`, at most {limit}, locked with
+/// SKIP LOCKED); every read delivers them the same way.
+macro_rules! read_statement {
+    ($picked:literal) => {
+        concat!(
+            "WITH q AS (
+                 SELECT queue_id, max_deliveries, message_ttl, lock_timeout,
+                        dead_letter_queue_id IS NOT NULL AS has_dead_letter_queue, clock_timestamp() AS now
+                 FROM bussig.queue WHERE name = $1
+             ), picked AS (",
+            $picked,
+            ")
+             UPDATE bussig.message m
+             SET visible_at = q.now + coalesce($2, q.lock_timeout),
+                 lock_token = gen_random_uuid(),
+                 delivery_count = m.delivery_count + 1,
+                 final_delivery = q.has_dead_letter_queue AND m.delivery_count + 1 >= q.max_deliveries
+             FROM picked, q
+             WHERE m.message_id = picked.message_id
+             RETURNING m.message_id, m.lock_token, m.subject,
+                       coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)),
+                       m.headers, m.delivery_count,
+                       m.priority, m.enqueued_at, m.correlation_id, m.reply_to, picked.ready_at,
+                       CASE WHEN q.message_ttl IS NOT NULL AND m.enqueued_at <= q.now - q.message_ttl
+                                 THEN 'expired'
+                            WHEN q.has_dead_letter_queue AND m.delivery_count > q.max_deliveries
+                                 THEN 'max_deliveries'
+                       END AS dead_reason,
+                       q.has_dead_letter_queue"
+        )
+    };
+}
+
 // Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold. A message
 // past its TTL or its last allowed delivery comes back flagged with dead_reason instead of being
 // handed out; the caller moves it to the dead-letter queue in the same transaction.
 static READ: Statement = Statement {
-    sql: "WITH q AS (
-              SELECT queue_id, max_deliveries, message_ttl, lock_timeout,
-                     dead_letter_queue_id IS NOT NULL AS has_dead_letter_queue, clock_timestamp() AS now
-              FROM bussig.queue WHERE name = $1
-          ), picked AS (
-              SELECT m.message_id, m.visible_at AS ready_at
-              FROM bussig.message m
-              WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
-                            ORDER BY m.priority DESC, m.visible_at, m.message_id
-              LIMIT {limit}
-              FOR UPDATE SKIP LOCKED
-          )
-          UPDATE bussig.message m
-          SET visible_at = q.now + coalesce($2, q.lock_timeout),
-              lock_token = gen_random_uuid(),
-              delivery_count = m.delivery_count + 1,
-              final_delivery = q.has_dead_letter_queue AND m.delivery_count + 1 >= q.max_deliveries
-          FROM picked, q
-          WHERE m.message_id = picked.message_id
-          RETURNING m.message_id, m.lock_token, m.subject,
-                    coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)),
-                    m.headers, m.delivery_count,
-                    m.priority, m.enqueued_at, m.correlation_id, m.reply_to, picked.ready_at,
-                    CASE WHEN q.message_ttl IS NOT NULL AND m.enqueued_at <= q.now - q.message_ttl
-                              THEN 'expired'
-                         WHEN q.has_dead_letter_queue AND m.delivery_count > q.max_deliveries
-                              THEN 'max_deliveries'
-                    END AS dead_reason,
-                    q.has_dead_letter_queue",
-        args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    sql: read_statement!(
+        "SELECT m.message_id, m.visible_at AS ready_at
+         FROM bussig.message m
+         WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
+         ORDER BY m.priority DESC, m.visible_at, m.message_id
+         LIMIT {limit}
+         FOR UPDATE SKIP LOCKED"
+    ),
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+// READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs), so that the
+// index scan starts there. Nothing while a message of a higher priority is ready: the caller then
+// reads from the head. The probe is a scalar subquery with its ORDER BY: as an EXISTS, the planner
+// drops the ordering and may scan the whole table.
+static READ_FROM: Statement = Statement {
+    sql: read_statement!(
+        "SELECT m.message_id, m.visible_at AS ready_at
+         FROM bussig.message m
+         WHERE m.queue_id = (SELECT queue_id FROM q) AND m.priority = $3
+           AND (m.visible_at, m.message_id) >= ($4, $5) AND m.visible_at <= (SELECT now FROM q)
+           AND (SELECT h.priority FROM bussig.message h
+                WHERE h.queue_id = (SELECT queue_id FROM q) AND h.priority > $3
+                  AND h.visible_at <= (SELECT now FROM q)
+                ORDER BY h.priority DESC, h.visible_at, h.message_id
+                LIMIT 1) IS NULL
+         ORDER BY m.visible_at, m.message_id
+         LIMIT {limit}
+         FOR UPDATE SKIP LOCKED"
+    ),
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT4OID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::INT8OID,
+    ],
     writes: true,
 };
 
@@ -508,12 +550,38 @@ fn receive(
     let mut delivered = Vec::new();
     loop {
         let wanted = max_messages - delivered.len() as i32;
+        let start = read_position::recall(queue);
+        let rows = match start {
+            Some(from) => plans::run_limited(
+                client,
+                &READ_FROM,
+                wanted,
+                &[
+                    queue.into(),
+                    lock_timeout.into(),
+                    from.priority.into(),
+                    from.ready_at.into(),
+                    from.message_id.into(),
+                ],
+            )?,
+            None => {
+                plans::run_limited(client, &READ, wanted, &[queue.into(), lock_timeout.into()])?
+            }
+        };
         let mut dead = Vec::new();
         let mut returned = 0;
-        for row in plans::run_limited(client, &READ, wanted, &[queue.into(), lock_timeout.into()])?
-        {
+        let mut first: Option<Position> = None;
+        for row in rows {
             returned += 1;
             let message_id = row.get::<i64>(1)?.expect("NOT NULL");
+            let position = Position {
+                priority: row.get(7)?.expect("NOT NULL"),
+                ready_at: row.get(11)?.expect("NOT NULL"),
+                message_id,
+            };
+            if first.is_none_or(|first| position < first) {
+                first = Some(position);
+            }
             if let Some(reason) = row.get::<String>(12)? {
                 dead.push((message_id, reason, row.get::<bool>(13)?.expect("NOT NULL")));
                 continue;
@@ -525,28 +593,38 @@ fn receive(
                 payload: row.get(4)?.expect("NOT NULL"),
                 headers: row.get(5)?,
                 delivery_count: row.get(6)?.expect("NOT NULL"),
-                priority: row.get(7)?.expect("NOT NULL"),
+                priority: position.priority,
                 enqueued_at: row.get(8)?.expect("NOT NULL"),
                 correlation_id: row.get(9)?,
                 reply_to: row.get(10)?,
-                ready_at: row.get(11)?.expect("NOT NULL"),
+                ready_at: position.ready_at,
             });
+        }
+        let took_all = returned == wanted;
+        // Only a read that found as many as it asked for is in a backlog worth a position; one that
+        // came up short from a position reads the rest from the head.
+        match first.filter(|_| took_all) {
+            Some(first) => read_position::remember(queue, first),
+            None => read_position::forget(queue),
+        }
+        if start.is_some() && !took_all {
+            bury(client, Some(queue), dead)?;
+            continue;
         }
         if returned == 0 && delivered.is_empty() {
             return nothing_done(client, queue, delivered);
         }
-        let more_may_be_ready = returned == wanted && !dead.is_empty();
+        let more_may_be_ready = took_all && !dead.is_empty();
         bury(client, Some(queue), dead)?;
         if !more_may_be_ready {
             break;
         }
     }
     // RETURNING gives no order: restore delivery order.
-    delivered.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then(a.ready_at.cmp(&b.ready_at))
-            .then(a.message_id.cmp(&b.message_id))
+    delivered.sort_by_key(|delivery| Position {
+        priority: delivery.priority,
+        ready_at: delivery.ready_at,
+        message_id: delivery.message_id,
     });
     Ok(delivered)
 }

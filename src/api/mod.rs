@@ -2,6 +2,7 @@
 mod grants;
 mod messages;
 mod queues;
+mod read_position;
 mod topics;
 
 pub use messages::{bury, Dead};

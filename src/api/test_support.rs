@@ -54,6 +54,8 @@ pub fn read_into_got(queue: &str) {
 
 /// Makes every lock and delay of the queue run out, as if time had passed.
 pub fn let_time_pass(queue: &str) {
+    // Time passes for the backend's read positions too.
+    crate::api::read_position::forget_all();
     run(&format!(
         "UPDATE bussig.message SET visible_at = now() - interval '1 second', enqueued_at = enqueued_at - interval '1 second'
          WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = '{queue}')"

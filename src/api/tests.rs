@@ -1002,4 +1002,57 @@ mod tests {
             Some("P0001")
         );
     }
+
+    /// The `n` of each message one read delivers, in the order it delivers them.
+    fn read_numbers(queue: &str, max_messages: i32) -> String {
+        one::<String>(&format!(
+            "SELECT coalesce(string_agg(payload->>'n', ',' ORDER BY delivered), '')
+             FROM bussig.read('{queue}', {max_messages}) WITH ORDINALITY AS r(message_id, lock_token, subject,
+                  payload, headers, delivery_count, priority, enqueued_at, correlation_id, reply_to, delivered)"
+        ))
+        .unwrap_or_default()
+    }
+
+    fn send_numbers(queue: &str, numbers: std::ops::RangeInclusive<i32>, priority: i32) {
+        run(&format!(
+            "SELECT bussig.send_batch('{queue}', array_agg(jsonb_build_object('n', n) ORDER BY n),
+                                      priority => {priority})
+             FROM generate_series({}, {}) n",
+            numbers.start(),
+            numbers.end()
+        ));
+    }
+
+    #[pg_test]
+    fn reads_through_a_backlog_deliver_in_order() {
+        run("SELECT bussig.create_queue('q')");
+        send_numbers("q", 1..=25, 0);
+        assert_eq!(read_numbers("q", 10), "1,2,3,4,5,6,7,8,9,10");
+        assert_eq!(read_numbers("q", 10), "11,12,13,14,15,16,17,18,19,20");
+        // A higher priority sent meanwhile comes first.
+        send_numbers("q", 100..=101, 5);
+        assert_eq!(read_numbers("q", 3), "100,101,21");
+        assert_eq!(read_numbers("q", 10), "22,23,24,25");
+        assert_eq!(read_numbers("q", 10), "");
+    }
+
+    #[pg_test]
+    fn a_message_back_behind_the_last_read_is_still_delivered() {
+        run("SELECT bussig.create_queue('q')");
+        send_numbers("q", 1..=25, 0);
+        assert_eq!(read_numbers("q", 10), "1,2,3,4,5,6,7,8,9,10");
+        // As when the reader that had locked it rolls back: ready again, at its old place.
+        run("UPDATE bussig.message SET visible_at = '2000-01-01', lock_token = NULL WHERE payload->>'n' = '3'");
+        let mut rest = Vec::new();
+        loop {
+            let numbers = read_numbers("q", 10);
+            if numbers.is_empty() {
+                break;
+            }
+            rest.extend(numbers.split(',').map(|n| n.parse::<i32>().unwrap()));
+        }
+        rest.sort_unstable();
+        let expected: Vec<i32> = std::iter::once(3).chain(11..=25).collect();
+        assert_eq!(rest, expected, "delivered once each, none left behind");
+    }
 }
