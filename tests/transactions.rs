@@ -1,7 +1,10 @@
 //! Every bussig call runs in the caller's transaction: a rollback undoes
 //! sends, reads (locks and delivery counts) and acks alike.
 
+use std::time::{Duration, Instant};
+
 use bussig_tests::*;
+use serde_json::Value;
 
 #[test]
 fn transactions() {
@@ -71,4 +74,60 @@ fn transactions() {
         "token should still ack after rollback"
     );
     assert!(peek(&mut client, q).is_empty());
+}
+
+/// A consumer reading on through a backlog starts where its last read began; messages another
+/// consumer had locked and then released by rolling back lie behind that place, and must still come.
+#[test]
+fn rolled_back_reads_behind_a_busy_consumer_are_still_delivered() {
+    let mut busy = connect();
+    let mut other = connect();
+    let queue = Queue::create(&mut busy, "rolled_back_behind", "");
+    let q = queue.name.as_str();
+    let payloads: Vec<Value> = (1..=40).map(|n| json!({ "n": n })).collect();
+    let sent = send_batch(&mut busy, q, &payloads);
+
+    let mut delivered = Vec::new();
+    let settle = |client: &mut Client, batch: Vec<Delivery>, delivered: &mut Vec<i64>| {
+        for delivery in batch {
+            assert!(ack(client, q, delivery.id, delivery.token));
+            delivered.push(delivery.id);
+        }
+    };
+    let first = read(&mut busy, q, 10, None);
+    assert_eq!(first.len(), 10);
+    settle(&mut busy, first, &mut delivered);
+
+    let mut tx = other.transaction().unwrap();
+    let released: Vec<i64> = read(&mut tx, q, 10, None).iter().map(|d| d.id).collect();
+    assert_eq!(released, sent[10..20], "the next ten, in order");
+    let ahead = read(&mut busy, q, 10, None);
+    assert_eq!(
+        ahead.iter().map(|d| d.id).collect::<Vec<_>>(),
+        sent[20..30],
+        "the busy consumer skips what the other holds"
+    );
+    settle(&mut busy, ahead, &mut delivered);
+    tx.rollback().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered.len() < sent.len() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            missing(&sent, &delivered)
+        );
+        let batch = read(&mut busy, q, 10, None);
+        settle(&mut busy, batch, &mut delivered);
+    }
+    delivered.sort_unstable();
+    assert_eq!(delivered, sent, "each message delivered once");
+    assert!(read(&mut busy, q, 10, None).is_empty());
+}
+
+fn missing(sent: &[i64], delivered: &[i64]) -> Vec<i64> {
+    sent.iter()
+        .filter(|id| !delivered.contains(id))
+        .copied()
+        .collect()
 }
