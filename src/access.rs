@@ -209,7 +209,9 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
             security_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
         )
     };
+    let own = plans::own_statements();
     let result = Spi::connect_mut(|client| work(client, &caller));
+    drop(own);
     unsafe { pg_sys::SetUserIdAndSecContext(role, security_context) };
     pins.restore();
     result

@@ -25,6 +25,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::register();
+    plans::init();
     wakeup::init();
     worker::register();
 }
