@@ -106,11 +106,16 @@ pub fn first_column<T: FromDatum + IntoDatum>(
 
 // Kept plans outlive the table sizes they were made for. Planned while `bussig.message` was empty (a
 // drained queue, vacuumed: the VACUUM's statistics invalidate every backend's plans), a read sorted the
-// whole table and an ack scanned it, for every call through the next backlog until an ANALYZE happened
-// to invalidate them again: a read of 10 took 350 ms instead of 5 over 200,000 messages. So the
-// statements of bussig's SQL functions are planned without sequential scans: each has an index to go
-// by. The worker's statements, some of which do read whole tables, are planned as usual.
+// result of a scan of the whole table and an ack joined against all of it, for every call through the
+// next backlog until an ANALYZE happened to invalidate them again: a read of 10 took 350 ms instead of
+// 5 over 200,000 messages. So the statements of bussig's SQL functions are planned as for a backlog of
+// at least `ASSUMED_BACKLOG` messages, and without sequential or bitmap scans: each has an index to go
+// by, in the order it needs. The worker's statements, some of which do read whole tables, are planned
+// as usual.
 static mut PREVIOUS_PLANNER: pg_sys::planner_hook_type = None;
+static mut PREVIOUS_RELATION_INFO: pg_sys::get_relation_info_hook_type = None;
+
+const ASSUMED_BACKLOG: f64 = 100_000.0;
 
 thread_local! {
     static OWN_STATEMENTS: Cell<u32> = const { Cell::new(0) };
@@ -121,6 +126,8 @@ pub fn init() {
     unsafe {
         PREVIOUS_PLANNER = pg_sys::planner_hook;
         pg_sys::planner_hook = Some(plan);
+        PREVIOUS_RELATION_INFO = pg_sys::get_relation_info_hook;
+        pg_sys::get_relation_info_hook = Some(relation_info);
     }
 }
 
@@ -138,20 +145,33 @@ impl Drop for OwnStatements {
     }
 }
 
-/// `enable_seqscan` off until dropped, then back to what it was, error or not.
-struct SequentialScansOff(bool);
+/// `enable_seqscan` and `enable_bitmapscan` off until dropped, then back to what they were, error or
+/// not.
+struct WholeTableScansOff {
+    seqscan: bool,
+    bitmapscan: bool,
+}
 
-impl SequentialScansOff {
+impl WholeTableScansOff {
     fn new() -> Self {
-        let was = unsafe { pg_sys::enable_seqscan };
-        unsafe { pg_sys::enable_seqscan = false };
-        SequentialScansOff(was)
+        unsafe {
+            let was = WholeTableScansOff {
+                seqscan: pg_sys::enable_seqscan,
+                bitmapscan: pg_sys::enable_bitmapscan,
+            };
+            pg_sys::enable_seqscan = false;
+            pg_sys::enable_bitmapscan = false;
+            was
+        }
     }
 }
 
-impl Drop for SequentialScansOff {
+impl Drop for WholeTableScansOff {
     fn drop(&mut self) {
-        unsafe { pg_sys::enable_seqscan = self.0 };
+        unsafe {
+            pg_sys::enable_seqscan = self.seqscan;
+            pg_sys::enable_bitmapscan = self.bitmapscan;
+        }
     }
 }
 
@@ -162,7 +182,7 @@ unsafe extern "C-unwind" fn plan(
     cursor_options: std::ffi::c_int,
     bound_params: pg_sys::ParamListInfo,
 ) -> *mut pg_sys::PlannedStmt {
-    let _off = (OWN_STATEMENTS.with(Cell::get) > 0).then(SequentialScansOff::new);
+    let _off = (OWN_STATEMENTS.with(Cell::get) > 0).then(WholeTableScansOff::new);
     unsafe {
         match PREVIOUS_PLANNER {
             Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
@@ -171,4 +191,57 @@ unsafe extern "C-unwind" fn plan(
             None => pg_sys::standard_planner(parse, query_string, cursor_options, bound_params),
         }
     }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relation_info(
+    root: *mut pg_sys::PlannerInfo,
+    relation: pg_sys::Oid,
+    inherited: bool,
+    rel: *mut pg_sys::RelOptInfo,
+) {
+    unsafe {
+        if let Some(previous) = PREVIOUS_RELATION_INFO {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| previous(root, relation, inherited, rel));
+        }
+        if OWN_STATEMENTS.with(Cell::get) > 0 && is_message_table(relation) {
+            assume_backlog(&mut *rel);
+        }
+    }
+}
+
+fn is_message_table(relation: pg_sys::Oid) -> bool {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"bussig".as_ptr(), true);
+        namespace != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"message".as_ptr(), namespace) == relation
+    }
+}
+
+/// Scales the size estimates of the table and its full indexes up to `ASSUMED_BACKLOG` rows.
+fn assume_backlog(rel: &mut pg_sys::RelOptInfo) {
+    if rel.tuples >= ASSUMED_BACKLOG {
+        return;
+    }
+    let scale = |pages: pg_sys::BlockNumber, rows: f64| -> pg_sys::BlockNumber {
+        let per_row = if rel.tuples >= 1.0 && pages > 0 {
+            pages as f64 / rel.tuples
+        } else {
+            rows
+        };
+        (ASSUMED_BACKLOG * per_row).ceil().max(pages as f64) as pg_sys::BlockNumber
+    };
+    // Without statistics: about 40 rows a heap page, 200 entries an index page.
+    rel.pages = scale(rel.pages, 1.0 / 40.0);
+    let indexes = unsafe { pgrx::PgList::<pg_sys::IndexOptInfo>::from_pg(rel.indexlist) };
+    for index in indexes.iter_ptr() {
+        let index = unsafe { &mut *index };
+        // A partial index holds few of the rows whatever the backlog.
+        if !index.indpred.is_null() {
+            continue;
+        }
+        index.pages = scale(index.pages, 1.0 / 200.0);
+        index.tuples = ASSUMED_BACKLOG;
+    }
+    rel.tuples = ASSUMED_BACKLOG;
 }

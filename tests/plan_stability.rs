@@ -1,5 +1,6 @@
 //! bussig keeps its statements' plans for the life of a backend. Plans made while the message table was
-//! empty (a drained queue, vacuumed) must still go by the indexes once a backlog has built up.
+//! empty (a drained queue, vacuumed) must still go by the indexes, in order, once a backlog has built
+//! up: neither a sequential nor a bitmap scan of the whole table.
 
 use bussig_tests::*;
 
@@ -55,16 +56,17 @@ fn plans_made_on_an_empty_table_still_use_the_indexes() {
 
     // Counted within the transaction, but a pooled backend's counts may still hold its earlier
     // transactions' (CREATE EXTENSION scans the table to build its indexes): take the difference.
-    let sequential_scans = |tx: &mut Transaction<'_>| -> i64 {
+    let rows_visited = |tx: &mut Transaction<'_>| -> i64 {
         tx.query_one(
-            "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = 'bussig.message'::regclass",
+            "SELECT seq_tup_read + idx_tup_fetch FROM pg_stat_xact_user_tables
+             WHERE relid = 'bussig.message'::regclass",
             &[],
         )
         .unwrap()
         .get(0)
     };
     let mut tx = consumer.transaction().unwrap();
-    let before = sequential_scans(&mut tx);
+    let before = rows_visited(&mut tx);
     let batch = read(&mut tx, "q", 10, None);
     assert_eq!(batch.len(), 10);
     let ids: Vec<i64> = batch.iter().map(|d| d.id).collect();
@@ -74,10 +76,10 @@ fn plans_made_on_an_empty_table_still_use_the_indexes() {
         .unwrap()
         .get(0);
     assert_eq!(settled, 10);
-    assert_eq!(
-        sequential_scans(&mut tx) - before,
-        0,
-        "read or ack scanned all 20,000 messages"
+    let visited = rows_visited(&mut tx) - before;
+    assert!(
+        visited < 100,
+        "a read and an ack of 10 visited {visited} of the 20,000 messages"
     );
     tx.commit().unwrap();
 }

@@ -82,8 +82,10 @@ static SEND_BATCH: Statement = Statement {
     writes: true,
 };
 
-/// A read: `$picked` chooses the messages (`message_id` and `ready_at`, at most {limit}, locked with
-/// SKIP LOCKED); every read delivers them the same way.
+/// A read: `$picked` chooses the messages (`message_id`, `ready_at` and the `row_ctid` it locked, at
+/// most {limit}, with SKIP LOCKED); every read delivers them the same way. The update finds each row by
+/// the ctid it locked, not through the primary key again. A row that a commit the statement's snapshot
+/// does not see had changed just before it was locked is then left out of this read, ready for the next.
 macro_rules! read_statement {
     ($picked:literal) => {
         concat!(
@@ -100,7 +102,7 @@ macro_rules! read_statement {
                  delivery_count = m.delivery_count + 1,
                  final_delivery = q.has_dead_letter_queue AND m.delivery_count + 1 >= q.max_deliveries
              FROM picked, q
-             WHERE m.message_id = picked.message_id
+             WHERE m.ctid = picked.row_ctid
              RETURNING m.message_id, m.lock_token, m.subject,
                        coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)),
                        m.headers, m.delivery_count,
@@ -120,7 +122,7 @@ macro_rules! read_statement {
 // handed out; the caller moves it to the dead-letter queue in the same transaction.
 static READ: Statement = Statement {
     sql: read_statement!(
-        "SELECT m.message_id, m.visible_at AS ready_at
+        "SELECT m.message_id, m.visible_at AS ready_at, m.ctid AS row_ctid
          FROM bussig.message m
          WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
          ORDER BY m.priority DESC, m.visible_at, m.message_id
@@ -137,7 +139,7 @@ static READ: Statement = Statement {
 // drops the ordering and may scan the whole table.
 static READ_FROM: Statement = Statement {
     sql: read_statement!(
-        "SELECT m.message_id, m.visible_at AS ready_at
+        "SELECT m.message_id, m.visible_at AS ready_at, m.ctid AS row_ctid
          FROM bussig.message m
          WHERE m.queue_id = (SELECT queue_id FROM q) AND m.priority = $3
            AND (m.visible_at, m.message_id) >= ($4, $5) AND m.visible_at <= (SELECT now FROM q)
