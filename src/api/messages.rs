@@ -499,17 +499,16 @@ fn send_batch(
 }
 
 struct Delivery {
-    message_id: i64,
+    /// The message's id, priority and when it became ready: its place in delivery order.
+    position: Position,
     lock_token: Uuid,
     subject: Option<String>,
     payload: Jsonb,
     headers: Option<Jsonb>,
     delivery_count: i32,
-    priority: i32,
     enqueued_at: TimestampWithTimeZone,
     correlation_id: Option<String>,
     reply_to: Option<String>,
-    ready_at: TimestampWithTimeZone,
 }
 
 /// A message that may not be delivered again: (message_id, reason, whether its queue has a
@@ -575,31 +574,32 @@ fn receive(
         let mut first: Option<Position> = None;
         for row in rows {
             returned += 1;
-            let message_id = row.get::<i64>(1)?.expect("NOT NULL");
             let position = Position {
                 priority: row.get(7)?.expect("NOT NULL"),
                 ready_at: row.get(11)?.expect("NOT NULL"),
-                message_id,
+                message_id: row.get(1)?.expect("NOT NULL"),
             };
             if first.is_none_or(|first| position < first) {
                 first = Some(position);
             }
             if let Some(reason) = row.get::<String>(12)? {
-                dead.push((message_id, reason, row.get::<bool>(13)?.expect("NOT NULL")));
+                dead.push((
+                    position.message_id,
+                    reason,
+                    row.get::<bool>(13)?.expect("NOT NULL"),
+                ));
                 continue;
             }
             delivered.push(Delivery {
-                message_id,
+                position,
                 lock_token: row.get(2)?.expect("NOT NULL"),
                 subject: row.get(3)?,
                 payload: row.get(4)?.expect("NOT NULL"),
                 headers: row.get(5)?,
                 delivery_count: row.get(6)?.expect("NOT NULL"),
-                priority: position.priority,
                 enqueued_at: row.get(8)?.expect("NOT NULL"),
                 correlation_id: row.get(9)?,
                 reply_to: row.get(10)?,
-                ready_at: position.ready_at,
             });
         }
         let took_all = returned == wanted;
@@ -609,25 +609,20 @@ fn receive(
             Some(first) => read_position::remember(queue, first),
             None => read_position::forget(queue),
         }
+        let more_may_be_ready = took_all && !dead.is_empty();
+        bury(client, Some(queue), dead)?;
         if start.is_some() && !took_all {
-            bury(client, Some(queue), dead)?;
             continue;
         }
         if returned == 0 && delivered.is_empty() {
             return nothing_done(client, queue, delivered);
         }
-        let more_may_be_ready = took_all && !dead.is_empty();
-        bury(client, Some(queue), dead)?;
         if !more_may_be_ready {
             break;
         }
     }
     // RETURNING gives no order: restore delivery order.
-    delivered.sort_by_key(|delivery| Position {
-        priority: delivery.priority,
-        ready_at: delivery.ready_at,
-        message_id: delivery.message_id,
-    });
+    delivered.sort_by_key(|delivery| delivery.position);
     Ok(delivered)
 }
 
@@ -696,13 +691,13 @@ type DeliveryRow = (
 fn deliveries(delivered: Vec<Delivery>) -> TableIterator<'static, DeliveryRow> {
     TableIterator::new(delivered.into_iter().map(|d| {
         (
-            d.message_id,
+            d.position.message_id,
             d.lock_token,
             d.subject,
             d.payload,
             d.headers,
             d.delivery_count,
-            d.priority,
+            d.position.priority,
             d.enqueued_at,
             d.correlation_id,
             d.reply_to,
