@@ -226,7 +226,7 @@ struct Pins {
 
 impl Pins {
     fn set() -> Pins {
-        push_search_path();
+        search_path::push();
         let mut guc_nest_level = None;
         let mut pin = |name: &CStr, value: &CStr| unsafe {
             guc_nest_level.get_or_insert_with(|| pg_sys::NewGUCNestLevel());
@@ -241,7 +241,7 @@ impl Pins {
                 false,
             );
         };
-        if !SEARCH_PATH_BY_OVERRIDE {
+        if !search_path::BY_OVERRIDE {
             pin(c"search_path", c"pg_catalog, pg_temp");
         }
         if unsafe { pg_sys::jit_enabled } {
@@ -254,7 +254,7 @@ impl Pins {
         if let Some(level) = self.guc_nest_level {
             unsafe { pg_sys::AtEOXact_GUC(true, level) };
         }
-        pop_search_path();
+        search_path::pop();
     }
 }
 
@@ -262,32 +262,33 @@ impl Pins {
 /// versions re-parses the setting on every change, walks every setting to restore it, and makes the
 /// calling statement's plan recompute the caller's path: together 5% of a `send`. PostgreSQL 17
 /// dropped the override stack and caches parsed paths instead.
-const SEARCH_PATH_BY_OVERRIDE: bool = cfg!(any(
-    feature = "pg13",
-    feature = "pg14",
-    feature = "pg15",
-    feature = "pg16"
-));
-
 #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
-fn push_search_path() {
-    // No explicit schema, so nothing can be created in it: every bussig statement names its schema.
-    let mut path = pg_sys::OverrideSearchPath {
-        schemas: std::ptr::null_mut(),
-        addCatalog: true,
-        addTemp: false,
-        generation: 0,
-    };
-    unsafe { pg_sys::PushOverrideSearchPath(&mut path) };
-}
+mod search_path {
+    use pgrx::pg_sys;
 
-#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
-fn pop_search_path() {
-    unsafe { pg_sys::PopOverrideSearchPath() };
+    pub const BY_OVERRIDE: bool = true;
+
+    pub fn push() {
+        // No explicit schema, so nothing can be created in it: every bussig statement names its schema.
+        let mut path = pg_sys::OverrideSearchPath {
+            schemas: std::ptr::null_mut(),
+            addCatalog: true,
+            addTemp: false,
+            generation: 0,
+        };
+        unsafe { pg_sys::PushOverrideSearchPath(&mut path) };
+    }
+
+    pub fn pop() {
+        unsafe { pg_sys::PopOverrideSearchPath() };
+    }
 }
 
 #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
-fn push_search_path() {}
+mod search_path {
+    pub const BY_OVERRIDE: bool = false;
 
-#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
-fn pop_search_path() {}
+    pub fn push() {}
+
+    pub fn pop() {}
+}
