@@ -129,13 +129,16 @@ CREATE FUNCTION bussig.grant_create_queues(role text)
 RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'grant_create_queues_wrapper';
 CREATE FUNCTION bussig.revoke_create_queues(role text)
 RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_create_queues_wrapper';
+-- Lock tokens from a per-backend generator instead of one OpenSSL call each (gen_random_uuid).
+CREATE FUNCTION bussig.lock_token()
+RETURNS uuid STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'lock_token_wrapper';
 
 -- Privileges: the SQL functions check who calls them (src/access.rs) and work as the extension owner;
 -- the tables stay closed to everyone else.
 GRANT USAGE ON SCHEMA bussig TO PUBLIC;
 GRANT SELECT ON bussig.queues, bussig.subscriptions, bussig.grants TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION bussig.run_maintenance(), bussig.invalidate_routing(), bussig.ensure_worker(),
-    bussig.routing_changed() FROM PUBLIC;
+    bussig.routing_changed(), bussig.lock_token() FROM PUBLIC;
 
 -- The payload-or-body rule is bussig's own statements' to keep; checking it cost every insert.
 ALTER TABLE bussig.message DROP CONSTRAINT message_check;

@@ -70,6 +70,7 @@ INSERT INTO calls (call) VALUES
     ($$SELECT bussig.run_maintenance() IS NOT NULL$$),
     ($$SELECT bussig.ensure_worker() IS NOT NULL$$),
     ($$SELECT bussig.invalidate_routing()$$),
+    ($$SELECT bussig.lock_token() IS NOT NULL$$),
     ($$SELECT count(*) FROM bussig.message$$),
     ($$SELECT count(*) FROM bussig.queue_grant$$),
     ($$WITH gone AS (DELETE FROM bussig.queue RETURNING 1) SELECT count(*) FROM gone$$),

@@ -98,7 +98,7 @@ macro_rules! read_statement {
             ")
              UPDATE bussig.message m
              SET visible_at = q.now + coalesce($2, q.lock_timeout),
-                 lock_token = gen_random_uuid(),
+                 lock_token = bussig.lock_token(),
                  delivery_count = m.delivery_count + 1,
                  final_delivery = q.has_dead_letter_queue AND m.delivery_count + 1 >= q.max_deliveries
              FROM picked, q

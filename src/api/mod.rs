@@ -1,5 +1,6 @@
 //! The SQL surface: every `#[pg_extern]` lives below this module.
 mod grants;
+mod lock_token;
 mod messages;
 mod queues;
 mod read_position;

@@ -414,6 +414,17 @@ mod tests {
     }
 
     #[pg_test]
+    fn lock_tokens_are_distinct_version_4_uuids() {
+        assert_eq!(
+            count(
+                "SELECT DISTINCT t FROM (SELECT bussig.lock_token() AS t FROM generate_series(1, 10000)) g
+                 WHERE t::text ~ '^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$'"
+            ),
+            10000
+        );
+    }
+
+    #[pg_test]
     fn read_honours_max_messages_and_lock_timeout() {
         run("SELECT bussig.create_queue('q', lock_timeout => '10 minutes')");
         run("SELECT bussig.send_batch('q', ARRAY['1', '2', '3']::jsonb[])");
