@@ -170,10 +170,12 @@ static ACK: Statement = Statement {
     writes: true,
 };
 
+// A listed message goes when its current token is among the listed ones. Tokens are random and each
+// belongs to one delivery of one message, so that is the same as matching each id with its own token,
+// and it needs no join with the unnested lists (a fifth of an ack's executor time).
 static ACK_BATCH: Statement = Statement {
     sql: "DELETE FROM bussig.message m
-          USING unnest($2::bigint[], $3::uuid[]) AS a(message_id, lock_token)
-          WHERE m.queue_id = $1 AND m.message_id = a.message_id AND m.lock_token = a.lock_token",
+          WHERE m.message_id = ANY ($2) AND m.queue_id = $1 AND m.lock_token = ANY ($3)",
     args: &[pg_sys::INT4OID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
     writes: true,
 };
