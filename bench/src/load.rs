@@ -24,6 +24,43 @@ impl Outcome {
     pub fn rate(&self) -> f64 {
         self.messages as f64 / self.seconds
     }
+
+    /// Runs of the same measurement taken in turns (see `in_turns`), as one.
+    fn combine(parts: Vec<Outcome>) -> Outcome {
+        Outcome {
+            messages: parts.iter().map(|part| part.messages).sum(),
+            seconds: parts.iter().map(|part| part.seconds).sum(),
+            drained: parts.iter().any(|part| part.drained),
+            steps: Samples::merge(parts.into_iter().map(|part| part.steps)),
+        }
+    }
+}
+
+/// What `closed_loop` runs: a step for each client connection.
+pub type Setup<'a> = Box<dyn Fn(&mut Client, usize) -> Res<Step> + Sync + 'a>;
+
+/// Turns a measurement is cut into. The machine drifts over a minute (its neighbours, the page
+/// cache, the CPU clock): taken in rotation, the systems compared in one row meet the same drift
+/// instead of whichever ran while it lasted.
+const TURNS: u32 = 4;
+
+/// Runs each of `setups` for `duration` in all, in `TURNS` turns taken in rotation; one outcome per
+/// setup, in order.
+pub fn in_turns(
+    url: &str,
+    clients: usize,
+    duration: Duration,
+    setups: &[Setup<'_>],
+) -> Res<Vec<Outcome>> {
+    let mut parts: Vec<Vec<Outcome>> = setups.iter().map(|_| Vec::new()).collect();
+    for _ in 0..TURNS {
+        for (setup, part) in setups.iter().zip(&mut parts) {
+            part.push(closed_loop(url, clients, duration / TURNS, false, |client, index| {
+                setup(client, index)
+            })?);
+        }
+    }
+    Ok(parts.into_iter().map(Outcome::combine).collect())
 }
 
 /// Runs `clients` connections for `duration`, each repeating the step `setup` made for it.

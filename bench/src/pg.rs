@@ -70,6 +70,9 @@ impl Samples {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+    pub fn merge(parts: impl IntoIterator<Item = Samples>) -> Self {
+        Samples::new(parts.into_iter().flat_map(|part| part.0).collect())
+    }
     pub fn percentile(&self, p: f64) -> f64 {
         if self.0.is_empty() {
             return f64::NAN;

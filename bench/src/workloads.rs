@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use postgres::types::Type;
 use postgres::Client;
 
-use crate::load::{closed_loop, Outcome};
+use crate::load::{closed_loop, in_turns, Outcome, Setup};
 use crate::pg::{connect, millis, JsonbText, Res, Samples, PAYLOAD};
 use crate::report::{format_value, only, Cell, Section, Target};
 use crate::systems::{
@@ -27,6 +27,11 @@ fn rate_cell(outcome: &Outcome) -> Cell {
         value: outcome.rate(),
         detail,
     }
+}
+
+/// A row's cells from one outcome per system, in the order of `SYSTEMS`.
+fn rate_cells(outcomes: &[Outcome]) -> [Option<Cell>; 3] {
+    std::array::from_fn(|index| Some(rate_cell(&outcomes[index])))
 }
 
 fn index_of(system: System) -> usize {
@@ -61,27 +66,29 @@ pub fn sends(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res
         "1. Send, one message per transaction",
         "msgs/s",
         "bussig `send`, an `INSERT` into the hand-written table, PgQ `insert_event`; each an autocommit \
-         statement. The notify row sends to a bussig queue created with `notify => true`.",
+         statement. The notify row sends to a bussig queue created with `notify => true`. The four runs of \
+         a row take turns: four slices of a quarter of the time each, in rotation.",
     );
     for &clients in &cfg.clients {
-        let mut cells = [None, None, None];
         for system in SYSTEMS {
             reset(admin, system)?;
-            let outcome = closed_loop(&cfg.url, clients, cfg.run, false, |c, _| {
-                Ok(Sender::new(c, system, QUEUE, false)?.step())
-            })?;
-            cells[index_of(system)] = Some(rate_cell(&outcome));
         }
-        section.add("send", Some(clients), cells);
-        reset(admin, System::Bussig)?;
         ensure_bussig_queue(admin, "bench_notify", true)?;
-        let outcome = closed_loop(&cfg.url, clients, cfg.run, false, |c, _| {
+        let mut setups: Vec<Setup> = SYSTEMS
+            .iter()
+            .map(|&system| -> Setup {
+                Box::new(move |c, _| Ok(Sender::new(c, system, QUEUE, false)?.step()))
+            })
+            .collect();
+        setups.push(Box::new(|c, _| {
             Ok(Sender::new(c, System::Bussig, "bench_notify", false)?.step())
-        })?;
+        }));
+        let outcomes = in_turns(&cfg.url, clients, cfg.run, &setups)?;
+        section.add("send", Some(clients), rate_cells(&outcomes));
         section.add(
             "send, notify => true",
             Some(clients),
-            only(System::Bussig, rate_cell(&outcome)),
+            only(System::Bussig, rate_cell(&outcomes[SYSTEMS.len()])),
         );
     }
     for &clients in &cfg.clients {
@@ -113,18 +120,19 @@ pub fn send_batches(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>)
         "2. Send a batch of 100 in one transaction",
         "msgs/s",
         "bussig `send_batch` of 100, the hand-written multi-row `INSERT ... SELECT unnest($1::jsonb[])`, \
-         PgQ `insert_event` over `unnest` of 100 in one statement.",
+         PgQ `insert_event` over `unnest` of 100 in one statement. The systems take turns: four slices of \
+         a quarter of the time each, in rotation.",
     );
     for &clients in &cfg.clients {
-        let mut cells = [None, None, None];
         for system in SYSTEMS {
             reset(admin, system)?;
-            let outcome = closed_loop(&cfg.url, clients, cfg.run, false, |c, _| {
-                batch_sender(c, system, 100)
-            })?;
-            cells[index_of(system)] = Some(rate_cell(&outcome));
         }
-        section.add("send_batch(100)", Some(clients), cells);
+        let setups: Vec<Setup> = SYSTEMS
+            .iter()
+            .map(|&system| -> Setup { Box::new(move |c, _| batch_sender(c, system, 100)) })
+            .collect();
+        let outcomes = in_turns(&cfg.url, clients, cfg.run, &setups)?;
+        section.add("send_batch(100)", Some(clients), rate_cells(&outcomes));
     }
     for &clients in &cfg.clients {
         targets.push(at_least(
