@@ -22,7 +22,9 @@ pub static INLINE_FANOUT_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(16);
 pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 /// How often the worker recounts the messages of every queue, for bussig.queues to show large queues
-/// without counting them on each look. One pass over the message table per interval.
+/// without counting them on each look. One pass over the message table per interval, or per 20 times
+/// the last pass's duration when that is longer (at most 50 s), so a huge backlog does not keep the
+/// worker busy.
 pub static STATS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// Databases the worker serves, comma-separated; empty serves every database with the extension.

@@ -359,18 +359,76 @@ fn run_round(bodies_after: &mut i64) {
     });
 }
 
+/// The statistics step reads the whole message table. Under a backlog of millions that takes seconds,
+/// and every `bussig.stats_interval` it would keep the worker busy on cores the senders need; so the
+/// next count waits at least this many times as long as the last one took, up to `STATS_PACED_GAP_MAX`.
+const STATS_PACE: u32 = 20;
+/// bussig.queues uses a count up to a minute old and counts a large queue itself after that.
+const STATS_PACED_GAP_MAX: Duration = Duration::from_secs(50);
+
+/// When the statistics step last ran, and how long it took.
+struct LastCount {
+    ended: Instant,
+    took: Duration,
+}
+
+/// Whether the next statistics step is due, `interval` being bussig.stats_interval.
+fn stats_due(last: Option<&LastCount>, interval: Duration) -> bool {
+    last.is_none_or(|last| {
+        let paced = (last.took * STATS_PACE).min(STATS_PACED_GAP_MAX);
+        last.ended.elapsed() >= interval.max(paced)
+    })
+}
+
 /// Recounts the queues for bussig.queues, and rewrites bloated tables, when bussig.stats_interval has
-/// passed since the last time.
-fn refresh_stats_when_due(last: &mut Option<Instant>) {
+/// passed since the last time (longer after a long count: `STATS_PACE`).
+fn refresh_stats_when_due(last: &mut Option<LastCount>) {
     let interval = Duration::from_millis(gucs::STATS_INTERVAL.get().max(1) as u64);
-    if last.is_none_or(|last| last.elapsed() >= interval) {
+    if stats_due(last.as_ref(), interval) {
+        let started = Instant::now();
         let counted = round_step("statistics", || {
             Spi::connect_mut(maintenance::refresh_stats)
         });
+        let took = started.elapsed();
         // Compaction judges the message table by these counts.
         if counted.is_some() {
             round_step("compaction", || Spi::connect_mut(maintenance::compact));
         }
-        *last = Some(Instant::now());
+        *last = Some(LastCount {
+            ended: Instant::now(),
+            took,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_count_spaces_out_the_next_ones() {
+        let interval = Duration::from_secs(10);
+        let quick = LastCount {
+            ended: Instant::now() - Duration::from_secs(11),
+            took: Duration::from_millis(50),
+        };
+        assert!(stats_due(Some(&quick), interval));
+        let slow = LastCount {
+            took: Duration::from_secs(1),
+            ..quick
+        };
+        assert!(!stats_due(Some(&slow), interval));
+        let long_ago = LastCount {
+            ended: Instant::now() - Duration::from_secs(21),
+            ..slow
+        };
+        assert!(stats_due(Some(&long_ago), interval));
+        // A count of 10 s still leaves bussig.queues one less than a minute old.
+        let very_slow = LastCount {
+            ended: Instant::now() - Duration::from_secs(51),
+            took: Duration::from_secs(10),
+        };
+        assert!(stats_due(Some(&very_slow), interval));
+        assert!(stats_due(None, interval));
     }
 }
