@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use crate::error::{BusError, BusResult};
+use crate::gucs;
 use crate::plans::{self, Statement};
 
 /// What a role may do with one queue (`bussig.grant`); a queue's owner may do all of it.
@@ -228,18 +229,9 @@ impl Pins {
     fn set() -> Pins {
         search_path::push();
         let mut guc_nest_level = None;
-        let mut pin = |name: &CStr, value: &CStr| unsafe {
-            guc_nest_level.get_or_insert_with(|| pg_sys::NewGUCNestLevel());
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
+        let mut pin = |name: &CStr, value: &CStr| {
+            guc_nest_level.get_or_insert_with(|| unsafe { pg_sys::NewGUCNestLevel() });
+            gucs::set(name, value, pg_sys::GucAction::GUC_ACTION_SAVE);
         };
         if !search_path::BY_OVERRIDE {
             pin(c"search_path", c"pg_catalog, pg_temp");

@@ -1,7 +1,7 @@
 //! Settings, all under `bussig.*`.
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
 
 /// Lets `send` create an unknown queue with default settings instead of failing with 42704. Off by
 /// default because a typo in a queue name should be an error, not a new queue nobody reads.
@@ -88,4 +88,21 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+}
+
+/// Sets a setting through the GUC API, as a SET statement would without being parsed: `GUC_ACTION_LOCAL`
+/// until the end of the transaction, `GUC_ACTION_SAVE` until the enclosing GUC nest level ends.
+pub fn set(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            0,
+            false,
+        );
+    }
 }

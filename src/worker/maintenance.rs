@@ -1,6 +1,5 @@
 //! The worker's steps. Each runs in the caller's transaction and is also reachable from SQL through
 //! `bussig.run_maintenance()`, so it can be tested, and scheduled where the worker is not loaded.
-use std::ffi::CStr;
 use std::time::Instant;
 
 use pgrx::pg_sys;
@@ -9,6 +8,7 @@ use pgrx::spi::SpiClient;
 
 use crate::api::{bury, drop_queue_by_id, Dead};
 use crate::error::BusResult;
+use crate::gucs;
 use crate::plans::{self, Statement};
 use crate::wakeup;
 
@@ -347,33 +347,24 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
 pub fn notify(client: &mut SpiClient<'_>, queue_ids: &[i32], all: bool) -> BusResult<i64> {
     // A notification needs no durable commit; waiting for a WAL flush per batch of them would keep
     // the worker busy exactly when senders commit fastest.
-    set_local(c"synchronous_commit", c"off");
+    gucs::set(
+        c"synchronous_commit",
+        c"off",
+        pg_sys::GucAction::GUC_ACTION_LOCAL,
+    );
     // Its custom plans look cheaper than the generic one, so the plan cache would plan the statement
     // anew on every call: that was a third of the worker's time under a stream of notifying commits.
-    set_local(c"plan_cache_mode", c"force_generic_plan");
+    gucs::set(
+        c"plan_cache_mode",
+        c"force_generic_plan",
+        pg_sys::GucAction::GUC_ACTION_LOCAL,
+    );
     let sent = if all {
         plans::run(client, &NOTIFY_ALL, &[])?
     } else {
         plans::run(client, &NOTIFY_QUEUES, &[queue_ids.to_vec().into()])?
     };
     Ok(sent.len() as i64)
-}
-
-/// Sets `name` until the end of the worker's transaction; cheaper than parsing a SET LOCAL statement,
-/// which the notifications would do hundreds of times a second.
-fn set_local(name: &CStr, value: &CStr) {
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            0,
-            false,
-        );
-    }
 }
 
 pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
