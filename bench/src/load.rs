@@ -55,9 +55,13 @@ pub fn in_turns(
     let mut parts: Vec<Vec<Outcome>> = setups.iter().map(|_| Vec::new()).collect();
     for _ in 0..TURNS {
         for (setup, part) in setups.iter().zip(&mut parts) {
-            part.push(closed_loop(url, clients, duration / TURNS, false, |client, index| {
-                setup(client, index)
-            })?);
+            part.push(closed_loop(
+                url,
+                clients,
+                duration / TURNS,
+                false,
+                |client, index| setup(client, index),
+            )?);
         }
     }
     Ok(parts.into_iter().map(Outcome::combine).collect())

@@ -13,7 +13,8 @@ thread_local! {
 #[pg_extern(volatile, parallel_unsafe)]
 fn lock_token() -> pgrx::Uuid {
     let mut bytes = [0u8; 16];
-    GENERATOR.with_borrow_mut(|generator| generator.get_or_insert_with(seeded).fill_bytes(&mut bytes));
+    GENERATOR
+        .with_borrow_mut(|generator| generator.get_or_insert_with(seeded).fill_bytes(&mut bytes));
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     pgrx::Uuid::from_bytes(bytes)
