@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 mod access;
 mod api;
 mod datum;
+mod direct_insert;
 mod error;
 mod gucs;
 mod invalidation;

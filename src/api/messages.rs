@@ -13,6 +13,7 @@ use super::queues::{self, SettingsChange};
 use super::read_position::{self, Position};
 use crate::access::{self, Caller, Privilege};
 use crate::datum::{ArrayShape, BigintArray, Jsonb, JsonbArray, UuidArray};
+use crate::direct_insert;
 use crate::error::{BusError, BusResult};
 use crate::gucs;
 use crate::plans::{self, Statement};
@@ -399,17 +400,22 @@ fn destination(
     queues::require_destination(client, queue)
 }
 
-/// Runs a send statement into `found`: the new message ids (none for a duplicate). Waiting readers
-/// are woken, and the queue's NOTIFY sent, at commit.
+/// Runs a send into `found`: written directly when `direct` describes the messages and the table
+/// allows it, else by `statement` with `args`. Returns the new message ids (none for a duplicate).
+/// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
 fn insert_messages(
     client: &mut SpiClient<'_>,
     queue: &str,
     found: queues::Destination,
     delay: Option<Interval>,
+    direct: Option<&direct_insert::Messages>,
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<Vec<i64>> {
-    let ids: Vec<i64> = plans::first_column(client, statement, args)?;
+    let ids = match direct.and_then(direct_insert::insert) {
+        Some(ids) => ids,
+        None => plans::first_column(client, statement, args)?,
+    };
     if !ids.is_empty() {
         let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
         wakeup::announce(found.queue_id, queue, found.notify, ready_now);
@@ -438,6 +444,16 @@ fn send(
     } = Outgoing::check(payload, headers, delay, priority)?;
     let ids = access::connect(|client, caller| {
         let found = destination(client, caller, queue)?;
+        let payloads = [payload.into_datum().expect("a payload is a datum")];
+        let messages = direct_insert::Messages {
+            queue_id: found.queue_id,
+            payloads: &payloads,
+            headers: headers.and_then(IntoDatum::into_datum),
+            delay,
+            priority,
+            correlation_id,
+            reply_to,
+        };
         let mut args: Vec<DatumWithOid> = vec![
             found.queue_id.into(),
             payload.into(),
@@ -447,14 +463,14 @@ fn send(
             correlation_id.into(),
             reply_to.into(),
         ];
-        let statement = match dedup_id {
+        let (statement, direct) = match dedup_id {
             Some(dedup_id) => {
                 args.push(dedup_id.into());
-                &SEND_DEDUPLICATED
+                (&SEND_DEDUPLICATED, None)
             }
-            None => &SEND,
+            None => (&SEND, Some(&messages)),
         };
-        insert_messages(client, queue, found, delay, statement, &args)
+        insert_messages(client, queue, found, delay, direct, statement, &args)
     })?;
     Ok(ids.first().copied())
 }
@@ -476,15 +492,17 @@ fn send_batch(
     if any_null {
         return Err(BusError::NullArgument("every element of payloads").into());
     }
-    if count > 0 {
-        let largest = payloads
-            .elements()
-            .iter()
-            .map(Jsonb::size)
-            .max()
-            .unwrap_or(0);
+    let elements: Vec<pg_sys::Datum> = if count > 0 {
+        let elements = payloads.elements();
+        let largest = elements.iter().map(Jsonb::size).max().unwrap_or(0);
         check_size(largest, headers)?;
-    }
+        elements
+            .into_iter()
+            .filter_map(IntoDatum::into_datum)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut ids = access::connect(|client, caller| {
         let found = destination(client, caller, queue)?;
         let args: [DatumWithOid; 5] = [
@@ -494,7 +512,24 @@ fn send_batch(
             delay.into(),
             priority.into(),
         ];
-        insert_messages(client, queue, found, delay, &SEND_BATCH, &args)
+        let messages = direct_insert::Messages {
+            queue_id: found.queue_id,
+            payloads: &elements,
+            headers: headers.and_then(IntoDatum::into_datum),
+            delay,
+            priority,
+            correlation_id: None,
+            reply_to: None,
+        };
+        insert_messages(
+            client,
+            queue,
+            found,
+            delay,
+            Some(&messages),
+            &SEND_BATCH,
+            &args,
+        )
     })?;
     ids.sort_unstable();
     Ok(SetOfIterator::new(ids))

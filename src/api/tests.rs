@@ -384,6 +384,114 @@ mod tests {
         assert_eq!(count("SELECT FROM bussig.message"), 0);
     }
 
+    // Sends write heap and index entries directly (direct_insert.rs): every row must be complete,
+    // toasted when large, and in both indexes, however many flushes a batch takes.
+    #[pg_test]
+    fn sends_write_complete_rows_and_index_entries() {
+        run("CREATE EXTENSION IF NOT EXISTS amcheck");
+        run("SELECT bussig.create_queue('q')");
+        let large = "(SELECT jsonb_build_object('d', string_agg(md5(g::text), '')) FROM generate_series(1, 20000) g)";
+        let id = one::<i64>(&format!(
+            "SELECT bussig.send('q', {large}, headers => '{{\"h\": 1}}')"
+        ))
+        .unwrap();
+        let ids = Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT bussig.send_batch('q', array(SELECT to_jsonb(g) FROM generate_series(1, 2500) g),
+                                             delay => '1 hour', priority => 3)",
+                    None,
+                    &[],
+                )
+                .unwrap()
+                .map(|row| row.get::<i64>(1).unwrap().unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(ids.len(), 2500);
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]) && ids[0] > id);
+        run("SELECT bt_index_check(i, true) FROM unnest(ARRAY['bussig.message_pkey', 'bussig.message_delivery_order',
+                                                        'bussig.message_final_lock', 'bussig.message_body']::regclass[]) i");
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT payload = {large} AND headers = '{{\"h\": 1}}' FROM bussig.message WHERE message_id = {id}"
+            )),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class WHERE oid = 'bussig.message'::regclass"),
+            Some(true)
+        );
+        // Delayed and prioritised as asked, in array order, found through the delivery-order index.
+        run("SET LOCAL enable_seqscan = off");
+        run("SET LOCAL enable_bitmapscan = off");
+        assert_eq!(
+            one::<String>(
+                "SELECT format('%s %s %s', count(*), bool_and(visible_at > now() + interval '59 minutes'),
+                               array_agg(payload::int) = array(SELECT generate_series(1, 2500)))
+                 FROM (SELECT payload, visible_at FROM bussig.message
+                       WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = 'q') AND priority = 3
+                       ORDER BY priority DESC, visible_at, message_id) delivery_order"
+            )
+            .as_deref(),
+            Some("2500 t t")
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT format('%s %s', message_id, payload = {large}) FROM bussig.read('q')"
+            ))
+            .as_deref(),
+            Some(format!("{id} t").as_str())
+        );
+    }
+
+    // What the table needs beyond its heap and indexes (triggers, defaults of columns added later)
+    // the plain INSERT statement does; a read-only transaction gets its error from it.
+    #[pg_test]
+    fn sends_use_the_insert_statement_when_the_table_needs_it() {
+        run("SELECT bussig.create_queue('q')");
+        run("CREATE TEMP TABLE seen (message_id bigint)");
+        run(
+            "CREATE FUNCTION pg_temp.note() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN INSERT INTO pg_temp.seen VALUES (NEW.message_id); RETURN NULL; END $$",
+        );
+        run("CREATE TRIGGER note AFTER INSERT ON bussig.message FOR EACH ROW EXECUTE FUNCTION pg_temp.note()");
+        run("SELECT bussig.send('q', '1')");
+        run("SELECT bussig.send_batch('q', ARRAY['2', '3']::jsonb[])");
+        assert_eq!(
+            count("SELECT FROM seen JOIN bussig.message USING (message_id)"),
+            3
+        );
+        run("DROP TRIGGER note ON bussig.message");
+
+        run("ALTER TABLE bussig.message ADD COLUMN extra int DEFAULT 7");
+        let id = one::<i64>("SELECT bussig.send('q', '4')").unwrap();
+        assert_eq!(
+            one::<i32>(&format!(
+                "SELECT extra FROM bussig.message WHERE message_id = {id}"
+            )),
+            Some(7)
+        );
+        run("ALTER TABLE bussig.message DROP COLUMN extra");
+        assert_eq!(
+            count("SELECT bussig.send_batch('q', ARRAY['5', '6']::jsonb[])"),
+            2
+        );
+        assert_eq!(messages_in("q"), 6);
+
+        for send in [
+            "bussig.send('q', '7')",
+            "bussig.send_batch('q', ARRAY['8']::jsonb[])",
+        ] {
+            assert_fails(
+                &format!(
+                    "DO $$ BEGIN SET LOCAL transaction_read_only = on; PERFORM {send}; END $$"
+                ),
+                "25006",
+            );
+        }
+        assert_eq!(messages_in("q"), 6);
+    }
+
     #[pg_test]
     fn read_delivers_by_priority_then_age_and_locks() {
         run("SELECT bussig.create_queue('q')");
