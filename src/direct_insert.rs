@@ -2,9 +2,10 @@
 //! index entries, written straight into `bussig.message`, with no INSERT statement to start and shut
 //! down per call (a tenth of a send's backend time; see docs/performance.md).
 //!
-//! Only for the table as bussig creates it. Triggers, rules, row security, CHECK constraints,
-//! generated or unknown columns, another table access method, a read-only or parallel transaction: in
-//! all of these `insert` returns `None` and the caller runs its plain INSERT, which handles them.
+//! Only for the table as bussig creates it (dropped columns aside). Triggers, rules, row security,
+//! CHECK constraints, generated columns, columns or NOT NULL constraints bussig does not know, another
+//! table access method, partitioning, a read-only or parallel transaction: in all of these `insert`
+//! returns `None` and the caller runs its plain INSERT, which handles them.
 use std::ffi::CStr;
 use std::ptr;
 
@@ -12,25 +13,37 @@ use pgrx::datum::Interval;
 use pgrx::fcinfo::{direct_function_call, direct_function_call_as_datum};
 use pgrx::{pg_sys, IntoDatum, PgMemoryContexts, PgTupleDesc};
 
-use crate::validate;
+/// A column of `bussig.message` as `sql/schema.sql` creates it.
+struct Column {
+    name: &'static CStr,
+    type_oid: pg_sys::Oid,
+    not_null: bool,
+}
 
-/// The columns of `bussig.message`, in order, as `sql/schema.sql` creates them.
-const COLUMNS: [(&CStr, pg_sys::Oid); 15] = [
-    (c"message_id", pg_sys::INT8OID),
-    (c"visible_at", pg_sys::TIMESTAMPTZOID),
-    (c"enqueued_at", pg_sys::TIMESTAMPTZOID),
-    (c"queue_id", pg_sys::INT4OID),
-    (c"priority", pg_sys::INT4OID),
-    (c"delivery_count", pg_sys::INT4OID),
-    (c"final_delivery", pg_sys::BOOLOID),
-    (c"lock_token", pg_sys::UUIDOID),
-    (c"payload", pg_sys::JSONBOID),
-    (c"body_id", pg_sys::INT8OID),
-    (c"headers", pg_sys::JSONBOID),
-    (c"subject", pg_sys::TEXTOID),
-    (c"correlation_id", pg_sys::TEXTOID),
-    (c"reply_to", pg_sys::TEXTOID),
-    (c"last_error", pg_sys::TEXTOID),
+const fn column(name: &'static CStr, type_oid: pg_sys::Oid, not_null: bool) -> Column {
+    Column {
+        name,
+        type_oid,
+        not_null,
+    }
+}
+
+const COLUMNS: [Column; 15] = [
+    column(c"message_id", pg_sys::INT8OID, true),
+    column(c"visible_at", pg_sys::TIMESTAMPTZOID, true),
+    column(c"enqueued_at", pg_sys::TIMESTAMPTZOID, true),
+    column(c"queue_id", pg_sys::INT4OID, true),
+    column(c"priority", pg_sys::INT4OID, true),
+    column(c"delivery_count", pg_sys::INT4OID, true),
+    column(c"final_delivery", pg_sys::BOOLOID, true),
+    column(c"lock_token", pg_sys::UUIDOID, false),
+    column(c"payload", pg_sys::JSONBOID, false),
+    column(c"body_id", pg_sys::INT8OID, false),
+    column(c"headers", pg_sys::JSONBOID, false),
+    column(c"subject", pg_sys::TEXTOID, false),
+    column(c"correlation_id", pg_sys::TEXTOID, false),
+    column(c"reply_to", pg_sys::TEXTOID, false),
+    column(c"last_error", pg_sys::TEXTOID, false),
 ];
 const MESSAGE_ID: usize = 0;
 const VISIBLE_AT: usize = 1;
@@ -43,6 +56,12 @@ const PAYLOAD: usize = 8;
 const HEADERS: usize = 10;
 const CORRELATION_ID: usize = 12;
 const REPLY_TO: usize = 13;
+
+/// Where each of `COLUMNS` sits in the table's rows, which may also hold dropped columns.
+struct Layout {
+    positions: [usize; COLUMNS.len()],
+    width: usize,
+}
 
 /// Rows handed to the table access method at once: as COPY does, enough to fill pages, few enough
 /// that a large batch does not hold all its tuples in memory.
@@ -75,9 +94,9 @@ pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
         }
         // The lock an INSERT takes, held to the end of the transaction either way.
         let relation = pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        let ids = is_plain(relation).then(|| {
+        let ids = layout(relation).map(|layout| {
             PgMemoryContexts::new("bussig direct insert")
-                .switch_to(|_| write(relation, sequence, messages))
+                .switch_to(|_| write(relation, &layout, sequence, messages))
         });
         pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
         if ids.is_some() {
@@ -87,56 +106,79 @@ pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
     }
 }
 
-/// Whether writing the heap and indexes directly does all that an INSERT into `relation` would.
-unsafe fn is_plain(relation: pg_sys::Relation) -> bool {
+/// The table's layout when writing its heap and indexes directly does all that an INSERT would.
+unsafe fn layout(relation: pg_sys::Relation) -> Option<Layout> {
     unsafe {
         let class = &*(*relation).rd_rel;
-        let desc = PgTupleDesc::from_pg_unchecked((*relation).rd_att);
         let constraints = (*(*relation).rd_att).constr.as_ref();
-        class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+        let plain = class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
             && class.relam == pg_sys::HEAP_TABLE_AM_OID
+            && !class.relispartition
             && !class.relrowsecurity
             && (*relation).trigdesc.is_null()
             && (*relation).rd_rules.is_null()
-            && constraints.is_none_or(|c| c.num_check == 0 && !c.has_generated_stored)
-            && desc.len() == COLUMNS.len()
-            && COLUMNS.iter().enumerate().all(|(i, (name, type_oid))| {
-                desc.get(i).is_some_and(|attribute| {
-                    !attribute.attisdropped
-                        && attribute.atttypid == *type_oid
-                        && CStr::from_ptr(attribute.attname.data.as_ptr()) == *name
-                })
-            })
+            && constraints.is_none_or(|c| c.num_check == 0 && !c.has_generated_stored);
+        if !plain {
+            return None;
+        }
+        let desc = PgTupleDesc::from_pg_unchecked((*relation).rd_att);
+        let mut positions = [None; COLUMNS.len()];
+        for (position, attribute) in desc.iter().enumerate() {
+            if attribute.attisdropped {
+                continue;
+            }
+            let name = CStr::from_ptr(attribute.attname.data.as_ptr());
+            let known = COLUMNS.iter().position(|column| column.name == name)?;
+            let column = &COLUMNS[known];
+            if attribute.atttypid != column.type_oid
+                || attribute.attnotnull != column.not_null
+                || positions[known].replace(position).is_some()
+            {
+                return None;
+            }
+        }
+        Some(Layout {
+            positions: positions.map(|position| position.unwrap_or(usize::MAX)),
+            width: desc.len(),
+        })
+        .filter(|layout| {
+            layout
+                .positions
+                .iter()
+                .all(|&position| position < layout.width)
+        })
     }
 }
 
 unsafe fn write(
     relation: pg_sys::Relation,
+    layout: &Layout,
     sequence: pg_sys::Oid,
     messages: &Messages,
 ) -> Vec<i64> {
     unsafe {
-        let now = pg_sys::GetCurrentTimestamp();
+        let now = pg_sys::Datum::from(pg_sys::GetCurrentTimestamp());
         let visible_at = match messages.delay {
-            Some(delay) if !validate::is_zero(&delay) => direct_function_call_as_datum(
+            Some(delay) => direct_function_call_as_datum(
                 pg_sys::timestamptz_pl_interval,
-                &[Some(pg_sys::Datum::from(now)), delay.into_datum()],
+                &[Some(now), delay.into_datum()],
             )
             .expect("a timestamp plus an interval is a timestamp"),
-            _ => pg_sys::Datum::from(now),
+            None => now,
         };
-        let mut shared: [Option<pg_sys::Datum>; COLUMNS.len()] = [None; COLUMNS.len()];
-        shared[VISIBLE_AT] = Some(visible_at);
-        shared[ENQUEUED_AT] = Some(pg_sys::Datum::from(
+        let at = |column: usize| layout.positions[column];
+        let mut row: Vec<Option<pg_sys::Datum>> = vec![None; layout.width];
+        row[at(VISIBLE_AT)] = Some(visible_at);
+        row[at(ENQUEUED_AT)] = Some(pg_sys::Datum::from(
             pg_sys::GetCurrentTransactionStartTimestamp(),
         ));
-        shared[QUEUE_ID] = Some(pg_sys::Datum::from(messages.queue_id));
-        shared[PRIORITY] = Some(pg_sys::Datum::from(messages.priority));
-        shared[DELIVERY_COUNT] = Some(pg_sys::Datum::from(0i32));
-        shared[FINAL_DELIVERY] = Some(pg_sys::Datum::from(false));
-        shared[HEADERS] = messages.headers;
-        shared[CORRELATION_ID] = messages.correlation_id.and_then(IntoDatum::into_datum);
-        shared[REPLY_TO] = messages.reply_to.and_then(IntoDatum::into_datum);
+        row[at(QUEUE_ID)] = Some(pg_sys::Datum::from(messages.queue_id));
+        row[at(PRIORITY)] = Some(pg_sys::Datum::from(messages.priority));
+        row[at(DELIVERY_COUNT)] = Some(pg_sys::Datum::from(0i32));
+        row[at(FINAL_DELIVERY)] = Some(pg_sys::Datum::from(false));
+        row[at(HEADERS)] = messages.headers;
+        row[at(CORRELATION_ID)] = messages.correlation_id.and_then(IntoDatum::into_datum);
+        row[at(REPLY_TO)] = messages.reply_to.and_then(IntoDatum::into_datum);
 
         let estate = pg_sys::CreateExecutorState();
         let result_relation = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
@@ -148,35 +190,42 @@ unsafe fn write(
             (*estate).es_result_relation_info = result_relation;
         }
         let command = pg_sys::GetCurrentCommandId(true);
+        // Slots over a copy of the row type, which is not reference-counted: pinning the relation's
+        // own for every slot cost more than filling it.
+        let row_type = pg_sys::CreateTupleDescCopy((*relation).rd_att);
         let mut slots: Vec<*mut pg_sys::TupleTableSlot> =
             (0..messages.payloads.len().min(ROWS_PER_FLUSH))
-                .map(|_| pg_sys::table_slot_create(relation, ptr::null_mut()))
+                .map(|_| pg_sys::MakeSingleTupleTableSlot(row_type, &pg_sys::TTSOpsHeapTuple))
                 .collect();
+        // heap_multi_insert leaves its tuple copies (toasted ones among them) in the current context.
+        let mut flush_context = PgMemoryContexts::new("bussig direct insert flush");
         let mut ids = Vec::with_capacity(messages.payloads.len());
         for chunk in messages.payloads.chunks(ROWS_PER_FLUSH) {
             for (slot, payload) in slots.iter().zip(chunk) {
                 let id = next_id(sequence);
                 ids.push(id);
-                let values = std::slice::from_raw_parts_mut((**slot).tts_values, COLUMNS.len());
-                let nulls = std::slice::from_raw_parts_mut((**slot).tts_isnull, COLUMNS.len());
-                for (column, value) in shared.iter().enumerate() {
-                    values[column] = value.unwrap_or(pg_sys::Datum::from(0));
-                    nulls[column] = value.is_none();
+                let values = std::slice::from_raw_parts_mut((**slot).tts_values, layout.width);
+                let nulls = std::slice::from_raw_parts_mut((**slot).tts_isnull, layout.width);
+                for (position, value) in row.iter().enumerate() {
+                    values[position] = value.unwrap_or(pg_sys::Datum::from(0));
+                    nulls[position] = value.is_none();
                 }
-                values[MESSAGE_ID] = pg_sys::Datum::from(id);
-                nulls[MESSAGE_ID] = false;
-                values[PAYLOAD] = *payload;
-                nulls[PAYLOAD] = false;
+                values[at(MESSAGE_ID)] = pg_sys::Datum::from(id);
+                nulls[at(MESSAGE_ID)] = false;
+                values[at(PAYLOAD)] = *payload;
+                nulls[at(PAYLOAD)] = false;
                 pg_sys::ExecStoreVirtualTuple(*slot);
             }
-            pg_sys::heap_multi_insert(
-                relation,
-                slots.as_mut_ptr(),
-                chunk.len() as i32,
-                command,
-                0,
-                ptr::null_mut(),
-            );
+            flush_context.switch_to(|_| {
+                pg_sys::heap_multi_insert(
+                    relation,
+                    slots.as_mut_ptr(),
+                    chunk.len() as i32,
+                    command,
+                    0,
+                    ptr::null_mut(),
+                )
+            });
             for slot in &slots[..chunk.len()] {
                 insert_index_entries(result_relation, *slot, estate);
                 if let Some(context) = (*estate).es_per_tuple_exprcontext.as_ref() {
@@ -184,6 +233,7 @@ unsafe fn write(
                 }
                 pg_sys::ExecClearTuple(*slot);
             }
+            flush_context.reset();
         }
         for slot in slots.drain(..) {
             pg_sys::ExecDropSingleTupleTableSlot(slot);

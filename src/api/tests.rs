@@ -409,6 +409,12 @@ mod tests {
         });
         assert_eq!(ids.len(), 2500);
         assert!(ids.windows(2).all(|pair| pair[0] < pair[1]) && ids[0] > id);
+        // One visible_at for the whole batch: written directly, not by the INSERT statement, which
+        // takes clock_timestamp() per row.
+        assert_eq!(
+            count("SELECT DISTINCT visible_at FROM bussig.message WHERE priority = 3"),
+            1
+        );
         run("SELECT bt_index_check(i, true) FROM unnest(ARRAY['bussig.message_pkey', 'bussig.message_delivery_order',
                                                         'bussig.message_final_lock', 'bussig.message_body']::regclass[]) i");
         assert_eq!(
@@ -449,6 +455,14 @@ mod tests {
     #[pg_test]
     fn sends_use_the_insert_statement_when_the_table_needs_it() {
         run("SELECT bussig.create_queue('q')");
+        run("ALTER TABLE bussig.message ALTER COLUMN subject SET NOT NULL");
+        assert_fails("SELECT bussig.send('q', '0')", "23502");
+        assert_fails(
+            "SELECT bussig.send_batch('q', ARRAY['0']::jsonb[])",
+            "23502",
+        );
+        run("ALTER TABLE bussig.message ALTER COLUMN subject DROP NOT NULL");
+
         run("CREATE TEMP TABLE seen (message_id bigint)");
         run(
             "CREATE FUNCTION pg_temp.note() RETURNS trigger LANGUAGE plpgsql
@@ -471,12 +485,17 @@ mod tests {
             )),
             Some(7)
         );
+        // A dropped column is only a gap in the row: sends are written directly again.
         run("ALTER TABLE bussig.message DROP COLUMN extra");
         assert_eq!(
-            count("SELECT bussig.send_batch('q', ARRAY['5', '6']::jsonb[])"),
-            2
+            count("SELECT bussig.send_batch('q', array(SELECT to_jsonb(g) FROM generate_series(5, 54) g), priority => 1)"),
+            50
         );
-        assert_eq!(messages_in("q"), 6);
+        assert_eq!(
+            count("SELECT DISTINCT visible_at FROM bussig.message WHERE priority = 1"),
+            1
+        );
+        assert_eq!(messages_in("q"), 54);
 
         for send in [
             "bussig.send('q', '7')",
@@ -489,7 +508,7 @@ mod tests {
                 "25006",
             );
         }
-        assert_eq!(messages_in("q"), 6);
+        assert_eq!(messages_in("q"), 54);
     }
 
     #[pg_test]
@@ -1105,8 +1124,18 @@ mod tests {
              FOR EACH ROW EXECUTE FUNCTION evil.refuse()");
         assert_fails("SELECT bussig.send('q', '{}')", "P0001");
         run("DROP TRIGGER refuse ON bussig.message");
+        // With a trigger on the table a send runs its INSERT statement, which must not reach
+        // evil.clock_timestamp (that would delay the message forever).
+        run(
+            "CREATE FUNCTION evil.pass() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RETURN NEW; END $$",
+        );
+        run("CREATE TRIGGER pass BEFORE INSERT ON bussig.message
+             FOR EACH ROW EXECUTE FUNCTION evil.pass()");
+        assert!(one::<i64>("SELECT bussig.send('q', '{\"n\": 0}')").is_some());
+        run("DROP TRIGGER pass ON bussig.message");
         assert!(one::<i64>("SELECT bussig.send('q', '{\"n\": 1}')").is_some());
-        assert_eq!(count("SELECT FROM bussig.read('q')"), 1);
+        assert_eq!(count("SELECT FROM bussig.read('q', 10)"), 2);
         assert_eq!(
             one::<String>("SELECT current_setting('search_path')").as_deref(),
             Some("evil, pg_catalog, public")
