@@ -2,7 +2,7 @@
 # `make bench CPU=1`: where a message's cost goes. For each statement, one pgbench client runs it for
 # a while; the server's CPU time (every server process: backend, WAL writer, checkpointer, bussig's
 # worker) is divided by the transactions committed in that time, and the WAL one message writes is
-# read off the WAL position. "bussig.message, direct" inserts into bussig's table with a plain INSERT,
+# read off the WAL position. "bussig.message, plain INSERT" inserts into bussig's table by statement,
 # as the extension owner may: the cost of the table's shape alone, without the function around it.
 # Run by bench/run.sh against its cluster; BENCH_URL and the psql/pgbench paths come from there.
 set -euo pipefail
@@ -58,8 +58,8 @@ echo
 echo "| statement | msgs/s | server CPU µs per message | transactions/s | WAL bytes per message |"
 echo "|---|---|---|---|---|"
 measure "hand-written INSERT" "INSERT INTO hand.queue (payload) VALUES ('$payload');" 1
-measure "bussig.message, direct INSERT" "INSERT INTO bussig.message (queue_id, payload, visible_at) VALUES ($queue_id, '$payload', clock_timestamp()) RETURNING message_id;" 1
+measure "bussig.message, plain INSERT" "INSERT INTO bussig.message (queue_id, payload, visible_at) VALUES ($queue_id, '$payload', clock_timestamp()) RETURNING message_id;" 1
 measure "bussig.send" "SELECT bussig.send('cpu', '$payload');" 1
 measure "hand-written INSERT of 100" "INSERT INTO hand.queue (payload) SELECT unnest($batch);" 100
-measure "bussig.message, direct INSERT of 100" "INSERT INTO bussig.message (queue_id, payload, visible_at) SELECT $queue_id, unnest($batch), clock_timestamp();" 100
+measure "bussig.message, plain INSERT of 100" "INSERT INTO bussig.message (queue_id, payload, visible_at) SELECT $queue_id, unnest($batch), clock_timestamp();" 100
 measure "bussig.send_batch of 100" "SELECT count(*) FROM bussig.send_batch('cpu', $batch);" 100
