@@ -13,6 +13,8 @@ use pgrx::datum::Interval;
 use pgrx::fcinfo::{direct_function_call, direct_function_call_as_datum};
 use pgrx::{pg_sys, IntoDatum, PgMemoryContexts, PgTupleDesc};
 
+use crate::plans;
+
 /// A column of `bussig.message` as `sql/schema.sql` creates it.
 struct Column {
     name: &'static CStr,
@@ -86,9 +88,8 @@ pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
         if pg_sys::XactReadOnly || pg_sys::IsInParallelMode() {
             return None;
         }
-        let namespace = pg_sys::get_namespace_oid(c"bussig".as_ptr(), false);
-        let table = pg_sys::get_relname_relid(c"message".as_ptr(), namespace);
-        let sequence = pg_sys::get_relname_relid(c"message_id_seq".as_ptr(), namespace);
+        let table = plans::bussig_relation(c"message");
+        let sequence = plans::bussig_relation(c"message_id_seq");
         if table == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
             return None;
         }
@@ -137,15 +138,12 @@ unsafe fn layout(relation: pg_sys::Relation) -> Option<Layout> {
                 return None;
             }
         }
+        if positions.contains(&None) {
+            return None;
+        }
         Some(Layout {
-            positions: positions.map(|position| position.unwrap_or(usize::MAX)),
+            positions: positions.map(Option::unwrap),
             width: desc.len(),
-        })
-        .filter(|layout| {
-            layout
-                .positions
-                .iter()
-                .all(|&position| position < layout.width)
         })
     }
 }

@@ -211,10 +211,17 @@ unsafe extern "C-unwind" fn relation_info(
 }
 
 fn is_message_table(relation: pg_sys::Oid) -> bool {
+    bussig_relation(c"message") == relation
+}
+
+/// The oid of relation `name` in schema bussig; InvalidOid when either is missing.
+pub fn bussig_relation(name: &std::ffi::CStr) -> pg_sys::Oid {
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"bussig".as_ptr(), true);
-        namespace != pg_sys::InvalidOid
-            && pg_sys::get_relname_relid(c"message".as_ptr(), namespace) == relation
+        if namespace == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(name.as_ptr(), namespace)
     }
 }
 
