@@ -4,7 +4,10 @@
 //! commits, to the changing backend at once, and to it again if that transaction aborts. Each
 //! delivery bumps a generation number; a cache entry is good while the generation it was loaded
 //! at is current.
-use std::cell::Cell;
+//!
+//! The direct insert's copy of `bussig.message` (its layout, indexes and id sequence) is watched the
+//! same way, through the relcache invalidations PostgreSQL itself sends when any of those change.
+use std::cell::{Cell, RefCell};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -19,6 +22,9 @@ thread_local! {
     /// extension may have been dropped and created anew.
     static WATCHED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static GENERATION: Cell<u64> = const { Cell::new(0) };
+    /// The relations the message-table copy was built from, and whether one has changed since.
+    static MESSAGE_TABLE: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
+    static MESSAGE_TABLE_STALE: Cell<bool> = const { Cell::new(true) };
 }
 
 static SUBSCRIPTION_TABLE: Statement = Statement {
@@ -37,6 +43,40 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_argument: pg_sys::Datum, r
     if relid == pg_sys::InvalidOid || relid == watched || watched == pg_sys::InvalidOid {
         bump();
     }
+    if relid == pg_sys::InvalidOid
+        || MESSAGE_TABLE.with(|relations| relations.borrow().contains(&relid))
+    {
+        MESSAGE_TABLE_STALE.with(|stale| stale.set(true));
+    }
+}
+
+fn register_callback() {
+    if !CALLBACK_REGISTERED.with(|registered| registered.replace(true)) {
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(on_relcache_invalidation),
+                pg_sys::Datum::from(0),
+            )
+        };
+    }
+}
+
+/// Starts watching the relations a new copy of the message table is built from; more can be added
+/// while it is built. Any invalidation from here on makes the copy stale.
+pub fn watch_message_table(relations: &[pg_sys::Oid]) {
+    register_callback();
+    MESSAGE_TABLE.with(|watched| *watched.borrow_mut() = relations.to_vec());
+    MESSAGE_TABLE_STALE.with(|stale| stale.set(false));
+}
+
+pub fn also_watch_message_table(relation: pg_sys::Oid) {
+    MESSAGE_TABLE.with(|watched| watched.borrow_mut().push(relation));
+}
+
+/// Whether none of the watched relations changed since `watch_message_table`. Invalidations are
+/// applied when a lock is taken: ask after locking the table.
+pub fn message_table_is_current() -> bool {
+    !MESSAGE_TABLE_STALE.with(Cell::get)
 }
 
 fn bump() {
@@ -46,14 +86,7 @@ fn bump() {
 
 /// The current generation, once the changes other transactions committed have been applied.
 pub fn generation(client: &mut SpiClient<'_>) -> BusResult<u64> {
-    if !CALLBACK_REGISTERED.with(|registered| registered.replace(true)) {
-        unsafe {
-            pg_sys::CacheRegisterRelcacheCallback(
-                Some(on_relcache_invalidation),
-                pg_sys::Datum::from(0),
-            )
-        };
-    }
+    register_callback();
     unsafe { pg_sys::AcceptInvalidationMessages() };
     if WATCHED.with(Cell::get) == pg_sys::InvalidOid {
         let table = subscription_table(client)?.unwrap_or(pg_sys::InvalidOid);

@@ -96,3 +96,78 @@ fn a_notify_turned_on_elsewhere_reaches_a_backend_that_sent_before() {
         .expect("no notification within 10 s of a send to a queue that asked for one");
     assert_eq!(note.channel(), channel);
 }
+
+/// Sends write the message table directly, from a description of it each backend keeps (see
+/// `src/direct_insert.rs`). A trigger, an index or a new extension made by another connection must
+/// reach a backend that sent before, at its next send.
+#[test]
+fn a_change_to_the_message_table_elsewhere_reaches_a_backend_that_sent_before() {
+    let database = Database::create("cache_message_table");
+    let mut admin = database.connect();
+    admin
+        .batch_execute(
+            "CREATE EXTENSION bussig; CREATE EXTENSION amcheck; SELECT bussig.create_queue('q');",
+        )
+        .unwrap();
+    let mut cached = database.connect();
+    send(&mut cached, "q", &json!({ "k": "before" }));
+
+    admin
+        .batch_execute(
+            "CREATE TABLE seen (message_id bigint);
+             CREATE FUNCTION public.note() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN INSERT INTO public.seen VALUES (NEW.message_id); RETURN NULL; END $$;
+             CREATE TRIGGER note AFTER INSERT ON bussig.message FOR EACH ROW EXECUTE FUNCTION public.note();",
+        )
+        .unwrap();
+    let noted = send(&mut cached, "q", &json!({ "k": "noted" }));
+    let seen: Vec<i64> = admin
+        .query("SELECT message_id FROM seen", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(seen, vec![noted]);
+
+    admin
+        .batch_execute(
+            "DROP TRIGGER note ON bussig.message;
+             CREATE INDEX message_k ON bussig.message ((payload->>'k')) WHERE priority = 0;",
+        )
+        .unwrap();
+    send(&mut cached, "q", &json!({ "k": "indexed" }));
+    send_batch(
+        &mut cached,
+        "q",
+        &[json!({ "k": "batch" }), json!({ "k": "batch" })],
+    );
+    admin
+        .batch_execute("SELECT bt_index_check('bussig.message_k', true)")
+        .unwrap();
+    // Found through the new index, which checked complete above.
+    admin.batch_execute("SET enable_seqscan = off").unwrap();
+    let found: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM bussig.message WHERE payload->>'k' IN ('indexed', 'batch') AND priority = 0",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(found, 3);
+
+    // A new extension: new table, new indexes, new sequence, none of them under the old OIDs.
+    admin
+        .batch_execute(
+            "DROP EXTENSION bussig CASCADE; CREATE EXTENSION bussig; SELECT bussig.create_queue('q');",
+        )
+        .unwrap();
+    let id = send(&mut cached, "q", &json!({ "k": "new extension" }));
+    let delivered = read(&mut admin, "q", 10, None);
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(delivered[0].id, id);
+    admin
+        .batch_execute(
+            "SELECT bt_index_check(indexrelid, true) FROM pg_index WHERE indrelid = 'bussig.message'::regclass",
+        )
+        .unwrap();
+}

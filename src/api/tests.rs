@@ -455,6 +455,10 @@ mod tests {
     #[pg_test]
     fn sends_use_the_insert_statement_when_the_table_needs_it() {
         run("SELECT bussig.create_queue('q')");
+        // Written directly, from a description of the table this backend now keeps: every change
+        // below must reach it.
+        run("SELECT bussig.send('q', '0')");
+        run("DELETE FROM bussig.message");
         run("ALTER TABLE bussig.message ALTER COLUMN subject SET NOT NULL");
         assert_fails("SELECT bussig.send('q', '0')", "23502");
         assert_fails(
@@ -509,6 +513,53 @@ mod tests {
             );
         }
         assert_eq!(messages_in("q"), 54);
+    }
+
+    // Indexes users add: B-trees, with expressions and predicates, get their entries from direct
+    // writes; any other access method makes sends take the INSERT statement. Either way every row
+    // is in every index.
+    #[pg_test]
+    fn sends_fill_the_indexes_users_add() {
+        run("CREATE EXTENSION IF NOT EXISTS amcheck");
+        run("SELECT bussig.create_queue('q')");
+        run("SELECT bussig.send('q', '{\"k\": 0}')");
+        run("CREATE INDEX message_k ON bussig.message ((payload->>'k')) WHERE priority = 2");
+        assert_eq!(
+            count("SELECT bussig.send_batch('q', array(SELECT jsonb_build_object('k', g) FROM generate_series(1, 300) g), priority => 2)"),
+            300
+        );
+        assert_eq!(
+            count("SELECT DISTINCT visible_at FROM bussig.message WHERE priority = 2"),
+            1
+        );
+        run("SELECT bussig.send('q', '{\"k\": 301}', priority => 2)");
+        run("SELECT bt_index_check('bussig.message_k', true)");
+        // Found through the indexes.
+        run("SET LOCAL enable_seqscan = off");
+        assert_eq!(
+            count(
+                "SELECT FROM bussig.message WHERE payload->>'k' IN ('7', '301') AND priority = 2"
+            ),
+            2
+        );
+
+        run("CREATE INDEX message_payload ON bussig.message USING gin (payload)");
+        run("SELECT bussig.send('q', '{\"g\": 1}', priority => 3)");
+        run("SELECT bussig.send_batch('q', ARRAY['{\"g\": 1}', '{\"g\": 2}']::jsonb[], priority => 3)");
+        assert_eq!(
+            count("SELECT FROM bussig.message WHERE payload @> '{\"g\": 1}'"),
+            2
+        );
+        run("DROP INDEX bussig.message_payload");
+        assert_eq!(
+            count("SELECT bussig.send_batch('q', array(SELECT jsonb_build_object('k', g) FROM generate_series(1, 300) g), priority => 4)"),
+            300
+        );
+        assert_eq!(
+            count("SELECT DISTINCT visible_at FROM bussig.message WHERE priority = 4"),
+            1
+        );
+        assert_eq!(messages_in("q"), 605);
     }
 
     #[pg_test]
