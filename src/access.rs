@@ -191,31 +191,68 @@ fn extension_owner() -> pg_sys::Oid {
     }
 }
 
-/// Runs `work` on an SPI connection as the extension owner, with `search_path` and `jit` pinned, and hands it
-/// the caller for its privilege checks. An error inside leaves the user and settings switched; the
-/// (sub)transaction abort that follows restores them, as it does for SECURITY DEFINER functions.
-pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>) -> BusResult<R> {
-    let mut role = pg_sys::InvalidOid;
-    let mut security_context = 0;
-    unsafe { pg_sys::GetUserIdAndSecContext(&mut role, &mut security_context) };
-    let owner = extension_owner();
-    let caller = Caller {
-        role,
-        unrestricted: is_unrestricted(role, owner),
-    };
-    let pins = Pins::set();
-    unsafe {
-        pg_sys::SetUserIdAndSecContext(
+/// Who called, and as whom bussig's work runs.
+struct Identity {
+    caller: Caller,
+    security_context: i32,
+    owner: pg_sys::Oid,
+}
+
+impl Identity {
+    fn current() -> Identity {
+        let mut role = pg_sys::InvalidOid;
+        let mut security_context = 0;
+        unsafe { pg_sys::GetUserIdAndSecContext(&mut role, &mut security_context) };
+        let owner = extension_owner();
+        Identity {
+            caller: Caller {
+                role,
+                unrestricted: is_unrestricted(role, owner),
+            },
+            security_context,
             owner,
-            security_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        )
-    };
-    let own = plans::own_statements();
-    let result = Spi::connect_mut(|client| work(client, &caller));
-    drop(own);
-    unsafe { pg_sys::SetUserIdAndSecContext(role, security_context) };
+        }
+    }
+
+    /// Runs `work` as the extension owner. An error inside leaves the user switched; the
+    /// (sub)transaction abort that follows restores it, as it does for SECURITY DEFINER functions.
+    fn as_owner<R>(&self, work: impl FnOnce(&Caller) -> R) -> R {
+        unsafe {
+            pg_sys::SetUserIdAndSecContext(
+                self.owner,
+                self.security_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+            )
+        };
+        let result = work(&self.caller);
+        unsafe { pg_sys::SetUserIdAndSecContext(self.caller.role, self.security_context) };
+        result
+    }
+}
+
+/// Runs `work` on an SPI connection as the extension owner, with `search_path` and `jit` pinned, and hands it
+/// the caller for its privilege checks. An error inside leaves the settings pinned until the
+/// (sub)transaction abort that follows.
+pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>) -> BusResult<R> {
+    let identity = Identity::current();
+    let pins = Pins::set();
+    let result = identity.as_owner(|caller| {
+        let _own = plans::own_statements();
+        Spi::connect_mut(|client| work(client, caller))
+    });
     pins.restore();
     result
+}
+
+/// Runs `work`, which runs no statement, as the extension owner when the caller is unrestricted,
+/// without the SPI connection and pinned settings of `connect`: a send that only writes its rows
+/// directly saves a tenth of its function's time. None when the caller needs privilege checks, or
+/// `work` found that it needs statements after all (having written nothing).
+pub fn without_statements<R>(work: impl FnOnce() -> Option<R>) -> Option<R> {
+    let identity = Identity::current();
+    if !identity.caller.unrestricted {
+        return None;
+    }
+    identity.as_owner(|_| work())
 }
 
 /// `search_path`: only the system catalogs (and the session's temporary schema at most last, where it

@@ -86,13 +86,20 @@ fn bump() {
 
 /// The current generation, once the changes other transactions committed have been applied.
 pub fn generation(client: &mut SpiClient<'_>) -> BusResult<u64> {
+    if let Some(generation) = known_generation() {
+        return Ok(generation);
+    }
+    let table = subscription_table(client)?.unwrap_or(pg_sys::InvalidOid);
+    WATCHED.with(|watched| watched.set(table));
+    Ok(GENERATION.with(Cell::get))
+}
+
+/// The current generation, as `generation` gives it, when it needs no statement to find out: None
+/// until bussig.subscription has been looked up again after a change.
+pub fn known_generation() -> Option<u64> {
     register_callback();
     unsafe { pg_sys::AcceptInvalidationMessages() };
-    if WATCHED.with(Cell::get) == pg_sys::InvalidOid {
-        let table = subscription_table(client)?.unwrap_or(pg_sys::InvalidOid);
-        WATCHED.with(|watched| watched.set(table));
-    }
-    Ok(GENERATION.with(Cell::get))
+    (WATCHED.with(Cell::get) != pg_sys::InvalidOid).then(|| GENERATION.with(Cell::get))
 }
 
 /// Whether what was loaded at `generation` may be kept: nothing changed while it loaded, and it was

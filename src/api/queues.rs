@@ -65,14 +65,8 @@ static RESOLVE_DESTINATION: Statement = Statement {
 /// transaction may still roll back, and a new queue announces itself to no cache.
 pub fn destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Destination>> {
     let generation = invalidation::generation(client)?;
-    let cached = KNOWN.with(|known| {
-        let known = known.borrow();
-        (known.0 == generation)
-            .then(|| known.1.get(name).copied())
-            .flatten()
-    });
-    if cached.is_some() {
-        return Ok(cached);
+    if let Some(found) = known(generation, name) {
+        return Ok(Some(found));
     }
     let Some(row) = plans::run(client, &RESOLVE_DESTINATION, &[name.into()])?.next() else {
         return Ok(None);
@@ -93,6 +87,21 @@ pub fn destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<D
         });
     }
     Ok(Some(found))
+}
+
+fn known(generation: u64, name: &str) -> Option<Destination> {
+    KNOWN.with(|known| {
+        let known = known.borrow();
+        (known.0 == generation)
+            .then(|| known.1.get(name).copied())
+            .flatten()
+    })
+}
+
+/// The queue named `name` when this backend's cache holds it and can tell, without a statement,
+/// that it is current.
+pub fn cached_destination(name: &str) -> Option<Destination> {
+    known(invalidation::known_generation()?, name)
 }
 
 /// The cached queue, or 42704 when there is no such queue.
