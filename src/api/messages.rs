@@ -420,19 +420,17 @@ fn insert_messages(
     Ok(ids)
 }
 
-/// A send with no statement to run: an unrestricted caller, a queue this backend has cached, and
-/// messages the table takes directly. None, with nothing written, when it needs `access::connect`.
-fn send_without_statements<'a>(
+/// A send with no statement to run (see `access::connect_unless_direct`): a queue this backend has
+/// cached, and messages the table takes directly. None, with nothing written, otherwise.
+fn send_directly<'a>(
     queue: &str,
     delay: Option<Interval>,
     messages: impl FnOnce(i32) -> direct_insert::Messages<'a>,
 ) -> Option<Vec<i64>> {
-    access::without_statements(|| {
-        let found = queues::cached_destination(queue)?;
-        let ids = direct_insert::insert(&messages(found.queue_id))?;
-        announce(queue, found, delay, &ids);
-        Some(ids)
-    })
+    let found = queues::cached_destination(queue)?;
+    let ids = direct_insert::insert(&messages(found.queue_id))?;
+    announce(queue, found, delay, &ids);
+    Some(ids)
 }
 
 /// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
@@ -472,12 +470,13 @@ fn send(
         correlation_id,
         reply_to,
     };
-    if dedup_id.is_none() {
-        if let Some(ids) = send_without_statements(queue, delay, messages) {
-            return Ok(ids.first().copied());
-        }
-    }
-    let ids = access::connect(|client, caller| {
+    let direct = || {
+        dedup_id
+            .is_none()
+            .then(|| send_directly(queue, delay, messages))
+            .flatten()
+    };
+    let ids = access::connect_unless_direct(direct, |client, caller| {
         let found = destination(client, caller, queue)?;
         let messages = messages(found.queue_id);
         let mut args: Vec<DatumWithOid> = vec![
@@ -538,11 +537,8 @@ fn send_batch(
         correlation_id: None,
         reply_to: None,
     };
-    if let Some(mut ids) = send_without_statements(queue, delay, messages) {
-        ids.sort_unstable();
-        return Ok(SetOfIterator::new(ids));
-    }
-    let mut ids = access::connect(|client, caller| {
+    let direct = || send_directly(queue, delay, messages);
+    let mut ids = access::connect_unless_direct(direct, |client, caller| {
         let found = destination(client, caller, queue)?;
         let args: [DatumWithOid; 5] = [
             found.queue_id.into(),
