@@ -118,7 +118,10 @@ ALTER TABLE bussig.message SET (autovacuum_vacuum_scale_factor = 0, autovacuum_v
 
 -- Delivery order. Within one priority, ready messages (visible_at <= now) sort before locked and
 -- delayed ones, so a read never walks past in-flight messages to find work (pgmq's head-of-line problem).
-CREATE INDEX message_delivery_order ON bussig.message (queue_id, priority DESC, visible_at, message_id);
+-- Every key ends in the unique message_id, so deduplication never merges anything: turned off, a full
+-- page splits without first scanning for duplicates.
+CREATE INDEX message_delivery_order ON bussig.message (queue_id, priority DESC, visible_at, message_id)
+    WITH (deduplicate_items = off);
 CREATE INDEX message_final_lock ON bussig.message (visible_at) WHERE final_delivery;
 
 -- Queues drop_queue removed. A send that raced the drop may still commit a message for one of them;
