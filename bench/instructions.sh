@@ -6,8 +6,8 @@
 #
 # Both tables are first filled with a million messages, so that their B-trees are as deep as under
 # a backlog (PostgreSQL's rightmost-leaf fast path needs two levels). Each statement then runs in a
-# fresh copy of that cluster, 300 times in its own transaction; a run of `SELECT 1` as often is
-# subtracted. Run by bench/run.sh against its cluster, which this script stops.
+# fresh copy of that cluster, prepared once and executed 300 times, each in its own transaction (as
+# the load generator and pgbench -M prepared run them); a run of `SELECT 1` as often is subtracted. Run by bench/run.sh against its cluster, which this script stops.
 set -euo pipefail
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 : "${BENCH_URL:?run by bench/run.sh}" "${BENCH_DATA_DIR:?run by bench/run.sh}"
@@ -33,12 +33,13 @@ q -c "SELECT sum((SELECT count(*) FROM bussig.send_batch('instructions', array_f
 as_postgres "$PG_BIN/pg_ctl" -D "$BENCH_DATA_DIR" -m fast -w stop >/dev/null
 as_postgres cp -a "$BENCH_DATA_DIR" "$work/template"
 
-# Instructions of running one statement $repeats times, each its own transaction.
+# Instructions of running one prepared statement $repeats times, each in its own transaction.
 count() {
     local sql=$1 script="$work/script.sql" data="$work/pgdata"
     {
         printf 'SET synchronous_commit = off;\n\n'
-        for _ in $(seq "$repeats"); do printf '%s\n\n' "$sql"; done
+        printf 'PREPARE measured AS %s;\n\n' "$sql"
+        for _ in $(seq "$repeats"); do printf 'EXECUTE measured;\n\n'; done
     } >"$script"
     rm -rf "$data"
     as_postgres cp -a "$work/template" "$data"
@@ -51,7 +52,7 @@ count() {
     grep -o 'Collected : [0-9]*' "$work/err" | grep -o '[0-9]*$'
 }
 
-base=$(count "SELECT 1;")
+base=$(count "SELECT 1")
 measure() {
     local name=$1 sql=$2 per=$3 total
     total=$(count "$sql")
@@ -64,9 +65,9 @@ echo "== Instructions per message (callgrind, single-user backend, tables of a m
 echo
 echo "| statement | instructions per message |"
 echo "|---|---|"
-measure "hand-written INSERT" "INSERT INTO hand.queue (payload) VALUES ('$payload');" 1
-measure "bussig.message, plain INSERT" "INSERT INTO bussig.message (queue_id, payload, visible_at) VALUES ($queue_id, '$payload', clock_timestamp());" 1
-measure "bussig.send" "SELECT bussig.send('instructions', '$payload');" 1
-measure "hand-written INSERT of 100" "INSERT INTO hand.queue (payload) SELECT unnest($batch);" 100
-measure "bussig.message, plain INSERT of 100" "INSERT INTO bussig.message (queue_id, payload, visible_at) SELECT $queue_id, unnest($batch), clock_timestamp();" 100
-measure "bussig.send_batch of 100" "SELECT count(*) FROM bussig.send_batch('instructions', $batch);" 100
+measure "hand-written INSERT" "INSERT INTO hand.queue (payload) VALUES ('$payload')" 1
+measure "bussig.message, plain INSERT" "INSERT INTO bussig.message (queue_id, payload, visible_at) VALUES ($queue_id, '$payload', clock_timestamp())" 1
+measure "bussig.send" "SELECT bussig.send('instructions', '$payload')" 1
+measure "hand-written INSERT of 100" "INSERT INTO hand.queue (payload) SELECT unnest($batch)" 100
+measure "bussig.message, plain INSERT of 100" "INSERT INTO bussig.message (queue_id, payload, visible_at) SELECT $queue_id, unnest($batch), clock_timestamp()" 100
+measure "bussig.send_batch of 100" "SELECT count(*) FROM bussig.send_batch('instructions', $batch)" 100
