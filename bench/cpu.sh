@@ -10,9 +10,9 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 seconds=${BENCH_SECONDS:-10}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-payload='{"id": 1, "kind": "order.created", "customer": "c-000042", "amount": 99.95, "currency": "EUR", "items": [1, 2, 3]}'
+# shellcheck source=bench/common.sh
+source "$(dirname "$0")/common.sh"
 
-q() { "$PG_BIN/psql" -X -q -tA -v ON_ERROR_STOP=1 "$BENCH_URL" "$@"; }
 q -c "SELECT bussig.create_queue('cpu') WHERE NOT EXISTS (SELECT FROM bussig.queue WHERE name = 'cpu')" >/dev/null
 queue_id=$(q -c "SELECT queue_id FROM bussig.queue WHERE name = 'cpu'")
 ticks_per_second=$(getconf CLK_TCK)
@@ -51,7 +51,6 @@ measure() {
         -v s="$seconds" 'BEGIN { printf "| %s | %.0f | %.1f | %.0f | %s |\n", name, c / s * per, t / hz * 1e6 / c / per, c / s, wal }'
 }
 
-batch="array_fill('$payload'::jsonb, ARRAY[100])"
 echo
 echo "== Server CPU per message (1 client, durable commits, ${seconds} s each)"
 echo

@@ -9,13 +9,14 @@
 # fresh copy of that cluster, prepared once and executed in a transaction of its own each time (as the
 # load generator and pgbench -M prepared run them), 200 times and then 400 times: the difference is
 # the cost of 200 executions, without the backend's start or the caches its first executions fill.
-# Run by bench/run.sh against its cluster, which this script stops.
+# BENCH_CALLGRIND_OUT=DIR keeps each run's profile there (NAME-200.cg, NAME-400.cg) for
+# callgrind_annotate. Run by bench/run.sh against its cluster, which this script stops.
 set -euo pipefail
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 : "${BENCH_URL:?run by bench/run.sh}" "${BENCH_DATA_DIR:?run by bench/run.sh}"
 repeats=200
-payload='{"id": 1, "kind": "order.created", "customer": "c-000042", "amount": 99.95, "currency": "EUR", "items": [1, 2, 3]}'
-batch="array_fill('$payload'::jsonb, ARRAY[100])"
+# shellcheck source=bench/common.sh
+source "$(dirname "$0")/common.sh"
 
 if ! command -v valgrind >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
@@ -24,7 +25,6 @@ work=$(mktemp -d /var/tmp/bussig-instructions.XXXXXX)
 chown postgres: "$work"
 trap 'rm -rf "$work"' EXIT
 as_postgres() { runuser -u postgres -- "$@"; }
-q() { "$PG_BIN/psql" -X -q -tA -v ON_ERROR_STOP=1 "$BENCH_URL" "$@"; }
 
 q -c "SELECT bussig.create_queue('instructions')" >/dev/null
 queue_id=$(q -c "SELECT queue_id FROM bussig.queue WHERE name = 'instructions'")
@@ -37,7 +37,7 @@ as_postgres cp -a "$BENCH_DATA_DIR" "$work/template"
 
 # Instructions of a backend that runs one prepared statement $2 times, each in its own transaction.
 count() {
-    local sql=$1 times=$2 script="$work/script.sql" data="$work/pgdata"
+    local sql=$1 times=$2 profile=$3 script="$work/script.sql" data="$work/pgdata"
     {
         printf 'SET synchronous_commit = off;\n\n'
         printf 'PREPARE measured AS %s;\n\n' "$sql"
@@ -45,19 +45,24 @@ count() {
     } >"$script"
     rm -rf "$data"
     as_postgres cp -a "$work/template" "$data"
-    as_postgres valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+    as_postgres valgrind --tool=callgrind --callgrind-out-file="$work/profile.cg" \
         "$PG_BIN/postgres" --single -D "$data" -j bench <"$script" >"$work/out" 2>"$work/err"
     if grep -q ERROR "$work/out"; then
         grep -m1 ERROR "$work/out" >&2
         exit 1
     fi
+    if [[ -n "${BENCH_CALLGRIND_OUT:-}" ]]; then
+        mkdir -p "$BENCH_CALLGRIND_OUT"
+        cp "$work/profile.cg" "$BENCH_CALLGRIND_OUT/$profile-$times.cg"
+    fi
     grep -o 'Collected : [0-9]*' "$work/err" | grep -o '[0-9]*$'
 }
 
+# name, file name of its profiles, SQL, messages per execution
 measure() {
-    local name=$1 sql=$2 per=$3 once twice
-    once=$(count "$sql" "$repeats")
-    twice=$(count "$sql" "$((2 * repeats))")
+    local name=$1 profile=$2 sql=$3 per=$4 once twice
+    once=$(count "$sql" "$repeats" "$profile")
+    twice=$(count "$sql" "$((2 * repeats))" "$profile")
     awk -v name="$name" -v once="$once" -v twice="$twice" -v n="$((repeats * per))" \
         'BEGIN { printf "| %s | %.0f |\n", name, (twice - once) / n }'
 }
@@ -69,6 +74,6 @@ echo "== Instructions per message in batches of 100 (callgrind, single-user back
 echo
 echo "| statement | instructions per message |"
 echo "|---|---|"
-measure "hand-written INSERT of 100" "INSERT INTO hand.queue (payload) SELECT unnest($batch)" 100
-measure "bussig.message, plain INSERT of 100" "INSERT INTO bussig.message (queue_id, payload, visible_at) SELECT $queue_id, unnest($batch), clock_timestamp()" 100
-measure "bussig.send_batch of 100" "SELECT count(*) FROM bussig.send_batch('instructions', $batch)" 100
+measure "hand-written INSERT of 100" hand_written_batch "INSERT INTO hand.queue (payload) SELECT unnest($batch)" 100
+measure "bussig.message, plain INSERT of 100" plain_insert_batch "INSERT INTO bussig.message (queue_id, payload, visible_at) SELECT $queue_id, unnest($batch), clock_timestamp()" 100
+measure "bussig.send_batch of 100" send_batch "SELECT count(*) FROM bussig.send_batch('instructions', $batch)" 100

@@ -4,6 +4,7 @@
 #   QUICK=1               a short run (a minute or two) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100, counted by callgrind
+#                         (BENCH_CALLGRIND_OUT=DIR keeps the profiles)
 #   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
 #   BENCH_ONLY=1,3        only those workloads (8: the soak); prints, writes nothing to docs/
 #   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
