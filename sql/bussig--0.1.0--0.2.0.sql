@@ -149,3 +149,6 @@ ALTER TABLE bussig.message SET (autovacuum_vacuum_scale_factor = 0, autovacuum_v
 
 -- Every key of the delivery order ends in the unique message_id: deduplication only costs page splits.
 ALTER INDEX bussig.message_delivery_order SET (deduplicate_items = off);
+
+-- A send_batch takes one value of the sequence per 128 messages (see schema.sql).
+ALTER SEQUENCE bussig.message_id_seq INCREMENT BY 128;

@@ -339,11 +339,13 @@ unsafe fn write(
             });
             direct.slots.push(slot);
         }
-        let mut ids = Vec::with_capacity(messages.payloads.len());
-        for chunk in messages.payloads.chunks(ROWS_PER_FLUSH) {
-            for (slot, payload) in direct.slots.iter().zip(chunk) {
-                let id = next_id(sequence);
-                ids.push(id);
+        let ids = next_ids(sequence, messages.payloads.len());
+        for (chunk, chunk_ids) in messages
+            .payloads
+            .chunks(ROWS_PER_FLUSH)
+            .zip(ids.chunks(ROWS_PER_FLUSH))
+        {
+            for ((slot, payload), &id) in direct.slots.iter().zip(chunk).zip(chunk_ids) {
                 let values = std::slice::from_raw_parts_mut((**slot).tts_values, layout.width);
                 let nulls = std::slice::from_raw_parts_mut((**slot).tts_isnull, layout.width);
                 for (position, value) in row.iter().enumerate() {
@@ -399,6 +401,60 @@ unsafe extern "C-unwind" {
 /// costs a sixth more instructions (callgrind, docs/performance.md).
 unsafe fn next_id(sequence: pg_sys::Oid) -> i64 {
     unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
+}
+
+/// `count` new ids, increasing. The sequence steps by more than one (sql/schema.sql), and a value
+/// stands for every id since the one before it: a batch of a hundred takes one value instead of a
+/// hundred, which was a tenth of its instructions, and its ids still follow each other in send order.
+unsafe fn next_ids(sequence: pg_sys::Oid, count: usize) -> Vec<i64> {
+    unsafe {
+        let mut ids = Vec::with_capacity(count);
+        while ids.len() < count {
+            let value = next_id(sequence);
+            let first = if count > 1 {
+                // Read after nextval, whose lock keeps ALTER SEQUENCE out until the transaction
+                // ends: the step is the one that value was taken with.
+                let (step, min) = sequence_step(sequence);
+                value.saturating_sub(step - 1).max(min)
+            } else {
+                value
+            };
+            let wanted = (count - ids.len()) as i64;
+            ids.extend(first..=value.min(first.saturating_add(wanted - 1)));
+        }
+        ids
+    }
+}
+
+/// pg_sequence's row, catalog/pg_sequence.h, the same from PostgreSQL 10 on; not in pgrx's bindings.
+#[repr(C)]
+#[allow(dead_code)] // each field places the next
+struct SequenceForm {
+    seqrelid: pg_sys::Oid,
+    seqtypid: pg_sys::Oid,
+    seqstart: i64,
+    seqincrement: i64,
+    seqmax: i64,
+    seqmin: i64,
+    seqcache: i64,
+    seqcycle: bool,
+}
+
+/// The sequence's increment when it counts upwards (else 1), and its minimum.
+unsafe fn sequence_step(sequence: pg_sys::Oid) -> (i64, i64) {
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::SEQRELID as i32,
+            pg_sys::Datum::from(sequence),
+        );
+        if tuple.is_null() {
+            return (1, i64::MIN);
+        }
+        let form = &*pg_sys::heap_tuple_get_struct::<SequenceForm>(tuple);
+        let found = (form.seqincrement.max(1), form.seqmin);
+        pg_sys::ReleaseSysCache(tuple);
+        found
+    }
 }
 
 unsafe fn insert_index_entries(

@@ -351,6 +351,59 @@ mod tests {
         assert_eq!(count("SELECT bussig.send_batch('q', ARRAY[]::jsonb[])"), 0);
     }
 
+    /// A value of the id sequence stands for the ids since the value before it: a batch larger than
+    /// one step, a step changed by ALTER SEQUENCE and the sequence's maximum all still give distinct,
+    /// increasing ids, or nextval's own error with nothing written.
+    #[pg_test]
+    fn send_batch_ids_stay_unique_across_sequence_steps() {
+        run("SELECT bussig.create_queue('q')");
+        let batch = |size: i32| {
+            count(&format!(
+                "SELECT bussig.send_batch('q', array_fill('{{}}'::jsonb, ARRAY[{size}]))"
+            ))
+        };
+        let ids = || -> Vec<i64> {
+            Spi::connect(|client| {
+                client
+                    .select("SELECT message_id FROM bussig.message ORDER BY message_id", None, &[])
+                    .unwrap()
+                    .map(|row| row.get::<i64>(1).unwrap().unwrap())
+                    .collect()
+            })
+        };
+        let last_value = || one::<i64>("SELECT last_value FROM bussig.message_id_seq").unwrap();
+        // Past the sequence's first value, which stands for itself alone.
+        assert_eq!(count("SELECT bussig.send('q', '0')"), 1);
+        assert_eq!(batch(300), 300);
+        let first = ids();
+        // 300 messages, three values 128 apart, each standing for the 128 ids up to it.
+        assert_eq!(first.len(), 301);
+        assert_eq!(first[300] - first[1], 299);
+        assert_eq!(last_value(), first[1] + 383);
+
+        run("ALTER SEQUENCE bussig.message_id_seq INCREMENT BY 1");
+        assert_eq!(batch(300), 300);
+        assert_eq!(count("SELECT bussig.send('q', '1')"), 1);
+        let all = ids();
+        assert_eq!(all.len(), 602);
+        assert!(all.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(all[601], last_value());
+
+        run("ALTER SEQUENCE bussig.message_id_seq INCREMENT BY 128");
+        let last = last_value();
+        run(&format!("ALTER SEQUENCE bussig.message_id_seq MAXVALUE {}", last + 200));
+        assert_eq!(batch(100), 100);
+        assert_fails(
+            "SELECT bussig.send_batch('q', array_fill('{}'::jsonb, ARRAY[300]))",
+            "2200H",
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM bussig.message"), Some(702));
+        assert_eq!(
+            one::<i64>("SELECT max(message_id) FROM bussig.message"),
+            Some(last + 100)
+        );
+    }
+
     #[pg_test]
     fn send_batch_is_all_or_nothing() {
         run("SELECT bussig.create_queue('q')");
