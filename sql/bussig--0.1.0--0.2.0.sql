@@ -132,13 +132,16 @@ RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_create_queues_wrapper';
 -- Lock tokens from a per-backend generator instead of one OpenSSL call each (gen_random_uuid).
 CREATE FUNCTION bussig.lock_token()
 RETURNS uuid STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'lock_token_wrapper';
+-- Reads skip message versions a committed transaction has replaced, without locking them.
+CREATE FUNCTION bussig.superseded(relation oid, version tid)
+RETURNS boolean STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'superseded_wrapper';
 
 -- Privileges: the SQL functions check who calls them (src/access.rs) and work as the extension owner;
 -- the tables stay closed to everyone else.
 GRANT USAGE ON SCHEMA bussig TO PUBLIC;
 GRANT SELECT ON bussig.queues, bussig.subscriptions, bussig.grants TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION bussig.run_maintenance(), bussig.invalidate_routing(), bussig.ensure_worker(),
-    bussig.routing_changed(), bussig.lock_token() FROM PUBLIC;
+    bussig.routing_changed(), bussig.lock_token(), bussig.superseded(oid, tid) FROM PUBLIC;
 
 -- The payload-or-body rule is bussig's own statements' to keep; checking it cost every insert.
 ALTER TABLE bussig.message DROP CONSTRAINT message_check;

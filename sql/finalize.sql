@@ -3,6 +3,6 @@
 GRANT USAGE ON SCHEMA bussig TO PUBLIC;
 GRANT SELECT ON bussig.queues, bussig.subscriptions, bussig.grants TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION bussig.run_maintenance(), bussig.invalidate_routing(), bussig.ensure_worker(),
-    bussig.routing_changed(), bussig.lock_token() FROM PUBLIC;
+    bussig.routing_changed(), bussig.lock_token(), bussig.superseded(oid, tid) FROM PUBLIC;
 
 SELECT bussig.ensure_worker();

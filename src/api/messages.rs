@@ -118,14 +118,15 @@ macro_rules! read_statement {
     };
 }
 
-// Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold. A message
-// past its TTL or its last allowed delivery comes back flagged with dead_reason instead of being
+// Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold or have
+// already replaced since the statement's snapshot (see superseded.rs). A message past its TTL or its last allowed delivery comes back flagged with dead_reason instead of being
 // handed out; the caller moves it to the dead-letter queue in the same transaction.
 static READ: Statement = Statement {
     sql: read_statement!(
         "SELECT m.message_id, m.visible_at AS ready_at, m.ctid AS row_ctid
          FROM bussig.message m
          WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
+           AND (m.xmax = '0'::xid OR NOT bussig.superseded(m.tableoid, m.ctid))
          ORDER BY m.priority DESC, m.visible_at, m.message_id
          LIMIT {limit}
          FOR UPDATE SKIP LOCKED"
@@ -144,6 +145,7 @@ static READ_FROM: Statement = Statement {
          FROM bussig.message m
          WHERE m.queue_id = (SELECT queue_id FROM q) AND m.priority = $3
            AND (m.visible_at, m.message_id) >= ($4, $5) AND m.visible_at <= (SELECT now FROM q)
+           AND (m.xmax = '0'::xid OR NOT bussig.superseded(m.tableoid, m.ctid))
            AND (SELECT h.priority FROM bussig.message h
                 WHERE h.queue_id = (SELECT queue_id FROM q) AND h.priority > $3
                   AND h.visible_at <= (SELECT now FROM q)

@@ -4,6 +4,7 @@ mod lock_token;
 mod messages;
 mod queues;
 mod read_position;
+mod superseded;
 mod topics;
 
 pub use messages::{bury, Dead};

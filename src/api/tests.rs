@@ -365,7 +365,11 @@ mod tests {
         let ids = || -> Vec<i64> {
             Spi::connect(|client| {
                 client
-                    .select("SELECT message_id FROM bussig.message ORDER BY message_id", None, &[])
+                    .select(
+                        "SELECT message_id FROM bussig.message ORDER BY message_id",
+                        None,
+                        &[],
+                    )
                     .unwrap()
                     .map(|row| row.get::<i64>(1).unwrap().unwrap())
                     .collect()
@@ -391,7 +395,10 @@ mod tests {
 
         run("ALTER SEQUENCE bussig.message_id_seq INCREMENT BY 128");
         let last = last_value();
-        run(&format!("ALTER SEQUENCE bussig.message_id_seq MAXVALUE {}", last + 200));
+        run(&format!(
+            "ALTER SEQUENCE bussig.message_id_seq MAXVALUE {}",
+            last + 200
+        ));
         assert_eq!(batch(100), 100);
         assert_fails(
             "SELECT bussig.send_batch('q', array_fill('{}'::jsonb, ARRAY[300]))",

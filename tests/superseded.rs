@@ -1,0 +1,93 @@
+//! Reads pass over message versions that a committed transaction replaced after the read's snapshot
+//! was taken, without locking them (`bussig.superseded`). A reader holding an old snapshot sees each
+//! kind of version: replaced by a read or an ack (skipped), only row-locked or updated by a
+//! transaction that rolled back, or untouched (left to FOR UPDATE SKIP LOCKED).
+use bussig_tests::*;
+
+#[test]
+fn only_versions_replaced_by_a_commit_are_superseded() {
+    let mut admin = connect();
+    let queue = Queue::create(&mut admin, "superseded", "");
+    let ids: Vec<i64> = (0..5)
+        .map(|n| send(&mut admin, &queue.name, &json!({ "n": n })))
+        .collect();
+
+    let mut stale = connect();
+    let mut snapshot = stale.transaction().unwrap();
+    snapshot
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .unwrap();
+    let versions: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            snapshot
+                .query_one(
+                    "SELECT ctid::text FROM bussig.message WHERE message_id = $1",
+                    &[id],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .collect();
+
+    // 0 is read (its lock replaces the row), 1 read and acked, 2 only locked FOR UPDATE by a
+    // transaction that committed, 3 updated by one that rolled back, 4 left alone.
+    let first = read(&mut admin, &queue.name, 2, None);
+    assert_eq!(first.iter().map(|d| d.id).collect::<Vec<_>>(), ids[..2]);
+    assert!(ack(&mut admin, &queue.name, first[1].id, first[1].token));
+    let mut locker = admin.transaction().unwrap();
+    locker
+        .execute(
+            "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
+            &[&ids[2]],
+        )
+        .unwrap();
+    locker.commit().unwrap();
+    let mut undone = admin.transaction().unwrap();
+    undone
+        .execute(
+            "UPDATE bussig.message SET priority = 7 WHERE message_id = $1",
+            &[&ids[3]],
+        )
+        .unwrap();
+    undone.rollback().unwrap();
+
+    let superseded: Vec<bool> = versions
+        .iter()
+        .map(|version| {
+            snapshot
+                .query_one(
+                    "SELECT bussig.superseded('bussig.message'::regclass, $1::text::tid)",
+                    &[version],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .collect();
+    assert_eq!(superseded, [true, true, false, false, false]);
+    snapshot.commit().unwrap();
+
+    // Whatever the old snapshot saw, the queue still hands out exactly the three unread messages.
+    let rest: Vec<i64> = read(&mut admin, &queue.name, 10, None)
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(rest, ids[2..]);
+}
+
+#[test]
+fn superseded_is_not_for_everyone() {
+    let role = Role::create("superseded");
+    let mut admin = connect();
+    let mut as_role = admin.transaction().unwrap();
+    as_role
+        .batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
+        .unwrap();
+    let error = as_role
+        .query_one(
+            "SELECT bussig.superseded('bussig.message'::regclass, '(0,1)')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("42501"));
+}
