@@ -35,4 +35,4 @@ test:
 # Not part of `make test`: a throw-away cluster on its own port; QUICK=1 for a short run, CPU=1 for
 # the cost of one message in server CPU and WAL, INSTRUCTIONS=1 for a batch's in CPU instructions.
 bench:
-	@QUICK=$(QUICK) CPU=$(CPU) INSTRUCTIONS=$(INSTRUCTIONS) bench/run.sh
+	@QUICK=$(QUICK) CPU=$(CPU) INSTRUCTIONS=$(INSTRUCTIONS) WAL=$(WAL) bench/run.sh
