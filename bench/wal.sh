@@ -60,12 +60,12 @@ side_by_side() {
 
 # Sending: batches of 100, after enough of them that both tables' B-trees have their working depth.
 hand_batch="INSERT INTO hand.queue (payload) SELECT unnest($batch);"
-bussig_batch="SELECT count(*) FROM bussig.send_batch('wal', $batch);"
+bussig_batch() { printf "SELECT count(*) FROM bussig.send_batch('%s', %s);" "$1" "$batch"; }
 repeat 300 "$hand_batch" >"$work/warm.sql"
-repeat 300 "$bussig_batch" >>"$work/warm.sql"
+repeat 300 "$(bussig_batch wal)" >>"$work/warm.sql"
 q -f "$work/warm.sql" >/dev/null
 repeat $((messages / 100)) "$hand_batch" >"$work/hand.sql"
-repeat $((messages / 100)) "$bussig_batch" >"$work/bussig.sql"
+repeat $((messages / 100)) "$(bussig_batch wal)" >"$work/bussig.sql"
 record_kinds hand "$work/hand.sql" >"$work/send.hand"
 record_kinds bussig "$work/bussig.sql" >"$work/send.bussig"
 side_by_side "send_batch(100) vs multi-row INSERT" "$work/send.hand" "$work/send.bussig"
@@ -73,7 +73,7 @@ side_by_side "send_batch(100) vs multi-row INSERT" "$work/send.hand" "$work/send
 # Consuming 10 at a time from a backlog, as workload 3 does.
 q -c "TRUNCATE hand.queue" >/dev/null
 repeat $((2 * messages / 100)) "$hand_batch" >"$work/fill.sql"
-repeat $((2 * messages / 100)) "${bussig_batch/\'wal\'/\'wal_consume\'}" >>"$work/fill.sql"
+repeat $((2 * messages / 100)) "$(bussig_batch wal_consume)" >>"$work/fill.sql"
 q -f "$work/fill.sql" -c "VACUUM ANALYZE hand.queue, bussig.message" >/dev/null
 repeat $((messages / 10)) "WITH locked AS (UPDATE hand.queue SET visible_at = now() + interval '30 seconds'
     WHERE id IN (SELECT id FROM hand.queue WHERE visible_at <= now() ORDER BY id LIMIT 10 FOR UPDATE SKIP LOCKED)

@@ -409,12 +409,13 @@ unsafe fn next_id(sequence: pg_sys::Oid) -> i64 {
 unsafe fn next_ids(sequence: pg_sys::Oid, count: usize) -> Vec<i64> {
     unsafe {
         let mut ids = Vec::with_capacity(count);
+        let mut step_and_min = None;
         while ids.len() < count {
             let value = next_id(sequence);
             let first = if count > 1 {
-                // Read after nextval, whose lock keeps ALTER SEQUENCE out until the transaction
-                // ends: the step is the one that value was taken with.
-                let (step, min) = sequence_step(sequence);
+                // Read after the first nextval, whose lock keeps ALTER SEQUENCE out until the
+                // transaction ends: the step is the one every value of the batch was taken with.
+                let (step, min) = *step_and_min.get_or_insert_with(|| sequence_step(sequence));
                 value.saturating_sub(step - 1).max(min)
             } else {
                 value

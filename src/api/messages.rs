@@ -119,8 +119,9 @@ macro_rules! read_statement {
 }
 
 // Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold or have
-// already replaced since the statement's snapshot (see superseded.rs). A message past its TTL or its last allowed delivery comes back flagged with dead_reason instead of being
-// handed out; the caller moves it to the dead-letter queue in the same transaction.
+// already replaced since the statement's snapshot (see superseded.rs). A message past its TTL or its
+// last allowed delivery comes back flagged with dead_reason instead of being handed out; the caller
+// moves it to the dead-letter queue in the same transaction.
 static READ: Statement = Statement {
     sql: read_statement!(
         "SELECT m.message_id, m.visible_at AS ready_at, m.ctid AS row_ctid
