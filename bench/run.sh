@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# `make bench`: one throw-away PostgreSQL 15 cluster with fixed settings, bussig, PgQ and a hand-written
-# SKIP LOCKED queue installed side by side, then the load generator (bench/src) runs every workload.
+# `make bench`: one throw-away PostgreSQL 15 cluster with fixed settings, bussig, PgQ, pgmq and a
+# hand-written SKIP LOCKED queue installed side by side, then the load generator (bench/src) runs every
+# workload. pgmq is plain SQL, installed by the load generator from the scripts the `pgmq` crate embeds.
+# Workloads: 1 send, 2 send_batch, 3 consume, 4 producers and consumers, 5 head of line, 6 routing,
+# 7 long-poll wake, 8 soak (and 9 memory), 10 consume of a queue filled after the last ANALYZE,
+# 11 job queue of 4 to 128 long-polling consumers working 1 ms per message.
 #   QUICK=1               a short run (a minute or two) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100, counted by callgrind
 #                         (BENCH_CALLGRIND_OUT=DIR keeps the profiles)
 #   WAL=1                 instead: WAL bytes per message by kind of record, sending and consuming
 #   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
-#   BENCH_ONLY=1,3        only those workloads (8: the soak); prints, writes nothing to docs/
+#   BENCH_ONLY=1,3        only those workloads (numbers above; 8: the soak); prints, writes nothing to docs/
 #   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
 #   BENCH_PORT, BENCH_DATA  where the cluster listens and lives (defaults: 28850, /var/tmp/bussig-bench)
 set -euo pipefail
@@ -20,12 +24,13 @@ datadir=$base/pgdata
 as_postgres() { runuser -u postgres -- env -u RUST_BACKTRACE "$@"; }
 
 # Durable commits as in production; the rest sized so that no workload waits on a checkpoint or on
-# eviction, and identical for the three systems since they share the cluster.
+# eviction, and identical for the four systems since they share the cluster. Connections for the 128
+# consumers of workload 11, its producer and the rest.
 settings=$(cat <<CONF
 shared_buffers = 1GB
 work_mem = 16MB
 maintenance_work_mem = 256MB
-max_connections = 100
+max_connections = 300
 fsync = on
 synchronous_commit = on
 full_page_writes = on
@@ -98,4 +103,5 @@ if [[ -n "${WAL:-}" && "${WAL}" != 0 ]]; then
 fi
 mode=()
 [[ -n "${QUICK:-}" && "${QUICK}" != 0 ]] && mode=(--quick)
+# CARGO_TARGET_DIR, when set, puts the load generator's build elsewhere.
 cargo run --quiet --release -p bussig-bench -- "${mode[@]}"

@@ -1,9 +1,13 @@
-//! `make bench`: bussig against PgQ and a hand-written SKIP LOCKED queue, in one cluster and one run.
-//! `bench/run.sh` starts the cluster and installs the three systems; this program drives every workload,
-//! prints the tables and writes `docs/benchmarks.md` with the soak chart next to it.
+//! `make bench`: bussig against PgQ, pgmq and a hand-written SKIP LOCKED queue, in one cluster and one
+//! run. `bench/run.sh` starts the cluster and installs bussig, PgQ and the hand-written queue; this
+//! program installs pgmq's SQL, drives every workload, prints the tables and writes
+//! `docs/benchmarks.md` with the soak chart next to it.
 
+mod features;
+mod field;
 mod load;
 mod pg;
+mod pgmq;
 mod report;
 mod soak;
 mod systems;
@@ -32,6 +36,13 @@ pub struct Config {
     pub hold: Duration,
     pub soak_interval: Duration,
     pub soak_rate: f64,
+    /// Messages sent to a queue created after the last ANALYZE (workload 10).
+    pub fresh_fill: i64,
+    /// Consumer counts of the job-queue sweep (workload 11) and the depth its producer keeps.
+    pub job_consumers: Vec<usize>,
+    pub job_depth: i64,
+    /// The pgmq version its installer reported.
+    pub pgmq_version: String,
 }
 
 impl Config {
@@ -53,6 +64,10 @@ impl Config {
                 hold: seconds(9.0),
                 soak_interval: seconds(5.0),
                 soak_rate: 1_000.0,
+                fresh_fill: 200_000,
+                job_consumers: vec![4, 16, 64, 128],
+                job_depth: 4_000,
+                pgmq_version: String::new(),
             }
         } else {
             Config {
@@ -70,6 +85,10 @@ impl Config {
                 hold: seconds(120.0),
                 soak_interval: seconds(10.0),
                 soak_rate: 1_000.0,
+                fresh_fill: 200_000,
+                job_consumers: vec![4, 16, 64, 128],
+                job_depth: 4_000,
+                pgmq_version: String::new(),
             }
         }
     }
@@ -96,6 +115,7 @@ fn run() -> Res<()> {
         std::env::var("BENCH_URL").map_err(|_| "BENCH_URL is not set (bench/run.sh sets it)")?;
     let docs = std::env::var("BENCH_DOCS").unwrap_or_else(|_| "docs".into());
     let mut cfg = Config::new(url, quick);
+    cfg.pgmq_version = pgmq::install(&cfg.url)?;
     // While developing: BENCH_ONLY=1,3 runs those workloads (8 is the soak), BENCH_SECONDS sets the
     // length of each measurement. A partial run prints its tables and writes nothing to docs/.
     let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
@@ -127,17 +147,23 @@ fn run() -> Res<()> {
         sections.push(section);
     };
     type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
-    let workloads: [(&str, Workload); 6] = [
+    let workloads: [(&str, Workload); 8] = [
         ("1 send", workloads::sends),
         ("2 send_batch", workloads::send_batches),
         ("3 consume", workloads::consume),
-        ("5 head of line", workloads::head_of_line),
-        ("6 routing", workloads::routing),
-        ("7 long-poll wake", workloads::wake),
+        ("5 head of line", features::head_of_line),
+        ("6 routing", features::routing),
+        ("7 long-poll wake", features::wake),
+        (
+            "10 consume after a fill with no ANALYZE",
+            field::fresh_queue,
+        ),
+        ("11 depth-polling job queue sweep", field::job_queue),
     ];
     for (name, workload) in workloads {
-        if !wanted(&name[..1]) {
-            if name.starts_with('3') && wanted("4") {
+        let number = name.split(' ').next().unwrap_or(name);
+        if !wanted(number) {
+            if number == "3" && wanted("4") {
                 workloads::settle(&mut admin)?;
                 show(workloads::end_to_end(&cfg, &mut admin)?, &mut sections);
             }
@@ -150,7 +176,7 @@ fn run() -> Res<()> {
         workloads::settle(&mut admin)?;
         let section = workload(&cfg, &mut admin, &mut targets)?;
         show(section, &mut sections);
-        if name.starts_with('3') && wanted("4") {
+        if number == "3" && wanted("4") {
             eprintln!(
                 "[{:>5.0} s] workload 4 producers and consumers",
                 started.elapsed().as_secs_f64()
@@ -159,16 +185,6 @@ fn run() -> Res<()> {
             show(workloads::end_to_end(&cfg, &mut admin)?, &mut sections);
         }
     }
-    // Workload 4 sits after 3 in the report, as in the list.
-    let order = |s: &Section| {
-        s.title
-            .split('.')
-            .next()
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(99)
-    };
-    sections.sort_by_key(order);
-
     if only.is_some() {
         if wanted("8") {
             workloads::settle(&mut admin)?;
@@ -189,10 +205,16 @@ fn run() -> Res<()> {
     for section in soak_sections {
         show(section, &mut sections);
     }
+    // The report follows the workloads' numbers (4 after 3, the soak's 8b after 8), not the order they ran in.
+    let order = |s: &Section| {
+        let digits: String = s.title.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().unwrap_or(99)
+    };
+    sections.sort_by_key(order);
     report::print_targets(&targets);
 
     let elapsed = started.elapsed().as_secs_f64();
-    let machine = describe_machine(&mut admin, quick, elapsed)?;
+    let machine = describe_machine(&mut admin, quick, elapsed, &cfg.pgmq_version)?;
     let chart_file = "benchmarks-soak.svg";
     std::fs::write(format!("{docs}/{chart_file}"), report::soak_svg(&chart))?;
     std::fs::write(
@@ -203,7 +225,12 @@ fn run() -> Res<()> {
     Ok(())
 }
 
-fn describe_machine(admin: &mut postgres::Client, quick: bool, elapsed: f64) -> Res<Machine> {
+fn describe_machine(
+    admin: &mut postgres::Client,
+    quick: bool,
+    elapsed: f64,
+    pgmq_version: &str,
+) -> Res<Machine> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory_kb: f64 = meminfo
         .lines()
@@ -229,6 +256,7 @@ fn describe_machine(admin: &mut postgres::Client, quick: bool, elapsed: f64) -> 
         .query("SELECT extname || ' ' || extversion FROM pg_extension WHERE extname IN ('bussig', 'pgq') ORDER BY 1", &[])?
         .iter()
         .map(|r| r.get(0))
+        .chain([format!("pgmq {pgmq_version} (its SQL, without the extension)")])
         .collect();
     Ok(Machine {
         cores,

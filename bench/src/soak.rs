@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use crate::pg::{connect, millis, sleep_until, Res};
-use crate::report::{format_value, only, Cell, Section, Soak, Target};
+use crate::report::{format_value, no_cells, only, Cell, Section, Soak, Target};
 use crate::systems::{
     batch_sender, pgq_ticker, pgq_ticker_settings, reset, storage_size, Consumer, System, QUEUE,
-    SYSTEMS,
+    WITHOUT_PGMQ,
 };
 use crate::Config;
 
@@ -72,7 +72,7 @@ pub fn soak(
     admin: &mut Client,
     targets: &mut Vec<Target>,
 ) -> Res<(Vec<Section>, Soak)> {
-    for system in SYSTEMS {
+    for system in WITHOUT_PGMQ {
         reset(admin, system)?;
     }
     pgq_ticker_settings(admin, "10 milliseconds")?;
@@ -97,7 +97,7 @@ pub fn soak(
 
     let (lanes, sizes, worker_memory) = std::thread::scope(|scope| -> Res<_> {
         let ticker = scope.spawn(|| pgq_ticker(&cfg.url, Duration::from_millis(10), 100, &ticking));
-        let lanes: Vec<_> = SYSTEMS
+        let lanes: Vec<_> = WITHOUT_PGMQ
             .iter()
             .map(|&system| {
                 let running = &running;
@@ -167,7 +167,7 @@ pub fn soak(
         let mut sizes = Vec::new();
         for moment in [window as f64 * interval, hold_end + 1.0, duration - 0.5] {
             sleep_until(at(moment));
-            let row: Vec<i64> = SYSTEMS
+            let row: Vec<i64> = WITHOUT_PGMQ
                 .iter()
                 .map(|&s| storage_size(admin, s))
                 .collect::<Res<_>>()?;
@@ -215,7 +215,7 @@ pub fn soak(
         ),
     );
     for slot in 0..intervals {
-        let mut cells = [None, None, None];
+        let mut cells = no_cells();
         for (i, (_, lane)) in lanes.iter().enumerate() {
             cells[i] = Some(Cell {
                 value: lane.consumed[slot] as f64 / interval,
@@ -237,7 +237,7 @@ pub fn soak(
         .iter()
         .zip(&sizes)
     {
-        let mut cells = [None, None, None];
+        let mut cells = no_cells();
         for (i, bytes) in row.iter().enumerate() {
             cells[i] = Some(Cell {
                 value: mb(*bytes),
@@ -255,7 +255,7 @@ pub fn soak(
          one read; `RssAnon` at the end of the soak, in brackets, is the process's own memory.",
     );
     let per_lane = |pick: fn(&Lane) -> Memory| {
-        let mut cells = [None, None, None];
+        let mut cells = no_cells();
         for (i, (_, lane)) in lanes.iter().enumerate() {
             cells[i] = Some(memory_cell(pick(lane)));
         }

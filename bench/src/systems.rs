@@ -1,4 +1,4 @@
-//! The three queues under test and the statements each one is driven with. Every statement is
+//! The four queues under test and the statements each one is driven with. Every statement is
 //! prepared once per connection, as an application would.
 
 use postgres::types::Type;
@@ -12,10 +12,13 @@ pub enum System {
     Bussig,
     Hand,
     Pgq,
+    Pgmq,
 }
 
-pub const SYSTEMS: [System; 3] = [System::Bussig, System::Hand, System::Pgq];
-pub const PEERS: [System; 2] = [System::Hand, System::Pgq];
+pub const SYSTEMS: [System; 4] = [System::Bussig, System::Hand, System::Pgq, System::Pgmq];
+pub const PEERS: [System; 3] = [System::Hand, System::Pgq, System::Pgmq];
+/// The systems of the workloads pgmq does not take part in (end to end, the soak).
+pub const WITHOUT_PGMQ: [System; 3] = [System::Bussig, System::Hand, System::Pgq];
 
 pub const QUEUE: &str = "bench";
 pub const PGQ_CONSUMER: &str = "bench_consumer";
@@ -26,6 +29,7 @@ impl System {
             System::Bussig => "bussig",
             System::Hand => "hand-written",
             System::Pgq => "PgQ",
+            System::Pgmq => "pgmq",
         }
     }
 }
@@ -84,6 +88,7 @@ pub fn reset(admin: &mut Client, system: System) -> Res<()> {
                 &[&QUEUE, &PGQ_CONSUMER],
             )?;
         }
+        System::Pgmq => crate::pgmq::recreate(admin, QUEUE)?,
     }
     Ok(())
 }
@@ -113,8 +118,14 @@ pub fn pgq_ticker_settings(admin: &mut Client, lag: &str) -> Res<()> {
 /// Fills a queue with `count` ready messages using each system's fastest bulk path, then vacuums and
 /// analyzes so every system starts from clean, counted tables.
 pub fn prefill(admin: &mut Client, system: System, count: i64) -> Res<()> {
+    fill(admin, system, QUEUE, count)?;
+    vacuum(admin, system)
+}
+
+/// Sends `count` messages to `queue` in bulk (bussig and pgmq in calls of 10,000), nothing more.
+pub fn fill(admin: &mut Client, system: System, queue: &str, count: i64) -> Res<()> {
     let chunk: i64 = match system {
-        System::Bussig => 10_000,
+        System::Bussig | System::Pgmq => 10_000,
         System::Hand => count.max(1),
         // PgQ batches are what lies between two ticks; pgqd ticks every 500 events by default.
         System::Pgq => 500,
@@ -126,7 +137,13 @@ pub fn prefill(admin: &mut Client, system: System, count: i64) -> Res<()> {
             System::Bussig => {
                 admin.execute(
                     "SELECT count(*) FROM bussig.send_batch($1, array(SELECT $2::text::jsonb FROM generate_series(1, $3::bigint)))",
-                    &[&QUEUE, &PAYLOAD, &n],
+                    &[&queue, &PAYLOAD, &n],
+                )?;
+            }
+            System::Pgmq => {
+                admin.execute(
+                    "SELECT count(*) FROM pgmq.send_batch($1, array(SELECT $2::text::jsonb FROM generate_series(1, $3::bigint)))",
+                    &[&queue, &PAYLOAD, &n],
                 )?;
             }
             System::Hand => {
@@ -138,14 +155,14 @@ pub fn prefill(admin: &mut Client, system: System, count: i64) -> Res<()> {
             System::Pgq => {
                 admin.execute(
                     "SELECT count(pgq.insert_event($1, 'bench', $2)) FROM generate_series(1, $3::bigint)",
-                    &[&QUEUE, &PAYLOAD, &n],
+                    &[&queue, &PAYLOAD, &n],
                 )?;
-                admin.execute("SELECT pgq.ticker($1)", &[&QUEUE])?;
+                admin.execute("SELECT pgq.ticker($1)", &[&queue])?;
             }
         }
         left -= n;
     }
-    vacuum(admin, system)
+    Ok(())
 }
 
 pub fn vacuum(admin: &mut Client, system: System) -> Res<()> {
@@ -154,6 +171,11 @@ pub fn vacuum(admin: &mut Client, system: System) -> Res<()> {
         System::Hand => admin.batch_execute("VACUUM (ANALYZE) hand.queue")?,
         System::Pgq => {
             for table in pgq_tables(admin)? {
+                admin.batch_execute(&format!("VACUUM (ANALYZE) {table}"))?;
+            }
+        }
+        System::Pgmq => {
+            for table in crate::pgmq::tables(admin, QUEUE)? {
                 admin.batch_execute(&format!("VACUUM (ANALYZE) {table}"))?;
             }
         }
@@ -184,6 +206,9 @@ pub fn storage_size(admin: &mut Client, system: System) -> Res<i64> {
               WHERE c.relkind = 'r' AND n.nspname = 'pgq'
                 AND c.relname LIKE 'event\\_' || (SELECT queue_id FROM pgq.queue WHERE queue_name = 'bench') || '%'"
         }
+        System::Pgmq => {
+            "SELECT pg_total_relation_size('pgmq.q_bench') + pg_total_relation_size('pgmq.a_bench')"
+        }
     };
     Ok(admin.query_one(sql, &[])?.get(0))
 }
@@ -213,6 +238,9 @@ impl Sender {
                 "SELECT pgq.insert_event($1, 'bench', $2)",
                 &[Type::TEXT, Type::TEXT],
             )?,
+            System::Pgmq => {
+                client.prepare_typed("SELECT pgmq.send($1, $2)", &[Type::TEXT, Type::JSONB])?
+            }
         };
         Ok(Sender {
             statement,
@@ -224,7 +252,9 @@ impl Sender {
     pub fn send(&self, client: &mut Client) -> Res<Option<i64>> {
         let payload = JsonbText(PAYLOAD);
         let rows = match self.system {
-            System::Bussig => client.query(&self.statement, &[&self.queue, &payload])?,
+            System::Bussig | System::Pgmq => {
+                client.query(&self.statement, &[&self.queue, &payload])?
+            }
             System::Hand => client.query(&self.statement, &[&payload])?,
             System::Pgq => client.query(&self.statement, &[&self.queue, &PAYLOAD])?,
         };
@@ -271,12 +301,22 @@ pub fn batch_sender(client: &mut Client, system: System, size: usize) -> Res<Ste
                 Ok(size as u64)
             })
         }
+        System::Pgmq => {
+            let statement = client.prepare_typed(
+                "SELECT count(*) FROM pgmq.send_batch($1, $2)",
+                &[Type::TEXT, Type::JSONB_ARRAY],
+            )?;
+            Box::new(move |c| {
+                c.query_one(&statement, &[&QUEUE, &jsonb_batch])?;
+                Ok(size as u64)
+            })
+        }
     })
 }
 
-/// A consumer: locks up to `max` messages in one transaction and settles them in the next (bussig and
-/// the hand-written queue), or takes the next batch between two ticks and finishes it (PgQ, which has
-/// one reader per batch and no per-message ack).
+/// A consumer: locks up to `max` messages in one transaction and settles them in the next (bussig,
+/// pgmq and the hand-written queue), or takes the next batch between two ticks and finishes it (PgQ,
+/// which has one reader per batch and no per-message ack).
 pub struct Consumer {
     system: System,
     queue: String,
@@ -286,8 +326,21 @@ pub struct Consumer {
     pgq_events: Option<postgres::Statement>,
 }
 
+/// What a read locked: the ids, bussig's lock tokens.
+pub struct Locked {
+    ids: Vec<i64>,
+    tokens: Vec<Uuid>,
+}
+
+impl Locked {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
 impl Consumer {
-    /// `wait_ms`: bussig's read waits that long for work when the queue is empty (long poll).
+    /// `wait_ms`: bussig's read waits that long for work when the queue is empty (long poll), pgmq's
+    /// `read_with_poll` polls every 10 ms for as many whole seconds; the hand-written read returns.
     pub fn new(
         client: &mut Client,
         system: System,
@@ -336,6 +389,27 @@ impl Consumer {
                     &[Type::INT8],
                 )?),
             ),
+            // The same 30-second visibility timeout as the hand-written queue.
+            System::Pgmq => (
+                match wait_ms {
+                    Some(ms) => client.prepare_typed(
+                        &format!(
+                            "SELECT msg_id, message FROM pgmq.read_with_poll($1, 30, $2, {}, 10)",
+                            ms.div_ceil(1000).max(1)
+                        ),
+                        &[Type::TEXT, Type::INT4],
+                    )?,
+                    None => client.prepare_typed(
+                        "SELECT msg_id, message FROM pgmq.read($1, 30, $2)",
+                        &[Type::TEXT, Type::INT4],
+                    )?,
+                },
+                client.prepare_typed(
+                    "SELECT count(*) FROM pgmq.delete($1, $2)",
+                    &[Type::TEXT, Type::INT8_ARRAY],
+                )?,
+                None,
+            ),
         };
         Ok(Consumer {
             system,
@@ -347,51 +421,72 @@ impl Consumer {
         })
     }
 
-    /// Takes and settles one batch; returns what it settled.
-    pub fn consume(&self, client: &mut Client) -> Res<Vec<Delivery>> {
+    /// Locks up to `max` messages in one autocommit transaction (not PgQ).
+    pub fn read(&self, client: &mut Client) -> Res<Locked> {
+        let (rows, payload) = match self.system {
+            System::Bussig => (client.query(&self.read, &[&self.queue, &self.max])?, 2),
+            System::Hand => (client.query(&self.read, &[&(self.max as i64)])?, 1),
+            System::Pgmq => (client.query(&self.read, &[&self.queue, &self.max])?, 1),
+            System::Pgq => unreachable!("a PgQ batch is read and finished in one transaction"),
+        };
+        receive(&rows, payload);
+        Ok(Locked {
+            ids: rows.iter().map(|r| r.get(0)).collect(),
+            tokens: if self.system == System::Bussig {
+                rows.iter().map(|r| r.get(1)).collect()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Acknowledges what `read` locked, in the next autocommit transaction.
+    pub fn settle(&self, client: &mut Client, locked: Locked) -> Res<Vec<Delivery>> {
+        if locked.ids.is_empty() {
+            return Ok(Vec::new());
+        }
         match self.system {
             System::Bussig => {
-                let rows = client.query(&self.read, &[&self.queue, &self.max])?;
-                if rows.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-                let tokens: Vec<Uuid> = rows.iter().map(|r| r.get(1)).collect();
-                receive(&rows, 2);
-                client.query_one(&self.ack, &[&self.queue, &ids, &tokens])?;
-                Ok(ids.into_iter().zip(tokens.into_iter().map(Some)).collect())
+                client.query_one(&self.ack, &[&self.queue, &locked.ids, &locked.tokens])?;
+                return Ok(locked
+                    .ids
+                    .into_iter()
+                    .zip(locked.tokens.into_iter().map(Some))
+                    .collect());
             }
-            System::Hand => {
-                let rows = client.query(&self.read, &[&(self.max as i64)])?;
-                if rows.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-                receive(&rows, 1);
-                client.execute(&self.ack, &[&ids])?;
-                Ok(ids.into_iter().map(|id| (id, None)).collect())
-            }
-            System::Pgq => {
-                let mut transaction = client.transaction()?;
-                let batch: Option<i64> = transaction
-                    .query_one(&self.read, &[&self.queue, &PGQ_CONSUMER])?
-                    .get(0);
-                let Some(batch) = batch else {
-                    transaction.commit()?;
-                    return Ok(Vec::new());
-                };
-                let events = self
-                    .pgq_events
-                    .as_ref()
-                    .expect("PgQ consumer prepares get_batch_events");
-                let rows = transaction.query(events, &[&batch])?;
-                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-                receive(&rows, 1);
-                transaction.query_one(&self.ack, &[&batch])?;
-                transaction.commit()?;
-                Ok(ids.into_iter().map(|id| (id, None)).collect())
-            }
+            System::Hand => client.execute(&self.ack, &[&locked.ids]).map(|_| ())?,
+            System::Pgmq => client
+                .query_one(&self.ack, &[&self.queue, &locked.ids])
+                .map(|_| ())?,
+            System::Pgq => unreachable!("a PgQ batch is read and finished in one transaction"),
         }
+        Ok(locked.ids.into_iter().map(|id| (id, None)).collect())
+    }
+
+    /// Takes and settles one batch; returns what it settled.
+    pub fn consume(&self, client: &mut Client) -> Res<Vec<Delivery>> {
+        if self.system != System::Pgq {
+            let locked = self.read(client)?;
+            return self.settle(client, locked);
+        }
+        let mut transaction = client.transaction()?;
+        let batch: Option<i64> = transaction
+            .query_one(&self.read, &[&self.queue, &PGQ_CONSUMER])?
+            .get(0);
+        let Some(batch) = batch else {
+            transaction.commit()?;
+            return Ok(Vec::new());
+        };
+        let events = self
+            .pgq_events
+            .as_ref()
+            .expect("PgQ consumer prepares get_batch_events");
+        let rows = transaction.query(events, &[&batch])?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        receive(&rows, 1);
+        transaction.query_one(&self.ack, &[&batch])?;
+        transaction.commit()?;
+        Ok(ids.into_iter().map(|id| (id, None)).collect())
     }
 
     pub fn step(self) -> Step {
@@ -400,14 +495,15 @@ impl Consumer {
 }
 
 /// bussig's consumer loop in one call: settles the previous batch and locks the next.
-pub fn ack_and_read_step(client: &mut Client, max: i32) -> Res<Step> {
+pub fn ack_and_read_step(client: &mut Client, queue: &str, max: i32) -> Res<Step> {
     let statement = client.prepare_typed(
         "SELECT message_id, lock_token, payload FROM bussig.ack_and_read($1, $2, $3, $4)",
         &[Type::TEXT, Type::INT8_ARRAY, Type::UUID_ARRAY, Type::INT4],
     )?;
+    let queue = queue.to_string();
     let mut held: (Option<Vec<i64>>, Option<Vec<Uuid>>) = (None, None);
     Ok(Box::new(move |c| {
-        let rows = c.query(&statement, &[&QUEUE, &held.0, &held.1, &max])?;
+        let rows = c.query(&statement, &[&queue, &held.0, &held.1, &max])?;
         receive(&rows, 2);
         let count = rows.len() as u64;
         held = (

@@ -1,0 +1,275 @@
+//! Workloads 10 and 11, shapes met in the field rather than in a lab: a queue consumed right after it
+//! was filled, before any ANALYZE has seen it, and a job queue worked by many slow consumers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use postgres::types::ToSql;
+use postgres::Client;
+
+use crate::load::closed_loop;
+use crate::pg::{connect, Res};
+use crate::report::{format_value, no_cells, Cell, Section, Target};
+use crate::systems::{ack_and_read_step, fill, prefill, reset, vacuum, Consumer, System, QUEUE};
+use crate::workloads::{at_least, index_of, peer_copies, rate_cell, ratio};
+use crate::Config;
+
+const FRESH_CLIENTS: usize = 2;
+/// Messages of another bussig queue in the table when it is analyzed, as in a bus already in use.
+const OTHER_MESSAGES: i64 = 10_000;
+const TWO_TRANSACTIONS: &str = "new queue, read 10, ack them in a 2nd transaction";
+const ONE_CALL: &str = "new queue, bussig ack_and_read(10); peers: 2-transaction consume";
+
+/// The tables a system keeps `queue`'s messages in.
+fn tables(admin: &mut Client, system: System, queue: &str) -> Res<Vec<String>> {
+    Ok(match system {
+        System::Bussig => vec!["bussig.message".into(), "bussig.body".into()],
+        System::Hand => vec!["hand.queue".into()],
+        System::Pgmq => crate::pgmq::tables(admin, queue)?,
+        System::Pgq => unreachable!("PgQ takes no part in workload 10"),
+    })
+}
+
+fn analyzes(admin: &mut Client, tables: &[String]) -> Res<i64> {
+    let row = admin.query_one(
+        "SELECT coalesce(sum(analyze_count + autoanalyze_count), 0)::bigint
+           FROM pg_stat_user_tables WHERE relid = ANY($1::text[]::regclass[])",
+        &[&tables],
+    )?;
+    Ok(row.get(0))
+}
+
+fn set_autovacuum(admin: &mut Client, tables: &[String], on: bool) -> Res<()> {
+    for table in tables {
+        let change = if on {
+            "RESET (autovacuum_enabled)"
+        } else {
+            "SET (autovacuum_enabled = off)"
+        };
+        admin.batch_execute(&format!("ALTER TABLE {table} {change}"))?;
+    }
+    Ok(())
+}
+
+/// One run of workload 10: the statistics are taken, autovacuum is kept off the tables, then a new
+/// queue is created, filled and consumed by `FRESH_CLIENTS` clients.
+fn fresh_run(cfg: &Config, admin: &mut Client, system: System, one_call: bool) -> Res<Cell> {
+    let queue = if one_call { "fresh_one_call" } else { "fresh" };
+    reset(admin, system)?;
+    if system == System::Bussig {
+        prefill(admin, system, OTHER_MESSAGES)?;
+    }
+    let shared = tables(admin, system, queue)?;
+    set_autovacuum(admin, &shared, false)?;
+    match system {
+        System::Bussig => {
+            admin.execute("SELECT bussig.create_queue($1)", &[&queue])?;
+        }
+        System::Pgmq => {
+            crate::pgmq::recreate(admin, queue)?;
+            let own = tables(admin, system, queue)?;
+            set_autovacuum(admin, &own, false)?;
+        }
+        _ => {}
+    }
+    let watched = tables(admin, system, queue)?;
+    let before = analyzes(admin, &watched)?;
+    fill(admin, system, queue, cfg.fresh_fill)?;
+    let outcome = closed_loop(&cfg.url, FRESH_CLIENTS, cfg.run, true, |c, _| {
+        if one_call {
+            ack_and_read_step(c, queue, 10)
+        } else {
+            Ok(Consumer::new(c, system, queue, 10, None)?.step())
+        }
+    })?;
+    let analyzed = analyzes(admin, &watched)? != before;
+    set_autovacuum(admin, &shared, true)?;
+    match system {
+        System::Bussig => {
+            admin.execute("SELECT bussig.drop_queue($1)", &[&queue])?;
+        }
+        System::Pgmq => crate::pgmq::drop_queue(admin, queue)?,
+        _ => {}
+    }
+    let mut cell = rate_cell(&outcome);
+    if analyzed {
+        // The measurement no longer shows a queue unknown to the statistics.
+        cell.detail = [cell.detail.as_str(), "ANALYZE ran during the run"]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    Ok(cell)
+}
+
+/// Workload 10: a queue created after the last ANALYZE, filled and consumed at once.
+pub fn fresh_queue(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res<Section> {
+    let mut section = Section::new(
+        "10. Consume right after a fill, no ANALYZE since",
+        "msgs/s",
+        &format!(
+            "The tables are analyzed (bussig's holding {} messages of another queue, as in a bus in use), \
+             autovacuum is turned off on them (`autovacuum_enabled = off`, restored after), then a new queue \
+             is created and filled with {} messages (bussig and pgmq `send_batch` in calls of 10,000; the \
+             hand-written queue one `INSERT`), and {FRESH_CLIENTS} clients consume it at once, the planner \
+             knowing nothing of it: bussig `read(queue, 10)` then `ack_batch`, the hand-written \
+             `UPDATE ... SKIP LOCKED` then `DELETE`, pgmq `read` then `delete`, each two autocommit \
+             transactions per batch; the second row is bussig's `ack_and_read` loop. A cell says so if an \
+             ANALYZE of the tables ran all the same. PgQ's batches have no such plan to go wrong.",
+            format_value(OTHER_MESSAGES as f64),
+            format_value(cfg.fresh_fill as f64)
+        ),
+    );
+    let mut two = no_cells();
+    for system in [System::Bussig, System::Hand, System::Pgmq] {
+        two[index_of(system)] = Some(fresh_run(cfg, admin, system, false)?);
+    }
+    let mut one = peer_copies(&two);
+    one[index_of(System::Bussig)] = Some(fresh_run(cfg, admin, System::Bussig, true)?);
+    section.add(TWO_TRANSACTIONS, Some(FRESH_CLIENTS), two);
+    section.add(ONE_CALL, Some(FRESH_CLIENTS), one);
+    for peer in [System::Hand, System::Pgmq] {
+        targets.push(at_least(
+            format!(
+                "consume of a queue newer than the last ANALYZE vs {}, {FRESH_CLIENTS} clients",
+                peer.name()
+            ),
+            ratio(
+                &section,
+                TWO_TRANSACTIONS,
+                FRESH_CLIENTS,
+                System::Bussig,
+                peer,
+            ),
+            1.0,
+        ));
+    }
+    Ok(section)
+}
+
+/// Simulated work per message of workload 11.
+const WORK_PER_MESSAGE: Duration = Duration::from_millis(1);
+/// The hand-written consumer's sleep when it finds nothing, and pgmq's poll interval.
+const POLL: Duration = Duration::from_millis(10);
+
+/// How many messages are waiting or being worked on: what a producer keeping a queue fed would look at.
+fn depth_query(system: System) -> &'static str {
+    match system {
+        System::Bussig => "SELECT (ready + locked)::bigint FROM bussig.queues WHERE queue = $1",
+        System::Hand => "SELECT count(*) FROM hand.queue",
+        System::Pgmq => "SELECT queue_length FROM pgmq.metrics($1)",
+        System::Pgq => unreachable!("PgQ takes no part in workload 11"),
+    }
+}
+
+/// Keeps the queue about `depth` deep until `running` is cleared; returns the depths it saw.
+fn producer(cfg: &Config, system: System, running: &AtomicBool) -> Res<Vec<i64>> {
+    let mut client = connect(&cfg.url)?;
+    let depth_of = client.prepare(depth_query(system))?;
+    let queue: &[&(dyn ToSql + Sync)] = match system {
+        System::Hand => &[],
+        _ => &[&QUEUE],
+    };
+    let mut seen = Vec::new();
+    while running.load(Ordering::Relaxed) {
+        let depth: i64 = client.query_one(&depth_of, queue)?.get(0);
+        seen.push(depth);
+        let missing = cfg.job_depth - depth;
+        if missing > 0 {
+            fill(&mut client, system, QUEUE, missing.min(1_000))?;
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(seen)
+}
+
+/// Workload 11: N consumers each long-polling for 10 jobs, working 1 ms on each, then acking them,
+/// while a producer keeps the queue `job_depth` deep.
+pub fn job_queue(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res<Section> {
+    let mut section = Section::new(
+        "11. Depth-polling job queue, consumers swept",
+        "jobs/s",
+        &format!(
+            "N consumers, one connection each, loop: take up to 10 jobs (bussig `read(queue, 10, wait => \
+             '1 second')`; pgmq `read_with_poll(queue, 30, 10, 1, 10)`; the hand-written `UPDATE ... SKIP \
+             LOCKED`, sleeping {} ms when it finds none), work {} ms on each (a client-side sleep), then \
+             ack them in a second transaction (`ack_batch`, `delete`, `DELETE`). One producer keeps the \
+             queue about {} deep: it reads the depth (bussig `ready + locked` from `bussig.queues`, pgmq \
+             `metrics(queue).queue_length`, the hand-written `count(*)`) and tops it up in one batch of at \
+             most 1,000, or sleeps 5 ms. In brackets: the median depth the producer saw, and at the largest \
+             N the rate as a share of the sweep's best.",
+            POLL.as_millis(),
+            WORK_PER_MESSAGE.as_millis(),
+            format_value(cfg.job_depth as f64)
+        ),
+    );
+    let systems = [System::Bussig, System::Hand, System::Pgmq];
+    let mut rates = vec![Vec::new(); systems.len()];
+    for &consumers in &cfg.job_consumers {
+        let mut cells = no_cells();
+        for (s, &system) in systems.iter().enumerate() {
+            reset(admin, system)?;
+            fill(admin, system, QUEUE, cfg.job_depth)?;
+            vacuum(admin, system)?;
+            let (outcome, mut depths) = sweep_cell(cfg, system, consumers)?;
+            depths.sort_unstable();
+            let median = depths.get(depths.len() / 2).copied().unwrap_or(0);
+            rates[s].push(outcome.rate());
+            cells[index_of(system)] = Some(Cell {
+                value: outcome.rate(),
+                detail: format!("depth {}", format_value(median as f64)),
+            });
+        }
+        section.add("read 10, work 1 ms each, ack", Some(consumers), cells);
+    }
+    // The rate at the largest N as a share of the best of the sweep.
+    let last = section.lines.len() - 1;
+    let largest = cfg.job_consumers.last().copied().unwrap_or(0);
+    for (s, &system) in systems.iter().enumerate() {
+        let best = rates[s].iter().copied().fold(f64::NAN, f64::max);
+        let share = rates[s].last().copied().unwrap_or(f64::NAN) / best;
+        if let Some(cell) = section.lines[last].cells[index_of(system)].as_mut() {
+            cell.detail = format!("{}; {share:.2}x of the best", cell.detail);
+        }
+        if system == System::Bussig {
+            targets.push(at_least(
+                format!("job queue: {largest} consumers vs the best of the sweep"),
+                share,
+                0.8,
+            ));
+        }
+    }
+    Ok(section)
+}
+
+fn sweep_cell(
+    cfg: &Config,
+    system: System,
+    consumers: usize,
+) -> Res<(crate::load::Outcome, Vec<i64>)> {
+    let running = AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        let feeding = scope.spawn(|| producer(cfg, system, &running));
+        let outcome = closed_loop(&cfg.url, consumers, cfg.run, false, |c, _| {
+            let wait = (system != System::Hand).then_some(1_000);
+            let consumer = Consumer::new(c, system, QUEUE, 10, wait)?;
+            Ok(Box::new(move |c: &mut Client| {
+                let locked = consumer.read(c)?;
+                if locked.len() == 0 {
+                    if system == System::Hand {
+                        std::thread::sleep(POLL);
+                    }
+                    return Ok(0);
+                }
+                std::thread::sleep(WORK_PER_MESSAGE * locked.len() as u32);
+                Ok(consumer.settle(c, locked)?.len() as u64)
+            }))
+        });
+        running.store(false, Ordering::Relaxed);
+        let depths = feeding.join().expect("producer panicked")?;
+        Ok((outcome?, depths))
+    })
+}
