@@ -5,7 +5,7 @@
 # Workloads: 1 send, 2 send_batch, 3 consume, 4 producers and consumers, 5 head of line, 6 routing,
 # 7 long-poll wake, 8 soak (and 9 memory), 10 consume of a queue filled after the last ANALYZE,
 # 11 job queue of 4 to 128 long-polling consumers working 1 ms per message.
-#   QUICK=1               a short run (a minute or two) for use while developing
+#   QUICK=1               a short run (a few minutes) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100, counted by callgrind
 #                         (BENCH_CALLGRIND_OUT=DIR keeps the profiles)

@@ -452,3 +452,41 @@ pub fn soak_svg(soak: &Soak) -> String {
     svg += "</svg>\n";
     svg
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(value: f64) -> Option<Cell> {
+        Some(Cell {
+            value,
+            detail: String::new(),
+        })
+    }
+
+    #[test]
+    fn pgmq_columns_only_where_pgmq_ran() {
+        let mut with = Section::new("10. Fresh", "msgs/s", "");
+        with.add("consume", Some(2), [cell(2.0), cell(1.0), None, cell(4.0)]);
+        let mut without = Section::new("5. Head of line", "p50 ms", "");
+        without.add("read", Some(1), [cell(1.0), cell(1.0), None, None]);
+        let machine = Machine {
+            cores: "2".into(),
+            memory: "1 GiB".into(),
+            cpu: "cpu".into(),
+            postgres: "PostgreSQL 15".into(),
+            settings: String::new(),
+            date: "today".into(),
+            command: "make bench".into(),
+            elapsed: "1 minute".into(),
+        };
+        let text = markdown(&machine, &[without, with], &[], "chart.svg");
+        let fresh = text.split("### 10. Fresh").nth(1).expect("section 10");
+        assert!(fresh.contains("| pgmq msgs/s |"), "{fresh}");
+        assert!(fresh.contains("| 2.00 | n/a | 0.50 |"), "{fresh}");
+        let head = text.split("### 5. Head of line").nth(1).expect("section 5");
+        let head = head.split("###").next().unwrap_or_default();
+        assert!(!head.contains("pgmq"), "{head}");
+        assert!(head.contains("PgQ p50 ms"), "{head}");
+    }
+}
