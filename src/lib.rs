@@ -4,12 +4,36 @@
 
 use pgrx::prelude::*;
 
+/// `priorities(priority)`: the priorities that messages of queue `$queue` have, highest first, one index
+/// probe each. PostgreSQL 15 has no skip scan: what must be ordered by `visible_at` across priorities
+/// reads each priority's own range in order instead of sorting the queue.
+macro_rules! queue_priorities {
+    ($queue:literal) => {
+        concat!(
+            "priorities(priority) AS (
+                 (SELECT in_order_p.priority FROM bussig.message in_order_p
+                  WHERE in_order_p.queue_id = ",
+            $queue,
+            " ORDER BY in_order_p.priority DESC LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT in_order_p.priority FROM bussig.message in_order_p
+                         WHERE in_order_p.queue_id = ",
+            $queue,
+            " AND in_order_p.priority < priorities.priority
+                         ORDER BY in_order_p.priority DESC LIMIT 1)
+                 FROM priorities WHERE priorities.priority IS NOT NULL
+             )"
+        )
+    };
+}
+
 mod access;
 mod api;
 mod datum;
 mod direct_insert;
 mod error;
 mod gucs;
+mod index_pins;
 mod invalidation;
 mod plans;
 mod routing;

@@ -27,6 +27,8 @@ pub fn snapshot_is_fixed() -> bool {
 const LIMIT_PLACEHOLDER: &str = "{limit}";
 
 thread_local! {
+    // How deep this backend is in planning or running a kept statement: index pins apply then.
+    static IN_KEPT_STATEMENT: Cell<u32> = const { Cell::new(0) };
     // Keyed by the statement's address (each `Statement` is a `static`) and the limit written into
     // it. Rc so that no borrow is held while a statement runs (it may call back into bussig).
     static KEPT: RefCell<HashMap<(usize, i32), Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
@@ -72,11 +74,35 @@ pub fn run_limited<'conn>(
     limit: i32,
     args: &[DatumWithOid<'_>],
 ) -> SpiResult<SpiTupleTable<'conn>> {
+    let _pins = PinsApply::enter();
     let plan = kept(client, statement, limit)?;
+    // The plan cache may plan the statement anew here (after an invalidation).
     if statement.writes {
         client.update(&*plan, None, args)
     } else {
         client.select(&*plan, None, args)
+    }
+}
+
+/// Whether a kept statement of bussig is being planned or run.
+pub fn in_kept_statement() -> bool {
+    IN_KEPT_STATEMENT.with(Cell::get) > 0
+}
+
+/// While this lives, references to `bussig.message` whose alias names an index are planned with that
+/// index only (see `pin_index`).
+struct PinsApply(());
+
+impl PinsApply {
+    fn enter() -> Self {
+        IN_KEPT_STATEMENT.with(|depth| depth.set(depth.get() + 1));
+        PinsApply(())
+    }
+}
+
+impl Drop for PinsApply {
+    fn drop(&mut self) {
+        IN_KEPT_STATEMENT.with(|depth| depth.set(depth.get() - 1));
     }
 }
 
@@ -114,11 +140,13 @@ pub fn first_column<T: FromDatum + IntoDatum>(
 // as usual.
 static mut PREVIOUS_PLANNER: pg_sys::planner_hook_type = None;
 static mut PREVIOUS_RELATION_INFO: pg_sys::get_relation_info_hook_type = None;
+static mut PREVIOUS_RELATION_STATS: pg_sys::get_relation_stats_hook_type = None;
 
 const ASSUMED_BACKLOG: f64 = 100_000.0;
 
 thread_local! {
     static OWN_STATEMENTS: Cell<u32> = const { Cell::new(0) };
+    static WHOLE_TABLE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Called from _PG_init.
@@ -128,6 +156,8 @@ pub fn init() {
         pg_sys::planner_hook = Some(plan);
         PREVIOUS_RELATION_INFO = pg_sys::get_relation_info_hook;
         pg_sys::get_relation_info_hook = Some(relation_info);
+        PREVIOUS_RELATION_STATS = pg_sys::get_relation_stats_hook;
+        pg_sys::get_relation_stats_hook = Some(relation_stats);
     }
 }
 
@@ -182,7 +212,7 @@ unsafe extern "C-unwind" fn plan(
     cursor_options: std::ffi::c_int,
     bound_params: pg_sys::ParamListInfo,
 ) -> *mut pg_sys::PlannedStmt {
-    let _off = (OWN_STATEMENTS.with(Cell::get) > 0).then(WholeTableScansOff::new);
+    let _off = planning_own_statement().then(WholeTableScansOff::new);
     unsafe {
         match PREVIOUS_PLANNER {
             Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
@@ -204,8 +234,59 @@ unsafe extern "C-unwind" fn relation_info(
         if let Some(previous) = PREVIOUS_RELATION_INFO {
             pg_sys::ffi::pg_guard_ffi_boundary(|| previous(root, relation, inherited, rel));
         }
-        if OWN_STATEMENTS.with(Cell::get) > 0 && is_message_table(relation) {
+        if planning_own_statement() && is_message_table(relation) {
             assume_backlog(&mut *rel);
+            crate::index_pins::apply(&*root, &mut *rel);
+        }
+    }
+}
+
+/// Whether the statement being planned is one of bussig's: run by its SQL functions, or kept and run
+/// by the worker, unless it reads whole tables on purpose (`whole_table_scans`).
+fn planning_own_statement() -> bool {
+    (OWN_STATEMENTS.with(Cell::get) > 0 || in_kept_statement()) && !WHOLE_TABLE.with(Cell::get)
+}
+
+/// While this lives, bussig's statements are planned as usual: for the worker's counts over every
+/// message, which a sequential scan serves best.
+pub struct WholeTableScans(bool);
+
+pub fn whole_table_scans() -> WholeTableScans {
+    WholeTableScans(WHOLE_TABLE.with(|whole| whole.replace(true)))
+}
+
+impl Drop for WholeTableScans {
+    fn drop(&mut self) {
+        WHOLE_TABLE.with(|whole| whole.set(self.0));
+    }
+}
+
+// The column statistics of `bussig.message` describe a table whose rows turn over in seconds as it was
+// at the last ANALYZE: a queue created since then looks like one row, and with one row every plan
+// costs about the same, so the planner may leave a column it could search by to a filter and walk the
+// whole queue. bussig's statements are planned with PostgreSQL's defaults instead (an equality keeps
+// 0.5% of the rows, a range a third), which describe any queue well enough: each narrowing condition
+// on an index column then makes the index scan cheaper, and the planner uses all of them.
+#[pg_guard]
+unsafe extern "C-unwind" fn relation_stats(
+    root: *mut pg_sys::PlannerInfo,
+    rte: *mut pg_sys::RangeTblEntry,
+    attnum: pg_sys::AttrNumber,
+    vardata: *mut pg_sys::VariableStatData,
+) -> bool {
+    // SAFETY: the planner passes valid pointers for the duration of the call. Answering true with no
+    // statistics tuple (and so no free function) is what the hook's contract calls "no statistics".
+    unsafe {
+        if planning_own_statement() && is_message_table((*rte).relid) {
+            (*vardata).statsTuple = std::ptr::null_mut();
+            (*vardata).freefunc = None;
+            return true;
+        }
+        match PREVIOUS_RELATION_STATS {
+            Some(previous) => {
+                pg_sys::ffi::pg_guard_ffi_boundary(|| previous(root, rte, attnum, vardata))
+            }
+            None => false,
         }
     }
 }

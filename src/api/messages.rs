@@ -88,29 +88,29 @@ static SEND_BATCH: Statement = Statement {
 /// the ctid it locked, not through the primary key again. A row that a commit the statement's snapshot
 /// does not see had changed just before it was locked is then left out of this read, ready for the next.
 macro_rules! read_statement {
-    ($picked:literal) => {
+    ($($picked:expr),+) => {
         concat!(
             "WITH q AS (
                  SELECT queue_id, max_deliveries, message_ttl, lock_timeout,
                         dead_letter_queue_id IS NOT NULL AS has_dead_letter_queue, clock_timestamp() AS now
                  FROM bussig.queue WHERE name = $1
              ), picked AS (",
-            $picked,
+            $($picked),+,
             ")
-             UPDATE bussig.message m
+             UPDATE bussig.message by_ctid
              SET visible_at = q.now + coalesce($2, q.lock_timeout),
                  lock_token = bussig.lock_token(),
-                 delivery_count = m.delivery_count + 1,
-                 final_delivery = q.has_dead_letter_queue AND m.delivery_count + 1 >= q.max_deliveries
+                 delivery_count = by_ctid.delivery_count + 1,
+                 final_delivery = q.has_dead_letter_queue AND by_ctid.delivery_count + 1 >= q.max_deliveries
              FROM picked, q
-             WHERE m.ctid = picked.row_ctid
-             RETURNING m.message_id, m.lock_token, m.subject,
-                       coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)),
-                       m.headers, m.delivery_count,
-                       m.priority, m.enqueued_at, m.correlation_id, m.reply_to, picked.ready_at,
-                       CASE WHEN q.message_ttl IS NOT NULL AND m.enqueued_at <= q.now - q.message_ttl
+             WHERE by_ctid.ctid = picked.row_ctid
+             RETURNING by_ctid.message_id, by_ctid.lock_token, by_ctid.subject,
+                       coalesce(by_ctid.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = by_ctid.body_id)),
+                       by_ctid.headers, by_ctid.delivery_count,
+                       by_ctid.priority, by_ctid.enqueued_at, by_ctid.correlation_id, by_ctid.reply_to, picked.ready_at,
+                       CASE WHEN q.message_ttl IS NOT NULL AND by_ctid.enqueued_at <= q.now - q.message_ttl
                                  THEN 'expired'
-                            WHEN q.has_dead_letter_queue AND m.delivery_count > q.max_deliveries
+                            WHEN q.has_dead_letter_queue AND by_ctid.delivery_count > q.max_deliveries
                                  THEN 'max_deliveries'
                        END AS dead_reason,
                        q.has_dead_letter_queue"
@@ -121,16 +121,26 @@ macro_rules! read_statement {
 // Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold or have
 // already replaced since the statement's snapshot (see superseded.rs). A message past its TTL or its
 // last allowed delivery comes back flagged with dead_reason instead of being handed out; the caller
-// moves it to the dead-letter queue in the same transaction.
+// moves it to the dead-letter queue in the same transaction. Each priority's range is read on its own,
+// highest first, and only as far as its ready messages go: a scan of the whole queue's range would
+// walk every locked and delayed message of it when none is ready (no skip scan in PostgreSQL 15).
+// The nested loop stops pulling, and so locking, once it has {limit} rows.
 static READ: Statement = Statement {
     sql: read_statement!(
-        "SELECT m.message_id, m.visible_at AS ready_at, m.ctid AS row_ctid
-         FROM bussig.message m
-         WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
-           AND (m.xmax = '0'::xid OR NOT bussig.superseded(m.tableoid, m.ctid))
-         ORDER BY m.priority DESC, m.visible_at, m.message_id
-         LIMIT {limit}
-         FOR UPDATE SKIP LOCKED"
+        "WITH RECURSIVE ",
+        queue_priorities!("(SELECT queue_id FROM q)"),
+        "
+         SELECT ready.message_id, ready.ready_at, ready.row_ctid
+         FROM priorities CROSS JOIN LATERAL (
+             SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
+             FROM bussig.message in_order
+             WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
+               AND in_order.visible_at <= (SELECT now FROM q)
+               AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
+             ORDER BY in_order.visible_at, in_order.message_id
+             FOR UPDATE SKIP LOCKED
+         ) ready
+         LIMIT {limit}"
     ),
     args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
     writes: true,
@@ -142,17 +152,17 @@ static READ: Statement = Statement {
 // drops the ordering and may scan the whole table.
 static READ_FROM: Statement = Statement {
     sql: read_statement!(
-        "SELECT m.message_id, m.visible_at AS ready_at, m.ctid AS row_ctid
-         FROM bussig.message m
-         WHERE m.queue_id = (SELECT queue_id FROM q) AND m.priority = $3
-           AND (m.visible_at, m.message_id) >= ($4, $5) AND m.visible_at <= (SELECT now FROM q)
-           AND (m.xmax = '0'::xid OR NOT bussig.superseded(m.tableoid, m.ctid))
-           AND (SELECT h.priority FROM bussig.message h
-                WHERE h.queue_id = (SELECT queue_id FROM q) AND h.priority > $3
-                  AND h.visible_at <= (SELECT now FROM q)
-                ORDER BY h.priority DESC, h.visible_at, h.message_id
+        "SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
+         FROM bussig.message in_order
+         WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = $3
+           AND (in_order.visible_at, in_order.message_id) >= ($4, $5) AND in_order.visible_at <= (SELECT now FROM q)
+           AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
+           AND (SELECT in_order_head.priority FROM bussig.message in_order_head
+                WHERE in_order_head.queue_id = (SELECT queue_id FROM q) AND in_order_head.priority > $3
+                  AND in_order_head.visible_at <= (SELECT now FROM q)
+                ORDER BY in_order_head.priority DESC, in_order_head.visible_at, in_order_head.message_id
                 LIMIT 1) IS NULL
-         ORDER BY m.visible_at, m.message_id
+         ORDER BY in_order.visible_at, in_order.message_id
          LIMIT {limit}
          FOR UPDATE SKIP LOCKED"
     ),
@@ -168,7 +178,7 @@ static READ_FROM: Statement = Statement {
 
 // Acks take the queue as its id, from queues::destination.
 static ACK: Statement = Statement {
-    sql: "DELETE FROM bussig.message
+    sql: "DELETE FROM bussig.message by_id
           WHERE queue_id = $1 AND message_id = $2 AND lock_token = $3",
     args: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::UUIDOID],
     writes: true,
@@ -178,23 +188,24 @@ static ACK: Statement = Statement {
 // belongs to one delivery of one message, so that is the same as matching each id with its own token,
 // and it needs no join with the unnested lists (a fifth of an ack's executor time).
 static ACK_BATCH: Statement = Statement {
-    sql: "DELETE FROM bussig.message m
-          WHERE m.message_id = ANY ($2) AND m.queue_id = $1 AND m.lock_token = ANY ($3)",
+    sql:
+        "DELETE FROM bussig.message by_id
+          WHERE by_id.message_id = ANY ($2) AND by_id.queue_id = $1 AND by_id.lock_token = ANY ($3)",
     args: &[pg_sys::INT4OID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
     writes: true,
 };
 
 // A message on its last allowed delivery is not given back: NACK leaves it for DEAD_LETTER.
 static NACK: Statement = Statement {
-    sql: "UPDATE bussig.message m
+    sql: "UPDATE bussig.message by_id
           SET visible_at = clock_timestamp() + coalesce($4, bussig.retry_backoff(q.retry_delay, q.retry_multiplier,
-                                                                     q.retry_delay_max, m.delivery_count)),
+                                                                     q.retry_delay_max, by_id.delivery_count)),
               lock_token = NULL,
-              last_error = coalesce($5, m.last_error)
+              last_error = coalesce($5, by_id.last_error)
           FROM bussig.queue q
-          WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3
-            AND NOT (q.dead_letter_queue_id IS NOT NULL AND m.delivery_count >= q.max_deliveries)
-          RETURNING q.queue_id, q.notify, m.visible_at <= clock_timestamp()",
+          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3
+            AND NOT (q.dead_letter_queue_id IS NOT NULL AND by_id.delivery_count >= q.max_deliveries)
+          RETURNING q.queue_id, q.notify, by_id.visible_at <= clock_timestamp()",
     args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID, pg_sys::INTERVALOID, pg_sys::TEXTOID],
     writes: true,
 };
@@ -203,23 +214,23 @@ static NACK: Statement = Statement {
 // holding token $2 when one is given, and, unless $6 forces it, only when their last allowed
 // delivery has been used.
 static DEAD_LETTER: Statement = Statement {
-    sql: "UPDATE bussig.message m
+    sql: "UPDATE bussig.message by_id
           SET queue_id = q.dead_letter_queue_id,
               visible_at = clock_timestamp(),
               lock_token = NULL,
               delivery_count = 0,
               final_delivery = false,
               last_error = NULL,
-              headers = coalesce(m.headers, '{}') || jsonb_build_object(
+              headers = coalesce(by_id.headers, '{}') || jsonb_build_object(
                   'bussig-dead-letter-reason', $3,
-                  'bussig-dead-letter-error', coalesce($4, m.last_error),
+                  'bussig-dead-letter-error', coalesce($4, by_id.last_error),
                   'bussig-source-queue', q.name)
           FROM bussig.queue q
-          WHERE ($5::text IS NULL OR q.name = $5) AND m.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
-            AND m.message_id = ANY ($1)
-            AND ($2::uuid IS NULL OR m.lock_token = $2)
-                        AND ($6 OR m.delivery_count >= q.max_deliveries)
-          RETURNING m.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = m.queue_id AND d.notify)",
+          WHERE ($5::text IS NULL OR q.name = $5) AND by_id.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
+            AND by_id.message_id = ANY ($1)
+            AND ($2::uuid IS NULL OR by_id.lock_token = $2)
+                        AND ($6 OR by_id.delivery_count >= q.max_deliveries)
+          RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify)",
     args: &[
         pg_sys::INT8ARRAYOID,
         pg_sys::UUIDOID,
@@ -233,17 +244,17 @@ static DEAD_LETTER: Statement = Statement {
 
 // A dead-letter queue has none of its own: its expired messages are simply dropped (retention).
 static DELETE_MESSAGES: Statement = Statement {
-    sql: "DELETE FROM bussig.message WHERE message_id = ANY ($1)",
+    sql: "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1)",
     args: &[pg_sys::INT8ARRAYOID],
     writes: true,
 };
 
 static EXTEND_LOCK: Statement = Statement {
     sql:
-        "UPDATE bussig.message m
+        "UPDATE bussig.message by_id
           SET visible_at = clock_timestamp() + coalesce($4, q.lock_timeout)
           FROM bussig.queue q
-          WHERE q.name = $1 AND m.queue_id = q.queue_id AND m.message_id = $2 AND m.lock_token = $3",
+          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3",
     args: &[
         pg_sys::TEXTOID,
         pg_sys::INT8OID,
@@ -256,50 +267,60 @@ static EXTEND_LOCK: Statement = Statement {
 // Messages a consumer of the dead-letter queue holds right now stay where they are.
 static REDRIVE: Statement = Statement {
     sql: "WITH picked AS (
-              SELECT m.message_id
-              FROM bussig.message m
-              WHERE m.queue_id = $2
-                AND m.headers ->> 'bussig-source-queue' = $1
-                AND (m.lock_token IS NULL OR m.visible_at <= clock_timestamp())
-              ORDER BY m.message_id
+              SELECT in_order.ctid AS row_ctid
+              FROM bussig.message in_order
+              WHERE in_order.queue_id = $2
+                AND in_order.headers ->> 'bussig-source-queue' = $1
+                AND (in_order.lock_token IS NULL OR in_order.visible_at <= clock_timestamp())
+              ORDER BY in_order.priority DESC, in_order.visible_at, in_order.message_id
               LIMIT $4
               FOR UPDATE SKIP LOCKED
           )
-          UPDATE bussig.message m
+          UPDATE bussig.message by_ctid
           SET queue_id = $3,
               visible_at = clock_timestamp(),
               lock_token = NULL,
               delivery_count = 0,
               final_delivery = false,
               last_error = NULL,
-              headers = nullif(m.headers - ARRAY['bussig-dead-letter-reason', 'bussig-dead-letter-error',
-                                                 'bussig-source-queue'], '{}')
+              headers = nullif(by_ctid.headers - ARRAY['bussig-dead-letter-reason', 'bussig-dead-letter-error',
+                                                       'bussig-source-queue'], '{}')
           FROM picked
-          WHERE m.message_id = picked.message_id",
+          WHERE by_ctid.ctid = picked.row_ctid",
     args: &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT4OID],
     writes: true,
 };
 
 // Ready messages in delivery order, then the rest in the order they will become ready.
 static PEEK: Statement = Statement {
-    sql: "WITH q AS (SELECT queue_id, clock_timestamp() AS now FROM bussig.queue WHERE name = $1)
-          (SELECT m.message_id, 'ready' AS state, m.visible_at, m.subject,
-                  coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)), m.headers,
-                  m.delivery_count, m.priority, m.enqueued_at, m.correlation_id, m.reply_to
-           FROM bussig.message m
-           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at <= (SELECT now FROM q)
-           ORDER BY m.priority DESC, m.visible_at, m.message_id
+    sql: concat!(
+        "WITH RECURSIVE q AS (SELECT queue_id, clock_timestamp() AS now FROM bussig.queue WHERE name = $1), ",
+        queue_priorities!("(SELECT queue_id FROM q)"),
+        "
+          (SELECT in_order.message_id, 'ready' AS state, in_order.visible_at, in_order.subject,
+                  coalesce(in_order.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = in_order.body_id)),
+                  in_order.headers, in_order.delivery_count, in_order.priority, in_order.enqueued_at,
+                  in_order.correlation_id, in_order.reply_to
+           FROM bussig.message in_order
+           WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.visible_at <= (SELECT now FROM q)
+           ORDER BY in_order.priority DESC, in_order.visible_at, in_order.message_id
            LIMIT $2)
           UNION ALL
-          (SELECT m.message_id, CASE WHEN m.lock_token IS NULL THEN 'delayed' ELSE 'locked' END,
-                  m.visible_at, m.subject,
-                  coalesce(m.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = m.body_id)), m.headers,
-                  m.delivery_count, m.priority, m.enqueued_at, m.correlation_id, m.reply_to
-           FROM bussig.message m
-           WHERE m.queue_id = (SELECT queue_id FROM q) AND m.visible_at > (SELECT now FROM q)
-           ORDER BY m.visible_at, m.priority DESC, m.message_id
+          (SELECT later.message_id, CASE WHEN later.lock_token IS NULL THEN 'delayed' ELSE 'locked' END,
+                  later.visible_at, later.subject,
+                  coalesce(later.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = later.body_id)),
+                  later.headers, later.delivery_count, later.priority, later.enqueued_at, later.correlation_id,
+                  later.reply_to
+           FROM priorities CROSS JOIN LATERAL (
+               SELECT in_order.* FROM bussig.message in_order
+               WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
+                 AND in_order.visible_at > (SELECT now FROM q)
+               ORDER BY in_order.visible_at, in_order.message_id
+               LIMIT $2) later
+           ORDER BY later.visible_at, later.priority DESC, later.message_id
            LIMIT $2)
-          LIMIT $2",
+          LIMIT $2"
+    ),
     args: &[pg_sys::TEXTOID, pg_sys::INT4OID],
     writes: false,
 };
@@ -698,8 +719,17 @@ fn receive(
 // that runs out between the read and this probe must end the sleep, not be missed until the wait ends.
 // A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
 static NEXT_READY: Statement = Statement {
-    sql: "SELECT extract(epoch FROM min(visible_at) - clock_timestamp())::float8
-          FROM bussig.message WHERE queue_id = $1 AND visible_at > to_timestamp($2)",
+    sql: concat!(
+        "WITH RECURSIVE ",
+        queue_priorities!("$1"),
+        "
+         SELECT extract(epoch FROM min(later.visible_at) - clock_timestamp())::float8
+         FROM priorities CROSS JOIN LATERAL (
+             SELECT in_order.visible_at FROM bussig.message in_order
+             WHERE in_order.queue_id = $1 AND in_order.priority = priorities.priority
+               AND in_order.visible_at > to_timestamp($2)
+             ORDER BY in_order.visible_at LIMIT 1) later"
+    ),
     args: &[pg_sys::INT4OID, pg_sys::FLOAT8OID],
     writes: true,
 };

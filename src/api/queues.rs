@@ -320,7 +320,7 @@ static DROP_QUEUE: Statement = Statement {
                 AND NOT EXISTS (SELECT FROM bussig.queue u
                                 WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1)
           ), gone_messages AS (
-              DELETE FROM bussig.message WHERE queue_id IN (SELECT queue_id FROM doomed)
+              DELETE FROM bussig.message in_order WHERE queue_id IN (SELECT queue_id FROM doomed)
                     ), gone_keys AS (
               DELETE FROM bussig.dedup WHERE queue_id IN (SELECT queue_id FROM doomed)
           ), recorded AS (
@@ -333,7 +333,7 @@ static DROP_QUEUE: Statement = Statement {
 };
 
 static PURGE_QUEUE: Statement = Statement {
-    sql: "DELETE FROM bussig.message WHERE queue_id = $1",
+    sql: "DELETE FROM bussig.message in_order WHERE queue_id = $1",
     args: &[pg_sys::INT4OID],
     writes: true,
 };

@@ -16,27 +16,39 @@ use crate::wakeup;
 pub const BATCH: i32 = 1000;
 
 static EXPIRED_FINAL_LOCKS: Statement = Statement {
-        sql: "SELECT m.message_id FROM bussig.message m JOIN bussig.queue q USING (queue_id)
-          WHERE m.final_delivery AND m.lock_token IS NOT NULL AND m.visible_at <= (SELECT clock_timestamp())
-            AND m.delivery_count >= q.max_deliveries
-          ORDER BY m.visible_at LIMIT $1
-          FOR UPDATE OF m SKIP LOCKED",
+        sql: "SELECT by_lock.message_id FROM bussig.message by_lock JOIN bussig.queue q USING (queue_id)
+          WHERE by_lock.final_delivery AND by_lock.lock_token IS NOT NULL
+            AND by_lock.visible_at <= (SELECT clock_timestamp()) AND by_lock.delivery_count >= q.max_deliveries
+          ORDER BY by_lock.visible_at LIMIT $1
+          FOR UPDATE OF by_lock SKIP LOCKED",
     args: &[pg_sys::INT4OID],
     writes: true,
 };
 
-// Only ready messages can be expired by a reader too; locked and delayed ones wait until they are.
+// Messages ready for longer than their queue's TTL, each priority's oldest first: found at the front of
+// its range, however long the queue. A message that became ready later (delayed or redelivered) and
+// is past its TTL too is dead-lettered when a read reaches it, or here once it has been ready that long.
 static EXPIRED_BY_TTL: Statement = Statement {
-    sql: "SELECT m.message_id, q.dead_letter_queue_id IS NOT NULL
-          FROM bussig.queue q
-          CROSS JOIN LATERAL (
-              SELECT message_id FROM bussig.message m
-                            WHERE m.queue_id = q.queue_id AND m.visible_at <= (SELECT clock_timestamp())
-                AND m.enqueued_at <= (SELECT clock_timestamp()) - q.message_ttl
-              LIMIT $1
-              FOR UPDATE SKIP LOCKED
-          ) m
-          WHERE q.message_ttl IS NOT NULL",
+    sql: concat!(
+        "SELECT expired.message_id, q.dead_letter_queue_id IS NOT NULL
+         FROM bussig.queue q
+         CROSS JOIN LATERAL (
+             WITH RECURSIVE ",
+        queue_priorities!("q.queue_id"),
+        "
+             SELECT in_order.message_id
+             FROM priorities CROSS JOIN LATERAL (
+                 SELECT in_order.message_id FROM bussig.message in_order
+                 WHERE in_order.queue_id = q.queue_id AND in_order.priority = priorities.priority
+                   AND in_order.visible_at <= (SELECT clock_timestamp()) - q.message_ttl
+                 ORDER BY in_order.visible_at, in_order.message_id
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             ) in_order
+             LIMIT $1
+         ) expired
+         WHERE q.message_ttl IS NOT NULL"
+    ),
     args: &[pg_sys::INT4OID],
     writes: true,
 };
@@ -117,7 +129,7 @@ static FANOUT_DONE: Statement = Statement {
 static COLLECT_BODIES: Statement = Statement {
     sql: "WITH examined AS (
               SELECT b.body_id, b.unreferenced_since,
-                     NOT EXISTS (SELECT FROM bussig.message m WHERE m.body_id = b.body_id)
+                     NOT EXISTS (SELECT FROM bussig.message by_body WHERE by_body.body_id = b.body_id)
                      AND NOT EXISTS (SELECT FROM bussig.fanout f WHERE f.body_id = b.body_id) AS unreferenced
               FROM bussig.body b WHERE b.body_id > $1 ORDER BY b.body_id LIMIT $2
           ), collected AS (
@@ -143,7 +155,7 @@ static ORPHANED_MESSAGES: Statement = Statement {
               DELETE FROM bussig.dropped_queue WHERE dropped_at < clock_timestamp() - interval '1 minute'
               RETURNING queue_id
           )
-          DELETE FROM bussig.message WHERE queue_id IN (SELECT queue_id FROM settled)",
+          DELETE FROM bussig.message in_order WHERE queue_id IN (SELECT queue_id FROM settled)",
     args: &[],
     writes: true,
 };
@@ -272,6 +284,7 @@ fn collect_all_bodies(client: &mut SpiClient<'_>) -> BusResult<i64> {
 
 /// Recounts every queue for bussig.queues; returns how many queues hold messages.
 pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    let _scans = plans::whole_table_scans();
     plans::run(client, &REFRESH_STATS, &[])?;
     Ok(Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0))
 }
@@ -317,11 +330,13 @@ static TOTAL_SIZE: Statement = Statement {
 /// were rewritten.
 pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let mut candidates = Vec::new();
+    let scans = plans::whole_table_scans();
     for row in plans::run(client, &COMPACTION_CANDIDATES, &[])? {
         let relid: pg_sys::Oid = row.get(1)?.expect("NOT NULL");
         let rewrite: String = row.get(2)?.expect("NOT NULL");
         candidates.push((relid, rewrite));
     }
+    drop(scans);
     let mut compacted = 0;
     for (relid, rewrite) in candidates {
         let lock = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;

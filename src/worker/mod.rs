@@ -92,14 +92,21 @@ fn ensure_worker() -> &'static str {
     "starting"
 }
 
-/// Runs one step in its own transaction; an error is logged and rolled back, never fatal.
+/// Runs one step in its own transaction; an error is logged and rolled back, never fatal. None, quietly,
+/// when the extension is not there or is being dropped.
 fn run_step<T>(
     name: &str,
     step: impl FnOnce() -> BusResult<T> + std::panic::UnwindSafe,
 ) -> Option<T> {
+    // SAFETY: the worker runs steps one after the other, outside any transaction; each starts one
+    // and ends it below, on every path.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
+        if !hold_off_extension_drop() {
+            pg_sys::AbortCurrentTransaction();
+            return None;
+        }
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let outcome = PgTryBuilder::new(|| step().map_err(|error| error.to_string()))
@@ -126,6 +133,37 @@ fn run_step<T>(
             pgrx::warning!("bussig worker: {name} failed and was rolled back: {message}");
             None
         }
+    }
+}
+
+/// Takes a share lock on the extension for the rest of this transaction, if nobody is dropping it: false
+/// when it is absent or a `DROP EXTENSION` holds or waits for it. DROP EXTENSION locks the extension
+/// before the tables it drops; a step that locked a table first and then waited for one the drop
+/// already held would deadlock with it (and the drop might be the one cancelled). Holding the
+/// extension's lock first, the step finishes and the drop waits for it, never the other way round.
+fn hold_off_extension_drop() -> bool {
+    // SAFETY: called inside a transaction with a database connection: the catalog look-up and the lock
+    // (released at transaction end) need both.
+    unsafe {
+        let extension = pg_sys::get_extension_oid(c"bussig".as_ptr(), true);
+        if extension == pg_sys::InvalidOid {
+            return false;
+        }
+        let mut tag = pg_sys::LOCKTAG {
+            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field2: pg_sys::ExtensionRelationId.to_u32(),
+            locktag_field3: extension.to_u32(),
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+        };
+        let taken = pg_sys::LockAcquire(&mut tag, pg_sys::AccessShareLock as i32, false, true);
+        if taken == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+            return false;
+        }
+        // A drop that committed between the look-up and the lock: see it now.
+        pg_sys::AcceptInvalidationMessages();
+        pg_sys::get_extension_oid(c"bussig".as_ptr(), true) == extension
     }
 }
 
