@@ -94,12 +94,8 @@ fn fresh_run(cfg: &Config, admin: &mut Client, system: System, one_call: bool) -
     let mut cell = rate_cell(&outcome);
     if analyzed {
         // The measurement no longer shows a queue unknown to the statistics.
-        cell.detail = [cell.detail.as_str(), "ANALYZE ran during the run"]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join("; ");
+        let separator = if cell.detail.is_empty() { "" } else { "; " };
+        cell.detail = format!("{}{separator}ANALYZE ran during the run", cell.detail);
     }
     Ok(cell)
 }
