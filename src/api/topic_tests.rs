@@ -346,7 +346,9 @@ mod tests {
     fn maintenance_expires_messages_past_their_ttl() {
         run("SELECT bussig.create_queue('q', message_ttl => '1 hour')");
         run("SELECT bussig.send('q', '\"old\"'), bussig.send('q', '\"new\"')");
-        run("UPDATE bussig.message SET enqueued_at = now() - interval '2 hours' WHERE payload = '\"old\"'");
+        // Sent two hours ago, and ready since.
+        run("UPDATE bussig.message SET enqueued_at = now() - interval '2 hours', visible_at = now() - interval '2 hours'
+             WHERE payload = '\"old\"'");
         assert_eq!(maintenance("expired_messages"), 1);
         assert_eq!(
             one::<String>("SELECT format('%s %s', payload, headers ->> 'bussig-dead-letter-reason') FROM bussig.peek('q_dlq')")
