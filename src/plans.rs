@@ -90,7 +90,7 @@ pub fn in_kept_statement() -> bool {
 }
 
 /// While this lives, references to `bussig.message` whose alias names an index are planned with that
-/// index only (see `pin_index`).
+/// index only (see `index_pins.rs`).
 struct PinsApply(());
 
 impl PinsApply {

@@ -148,19 +148,25 @@ static READ: Statement = Statement {
 
 // READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs), so that the
 // index scan starts there. Nothing while a message of a higher priority is ready: the caller then
-// reads from the head. The probe is a scalar subquery with its ORDER BY: as an EXISTS, the planner
-// drops the ordering and may scan the whole table.
+// reads from the head. The probe looks at the front of each higher priority's range, as READ does.
 static READ_FROM: Statement = Statement {
     sql: read_statement!(
-        "SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
+        "WITH RECURSIVE ",
+        queue_priorities!("(SELECT queue_id FROM q)"),
+        "
+         SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
          FROM bussig.message in_order
          WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = $3
            AND (in_order.visible_at, in_order.message_id) >= ($4, $5) AND in_order.visible_at <= (SELECT now FROM q)
            AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
-           AND (SELECT in_order_head.priority FROM bussig.message in_order_head
-                WHERE in_order_head.queue_id = (SELECT queue_id FROM q) AND in_order_head.priority > $3
-                  AND in_order_head.visible_at <= (SELECT now FROM q)
-                ORDER BY in_order_head.priority DESC, in_order_head.visible_at, in_order_head.message_id
+           AND (SELECT priorities.priority
+                FROM priorities CROSS JOIN LATERAL (
+                    SELECT FROM bussig.message in_order_head
+                    WHERE in_order_head.queue_id = (SELECT queue_id FROM q)
+                      AND in_order_head.priority = priorities.priority
+                      AND in_order_head.visible_at <= (SELECT now FROM q)
+                    LIMIT 1) ready
+                WHERE priorities.priority > $3
                 LIMIT 1) IS NULL
          ORDER BY in_order.visible_at, in_order.message_id
          LIMIT {limit}
@@ -297,13 +303,17 @@ static PEEK: Statement = Statement {
         "WITH RECURSIVE q AS (SELECT queue_id, clock_timestamp() AS now FROM bussig.queue WHERE name = $1), ",
         queue_priorities!("(SELECT queue_id FROM q)"),
         "
-          (SELECT in_order.message_id, 'ready' AS state, in_order.visible_at, in_order.subject,
-                  coalesce(in_order.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = in_order.body_id)),
-                  in_order.headers, in_order.delivery_count, in_order.priority, in_order.enqueued_at,
-                  in_order.correlation_id, in_order.reply_to
-           FROM bussig.message in_order
-           WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.visible_at <= (SELECT now FROM q)
-           ORDER BY in_order.priority DESC, in_order.visible_at, in_order.message_id
+          (SELECT ready.message_id, 'ready' AS state, ready.visible_at, ready.subject,
+                  coalesce(ready.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = ready.body_id)),
+                  ready.headers, ready.delivery_count, ready.priority, ready.enqueued_at,
+                  ready.correlation_id, ready.reply_to
+           FROM priorities CROSS JOIN LATERAL (
+               SELECT in_order.* FROM bussig.message in_order
+               WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
+                 AND in_order.visible_at <= (SELECT now FROM q)
+               ORDER BY in_order.visible_at, in_order.message_id
+               LIMIT $2) ready
+           ORDER BY ready.priority DESC, ready.visible_at, ready.message_id
            LIMIT $2)
           UNION ALL
           (SELECT later.message_id, CASE WHEN later.lock_token IS NULL THEN 'delayed' ELSE 'locked' END,
