@@ -105,6 +105,8 @@ thread_local! {
     static IN_WORKER: Cell<bool> = const { Cell::new(false) };
     /// Whether this transaction handed a fan-out to the worker.
     static FANOUT: Cell<bool> = const { Cell::new(false) };
+    /// Whether this transaction created the extension: the launcher starts a worker at commit.
+    static WAKE_LAUNCHER: Cell<bool> = const { Cell::new(false) };
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -203,6 +205,9 @@ unsafe extern "C-unwind" fn on_transaction_end(
             ready.sort_unstable();
             ready.dedup();
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
+            if WAKE_LAUNCHER.with(|wake| wake.replace(false)) && shared_memory() {
+                wake_launcher();
+            }
             let notify: Vec<i32> = NOTIFY_AT_COMMIT
                 .with(|queues| std::mem::take(&mut *queues.borrow_mut()))
                 .into_iter()
@@ -221,6 +226,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
             READY.with(|ready| ready.borrow_mut().clear());
             NOTIFY_AT_COMMIT.with(|queues| queues.borrow_mut().clear());
             FANOUT.with(|fanout| fanout.set(false));
+            WAKE_LAUNCHER.with(|wake| wake.set(false));
         }
         _ => {}
     }
@@ -411,8 +417,14 @@ pub fn worker_registered() -> bool {
         .any(|worker| worker.pid != 0 && worker.database == database)
 }
 
+/// Asks the launcher to look for databases to serve once this transaction commits: a worker it
+/// started before then would not see the extension yet, and leave.
+pub fn wake_launcher_at_commit() {
+    WAKE_LAUNCHER.with(|wake| wake.set(true));
+}
+
 /// Asks the launcher (registered with no database) to look for databases to serve now.
-pub fn wake_launcher() {
+fn wake_launcher() {
     wake_workers_of(0);
 }
 

@@ -27,6 +27,8 @@ const WORKER_TYPE: &str = "bussig worker";
 const LAUNCHER_INTERVAL: Duration = Duration::from_secs(10);
 /// A database whose worker exited (no extension there) is tried again after this long.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// How soon a start that found every worker slot taken is retried.
+const SLOT_RETRY: Duration = Duration::from_secs(1);
 
 /// The pause after sending notifications: bounds their added latency, and the worker's share of the CPU.
 const NOTIFY_PAUSE_MICROS: std::ffi::c_long = 2_000;
@@ -88,7 +90,7 @@ fn ensure_worker() -> &'static str {
     if !database_allowed(&current_database()) {
         return "not in bussig.worker_databases";
     }
-    wakeup::wake_launcher();
+    wakeup::wake_launcher_at_commit();
     "starting"
 }
 
@@ -179,39 +181,81 @@ pub extern "C-unwind" fn bussig_launcher_main(_argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
     wakeup::register_worker();
-    // Per database: the worker last started (None when starting failed) and when.
-    let mut attempts: HashMap<pg_sys::Oid, (Option<DynamicBackgroundWorker>, Instant)> =
-        HashMap::new();
+    let mut attempts: HashMap<pg_sys::Oid, Attempt> = HashMap::new();
     // A wake-up (CREATE EXTENSION somewhere) retries every database at once.
     let mut woken = true;
     loop {
         reload_settings_if_asked();
-        for (database, name) in databases() {
-            if !database_allowed(&name) {
-                continue;
+        let mut due: Vec<(pg_sys::Oid, String)> = databases()
+            .into_iter()
+            .filter(|(database, name)| {
+                database_allowed(name)
+                    && attempts
+                        .get(database)
+                        .is_none_or(|attempt| attempt.due(woken))
+            })
+            .collect();
+        // Databases never tried and those that found no free slot first, then those whose worker
+        // left longest ago: with fewer worker slots than databases every database gets its turn,
+        // instead of the first few in the catalog taking the slots on every round.
+        due.sort_by_key(|(database, _)| attempts.get(database).map(Attempt::rank));
+        let mut out_of_slots = false;
+        for (database, name) in due {
+            // Once no slot is free, the rest wait for one too, first in line next time.
+            let worker = if out_of_slots {
+                None
+            } else {
+                start_database_worker(database, &name)
+            };
+            if worker.is_none() && !out_of_slots {
+                out_of_slots = true;
+                pgrx::log!(
+                    "bussig launcher: no worker slot free for database {name} yet; retrying"
+                );
             }
-            if let Some((worker, started)) = attempts.get(&database) {
-                let alive = worker.as_ref().is_some_and(|worker| {
-                    matches!(
-                        worker.pid(),
-                        Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)
-                    )
-                });
-                if alive || (!woken && started.elapsed() < RETRY_AFTER) {
-                    continue;
-                }
-            }
-            let worker = start_database_worker(database, &name);
-            if worker.is_none() {
-                pgrx::warning!("bussig launcher: could not start a worker for database {name}; retrying in a minute");
-            }
-            attempts.insert(database, (worker, Instant::now()));
+            let at = Instant::now();
+            attempts.insert(database, Attempt { worker, at });
         }
+        let pause = if out_of_slots {
+            SLOT_RETRY
+        } else {
+            LAUNCHER_INTERVAL
+        };
         let slept = Instant::now();
-        if !BackgroundWorker::wait_latch(Some(LAUNCHER_INTERVAL)) {
+        if !BackgroundWorker::wait_latch(Some(pause)) {
             break;
         }
-        woken = slept.elapsed() < LAUNCHER_INTERVAL;
+        woken = slept.elapsed() < pause;
+    }
+}
+
+/// The launcher's last start of a database's worker.
+struct Attempt {
+    /// None when no slot was free.
+    worker: Option<DynamicBackgroundWorker>,
+    at: Instant,
+}
+
+impl Attempt {
+    fn alive(&self) -> bool {
+        self.worker.as_ref().is_some_and(|worker| {
+            matches!(
+                worker.pid(),
+                Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)
+            )
+        })
+    }
+
+    /// Whether to start this database's worker now: its worker is gone and, unless a wake-up asks
+    /// for every database, it had no slot (retried at once) or left a while ago (no extension there).
+    fn due(&self, woken: bool) -> bool {
+        !self.alive() && (woken || self.worker.is_none() || self.at.elapsed() >= RETRY_AFTER)
+    }
+
+    /// Order among due databases (after those never tried): no slot last time first, then the
+    /// longest ago.
+    fn rank(&self) -> (bool, std::cmp::Reverse<Duration>) {
+        (self.worker.is_some(), std::cmp::Reverse(self.at.elapsed()))
     }
 }
 
