@@ -1,6 +1,7 @@
 //! Wakes readers waiting in `read(wait => ...)`, and the database's worker, when a transaction that
 //! made messages ready commits. Waiters register their latch in shared memory; writers note the
-//! queues they touched, and a commit hook sets the matching latches. No LISTEN, no polling loop:
+//! queues they touched and how many messages, and a commit hook sets the latches of as many waiters
+//! as those messages need. No LISTEN, no polling loop:
 //! this works through transaction-pooling proxies and reacts within milliseconds.
 //!
 //! The NOTIFY of a queue created with `notify => true` is sent by the database's worker, right after
@@ -31,6 +32,12 @@ struct Sleeper {
     database: u32,
     queue_id: i32,
     latch: usize,
+    /// A reader's: how many messages it takes at most.
+    wants: u32,
+    /// A reader's: a commit woke it for its messages, which it has not read yet.
+    woken: bool,
+    /// A reader's: while it was woken, another commit passed it by, counting on its next read.
+    passed_by: bool,
     /// A worker's errands, set by committing transactions.
     errands: Errands,
 }
@@ -96,8 +103,8 @@ static READERS_WAITING: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"bussig_re
 static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    /// Queues this transaction made messages ready in.
-    static READY: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    /// Queues this transaction made messages ready in, and how many.
+    static READY: RefCell<Vec<(i32, u32)>> = const { RefCell::new(Vec::new()) };
     /// Queues (id, name) to NOTIFY when this transaction commits: by the worker, or by the
     /// transaction itself where no worker serves the database.
     static NOTIFY_AT_COMMIT: RefCell<Vec<(i32, String)>> = const { RefCell::new(Vec::new()) };
@@ -134,12 +141,14 @@ pub fn shared_memory() -> bool {
     SHARED_MEMORY.load(Ordering::Relaxed)
 }
 
-/// Readers waiting in `queue_id` are woken when this transaction commits.
-pub fn note_ready(queue_id: i32) {
+/// `count` messages became ready (or will, delayed) in `queue_id`: as many of its waiting readers as
+/// can take them are woken when this transaction commits.
+pub fn note_ready(queue_id: i32, count: u32) {
     READY.with(|ready| {
         let mut ready = ready.borrow_mut();
-        if ready.last() != Some(&queue_id) {
-            ready.push(queue_id);
+        match ready.last_mut() {
+            Some((last, noted)) if *last == queue_id => *noted = noted.saturating_add(count),
+            _ => ready.push((queue_id, count)),
         }
     });
 }
@@ -148,8 +157,8 @@ pub fn note_ready(queue_id: i32) {
 /// so that they sleep only until it becomes ready), and when they are ready now and the queue asked
 /// for it, it gets its NOTIFY: from the worker after the commit, or with the commit where no worker
 /// serves this database.
-pub fn announce(queue_id: i32, queue_name: &str, notify: bool, ready_now: bool) {
-    note_ready(queue_id);
+pub fn announce(queue_id: i32, queue_name: &str, notify: bool, ready_now: bool, count: u32) {
+    note_ready(queue_id, count);
     if !(notify && ready_now) {
         return;
     }
@@ -202,8 +211,14 @@ unsafe extern "C-unwind" fn on_transaction_end(
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let mut ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
-            ready.sort_unstable();
-            ready.dedup();
+            ready.sort_unstable_by_key(|&(queue_id, _)| queue_id);
+            ready.dedup_by(|(queue_id, count), (kept_id, kept_count)| {
+                let same = queue_id == kept_id;
+                if same {
+                    *kept_count = kept_count.saturating_add(*count);
+                }
+                same
+            });
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
             if WAKE_LAUNCHER.with(|wake| wake.replace(false)) && shared_memory() {
                 wake_launcher();
@@ -232,19 +247,37 @@ unsafe extern "C-unwind" fn on_transaction_end(
     }
 }
 
-fn wake_readers(ready: &[i32]) {
+/// Wakes, for each queue, waiting readers that are not woken yet until together they take as many
+/// messages as the commit made ready: one send wakes one reader, not every reader of the queue, which
+/// would all race for the same message. A woken reader that reads a full batch passes the wake on
+/// (`Waiting::done`), so that nothing ready is left with its readers asleep.
+fn wake_readers(ready: &[(i32, u32)]) {
     if READERS_WAITING.get().load(Ordering::Acquire) == 0 {
         return;
     }
     let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    let sleepers = SLEEPERS.share();
-    for reader in sleepers.readers.iter() {
-        if reader.pid != 0
-            && reader.database == database
-            && ready.binary_search(&reader.queue_id).is_ok()
-        {
-            unsafe { pg_sys::SetLatch(reader.latch as *mut pg_sys::Latch) };
+    let mut sleepers = SLEEPERS.exclusive();
+    let mut left: Vec<(i32, u32)> = ready.to_vec();
+    for reader in sleepers.readers.iter_mut() {
+        if reader.pid == 0 || reader.database != database {
+            continue;
         }
+        let Ok(at) = left.binary_search_by_key(&reader.queue_id, |&(queue_id, _)| queue_id) else {
+            continue;
+        };
+        if reader.woken {
+            reader.passed_by = true;
+            continue;
+        }
+        let messages = &mut left[at].1;
+        if *messages == 0 {
+            continue;
+        }
+        *messages = messages.saturating_sub(reader.wants.max(1));
+        reader.woken = true;
+        // SAFETY: a registered reader's latch is its PGPROC's, valid while its slot is taken, and the
+        // slot cannot be freed while we hold the lock.
+        unsafe { pg_sys::SetLatch(reader.latch as *mut pg_sys::Latch) };
     }
 }
 
@@ -308,7 +341,7 @@ fn me(queue_id: i32) -> Sleeper {
             database: pg_sys::MyDatabaseId.to_u32(),
             queue_id,
             latch: pg_sys::MyLatch as usize,
-            errands: Errands::default(),
+            ..Sleeper::default()
         }
     }
 }
@@ -352,7 +385,7 @@ pub struct Waiting {
 }
 
 impl Waiting {
-    pub fn register(queue_id: i32) -> Waiting {
+    pub fn register(queue_id: i32, wants: u32) -> Waiting {
         if !shared_memory() {
             return Waiting { registered: false };
         }
@@ -361,7 +394,10 @@ impl Waiting {
         let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == 0) else {
             return Waiting { registered: false };
         };
-        *slot = me(queue_id);
+        *slot = Sleeper {
+            wants,
+            ..me(queue_id)
+        };
         READERS_WAITING.get().fetch_add(1, Ordering::AcqRel);
         Waiting { registered: true }
     }
@@ -391,14 +427,61 @@ impl Waiting {
     }
 }
 
+impl Waiting {
+    /// Clears this reader's wake: its queue, whether it had been woken, and whether a commit passed
+    /// it by meanwhile.
+    fn clear_wake(&self) -> (i32, bool, bool) {
+        let mut sleepers = SLEEPERS.exclusive();
+        let pid = unsafe { pg_sys::MyProcPid };
+        match sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
+            Some(slot) => {
+                let woken = std::mem::replace(&mut slot.woken, false);
+                let passed_by = std::mem::replace(&mut slot.passed_by, false);
+                (slot.queue_id, woken, passed_by)
+            }
+            None => (0, false, false),
+        }
+    }
+
+    /// The read after a wake came up empty (another reader took the messages): this reader may be
+    /// woken again. Called before the caller looks for what commits made ready since that read, so
+    /// that a commit in between is either seen there or wakes this reader again.
+    pub fn rearm(&self) {
+        if self.registered && self.clear_wake().2 {
+            // A commit counted on the read that came up empty: read again instead of sleeping.
+            // SAFETY: MyLatch is this process's own latch.
+            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+        }
+    }
+
+    /// The reader is about to return what it read: a wake it had is used up. When it took a full
+    /// batch, more may be ready: the wake goes on to another reader of the queue.
+    pub fn done(&self, full_batch: bool) {
+        if !self.registered {
+            return;
+        }
+        let (queue_id, woken, passed_by) = self.clear_wake();
+        if (woken && full_batch) || passed_by {
+            wake_readers(&[(queue_id, 1)]);
+        }
+    }
+}
+
 impl Drop for Waiting {
     fn drop(&mut self) {
         if self.registered {
             let mut sleepers = SLEEPERS.exclusive();
             let pid = unsafe { pg_sys::MyProcPid };
-            if let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
-                *slot = Sleeper::default();
-                READERS_WAITING.get().fetch_sub(1, Ordering::AcqRel);
+            let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == pid) else {
+                return;
+            };
+            // Woken but leaving without reading (a cancel, an error): another reader reads.
+            let unused_wake = (slot.woken || slot.passed_by).then_some(slot.queue_id);
+            *slot = Sleeper::default();
+            READERS_WAITING.get().fetch_sub(1, Ordering::AcqRel);
+            drop(sleepers);
+            if let Some(queue_id) = unused_wake {
+                wake_readers(&[(queue_id, 1)]);
             }
         }
     }

@@ -426,3 +426,72 @@ fn a_dead_letter_notifies_a_dead_letter_queue_that_asked() {
         "expected the dead-letter queue's notification, got {got:?}"
     );
 }
+
+/// Many readers wait on one queue; each commit wakes as many as its messages need (here two each),
+/// and every message reaches a reader at once, whatever the mix of commits.
+#[test]
+fn every_message_reaches_one_of_many_waiting_readers_at_once() {
+    let mut writer = connect();
+    let queue = Queue::create(&mut writer, "many_waiting", "");
+    let mut observer = connect();
+    let (done, returned) = std::sync::mpsc::channel::<usize>();
+    let mut readers = Vec::new();
+    for _ in 0..12 {
+        let (pid_sender, pid) = std::sync::mpsc::channel();
+        let (name, done) = (queue.name.clone(), done.clone());
+        readers.push(thread::spawn(move || {
+            let mut reader = connect();
+            let mut tx = reader.transaction().unwrap();
+            let me: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+            pid_sender.send(me).unwrap();
+            let got = tx
+                .query(
+                    "SELECT message_id FROM bussig.read($1::text, 2, wait => '20 seconds')",
+                    &[&name],
+                )
+                .unwrap()
+                .len();
+            tx.commit().unwrap();
+            done.send(got).unwrap();
+        }));
+        wait_until_waiting(&mut observer, pid.recv().unwrap());
+    }
+    let delivered_within = |count: usize| -> Vec<usize> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut got = Vec::new();
+        while got.iter().sum::<usize>() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match returned.recv_timeout(left) {
+                Ok(n) => got.push(n),
+                Err(_) => panic!("after 3 s readers returned {got:?}, not all of {count} messages"),
+            }
+        }
+        got
+    };
+    let send_n = |c: &mut Client, n: usize| {
+        let payloads = vec![json!({ "n": 1 }); n];
+        send_batch(c, &queue.name, &payloads);
+    };
+
+    // Which reader gets how many of a commit's messages is a race; that all of them are taken at once,
+    // by readers taking at most 2 each, is not.
+    let mut returned_readers = Vec::new();
+    for (sent, expected) in [(1, None), (7, None), (30, Some(2))] {
+        send_n(&mut writer, sent);
+        let left = 12 - returned_readers.len();
+        let wanted = expected.map_or(sent, |each| each * left);
+        let got = delivered_within(wanted);
+        assert!(got.iter().all(|&n| (1..=2).contains(&n)), "{got:?}");
+        returned_readers.extend(got);
+    }
+    assert_eq!(
+        returned_readers.len(),
+        12,
+        "every reader returned: {returned_readers:?}"
+    );
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    let taken: usize = returned_readers.iter().sum();
+    assert_eq!(counts(&mut writer, &queue.name).0, 38 - taken as i64);
+}

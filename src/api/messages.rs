@@ -345,8 +345,8 @@ fn move_to_dead_letter_queue(
     for row in plans::run(client, &DEAD_LETTER, args)? {
         let queue_id: i32 = row.get(1)?.expect("NOT NULL");
         match row.get::<String>(2)? {
-            Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true),
-            None => wakeup::note_ready(queue_id),
+            Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true, 1),
+            None => wakeup::note_ready(queue_id, 1),
         }
         moved += 1;
     }
@@ -471,7 +471,8 @@ fn send_directly<'a>(
 fn announce(queue: &str, found: queues::Destination, delay: Option<Interval>, ids: &[i64]) {
     if !ids.is_empty() {
         let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
-        wakeup::announce(found.queue_id, queue, found.notify, ready_now);
+        let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        wakeup::announce(found.queue_id, queue, found.notify, ready_now, count);
     }
 }
 
@@ -838,7 +839,7 @@ fn receive_waiting(
         mut wait,
     } = request;
     let started = Instant::now();
-    let mut waiting = None;
+    let mut waiting: Option<(i32, wakeup::Waiting)> = None;
     loop {
         let read_began = epoch_seconds();
         let delivered = access::connect(|client, caller| {
@@ -855,15 +856,20 @@ fn receive_waiting(
         let now = Instant::now();
         // Waiting could never show a transaction-long snapshot anything new.
         if !delivered.is_empty() || now >= deadline || plans::snapshot_is_fixed() {
+            if let Some((_, waiting)) = &waiting {
+                waiting.done(delivered.len() == max_messages as usize);
+            }
             return Ok(delivered);
         }
         let Some(waiting) = &waiting else {
             // Register, then read once more before the first sleep: a commit between the read above
             // and the registration would otherwise go unnoticed.
             let queue_id = access::connect(|client, _| queues::require(client, queue))?.queue_id;
-            waiting = Some((queue_id, wakeup::Waiting::register(queue_id)));
+            let wants = u32::try_from(max_messages).unwrap_or(1);
+            waiting = Some((queue_id, wakeup::Waiting::register(queue_id, wants)));
             continue;
         };
+        waiting.1.rearm();
         let next_ready = access::connect(|client, _| -> BusResult<Option<f64>> {
             let args = [waiting.0.into(), read_began.into()];
             Ok(plans::first_value(client, &NEXT_READY, &args)?)
@@ -1053,6 +1059,7 @@ fn nack(
                 queue,
                 row.get(2)?.expect("NOT NULL"),
                 row.get(3)?.expect("NOT NULL"),
+                1,
             );
             return Ok(true);
         }
@@ -1150,7 +1157,8 @@ fn redrive(
         ];
         let redriven = processed(client, &REDRIVE, &args)?;
         if redriven > 0 {
-            wakeup::announce(found.queue_id, queue, found.notify, true);
+            let count = u32::try_from(redriven).unwrap_or(u32::MAX);
+            wakeup::announce(found.queue_id, queue, found.notify, true, count);
         }
         Ok(redriven)
     })?)

@@ -216,7 +216,7 @@ fn route(
     for row in plans::run(client, statement, &args)? {
         let queue_id: i32 = row.get(1)?.expect("NOT NULL");
         if let Some((name, notify)) = routes.queues.get(&queue_id) {
-            wakeup::announce(queue_id, name, *notify, ready_now);
+            wakeup::announce(queue_id, name, *notify, ready_now, 1);
         }
         delivered += 1;
     }

@@ -254,7 +254,13 @@ pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option
         for row in plans::run(client, &ANNOUNCED_QUEUES, &[delivered.clone().into()])? {
             let queue_id: i32 = row.get(1)?.expect("NOT NULL");
             let name: String = row.get(2)?.expect("NOT NULL");
-            wakeup::announce(queue_id, &name, row.get(3)?.expect("NOT NULL"), ready_now);
+            wakeup::announce(
+                queue_id,
+                &name,
+                row.get(3)?.expect("NOT NULL"),
+                ready_now,
+                1,
+            );
         }
     }
     Ok(Some(delivered.len() as i64))
