@@ -33,6 +33,7 @@ test:
 	@.ci/test.sh
 
 # Not part of `make test`: a throw-away cluster on its own port; QUICK=1 for a short run, CPU=1 for
-# the cost of one message in server CPU and WAL, INSTRUCTIONS=1 for a batch's in CPU instructions.
+# the cost of one message in server CPU and WAL, INSTRUCTIONS=1 for a batch's in CPU instructions,
+# COMPACTION=1 for the stall the worker's table rewrite causes.
 bench:
-	@QUICK=$(QUICK) CPU=$(CPU) INSTRUCTIONS=$(INSTRUCTIONS) WAL=$(WAL) bench/run.sh
+	@QUICK=$(QUICK) CPU=$(CPU) INSTRUCTIONS=$(INSTRUCTIONS) WAL=$(WAL) COMPACTION=$(COMPACTION) bench/run.sh

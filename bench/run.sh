@@ -10,6 +10,8 @@
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100, counted by callgrind
 #                         (BENCH_CALLGRIND_OUT=DIR keeps the profiles)
 #   WAL=1                 instead: WAL bytes per message by kind of record, sending and consuming
+#   COMPACTION=1          instead: the longest wait of a sender and a reader while the worker's
+#                         compaction rewrites a table holding 200,000 live messages
 #   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
 #   BENCH_ONLY=1,3        only those workloads (numbers above; 8: the soak); prints, writes nothing to docs/
 #   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
@@ -95,6 +97,10 @@ if [[ -n "${CPU:-}" && "${CPU}" != 0 ]]; then
 fi
 if [[ -n "${INSTRUCTIONS:-}" && "${INSTRUCTIONS}" != 0 ]]; then
     BENCH_DATA_DIR="$datadir" bench/instructions.sh
+    exit
+fi
+if [[ -n "${COMPACTION:-}" && "${COMPACTION}" != 0 ]]; then
+    bench/compaction.sh
     exit
 fi
 if [[ -n "${WAL:-}" && "${WAL}" != 0 ]]; then
