@@ -177,31 +177,6 @@ fn check_every_verb(client: &mut Client, state: &str, queue: &str) {
     }
 }
 
-/// The advisory lock key with which the worker claims its database (see src/worker/mod.rs).
-const WORKER_LOCK_KEY: i64 = 0x6275_7373_6967;
-
-/// Ends this database's worker and keeps the next one out, for as long as `admin` lives: the states
-/// are built and measured without its transactions holding back what VACUUM and CLUSTER remove.
-fn keep_worker_out(admin: &mut Client) {
-    eventually(
-        std::time::Duration::from_secs(30),
-        "the worker's claim on this database",
-        || {
-            admin
-                .batch_execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = current_database() AND backend_type = 'bussig worker'",
-                )
-                .unwrap();
-            let claimed: bool = admin
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&WORKER_LOCK_KEY])
-                .unwrap()
-                .get(0);
-            claimed.then_some(())
-        },
-    );
-}
-
 /// Runs `maintenance` (VACUUM, CLUSTER) once no other transaction of this database holds a snapshot
 /// that would keep it from removing what is dead.
 fn when_alone(admin: &mut Client, maintenance: &str) {

@@ -323,3 +323,39 @@ fn a_bloated_message_table_is_rewritten_small() {
         },
     );
 }
+
+/// A rewrite holds every sender and reader of the table while it copies the live rows: a table with
+/// more than 40,000 of them is left to VACUUM, however bloated (see maintenance.rs).
+#[test]
+fn a_bloated_table_with_many_live_messages_is_not_rewritten() {
+    let database = Database::create("compaction_live");
+    let mut c = database.connect();
+    c.batch_execute("CREATE EXTENSION bussig").unwrap();
+    keep_worker_out(&mut c);
+    c.batch_execute(
+        "SELECT bussig.create_queue('live'), bussig.create_queue('gone');
+         SELECT count(*) FROM (SELECT bussig.send_batch('gone', array_fill('{\"pad\": 1}'::jsonb, ARRAY[10000]))
+                               FROM generate_series(1, 60)) s;
+         SELECT count(*) FROM (SELECT bussig.send_batch('live', array_fill('{\"pad\": 1}'::jsonb, ARRAY[10000]))
+                               FROM generate_series(1, 5)) s;
+         SELECT bussig.purge_queue('gone');",
+    )
+    .unwrap();
+    let size = |c: &mut Client| -> i64 {
+        c.query_one("SELECT pg_relation_size('bussig.message')", &[])
+            .unwrap()
+            .get(0)
+    };
+    let bloated = size(&mut c);
+    assert!(bloated > 10 * 50_000 * 100, "only {bloated} bytes written");
+    let compacted: i64 = c
+        .query_one(
+            "SELECT (bussig.run_maintenance() ->> 'compacted_tables')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(compacted, 0, "50,000 live messages, rewritten");
+    assert_eq!(size(&mut c), bloated);
+    assert_eq!(counts(&mut c, "live").0, 50_000);
+}

@@ -330,3 +330,29 @@ fn clean_up(sql: &str) {
         eprintln!("{sql}: {e}");
     }
 }
+
+/// The advisory lock key with which the worker claims its database (see src/worker/mod.rs).
+const WORKER_LOCK_KEY: i64 = 0x6275_7373_6967;
+
+/// Ends the worker of `admin`'s database and keeps the next one out, for as long as `admin`'s session
+/// lives: for tests that run the worker's steps themselves, or measure what its transactions would
+/// disturb.
+pub fn keep_worker_out(admin: &mut Client) {
+    eventually(
+        Duration::from_secs(30),
+        "the worker's claim on this database",
+        || {
+            admin
+                .batch_execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND backend_type = 'bussig worker'",
+                )
+                .unwrap();
+            let claimed: bool = admin
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&WORKER_LOCK_KEY])
+                .unwrap()
+                .get(0);
+            claimed.then_some(())
+        },
+    );
+}
