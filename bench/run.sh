@@ -12,6 +12,7 @@
 #   WAL=1                 instead: WAL bytes per message by kind of record, sending and consuming
 #   COMPACTION=1          instead: the longest wait of a sender and a reader while the worker's
 #                         compaction rewrites a table holding 200,000 live messages
+#                         (BENCH_COMPACTION_LIVE=50000: another number of them)
 #   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
 #   BENCH_ONLY=1,3        only those workloads (numbers above; 8: the soak); prints, writes nothing to docs/
 #   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
