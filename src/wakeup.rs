@@ -265,12 +265,12 @@ fn wake_readers(ready: &[(i32, u32)]) {
         let Ok(at) = left.binary_search_by_key(&reader.queue_id, |&(queue_id, _)| queue_id) else {
             continue;
         };
-        if reader.woken {
-            reader.passed_by = true;
-            continue;
-        }
         let messages = &mut left[at].1;
         if *messages == 0 {
+            continue;
+        }
+        if reader.woken {
+            reader.passed_by = true;
             continue;
         }
         *messages = messages.saturating_sub(reader.wants.max(1));
@@ -425,13 +425,12 @@ impl Waiting {
         }
         pgrx::check_for_interrupts!();
     }
-}
 
-impl Waiting {
     /// Clears this reader's wake: its queue, whether it had been woken, and whether a commit passed
     /// it by meanwhile.
     fn clear_wake(&self) -> (i32, bool, bool) {
         let mut sleepers = SLEEPERS.exclusive();
+        // SAFETY: MyProcPid is set once at process start and only read afterwards.
         let pid = unsafe { pg_sys::MyProcPid };
         match sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
             Some(slot) => {
