@@ -62,16 +62,22 @@ $$;
 SELECT pg_catalog.pg_extension_config_dump('bussig.queue_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.queue_creator', '');
 
--- Counts are live and exact for a queue that holds fewer than 10,000 messages now (a probe of at
--- most that many index entries tells). A larger queue shows the worker's last count when it is at most
--- a minute old, so that watching a big queue costs little. Each role sees the queues it may use.
+-- How many messages a queue holds, from counts kept in shared memory.
+CREATE FUNCTION bussig.queue_depth(queue text)
+RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'queue_depth_wrapper';
+
+-- messages is exact at every look (bussig.queue_depth). Its split into ready, delayed and locked is
+-- the worker's count, about a second old for a queue of up to 10,000 messages and at most
+-- bussig.stats_interval for a larger one: counting on every look would cost as much as the dead rows
+-- churn leaves, and a held snapshot keeps them all. Each role sees the queues it may use.
 CREATE OR REPLACE VIEW bussig.queues AS
 SELECT q.name AS queue,
        d.name AS dead_letter_queue,
-       s.ready,
-       s.delayed,
-       s.locked,
-       s.oldest_ready_age,
+       depth.messages - split.delayed - split.locked AS ready,
+       split.delayed,
+       split.locked,
+       CASE WHEN depth.messages > split.delayed + split.locked
+            THEN clock_timestamp() - counted.oldest_ready_since END AS oldest_ready_age,
        q.max_deliveries,
        q.lock_timeout,
        q.message_ttl,
@@ -80,31 +86,18 @@ SELECT q.name AS queue,
        q.retry_delay,
        q.retry_delay_max,
        q.retry_multiplier,
-       q.dedup_window
+       q.dedup_window,
+       depth.messages,
+       counted.counted_at
 FROM bussig.queue q
--- The wall clock, as read and peek use it, taken once.
-CROSS JOIN (SELECT clock_timestamp() AS now) AS clock
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
+LEFT JOIN bussig.queue_stats counted ON counted.queue_id = q.queue_id
+CROSS JOIN LATERAL (SELECT bussig.queue_depth(q.name) AS messages) depth
 CROSS JOIN LATERAL (
-    SELECT count(*) AS at_least
-    FROM (SELECT FROM bussig.message m WHERE m.queue_id = q.queue_id LIMIT 10000) AS probe
-) size
-LEFT JOIN bussig.queue_stats counted
-       ON counted.queue_id = q.queue_id
-      AND size.at_least >= 10000
-            AND counted.counted_at > clock.now - interval '1 minute'
-CROSS JOIN LATERAL (
-        SELECT counted.ready, counted.delayed, counted.locked, clock.now - counted.oldest_ready_since AS oldest_ready_age
-    WHERE counted.queue_id IS NOT NULL
-    UNION ALL
-        SELECT count(*) FILTER (WHERE m.visible_at <= clock.now),
-           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NULL),
-           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NOT NULL),
-           clock.now - min(m.enqueued_at) FILTER (WHERE m.visible_at <= clock.now)
-    FROM bussig.message m
-    WHERE counted.queue_id IS NULL AND m.queue_id = q.queue_id
-    HAVING counted.queue_id IS NULL
-) s
+    SELECT least(coalesce(counted.locked, 0), depth.messages) AS locked,
+           least(coalesce(counted.delayed, 0),
+                 depth.messages - least(coalesce(counted.locked, 0), depth.messages)) AS delayed
+) split
 WHERE bussig.has_queue_privilege(q.name);
 
 -- The grants on the queues the current user may manage.

@@ -166,8 +166,9 @@ AS $$
                                                      / nullif(extract(epoch FROM retry_delay)::float8, 0), 1)))))
 $$;
 
--- Message counts per queue, refreshed by the worker every bussig.stats_interval. Derived data:
--- not dumped, and read by bussig.queues only for queues too large to count on every look.
+-- Message counts per queue by state, for bussig.queues: the worker counts a queue of up to 10,000
+-- messages in the round after a commit changed it, and every queue every bussig.stats_interval.
+-- Derived data: not dumped.
 CREATE TABLE bussig.queue_stats (
     queue_id           int PRIMARY KEY,
     ready              bigint NOT NULL,
@@ -176,51 +177,6 @@ CREATE TABLE bussig.queue_stats (
     oldest_ready_since timestamptz,
     counted_at         timestamptz NOT NULL
 );
-
--- Counts are live and exact for a queue that holds fewer than 10,000 messages now (a probe of at
--- most that many index entries tells). A larger queue shows the worker's last count when it is at most
--- a minute old, so that watching a big queue costs little. Each role sees the queues it may use.
-CREATE VIEW bussig.queues AS
-SELECT q.name AS queue,
-       d.name AS dead_letter_queue,
-       s.ready,
-       s.delayed,
-       s.locked,
-       s.oldest_ready_age,
-       q.max_deliveries,
-       q.lock_timeout,
-       q.message_ttl,
-       q.created_at,
-       q.owner,
-       q.retry_delay,
-       q.retry_delay_max,
-       q.retry_multiplier,
-       q.dedup_window
-FROM bussig.queue q
--- The wall clock, as read and peek use it, taken once.
-CROSS JOIN (SELECT clock_timestamp() AS now) AS clock
-LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
-CROSS JOIN LATERAL (
-    SELECT count(*) AS at_least
-    FROM (SELECT FROM bussig.message m WHERE m.queue_id = q.queue_id LIMIT 10000) AS probe
-) size
-LEFT JOIN bussig.queue_stats counted
-       ON counted.queue_id = q.queue_id
-      AND size.at_least >= 10000
-            AND counted.counted_at > clock.now - interval '1 minute'
-CROSS JOIN LATERAL (
-        SELECT counted.ready, counted.delayed, counted.locked, clock.now - counted.oldest_ready_since AS oldest_ready_age
-    WHERE counted.queue_id IS NOT NULL
-    UNION ALL
-        SELECT count(*) FILTER (WHERE m.visible_at <= clock.now),
-           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NULL),
-           count(*) FILTER (WHERE m.visible_at > clock.now AND m.lock_token IS NOT NULL),
-           clock.now - min(m.enqueued_at) FILTER (WHERE m.visible_at <= clock.now)
-    FROM bussig.message m
-    WHERE counted.queue_id IS NULL AND m.queue_id = q.queue_id
-    HAVING counted.queue_id IS NULL
-) s
-WHERE bussig.has_queue_privilege(q.name);
 
 -- The grants on the queues the current user may manage.
 CREATE VIEW bussig.grants AS

@@ -40,6 +40,9 @@ impl Privilege {
     }
 }
 
+/// What `PermissionDenied` says a caller lacks when any privilege on the queue would do.
+pub const ANY_PRIVILEGE: &str = "any privilege";
+
 /// The role a call came from.
 pub struct Caller {
     role: pg_sys::Oid,
@@ -88,13 +91,24 @@ impl Caller {
         queue: &str,
         privilege: Privilege,
     ) -> BusResult<()> {
+        self.require_some(client, queue, Some(privilege))
+    }
+
+    /// As `require`; None asks for any privilege, as seeing a queue in bussig.queues does.
+    pub fn require_some(
+        &self,
+        client: &mut SpiClient<'_>,
+        queue: &str,
+        privilege: Option<Privilege>,
+    ) -> BusResult<()> {
         if self.unrestricted {
             return Ok(());
         }
-        let args = [self.role.into(), queue.into(), privilege.name().into()];
+        let name = privilege.map(Privilege::name);
+        let args = [self.role.into(), queue.into(), name.into()];
         match plans::first_value::<bool>(client, &HAS_QUEUE_PRIVILEGE, &args)? {
             Some(true) => Ok(()),
-            Some(false) => Err(self.denied(privilege.name(), queue)),
+            Some(false) => Err(self.denied(name.unwrap_or(ANY_PRIVILEGE), queue)),
             None => Err(BusError::UnknownQueue(queue.to_string())),
         }
     }

@@ -42,7 +42,7 @@ pub enum BusError {
 
     #[error("permission denied for queue \"{queue}\": role \"{role}\" lacks {privilege}")]
     PermissionDenied {
-        /// send, consume or manage (bussig.grant), create (bussig.grant_create_queues), or ownership
+        /// send, consume or manage (bussig.grant), any privilege, create (bussig.grant_create_queues), or ownership
         privilege: &'static str,
         queue: String,
         role: String,
@@ -119,6 +119,9 @@ impl BusError {
             BusError::PermissionDenied { privilege: "ownership", .. } => Some(
                 "Only the queue's owner, the owner of extension bussig or a superuser can.".into(),
             ),
+            BusError::PermissionDenied { privilege: crate::access::ANY_PRIVILEGE, queue, role } => Some(format!(
+                "The queue's owner can grant one: SELECT bussig.grant('{queue}', '{role}', ARRAY['consume'])."
+            )),
             BusError::PermissionDenied { privilege, queue, role } => Some(format!(
                 "The queue's owner can allow it: SELECT bussig.grant('{queue}', '{role}', ARRAY['{privilege}'])."
             )),

@@ -73,7 +73,7 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"bussig.stats_interval",
         c"Time between two counts of every queue's messages by the background worker.",
-        c"bussig.queues shows these counts for queues of 10,000 messages or more.",
+        c"bussig.queues splits the messages of queues over 10,000 by these counts; smaller ones are counted in the round after each change.",
         &STATS_INTERVAL,
         100,
         86_400_000,

@@ -30,6 +30,7 @@ macro_rules! queue_priorities {
 mod access;
 mod api;
 mod datum;
+mod depth;
 mod direct_insert;
 mod error;
 mod gucs;
@@ -52,6 +53,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::register();
     plans::init();
     wakeup::init();
+    depth::init();
     worker::register();
 }
 

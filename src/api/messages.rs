@@ -12,6 +12,7 @@ use pgrx::Uuid;
 use super::queues::{self, SettingsChange};
 use super::read_position::{self, Position};
 use crate::access::{self, Caller, Privilege};
+use crate::depth;
 use crate::datum::{ArrayShape, BigintArray, Jsonb, JsonbArray, UuidArray};
 use crate::direct_insert;
 use crate::error::{BusError, BusResult};
@@ -113,7 +114,7 @@ macro_rules! read_statement {
                             WHEN q.has_dead_letter_queue AND by_ctid.delivery_count > q.max_deliveries
                                  THEN 'max_deliveries'
                        END AS dead_reason,
-                       q.has_dead_letter_queue"
+                       q.has_dead_letter_queue, q.queue_id"
         )
     };
 }
@@ -236,7 +237,8 @@ static DEAD_LETTER: Statement = Statement {
             AND by_id.message_id = ANY ($1)
             AND ($2::uuid IS NULL OR by_id.lock_token = $2)
                         AND ($6 OR by_id.delivery_count >= q.max_deliveries)
-          RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify)",
+          RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify),
+                    q.queue_id",
     args: &[
         pg_sys::INT8ARRAYOID,
         pg_sys::UUIDOID,
@@ -250,7 +252,7 @@ static DEAD_LETTER: Statement = Statement {
 
 // A dead-letter queue has none of its own: its expired messages are simply dropped (retention).
 static DELETE_MESSAGES: Statement = Statement {
-    sql: "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1)",
+    sql: "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1) RETURNING queue_id",
     args: &[pg_sys::INT8ARRAYOID],
     writes: true,
 };
@@ -344,6 +346,8 @@ fn move_to_dead_letter_queue(
     let mut moved = 0;
     for row in plans::run(client, &DEAD_LETTER, args)? {
         let queue_id: i32 = row.get(1)?.expect("NOT NULL");
+        depth::removed(row.get(3)?.expect("NOT NULL"), 1);
+        depth::added(queue_id, 1);
         match row.get::<String>(2)? {
             Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true, 1),
             None => wakeup::note_ready(queue_id, 1),
@@ -469,6 +473,7 @@ fn send_directly<'a>(
 
 /// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
 fn announce(queue: &str, found: queues::Destination, delay: Option<Interval>, ids: &[i64]) {
+    depth::added(found.queue_id, ids.len());
     if !ids.is_empty() {
         let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
         let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
@@ -635,7 +640,9 @@ pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) ->
             move_to_dead_letter_queue(client, &args)?;
         }
         if !dropped.is_empty() {
-            plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])?;
+            for row in plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])? {
+                depth::removed(row.get(1)?.expect("NOT NULL"), 1);
+            }
         }
     }
     Ok(())
@@ -672,6 +679,9 @@ fn receive(
         let mut returned = 0;
         let mut first: Option<Position> = None;
         for row in rows {
+            if returned == 0 {
+                depth::touched(row.get(14)?.expect("NOT NULL"));
+            }
             returned += 1;
             let position = Position {
                 priority: row.get(7)?.expect("NOT NULL"),
@@ -820,11 +830,13 @@ fn acknowledge(
     (message_ids, lock_tokens): (BigintArray, UuidArray),
 ) -> BusResult<i64> {
     let queue_id = queues::require_destination(client, queue)?.queue_id;
-    processed(
+    let acked = processed(
         client,
         &ACK_BATCH,
         &[queue_id.into(), message_ids.into(), lock_tokens.into()],
-    )
+    )?;
+    depth::removed(queue_id, acked as usize);
+    Ok(acked)
 }
 
 /// Reads as `read` does, acknowledging `acks` first in the same call (ack_and_read).
@@ -950,7 +962,9 @@ fn ack(
         caller.require(client, queue, Privilege::Consume)?;
         let queue_id = queues::require_destination(client, queue)?.queue_id;
         let args = [queue_id.into(), message_id.into(), lock_token.into()];
-        Ok(processed(client, &ACK, &args)? > 0)
+        let acked = processed(client, &ACK, &args)?;
+        depth::removed(queue_id, acked as usize);
+        Ok(acked > 0)
     })?)
 }
 
@@ -1054,6 +1068,7 @@ fn nack(
         ];
         if let Some(row) = plans::run(client, &NACK, &args)?.next() {
             let queue_id: i32 = row.get(1)?.expect("NOT NULL");
+            depth::touched(queue_id);
             wakeup::announce(
                 queue_id,
                 queue,
@@ -1156,6 +1171,8 @@ fn redrive(
             max_messages.into(),
         ];
         let redriven = processed(client, &REDRIVE, &args)?;
+        depth::removed(dead_letter_queue_id, redriven as usize);
+        depth::added(found.queue_id, redriven as usize);
         if redriven > 0 {
             let count = u32::try_from(redriven).unwrap_or(u32::MAX);
             wakeup::announce(found.queue_id, queue, found.notify, true, count);

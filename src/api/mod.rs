@@ -1,4 +1,5 @@
 //! The SQL surface: every `#[pg_extern]` lives below this module.
+mod depth;
 mod grants;
 mod lock_token;
 mod messages;

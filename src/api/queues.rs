@@ -327,7 +327,7 @@ static DROP_QUEUE: Statement = Statement {
               INSERT INTO bussig.dropped_queue (queue_id) SELECT queue_id FROM doomed
               ON CONFLICT (queue_id) DO UPDATE SET dropped_at = excluded.dropped_at
           )
-          DELETE FROM bussig.queue WHERE queue_id IN (SELECT queue_id FROM doomed)",
+          DELETE FROM bussig.queue WHERE queue_id IN (SELECT queue_id FROM doomed) RETURNING queue_id",
     args: &[pg_sys::INT4OID],
     writes: true,
 };
@@ -359,10 +359,12 @@ fn insert_queue(
         dead_letter_owner_id.into(),
         owner.into(),
     ];
-    match plans::run(client, &INSERT_QUEUE, &args)?.next() {
-        Some(row) => Ok(row.get(1)?),
-        None => Ok(None),
-    }
+    let Some(row) = plans::run(client, &INSERT_QUEUE, &args)?.next() else {
+        return Ok(None);
+    };
+    let queue_id: Option<i32> = row.get(1)?;
+    queue_id.into_iter().for_each(crate::depth::created);
+    Ok(queue_id)
 }
 
 /// The dead-letter queue called `name`, created for the caller with default settings and none of its
@@ -557,7 +559,9 @@ pub fn drop_queue_by_id(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<
     if dead_letter_users(client, queue_id)?.is_some() {
         return Ok(false);
     }
-    plans::run(client, &DROP_QUEUE, &[queue_id.into()])?;
+    for row in plans::run(client, &DROP_QUEUE, &[queue_id.into()])? {
+        crate::depth::dropped(row.get(1)?.expect("NOT NULL"));
+    }
     Ok(true)
 }
 
@@ -585,6 +589,8 @@ fn purge_queue(queue: Option<&str>) -> Result<i64, ErrorReport> {
     Ok(access::connect(|client, caller| -> BusResult<i64> {
         caller.require(client, queue, Privilege::Manage)?;
         let found = require(client, queue)?;
-        Ok(plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len() as i64)
+        let purged = plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len();
+        crate::depth::removed(found.queue_id, purged);
+        Ok(purged as i64)
     })?)
 }

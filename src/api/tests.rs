@@ -1189,6 +1189,7 @@ mod tests {
         run("SELECT bussig.send_batch('q', ARRAY['1', '2', '3']::jsonb[])");
         run("SELECT bussig.send('q', '4', delay => '1 hour')");
         run("SELECT * FROM bussig.read('q')");
+        run("SELECT bussig.run_maintenance()");
         assert_eq!(
             one::<String>("SELECT format('%s %s %s %s', ready, delayed, locked, oldest_ready_age IS NOT NULL) FROM bussig.queues WHERE queue = 'q'")
                 .as_deref(),

@@ -215,6 +215,7 @@ fn route(
     let mut delivered = 0;
     for row in plans::run(client, statement, &args)? {
         let queue_id: i32 = row.get(1)?.expect("NOT NULL");
+        crate::depth::added(queue_id, 1);
         if let Some((name, notify)) = routes.queues.get(&queue_id) {
             wakeup::announce(queue_id, name, *notify, ready_now, 1);
         }

@@ -436,6 +436,9 @@ fn run_round(bodies_after: &mut i64) {
     }) {
         *bodies_after = next.unwrap_or(0);
     }
+    round_step("queue counts", || {
+        Spi::connect_mut(maintenance::count_touched_queues)
+    });
     round_step("orphan removal", || {
         Spi::connect_mut(maintenance::remove_orphans)
     });

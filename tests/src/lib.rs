@@ -224,8 +224,11 @@ pub fn ack(c: &mut impl GenericClient, queue: &str, id: i64, token: Uuid) -> boo
     .get(0)
 }
 
-/// `(ready, delayed, locked)` from the `bussig.queues` view.
+/// `(ready, delayed, locked)` from the `bussig.queues` view, once the worker's steps have run (the
+/// split is the worker's count; `c` must be the extension owner).
 pub fn counts(c: &mut impl GenericClient, queue: &str) -> (i64, i64, i64) {
+    c.execute("SELECT bussig.run_maintenance()", &[])
+        .unwrap_or_else(|e| panic!("run_maintenance before counting {queue}: {e}"));
     let sql = "SELECT ready::bigint, delayed::bigint, locked::bigint \
                FROM bussig.queues WHERE queue = $1::text";
     let row = c

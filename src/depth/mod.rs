@@ -1,0 +1,332 @@
+//! How many messages each queue holds, answered without reading the message table. Counting rows
+//! costs in proportion to the dead index entries churn leaves behind, and a held snapshot keeps them
+//! all; producers, autoscalers and dashboards poll the depth all day. So each transaction notes what
+//! it adds to and takes from each queue, and its commit applies that to a count in shared memory.
+//!
+//! A count is exact from the queue's creation on, or from a count of its rows: the first time it is
+//! asked for after a restart (or the worker's next round), and again after a prepared transaction
+//! changed the queue. Such a count misses nothing: commits that end while it runs are added to it.
+//! It can count one message twice, or miss one, only when a commit ends in the microseconds between
+//! the start of the count and its snapshot. A transaction sees its own changes in the depth it asks for.
+//!
+//! Without `shared_preload_libraries = 'bussig'` there is no shared memory: every ask counts rows.
+mod table;
+
+use std::cell::RefCell;
+
+use pgrx::spi::SpiClient;
+use pgrx::{pg_guard, pg_shmem_init, pg_sys, PgLwLock};
+
+use crate::error::BusResult;
+use crate::plans::{self, Statement};
+use crate::wakeup;
+use table::{Depths, Key};
+
+static DEPTHS: PgLwLock<Depths> = unsafe { PgLwLock::new(c"bussig_depths") };
+
+/// What a transaction did to a queue, applied to the counts at its commit.
+enum Change {
+    Messages(i32, i64),
+    /// Its messages changed state, not number (a read, a nack): the worker recounts the split.
+    Touched(i32),
+    Created(i32),
+    Dropped(i32),
+}
+
+impl Change {
+    fn queue_id(&self) -> i32 {
+        match *self {
+            Change::Messages(queue_id, _)
+            | Change::Touched(queue_id)
+            | Change::Created(queue_id)
+            | Change::Dropped(queue_id) => queue_id,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    /// bussig.message's oid, looked up with the transaction's first change.
+    relation: u32,
+    changes: Vec<Change>,
+    /// Open subtransactions and how many changes there were when each began.
+    savepoints: Vec<(pg_sys::SubTransactionId, usize)>,
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+}
+
+/// Called from _PG_init: shared memory only exists when preloaded; the callbacks are per process.
+pub fn init() {
+    // SAFETY: _PG_init runs once per process, before any transaction; the shared memory request is
+    // only made while shared_preload_libraries is being processed, as PostgreSQL requires.
+    unsafe {
+        if pg_sys::process_shared_preload_libraries_in_progress {
+            pg_shmem_init!(DEPTHS);
+        }
+        pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
+    }
+}
+
+/// `count` messages went into the queue.
+pub fn added(queue_id: i32, count: usize) {
+    if count > 0 {
+        note(Change::Messages(queue_id, count as i64));
+    }
+}
+
+/// `count` messages left the queue.
+pub fn removed(queue_id: i32, count: usize) {
+    if count > 0 {
+        note(Change::Messages(queue_id, -(count as i64)));
+    }
+}
+
+pub fn touched(queue_id: i32) {
+    note(Change::Touched(queue_id));
+}
+
+pub fn created(queue_id: i32) {
+    note(Change::Created(queue_id));
+}
+
+pub fn dropped(queue_id: i32) {
+    note(Change::Dropped(queue_id));
+}
+
+fn note(change: Change) {
+    if !wakeup::shared_memory() {
+        return;
+    }
+    PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        if pending.changes.is_empty() {
+            pending.relation = plans::bussig_relation(c"message").to_u32();
+        }
+        // Changes since the innermost savepoint merge into one per queue in a row.
+        let floor = pending.savepoints.last().map_or(0, |&(_, len)| len);
+        if pending.changes.len() > floor {
+            let last = pending.changes.last_mut().expect("more changes than the floor");
+            if last.queue_id() == change.queue_id() {
+                match (last, &change) {
+                    (Change::Messages(_, sum), Change::Messages(_, delta)) => {
+                        *sum += delta;
+                        return;
+                    }
+                    (Change::Messages(..) | Change::Touched(_), Change::Touched(_)) => return,
+                    _ => {}
+                }
+            }
+        }
+        pending.changes.push(change);
+    });
+}
+
+fn key(relation: u32, queue_id: i32) -> Key {
+    Key {
+        // SAFETY: MyDatabaseId is set once at backend start and only read after.
+        database: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        relation,
+        queue_id,
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _argument: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if !matches!(
+        event,
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
+    ) {
+        return;
+    }
+    let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+    if pending.changes.is_empty() {
+        return;
+    }
+    let key = |queue_id| key(pending.relation, queue_id);
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            let reshapes = pending
+                .changes
+                .iter()
+                .any(|change| matches!(change, Change::Created(_) | Change::Dropped(_)));
+            if reshapes {
+                let mut depths = DEPTHS.exclusive();
+                for change in &pending.changes {
+                    match *change {
+                        Change::Created(queue_id) => depths.created(key(queue_id)),
+                        Change::Dropped(queue_id) => depths.remove(key(queue_id)),
+                        Change::Messages(queue_id, delta) => depths.add(key(queue_id), delta),
+                        Change::Touched(queue_id) => depths.touch(key(queue_id)),
+                    }
+                }
+            } else {
+                let depths = DEPTHS.share();
+                for change in &pending.changes {
+                    match *change {
+                        Change::Messages(queue_id, delta) => depths.add(key(queue_id), delta),
+                        Change::Touched(queue_id) => depths.touch(key(queue_id)),
+                        Change::Created(_) | Change::Dropped(_) => unreachable!("no reshape"),
+                    }
+                }
+            }
+        }
+        // COMMIT PREPARED runs in another session, without these changes: count the queues again.
+        XACT_EVENT_PREPARE => {
+            let mut depths = DEPTHS.exclusive();
+            for change in &pending.changes {
+                depths.mark_stale(key(change.queue_id()));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subtransaction_end(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _argument: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        match event {
+            SUBXACT_EVENT_START_SUB => {
+                let len = pending.changes.len();
+                pending.savepoints.push((subtransaction, len));
+            }
+            SUBXACT_EVENT_COMMIT_SUB | SUBXACT_EVENT_ABORT_SUB => {
+                let Some(at) = pending.savepoints.iter().rposition(|&(id, _)| id == subtransaction)
+                else {
+                    return;
+                };
+                let (_, len) = pending.savepoints[at];
+                pending.savepoints.truncate(at);
+                if event == SUBXACT_EVENT_ABORT_SUB {
+                    pending.changes.truncate(len);
+                }
+            }
+            _ => {}
+        }
+    });
+}
+
+// Takes its own snapshot (a statement that `writes` does): it must see every commit that ended
+// before the count began, which the calling statement's snapshot may not.
+static COUNT_MESSAGES: Statement = Statement {
+    sql: "SELECT ids.queue_id,
+                 (SELECT count(*) FROM bussig.message in_order WHERE in_order.queue_id = ids.queue_id)
+          FROM unnest($1::int[]) AS ids(queue_id)",
+    args: &[pg_sys::INT4ARRAYOID],
+    writes: true,
+};
+
+/// How many messages the queue holds, as this transaction sees them.
+pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
+    let relation = plans::bussig_relation(c"message").to_u32();
+    let key = key(relation, queue_id);
+    let own = PENDING.with(|pending| {
+        let pending = pending.borrow();
+        let mine = pending.changes.iter().filter(|change| change.queue_id() == queue_id);
+        mine.fold(None, |sum: Option<i64>, change| match *change {
+            Change::Messages(_, delta) => Some(sum.unwrap_or(0) + delta),
+            _ => Some(sum.unwrap_or(0)),
+        })
+    });
+    let shared = wakeup::shared_memory();
+    if shared {
+        if let Some(count) = DEPTHS.share().messages(key) {
+            return Ok(count + own.unwrap_or(0));
+        }
+    }
+    // A count is kept only when it sees exactly what has committed: not with this transaction's
+    // own changes in it, nor in a snapshot taken before now.
+    let keep = shared && own.is_none() && !plans::snapshot_is_fixed();
+    let generation = if keep {
+        DEPTHS.exclusive().begin_count(key)
+    } else {
+        None
+    };
+    let counted = count(client, &[queue_id])?;
+    let count = counted.first().map_or(0, |&(_, count)| count);
+    if let Some(generation) = generation {
+        DEPTHS
+            .exclusive()
+            .finish_count(key, generation, count, false);
+    }
+    Ok(count)
+}
+
+fn count(client: &mut SpiClient<'_>, queue_ids: &[i32]) -> BusResult<Vec<(i32, i64)>> {
+    let mut counted = Vec::with_capacity(queue_ids.len());
+    for row in plans::run(client, &COUNT_MESSAGES, &[queue_ids.to_vec().into()])? {
+        counted.push((row.get(1)?.expect("NOT NULL"), row.get(2)?.expect("NOT NULL")));
+    }
+    Ok(counted)
+}
+
+static QUEUE_IDS: Statement = Statement {
+    sql: "SELECT queue_id FROM bussig.queue ORDER BY queue_id",
+    args: &[],
+    writes: false,
+};
+
+static PREPARED_HERE: Statement = Statement {
+    sql: "SELECT count(*) FROM pg_catalog.pg_prepared_xacts WHERE database = current_database()",
+    args: &[],
+    writes: false,
+};
+
+/// The worker's step: counts the queues whose count is unknown (after a restart) or in doubt (a
+/// prepared transaction changed them), and forgets dropped queues. How many it counted.
+pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    if !wakeup::shared_memory() || plans::snapshot_is_fixed() {
+        return Ok(0);
+    }
+    let relation = plans::bussig_relation(c"message").to_u32();
+    let queue_ids: Vec<i32> = plans::first_column(client, &QUEUE_IDS, &[])?;
+    let settled = plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0);
+    let started: Vec<(i32, u32)> = {
+        let mut depths = DEPTHS.exclusive();
+        let any = key(relation, 0);
+        depths.keep_only(any.database, relation, &queue_ids);
+        let uncounted = depths.uncounted(any.database, relation, &queue_ids);
+        uncounted
+            .into_iter()
+            .filter_map(|queue_id| {
+                let generation = depths.begin_count(key(relation, queue_id))?;
+                Some((queue_id, generation))
+            })
+            .collect()
+    };
+    if started.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i32> = started.iter().map(|&(queue_id, _)| queue_id).collect();
+    let counted = count(client, &ids)?;
+    let mut depths = DEPTHS.exclusive();
+    for (&(queue_id, generation), &(_, count)) in started.iter().zip(&counted) {
+        depths.finish_count(key(relation, queue_id), generation, count, settled);
+    }
+    Ok(counted.len() as i64)
+}
+
+/// Queues that commits changed since the worker last asked and that hold at most `most` messages.
+pub fn take_touched(most: i64) -> Vec<i32> {
+    if !wakeup::shared_memory() {
+        return Vec::new();
+    }
+    let any = key(plans::bussig_relation(c"message").to_u32(), 0);
+    DEPTHS
+        .share()
+        .take_touched(any.database, any.relation, most)
+}
