@@ -148,10 +148,10 @@ pub fn fresh_queue(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) 
 /// Simulated work per message of workload 11.
 const WORK_PER_MESSAGE: Duration = Duration::from_millis(1);
 /// The hand-written consumer's sleep when it finds nothing, and pgmq's poll interval.
-const POLL: Duration = Duration::from_millis(10);
+pub const POLL: Duration = Duration::from_millis(10);
 
 /// How many messages are waiting or being worked on: what a producer keeping a queue fed would look at.
-fn depth_query(system: System) -> &'static str {
+pub fn depth_query(system: System) -> &'static str {
     match system {
         System::Bussig => "SELECT (ready + locked)::bigint FROM bussig.queues WHERE queue = $1",
         System::Hand => "SELECT count(*) FROM hand.queue",

@@ -5,7 +5,7 @@ use postgres::types::Type;
 use postgres::Client;
 use uuid::Uuid;
 
-use crate::pg::{payloads, JsonbText, Received, Res, PAYLOAD};
+use crate::pg::{payloads, JsonbText, Received, Res, Stamp, PAYLOAD};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum System {
@@ -250,13 +250,18 @@ impl Sender {
     }
 
     pub fn send(&self, client: &mut Client) -> Res<Option<i64>> {
-        let payload = JsonbText(PAYLOAD);
+        self.send_text(client, PAYLOAD)
+    }
+
+    /// Sends a payload of the caller's, e.g. a `Stamp`'s.
+    pub fn send_text(&self, client: &mut Client, text: &str) -> Res<Option<i64>> {
+        let payload = JsonbText(text);
         let rows = match self.system {
             System::Bussig | System::Pgmq => {
                 client.query(&self.statement, &[&self.queue, &payload])?
             }
             System::Hand => client.query(&self.statement, &[&payload])?,
-            System::Pgq => client.query(&self.statement, &[&self.queue, &PAYLOAD])?,
+            System::Pgq => client.query(&self.statement, &[&self.queue, &text])?,
         };
         Ok(rows.first().map(|row| row.get(0)))
     }
@@ -336,6 +341,13 @@ impl Locked {
     pub fn len(&self) -> usize {
         self.ids.len()
     }
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+    /// bussig's lock tokens; empty for the other systems.
+    pub fn tokens(&self) -> &[Uuid] {
+        &self.tokens
+    }
 }
 
 impl Consumer {
@@ -348,15 +360,32 @@ impl Consumer {
         max: i32,
         wait_ms: Option<u32>,
     ) -> Res<Self> {
+        Self::with_lock(client, system, queue, max, wait_ms, None)
+    }
+
+    /// As `new`, with messages locked for `lock_seconds` instead of 30 (bussig: the queue's own
+    /// lock timeout, 30 seconds unless altered).
+    pub fn with_lock(
+        client: &mut Client,
+        system: System,
+        queue: &str,
+        max: i32,
+        wait_ms: Option<u32>,
+        lock_seconds: Option<u32>,
+    ) -> Res<Self> {
+        let seconds = lock_seconds.unwrap_or(30);
         let (read, ack, pgq_events) = match system {
             System::Bussig => {
                 let wait = wait_ms
                     .map(|ms| format!(", wait => '{ms} milliseconds'"))
                     .unwrap_or_default();
+                let lock = lock_seconds
+                    .map(|s| format!(", lock_timeout => '{s} seconds'"))
+                    .unwrap_or_default();
                 (
                     client.prepare_typed(
                         &format!(
-                            "SELECT message_id, lock_token, payload FROM bussig.read($1, $2{wait})"
+                            "SELECT message_id, lock_token, payload FROM bussig.read($1, $2{lock}{wait})"
                         ),
                         &[Type::TEXT, Type::INT4],
                     )?,
@@ -369,10 +398,12 @@ impl Consumer {
             }
             System::Hand => (
                 client.prepare_typed(
-                    "UPDATE hand.queue SET visible_at = now() + interval '30 seconds'
-                      WHERE id IN (SELECT id FROM hand.queue WHERE visible_at <= now()
-                                    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                      RETURNING id, payload",
+                    &format!(
+                        "UPDATE hand.queue SET visible_at = now() + interval '{seconds} seconds'
+                          WHERE id IN (SELECT id FROM hand.queue WHERE visible_at <= now()
+                                        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                          RETURNING id, payload"
+                    ),
                     &[Type::INT8],
                 )?,
                 client.prepare_typed(
@@ -389,18 +420,18 @@ impl Consumer {
                     &[Type::INT8],
                 )?),
             ),
-            // The same 30-second visibility timeout as the hand-written queue.
+            // The same visibility timeout as the hand-written queue.
             System::Pgmq => (
                 match wait_ms {
                     Some(ms) => client.prepare_typed(
                         &format!(
-                            "SELECT msg_id, message FROM pgmq.read_with_poll($1, 30, $2, {}, 10)",
+                            "SELECT msg_id, message FROM pgmq.read_with_poll($1, {seconds}, $2, {}, 10)",
                             ms.div_ceil(1000).max(1)
                         ),
                         &[Type::TEXT, Type::INT4],
                     )?,
                     None => client.prepare_typed(
-                        "SELECT msg_id, message FROM pgmq.read($1, 30, $2)",
+                        &format!("SELECT msg_id, message FROM pgmq.read($1, {seconds}, $2)"),
                         &[Type::TEXT, Type::INT4],
                     )?,
                 },
@@ -421,23 +452,42 @@ impl Consumer {
         })
     }
 
-    /// Locks up to `max` messages in one autocommit transaction (not PgQ).
-    pub fn read(&self, client: &mut Client) -> Res<Locked> {
-        let (rows, payload) = match self.system {
+    /// The rows of one read and the column of their payload.
+    fn read_rows(&self, client: &mut Client) -> Res<(Vec<postgres::Row>, usize)> {
+        Ok(match self.system {
             System::Bussig => (client.query(&self.read, &[&self.queue, &self.max])?, 2),
             System::Hand => (client.query(&self.read, &[&(self.max as i64)])?, 1),
             System::Pgmq => (client.query(&self.read, &[&self.queue, &self.max])?, 1),
             System::Pgq => unreachable!("a PgQ batch is read and finished in one transaction"),
-        };
-        receive(&rows, payload);
-        Ok(Locked {
+        })
+    }
+
+    fn locked(&self, rows: &[postgres::Row]) -> Locked {
+        Locked {
             ids: rows.iter().map(|r| r.get(0)).collect(),
             tokens: if self.system == System::Bussig {
                 rows.iter().map(|r| r.get(1)).collect()
             } else {
                 Vec::new()
             },
-        })
+        }
+    }
+
+    /// Locks up to `max` messages in one autocommit transaction (not PgQ).
+    pub fn read(&self, client: &mut Client) -> Res<Locked> {
+        let (rows, payload) = self.read_rows(client)?;
+        receive(&rows, payload);
+        Ok(self.locked(&rows))
+    }
+
+    /// As `read`, for payloads a `Stamp` wrote: also their stamps, in the order of the ids.
+    pub fn read_stamped(&self, client: &mut Client) -> Res<(Locked, Vec<Stamp>)> {
+        let (rows, payload) = self.read_rows(client)?;
+        let stamps = rows
+            .iter()
+            .map(|row| row.try_get(payload))
+            .collect::<Result<_, _>>()?;
+        Ok((self.locked(&rows), stamps))
     }
 
     /// Acknowledges what `read` locked, in the next autocommit transaction.

@@ -1,5 +1,6 @@
 //! Workloads 1 to 4 of the benchmark and the helpers of every workload; 5 to 7 are in `features.rs`,
-//! the soak (8) and memory (9) in `soak.rs`, 10 and 11 in `field.rs`.
+//! the soak (8) and memory (9) in `soak.rs`, 10 and 11 in `field.rs`, 12 in `pressure.rs`, 13 in
+//! `faults.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,6 +47,16 @@ pub fn at_least(name: String, value: f64, goal: f64) -> Target {
         measured: format!("{value:.2}x"),
         goal: format!(">= {goal}x"),
         pass: value >= goal,
+    }
+}
+
+/// A target on a ratio that should stay low (a size's growth, a latency against a peer's).
+pub fn at_most(name: String, value: f64, goal: f64) -> Target {
+    Target {
+        name,
+        measured: format!("{value:.2}x"),
+        goal: format!("<= {goal}x"),
+        pass: value <= goal,
     }
 }
 
