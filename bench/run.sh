@@ -4,7 +4,10 @@
 # workload. pgmq is plain SQL, installed by the load generator from the scripts the `pgmq` crate embeds.
 # Workloads: 1 send, 2 send_batch, 3 consume, 4 producers and consumers, 5 head of line, 6 routing,
 # 7 long-poll wake, 8 soak (and 9 memory), 10 consume of a queue filled after the last ANALYZE,
-# 11 job queue of 4 to 128 long-polling consumers working 1 ms per message.
+# 11 job queue of 4 to 128 long-polling consumers working 1 ms per message, 12 pressure: 800 msgs/s
+# to 32 consumers while an xid is held, then while REPEATABLE READ sessions scan the message table,
+# 13 faults: consumer backends terminated, the server restarted, a consumer process killed, with a
+# ledger of acks checked for messages lost or acked twice.
 #   QUICK=1               a short run (a few minutes) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100, counted by callgrind
@@ -16,6 +19,7 @@
 #   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
 #   BENCH_ONLY=1,3        only those workloads (numbers above; 8: the soak); prints, writes nothing to docs/
 #   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
+#   BENCH_PRESSURE_BASELINE=60, BENCH_PRESSURE_SECONDS=240  workload 12's baseline and each pressure
 #   BENCH_PORT, BENCH_DATA  where the cluster listens and lives (defaults: 28850, /var/tmp/bussig-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +96,10 @@ fi
 
 export BENCH_URL="host=127.0.0.1 port=$port user=postgres dbname=bench"
 export BENCH_SETTINGS="$settings"
+# Workload 13 restarts the server under load, as its user, with the data directory only we know.
+BENCH_RESTART=$(printf '%q ' runuser -u postgres -- env -u RUST_BACKTRACE "$PG_BIN/pg_ctl" -D "$datadir" \
+    -l "$base/server.log" -m fast -w -t 60 restart)
+export BENCH_RESTART
 if [[ -n "${CPU:-}" && "${CPU}" != 0 ]]; then
     bench/cpu.sh
     exit

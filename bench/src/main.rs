@@ -3,11 +3,13 @@
 //! program installs pgmq's SQL, drives every workload, prints the tables and writes
 //! `docs/benchmarks.md` with the soak chart next to it.
 
+mod faults;
 mod features;
 mod field;
 mod load;
 mod pg;
 mod pgmq;
+mod pressure;
 mod report;
 mod soak;
 mod systems;
@@ -41,6 +43,9 @@ pub struct Config {
     /// Consumer counts of the job-queue sweep (workload 11) and the depth its producer keeps.
     pub job_consumers: Vec<usize>,
     pub job_depth: i64,
+    /// The unpressured baseline of workload 12, and the length of each of its two pressures.
+    pub pressure_baseline: Duration,
+    pub pressure_seconds: Duration,
     /// The pgmq version its installer reported.
     pub pgmq_version: String,
 }
@@ -67,6 +72,8 @@ impl Config {
                 fresh_fill: 200_000,
                 job_consumers: vec![4, 16, 64, 128],
                 job_depth: 4_000,
+                pressure_baseline: seconds(10.0),
+                pressure_seconds: seconds(20.0),
                 pgmq_version: String::new(),
             }
         } else {
@@ -88,6 +95,8 @@ impl Config {
                 fresh_fill: 200_000,
                 job_consumers: vec![4, 16, 64, 128],
                 job_depth: 4_000,
+                pressure_baseline: seconds(60.0),
+                pressure_seconds: seconds(240.0),
                 pgmq_version: String::new(),
             }
         }
@@ -95,7 +104,15 @@ impl Config {
 }
 
 fn main() {
-    if let Err(error) = run() {
+    let args: Vec<String> = std::env::args().collect();
+    let outcome = match args.get(1).map(String::as_str) {
+        // Workload 13 runs its consumers as processes of their own, to kill one.
+        Some(faults::CONSUMER_COMMAND) => {
+            faults::consumer_process(args.get(2).map_or("", String::as_str))
+        }
+        _ => run(),
+    };
+    if let Err(error) = outcome {
         // postgres::Error says only "db error"; the server's message is in its source.
         let mut message = error.to_string();
         let mut source = error.source();
@@ -125,13 +142,19 @@ fn run() -> Res<()> {
         only.as_ref()
             .is_none_or(|list| list.iter().any(|w| w == number))
     };
-    if let Ok(seconds) = std::env::var("BENCH_SECONDS") {
-        cfg.run = Duration::from_secs_f64(
-            seconds
-                .parse()
-                .map_err(|_| "BENCH_SECONDS is not a number")?,
-        );
-    }
+    let seconds_from = |name: &str, into: &mut Duration| -> Res<()> {
+        if let Ok(seconds) = std::env::var(name) {
+            *into = Duration::from_secs_f64(
+                seconds
+                    .parse()
+                    .map_err(|_| format!("{name} is not a number"))?,
+            );
+        }
+        Ok(())
+    };
+    seconds_from("BENCH_SECONDS", &mut cfg.run)?;
+    seconds_from("BENCH_PRESSURE_BASELINE", &mut cfg.pressure_baseline)?;
+    seconds_from("BENCH_PRESSURE_SECONDS", &mut cfg.pressure_seconds)?;
     let mut admin = pg::connect(&cfg.url)?;
     println!(
         "{} run: {:.1} s per measurement, clients {:?}",
@@ -147,7 +170,7 @@ fn run() -> Res<()> {
         sections.push(section);
     };
     type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
-    let workloads: [(&str, Workload); 8] = [
+    let workloads: [(&str, Workload); 10] = [
         ("1 send", workloads::sends),
         ("2 send_batch", workloads::send_batches),
         ("3 consume", workloads::consume),
@@ -159,6 +182,8 @@ fn run() -> Res<()> {
             field::fresh_queue,
         ),
         ("11 depth-polling job queue sweep", field::job_queue),
+        ("12 pressure on the vacuum horizon", pressure::pressure),
+        ("13 faults, with a ledger", faults::faults),
     ];
     for (name, workload) in workloads {
         let number = name.split(' ').next().unwrap_or(name);
