@@ -280,8 +280,9 @@ fn strike(
 /// Messages of the queue not yet acked, locked or not.
 fn depth(admin: &mut Client, system: System) -> Res<i64> {
     let row = match system {
+        // Rows, not the bussig.queues view, whose figures may come from the worker's last count.
         System::Bussig => admin.query_one(
-            "SELECT (ready + delayed + locked)::bigint FROM bussig.queues WHERE queue = $1",
+            "SELECT count(*) FROM bussig.message m JOIN bussig.queue q USING (queue_id) WHERE q.name = $1",
             &[&QUEUE],
         )?,
         System::Hand => admin.query_one(depth_query(system), &[])?,
