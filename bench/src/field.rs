@@ -153,7 +153,7 @@ pub const POLL: Duration = Duration::from_millis(10);
 /// How many messages are waiting or being worked on: what a producer keeping a queue fed would look at.
 pub fn depth_query(system: System) -> &'static str {
     match system {
-        System::Bussig => "SELECT (ready + locked)::bigint FROM bussig.queues WHERE queue = $1",
+        System::Bussig => "SELECT bussig.queue_depth($1)",
         System::Hand => "SELECT count(*) FROM hand.queue",
         System::Pgmq => "SELECT queue_length FROM pgmq.metrics($1)",
         System::Pgq => unreachable!("PgQ takes no part in workload 11"),
@@ -193,7 +193,7 @@ pub fn job_queue(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) ->
              '1 second')`; pgmq `read_with_poll(queue, 30, 10, 1, 10)`; the hand-written `UPDATE ... SKIP \
              LOCKED`, sleeping {} ms when it finds none), work {} ms on each (a client-side sleep), then \
              ack them in a second transaction (`ack_batch`, `delete`, `DELETE`). One producer keeps the \
-             queue about {} deep: it reads the depth (bussig `ready + locked` from `bussig.queues`, pgmq \
+             queue about {} deep: it reads the depth (bussig `queue_depth(queue)`, pgmq \
              `metrics(queue).queue_length`, the hand-written `count(*)`) and tops it up in one batch of at \
              most 1,000, or sleeps 5 ms. In brackets: the median depth the producer saw, and at the largest \
              N the rate as a share of the sweep's best.",

@@ -280,6 +280,12 @@ static QUEUE_IDS: Statement = Statement {
     writes: false,
 };
 
+static DATABASES: Statement = Statement {
+    sql: "SELECT oid::int8 FROM pg_catalog.pg_database ORDER BY oid",
+    args: &[],
+    writes: false,
+};
+
 static PREPARED_HERE: Statement = Statement {
     sql: "SELECT count(*) FROM pg_catalog.pg_prepared_xacts WHERE database = current_database()",
     args: &[],
@@ -287,18 +293,22 @@ static PREPARED_HERE: Statement = Statement {
 };
 
 /// The worker's step: counts the queues whose count is unknown (after a restart) or in doubt (a
-/// prepared transaction changed them), and forgets dropped queues. How many it counted.
+/// prepared transaction changed them), and forgets dropped queues and databases. How many it counted.
 pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
     if !wakeup::shared_memory() || plans::snapshot_is_fixed() {
         return Ok(0);
     }
     let relation = plans::bussig_relation(c"message").to_u32();
     let queue_ids: Vec<i32> = plans::first_column(client, &QUEUE_IDS, &[])?;
+    let databases: Vec<u32> = plans::first_column::<i64>(client, &DATABASES, &[])?
+        .into_iter()
+        .map(|oid| oid as u32)
+        .collect();
     let settled = plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0);
     let started: Vec<(i32, u32)> = {
         let mut depths = DEPTHS.exclusive();
         let any = key(relation, 0);
-        depths.keep_only(any.database, relation, &queue_ids);
+        depths.keep_only(any.database, relation, &queue_ids, &databases);
         let uncounted = depths.uncounted(any.database, relation, &queue_ids);
         uncounted
             .into_iter()

@@ -242,13 +242,16 @@ impl Depths {
     }
 
     /// Forgets the database's queues other than `queue_ids` (sorted): dropped ones, and every queue
-    /// of a bussig since dropped.
-    pub fn keep_only(&mut self, database: u32, relation: u32, queue_ids: &[i32]) {
+    /// of a bussig since dropped; and the queues of databases not among `databases` (sorted).
+    pub fn keep_only(&mut self, database: u32, relation: u32, queue_ids: &[i32], databases: &[u32]) {
         let gone: Vec<Key> = self
             .slots
             .iter()
-            .filter(|slot| slot.used && slot.key.database == database)
+            .filter(|slot| slot.used)
             .filter(|slot| {
+                if slot.key.database != database {
+                    return databases.binary_search(&slot.key.database).is_err();
+                }
                 slot.key.relation != relation || queue_ids.binary_search(&slot.key.queue_id).is_err()
             })
             .map(|slot| slot.key)
@@ -330,8 +333,16 @@ mod tests {
         assert!(depths.take_touched(5, 16384, 10).is_empty());
         depths.touch(key(1));
         assert_eq!(depths.take_touched(5, 16384, 10), vec![1]);
-        depths.keep_only(5, 16384, &[2]);
+        let elsewhere = Key {
+            database: 7,
+            ..key(1)
+        };
+        depths.created(elsewhere);
+        depths.keep_only(5, 16384, &[2], &[5, 7]);
         assert_eq!(depths.messages(key(1)), None);
         assert_eq!(depths.messages(key(2)), Some(50));
+        assert_eq!(depths.messages(elsewhere), Some(0));
+        depths.keep_only(5, 16384, &[2], &[5]);
+        assert_eq!(depths.messages(elsewhere), None);
     }
 }

@@ -151,7 +151,7 @@ fn hold_off_extension_drop() -> bool {
         if extension == pg_sys::InvalidOid {
             return false;
         }
-        let mut tag = pg_sys::LOCKTAG {
+        let tag = pg_sys::LOCKTAG {
             locktag_field1: pg_sys::MyDatabaseId.to_u32(),
             locktag_field2: pg_sys::ExtensionRelationId.to_u32(),
             locktag_field3: extension.to_u32(),
@@ -159,7 +159,7 @@ fn hold_off_extension_drop() -> bool {
             locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
             locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
         };
-        let taken = pg_sys::LockAcquire(&mut tag, pg_sys::AccessShareLock as i32, false, true);
+        let taken = pg_sys::LockAcquire(&tag, pg_sys::AccessShareLock as i32, false, true);
         if taken == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
             return false;
         }
