@@ -236,6 +236,17 @@ pub fn job_queue(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) ->
                 share,
                 0.8,
             ));
+            let at = |n: usize| {
+                let i = cfg.job_consumers.iter().position(|&c| c == n)?;
+                rates[s].get(i).copied()
+            };
+            if let (Some(sixteen), Some(sixty_four)) = (at(16), at(64)) {
+                targets.push(at_least(
+                    "job queue: 64 consumers vs 16".to_string(),
+                    sixty_four / sixteen,
+                    1.0,
+                ));
+            }
         }
     }
     Ok(section)
