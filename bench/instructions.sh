@@ -10,7 +10,8 @@
 # load generator and pgbench -M prepared run them), 200 times and then 400 times: the difference is
 # the cost of 200 executions, without the backend's start or the caches its first executions fill.
 # BENCH_CALLGRIND_OUT=DIR keeps each run's profile there (NAME-200.cg, NAME-400.cg) for
-# callgrind_annotate. Run by bench/run.sh against its cluster, which this script stops.
+# callgrind_annotate; BENCH_INSTRUCTIONS_ONLY=read (a pattern of NAMEs) measures only those.
+# Run by bench/run.sh against its cluster, which this script stops.
 set -euo pipefail
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 : "${BENCH_URL:?run by bench/run.sh}" "${BENCH_DATA_DIR:?run by bench/run.sh}"
@@ -61,6 +62,9 @@ count() {
 # name, file name of its profiles, SQL, messages per execution
 measure() {
     local name=$1 profile=$2 sql=$3 per=$4 once twice
+    if [[ -n "${BENCH_INSTRUCTIONS_ONLY:-}" && "$profile" != ${BENCH_INSTRUCTIONS_ONLY} ]]; then
+        return
+    fi
     once=$(count "$sql" "$repeats" "$profile")
     twice=$(count "$sql" "$((2 * repeats))" "$profile")
     awk -v name="$name" -v once="$once" -v twice="$twice" -v n="$((repeats * per))" \

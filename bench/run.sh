@@ -10,8 +10,8 @@
 # ledger of acks checked for messages lost or acked twice.
 #   QUICK=1               a short run (a few minutes) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
-#   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100, counted by callgrind
-#                         (BENCH_CALLGRIND_OUT=DIR keeps the profiles)
+#   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100 (sends and a read), counted by callgrind
+#                         (BENCH_CALLGRIND_OUT=DIR keeps the profiles; BENCH_INSTRUCTIONS_ONLY=read measures only that)
 #   WAL=1                 instead: WAL bytes per message by kind of record, sending and consuming
 #   COMPACTION=1          instead: the longest wait of a sender and a reader while the worker's
 #                         compaction rewrites a table holding 200,000 live messages

@@ -5,22 +5,27 @@
 use pgrx::prelude::*;
 
 /// `priorities(priority)`: the priorities that messages of queue `$queue` have, highest first, one index
-/// probe each. PostgreSQL 15 has no skip scan: what must be ordered by `visible_at` across priorities
-/// reads each priority's own range in order instead of sorting the queue.
+/// probe each (only those `$condition` on `in_order_p.priority` allows, when given). PostgreSQL 15 has no skip scan: what must be ordered by
+/// `visible_at` across priorities reads each priority's own range in order instead of sorting the queue.
 macro_rules! queue_priorities {
     ($queue:literal) => {
+        queue_priorities!($queue, "")
+    };
+    ($queue:literal, $condition:literal) => {
         concat!(
             "priorities(priority) AS (
                  (SELECT in_order_p.priority FROM bussig.message in_order_p
                   WHERE in_order_p.queue_id = ",
             $queue,
+            $condition,
             " ORDER BY in_order_p.priority DESC LIMIT 1)
                  UNION ALL
                  SELECT (SELECT in_order_p.priority FROM bussig.message in_order_p
                          WHERE in_order_p.queue_id = ",
             $queue,
-            " AND in_order_p.priority < priorities.priority
-                         ORDER BY in_order_p.priority DESC LIMIT 1)
+            " AND in_order_p.priority < priorities.priority",
+            $condition,
+            " ORDER BY in_order_p.priority DESC LIMIT 1)
                  FROM priorities WHERE priorities.priority IS NOT NULL
              )"
         )

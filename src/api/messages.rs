@@ -149,26 +149,25 @@ static READ: Statement = Statement {
 
 // READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs), so that the
 // index scan starts there. Nothing while a message of a higher priority is ready: the caller then
-// reads from the head. The probe looks at the front of each higher priority's range, as READ does.
+// reads from the head. The probe looks at the front of each higher priority's range, as READ does;
+// a queue with no higher priority costs it one index descent.
 static READ_FROM: Statement = Statement {
     sql: read_statement!(
         "WITH RECURSIVE ",
-        queue_priorities!("(SELECT queue_id FROM q)"),
+        queue_priorities!("(SELECT queue_id FROM q)", " AND in_order_p.priority > $3"),
         "
          SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
          FROM bussig.message in_order
          WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = $3
            AND (in_order.visible_at, in_order.message_id) >= ($4, $5) AND in_order.visible_at <= (SELECT now FROM q)
            AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
-           AND (SELECT priorities.priority
-                FROM priorities CROSS JOIN LATERAL (
+           AND NOT EXISTS (
+                SELECT FROM priorities CROSS JOIN LATERAL (
                     SELECT FROM bussig.message in_order_head
                     WHERE in_order_head.queue_id = (SELECT queue_id FROM q)
                       AND in_order_head.priority = priorities.priority
                       AND in_order_head.visible_at <= (SELECT now FROM q)
-                    LIMIT 1) ready
-                WHERE priorities.priority > $3
-                LIMIT 1) IS NULL
+                    LIMIT 1) ready)
          ORDER BY in_order.visible_at, in_order.message_id
          LIMIT {limit}
          FOR UPDATE SKIP LOCKED"
