@@ -16,7 +16,10 @@ SELECT payload, headers, delivery_count, correlation_id, reply_to FROM got;
 SELECT count(DISTINCT lock_token) AS tokens FROM got;
 SELECT bussig.ack_batch('inbox', array_agg(message_id), array_agg(lock_token)) FROM got;
 SELECT bussig.ack_batch('inbox', array_agg(message_id), array_agg(lock_token)) AS stale FROM got;
-SELECT queue, ready, delayed, locked FROM bussig.queues WHERE queue = 'inbox';
+-- How many messages a queue holds is exact at every look; the split is the worker's count.
+SELECT bussig.queue_depth('inbox'), messages FROM bussig.queues WHERE queue = 'inbox';
+SELECT (bussig.run_maintenance() ->> 'counted_queues') IS NOT NULL AS counted;
+SELECT queue, ready, delayed, locked, messages FROM bussig.queues WHERE queue = 'inbox';
 SELECT bussig.drop_queue('inbox');
 
 -- One message's life: read, nack, read again, nack on its last delivery (dead), redrive, ack.
