@@ -2,7 +2,7 @@
 # `make test`: every test bussig has, against throw-away clusters.
 #   1. #[pg_test] unit tests, inside pgrx's own test cluster
 #   2. pg_regress scripts in pg_test/ (SQL with expected output)
-#   3. client-level tests in tests/, over a real client library
+#   3. client-level tests in tests/, over a real client library, and the Rust client in clients/rust
 #   4. the relay to NATS JetStream in relay/, against a real nats-server
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +52,9 @@ server_level=(fan_out_survives_worker_kill workers_follow_a_reloaded a_failing_s
 skip_server_level=$(printf -- '--skip %s ' "${server_level[@]}")
 # shellcheck disable=SC2086
 cargo test -p bussig-tests -- --test-threads=4 $skip_server_level 2>&1 | tee -a "$log"
+
+echo "== the Rust client (clients/rust)"
+cargo test -p bussig-client 2>&1 | tee -a "$log"
 
 echo "== client tests through pgbouncer (transaction pooling)"
 .ci/pgbouncer.sh start "$work/pgbouncer" "$BOUNCER_PORT" "$PORT"

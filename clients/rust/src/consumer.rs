@@ -1,0 +1,426 @@
+//! A consumer framework for one queue: handlers run concurrently, acks ride on the next read
+//! (`ack_and_read`: one round trip per batch at steady state), an idle consumer long-polls, locks are
+//! extended while a handler runs past half of them, and shutdown finishes or gives back everything.
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::delivery::{self, Message};
+use crate::error::{Error, Result};
+
+/// Opens a new connection; the consumer calls it again after the database was lost.
+pub type Connector =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Client>> + Send>> + Send + Sync>;
+
+/// A connector for `conninfo` without TLS; the connection runs on a task of its own.
+pub fn connect_no_tls(conninfo: impl Into<String>) -> Connector {
+    let conninfo: Arc<str> = conninfo.into().into();
+    Arc::new(move || {
+        let conninfo = conninfo.clone();
+        Box::pin(async move {
+            let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            Ok(client)
+        })
+    })
+}
+
+/// Why a handler did not finish its message. Any error converts into `Failure::Error` with `?`: the
+/// message is then nacked with the queue's backoff and the error's text.
+#[derive(Debug)]
+pub enum Failure {
+    /// Try again after `delay` (the queue's backoff when None).
+    Retry { delay: Option<Duration>, error: String },
+    /// Never again: to the dead-letter queue with this reason.
+    DeadLetter { reason: String, error: Option<String> },
+    /// An error: nacked with the queue's backoff.
+    Error(String),
+}
+
+impl Failure {
+    pub fn retry_after(delay: Duration) -> Self {
+        Failure::Retry {
+            delay: Some(delay),
+            error: format!("retry after {delay:?}"),
+        }
+    }
+
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        Failure::DeadLetter {
+            reason: reason.into(),
+            error: None,
+        }
+    }
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure::Error(error.to_string())
+    }
+}
+
+/// What a consumer has done so far; read it while it runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub handled: AtomicU64,
+    pub failed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub in_flight: AtomicI64,
+    pub reconnects: AtomicU64,
+}
+
+/// A consumer of one queue; configure it, then `run` it with a handler.
+#[derive(Clone)]
+pub struct Consumer {
+    queue: Arc<str>,
+    connector: Connector,
+    concurrency: usize,
+    batch: i32,
+    lock_timeout: Duration,
+    wait: Duration,
+    grace: Duration,
+    stats: Arc<Stats>,
+}
+
+/// The first reconnect waits this long, each next one twice as long, up to `RECONNECT_MAX`.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// A handler's message, and how it ended.
+enum Settled {
+    Acked(i64, Uuid),
+    Done,
+    /// Cut off by shutdown: to be given back at once.
+    Unfinished(i64, Uuid),
+}
+
+impl Consumer {
+    pub fn new(connector: Connector, queue: impl Into<String>) -> Self {
+        Consumer {
+            queue: queue.into().into(),
+            connector,
+            concurrency: 1,
+            batch: 10,
+            lock_timeout: Duration::from_secs(30),
+            wait: Duration::from_secs(5),
+            grace: Duration::from_secs(10),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Handlers in flight at once (default 1).
+    pub fn concurrency(mut self, handlers: usize) -> Self {
+        self.concurrency = handlers.max(1);
+        self
+    }
+
+    /// The most messages one read takes (default 10; never more than free handler slots).
+    pub fn batch(mut self, messages: i32) -> Self {
+        self.batch = messages.clamp(1, 1000);
+        self
+    }
+
+    /// How long a delivery is locked (default 30 s); a handler that runs past half has it extended.
+    pub fn lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.lock_timeout = lock_timeout;
+        self
+    }
+
+    /// How long an idle consumer's read waits for a message (default 5 s): also the longest a
+    /// shutdown waits for that read to return.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// How long a shutdown lets handlers in flight finish (default 10 s); the rest are given back.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Consumes until `shutdown` is cancelled, handing each message, decoded into `T`, to `handler`.
+    /// `Ok` acks it; a `Failure` nacks or dead-letters it; a panic nacks it with the panic's message; a
+    /// payload that does not decode is dead-lettered as `undecodable`. Returns once everything fetched
+    /// is settled or given back.
+    pub async fn run<T, H, F>(self, handler: H, shutdown: CancellationToken) -> Result<()>
+    where
+        T: DeserializeOwned + Send + 'static,
+        H: Fn(Message<T>) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), Failure>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
+        let mut tasks = JoinSet::new();
+        let mut client = Arc::new(self.reconnect(&shutdown).await?);
+        let mut acks: Vec<(i64, Uuid)> = Vec::new();
+        while !shutdown.is_cancelled() {
+            while let Ok(settled) = settled_rx.try_recv() {
+                if let Settled::Acked(id, token) = settled {
+                    acks.push((id, token));
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            if free == 0 {
+                tokio::select! {
+                    Some(settled) = settled_rx.recv() => {
+                        if let Settled::Acked(id, token) = settled { acks.push((id, token)); }
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            // Long-poll only when idle: a busy consumer must come back to hand in its acks.
+            let idle = tasks.is_empty();
+            let wait = idle.then_some(self.wait);
+            let want = (free as i32).min(self.batch);
+            let read = delivery::ack_and_read(
+                &*client,
+                &self.queue,
+                &acks,
+                want,
+                Some(self.lock_timeout),
+                wait,
+            )
+            .await;
+            let messages = match read {
+                Ok(messages) => {
+                    acks.clear();
+                    messages
+                }
+                Err(error) if error.is_connection() => {
+                    // Acks sent with the lost call may or may not have committed; resent, stale
+                    // tokens are skipped.
+                    client = Arc::new(self.reconnect(&shutdown).await?);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if shutdown.is_cancelled() {
+                self.give_back(&client, &messages, "the consumer is shutting down").await;
+                break;
+            }
+            let empty = messages.is_empty();
+            for message in messages {
+                let permit = slots.clone().acquire_owned().await.expect("never closed");
+                let message = match message.decode::<T>() {
+                    Ok(message) => message,
+                    Err((message, error)) => {
+                        let text = error.to_string();
+                        let _ = delivery::dead_letter(
+                            &*client,
+                            &self.queue,
+                            message.id,
+                            message.lock_token,
+                            "undecodable",
+                            Some(&text),
+                        )
+                        .await;
+                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                let run = Handling {
+                    client: client.clone(),
+                    queue: self.queue.clone(),
+                    lock_timeout: self.lock_timeout,
+                    stats: self.stats.clone(),
+                    settled: settled_tx.clone(),
+                };
+                let handler = handler.clone();
+                self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                tasks.spawn(async move {
+                    run.handle(message, |m| handler(m)).await;
+                    drop(permit);
+                });
+            }
+            if empty && !idle {
+                tokio::select! {
+                    Some(settled) = settled_rx.recv() => {
+                        if let Settled::Acked(id, token) = settled { acks.push((id, token)); }
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        }
+        self.drain(&client, tasks, settled_rx, acks).await
+    }
+
+    /// Lets handlers in flight finish within the grace period, acks what they finished, and gives
+    /// back (nack with no delay) the messages of those that did not.
+    async fn drain(
+        &self,
+        client: &Client,
+        mut tasks: JoinSet<()>,
+        mut settled_rx: mpsc::UnboundedReceiver<Settled>,
+        mut acks: Vec<(i64, Uuid)>,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.grace;
+        while !tasks.is_empty() {
+            if tokio::time::timeout_at(deadline, tasks.join_next()).await.is_err() {
+                break;
+            }
+        }
+        // Handlers cut off at the deadline report their messages as unfinished (see GiveBack).
+        tasks.shutdown().await;
+        let mut unfinished = Vec::new();
+        while let Ok(settled) = settled_rx.try_recv() {
+            match settled {
+                Settled::Acked(id, token) => acks.push((id, token)),
+                Settled::Unfinished(id, token) => unfinished.push((id, token)),
+                Settled::Done => {}
+            }
+        }
+        if !acks.is_empty() {
+            delivery::ack_batch(client, &self.queue, &acks).await?;
+        }
+        for (id, token) in unfinished {
+            delivery::nack(client, &self.queue, id, token, Some(Duration::ZERO), Some("the consumer shut down"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn give_back(&self, client: &Client, messages: &[Message], why: &str) {
+        for message in messages {
+            let _ = delivery::nack(
+                client,
+                &self.queue,
+                message.id,
+                message.lock_token,
+                Some(Duration::ZERO),
+                Some(why),
+            )
+            .await;
+        }
+    }
+
+    /// Connects, retrying with a capped backoff until it succeeds or `shutdown` is cancelled.
+    async fn reconnect(&self, shutdown: &CancellationToken) -> Result<Client> {
+        let mut pause = RECONNECT_FIRST;
+        loop {
+            match (self.connector)().await {
+                Ok(client) => return Ok(client),
+                Err(error) if !error.is_connection() => return Err(error),
+                Err(error) => {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.cancelled() => return Err(error),
+                    }
+                    pause = (pause * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// What one handler task needs.
+struct Handling {
+    client: Arc<Client>,
+    queue: Arc<str>,
+    lock_timeout: Duration,
+    stats: Arc<Stats>,
+    settled: mpsc::UnboundedSender<Settled>,
+}
+
+impl Handling {
+    async fn handle<T, F>(self, message: Message<T>, handler: impl FnOnce(Message<T>) -> F)
+    where
+        F: Future<Output = std::result::Result<(), Failure>>,
+    {
+        let (id, token) = (message.id, message.lock_token);
+        let guard = GiveBack {
+            handling: Some(&self),
+            id,
+            token,
+        };
+        let outcome = {
+            let work = AssertUnwindSafe(handler(message)).catch_unwind();
+            tokio::pin!(work);
+            let mut extend = tokio::time::interval(self.lock_timeout / 2);
+            extend.tick().await;
+            loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = extend.tick() => {
+                        let _ = delivery::extend_lock(&*self.client, &self.queue, id, token, Some(self.lock_timeout)).await;
+                    }
+                }
+            }
+        };
+        std::mem::forget(guard);
+        let stats = &self.stats;
+        match outcome {
+            Ok(Ok(())) => {
+                stats.handled.fetch_add(1, Ordering::Relaxed);
+                let _ = self.settled.send(Settled::Acked(id, token));
+            }
+            Ok(Err(failure)) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.fail(id, token, failure).await;
+                let _ = self.settled.send(Settled::Done);
+            }
+            Err(panic) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "the handler panicked".into());
+                self.fail(id, token, Failure::Error(format!("panic: {text}"))).await;
+                let _ = self.settled.send(Settled::Done);
+            }
+        }
+        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn fail(&self, id: i64, token: Uuid, failure: Failure) {
+        let client = &*self.client;
+        let _: Result<bool, Error> = match failure {
+            Failure::Retry { delay, error } => {
+                delivery::nack(client, &self.queue, id, token, delay, Some(&error)).await
+            }
+            Failure::Error(error) => delivery::nack(client, &self.queue, id, token, None, Some(&error)).await,
+            Failure::DeadLetter { reason, error } => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                delivery::dead_letter(client, &self.queue, id, token, &reason, error.as_deref()).await
+            }
+        };
+    }
+}
+
+/// A handler cut off by shutdown (its task aborted) has its message given back at once, so that
+/// nothing waits for the lock to run out.
+struct GiveBack<'a> {
+    handling: Option<&'a Handling>,
+    id: i64,
+    token: Uuid,
+}
+
+impl Drop for GiveBack<'_> {
+    fn drop(&mut self) {
+        let Some(handling) = self.handling.take() else {
+            return;
+        };
+        handling.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let _ = handling.settled.send(Settled::Unfinished(self.id, self.token));
+    }
+}

@@ -1,0 +1,203 @@
+//! Messages as a consumer gets them, and the calls that settle them: the SQL functions one to one, for
+//! those who drive their own loop. `Consumer` builds on these.
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// One delivery of a message: its lock token proves the consumer holds it until `lock_timeout` runs out.
+#[derive(Clone, Debug)]
+pub struct Message<T = Value> {
+    pub queue: Arc<str>,
+    pub id: i64,
+    pub lock_token: Uuid,
+    pub subject: Option<String>,
+    pub payload: T,
+    pub headers: Option<Value>,
+    /// 1 on the first delivery.
+    pub delivery_count: i32,
+    pub priority: i32,
+    pub enqueued_at: DateTime<Utc>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+impl Message<Value> {
+    fn from_row(queue: &Arc<str>, row: &Row) -> Self {
+        Message {
+            queue: queue.clone(),
+            id: row.get(0),
+            lock_token: row.get(1),
+            subject: row.get(2),
+            payload: row.get(3),
+            headers: row.get(4),
+            delivery_count: row.get(5),
+            priority: row.get(6),
+            enqueued_at: row.get(7),
+            correlation_id: row.get(8),
+            reply_to: row.get(9),
+        }
+    }
+
+    /// The same delivery with its payload decoded into `T`; on failure, the delivery back with the error.
+    #[allow(clippy::result_large_err)]
+    pub fn decode<T: DeserializeOwned>(self) -> Result<Message<T>, (Message<Value>, serde_json::Error)> {
+        match T::deserialize(&self.payload) {
+            Ok(payload) => Ok(self.with_payload(payload)),
+            Err(error) => Err((self, error)),
+        }
+    }
+}
+
+impl<T> Message<T> {
+    /// This delivery with another payload (for handing it on without cloning the original).
+    pub fn with_payload<U>(self, payload: U) -> Message<U> {
+        Message {
+            queue: self.queue,
+            id: self.id,
+            lock_token: self.lock_token,
+            subject: self.subject,
+            payload,
+            headers: self.headers,
+            delivery_count: self.delivery_count,
+            priority: self.priority,
+            enqueued_at: self.enqueued_at,
+            correlation_id: self.correlation_id,
+            reply_to: self.reply_to,
+        }
+    }
+
+    /// A header's value as text, when it is a string.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers.as_ref()?.get(key)?.as_str()
+    }
+}
+
+fn seconds(duration: Option<Duration>) -> Option<f64> {
+    duration.map(|d| d.as_secs_f64())
+}
+
+/// Locks up to `max` ready messages (`bussig.read`); with `wait`, waits that long for the first.
+pub async fn read<C: GenericClient>(
+    client: &C,
+    queue: &str,
+    max: i32,
+    lock_timeout: Option<Duration>,
+    wait: Option<Duration>,
+) -> Result<Vec<Message>> {
+    let rows = client
+        .query(
+            "SELECT * FROM bussig.read($1, $2, $3::float8 * interval '1 second', $4::float8 * interval '1 second')",
+            &[&queue, &max, &seconds(lock_timeout), &seconds(wait)],
+        )
+        .await?;
+    let queue: Arc<str> = queue.into();
+    Ok(rows.iter().map(|row| Message::from_row(&queue, row)).collect())
+}
+
+/// Acks `acked` (id and token pairs; stale tokens are skipped) and reads the next batch, in one call
+/// and one transaction (`bussig.ack_and_read`).
+pub async fn ack_and_read<C: GenericClient>(
+    client: &C,
+    queue: &str,
+    acked: &[(i64, Uuid)],
+    max: i32,
+    lock_timeout: Option<Duration>,
+    wait: Option<Duration>,
+) -> Result<Vec<Message>> {
+    let (ids, tokens): (Vec<i64>, Vec<Uuid>) = acked.iter().copied().unzip();
+    let rows = client
+        .query(
+            "SELECT * FROM bussig.ack_and_read($1, $2, $3, $4, $5::float8 * interval '1 second',
+                                               $6::float8 * interval '1 second')",
+            &[&queue, &ids, &tokens, &max, &seconds(lock_timeout), &seconds(wait)],
+        )
+        .await?;
+    let queue: Arc<str> = queue.into();
+    Ok(rows.iter().map(|row| Message::from_row(&queue, row)).collect())
+}
+
+/// Deletes a delivered message; false when its lock token no longer holds.
+pub async fn ack<C: GenericClient>(client: &C, queue: &str, id: i64, token: Uuid) -> Result<bool> {
+    let row = client
+        .query_one("SELECT bussig.ack($1, $2, $3)", &[&queue, &id, &token])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Acks many deliveries; how many still held their lock.
+pub async fn ack_batch<C: GenericClient>(client: &C, queue: &str, acked: &[(i64, Uuid)]) -> Result<i64> {
+    let (ids, tokens): (Vec<i64>, Vec<Uuid>) = acked.iter().copied().unzip();
+    let row = client
+        .query_one("SELECT bussig.ack_batch($1, $2, $3)", &[&queue, &ids, &tokens])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Gives a delivery back: ready again after `delay` (None: the queue's backoff), with `error` kept as
+/// its last error. On the last allowed delivery it goes to the dead-letter queue instead.
+pub async fn nack<C: GenericClient>(
+    client: &C,
+    queue: &str,
+    id: i64,
+    token: Uuid,
+    delay: Option<Duration>,
+    error: Option<&str>,
+) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT bussig.nack($1, $2, $3, $4::float8 * interval '1 second', $5)",
+            &[&queue, &id, &token, &seconds(delay), &error],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Keeps the lock for `lock_timeout` more from now (None: the queue's lock timeout).
+pub async fn extend_lock<C: GenericClient>(
+    client: &C,
+    queue: &str,
+    id: i64,
+    token: Uuid,
+    lock_timeout: Option<Duration>,
+) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT bussig.extend_lock($1, $2, $3, $4::float8 * interval '1 second')",
+            &[&queue, &id, &token, &seconds(lock_timeout)],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Moves a delivery to the queue's dead-letter queue now, with a reason and an error text.
+pub async fn dead_letter<C: GenericClient>(
+    client: &C,
+    queue: &str,
+    id: i64,
+    token: Uuid,
+    reason: &str,
+    error: Option<&str>,
+) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT bussig.dead_letter($1, $2, $3, $4, $5)",
+            &[&queue, &id, &token, &reason, &error],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// How many messages the queue holds (`bussig.queue_depth`): exact, and cheap to poll.
+pub async fn queue_depth<C: GenericClient>(client: &C, queue: &str) -> Result<i64> {
+    let row = client
+        .query_one("SELECT bussig.queue_depth($1)", &[&queue])
+        .await?;
+    Ok(row.get(0))
+}

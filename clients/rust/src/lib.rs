@@ -1,0 +1,21 @@
+//! bussig-client: send to bussig queues in the application's own transactions, and consume them with a
+//! framework that acks, retries, dead-letters, extends locks and shuts down without losing anything.
+//!
+//! ```no_run
+//! # async fn example(client: &tokio_postgres::Client) -> bussig_client::Result<()> {
+//! use bussig_client::{send, SendOptions};
+//! let id = send(client, "emails", &serde_json::json!({"to": "a@example.com"}), &SendOptions::new()).await?;
+//! # Ok(()) }
+//! ```
+mod consumer;
+mod delivery;
+mod error;
+mod send;
+
+pub use consumer::{connect_no_tls, Connector, Consumer, Failure, Stats};
+pub use delivery::{
+    ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, Message,
+};
+pub use error::{Error, Result};
+pub use send::{publish, send, send_batch, SendOptions};
+pub use tokio_util::sync::CancellationToken;

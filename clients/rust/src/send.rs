@@ -1,0 +1,149 @@
+//! Sending and publishing, in whatever transaction the caller's client is in: pass a `Transaction` and
+//! the messages commit or roll back with the application's own writes.
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio_postgres::GenericClient;
+
+use crate::error::Result;
+
+/// How a message is sent; every field is optional, as `bussig.send`'s named arguments are.
+#[derive(Clone, Debug, Default)]
+pub struct SendOptions {
+    pub headers: Option<serde_json::Map<String, Value>>,
+    pub delay: Option<Duration>,
+    pub priority: i32,
+    pub dedup_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+impl SendOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one header (headers are a JSON object).
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.headers
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// Not deliverable before `delay` has passed.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Higher first; within a priority, in the order messages became ready.
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// A second send with the same id within the queue's dedup_window is dropped.
+    pub fn dedup_id(mut self, id: impl Into<String>) -> Self {
+        self.dedup_id = Some(id.into());
+        self
+    }
+
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// The queue a reply should go to (`bussig.reply`, or `request` in this crate).
+    pub fn reply_to(mut self, queue: impl Into<String>) -> Self {
+        self.reply_to = Some(queue.into());
+        self
+    }
+
+    fn headers_value(&self) -> Option<Value> {
+        self.headers.clone().map(Value::Object)
+    }
+
+    fn delay_seconds(&self) -> Option<f64> {
+        self.delay.map(|delay| delay.as_secs_f64())
+    }
+}
+
+/// Sends one message; its id, or None when `dedup_id` found it a duplicate.
+pub async fn send<C: GenericClient, T: Serialize + ?Sized>(
+    client: &C,
+    queue: &str,
+    payload: &T,
+    options: &SendOptions,
+) -> Result<Option<i64>> {
+    let payload = serde_json::to_value(payload)?;
+    let row = client
+        .query_one(
+            "SELECT bussig.send($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)",
+            &[
+                &queue,
+                &payload,
+                &options.headers_value(),
+                &options.delay_seconds(),
+                &options.priority,
+                &options.dedup_id,
+                &options.correlation_id,
+                &options.reply_to,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Sends every payload to the queue in one statement, with the same options; their ids in order.
+pub async fn send_batch<C: GenericClient, T: Serialize>(
+    client: &C,
+    queue: &str,
+    payloads: &[T],
+    options: &SendOptions,
+) -> Result<Vec<i64>> {
+    let payloads = payloads
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<Value>, _>>()?;
+    let rows = client
+        .query(
+            "SELECT bussig.send_batch($1, $2, $3, $4::float8 * interval '1 second', $5)",
+            &[
+                &queue,
+                &payloads,
+                &options.headers_value(),
+                &options.delay_seconds(),
+                &options.priority,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Publishes to every queue subscribed to a pattern the subject matches; how many queues got it.
+pub async fn publish<C: GenericClient, T: Serialize + ?Sized>(
+    client: &C,
+    subject: &str,
+    payload: &T,
+    options: &SendOptions,
+) -> Result<i32> {
+    let payload = serde_json::to_value(payload)?;
+    let row = client
+        .query_one(
+            "SELECT bussig.publish($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)",
+            &[
+                &subject,
+                &payload,
+                &options.headers_value(),
+                &options.delay_seconds(),
+                &options.priority,
+                &options.dedup_id,
+                &options.correlation_id,
+                &options.reply_to,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
