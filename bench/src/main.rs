@@ -72,8 +72,8 @@ impl Config {
                 fresh_fill: 200_000,
                 job_consumers: vec![4, 16, 64, 128],
                 job_depth: 4_000,
-                pressure_baseline: seconds(10.0),
-                pressure_seconds: seconds(20.0),
+                pressure_baseline: seconds(6.0),
+                pressure_seconds: seconds(10.0),
                 pgmq_version: String::new(),
             }
         } else {
