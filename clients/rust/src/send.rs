@@ -77,12 +77,24 @@ pub async fn send<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<Option<i64>> {
+    let sql = "SELECT bussig.send($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)";
+    Ok(one_message(client, sql, queue, payload, options).await?.get(0))
+}
+
+/// Runs `sql`, which takes the arguments `send` and `publish` share, for one message to `target`.
+async fn one_message<C: GenericClient, T: Serialize + ?Sized>(
+    client: &C,
+    sql: &str,
+    target: &str,
+    payload: &T,
+    options: &SendOptions,
+) -> Result<tokio_postgres::Row> {
     let payload = serde_json::to_value(payload)?;
     let row = client
         .query_one(
-            "SELECT bussig.send($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)",
+            sql,
             &[
-                &queue,
+                &target,
                 &payload,
                 &options.headers_value(),
                 &options.delay_seconds(),
@@ -93,7 +105,7 @@ pub async fn send<C: GenericClient, T: Serialize + ?Sized>(
             ],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(row)
 }
 
 /// Sends every payload to the queue in one statement, with the same options; their ids in order.
@@ -129,21 +141,6 @@ pub async fn publish<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<i32> {
-    let payload = serde_json::to_value(payload)?;
-    let row = client
-        .query_one(
-            "SELECT bussig.publish($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)",
-            &[
-                &subject,
-                &payload,
-                &options.headers_value(),
-                &options.delay_seconds(),
-                &options.priority,
-                &options.dedup_id,
-                &options.correlation_id,
-                &options.reply_to,
-            ],
-        )
-        .await?;
-    Ok(row.get(0))
+    let sql = "SELECT bussig.publish($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)";
+    Ok(one_message(client, sql, subject, payload, options).await?.get(0))
 }

@@ -94,6 +94,17 @@ async fn sends_commit_with_the_callers_transaction_and_errors_keep_their_sqlstat
     assert!(send(&c, &q.name, &Job { n: 4 }, &options).await.unwrap().is_some());
     assert_eq!(send(&c, &q.name, &Job { n: 4 }, &options).await.unwrap(), None);
 
+    let topic = TestQueue::create(&c, "publish", "").await;
+    let pattern = format!("clienttest.p{}.*", std::process::id());
+    c.execute("SELECT bussig.subscribe($1, $2)", &[&topic.name, &pattern]).await.unwrap();
+    let subject = pattern.replace('*', "created");
+    assert_eq!(publish(&c, &subject, &Job { n: 9 }, &SendOptions::new()).await.unwrap(), 1);
+    let published = read(&c, &topic.name, 10, None, None).await.unwrap();
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].subject.as_deref(), Some(subject.as_str()));
+    let acked = ack_batch(&c, &topic.name, &[(published[0].id, published[0].lock_token)]).await;
+    assert_eq!(acked.unwrap(), 1);
+
     let tx = c.transaction().await.unwrap();
     send(&tx, &q.name, &Job { n: 5 }, &SendOptions::new()).await.unwrap();
     assert_eq!(queue_depth(&tx, &q.name).await.unwrap(), 5);
