@@ -55,6 +55,12 @@ fn kept(
     Ok(plan)
 }
 
+/// Prepares a statement now, so that its first run does not plan it.
+pub fn prepare(client: &SpiClient<'_>, statement: &'static Statement) -> SpiResult<()> {
+    let _pins = PinsApply::enter();
+    kept(client, statement, 0).map(drop)
+}
+
 /// Runs a kept statement in the caller's transaction.
 pub fn run<'conn>(
     client: &mut SpiClient<'conn>,

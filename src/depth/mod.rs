@@ -251,6 +251,9 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
     // A count is kept only when it sees exactly what has committed: not with this transaction's
     // own changes in it, nor in a snapshot taken before now.
     let keep = shared && own.is_none() && !plans::snapshot_is_fixed();
+    // Prepared first: what committed between the start of the count and its snapshot is counted
+    // twice, so nothing slow may come between them.
+    plans::prepare(client, &COUNT_MESSAGES)?;
     let generation = if keep {
         DEPTHS.exclusive().begin_count(key)
     } else {
@@ -293,7 +296,8 @@ static PREPARED_HERE: Statement = Statement {
 };
 
 /// The worker's step: counts the queues whose count is unknown (after a restart) or in doubt (a
-/// prepared transaction changed them), and forgets dropped queues and databases. How many it counted.
+/// prepared transaction changed them), and forgets the queues of dropped databases and of a dropped
+/// bussig. How many it counted.
 pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
     if !wakeup::shared_memory() || plans::snapshot_is_fixed() {
         return Ok(0);
@@ -305,10 +309,11 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
         .map(|oid| oid as u32)
         .collect();
     let settled = plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0);
+    plans::prepare(client, &COUNT_MESSAGES)?;
     let started: Vec<(i32, u32)> = {
         let mut depths = DEPTHS.exclusive();
         let any = key(relation, 0);
-        depths.keep_only(any.database, relation, &queue_ids, &databases);
+        depths.forget_gone(any.database, relation, &databases);
         let uncounted = depths.uncounted(any.database, relation, &queue_ids);
         uncounted
             .into_iter()

@@ -241,18 +241,20 @@ impl Depths {
             .collect()
     }
 
-    /// Forgets the database's queues other than `queue_ids` (sorted): dropped ones, and every queue
-    /// of a bussig since dropped; and the queues of databases not among `databases` (sorted).
-    pub fn keep_only(&mut self, database: u32, relation: u32, queue_ids: &[i32], databases: &[u32]) {
+    /// Forgets the queues of a bussig since dropped from the database (whose message table was
+    /// another), and those of databases not among `databases` (sorted). A dropped queue's commit
+    /// removes it; one created after the caller looked must not be forgotten.
+    pub fn forget_gone(&mut self, database: u32, relation: u32, databases: &[u32]) {
         let gone: Vec<Key> = self
             .slots
             .iter()
             .filter(|slot| slot.used)
             .filter(|slot| {
-                if slot.key.database != database {
-                    return databases.binary_search(&slot.key.database).is_err();
+                if slot.key.database == database {
+                    slot.key.relation != relation
+                } else {
+                    databases.binary_search(&slot.key.database).is_err()
                 }
-                slot.key.relation != relation || queue_ids.binary_search(&slot.key.queue_id).is_err()
             })
             .map(|slot| slot.key)
             .collect();
@@ -337,12 +339,18 @@ mod tests {
             database: 7,
             ..key(1)
         };
+        let dropped_bussig = Key {
+            relation: 16000,
+            ..key(3)
+        };
         depths.created(elsewhere);
-        depths.keep_only(5, 16384, &[2], &[5, 7]);
-        assert_eq!(depths.messages(key(1)), None);
+        depths.created(dropped_bussig);
+        depths.forget_gone(5, 16384, &[5, 7]);
+        assert_eq!(depths.messages(key(1)), Some(0));
         assert_eq!(depths.messages(key(2)), Some(50));
         assert_eq!(depths.messages(elsewhere), Some(0));
-        depths.keep_only(5, 16384, &[2], &[5]);
+        assert_eq!(depths.messages(dropped_bussig), None);
+        depths.forget_gone(5, 16384, &[5]);
         assert_eq!(depths.messages(elsewhere), None);
     }
 }
