@@ -6,6 +6,7 @@
 mod faults;
 mod features;
 mod field;
+mod ledger;
 mod load;
 mod pg;
 mod pgmq;
@@ -107,8 +108,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let outcome = match args.get(1).map(String::as_str) {
         // Workload 13 runs its consumers as processes of their own, to kill one.
-        Some(faults::CONSUMER_COMMAND) => {
-            faults::consumer_process(args.get(2).map_or("", String::as_str))
+        Some(ledger::CONSUMER_COMMAND) => {
+            ledger::consumer_process(args.get(2).map_or("", String::as_str))
         }
         _ => run(),
     };

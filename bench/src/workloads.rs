@@ -1,6 +1,6 @@
 //! Workloads 1 to 4 of the benchmark and the helpers of every workload; 5 to 7 are in `features.rs`,
 //! the soak (8) and memory (9) in `soak.rs`, 10 and 11 in `field.rs`, 12 in `pressure.rs`, 13 in
-//! `faults.rs`.
+//! `faults.rs` and `ledger.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
