@@ -18,6 +18,7 @@
 #                         (BENCH_COMPACTION_LIVE=50000: another number of them)
 #   BENCH_SKIP_INSTALL=1  use the bussig already installed instead of building and installing it
 #   BENCH_ONLY=1,3        only those workloads (numbers above; 8: the soak); prints, writes nothing to docs/
+#   BENCH_SKIP=12,13      every workload but those, written to docs/ under that command
 #   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
 #   BENCH_PRESSURE_BASELINE=60, BENCH_PRESSURE_SECONDS=240  workload 12's baseline and each pressure
 #   BENCH_PORT, BENCH_DATA  where the cluster listens and lives (defaults: 28850, /var/tmp/bussig-bench)

@@ -139,9 +139,13 @@ fn run() -> Res<()> {
     let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
         .ok()
         .map(|list| list.split(',').map(|w| w.trim().to_string()).collect());
+    // BENCH_SKIP=12,13: a full run without those workloads, written to docs/ under that command.
+    let skip: Vec<String> = std::env::var("BENCH_SKIP")
+        .map(|list| list.split(',').map(|w| w.trim().to_string()).collect())
+        .unwrap_or_default();
     let wanted = |number: &str| {
-        only.as_ref()
-            .is_none_or(|list| list.iter().any(|w| w == number))
+        !skip.iter().any(|w| w == number)
+            && only.as_ref().is_none_or(|list| list.iter().any(|w| w == number))
     };
     let seconds_from = |name: &str, into: &mut Duration| -> Res<()> {
         if let Ok(seconds) = std::env::var(name) {
@@ -240,7 +244,10 @@ fn run() -> Res<()> {
     report::print_targets(&targets);
 
     let elapsed = started.elapsed().as_secs_f64();
-    let machine = describe_machine(&mut admin, quick, elapsed, &cfg.pgmq_version)?;
+    let mut machine = describe_machine(&mut admin, quick, elapsed, &cfg.pgmq_version)?;
+    if !skip.is_empty() {
+        machine.command = format!("BENCH_SKIP={} {}", skip.join(","), machine.command);
+    }
     let chart_file = "benchmarks-soak.svg";
     std::fs::write(format!("{docs}/{chart_file}"), report::soak_svg(&chart))?;
     std::fs::write(
