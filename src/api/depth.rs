@@ -17,3 +17,29 @@ fn queue_depth(queue: Option<&str>) -> Result<i64, ErrorReport> {
         crate::depth::messages(client, queue_id)
     })?)
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::api::test_support::*;
+
+    #[pg_test]
+    fn queue_depth_counts_what_this_transaction_sees_and_refuses_bad_arguments() {
+        run("SELECT bussig.create_queue('d')");
+        run("SELECT bussig.send_batch('d', ARRAY['1', '2', '3']::jsonb[])");
+        assert_eq!(one::<i64>("SELECT bussig.queue_depth('d')"), Some(3));
+        // A failed statement takes its send with it.
+        assert_fails("SELECT bussig.send('d', '4'), 1 / 0", "22012");
+        assert_eq!(one::<i64>("SELECT bussig.queue_depth('d')"), Some(3));
+        read_into_got("d");
+        run("SELECT bussig.ack('d', message_id, lock_token) FROM got");
+        assert_eq!(one::<i64>("SELECT bussig.queue_depth('d')"), Some(2));
+        assert_all_fail(&[
+            ("SELECT bussig.queue_depth(NULL)", "22004"),
+            ("SELECT bussig.queue_depth('_d')", "22023"),
+            ("SELECT bussig.queue_depth('nope')", "42704"),
+        ]);
+    }
+}
