@@ -179,6 +179,20 @@ fn a_transaction_sees_its_own_changes_and_nobody_sees_what_rolled_back() {
 }
 
 #[test]
+fn a_truncated_or_rewritten_message_table_is_counted_again() {
+    let (_db, mut c) = own_database("depth_truncate");
+    c.batch_execute("SELECT bussig.create_queue('q')").unwrap();
+    send_batch(&mut c, "q", &[serde_json::json!(1), serde_json::json!(2)]);
+    assert_exact(&mut c, &["q"], "send_batch");
+    c.batch_execute("TRUNCATE bussig.message").unwrap();
+    assert_eq!(depth_and_rows(&mut c, "q"), (0, 0), "after TRUNCATE");
+    send(&mut c, "q", &serde_json::json!(3));
+    c.batch_execute("CLUSTER bussig.message USING message_delivery_order").unwrap();
+    send(&mut c, "q", &serde_json::json!(4));
+    assert_exact(&mut c, &["q", "q_dlq"], "a rewrite and more sends");
+}
+
+#[test]
 fn concurrent_commits_and_rollbacks_leave_every_depth_exact() {
     let (db, mut admin) = own_database("depth_concurrent");
     admin

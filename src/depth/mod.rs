@@ -46,7 +46,7 @@ impl Change {
 
 #[derive(Default)]
 struct Pending {
-    /// bussig.message's oid, looked up with the transaction's first change.
+    /// bussig.message's storage (`message_storage`), looked up with the transaction's first change.
     relation: u32,
     changes: Vec<Change>,
     /// Open subtransactions and how many changes there were when each began.
@@ -103,7 +103,7 @@ fn note(change: Change) {
     PENDING.with(|pending| {
         let mut pending = pending.borrow_mut();
         if pending.changes.is_empty() {
-            pending.relation = plans::bussig_relation(c"message").to_u32();
+            pending.relation = message_storage();
         }
         // Changes since the innermost savepoint merge into one per queue in a row.
         let floor = pending.savepoints.last().map_or(0, |&(_, len)| len);
@@ -122,6 +122,23 @@ fn note(change: Change) {
         }
         pending.changes.push(change);
     });
+}
+
+/// The file bussig.message is stored in: TRUNCATE, and the worker's rewrite, give it a new one, and
+/// with it every count starts over (counted again from the rows). 0 when there is no bussig.
+fn message_storage() -> u32 {
+    let table = plans::bussig_relation(c"message");
+    if table == pg_sys::InvalidOid {
+        return 0;
+    }
+    // SAFETY: the table exists; the lock taken is the weakest, and is held to the end of the
+    // transaction as any reader's, so its storage cannot change while this transaction uses it.
+    unsafe {
+        let relation = pg_sys::relation_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let storage = (*relation).rd_node.relNode.to_u32();
+        pg_sys::relation_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+        storage
+    }
 }
 
 fn key(relation: u32, queue_id: i32) -> Key {
@@ -232,7 +249,7 @@ static COUNT_MESSAGES: Statement = Statement {
 
 /// How many messages the queue holds, as this transaction sees them.
 pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
-    let relation = plans::bussig_relation(c"message").to_u32();
+    let relation = message_storage();
     let key = key(relation, queue_id);
     let own = PENDING.with(|pending| {
         let pending = pending.borrow();
@@ -302,7 +319,7 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
     if !wakeup::shared_memory() || plans::snapshot_is_fixed() {
         return Ok(0);
     }
-    let relation = plans::bussig_relation(c"message").to_u32();
+    let relation = message_storage();
     let queue_ids: Vec<i32> = plans::first_column(client, &QUEUE_IDS, &[])?;
     let databases: Vec<u32> = plans::first_column::<i64>(client, &DATABASES, &[])?
         .into_iter()
@@ -340,7 +357,7 @@ pub fn take_touched(most: i64) -> Vec<i32> {
     if !wakeup::shared_memory() {
         return Vec::new();
     }
-    let any = key(plans::bussig_relation(c"message").to_u32(), 0);
+    let any = key(message_storage(), 0);
     DEPTHS
         .share()
         .take_touched(any.database, any.relation, most)

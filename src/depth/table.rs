@@ -10,8 +10,9 @@ pub const SLOTS: usize = 16_384;
 /// Past three quarters full, probes grow long: further queues are counted whenever asked instead.
 const MOST_USED: usize = SLOTS / 4 * 3;
 
-/// A queue of one database's bussig. The message table's oid tells a bussig dropped and created
-/// again (whose queue ids start over) from the one before.
+/// A queue of one database's bussig, in one file of its message table (`relation`: the table's
+/// relfilenode). A new file (TRUNCATE, a rewrite, a bussig dropped and created again, whose queue
+/// ids start over) starts every count over.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Key {
     pub database: u32,
@@ -241,8 +242,9 @@ impl Depths {
             .collect()
     }
 
-    /// Forgets the queues of a bussig since dropped from the database (whose message table was
-    /// another), and those of databases not among `databases` (sorted). A dropped queue's commit
+    /// Forgets the database's queues counted in an older file of its message table (before a
+    /// TRUNCATE, a rewrite, or a bussig dropped and created again), and those of databases not among
+    /// `databases` (sorted). A dropped queue's commit
     /// removes it; one created after the caller looked must not be forgotten.
     pub fn forget_gone(&mut self, database: u32, relation: u32, databases: &[u32]) {
         let gone: Vec<Key> = self
