@@ -305,12 +305,7 @@ fn a_bloated_message_table_is_rewritten_small() {
         &[&queue.name],
     )
     .unwrap();
-    let size = |c: &mut Client| -> i64 {
-        c.query_one("SELECT pg_relation_size('bussig.message')", &[])
-            .unwrap()
-            .get(0)
-    };
-    let bloated = size(&mut c);
+    let bloated = message_table_size(&mut c);
     assert!(bloated > 16 << 20, "only {bloated} bytes written");
     c.execute("SELECT bussig.purge_queue($1::text)", &[&queue.name])
         .unwrap();
@@ -318,10 +313,16 @@ fn a_bloated_message_table_is_rewritten_small() {
         Duration::from_secs(120),
         "the message table to be rewritten",
         || {
-            let now = size(&mut c);
+            let now = message_table_size(&mut c);
             (now < bloated / 4).then_some(())
         },
     );
+}
+
+fn message_table_size(c: &mut Client) -> i64 {
+    c.query_one("SELECT pg_relation_size('bussig.message')", &[])
+        .unwrap()
+        .get(0)
 }
 
 /// A rewrite holds every sender and reader of the table while it copies the live rows: a table with
@@ -341,12 +342,7 @@ fn a_bloated_table_with_many_live_messages_is_not_rewritten() {
          SELECT bussig.purge_queue('gone');",
     )
     .unwrap();
-    let size = |c: &mut Client| -> i64 {
-        c.query_one("SELECT pg_relation_size('bussig.message')", &[])
-            .unwrap()
-            .get(0)
-    };
-    let bloated = size(&mut c);
+    let bloated = message_table_size(&mut c);
     assert!(bloated > 10 * 50_000 * 100, "only {bloated} bytes written");
     let compacted: i64 = c
         .query_one(
@@ -356,6 +352,6 @@ fn a_bloated_table_with_many_live_messages_is_not_rewritten() {
         .unwrap()
         .get(0);
     assert_eq!(compacted, 0, "50,000 live messages, rewritten");
-    assert_eq!(size(&mut c), bloated);
+    assert_eq!(message_table_size(&mut c), bloated);
     assert_eq!(counts(&mut c, "live").0, 50_000);
 }

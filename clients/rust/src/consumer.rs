@@ -179,12 +179,7 @@ impl Consumer {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits();
             if free == 0 {
-                tokio::select! {
-                    Some(settled) = settled_rx.recv() => {
-                        if let Settled::Acked(id, token) = settled { acks.push((id, token)); }
-                    }
-                    _ = shutdown.cancelled() => {}
-                }
+                wait_for_a_handler(&mut settled_rx, &shutdown, &mut acks).await;
                 continue;
             }
             // Long-poll only when idle: a busy consumer must come back to hand in its acks.
@@ -252,12 +247,7 @@ impl Consumer {
                 });
             }
             if empty && !idle {
-                tokio::select! {
-                    Some(settled) = settled_rx.recv() => {
-                        if let Settled::Acked(id, token) = settled { acks.push((id, token)); }
-                    }
-                    _ = shutdown.cancelled() => {}
-                }
+                wait_for_a_handler(&mut settled_rx, &shutdown, &mut acks).await;
             }
         }
         self.drain(&client, tasks, settled_rx, acks).await
@@ -329,6 +319,22 @@ impl Consumer {
                 }
             }
         }
+    }
+}
+
+/// Waits until a handler finishes (keeping its ack) or shutdown is asked for.
+async fn wait_for_a_handler(
+    settled_rx: &mut mpsc::UnboundedReceiver<Settled>,
+    shutdown: &CancellationToken,
+    acks: &mut Vec<(i64, Uuid)>,
+) {
+    tokio::select! {
+        Some(settled) = settled_rx.recv() => {
+            if let Settled::Acked(id, token) = settled {
+                acks.push((id, token));
+            }
+        }
+        _ = shutdown.cancelled() => {}
     }
 }
 
