@@ -5,24 +5,27 @@
 //!
 //! A count is exact from the queue's creation on, or from a count of its rows: the first time it is
 //! asked for after a restart (or the worker's next round), and again after a prepared transaction
-//! changed the queue. Such a count misses nothing: commits that end while it runs are added to it.
-//! It can count one message twice, or miss one, only when a commit ends in the microseconds between
-//! the start of the count and its snapshot. A transaction sees its own changes in the depth it asks for.
+//! changed the queue. Such a count misses nothing and counts nothing twice: commits that end while it
+//! runs are added to it unless its snapshot saw them already (judged by transaction id for the first
+//! eight commits after it began, the only ones that can end before its snapshot is taken). A
+//! transaction sees its own changes in the depth it asks for.
 //!
 //! Without `shared_preload_libraries = 'bussig'` there is no shared memory: every ask counts rows.
 mod table;
+mod zeroed;
 
 use std::cell::RefCell;
 
 use pgrx::spi::SpiClient;
-use pgrx::{pg_guard, pg_shmem_init, pg_sys, PgLwLock};
+use pgrx::{pg_guard, pg_sys};
 
 use crate::error::BusResult;
 use crate::plans::{self, Statement};
 use crate::wakeup;
 use table::{Depths, Key};
+use zeroed::ZeroedLwLock;
 
-static DEPTHS: PgLwLock<Depths> = unsafe { PgLwLock::new(c"bussig_depths") };
+static DEPTHS: ZeroedLwLock<Depths> = ZeroedLwLock::new(c"bussig_depths");
 
 /// What a transaction did to a queue, applied to the counts at its commit.
 enum Change {
@@ -63,7 +66,7 @@ pub fn init() {
     // only made while shared_preload_libraries is being processed, as PostgreSQL requires.
     unsafe {
         if pg_sys::process_shared_preload_libraries_in_progress {
-            pg_shmem_init!(DEPTHS);
+            DEPTHS.request();
         }
         pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
@@ -168,6 +171,8 @@ unsafe extern "C-unwind" fn on_transaction_end(
         return;
     }
     let key = |queue_id| key(pending.relation, queue_id);
+    // SAFETY: reads the transaction's state, which stays set until its end callbacks have run.
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let reshapes = pending
@@ -180,7 +185,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
                     match *change {
                         Change::Created(queue_id) => depths.created(key(queue_id)),
                         Change::Dropped(queue_id) => depths.remove(key(queue_id)),
-                        Change::Messages(queue_id, delta) => depths.add(key(queue_id), delta),
+                        Change::Messages(queue_id, delta) => depths.add(key(queue_id), xid, delta),
                         Change::Touched(queue_id) => depths.touch(key(queue_id)),
                     }
                 }
@@ -188,7 +193,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
                 let depths = DEPTHS.share();
                 for change in &pending.changes {
                     match *change {
-                        Change::Messages(queue_id, delta) => depths.add(key(queue_id), delta),
+                        Change::Messages(queue_id, delta) => depths.add(key(queue_id), xid, delta),
                         Change::Touched(queue_id) => depths.touch(key(queue_id)),
                         Change::Created(_) | Change::Dropped(_) => unreachable!("no reshape"),
                     }
@@ -237,14 +242,13 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     });
 }
 
-// Takes its own snapshot (a statement that `writes` does): it must see every commit that ended
-// before the count began, which the calling statement's snapshot may not.
+// Runs in the snapshot `count` takes after the count began, not the calling statement's older one.
 static COUNT_MESSAGES: Statement = Statement {
     sql: "SELECT ids.queue_id,
                  (SELECT count(*) FROM bussig.message in_order WHERE in_order.queue_id = ids.queue_id)
           FROM unnest($1::int[]) AS ids(queue_id)",
     args: &[pg_sys::INT4ARRAYOID],
-    writes: true,
+    writes: false,
 };
 
 /// How many messages the queue holds, as this transaction sees them.
@@ -268,30 +272,67 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
     // A count is kept only when it sees exactly what has committed: not with this transaction's
     // own changes in it, nor in a snapshot taken before now.
     let keep = shared && own.is_none() && !plans::snapshot_is_fixed();
-    // Prepared first: what committed between the start of the count and its snapshot is counted
-    // twice, so nothing slow may come between them.
+    // Prepared first, so that few commits end between the start of the count and its snapshot.
     plans::prepare(client, &COUNT_MESSAGES)?;
     let generation = if keep {
         DEPTHS.exclusive().begin_count(key)
     } else {
         None
     };
-    let counted = count(client, &[queue_id])?;
-    let count = counted.first().map_or(0, |&(_, count)| count);
+    let Counted { counts, snapshot } = count(client, &[queue_id])?;
+    let count = counts.first().map_or(0, |&(_, count)| count);
     if let Some(generation) = generation {
         DEPTHS
             .exclusive()
-            .finish_count(key, generation, count, false);
+            .finish_count(key, generation, count, |xid| snapshot.saw(xid), false);
     }
     Ok(count)
 }
 
-fn count(client: &mut SpiClient<'_>, queue_ids: &[i32]) -> BusResult<Vec<(i32, i64)>> {
-    let mut counted = Vec::with_capacity(queue_ids.len());
-    for row in plans::run(client, &COUNT_MESSAGES, &[queue_ids.to_vec().into()])? {
-        counted.push((row.get(1)?.expect("NOT NULL"), row.get(2)?.expect("NOT NULL")));
+/// Counts of queues' messages, and the snapshot they were counted in.
+struct Counted {
+    counts: Vec<(i32, i64)>,
+    snapshot: CountSnapshot,
+}
+
+/// A snapshot of the whole cluster taken for a count and registered until dropped.
+struct CountSnapshot(pg_sys::Snapshot);
+
+impl CountSnapshot {
+    fn take() -> Self {
+        // SAFETY: inside a transaction; the copy is registered with the transaction's resource owner,
+        // so an error before `drop` releases it too.
+        CountSnapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot()) })
     }
-    Ok(counted)
+
+    /// Whether the count saw what `xid` committed: a transaction the snapshot does not list as
+    /// running, and that had committed, is in it.
+    fn saw(&self, xid: u32) -> bool {
+        // SAFETY: the snapshot is registered, so it lives until `drop`.
+        !unsafe { pg_sys::XidInMVCCSnapshot(xid.into(), self.0) }
+    }
+}
+
+impl Drop for CountSnapshot {
+    fn drop(&mut self) {
+        // SAFETY: registered by `take`, unregistered once. When an error unwinds through here the
+        // snapshot may still be on the active stack: that keeps it alive until the abort clears it.
+        unsafe { pg_sys::UnregisterSnapshot(self.0) }
+    }
+}
+
+fn count(client: &mut SpiClient<'_>, queue_ids: &[i32]) -> BusResult<Counted> {
+    let snapshot = CountSnapshot::take();
+    // SAFETY: the snapshot is registered; it is popped below, or by the abort of an error.
+    unsafe { pg_sys::PushActiveSnapshot(snapshot.0) };
+    let rows = plans::run(client, &COUNT_MESSAGES, &[queue_ids.to_vec().into()]);
+    // SAFETY: pushed above; a failed run returns here without having popped it.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    let mut counts = Vec::with_capacity(queue_ids.len());
+    for row in rows? {
+        counts.push((row.get(1)?.expect("NOT NULL"), row.get(2)?.expect("NOT NULL")));
+    }
+    Ok(Counted { counts, snapshot })
 }
 
 static QUEUE_IDS: Statement = Statement {
@@ -344,12 +385,13 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
         return Ok(0);
     }
     let ids: Vec<i32> = started.iter().map(|&(queue_id, _)| queue_id).collect();
-    let counted = count(client, &ids)?;
+    let Counted { counts, snapshot } = count(client, &ids)?;
     let mut depths = DEPTHS.exclusive();
-    for (&(queue_id, generation), &(_, count)) in started.iter().zip(&counted) {
-        depths.finish_count(key(relation, queue_id), generation, count, settled);
+    for (&(queue_id, generation), &(_, count)) in started.iter().zip(&counts) {
+        let seen = |xid| snapshot.saw(xid);
+        depths.finish_count(key(relation, queue_id), generation, count, seen, settled);
     }
-    Ok(counted.len() as i64)
+    Ok(counts.len() as i64)
 }
 
 /// Queues that commits changed since the worker last asked and that hold at most `most` messages.

@@ -3,12 +3,15 @@
 //!
 //! Commits add to a count under the shared lock (the count is atomic); creating, dropping and
 //! counting a queue take the exclusive lock.
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 /// Queues counted at once in the cluster, every database together.
 pub const SLOTS: usize = 16_384;
 /// Past three quarters full, probes grow long: further queues are counted whenever asked instead.
 const MOST_USED: usize = SLOTS / 4 * 3;
+/// Commits kept apart with their transaction ids after a count begins: only the first ones can end
+/// before the count's snapshot, taken microseconds after the start.
+const EARLY_COMMITS: usize = 8;
 
 /// A queue of one database's bussig, in one file of its message table (`relation`: the table's
 /// relfilenode). A new file (TRUNCATE, a rewrite, a bussig dropped and created again, whose queue
@@ -36,12 +39,32 @@ struct Slot {
     known: bool,
     /// A prepared transaction changed the queue; its COMMIT PREPARED will not come through here.
     stale: bool,
-    /// The count in progress, 0 for none. Commits meanwhile also go to `since_count`.
+    /// The count in progress, 0 for none. Commits meanwhile also go to `early` (the first ones, by
+    /// transaction id) or `since_count` (the rest).
     generation: u32,
     messages: AtomicI64,
     since_count: AtomicI64,
+    early: [EarlyCommit; EARLY_COMMITS],
+    early_taken: AtomicU32,
     /// A commit changed the queue since the worker last looked.
     touched: AtomicBool,
+}
+
+/// A commit that ended soon after a count began (the count's snapshot may have seen it or not): its
+/// transaction id in the high half, its change in the low. Small, as the table is built on the stack.
+#[derive(Default)]
+struct EarlyCommit(AtomicU64);
+
+impl EarlyCommit {
+    fn packed(xid: u32, delta: i64) -> Option<u64> {
+        let delta = i32::try_from(delta).ok()?;
+        Some(u64::from(xid) << 32 | u64::from(delta as u32))
+    }
+
+    fn xid_and_delta(&self) -> (u32, i64) {
+        let packed = self.0.load(Ordering::Relaxed);
+        ((packed >> 32) as u32, i64::from(packed as u32 as i32))
+    }
 }
 
 impl Slot {
@@ -56,19 +79,11 @@ pub struct Depths {
     generation: u32,
 }
 
-impl Default for Depths {
-    fn default() -> Self {
-        Depths {
-            slots: std::array::from_fn(|_| Slot::default()),
-            used: 0,
-            generation: 0,
-        }
-    }
-}
-
 // SAFETY: plain data and atomics at fixed places, with no pointers, so every process can use it where
-// the postmaster mapped it; the PgLwLock around it orders all access.
+// the postmaster mapped it; the LWLock around it orders all access.
 unsafe impl pgrx::PGRXSharedMemory for Depths {}
+// SAFETY: all zeros is an empty table: no slot used, every count and flag zero or false.
+unsafe impl super::zeroed::ValidWhenZeroed for Depths {}
 
 impl Depths {
     fn position(&self, key: Key) -> Option<usize> {
@@ -153,12 +168,21 @@ impl Depths {
         }
     }
 
-    /// A committed change of the queue's messages by `delta`.
-    pub fn add(&self, key: Key, delta: i64) {
+    /// A change of the queue's messages by `delta`, committed by transaction `xid`.
+    pub fn add(&self, key: Key, xid: u32, delta: i64) {
         if let Some(slot) = self.find(key) {
             slot.messages.fetch_add(delta, Ordering::Relaxed);
             if slot.generation != 0 {
-                slot.since_count.fetch_add(delta, Ordering::Relaxed);
+                // Entries are read under the exclusive lock, after every adder has let go.
+                let taken = slot.early_taken.fetch_add(1, Ordering::Relaxed) as usize;
+                let packed = EarlyCommit::packed(xid, delta);
+                if let Some(early) = slot.early.get(taken) {
+                    // A change too large to pack is kept as nothing, and added below.
+                    early.0.store(packed.unwrap_or(0), Ordering::Relaxed);
+                }
+                if slot.early.get(taken).is_none() || packed.is_none() {
+                    slot.since_count.fetch_add(delta, Ordering::Relaxed);
+                }
             }
             slot.touched.store(true, Ordering::Relaxed);
         }
@@ -191,18 +215,34 @@ impl Depths {
         let slot = self.slot(key)?;
         slot.generation = generation;
         *slot.since_count.get_mut() = 0;
+        *slot.early_taken.get_mut() = 0;
         Some(generation)
     }
 
-    /// Ends the count `generation` began with `counted` messages. A later count of the same queue
-    /// supersedes it; `settled` says that no prepared transaction can still change the queue.
-    pub fn finish_count(&mut self, key: Key, generation: u32, counted: i64, settled: bool) {
+    /// Ends the count `generation` began with `counted` messages; `seen` says whether the count's
+    /// snapshot saw a transaction's commit. A later count of the same queue supersedes it; `settled`
+    /// says that no prepared transaction can still change the queue.
+    pub fn finish_count(
+        &mut self,
+        key: Key,
+        generation: u32,
+        counted: i64,
+        seen: impl Fn(u32) -> bool,
+        settled: bool,
+    ) {
         let Some(at) = self.position(key) else {
             return;
         };
         let slot = &mut self.slots[at];
         if slot.generation == generation {
-            *slot.messages.get_mut() = counted + *slot.since_count.get_mut();
+            let taken = (*slot.early_taken.get_mut() as usize).min(EARLY_COMMITS);
+            let unseen: i64 = slot.early[..taken]
+                .iter()
+                .map(EarlyCommit::xid_and_delta)
+                .filter(|&(xid, _)| !seen(xid))
+                .map(|(_, delta)| delta)
+                .sum();
+            *slot.messages.get_mut() = counted + unseen + *slot.since_count.get_mut();
             slot.generation = 0;
             slot.known = true;
             slot.stale &= !settled;
@@ -289,7 +329,7 @@ mod tests {
         let mut depths = empty();
         for queue_id in 0..5000 {
             depths.created(key(queue_id));
-            depths.add(key(queue_id), i64::from(queue_id));
+            depths.add(key(queue_id), 1, i64::from(queue_id));
         }
         for queue_id in (0..5000).step_by(3) {
             depths.remove(key(queue_id));
@@ -301,18 +341,36 @@ mod tests {
         assert_eq!(depths.used, 5000 - 1667);
     }
 
+    const SEEN_NONE: fn(u32) -> bool = |_| false;
+
     #[test]
     fn a_count_adds_what_committed_while_it_ran_and_a_later_count_wins() {
         let mut depths = empty();
         let first = depths.begin_count(key(1)).unwrap();
         assert_eq!(depths.messages(key(1)), None);
-        depths.add(key(1), 3);
+        depths.add(key(1), 100, 3);
         let second = depths.begin_count(key(1)).unwrap();
-        depths.add(key(1), 2);
-        depths.finish_count(key(1), first, 100, true);
+        depths.add(key(1), 101, 2);
+        depths.finish_count(key(1), first, 100, SEEN_NONE, true);
         assert_eq!(depths.messages(key(1)), None);
-        depths.finish_count(key(1), second, 10, true);
+        depths.finish_count(key(1), second, 10, SEEN_NONE, true);
         assert_eq!(depths.messages(key(1)), Some(12));
+    }
+
+    #[test]
+    fn a_commit_the_counts_snapshot_saw_is_not_added_again() {
+        let mut depths = empty();
+        let generation = depths.begin_count(key(1)).unwrap();
+        // 200 committed before the snapshot was taken; the count of 10 holds its 4.
+        depths.add(key(1), 200, 4);
+        depths.add(key(1), 201, -1);
+        depths.add(key(1), 202, 1 << 40);
+        depths.add(key(1), 203, -(1 << 40));
+        for xid in 300..320 {
+            depths.add(key(1), xid, 1);
+        }
+        depths.finish_count(key(1), generation, 10, |xid| xid == 200, true);
+        assert_eq!(depths.messages(key(1)), Some(10 - 1 + 20));
     }
 
     #[test]
@@ -322,7 +380,7 @@ mod tests {
             depths.created(key(queue_id));
         }
         assert_eq!(depths.used, MOST_USED);
-        depths.add(key(SLOTS as i32 - 1), 1);
+        depths.add(key(SLOTS as i32 - 1), 1, 1);
         assert_eq!(depths.messages(key(SLOTS as i32 - 1)), None);
         assert_eq!(depths.uncounted(5, 16384, &[0, SLOTS as i32 - 1]), vec![SLOTS as i32 - 1]);
     }
@@ -332,7 +390,7 @@ mod tests {
         let mut depths = empty();
         depths.created(key(1));
         depths.created(key(2));
-        depths.add(key(2), 50);
+        depths.add(key(2), 1, 50);
         assert_eq!(depths.take_touched(5, 16384, 10), vec![1]);
         assert!(depths.take_touched(5, 16384, 10).is_empty());
         depths.touch(key(1));
