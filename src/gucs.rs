@@ -88,6 +88,9 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    // A misspelt `SET bussig.max_mesage_size` is then an error (42602), not a setting nobody reads.
+    // SAFETY: _PG_init runs single-threaded; PostgreSQL copies the name.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"bussig".as_ptr()) };
 }
 
 /// Sets a setting through the GUC API, as a SET statement would without being parsed: `GUC_ACTION_LOCAL`

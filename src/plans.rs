@@ -26,12 +26,22 @@ pub fn snapshot_is_fixed() -> bool {
 /// Where the row count of a statement run with `run_limited` goes.
 const LIMIT_PLACEHOLDER: &str = "{limit}";
 
+/// Limits of one statement a backend keeps a plan for; the least recently used goes first. A read's
+/// limit can be anything from 1 to 1,000, and 1,000 plans a statement would be megabytes a backend.
+const LIMITS_KEPT: usize = 16;
+
 thread_local! {
     // How deep this backend is in planning or running a kept statement: index pins apply then.
     static IN_KEPT_STATEMENT: Cell<u32> = const { Cell::new(0) };
     // Keyed by the statement's address (each `Statement` is a `static`) and the limit written into
     // it. Rc so that no borrow is held while a statement runs (it may call back into bussig).
-    static KEPT: RefCell<HashMap<(usize, i32), Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    static KEPT: RefCell<HashMap<(usize, i32), Kept>> = RefCell::new(HashMap::new());
+    static USES: Cell<u64> = const { Cell::new(0) };
+}
+
+struct Kept {
+    plan: Rc<OwnedPreparedStatement>,
+    last_used: Cell<u64>,
 }
 
 fn kept(
@@ -40,7 +50,17 @@ fn kept(
     limit: i32,
 ) -> SpiResult<Rc<OwnedPreparedStatement>> {
     let key = (statement as *const Statement as usize, limit);
-    if let Some(plan) = KEPT.with(|kept| kept.borrow().get(&key).cloned()) {
+    let use_number = USES.with(|uses| {
+        uses.set(uses.get() + 1);
+        uses.get()
+    });
+    let found = KEPT.with(|kept| {
+        let kept = kept.borrow();
+        let found = kept.get(&key)?;
+        found.last_used.set(use_number);
+        Some(found.plan.clone())
+    });
+    if let Some(plan) = found {
         return Ok(plan);
     }
     let args: Vec<PgOid> = statement.args.iter().map(|&oid| PgOid::from(oid)).collect();
@@ -51,8 +71,24 @@ fn kept(
         client.prepare(sql.as_str(), &args)?
     };
     let plan = Rc::new(prepared.keep());
-    KEPT.with(|kept| kept.borrow_mut().insert(key, plan.clone()));
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let limits = kept.iter().filter(|((address, _), _)| *address == key.0);
+        if limits.clone().count() >= LIMITS_KEPT {
+            let oldest = limits.min_by_key(|(_, kept)| kept.last_used.get()).map(|(key, _)| *key);
+            kept.remove(&oldest.expect("more than none"));
+        }
+        let last_used = Cell::new(use_number);
+        kept.insert(key, Kept { plan: plan.clone(), last_used });
+    });
     Ok(plan)
+}
+
+/// How many plans this backend keeps for `statement`, over all limits.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn kept_plans(statement: &'static Statement) -> usize {
+    let address = statement as *const Statement as usize;
+    KEPT.with(|kept| kept.borrow().keys().filter(|(kept, _)| *kept == address).count())
 }
 
 /// Prepares a statement now, so that its first run does not plan it.
@@ -338,4 +374,29 @@ fn assume_backlog(rel: &mut pg_sys::RelOptInfo) {
         index.tuples = ASSUMED_BACKLOG;
     }
     rel.tuples = ASSUMED_BACKLOG;
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use super::{kept_plans, run_limited, Statement, LIMITS_KEPT};
+
+    static SERIES: Statement = Statement {
+        sql: "SELECT g FROM generate_series(1, 1000) g LIMIT {limit}",
+        args: &[],
+        writes: false,
+    };
+
+    #[pg_test]
+    fn a_statement_keeps_plans_for_its_recent_limits_only() {
+        Spi::connect_mut(|client| {
+            for limit in (1..=40).chain(1..=3) {
+                let rows = run_limited(client, &SERIES, limit, &[]).unwrap();
+                assert_eq!(rows.len(), limit as usize, "rows of LIMIT {limit}");
+            }
+        });
+        assert_eq!(kept_plans(&SERIES), LIMITS_KEPT);
+    }
 }

@@ -60,3 +60,24 @@ fn error_paths() {
         .get(0);
     assert!(!created, "create_queue of an existing queue returned true");
 }
+
+/// The `bussig.` prefix is reserved: a misspelt setting is refused instead of set and never read, and
+/// run_maintenance leaves the caller's jit setting as it found it.
+#[test]
+fn misspelt_settings_are_refused_and_maintenance_leaves_settings_alone() {
+    let mut c = connect();
+    assert_fails(
+        &mut c,
+        &SqlState::INVALID_NAME,
+        "SET bussig.max_mesage_size = 1000",
+        &[],
+    );
+    c.batch_execute("SET bussig.max_message_size = 4096; RESET bussig.max_message_size")
+        .unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SET LOCAL jit = on").unwrap();
+    tx.query_one("SELECT bussig.run_maintenance()", &[]).unwrap();
+    let jit: String = tx.query_one("SHOW jit", &[]).unwrap().get(0);
+    assert_eq!(jit, "on", "jit after run_maintenance");
+}
+

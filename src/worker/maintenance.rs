@@ -453,10 +453,9 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
 #[pg_extern]
 fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
     crate::access::require_owner("run_maintenance")?;
-    Ok(Spi::connect_mut(|client| -> BusResult<pgrx::JsonB> {
+    // `connect` turns jit off for the steps' full scans and back to the caller's setting after.
+    Ok(crate::access::connect(|client, _| -> BusResult<pgrx::JsonB> {
         let started = Instant::now();
-        // Full scans over a large table must not pay a JIT compile on every call.
-        Spi::run("SET LOCAL jit = off")?;
         let mut fanned_out = 0;
         while let Some(delivered) = fan_out_chunk(client, BATCH)? {
             fanned_out += delivered;
@@ -467,7 +466,7 @@ fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
             "pruned_dedup_keys": prune_dedup_keys(client)?,
             "dropped_queues": drop_expired_queues(client)?,
             "fanned_out": fanned_out,
-                        "collected_bodies": collect_all_bodies(client)?,
+            "collected_bodies": collect_all_bodies(client)?,
             "removed_orphans": remove_orphans(client)?,
             "counted_touched_queues": count_touched_queues(client)?,
             "counted_queues": refresh_stats(client)?,
