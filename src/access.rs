@@ -3,14 +3,12 @@
 //! `search_path` pinned so that no object of the caller's can stand in for a built-in one. The tables
 //! stay closed to everyone else; this is what a SECURITY DEFINER function does, except that the caller
 //! stays known for the checks.
-use std::ffi::CStr;
-
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use crate::error::{BusError, BusResult};
-use crate::gucs;
+use crate::pg::identity;
 use crate::plans::{self, Statement};
 
 /// What a role may do with one queue (`bussig.grant`); a queue's owner may do all of it.
@@ -130,7 +128,7 @@ impl Caller {
         BusError::PermissionDenied {
             privilege,
             queue: queue.to_string(),
-            role: role_name(self.role),
+            role: identity::role_name(self.role),
         }
     }
 
@@ -168,41 +166,12 @@ impl Caller {
     }
 }
 
-fn role_name(role: pg_sys::Oid) -> String {
-    unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(role, false)) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Fails with 42501 unless the caller is the extension owner, a member of it, or a superuser.
 pub fn require_owner(function: &'static str) -> BusResult<()> {
-    if is_unrestricted(unsafe { pg_sys::GetUserId() }, extension_owner()) {
+    if identity::is_unrestricted(identity::user_and_context().0, identity::extension_owner()) {
         return Ok(());
     }
     Err(BusError::OwnerOnly(function))
-}
-
-/// The extension owner, its members and superusers may do everything.
-fn is_unrestricted(role: pg_sys::Oid, owner: pg_sys::Oid) -> bool {
-    unsafe { pg_sys::has_privs_of_role(role, owner) }
-}
-
-/// The owner of schema `bussig`, read from the catalog cache on each call (it is two hash lookups).
-fn extension_owner() -> pg_sys::Oid {
-    unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"bussig".as_ptr(), false);
-        let tuple = pg_sys::SearchSysCache1(
-            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
-            pg_sys::Datum::from(namespace),
-        );
-        if tuple.is_null() {
-            pgrx::error!("schema bussig vanished while in use");
-        }
-        let owner =
-            (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tuple)).nspowner;
-        pg_sys::ReleaseSysCache(tuple);
-        owner
-    }
 }
 
 /// Who called, and as whom bussig's work runs.
@@ -214,14 +183,12 @@ struct Identity {
 
 impl Identity {
     fn current() -> Identity {
-        let mut role = pg_sys::InvalidOid;
-        let mut security_context = 0;
-        unsafe { pg_sys::GetUserIdAndSecContext(&mut role, &mut security_context) };
-        let owner = extension_owner();
+        let (role, security_context) = identity::user_and_context();
+        let owner = identity::extension_owner();
         Identity {
             caller: Caller {
                 role,
-                unrestricted: is_unrestricted(role, owner),
+                unrestricted: identity::is_unrestricted(role, owner),
             },
             security_context,
             owner,
@@ -231,14 +198,9 @@ impl Identity {
     /// Runs `work` as the extension owner. An error inside leaves the user switched; the
     /// (sub)transaction abort that follows restores it, as it does for SECURITY DEFINER functions.
     fn as_owner<R>(&self, work: impl FnOnce(&Caller) -> R) -> R {
-        unsafe {
-            pg_sys::SetUserIdAndSecContext(
-                self.owner,
-                self.security_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-            )
-        };
+        identity::switch_to(self.owner, self.security_context, true);
         let result = work(&self.caller);
-        unsafe { pg_sys::SetUserIdAndSecContext(self.caller.role, self.security_context) };
+        identity::switch_to(self.caller.role, self.security_context, false);
         result
     }
 }
@@ -271,78 +233,11 @@ fn connect_as<R>(
     identity: &Identity,
     work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>,
 ) -> BusResult<R> {
-    let pins = Pins::set();
+    let pins = identity::Pins::set();
     let result = identity.as_owner(|caller| {
-        let _own = plans::own_statements();
+        let _own = crate::pg::planner::own_statements();
         Spi::connect_mut(|client| work(client, caller))
     });
     pins.restore();
     result
-}
-
-/// `search_path`: only the system catalogs (and the session's temporary schema at most last, where it
-/// can shadow nothing). `jit` off: bussig's statements are short, and a JIT compile, which a generic
-/// plan over a large table can look expensive enough to trigger, would cost more than the statement.
-struct Pins {
-    guc_nest_level: Option<i32>,
-}
-
-impl Pins {
-    fn set() -> Pins {
-        search_path::push();
-        let mut guc_nest_level = None;
-        let mut pin = |name: &CStr, value: &CStr| {
-            guc_nest_level.get_or_insert_with(|| unsafe { pg_sys::NewGUCNestLevel() });
-            gucs::set(name, value, pg_sys::GucAction::GUC_ACTION_SAVE);
-        };
-        if !search_path::BY_OVERRIDE {
-            pin(c"search_path", c"pg_catalog, pg_temp");
-        }
-        if unsafe { pg_sys::jit_enabled } {
-            pin(c"jit", c"off");
-        }
-        Pins { guc_nest_level }
-    }
-
-    fn restore(self) {
-        if let Some(level) = self.guc_nest_level {
-            unsafe { pg_sys::AtEOXact_GUC(true, level) };
-        }
-        search_path::pop();
-    }
-}
-
-/// Up to PostgreSQL 16 the search path can be overridden without the GUC machinery, which on those
-/// versions re-parses the setting on every change, walks every setting to restore it, and makes the
-/// calling statement's plan recompute the caller's path: together 5% of a `send`. PostgreSQL 17
-/// dropped the override stack and caches parsed paths instead.
-#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
-mod search_path {
-    use pgrx::pg_sys;
-
-    pub const BY_OVERRIDE: bool = true;
-
-    pub fn push() {
-        // No explicit schema, so nothing can be created in it: every bussig statement names its schema.
-        let mut path = pg_sys::OverrideSearchPath {
-            schemas: std::ptr::null_mut(),
-            addCatalog: true,
-            addTemp: false,
-            generation: 0,
-        };
-        unsafe { pg_sys::PushOverrideSearchPath(&mut path) };
-    }
-
-    pub fn pop() {
-        unsafe { pg_sys::PopOverrideSearchPath() };
-    }
-}
-
-#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
-mod search_path {
-    pub const BY_OVERRIDE: bool = false;
-
-    pub fn push() {}
-
-    pub fn pop() {}
 }

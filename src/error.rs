@@ -54,6 +54,10 @@ pub enum BusError {
     #[error("role \"{0}\" does not exist")]
     UnknownRole(String),
 
+    /// bussig's own rows disagree with each other (a body row deleted by hand, say).
+    #[error("{0}")]
+    Corrupt(String),
+
     #[error("internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -82,6 +86,7 @@ impl BusError {
             BusError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             BusError::DeadLetterQueueInUse { .. } => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
             BusError::NoDeadLetterQueue(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            BusError::Corrupt(_) => ERRCODE_DATA_CORRUPTED,
             BusError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }

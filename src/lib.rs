@@ -34,17 +34,17 @@ macro_rules! queue_priorities {
 
 mod access;
 mod api;
-mod datum;
 mod depth;
-mod direct_insert;
 mod error;
-mod gucs;
-mod index_pins;
-mod invalidation;
+mod message;
+mod pg;
 mod plans;
+mod queue;
 mod routing;
+#[cfg(any(test, feature = "pg_test"))]
+mod test_support;
+mod topic;
 mod validate;
-mod wakeup;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -55,11 +55,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::register();
-    plans::init();
-    wakeup::init();
-    depth::init();
-    worker::register();
+    pg::init();
 }
 
 #[cfg(test)]

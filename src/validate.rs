@@ -1,4 +1,6 @@
 //! Argument checks shared by every SQL function, so each raises the same SQLSTATE for the same mistake.
+#![forbid(unsafe_code)]
+
 use pgrx::datum::Interval;
 
 use crate::error::{BusError, BusResult};

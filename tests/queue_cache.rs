@@ -98,7 +98,7 @@ fn a_notify_turned_on_elsewhere_reaches_a_backend_that_sent_before() {
 }
 
 /// Sends write the message table directly, from a description of it each backend keeps (see
-/// `src/direct_insert.rs`). A trigger, an index or a new extension made by another connection must
+/// `src/pg/direct_insert.rs`). A trigger, an index or a new extension made by another connection must
 /// reach a backend that sent before, at its next send.
 #[test]
 fn a_change_to_the_message_table_elsewhere_reaches_a_backend_that_sent_before() {

@@ -2,8 +2,8 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
-use super::queues;
 use crate::access;
+use crate::queue;
 use crate::validate;
 
 /// Every message of the queue: ready, delayed and locked. Read from counts kept in shared memory,
@@ -13,7 +13,7 @@ fn queue_depth(queue: Option<&str>) -> Result<i64, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     Ok(access::connect(|client, caller| {
         caller.require_some(client, queue, None)?;
-        let queue_id = queues::require_destination(client, queue)?.queue_id;
+        let queue_id = queue::require_destination(client, queue)?.queue_id;
         crate::depth::messages(client, queue_id)
     })?)
 }
@@ -23,7 +23,7 @@ fn queue_depth(queue: Option<&str>) -> Result<i64, ErrorReport> {
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::api::test_support::*;
+    use crate::test_support::*;
 
     #[pg_test]
     fn queue_depth_counts_what_this_transaction_sees_and_refuses_bad_arguments() {

@@ -96,17 +96,7 @@ fn grant(
     let queue = validate::queue_name(queue)?;
     let role = required(role, "role")?;
     let privileges = privilege_names(Some(required(privileges, "privileges")?))?;
-    Ok(access::connect(|client, caller| {
-        super::queues::require(client, queue)?;
-        caller.require_queue_owner(client, queue)?;
-        let role = grantee(client, role)?;
-        plans::run(
-            client,
-            &GRANT,
-            &[queue.into(), role.into(), privileges.into()],
-        )?;
-        Ok(())
-    })?)
+    Ok(change_privileges(&GRANT, queue, role, privileges)?)
 }
 
 /// Takes privileges back; all of them when none are named. Revoking what was never granted is no error.
@@ -119,17 +109,27 @@ fn revoke(
     let queue = validate::queue_name(queue)?;
     let role = required(role, "role")?;
     let privileges = privilege_names(privileges)?;
-    Ok(access::connect(|client, caller| {
-        super::queues::require(client, queue)?;
+    Ok(change_privileges(&REVOKE, queue, role, privileges)?)
+}
+
+/// Runs GRANT or REVOKE for `role` on `queue`, which only the queue's owner may.
+fn change_privileges(
+    statement: &'static Statement,
+    queue: &str,
+    role: &str,
+    privileges: Vec<String>,
+) -> BusResult<()> {
+    access::connect(|client, caller| {
+        crate::queue::require(client, queue)?;
         caller.require_queue_owner(client, queue)?;
         let role = grantee(client, role)?;
         plans::run(
             client,
-            &REVOKE,
+            statement,
             &[queue.into(), role.into(), privileges.into()],
         )?;
         Ok(())
-    })?)
+    })
 }
 
 /// Runs a change of who may create queues; only the extension's owner may.

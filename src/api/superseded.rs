@@ -13,6 +13,9 @@ use pgrx::{pg_extern, pg_sys};
 #[pg_extern(volatile, parallel_unsafe)]
 fn superseded(relation: pg_sys::Oid, version: pg_sys::ItemPointerData) -> bool {
     let (block, offset) = item_pointer_get_both(version);
+    // SAFETY: the relation is bussig.message, opened with the weakest lock for the call; the buffer
+    // is pinned and share-locked while its page is read, and released before the relation is
+    // closed.
     unsafe {
         let relation = pg_sys::relation_open(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let is_heap = (*(*relation).rd_rel).relam == pg_sys::HEAP_TABLE_AM_OID;
@@ -59,6 +62,8 @@ unsafe fn replaced_by_commit(infomask: u32, xmax: pg_sys::TransactionId) -> bool
         return true;
     }
     // In this order: a transaction shows as committed in the commit log before it leaves the proc array.
+    // SAFETY: plain look-ups of transaction status by id, which PostgreSQL allows any backend at
+    // any time.
     unsafe {
         !pg_sys::TransactionIdIsCurrentTransactionId(xmax)
             && !pg_sys::TransactionIdIsInProgress(xmax)

@@ -12,18 +12,17 @@
 //!
 //! Without `shared_preload_libraries = 'bussig'` there is no shared memory: every ask counts rows.
 mod table;
-mod zeroed;
 
 use std::cell::RefCell;
 
+use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
-use pgrx::{pg_guard, pg_sys};
 
 use crate::error::BusResult;
+use crate::pg::shmem::ZeroedLwLock;
+use crate::pg::wakeup;
 use crate::plans::{self, Statement};
-use crate::wakeup;
 use table::{Depths, Key};
-use zeroed::ZeroedLwLock;
 
 static DEPTHS: ZeroedLwLock<Depths> = ZeroedLwLock::new(c"bussig_depths");
 
@@ -60,17 +59,10 @@ thread_local! {
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
 }
 
-/// Called from _PG_init: shared memory only exists when preloaded; the callbacks are per process.
-pub fn init() {
-    // SAFETY: _PG_init runs once per process, before any transaction; the shared memory request is
-    // only made while shared_preload_libraries is being processed, as PostgreSQL requires.
-    unsafe {
-        if pg_sys::process_shared_preload_libraries_in_progress {
-            DEPTHS.request();
-        }
-        pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
-    }
+/// Called from _PG_init while shared_preload_libraries is processed: the counts live in shared memory.
+pub fn request_shared_memory() {
+    // SAFETY: _PG_init runs once in the postmaster, and this is the only request for DEPTHS.
+    unsafe { DEPTHS.request() };
 }
 
 /// `count` messages went into the queue.
@@ -111,7 +103,10 @@ fn note(change: Change) {
         // Changes since the innermost savepoint merge into one per queue in a row.
         let floor = pending.savepoints.last().map_or(0, |&(_, len)| len);
         if pending.changes.len() > floor {
-            let last = pending.changes.last_mut().expect("more changes than the floor");
+            let last = pending
+                .changes
+                .last_mut()
+                .expect("more changes than the floor");
             if last.queue_id() == change.queue_id() {
                 match (last, &change) {
                     (Change::Messages(_, sum), Change::Messages(_, delta)) => {
@@ -130,7 +125,7 @@ fn note(change: Change) {
 /// The file bussig.message is stored in: TRUNCATE, and the worker's rewrite, give it a new one, and
 /// with it every count starts over (counted again from the rows). 0 when there is no bussig.
 fn message_storage() -> u32 {
-    let table = plans::bussig_relation(c"message");
+    let table = crate::pg::planner::bussig_relation(c"message");
     if table == pg_sys::InvalidOid {
         return 0;
     }
@@ -146,22 +141,21 @@ fn message_storage() -> u32 {
 
 fn key(relation: u32, queue_id: i32) -> Key {
     Key {
-        // SAFETY: MyDatabaseId is set once at backend start and only read after.
-        database: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        database: crate::pg::my_database().to_u32(),
         relation,
         queue_id,
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn on_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _argument: *mut std::ffi::c_void,
-) {
+/// Called by `pg::xact` at each transaction event.
+pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     use pg_sys::XactEvent::*;
     if !matches!(
         event,
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
             | XACT_EVENT_PREPARE
     ) {
         return;
@@ -171,8 +165,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
         return;
     }
     let key = |queue_id| key(pending.relation, queue_id);
-    // SAFETY: reads the transaction's state, which stays set until its end callbacks have run.
-    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
+    let xid = crate::pg::xact::top_transaction_id();
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let reshapes = pending
@@ -211,12 +204,10 @@ unsafe extern "C-unwind" fn on_transaction_end(
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn on_subtransaction_end(
+/// Called by `pg::xact` at each subtransaction event.
+pub fn at_subtransaction_end(
     event: pg_sys::SubXactEvent::Type,
     subtransaction: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
-    _argument: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
     PENDING.with(|pending| {
@@ -227,7 +218,10 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
                 pending.savepoints.push((subtransaction, len));
             }
             SUBXACT_EVENT_COMMIT_SUB | SUBXACT_EVENT_ABORT_SUB => {
-                let Some(at) = pending.savepoints.iter().rposition(|&(id, _)| id == subtransaction)
+                let Some(at) = pending
+                    .savepoints
+                    .iter()
+                    .rposition(|&(id, _)| id == subtransaction)
                 else {
                     return;
                 };
@@ -257,7 +251,10 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
     let key = key(relation, queue_id);
     let own = PENDING.with(|pending| {
         let pending = pending.borrow();
-        let mine = pending.changes.iter().filter(|change| change.queue_id() == queue_id);
+        let mine = pending
+            .changes
+            .iter()
+            .filter(|change| change.queue_id() == queue_id);
         mine.fold(None, |sum: Option<i64>, change| match *change {
             Change::Messages(_, delta) => Some(sum.unwrap_or(0) + delta),
             _ => Some(sum.unwrap_or(0)),
@@ -271,7 +268,7 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
     }
     // A count is kept only when it sees exactly what has committed: not with this transaction's
     // own changes in it, nor in a snapshot taken before now.
-    let keep = shared && own.is_none() && !plans::snapshot_is_fixed();
+    let keep = shared && own.is_none() && !crate::pg::xact::snapshot_is_fixed();
     // Prepared first, so that few commits end between the start of the count and its snapshot.
     plans::prepare(client, &COUNT_MESSAGES)?;
     let generation = if keep {
@@ -330,7 +327,10 @@ fn count(client: &mut SpiClient<'_>, queue_ids: &[i32]) -> BusResult<Counted> {
     unsafe { pg_sys::PopActiveSnapshot() };
     let mut counts = Vec::with_capacity(queue_ids.len());
     for row in rows? {
-        counts.push((row.get(1)?.expect("NOT NULL"), row.get(2)?.expect("NOT NULL")));
+        counts.push((
+            plans::filled(&row, 1, "queue id")?,
+            plans::filled(&row, 2, "count")?,
+        ));
     }
     Ok(Counted { counts, snapshot })
 }
@@ -357,7 +357,7 @@ static PREPARED_HERE: Statement = Statement {
 /// prepared transaction changed them), and forgets the queues of dropped databases and of a dropped
 /// bussig. How many it counted.
 pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    if !wakeup::shared_memory() || plans::snapshot_is_fixed() {
+    if !wakeup::shared_memory() || crate::pg::xact::snapshot_is_fixed() {
         return Ok(0);
     }
     let relation = message_storage();

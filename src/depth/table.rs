@@ -83,7 +83,7 @@ pub struct Depths {
 // the postmaster mapped it; the LWLock around it orders all access.
 unsafe impl pgrx::PGRXSharedMemory for Depths {}
 // SAFETY: all zeros is an empty table: no slot used, every count and flag zero or false.
-unsafe impl super::zeroed::ValidWhenZeroed for Depths {}
+unsafe impl crate::pg::shmem::ValidWhenZeroed for Depths {}
 
 impl Depths {
     fn position(&self, key: Key) -> Option<usize> {
@@ -382,7 +382,10 @@ mod tests {
         assert_eq!(depths.used, MOST_USED);
         depths.add(key(SLOTS as i32 - 1), 1, 1);
         assert_eq!(depths.messages(key(SLOTS as i32 - 1)), None);
-        assert_eq!(depths.uncounted(5, 16384, &[0, SLOTS as i32 - 1]), vec![SLOTS as i32 - 1]);
+        assert_eq!(
+            depths.uncounted(5, 16384, &[0, SLOTS as i32 - 1]),
+            vec![SLOTS as i32 - 1]
+        );
     }
 
     #[test]

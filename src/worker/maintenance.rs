@@ -6,11 +6,12 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use crate::api::{bury, drop_queue_by_id, Dead};
 use crate::error::BusResult;
-use crate::gucs;
+use crate::message::dead_letter::{bury, Dead, DeadReason};
+use crate::pg::gucs;
+use crate::pg::wakeup;
 use crate::plans::{self, Statement};
-use crate::wakeup;
+use crate::queue;
 
 /// Rows one step handles per transaction, so that no step holds locks for long.
 pub const BATCH: i32 = 1000;
@@ -164,10 +165,24 @@ static ORPHANED_MESSAGES: Statement = Statement {
 macro_rules! counts_by_state {
     ($m:literal) => {
         concat!(
-            "count(*) FILTER (WHERE ", $m, ".visible_at <= clock.now) AS ready,
-             count(*) FILTER (WHERE ", $m, ".visible_at > clock.now AND ", $m, ".lock_token IS NULL) AS delayed,
-             count(*) FILTER (WHERE ", $m, ".visible_at > clock.now AND ", $m, ".lock_token IS NOT NULL) AS locked,
-             min(", $m, ".enqueued_at) FILTER (WHERE ", $m, ".visible_at <= clock.now) AS oldest_ready_since"
+            "count(*) FILTER (WHERE ",
+            $m,
+            ".visible_at <= clock.now) AS ready,
+             count(*) FILTER (WHERE ",
+            $m,
+            ".visible_at > clock.now AND ",
+            $m,
+            ".lock_token IS NULL) AS delayed,
+             count(*) FILTER (WHERE ",
+            $m,
+            ".visible_at > clock.now AND ",
+            $m,
+            ".lock_token IS NOT NULL) AS locked,
+             min(",
+            $m,
+            ".enqueued_at) FILTER (WHERE ",
+            $m,
+            ".visible_at <= clock.now) AS oldest_ready_since"
         )
     };
 }
@@ -236,7 +251,11 @@ pub fn dead_letter_expired_locks(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let dead: Vec<Dead> =
         plans::first_column::<i64>(client, &EXPIRED_FINAL_LOCKS, &[BATCH.into()])?
             .into_iter()
-            .map(|id| (id, "max_deliveries".to_string(), true))
+            .map(|message_id| Dead {
+                message_id,
+                reason: DeadReason::MaxDeliveries,
+                has_dead_letter_queue: true,
+            })
             .collect();
     let count = dead.len() as i64;
     bury(client, None, dead)?;
@@ -247,11 +266,11 @@ pub fn dead_letter_expired_locks(client: &mut SpiClient<'_>) -> BusResult<i64> {
 pub fn expire_messages(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let mut dead: Vec<Dead> = Vec::new();
     for row in plans::run(client, &EXPIRED_BY_TTL, &[BATCH.into()])? {
-        dead.push((
-            row.get(1)?.expect("NOT NULL"),
-            "expired".to_string(),
-            row.get(2)?.expect("NOT NULL"),
-        ));
+        dead.push(Dead {
+            message_id: plans::filled(&row, 1, "message id")?,
+            reason: DeadReason::Expired,
+            has_dead_letter_queue: plans::filled(&row, 2, "dead-letter flag")?,
+        });
     }
     let count = dead.len() as i64;
     bury(client, None, dead)?;
@@ -267,7 +286,7 @@ pub fn drop_expired_queues(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let expired: Vec<i32> = plans::first_column(client, &EXPIRED_EPHEMERAL_QUEUES, &[])?;
     let mut dropped = 0;
     for queue_id in expired {
-        if drop_queue_by_id(client, queue_id)? {
+        if queue::drop_by_id(client, queue_id)? {
             dropped += 1;
         }
     }
@@ -279,10 +298,10 @@ pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option
     let Some(job) = plans::run(client, &NEXT_FANOUT, &[])?.next() else {
         return Ok(None);
     };
-    let fanout_id: i64 = job.get(1)?.expect("NOT NULL");
-    let from: i32 = job.get(2)?.expect("NOT NULL");
-    let total: i32 = job.get(3)?.expect("NOT NULL");
-    let ready_now: bool = job.get(4)?.expect("NOT NULL");
+    let fanout_id: i64 = plans::filled(&job, 1, "fan-out id")?;
+    let from: i32 = plans::filled(&job, 2, "first queue")?;
+    let total: i32 = plans::filled(&job, 3, "queue count")?;
+    let ready_now: bool = plans::filled(&job, 4, "ready now")?;
     let to = from.saturating_add(chunk - 1).min(total);
     let delivered: Vec<i32> = plans::first_column(
         client,
@@ -303,12 +322,12 @@ pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option
     }
     if !delivered.is_empty() {
         for row in plans::run(client, &ANNOUNCED_QUEUES, &[delivered.clone().into()])? {
-            let queue_id: i32 = row.get(1)?.expect("NOT NULL");
-            let name: String = row.get(2)?.expect("NOT NULL");
+            let queue_id: i32 = plans::filled(&row, 1, "queue id")?;
+            let name: String = plans::filled(&row, 2, "queue name")?;
             wakeup::announce(
                 queue_id,
                 &name,
-                row.get(3)?.expect("NOT NULL"),
+                plans::filled(&row, 3, "notify")?,
                 ready_now,
                 1,
             );
@@ -342,7 +361,7 @@ fn collect_all_bodies(client: &mut SpiClient<'_>) -> BusResult<i64> {
 /// Recounts every queue for bussig.queues; returns how many queues hold messages.
 pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
     crate::depth::recount(client)?;
-    let _scans = plans::whole_table_scans();
+    let _scans = crate::pg::planner::whole_table_scans();
     plans::run(client, &REFRESH_STATS, &[])?;
     Ok(Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0))
 }
@@ -393,16 +412,18 @@ static TOTAL_SIZE: Statement = Statement {
 /// were rewritten.
 pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let mut candidates = Vec::new();
-    let scans = plans::whole_table_scans();
+    let scans = crate::pg::planner::whole_table_scans();
     for row in plans::run(client, &COMPACTION_CANDIDATES, &[])? {
-        let relid: pg_sys::Oid = row.get(1)?.expect("NOT NULL");
-        let rewrite: String = row.get(2)?.expect("NOT NULL");
+        let relid: pg_sys::Oid = plans::filled(&row, 1, "table")?;
+        let rewrite: String = plans::filled(&row, 2, "rewrite statement")?;
         candidates.push((relid, rewrite));
     }
     drop(scans);
     let mut compacted = 0;
     for (relid, rewrite) in candidates {
         let lock = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
+        // SAFETY: inside the round's transaction, which releases the lock at its end; the relation
+        // is one of bussig's tables, looked up in it.
         if unsafe { pg_sys::ConditionalLockRelationOid(relid, lock) } {
             let mut size = || -> BusResult<i64> {
                 Ok(plans::first_value(client, &TOTAL_SIZE, &[relid.into()])?.unwrap_or(0))
@@ -454,25 +475,27 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
 fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
     crate::access::require_owner("run_maintenance")?;
     // `connect` turns jit off for the steps' full scans and back to the caller's setting after.
-    Ok(crate::access::connect(|client, _| -> BusResult<pgrx::JsonB> {
-        let started = Instant::now();
-        let mut fanned_out = 0;
-        while let Some(delivered) = fan_out_chunk(client, BATCH)? {
-            fanned_out += delivered;
-        }
-        let counts = serde_json::json!({
-            "dead_lettered_locks": dead_letter_expired_locks(client)?,
-            "expired_messages": expire_messages(client)?,
-            "pruned_dedup_keys": prune_dedup_keys(client)?,
-            "dropped_queues": drop_expired_queues(client)?,
-            "fanned_out": fanned_out,
-            "collected_bodies": collect_all_bodies(client)?,
-            "removed_orphans": remove_orphans(client)?,
-            "counted_touched_queues": count_touched_queues(client)?,
-            "counted_queues": refresh_stats(client)?,
-            "compacted_tables": compact(client)?,
-            "milliseconds": started.elapsed().as_millis() as u64,
-        });
-        Ok(pgrx::JsonB(counts))
-    })?)
+    Ok(crate::access::connect(
+        |client, _| -> BusResult<pgrx::JsonB> {
+            let started = Instant::now();
+            let mut fanned_out = 0;
+            while let Some(delivered) = fan_out_chunk(client, BATCH)? {
+                fanned_out += delivered;
+            }
+            let counts = serde_json::json!({
+                "dead_lettered_locks": dead_letter_expired_locks(client)?,
+                "expired_messages": expire_messages(client)?,
+                "pruned_dedup_keys": prune_dedup_keys(client)?,
+                "dropped_queues": drop_expired_queues(client)?,
+                "fanned_out": fanned_out,
+                "collected_bodies": collect_all_bodies(client)?,
+                "removed_orphans": remove_orphans(client)?,
+                "counted_touched_queues": count_touched_queues(client)?,
+                "counted_queues": refresh_stats(client)?,
+                "compacted_tables": compact(client)?,
+                "milliseconds": started.elapsed().as_millis() as u64,
+            });
+            Ok(pgrx::JsonB(counts))
+        },
+    )?)
 }

@@ -5,6 +5,8 @@
 //! that commits ask for as they come. A step that fails is
 //! logged and rolled back; the loop goes on.
 pub mod maintenance;
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -18,8 +20,8 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, IntoDatum, PgTryBuilder};
 
 use crate::error::BusResult;
-use crate::gucs;
-use crate::wakeup::{self, Errands};
+use crate::pg::gucs;
+use crate::pg::wakeup::{self, Errands};
 
 const LAUNCHER_TYPE: &str = "bussig launcher";
 const WORKER_TYPE: &str = "bussig worker";
@@ -37,6 +39,7 @@ const WORKER_LOCK_KEY: i64 = 0x6275_7373_6967; // "bussig"
 
 /// Registers the launcher; only possible while the server preloads the library.
 pub fn register() {
+    // SAFETY: a plain read of a flag the postmaster sets while it loads preloaded libraries.
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }
@@ -56,6 +59,8 @@ pub fn serves_this_database() -> bool {
 
 /// The name of the connected database; needs a transaction (it reads the catalog cache).
 fn current_database() -> String {
+    // SAFETY: inside a transaction, as the catalog cache needs; the name is checked for NULL and
+    // copied.
     unsafe {
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
         if name.is_null() {
@@ -124,6 +129,7 @@ fn run_step<T>(
         .execute();
     match outcome {
         Ok(value) => {
+            // SAFETY: ends the transaction `in_transaction` started, with the snapshot it pushed.
             unsafe {
                 pg_sys::PopActiveSnapshot();
                 pg_sys::CommitTransactionCommand();
@@ -131,6 +137,8 @@ fn run_step<T>(
             Some(value)
         }
         Err(message) => {
+            // SAFETY: the step failed inside the transaction `in_transaction` started; this rolls
+            // it back and resets the error state.
             unsafe { pg_sys::AbortCurrentTransaction() };
             pgrx::warning!("bussig worker: {name} failed and was rolled back: {message}");
             None
@@ -171,6 +179,8 @@ fn hold_off_extension_drop() -> bool {
 
 fn reload_settings_if_asked() {
     if BackgroundWorker::sighup_received() {
+        // SAFETY: the worker's main loop, outside any transaction, as re-reading the configuration
+        // requires.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
 }
@@ -274,6 +284,8 @@ fn start_database_worker(database: pg_sys::Oid, name: &str) -> Option<DynamicBac
 /// Databases that accept connections, read from the shared catalog (the launcher has no database).
 fn databases() -> Vec<(pg_sys::Oid, String)> {
     let mut found = Vec::new();
+    // SAFETY: a catalog scan in a transaction of its own, ended in this block; each tuple's fields
+    // are copied before the next.
     unsafe {
         pg_sys::StartTransactionCommand();
         let relation =
@@ -391,11 +403,13 @@ fn send_notifications(keep_fanout: bool) -> bool {
         // Commits that arrive meanwhile share the next notification transaction: under a fast
         // stream of notifying commits the worker then runs at most a few hundred a second instead
         // of one per commit, on cores the senders need.
+        // SAFETY: a plain sleep of this process.
         unsafe { pg_sys::pg_usleep(NOTIFY_PAUSE_MICROS) };
     }
     if fanout && keep_fanout {
         wakeup::return_errands(&Errands::fan_out());
         // So that the wait after this round ends at once.
+        // SAFETY: this process's own latch.
         unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
     }
     fanout && !keep_fanout
@@ -487,7 +501,7 @@ fn refresh_stats_when_due(last: &mut Option<LastCount>) {
 }
 
 #[cfg(test)]
-mod tests {
+mod schedule_tests {
     use super::*;
 
     #[test]

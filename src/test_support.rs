@@ -55,9 +55,17 @@ pub fn read_into_got(queue: &str) {
 /// Makes every lock and delay of the queue run out, as if time had passed.
 pub fn let_time_pass(queue: &str) {
     // Time passes for the backend's read positions too.
-    crate::api::read_position::forget_all();
+    crate::message::read_position::forget_all();
     run(&format!(
         "UPDATE bussig.message SET visible_at = now() - interval '1 second', enqueued_at = enqueued_at - interval '1 second'
          WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = '{queue}')"
     ));
+}
+
+/// Runs every maintenance step once (as the worker would) and returns what `step` did.
+pub fn maintenance(step: &str) -> i64 {
+    one::<i64>(&format!(
+        "SELECT (bussig.run_maintenance() ->> '{step}')::bigint"
+    ))
+    .unwrap()
 }

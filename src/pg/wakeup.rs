@@ -94,10 +94,14 @@ impl Default for Sleepers {
     }
 }
 
+// SAFETY: plain integers and flags at fixed places, no pointers into one process's memory (a latch
+// is an address in shared memory, the same in every process), behind the LWLock.
 unsafe impl PGRXSharedMemory for Sleepers {}
 
+// SAFETY: the names are bussig's own, unused by anything else in the server.
 static SLEEPERS: PgLwLock<Sleepers> = unsafe { PgLwLock::new(c"bussig_sleepers") };
 /// Readers registered right now: lets a commit skip the lock when nobody waits.
+// SAFETY: as above.
 static READERS_WAITING: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"bussig_readers_waiting") };
 /// Set in the postmaster when preloaded; forked processes inherit it.
 static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
@@ -117,22 +121,20 @@ thread_local! {
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Called from _PG_init: shared memory only exists when preloaded; the hooks are per process.
-pub fn init() {
-    unsafe {
-        if pg_sys::process_shared_preload_libraries_in_progress {
-            pg_shmem_init!(SLEEPERS);
-            pg_shmem_init!(READERS_WAITING);
-            SHARED_MEMORY.store(true, Ordering::Relaxed);
-        }
-        pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
-    }
+/// Called from _PG_init while shared_preload_libraries is processed: without the preload there is
+/// no shared memory, and waiting readers poll.
+pub(super) fn request_shared_memory() {
+    pg_shmem_init!(SLEEPERS);
+    pg_shmem_init!(READERS_WAITING);
+    SHARED_MEMORY.store(true, Ordering::Relaxed);
 }
 
 /// Frees this process's slots when it exits without unwinding (FATAL, e.g. pg_terminate_backend).
 /// Registered in the process itself: forked children drop the exit callbacks of the postmaster.
 fn ensure_exit_hook() {
     if !EXIT_HOOK.with(|registered| registered.replace(true)) {
+        // SAFETY: registered once per process; the callback is a plain function that lives as long
+        // as the library.
         unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     }
 }
@@ -177,6 +179,7 @@ pub fn announce(queue_id: i32, queue_name: &str, notify: bool, ready_now: bool, 
 /// One NOTIFY bussig_<queue> at commit: PostgreSQL folds repeats within a transaction into one.
 fn send_notify(queue_name: &str) {
     let channel = format!("bussig_{queue_name}");
+    // SAFETY: pg_notify takes two text datums, made from Rust strings that live through the call.
     unsafe {
         pgrx::direct_function_call::<()>(
             pg_sys::pg_notify,
@@ -190,11 +193,8 @@ pub fn note_fanout() {
     FANOUT.with(|fanout| fanout.set(true));
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn on_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _argument: *mut std::ffi::c_void,
-) {
+/// Called by `xact` at each transaction event.
+pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     use pg_sys::XactEvent::*;
     match event {
         // Decided as late as possible: where no worker is registered now, the transaction notifies
@@ -255,7 +255,7 @@ fn wake_readers(ready: &[(i32, u32)]) {
     if READERS_WAITING.get().load(Ordering::Acquire) == 0 {
         return;
     }
-    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let database = crate::pg::my_database().to_u32();
     let mut sleepers = SLEEPERS.exclusive();
     let mut left: Vec<(i32, u32)> = ready.to_vec();
     for reader in sleepers.readers.iter_mut() {
@@ -283,7 +283,7 @@ fn wake_readers(ready: &[(i32, u32)]) {
 
 /// Hands this database's worker a fan-out and queues to notify, and wakes it.
 fn send_errands(fanout: bool, notify: &[i32]) {
-    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let database = crate::pg::my_database().to_u32();
     let mut sleepers = SLEEPERS.exclusive();
     for worker in sleepers.workers.iter_mut() {
         if worker.pid != 0 && worker.database == database {
@@ -291,6 +291,8 @@ fn send_errands(fanout: bool, notify: &[i32]) {
             for &queue_id in notify {
                 worker.errands.add_notify(queue_id);
             }
+            // SAFETY: the slot is taken, so its latch belongs to a live process of this cluster;
+            // the lock keeps it from leaving while it is set.
             unsafe { pg_sys::SetLatch(worker.latch as *mut pg_sys::Latch) };
         }
     }
@@ -298,7 +300,7 @@ fn send_errands(fanout: bool, notify: &[i32]) {
 
 /// Puts back errands a worker took but could not run (yet), for its next look.
 pub fn return_errands(errands: &Errands) {
-    let pid = unsafe { pg_sys::MyProcPid };
+    let pid = crate::pg::my_pid();
     let mut sleepers = SLEEPERS.exclusive();
     if let Some(worker) = sleepers.workers.iter_mut().find(|worker| worker.pid == pid) {
         worker.errands.fanout |= errands.fanout;
@@ -314,7 +316,7 @@ pub fn take_errands() -> Errands {
     if !shared_memory() {
         return Errands::default();
     }
-    let pid = unsafe { pg_sys::MyProcPid };
+    let pid = crate::pg::my_pid();
     let mut sleepers = SLEEPERS.exclusive();
     sleepers
         .workers
@@ -329,12 +331,14 @@ fn wake_workers_of(database: u32) {
     let sleepers = SLEEPERS.share();
     for worker in sleepers.workers.iter() {
         if worker.pid != 0 && worker.database == database {
+            // SAFETY: as in send_errands: a taken slot's latch, set under the lock.
             unsafe { pg_sys::SetLatch(worker.latch as *mut pg_sys::Latch) };
         }
     }
 }
 
 fn me(queue_id: i32) -> Sleeper {
+    // SAFETY: this process's own latch, which lives in shared memory as long as the process.
     unsafe {
         Sleeper {
             pid: pg_sys::MyProcPid,
@@ -348,7 +352,7 @@ fn me(queue_id: i32) -> Sleeper {
 
 /// Frees every slot this process holds, including ones left by an error that skipped a Drop.
 fn release_all(sleepers: &mut Sleepers) -> u32 {
-    let pid = unsafe { pg_sys::MyProcPid };
+    let pid = crate::pg::my_pid();
     let mut freed = 0;
     for slot in sleepers
         .readers
@@ -367,7 +371,7 @@ fn release_all(sleepers: &mut Sleepers) -> u32 {
 unsafe extern "C-unwind" fn on_exit(_code: i32, _argument: pg_sys::Datum) {
     if shared_memory() {
         let mut sleepers = SLEEPERS.exclusive();
-        let pid = unsafe { pg_sys::MyProcPid };
+        let pid = crate::pg::my_pid();
         let readers = sleepers
             .readers
             .iter()
@@ -410,6 +414,8 @@ impl Waiting {
         } else {
             timeout.min(POLL_INTERVAL)
         };
+        // SAFETY: waits on this process's own latch; an ERROR cannot come from WaitLatch, and a
+        // dead postmaster exits the process.
         unsafe {
             pg_sys::WaitLatch(
                 pg_sys::MyLatch,
@@ -431,7 +437,7 @@ impl Waiting {
     fn clear_wake(&self) -> (i32, bool, bool) {
         let mut sleepers = SLEEPERS.exclusive();
         // SAFETY: MyProcPid is set once at process start and only read afterwards.
-        let pid = unsafe { pg_sys::MyProcPid };
+        let pid = crate::pg::my_pid();
         match sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
             Some(slot) => {
                 let woken = std::mem::replace(&mut slot.woken, false);
@@ -470,7 +476,7 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         if self.registered {
             let mut sleepers = SLEEPERS.exclusive();
-            let pid = unsafe { pg_sys::MyProcPid };
+            let pid = crate::pg::my_pid();
             let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == pid) else {
                 return;
             };
@@ -491,7 +497,7 @@ pub fn worker_registered() -> bool {
     if !shared_memory() {
         return false;
     }
-    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let database = crate::pg::my_database().to_u32();
     SLEEPERS
         .share()
         .workers
@@ -520,7 +526,7 @@ pub fn register_worker() {
     ensure_exit_hook();
     let mut sleepers = SLEEPERS.exclusive();
     release_all(&mut sleepers);
-    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let database = crate::pg::my_database().to_u32();
     let free = sleepers
         .workers
         .iter()

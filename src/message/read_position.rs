@@ -7,13 +7,13 @@
 //! (a read that comes up short forgets it, and a read from a position that comes up short reads the
 //! rest from the head), and only for `LIFETIME`: such a message waits at most that long. A transaction
 //! that rolls back forgets them all: what it read is back in the queue.
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::datum::TimestampWithTimeZone;
-use pgrx::{pg_guard, pg_sys};
+use pgrx::pg_sys;
 
 const LIFETIME: Duration = Duration::from_millis(200);
 
@@ -46,7 +46,6 @@ impl PartialOrd for Position {
 
 thread_local! {
     static POSITIONS: RefCell<HashMap<String, (Position, Instant)>> = RefCell::new(HashMap::new());
-    static FORGET_ON_ABORT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The position to read `queue` from, if one is fresh.
@@ -73,9 +72,6 @@ pub fn remember(queue: &str, position: Position) {
         if positions.len() >= QUEUES_KEPT {
             positions.clear();
         }
-        if !FORGET_ON_ABORT.replace(true) {
-            unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
-        }
         positions.insert(queue.to_string(), (position, Instant::now()));
     });
 }
@@ -89,11 +85,8 @@ pub fn forget_all() {
     POSITIONS.with(|positions| positions.borrow_mut().clear());
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn on_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _argument: *mut std::ffi::c_void,
-) {
+/// Called by `pg::xact` at each transaction event.
+pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT {
         forget_all();
     }

@@ -6,10 +6,10 @@ use std::rc::Rc;
 
 use pgrx::spi::SpiClient;
 
-use super::PatternIndex;
 use crate::error::BusResult;
-use crate::invalidation;
+use crate::pg::invalidation;
 use crate::plans::{self, Statement};
+use crate::routing::PatternIndex;
 
 /// What a publish needs to know about the queues that subscriptions name.
 pub struct Routes {
@@ -46,16 +46,13 @@ pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
         queues: HashMap::new(),
     };
     for row in plans::run(client, &LOAD_SUBSCRIPTIONS, &[])? {
-        let queue_id: i32 = row.get(1)?.expect("NOT NULL");
-        let pattern: String = row.get(2)?.expect("NOT NULL");
+        let queue_id: i32 = plans::filled(&row, 1, "queue id")?;
+        let pattern: String = plans::filled(&row, 2, "pattern")?;
         routes.index.insert(&pattern, queue_id);
-        routes.queues.insert(
-            queue_id,
-            (
-                row.get(3)?.expect("NOT NULL"),
-                row.get(4)?.expect("NOT NULL"),
-            ),
-        );
+        let name = plans::filled(&row, 3, "queue name")?;
+        routes
+            .queues
+            .insert(queue_id, (name, plans::filled(&row, 4, "notify")?));
     }
     let routes = Rc::new(routes);
     if invalidation::may_keep(generation) {

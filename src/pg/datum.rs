@@ -32,9 +32,13 @@ macro_rules! raw_varlena {
                 if is_null {
                     return None;
                 }
-                memory_context.switch_to(|_| unsafe {
-                    Some(Self(pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr()))))
-                })
+                // SAFETY: the caller hands a valid varlena datum of this type and a live context; the
+                // copy is made in that context, so it outlives SPI's tuple memory.
+                unsafe {
+                    memory_context.switch_to(|_| {
+                        Some(Self(pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr()))))
+                    })
+                }
             }
         }
 
@@ -48,9 +52,11 @@ macro_rules! raw_varlena {
             }
         }
 
+        // SAFETY: the value is the argument's datum itself, valid for the call, as ArgAbi requires.
         unsafe impl<'fcx> ArgAbi<'fcx> for $name {
             unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
                 let index = arg.index();
+                // SAFETY: pgrx calls this with the argument of a function declared to take this type.
                 unsafe {
                     arg.unbox_arg_using_from_datum()
                         .unwrap_or_else(|| panic!("argument {index} must not be null"))
@@ -58,8 +64,10 @@ macro_rules! raw_varlena {
             }
         }
 
+        // SAFETY: the datum returned is a valid value of the declared SQL type.
         unsafe impl BoxRet for $name {
             unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+                // SAFETY: self.0 is a datum of this type, alive for at least the current call.
                 unsafe { fcinfo.return_raw_datum(self.0) }
             }
         }
@@ -88,6 +96,8 @@ raw_varlena!(
 impl Jsonb {
     /// Whether the top-level value is an object, read from the jsonb container header.
     pub fn is_object(&self) -> bool {
+        // SAFETY: self.0 is a jsonb datum; detoasted, it starts with the varlena header and then the
+        // root container's header, which may sit unaligned.
         unsafe {
             let detoasted = pg_sys::pg_detoast_datum(self.0.cast_mut_ptr());
             let header = detoasted
@@ -101,6 +111,7 @@ impl Jsonb {
 
     /// Size of the value as stored uncompressed, which is what max_message_size limits.
     pub fn size(&self) -> usize {
+        // SAFETY: self.0 is a valid varlena datum.
         unsafe { pg_sys::toast_raw_datum_size(self.0) }
     }
 }
@@ -109,6 +120,7 @@ impl Jsonb {
 pub trait ArrayShape: IntoDatum + Copy {
     fn shape(self) -> (usize, bool) {
         let datum = self.into_datum().expect("array datum");
+        // SAFETY: the datum is an array of this type; detoasted, it is a valid ArrayType.
         unsafe {
             let detoasted = pg_sys::pg_detoast_datum(datum.cast_mut_ptr());
             let array = RawArray::from_ptr(NonNull::new(detoasted.cast()).expect("array pointer"));
@@ -124,6 +136,8 @@ impl ArrayShape for UuidArray {}
 impl JsonbArray {
     /// The elements, as datums that live as long as the array; the caller has ruled out NULLs.
     pub fn elements(&self) -> Vec<Jsonb> {
+        // SAFETY: self.0 is a jsonb[] datum; deconstruct_array fills `count` elements (palloc'd in
+        // the current context, as long-lived as the array) for the element type given.
         unsafe {
             let array = pg_sys::pg_detoast_datum(self.0.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
             let mut elements = std::ptr::null_mut();

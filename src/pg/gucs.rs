@@ -96,6 +96,8 @@ pub fn register() {
 /// Sets a setting through the GUC API, as a SET statement would without being parsed: `GUC_ACTION_LOCAL`
 /// until the end of the transaction, `GUC_ACTION_SAVE` until the enclosing GUC nest level ends.
 pub fn set(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
+    // SAFETY: both names are NUL-terminated and copied by PostgreSQL; an invalid value raises an
+    // ERROR, not undefined behaviour.
     unsafe {
         pg_sys::set_config_option(
             name.as_ptr(),

@@ -52,6 +52,8 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_argument: pg_sys::Datum, r
 
 fn register_callback() {
     if !CALLBACK_REGISTERED.with(|registered| registered.replace(true)) {
+        // SAFETY: registered once per backend; the callback is a plain function that lives as long
+        // as the library.
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(
                 Some(on_relcache_invalidation),
@@ -98,6 +100,7 @@ pub fn generation(client: &mut SpiClient<'_>) -> BusResult<u64> {
 /// until bussig.subscription has been looked up again after a change.
 pub fn known_generation() -> Option<u64> {
     register_callback();
+    // SAFETY: processes pending invalidations, as any catalog access does, inside a transaction.
     unsafe { pg_sys::AcceptInvalidationMessages() };
     (WATCHED.with(Cell::get) != pg_sys::InvalidOid).then(|| GENERATION.with(Cell::get))
 }
@@ -105,7 +108,7 @@ pub fn known_generation() -> Option<u64> {
 /// Whether what was loaded at `generation` may be kept: nothing changed while it loaded, and it was
 /// not read under a transaction-long snapshot, which may predate changes already announced.
 pub fn may_keep(generation: u64) -> bool {
-    !plans::snapshot_is_fixed() && GENERATION.with(Cell::get) == generation
+    !crate::pg::xact::snapshot_is_fixed() && GENERATION.with(Cell::get) == generation
 }
 
 /// Called by the triggers on queues and subscriptions: every backend drops its cached copies (this
@@ -114,6 +117,7 @@ pub fn may_keep(generation: u64) -> bool {
 fn invalidate_routing() -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
     bump();
     if let Some(table) = Spi::connect_mut(subscription_table)? {
+        // SAFETY: the relation exists (it was just looked up); the invalidation is sent at commit.
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) };
     }
     Ok(())

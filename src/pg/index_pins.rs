@@ -20,8 +20,6 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use crate::plans;
-
 /// How a reference of `bussig.message` is to be read, by its alias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pin {
@@ -61,7 +59,7 @@ pub fn apply(root: &pg_sys::PlannerInfo, rel: &mut pg_sys::RelOptInfo) {
     let wanted = match pin_for(alias) {
         None => return,
         Some(Pin::Ctid) => None,
-        Some(Pin::Index(name)) => match plans::bussig_relation(name) {
+        Some(Pin::Index(name)) => match crate::pg::planner::bussig_relation(name) {
             index if index == pg_sys::InvalidOid => return,
             index => Some(index),
         },

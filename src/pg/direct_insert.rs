@@ -14,7 +14,7 @@ use pgrx::datum::Interval;
 use pgrx::fcinfo::direct_function_call_as_datum;
 use pgrx::{pg_sys, IntoDatum, PgList, PgMemoryContexts, PgTupleDesc};
 
-use crate::{invalidation, plans};
+use super::invalidation;
 
 /// A column of `bussig.message` as `sql/schema.sql` creates it.
 struct Column {
@@ -125,6 +125,10 @@ thread_local! {
 /// Inserts `messages`, returning their ids in payload order, or `None` when the table or the
 /// transaction needs the executor. The rows are visible to the transaction's next command.
 pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
+    // SAFETY: inside a transaction (a SQL function's call); the relation is opened with an INSERT's
+    // lock and closed with NoLock, keeping the lock to the end of the transaction; `write` gets the
+    // relation and a target built for this very table, checked current after the lock applied
+    // pending invalidations.
     unsafe {
         if pg_sys::XactReadOnly || pg_sys::IsInParallelMode() {
             return None;
@@ -146,8 +150,8 @@ pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
                     target = None;
                 }
                 None => {
-                    let table = plans::bussig_relation(c"message");
-                    let sequence = plans::bussig_relation(c"message_id_seq");
+                    let table = crate::pg::planner::bussig_relation(c"message");
+                    let sequence = crate::pg::planner::bussig_relation(c"message_id_seq");
                     if table == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
                         return None;
                     }
@@ -181,6 +185,8 @@ impl Target {
         sequence: pg_sys::Oid,
         relation: pg_sys::Relation,
     ) -> Target {
+        // SAFETY: `relation` is open; the memory context is a child of CacheMemoryContext, owned by
+        // the Target and deleted with it.
         unsafe {
             let mut memory = PgMemoryContexts::CacheMemoryContext
                 .switch_to(|_| PgMemoryContexts::new("bussig message table"));
@@ -201,6 +207,8 @@ impl Direct {
     /// constraint: other access methods keep state of their own between insertions, for one
     /// statement only.
     unsafe fn build(relation: pg_sys::Relation, layout: Layout) -> Option<Direct> {
+        // SAFETY: `relation` is open and `layout` was read from it; everything built lives in the
+        // current memory context, the target's own.
         unsafe {
             let estate = pg_sys::CreateExecutorState();
             let indexes: Vec<pg_sys::Oid> =
@@ -248,6 +256,8 @@ impl Direct {
 
 /// The table's layout when writing its heap and indexes directly does all that an INSERT would.
 unsafe fn layout(relation: pg_sys::Relation) -> Option<Layout> {
+    // SAFETY: `relation` is open, so its relcache entry, tuple descriptor and trigger data are
+    // valid for this call.
     unsafe {
         let class = &*(*relation).rd_rel;
         let constraints = (*(*relation).rd_att).constr.as_ref();
@@ -293,6 +303,9 @@ unsafe fn write(
     sequence: pg_sys::Oid,
     messages: &Messages,
 ) -> Vec<i64> {
+    // SAFETY: `relation` is open with an INSERT's lock and `direct` was built for it; each tuple is
+    // formed from datums that live through the call, written with the current command id, and its
+    // index entries inserted before the next.
     unsafe {
         let layout = &direct.layout;
         let now = pg_sys::Datum::from(pg_sys::GetCurrentTimestamp());
@@ -400,6 +413,8 @@ unsafe extern "C-unwind" {
 /// of the sequence. nextval() through the function manager, as the hand-written INSERT takes its ids,
 /// costs a sixth more instructions (callgrind, docs/performance.md).
 unsafe fn next_id(sequence: pg_sys::Oid) -> i64 {
+    // SAFETY: the sequence exists (looked up with the table); an ERROR from nextval crosses back
+    // through pg_guard_ffi_boundary.
     unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
 }
 
@@ -407,6 +422,8 @@ unsafe fn next_id(sequence: pg_sys::Oid) -> i64 {
 /// stands for every id since the one before it: a batch of a hundred takes one value instead of a
 /// hundred, which was a tenth of its instructions, and its ids still follow each other in send order.
 unsafe fn next_ids(sequence: pg_sys::Oid, count: usize) -> Vec<i64> {
+    // SAFETY: as in next_id; the step and minimum are read after the first nextval locked the
+    // sequence.
     unsafe {
         let mut ids = Vec::with_capacity(count);
         let mut step_and_min = None;
@@ -443,6 +460,8 @@ struct SequenceForm {
 
 /// The sequence's increment when it counts upwards (else 1), and its minimum.
 unsafe fn sequence_step(sequence: pg_sys::Oid) -> (i64, i64) {
+    // SAFETY: a syscache look-up inside a transaction; the tuple is checked for NULL and released
+    // after its fields are copied.
     unsafe {
         let tuple = pg_sys::SearchSysCache1(
             pg_sys::SysCacheIdentifier::SEQRELID as i32,
@@ -463,6 +482,8 @@ unsafe fn insert_index_entries(
     slot: *mut pg_sys::TupleTableSlot,
     estate: *mut pg_sys::EState,
 ) {
+    // SAFETY: the slot holds the tuple just inserted into the result relation, and the executor
+    // state is the one its indexes were opened in.
     unsafe {
         #[cfg(feature = "pg13")]
         pg_sys::ExecInsertIndexTuples(slot, estate, false, ptr::null_mut(), ptr::null_mut());

@@ -1,0 +1,226 @@
+//! Dead letters: messages moved to their queue's dead-letter queue by a consumer (dead_letter), by a
+//! read or the worker (past their TTL or their last delivery), and moved back (redrive).
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+use pgrx::Uuid;
+
+use crate::access::{self, Privilege};
+use crate::depth;
+use crate::error::{BusError, BusResult};
+use crate::pg::wakeup;
+use crate::plans::{self, Statement};
+use crate::queue;
+
+// Moves messages of queue $5 (of any queue when NULL) to their dead-letter queue: those in $1,
+// holding token $2 when one is given, and, unless $6 forces it, only when their last allowed
+// delivery has been used.
+static DEAD_LETTER: Statement = Statement {
+    sql: "UPDATE bussig.message by_id
+          SET queue_id = q.dead_letter_queue_id,
+              visible_at = clock_timestamp(),
+              lock_token = NULL,
+              delivery_count = 0,
+              final_delivery = false,
+              last_error = NULL,
+              headers = coalesce(by_id.headers, '{}') || jsonb_build_object(
+                  'bussig-dead-letter-reason', $3,
+                  'bussig-dead-letter-error', coalesce($4, by_id.last_error),
+                  'bussig-source-queue', q.name)
+          FROM bussig.queue q
+          WHERE ($5::text IS NULL OR q.name = $5) AND by_id.queue_id = q.queue_id AND q.dead_letter_queue_id IS NOT NULL
+            AND by_id.message_id = ANY ($1)
+            AND ($2::uuid IS NULL OR by_id.lock_token = $2)
+                        AND ($6 OR by_id.delivery_count >= q.max_deliveries)
+          RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify),
+                    q.queue_id",
+    args: &[
+        pg_sys::INT8ARRAYOID,
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::BOOLOID,
+    ],
+    writes: true,
+};
+
+// A dead-letter queue has none of its own: its expired messages are simply dropped (retention).
+static DELETE_MESSAGES: Statement = Statement {
+    sql: "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1) RETURNING queue_id",
+    args: &[pg_sys::INT8ARRAYOID],
+    writes: true,
+};
+
+// Messages a consumer of the dead-letter queue holds right now stay where they are.
+static REDRIVE: Statement = Statement {
+    sql: "WITH picked AS (
+              SELECT in_order.ctid AS row_ctid
+              FROM bussig.message in_order
+              WHERE in_order.queue_id = $2
+                AND in_order.headers ->> 'bussig-source-queue' = $1
+                AND (in_order.lock_token IS NULL OR in_order.visible_at <= clock_timestamp())
+              ORDER BY in_order.priority DESC, in_order.visible_at, in_order.message_id
+              LIMIT $4
+              FOR UPDATE SKIP LOCKED
+          )
+          UPDATE bussig.message by_ctid
+          SET queue_id = $3,
+              visible_at = clock_timestamp(),
+              lock_token = NULL,
+              delivery_count = 0,
+              final_delivery = false,
+              last_error = NULL,
+              headers = nullif(by_ctid.headers - ARRAY['bussig-dead-letter-reason', 'bussig-dead-letter-error',
+                                                       'bussig-source-queue'], '{}')
+          FROM picked
+          WHERE by_ctid.ctid = picked.row_ctid",
+    args: &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT4OID],
+    writes: true,
+};
+
+/// Runs DEAD_LETTER: how many messages moved. Readers waiting on their dead-letter queues are woken,
+/// and a dead-letter queue that asked for NOTIFY gets it.
+pub(super) fn move_to_dead_letter_queue(
+    client: &mut SpiClient<'_>,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<i64> {
+    let mut moved = 0;
+    for row in plans::run(client, &DEAD_LETTER, args)? {
+        let queue_id: i32 = plans::filled(&row, 1, "dead-letter queue id")?;
+        depth::removed(plans::filled(&row, 3, "source queue id")?, 1);
+        depth::added(queue_id, 1);
+        match row.get::<String>(2)? {
+            Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true, 1),
+            None => wakeup::note_ready(queue_id, 1),
+        }
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+/// Why a message may not be delivered again, found by a read or the worker.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DeadReason {
+    /// Older than its queue's message_ttl.
+    Expired,
+    /// Its last allowed delivery was used.
+    MaxDeliveries,
+}
+
+impl DeadReason {
+    const ALL: [DeadReason; 2] = [DeadReason::Expired, DeadReason::MaxDeliveries];
+
+    /// As the `bussig-dead-letter-reason` header and the read statements name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Expired => "expired",
+            DeadReason::MaxDeliveries => "max_deliveries",
+        }
+    }
+
+    pub fn parse(reason: &str) -> BusResult<DeadReason> {
+        DeadReason::ALL
+            .into_iter()
+            .find(|known| known.as_str() == reason)
+            .ok_or_else(|| BusError::Corrupt(format!("unknown dead-letter reason {reason:?}")))
+    }
+}
+
+/// A message that may not be delivered again.
+pub struct Dead {
+    pub message_id: i64,
+    pub reason: DeadReason,
+    pub has_dead_letter_queue: bool,
+}
+
+/// Moves dead messages of `queue` (of any queue when None) to their dead-letter queue, in the
+/// caller's transaction; in a queue without one, expired messages are deleted.
+pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) -> BusResult<()> {
+    for reason in DeadReason::ALL {
+        let (moved, dropped): (Vec<&Dead>, Vec<&Dead>) = dead
+            .iter()
+            .filter(|dead| dead.reason == reason)
+            .partition(|dead| dead.has_dead_letter_queue);
+        let ids = |list: Vec<&Dead>| {
+            list.iter()
+                .map(|dead| dead.message_id)
+                .collect::<Vec<i64>>()
+        };
+        if !moved.is_empty() {
+            let args: [DatumWithOid; 6] = [
+                ids(moved).into(),
+                Option::<Uuid>::None.into(),
+                reason.as_str().into(),
+                Option::<&str>::None.into(),
+                queue.into(),
+                true.into(),
+            ];
+            move_to_dead_letter_queue(client, &args)?;
+        }
+        if !dropped.is_empty() {
+            for row in plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])? {
+                depth::removed(plans::filled(&row, 1, "queue id")?, 1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves one delivery of a message of `queue` to its dead-letter queue with `reason` and `error` in
+/// its headers: false for a stale token, 55000 when the queue has no dead-letter queue.
+pub fn one(
+    queue: &str,
+    message_id: i64,
+    lock_token: Uuid,
+    reason: &str,
+    error: Option<&str>,
+) -> BusResult<bool> {
+    access::connect(|client, caller| -> BusResult<bool> {
+        caller.require(client, queue, Privilege::Consume)?;
+        let args: [DatumWithOid; 6] = [
+            vec![message_id].into(),
+            lock_token.into(),
+            reason.into(),
+            error.into(),
+            queue.into(),
+            true.into(),
+        ];
+        if move_to_dead_letter_queue(client, &args)? > 0 {
+            return Ok(true);
+        }
+        if queue::require(client, queue)?
+            .dead_letter_queue_id
+            .is_none()
+        {
+            return Err(BusError::NoDeadLetterQueue(queue.to_string()));
+        }
+        Ok(false)
+    })
+}
+
+/// Moves the messages that came from `queue` back from its dead-letter queue, up to `max_messages`
+/// (all when None): how many.
+pub fn redrive(queue: &str, max_messages: Option<i32>) -> BusResult<i64> {
+    access::connect(|client, caller| -> BusResult<i64> {
+        caller.require(client, queue, Privilege::Manage)?;
+        let found = queue::require(client, queue)?;
+        let Some(dead_letter_queue_id) = found.dead_letter_queue_id else {
+            return Err(BusError::NoDeadLetterQueue(queue.to_string()));
+        };
+        let args: [DatumWithOid; 4] = [
+            queue.into(),
+            dead_letter_queue_id.into(),
+            found.queue_id.into(),
+            max_messages.into(),
+        ];
+        let redriven = plans::run(client, &REDRIVE, &args)?.len() as i64;
+        depth::removed(dead_letter_queue_id, redriven as usize);
+        depth::added(found.queue_id, redriven as usize);
+        if redriven > 0 {
+            let count = u32::try_from(redriven).unwrap_or(u32::MAX);
+            wakeup::announce(found.queue_id, queue, found.notify, true, count);
+        }
+        Ok(redriven)
+    })
+}

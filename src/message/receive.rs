@@ -1,0 +1,379 @@
+//! Receiving: read and ack_and_read lock ready messages in delivery order, each under a new lock
+//! token, and can wait for more (the long poll, woken by committing sends).
+use std::time::{Duration, Instant};
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
+use pgrx::spi::{SpiClient, SpiHeapTupleData};
+use pgrx::Uuid;
+
+use super::dead_letter::{bury, Dead, DeadReason};
+use super::read_position::{self, Position};
+use super::settle::acknowledge;
+use super::{missing_body, nothing_done};
+use crate::access::{self, Privilege};
+use crate::depth;
+use crate::error::BusResult;
+use crate::pg::datum::{BigintArray, Jsonb, UuidArray};
+use crate::pg::wakeup;
+use crate::plans::{self, Statement};
+use crate::queue;
+use crate::validate;
+
+/// A read: `$picked` chooses the messages (`message_id`, `ready_at` and the `row_ctid` it locked, at
+/// most {limit}, with SKIP LOCKED); every read delivers them the same way. The update finds each row by
+/// the ctid it locked, not through the primary key again. A row that a commit the statement's snapshot
+/// does not see had changed just before it was locked is then left out of this read, ready for the next.
+macro_rules! read_statement {
+    ($($picked:expr),+) => {
+        concat!(
+            "WITH q AS (
+                 SELECT queue_id, max_deliveries, message_ttl, lock_timeout,
+                        dead_letter_queue_id IS NOT NULL AS has_dead_letter_queue, clock_timestamp() AS now
+                 FROM bussig.queue WHERE name = $1
+             ), picked AS (",
+            $($picked),+,
+            ")
+             UPDATE bussig.message by_ctid
+             SET visible_at = q.now + coalesce($2, q.lock_timeout),
+                 lock_token = bussig.lock_token(),
+                 delivery_count = by_ctid.delivery_count + 1,
+                 final_delivery = q.has_dead_letter_queue AND by_ctid.delivery_count + 1 >= q.max_deliveries
+             FROM picked, q
+             WHERE by_ctid.ctid = picked.row_ctid
+             RETURNING by_ctid.message_id, by_ctid.lock_token, by_ctid.subject,
+                       coalesce(by_ctid.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = by_ctid.body_id)),
+                       by_ctid.headers, by_ctid.delivery_count,
+                       by_ctid.priority, by_ctid.enqueued_at, by_ctid.correlation_id, by_ctid.reply_to, picked.ready_at,
+                       CASE WHEN q.message_ttl IS NOT NULL AND by_ctid.enqueued_at <= q.now - q.message_ttl
+                                 THEN 'expired'
+                            WHEN q.has_dead_letter_queue AND by_ctid.delivery_count > q.max_deliveries
+                                 THEN 'max_deliveries'
+                       END AS dead_reason,
+                       q.has_dead_letter_queue, q.queue_id"
+        )
+    };
+}
+
+// Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold or have
+// already replaced since the statement's snapshot (see superseded.rs). A message past its TTL or its
+// last allowed delivery comes back flagged with dead_reason instead of being handed out; the caller
+// moves it to the dead-letter queue in the same transaction. Each priority's range is read on its own,
+// highest first, and only as far as its ready messages go: a scan of the whole queue's range would
+// walk every locked and delayed message of it when none is ready (no skip scan in PostgreSQL 15).
+// The nested loop stops pulling, and so locking, once it has {limit} rows.
+static READ: Statement = Statement {
+    sql: read_statement!(
+        "WITH RECURSIVE ",
+        queue_priorities!("(SELECT queue_id FROM q)"),
+        "
+         SELECT ready.message_id, ready.ready_at, ready.row_ctid
+         FROM priorities CROSS JOIN LATERAL (
+             SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
+             FROM bussig.message in_order
+             WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
+               AND in_order.visible_at <= (SELECT now FROM q)
+               AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
+             ORDER BY in_order.visible_at, in_order.message_id
+             FOR UPDATE SKIP LOCKED
+         ) ready
+         LIMIT {limit}"
+    ),
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+// READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs), so that the
+// index scan starts there. Nothing while a message of a higher priority is ready: the caller then
+// reads from the head. The probe looks at the front of each higher priority's range, as READ does;
+// a queue with no higher priority costs it one index descent.
+static READ_FROM: Statement = Statement {
+    sql: read_statement!(
+        "WITH RECURSIVE ",
+        queue_priorities!("(SELECT queue_id FROM q)", " AND in_order_p.priority > $3"),
+        "
+         SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
+         FROM bussig.message in_order
+         WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = $3
+           AND (in_order.visible_at, in_order.message_id) >= ($4, $5) AND in_order.visible_at <= (SELECT now FROM q)
+           AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
+           AND NOT EXISTS (
+                SELECT FROM priorities CROSS JOIN LATERAL (
+                    SELECT FROM bussig.message in_order_head
+                    WHERE in_order_head.queue_id = (SELECT queue_id FROM q)
+                      AND in_order_head.priority = priorities.priority
+                      AND in_order_head.visible_at <= (SELECT now FROM q)
+                    LIMIT 1) ready)
+         ORDER BY in_order.visible_at, in_order.message_id
+         LIMIT {limit}
+         FOR UPDATE SKIP LOCKED"
+    ),
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT4OID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::INT8OID,
+    ],
+    writes: true,
+};
+
+pub struct Delivery {
+    /// The message's id, priority and when it became ready: its place in delivery order.
+    pub position: Position,
+    pub lock_token: Uuid,
+    pub subject: Option<String>,
+    pub payload: Jsonb,
+    pub headers: Option<Jsonb>,
+    pub delivery_count: i32,
+    pub enqueued_at: TimestampWithTimeZone,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// What READ and READ_FROM return for each message they locked: a delivery, or a message to
+/// dead-letter instead.
+struct ReadRow {
+    position: Position,
+    lock_token: Uuid,
+    subject: Option<String>,
+    /// None only when the shared body row it was published with is gone.
+    payload: Option<Jsonb>,
+    headers: Option<Jsonb>,
+    delivery_count: i32,
+    enqueued_at: TimestampWithTimeZone,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    dead_reason: Option<DeadReason>,
+    has_dead_letter_queue: bool,
+    queue_id: i32,
+}
+
+impl ReadRow {
+    fn decode(row: &SpiHeapTupleData<'_>) -> BusResult<ReadRow> {
+        let dead_reason = match row.get::<String>(12)? {
+            Some(reason) => Some(DeadReason::parse(&reason)?),
+            None => None,
+        };
+        Ok(ReadRow {
+            position: Position {
+                priority: plans::filled(row, 7, "priority")?,
+                ready_at: plans::filled(row, 11, "ready time")?,
+                message_id: plans::filled(row, 1, "message id")?,
+            },
+            lock_token: plans::filled(row, 2, "lock token")?,
+            subject: row.get(3)?,
+            payload: row.get(4)?,
+            headers: row.get(5)?,
+            delivery_count: plans::filled(row, 6, "delivery count")?,
+            enqueued_at: plans::filled(row, 8, "enqueue time")?,
+            correlation_id: row.get(9)?,
+            reply_to: row.get(10)?,
+            dead_reason,
+            has_dead_letter_queue: plans::filled(row, 13, "dead-letter flag")?,
+            queue_id: plans::filled(row, 14, "queue id")?,
+        })
+    }
+
+    /// The delivery, or XX001 when neither the message nor a body row holds its payload.
+    fn delivery(self, queue: &str) -> BusResult<Delivery> {
+        let Some(payload) = self.payload else {
+            return Err(missing_body(self.position.message_id, queue));
+        };
+        Ok(Delivery {
+            position: self.position,
+            lock_token: self.lock_token,
+            subject: self.subject,
+            payload,
+            headers: self.headers,
+            delivery_count: self.delivery_count,
+            enqueued_at: self.enqueued_at,
+            correlation_id: self.correlation_id,
+            reply_to: self.reply_to,
+        })
+    }
+}
+
+fn receive(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    max_messages: i32,
+    lock_timeout: Option<Interval>,
+) -> BusResult<Vec<Delivery>> {
+    let mut delivered = Vec::new();
+    loop {
+        let wanted = max_messages - delivered.len() as i32;
+        let start = read_position::recall(queue);
+        let rows = match start {
+            Some(from) => plans::run_limited(
+                client,
+                &READ_FROM,
+                wanted,
+                &[
+                    queue.into(),
+                    lock_timeout.into(),
+                    from.priority.into(),
+                    from.ready_at.into(),
+                    from.message_id.into(),
+                ],
+            )?,
+            None => {
+                plans::run_limited(client, &READ, wanted, &[queue.into(), lock_timeout.into()])?
+            }
+        };
+        let mut dead = Vec::new();
+        let mut returned = 0;
+        let mut first: Option<Position> = None;
+        for row in rows {
+            let row = ReadRow::decode(&row)?;
+            if returned == 0 {
+                depth::touched(row.queue_id);
+            }
+            returned += 1;
+            let position = row.position;
+            if first.is_none_or(|first| position < first) {
+                first = Some(position);
+            }
+            match row.dead_reason {
+                Some(reason) => dead.push(Dead {
+                    message_id: position.message_id,
+                    reason,
+                    has_dead_letter_queue: row.has_dead_letter_queue,
+                }),
+                None => delivered.push(row.delivery(queue)?),
+            }
+        }
+        let took_all = returned == wanted;
+        // Only a read that found as many as it asked for is in a backlog worth a position; one that
+        // came up short from a position reads the rest from the head.
+        match first.filter(|_| took_all) {
+            Some(first) => read_position::remember(queue, first),
+            None => read_position::forget(queue),
+        }
+        let more_may_be_ready = took_all && !dead.is_empty();
+        bury(client, Some(queue), dead)?;
+        if start.is_some() && !took_all {
+            continue;
+        }
+        if returned == 0 && delivered.is_empty() {
+            return nothing_done(client, queue, delivered);
+        }
+        if !more_may_be_ready {
+            break;
+        }
+    }
+    // RETURNING gives no order: restore delivery order.
+    delivered.sort_by_key(|delivery| delivery.position);
+    Ok(delivered)
+}
+
+// Seconds until the first message that was not ready when the last read began ($2, seconds since the
+// epoch) becomes ready; negative when it already has. Measured from that moment, not from now: a delay
+// that runs out between the read and this probe must end the sleep, not be missed until the wait ends.
+// A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
+static NEXT_READY: Statement = Statement {
+    sql: concat!(
+        "WITH RECURSIVE ",
+        queue_priorities!("$1"),
+        "
+         SELECT extract(epoch FROM min(later.visible_at) - clock_timestamp())::float8
+         FROM priorities CROSS JOIN LATERAL (
+             SELECT in_order.visible_at FROM bussig.message in_order
+             WHERE in_order.queue_id = $1 AND in_order.priority = priorities.priority
+               AND in_order.visible_at > to_timestamp($2)
+             ORDER BY in_order.visible_at LIMIT 1) later"
+    ),
+    args: &[pg_sys::INT4OID, pg_sys::FLOAT8OID],
+    writes: true,
+};
+
+/// The wall clock as seconds since the epoch, the clock PostgreSQL's clock_timestamp() reads.
+fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
+/// The arguments of read and ack_and_read, checked.
+pub struct ReadRequest {
+    pub max_messages: i32,
+    lock_timeout: Option<Interval>,
+    wait: Duration,
+}
+
+impl ReadRequest {
+    pub fn check(
+        max_messages: Option<i32>,
+        lock_timeout: Option<Interval>,
+        wait: Option<Interval>,
+    ) -> BusResult<ReadRequest> {
+        let wait = match wait {
+            Some(wait) => {
+                validate::not_negative(&wait, "wait")?;
+                Duration::from_micros(wait.as_micros().clamp(0, u64::MAX as i128) as u64)
+            }
+            None => Duration::ZERO,
+        };
+        Ok(ReadRequest {
+            max_messages: validate::max_messages(max_messages)?,
+            lock_timeout: validate::lock_timeout(lock_timeout)?,
+            wait,
+        })
+    }
+}
+
+/// Reads what is ready, acknowledging `acks` first in the same call (ack_and_read); with a wait,
+/// sleeps until a commit makes messages ready in the queue, a delay or lock runs out, or the wait is
+/// over, and reads again.
+pub fn receive_waiting(
+    queue: &str,
+    request: ReadRequest,
+    mut acks: Option<(BigintArray, UuidArray)>,
+) -> BusResult<Vec<Delivery>> {
+    let ReadRequest {
+        max_messages,
+        lock_timeout,
+        mut wait,
+    } = request;
+    let started = Instant::now();
+    let mut waiting: Option<(i32, wakeup::Waiting)> = None;
+    loop {
+        let read_began = epoch_seconds();
+        let delivered = access::connect(|client, caller| {
+            caller.require(client, queue, Privilege::Consume)?;
+            if let Some(acks) = acks.take() {
+                // Acks commit with the call: a wait that a timeout or cancel ends would undo them.
+                if acknowledge(client, queue, acks)? > 0 {
+                    wait = Duration::ZERO;
+                }
+            }
+            receive(client, queue, max_messages, lock_timeout)
+        })?;
+        let deadline = started + wait;
+        let now = Instant::now();
+        // Waiting could never show a transaction-long snapshot anything new.
+        if !delivered.is_empty() || now >= deadline || crate::pg::xact::snapshot_is_fixed() {
+            if let Some((_, waiting)) = &waiting {
+                waiting.done(delivered.len() == max_messages as usize);
+            }
+            return Ok(delivered);
+        }
+        let Some(waiting) = &waiting else {
+            // Register, then read once more before the first sleep: a commit between the read above
+            // and the registration would otherwise go unnoticed.
+            let queue_id = access::connect(|client, _| queue::require(client, queue))?.queue_id;
+            let wants = u32::try_from(max_messages).unwrap_or(1);
+            waiting = Some((queue_id, wakeup::Waiting::register(queue_id, wants)));
+            continue;
+        };
+        waiting.1.rearm();
+        let next_ready = access::connect(|client, _| -> BusResult<Option<f64>> {
+            let args = [waiting.0.into(), read_began.into()];
+            Ok(plans::first_value(client, &NEXT_READY, &args)?)
+        })?;
+        let until_ready = next_ready.map_or(Duration::MAX, |seconds| {
+            Duration::from_secs_f64(seconds.max(0.0))
+        });
+        waiting.1.sleep((deadline - now).min(until_ready));
+    }
+}

@@ -1,0 +1,300 @@
+//! send and send_batch: new messages into a queue, in the caller's transaction. A send to a queue this
+//! backend knows is written straight into the table (`direct_insert`) without a statement.
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+use pgrx::IntoDatum;
+
+use crate::access::{self, Caller, Privilege};
+use crate::depth;
+use crate::error::{BusError, BusResult};
+use crate::pg::datum::{ArrayShape, Jsonb, JsonbArray};
+use crate::pg::direct_insert;
+use crate::pg::gucs;
+use crate::pg::wakeup;
+use crate::plans::{self, Statement};
+use crate::queue::{self, SettingsChange};
+use crate::validate::{self, required};
+
+// The queue comes as its id, from the backend's cache of queues (queue::destination): a send is one
+// plain INSERT. A send that races a drop of its queue commits a message the worker then removes.
+static SEND: Statement = Statement {
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
+          VALUES ($1, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7)
+          RETURNING message_id",
+    args: &SEND_ARGS,
+    writes: true,
+};
+
+/// queue_id, payload, headers, delay, priority, correlation_id, reply_to.
+const SEND_ARGS: [pg_sys::Oid; 7] = [
+    pg_sys::INT4OID,
+    pg_sys::JSONBOID,
+    pg_sys::JSONBOID,
+    pg_sys::INTERVALOID,
+    pg_sys::INT4OID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+];
+
+// A key that expired stays in place until the worker prunes it; ON CONFLICT revives it.
+static SEND_DEDUPLICATED: Statement = Statement {
+    sql: "WITH q AS (SELECT queue_id, dedup_window FROM bussig.queue WHERE queue_id = $1),
+          fresh AS (
+              INSERT INTO bussig.dedup AS d (queue_id, dedup_id, expires_at)
+              SELECT queue_id, $8, now() + dedup_window FROM q
+              ON CONFLICT (queue_id, dedup_id) DO UPDATE SET expires_at = excluded.expires_at
+              WHERE d.expires_at <= now()
+              RETURNING queue_id
+          ),
+          sent AS (
+              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
+              SELECT fresh.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7 FROM fresh
+              RETURNING message_id
+          )
+          SELECT message_id FROM sent",
+    args: &plans::joined::<7, 1, 8>(SEND_ARGS, [pg_sys::TEXTOID]),
+    writes: true,
+};
+
+// The function scan hands the insert the payloads in array order, so ids follow that order.
+static SEND_BATCH: Statement = Statement {
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
+          SELECT $1, p.payload, $3, clock_timestamp() + coalesce($4, interval '0'), $5
+          FROM unnest($2::jsonb[]) AS p(payload)
+          RETURNING message_id",
+    args: &[
+        pg_sys::INT4OID,
+        pg_sys::JSONBARRAYOID,
+        pg_sys::JSONBOID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT4OID,
+    ],
+    writes: true,
+};
+
+/// What send and publish both take, checked.
+pub struct Outgoing {
+    pub payload: Jsonb,
+    pub headers: Option<Jsonb>,
+    pub delay: Option<Interval>,
+    pub priority: i32,
+}
+
+impl Outgoing {
+    pub fn check(
+        payload: Option<Jsonb>,
+        headers: Option<Jsonb>,
+        delay: Option<Interval>,
+        priority: Option<i32>,
+    ) -> BusResult<Outgoing> {
+        let payload = required(payload, "payload")?;
+        let headers = check_headers(headers)?;
+        check_size(payload.size(), headers)?;
+        Ok(Outgoing {
+            payload,
+            headers,
+            delay: validate::delay(delay)?,
+            priority: required(priority, "priority")?,
+        })
+    }
+}
+
+pub fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
+    match headers {
+        Some(headers) if !headers.is_object() => Err(BusError::invalid(
+            "headers",
+            "they must be a JSON object, such as '{\"key\": \"value\"}'",
+        )),
+        headers => Ok(headers),
+    }
+}
+
+pub fn check_size(payload_size: usize, headers: Option<Jsonb>) -> BusResult<()> {
+    let size = payload_size + headers.map_or(0, |headers| headers.size());
+    let limit = gucs::MAX_MESSAGE_SIZE.get();
+    if size > limit as usize {
+        return Err(BusError::MessageTooLarge { size, limit });
+    }
+    Ok(())
+}
+
+/// The queue a send goes to, created first when it is unknown and auto-creation is on.
+fn destination(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    queue: &str,
+) -> BusResult<queue::Destination> {
+    match caller.require(client, queue, Privilege::Send) {
+        Err(BusError::UnknownQueue(_)) => {}
+        checked => checked?,
+    }
+    if let Some(found) = queue::destination(client, queue)? {
+        return Ok(found);
+    }
+    if !gucs::AUTO_CREATE_QUEUES.get() {
+        return Err(BusError::UnknownQueue(queue.to_string()));
+    }
+    queue::create(client, caller, queue, SettingsChange::default(), None)?;
+    queue::require_destination(client, queue)
+}
+
+/// Runs a send into `found`: written directly when `direct` describes the messages and the table
+/// allows it, else by `statement` with `args`. Returns the new message ids (none for a duplicate).
+/// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
+fn insert_messages(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    found: queue::Destination,
+    delay: Option<Interval>,
+    direct: Option<&direct_insert::Messages>,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<Vec<i64>> {
+    let ids = match direct.and_then(direct_insert::insert) {
+        Some(ids) => ids,
+        None => plans::first_column(client, statement, args)?,
+    };
+    announce(queue, found, delay, &ids);
+    Ok(ids)
+}
+
+/// A send with no statement to run (see `access::connect_unless_direct`): a queue this backend has
+/// cached, and messages the table takes directly. None, with nothing written, otherwise.
+fn send_directly<'a>(
+    queue: &str,
+    delay: Option<Interval>,
+    messages: impl FnOnce(i32) -> direct_insert::Messages<'a>,
+) -> Option<Vec<i64>> {
+    let found = queue::cached_destination(queue)?;
+    let ids = direct_insert::insert(&messages(found.queue_id))?;
+    announce(queue, found, delay, &ids);
+    Some(ids)
+}
+
+/// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
+fn announce(queue: &str, found: queue::Destination, delay: Option<Interval>, ids: &[i64]) {
+    depth::added(found.queue_id, ids.len());
+    if !ids.is_empty() {
+        let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
+        let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        wakeup::announce(found.queue_id, queue, found.notify, ready_now, count);
+    }
+}
+
+/// What a single send carries besides the message itself.
+pub struct Extras<'a> {
+    pub dedup_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+}
+
+/// Sends one message: its id, or None when `dedup_id` made it a duplicate.
+pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Option<i64>> {
+    let Outgoing {
+        payload,
+        headers,
+        delay,
+        priority,
+    } = outgoing;
+    let Extras {
+        dedup_id,
+        correlation_id,
+        reply_to,
+    } = extras;
+    let payloads = [payload.into_datum().expect("a payload is a datum")];
+    let messages = |queue_id| direct_insert::Messages {
+        queue_id,
+        payloads: &payloads,
+        headers: headers.and_then(IntoDatum::into_datum),
+        delay,
+        priority,
+        correlation_id,
+        reply_to,
+    };
+    let direct = || {
+        dedup_id
+            .is_none()
+            .then(|| send_directly(queue, delay, messages))
+            .flatten()
+    };
+    let ids = access::connect_unless_direct(direct, |client, caller| {
+        let found = destination(client, caller, queue)?;
+        let messages = messages(found.queue_id);
+        let mut args: Vec<DatumWithOid> = vec![
+            found.queue_id.into(),
+            payload.into(),
+            headers.into(),
+            delay.into(),
+            priority.into(),
+            correlation_id.into(),
+            reply_to.into(),
+        ];
+        let (statement, direct) = match dedup_id {
+            Some(dedup_id) => {
+                args.push(dedup_id.into());
+                (&SEND_DEDUPLICATED, None)
+            }
+            None => (&SEND, Some(&messages)),
+        };
+        insert_messages(client, queue, found, delay, direct, statement, &args)
+    })?;
+    Ok(ids.first().copied())
+}
+
+/// Sends `payloads` in array order: their ids, ascending.
+pub fn batch(
+    queue: &str,
+    payloads: JsonbArray,
+    headers: Option<Jsonb>,
+    delay: Option<Interval>,
+    priority: i32,
+) -> BusResult<Vec<i64>> {
+    let (count, any_null) = payloads.shape();
+    if any_null {
+        return Err(BusError::NullArgument("every element of payloads"));
+    }
+    let elements: Vec<pg_sys::Datum> = if count > 0 {
+        let elements = payloads.elements();
+        let largest = elements.iter().map(Jsonb::size).max().unwrap_or(0);
+        check_size(largest, headers)?;
+        elements
+            .into_iter()
+            .filter_map(IntoDatum::into_datum)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let messages = |queue_id| direct_insert::Messages {
+        queue_id,
+        payloads: &elements,
+        headers: headers.and_then(IntoDatum::into_datum),
+        delay,
+        priority,
+        correlation_id: None,
+        reply_to: None,
+    };
+    let direct = || send_directly(queue, delay, messages);
+    let mut ids = access::connect_unless_direct(direct, |client, caller| {
+        let found = destination(client, caller, queue)?;
+        let args: [DatumWithOid; 5] = [
+            found.queue_id.into(),
+            payloads.into(),
+            headers.into(),
+            delay.into(),
+            priority.into(),
+        ];
+        let messages = messages(found.queue_id);
+        insert_messages(
+            client,
+            queue,
+            found,
+            delay,
+            Some(&messages),
+            &SEND_BATCH,
+            &args,
+        )
+    })?;
+    ids.sort_unstable();
+    Ok(ids)
+}

@@ -1,0 +1,194 @@
+//! Settling a delivery: ack, ack_batch, nack and extend_lock, each matched by its lock token.
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+use pgrx::Uuid;
+
+use super::dead_letter::{move_to_dead_letter_queue, DeadReason};
+use super::{nothing_done, processed};
+use crate::access::{self, Privilege};
+use crate::depth;
+use crate::error::{BusError, BusResult};
+use crate::pg::datum::{ArrayShape, BigintArray, UuidArray};
+use crate::pg::wakeup;
+use crate::plans::{self, Statement};
+use crate::queue;
+
+// Acks take the queue as its id, from queue::destination.
+static ACK: Statement = Statement {
+    sql: "DELETE FROM bussig.message by_id
+          WHERE queue_id = $1 AND message_id = $2 AND lock_token = $3",
+    args: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::UUIDOID],
+    writes: true,
+};
+
+// A listed message goes when its current token is among the listed ones. Tokens are random and each
+// belongs to one delivery of one message, so that is the same as matching each id with its own token,
+// and it needs no join with the unnested lists (a fifth of an ack's executor time).
+static ACK_BATCH: Statement = Statement {
+    sql:
+        "DELETE FROM bussig.message by_id
+          WHERE by_id.message_id = ANY ($2) AND by_id.queue_id = $1 AND by_id.lock_token = ANY ($3)",
+    args: &[pg_sys::INT4OID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
+    writes: true,
+};
+
+// A message on its last allowed delivery is not given back: NACK leaves it for DEAD_LETTER.
+static NACK: Statement = Statement {
+    sql: "UPDATE bussig.message by_id
+          SET visible_at = clock_timestamp() + coalesce($4, bussig.retry_backoff(q.retry_delay, q.retry_multiplier,
+                                                                     q.retry_delay_max, by_id.delivery_count)),
+              lock_token = NULL,
+              last_error = coalesce($5, by_id.last_error)
+          FROM bussig.queue q
+          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3
+            AND NOT (q.dead_letter_queue_id IS NOT NULL AND by_id.delivery_count >= q.max_deliveries)
+          RETURNING q.queue_id, q.notify, by_id.visible_at <= clock_timestamp()",
+    args: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::UUIDOID, pg_sys::INTERVALOID, pg_sys::TEXTOID],
+    writes: true,
+};
+
+static EXTEND_LOCK: Statement = Statement {
+    sql:
+        "UPDATE bussig.message by_id
+          SET visible_at = clock_timestamp() + coalesce($4, q.lock_timeout)
+          FROM bussig.queue q
+          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3",
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::INT8OID,
+        pg_sys::UUIDOID,
+        pg_sys::INTERVALOID,
+    ],
+    writes: true,
+};
+
+/// Deletes the acknowledged messages of `queue` whose lock tokens still hold: how many.
+pub fn acknowledge(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    (message_ids, lock_tokens): (BigintArray, UuidArray),
+) -> BusResult<i64> {
+    let queue_id = queue::require_destination(client, queue)?.queue_id;
+    let acked = processed(
+        client,
+        &ACK_BATCH,
+        &[queue_id.into(), message_ids.into(), lock_tokens.into()],
+    )?;
+    depth::removed(queue_id, acked as usize);
+    Ok(acked)
+}
+
+/// Runs a settle statement for one delivery: true when it applied, false for a stale token.
+fn settle(
+    queue: &str,
+    statement: &'static Statement,
+    args: &[DatumWithOid<'_>],
+) -> BusResult<bool> {
+    access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
+        if processed(client, statement, args)? > 0 {
+            return Ok(true);
+        }
+        nothing_done(client, queue, false)
+    })
+}
+
+/// Message ids and their lock tokens, checked to pair up one to one.
+pub fn settled_pairs(
+    message_ids: BigintArray,
+    lock_tokens: UuidArray,
+) -> BusResult<(BigintArray, UuidArray)> {
+    let (ids, null_id) = message_ids.shape();
+    let (tokens, null_token) = lock_tokens.shape();
+    if null_id {
+        return Err(BusError::NullArgument("every element of message_ids"));
+    }
+    if null_token {
+        return Err(BusError::NullArgument("every element of lock_tokens"));
+    }
+    if ids != tokens {
+        return Err(BusError::invalid(
+            "lock_tokens",
+            format!("{tokens} lock tokens do not match {ids} message ids"),
+        ));
+    }
+    Ok((message_ids, lock_tokens))
+}
+
+/// Acknowledges one delivery: false for a stale token.
+pub fn ack(queue: &str, message_id: i64, lock_token: Uuid) -> BusResult<bool> {
+    access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
+        let queue_id = queue::require_destination(client, queue)?.queue_id;
+        let args = [queue_id.into(), message_id.into(), lock_token.into()];
+        let acked = processed(client, &ACK, &args)?;
+        depth::removed(queue_id, acked as usize);
+        Ok(acked > 0)
+    })
+}
+
+/// Acknowledges the deliveries of `pairs` whose tokens still hold: how many.
+pub fn ack_batch(queue: &str, pairs: (BigintArray, UuidArray)) -> BusResult<i64> {
+    access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
+        acknowledge(client, queue, pairs)
+    })
+}
+
+/// Gives one delivery back, ready after `delay` (the queue's backoff when None), keeping `error` for
+/// the dead-letter headers. On the last allowed delivery the message is dead-lettered instead.
+pub fn nack(
+    queue: &str,
+    message_id: i64,
+    lock_token: Uuid,
+    delay: Option<Interval>,
+    error: Option<&str>,
+) -> BusResult<bool> {
+    access::connect(|client, caller| -> BusResult<bool> {
+        caller.require(client, queue, Privilege::Consume)?;
+        let args: [DatumWithOid; 5] = [
+            queue.into(),
+            message_id.into(),
+            lock_token.into(),
+            delay.into(),
+            error.into(),
+        ];
+        if let Some(row) = plans::run(client, &NACK, &args)?.next() {
+            let queue_id: i32 = plans::filled(&row, 1, "queue id")?;
+            depth::touched(queue_id);
+            let notify = plans::filled(&row, 2, "notify")?;
+            let ready_now = plans::filled(&row, 3, "ready now")?;
+            wakeup::announce(queue_id, queue, notify, ready_now, 1);
+            return Ok(true);
+        }
+        let args: [DatumWithOid; 6] = [
+            vec![message_id].into(),
+            lock_token.into(),
+            DeadReason::MaxDeliveries.as_str().into(),
+            error.into(),
+            queue.into(),
+            false.into(),
+        ];
+        if move_to_dead_letter_queue(client, &args)? > 0 {
+            return Ok(true);
+        }
+        nothing_done(client, queue, false)
+    })
+}
+
+/// Extends the lock of one delivery by `lock_timeout` (the queue's when None) from now.
+pub fn extend_lock(
+    queue: &str,
+    message_id: i64,
+    lock_token: Uuid,
+    lock_timeout: Option<Interval>,
+) -> BusResult<bool> {
+    let args: [DatumWithOid; 4] = [
+        queue.into(),
+        message_id.into(),
+        lock_token.into(),
+        lock_timeout.into(),
+    ];
+    settle(queue, &EXTEND_LOCK, &args)
+}

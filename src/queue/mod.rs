@@ -1,0 +1,121 @@
+//! Queues: looking them up (with a per-backend cache for the hot paths), their settings, and
+//! creating, changing, dropping and purging them. The SQL functions are in `api/queues.rs`.
+// The domain is written against SPI and `pg`: no unsafe code of its own.
+#![deny(unsafe_code)]
+mod definition;
+mod settings;
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+
+use crate::error::{BusError, BusResult};
+use crate::pg::invalidation;
+use crate::plans::{self, Statement};
+
+pub use definition::{alter, create, drop, drop_by_id, purge};
+pub use settings::SettingsChange;
+
+/// A queue, as read from bussig.queue.
+pub struct QueueRef {
+    pub queue_id: i32,
+    pub dead_letter_queue_id: Option<i32>,
+    pub notify: bool,
+}
+
+static RESOLVE: Statement = Statement {
+    sql: "SELECT queue_id, dead_letter_queue_id, notify FROM bussig.queue WHERE name = $1",
+    args: &[pg_sys::TEXTOID],
+    writes: false,
+};
+
+pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<QueueRef>> {
+    let Some(row) = plans::run(client, &RESOLVE, &[name.into()])?.next() else {
+        return Ok(None);
+    };
+    Ok(Some(QueueRef {
+        queue_id: plans::filled(&row, 1, "queue id")?,
+        dead_letter_queue_id: row.get(2)?,
+        notify: plans::filled(&row, 3, "notify")?,
+    }))
+}
+
+/// What sending to and acknowledging in a queue need, cached per backend by queue name.
+#[derive(Clone, Copy)]
+pub struct Destination {
+    pub queue_id: i32,
+    pub notify: bool,
+}
+
+/// Queues a backend remembers before it starts over: names of short-lived queues come and go.
+const KNOWN_QUEUES_LIMIT: usize = 10_000;
+
+thread_local! {
+    /// Queues this backend looked up by name, and the invalidation generation they belong to.
+    static KNOWN: RefCell<(u64, HashMap<String, Destination>)> = RefCell::new((0, HashMap::new()));
+}
+
+// A writing statement, so that it reads with a new snapshot (see `invalidation::may_keep`). The row's
+// xmin tells whether this transaction wrote it.
+static RESOLVE_DESTINATION: Statement = Statement {
+    sql: "SELECT queue_id, notify, xmin::text::bigint FROM bussig.queue WHERE name = $1",
+    args: &[pg_sys::TEXTOID],
+    writes: true,
+};
+
+/// The queue named `name`, from this backend's cache when no change to any queue's name or notify
+/// flag, and no drop, came since. A queue this transaction created or changed is not cached: the
+/// transaction may still roll back, and a new queue announces itself to no cache.
+pub fn destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Destination>> {
+    let generation = invalidation::generation(client)?;
+    if let Some(found) = known(generation, name) {
+        return Ok(Some(found));
+    }
+    let Some(row) = plans::run(client, &RESOLVE_DESTINATION, &[name.into()])?.next() else {
+        return Ok(None);
+    };
+    let found = Destination {
+        queue_id: plans::filled(&row, 1, "queue id")?,
+        notify: plans::filled(&row, 2, "notify")?,
+    };
+    let writer = plans::filled::<i64>(&row, 3, "xmin")? as u32;
+    let written_here = crate::pg::xact::is_this_transaction(writer);
+    if !written_here && invalidation::may_keep(generation) {
+        KNOWN.with(|known| {
+            let mut known = known.borrow_mut();
+            if known.0 != generation || known.1.len() >= KNOWN_QUEUES_LIMIT {
+                *known = (generation, HashMap::new());
+            }
+            known.1.insert(name.to_string(), found);
+        });
+    }
+    Ok(Some(found))
+}
+
+fn known(generation: u64, name: &str) -> Option<Destination> {
+    KNOWN.with(|known| {
+        let known = known.borrow();
+        (known.0 == generation)
+            .then(|| known.1.get(name).copied())
+            .flatten()
+    })
+}
+
+/// The queue named `name` when this backend's cache holds it and can tell, without a statement,
+/// that it is current.
+pub fn cached_destination(name: &str) -> Option<Destination> {
+    known(invalidation::known_generation()?, name)
+}
+
+/// The cached queue, or 42704 when there is no such queue.
+pub fn require_destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Destination> {
+    destination(client, name)?.ok_or_else(|| BusError::UnknownQueue(name.to_string()))
+}
+
+pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<QueueRef> {
+    resolve(client, name)?.ok_or_else(|| BusError::UnknownQueue(name.to_string()))
+}
