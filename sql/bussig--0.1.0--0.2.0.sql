@@ -66,6 +66,11 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.queue_creator', '');
 CREATE FUNCTION bussig.queue_depth(queue text)
 RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'queue_depth_wrapper';
 
+-- Acknowledges a request and sends its reply to the request's reply_to queue, in one call.
+CREATE FUNCTION bussig.reply(queue text, message_id bigint, lock_token uuid, payload jsonb,
+                             headers jsonb DEFAULT NULL)
+RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'reply_wrapper';
+
 -- messages is exact at every look (bussig.queue_depth). Its split into ready, delayed and locked is
 -- the worker's count, about a second old for a queue of up to 10,000 messages and at most
 -- bussig.stats_interval for a larger one: counting on every look would cost as much as the dead rows

@@ -40,6 +40,9 @@ pub enum BusError {
     #[error("queue \"{0}\" is a dead-letter queue and has none of its own")]
     NoDeadLetterQueue(String),
 
+    #[error("message {message_id} of queue \"{queue}\" names no reply_to queue")]
+    NoReplyTo { queue: String, message_id: i64 },
+
     #[error("permission denied for queue \"{queue}\": role \"{role}\" lacks {privilege}")]
     PermissionDenied {
         /// send, consume or manage (bussig.grant), any privilege, create (bussig.grant_create_queues), or ownership
@@ -85,7 +88,9 @@ impl BusError {
             BusError::MessageTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             BusError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             BusError::DeadLetterQueueInUse { .. } => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
-            BusError::NoDeadLetterQueue(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            BusError::NoDeadLetterQueue(_) | BusError::NoReplyTo { .. } => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
             BusError::Corrupt(_) => ERRCODE_DATA_CORRUPTED,
             BusError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
@@ -118,6 +123,10 @@ impl BusError {
             BusError::NoDeadLetterQueue(name) => Some(format!(
                 "redrive and dead_letter take the source queue; give queue \"{name}\" a dead-letter queue with alter_queue if it needs one."
             )),
+            BusError::NoReplyTo { .. } => Some(
+                "Send requests with reply_to => 'the queue replies go to'; ack a message that needs no reply."
+                    .into(),
+            ),
             BusError::PermissionDenied { privilege: "create", role, .. } => Some(format!(
                 "The owner of extension bussig can allow it: SELECT bussig.grant_create_queues('{role}')."
             )),

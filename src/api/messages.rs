@@ -8,7 +8,7 @@ use pgrx::Uuid;
 use crate::error::{BusError, BusResult};
 use crate::message::receive::{receive_waiting, Delivery, ReadRequest};
 use crate::message::send::{self, check_headers, Outgoing};
-use crate::message::{dead_letter, peek, settle};
+use crate::message::{dead_letter, peek, reply, settle};
 use crate::pg::datum::{BigintArray, Jsonb, JsonbArray, UuidArray};
 use crate::validate::{self, required};
 
@@ -188,6 +188,22 @@ fn ack_and_read(
     };
     let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
     Ok(deliveries(receive_waiting(queue, request, settled)?))
+}
+
+/// Acknowledges a request and sends `payload` to its `reply_to` queue, correlated with it: the reply's
+/// id, or NULL for a stale token.
+#[pg_extern]
+fn reply(
+    queue: Option<&str>,
+    message_id: Option<i64>,
+    lock_token: Option<Uuid>,
+    payload: Option<Jsonb>,
+    headers: default!(Option<Jsonb>, "NULL"),
+) -> Result<Option<i64>, ErrorReport> {
+    let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
+    let payload = required(payload, "payload")?;
+    let headers = check_headers(headers)?;
+    Ok(reply::reply(queue, message_id, lock_token, payload, headers)?)
 }
 
 #[pg_extern]

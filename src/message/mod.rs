@@ -8,6 +8,7 @@ pub mod dead_letter;
 pub mod peek;
 pub mod read_position;
 pub mod receive;
+pub mod reply;
 pub mod send;
 pub mod settle;
 #[cfg(any(test, feature = "pg_test"))]

@@ -242,6 +242,33 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
     Ok(ids.first().copied())
 }
 
+/// Sends a reply into `queue`, which must exist (replies do not create queues): its id. Runs in the
+/// caller's open connection, beside the ack of the request.
+pub(super) fn reply_into(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    queue: &str,
+    payload: Jsonb,
+    headers: Option<Jsonb>,
+    correlation_id: &str,
+) -> BusResult<i64> {
+    caller.require(client, queue, Privilege::Send)?;
+    let found = queue::require_destination(client, queue)?;
+    let args: [DatumWithOid; 7] = [
+        found.queue_id.into(),
+        payload.into(),
+        headers.into(),
+        Option::<Interval>::None.into(),
+        0.into(),
+        correlation_id.into(),
+        Option::<&str>::None.into(),
+    ];
+    let ids = insert_messages(client, queue, found, None, None, &SEND, &args)?;
+    ids.first()
+        .copied()
+        .ok_or_else(|| BusError::Corrupt("a reply's INSERT returned no id".into()))
+}
+
 /// Sends `payloads` in array order: their ids, ascending.
 pub fn batch(
     queue: &str,

@@ -361,4 +361,73 @@ mod tests {
             ("SELECT * FROM bussig.peek(NULL)", "22004"),
         ]);
     }
+
+    #[pg_test]
+    fn reply_acks_the_request_and_answers_with_its_correlation() {
+        run("SELECT bussig.create_queue('requests')");
+        run("SELECT bussig.create_queue('replies')");
+        run("SELECT bussig.send('requests', '1', reply_to => 'replies')");
+        read_into_got("requests");
+        let reply = one::<i64>(
+            "SELECT bussig.reply('requests', message_id, lock_token, '{\"answer\": 1}') FROM got",
+        );
+        assert!(reply.is_some());
+        assert_eq!(messages_in("requests"), 0);
+        assert_eq!(
+            one::<bool>(
+                "SELECT r.correlation_id = got.message_id::text AND r.payload = '{\"answer\": 1}'
+                 FROM bussig.message r, got WHERE r.message_id = (SELECT max(message_id) FROM bussig.message)"
+            ),
+            Some(true)
+        );
+        // A stale token sends and acks nothing.
+        assert_eq!(
+            one::<i64>("SELECT bussig.reply('requests', message_id, lock_token, '2') FROM got"),
+            None
+        );
+        assert_eq!(messages_in("replies"), 1);
+        // The request's own correlation id is kept, and headers go with the reply.
+        run("SELECT bussig.send('requests', '2', reply_to => 'replies', correlation_id => 'c-2')");
+        read_into_got("requests");
+        run("SELECT bussig.reply('requests', message_id, lock_token, '3', '{\"h\": \"v\"}') FROM got");
+        assert_eq!(
+            one::<String>(
+                "SELECT correlation_id || ' ' || (headers ->> 'h') FROM bussig.message m
+                 JOIN bussig.queue q USING (queue_id) WHERE q.name = 'replies' AND correlation_id = 'c-2'"
+            )
+            .as_deref(),
+            Some("c-2 v")
+        );
+    }
+
+    #[pg_test]
+    fn reply_refuses_requests_it_cannot_answer_and_acks_nothing() {
+        run("SELECT bussig.create_queue('requests')");
+        run("SELECT bussig.send('requests', '1')");
+        read_into_got("requests");
+        assert_all_fail(&[
+            ("SELECT bussig.reply('requests', message_id, lock_token, '1') FROM got", "55000"),
+            ("SELECT bussig.reply(NULL, message_id, lock_token, '1') FROM got", "22004"),
+            ("SELECT bussig.reply('requests', NULL, lock_token, '1') FROM got", "22004"),
+            ("SELECT bussig.reply('requests', message_id, NULL, '1') FROM got", "22004"),
+            ("SELECT bussig.reply('requests', message_id, lock_token, NULL) FROM got", "22004"),
+            ("SELECT bussig.reply('requests', message_id, lock_token, '1', '[1]') FROM got", "22023"),
+            ("SELECT bussig.reply('bad name', message_id, lock_token, '1') FROM got", "22023"),
+            ("SELECT bussig.reply('missing', message_id, lock_token, '1') FROM got", "42704"),
+        ]);
+        assert_eq!(messages_in("requests"), 1);
+        // A reply_to queue that does not exist: 42704, and the request stays.
+        run("SELECT bussig.send('requests', '2', reply_to => 'gone')");
+        run("DELETE FROM bussig.message WHERE payload = '1'");
+        read_into_got("requests");
+        assert_fails(
+            "SELECT bussig.reply('requests', message_id, lock_token, '1') FROM got",
+            "42704",
+        );
+        assert_eq!(messages_in("requests"), 1);
+        assert_eq!(
+            one::<bool>("SELECT bussig.ack('requests', message_id, lock_token) FROM got"),
+            Some(true)
+        );
+    }
 }
