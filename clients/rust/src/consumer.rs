@@ -213,8 +213,9 @@ impl Consumer {
                 break;
             }
             let empty = messages.is_empty();
-            for message in messages {
+            for mut message in messages {
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
+                message.connection = Some(delivery::Connection(client.clone()));
                 let message = match message.decode::<T>() {
                     Ok(message) => message,
                     Err((message, error)) => {

@@ -5,11 +5,22 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{Client, GenericClient, Row};
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// The connection a `Consumer` read a message on, for `Message::reply`.
+#[derive(Clone)]
+pub(crate) struct Connection(pub(crate) Arc<Client>);
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connection")
+    }
+}
 
 /// One delivery of a message: its lock token proves the consumer holds it until `lock_timeout` runs out.
 #[derive(Clone, Debug)]
@@ -26,6 +37,8 @@ pub struct Message<T = Value> {
     pub enqueued_at: DateTime<Utc>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// Set on messages a `Consumer` hands its handler.
+    pub(crate) connection: Option<Connection>,
 }
 
 impl Message<Value> {
@@ -42,6 +55,7 @@ impl Message<Value> {
             enqueued_at: row.get(7),
             correlation_id: row.get(8),
             reply_to: row.get(9),
+            connection: None,
         }
     }
 
@@ -70,12 +84,34 @@ impl<T> Message<T> {
             enqueued_at: self.enqueued_at,
             correlation_id: self.correlation_id,
             reply_to: self.reply_to,
+            connection: self.connection,
         }
     }
 
     /// A header's value as text, when it is a string.
     pub fn header(&self, key: &str) -> Option<&str> {
         self.headers.as_ref()?.get(key)?.as_str()
+    }
+
+    /// Answers this request on the connection its `Consumer` read it with: see `reply`. A message
+    /// read by hand has none; use `reply_with` then.
+    pub async fn reply<R: Serialize + ?Sized>(&self, payload: &R) -> Result<Option<i64>> {
+        let Some(Connection(client)) = &self.connection else {
+            return Err(Error::NotInState(
+                "this message was not handed out by a Consumer: answer it with reply_with".into(),
+            ));
+        };
+        self.reply_with(&**client, payload).await
+    }
+
+    /// Answers this request on `client` (`bussig.reply`): acks it and sends `payload` to its
+    /// `reply_to` queue, correlated with it. The reply's id; None when the lock no longer held.
+    pub async fn reply_with<C: GenericClient, R: Serialize + ?Sized>(
+        &self,
+        client: &C,
+        payload: &R,
+    ) -> Result<Option<i64>> {
+        reply(client, &self.queue, self.id, self.lock_token, payload, None).await
     }
 }
 
@@ -189,6 +225,28 @@ pub async fn dead_letter<C: GenericClient>(
         .query_one(
             "SELECT bussig.dead_letter($1, $2, $3, $4, $5)",
             &[&queue, &id, &token, &reason, &error],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Acks a request and sends its reply to the request's `reply_to` queue in one call (`bussig.reply`):
+/// the reply's id, or None when the lock no longer held. `NotInState` when the request names no
+/// `reply_to`, `UnknownQueue` when that queue does not exist; the request is not acked then.
+pub async fn reply<C: GenericClient, R: Serialize + ?Sized>(
+    client: &C,
+    queue: &str,
+    id: i64,
+    token: Uuid,
+    payload: &R,
+    headers: Option<&serde_json::Map<String, Value>>,
+) -> Result<Option<i64>> {
+    let payload = serde_json::to_value(payload)?;
+    let headers = headers.cloned().map(Value::Object);
+    let row = client
+        .query_one(
+            "SELECT bussig.reply($1, $2, $3, $4, $5)",
+            &[&queue, &id, &token, &payload, &headers],
         )
         .await?;
     Ok(row.get(0))

@@ -31,6 +31,9 @@ pub enum Error {
     /// The database has no bussig (undefined schema, table or function).
     #[error("bussig is not installed in this database: {0}")]
     NoExtension(String),
+    /// No reply came within the time a `request` allowed.
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
     /// A payload that does not decode into the type asked for, or does not encode.
     #[error("payload: {0}")]
     Payload(#[from] serde_json::Error),

@@ -10,12 +10,14 @@
 mod consumer;
 mod delivery;
 mod error;
+mod request;
 mod send;
 
 pub use consumer::{connect_no_tls, Connector, Consumer, Failure, Stats};
 pub use delivery::{
-    ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, Message,
+    ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, reply, Message,
 };
 pub use error::{Error, Result};
+pub use request::{Reply, Requester};
 pub use send::{publish, send, send_batch, SendOptions};
 pub use tokio_util::sync::CancellationToken;

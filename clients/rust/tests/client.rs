@@ -224,3 +224,62 @@ async fn a_long_handler_keeps_its_lock_and_shutdown_gives_back_what_is_unfinishe
     assert!(stop_started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", stop_started.elapsed());
     assert_eq!(states(&c, &q.name).await, [("ready".to_string(), 1), ("ready".to_string(), 1)]);
 }
+
+#[tokio::test]
+async fn requests_get_their_replies_and_a_request_nobody_answers_times_out() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "prices", "").await;
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .concurrency(4)
+        .wait(Duration::from_millis(200));
+    let running = tokio::spawn(consumer.run(
+        |m: Message<Job>| async move {
+            m.reply(&Job { n: m.payload.n * 10 }).await?;
+            Ok(())
+        },
+        shutdown.clone(),
+    ));
+    let requester = Requester::start(connect_no_tls(url())).await.unwrap();
+    let asked = (1..=8).map(|n| {
+        let requester = requester.clone();
+        let queue = q.name.clone();
+        async move { requester.request::<_, Job>(&queue, &Job { n }, Duration::from_secs(10)).await }
+    });
+    let replies = futures_util::future::join_all(asked).await;
+    for (n, reply) in (1..=8).zip(replies) {
+        let reply = reply.unwrap();
+        assert_eq!(reply.payload, Job { n: n * 10 }, "each request gets its own reply");
+        assert!(reply.correlation_id.is_some());
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 0, "every request was acked by its reply");
+
+    // Nobody consumes now: the request times out, and its late reply goes nowhere.
+    let started = Instant::now();
+    let late = requester.request::<_, Job>(&q.name, &Job { n: 1 }, Duration::from_millis(300)).await;
+    assert!(matches!(late, Err(Error::Timeout(_))), "{late:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // A request read by hand is answered with reply_with; reply needs a Consumer's connection.
+    let by_hand = read(&c, &q.name, 1, None, None).await.unwrap().remove(0);
+    assert!(matches!(by_hand.reply(&1).await, Err(Error::NotInState(_))));
+    assert!(by_hand.reply_with(&c, &1).await.unwrap().is_some());
+    eventually("the late reply acked and dropped", async || {
+        queue_depth(&c, requester.reply_queue()).await.unwrap() == 0
+    })
+    .await;
+    // A message without reply_to cannot be answered, and stays.
+    send(&c, &q.name, &Job { n: 2 }, &SendOptions::new()).await.unwrap();
+    let plain = read(&c, &q.name, 1, None, None).await.unwrap().remove(0);
+    assert!(matches!(plain.reply_with(&c, &1).await, Err(Error::NotInState(_))));
+    assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 1);
+    requester.stop().await.unwrap();
+    let gone: i64 = c
+        .query_one("SELECT count(*) FROM bussig.queues WHERE queue = $1", &[&requester.reply_queue()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(gone, 0, "stop drops the reply queue");
+}
