@@ -22,8 +22,7 @@ fn lock_token() -> pgrx::Uuid {
 
 fn seeded() -> StdRng {
     let mut seed = [0u8; 32];
-    // SAFETY: the buffer is ours and exactly `seed.len()` bytes long.
-    if !unsafe { pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) } {
+    if !crate::pg::strong_random(&mut seed) {
         ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,

@@ -203,7 +203,9 @@ fn reply(
     let (queue, message_id, lock_token) = delivery(queue, message_id, lock_token)?;
     let payload = required(payload, "payload")?;
     let headers = check_headers(headers)?;
-    Ok(reply::reply(queue, message_id, lock_token, payload, headers)?)
+    Ok(reply::reply(
+        queue, message_id, lock_token, payload, headers,
+    )?)
 }
 
 #[pg_extern]

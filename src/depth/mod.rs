@@ -19,7 +19,9 @@ use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
 use crate::error::BusResult;
+use crate::pg::catalog;
 use crate::pg::shmem::ZeroedLwLock;
+use crate::pg::snapshot::LatestSnapshot;
 use crate::pg::wakeup;
 use crate::plans::{self, Statement};
 use table::{Depths, Key};
@@ -125,18 +127,11 @@ fn note(change: Change) {
 /// The file bussig.message is stored in: TRUNCATE, and the worker's rewrite, give it a new one, and
 /// with it every count starts over (counted again from the rows). 0 when there is no bussig.
 fn message_storage() -> u32 {
-    let table = crate::pg::planner::bussig_relation(c"message");
+    let table = catalog::bussig_relation(c"message");
     if table == pg_sys::InvalidOid {
         return 0;
     }
-    // SAFETY: the table exists; the lock taken is the weakest, and is held to the end of the
-    // transaction as any reader's, so its storage cannot change while this transaction uses it.
-    unsafe {
-        let relation = pg_sys::relation_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let storage = (*relation).rd_node.relNode.to_u32();
-        pg_sys::relation_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
-        storage
-    }
+    catalog::relation_file(table)
 }
 
 fn key(relation: u32, queue_id: i32) -> Key {
@@ -289,42 +284,13 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
 /// Counts of queues' messages, and the snapshot they were counted in.
 struct Counted {
     counts: Vec<(i32, i64)>,
-    snapshot: CountSnapshot,
-}
-
-/// A snapshot of the whole cluster taken for a count and registered until dropped.
-struct CountSnapshot(pg_sys::Snapshot);
-
-impl CountSnapshot {
-    fn take() -> Self {
-        // SAFETY: inside a transaction; the copy is registered with the transaction's resource owner,
-        // so an error before `drop` releases it too.
-        CountSnapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot()) })
-    }
-
-    /// Whether the count saw what `xid` committed: a transaction the snapshot does not list as
-    /// running, and that had committed, is in it.
-    fn saw(&self, xid: u32) -> bool {
-        // SAFETY: the snapshot is registered, so it lives until `drop`.
-        !unsafe { pg_sys::XidInMVCCSnapshot(xid.into(), self.0) }
-    }
-}
-
-impl Drop for CountSnapshot {
-    fn drop(&mut self) {
-        // SAFETY: registered by `take`, unregistered once. When an error unwinds through here the
-        // snapshot may still be on the active stack: that keeps it alive until the abort clears it.
-        unsafe { pg_sys::UnregisterSnapshot(self.0) }
-    }
+    snapshot: LatestSnapshot,
 }
 
 fn count(client: &mut SpiClient<'_>, queue_ids: &[i32]) -> BusResult<Counted> {
-    let snapshot = CountSnapshot::take();
-    // SAFETY: the snapshot is registered; it is popped below, or by the abort of an error.
-    unsafe { pg_sys::PushActiveSnapshot(snapshot.0) };
-    let rows = plans::run(client, &COUNT_MESSAGES, &[queue_ids.to_vec().into()]);
-    // SAFETY: pushed above; a failed run returns here without having popped it.
-    unsafe { pg_sys::PopActiveSnapshot() };
+    let snapshot = LatestSnapshot::take();
+    let rows =
+        snapshot.while_active(|| plans::run(client, &COUNT_MESSAGES, &[queue_ids.to_vec().into()]));
     let mut counts = Vec::with_capacity(queue_ids.len());
     for row in rows? {
         counts.push((

@@ -150,8 +150,8 @@ pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
                     target = None;
                 }
                 None => {
-                    let table = crate::pg::planner::bussig_relation(c"message");
-                    let sequence = crate::pg::planner::bussig_relation(c"message_id_seq");
+                    let table = crate::pg::catalog::bussig_relation(c"message");
+                    let sequence = crate::pg::catalog::bussig_relation(c"message_id_seq");
                     if table == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
                         return None;
                     }

@@ -59,7 +59,7 @@ pub fn apply(root: &pg_sys::PlannerInfo, rel: &mut pg_sys::RelOptInfo) {
     let wanted = match pin_for(alias) {
         None => return,
         Some(Pin::Ctid) => None,
-        Some(Pin::Index(name)) => match crate::pg::planner::bussig_relation(name) {
+        Some(Pin::Index(name)) => match crate::pg::catalog::bussig_relation(name) {
             index if index == pg_sys::InvalidOid => return,
             index => Some(index),
         },

@@ -13,14 +13,18 @@
 //! | depth changes of this transaction      | `depth`                   | its commit (applied) or abort (dropped)     |
 //! | queues to wake and NOTIFY at commit    | `wakeup`                  | its commit (sent) or abort (dropped)        |
 //! | the lock token generator               | `api::lock_token`         | nothing: seeded once per backend            |
+pub mod background;
+pub mod catalog;
 pub mod datum;
 pub mod direct_insert;
 pub mod gucs;
+pub mod heap;
 pub mod identity;
 mod index_pins;
 pub mod invalidation;
 pub mod planner;
 pub mod shmem;
+pub mod snapshot;
 pub mod wakeup;
 pub mod xact;
 
@@ -50,4 +54,10 @@ pub fn my_pid() -> i32 {
 pub fn my_database() -> pg_sys::Oid {
     // SAFETY: set once when the backend connects, and only read after.
     unsafe { pg_sys::MyDatabaseId }
+}
+
+/// Fills `bytes` from the server's strong random source: false when it has none to give.
+pub fn strong_random(bytes: &mut [u8]) -> bool {
+    // SAFETY: the buffer is ours and exactly `bytes.len()` bytes long.
+    unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) }
 }

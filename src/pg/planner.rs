@@ -178,20 +178,7 @@ unsafe extern "C-unwind" fn relation_stats(
 }
 
 fn is_message_table(relation: pg_sys::Oid) -> bool {
-    bussig_relation(c"message") == relation
-}
-
-/// The oid of relation `name` in schema bussig; InvalidOid when either is missing.
-pub fn bussig_relation(name: &std::ffi::CStr) -> pg_sys::Oid {
-    // SAFETY: catalog look-ups by name inside a transaction; missing objects give InvalidOid, not
-    // an error.
-    unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"bussig".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return pg_sys::InvalidOid;
-        }
-        pg_sys::get_relname_relid(name.as_ptr(), namespace)
-    }
+    super::catalog::bussig_relation(c"message") == relation
 }
 
 /// Scales the size estimates of the table and its full indexes up to `ASSUMED_BACKLOG` rows.

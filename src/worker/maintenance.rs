@@ -421,10 +421,7 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     drop(scans);
     let mut compacted = 0;
     for (relid, rewrite) in candidates {
-        let lock = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
-        // SAFETY: inside the round's transaction, which releases the lock at its end; the relation
-        // is one of bussig's tables, looked up in it.
-        if unsafe { pg_sys::ConditionalLockRelationOid(relid, lock) } {
+        if crate::pg::background::try_lock_exclusive(relid) {
             let mut size = || -> BusResult<i64> {
                 Ok(plans::first_value(client, &TOTAL_SIZE, &[relid.into()])?.unwrap_or(0))
             };

@@ -9,7 +9,6 @@ pub mod maintenance;
 mod tests;
 
 use std::collections::HashMap;
-use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
@@ -17,9 +16,10 @@ use pgrx::bgworkers::{
     SignalWakeFlags,
 };
 use pgrx::prelude::*;
-use pgrx::{pg_sys, IntoDatum, PgTryBuilder};
+use pgrx::{pg_sys, IntoDatum};
 
 use crate::error::BusResult;
+use crate::pg::background::{self, current_database, databases, reload_settings_if_asked};
 use crate::pg::gucs;
 use crate::pg::wakeup::{self, Errands};
 
@@ -39,8 +39,7 @@ const WORKER_LOCK_KEY: i64 = 0x6275_7373_6967; // "bussig"
 
 /// Registers the launcher; only possible while the server preloads the library.
 pub fn register() {
-    // SAFETY: a plain read of a flag the postmaster sets while it loads preloaded libraries.
-    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+    if !background::preloading() {
         return;
     }
     BackgroundWorkerBuilder::new(LAUNCHER_TYPE)
@@ -55,19 +54,6 @@ pub fn register() {
 /// Whether a worker runs in this database now, to take fan-outs off publishers.
 pub fn serves_this_database() -> bool {
     wakeup::worker_registered() && database_allowed(&current_database())
-}
-
-/// The name of the connected database; needs a transaction (it reads the catalog cache).
-fn current_database() -> String {
-    // SAFETY: inside a transaction, as the catalog cache needs; the name is checked for NULL and
-    // copied.
-    unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            return String::new();
-        }
-        CStr::from_ptr(name).to_string_lossy().into_owned()
-    }
 }
 
 /// `bussig.worker_databases`: a comma-separated list, empty for all.
@@ -105,83 +91,12 @@ fn run_step<T>(
     name: &str,
     step: impl FnOnce() -> BusResult<T> + std::panic::UnwindSafe,
 ) -> Option<T> {
-    // SAFETY: the worker runs steps one after the other, outside any transaction; each starts one
-    // and ends it below, on every path.
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        if !hold_off_extension_drop() {
-            pg_sys::AbortCurrentTransaction();
-            return None;
-        }
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let outcome = PgTryBuilder::new(|| step().map_err(|error| error.to_string()))
-        .catch_others(|caught| {
-            Err(match caught {
-                pg_sys::panic::CaughtError::PostgresError(report)
-                | pg_sys::panic::CaughtError::ErrorReport(report) => report.message().to_string(),
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
-                    ereport.message().to_string()
-                }
-            })
-        })
-        .execute();
-    match outcome {
-        Ok(value) => {
-            // SAFETY: ends the transaction `in_transaction` started, with the snapshot it pushed.
-            unsafe {
-                pg_sys::PopActiveSnapshot();
-                pg_sys::CommitTransactionCommand();
-            }
-            Some(value)
-        }
+    match background::in_transaction(step)? {
+        Ok(value) => Some(value),
         Err(message) => {
-            // SAFETY: the step failed inside the transaction `in_transaction` started; this rolls
-            // it back and resets the error state.
-            unsafe { pg_sys::AbortCurrentTransaction() };
             pgrx::warning!("bussig worker: {name} failed and was rolled back: {message}");
             None
         }
-    }
-}
-
-/// Takes a share lock on the extension for the rest of this transaction, if nobody is dropping it: false
-/// when it is absent or a `DROP EXTENSION` holds or waits for it. DROP EXTENSION locks the extension
-/// before the tables it drops; a step that locked a table first and then waited for one the drop
-/// already held would deadlock with it (and the drop might be the one cancelled). Holding the
-/// extension's lock first, the step finishes and the drop waits for it, never the other way round.
-fn hold_off_extension_drop() -> bool {
-    // SAFETY: called inside a transaction with a database connection: the catalog look-up and the lock
-    // (released at transaction end) need both.
-    unsafe {
-        let extension = pg_sys::get_extension_oid(c"bussig".as_ptr(), true);
-        if extension == pg_sys::InvalidOid {
-            return false;
-        }
-        let tag = pg_sys::LOCKTAG {
-            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
-            locktag_field2: pg_sys::ExtensionRelationId.to_u32(),
-            locktag_field3: extension.to_u32(),
-            locktag_field4: 0,
-            locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
-            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
-        };
-        let taken = pg_sys::LockAcquire(&tag, pg_sys::AccessShareLock as i32, false, true);
-        if taken == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
-            return false;
-        }
-        // A drop that committed between the look-up and the lock: see it now.
-        pg_sys::AcceptInvalidationMessages();
-        pg_sys::get_extension_oid(c"bussig".as_ptr(), true) == extension
-    }
-}
-
-fn reload_settings_if_asked() {
-    if BackgroundWorker::sighup_received() {
-        // SAFETY: the worker's main loop, outside any transaction, as re-reading the configuration
-        // requires.
-        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
 }
 
@@ -281,36 +196,6 @@ fn start_database_worker(database: pg_sys::Oid, name: &str) -> Option<DynamicBac
         .ok()
 }
 
-/// Databases that accept connections, read from the shared catalog (the launcher has no database).
-fn databases() -> Vec<(pg_sys::Oid, String)> {
-    let mut found = Vec::new();
-    // SAFETY: a catalog scan in a transaction of its own, ended in this block; each tuple's fields
-    // are copied before the next.
-    unsafe {
-        pg_sys::StartTransactionCommand();
-        let relation =
-            pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
-        let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let database = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
-            if database.datallowconn && !database.datistemplate {
-                let name = CStr::from_ptr(database.datname.data.as_ptr())
-                    .to_string_lossy()
-                    .into_owned();
-                found.push((database.oid, name));
-            }
-        }
-        pg_sys::table_endscan(scan);
-        pg_sys::table_close(relation, pg_sys::AccessShareLock as i32);
-        pg_sys::CommitTransactionCommand();
-    }
-    found
-}
-
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
@@ -403,14 +288,12 @@ fn send_notifications(keep_fanout: bool) -> bool {
         // Commits that arrive meanwhile share the next notification transaction: under a fast
         // stream of notifying commits the worker then runs at most a few hundred a second instead
         // of one per commit, on cores the senders need.
-        // SAFETY: a plain sleep of this process.
-        unsafe { pg_sys::pg_usleep(NOTIFY_PAUSE_MICROS) };
+        background::pause(NOTIFY_PAUSE_MICROS);
     }
     if fanout && keep_fanout {
         wakeup::return_errands(&Errands::fan_out());
         // So that the wait after this round ends at once.
-        // SAFETY: this process's own latch.
-        unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+        background::set_my_latch();
     }
     fanout && !keep_fanout
 }

@@ -29,7 +29,8 @@ pub fn connect_no_tls(conninfo: impl Into<String>) -> Connector {
     Arc::new(move || {
         let conninfo = conninfo.clone();
         Box::pin(async move {
-            let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+            let (client, connection) =
+                tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
             Ok(client)
         })
@@ -41,9 +42,15 @@ pub fn connect_no_tls(conninfo: impl Into<String>) -> Connector {
 #[derive(Debug)]
 pub enum Failure {
     /// Try again after `delay` (the queue's backoff when None).
-    Retry { delay: Option<Duration>, error: String },
+    Retry {
+        delay: Option<Duration>,
+        error: String,
+    },
     /// Never again: to the dead-letter queue with this reason.
-    DeadLetter { reason: String, error: Option<String> },
+    DeadLetter {
+        reason: String,
+        error: Option<String>,
+    },
     /// An error: nacked with the queue's backoff.
     Error(String),
 }
@@ -209,7 +216,8 @@ impl Consumer {
                 Err(error) => return Err(error),
             };
             if shutdown.is_cancelled() {
-                self.give_back(&client, &messages, "the consumer is shutting down").await;
+                self.give_back(&client, &messages, "the consumer is shutting down")
+                    .await;
                 break;
             }
             let empty = messages.is_empty();
@@ -265,7 +273,10 @@ impl Consumer {
     ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.grace;
         while !tasks.is_empty() {
-            if tokio::time::timeout_at(deadline, tasks.join_next()).await.is_err() {
+            if tokio::time::timeout_at(deadline, tasks.join_next())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -283,8 +294,15 @@ impl Consumer {
             delivery::ack_batch(client, &self.queue, &acks).await?;
         }
         for (id, token) in unfinished {
-            delivery::nack(client, &self.queue, id, token, Some(Duration::ZERO), Some("the consumer shut down"))
-                .await?;
+            delivery::nack(
+                client,
+                &self.queue,
+                id,
+                token,
+                Some(Duration::ZERO),
+                Some("the consumer shut down"),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -392,7 +410,8 @@ impl Handling {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "the handler panicked".into());
-                self.fail(id, token, Failure::Error(format!("panic: {text}"))).await;
+                self.fail(id, token, Failure::Error(format!("panic: {text}")))
+                    .await;
                 let _ = self.settled.send(Settled::Done);
             }
         }
@@ -405,10 +424,13 @@ impl Handling {
             Failure::Retry { delay, error } => {
                 delivery::nack(client, &self.queue, id, token, delay, Some(&error)).await
             }
-            Failure::Error(error) => delivery::nack(client, &self.queue, id, token, None, Some(&error)).await,
+            Failure::Error(error) => {
+                delivery::nack(client, &self.queue, id, token, None, Some(&error)).await
+            }
             Failure::DeadLetter { reason, error } => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                delivery::dead_letter(client, &self.queue, id, token, &reason, error.as_deref()).await
+                delivery::dead_letter(client, &self.queue, id, token, &reason, error.as_deref())
+                    .await
             }
         };
     }
@@ -428,6 +450,8 @@ impl Drop for GiveBack<'_> {
             return;
         };
         handling.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let _ = handling.settled.send(Settled::Unfinished(self.id, self.token));
+        let _ = handling
+            .settled
+            .send(Settled::Unfinished(self.id, self.token));
     }
 }

@@ -61,7 +61,9 @@ impl Message<Value> {
 
     /// The same delivery with its payload decoded into `T`; on failure, the delivery back with the error.
     #[allow(clippy::result_large_err)]
-    pub fn decode<T: DeserializeOwned>(self) -> Result<Message<T>, (Message<Value>, serde_json::Error)> {
+    pub fn decode<T: DeserializeOwned>(
+        self,
+    ) -> Result<Message<T>, (Message<Value>, serde_json::Error)> {
         match T::deserialize(&self.payload) {
             Ok(payload) => Ok(self.with_payload(payload)),
             Err(error) => Err((self, error)),
@@ -134,7 +136,10 @@ pub async fn read<C: GenericClient>(
         )
         .await?;
     let queue: Arc<str> = queue.into();
-    Ok(rows.iter().map(|row| Message::from_row(&queue, row)).collect())
+    Ok(rows
+        .iter()
+        .map(|row| Message::from_row(&queue, row))
+        .collect())
 }
 
 /// Acks `acked` (id and token pairs; stale tokens are skipped) and reads the next batch, in one call
@@ -152,11 +157,21 @@ pub async fn ack_and_read<C: GenericClient>(
         .query(
             "SELECT * FROM bussig.ack_and_read($1, $2, $3, $4, $5::float8 * interval '1 second',
                                                $6::float8 * interval '1 second')",
-            &[&queue, &ids, &tokens, &max, &seconds(lock_timeout), &seconds(wait)],
+            &[
+                &queue,
+                &ids,
+                &tokens,
+                &max,
+                &seconds(lock_timeout),
+                &seconds(wait),
+            ],
         )
         .await?;
     let queue: Arc<str> = queue.into();
-    Ok(rows.iter().map(|row| Message::from_row(&queue, row)).collect())
+    Ok(rows
+        .iter()
+        .map(|row| Message::from_row(&queue, row))
+        .collect())
 }
 
 /// Deletes a delivered message; false when its lock token no longer holds.
@@ -168,10 +183,17 @@ pub async fn ack<C: GenericClient>(client: &C, queue: &str, id: i64, token: Uuid
 }
 
 /// Acks many deliveries; how many still held their lock.
-pub async fn ack_batch<C: GenericClient>(client: &C, queue: &str, acked: &[(i64, Uuid)]) -> Result<i64> {
+pub async fn ack_batch<C: GenericClient>(
+    client: &C,
+    queue: &str,
+    acked: &[(i64, Uuid)],
+) -> Result<i64> {
     let (ids, tokens): (Vec<i64>, Vec<Uuid>) = acked.iter().copied().unzip();
     let row = client
-        .query_one("SELECT bussig.ack_batch($1, $2, $3)", &[&queue, &ids, &tokens])
+        .query_one(
+            "SELECT bussig.ack_batch($1, $2, $3)",
+            &[&queue, &ids, &tokens],
+        )
         .await?;
     Ok(row.get(0))
 }

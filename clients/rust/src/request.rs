@@ -72,7 +72,12 @@ impl Requester {
 
     /// Sends `request` to `queue` and waits up to `timeout` for the reply, decoded into `R`.
     /// `Error::Timeout` when none came; a reply that comes later is acked and dropped.
-    pub async fn request<Q, R>(&self, queue: &str, request: &Q, timeout: Duration) -> Result<Message<R>>
+    pub async fn request<Q, R>(
+        &self,
+        queue: &str,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<Message<R>>
     where
         Q: Serialize + ?Sized,
         R: DeserializeOwned,
@@ -95,7 +100,9 @@ impl Requester {
         R: DeserializeOwned,
     {
         self.ask(timeout, |options| async move {
-            publish(&self.client, subject, request, &options).await.map(drop)
+            publish(&self.client, subject, request, &options)
+                .await
+                .map(drop)
         })
         .await
     }
@@ -111,7 +118,10 @@ impl Requester {
     {
         let correlation_id = Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
-        self.waiting.lock().expect("not poisoned").insert(correlation_id.clone(), tx);
+        self.waiting
+            .lock()
+            .expect("not poisoned")
+            .insert(correlation_id.clone(), tx);
         let options = SendOptions::new()
             .reply_to(self.reply_queue.clone())
             .correlation_id(correlation_id.clone());
@@ -124,7 +134,9 @@ impl Requester {
             }
         };
         match reply {
-            Ok(Ok(message)) => message.decode::<R>().map_err(|(_, error)| Error::Payload(error)),
+            Ok(Ok(message)) => message
+                .decode::<R>()
+                .map_err(|(_, error)| Error::Payload(error)),
             Ok(Err(_)) => Err(Error::NotInState("the requester stopped".into())),
             Err(_) => {
                 self.forget(&correlation_id);
@@ -134,7 +146,10 @@ impl Requester {
     }
 
     fn forget(&self, correlation_id: &str) {
-        self.waiting.lock().expect("not poisoned").remove(correlation_id);
+        self.waiting
+            .lock()
+            .expect("not poisoned")
+            .remove(correlation_id);
     }
 
     /// Stops reading replies and drops the reply queue.
@@ -161,7 +176,9 @@ async fn read_replies(client: Client, queue: String, waiting: Waiting, stop: Can
     let mut last_heartbeat = tokio::time::Instant::now();
     while !stop.is_cancelled() {
         if last_heartbeat.elapsed() >= REPLY_QUEUE_TTL / 3 {
-            let _ = client.execute("SELECT bussig.heartbeat($1)", &[&queue]).await;
+            let _ = client
+                .execute("SELECT bussig.heartbeat($1)", &[&queue])
+                .await;
             last_heartbeat = tokio::time::Instant::now();
         }
         let read = tokio::select! {
@@ -172,12 +189,18 @@ async fn read_replies(client: Client, queue: String, waiting: Waiting, stop: Can
             // The connection is gone: requests time out, and the queue ends with its heartbeats.
             break;
         };
-        acks = replies.iter().map(|reply| (reply.id, reply.lock_token)).collect();
+        acks = replies
+            .iter()
+            .map(|reply| (reply.id, reply.lock_token))
+            .collect();
         for reply in replies {
             let Some(correlation_id) = reply.correlation_id.clone() else {
                 continue;
             };
-            let waiter = waiting.lock().expect("not poisoned").remove(&correlation_id);
+            let waiter = waiting
+                .lock()
+                .expect("not poisoned")
+                .remove(&correlation_id);
             if let Some(waiter) = waiter {
                 let _ = waiter.send(reply);
             }

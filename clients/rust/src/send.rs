@@ -78,7 +78,9 @@ pub async fn send<C: GenericClient, T: Serialize + ?Sized>(
     options: &SendOptions,
 ) -> Result<Option<i64>> {
     let sql = "SELECT bussig.send($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)";
-    Ok(one_message(client, sql, queue, payload, options).await?.get(0))
+    Ok(one_message(client, sql, queue, payload, options)
+        .await?
+        .get(0))
 }
 
 /// Runs `sql`, which takes the arguments `send` and `publish` share, for one message to `target`.
@@ -142,5 +144,7 @@ pub async fn publish<C: GenericClient, T: Serialize + ?Sized>(
     options: &SendOptions,
 ) -> Result<i32> {
     let sql = "SELECT bussig.publish($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)";
-    Ok(one_message(client, sql, subject, payload, options).await?.get(0))
+    Ok(one_message(client, sql, subject, payload, options)
+        .await?
+        .get(0))
 }

@@ -34,9 +34,12 @@ impl TestQueue {
             % 1_000_000_000_000;
         let name = format!("client_{test}_{}_{nanos:x}", std::process::id());
         let sep = if options.is_empty() { "" } else { ", " };
-        c.execute(&format!("SELECT bussig.create_queue($1{sep}{options})"), &[&name])
-            .await
-            .expect("create_queue");
+        c.execute(
+            &format!("SELECT bussig.create_queue($1{sep}{options})"),
+            &[&name],
+        )
+        .await
+        .expect("create_queue");
         TestQueue { name }
     }
 
@@ -49,7 +52,10 @@ impl Drop for TestQueue {
     fn drop(&mut self) {
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async {
                 let c = client().await;
                 let _ = c.execute("SELECT bussig.drop_queue($1)", &[&name]).await;
@@ -61,12 +67,15 @@ impl Drop for TestQueue {
 
 /// (state, delivery_count) of each message `peek` shows, in delivery order.
 async fn states(c: &Client, queue: &str) -> Vec<(String, i32)> {
-    c.query("SELECT state, delivery_count FROM bussig.peek($1, 100)", &[&queue])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect()
+    c.query(
+        "SELECT state, delivery_count FROM bussig.peek($1, 100)",
+        &[&queue],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect()
 }
 
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -82,31 +91,61 @@ async fn sends_commit_with_the_callers_transaction_and_errors_keep_their_sqlstat
     let mut c = client().await;
     let q = TestQueue::create(&c, "send", "").await;
 
-    let id = send(&c, &q.name, &Job { n: 1 }, &SendOptions::new().header("k", "v").priority(3))
-        .await
-        .unwrap();
+    let id = send(
+        &c,
+        &q.name,
+        &Job { n: 1 },
+        &SendOptions::new().header("k", "v").priority(3),
+    )
+    .await
+    .unwrap();
     assert!(id.is_some());
-    let ids = send_batch(&c, &q.name, &[Job { n: 2 }, Job { n: 3 }], &SendOptions::new())
-        .await
-        .unwrap();
+    let ids = send_batch(
+        &c,
+        &q.name,
+        &[Job { n: 2 }, Job { n: 3 }],
+        &SendOptions::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(ids.len(), 2);
     let options = SendOptions::new().dedup_id("once");
-    assert!(send(&c, &q.name, &Job { n: 4 }, &options).await.unwrap().is_some());
-    assert_eq!(send(&c, &q.name, &Job { n: 4 }, &options).await.unwrap(), None);
+    assert!(send(&c, &q.name, &Job { n: 4 }, &options)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        send(&c, &q.name, &Job { n: 4 }, &options).await.unwrap(),
+        None
+    );
 
     let topic = TestQueue::create(&c, "publish", "").await;
     let pattern = format!("clienttest.p{}.*", std::process::id());
-    c.execute("SELECT bussig.subscribe($1, $2)", &[&topic.name, &pattern]).await.unwrap();
+    c.execute("SELECT bussig.subscribe($1, $2)", &[&topic.name, &pattern])
+        .await
+        .unwrap();
     let subject = pattern.replace('*', "created");
-    assert_eq!(publish(&c, &subject, &Job { n: 9 }, &SendOptions::new()).await.unwrap(), 1);
+    assert_eq!(
+        publish(&c, &subject, &Job { n: 9 }, &SendOptions::new())
+            .await
+            .unwrap(),
+        1
+    );
     let published = read(&c, &topic.name, 10, None, None).await.unwrap();
     assert_eq!(published.len(), 1);
     assert_eq!(published[0].subject.as_deref(), Some(subject.as_str()));
-    let acked = ack_batch(&c, &topic.name, &[(published[0].id, published[0].lock_token)]).await;
+    let acked = ack_batch(
+        &c,
+        &topic.name,
+        &[(published[0].id, published[0].lock_token)],
+    )
+    .await;
     assert_eq!(acked.unwrap(), 1);
 
     let tx = c.transaction().await.unwrap();
-    send(&tx, &q.name, &Job { n: 5 }, &SendOptions::new()).await.unwrap();
+    send(&tx, &q.name, &Job { n: 5 }, &SendOptions::new())
+        .await
+        .unwrap();
     assert_eq!(queue_depth(&tx, &q.name).await.unwrap(), 5);
     tx.rollback().await.unwrap();
     assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 4);
@@ -116,12 +155,21 @@ async fn sends_commit_with_the_callers_transaction_and_errors_keep_their_sqlstat
     assert_eq!(first[0].header("k"), Some("v"));
     let first = first.into_iter().next().unwrap().decode::<Job>().unwrap();
     assert!(ack(&c, &q.name, first.id, first.lock_token).await.unwrap());
-    assert!(!ack(&c, &q.name, first.id, first.lock_token).await.unwrap(), "a stale token");
+    assert!(
+        !ack(&c, &q.name, first.id, first.lock_token).await.unwrap(),
+        "a stale token"
+    );
 
     let unknown = send(&c, "no_such_queue_for_client", &1, &SendOptions::new()).await;
-    assert!(matches!(unknown, Err(Error::UnknownQueue(ref m)) if m.contains("no_such_queue_for_client")), "{unknown:?}");
+    assert!(
+        matches!(unknown, Err(Error::UnknownQueue(ref m)) if m.contains("no_such_queue_for_client")),
+        "{unknown:?}"
+    );
     let invalid = send(&c, "_bad name", &1, &SendOptions::new()).await;
-    assert!(matches!(invalid, Err(Error::InvalidArgument(_))), "{invalid:?}");
+    assert!(
+        matches!(invalid, Err(Error::InvalidArgument(_))),
+        "{invalid:?}"
+    );
     let none = dead_letter(&c, &q.dlq(), 1, uuid::Uuid::nil(), "x", None).await;
     assert!(matches!(none, Err(Error::NotInState(_))), "{none:?}");
 }
@@ -131,9 +179,13 @@ async fn each_handler_outcome_settles_its_message() {
     let c = client().await;
     let q = TestQueue::create(&c, "outcomes", "max_deliveries => 3").await;
     for n in 1..=5 {
-        send(&c, &q.name, &Job { n }, &SendOptions::new()).await.unwrap();
+        send(&c, &q.name, &Job { n }, &SendOptions::new())
+            .await
+            .unwrap();
     }
-    send(&c, &q.name, &json!("not a job"), &SendOptions::new()).await.unwrap();
+    send(&c, &q.name, &json!("not a job"), &SendOptions::new())
+        .await
+        .unwrap();
 
     let shutdown = CancellationToken::new();
     let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
@@ -154,7 +206,8 @@ async fn each_handler_outcome_settles_its_message() {
         shutdown.clone(),
     ));
     eventually("every message settled", async || {
-        queue_depth(&c, &q.name).await.unwrap() == 0 && queue_depth(&c, &q.dlq()).await.unwrap() == 2
+        queue_depth(&c, &q.name).await.unwrap() == 0
+            && queue_depth(&c, &q.dlq()).await.unwrap() == 2
     })
     .await;
     shutdown.cancel();
@@ -170,8 +223,16 @@ async fn each_handler_outcome_settles_its_message() {
         .map(|row| row.get(0))
         .collect();
     assert_eq!(reasons, ["poison", "undecodable"]);
-    assert_eq!(stats.handled.load(Ordering::Relaxed), 4, "1, and 2, 3, 5 on their second delivery");
-    assert_eq!(stats.failed.load(Ordering::Relaxed), 4, "2, 3, 4 and 5 once each");
+    assert_eq!(
+        stats.handled.load(Ordering::Relaxed),
+        4,
+        "1, and 2, 3, 5 on their second delivery"
+    );
+    assert_eq!(
+        stats.failed.load(Ordering::Relaxed),
+        4,
+        "2, 3, 4 and 5 once each"
+    );
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 2);
     assert_eq!(stats.in_flight.load(Ordering::Relaxed), 0);
 }
@@ -180,7 +241,9 @@ async fn each_handler_outcome_settles_its_message() {
 async fn a_long_handler_keeps_its_lock_and_shutdown_gives_back_what_is_unfinished() {
     let c = client().await;
     let q = TestQueue::create(&c, "shutdown", "").await;
-    send(&c, &q.name, &Job { n: 1 }, &SendOptions::new()).await.unwrap();
+    send(&c, &q.name, &Job { n: 1 }, &SendOptions::new())
+        .await
+        .unwrap();
 
     // A handler that runs three lock timeouts long still acks: the consumer extends its lock.
     let shutdown = CancellationToken::new();
@@ -195,14 +258,27 @@ async fn a_long_handler_keeps_its_lock_and_shutdown_gives_back_what_is_unfinishe
         },
         shutdown.clone(),
     ));
-    eventually("the slow message acked", async || stats.handled.load(Ordering::Relaxed) == 1).await;
+    eventually("the slow message acked", async || {
+        stats.handled.load(Ordering::Relaxed) == 1
+    })
+    .await;
     assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
-    eventually("its ack committed", async || queue_depth(&c, &q.name).await.unwrap() == 0).await;
+    eventually("its ack committed", async || {
+        queue_depth(&c, &q.name).await.unwrap() == 0
+    })
+    .await;
     shutdown.cancel();
     running.await.unwrap().unwrap();
 
     // Shutdown with handlers in flight past the grace period: their messages are ready again at once.
-    send_batch(&c, &q.name, &[Job { n: 2 }, Job { n: 3 }], &SendOptions::new()).await.unwrap();
+    send_batch(
+        &c,
+        &q.name,
+        &[Job { n: 2 }, Job { n: 3 }],
+        &SendOptions::new(),
+    )
+    .await
+    .unwrap();
     let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
         .concurrency(2)
         .lock_timeout(Duration::from_secs(60))
@@ -217,12 +293,22 @@ async fn a_long_handler_keeps_its_lock_and_shutdown_gives_back_what_is_unfinishe
         },
         stopping.clone(),
     ));
-    eventually("two handlers in flight", async || stats.in_flight.load(Ordering::Relaxed) == 2).await;
+    eventually("two handlers in flight", async || {
+        stats.in_flight.load(Ordering::Relaxed) == 2
+    })
+    .await;
     let stop_started = Instant::now();
     stopping.cancel();
     running_slow.await.unwrap().unwrap();
-    assert!(stop_started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", stop_started.elapsed());
-    assert_eq!(states(&c, &q.name).await, [("ready".to_string(), 1), ("ready".to_string(), 1)]);
+    assert!(
+        stop_started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stop_started.elapsed()
+    );
+    assert_eq!(
+        states(&c, &q.name).await,
+        [("ready".to_string(), 1), ("ready".to_string(), 1)]
+    );
 }
 
 #[tokio::test]
@@ -235,7 +321,10 @@ async fn requests_get_their_replies_and_a_request_nobody_answers_times_out() {
         .wait(Duration::from_millis(200));
     let running = tokio::spawn(consumer.run(
         |m: Message<Job>| async move {
-            m.reply(&Job { n: m.payload.n * 10 }).await?;
+            m.reply(&Job {
+                n: m.payload.n * 10,
+            })
+            .await?;
             Ok(())
         },
         shutdown.clone(),
@@ -244,21 +333,35 @@ async fn requests_get_their_replies_and_a_request_nobody_answers_times_out() {
     let asked = (1..=8).map(|n| {
         let requester = requester.clone();
         let queue = q.name.clone();
-        async move { requester.request::<_, Job>(&queue, &Job { n }, Duration::from_secs(10)).await }
+        async move {
+            requester
+                .request::<_, Job>(&queue, &Job { n }, Duration::from_secs(10))
+                .await
+        }
     });
     let replies = futures_util::future::join_all(asked).await;
     for (n, reply) in (1..=8).zip(replies) {
         let reply = reply.unwrap();
-        assert_eq!(reply.payload, Job { n: n * 10 }, "each request gets its own reply");
+        assert_eq!(
+            reply.payload,
+            Job { n: n * 10 },
+            "each request gets its own reply"
+        );
         assert!(reply.correlation_id.is_some());
     }
     shutdown.cancel();
     running.await.unwrap().unwrap();
-    assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 0, "every request was acked by its reply");
+    assert_eq!(
+        queue_depth(&c, &q.name).await.unwrap(),
+        0,
+        "every request was acked by its reply"
+    );
 
     // Nobody consumes now: the request times out, and its late reply goes nowhere.
     let started = Instant::now();
-    let late = requester.request::<_, Job>(&q.name, &Job { n: 1 }, Duration::from_millis(300)).await;
+    let late = requester
+        .request::<_, Job>(&q.name, &Job { n: 1 }, Duration::from_millis(300))
+        .await;
     assert!(matches!(late, Err(Error::Timeout(_))), "{late:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
 
@@ -271,13 +374,21 @@ async fn requests_get_their_replies_and_a_request_nobody_answers_times_out() {
     })
     .await;
     // A message without reply_to cannot be answered, and stays.
-    send(&c, &q.name, &Job { n: 2 }, &SendOptions::new()).await.unwrap();
+    send(&c, &q.name, &Job { n: 2 }, &SendOptions::new())
+        .await
+        .unwrap();
     let plain = read(&c, &q.name, 1, None, None).await.unwrap().remove(0);
-    assert!(matches!(plain.reply_with(&c, &1).await, Err(Error::NotInState(_))));
+    assert!(matches!(
+        plain.reply_with(&c, &1).await,
+        Err(Error::NotInState(_))
+    ));
     assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 1);
     requester.stop().await.unwrap();
     let gone: i64 = c
-        .query_one("SELECT count(*) FROM bussig.queues WHERE queue = $1", &[&requester.reply_queue()])
+        .query_one(
+            "SELECT count(*) FROM bussig.queues WHERE queue = $1",
+            &[&requester.reply_queue()],
+        )
         .await
         .unwrap()
         .get(0);

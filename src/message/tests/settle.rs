@@ -406,14 +406,38 @@ mod tests {
         run("SELECT bussig.send('requests', '1')");
         read_into_got("requests");
         assert_all_fail(&[
-            ("SELECT bussig.reply('requests', message_id, lock_token, '1') FROM got", "55000"),
-            ("SELECT bussig.reply(NULL, message_id, lock_token, '1') FROM got", "22004"),
-            ("SELECT bussig.reply('requests', NULL, lock_token, '1') FROM got", "22004"),
-            ("SELECT bussig.reply('requests', message_id, NULL, '1') FROM got", "22004"),
-            ("SELECT bussig.reply('requests', message_id, lock_token, NULL) FROM got", "22004"),
-            ("SELECT bussig.reply('requests', message_id, lock_token, '1', '[1]') FROM got", "22023"),
-            ("SELECT bussig.reply('bad name', message_id, lock_token, '1') FROM got", "22023"),
-            ("SELECT bussig.reply('missing', message_id, lock_token, '1') FROM got", "42704"),
+            (
+                "SELECT bussig.reply('requests', message_id, lock_token, '1') FROM got",
+                "55000",
+            ),
+            (
+                "SELECT bussig.reply(NULL, message_id, lock_token, '1') FROM got",
+                "22004",
+            ),
+            (
+                "SELECT bussig.reply('requests', NULL, lock_token, '1') FROM got",
+                "22004",
+            ),
+            (
+                "SELECT bussig.reply('requests', message_id, NULL, '1') FROM got",
+                "22004",
+            ),
+            (
+                "SELECT bussig.reply('requests', message_id, lock_token, NULL) FROM got",
+                "22004",
+            ),
+            (
+                "SELECT bussig.reply('requests', message_id, lock_token, '1', '[1]') FROM got",
+                "22023",
+            ),
+            (
+                "SELECT bussig.reply('bad name', message_id, lock_token, '1') FROM got",
+                "22023",
+            ),
+            (
+                "SELECT bussig.reply('missing', message_id, lock_token, '1') FROM got",
+                "42704",
+            ),
         ]);
         assert_eq!(messages_in("requests"), 1);
         // A reply_to queue that does not exist: 42704, and the request stays.

@@ -1,0 +1,27 @@
+//! Looking up bussig's own relations.
+use pgrx::pg_sys;
+
+/// The oid of relation `name` in schema bussig; InvalidOid when either is missing.
+pub fn bussig_relation(name: &std::ffi::CStr) -> pg_sys::Oid {
+    // SAFETY: catalog look-ups by name inside a transaction; missing objects give InvalidOid, not
+    // an error.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"bussig".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(name.as_ptr(), namespace)
+    }
+}
+
+/// The file (relfilenode) `table` is stored in now: TRUNCATE and table rewrites give it a new one.
+pub fn relation_file(table: pg_sys::Oid) -> u32 {
+    // SAFETY: the caller found the table in this transaction; the lock taken is the weakest, and is
+    // held to the end of the transaction as any reader's, so its file cannot change meanwhile.
+    unsafe {
+        let relation = pg_sys::relation_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let file = (*relation).rd_node.relNode.to_u32();
+        pg_sys::relation_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+        file
+    }
+}

@@ -1,0 +1,65 @@
+//! Reading a row version's header straight from its heap page, for `bussig.superseded`.
+use pgrx::itemptr::item_pointer_get_both;
+use pgrx::pg_sys;
+
+/// Whether row `version` of table `relation` was updated or deleted by a committed transaction; false
+/// whenever the row does not plainly say so. A block past the end of the table is an error.
+pub fn replaced_by_a_commit(relation: pg_sys::Oid, version: pg_sys::ItemPointerData) -> bool {
+    let (block, offset) = item_pointer_get_both(version);
+    // SAFETY: the relation is bussig.message, opened with the weakest lock for the call; the buffer
+    // is pinned and share-locked while its page is read, and released before the relation is
+    // closed.
+    unsafe {
+        let relation = pg_sys::relation_open(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let is_heap = (*(*relation).rd_rel).relam == pg_sys::HEAP_TABLE_AM_OID;
+        let answer = is_heap && {
+            let buffer = pg_sys::ReadBufferExtended(
+                relation,
+                pg_sys::ForkNumber::MAIN_FORKNUM,
+                block,
+                pg_sys::ReadBufferMode::RBM_NORMAL,
+                std::ptr::null_mut(),
+            );
+            pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+            let page = pg_sys::BufferGetPage(buffer);
+            let header = (offset >= 1 && offset <= pg_sys::PageGetMaxOffsetNumber(page))
+                .then(|| pg_sys::PageGetItemId(page, offset))
+                .filter(|&item| (*item).lp_flags() == pg_sys::LP_NORMAL)
+                .map(|item| {
+                    let tuple =
+                        pg_sys::PageGetItem(page, item).cast::<pg_sys::HeapTupleHeaderData>();
+                    ((*tuple).t_infomask as u32, (*tuple).t_choice.t_heap.t_xmax)
+                });
+            pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+            pg_sys::ReleaseBuffer(buffer);
+            header.is_some_and(|(infomask, xmax)| replaced_by_commit(infomask, xmax))
+        };
+        pg_sys::relation_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+        answer
+    }
+}
+
+/// From a row version's infomask and xmax: replaced by an update or delete that committed. Row locks
+/// (HEAP_XMAX_IS_LOCKED_ONLY) and multixacts say nothing of the kind.
+fn replaced_by_commit(infomask: u32, xmax: pg_sys::TransactionId) -> bool {
+    let locked_only = infomask & pg_sys::HEAP_XMAX_LOCK_ONLY != 0
+        || infomask & (pg_sys::HEAP_XMAX_IS_MULTI | pg_sys::HEAP_LOCK_MASK)
+            == pg_sys::HEAP_XMAX_EXCL_LOCK;
+    if infomask & pg_sys::HEAP_XMAX_INVALID != 0
+        || locked_only
+        || infomask & pg_sys::HEAP_XMAX_IS_MULTI != 0
+    {
+        return false;
+    }
+    if infomask & pg_sys::HEAP_XMAX_COMMITTED != 0 {
+        return true;
+    }
+    // In this order: a transaction shows as committed in the commit log before it leaves the proc array.
+    // SAFETY: plain look-ups of transaction status by id, which PostgreSQL allows any backend at
+    // any time.
+    unsafe {
+        !pg_sys::TransactionIdIsCurrentTransactionId(xmax)
+            && !pg_sys::TransactionIdIsInProgress(xmax)
+            && pg_sys::TransactionIdDidCommit(xmax)
+    }
+}
