@@ -161,6 +161,10 @@ impl Consumer {
         self.stats.clone()
     }
 
+    pub(crate) fn connector(&self) -> Connector {
+        self.connector.clone()
+    }
+
     /// Consumes until `shutdown` is cancelled, handing each message, decoded into `T`, to `handler`.
     /// `Ok` acks it; a `Failure` nacks or dead-letters it; a panic nacks it with the panic's message; a
     /// payload that does not decode is dead-lettered as `undecodable`. Returns once everything fetched

@@ -7,12 +7,16 @@
 //! let id = send(client, "emails", &serde_json::json!({"to": "a@example.com"}), &SendOptions::new()).await?;
 //! # Ok(()) }
 //! ```
+mod broadcast;
 mod consumer;
 mod delivery;
+mod ephemeral;
 mod error;
 mod request;
 mod send;
+mod transactional;
 
+pub use broadcast::Broadcast;
 pub use consumer::{connect_no_tls, Connector, Consumer, Failure, Stats};
 pub use delivery::{
     ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, reply, Message,
@@ -21,3 +25,4 @@ pub use error::{Error, Result};
 pub use request::{Reply, Requester};
 pub use send::{publish, send, send_batch, SendOptions};
 pub use tokio_util::sync::CancellationToken;
+pub use transactional::TransactionalFuture;

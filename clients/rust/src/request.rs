@@ -15,14 +15,13 @@ use uuid::Uuid;
 
 use crate::consumer::Connector;
 use crate::delivery::{self, Message};
+use crate::ephemeral;
 use crate::error::{Error, Result};
 use crate::send::{publish, send, SendOptions};
 
 /// Requests waiting for their replies, by correlation id.
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
 
-/// How long the reply queue outlives its last heartbeat; the heartbeat comes three times as often.
-const REPLY_QUEUE_TTL: Duration = Duration::from_secs(60);
 /// How long one read of the reply queue waits: also how late the task notices a shutdown.
 const REPLY_WAIT: Duration = Duration::from_secs(1);
 
@@ -39,16 +38,9 @@ impl Requester {
     /// connections from `connector`: one sends requests, the other waits for replies.
     pub async fn start(connector: Connector) -> Result<Arc<Requester>> {
         let client = connector().await?;
-        let reply_queue = format!("bussig_reply_{}", Uuid::new_v4().simple());
         // An ephemeral queue is one subscribed with a ttl; nothing publishes on this subject.
-        let subject = format!("_bussig.reply.{reply_queue}");
-        let ttl = REPLY_QUEUE_TTL.as_secs_f64();
-        client
-            .execute(
-                "SELECT bussig.subscribe($1, $2, $3::float8 * interval '1 second')",
-                &[&reply_queue, &subject, &ttl],
-            )
-            .await?;
+        let reply_queue =
+            ephemeral::create(&client, "bussig_reply", "_bussig.reply.{queue}").await?;
         let reader = connector().await?;
         let requester = Arc::new(Requester {
             client,
@@ -175,7 +167,7 @@ async fn read_replies(client: Client, queue: String, waiting: Waiting, stop: Can
     let mut acks: Vec<(i64, Uuid)> = Vec::new();
     let mut last_heartbeat = tokio::time::Instant::now();
     while !stop.is_cancelled() {
-        if last_heartbeat.elapsed() >= REPLY_QUEUE_TTL / 3 {
+        if last_heartbeat.elapsed() >= ephemeral::TTL / 3 {
             let _ = client
                 .execute("SELECT bussig.heartbeat($1)", &[&queue])
                 .await;

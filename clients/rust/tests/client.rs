@@ -394,3 +394,141 @@ async fn requests_get_their_replies_and_a_request_nobody_answers_times_out() {
         .get(0);
     assert_eq!(gone, 0, "stop drops the reply queue");
 }
+
+#[tokio::test]
+async fn a_transactional_handlers_writes_commit_with_its_ack_or_not_at_all() {
+    let c = client().await;
+    let q = TestQueue::create(
+        &c,
+        "transactional",
+        "retry_delay => '0 seconds', lock_timeout => '2 seconds'",
+    )
+    .await;
+    let effects = format!("{}_effects", q.name);
+    c.batch_execute(&format!("CREATE TABLE {effects} (n bigint)"))
+        .await
+        .unwrap();
+    for n in 1..=4 {
+        send(&c, &q.name, &Job { n }, &SendOptions::new())
+            .await
+            .unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .concurrency(3)
+        .lock_timeout(Duration::from_secs(2))
+        .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let table = effects.clone();
+    let running = tokio::spawn(consumer.run_transactional(
+        move |m: &Message<Job>, tx| {
+            let table = table.clone();
+            Box::pin(async move {
+                tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&m.payload.n])
+                    .await?;
+                match (m.payload.n, m.delivery_count) {
+                    (2, 1) => Err(Failure::retry_after(Duration::ZERO)),
+                    (3, 1) => panic!("after writing"),
+                    (4, 1) => {
+                        // Another consumer takes the message over: this transaction must not commit.
+                        let other = client().await;
+                        other
+                            .execute(
+                                "UPDATE bussig.message SET lock_token = gen_random_uuid(),
+                                        visible_at = clock_timestamp() + interval '300 ms'
+                                 WHERE message_id = $1",
+                                &[&m.id],
+                            )
+                            .await?;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            })
+        },
+        shutdown.clone(),
+    ));
+    eventually("every message handled", async || {
+        queue_depth(&c, &q.name).await.unwrap() == 0
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    let written: Vec<i64> = c
+        .query(&format!("SELECT n FROM {effects} ORDER BY n"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        written,
+        [1, 2, 3, 4],
+        "each message's writes committed once, with its ack"
+    );
+    assert_eq!(
+        stats.failed.load(Ordering::Relaxed),
+        3,
+        "2, 3 and 4 failed once each"
+    );
+    c.batch_execute(&format!("DROP TABLE {effects}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn every_broadcast_subscriber_gets_each_message_and_its_queue_goes_with_it() {
+    let c = client().await;
+    let pattern = format!("clienttest.broadcast{}.>", std::process::id());
+    let shutdown = CancellationToken::new();
+    let mut running = Vec::new();
+    let mut queues = Vec::new();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
+    for instance in 0..2 {
+        let broadcast = Broadcast::subscribe(connect_no_tls(url()), &pattern)
+            .await
+            .unwrap()
+            .configure(|consumer| consumer.wait(Duration::from_millis(200)));
+        queues.push(broadcast.queue().to_string());
+        let seen = seen_tx.clone();
+        running.push(tokio::spawn(broadcast.run(
+            move |m: Message<Job>| {
+                let seen = seen.clone();
+                async move {
+                    seen.send((instance, m.payload.n)).unwrap();
+                    Ok(())
+                }
+            },
+            shutdown.clone(),
+        )));
+    }
+    let subject = pattern.replace('>', "cache.users");
+    assert_eq!(
+        publish(&c, &subject, &Job { n: 7 }, &SendOptions::new())
+            .await
+            .unwrap(),
+        2
+    );
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let next = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv()).await;
+        got.push(next.expect("both instances get it").unwrap());
+    }
+    got.sort();
+    assert_eq!(got, [(0, 7), (1, 7)]);
+    shutdown.cancel();
+    for run in running {
+        run.await.unwrap().unwrap();
+    }
+    for queue in queues {
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM bussig.queues WHERE queue = $1",
+                &[&queue],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "{queue} is dropped at shutdown");
+    }
+}

@@ -1,0 +1,41 @@
+//! Queues of one process: subscribed with a ttl, so the worker drops them once their heartbeats stop
+//! (a process that dies leaves nothing behind for long).
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// How long an ephemeral queue outlives its last heartbeat; heartbeats come three times as often.
+pub const TTL: Duration = Duration::from_secs(60);
+
+/// Creates `<prefix>_<uuid>`, subscribed to `pattern`, and returns its name.
+pub async fn create(client: &Client, prefix: &str, pattern: &str) -> Result<String> {
+    let queue = format!("{prefix}_{}", Uuid::new_v4().simple());
+    let pattern = pattern.replace("{queue}", &queue);
+    client
+        .execute(
+            "SELECT bussig.subscribe($1, $2, $3::float8 * interval '1 second')",
+            &[&queue, &pattern, &TTL.as_secs_f64()],
+        )
+        .await?;
+    Ok(queue)
+}
+
+/// Heartbeats `queue` on `client` until `stop`, then drops it.
+pub async fn keep_alive(client: Client, queue: String, stop: CancellationToken) {
+    let mut beat = tokio::time::interval(TTL / 3);
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                let _ = client.execute("SELECT bussig.heartbeat($1)", &[&queue]).await;
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    let _ = client
+        .execute("SELECT bussig.drop_queue($1)", &[&queue])
+        .await;
+}
