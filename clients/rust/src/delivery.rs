@@ -95,15 +95,51 @@ impl<T> Message<T> {
         self.headers.as_ref()?.get(key)?.as_str()
     }
 
+    /// The connection this message was read with, for settling it: a `Consumer`'s or a `stream`'s.
+    fn connection(&self) -> Result<&Client> {
+        match &self.connection {
+            Some(Connection(client)) => Ok(client),
+            None => Err(Error::NotInState(
+                "this message was read by hand: settle it with the functions that take a client"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Acks this delivery on the connection it was read with; false when the lock no longer held.
+    pub async fn ack(&self) -> Result<bool> {
+        ack(self.connection()?, &self.queue, self.id, self.lock_token).await
+    }
+
+    /// Gives it back (see `nack`) on the connection it was read with.
+    pub async fn nack(&self, delay: Option<Duration>, error: Option<&str>) -> Result<bool> {
+        nack(
+            self.connection()?,
+            &self.queue,
+            self.id,
+            self.lock_token,
+            delay,
+            error,
+        )
+        .await
+    }
+
+    /// Extends its lock (see `extend_lock`) on the connection it was read with.
+    pub async fn extend_lock(&self, lock_timeout: Option<Duration>) -> Result<bool> {
+        let client = self.connection()?;
+        extend_lock(client, &self.queue, self.id, self.lock_token, lock_timeout).await
+    }
+
+    /// Dead-letters it (see `dead_letter`) on the connection it was read with.
+    pub async fn dead_letter(&self, reason: &str, error: Option<&str>) -> Result<bool> {
+        let client = self.connection()?;
+        dead_letter(client, &self.queue, self.id, self.lock_token, reason, error).await
+    }
+
     /// Answers this request on the connection its `Consumer` read it with: see `reply`. A message
     /// read by hand has none; use `reply_with` then.
     pub async fn reply<R: Serialize + ?Sized>(&self, payload: &R) -> Result<Option<i64>> {
-        let Some(Connection(client)) = &self.connection else {
-            return Err(Error::NotInState(
-                "this message was not handed out by a Consumer: answer it with reply_with".into(),
-            ));
-        };
-        self.reply_with(&**client, payload).await
+        self.reply_with(self.connection()?, payload).await
     }
 
     /// Answers this request on `client` (`bussig.reply`): acks it and sends `payload` to its
@@ -250,6 +286,36 @@ pub async fn dead_letter<C: GenericClient>(
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// Deliveries of `queue` one by one, for those who drive the loop themselves: reads up to `batch` at a
+/// time, waiting up to `wait` when none is ready (the stream never ends by itself). Each message is
+/// settled with its own `ack`, `nack`, `extend_lock`, `dead_letter` or `reply`, on `client`. Messages
+/// read but not yet taken from a dropped stream stay locked until their lock runs out: keep `batch`
+/// small for a slow loop.
+pub fn stream(
+    client: Arc<Client>,
+    queue: &str,
+    batch: i32,
+    lock_timeout: Option<Duration>,
+    wait: Duration,
+) -> impl futures_util::Stream<Item = Result<Message>> {
+    let queue: Arc<str> = queue.into();
+    let pending = std::collections::VecDeque::<Message>::new();
+    futures_util::stream::unfold(
+        (client, queue, pending),
+        move |(client, queue, mut pending)| async move {
+            while pending.is_empty() {
+                match read(&*client, &queue, batch, lock_timeout, Some(wait)).await {
+                    Ok(messages) => pending.extend(messages),
+                    Err(error) => return Some((Err(error), (client, queue, pending))),
+                }
+            }
+            let mut message = pending.pop_front().expect("not empty");
+            message.connection = Some(Connection(client.clone()));
+            Some((Ok(message), (client, queue, pending)))
+        },
+    )
 }
 
 /// Acks a request and sends its reply to the request's `reply_to` queue in one call (`bussig.reply`):

@@ -19,7 +19,8 @@ mod transactional;
 pub use broadcast::Broadcast;
 pub use consumer::{connect_no_tls, Connector, Consumer, Failure, Stats};
 pub use delivery::{
-    ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, reply, Message,
+    ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, reply, stream,
+    Message,
 };
 pub use error::{Error, Result};
 pub use request::{Reply, Requester};

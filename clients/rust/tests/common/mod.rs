@@ -1,0 +1,86 @@
+//! Helpers for the client tests: `BUSSIG_TEST_URL` names a database that has the extension.
+#![allow(dead_code)]
+use std::time::{Duration, Instant};
+
+use bussig_client::connect_no_tls;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub n: i64,
+}
+
+pub fn url() -> String {
+    std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`")
+}
+
+pub async fn client() -> Client {
+    (connect_no_tls(url()))().await.expect("connect")
+}
+
+/// A queue of its own (and its dead-letter queue), dropped when the test ends.
+pub struct TestQueue {
+    pub name: String,
+}
+
+impl TestQueue {
+    pub async fn create(c: &Client, test: &str, options: &str) -> TestQueue {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000_000;
+        let name = format!("client_{test}_{}_{nanos:x}", std::process::id());
+        let sep = if options.is_empty() { "" } else { ", " };
+        c.execute(
+            &format!("SELECT bussig.create_queue($1{sep}{options})"),
+            &[&name],
+        )
+        .await
+        .expect("create_queue");
+        TestQueue { name }
+    }
+
+    pub fn dlq(&self) -> String {
+        format!("{}_dlq", self.name)
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let c = client().await;
+                let _ = c.execute("SELECT bussig.drop_queue($1)", &[&name]).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// (state, delivery_count) of each message `peek` shows, in delivery order.
+pub async fn states(c: &Client, queue: &str) -> Vec<(String, i32)> {
+    c.query(
+        "SELECT state, delivery_count FROM bussig.peek($1, 100)",
+        &[&queue],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect()
+}
+
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
