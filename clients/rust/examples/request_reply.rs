@@ -17,7 +17,9 @@ struct Price {
 async fn main() -> bussig_client::Result<()> {
     let url = std::env::var("BUSSIG_URL").unwrap_or_else(|_| "host=127.0.0.1 dbname=bussig".into());
     let setup = (connect_no_tls(url.clone()))().await?;
-    setup.execute("SELECT bussig.create_queue('prices')", &[]).await?;
+    setup
+        .execute("SELECT bussig.create_queue('prices')", &[])
+        .await?;
 
     let shutdown = CancellationToken::new();
     let service = tokio::spawn(Consumer::new(connect_no_tls(url.clone()), "prices").run(

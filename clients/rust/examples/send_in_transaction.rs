@@ -22,7 +22,13 @@ async fn main() -> bussig_client::Result<()> {
     let options = SendOptions::new()
         .dedup_id(format!("order-{order}-created"))
         .header("type", "order.created");
-    send(&tx, "order_events", &json!({"order": order, "total": 4200}), &options).await?;
+    send(
+        &tx,
+        "order_events",
+        &json!({"order": order, "total": 4200}),
+        &options,
+    )
+    .await?;
     tx.commit().await?;
     println!("order {order} and its event committed together");
     Ok(())

@@ -29,7 +29,10 @@ async fn main() -> bussig_client::Result<()> {
                 if !m.payload.to.contains('@') {
                     return Err(Failure::dead_letter("no address"));
                 }
-                println!("sending to {} (delivery {})", m.payload.to, m.delivery_count);
+                println!(
+                    "sending to {} (delivery {})",
+                    m.payload.to, m.delivery_count
+                );
                 Ok(())
             },
             shutdown,

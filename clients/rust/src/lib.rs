@@ -8,6 +8,7 @@
 //! # Ok(()) }
 //! ```
 mod broadcast;
+mod bus;
 mod consumer;
 mod delivery;
 mod ephemeral;
@@ -17,6 +18,7 @@ mod send;
 mod transactional;
 
 pub use broadcast::Broadcast;
+pub use bus::Bus;
 pub use consumer::{connect_no_tls, Connector, Consumer, Failure, Stats};
 pub use delivery::{
     ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, reply, stream,

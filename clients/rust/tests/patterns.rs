@@ -278,3 +278,43 @@ async fn a_stream_hands_out_deliveries_that_settle_themselves() {
         "read by hand: no connection"
     );
 }
+
+#[tokio::test]
+async fn a_bus_sends_over_its_pool_and_makes_consumers() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "bus", "").await;
+    let bus = Bus::new(&url(), 2).unwrap();
+    let sends = (1..=6).map(|n| {
+        let (bus, queue) = (bus.clone(), q.name.clone());
+        async move { bus.send(&queue, &Job { n }, &SendOptions::new()).await }
+    });
+    for sent in futures_util::future::join_all(sends).await {
+        assert!(sent.unwrap().is_some());
+    }
+    assert!(
+        bus.pool().status().size <= 2,
+        "never more than the pool's size"
+    );
+    assert_eq!(bus.queue_depth(&q.name).await.unwrap(), 6);
+    let unknown = bus
+        .send("no_such_queue_for_bus", &1, &SendOptions::new())
+        .await;
+    assert!(
+        matches!(unknown, Err(Error::UnknownQueue(_))),
+        "{unknown:?}"
+    );
+
+    let shutdown = CancellationToken::new();
+    let consumer = bus
+        .consumer(q.name.clone())
+        .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let running = tokio::spawn(consumer.run(|_: Message<Job>| async { Ok(()) }, shutdown.clone()));
+    eventually("the bus's consumer took all", async || {
+        bus.queue_depth(&q.name).await.unwrap() == 0
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.handled.load(Ordering::Relaxed), 6);
+}
