@@ -54,7 +54,7 @@ skip_server_level=$(printf -- '--skip %s ' "${server_level[@]}")
 cargo test -p bussig-tests -- --test-threads=4 $skip_server_level 2>&1 | tee -a "$log"
 
 echo "== the Rust client (clients/rust)"
-cargo test -p bussig-client 2>&1 | tee -a "$log"
+cargo test -p bussig-client --features otel 2>&1 | tee -a "$log"
 
 echo "== client tests through pgbouncer (transaction pooling)"
 .ci/pgbouncer.sh start "$work/pgbouncer" "$BOUNCER_PORT" "$PORT"

@@ -382,7 +382,12 @@ impl Handling {
             token,
         };
         let outcome = {
-            let work = AssertUnwindSafe(handler(message)).catch_unwind();
+            #[cfg(feature = "otel")]
+            let context = crate::trace::process_context(&message);
+            let work = handler(message);
+            #[cfg(feature = "otel")]
+            let work = opentelemetry::context::FutureExt::with_context(work, context);
+            let work = AssertUnwindSafe(work).catch_unwind();
             tokio::pin!(work);
             let mut extend = tokio::time::interval(self.lock_timeout / 2);
             extend.tick().await;

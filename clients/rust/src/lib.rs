@@ -15,6 +15,7 @@ mod ephemeral;
 mod error;
 mod request;
 mod send;
+mod trace;
 mod transactional;
 
 pub use broadcast::Broadcast;

@@ -61,8 +61,9 @@ impl SendOptions {
         self
     }
 
+    /// The headers, with the current trace context when the `otel` feature is on.
     fn headers_value(&self) -> Option<Value> {
-        self.headers.clone().map(Value::Object)
+        crate::trace::with_current_context(self.headers.clone()).map(Value::Object)
     }
 
     fn delay_seconds(&self) -> Option<f64> {
