@@ -63,6 +63,9 @@ BUSSIG_TEST_SESSION_URL="$BUSSIG_TEST_URL" \
 BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \
 BUSSIG_TORTURE_SECONDS=15 \
     cargo test -p bussig-tests -- --test-threads=4 $skip_server_level 2>&1 | tee -a "$log"
+# The Rust client sends unnamed statements only, so it runs through the pooler unchanged.
+BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \
+    cargo test -p bussig-client --features otel 2>&1 | tee -a "$log"
 .ci/pgbouncer.sh stop "$work/pgbouncer"
 
 echo "== server-level client tests (alone)"

@@ -11,6 +11,8 @@ use tokio_postgres::{Client, GenericClient, Row};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::sql;
+use tokio_postgres::types::Type;
 
 /// The connection a `Consumer` read a message on, for `Message::reply`.
 #[derive(Clone)]
@@ -165,12 +167,13 @@ pub async fn read<C: GenericClient>(
     lock_timeout: Option<Duration>,
     wait: Option<Duration>,
 ) -> Result<Vec<Message>> {
-    let rows = client
-        .query(
-            "SELECT * FROM bussig.read($1, $2, $3::float8 * interval '1 second', $4::float8 * interval '1 second')",
-            &[&queue, &max, &seconds(lock_timeout), &seconds(wait)],
-        )
-        .await?;
+    let rows = sql::query(
+        client,
+        "SELECT * FROM bussig.read($1, $2, $3 * interval '1 second', $4 * interval '1 second')",
+        &[Type::TEXT, Type::INT4, Type::FLOAT8, Type::FLOAT8],
+        &[&queue, &max, &seconds(lock_timeout), &seconds(wait)],
+    )
+    .await?;
     let queue: Arc<str> = queue.into();
     Ok(rows
         .iter()
@@ -189,20 +192,13 @@ pub async fn ack_and_read<C: GenericClient>(
     wait: Option<Duration>,
 ) -> Result<Vec<Message>> {
     let (ids, tokens): (Vec<i64>, Vec<Uuid>) = acked.iter().copied().unzip();
-    let rows = client
-        .query(
-            "SELECT * FROM bussig.ack_and_read($1, $2, $3, $4, $5::float8 * interval '1 second',
-                                               $6::float8 * interval '1 second')",
-            &[
-                &queue,
-                &ids,
-                &tokens,
-                &max,
-                &seconds(lock_timeout),
-                &seconds(wait),
-            ],
-        )
-        .await?;
+    let rows = sql::query(
+        client,
+        "SELECT * FROM bussig.ack_and_read($1, $2, $3, $4, $5 * interval '1 second', $6 * interval '1 second')",
+        &[Type::TEXT, Type::INT8_ARRAY, Type::UUID_ARRAY, Type::INT4, Type::FLOAT8, Type::FLOAT8],
+        &[&queue, &ids, &tokens, &max, &seconds(lock_timeout), &seconds(wait)],
+    )
+    .await?;
     let queue: Arc<str> = queue.into();
     Ok(rows
         .iter()
@@ -212,9 +208,13 @@ pub async fn ack_and_read<C: GenericClient>(
 
 /// Deletes a delivered message; false when its lock token no longer holds.
 pub async fn ack<C: GenericClient>(client: &C, queue: &str, id: i64, token: Uuid) -> Result<bool> {
-    let row = client
-        .query_one("SELECT bussig.ack($1, $2, $3)", &[&queue, &id, &token])
-        .await?;
+    let row = sql::query_one(
+        client,
+        "SELECT bussig.ack($1, $2, $3)",
+        &[Type::TEXT, Type::INT8, Type::UUID],
+        &[&queue, &id, &token],
+    )
+    .await?;
     Ok(row.get(0))
 }
 
@@ -225,12 +225,13 @@ pub async fn ack_batch<C: GenericClient>(
     acked: &[(i64, Uuid)],
 ) -> Result<i64> {
     let (ids, tokens): (Vec<i64>, Vec<Uuid>) = acked.iter().copied().unzip();
-    let row = client
-        .query_one(
-            "SELECT bussig.ack_batch($1, $2, $3)",
-            &[&queue, &ids, &tokens],
-        )
-        .await?;
+    let row = sql::query_one(
+        client,
+        "SELECT bussig.ack_batch($1, $2, $3)",
+        &[Type::TEXT, Type::INT8_ARRAY, Type::UUID_ARRAY],
+        &[&queue, &ids, &tokens],
+    )
+    .await?;
     Ok(row.get(0))
 }
 
@@ -244,12 +245,13 @@ pub async fn nack<C: GenericClient>(
     delay: Option<Duration>,
     error: Option<&str>,
 ) -> Result<bool> {
-    let row = client
-        .query_one(
-            "SELECT bussig.nack($1, $2, $3, $4::float8 * interval '1 second', $5)",
-            &[&queue, &id, &token, &seconds(delay), &error],
-        )
-        .await?;
+    let row = sql::query_one(
+        client,
+        "SELECT bussig.nack($1, $2, $3, $4* interval '1 second', $5)",
+        &[Type::TEXT, Type::INT8, Type::UUID, Type::FLOAT8, Type::TEXT],
+        &[&queue, &id, &token, &seconds(delay), &error],
+    )
+    .await?;
     Ok(row.get(0))
 }
 
@@ -261,12 +263,13 @@ pub async fn extend_lock<C: GenericClient>(
     token: Uuid,
     lock_timeout: Option<Duration>,
 ) -> Result<bool> {
-    let row = client
-        .query_one(
-            "SELECT bussig.extend_lock($1, $2, $3, $4::float8 * interval '1 second')",
-            &[&queue, &id, &token, &seconds(lock_timeout)],
-        )
-        .await?;
+    let row = sql::query_one(
+        client,
+        "SELECT bussig.extend_lock($1, $2, $3, $4* interval '1 second')",
+        &[Type::TEXT, Type::INT8, Type::UUID, Type::FLOAT8],
+        &[&queue, &id, &token, &seconds(lock_timeout)],
+    )
+    .await?;
     Ok(row.get(0))
 }
 
@@ -279,12 +282,13 @@ pub async fn dead_letter<C: GenericClient>(
     reason: &str,
     error: Option<&str>,
 ) -> Result<bool> {
-    let row = client
-        .query_one(
-            "SELECT bussig.dead_letter($1, $2, $3, $4, $5)",
-            &[&queue, &id, &token, &reason, &error],
-        )
-        .await?;
+    let row = sql::query_one(
+        client,
+        "SELECT bussig.dead_letter($1, $2, $3, $4, $5)",
+        &[Type::TEXT, Type::INT8, Type::UUID, Type::TEXT, Type::TEXT],
+        &[&queue, &id, &token, &reason, &error],
+    )
+    .await?;
     Ok(row.get(0))
 }
 
@@ -331,19 +335,24 @@ pub async fn reply<C: GenericClient, R: Serialize + ?Sized>(
 ) -> Result<Option<i64>> {
     let payload = serde_json::to_value(payload)?;
     let headers = headers.cloned().map(Value::Object);
-    let row = client
-        .query_one(
-            "SELECT bussig.reply($1, $2, $3, $4, $5)",
-            &[&queue, &id, &token, &payload, &headers],
-        )
-        .await?;
+    let row = sql::query_one(
+        client,
+        "SELECT bussig.reply($1, $2, $3, $4, $5)",
+        &[Type::TEXT, Type::INT8, Type::UUID, Type::JSONB, Type::JSONB],
+        &[&queue, &id, &token, &payload, &headers],
+    )
+    .await?;
     Ok(row.get(0))
 }
 
 /// How many messages the queue holds (`bussig.queue_depth`): exact, and cheap to poll.
 pub async fn queue_depth<C: GenericClient>(client: &C, queue: &str) -> Result<i64> {
-    let row = client
-        .query_one("SELECT bussig.queue_depth($1)", &[&queue])
-        .await?;
+    let row = sql::query_one(
+        client,
+        "SELECT bussig.queue_depth($1)",
+        &[Type::TEXT],
+        &[&queue],
+    )
+    .await?;
     Ok(row.get(0))
 }

@@ -7,6 +7,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::Result;
+use crate::sql;
+use tokio_postgres::types::Type;
 
 /// How long an ephemeral queue outlives its last heartbeat; heartbeats come three times as often.
 pub const TTL: Duration = Duration::from_secs(60);
@@ -15,12 +17,13 @@ pub const TTL: Duration = Duration::from_secs(60);
 pub async fn create(client: &Client, prefix: &str, pattern: &str) -> Result<String> {
     let queue = format!("{prefix}_{}", Uuid::new_v4().simple());
     let pattern = pattern.replace("{queue}", &queue);
-    client
-        .execute(
-            "SELECT bussig.subscribe($1, $2, $3::float8 * interval '1 second')",
-            &[&queue, &pattern, &TTL.as_secs_f64()],
-        )
-        .await?;
+    sql::query(
+        client,
+        "SELECT bussig.subscribe($1, $2, $3 * interval '1 second')",
+        &[Type::TEXT, Type::TEXT, Type::FLOAT8],
+        &[&queue, &pattern, &TTL.as_secs_f64()],
+    )
+    .await?;
     Ok(queue)
 }
 
@@ -30,12 +33,16 @@ pub async fn keep_alive(client: Client, queue: String, stop: CancellationToken) 
     loop {
         tokio::select! {
             _ = beat.tick() => {
-                let _ = client.execute("SELECT bussig.heartbeat($1)", &[&queue]).await;
+                let _ = sql::query(&client, "SELECT bussig.heartbeat($1)", &[Type::TEXT], &[&queue]).await;
             }
             _ = stop.cancelled() => break,
         }
     }
-    let _ = client
-        .execute("SELECT bussig.drop_queue($1)", &[&queue])
-        .await;
+    let _ = sql::query(
+        &client,
+        "SELECT bussig.drop_queue($1)",
+        &[Type::TEXT],
+        &[&queue],
+    )
+    .await;
 }

@@ -15,6 +15,7 @@ mod ephemeral;
 mod error;
 mod request;
 mod send;
+mod sql;
 mod trace;
 mod transactional;
 

@@ -18,6 +18,8 @@ use crate::delivery::{self, Message};
 use crate::ephemeral;
 use crate::error::{Error, Result};
 use crate::send::{publish, send, SendOptions};
+use crate::sql;
+use tokio_postgres::types::Type;
 
 /// Requests waiting for their replies, by correlation id.
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
@@ -147,9 +149,13 @@ impl Requester {
     /// Stops reading replies and drops the reply queue.
     pub async fn stop(&self) -> Result<()> {
         self.stop.cancel();
-        self.client
-            .execute("SELECT bussig.drop_queue($1)", &[&self.reply_queue])
-            .await?;
+        sql::query(
+            &self.client,
+            "SELECT bussig.drop_queue($1)",
+            &[Type::TEXT],
+            &[&self.reply_queue],
+        )
+        .await?;
         Ok(())
     }
 }
@@ -168,9 +174,13 @@ async fn read_replies(client: Client, queue: String, waiting: Waiting, stop: Can
     let mut last_heartbeat = tokio::time::Instant::now();
     while !stop.is_cancelled() {
         if last_heartbeat.elapsed() >= ephemeral::TTL / 3 {
-            let _ = client
-                .execute("SELECT bussig.heartbeat($1)", &[&queue])
-                .await;
+            let _ = sql::query(
+                &client,
+                "SELECT bussig.heartbeat($1)",
+                &[Type::TEXT],
+                &[&queue],
+            )
+            .await;
             last_heartbeat = tokio::time::Instant::now();
         }
         let read = tokio::select! {

@@ -7,6 +7,8 @@ use serde_json::Value;
 use tokio_postgres::GenericClient;
 
 use crate::error::Result;
+use crate::sql;
+use tokio_postgres::types::Type;
 
 /// How a message is sent; every field is optional, as `bussig.send`'s named arguments are.
 #[derive(Clone, Debug, Default)]
@@ -78,7 +80,7 @@ pub async fn send<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<Option<i64>> {
-    let sql = "SELECT bussig.send($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)";
+    let sql = "SELECT bussig.send($1, $2, $3, $4 * interval '1 second', $5, $6, $7, $8)";
     Ok(one_message(client, sql, queue, payload, options)
         .await?
         .get(0))
@@ -93,21 +95,31 @@ async fn one_message<C: GenericClient, T: Serialize + ?Sized>(
     options: &SendOptions,
 ) -> Result<tokio_postgres::Row> {
     let payload = serde_json::to_value(payload)?;
-    let row = client
-        .query_one(
-            sql,
-            &[
-                &target,
-                &payload,
-                &options.headers_value(),
-                &options.delay_seconds(),
-                &options.priority,
-                &options.dedup_id,
-                &options.correlation_id,
-                &options.reply_to,
-            ],
-        )
-        .await?;
+    let row = sql::query_one(
+        client,
+        sql,
+        &[
+            Type::TEXT,
+            Type::JSONB,
+            Type::JSONB,
+            Type::FLOAT8,
+            Type::INT4,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+        ],
+        &[
+            &target,
+            &payload,
+            &options.headers_value(),
+            &options.delay_seconds(),
+            &options.priority,
+            &options.dedup_id,
+            &options.correlation_id,
+            &options.reply_to,
+        ],
+    )
+    .await?;
     Ok(row)
 }
 
@@ -122,18 +134,25 @@ pub async fn send_batch<C: GenericClient, T: Serialize>(
         .iter()
         .map(serde_json::to_value)
         .collect::<Result<Vec<Value>, _>>()?;
-    let rows = client
-        .query(
-            "SELECT bussig.send_batch($1, $2, $3, $4::float8 * interval '1 second', $5)",
-            &[
-                &queue,
-                &payloads,
-                &options.headers_value(),
-                &options.delay_seconds(),
-                &options.priority,
-            ],
-        )
-        .await?;
+    let rows = sql::query(
+        client,
+        "SELECT bussig.send_batch($1, $2, $3, $4 * interval '1 second', $5)",
+        &[
+            Type::TEXT,
+            Type::JSONB_ARRAY,
+            Type::JSONB,
+            Type::FLOAT8,
+            Type::INT4,
+        ],
+        &[
+            &queue,
+            &payloads,
+            &options.headers_value(),
+            &options.delay_seconds(),
+            &options.priority,
+        ],
+    )
+    .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
@@ -144,7 +163,7 @@ pub async fn publish<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<i32> {
-    let sql = "SELECT bussig.publish($1, $2, $3, $4::float8 * interval '1 second', $5, $6, $7, $8)";
+    let sql = "SELECT bussig.publish($1, $2, $3, $4 * interval '1 second', $5, $6, $7, $8)";
     Ok(one_message(client, sql, subject, payload, options)
         .await?
         .get(0))

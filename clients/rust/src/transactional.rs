@@ -104,13 +104,8 @@ where
 {
     let tx = client.transaction().await?;
     handler(message, &tx).await?;
-    let acked: bool = tx
-        .query_one(
-            "SELECT bussig.ack($1, $2, $3)",
-            &[&&*message.queue, &message.id, &message.lock_token],
-        )
-        .await?
-        .get(0);
+    let acked: bool =
+        crate::delivery::ack(&tx, &message.queue, message.id, message.lock_token).await?;
     if !acked {
         // Dropping the transaction rolls it back.
         return Err(Failure::Error(
