@@ -13,7 +13,7 @@ fn queue_depth(queue: Option<&str>) -> Result<i64, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     Ok(access::connect(|client, caller| {
         caller.require_some(client, queue, None)?;
-        let queue_id = queue::require_destination(client, queue)?.queue_id;
+        let queue_id = queue::require(client, queue)?.queue_id;
         crate::depth::messages(client, queue_id)
     })?)
 }

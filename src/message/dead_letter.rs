@@ -189,10 +189,8 @@ pub fn one(
         if move_to_dead_letter_queue(client, &args)? > 0 {
             return Ok(true);
         }
-        if queue::require(client, queue)?
-            .dead_letter_queue_id
-            .is_none()
-        {
+        let found = queue::require(client, queue)?;
+        if queue::dead_letter_queue(client, found)?.is_none() {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
         }
         Ok(false)
@@ -205,7 +203,7 @@ pub fn redrive(queue: &str, max_messages: Option<i32>) -> BusResult<i64> {
     access::connect(|client, caller| -> BusResult<i64> {
         caller.require(client, queue, Privilege::Manage)?;
         let found = queue::require(client, queue)?;
-        let Some(dead_letter_queue_id) = found.dead_letter_queue_id else {
+        let Some(dead_letter_queue_id) = queue::dead_letter_queue(client, found)? else {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
         };
         let args: [DatumWithOid; 4] = [

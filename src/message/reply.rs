@@ -33,7 +33,7 @@ pub fn reply(
     check_size(payload.size(), headers)?;
     access::connect(|client, caller| {
         caller.require(client, queue, Privilege::Consume)?;
-        let queue_id = queue::require_destination(client, queue)?.queue_id;
+        let queue_id = queue::require(client, queue)?.queue_id;
         let args = [queue_id.into(), message_id.into(), lock_token.into()];
         let Some(request) = plans::run(client, &TAKE_REQUEST, &args)?.next() else {
             return nothing_done(client, queue, None);

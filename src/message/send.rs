@@ -124,19 +124,19 @@ fn destination(
     client: &mut SpiClient<'_>,
     caller: &Caller,
     queue: &str,
-) -> BusResult<queue::Destination> {
+) -> BusResult<queue::Queue> {
     match caller.require(client, queue, Privilege::Send) {
         Err(BusError::UnknownQueue(_)) => {}
         checked => checked?,
     }
-    if let Some(found) = queue::destination(client, queue)? {
+    if let Some(found) = queue::find(client, queue)? {
         return Ok(found);
     }
     if !gucs::AUTO_CREATE_QUEUES.get() {
         return Err(BusError::UnknownQueue(queue.to_string()));
     }
     queue::create(client, caller, queue, SettingsChange::default(), None)?;
-    queue::require_destination(client, queue)
+    queue::require(client, queue)
 }
 
 /// Runs a send into `found`: written directly when `direct` describes the messages and the table
@@ -145,7 +145,7 @@ fn destination(
 fn insert_messages(
     client: &mut SpiClient<'_>,
     queue: &str,
-    found: queue::Destination,
+    found: queue::Queue,
     delay: Option<Interval>,
     direct: Option<&direct_insert::Messages>,
     statement: &'static Statement,
@@ -166,14 +166,14 @@ fn send_directly<'a>(
     delay: Option<Interval>,
     messages: impl FnOnce(i32) -> direct_insert::Messages<'a>,
 ) -> Option<Vec<i64>> {
-    let found = queue::cached_destination(queue)?;
+    let found = queue::cached(queue)?;
     let ids = direct_insert::insert(&messages(found.queue_id))?;
     announce(queue, found, delay, &ids);
     Some(ids)
 }
 
 /// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
-fn announce(queue: &str, found: queue::Destination, delay: Option<Interval>, ids: &[i64]) {
+fn announce(queue: &str, found: queue::Queue, delay: Option<Interval>, ids: &[i64]) {
     depth::added(found.queue_id, ids.len());
     if !ids.is_empty() {
         let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
@@ -253,7 +253,7 @@ pub(super) fn reply_into(
     correlation_id: &str,
 ) -> BusResult<i64> {
     caller.require(client, queue, Privilege::Send)?;
-    let found = queue::require_destination(client, queue)?;
+    let found = queue::require(client, queue)?;
     let args: [DatumWithOid; 7] = [
         found.queue_id.into(),
         payload.into(),

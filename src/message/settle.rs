@@ -69,7 +69,7 @@ pub fn acknowledge(
     queue: &str,
     (message_ids, lock_tokens): (BigintArray, UuidArray),
 ) -> BusResult<i64> {
-    let queue_id = queue::require_destination(client, queue)?.queue_id;
+    let queue_id = queue::require(client, queue)?.queue_id;
     let acked = processed(
         client,
         &ACK_BATCH,
@@ -120,7 +120,7 @@ pub fn settled_pairs(
 pub fn ack(queue: &str, message_id: i64, lock_token: Uuid) -> BusResult<bool> {
     access::connect(|client, caller| {
         caller.require(client, queue, Privilege::Consume)?;
-        let queue_id = queue::require_destination(client, queue)?.queue_id;
+        let queue_id = queue::require(client, queue)?.queue_id;
         let args = [queue_id.into(), message_id.into(), lock_token.into()];
         let acked = processed(client, &ACK, &args)?;
         depth::removed(queue_id, acked as usize);

@@ -6,7 +6,7 @@
 //! | kept                                   | where                     | cleared by                                  |
 //! |----------------------------------------|---------------------------|---------------------------------------------|
 //! | kept statements, up to 16 limits each  | `plans`                   | the plan cache re-plans them after DDL      |
-//! | queues by name (`Destination`)         | `queue`                   | a change of any queue (`invalidation`)      |
+//! | queues by name (`queue::Queue`)        | `queue`                   | a change of any queue (`invalidation`)      |
 //! | subscriptions as a pattern trie        | `topic::routes`           | a change of subscriptions or queues         |
 //! | the message table's relation and file  | `direct_insert`           | a relcache invalidation of the table        |
 //! | read positions in backlogs             | `message::read_position`  | their lifetime, a short read, an abort      |

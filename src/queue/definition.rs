@@ -2,8 +2,8 @@
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
+use super::require;
 use super::settings::{settings_then, QueueSettings, SettingsChange};
-use super::{require, resolve};
 use crate::access::{Caller, Privilege};
 use crate::error::{BusError, BusResult};
 use crate::plans::{self, Statement};
@@ -128,7 +128,7 @@ fn ensure_dead_letter_queue(
     name: &str,
     owner_id: Option<i32>,
 ) -> BusResult<i32> {
-    if let Some(found) = resolve(client, name)? {
+    if let Some(found) = super::find(client, name)? {
         caller.require(client, name, Privilege::Send)?;
         return Ok(found.queue_id);
     }
@@ -172,7 +172,7 @@ pub fn create(
 ) -> BusResult<bool> {
     let settings = change.apply(QueueSettings::default())?;
     settings.check_notify(queue)?;
-    if resolve(client, queue)?.is_some() {
+    if super::find(client, queue)?.is_some() {
         return Ok(false);
     }
     caller.require_create(client, queue)?;
@@ -266,7 +266,7 @@ pub fn drop_by_id(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<bool> 
 
 /// Drops `queue` if it exists (false otherwise): 2BP01 while other queues send their dead letters to it.
 pub fn drop(client: &mut SpiClient<'_>, caller: &Caller, queue: &str) -> BusResult<bool> {
-    let Some(found) = resolve(client, queue)? else {
+    let Some(found) = super::find(client, queue)? else {
         return Ok(false);
     };
     caller.require(client, queue, Privilege::Manage)?;

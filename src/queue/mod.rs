@@ -20,33 +20,10 @@ use crate::plans::{self, Statement};
 pub use definition::{alter, create, drop, drop_by_id, purge};
 pub use settings::SettingsChange;
 
-/// A queue, as read from bussig.queue.
-pub struct QueueRef {
-    pub queue_id: i32,
-    pub dead_letter_queue_id: Option<i32>,
-    pub notify: bool,
-}
-
-static RESOLVE: Statement = Statement {
-    sql: "SELECT queue_id, dead_letter_queue_id, notify FROM bussig.queue WHERE name = $1",
-    args: &[pg_sys::TEXTOID],
-    writes: false,
-};
-
-pub fn resolve(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<QueueRef>> {
-    let Some(row) = plans::run(client, &RESOLVE, &[name.into()])?.next() else {
-        return Ok(None);
-    };
-    Ok(Some(QueueRef {
-        queue_id: plans::filled(&row, 1, "queue id")?,
-        dead_letter_queue_id: row.get(2)?,
-        notify: plans::filled(&row, 3, "notify")?,
-    }))
-}
-
-/// What sending to and acknowledging in a queue need, cached per backend by queue name.
+/// A queue as the SQL functions need it, cached per backend by name: its id, and whether commits
+/// that make its messages ready NOTIFY. Its settings are read where they are used.
 #[derive(Clone, Copy)]
-pub struct Destination {
+pub struct Queue {
     pub queue_id: i32,
     pub notify: bool,
 }
@@ -56,12 +33,12 @@ const KNOWN_QUEUES_LIMIT: usize = 10_000;
 
 thread_local! {
     /// Queues this backend looked up by name, and the invalidation generation they belong to.
-    static KNOWN: RefCell<(u64, HashMap<String, Destination>)> = RefCell::new((0, HashMap::new()));
+    static KNOWN: RefCell<(u64, HashMap<String, Queue>)> = RefCell::new((0, HashMap::new()));
 }
 
 // A writing statement, so that it reads with a new snapshot (see `invalidation::may_keep`). The row's
 // xmin tells whether this transaction wrote it.
-static RESOLVE_DESTINATION: Statement = Statement {
+static FIND: Statement = Statement {
     sql: "SELECT queue_id, notify, xmin::text::bigint FROM bussig.queue WHERE name = $1",
     args: &[pg_sys::TEXTOID],
     writes: true,
@@ -70,15 +47,15 @@ static RESOLVE_DESTINATION: Statement = Statement {
 /// The queue named `name`, from this backend's cache when no change to any queue's name or notify
 /// flag, and no drop, came since. A queue this transaction created or changed is not cached: the
 /// transaction may still roll back, and a new queue announces itself to no cache.
-pub fn destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Destination>> {
+pub fn find(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Queue>> {
     let generation = invalidation::generation(client)?;
     if let Some(found) = known(generation, name) {
         return Ok(Some(found));
     }
-    let Some(row) = plans::run(client, &RESOLVE_DESTINATION, &[name.into()])?.next() else {
+    let Some(row) = plans::run(client, &FIND, &[name.into()])?.next() else {
         return Ok(None);
     };
-    let found = Destination {
+    let found = Queue {
         queue_id: plans::filled(&row, 1, "queue id")?,
         notify: plans::filled(&row, 2, "notify")?,
     };
@@ -96,7 +73,7 @@ pub fn destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<D
     Ok(Some(found))
 }
 
-fn known(generation: u64, name: &str) -> Option<Destination> {
+fn known(generation: u64, name: &str) -> Option<Queue> {
     KNOWN.with(|known| {
         let known = known.borrow();
         (known.0 == generation)
@@ -107,15 +84,28 @@ fn known(generation: u64, name: &str) -> Option<Destination> {
 
 /// The queue named `name` when this backend's cache holds it and can tell, without a statement,
 /// that it is current.
-pub fn cached_destination(name: &str) -> Option<Destination> {
+pub fn cached(name: &str) -> Option<Queue> {
     known(invalidation::known_generation()?, name)
 }
 
-/// The cached queue, or 42704 when there is no such queue.
-pub fn require_destination(client: &mut SpiClient<'_>, name: &str) -> BusResult<Destination> {
-    destination(client, name)?.ok_or_else(|| BusError::UnknownQueue(name.to_string()))
+/// As `find`, or 42704 when there is no such queue.
+pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<Queue> {
+    find(client, name)?.ok_or_else(|| BusError::UnknownQueue(name.to_string()))
 }
 
-pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<QueueRef> {
-    resolve(client, name)?.ok_or_else(|| BusError::UnknownQueue(name.to_string()))
+// Not cached: the invalidation that keeps the cache current does not follow this column, and only
+// dead-lettering by hand and redrive need it.
+static DEAD_LETTER_QUEUE: Statement = Statement {
+    sql: "SELECT dead_letter_queue_id FROM bussig.queue WHERE queue_id = $1",
+    args: &[pg_sys::INT4OID],
+    writes: false,
+};
+
+/// The queue's dead-letter queue, read now; None for a queue without one (a dead-letter queue).
+pub fn dead_letter_queue(client: &mut SpiClient<'_>, queue: Queue) -> BusResult<Option<i32>> {
+    Ok(plans::first_value(
+        client,
+        &DEAD_LETTER_QUEUE,
+        &[queue.queue_id.into()],
+    )?)
 }
