@@ -6,3 +6,4 @@ mod messages;
 mod queues;
 mod superseded;
 mod topics;
+mod worker;

@@ -113,8 +113,7 @@ pub fn may_keep(generation: u64) -> bool {
 
 /// Called by the triggers on queues and subscriptions: every backend drops its cached copies (this
 /// one at once, the others when this transaction commits).
-#[pg_extern]
-fn invalidate_routing() -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+pub fn invalidate_routing() -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
     bump();
     if let Some(table) = Spi::connect_mut(subscription_table)? {
         // SAFETY: the relation exists (it was just looked up); the invalidation is sent at commit.

@@ -318,4 +318,19 @@ mod tests {
             Some("00:00:00")
         );
     }
+
+    /// create_queue's SQL defaults and the defaults a dead-letter queue is made with are written in
+    /// two places (pgrx takes only literals as defaults); they must agree.
+    #[pg_test]
+    fn a_queues_sql_defaults_match_those_its_dead_letter_queue_gets() {
+        run("SELECT bussig.create_queue('defaults')");
+        let settings = "max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max,
+                        retry_multiplier, dedup_window";
+        assert_eq!(
+            count(&format!(
+                "SELECT DISTINCT {settings} FROM bussig.queues WHERE queue IN ('defaults', 'defaults_dlq')"
+            )),
+            1
+        );
+    }
 }

@@ -467,32 +467,25 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
     Ok(plans::run(client, &ORPHANED_MESSAGES, &[])?.len() as i64)
 }
 
-/// Every step once, in the caller's transaction; pending fan-outs are delivered completely.
-#[pg_extern]
-fn run_maintenance() -> Result<pgrx::JsonB, pgrx::pg_sys::panic::ErrorReport> {
-    crate::access::require_owner("run_maintenance")?;
-    // `connect` turns jit off for the steps' full scans and back to the caller's setting after.
-    Ok(crate::access::connect(
-        |client, _| -> BusResult<pgrx::JsonB> {
-            let started = Instant::now();
-            let mut fanned_out = 0;
-            while let Some(delivered) = fan_out_chunk(client, BATCH)? {
-                fanned_out += delivered;
-            }
-            let counts = serde_json::json!({
-                "dead_lettered_locks": dead_letter_expired_locks(client)?,
-                "expired_messages": expire_messages(client)?,
-                "pruned_dedup_keys": prune_dedup_keys(client)?,
-                "dropped_queues": drop_expired_queues(client)?,
-                "fanned_out": fanned_out,
-                "collected_bodies": collect_all_bodies(client)?,
-                "removed_orphans": remove_orphans(client)?,
-                "counted_touched_queues": count_touched_queues(client)?,
-                "counted_queues": refresh_stats(client)?,
-                "compacted_tables": compact(client)?,
-                "milliseconds": started.elapsed().as_millis() as u64,
-            });
-            Ok(pgrx::JsonB(counts))
-        },
-    )?)
+/// Every step once, in the caller's transaction; pending fan-outs are delivered completely. What each
+/// step did, and how long it all took.
+pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
+    let started = Instant::now();
+    let mut fanned_out = 0;
+    while let Some(delivered) = fan_out_chunk(client, BATCH)? {
+        fanned_out += delivered;
+    }
+    Ok(serde_json::json!({
+        "dead_lettered_locks": dead_letter_expired_locks(client)?,
+        "expired_messages": expire_messages(client)?,
+        "pruned_dedup_keys": prune_dedup_keys(client)?,
+        "dropped_queues": drop_expired_queues(client)?,
+        "fanned_out": fanned_out,
+        "collected_bodies": collect_all_bodies(client)?,
+        "removed_orphans": remove_orphans(client)?,
+        "counted_touched_queues": count_touched_queues(client)?,
+        "counted_queues": refresh_stats(client)?,
+        "compacted_tables": compact(client)?,
+        "milliseconds": started.elapsed().as_millis() as u64,
+    }))
 }

@@ -68,9 +68,8 @@ fn database_allowed(name: &str) -> bool {
 }
 
 /// Called at CREATE EXTENSION: says once when no worker will run, and otherwise asks the launcher
-/// to start this database's worker now rather than at its next round.
-#[pg_extern]
-fn ensure_worker() -> &'static str {
+/// to start this database's worker now rather than at its next round. What it found.
+pub fn ensure() -> &'static str {
     if !wakeup::shared_memory() {
         pgrx::notice!(
             "bussig: the background worker is not running: add bussig to shared_preload_libraries and \
