@@ -26,9 +26,9 @@ static SEND: Statement = Statement {
     writes: true,
 };
 
-/// queue_id, payload, headers, delay, priority, correlation_id, reply_to.
-const SEND_ARGS: [pg_sys::Oid; 7] = [
-    pg_sys::INT4OID,
+/// The parameter types of a message's fields, as sends and publishes take them after its
+/// destination: payload, headers, delay, priority, correlation_id, reply_to.
+pub const MESSAGE_FIELDS: [pg_sys::Oid; 6] = [
     pg_sys::JSONBOID,
     pg_sys::JSONBOID,
     pg_sys::INTERVALOID,
@@ -36,6 +36,9 @@ const SEND_ARGS: [pg_sys::Oid; 7] = [
     pg_sys::TEXTOID,
     pg_sys::TEXTOID,
 ];
+
+/// queue_id, then the message's fields.
+const SEND_ARGS: [pg_sys::Oid; 7] = plans::joined([pg_sys::INT4OID], MESSAGE_FIELDS);
 
 // A key that expired stays in place until the worker prunes it; ON CONFLICT revives it.
 static SEND_DEDUPLICATED: Statement = Statement {

@@ -7,7 +7,7 @@ use pgrx::spi::SpiClient;
 use super::{checked_subject, routes};
 use crate::access::{self, Caller, Privilege};
 use crate::error::{BusError, BusResult};
-use crate::message::send::{check_size, Extras, Outgoing};
+use crate::message::send::{check_size, Extras, Outgoing, MESSAGE_FIELDS};
 use crate::pg::datum::{ArrayShape, Jsonb, JsonbArray};
 use crate::pg::gucs;
 use crate::pg::wakeup;
@@ -56,16 +56,11 @@ static PUBLISH_TO_WORKER: Statement = Statement {
     writes: true,
 };
 
-const PUBLISH_ARGS: [pg_sys::Oid; 8] = [
-    pg_sys::INT4ARRAYOID,
-    pg_sys::JSONBOID,
-    pg_sys::JSONBOID,
-    pg_sys::INTERVALOID,
-    pg_sys::INT4OID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-];
+/// The queue ids, the message's fields, its subject.
+const PUBLISH_ARGS: [pg_sys::Oid; 8] = plans::joined(
+    plans::joined::<1, 6, 7>([pg_sys::INT4ARRAYOID], MESSAGE_FIELDS),
+    [pg_sys::TEXTOID],
+);
 
 /// One message for every subscribed queue whose pattern matches and that the caller may send to; how
 /// many queues received it.
