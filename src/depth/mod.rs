@@ -61,9 +61,13 @@ thread_local! {
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
 }
 
-/// Called from _PG_init while shared_preload_libraries is processed: the counts live in shared memory.
-pub fn request_shared_memory() {
-    // SAFETY: _PG_init runs once in the postmaster, and this is the only request for DEPTHS.
+/// Asks for the counts' shared memory.
+///
+/// # Safety
+/// Call once, from _PG_init while shared_preload_libraries is processed: a second call would chain
+/// the shared memory hooks to themselves.
+pub unsafe fn request_shared_memory() {
+    // SAFETY: the caller's contract is `request`'s.
     unsafe { DEPTHS.request() };
 }
 
@@ -263,7 +267,7 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
     }
     // A count is kept only when it sees exactly what has committed: not with this transaction's
     // own changes in it, nor in a snapshot taken before now.
-    let keep = shared && own.is_none() && !crate::pg::xact::snapshot_is_fixed();
+    let keep = shared && own.is_none() && counts_in_own_snapshot();
     // Prepared first, so that few commits end between the start of the count and its snapshot.
     plans::prepare(client, &COUNT_MESSAGES)?;
     let generation = if keep {
@@ -279,6 +283,14 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
             .finish_count(key, generation, count, |xid| snapshot.saw(xid), false);
     }
     Ok(count)
+}
+
+/// Whether a count runs in the snapshot `count` takes, so that commits can be judged against it.
+/// SPI reads in the active snapshot only while the transaction has written nothing (no xid): after a
+/// write it takes a snapshot of its own for each statement. A transaction-long snapshot is older
+/// than the count's start.
+fn counts_in_own_snapshot() -> bool {
+    !crate::pg::xact::snapshot_is_fixed() && crate::pg::xact::top_transaction_id() == 0
 }
 
 /// Counts of queues' messages, and the snapshot they were counted in.
@@ -323,7 +335,7 @@ static PREPARED_HERE: Statement = Statement {
 /// prepared transaction changed them), and forgets the queues of dropped databases and of a dropped
 /// bussig. How many it counted.
 pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    if !wakeup::shared_memory() || crate::pg::xact::snapshot_is_fixed() {
+    if !wakeup::shared_memory() || !counts_in_own_snapshot() {
         return Ok(0);
     }
     let relation = message_storage();

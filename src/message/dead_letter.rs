@@ -190,7 +190,7 @@ pub fn one(
             return Ok(true);
         }
         let found = queue::require(client, queue)?;
-        if queue::dead_letter_queue(client, found)?.is_none() {
+        if queue::dead_letter_queue(client, queue, found)?.is_none() {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
         }
         Ok(false)
@@ -203,7 +203,7 @@ pub fn redrive(queue: &str, max_messages: Option<i32>) -> BusResult<i64> {
     access::connect(|client, caller| -> BusResult<i64> {
         caller.require(client, queue, Privilege::Manage)?;
         let found = queue::require(client, queue)?;
-        let Some(dead_letter_queue_id) = queue::dead_letter_queue(client, found)? else {
+        let Some(dead_letter_queue_id) = queue::dead_letter_queue(client, queue, found)? else {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
         };
         let args: [DatumWithOid; 4] = [

@@ -6,9 +6,10 @@ use pgrx::pg_sys;
 /// whenever the row does not plainly say so. A block past the end of the table is an error.
 pub fn replaced_by_a_commit(relation: pg_sys::Oid, version: pg_sys::ItemPointerData) -> bool {
     let (block, offset) = item_pointer_get_both(version);
-    // SAFETY: the relation is bussig.message, opened with the weakest lock for the call; the buffer
-    // is pinned and share-locked while its page is read, and released before the relation is
-    // closed.
+    // SAFETY: relation_open raises an ERROR for an unknown oid, and only a heap's pages are read (the
+    // access method is checked); ReadBufferExtended raises an ERROR for a block past the end; the
+    // buffer is pinned and share-locked while its page is read, and released before the relation is
+    // closed; the item is read only when the page says it is a normal tuple.
     unsafe {
         let relation = pg_sys::relation_open(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let is_heap = (*(*relation).rd_rel).relam == pg_sys::HEAP_TABLE_AM_OID;

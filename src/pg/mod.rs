@@ -36,8 +36,11 @@ pub fn init() {
     gucs::register();
     // SAFETY: a plain read of a flag the postmaster sets while it loads preloaded libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        wakeup::request_shared_memory();
-        crate::depth::request_shared_memory();
+        // SAFETY: this is _PG_init while shared_preload_libraries is processed, and the only call.
+        unsafe {
+            wakeup::request_shared_memory();
+            crate::depth::request_shared_memory();
+        }
     }
     planner::init();
     xact::register();

@@ -26,10 +26,10 @@ thread_local! {
     static WHOLE_TABLE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Called from _PG_init.
+/// Called from _PG_init, once per process.
 pub(super) fn init() {
-    // SAFETY: called from _PG_init, once per process and single-threaded, before any planning; the
-    // previous hooks are kept and called.
+    // SAFETY: called from _PG_init, once per process and single-threaded; the hooks take effect from
+    // the next planning, and the previous hooks are kept and called.
     unsafe {
         PREVIOUS_PLANNER = pg_sys::planner_hook;
         pg_sys::planner_hook = Some(plan);

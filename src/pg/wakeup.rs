@@ -121,9 +121,13 @@ thread_local! {
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Called from _PG_init while shared_preload_libraries is processed: without the preload there is
-/// no shared memory, and waiting readers poll.
-pub(super) fn request_shared_memory() {
+/// Asks for the waiting readers' shared memory; without the preload there is none, and waiting
+/// readers poll.
+///
+/// # Safety
+/// Call once, from _PG_init while shared_preload_libraries is processed: a second call would chain
+/// the shared memory hooks to themselves.
+pub(super) unsafe fn request_shared_memory() {
     pg_shmem_init!(SLEEPERS);
     pg_shmem_init!(READERS_WAITING);
     SHARED_MEMORY.store(true, Ordering::Relaxed);
@@ -414,8 +418,9 @@ impl Waiting {
         } else {
             timeout.min(POLL_INTERVAL)
         };
-        // SAFETY: waits on this process's own latch; an ERROR cannot come from WaitLatch, and a
-        // dead postmaster exits the process.
+        // SAFETY: waits on this process's own latch, which lives as long as the process; an ERROR
+        // from WaitLatch (a failed system call) unwinds through pgrx like any other, and a dead
+        // postmaster exits the process.
         unsafe {
             pg_sys::WaitLatch(
                 pg_sys::MyLatch,
@@ -436,7 +441,6 @@ impl Waiting {
     /// it by meanwhile.
     fn clear_wake(&self) -> (i32, bool, bool) {
         let mut sleepers = SLEEPERS.exclusive();
-        // SAFETY: MyProcPid is set once at process start and only read afterwards.
         let pid = crate::pg::my_pid();
         match sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
             Some(slot) => {

@@ -8,8 +8,8 @@ use crate::depth;
 use crate::message::read_position;
 
 pub(super) fn register() {
-    // SAFETY: called from _PG_init, once per process, before any transaction; the callbacks are
-    // plain functions that live as long as the library.
+    // SAFETY: called from _PG_init, once per process; the callbacks are plain functions that live as
+    // long as the library (it is never unloaded), and take effect from the next transaction event.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());

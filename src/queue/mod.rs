@@ -94,18 +94,23 @@ pub fn require(client: &mut SpiClient<'_>, name: &str) -> BusResult<Queue> {
 }
 
 // Not cached: the invalidation that keeps the cache current does not follow this column, and only
-// dead-lettering by hand and redrive need it.
+// dead-lettering by hand and redrive need it. A writing statement, so that it reads in a snapshot at
+// least as new as the one `find` read the queue in.
 static DEAD_LETTER_QUEUE: Statement = Statement {
     sql: "SELECT dead_letter_queue_id FROM bussig.queue WHERE queue_id = $1",
     args: &[pg_sys::INT4OID],
-    writes: false,
+    writes: true,
 };
 
-/// The queue's dead-letter queue, read now; None for a queue without one (a dead-letter queue).
-pub fn dead_letter_queue(client: &mut SpiClient<'_>, queue: Queue) -> BusResult<Option<i32>> {
-    Ok(plans::first_value(
-        client,
-        &DEAD_LETTER_QUEUE,
-        &[queue.queue_id.into()],
-    )?)
+/// The dead-letter queue of `queue` (named `name`), read now; None for a queue without one (a
+/// dead-letter queue); 42704 when it was dropped since it was found.
+pub fn dead_letter_queue(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    queue: Queue,
+) -> BusResult<Option<i32>> {
+    let Some(row) = plans::run(client, &DEAD_LETTER_QUEUE, &[queue.queue_id.into()])?.next() else {
+        return Err(BusError::UnknownQueue(name.to_string()));
+    };
+    Ok(row.get(1)?)
 }
