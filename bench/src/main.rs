@@ -3,6 +3,7 @@
 //! program installs pgmq's SQL, drives every workload, prints the tables and writes
 //! `docs/benchmarks.md` with the soak chart next to it.
 
+mod client;
 mod faults;
 mod features;
 mod field;
@@ -145,7 +146,9 @@ fn run() -> Res<()> {
         .unwrap_or_default();
     let wanted = |number: &str| {
         !skip.iter().any(|w| w == number)
-            && only.as_ref().is_none_or(|list| list.iter().any(|w| w == number))
+            && only
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|w| w == number))
     };
     let seconds_from = |name: &str, into: &mut Duration| -> Res<()> {
         if let Ok(seconds) = std::env::var(name) {
@@ -175,7 +178,7 @@ fn run() -> Res<()> {
         sections.push(section);
     };
     type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
-    let workloads: [(&str, Workload); 10] = [
+    let workloads: [(&str, Workload); 11] = [
         ("1 send", workloads::sends),
         ("2 send_batch", workloads::send_batches),
         ("3 consume", workloads::consume),
@@ -189,6 +192,7 @@ fn run() -> Res<()> {
         ("11 depth-polling job queue sweep", field::job_queue),
         ("12 pressure on the vacuum horizon", pressure::pressure),
         ("13 faults, with a ledger", faults::faults),
+        ("14 the Rust client's consumer", client::client_consumer),
     ];
     for (name, workload) in workloads {
         let number = name.split(' ').next().unwrap_or(name);
