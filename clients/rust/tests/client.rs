@@ -7,6 +7,7 @@ use serde_json::json;
 
 mod common;
 use common::*;
+use tokio_postgres::types::Type;
 
 #[tokio::test]
 async fn sends_commit_with_the_callers_transaction_and_errors_keep_their_sqlstate() {
@@ -43,9 +44,12 @@ async fn sends_commit_with_the_callers_transaction_and_errors_keep_their_sqlstat
 
     let topic = TestQueue::create(&c, "publish", "").await;
     let pattern = format!("clienttest.p{}.*", std::process::id());
-    c.execute("SELECT bussig.subscribe($1, $2)", &[&topic.name, &pattern])
-        .await
-        .unwrap();
+    c.query_typed(
+        "SELECT bussig.subscribe($1, $2)",
+        &[(&topic.name, Type::TEXT), (&pattern, Type::TEXT)],
+    )
+    .await
+    .unwrap();
     let subject = pattern.replace('*', "created");
     assert_eq!(
         publish(&c, &subject, &Job { n: 9 }, &SendOptions::new())
@@ -135,9 +139,9 @@ async fn each_handler_outcome_settles_its_message() {
     shutdown.cancel();
     running.await.unwrap().unwrap();
     let reasons: Vec<String> = c
-        .query(
+        .query_typed(
             "SELECT headers ->> 'bussig-dead-letter-reason' FROM bussig.peek($1, 10) ORDER BY 1",
-            &[&q.dlq()],
+            &[(&q.dlq(), Type::TEXT)],
         )
         .await
         .unwrap()

@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bussig_client::*;
+use tokio_postgres::types::Type;
 
 mod common;
 use common::*;
@@ -82,12 +83,12 @@ async fn requests_get_their_replies_and_a_request_nobody_answers_times_out() {
     assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 1);
     requester.stop().await.unwrap();
     let gone: i64 = c
-        .query_one(
+        .query_typed(
             "SELECT count(*) FROM bussig.queues WHERE queue = $1",
-            &[&requester.reply_queue()],
+            &[(&requester.reply_queue(), Type::TEXT)],
         )
         .await
-        .unwrap()
+        .unwrap()[0]
         .get(0);
     assert_eq!(gone, 0, "stop drops the reply queue");
 }
@@ -121,8 +122,11 @@ async fn a_transactional_handlers_writes_commit_with_its_ack_or_not_at_all() {
         move |m: &Message<Job>, tx| {
             let table = table.clone();
             Box::pin(async move {
-                tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&m.payload.n])
-                    .await?;
+                tx.query_typed(
+                    &format!("INSERT INTO {table} VALUES ($1)"),
+                    &[(&m.payload.n, Type::INT8)],
+                )
+                .await?;
                 match (m.payload.n, m.delivery_count) {
                     (2, 1) => Err(Failure::retry_after(Duration::ZERO)),
                     (3, 1) => panic!("after writing"),
@@ -130,11 +134,11 @@ async fn a_transactional_handlers_writes_commit_with_its_ack_or_not_at_all() {
                         // Another consumer takes the message over: this transaction must not commit.
                         let other = client().await;
                         other
-                            .execute(
+                            .query_typed(
                                 "UPDATE bussig.message SET lock_token = gen_random_uuid(),
                                         visible_at = clock_timestamp() + interval '300 ms'
                                  WHERE message_id = $1",
-                                &[&m.id],
+                                &[(&m.id, Type::INT8)],
                             )
                             .await?;
                         Ok(())
@@ -152,7 +156,7 @@ async fn a_transactional_handlers_writes_commit_with_its_ack_or_not_at_all() {
     shutdown.cancel();
     running.await.unwrap().unwrap();
     let written: Vec<i64> = c
-        .query(&format!("SELECT n FROM {effects} ORDER BY n"), &[])
+        .query_typed(&format!("SELECT n FROM {effects} ORDER BY n"), &[])
         .await
         .unwrap()
         .iter()
@@ -219,12 +223,12 @@ async fn every_broadcast_subscriber_gets_each_message_and_its_queue_goes_with_it
     }
     for queue in queues {
         let left: i64 = c
-            .query_one(
+            .query_typed(
                 "SELECT count(*) FROM bussig.queues WHERE queue = $1",
-                &[&queue],
+                &[(&queue, Type::TEXT)],
             )
             .await
-            .unwrap()
+            .unwrap()[0]
             .get(0);
         assert_eq!(left, 0, "{queue} is dropped at shutdown");
     }

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use bussig_client::connect_no_tls;
 use serde::{Deserialize, Serialize};
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,9 +34,10 @@ impl TestQueue {
             % 1_000_000_000_000;
         let name = format!("client_{test}_{}_{nanos:x}", std::process::id());
         let sep = if options.is_empty() { "" } else { ", " };
-        c.execute(
+        // Unnamed statements only (query_typed): the tests also run through pgbouncer.
+        c.query_typed(
             &format!("SELECT bussig.create_queue($1{sep}{options})"),
-            &[&name],
+            &[(&name, Type::TEXT)],
         )
         .await
         .expect("create_queue");
@@ -57,7 +59,9 @@ impl Drop for TestQueue {
                 .unwrap();
             runtime.block_on(async {
                 let c = client().await;
-                let _ = c.execute("SELECT bussig.drop_queue($1)", &[&name]).await;
+                let _ = c
+                    .query_typed("SELECT bussig.drop_queue($1)", &[(&name, Type::TEXT)])
+                    .await;
             });
         })
         .join();
@@ -66,9 +70,9 @@ impl Drop for TestQueue {
 
 /// (state, delivery_count) of each message `peek` shows, in delivery order.
 pub async fn states(c: &Client, queue: &str) -> Vec<(String, i32)> {
-    c.query(
+    c.query_typed(
         "SELECT state, delivery_count FROM bussig.peek($1, 100)",
-        &[&queue],
+        &[(&queue, Type::TEXT)],
     )
     .await
     .unwrap()
