@@ -144,15 +144,18 @@ struct ReadRow {
     enqueued_at: TimestampWithTimeZone,
     correlation_id: Option<String>,
     reply_to: Option<String>,
-    dead_reason: Option<DeadReason>,
-    has_dead_letter_queue: bool,
-    queue_id: i32,
+    /// Why it may not be delivered, and whether its queue has a dead-letter queue.
+    dead: Option<(DeadReason, bool)>,
 }
 
 impl ReadRow {
     fn decode(row: &SpiHeapTupleData<'_>) -> BusResult<ReadRow> {
-        let dead_reason = match row.get::<String>(12)? {
-            Some(reason) => Some(DeadReason::parse(&reason)?),
+        // Only what a delivery needs is read: every column read costs a conversion per message.
+        let dead = match row.get::<String>(12)? {
+            Some(reason) => Some((
+                DeadReason::parse(&reason)?,
+                plans::filled(row, 13, "dead-letter flag")?,
+            )),
             None => None,
         };
         Ok(ReadRow {
@@ -169,9 +172,7 @@ impl ReadRow {
             enqueued_at: plans::filled(row, 8, "enqueue time")?,
             correlation_id: row.get(9)?,
             reply_to: row.get(10)?,
-            dead_reason,
-            has_dead_letter_queue: plans::filled(row, 13, "dead-letter flag")?,
-            queue_id: plans::filled(row, 14, "queue id")?,
+            dead,
         })
     }
 
@@ -225,20 +226,20 @@ fn receive(
         let mut returned = 0;
         let mut first: Option<Position> = None;
         for row in rows {
-            let row = ReadRow::decode(&row)?;
             if returned == 0 {
-                depth::touched(row.queue_id);
+                depth::touched(plans::filled(&row, 14, "queue id")?);
             }
+            let row = ReadRow::decode(&row)?;
             returned += 1;
             let position = row.position;
             if first.is_none_or(|first| position < first) {
                 first = Some(position);
             }
-            match row.dead_reason {
-                Some(reason) => dead.push(Dead {
+            match row.dead {
+                Some((reason, has_dead_letter_queue)) => dead.push(Dead {
                     message_id: position.message_id,
                     reason,
-                    has_dead_letter_queue: row.has_dead_letter_queue,
+                    has_dead_letter_queue,
                 }),
                 None => delivered.push(row.delivery(queue)?),
             }
