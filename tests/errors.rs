@@ -76,8 +76,8 @@ fn misspelt_settings_are_refused_and_maintenance_leaves_settings_alone() {
         .unwrap();
     let mut tx = c.transaction().unwrap();
     tx.batch_execute("SET LOCAL jit = on").unwrap();
-    tx.query_one("SELECT bussig.run_maintenance()", &[]).unwrap();
+    tx.query_one("SELECT bussig.run_maintenance()", &[])
+        .unwrap();
     let jit: String = tx.query_one("SHOW jit", &[]).unwrap().get(0);
     assert_eq!(jit, "on", "jit after run_maintenance");
 }
-

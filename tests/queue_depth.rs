@@ -6,7 +6,6 @@ use std::thread;
 
 use bussig_tests::*;
 
-
 /// `(queue_depth, rows)` of `queue`, in one statement.
 fn depth_and_rows(c: &mut impl GenericClient, queue: &str) -> (i64, i64) {
     let row = c
@@ -25,10 +24,16 @@ fn assert_exact(c: &mut Client, queues: &[&str], after: &str) {
         let (depth, rows) = depth_and_rows(c, queue);
         assert_eq!(depth, rows, "depth of {queue} after {after}");
         let in_view: i64 = c
-            .query_one("SELECT messages FROM bussig.queues WHERE queue = $1::text", &[queue])
+            .query_one(
+                "SELECT messages FROM bussig.queues WHERE queue = $1::text",
+                &[queue],
+            )
             .unwrap()
             .get(0);
-        assert_eq!(in_view, rows, "bussig.queues.messages of {queue} after {after}");
+        assert_eq!(
+            in_view, rows,
+            "bussig.queues.messages of {queue} after {after}"
+        );
     }
 }
 
@@ -69,9 +74,19 @@ fn every_change_to_a_queue_keeps_its_depth_equal_to_its_rows() {
     assert_exact(&mut c, &all, "create_queue");
 
     send(&mut c, "q", &serde_json::json!(1));
-    send_batch(&mut c, "q", &[serde_json::json!(2), serde_json::json!(3), serde_json::json!(4)]);
-    c.execute("SELECT bussig.publish('orders.new', '5')", &[]).unwrap();
-    c.execute("SELECT bussig.send('q', '6', delay => '1 hour')", &[]).unwrap();
+    send_batch(
+        &mut c,
+        "q",
+        &[
+            serde_json::json!(2),
+            serde_json::json!(3),
+            serde_json::json!(4),
+        ],
+    );
+    c.execute("SELECT bussig.publish('orders.new', '5')", &[])
+        .unwrap();
+    c.execute("SELECT bussig.send('q', '6', delay => '1 hour')", &[])
+        .unwrap();
     assert_exact(&mut c, &all, "send, send_batch, publish");
 
     let got = read(&mut c, "q", 4, None);
@@ -79,11 +94,16 @@ fn every_change_to_a_queue_keeps_its_depth_equal_to_its_rows() {
     assert_exact(&mut c, &all, "read");
     assert!(ack(&mut c, "q", got[0].id, got[0].token));
     let (ids, tokens) = ids_and_tokens(&got[1..2]);
-    c.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens]).unwrap();
-    // A stale token acks nothing and takes nothing off.
-    c.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens]).unwrap();
-    c.execute("SELECT bussig.nack('q', $1, $2, delay => '0 s')", &[&got[2].id, &got[2].token])
+    c.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens])
         .unwrap();
+    // A stale token acks nothing and takes nothing off.
+    c.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens])
+        .unwrap();
+    c.execute(
+        "SELECT bussig.nack('q', $1, $2, delay => '0 s')",
+        &[&got[2].id, &got[2].token],
+    )
+    .unwrap();
     assert_exact(&mut c, &all, "ack, ack_batch, nack");
 
     let (ids, tokens) = ids_and_tokens(&got[3..4]);
@@ -108,10 +128,18 @@ fn every_change_to_a_queue_keeps_its_depth_equal_to_its_rows() {
         .filter(|d| d.delivery_count == 2)
         .collect();
     assert_eq!(last.len(), 1);
-    c.execute("SELECT bussig.nack('q', $1, $2)", &[&last[0].id, &last[0].token]).unwrap();
+    c.execute(
+        "SELECT bussig.nack('q', $1, $2)",
+        &[&last[0].id, &last[0].token],
+    )
+    .unwrap();
     assert_exact(&mut c, &all, "a nack past max_deliveries");
 
-    c.execute("UPDATE bussig.message SET visible_at = now() - interval '1 s'", &[]).unwrap();
+    c.execute(
+        "UPDATE bussig.message SET visible_at = now() - interval '1 s'",
+        &[],
+    )
+    .unwrap();
     let got = read(&mut c, "q", 1, None);
     c.execute(
         "SELECT bussig.dead_letter('q', $1, $2, 'rejected')",
@@ -119,23 +147,33 @@ fn every_change_to_a_queue_keeps_its_depth_equal_to_its_rows() {
     )
     .unwrap();
     assert_exact(&mut c, &all, "dead_letter");
-    let redriven: i64 = c.query_one("SELECT bussig.redrive('q')", &[]).unwrap().get(0);
+    let redriven: i64 = c
+        .query_one("SELECT bussig.redrive('q')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(redriven, 2);
     assert_exact(&mut c, &all, "redrive");
 
     send_batch(&mut c, "t", &[serde_json::json!(1), serde_json::json!(2)]);
     thread::sleep(std::time::Duration::from_millis(1100));
-    let expired: serde_json::Value =
-        c.query_one("SELECT bussig.run_maintenance()", &[]).unwrap().get(0);
+    let expired: serde_json::Value = c
+        .query_one("SELECT bussig.run_maintenance()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(expired["expired_messages"], 2);
     assert_exact(&mut c, &all, "TTL expiry");
 
-    let purged: i64 = c.query_one("SELECT bussig.purge_queue('q')", &[]).unwrap().get(0);
+    let purged: i64 = c
+        .query_one("SELECT bussig.purge_queue('q')", &[])
+        .unwrap()
+        .get(0);
     assert!(purged > 0);
     assert_exact(&mut c, &all, "purge_queue");
 
     c.execute("SELECT bussig.drop_queue('t')", &[]).unwrap();
-    let gone = c.query_one("SELECT bussig.queue_depth('t')", &[]).unwrap_err();
+    let gone = c
+        .query_one("SELECT bussig.queue_depth('t')", &[])
+        .unwrap_err();
     assert_eq!(gone.code().map(|c| c.code()), Some("42704"));
     assert_exact(&mut c, &["q", "q_dlq"], "drop_queue");
 }
@@ -164,14 +202,16 @@ fn a_transaction_sees_its_own_changes_and_nobody_sees_what_rolled_back() {
     let mut tx = c.transaction().unwrap();
     let got = read(&mut tx, "q", 4, None);
     let (ids, tokens) = ids_and_tokens(&got);
-    tx.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens]).unwrap();
+    tx.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens])
+        .unwrap();
     assert_eq!(depth_and_rows(&mut tx, "q"), (0, 0));
     tx.rollback().unwrap();
     assert_eq!(depth_and_rows(&mut c, "q"), (4, 4));
 
     // A queue created and filled in a transaction that rolls back leaves nothing behind.
     let mut tx = c.transaction().unwrap();
-    tx.batch_execute("SELECT bussig.create_queue('r'); SELECT bussig.send('r', '1')").unwrap();
+    tx.batch_execute("SELECT bussig.create_queue('r'); SELECT bussig.send('r', '1')")
+        .unwrap();
     assert_eq!(depth_and_rows(&mut tx, "r"), (1, 1));
     tx.rollback().unwrap();
     c.batch_execute("SELECT bussig.create_queue('r')").unwrap();
@@ -187,7 +227,8 @@ fn a_truncated_or_rewritten_message_table_is_counted_again() {
     c.batch_execute("TRUNCATE bussig.message").unwrap();
     assert_eq!(depth_and_rows(&mut c, "q"), (0, 0), "after TRUNCATE");
     send(&mut c, "q", &serde_json::json!(3));
-    c.batch_execute("CLUSTER bussig.message USING message_delivery_order").unwrap();
+    c.batch_execute("CLUSTER bussig.message USING message_delivery_order")
+        .unwrap();
     send(&mut c, "q", &serde_json::json!(4));
     assert_exact(&mut c, &["q", "q_dlq"], "a rewrite and more sends");
 }
@@ -212,15 +253,19 @@ fn concurrent_commits_and_rollbacks_leave_every_depth_exact() {
                     let mut tx = c.transaction().unwrap();
                     match dice.below(4) {
                         0 => {
-                            let batch: Vec<_> =
-                                (0..1 + dice.below(5)).map(serde_json::Value::from).collect();
+                            let batch: Vec<_> = (0..1 + dice.below(5))
+                                .map(serde_json::Value::from)
+                                .collect();
                             send_batch(&mut tx, queue, &batch);
                         }
                         1 => {
                             let got = read(&mut tx, queue, 3, Some("0.05 s"));
                             let (ids, tokens) = ids_and_tokens(&got);
-                            tx.execute("SELECT bussig.ack_batch($1::text, $2, $3)", &[&queue, &ids, &tokens])
-                                .unwrap();
+                            tx.execute(
+                                "SELECT bussig.ack_batch($1::text, $2, $3)",
+                                &[&queue, &ids, &tokens],
+                            )
+                            .unwrap();
                         }
                         2 => {
                             for got in read(&mut tx, queue, 2, Some("0.05 s")) {
@@ -263,14 +308,21 @@ fn concurrent_commits_and_rollbacks_leave_every_depth_exact() {
 }
 
 /// After a rewrite every count starts over from the rows, taken while commits go on: the count keeps
-/// what commits during it add, and must not add again what its snapshot already saw.
+/// what commits during it add, and must not add again what its snapshot already saw. The queue is
+/// large enough that each count takes a while, and more sessions commit than a count could judge by
+/// arrival alone.
 #[test]
 fn counts_taken_from_the_rows_while_commits_go_on_are_exact() {
     let (db, mut admin) = own_database("depth_recount");
-    admin.batch_execute("SELECT bussig.create_queue('q')").unwrap();
+    admin
+        .batch_execute(
+            "SELECT bussig.create_queue('q');
+             SELECT bussig.send_batch('q', array_agg(to_jsonb(i))) FROM generate_series(1, 20000) i",
+        )
+        .unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     thread::scope(|s| {
-        for worker in 0..4u64 {
+        for worker in 0..10u64 {
             let (db, stop) = (&db, &stop);
             s.spawn(move || {
                 let mut c = db.connect();
@@ -280,7 +332,8 @@ fn counts_taken_from_the_rows_while_commits_go_on_are_exact() {
                         let mut tx = c.transaction().unwrap();
                         let got = read(&mut tx, "q", 4, None);
                         let (ids, tokens) = ids_and_tokens(&got);
-                        tx.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens]).unwrap();
+                        tx.execute("SELECT bussig.ack_batch('q', $1, $2)", &[&ids, &tokens])
+                            .unwrap();
                         tx.commit().unwrap();
                     } else {
                         send(&mut c, "q", &serde_json::json!(worker));
@@ -291,8 +344,12 @@ fn counts_taken_from_the_rows_while_commits_go_on_are_exact() {
         let mut c = db.connect();
         for _ in 0..60 {
             // A rewrite gives the table a new file, so the next look counts the rows.
-            c.batch_execute("CLUSTER bussig.message USING message_delivery_order").unwrap();
-            let depth: i64 = c.query_one("SELECT bussig.queue_depth('q')", &[]).unwrap().get(0);
+            c.batch_execute("CLUSTER bussig.message USING message_delivery_order")
+                .unwrap();
+            let depth: i64 = c
+                .query_one("SELECT bussig.queue_depth('q')", &[])
+                .unwrap()
+                .get(0);
             assert!(depth >= 0, "depth below zero: {depth}");
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -311,7 +368,8 @@ fn queue_depth_is_for_roles_that_may_use_the_queue() {
     send(&mut admin, &q.name, &serde_json::json!(1));
     let as_role = |admin: &mut Client| -> Result<i64, postgres::Error> {
         let mut tx = admin.transaction().unwrap();
-        tx.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name)).unwrap();
+        tx.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
+            .unwrap();
         let depth = tx.query_one("SELECT bussig.queue_depth($1::text)", &[&q.name]);
         tx.rollback().unwrap();
         depth.map(|row| row.get(0))
@@ -326,6 +384,9 @@ fn queue_depth_is_for_roles_that_may_use_the_queue() {
         .unwrap();
     assert_eq!(as_role(&mut admin).unwrap(), 1);
     admin
-        .execute("SELECT bussig.revoke($1::text, $2::text)", &[&q.name, &role.name])
+        .execute(
+            "SELECT bussig.revoke($1::text, $2::text)",
+            &[&q.name, &role.name],
+        )
         .unwrap();
 }

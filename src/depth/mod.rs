@@ -6,9 +6,9 @@
 //! A count is exact from the queue's creation on, or from a count of its rows: the first time it is
 //! asked for after a restart (or the worker's next round), and again after a prepared transaction
 //! changed the queue. Such a count misses nothing and counts nothing twice: commits that end while it
-//! runs are added to it unless its snapshot saw them already (judged by transaction id for the first
-//! eight commits after it began, the only ones that can end before its snapshot is taken). A
-//! transaction sees its own changes in the depth it asks for.
+//! runs are added to it unless its snapshot saw them already, judged by transaction id (see
+//! table.rs); a count that cannot judge them all is not kept. A transaction sees its own changes in
+//! the depth it asks for.
 //!
 //! Without `shared_preload_libraries = 'bussig'` there is no shared memory: every ask counts rows.
 mod table;
@@ -268,14 +268,16 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
     // A count is kept only when it sees exactly what has committed: not with this transaction's
     // own changes in it, nor in a snapshot taken before now.
     let keep = shared && own.is_none() && counts_in_own_snapshot();
-    // Prepared first, so that few commits end between the start of the count and its snapshot.
+    // Prepared first, so that few commits end while the count runs.
     plans::prepare(client, &COUNT_MESSAGES)?;
-    let generation = if keep {
-        DEPTHS.exclusive().begin_count(key)
+    let (generation, snapshot) = if keep {
+        let mut depths = DEPTHS.exclusive();
+        let snapshot = LatestSnapshot::take();
+        (depths.begin_count(key, snapshot.horizon()), snapshot)
     } else {
-        None
+        (None, LatestSnapshot::take())
     };
-    let Counted { counts, snapshot } = count(client, &[queue_id])?;
+    let counts = count(client, &[queue_id], &snapshot)?;
     let count = counts.first().map_or(0, |&(_, count)| count);
     if let Some(generation) = generation {
         DEPTHS
@@ -293,14 +295,12 @@ fn counts_in_own_snapshot() -> bool {
     !crate::pg::xact::snapshot_is_fixed() && crate::pg::xact::top_transaction_id() == 0
 }
 
-/// Counts of queues' messages, and the snapshot they were counted in.
-struct Counted {
-    counts: Vec<(i32, i64)>,
-    snapshot: LatestSnapshot,
-}
-
-fn count(client: &mut SpiClient<'_>, queue_ids: &[i32]) -> BusResult<Counted> {
-    let snapshot = LatestSnapshot::take();
+/// Counts of queues' messages, as `snapshot` sees them.
+fn count(
+    client: &mut SpiClient<'_>,
+    queue_ids: &[i32],
+    snapshot: &LatestSnapshot,
+) -> BusResult<Vec<(i32, i64)>> {
     let rows =
         snapshot.while_active(|| plans::run(client, &COUNT_MESSAGES, &[queue_ids.to_vec().into()]));
     let mut counts = Vec::with_capacity(queue_ids.len());
@@ -310,7 +310,7 @@ fn count(client: &mut SpiClient<'_>, queue_ids: &[i32]) -> BusResult<Counted> {
             plans::filled(&row, 2, "count")?,
         ));
     }
-    Ok(Counted { counts, snapshot })
+    Ok(counts)
 }
 
 static QUEUE_IDS: Statement = Statement {
@@ -333,7 +333,7 @@ static PREPARED_HERE: Statement = Statement {
 
 /// The worker's step: counts the queues whose count is unknown (after a restart) or in doubt (a
 /// prepared transaction changed them), and forgets the queues of dropped databases and of a dropped
-/// bussig. How many it counted.
+/// bussig. How many counts it kept.
 pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
     if !wakeup::shared_memory() || !counts_in_own_snapshot() {
         return Ok(0);
@@ -346,30 +346,40 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
         .collect();
     let settled = plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0);
     plans::prepare(client, &COUNT_MESSAGES)?;
-    let started: Vec<(i32, u32)> = {
+    let (started, snapshot): (Vec<(i32, u32)>, LatestSnapshot) = {
         let mut depths = DEPTHS.exclusive();
         let any = key(relation, 0);
         depths.forget_gone(any.database, relation, &databases);
         let uncounted = depths.uncounted(any.database, relation, &queue_ids);
-        uncounted
+        let snapshot = LatestSnapshot::take();
+        let horizon = snapshot.horizon();
+        let started = uncounted
             .into_iter()
             .filter_map(|queue_id| {
-                let generation = depths.begin_count(key(relation, queue_id))?;
+                let generation = depths.begin_count(key(relation, queue_id), horizon)?;
                 Some((queue_id, generation))
             })
-            .collect()
+            .collect();
+        (started, snapshot)
     };
     if started.is_empty() {
         return Ok(0);
     }
     let ids: Vec<i32> = started.iter().map(|&(queue_id, _)| queue_id).collect();
-    let Counted { counts, snapshot } = count(client, &ids)?;
+    let counts = count(client, &ids, &snapshot)?;
     let mut depths = DEPTHS.exclusive();
+    let mut kept = 0;
     for (&(queue_id, generation), &(_, count)) in started.iter().zip(&counts) {
         let seen = |xid| snapshot.saw(xid);
-        depths.finish_count(key(relation, queue_id), generation, count, seen, settled);
+        kept += i64::from(depths.finish_count(
+            key(relation, queue_id),
+            generation,
+            count,
+            seen,
+            settled,
+        ));
     }
-    Ok(counts.len() as i64)
+    Ok(kept)
 }
 
 /// Queues that commits changed since the worker last asked and that hold at most `most` messages.

@@ -3,15 +3,32 @@
 //!
 //! Commits add to a count under the shared lock (the count is atomic); creating, dropping and
 //! counting a queue take the exclusive lock.
+//!
+//! A count of the rows runs in a snapshot taken under the exclusive lock as the count begins. A
+//! commit is visible before its callback adds to the count, so a commit that adds after the count
+//! began may be in the count's snapshot or not. Its transaction id says which: below the snapshot's
+//! xmin it was seen, at or past its xmax it was not, and in between (transactions running when the
+//! snapshot was taken) it is kept with its change and judged against the snapshot at the end. Those
+//! in between are bounded by the transactions running at once; should more come than a count has
+//! room for, the count is spoiled and not kept, never wrong.
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use crate::pg::snapshot::Horizon;
 
 /// Queues counted at once in the cluster, every database together.
 pub const SLOTS: usize = 16_384;
 /// Past three quarters full, probes grow long: further queues are counted whenever asked instead.
 const MOST_USED: usize = SLOTS / 4 * 3;
-/// Commits kept apart with their transaction ids after a count begins: only the first ones can end
-/// before the count's snapshot, taken microseconds after the start.
-const EARLY_COMMITS: usize = 8;
+/// Counts of rows in progress at once, in the whole cluster; one more takes over the oldest.
+const COUNTS_AT_ONCE: usize = 16;
+/// Commits a count keeps with their transaction ids: those of transactions running when its
+/// snapshot was taken.
+const UNJUDGED_COMMITS: usize = 256;
+
+/// `a` came before `b`, modulo 2^32 as PostgreSQL compares normal transaction ids.
+fn precedes(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
 
 /// A queue of one database's bussig, in one file of its message table (`relation`: the table's
 /// relfilenode). A new file (TRUNCATE, a rewrite, a bussig dropped and created again, whose queue
@@ -39,23 +56,81 @@ struct Slot {
     known: bool,
     /// A prepared transaction changed the queue; its COMMIT PREPARED will not come through here.
     stale: bool,
-    /// The count in progress, 0 for none. Commits meanwhile also go to `early` (the first ones, by
-    /// transaction id) or `since_count` (the rest).
-    generation: u32,
+    /// The last call of `forget_gone` found the queue's database or file gone. It forgets the queue
+    /// only when the next call finds so again: what it was told may predate a database or a file
+    /// made just before the queue was.
+    seems_gone: bool,
+    /// The count in progress: its place in `Depths::counts`, plus one; 0 for none.
+    count: u8,
     messages: AtomicI64,
-    since_count: AtomicI64,
-    early: [EarlyCommit; EARLY_COMMITS],
-    early_taken: AtomicU32,
     /// A commit changed the queue since the worker last looked.
     touched: AtomicBool,
 }
 
-/// A commit that ended soon after a count began (the count's snapshot may have seen it or not): its
-/// transaction id in the high half, its change in the low. Small, as the table is built on the stack.
-#[derive(Default)]
-struct EarlyCommit(AtomicU64);
+/// A count of one queue's rows in progress, and the commits that came while it ran.
+struct Count {
+    /// Which count this is; 0 when the place is free.
+    generation: u32,
+    /// The queue counted.
+    key: Key,
+    horizon: Horizon,
+    /// Changes of commits the count's snapshot cannot have seen.
+    unseen: AtomicI64,
+    unjudged: [UnjudgedCommit; UNJUDGED_COMMITS],
+    unjudged_taken: AtomicU32,
+    /// More commits came in doubt than there is room for, or a change too large to keep.
+    spoiled: AtomicBool,
+}
 
-impl EarlyCommit {
+impl Count {
+    fn start(&mut self, generation: u32, key: Key, horizon: Horizon) {
+        self.generation = generation;
+        self.key = key;
+        self.horizon = horizon;
+        *self.unseen.get_mut() = 0;
+        *self.unjudged_taken.get_mut() = 0;
+        *self.spoiled.get_mut() = false;
+    }
+
+    fn note(&self, xid: u32, delta: i64) {
+        let horizon = self.horizon;
+        if precedes(xid, horizon.xmin) {
+            return;
+        }
+        if !precedes(xid, horizon.xmax) {
+            self.unseen.fetch_add(delta, Ordering::Relaxed);
+            return;
+        }
+        // Entries are read under the exclusive lock, after every adder has let go.
+        let taken = self.unjudged_taken.fetch_add(1, Ordering::Relaxed) as usize;
+        match (self.unjudged.get(taken), UnjudgedCommit::packed(xid, delta)) {
+            (Some(entry), Some(packed)) => entry.0.store(packed, Ordering::Relaxed),
+            _ => self.spoiled.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// What commits during the count changed that its snapshot did not see; None when spoiled.
+    fn missed(&mut self, seen: impl Fn(u32) -> bool) -> Option<i64> {
+        if *self.spoiled.get_mut() {
+            return None;
+        }
+        let taken = *self.unjudged_taken.get_mut() as usize;
+        let unjudged: i64 = self.unjudged[..taken]
+            .iter()
+            .map(UnjudgedCommit::xid_and_delta)
+            .filter(|&(xid, _)| !seen(xid))
+            .map(|(_, delta)| delta)
+            .sum();
+        Some(unjudged + *self.unseen.get_mut())
+    }
+}
+
+/// A commit of a transaction that was running when a count's snapshot was taken: its transaction
+/// id in the high half, its change in the low.
+#[derive(Default)]
+struct UnjudgedCommit(AtomicU64);
+
+impl UnjudgedCommit {
     fn packed(xid: u32, delta: i64) -> Option<u64> {
         let delta = i32::try_from(delta).ok()?;
         Some(u64::from(xid) << 32 | u64::from(delta as u32))
@@ -77,6 +152,7 @@ pub struct Depths {
     slots: [Slot; SLOTS],
     used: usize,
     generation: u32,
+    counts: [Count; COUNTS_AT_ONCE],
 }
 
 // SAFETY: plain data and atomics at fixed places, with no pointers, so every process can use it where
@@ -127,6 +203,7 @@ impl Depths {
         let Some(mut hole) = self.position(key) else {
             return;
         };
+        self.abandon_count(hole);
         let mut at = hole;
         loop {
             at = (at + 1) % SLOTS;
@@ -157,6 +234,9 @@ impl Depths {
 
     /// A queue created in a committed transaction: it starts with nothing.
     pub fn created(&mut self, key: Key) {
+        if let Some(at) = self.position(key) {
+            self.abandon_count(at);
+        }
         if let Some(slot) = self.slot(key) {
             *slot = Slot {
                 key,
@@ -172,17 +252,8 @@ impl Depths {
     pub fn add(&self, key: Key, xid: u32, delta: i64) {
         if let Some(slot) = self.find(key) {
             slot.messages.fetch_add(delta, Ordering::Relaxed);
-            if slot.generation != 0 {
-                // Entries are read under the exclusive lock, after every adder has let go.
-                let taken = slot.early_taken.fetch_add(1, Ordering::Relaxed) as usize;
-                let packed = EarlyCommit::packed(xid, delta);
-                if let Some(early) = slot.early.get(taken) {
-                    // A change too large to pack is kept as nothing, and added below.
-                    early.0.store(packed.unwrap_or(0), Ordering::Relaxed);
-                }
-                if slot.early.get(taken).is_none() || packed.is_none() {
-                    slot.since_count.fetch_add(delta, Ordering::Relaxed);
-                }
+            if let Some(count) = usize::from(slot.count).checked_sub(1) {
+                self.counts[count].note(xid, delta);
             }
             slot.touched.store(true, Ordering::Relaxed);
         }
@@ -207,21 +278,38 @@ impl Depths {
         }
     }
 
-    /// Starts a count of the queue's messages, to be taken in a snapshot that begins after this call:
-    /// commits from now on are also kept apart, and `finish_count` adds them to the count.
-    pub fn begin_count(&mut self, key: Key) -> Option<u32> {
+    /// Starts a count of the queue's messages in a snapshot the caller takes before letting go of
+    /// the exclusive lock, and whose range in doubt is `horizon`: commits from now on are noted, and
+    /// `finish_count` adds those the snapshot did not see. A count started again supersedes this one.
+    pub fn begin_count(&mut self, key: Key, horizon: Horizon) -> Option<u32> {
         self.generation = self.generation.checked_add(1).unwrap_or(1);
         let generation = self.generation;
-        let slot = self.slot(key)?;
-        slot.generation = generation;
-        *slot.since_count.get_mut() = 0;
-        *slot.early_taken.get_mut() = 0;
+        let at = self.position(key).or_else(|| {
+            self.slot(key)?;
+            self.position(key)
+        })?;
+        self.abandon_count(at);
+        // A free place, or the oldest count's: one whose backend failed before finishing leaves it.
+        let place = (0..COUNTS_AT_ONCE)
+            .min_by_key(|&place| match self.counts[place].generation {
+                0 => 0,
+                older => 1 + u64::from(u32::MAX - generation.wrapping_sub(older)),
+            })
+            .expect("at least one count place");
+        if self.counts[place].generation != 0 {
+            if let Some(owner) = self.position(self.counts[place].key) {
+                self.abandon_count(owner);
+            }
+        }
+        self.counts[place].start(generation, key, horizon);
+        self.slots[at].count = (place + 1) as u8;
         Some(generation)
     }
 
     /// Ends the count `generation` began with `counted` messages; `seen` says whether the count's
-    /// snapshot saw a transaction's commit. A later count of the same queue supersedes it; `settled`
-    /// says that no prepared transaction can still change the queue.
+    /// snapshot saw a transaction's commit. A later count of the same queue supersedes it, and a
+    /// spoiled one leaves the queue uncounted; `settled` says that no prepared transaction can still
+    /// change the queue. Whether the count was kept.
     pub fn finish_count(
         &mut self,
         key: Key,
@@ -229,23 +317,33 @@ impl Depths {
         counted: i64,
         seen: impl Fn(u32) -> bool,
         settled: bool,
-    ) {
+    ) -> bool {
         let Some(at) = self.position(key) else {
-            return;
+            return false;
+        };
+        let Some(place) = usize::from(self.slots[at].count).checked_sub(1) else {
+            return false;
+        };
+        if self.counts[place].generation != generation {
+            return false;
+        }
+        let missed = self.counts[place].missed(seen);
+        self.abandon_count(at);
+        let Some(missed) = missed else {
+            return false;
         };
         let slot = &mut self.slots[at];
-        if slot.generation == generation {
-            let taken = (*slot.early_taken.get_mut() as usize).min(EARLY_COMMITS);
-            let unseen: i64 = slot.early[..taken]
-                .iter()
-                .map(EarlyCommit::xid_and_delta)
-                .filter(|&(xid, _)| !seen(xid))
-                .map(|(_, delta)| delta)
-                .sum();
-            *slot.messages.get_mut() = counted + unseen + *slot.since_count.get_mut();
-            slot.generation = 0;
-            slot.known = true;
-            slot.stale &= !settled;
+        *slot.messages.get_mut() = counted + missed;
+        slot.known = true;
+        slot.stale &= !settled;
+        true
+    }
+
+    /// Frees the place of the count in progress for the slot at `at`, if any.
+    fn abandon_count(&mut self, at: usize) {
+        if let Some(place) = usize::from(self.slots[at].count).checked_sub(1) {
+            self.counts[place].generation = 0;
+            self.slots[at].count = 0;
         }
     }
 
@@ -287,19 +385,18 @@ impl Depths {
     /// `databases` (sorted). A dropped queue's commit
     /// removes it; one created after the caller looked must not be forgotten.
     pub fn forget_gone(&mut self, database: u32, relation: u32, databases: &[u32]) {
-        let gone: Vec<Key> = self
-            .slots
-            .iter()
-            .filter(|slot| slot.used)
-            .filter(|slot| {
-                if slot.key.database == database {
-                    slot.key.relation != relation
-                } else {
-                    databases.binary_search(&slot.key.database).is_err()
-                }
-            })
-            .map(|slot| slot.key)
-            .collect();
+        let mut gone = Vec::new();
+        for slot in self.slots.iter_mut().filter(|slot| slot.used) {
+            let seems_gone = if slot.key.database == database {
+                slot.key.relation != relation
+            } else {
+                databases.binary_search(&slot.key.database).is_err()
+            };
+            if seems_gone && slot.seems_gone {
+                gone.push(slot.key);
+            }
+            slot.seems_gone = seems_gone;
+        }
         for key in gone {
             self.remove(key);
         }
@@ -342,35 +439,90 @@ mod tests {
     }
 
     const SEEN_NONE: fn(u32) -> bool = |_| false;
+    /// Transactions 100 to 199 were running when the count's snapshot was taken.
+    const HORIZON: Horizon = Horizon {
+        xmin: 100,
+        xmax: 200,
+    };
 
     #[test]
     fn a_count_adds_what_committed_while_it_ran_and_a_later_count_wins() {
         let mut depths = empty();
-        let first = depths.begin_count(key(1)).unwrap();
+        let first = depths.begin_count(key(1), HORIZON).unwrap();
         assert_eq!(depths.messages(key(1)), None);
-        depths.add(key(1), 100, 3);
-        let second = depths.begin_count(key(1)).unwrap();
-        depths.add(key(1), 101, 2);
-        depths.finish_count(key(1), first, 100, SEEN_NONE, true);
+        depths.add(key(1), 200, 3);
+        let second = depths.begin_count(key(1), HORIZON).unwrap();
+        depths.add(key(1), 201, 2);
+        assert!(!depths.finish_count(key(1), first, 100, SEEN_NONE, true));
         assert_eq!(depths.messages(key(1)), None);
-        depths.finish_count(key(1), second, 10, SEEN_NONE, true);
+        assert!(depths.finish_count(key(1), second, 10, SEEN_NONE, true));
         assert_eq!(depths.messages(key(1)), Some(12));
     }
 
     #[test]
-    fn a_commit_the_counts_snapshot_saw_is_not_added_again() {
+    fn commits_are_judged_by_the_snapshot_whatever_their_number() {
         let mut depths = empty();
-        let generation = depths.begin_count(key(1)).unwrap();
-        // 200 committed before the snapshot was taken; the count of 10 holds its 4.
-        depths.add(key(1), 200, 4);
-        depths.add(key(1), 201, -1);
-        depths.add(key(1), 202, 1 << 40);
-        depths.add(key(1), 203, -(1 << 40));
-        for xid in 300..320 {
+        let generation = depths.begin_count(key(1), HORIZON).unwrap();
+        // 50 ended before the snapshot: seen. 150 was running and ended before it too, 151 after.
+        depths.add(key(1), 50, 7);
+        depths.add(key(1), 150, 4);
+        depths.add(key(1), 151, -1);
+        // Began after the snapshot: never seen, however many and however large.
+        for xid in 200..1200 {
             depths.add(key(1), xid, 1);
         }
-        depths.finish_count(key(1), generation, 10, |xid| xid == 200, true);
-        assert_eq!(depths.messages(key(1)), Some(10 - 1 + 20));
+        depths.add(key(1), 1300, 1 << 40);
+        depths.add(key(1), 1301, -(1 << 40));
+        assert!(depths.finish_count(key(1), generation, 10, |xid| xid == 150, true));
+        assert_eq!(depths.messages(key(1)), Some(10 - 1 + 1000));
+    }
+
+    #[test]
+    fn a_count_with_more_commits_in_doubt_than_it_keeps_is_not_kept() {
+        let mut depths = empty();
+        let many_running = Horizon {
+            xmin: 100,
+            xmax: 1000,
+        };
+        let generation = depths.begin_count(key(1), many_running).unwrap();
+        for xid in 100..100 + UNJUDGED_COMMITS as u32 + 1 {
+            depths.add(key(1), xid, 1);
+        }
+        assert!(!depths.finish_count(key(1), generation, 10, SEEN_NONE, true));
+        assert_eq!(depths.messages(key(1)), None);
+        let too_large = depths.begin_count(key(1), HORIZON).unwrap();
+        depths.add(key(1), 150, 1 << 40);
+        assert!(!depths.finish_count(key(1), too_large, 10, SEEN_NONE, true));
+    }
+
+    #[test]
+    fn transaction_ids_compare_across_wraparound() {
+        let mut depths = empty();
+        let horizon = Horizon {
+            xmin: u32::MAX - 10,
+            xmax: 20,
+        };
+        let generation = depths.begin_count(key(1), horizon).unwrap();
+        depths.add(key(1), u32::MAX - 20, 100);
+        depths.add(key(1), 5, 2);
+        depths.add(key(1), 30, 1);
+        assert!(depths.finish_count(key(1), generation, 0, SEEN_NONE, true));
+        assert_eq!(depths.messages(key(1)), Some(3));
+    }
+
+    #[test]
+    fn more_counts_than_places_take_over_the_oldest() {
+        let mut depths = empty();
+        let first = depths.begin_count(key(0), HORIZON).unwrap();
+        let rest: Vec<u32> = (1..=COUNTS_AT_ONCE as i32)
+            .map(|queue_id| depths.begin_count(key(queue_id), HORIZON).unwrap())
+            .collect();
+        assert!(!depths.finish_count(key(0), first, 1, SEEN_NONE, true));
+        for (queue_id, generation) in (1..).zip(rest) {
+            assert!(depths.finish_count(key(queue_id), generation, 1, SEEN_NONE, true));
+        }
+        depths.remove(key(1));
+        assert!(depths.counts.iter().all(|count| count.generation == 0));
     }
 
     #[test]
@@ -409,10 +561,21 @@ mod tests {
         depths.created(elsewhere);
         depths.created(dropped_bussig);
         depths.forget_gone(5, 16384, &[5, 7]);
+        assert_eq!(
+            depths.messages(dropped_bussig),
+            Some(0),
+            "kept until seen gone twice"
+        );
+        depths.forget_gone(5, 16384, &[5, 7]);
         assert_eq!(depths.messages(key(1)), Some(0));
         assert_eq!(depths.messages(key(2)), Some(50));
         assert_eq!(depths.messages(elsewhere), Some(0));
         assert_eq!(depths.messages(dropped_bussig), None);
+        // A database the caller did not yet know of once, then did: its queues stay.
+        depths.forget_gone(5, 16384, &[5]);
+        depths.forget_gone(5, 16384, &[5, 7]);
+        assert_eq!(depths.messages(elsewhere), Some(0));
+        depths.forget_gone(5, 16384, &[5]);
         depths.forget_gone(5, 16384, &[5]);
         assert_eq!(depths.messages(elsewhere), None);
     }

@@ -1,6 +1,14 @@
 //! Snapshots taken on purpose: a count that must see every commit up to now, and know which.
 use pgrx::pg_sys;
 
+/// The range of transaction ids a snapshot leaves in doubt: below `xmin` every one had ended when it
+/// was taken, from `xmax` on none had begun.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Horizon {
+    pub xmin: u32,
+    pub xmax: u32,
+}
+
 /// The latest snapshot of the whole cluster, registered until dropped.
 pub struct LatestSnapshot(pg_sys::Snapshot);
 
@@ -16,6 +24,16 @@ impl LatestSnapshot {
     pub fn saw(&self, xid: u32) -> bool {
         // SAFETY: the snapshot is registered, so it lives until `drop`.
         !unsafe { pg_sys::XidInMVCCSnapshot(xid.into(), self.0) }
+    }
+
+    /// The transaction ids the snapshot leaves in doubt.
+    pub fn horizon(&self) -> Horizon {
+        // SAFETY: the snapshot is registered, so it lives until `drop`.
+        let snapshot = unsafe { &*self.0 };
+        Horizon {
+            xmin: snapshot.xmin.into_inner(),
+            xmax: snapshot.xmax.into_inner(),
+        }
     }
 
     /// Runs `work` with this snapshot as the active one: read-only SPI statements read in it.
