@@ -495,3 +495,83 @@ fn every_message_reaches_one_of_many_waiting_readers_at_once() {
     let taken: usize = returned_readers.iter().sum();
     assert_eq!(counts(&mut writer, &queue.name).0, 38 - taken as i64);
 }
+
+/// Readers that long-poll in a loop, as consumers do, while messages trickle in bursts: each commit
+/// wakes as few readers as it needs, and a wake that were lost (a commit between a reader's read and
+/// its registration, or one that passed a woken reader by) would leave its message until some wait
+/// ran out, 10 s later. Every message must reach a reader soon after it was sent.
+#[test]
+fn a_trickle_reaches_readers_that_long_poll_in_a_loop_without_a_lost_wake() {
+    const READERS: usize = 12;
+    const MESSAGES: i64 = 240;
+    let mut writer = connect();
+    let queue = Queue::create(&mut writer, "trickle_to_many", "");
+    let started = Instant::now();
+    let millis = move || started.elapsed().as_millis() as i64;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let latencies: Vec<i64> = thread::scope(|s| {
+        let readers: Vec<_> = (0..READERS)
+            .map(|_| {
+                let (name, stop) = (&queue.name, &stop);
+                s.spawn(move || {
+                    let mut reader = connect();
+                    let mut latencies = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let rows = reader
+                            .query(
+                                "SELECT message_id, lock_token, (payload ->> 'sent')::int8, payload ? 'last'
+                                 FROM bussig.read($1::text, 5, wait => '10 s')",
+                                &[name],
+                            )
+                            .unwrap();
+                        let now = millis();
+                        for row in rows {
+                            if !row.get::<_, bool>(3) {
+                                latencies.push(now - row.get::<_, i64>(2));
+                            }
+                            let (id, token): (i64, uuid::Uuid) = (row.get(0), row.get(1));
+                            reader
+                                .execute("SELECT bussig.ack($1::text, $2, $3)", &[name, &id, &token])
+                                .unwrap();
+                        }
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut dice = 0x9E37_79B9_7F4A_7C15u64;
+        let mut sent = 0;
+        while sent < MESSAGES {
+            dice ^= dice << 13;
+            dice ^= dice >> 7;
+            dice ^= dice << 17;
+            let burst = (1 + dice % 3) as i64;
+            for _ in 0..burst.min(MESSAGES - sent) {
+                send(&mut writer, &queue.name, &json!({ "sent": millis() }));
+                sent += 1;
+            }
+            thread::sleep(Duration::from_millis(dice % 25));
+        }
+        eventually(Duration::from_secs(15), "every message acked", || {
+            (counts(&mut writer, &queue.name).0 == 0).then_some(())
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Readers still waiting return with the next messages or at the end of their wait.
+        let last = json!({ "sent": millis(), "last": true });
+        send_batch(&mut writer, &queue.name, &vec![last; READERS * 5]);
+        readers
+            .into_iter()
+            .flat_map(|reader| reader.join().unwrap())
+            .collect()
+    });
+    assert_eq!(
+        latencies.len() as i64,
+        MESSAGES,
+        "every message delivered once"
+    );
+    let slowest = latencies.iter().max().copied().unwrap_or(0);
+    assert!(
+        slowest < 3_000,
+        "a message waited {slowest} ms for a reader: a wake was lost"
+    );
+}

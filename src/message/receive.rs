@@ -15,7 +15,7 @@ use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::BusResult;
 use crate::pg::datum::{BigintArray, Jsonb, UuidArray};
-use crate::pg::wakeup;
+use crate::pg::{arrivals, wakeup};
 use crate::plans::{self, Statement};
 use crate::queue;
 use crate::validate;
@@ -337,10 +337,10 @@ pub fn receive_waiting(
         mut wait,
     } = request;
     let started = Instant::now();
-    let mut waiting: Option<(i32, wakeup::Waiting)> = None;
+    let mut waiting: Option<wakeup::Waiting> = None;
     loop {
         let read_began = epoch_seconds();
-        let delivered = access::connect(|client, caller| {
+        let read = access::connect(|client, caller| {
             caller.require(client, queue, Privilege::Consume)?;
             if let Some(acks) = acks.take() {
                 // Acks commit with the call: a wait that a timeout or cancel ends would undo them.
@@ -348,33 +348,81 @@ pub fn receive_waiting(
                     wait = Duration::ZERO;
                 }
             }
-            receive(client, queue, max_messages, lock_timeout)
+            let may_wait = started.elapsed() < wait && !crate::pg::xact::snapshot_is_fixed();
+            if !may_wait {
+                let delivered = receive(client, queue, max_messages, lock_timeout)?;
+                return Ok(WaitingRead::done(delivered));
+            }
+            // Noted before the read's snapshot is taken: see `arrivals`.
+            let queue_id = queue::require(client, queue)?.queue_id;
+            let read_from = arrivals::seen(queue_id);
+            let delivered = receive(client, queue, max_messages, lock_timeout)?;
+            let next_ready = if delivered.is_empty() {
+                let args = [queue_id.into(), read_began.into()];
+                plans::first_value::<f64>(client, &NEXT_READY, &args)?
+            } else {
+                None
+            };
+            Ok(WaitingRead {
+                delivered,
+                may_wait: true,
+                queue_id,
+                read_from,
+                next_ready,
+            })
         })?;
         let deadline = started + wait;
         let now = Instant::now();
-        // Waiting could never show a transaction-long snapshot anything new.
-        if !delivered.is_empty() || now >= deadline || crate::pg::xact::snapshot_is_fixed() {
-            if let Some((_, waiting)) = &waiting {
-                waiting.done(delivered.len() == max_messages as usize);
+        if !read.delivered.is_empty() || !read.may_wait || now >= deadline {
+            if let Some(waiting) = &waiting {
+                let full_batch = read.delivered.len() == max_messages as usize;
+                waiting.done(full_batch, read.read_from);
             }
-            return Ok(delivered);
+            return Ok(read.delivered);
         }
-        let Some(waiting) = &waiting else {
-            // Register, then read once more before the first sleep: a commit between the read above
-            // and the registration would otherwise go unnoticed.
-            let queue_id = access::connect(|client, _| queue::require(client, queue))?.queue_id;
-            let wants = u32::try_from(max_messages).unwrap_or(1);
-            waiting = Some((queue_id, wakeup::Waiting::register(queue_id, wants)));
-            continue;
+        let read_again = match &waiting {
+            Some(waiting) => waiting.rearm(read.read_from),
+            None => {
+                let wants = u32::try_from(max_messages).unwrap_or(1);
+                let (registered, moved) =
+                    wakeup::Waiting::register(read.queue_id, wants, read.read_from);
+                waiting = Some(registered);
+                moved
+            }
         };
-        waiting.1.rearm();
-        let next_ready = access::connect(|client, _| -> BusResult<Option<f64>> {
-            let args = [waiting.0.into(), read_began.into()];
-            Ok(plans::first_value(client, &NEXT_READY, &args)?)
-        })?;
-        let until_ready = next_ready.map_or(Duration::MAX, |seconds| {
+        if read_again {
+            continue;
+        }
+        let until_ready = read.next_ready.map_or(Duration::MAX, |seconds| {
             Duration::from_secs_f64(seconds.max(0.0))
         });
-        waiting.1.sleep((deadline - now).min(until_ready));
+        if let Some(waiting) = &waiting {
+            waiting.sleep((deadline - now).min(until_ready));
+        }
+    }
+}
+
+/// What one read of a waiting reader found, and what it needs to know to wait for more.
+struct WaitingRead {
+    delivered: Vec<Delivery>,
+    /// Whether the reader may wait after this read: time is left, and its snapshot can change.
+    may_wait: bool,
+    queue_id: i32,
+    /// The queue's arrival count before the read began.
+    read_from: u64,
+    /// Seconds until the next message not ready at the read becomes ready, when it found none.
+    next_ready: Option<f64>,
+}
+
+impl WaitingRead {
+    /// A read that will not wait: nothing about the queue is needed.
+    fn done(delivered: Vec<Delivery>) -> WaitingRead {
+        WaitingRead {
+            delivered,
+            may_wait: false,
+            queue_id: 0,
+            read_from: 0,
+            next_ready: None,
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! | depth changes of this transaction      | `depth`                   | its commit (applied) or abort (dropped)     |
 //! | queues to wake and NOTIFY at commit    | `wakeup`                  | its commit (sent) or abort (dropped)        |
 //! | the lock token generator               | `api::lock_token`         | nothing: seeded once per backend            |
+pub mod arrivals;
 pub mod background;
 pub mod catalog;
 pub mod datum;
@@ -39,6 +40,7 @@ pub fn init() {
         // SAFETY: this is _PG_init while shared_preload_libraries is processed, and the only call.
         unsafe {
             wakeup::request_shared_memory();
+            arrivals::request_shared_memory();
             crate::depth::request_shared_memory();
         }
     }

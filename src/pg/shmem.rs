@@ -1,6 +1,6 @@
-//! A table in shared memory behind an LWLock, set up zeroed in place. pgrx's `PgLwLock` builds its
-//! value on the postmaster's stack and copies it in; the depth table is megabytes, more than that stack
-//! holds in a debug build.
+//! Tables in shared memory behind an LWLock each, set up zeroed in place. pgrx's `PgLwLock` builds
+//! its value on the postmaster's stack and copies it in; the depth table is megabytes, more than that
+//! stack holds in a debug build. A table of atomics only may also be used without its lock.
 use std::cell::UnsafeCell;
 use std::ffi::CStr;
 use std::ops::{Deref, DerefMut};
@@ -23,7 +23,7 @@ struct Shared<T> {
 }
 
 // SAFETY: the pointer is set once, by the postmaster before it forks, and read only after; the data
-// behind it is only reached through the LWLock.
+// behind it is only reached through the LWLock, or, for a `LockFree` table, through its atomics.
 unsafe impl<T: ValidWhenZeroed> Sync for ZeroedLwLock<T> {}
 
 impl<T: ValidWhenZeroed> ZeroedLwLock<T> {
@@ -56,62 +56,102 @@ impl<T: ValidWhenZeroed> ZeroedLwLock<T> {
         Guard { shared }
     }
 
+    /// The table, read without the lock: for tables whose every field is an atomic.
+    pub fn unlocked(&self) -> &T
+    where
+        T: LockFree,
+    {
+        // SAFETY: `LockFree` says that shared references are all the table ever hands out.
+        unsafe { &*self.shared().data.get() }
+    }
+
     /// Asks for the space and the lock; call from _PG_init while preloading.
     ///
     /// # Safety
-    /// Call once in the process, for one lock only: the hooks keep its place in statics of their own.
+    /// Call once per table, from _PG_init while shared_preload_libraries is processed; at most
+    /// `TABLES` tables.
     pub unsafe fn request(&'static self) {
-        static mut NAME: *const std::ffi::c_char = std::ptr::null();
-        static mut SIZE: usize = 0;
-        static mut PLACE: *mut *mut () = std::ptr::null_mut();
-        static mut PREVIOUS_REQUEST: pg_sys::shmem_request_hook_type = None;
-        static mut PREVIOUS_STARTUP: pg_sys::shmem_startup_hook_type = None;
-
-        #[pg_guard]
-        unsafe extern "C-unwind" fn on_request() {
-            // SAFETY: the postmaster runs its hooks one at a time, after `request` set the statics.
-            unsafe {
-                if let Some(previous) = PREVIOUS_REQUEST {
-                    previous();
-                }
-                pg_sys::RequestAddinShmemSpace(SIZE);
-                pg_sys::RequestNamedLWLockTranche(NAME, 1);
-            }
-        }
-
-        #[pg_guard]
-        unsafe extern "C-unwind" fn on_startup() {
-            // SAFETY: as above; the add-in lock (the 22nd of the main array, as PostgreSQL's
-            // AddinShmemInitLock) orders this against other processes attaching, and zeroed memory is
-            // a valid empty table by `ValidWhenZeroed`. The lock pointer is the struct's first field.
-            unsafe {
-                if let Some(previous) = PREVIOUS_STARTUP {
-                    previous();
-                }
-                let addin_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-                pg_sys::LWLockAcquire(addin_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-                let mut found = false;
-                let place = pg_sys::ShmemInitStruct(NAME, SIZE, &mut found);
-                if !found {
-                    std::ptr::write_bytes(place.cast::<u8>(), 0, SIZE);
-                    let tranche = pg_sys::GetNamedLWLockTranche(NAME);
-                    *place.cast::<*mut pg_sys::LWLock>() = &raw mut (*tranche).lock;
-                }
-                *PLACE = place.cast();
-                pg_sys::LWLockRelease(addin_lock);
-            }
-        }
-
-        // SAFETY: _PG_init runs once, single-threaded, before the hooks can be called.
+        // SAFETY: _PG_init runs single-threaded, before the hooks can be called.
         unsafe {
-            NAME = self.name.as_ptr();
-            SIZE = size_of::<Shared<T>>();
-            PLACE = self.shared.get().cast();
-            PREVIOUS_REQUEST = pg_sys::shmem_request_hook;
-            pg_sys::shmem_request_hook = Some(on_request);
-            PREVIOUS_STARTUP = pg_sys::shmem_startup_hook;
-            pg_sys::shmem_startup_hook = Some(on_startup);
+            let requests: *mut [Option<Request>; TABLES] = &raw mut REQUESTS;
+            let free = (*requests)
+                .iter_mut()
+                .find(|request| request.is_none())
+                .expect("room for every table bussig keeps in shared memory");
+            *free = Some(Request {
+                name: self.name.as_ptr(),
+                size: size_of::<Shared<T>>(),
+                place: self.shared.get().cast(),
+            });
+            if !HOOKED {
+                HOOKED = true;
+                PREVIOUS_REQUEST = pg_sys::shmem_request_hook;
+                pg_sys::shmem_request_hook = Some(on_request);
+                PREVIOUS_STARTUP = pg_sys::shmem_startup_hook;
+                pg_sys::shmem_startup_hook = Some(on_startup);
+            }
         }
+    }
+}
+
+/// # Safety
+/// Every field of the type is an atomic (or never changes after startup): it may be read and written
+/// through shared references by many processes at once, without the lock.
+pub unsafe trait LockFree: ValidWhenZeroed {}
+
+/// Tables bussig keeps in shared memory this way.
+const TABLES: usize = 4;
+
+struct Request {
+    name: *const std::ffi::c_char,
+    size: usize,
+    /// Where the table's address goes once shared memory is set up.
+    place: *mut *mut (),
+}
+
+static mut REQUESTS: [Option<Request>; TABLES] = [const { None }; TABLES];
+static mut HOOKED: bool = false;
+static mut PREVIOUS_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREVIOUS_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_request() {
+    // SAFETY: the postmaster runs its hooks one at a time, after `request` filled REQUESTS.
+    unsafe {
+        if let Some(previous) = PREVIOUS_REQUEST {
+            previous();
+        }
+        let requests: *const [Option<Request>; TABLES] = &raw const REQUESTS;
+        for request in (*requests).iter().flatten() {
+            pg_sys::RequestAddinShmemSpace(request.size);
+            pg_sys::RequestNamedLWLockTranche(request.name, 1);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_startup() {
+    // SAFETY: as above; the add-in lock (the 22nd of the main array, as PostgreSQL's
+    // AddinShmemInitLock) orders this against other processes attaching, and zeroed memory is a
+    // valid empty table by `ValidWhenZeroed`. The lock pointer is each table's first field.
+    unsafe {
+        if let Some(previous) = PREVIOUS_STARTUP {
+            previous();
+        }
+        let addin_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(addin_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let requests: *const [Option<Request>; TABLES] = &raw const REQUESTS;
+        for request in (*requests).iter().flatten() {
+            let mut found = false;
+            let place = pg_sys::ShmemInitStruct(request.name, request.size, &mut found);
+            if !found {
+                std::ptr::write_bytes(place.cast::<u8>(), 0, request.size);
+                let tranche = pg_sys::GetNamedLWLockTranche(request.name);
+                *place.cast::<*mut pg_sys::LWLock>() = &raw mut (*tranche).lock;
+            }
+            *request.place = place.cast();
+        }
+        pg_sys::LWLockRelease(addin_lock);
     }
 }
 

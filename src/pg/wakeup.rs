@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use pgrx::{pg_guard, pg_shmem_init, pg_sys, IntoDatum, PGRXSharedMemory, PgAtomic, PgLwLock};
 
+use super::arrivals;
+
 /// Readers that can wait at once in the whole cluster; more wait by polling.
 const WAITER_SLOTS: usize = 1024;
 /// Databases whose worker can be woken at once.
@@ -38,6 +40,8 @@ struct Sleeper {
     woken: bool,
     /// A reader's: while it was woken, another commit passed it by, counting on its next read.
     passed_by: bool,
+    /// A reader's: the queue's arrival count after the last commit that passed it by.
+    passed_at: u64,
     /// A worker's errands, set by committing transactions.
     errands: Errands,
 }
@@ -234,7 +238,11 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
                 .collect();
             if shared_memory() {
                 if !ready.is_empty() {
-                    wake_readers(&ready);
+                    let arrived: Vec<(i32, u32, u64)> = ready
+                        .into_iter()
+                        .map(|(queue_id, count)| (queue_id, count, arrivals::arrived(queue_id)))
+                        .collect();
+                    wake_readers(&arrived);
                 }
                 if fanout || !notify.is_empty() {
                     send_errands(fanout, &notify);
@@ -251,38 +259,58 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     }
 }
 
-/// Wakes, for each queue, waiting readers that are not woken yet until together they take as many
-/// messages as the commit made ready: one send wakes one reader, not every reader of the queue, which
-/// would all race for the same message. A woken reader that reads a full batch passes the wake on
-/// (`Waiting::done`), so that nothing ready is left with its readers asleep.
-fn wake_readers(ready: &[(i32, u32)]) {
-    if READERS_WAITING.get().load(Ordering::Acquire) == 0 {
+/// Wakes, for each queue (sorted, with the arrival count after the commit), waiting readers that are
+/// not woken yet until together they take as many messages as the commit made ready: one send wakes
+/// one reader, not every reader of the queue, which would all race for the same message. When too few
+/// readers are asleep, the woken ones are told that the commit counts on their next read. A woken
+/// reader that reads a full batch passes the wake on (`Waiting::done`), so that nothing ready is left
+/// with its readers asleep.
+fn wake_readers(ready: &[(i32, u32, u64)]) {
+    // Sequentially consistent with `Waiting::register` (see there).
+    if READERS_WAITING.get().load(Ordering::SeqCst) == 0 {
         return;
     }
     let database = crate::pg::my_database().to_u32();
     let mut sleepers = SLEEPERS.exclusive();
-    let mut left: Vec<(i32, u32)> = ready.to_vec();
-    for reader in sleepers.readers.iter_mut() {
+    let mut left: Vec<u32> = ready.iter().map(|&(_, messages, _)| messages).collect();
+    let position = |reader: &Sleeper| {
         if reader.pid == 0 || reader.database != database {
-            continue;
+            return None;
         }
-        let Ok(at) = left.binary_search_by_key(&reader.queue_id, |&(queue_id, _)| queue_id) else {
+        ready
+            .binary_search_by_key(&reader.queue_id, |&(queue_id, _, _)| queue_id)
+            .ok()
+    };
+    for reader in sleepers.readers.iter_mut() {
+        let Some(at) = position(reader) else {
             continue;
         };
-        let messages = &mut left[at].1;
-        if *messages == 0 {
+        if reader.woken || left[at] == 0 {
             continue;
         }
-        if reader.woken {
-            reader.passed_by = true;
-            continue;
-        }
-        *messages = messages.saturating_sub(reader.wants.max(1));
+        left[at] = left[at].saturating_sub(reader.wants.max(1));
         reader.woken = true;
         // SAFETY: a registered reader's latch is its PGPROC's, valid while its slot is taken, and the
         // slot cannot be freed while we hold the lock.
         unsafe { pg_sys::SetLatch(reader.latch as *mut pg_sys::Latch) };
     }
+    if left.iter().all(|&messages| messages == 0) {
+        return;
+    }
+    for reader in sleepers.readers.iter_mut() {
+        let Some(at) = position(reader) else {
+            continue;
+        };
+        if reader.woken && left[at] > 0 {
+            reader.passed_by = true;
+            reader.passed_at = reader.passed_at.max(ready[at].2);
+        }
+    }
+}
+
+/// Hands a wake on to another reader of the queue: messages committed before now may be left.
+fn hand_on(queue_id: i32) {
+    wake_readers(&[(queue_id, 1, arrivals::seen(queue_id))]);
 }
 
 /// Hands this database's worker a fan-out and queues to notify, and wakes it.
@@ -393,21 +421,30 @@ pub struct Waiting {
 }
 
 impl Waiting {
-    pub fn register(queue_id: i32, wants: u32) -> Waiting {
+    /// Registers the reader to be woken by commits that make messages arrive in `queue_id`. Its read
+    /// began when the queue's arrival count was `read_from`: whether a commit came since, which the
+    /// read may have missed and which found the reader not yet registered.
+    pub fn register(queue_id: i32, wants: u32, read_from: u64) -> (Waiting, bool) {
         if !shared_memory() {
-            return Waiting { registered: false };
+            return (Waiting { registered: false }, false);
         }
         ensure_exit_hook();
-        let mut sleepers = SLEEPERS.exclusive();
-        let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == 0) else {
-            return Waiting { registered: false };
-        };
-        *slot = Sleeper {
-            wants,
-            ..me(queue_id)
-        };
-        READERS_WAITING.get().fetch_add(1, Ordering::AcqRel);
-        Waiting { registered: true }
+        {
+            let mut sleepers = SLEEPERS.exclusive();
+            let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == 0) else {
+                return (Waiting { registered: false }, false);
+            };
+            *slot = Sleeper {
+                wants,
+                ..me(queue_id)
+            };
+            // Before the arrival count is read, and in one order with commits, which count arrivals
+            // before they look here: a commit this reader does not see counted either finds it
+            // registered or has not counted yet.
+            READERS_WAITING.get().fetch_add(1, Ordering::SeqCst);
+        }
+        let moved = arrivals::seen(queue_id) != read_from;
+        (Waiting { registered: true }, moved)
     }
 
     /// Sleeps until woken, `timeout` passes, or an interrupt (cancel, statement_timeout, shutdown)
@@ -437,41 +474,40 @@ impl Waiting {
         pgrx::check_for_interrupts!();
     }
 
-    /// Clears this reader's wake: its queue, whether it had been woken, and whether a commit passed
-    /// it by meanwhile.
-    fn clear_wake(&self) -> (i32, bool, bool) {
+    /// Clears this reader's wake: its queue, whether it had been woken, and whether a commit that
+    /// its read, begun at arrival count `read_from`, may have missed passed it by meanwhile.
+    fn clear_wake(&self, read_from: u64) -> (i32, bool, bool) {
         let mut sleepers = SLEEPERS.exclusive();
         let pid = crate::pg::my_pid();
         match sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
             Some(slot) => {
                 let woken = std::mem::replace(&mut slot.woken, false);
                 let passed_by = std::mem::replace(&mut slot.passed_by, false);
-                (slot.queue_id, woken, passed_by)
+                let missed = passed_by && std::mem::take(&mut slot.passed_at) > read_from;
+                (slot.queue_id, woken, missed)
             }
             None => (0, false, false),
         }
     }
 
-    /// The read after a wake came up empty (another reader took the messages): this reader may be
-    /// woken again. Called before the caller looks for what commits made ready since that read, so
-    /// that a commit in between is either seen there or wakes this reader again.
-    pub fn rearm(&self) {
-        if self.registered && self.clear_wake().2 {
-            // A commit counted on the read that came up empty: read again instead of sleeping.
-            // SAFETY: MyLatch is this process's own latch.
-            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
-        }
+    /// The read after a wake, begun at arrival count `read_from`, came up empty (another reader took
+    /// the messages): this reader may be woken again. True when it should read again instead of
+    /// sleeping: a commit that counted on it came after its read began.
+    pub fn rearm(&self, read_from: u64) -> bool {
+        self.registered && self.clear_wake(read_from).2
     }
 
-    /// The reader is about to return what it read: a wake it had is used up. When it took a full
-    /// batch, more may be ready: the wake goes on to another reader of the queue.
-    pub fn done(&self, full_batch: bool) {
+    /// The reader is about to return what its read, begun at arrival count `read_from`, took: a
+    /// wake it had is used up. When it took a full batch, more may be ready, and when a commit that
+    /// counted on it came after its read began, that commit's messages may be: either way the wake
+    /// goes on to another reader of the queue.
+    pub fn done(&self, full_batch: bool, read_from: u64) {
         if !self.registered {
             return;
         }
-        let (queue_id, woken, passed_by) = self.clear_wake();
-        if (woken && full_batch) || passed_by {
-            wake_readers(&[(queue_id, 1)]);
+        let (queue_id, woken, missed) = self.clear_wake(read_from);
+        if (woken && full_batch) || missed {
+            hand_on(queue_id);
         }
     }
 }
@@ -490,7 +526,7 @@ impl Drop for Waiting {
             READERS_WAITING.get().fetch_sub(1, Ordering::AcqRel);
             drop(sleepers);
             if let Some(queue_id) = unused_wake {
-                wake_readers(&[(queue_id, 1)]);
+                hand_on(queue_id);
             }
         }
     }
