@@ -227,7 +227,7 @@ impl Consumer {
             let empty = messages.is_empty();
             for mut message in messages {
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
-                message.connection = Some(delivery::Connection(client.clone()));
+                message.connection = Some(delivery::Connection::new(client.clone()));
                 let message = match message.decode::<T>() {
                     Ok(message) => message,
                     Err((message, error)) => {
@@ -376,6 +376,10 @@ impl Handling {
         F: Future<Output = std::result::Result<(), Failure>>,
     {
         let (id, token) = (message.id, message.lock_token);
+        let settled_by_handler = message
+            .connection
+            .as_ref()
+            .map(|connection| connection.settled.clone());
         let guard = GiveBack {
             handling: Some(&self),
             id,
@@ -405,7 +409,14 @@ impl Handling {
         match outcome {
             Ok(Ok(())) => {
                 stats.handled.fetch_add(1, Ordering::Relaxed);
-                let _ = self.settled.send(Settled::Acked(id, token));
+                let already =
+                    settled_by_handler.is_some_and(|settled| settled.load(Ordering::Acquire));
+                let settled = if already {
+                    Settled::Done
+                } else {
+                    Settled::Acked(id, token)
+                };
+                let _ = self.settled.send(settled);
             }
             Ok(Err(failure)) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);

@@ -1,5 +1,6 @@
 //! Messages as a consumer gets them, and the calls that settle them: the SQL functions one to one, for
 //! those who drive their own loop. `Consumer` builds on these.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,24 @@ use tokio_postgres::types::Type;
 
 /// The connection a `Consumer` read a message on, for `Message::reply`.
 #[derive(Clone)]
-pub(crate) struct Connection(pub(crate) Arc<Client>);
+pub(crate) struct Connection {
+    pub(crate) client: Arc<Client>,
+    /// Set once the message is settled through it (acked, given back, dead-lettered, replied to):
+    /// the consumer then has nothing left to do with it.
+    pub(crate) settled: Arc<AtomicBool>,
+    /// Set once a reply was sent for it, on any client: that reply's transaction acked it too.
+    pub(crate) answered: Arc<AtomicBool>,
+}
+
+impl Connection {
+    pub(crate) fn new(client: Arc<Client>) -> Self {
+        Connection {
+            client,
+            settled: Arc::default(),
+            answered: Arc::default(),
+        }
+    }
+}
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,7 +118,7 @@ impl<T> Message<T> {
     /// The connection this message was read with, for settling it: a `Consumer`'s or a `stream`'s.
     fn connection(&self) -> Result<&Client> {
         match &self.connection {
-            Some(Connection(client)) => Ok(client),
+            Some(connection) => Ok(&connection.client),
             None => Err(Error::NotInState(
                 "this message was read by hand: settle it with the functions that take a client"
                     .into(),
@@ -110,12 +128,29 @@ impl<T> Message<T> {
 
     /// Acks this delivery on the connection it was read with; false when the lock no longer held.
     pub async fn ack(&self) -> Result<bool> {
-        ack(self.connection()?, &self.queue, self.id, self.lock_token).await
+        let acked = ack(self.connection()?, &self.queue, self.id, self.lock_token).await?;
+        Ok(self.settled_if(acked))
+    }
+
+    /// Notes that the message was settled on its consumer's connection, when `done`.
+    fn settled_if(&self, done: bool) -> bool {
+        if done {
+            self.mark_settled();
+        }
+        done
+    }
+
+    /// Tells the consumer that the message needs no ack of its own: it was settled, or will be with a
+    /// transaction that committed.
+    pub(crate) fn mark_settled(&self) {
+        if let Some(connection) = &self.connection {
+            connection.settled.store(true, Ordering::Release);
+        }
     }
 
     /// Gives it back (see `nack`) on the connection it was read with.
     pub async fn nack(&self, delay: Option<Duration>, error: Option<&str>) -> Result<bool> {
-        nack(
+        let given_back = nack(
             self.connection()?,
             &self.queue,
             self.id,
@@ -123,7 +158,8 @@ impl<T> Message<T> {
             delay,
             error,
         )
-        .await
+        .await?;
+        Ok(self.settled_if(given_back))
     }
 
     /// Extends its lock (see `extend_lock`) on the connection it was read with.
@@ -135,13 +171,17 @@ impl<T> Message<T> {
     /// Dead-letters it (see `dead_letter`) on the connection it was read with.
     pub async fn dead_letter(&self, reason: &str, error: Option<&str>) -> Result<bool> {
         let client = self.connection()?;
-        dead_letter(client, &self.queue, self.id, self.lock_token, reason, error).await
+        let moved =
+            dead_letter(client, &self.queue, self.id, self.lock_token, reason, error).await?;
+        Ok(self.settled_if(moved))
     }
 
     /// Answers this request on the connection its `Consumer` read it with: see `reply`. A message
     /// read by hand has none; use `reply_with` then.
     pub async fn reply<R: Serialize + ?Sized>(&self, payload: &R) -> Result<Option<i64>> {
-        self.reply_with(self.connection()?, payload).await
+        let reply = self.reply_with(self.connection()?, payload).await?;
+        self.settled_if(reply.is_some());
+        Ok(reply)
     }
 
     /// Answers this request on `client` (`bussig.reply`): acks it and sends `payload` to its
@@ -151,7 +191,18 @@ impl<T> Message<T> {
         client: &C,
         payload: &R,
     ) -> Result<Option<i64>> {
-        reply(client, &self.queue, self.id, self.lock_token, payload, None).await
+        let reply = reply(client, &self.queue, self.id, self.lock_token, payload, None).await?;
+        if let (Some(connection), Some(_)) = (&self.connection, reply) {
+            connection.answered.store(true, Ordering::Release);
+        }
+        Ok(reply)
+    }
+
+    /// Whether a reply to it was sent (and acked it) in some transaction.
+    pub(crate) fn answered(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_some_and(|connection| connection.answered.load(Ordering::Acquire))
     }
 }
 
@@ -316,7 +367,7 @@ pub fn stream(
                 }
             }
             let mut message = pending.pop_front().expect("not empty");
-            message.connection = Some(Connection(client.clone()));
+            message.connection = Some(Connection::new(client.clone()));
             Some((Ok(message), (client, queue, pending)))
         },
     )

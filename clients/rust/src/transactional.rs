@@ -104,8 +104,9 @@ where
 {
     let tx = client.transaction().await?;
     handler(message, &tx).await?;
-    let acked: bool =
-        crate::delivery::ack(&tx, &message.queue, message.id, message.lock_token).await?;
+    // A reply sent in the transaction acked the message there already.
+    let acked = message.answered()
+        || crate::delivery::ack(&tx, &message.queue, message.id, message.lock_token).await?;
     if !acked {
         // Dropping the transaction rolls it back.
         return Err(Failure::Error(
@@ -113,5 +114,7 @@ where
         ));
     }
     tx.commit().await?;
+    // Acked with the commit: the consumer has no ack of its own to send.
+    message.mark_settled();
     Ok(())
 }

@@ -177,6 +177,70 @@ async fn a_transactional_handlers_writes_commit_with_its_ack_or_not_at_all() {
         .unwrap();
 }
 
+/// A transactional handler answers a request in its own transaction: the reply, the handler's write
+/// and the request's ack commit together, once, and the consumer adds no ack of its own.
+#[tokio::test]
+async fn a_transactional_handler_replies_in_its_transaction() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "answered_in_tx", "").await;
+    let effects = format!("{}_effects", q.name);
+    c.batch_execute(&format!("CREATE TABLE {effects} (n bigint, delivery int)"))
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .concurrency(2)
+        .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let table = effects.clone();
+    let running = tokio::spawn(consumer.run_transactional(
+        move |m: &Message<Job>, tx| {
+            let table = table.clone();
+            Box::pin(async move {
+                tx.query_typed(
+                    &format!("INSERT INTO {table} VALUES ($1, $2)"),
+                    &[(&m.payload.n, Type::INT8), (&m.delivery_count, Type::INT4)],
+                )
+                .await?;
+                m.reply_with(tx, &Job { n: -m.payload.n }).await?;
+                Ok(())
+            })
+        },
+        shutdown.clone(),
+    ));
+    let requester = Requester::start(connect_no_tls(url())).await.unwrap();
+    for n in 1..=3 {
+        let reply = requester
+            .request::<_, Job>(&q.name, &Job { n }, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(reply.payload, Job { n: -n });
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    requester.stop().await.unwrap();
+    let written: Vec<(i64, i32)> = c
+        .query_typed(
+            &format!("SELECT n, delivery FROM {effects} ORDER BY n"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        written,
+        [(1, 1), (2, 1), (3, 1)],
+        "each write committed once, on the first delivery"
+    );
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 0);
+    c.batch_execute(&format!("DROP TABLE {effects}"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn every_broadcast_subscriber_gets_each_message_and_its_queue_goes_with_it() {
     let c = client().await;
