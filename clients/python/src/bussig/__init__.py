@@ -1,0 +1,48 @@
+"""bussig: send to bussig queues in your own transactions, route subjects to handlers, and run workers
+that ack, retry, dead-letter, extend locks and stop without leaving a message locked."""
+
+from ._core import Stats
+from .aio import AsyncBus
+from .bus import Bus
+from .errors import (
+    BussigError,
+    InUse,
+    InvalidArgument,
+    NoExtension,
+    NotInState,
+    NotSupported,
+    NullArgument,
+    PermissionDenied,
+    RequestTimeout,
+    TooLarge,
+    UnknownQueue,
+)
+from .message import AsyncMessage, Message
+from .outcome import DeadLetter, Retry
+from .routing import Route, Router, pattern_matches
+from .worker import Worker
+
+__all__ = [
+    "AsyncBus",
+    "AsyncMessage",
+    "Bus",
+    "BussigError",
+    "DeadLetter",
+    "InUse",
+    "InvalidArgument",
+    "Message",
+    "NoExtension",
+    "NotInState",
+    "NotSupported",
+    "NullArgument",
+    "PermissionDenied",
+    "RequestTimeout",
+    "Retry",
+    "Route",
+    "Router",
+    "Stats",
+    "TooLarge",
+    "UnknownQueue",
+    "Worker",
+    "pattern_matches",
+]

@@ -1,0 +1,250 @@
+"""``Worker.run``: the worker's loop on asyncio, handlers as tasks. It follows the thread loop in
+``worker.py`` step for step; the book and the dispatch are the same objects."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from . import _sql, outcome, trace
+from ._connections import Row, connect_async, execute_async
+from ._core import RECONNECT_FIRST, Book, Dispatch, Job, give_back_statement, next_pause, settle_statement
+from .bus import EPHEMERAL_TTL
+from .errors import BussigError, connection_lost
+from .message import AsyncMessage, fields
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+
+class AsyncRun:
+    def __init__(self, worker: Worker, dispatch: Dispatch, book: Book) -> None:
+        self.worker = worker
+        self.queue = worker.queue
+        self.options = worker.options
+        self.dispatch = dispatch
+        self.book = book
+        self.changed = asyncio.Event()
+        self.stopping = False
+        self.conn: Optional[psycopg.AsyncConnection[Row]] = None
+        self.transactions: Optional[AsyncConnectionPool[psycopg.AsyncConnection[Row]]] = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.last_heartbeat = 0.0
+
+    async def run(self, grace: float) -> None:
+        # The loop runs in a task of its own that a cancellation does not interrupt: a read cut off
+        # could have locked messages nobody would know of. It stops after its read returns.
+        loop = asyncio.create_task(self.loop(grace))
+        try:
+            await asyncio.shield(loop)
+        except asyncio.CancelledError:
+            self.stopping = True
+            self.deadline = time.monotonic() + grace
+            self.changed.set()
+            await loop
+            raise
+
+    async def loop(self, grace: float) -> None:
+        self.deadline = time.monotonic() + grace
+        try:
+            await self.reconnect()
+            if self.worker.ephemeral and not self.dispatch.patterns:
+                raise ValueError("a broadcast worker needs a router with patterns")
+            ttl = EPHEMERAL_TTL if self.worker.ephemeral else None
+            for pattern in self.dispatch.patterns:
+                await self.execute(_sql.SUBSCRIBE, (self.queue, pattern, ttl))
+            self.last_heartbeat = time.monotonic()
+            if any(route.transactional for route in self.dispatch.routes):
+                self.transactions = AsyncConnectionPool(
+                    self.worker.conninfo,
+                    min_size=0,
+                    max_size=self.options.concurrency,
+                    kwargs={"autocommit": True, "prepare_threshold": None},
+                    open=False,
+                )
+                await self.transactions.open()
+            while not self.stopping:
+                try:
+                    await self.turn()
+                except Exception as error:
+                    if not connection_lost(error, self.conn) or self.stopping:
+                        raise
+                    await self.reconnect()
+            await self.drain()
+        finally:
+            await self.close()
+
+    async def execute(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
+        assert self.conn is not None
+        return await execute_async(self.conn, sql, params)
+
+    async def reconnect(self) -> None:
+        pause = RECONNECT_FIRST
+        while True:
+            if self.conn is not None:
+                await self.conn.close()
+            try:
+                self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
+                return
+            except BussigError:
+                raise
+            except psycopg.Error:
+                if self.stopping:
+                    raise
+                self.book.stats.reconnects += 1
+                await asyncio.sleep(pause)
+                pause = next_pause(pause)
+
+    async def turn(self) -> None:
+        self.changed.clear()
+        await self.settle()
+        await self.keep_locks()
+        while (job := self.book.start_next()) is not None:
+            task = asyncio.create_task(self.handle(job))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if self.book.should_read():
+            acks = self.book.take_acks()
+            wait = self.book.read_wait()
+            try:
+                rows = await self.execute(
+                    _sql.ACK_AND_READ,
+                    _sql.ack_and_read_params(self.queue, acks, self.options.batch, self.options.lock_timeout, wait),
+                )
+            except BaseException:
+                self.book.acks[:0] = acks  # sent again; stale ones are skipped
+                raise
+            self.fetched(rows)
+            if rows or not self.book.running:
+                return
+        try:
+            await asyncio.wait_for(self.changed.wait(), self.book.tick())
+        except asyncio.TimeoutError:
+            pass
+
+    def fetched(self, rows: list[Row]) -> None:
+        jobs = []
+        for row in rows:
+            planned = self.dispatch.plan(fields(self.queue, row))
+            if isinstance(planned, Job):
+                jobs.append(planned)
+            else:
+                self.book.bury((row[0], row[1]), planned)
+        self.book.fetch(jobs)
+
+    async def settle(self) -> None:
+        pending = self.book.take_settlements()
+        while pending:
+            key, result = pending[0]
+            statement = settle_statement(self.queue, key, result)
+            try:
+                if statement is not None:
+                    await self.execute(*statement)
+            except BussigError as error:
+                if isinstance(result, outcome.Reply):
+                    await self.execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
+            except BaseException:
+                self.book.to_settle[:0] = pending
+                raise
+            pending.pop(0)
+
+    async def keep_locks(self) -> None:
+        for message_id, token in self.book.locks_due():
+            await self.execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
+        if self.worker.ephemeral and time.monotonic() - self.last_heartbeat >= EPHEMERAL_TTL / 3:
+            await self.execute(_sql.HEARTBEAT, (self.queue,))
+            self.last_heartbeat = time.monotonic()
+
+    async def handle(self, job: Job) -> None:
+        message = AsyncMessage(**{**job.fields, "payload": job.payload})
+        result: outcome.Outcome
+        try:
+            with trace.processing(self.queue, message.message_id, message.delivery_count, message.headers):
+                if job.route.transactional:
+                    result = await self.in_transaction(job, message)
+                else:
+
+                    async def reply(payload: Any) -> Optional[int]:
+                        return await self.reply(self.execute, message, payload)
+
+                    message._replier = reply
+                    value = job.route.handler(message)
+                    if inspect.isawaitable(value):
+                        value = await value
+                    result = outcome.of_return(value, message.reply_to, message.replied)
+        except Exception as error:
+            result = outcome.of_exception(error)
+        except asyncio.CancelledError:
+            result = outcome.GIVE_BACK  # cut off by a stop: the message was given back already
+        self.book.finish(job, result)
+        self.changed.set()
+
+    async def reply(self, run: Any, message: AsyncMessage, payload: Any) -> Optional[int]:
+        params = _sql.reply_params(self.queue, message.message_id, message.lock_token, payload)
+        reply_id: Optional[int] = (await run(_sql.REPLY, params))[0][0]
+        return reply_id
+
+    async def in_transaction(self, job: Job, message: AsyncMessage) -> outcome.Outcome:
+        assert self.transactions is not None
+        async with self.transactions.connection() as conn, conn.transaction():
+            message.conn = conn
+
+            async def run(sql: str, params: tuple[Any, ...]) -> list[Row]:
+                return await execute_async(conn, sql, params)
+
+            async def reply(payload: Any) -> Optional[int]:
+                reply_id = await self.reply(run, message, payload)
+                if reply_id is None:
+                    raise outcome.LockLost(*job.key)
+                return reply_id
+
+            message._replier = reply
+            value = job.route.handler(message)
+            if inspect.isawaitable(value):
+                value = await value
+            result = outcome.of_return(value, message.reply_to, message.replied)
+            if isinstance(result, outcome.Reply):
+                await reply(result.value)
+            elif isinstance(result, outcome.Ack) and not (await run(_sql.ACK, (self.queue, *job.key)))[0][0]:
+                raise outcome.LockLost(*job.key)
+        return outcome.Settled()
+
+    async def drain(self) -> None:
+        for key in self.book.give_back_fetched():
+            await self.execute(*give_back_statement(self.queue, key))
+        while self.book.running and time.monotonic() < self.deadline:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(self.deadline - time.monotonic(), self.book.tick()))
+            except asyncio.TimeoutError:
+                pass
+            await self.settle()
+            await self.keep_locks()
+        unfinished = self.book.give_back_running()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.settle()
+        acks = self.book.take_acks()
+        if acks:
+            await self.execute(_sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
+        for key in unfinished:
+            await self.execute(*give_back_statement(self.queue, key))
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.transactions is not None:
+            await self.transactions.close(timeout=0)
+        if self.conn is not None:
+            if self.worker.ephemeral:
+                try:
+                    await self.execute(_sql.DROP_QUEUE, (self.queue,))
+                except Exception:
+                    pass
+            await self.conn.close()

@@ -1,0 +1,71 @@
+"""Connections: the client's own (autocommit, nothing prepared on the server, so that each statement
+is a transaction a pooling proxy may route anywhere), and the caller's (a psycopg connection, or a
+SQLAlchemy session or connection on the psycopg dialect), whose transaction a call joins."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import psycopg
+
+from . import errors
+
+Row = tuple[Any, ...]
+
+
+def connect(conninfo: str, application_name: Optional[str] = None) -> psycopg.Connection[Row]:
+    extra: dict[str, Any] = {"application_name": application_name} if application_name else {}
+    with errors.translated():
+        return psycopg.Connection.connect(conninfo, autocommit=True, prepare_threshold=None, **extra)
+
+
+async def connect_async(conninfo: str, application_name: Optional[str] = None) -> psycopg.AsyncConnection[Row]:
+    extra: dict[str, Any] = {"application_name": application_name} if application_name else {}
+    with errors.translated():
+        return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None, **extra)
+
+
+def execute(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> list[Row]:
+    with errors.translated():
+        cursor = conn.execute(sql, params, prepare=False)
+        return [tuple(row) for row in cursor.fetchall()]
+
+
+async def execute_async(conn: psycopg.AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> list[Row]:
+    with errors.translated():
+        cursor = await conn.execute(sql, params, prepare=False)
+        return [tuple(row) for row in await cursor.fetchall()]
+
+
+def _raw(connection: Any) -> Any:
+    """The driver's connection under a SQLAlchemy pooled connection."""
+    return getattr(connection, "driver_connection", None) or getattr(connection, "dbapi_connection", None)
+
+
+def caller_connection(conn: Any) -> psycopg.Connection[Any]:
+    """The psycopg connection of ``conn``: itself, or under a SQLAlchemy Session or Connection (whose
+    transaction it begins, as SQLAlchemy would for its own statement)."""
+    if isinstance(conn, psycopg.Connection):
+        return conn
+    if hasattr(conn, "connection") and callable(getattr(conn, "get_bind", None)):  # a Session
+        conn = conn.connection()
+    raw = _raw(getattr(conn, "connection", None))
+    if isinstance(raw, psycopg.Connection):
+        return raw
+    raise TypeError(f"conn must be a psycopg Connection or a SQLAlchemy Session/Connection on psycopg, not {conn!r}")
+
+
+async def caller_connection_async(conn: Any) -> psycopg.AsyncConnection[Any]:
+    """As ``caller_connection``, for a psycopg AsyncConnection or a SQLAlchemy AsyncSession/AsyncConnection."""
+    if isinstance(conn, psycopg.AsyncConnection):
+        return conn
+    if callable(getattr(conn, "get_bind", None)):  # an AsyncSession
+        conn = await conn.connection()
+    get_raw = getattr(conn, "get_raw_connection", None)
+    if get_raw is not None:
+        raw = _raw(await get_raw())
+        if isinstance(raw, psycopg.AsyncConnection):
+            return raw
+    raise TypeError(
+        f"conn must be a psycopg AsyncConnection or a SQLAlchemy AsyncSession/AsyncConnection on psycopg, not {conn!r}"
+    )

@@ -1,0 +1,207 @@
+"""What the thread and asyncio workers share: which handler a message goes to, and the book of the
+messages a worker holds (fetched, running, finished), with no I/O of its own."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from . import _sql, outcome
+from .outcome import Outcome
+from .routing import Decoder, Handler, Route, Router
+
+RECONNECT_FIRST = 0.1
+RECONNECT_MAX = 5.0
+
+
+@dataclass
+class Stats:
+    """What a worker has done so far; read it while it runs."""
+
+    handled: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    in_flight: int = 0
+    reconnects: int = 0
+
+
+@dataclass
+class Options:
+    concurrency: int = 1
+    batch: int = 10
+    lock_timeout: float = 30.0
+    """How long a read locks a message; a message held past half of it has its lock extended."""
+    wait: float = 5.0
+    """How long an idle worker's read waits for work: also the longest a stop waits for that read."""
+
+
+@dataclass
+class Job:
+    """A fetched message and the route that will handle it."""
+
+    fields: dict[str, Any]
+    route: Route
+    payload: Any
+
+    @property
+    def key(self) -> _sql.Ack:
+        return (self.fields["message_id"], self.fields["lock_token"])
+
+
+class Dispatch:
+    """Chooses each message's handler: the router's first matching route, else the worker's handler."""
+
+    def __init__(
+        self, router: Optional[Router], handler: Optional[Handler], transactional: bool, decode: Optional[Decoder]
+    ) -> None:
+        if router is None and handler is None:
+            raise ValueError("a worker needs a router, a handler, or both")
+        self.router = router
+        self.fallback = Route(">", handler, transactional, decode) if handler is not None else None
+
+    @property
+    def routes(self) -> list[Route]:
+        routes = self.router.routes if self.router is not None else []
+        return routes + ([self.fallback] if self.fallback is not None else [])
+
+    @property
+    def patterns(self) -> list[str]:
+        return self.router.patterns if self.router is not None else []
+
+    def plan(self, fields: dict[str, Any]) -> Union[Job, outcome.Bury]:
+        subject = fields["subject"]
+        route = self.router.route(subject) if self.router is not None else None
+        route = route or self.fallback
+        if route is None:
+            return outcome.Bury(outcome.UNROUTABLE, f"no handler for subject {subject!r}")
+        payload = fields["payload"]
+        if route.decode is not None:
+            try:
+                payload = route.decode(payload)
+            except Exception as error:
+                return outcome.Bury(outcome.UNDECODABLE, f"{type(error).__name__}: {error}")
+        return Job(fields, route, payload)
+
+
+@dataclass
+class Book:
+    """The messages a worker holds. Neither thread- nor task-safe: the thread worker guards it with
+    its lock; the asyncio worker touches it from one event loop."""
+
+    options: Options
+    stats: Stats = field(default_factory=Stats)
+    fetched: deque[Job] = field(default_factory=deque)
+    """Read but not started: started as handler slots free up, given back at a stop."""
+    running: dict[_sql.Ack, Job] = field(default_factory=dict)
+    locked_since: dict[_sql.Ack, float] = field(default_factory=dict)
+    """When each held message's lock was last taken or extended."""
+    acks: list[_sql.Ack] = field(default_factory=list)
+    """Finished messages, acked with the next read."""
+    to_settle: list[tuple[_sql.Ack, Outcome]] = field(default_factory=list)
+    """Outcomes other than an ack, applied by the loop on its connection (again after a reconnect)."""
+
+    def fetch(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        for job in jobs:
+            self.fetched.append(job)
+            self.locked_since[job.key] = now
+
+    def free_slots(self) -> int:
+        return self.options.concurrency - len(self.running)
+
+    def should_read(self) -> bool:
+        return not self.fetched and self.free_slots() > 0
+
+    def read_wait(self) -> Optional[float]:
+        """Long-poll only when idle: a busy worker must come back to start what it reads and hand in acks."""
+        return self.options.wait if not self.running else None
+
+    def start_next(self) -> Optional[Job]:
+        if not self.fetched or self.free_slots() <= 0:
+            return None
+        job = self.fetched.popleft()
+        self.running[job.key] = job
+        self.stats.in_flight = len(self.running)
+        return job
+
+    def finish(self, job: Job, result: Outcome) -> None:
+        """Records a handler's outcome; one whose message was given back meanwhile is dropped."""
+        if self.running.pop(job.key, None) is None:
+            return
+        self.locked_since.pop(job.key, None)
+        self.stats.in_flight = len(self.running)
+        if isinstance(result, (outcome.Ack, outcome.Reply, outcome.Settled)):
+            self.stats.handled += 1
+        else:
+            self.stats.failed += 1
+        if isinstance(result, outcome.Bury):
+            self.stats.dead_lettered += 1
+        if isinstance(result, outcome.Ack):
+            self.acks.append(job.key)
+        elif not isinstance(result, outcome.Settled):
+            self.to_settle.append((job.key, result))
+
+    def bury(self, key: _sql.Ack, result: outcome.Bury) -> None:
+        self.stats.dead_lettered += 1
+        self.locked_since.pop(key, None)
+        self.to_settle.append((key, result))
+
+    def take_acks(self) -> list[_sql.Ack]:
+        acks, self.acks = self.acks, []
+        return acks
+
+    def take_settlements(self) -> list[tuple[_sql.Ack, Outcome]]:
+        settlements, self.to_settle = self.to_settle, []
+        return settlements
+
+    def locks_due(self) -> list[_sql.Ack]:
+        """Held messages whose lock is half gone; marked extended now."""
+        now = time.monotonic()
+        due = [key for key, since in self.locked_since.items() if now - since >= self.options.lock_timeout / 2]
+        for key in due:
+            self.locked_since[key] = now
+        return due
+
+    def give_back_fetched(self) -> list[_sql.Ack]:
+        keys = [job.key for job in self.fetched]
+        self.fetched.clear()
+        for key in keys:
+            self.locked_since.pop(key, None)
+        return keys
+
+    def give_back_running(self) -> list[_sql.Ack]:
+        """Handlers cut off by a stop: their messages are given back, their outcomes dropped."""
+        keys = list(self.running)
+        self.running.clear()
+        self.stats.in_flight = 0
+        for key in keys:
+            self.locked_since.pop(key, None)
+        return keys
+
+    def tick(self) -> float:
+        """How long the loop may sleep waiting for a handler: it must wake for lock extensions."""
+        return min(self.options.wait, self.options.lock_timeout / 4)
+
+
+def settle_statement(queue: str, key: _sql.Ack, result: Outcome) -> Optional[tuple[str, tuple[Any, ...]]]:
+    """The statement that applies a non-ack outcome."""
+    message_id, token = key
+    if isinstance(result, outcome.Nack):
+        return _sql.NACK, (queue, message_id, token, result.delay, result.error)
+    if isinstance(result, outcome.Bury):
+        return _sql.DEAD_LETTER, (queue, message_id, token, result.reason, result.error)
+    if isinstance(result, outcome.Reply):
+        return _sql.REPLY, _sql.reply_params(queue, message_id, token, result.value)
+    return None
+
+
+def give_back_statement(queue: str, key: _sql.Ack) -> tuple[str, tuple[Any, ...]]:
+    statement = settle_statement(queue, key, outcome.GIVE_BACK)
+    assert statement is not None
+    return statement
+
+
+def next_pause(pause: float) -> float:
+    return min(pause * 2, RECONNECT_MAX)

@@ -1,0 +1,197 @@
+"""``Bus``: sending, publishing and request/reply, for threaded code. Calls without ``conn`` run on a
+pooled connection, each in its own transaction; with ``conn`` they run in the caller's transaction and
+commit or roll back with the caller's own writes."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Optional
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import _sql, errors
+from ._connections import Row, caller_connection, connect, execute
+from ._sql import Seconds
+from .message import Message, fields
+
+EPHEMERAL_TTL = 60.0
+"""How long a process's own queue outlives its last heartbeat; heartbeats come three times as often."""
+REPLY_WAIT = 1.0
+"""How long one read of the reply queue waits: also how late its reader notices a stop."""
+
+
+def ephemeral_queue(kind: str) -> str:
+    return f"bussig_{kind}_{uuid.uuid4().hex}"
+
+
+class Bus:
+    """A database with bussig, for threaded code. Thread-safe; ``close()`` (or ``with``) when done."""
+
+    def __init__(self, conninfo: str, *, max_connections: int = 10) -> None:
+        self.conninfo = conninfo
+        self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
+            conninfo,
+            min_size=0,
+            max_size=max(1, max_connections),
+            kwargs={"autocommit": True, "prepare_threshold": None},
+            open=True,
+        )
+        self._requester: Optional[_Requester] = None
+        self._requester_lock = threading.Lock()
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the requester (dropping its reply queue) and closes the pool."""
+        with self._requester_lock:
+            requester, self._requester = self._requester, None
+        if requester is not None:
+            requester.stop()
+        self._pool.close()
+
+    def execute(self, sql: str, params: tuple[Any, ...] = (), conn: Any = None) -> list[Row]:
+        """Runs one statement, on ``conn`` or a pooled connection."""
+        if conn is not None:
+            return execute(caller_connection(conn), sql, params)
+        with self._pool.connection() as pooled:
+            return execute(pooled, sql, params)
+
+    def send(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        headers: Optional[Mapping[str, Any]] = None,
+        delay: Optional[Seconds] = None,
+        priority: int = 0,
+        dedup_id: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        reply_to: Optional[str] = None,
+        conn: Any = None,
+    ) -> Optional[int]:
+        """Sends one message; its id, or None when ``dedup_id`` found it a duplicate."""
+        params = _sql.message_params(queue, payload, headers, delay, priority, dedup_id, correlation_id, reply_to)
+        value: Optional[int] = self.execute(_sql.SEND, params, conn)[0][0]
+        return value
+
+    def publish(
+        self,
+        subject: str,
+        payload: Any,
+        *,
+        headers: Optional[Mapping[str, Any]] = None,
+        delay: Optional[Seconds] = None,
+        priority: int = 0,
+        dedup_id: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        reply_to: Optional[str] = None,
+        conn: Any = None,
+    ) -> int:
+        """Publishes to every queue subscribed to a pattern the subject matches; how many got it."""
+        params = _sql.message_params(subject, payload, headers, delay, priority, dedup_id, correlation_id, reply_to)
+        value: int = self.execute(_sql.PUBLISH, params, conn)[0][0]
+        return value
+
+    def queue_depth(self, queue: str, conn: Any = None) -> int:
+        """How many messages the queue holds: ready, delayed and locked."""
+        value: int = self.execute(_sql.QUEUE_DEPTH, (queue,), conn)[0][0]
+        return value
+
+    def request(self, queue: str, payload: Any, timeout: Seconds = 30.0, **options: Any) -> Message:
+        """Sends ``payload`` to ``queue`` with ``reply_to`` set to this process's reply queue and waits
+        up to ``timeout`` for the reply; ``RequestTimeout`` when none came."""
+        return self._ask(timeout, lambda more: self.send(queue, payload, **options, **more))
+
+    def request_subject(self, subject: str, payload: Any, timeout: Seconds = 30.0, **options: Any) -> Message:
+        """As ``request``, published on ``subject``: the first reply of whoever subscribed wins."""
+        return self._ask(timeout, lambda more: self.publish(subject, payload, **options, **more))
+
+    def _ask(self, timeout: Seconds, send: Any) -> Message:
+        requester = self._started_requester()
+        correlation_id = str(uuid.uuid4())
+        waiter = requester.expect(correlation_id)
+        seconds = _sql.seconds(timeout)
+        try:
+            send({"reply_to": requester.queue, "correlation_id": correlation_id})
+            return waiter.result(seconds)
+        except FutureTimeout:
+            raise errors.RequestTimeout(seconds or 0.0) from None
+        finally:
+            requester.forget(correlation_id)
+
+    def _started_requester(self) -> _Requester:
+        with self._requester_lock:
+            if self._requester is None:
+                self._requester = _Requester(self.conninfo)
+            return self._requester
+
+
+class _Requester:
+    """This process's reply queue (ephemeral: the worker drops it once its heartbeats stop) and the
+    thread that long-polls it, acks each reply and hands it to the request waiting for it."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.queue = ephemeral_queue("reply")
+        self._conn = connect(conninfo, "bussig requester")
+        # Nothing publishes on this subject: subscribing with a ttl is how a queue becomes ephemeral.
+        execute(self._conn, _sql.SUBSCRIBE, (self.queue, f"_bussig.reply.{self.queue}", EPHEMERAL_TTL))
+        self._waiting: dict[str, Future[Message]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="bussig-replies", daemon=True)
+        self._thread.start()
+
+    def expect(self, correlation_id: str) -> Future[Message]:
+        waiter: Future[Message] = Future()
+        with self._lock:
+            self._waiting[correlation_id] = waiter
+        return waiter
+
+    def forget(self, correlation_id: str) -> None:
+        with self._lock:
+            self._waiting.pop(correlation_id, None)
+
+    def _read(self) -> None:
+        acks: list[_sql.Ack] = []
+        beat = 0.0
+        while not self._stopping.is_set():
+            try:
+                if time.monotonic() - beat >= EPHEMERAL_TTL / 3:
+                    execute(self._conn, _sql.HEARTBEAT, (self.queue,))
+                    beat = time.monotonic()
+                params = _sql.ack_and_read_params(self.queue, acks, 100, None, REPLY_WAIT)
+                rows = execute(self._conn, _sql.ACK_AND_READ, params)
+            except Exception:
+                # The connection is gone: requests time out, and the queue goes with its heartbeats.
+                return
+            replies = [Message(**fields(self.queue, row)) for row in rows]
+            acks = [(reply.message_id, reply.lock_token) for reply in replies]
+            for reply in replies:
+                with self._lock:
+                    waiter = self._waiting.pop(reply.correlation_id or "", None)
+                if waiter is not None:
+                    waiter.set_result(reply)
+        if acks:
+            try:
+                execute(self._conn, _sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+        try:
+            execute(self._conn, _sql.DROP_QUEUE, (self.queue,))
+        except Exception:
+            pass  # it goes with its heartbeats
+        self._conn.close()

@@ -1,0 +1,100 @@
+"""One exception hierarchy for every call: each SQLSTATE bussig documents has a class, with the
+server's message kept, so callers can catch what went wrong without parsing text."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Optional, Union
+
+import psycopg
+
+
+class BussigError(Exception):
+    """Anything bussig or the database reported; ``sqlstate`` is the server's code, when it sent one."""
+
+    sqlstate: Optional[str] = None
+
+
+class UnknownQueue(BussigError):
+    """42704: no such queue (or role)."""
+
+
+class InvalidArgument(BussigError):
+    """22023: an argument breaks a rule (a queue name, a subject, a batch size, ...)."""
+
+
+class NullArgument(BussigError):
+    """22004: NULL where a value is needed."""
+
+
+class TooLarge(BussigError):
+    """54000: a message larger than bussig.max_message_size."""
+
+
+class PermissionDenied(BussigError):
+    """42501: the role lacks the privilege on the queue."""
+
+
+class NotInState(BussigError):
+    """55000: not allowed in this state (a reply to a request without reply_to, ...)."""
+
+
+class InUse(BussigError):
+    """2BP01: other queues still send their dead letters to this one."""
+
+
+class NotSupported(BussigError):
+    """0A000: not supported."""
+
+
+class NoExtension(BussigError):
+    """The database has no bussig (undefined schema, table or function)."""
+
+
+class RequestTimeout(BussigError, TimeoutError):
+    """No reply came within the time a request allowed."""
+
+    def __init__(self, timeout: Union[float, timedelta]) -> None:
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        super().__init__(f"no reply within {seconds:g} s")
+        self.timeout = seconds
+
+
+_BY_SQLSTATE: dict[str, type[BussigError]] = {
+    "42704": UnknownQueue,
+    "22023": InvalidArgument,
+    "22004": NullArgument,
+    "54000": TooLarge,
+    "42501": PermissionDenied,
+    "55000": NotInState,
+    "2BP01": InUse,
+    "0A000": NotSupported,
+    "3F000": NoExtension,
+    "42P01": NoExtension,
+    "42883": NoExtension,
+}
+
+
+def connection_lost(error: BaseException, connection: Optional[psycopg.BaseConnection[object]] = None) -> bool:
+    """Whether ``error`` means the connection is gone (closed, reset, the backend terminated)."""
+    if connection is not None and (connection.closed or connection.broken):
+        return True
+    return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)) and not isinstance(
+        error, psycopg.errors.QueryCanceled
+    )
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Re-raises a database error with a documented SQLSTATE as its bussig class."""
+    try:
+        yield
+    except psycopg.Error as error:
+        kind = _BY_SQLSTATE.get(error.sqlstate or "")
+        if kind is None:
+            raise
+        mapped = kind(error.diag.message_primary or str(error))
+        mapped.sqlstate = error.sqlstate
+        raise mapped from error

@@ -1,0 +1,343 @@
+"""``Worker``: consumes one queue, handing each message to its route's handler. ``start()``/``stop()``
+run it on threads; ``await worker.run()`` runs it on asyncio (see ``_async_worker``).
+
+The loop owns one connection: it reads with ``ack_and_read`` (finished messages acked with the next
+read: one round trip per batch at steady state), long-polls only when idle, applies the handlers'
+other outcomes, extends locks held past half their time, and reconnects with a capped backoff when
+the database is lost. A stop gives back at once what was read but not started, lets running handlers
+finish until the deadline, and gives back the rest: nothing is left locked."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import _sql, outcome, trace
+from ._connections import Row, connect, execute
+from ._core import RECONNECT_FIRST, Book, Dispatch, Job, Options, Stats, give_back_statement, next_pause, settle_statement
+from .bus import EPHEMERAL_TTL, ephemeral_queue
+from .errors import BussigError, connection_lost
+from .message import Message, fields
+from .routing import Decoder, Handler, Router
+
+
+class Worker:
+    """A worker for ``queue``: messages go to the first route of ``router`` matching their subject,
+    else to ``handler``. With a router, the queue is subscribed to the router's patterns at start
+    (``subscribe`` creates a missing queue)."""
+
+    def __init__(
+        self,
+        bus: Any,
+        queue: str,
+        router: Optional[Router] = None,
+        handler: Optional[Handler] = None,
+        concurrency: int = 1,
+        batch: int = 10,
+        *,
+        lock_timeout: float = 30.0,
+        wait: float = 5.0,
+        transactional: bool = False,
+        decode: Optional[Decoder] = None,
+        ephemeral: bool = False,
+    ) -> None:
+        """``bus`` is a ``Bus`` or ``AsyncBus`` (its conninfo is used). ``concurrency``: handlers in
+        flight; ``batch``: most messages one read takes; ``lock_timeout`` (seconds); ``wait``: how long
+        an idle read waits. ``transactional`` and ``decode`` apply to ``handler``. ``ephemeral``: the
+        queue is this process's (subscribed with a ttl, heartbeated, dropped at the end)."""
+        self.conninfo: str = bus.conninfo
+        self.queue = queue
+        self.options = Options(
+            concurrency=max(1, concurrency), batch=min(max(1, batch), 1000), lock_timeout=lock_timeout, wait=wait
+        )
+        self.ephemeral = ephemeral
+        self._dispatch = Dispatch(router, handler, transactional, decode)
+        self._book = Book(self.options)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._dirty = False
+        self._stopping = threading.Event()
+        self._deadline = 0.0
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._conn: Optional[psycopg.Connection[Row]] = None
+        self._transactions: Optional[ConnectionPool[psycopg.Connection[Row]]] = None
+        self._last_heartbeat = 0.0
+
+    @classmethod
+    def broadcast(
+        cls, bus: Any, router: Optional[Router] = None, handler: Optional[Handler] = None, **options: Any
+    ) -> Worker:
+        """A worker on a queue of this process's own (``bussig_broadcast_<uuid>``) subscribed to the
+        router's patterns: every process gets every message (cache invalidation, config reloads). The
+        queue is heartbeated while the worker runs and dropped when it stops (or by the server's
+        worker, once the heartbeats stop)."""
+        return cls(bus, ephemeral_queue("broadcast"), router, handler, ephemeral=True, **options)
+
+    @property
+    def stats(self) -> Stats:
+        return self._book.stats
+
+    @property
+    def patterns(self) -> list[str]:
+        return self._dispatch.patterns
+
+    # --- threads ---
+
+    def start(self) -> None:
+        """Starts consuming on threads: the loop and ``concurrency`` handler threads."""
+        for route in self._dispatch.routes:
+            if inspect.iscoroutinefunction(route.handler):
+                raise TypeError(f"{route.handler!r} is a coroutine function: run this worker with `await worker.run()`")
+        if self._thread is not None:
+            raise RuntimeError("the worker was started already")
+        self._thread = threading.Thread(target=self._main, name=f"bussig-worker-{self.queue}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops reading, gives back what was read but not started, lets running handlers finish
+        within ``timeout`` seconds and gives back the rest. Re-raises an error that stopped the loop."""
+        self._deadline = time.monotonic() + timeout
+        self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> Worker:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _main(self) -> None:
+        executor = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix=f"bussig-handler-{self.queue}")
+        try:
+            if not self._reconnect(first=True):
+                return
+            self._subscribe()
+            if any(route.transactional for route in self._dispatch.routes):
+                self._transactions = ConnectionPool(
+                    self.conninfo,
+                    min_size=0,
+                    max_size=self.options.concurrency,
+                    kwargs={"autocommit": True, "prepare_threshold": None},
+                    open=True,
+                )
+            while not self._stopping.is_set():
+                try:
+                    self._turn(executor)
+                except Exception as error:
+                    if not connection_lost(error, self._conn) or not self._reconnect():
+                        raise
+            self._drain()
+        except BaseException as error:
+            self._error = error
+        finally:
+            executor.shutdown(wait=False)
+            self._close()
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
+        assert self._conn is not None
+        return execute(self._conn, sql, params)
+
+    def _reconnect(self, first: bool = False) -> bool:
+        """Connects, retrying with a capped backoff; False when a stop came first."""
+        pause = RECONNECT_FIRST
+        while not self._stopping.is_set() or first:
+            if self._conn is not None:
+                self._conn.close()
+            try:
+                self._conn = connect(self.conninfo, f"bussig worker {self.queue}")
+                return True
+            except BussigError:
+                raise
+            except psycopg.Error:
+                if first and self._stopping.is_set():
+                    return False
+                self._book.stats.reconnects += 1
+                self._stopping.wait(pause)
+                pause = next_pause(pause)
+        return False
+
+    def _subscribe(self) -> None:
+        ttl = EPHEMERAL_TTL if self.ephemeral else None
+        if self.ephemeral and not self._dispatch.patterns:
+            raise ValueError("a broadcast worker needs a router with patterns")
+        for pattern in self._dispatch.patterns:
+            self._execute(_sql.SUBSCRIBE, (self.queue, pattern, ttl))
+        self._last_heartbeat = time.monotonic()
+
+    def _turn(self, executor: ThreadPoolExecutor) -> None:
+        """One round of the loop: settle, keep locks, start handlers, then read or wait."""
+        self._settle()
+        self._keep_locks()
+        with self._lock:
+            while (job := self._book.start_next()) is not None:
+                executor.submit(self._handle, job)
+            should_read = self._book.should_read()
+            wait = self._book.read_wait()
+            acks = self._book.take_acks() if should_read else []
+            self._dirty = False
+        if should_read:
+            try:
+                rows = self._execute(
+                    _sql.ACK_AND_READ,
+                    _sql.ack_and_read_params(self.queue, acks, self.options.batch, self.options.lock_timeout, wait),
+                )
+            except Exception:
+                # Acks sent with a lost call may or may not have committed; sent again, stale ones are skipped.
+                with self._lock:
+                    self._book.acks[:0] = acks
+                raise
+            with self._lock:
+                self._fetched(rows)
+                if rows or not self._book.running:
+                    return
+        with self._changed:
+            self._changed.wait_for(lambda: self._dirty or self._stopping.is_set(), self._book.tick())
+
+    def _fetched(self, rows: list[Row]) -> None:
+        jobs = []
+        for row in rows:
+            planned = self._dispatch.plan(fields(self.queue, row))
+            if isinstance(planned, Job):
+                jobs.append(planned)
+            else:
+                self._book.bury((row[0], row[1]), planned)
+        self._book.fetch(jobs)
+
+    def _settle(self) -> None:
+        """Applies the outcomes handlers left, on the loop's connection; kept for after a reconnect."""
+        with self._lock:
+            pending = self._book.take_settlements()
+        while pending:
+            key, result = pending[0]
+            statement = settle_statement(self.queue, key, result)
+            try:
+                if statement is not None:
+                    self._execute(*statement)
+            except BussigError as error:
+                if isinstance(result, outcome.Reply):  # no reply_to queue, say: the handler failed
+                    self._execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
+            except Exception:
+                with self._lock:
+                    self._book.to_settle[:0] = pending
+                raise
+            pending.pop(0)
+
+    def _keep_locks(self) -> None:
+        with self._lock:
+            due = self._book.locks_due()
+        for message_id, token in due:
+            self._execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
+        if self.ephemeral and time.monotonic() - self._last_heartbeat >= EPHEMERAL_TTL / 3:
+            self._execute(_sql.HEARTBEAT, (self.queue,))
+            self._last_heartbeat = time.monotonic()
+
+    def _handle(self, job: Job) -> None:
+        """Runs on a handler thread: the handler, then its outcome handed to the loop."""
+        message = Message(**{**job.fields, "payload": job.payload})
+        try:
+            with trace.processing(self.queue, message.message_id, message.delivery_count, message.headers):
+                if job.route.transactional:
+                    result = self._in_transaction(job, message)
+                else:
+                    message._replier = lambda payload: self._reply(self._execute, message, payload)
+                    value = job.route.handler(message)
+                    result = outcome.of_return(value, message.reply_to, message.replied)
+        except Exception as error:
+            result = outcome.of_exception(error)
+        except BaseException:
+            result = outcome.GIVE_BACK
+        with self._changed:
+            self._book.finish(job, result)
+            self._dirty = True
+            self._changed.notify_all()
+
+    def _reply(self, run: Any, message: Message, payload: Any) -> Optional[int]:
+        rows = run(_sql.REPLY, _sql.reply_params(self.queue, message.message_id, message.lock_token, payload))
+        reply_id: Optional[int] = rows[0][0]
+        return reply_id
+
+    def _in_transaction(self, job: Job, message: Message) -> outcome.Outcome:
+        """The handler and the ack (or reply) in one transaction on a connection of the handler's own."""
+        assert self._transactions is not None
+        with self._transactions.connection() as conn, conn.transaction():
+            message.conn = conn
+
+            def run(sql: str, params: tuple[Any, ...]) -> list[Row]:
+                return execute(conn, sql, params)
+
+            def reply(payload: Any) -> Optional[int]:
+                reply_id = self._reply(run, message, payload)
+                if reply_id is None:
+                    raise outcome.LockLost(message.message_id, message.lock_token)
+                return reply_id
+
+            message._replier = reply
+            value = job.route.handler(message)
+            result = outcome.of_return(value, message.reply_to, message.replied)
+            if isinstance(result, outcome.Reply):
+                reply(result.value)
+            elif isinstance(result, outcome.Ack) and not run(_sql.ACK, (self.queue, *job.key))[0][0]:
+                raise outcome.LockLost(*job.key)
+        return outcome.Settled()
+
+    def _drain(self) -> None:
+        """After a stop: gives back what was not started, waits for running handlers until the
+        deadline, acks what finished and gives back what did not."""
+        with self._lock:
+            unstarted = self._book.give_back_fetched()
+        self._give_back(unstarted)
+        while True:
+            with self._changed:
+                remaining = self._deadline - time.monotonic()
+                if not self._book.running or remaining <= 0:
+                    break
+                self._changed.wait_for(lambda: self._dirty, min(remaining, self._book.tick()))
+                self._dirty = False
+            self._settle()
+            self._keep_locks()
+        with self._lock:
+            unfinished = self._book.give_back_running()
+            acks = self._book.take_acks()
+        self._settle()
+        if acks:
+            self._execute(_sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
+        self._give_back(unfinished)
+
+    def _give_back(self, keys: list[_sql.Ack]) -> None:
+        for key in keys:
+            self._execute(*give_back_statement(self.queue, key))
+
+    def _close(self) -> None:
+        if self._transactions is not None:
+            self._transactions.close(timeout=0)
+        if self._conn is not None:
+            if self.ephemeral:
+                try:
+                    self._execute(_sql.DROP_QUEUE, (self.queue,))
+                except Exception:
+                    pass  # the server's worker drops it once its heartbeats stop
+            self._conn.close()
+
+    # --- asyncio ---
+
+    async def run(self, *, grace: float = 10.0) -> None:
+        """Consumes on the running event loop until cancelled; then stops as ``stop`` does, letting
+        running handlers finish within ``grace`` seconds. Handlers may be coroutine functions (awaited)
+        or plain functions (called on the loop: keep them quick)."""
+        from ._async_worker import AsyncRun
+
+        await AsyncRun(self, self._dispatch, self._book).run(grace)
+
