@@ -68,6 +68,7 @@ class AsyncRun:
                     open=False,
                 )
                 await self.transactions.open()
+            self.worker.ready.set()
             while not self.stopping:
                 try:
                     await self.turn()
@@ -75,6 +76,7 @@ class AsyncRun:
                     if not connection_lost(error, self.conn) or self.stopping:
                         raise
                     await self.reconnect()
+                    self.book.stats.reconnects += 1
             await self.drain()
         finally:
             await self.close()
@@ -96,7 +98,6 @@ class AsyncRun:
             except psycopg.Error:
                 if self.stopping:
                     raise
-                self.book.stats.reconnects += 1
                 await asyncio.sleep(pause)
                 pause = next_pause(pause)
 

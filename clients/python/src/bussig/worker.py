@@ -69,6 +69,8 @@ class Worker:
         self._conn: Optional[psycopg.Connection[Row]] = None
         self._transactions: Optional[ConnectionPool[psycopg.Connection[Row]]] = None
         self._last_heartbeat = 0.0
+        self.ready = threading.Event()
+        """Set once the worker has connected and subscribed its queue."""
 
     @classmethod
     def broadcast(
@@ -99,6 +101,12 @@ class Worker:
             raise RuntimeError("the worker was started already")
         self._thread = threading.Thread(target=self._main, name=f"bussig-worker-{self.queue}", daemon=True)
         self._thread.start()
+        # Subscribed before start returns, so that what is published next reaches the queue.
+        while not self.ready.wait(0.05) and self._thread.is_alive():
+            pass
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops reading, gives back what was read but not started, lets running handlers finish
@@ -133,12 +141,14 @@ class Worker:
                     kwargs={"autocommit": True, "prepare_threshold": None},
                     open=True,
                 )
+            self.ready.set()
             while not self._stopping.is_set():
                 try:
                     self._turn(executor)
                 except Exception as error:
                     if not connection_lost(error, self._conn) or not self._reconnect():
                         raise
+                    self._book.stats.reconnects += 1
             self._drain()
         except BaseException as error:
             self._error = error
@@ -164,7 +174,6 @@ class Worker:
             except psycopg.Error:
                 if first and self._stopping.is_set():
                     return False
-                self._book.stats.reconnects += 1
                 self._stopping.wait(pause)
                 pause = next_pause(pause)
         return False

@@ -1,0 +1,171 @@
+"""The asyncio worker: outcomes, transactional handlers, routing, cancellation, a lost connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+import pytest
+
+import bussig
+from conftest import depth, peek
+
+FAST = {"wait": 0.5}
+
+
+async def until(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s (last: {value!r})")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def abus(url: str) -> AsyncIterator[bussig.AsyncBus]:
+    async with bussig.AsyncBus(url) as bus:
+        yield bus
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Callable[[bussig.Worker], Any]]:
+    """Runs workers as tasks, subscribed before the test goes on; cancels them after."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def run(worker: bussig.Worker) -> asyncio.Task[None]:
+        task = asyncio.create_task(worker.run(grace=2))
+        tasks.append(task)
+        await until(lambda: worker.ready.is_set() or task.done(), what="the worker ready")
+        if task.done():
+            task.result()
+        return task
+
+    yield run
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_outcomes(abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue(max_deliveries=2, retry_delay="100 milliseconds")
+    router = bussig.Router(prefix=queue)
+    seen: list[tuple[str, int]] = []
+
+    @router.on("ok")
+    async def ok(message: bussig.AsyncMessage) -> None:
+        seen.append(("ok", message.delivery_count))
+
+    @router.on("retry")
+    async def retry(message: bussig.AsyncMessage) -> None:
+        seen.append(("retry", message.delivery_count))
+        if message.delivery_count == 1:
+            raise bussig.Retry(delay=0.2)
+
+    @router.on("dead")
+    async def dead(message: bussig.AsyncMessage) -> None:
+        raise bussig.DeadLetter("refused")
+
+    @router.on("fail")
+    def fail(message: bussig.AsyncMessage) -> None:  # a plain function is called on the loop
+        raise KeyError("missing")
+
+    worker = bussig.Worker(abus, queue, router=router, concurrency=4, **FAST)
+    await running(worker)
+    for name in ("ok", "retry", "dead", "fail"):
+        assert await abus.publish(f"{queue}.{name}", {}) == 1
+    await until(lambda: depth(db, queue) == 0, what="all settled")
+    assert sorted(seen) == [("ok", 1), ("retry", 1), ("retry", 2)]
+    reasons = {row["subject"]: row["headers"] for row in peek(db, f"{queue}_dlq")}
+    assert reasons[f"{queue}.dead"]["bussig-dead-letter-reason"] == "refused"
+    assert reasons[f"{queue}.fail"]["bussig-dead-letter-error"] == "KeyError: 'missing'"
+    assert worker.stats.dead_lettered == 1 and worker.stats.handled == 2
+
+
+async def test_transactional_rolls_back_on_error(
+    abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue(retry_delay="100 milliseconds")
+    table = f"{queue}_effects"
+    db.execute(f"CREATE TABLE {table} (n int, delivery int)")
+    try:
+        router = bussig.Router()
+
+        @router.on(f"{queue}.write", transactional=True)
+        async def write(message: bussig.AsyncMessage) -> None:
+            assert message.conn is not None
+            await message.conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (message.payload, message.delivery_count))
+            if message.delivery_count == 1:
+                raise RuntimeError("undo")
+
+        await running(bussig.Worker(abus, queue, router=router, **FAST))
+        await abus.publish(f"{queue}.write", 7)
+        await until(lambda: depth(db, queue) == 0, what="acked on the second delivery")
+        assert db.execute(f"SELECT n, delivery FROM {table}").fetchall() == [(7, 2)]
+    finally:
+        db.execute(f"DROP TABLE {table}")
+
+
+async def test_cancel_finishes_or_gives_back_everything(
+    abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue()
+    started: list[int] = []
+
+    async def handler(message: bussig.AsyncMessage) -> None:
+        started.append(message.payload)
+        if message.payload % 2:
+            await asyncio.sleep(30)  # cut off by the stop
+
+    for n in range(20):
+        await abus.send(queue, n)
+    worker = bussig.Worker(abus, queue, handler=handler, concurrency=4, lock_timeout=60, **FAST)
+    task = asyncio.create_task(worker.run(grace=0.5))
+    await until(lambda: len(started) >= 4, what="handlers running")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rows = peek(db, queue)
+    assert all(row["state"] == "ready" for row in rows), rows
+    assert len(rows) == 20 - worker.stats.handled
+    again: list[int] = []
+
+    async def record(message: bussig.AsyncMessage) -> None:
+        again.append(message.payload)
+
+    await running(bussig.Worker(abus, queue, handler=record, **FAST))
+    await until(lambda: depth(db, queue) == 0, what="the rest handled")
+    assert sorted(set(started) | set(again)) == list(range(20))
+
+
+async def test_a_killed_connection_is_reconnected(
+    abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue(lock_timeout="3 seconds")
+    handled: set[int] = set()
+
+    async def handler(message: bussig.AsyncMessage) -> None:
+        handled.add(message.payload)
+        await asyncio.sleep(0.01)
+
+    for n in range(200):
+        await abus.send(queue, n)
+    worker = bussig.Worker(abus, queue, handler=handler, concurrency=2, lock_timeout=3, **FAST)
+    await running(worker)
+    await until(lambda: len(handled) >= 20, what="some handled")
+
+    def kill() -> int:
+        row = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            (f"bussig worker {queue}",),
+        ).fetchone()
+        return int(row[0])
+
+    await until(kill, what="the worker's backend terminated")
+    await until(lambda: depth(db, queue) == 0, timeout=30, what="all handled after the reconnect")
+    assert handled == set(range(200))
+    assert worker.stats.reconnects >= 1

@@ -1,0 +1,243 @@
+"""The thread worker: each outcome, transactional handlers, routing, stop, a lost connection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import psycopg
+import pytest
+
+import bussig
+from conftest import depth, eventually, peek
+
+FAST = {"wait": 0.5}
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[bussig.Worker], bussig.Worker]]:
+    """Starts workers and stops them after the test, whatever happened."""
+    workers: list[bussig.Worker] = []
+
+    def start(worker: bussig.Worker) -> bussig.Worker:
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop(timeout=5)
+
+
+def dead_letters(db: psycopg.Connection[Any], queue: str) -> list[dict[str, Any]]:
+    return peek(db, f"{queue}_dlq")
+
+
+def test_return_acks(bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue()
+    seen: list[Any] = []
+    for n in range(25):
+        bus.send(queue, {"n": n}, headers={"h": "v"}, correlation_id=f"c{n}")
+    worker = running(bussig.Worker(bus, queue, handler=lambda m: seen.append((m.payload["n"], m.header("h"))), batch=7, **FAST))
+    eventually(lambda: depth(db, queue) == 0, what="all acked")
+    assert sorted(seen) == [(n, "v") for n in range(25)]
+    assert worker.stats.handled == 25 and worker.stats.failed == 0
+
+
+def test_message_fields(bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue()
+    got: list[bussig.Message] = []
+    sent = bus.send(queue, {"x": 1}, correlation_id="corr", reply_to=queue)
+    running(bussig.Worker(bus, queue, handler=got.append, **FAST))
+    message = eventually(lambda: got and got[0])
+    assert (message.message_id, message.delivery_count, message.correlation_id, message.reply_to) == (sent, 1, "corr", queue)
+    assert message.subject is None and message.payload == {"x": 1} and message.conn is None
+
+
+def test_retry_nacks_with_its_delay(bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue()
+    deliveries: list[float] = []
+
+    def handler(message: bussig.Message) -> None:
+        deliveries.append(time.monotonic())
+        if message.delivery_count == 1:
+            raise bussig.Retry(delay=1.0)
+
+    bus.send(queue, {})
+    running(bussig.Worker(bus, queue, handler=handler, **FAST))
+    eventually(lambda: len(deliveries) == 2 and depth(db, queue) == 0, what="retried once and acked")
+    assert deliveries[1] - deliveries[0] >= 0.9
+
+
+def test_dead_letter_with_reason(bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue()
+
+    def handler(message: bussig.Message) -> None:
+        raise bussig.DeadLetter("invalid", error="no such customer")
+
+    bus.send(queue, {"customer": 7})
+    worker = running(bussig.Worker(bus, queue, handler=handler, **FAST))
+    dead = eventually(lambda: dead_letters(db, queue), what="a dead letter")
+    assert dead[0]["headers"]["bussig-dead-letter-reason"] == "invalid"
+    assert dead[0]["headers"]["bussig-dead-letter-error"] == "no such customer"
+    assert worker.stats.dead_lettered == 1
+
+
+def test_an_exception_nacks_with_its_text(bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue(max_deliveries=2, retry_delay="100 milliseconds")
+    calls: list[int] = []
+
+    def handler(message: bussig.Message) -> None:
+        calls.append(message.delivery_count)
+        raise ValueError("boom")
+
+    bus.send(queue, {})
+    running(bussig.Worker(bus, queue, handler=handler, **FAST))
+    dead = eventually(lambda: dead_letters(db, queue), what="dead after max_deliveries")
+    assert calls == [1, 2]
+    assert dead[0]["headers"]["bussig-dead-letter-reason"] == "max_deliveries"
+    assert dead[0]["headers"]["bussig-dead-letter-error"] == "ValueError: boom"
+
+
+def test_undecodable_and_unroutable_are_dead_lettered(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue()
+    router = bussig.Router(prefix=queue)
+    handled: list[int] = []
+    router.on("numbers", decode=int)(lambda m: handled.append(m.payload))
+    running(bussig.Worker(bus, queue, router=router, **FAST))
+    bus.publish(f"{queue}.numbers", 5)
+    bus.publish(f"{queue}.numbers", {"not": "a number"})
+    bus.send(queue, "no subject")
+    dead = eventually(lambda: len(dead_letters(db, queue)) == 2 and dead_letters(db, queue), what="two dead letters")
+    reasons = sorted(row["headers"]["bussig-dead-letter-reason"] for row in dead)
+    assert reasons == ["undecodable", "unroutable"]
+    eventually(lambda: handled == [5])
+
+
+def test_routing_with_prefixes(bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue()
+    got: list[tuple[str, Any]] = []
+    orders = bussig.Router(prefix="orders")
+
+    @orders.on("*.paid")
+    def paid(message: bussig.Message) -> None:
+        got.append(("paid", message.subject))
+
+    @orders.on(">")
+    def other(message: bussig.Message) -> None:
+        got.append(("other", message.subject))
+
+    app = bussig.Router(prefix=queue)
+    app.include_router(orders, prefix="shop")
+    worker = running(bussig.Worker(bus, queue, router=app, handler=lambda m: got.append(("default", m.subject)), **FAST))
+    eventually(lambda: depth(db, queue) == 0 and db.execute(
+        "SELECT count(*) FROM bussig.subscriptions WHERE queue = %s", (queue,)).fetchone()[0] == 2, what="subscribed")
+    assert worker.patterns == [f"{queue}.shop.orders.*.paid", f"{queue}.shop.orders.>"]
+    assert bus.publish(f"{queue}.shop.orders.eu.paid", {}) == 1
+    assert bus.publish(f"{queue}.shop.orders.eu.refunded", {}) == 1
+    assert bus.publish(f"{queue}.elsewhere", {}) == 0
+    bus.send(queue, {})
+    eventually(lambda: len(got) == 3)
+    assert sorted(got, key=str) == sorted(
+        [("paid", f"{queue}.shop.orders.eu.paid"), ("other", f"{queue}.shop.orders.eu.refunded"), ("default", None)], key=str
+    )
+
+
+def test_transactional_handler_commits_with_the_ack_or_rolls_back(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue(retry_delay="100 milliseconds")
+    table = f"{queue}_effects"
+    db.execute(f"CREATE TABLE {table} (n int, delivery int)")
+    try:
+        def handler(message: bussig.Message) -> None:
+            assert message.conn is not None
+            message.conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (message.payload, message.delivery_count))
+            if message.payload == 2 and message.delivery_count == 1:
+                raise RuntimeError("rolled back")
+
+        bus.send(queue, 1)
+        bus.send(queue, 2)
+        running(bussig.Worker(bus, queue, handler=handler, transactional=True, concurrency=2, **FAST))
+        eventually(lambda: depth(db, queue) == 0, what="both acked")
+        rows = sorted(db.execute(f"SELECT n, delivery FROM {table}").fetchall())
+        assert rows == [(1, 1), (2, 2)]  # the failed first delivery of 2 left nothing
+    finally:
+        db.execute(f"DROP TABLE {table}")
+
+
+def test_long_handlers_have_their_locks_extended(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue()
+    counts: list[int] = []
+
+    def slow(message: bussig.Message) -> None:
+        counts.append(message.delivery_count)
+        time.sleep(2.5)
+
+    bus.send(queue, {})
+    running(bussig.Worker(bus, queue, handler=slow, lock_timeout=1.0, **FAST))
+    eventually(lambda: depth(db, queue) == 0, what="acked")
+    assert counts == [1]  # the lock never ran out, so nobody got it again
+
+
+def test_stop_finishes_or_gives_back_everything(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str]
+) -> None:
+    queue = new_queue()
+    release = threading.Event()
+    started: list[int] = []
+
+    def handler(message: bussig.Message) -> None:
+        started.append(message.payload)
+        if message.payload % 2:
+            release.wait(30)  # odd ones hang past the stop's deadline
+
+    for n in range(20):
+        bus.send(queue, n)
+    worker = bussig.Worker(bus, queue, handler=handler, concurrency=4, batch=10, lock_timeout=60, **FAST)
+    worker.start()
+    eventually(lambda: len(started) >= 4, what="handlers running")
+    worker.stop(timeout=1)
+    release.set()
+    rows = peek(db, queue)
+    assert all(row["state"] == "ready" for row in rows), rows
+    assert len(rows) == 20 - worker.stats.handled
+    # Everything left is delivered again at once to the next worker.
+    again: list[int] = []
+    with bussig.Worker(bus, queue, handler=lambda m: again.append(m.payload), **FAST):
+        eventually(lambda: depth(db, queue) == 0, what="the rest handled")
+    assert sorted(set(started) | set(again)) == list(range(20))
+
+
+def test_a_killed_connection_is_reconnected(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue(lock_timeout="3 seconds")
+    handled: set[int] = set()
+
+    def handler(message: bussig.Message) -> None:
+        handled.add(message.payload)
+        time.sleep(0.01)
+
+    for n in range(200):
+        bus.send(queue, n)
+    worker = running(bussig.Worker(bus, queue, handler=handler, concurrency=2, lock_timeout=3, **FAST))
+    eventually(lambda: len(handled) >= 20, what="some handled")
+
+    def kill() -> int:
+        row = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            (f"bussig worker {queue}",),
+        ).fetchone()
+        return int(row[0])
+
+    eventually(kill, what="the worker's backend terminated")
+    eventually(lambda: depth(db, queue) == 0, timeout=30, what="all handled after the reconnect")
+    assert handled == set(range(200))
+    assert worker.stats.reconnects >= 1
