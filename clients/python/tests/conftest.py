@@ -28,7 +28,7 @@ def url() -> str:
 @pytest.fixture
 def db(url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection for the test's own statements."""
-    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
+    with psycopg.connect(url, autocommit=True, prepare_threshold=None, application_name="bussig tests") as conn:
         yield conn
 
 
@@ -77,3 +77,19 @@ def depth(db: psycopg.Connection[Any], queue: str) -> int:
     row = db.execute("SELECT bussig.queue_depth(%s)", (queue,)).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def behind_a_proxy(db: psycopg.Connection[Any]) -> bool:
+    """Whether the tests reach the server through a proxy such as pgbouncer (another port)."""
+    row = db.execute("SELECT inet_server_port()").fetchone()
+    return row is not None and row[0] != db.info.port
+
+
+def kill_backends(db: psycopg.Connection[Any], application_name: str) -> int:
+    """Terminates the backends that serve ``application_name`` now; how many."""
+    row = db.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = %s AND pid <> pg_backend_pid()",
+        (application_name,),
+    ).fetchone()
+    return int(row[0]) if row else 0

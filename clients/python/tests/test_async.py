@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 import bussig
-from conftest import depth, peek
+from conftest import behind_a_proxy, depth, kill_backends, peek
 
 FAST = {"wait": 0.5}
 
@@ -158,14 +158,8 @@ async def test_a_killed_connection_is_reconnected(
     await running(worker)
     await until(lambda: len(handled) >= 20, what="some handled")
 
-    def kill() -> int:
-        row = db.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
-            (f"bussig worker {queue}",),
-        ).fetchone()
-        return int(row[0])
-
-    await until(kill, what="the worker's backend terminated")
+    await until(lambda: kill_backends(db, f"bussig worker {queue}"), what="the worker's backend terminated")
     await until(lambda: depth(db, queue) == 0, timeout=30, what="all handled after the reconnect")
     assert handled == set(range(200))
-    assert worker.stats.reconnects >= 1
+    # Behind pgbouncer in transaction pooling, a backend killed between transactions goes unnoticed.
+    assert worker.stats.reconnects >= 1 or behind_a_proxy(db)

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import bussig
-from conftest import depth, eventually, peek
+from conftest import behind_a_proxy, depth, kill_backends, eventually, peek
 
 FAST = {"wait": 0.5}
 
@@ -230,14 +230,8 @@ def test_a_killed_connection_is_reconnected(
     worker = running(bussig.Worker(bus, queue, handler=handler, concurrency=2, lock_timeout=3, **FAST))
     eventually(lambda: len(handled) >= 20, what="some handled")
 
-    def kill() -> int:
-        row = db.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
-            (f"bussig worker {queue}",),
-        ).fetchone()
-        return int(row[0])
-
-    eventually(kill, what="the worker's backend terminated")
+    eventually(lambda: kill_backends(db, f"bussig worker {queue}"), what="the worker's backend terminated")
     eventually(lambda: depth(db, queue) == 0, timeout=30, what="all handled after the reconnect")
     assert handled == set(range(200))
-    assert worker.stats.reconnects >= 1
+    # Behind pgbouncer in transaction pooling, a backend killed between transactions goes unnoticed.
+    assert worker.stats.reconnects >= 1 or behind_a_proxy(db)
