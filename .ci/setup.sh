@@ -5,7 +5,7 @@ set -euo pipefail
 PG_MAJOR=15
 PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
-packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo nats-server pgbouncer)
+packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo nats-server pgbouncer python3-venv python3-pip)
 
 missing=()
 for package in "${packages[@]}"; do

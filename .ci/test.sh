@@ -56,6 +56,9 @@ cargo test -p bussig-tests -- --test-threads=4 $skip_server_level 2>&1 | tee -a 
 echo "== the Rust client (clients/rust)"
 cargo test -p bussig-client --features otel 2>&1 | tee -a "$log"
 
+echo "== the Python client (clients/python)"
+clients/python/run_tests.sh 2>&1 | tee -a "$log"
+
 echo "== client tests through pgbouncer (transaction pooling)"
 .ci/pgbouncer.sh start "$work/pgbouncer" "$BOUNCER_PORT" "$PORT"
 # shellcheck disable=SC2086
@@ -66,6 +69,8 @@ BUSSIG_TORTURE_SECONDS=15 \
 # The Rust client sends unnamed statements only, so it runs through the pooler unchanged.
 BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \
     cargo test -p bussig-client --features otel 2>&1 | tee -a "$log"
+BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \
+    clients/python/run_tests.sh 2>&1 | tee -a "$log"
 .ci/pgbouncer.sh stop "$work/pgbouncer"
 
 echo "== server-level client tests (alone)"

@@ -8,7 +8,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 venv=$(mktemp -d /tmp/bussig-python.XXXXXX)
 trap 'rm -rf "$venv"' EXIT
-/usr/bin/python3 -m venv "$venv"
+"${PYTHON:-python3}" -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check "$here[otel,sqlalchemy]" pytest pytest-asyncio opentelemetry-sdk
 # A copy of the tests, so that they import the installed package, not the source tree.
 cp -r "$here/tests" "$here/pyproject.toml" "$venv/"
