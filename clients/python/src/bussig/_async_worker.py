@@ -35,6 +35,7 @@ class AsyncRun:
         self.transactions: Optional[AsyncConnectionPool[psycopg.AsyncConnection[Row]]] = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_heartbeat = 0.0
+        self.waiting_read = False
 
     async def run(self, grace: float) -> None:
         # The loop runs in a task of its own that a cancellation does not interrupt: a read cut off
@@ -46,6 +47,9 @@ class AsyncRun:
             self.stopping = True
             self.deadline = time.monotonic() + grace
             self.changed.set()
+            if self.waiting_read and self.conn is not None:
+                # An idle read would wait its full time: cut it short (it rolls back, locking nothing).
+                await self.conn.cancel_safe()
             await loop
             raise
 
@@ -113,13 +117,18 @@ class AsyncRun:
             acks = self.book.take_acks()
             wait = self.book.read_wait()
             try:
+                self.waiting_read = wait is not None
                 rows = await self.execute(
                     _sql.ACK_AND_READ,
                     _sql.ack_and_read_params(self.queue, acks, self.options.batch, self.options.lock_timeout, wait),
                 )
-            except BaseException:
+            except BaseException as error:
                 self.book.acks[:0] = acks  # sent again; stale ones are skipped
+                if isinstance(error, psycopg.errors.QueryCanceled) and self.stopping:
+                    return  # the stop cut the wait short
                 raise
+            finally:
+                self.waiting_read = False
             self.fetched(rows)
             if rows or not self.book.running:
                 return
@@ -216,8 +225,7 @@ class AsyncRun:
         return outcome.Settled()
 
     async def drain(self) -> None:
-        for key in self.book.give_back_fetched():
-            await self.execute(*give_back_statement(self.queue, key))
+        await self.give_back(self.book.give_back_fetched())
         while self.book.running and time.monotonic() < self.deadline:
             self.changed.clear()
             try:
@@ -234,14 +242,20 @@ class AsyncRun:
         acks = self.book.take_acks()
         if acks:
             await self.execute(_sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
-        for key in unfinished:
-            await self.execute(*give_back_statement(self.queue, key))
+        await self.give_back(unfinished)
+
+    async def give_back(self, keys: list[_sql.Ack]) -> None:
+        for key in keys:
+            try:
+                await self.execute(*give_back_statement(self.queue, key))
+            except psycopg.errors.QueryCanceled:  # the stop's cancel, come late
+                await self.execute(*give_back_statement(self.queue, key))
 
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         if self.transactions is not None:
-            await self.transactions.close(timeout=0)
+            await self.transactions.close(timeout=1.0)
         if self.conn is not None:
             if self.worker.ephemeral:
                 try:

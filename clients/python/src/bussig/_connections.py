@@ -28,13 +28,13 @@ async def connect_async(conninfo: str, application_name: Optional[str] = None) -
 def execute(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> list[Row]:
     with errors.translated():
         cursor = conn.execute(sql, params, prepare=False)
-        return [tuple(row) for row in cursor.fetchall()]
+        return [tuple(row) for row in cursor.fetchall()] if cursor.description is not None else []
 
 
 async def execute_async(conn: psycopg.AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> list[Row]:
     with errors.translated():
         cursor = await conn.execute(sql, params, prepare=False)
-        return [tuple(row) for row in await cursor.fetchall()]
+        return [tuple(row) for row in await cursor.fetchall()] if cursor.description is not None else []
 
 
 def _raw(connection: Any) -> Any:

@@ -69,6 +69,7 @@ class Worker:
         self._conn: Optional[psycopg.Connection[Row]] = None
         self._transactions: Optional[ConnectionPool[psycopg.Connection[Row]]] = None
         self._last_heartbeat = 0.0
+        self._waiting_read = False
         self.ready = threading.Event()
         """Set once the worker has connected and subscribed its queue."""
 
@@ -115,6 +116,9 @@ class Worker:
         self._stopping.set()
         with self._changed:
             self._changed.notify_all()
+            if self._waiting_read and self._conn is not None:
+                # An idle read would wait its full time: cut it short (it rolls back, locking nothing).
+                self._conn.cancel_safe()
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
@@ -199,15 +203,22 @@ class Worker:
             self._dirty = False
         if should_read:
             try:
+                with self._lock:
+                    self._waiting_read = wait is not None
                 rows = self._execute(
                     _sql.ACK_AND_READ,
                     _sql.ack_and_read_params(self.queue, acks, self.options.batch, self.options.lock_timeout, wait),
                 )
-            except Exception:
+            except Exception as error:
                 # Acks sent with a lost call may or may not have committed; sent again, stale ones are skipped.
                 with self._lock:
                     self._book.acks[:0] = acks
+                if isinstance(error, psycopg.errors.QueryCanceled) and self._stopping.is_set():
+                    return  # the stop cut the wait short
                 raise
+            finally:
+                with self._lock:
+                    self._waiting_read = False
             with self._lock:
                 self._fetched(rows)
                 if rows or not self._book.running:
@@ -327,11 +338,14 @@ class Worker:
 
     def _give_back(self, keys: list[_sql.Ack]) -> None:
         for key in keys:
-            self._execute(*give_back_statement(self.queue, key))
+            try:
+                self._execute(*give_back_statement(self.queue, key))
+            except psycopg.errors.QueryCanceled:  # the stop's cancel, come late
+                self._execute(*give_back_statement(self.queue, key))
 
     def _close(self) -> None:
         if self._transactions is not None:
-            self._transactions.close(timeout=0)
+            self._transactions.close(timeout=1.0)
         if self._conn is not None:
             if self.ephemeral:
                 try:
