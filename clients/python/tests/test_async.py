@@ -163,3 +163,18 @@ async def test_a_killed_connection_is_reconnected(
     assert handled == set(range(200))
     # Behind pgbouncer in transaction pooling, a backend killed between transactions goes unnoticed.
     assert worker.stats.reconnects >= 1 or behind_a_proxy(db)
+
+
+async def test_cancel_cuts_an_idle_wait_short(abus: bussig.AsyncBus, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue()
+
+    async def handler(message: bussig.AsyncMessage) -> None:
+        pass
+
+    worker = bussig.Worker(abus, queue, handler=handler, wait=30)
+    task = await running(worker)
+    await asyncio.sleep(0.3)  # let it settle into its long poll
+    began = time.monotonic()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert time.monotonic() - began < 5

@@ -235,3 +235,15 @@ def test_a_killed_connection_is_reconnected(
     assert handled == set(range(200))
     # Behind pgbouncer in transaction pooling, a backend killed between transactions goes unnoticed.
     assert worker.stats.reconnects >= 1 or behind_a_proxy(db)
+
+
+def test_stop_cuts_an_idle_wait_short(bus: bussig.Bus, db: Any, new_queue: Callable[..., str]) -> None:
+    queue = new_queue()
+    worker = bussig.Worker(bus, queue, handler=lambda m: None, wait=30)
+    worker.start()
+    time.sleep(0.3)  # let it settle into its long poll
+    began = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - began < 5
+    bus.send(queue, {})
+    assert [row["state"] for row in peek(db, queue)] == ["ready"]
