@@ -247,3 +247,14 @@ def test_stop_cuts_an_idle_wait_short(bus: bussig.Bus, db: Any, new_queue: Calla
     assert time.monotonic() - began < 5
     bus.send(queue, {})
     assert [row["state"] for row in peek(db, queue)] == ["ready"]
+
+
+def test_start_fails_on_an_unknown_queue(bus: bussig.Bus) -> None:
+    with pytest.raises(bussig.UnknownQueue):
+        bussig.Worker(bus, "py_no_such_queue_anywhere", handler=lambda m: None).start()
+
+
+async def test_run_fails_on_an_unknown_queue(url: str) -> None:
+    async with bussig.AsyncBus(url) as bus:
+        with pytest.raises(bussig.UnknownQueue):
+            await bussig.Worker(bus, "py_no_such_queue_anywhere", handler=lambda m: None).run()

@@ -56,12 +56,13 @@ class AsyncRun:
     async def loop(self, grace: float) -> None:
         self.deadline = time.monotonic() + grace
         try:
-            await self.reconnect()
+            self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
             if self.worker.ephemeral and not self.dispatch.patterns:
                 raise ValueError("a broadcast worker needs a router with patterns")
             ttl = EPHEMERAL_TTL if self.worker.ephemeral else None
             for pattern in self.dispatch.patterns:
                 await self.execute(_sql.SUBSCRIBE, (self.queue, pattern, ttl))
+            await self.execute(_sql.QUEUE_DEPTH, (self.queue,))  # an unknown queue fails the run at once
             self.last_heartbeat = time.monotonic()
             if any(route.transactional for route in self.dispatch.routes):
                 self.transactions = AsyncConnectionPool(

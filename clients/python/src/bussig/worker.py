@@ -94,7 +94,8 @@ class Worker:
     # --- threads ---
 
     def start(self) -> None:
-        """Starts consuming on threads: the loop and ``concurrency`` handler threads."""
+        """Starts consuming on threads: the loop and ``concurrency`` handler threads. Returns once the
+        worker has connected and subscribed its queue; raises what kept it from doing so."""
         for route in self._dispatch.routes:
             if inspect.iscoroutinefunction(route.handler):
                 raise TypeError(f"{route.handler!r} is a coroutine function: run this worker with `await worker.run()`")
@@ -134,8 +135,7 @@ class Worker:
     def _main(self) -> None:
         executor = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix=f"bussig-handler-{self.queue}")
         try:
-            if not self._reconnect(first=True):
-                return
+            self._conn = connect(self.conninfo, f"bussig worker {self.queue}")
             self._subscribe()
             if any(route.transactional for route in self._dispatch.routes):
                 self._transactions = ConnectionPool(
@@ -164,10 +164,10 @@ class Worker:
         assert self._conn is not None
         return execute(self._conn, sql, params)
 
-    def _reconnect(self, first: bool = False) -> bool:
-        """Connects, retrying with a capped backoff; False when a stop came first."""
+    def _reconnect(self) -> bool:
+        """Connects again, retrying with a capped backoff; False when a stop came first."""
         pause = RECONNECT_FIRST
-        while not self._stopping.is_set() or first:
+        while not self._stopping.is_set():
             if self._conn is not None:
                 self._conn.close()
             try:
@@ -176,8 +176,6 @@ class Worker:
             except BussigError:
                 raise
             except psycopg.Error:
-                if first and self._stopping.is_set():
-                    return False
                 self._stopping.wait(pause)
                 pause = next_pause(pause)
         return False
@@ -188,6 +186,7 @@ class Worker:
             raise ValueError("a broadcast worker needs a router with patterns")
         for pattern in self._dispatch.patterns:
             self._execute(_sql.SUBSCRIBE, (self.queue, pattern, ttl))
+        self._execute(_sql.QUEUE_DEPTH, (self.queue,))  # an unknown queue or a missing grant fails the start
         self._last_heartbeat = time.monotonic()
 
     def _turn(self, executor: ThreadPoolExecutor) -> None:
