@@ -438,6 +438,57 @@ mod tests {
         assert_eq!(depths.used, 5000 - 1667);
     }
 
+    #[test]
+    fn a_nearly_full_table_with_churn_agrees_with_a_map() {
+        let mut depths = empty();
+        let mut model = std::collections::HashMap::new();
+        let mut dice = 0x9E37_79B9_7F4A_7C15u64;
+        let mut roll = |n: u64| {
+            dice ^= dice << 13;
+            dice ^= dice >> 7;
+            dice ^= dice << 17;
+            dice % n
+        };
+        for step in 0..400_000u64 {
+            let queue_id = roll(MOST_USED as u64 + 2000) as i32;
+            match roll(3) {
+                0 => {
+                    let had_room = depths.used < MOST_USED || model.contains_key(&queue_id);
+                    depths.created(key(queue_id));
+                    if had_room {
+                        model.insert(queue_id, 0i64);
+                    }
+                }
+                1 => {
+                    depths.remove(key(queue_id));
+                    model.remove(&queue_id);
+                }
+                _ => {
+                    depths.add(key(queue_id), 1, 1);
+                    if let Some(count) = model.get_mut(&queue_id) {
+                        *count += 1;
+                    }
+                }
+            }
+            assert_eq!(depths.used, model.len(), "after step {step}");
+            if step % 50_000 == 0 {
+                for queue_id in 0..MOST_USED as i32 + 2000 {
+                    assert_eq!(
+                        depths.messages(key(queue_id)),
+                        model.get(&queue_id).copied()
+                    );
+                }
+            }
+        }
+        for queue_id in 0..MOST_USED as i32 + 2000 {
+            assert_eq!(
+                depths.messages(key(queue_id)),
+                model.get(&queue_id).copied(),
+                "{queue_id}"
+            );
+        }
+    }
+
     const SEEN_NONE: fn(u32) -> bool = |_| false;
     /// Transactions 100 to 199 were running when the count's snapshot was taken.
     const HORIZON: Horizon = Horizon {
