@@ -346,16 +346,42 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
         .collect();
     let settled = plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0);
     plans::prepare(client, &COUNT_MESSAGES)?;
-    let (started, snapshot): (Vec<(i32, u32)>, LatestSnapshot) = {
+    let uncounted = {
         let mut depths = DEPTHS.exclusive();
         let any = key(relation, 0);
         depths.forget_gone(any.database, relation, &databases);
-        let uncounted = depths.uncounted(any.database, relation, &queue_ids);
+        depths.uncounted(any.database, relation, &queue_ids)
+    };
+    // A few queues at a time, each few in a snapshot of its own, so that counts that users' looks
+    // start keep places too; for a while only, so that the worker's other steps go on.
+    let budget = std::time::Instant::now() + RECOUNT_BUDGET;
+    let mut kept = 0;
+    for few in uncounted.chunks(table::COUNTS_AT_ONCE / 2) {
+        if std::time::Instant::now() >= budget {
+            break;
+        }
+        kept += count_and_keep(client, relation, few, settled)?;
+    }
+    Ok(kept)
+}
+
+/// How long one call of `recount` counts queues at most.
+const RECOUNT_BUDGET: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Counts `queue_ids` in one snapshot and keeps the counts: how many were kept.
+fn count_and_keep(
+    client: &mut SpiClient<'_>,
+    relation: u32,
+    queue_ids: &[i32],
+    settled: bool,
+) -> BusResult<i64> {
+    let (started, snapshot): (Vec<(i32, u32)>, LatestSnapshot) = {
+        let mut depths = DEPTHS.exclusive();
         let snapshot = LatestSnapshot::take();
         let horizon = snapshot.horizon();
-        let started = uncounted
-            .into_iter()
-            .filter_map(|queue_id| {
+        let started = queue_ids
+            .iter()
+            .filter_map(|&queue_id| {
                 let generation = depths.begin_count(key(relation, queue_id), horizon)?;
                 Some((queue_id, generation))
             })
