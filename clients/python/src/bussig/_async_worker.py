@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _sql, outcome, trace
 from ._connections import Row, connect_async, execute_async
-from ._core import RECONNECT_FIRST, Book, Dispatch, Job, give_back_statement, next_pause, settle_statement
+from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, Book, Dispatch, Job, next_pause, settle_statement
 from .bus import EPHEMERAL_TTL
 from .errors import BussigError, connection_lost
 from .message import AsyncMessage, fields
@@ -226,31 +226,43 @@ class AsyncRun:
         return outcome.Settled()
 
     async def drain(self) -> None:
-        await self.give_back(self.book.give_back_fetched())
+        self.book.give_back(self.book.give_back_fetched())
+        await self.flush()
         while self.book.running and time.monotonic() < self.deadline:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), min(self.deadline - time.monotonic(), self.book.tick()))
             except asyncio.TimeoutError:
                 pass
-            await self.settle()
-            await self.keep_locks()
-        unfinished = self.book.give_back_running()
+            await self.flush()
+        self.book.give_back(self.book.give_back_running())
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.settle()
-        acks = self.book.take_acks()
-        if acks:
-            await self.execute(_sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
-        await self.give_back(unfinished)
+        await self.flush()
 
-    async def give_back(self, keys: list[_sql.Ack]) -> None:
-        for key in keys:
+    async def flush(self) -> None:
+        """As the thread worker's ``_flush``."""
+        for attempt in range(FLUSH_ATTEMPTS):
             try:
-                await self.execute(*give_back_statement(self.queue, key))
-            except psycopg.errors.QueryCanceled:  # the stop's cancel, come late
-                await self.execute(*give_back_statement(self.queue, key))
+                await self.settle()
+                await self.keep_locks()
+                acks = self.book.take_acks()
+                try:
+                    if acks:
+                        await self.execute(_sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
+                except BaseException:
+                    self.book.acks[:0] = acks
+                    raise
+                return
+            except Exception as error:
+                canceled = isinstance(error, psycopg.errors.QueryCanceled)
+                if attempt == FLUSH_ATTEMPTS - 1 or not (canceled or connection_lost(error, self.conn)):
+                    raise
+                if not canceled:
+                    assert self.conn is not None
+                    await self.conn.close()
+                    self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
 
     async def close(self) -> None:
         for task in list(self.tasks):

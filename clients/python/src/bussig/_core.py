@@ -14,6 +14,8 @@ from .routing import Decoder, Handler, Route, Router
 
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 5.0
+FLUSH_ATTEMPTS = 3
+"""How often a stopping worker tries to hand in what it holds, reconnecting in between."""
 
 
 @dataclass
@@ -164,6 +166,10 @@ class Book:
             self.locked_since[key] = now
         return due
 
+    def give_back(self, keys: list[_sql.Ack]) -> None:
+        """Queues ``keys`` to be given back at once (nack without delay)."""
+        self.to_settle.extend((key, outcome.GIVE_BACK) for key in keys)
+
     def give_back_fetched(self) -> list[_sql.Ack]:
         keys = [job.key for job in self.fetched]
         self.fetched.clear()
@@ -195,12 +201,6 @@ def settle_statement(queue: str, key: _sql.Ack, result: Outcome) -> Optional[tup
     if isinstance(result, outcome.Reply):
         return _sql.REPLY, _sql.reply_params(queue, message_id, token, result.value)
     return None
-
-
-def give_back_statement(queue: str, key: _sql.Ack) -> tuple[str, tuple[Any, ...]]:
-    statement = settle_statement(queue, key, outcome.GIVE_BACK)
-    assert statement is not None
-    return statement
 
 
 def next_pause(pause: float) -> float:

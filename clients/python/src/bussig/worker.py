@@ -20,7 +20,17 @@ from psycopg_pool import ConnectionPool
 
 from . import _sql, outcome, trace
 from ._connections import Row, connect, execute
-from ._core import RECONNECT_FIRST, Book, Dispatch, Job, Options, Stats, give_back_statement, next_pause, settle_statement
+from ._core import (
+    FLUSH_ATTEMPTS,
+    RECONNECT_FIRST,
+    Book,
+    Dispatch,
+    Job,
+    Options,
+    Stats,
+    next_pause,
+    settle_statement,
+)
 from .bus import EPHEMERAL_TTL, ephemeral_queue
 from .errors import BussigError, connection_lost
 from .message import Message, fields
@@ -316,8 +326,8 @@ class Worker:
         """After a stop: gives back what was not started, waits for running handlers until the
         deadline, acks what finished and gives back what did not."""
         with self._lock:
-            unstarted = self._book.give_back_fetched()
-        self._give_back(unstarted)
+            self._book.give_back(self._book.give_back_fetched())
+        self._flush()
         while True:
             with self._changed:
                 remaining = self._deadline - time.monotonic()
@@ -325,22 +335,36 @@ class Worker:
                     break
                 self._changed.wait_for(lambda: self._dirty, min(remaining, self._book.tick()))
                 self._dirty = False
-            self._settle()
-            self._keep_locks()
+            self._flush()
         with self._lock:
-            unfinished = self._book.give_back_running()
-            acks = self._book.take_acks()
-        self._settle()
-        if acks:
-            self._execute(_sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
-        self._give_back(unfinished)
+            self._book.give_back(self._book.give_back_running())
+        self._flush()
 
-    def _give_back(self, keys: list[_sql.Ack]) -> None:
-        for key in keys:
+    def _flush(self) -> None:
+        """Hands in every outcome and ack held, and keeps the other locks; reconnects when the
+        connection is lost (or retries when the stop's cancel came late to a later statement)."""
+        for attempt in range(FLUSH_ATTEMPTS):
             try:
-                self._execute(*give_back_statement(self.queue, key))
-            except psycopg.errors.QueryCanceled:  # the stop's cancel, come late
-                self._execute(*give_back_statement(self.queue, key))
+                self._settle()
+                self._keep_locks()
+                with self._lock:
+                    acks = self._book.take_acks()
+                try:
+                    if acks:
+                        self._execute(_sql.ACK_BATCH, _sql.ack_batch_params(self.queue, acks))
+                except Exception:
+                    with self._lock:
+                        self._book.acks[:0] = acks
+                    raise
+                return
+            except Exception as error:
+                canceled = isinstance(error, psycopg.errors.QueryCanceled)
+                if attempt == FLUSH_ATTEMPTS - 1 or not (canceled or connection_lost(error, self._conn)):
+                    raise
+                if not canceled:
+                    assert self._conn is not None
+                    self._conn.close()
+                    self._conn = connect(self.conninfo, f"bussig worker {self.queue}")
 
     def _close(self) -> None:
         if self._transactions is not None:
