@@ -258,3 +258,54 @@ async def test_run_fails_on_an_unknown_queue(url: str) -> None:
     async with bussig.AsyncBus(url) as bus:
         with pytest.raises(bussig.UnknownQueue):
             await bussig.Worker(bus, "py_no_such_queue_anywhere", handler=lambda m: None).run()
+
+
+def test_fetched_messages_waiting_for_a_slot_keep_their_locks(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue()
+    counts: list[int] = []
+
+    def slow(message: bussig.Message) -> None:
+        counts.append(message.delivery_count)
+        time.sleep(0.7)
+
+    for n in range(3):
+        bus.send(queue, n)
+    # One read takes all three; the last waits 1.4 s for the only slot, past its 1 s lock.
+    running(bussig.Worker(bus, queue, handler=slow, concurrency=1, batch=3, lock_timeout=1.0, **FAST))
+    eventually(lambda: depth(db, queue) == 0, what="all acked")
+    assert counts == [1, 1, 1]
+
+
+def test_a_transactional_handler_cut_off_by_stop_commits_nothing(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str]
+) -> None:
+    queue = new_queue()
+    table = f"{queue}_effects"
+    db.execute(f"CREATE TABLE {table} (n int)")
+    release, finished = threading.Event(), threading.Event()
+    try:
+        def handler(message: bussig.Message) -> None:
+            assert message.conn is not None
+            message.conn.execute(f"INSERT INTO {table} VALUES (%s)", (message.payload,))
+            release.wait(30)
+            finished.set()
+
+        bus.send(queue, 1)
+        worker = bussig.Worker(bus, queue, handler=handler, transactional=True, lock_timeout=60, **FAST)
+        worker.start()
+        eventually(lambda: worker.stats.in_flight == 1, what="the handler running")
+        worker.stop(timeout=0.5)
+        assert [row["state"] for row in peek(db, queue)] == ["ready"]  # given back
+        release.set()
+        assert finished.wait(10)
+        # The handler's ack fails on the given-back message and its transaction rolls back: the lock
+        # waits for that transaction to end, whichever way.
+        with db.transaction():
+            db.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+        assert [row["state"] for row in peek(db, queue)] == ["ready"]
+    finally:
+        release.set()
+        db.execute(f"DROP TABLE {table}")
