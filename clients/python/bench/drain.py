@@ -90,7 +90,8 @@ async def procrastinate_drain(conninfo: str, messages: int, concurrency: int, se
                 await app.schema_manager.apply_schema_async()
             await conn.execute("DELETE FROM procrastinate_jobs WHERE queue_name = %s", (QUEUE,))
             for start in range(0, messages, 1000):
-                await noop.batch_defer_async(*({"n": n} for n in range(start, min(start + 1000, messages))))
+                jobs: list[dict[str, Any]] = [{"n": n} for n in range(start, min(start + 1000, messages))]
+                await noop.batch_defer_async(*jobs)
             began = time.monotonic()
             try:
                 # wait=False: the worker returns once the queue is empty.

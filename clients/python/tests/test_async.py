@@ -12,7 +12,7 @@ import pytest
 import bussig
 from conftest import behind_a_proxy, depth, kill_backends, peek
 
-FAST = {"wait": 0.5}
+WAIT = 0.5  # seconds an idle test worker waits per read
 
 
 async def until(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
@@ -74,7 +74,7 @@ async def test_outcomes(abus: bussig.AsyncBus, db: Any, new_queue: Callable[...,
     def fail(message: bussig.AsyncMessage) -> None:  # a plain function is called on the loop
         raise KeyError("missing")
 
-    worker = bussig.Worker(abus, queue, router=router, concurrency=4, **FAST)
+    worker = bussig.Worker(abus, queue, router=router, concurrency=4, wait=WAIT)
     await running(worker)
     for name in ("ok", "retry", "dead", "fail"):
         assert await abus.publish(f"{queue}.{name}", {}) == 1
@@ -102,7 +102,7 @@ async def test_transactional_rolls_back_on_error(
             if message.delivery_count == 1:
                 raise RuntimeError("undo")
 
-        await running(bussig.Worker(abus, queue, router=router, **FAST))
+        await running(bussig.Worker(abus, queue, router=router, wait=WAIT))
         await abus.publish(f"{queue}.write", 7)
         await until(lambda: depth(db, queue) == 0, what="acked on the second delivery")
         assert db.execute(f"SELECT n, delivery FROM {table}").fetchall() == [(7, 2)]
@@ -123,7 +123,7 @@ async def test_cancel_finishes_or_gives_back_everything(
 
     for n in range(20):
         await abus.send(queue, n)
-    worker = bussig.Worker(abus, queue, handler=handler, concurrency=4, lock_timeout=60, **FAST)
+    worker = bussig.Worker(abus, queue, handler=handler, concurrency=4, lock_timeout=60, wait=WAIT)
     task = asyncio.create_task(worker.run(grace=0.5))
     await until(lambda: len(started) >= 4, what="handlers running")
     task.cancel()
@@ -137,7 +137,7 @@ async def test_cancel_finishes_or_gives_back_everything(
     async def record(message: bussig.AsyncMessage) -> None:
         again.append(message.payload)
 
-    await running(bussig.Worker(abus, queue, handler=record, **FAST))
+    await running(bussig.Worker(abus, queue, handler=record, wait=WAIT))
     await until(lambda: depth(db, queue) == 0, what="the rest handled")
     assert sorted(set(started) | set(again)) == list(range(20))
 
@@ -154,7 +154,7 @@ async def test_a_killed_connection_is_reconnected(
 
     for n in range(200):
         await abus.send(queue, n)
-    worker = bussig.Worker(abus, queue, handler=handler, concurrency=2, lock_timeout=3, **FAST)
+    worker = bussig.Worker(abus, queue, handler=handler, concurrency=2, lock_timeout=3, wait=WAIT)
     await running(worker)
     await until(lambda: len(handled) >= 20, what="some handled")
 

@@ -12,7 +12,7 @@ import bussig
 from conftest import depth, eventually
 from test_async import until
 
-FAST = {"wait": 0.5}
+WAIT = 0.5  # seconds an idle test worker waits per read
 
 
 def test_request_reply(bus: bussig.Bus, db: Any, new_queue: Callable[..., str]) -> None:
@@ -27,7 +27,7 @@ def test_request_reply(bus: bussig.Bus, db: Any, new_queue: Callable[..., str]) 
     def explicit(message: bussig.Message) -> None:
         message.reply({"by": "hand"})
 
-    with bussig.Worker(bus, queue, router=router, handler=lambda m: m.reply({"direct": m.payload}), **FAST):
+    with bussig.Worker(bus, queue, router=router, handler=lambda m: m.reply({"direct": m.payload}), wait=WAIT):
         reply = bus.request(queue, {"q": 1}, timeout=10)
         assert reply.payload == {"direct": {"q": 1}}
         reply = bus.request_subject(f"{queue}.price", {"sku": "A-1"}, timeout=10)
@@ -64,7 +64,7 @@ async def test_async_request_reply(url: str, new_queue: Callable[..., str]) -> N
         return message.payload * 2
 
     async with bussig.AsyncBus(url) as bus:
-        worker = bussig.Worker(bus, queue, handler=answer, concurrency=4, **FAST)
+        worker = bussig.Worker(bus, queue, handler=answer, concurrency=4, wait=WAIT)
         task = asyncio.create_task(worker.run())
         try:
             replies = await asyncio.gather(*(bus.request(queue, n, timeout=10) for n in range(10)))
@@ -83,7 +83,7 @@ def test_broadcast_reaches_every_process(bus: bussig.Bus, db: Any, new_queue: Ca
     for index in range(2):
         router = bussig.Router()
         router.on(subject)(lambda m, index=index: got.append((index, m.payload)))
-        workers.append(bussig.Worker.broadcast(bus, router=router, **FAST))
+        workers.append(bussig.Worker.broadcast(bus, router=router, wait=WAIT))
     for worker in workers:
         worker.start()
     try:
@@ -109,15 +109,15 @@ def test_trace_context_crosses_the_queue(bus: bussig.Bus, new_queue: Callable[..
     tracer = provider.get_tracer("test")
     queue = new_queue()
     headers: list[dict[str, Any]] = []
-    original = trace._TRACER_PROVIDER  # type: ignore[attr-defined]
-    trace._TRACER_PROVIDER = provider  # type: ignore[attr-defined]  # the global one may be set once only
+    original = trace._TRACER_PROVIDER
+    trace._TRACER_PROVIDER = provider  # the global one may be set once only
     try:
         with tracer.start_as_current_span("checkout") as sender:
             bus.send(queue, {}, headers={"tenant": "acme"})
-        with bussig.Worker(bus, queue, handler=lambda m: headers.append(m.headers), **FAST):
+        with bussig.Worker(bus, queue, handler=lambda m: headers.append(m.headers), wait=WAIT):
             eventually(lambda: any(span.name == f"{queue} process" for span in exporter.get_finished_spans()))
     finally:
-        trace._TRACER_PROVIDER = original  # type: ignore[attr-defined]
+        trace._TRACER_PROVIDER = original
     process = next(span for span in exporter.get_finished_spans() if span.name == f"{queue} process")
     assert headers[0]["tenant"] == "acme" and headers[0]["traceparent"].startswith("00-")
     assert process.parent is not None and process.parent.span_id == sender.get_span_context().span_id

@@ -13,7 +13,7 @@ import pytest
 import bussig
 from conftest import behind_a_proxy, depth, kill_backends, eventually, peek
 
-FAST = {"wait": 0.5}
+WAIT = 0.5  # seconds an idle test worker waits per read
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_return_acks(bus: bussig.Bus, db: Any, new_queue: Callable[..., str], ru
     seen: list[Any] = []
     for n in range(25):
         bus.send(queue, {"n": n}, headers={"h": "v"}, correlation_id=f"c{n}")
-    worker = running(bussig.Worker(bus, queue, handler=lambda m: seen.append((m.payload["n"], m.header("h"))), batch=7, **FAST))
+    worker = running(bussig.Worker(bus, queue, handler=lambda m: seen.append((m.payload["n"], m.header("h"))), batch=7, wait=WAIT))
     eventually(lambda: depth(db, queue) == 0, what="all acked")
     assert sorted(seen) == [(n, "v") for n in range(25)]
     assert worker.stats.handled == 25 and worker.stats.failed == 0
@@ -50,7 +50,7 @@ def test_message_fields(bus: bussig.Bus, db: Any, new_queue: Callable[..., str],
     queue = new_queue()
     got: list[bussig.Message] = []
     sent = bus.send(queue, {"x": 1}, correlation_id="corr", reply_to=queue)
-    running(bussig.Worker(bus, queue, handler=got.append, **FAST))
+    running(bussig.Worker(bus, queue, handler=got.append, wait=WAIT))
     message = eventually(lambda: got and got[0])
     assert (message.message_id, message.delivery_count, message.correlation_id, message.reply_to) == (sent, 1, "corr", queue)
     assert message.subject is None and message.payload == {"x": 1} and message.conn is None
@@ -66,7 +66,7 @@ def test_retry_nacks_with_its_delay(bus: bussig.Bus, db: Any, new_queue: Callabl
             raise bussig.Retry(delay=1.0)
 
     bus.send(queue, {})
-    running(bussig.Worker(bus, queue, handler=handler, **FAST))
+    running(bussig.Worker(bus, queue, handler=handler, wait=WAIT))
     eventually(lambda: len(deliveries) == 2 and depth(db, queue) == 0, what="retried once and acked")
     assert deliveries[1] - deliveries[0] >= 0.9
 
@@ -78,7 +78,7 @@ def test_dead_letter_with_reason(bus: bussig.Bus, db: Any, new_queue: Callable[.
         raise bussig.DeadLetter("invalid", error="no such customer")
 
     bus.send(queue, {"customer": 7})
-    worker = running(bussig.Worker(bus, queue, handler=handler, **FAST))
+    worker = running(bussig.Worker(bus, queue, handler=handler, wait=WAIT))
     dead = eventually(lambda: dead_letters(db, queue), what="a dead letter")
     assert dead[0]["headers"]["bussig-dead-letter-reason"] == "invalid"
     assert dead[0]["headers"]["bussig-dead-letter-error"] == "no such customer"
@@ -94,7 +94,7 @@ def test_an_exception_nacks_with_its_text(bus: bussig.Bus, db: Any, new_queue: C
         raise ValueError("boom")
 
     bus.send(queue, {})
-    running(bussig.Worker(bus, queue, handler=handler, **FAST))
+    running(bussig.Worker(bus, queue, handler=handler, wait=WAIT))
     dead = eventually(lambda: dead_letters(db, queue), what="dead after max_deliveries")
     assert calls == [1, 2]
     assert dead[0]["headers"]["bussig-dead-letter-reason"] == "max_deliveries"
@@ -108,7 +108,7 @@ def test_undecodable_and_unroutable_are_dead_lettered(
     router = bussig.Router(prefix=queue)
     handled: list[int] = []
     router.on("numbers", decode=int)(lambda m: handled.append(m.payload))
-    running(bussig.Worker(bus, queue, router=router, **FAST))
+    running(bussig.Worker(bus, queue, router=router, wait=WAIT))
     bus.publish(f"{queue}.numbers", 5)
     bus.publish(f"{queue}.numbers", {"not": "a number"})
     bus.send(queue, "no subject")
@@ -133,7 +133,7 @@ def test_routing_with_prefixes(bus: bussig.Bus, db: Any, new_queue: Callable[...
 
     app = bussig.Router(prefix=queue)
     app.include_router(orders, prefix="shop")
-    worker = running(bussig.Worker(bus, queue, router=app, handler=lambda m: got.append(("default", m.subject)), **FAST))
+    worker = running(bussig.Worker(bus, queue, router=app, handler=lambda m: got.append(("default", m.subject)), wait=WAIT))
     eventually(lambda: depth(db, queue) == 0 and db.execute(
         "SELECT count(*) FROM bussig.subscriptions WHERE queue = %s", (queue,)).fetchone()[0] == 2, what="subscribed")
     assert worker.patterns == [f"{queue}.shop.orders.*.paid", f"{queue}.shop.orders.>"]
@@ -162,7 +162,7 @@ def test_transactional_handler_commits_with_the_ack_or_rolls_back(
 
         bus.send(queue, 1)
         bus.send(queue, 2)
-        running(bussig.Worker(bus, queue, handler=handler, transactional=True, concurrency=2, **FAST))
+        running(bussig.Worker(bus, queue, handler=handler, transactional=True, concurrency=2, wait=WAIT))
         eventually(lambda: depth(db, queue) == 0, what="both acked")
         rows = sorted(db.execute(f"SELECT n, delivery FROM {table}").fetchall())
         assert rows == [(1, 1), (2, 2)]  # the failed first delivery of 2 left nothing
@@ -181,7 +181,7 @@ def test_long_handlers_have_their_locks_extended(
         time.sleep(2.5)
 
     bus.send(queue, {})
-    running(bussig.Worker(bus, queue, handler=slow, lock_timeout=1.0, **FAST))
+    running(bussig.Worker(bus, queue, handler=slow, lock_timeout=1.0, wait=WAIT))
     eventually(lambda: depth(db, queue) == 0, what="acked")
     assert counts == [1]  # the lock never ran out, so nobody got it again
 
@@ -200,7 +200,7 @@ def test_stop_finishes_or_gives_back_everything(
 
     for n in range(20):
         bus.send(queue, n)
-    worker = bussig.Worker(bus, queue, handler=handler, concurrency=4, batch=10, lock_timeout=60, **FAST)
+    worker = bussig.Worker(bus, queue, handler=handler, concurrency=4, batch=10, lock_timeout=60, wait=WAIT)
     worker.start()
     eventually(lambda: len(started) >= 4, what="handlers running")
     worker.stop(timeout=1)
@@ -210,7 +210,7 @@ def test_stop_finishes_or_gives_back_everything(
     assert len(rows) == 20 - worker.stats.handled
     # Everything left is delivered again at once to the next worker.
     again: list[int] = []
-    with bussig.Worker(bus, queue, handler=lambda m: again.append(m.payload), **FAST):
+    with bussig.Worker(bus, queue, handler=lambda m: again.append(m.payload), wait=WAIT):
         eventually(lambda: depth(db, queue) == 0, what="the rest handled")
     assert sorted(set(started) | set(again)) == list(range(20))
 
@@ -227,7 +227,7 @@ def test_a_killed_connection_is_reconnected(
 
     for n in range(200):
         bus.send(queue, n)
-    worker = running(bussig.Worker(bus, queue, handler=handler, concurrency=2, lock_timeout=3, **FAST))
+    worker = running(bussig.Worker(bus, queue, handler=handler, concurrency=2, lock_timeout=3, wait=WAIT))
     eventually(lambda: len(handled) >= 20, what="some handled")
 
     eventually(lambda: kill_backends(db, f"bussig worker {queue}"), what="the worker's backend terminated")
@@ -273,7 +273,7 @@ def test_fetched_messages_waiting_for_a_slot_keep_their_locks(
     for n in range(3):
         bus.send(queue, n)
     # One read takes all three; the last waits 1.4 s for the only slot, past its 1 s lock.
-    running(bussig.Worker(bus, queue, handler=slow, concurrency=1, batch=3, lock_timeout=1.0, **FAST))
+    running(bussig.Worker(bus, queue, handler=slow, concurrency=1, batch=3, lock_timeout=1.0, wait=WAIT))
     eventually(lambda: depth(db, queue) == 0, what="all acked")
     assert counts == [1, 1, 1]
 
@@ -293,7 +293,7 @@ def test_a_transactional_handler_cut_off_by_stop_commits_nothing(
             finished.set()
 
         bus.send(queue, 1)
-        worker = bussig.Worker(bus, queue, handler=handler, transactional=True, lock_timeout=60, **FAST)
+        worker = bussig.Worker(bus, queue, handler=handler, transactional=True, lock_timeout=60, wait=WAIT)
         worker.start()
         eventually(lambda: worker.stats.in_flight == 1, what="the handler running")
         worker.stop(timeout=0.5)
