@@ -116,6 +116,11 @@ def test_trace_context_crosses_the_queue(bus: bussig.Bus, new_queue: Callable[..
             bus.send(queue, {}, headers={"tenant": "acme"})
         with bussig.Worker(bus, queue, handler=lambda m: headers.append(m.headers), wait=WAIT):
             eventually(lambda: any(span.name == f"{queue} process" for span in exporter.get_finished_spans()))
+        # A reply carries the context of the handler's span, in the requester's trace.
+        with tracer.start_as_current_span("ask") as asker, bussig.Worker(bus, queue, handler=lambda m: "pong"):
+            reply = bus.request(queue, "ping", timeout=10)
+        assert reply.payload == "pong"
+        assert reply.headers["traceparent"].split("-")[1] == format(asker.get_span_context().trace_id, "032x")
     finally:
         trace._TRACER_PROVIDER = original
     process = next(span for span in exporter.get_finished_spans() if span.name == f"{queue} process")

@@ -199,7 +199,7 @@ def settle_statement(queue: str, key: _sql.Ack, result: Outcome) -> Optional[tup
     if isinstance(result, outcome.Bury):
         return _sql.DEAD_LETTER, (queue, message_id, token, result.reason, result.error)
     if isinstance(result, outcome.Reply):
-        return _sql.REPLY, _sql.reply_params(queue, message_id, token, result.value)
+        return _sql.REPLY, _sql.reply_params(queue, message_id, token, result.value, result.headers)
     return None
 
 

@@ -99,6 +99,9 @@ def ack_batch_params(queue: str, acks: Sequence[Ack]) -> Params:
     return (queue, [message_id for message_id, _ in acks], [token for _, token in acks])
 
 
-def reply_params(queue: str, message_id: int, token: uuid.UUID, payload: Any) -> Params:
-    headers = trace.inject(None)
+def reply_params(
+    queue: str, message_id: int, token: uuid.UUID, payload: Any, headers: Optional[Mapping[str, Any]] = None
+) -> Params:
+    """The parameters of REPLY: the reply carries ``headers``, else the current trace context."""
+    headers = headers or trace.inject(None)
     return (queue, message_id, token, encode(payload), Jsonb(dict(headers)) if headers else None)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from . import trace
 from ._sql import Seconds, seconds
 
 
@@ -38,6 +40,8 @@ class Reply:
     """Done, with an answer: ``bussig.reply`` acks the request and sends ``value``."""
 
     value: Any
+    headers: Optional[Mapping[str, Any]] = None
+    """The handler's trace context, taken while its span was current."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def of_return(value: Any, reply_to: Optional[str], replied: bool) -> Outcome:
     if replied:
         return Settled()
     if reply_to is not None and value is not None:
-        return Reply(value)
+        return Reply(value, trace.inject(None))
     return Ack()
 
 
