@@ -224,10 +224,13 @@ fn receive(
         };
         let mut dead = Vec::new();
         let mut returned = 0;
+        let mut read_queue = 0;
         let mut first: Option<Position> = None;
         for row in rows {
             if returned == 0 {
-                depth::touched(plans::filled(&row, 14, "queue id")?);
+                let queue_id = plans::filled(&row, 14, "queue id")?;
+                depth::touched(queue_id);
+                read_queue = queue_id;
             }
             let row = ReadRow::decode(&row)?;
             returned += 1;
@@ -244,6 +247,7 @@ fn receive(
                 None => delivered.push(row.delivery(queue)?),
             }
         }
+        wakeup::note_locked(read_queue, u32::try_from(returned).unwrap_or(0));
         let took_all = returned == wanted;
         // Only a read that found as many as it asked for is in a backlog worth a position; one that
         // came up short from a position reads the rest from the head.

@@ -113,6 +113,9 @@ static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 thread_local! {
     /// Queues this transaction made messages ready in, and how many.
     static READY: RefCell<Vec<(i32, u32)>> = const { RefCell::new(Vec::new()) };
+    /// Queues this transaction locked messages of by reading them, and how many: its abort makes
+    /// them ready again.
+    static LOCKED: RefCell<Vec<(i32, u32)>> = const { RefCell::new(Vec::new()) };
     /// Queues (id, name) to NOTIFY when this transaction commits: by the worker, or by the
     /// transaction itself where no worker serves the database.
     static NOTIFY_AT_COMMIT: RefCell<Vec<(i32, String)>> = const { RefCell::new(Vec::new()) };
@@ -161,6 +164,14 @@ pub fn note_ready(queue_id: i32, count: u32) {
             _ => ready.push((queue_id, count)),
         }
     });
+}
+
+/// This transaction locked `count` messages of `queue_id` by reading them: should it abort, they are
+/// ready again, and waiting readers are woken for them.
+pub fn note_locked(queue_id: i32, count: u32) {
+    if count > 0 && shared_memory() {
+        LOCKED.with(|locked| locked.borrow_mut().push((queue_id, count)));
+    }
 }
 
 /// Messages arrived in this queue: its waiting readers are woken at commit (a delayed message too,
@@ -218,15 +229,8 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
             }
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            let mut ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
-            ready.sort_unstable_by_key(|&(queue_id, _)| queue_id);
-            ready.dedup_by(|(queue_id, count), (kept_id, kept_count)| {
-                let same = queue_id == kept_id;
-                if same {
-                    *kept_count = kept_count.saturating_add(*count);
-                }
-                same
-            });
+            LOCKED.with(|locked| locked.borrow_mut().clear());
+            let ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
             if WAKE_LAUNCHER.with(|wake| wake.replace(false)) && shared_memory() {
                 wake_launcher();
@@ -237,19 +241,17 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
                 .map(|(id, _)| id)
                 .collect();
             if shared_memory() {
-                if !ready.is_empty() {
-                    let arrived: Vec<(i32, u32, u64)> = ready
-                        .into_iter()
-                        .map(|(queue_id, count)| (queue_id, count, arrivals::arrived(queue_id)))
-                        .collect();
-                    wake_readers(&arrived);
-                }
+                arrive(ready);
                 if fanout || !notify.is_empty() {
                     send_errands(fanout, &notify);
                 }
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            let released = LOCKED.with(|locked| std::mem::take(&mut *locked.borrow_mut()));
+            if event != XACT_EVENT_PREPARE && shared_memory() {
+                arrive(released);
+            }
             READY.with(|ready| ready.borrow_mut().clear());
             NOTIFY_AT_COMMIT.with(|queues| queues.borrow_mut().clear());
             FANOUT.with(|fanout| fanout.set(false));
@@ -257,6 +259,27 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
         }
         _ => {}
     }
+}
+
+/// Messages became ready in these queues (`(queue, how many)`, in any order, repeats allowed), visible to
+/// others already: an arrival is counted for each queue, and its waiting readers are woken.
+fn arrive(mut ready: Vec<(i32, u32)>) {
+    if ready.is_empty() {
+        return;
+    }
+    ready.sort_unstable_by_key(|&(queue_id, _)| queue_id);
+    ready.dedup_by(|(queue_id, count), (kept_id, kept_count)| {
+        let same = queue_id == kept_id;
+        if same {
+            *kept_count = kept_count.saturating_add(*count);
+        }
+        same
+    });
+    let arrived: Vec<(i32, u32, u64)> = ready
+        .into_iter()
+        .map(|(queue_id, count)| (queue_id, count, arrivals::arrived(queue_id)))
+        .collect();
+    wake_readers(&arrived);
 }
 
 /// Wakes, for each queue (sorted, with the arrival count after the commit), waiting readers that are
