@@ -259,14 +259,13 @@ pub async fn ack_and_read<C: GenericClient>(
 
 /// Deletes a delivered message; false when its lock token no longer holds.
 pub async fn ack<C: GenericClient>(client: &C, queue: &str, id: i64, token: Uuid) -> Result<bool> {
-    let row = sql::query_one(
+    sql::value(
         client,
         "SELECT bussig.ack($1, $2, $3)",
         &[Type::TEXT, Type::INT8, Type::UUID],
         &[&queue, &id, &token],
     )
-    .await?;
-    Ok(row.get(0))
+    .await
 }
 
 /// Acks many deliveries; how many still held their lock.
@@ -276,14 +275,13 @@ pub async fn ack_batch<C: GenericClient>(
     acked: &[(i64, Uuid)],
 ) -> Result<i64> {
     let (ids, tokens): (Vec<i64>, Vec<Uuid>) = acked.iter().copied().unzip();
-    let row = sql::query_one(
+    sql::value(
         client,
         "SELECT bussig.ack_batch($1, $2, $3)",
         &[Type::TEXT, Type::INT8_ARRAY, Type::UUID_ARRAY],
         &[&queue, &ids, &tokens],
     )
-    .await?;
-    Ok(row.get(0))
+    .await
 }
 
 /// Gives a delivery back: ready again after `delay` (None: the queue's backoff), with `error` kept as
@@ -296,14 +294,13 @@ pub async fn nack<C: GenericClient>(
     delay: Option<Duration>,
     error: Option<&str>,
 ) -> Result<bool> {
-    let row = sql::query_one(
+    sql::value(
         client,
         "SELECT bussig.nack($1, $2, $3, $4* interval '1 second', $5)",
         &[Type::TEXT, Type::INT8, Type::UUID, Type::FLOAT8, Type::TEXT],
         &[&queue, &id, &token, &seconds(delay), &error],
     )
-    .await?;
-    Ok(row.get(0))
+    .await
 }
 
 /// Keeps the lock for `lock_timeout` more from now (None: the queue's lock timeout).
@@ -314,14 +311,13 @@ pub async fn extend_lock<C: GenericClient>(
     token: Uuid,
     lock_timeout: Option<Duration>,
 ) -> Result<bool> {
-    let row = sql::query_one(
+    sql::value(
         client,
         "SELECT bussig.extend_lock($1, $2, $3, $4* interval '1 second')",
         &[Type::TEXT, Type::INT8, Type::UUID, Type::FLOAT8],
         &[&queue, &id, &token, &seconds(lock_timeout)],
     )
-    .await?;
-    Ok(row.get(0))
+    .await
 }
 
 /// Moves a delivery to the queue's dead-letter queue now, with a reason and an error text.
@@ -333,14 +329,13 @@ pub async fn dead_letter<C: GenericClient>(
     reason: &str,
     error: Option<&str>,
 ) -> Result<bool> {
-    let row = sql::query_one(
+    sql::value(
         client,
         "SELECT bussig.dead_letter($1, $2, $3, $4, $5)",
         &[Type::TEXT, Type::INT8, Type::UUID, Type::TEXT, Type::TEXT],
         &[&queue, &id, &token, &reason, &error],
     )
-    .await?;
-    Ok(row.get(0))
+    .await
 }
 
 /// Deliveries of `queue` one by one, for those who drive the loop themselves: reads up to `batch` at a
@@ -386,24 +381,22 @@ pub async fn reply<C: GenericClient, R: Serialize + ?Sized>(
 ) -> Result<Option<i64>> {
     let payload = serde_json::to_value(payload)?;
     let headers = headers.cloned().map(Value::Object);
-    let row = sql::query_one(
+    sql::value(
         client,
         "SELECT bussig.reply($1, $2, $3, $4, $5)",
         &[Type::TEXT, Type::INT8, Type::UUID, Type::JSONB, Type::JSONB],
         &[&queue, &id, &token, &payload, &headers],
     )
-    .await?;
-    Ok(row.get(0))
+    .await
 }
 
 /// How many messages the queue holds (`bussig.queue_depth`): exact, and cheap to poll.
 pub async fn queue_depth<C: GenericClient>(client: &C, queue: &str) -> Result<i64> {
-    let row = sql::query_one(
+    sql::value(
         client,
         "SELECT bussig.queue_depth($1)",
         &[Type::TEXT],
         &[&queue],
     )
-    .await?;
-    Ok(row.get(0))
+    .await
 }

@@ -27,13 +27,26 @@ pub async fn create(client: &Client, prefix: &str, pattern: &str) -> Result<Stri
     Ok(queue)
 }
 
+/// Tells the worker that `queue`'s owner is alive; an ephemeral queue missing heartbeats for `TTL`
+/// is dropped. Beat every `TTL / 3`.
+pub async fn heartbeat(client: &Client, queue: &str) -> Result<()> {
+    sql::query(
+        client,
+        "SELECT bussig.heartbeat($1)",
+        &[Type::TEXT],
+        &[&queue],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Heartbeats `queue` on `client` until `stop`, then drops it.
 pub async fn keep_alive(client: Client, queue: String, stop: CancellationToken) {
     let mut beat = tokio::time::interval(TTL / 3);
     loop {
         tokio::select! {
             _ = beat.tick() => {
-                let _ = sql::query(&client, "SELECT bussig.heartbeat($1)", &[Type::TEXT], &[&queue]).await;
+                let _ = heartbeat(&client, &queue).await;
             }
             _ = stop.cancelled() => break,
         }

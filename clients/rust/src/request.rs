@@ -174,13 +174,7 @@ async fn read_replies(client: Client, queue: String, waiting: Waiting, stop: Can
     let mut last_heartbeat = tokio::time::Instant::now();
     while !stop.is_cancelled() {
         if last_heartbeat.elapsed() >= ephemeral::TTL / 3 {
-            let _ = sql::query(
-                &client,
-                "SELECT bussig.heartbeat($1)",
-                &[Type::TEXT],
-                &[&queue],
-            )
-            .await;
+            let _ = ephemeral::heartbeat(&client, &queue).await;
             last_heartbeat = tokio::time::Instant::now();
         }
         let read = tokio::select! {

@@ -38,3 +38,17 @@ fn typed<'a>(
     assert_eq!(types.len(), params.len(), "a type for every parameter");
     params.iter().copied().zip(types.iter().cloned()).collect()
 }
+
+/// The first column of the one row `sql` returns.
+pub(crate) async fn value<C: GenericClient, T>(
+    client: &C,
+    sql: &str,
+    types: &[Type],
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<T>
+where
+    T: for<'row> tokio_postgres::types::FromSql<'row>,
+{
+    let row = query_one(client, sql, types, params).await?;
+    Ok(row.try_get(0)?)
+}
