@@ -46,6 +46,9 @@ fn visits(c: &mut impl GenericClient) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// A verb's measured statement, given the deliveries read first as `(ids, tokens)` array literals.
+type VerbSql<'a> = Box<dyn Fn(&str, &str) -> String + 'a>;
+
 /// What a verb settles: it reads that many deliveries of its queue first, in the same transaction.
 struct Verb<'a> {
     name: &'a str,
@@ -53,7 +56,7 @@ struct Verb<'a> {
     batch: i64,
     reads_first: i32,
     /// The measured statement, given the deliveries read first as `(ids, tokens)` array literals.
-    sql: Box<dyn Fn(&str, &str) -> String + 'a>,
+    sql: VerbSql<'a>,
 }
 
 impl<'a> Verb<'a> {
