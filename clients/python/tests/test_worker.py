@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -309,3 +311,23 @@ def test_a_transactional_handler_cut_off_by_stop_commits_nothing(
     finally:
         release.set()
         db.execute(f"DROP TABLE {table}")
+
+
+def test_stop_hands_in_on_a_new_connection_when_its_own_was_lost(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str]
+) -> None:
+    queue = new_queue()
+    release = threading.Event()
+    bus.send(queue, 1)
+    # While its only handler runs, the loop has nothing to say to the database: it misses the kill.
+    worker = bussig.Worker(bus, queue, handler=lambda m: release.wait(30), lock_timeout=60, wait=WAIT)
+    worker.start()
+    eventually(lambda: worker.stats.in_flight == 1, what="the handler running")
+    # Its connection cut under it (directly or behind a pooler alike): the socket is shut down.
+    assert worker._conn is not None
+    with socket.socket(fileno=os.dup(worker._conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+    threading.Timer(0.3, release.set).start()
+    worker.stop(timeout=10)  # the handler finishes; its ack goes on a new connection
+    assert depth(db, queue) == 0
+    assert worker.stats.handled == 1

@@ -78,8 +78,10 @@ class AsyncRun:
                 try:
                     await self.turn()
                 except Exception as error:
-                    if not connection_lost(error, self.conn) or self.stopping:
+                    if not connection_lost(error, self.conn):
                         raise
+                    if self.stopping:
+                        break  # the drain hands in what is held, on a new connection
                     await self.reconnect()
                     self.book.stats.reconnects += 1
             await self.drain()

@@ -160,8 +160,10 @@ class Worker:
                 try:
                     self._turn(executor)
                 except Exception as error:
-                    if not connection_lost(error, self._conn) or not self._reconnect():
+                    if not connection_lost(error, self._conn):
                         raise
+                    if not self._reconnect():
+                        break  # stopping: the drain hands in what is held, on a new connection
                     self._book.stats.reconnects += 1
             self._drain()
         except BaseException as error:
