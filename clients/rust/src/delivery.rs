@@ -92,6 +92,26 @@ impl Message<Value> {
 }
 
 impl<T> Message<T> {
+    /// A first delivery built by hand, e.g. to unit-test a handler or code that takes messages:
+    /// no subject, headers, correlation id or reply-to (set the public fields for those), priority 0,
+    /// enqueued now. It is settled only through the functions that take a client.
+    pub fn new(queue: &str, id: i64, lock_token: Uuid, payload: T) -> Message<T> {
+        Message {
+            queue: queue.into(),
+            id,
+            lock_token,
+            subject: None,
+            payload,
+            headers: None,
+            delivery_count: 1,
+            priority: 0,
+            enqueued_at: Utc::now(),
+            correlation_id: None,
+            reply_to: None,
+            connection: None,
+        }
+    }
+
     /// This delivery with another payload (for handing it on without cloning the original).
     pub fn with_payload<U>(self, payload: U) -> Message<U> {
         Message {

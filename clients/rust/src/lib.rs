@@ -13,8 +13,10 @@ mod consumer;
 mod delivery;
 mod ephemeral;
 mod error;
+mod queues;
 mod request;
 mod send;
+mod settle_batch;
 mod sql;
 mod trace;
 mod transactional;
@@ -27,7 +29,9 @@ pub use delivery::{
     Message,
 };
 pub use error::{Error, Result};
+pub use queues::{queues, retry_backoff, QueueInfo};
 pub use request::{Reply, Requester};
 pub use send::{publish, send, send_batch, SendOptions};
+pub use settle_batch::{extend_lock_batch, nack_batch};
 pub use tokio_util::sync::CancellationToken;
 pub use transactional::TransactionalFuture;
