@@ -63,12 +63,12 @@ impl Status {
         let queues: Vec<String> = self.metrics.routes.iter().map(|(q, _)| q.clone()).collect();
         let session = self.database.lock().await;
         let Some(bus) = session.as_ref() else { return };
-        match bus.lag(&queues).await {
-            Ok(rows) => {
-                for (queue, ready, lag) in rows {
-                    let route = self.metrics.route(&queue);
-                    route.ready.store(ready, Ordering::Relaxed);
-                    route.set_lag(lag);
+        match bussig_client::queues(bus.client(), &queues).await {
+            Ok(found) => {
+                for queue in found {
+                    let route = self.metrics.route(&queue.name);
+                    route.ready.store(queue.ready, Ordering::Relaxed);
+                    route.set_lag(queue.oldest_ready_age.as_secs_f64());
                 }
             }
             Err(error) => debug!(%error, "lag query failed"),

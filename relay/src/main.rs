@@ -23,7 +23,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Mutex};
 use tracing::{error, info, warn};
 
-use crate::bus::{Bus, BusError, QueueInfo};
+use bussig_client::QueueInfo;
+
+use crate::bus::{Bus, ConnectError};
 use crate::config::{redact, Config, ConfigError, LogFormat};
 use crate::metrics::Metrics;
 use crate::relay::{Shared, Worker};
@@ -51,7 +53,9 @@ enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigError),
     #[error("{0}")]
-    Database(#[from] BusError),
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Database(#[from] bussig_client::Error),
     #[error(
         "route {index}: queue `{queue}` does not exist in the database; create it with \
          SELECT bussig.create_queue('{queue}') or fix the route"
@@ -100,7 +104,7 @@ impl StartError {
             | StartError::LockTooShort { .. }
             | StartError::NoStream { .. }
             | StartError::StreamCreate { .. } => 2,
-            StartError::Database(BusError::Url(_)) => 2,
+            StartError::Connect(ConnectError::Url(_)) => 2,
             _ => 1,
         }
     }
@@ -162,7 +166,7 @@ fn init_logging(format: LogFormat) {
 /// Every route's queue, in route order, or the first that is missing.
 async fn check_queues(bus: &Bus, config: &Config) -> Result<Vec<QueueInfo>, StartError> {
     let names: Vec<String> = config.routes.iter().map(|r| r.queue.clone()).collect();
-    let found = bus.queues(&names).await?;
+    let found = bussig_client::queues(bus.client(), &names).await?;
     let mut queues = Vec::new();
     for (i, route) in config.routes.iter().enumerate() {
         let queue = found

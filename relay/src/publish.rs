@@ -165,16 +165,12 @@ mod tests {
     use uuid::Uuid;
 
     fn delivery(headers: Option<Value>) -> Delivery {
-        Delivery {
-            id: 42,
-            token: Uuid::nil(),
-            subject: Some("orders.eu".to_string()),
-            payload: json!({"order": 1}),
-            headers,
-            delivery_count: 1,
-            correlation_id: Some("c-1".to_string()),
-            reply_to: Some("replies".to_string()),
-        }
+        let mut delivery = Delivery::new("orders", 42, Uuid::nil(), json!({"order": 1}));
+        delivery.subject = Some("orders.eu".to_string());
+        delivery.headers = headers;
+        delivery.correlation_id = Some("c-1".to_string());
+        delivery.reply_to = Some("replies".to_string());
+        delivery
     }
 
     #[test]

@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use tokio_postgres::NoTls;
 use tracing::{debug, info, warn};
 
-use crate::bus::{Bus, BusError, Delivery, QueueInfo};
+use bussig_client::{self as client, Error as BusError, QueueInfo};
+
+use crate::bus::{held, Bus, Delivery};
 use crate::config::{Config, Route};
 use crate::metrics::RouteMetrics;
 use crate::publish::{self, Outcome, Outgoing};
@@ -188,13 +190,16 @@ impl Worker {
 
     /// The deliveries whose locks this relay still holds, locks extended; settled or lost ones go.
     async fn still_held(&self, bus: &Bus, batch: &[Delivery]) -> Result<Vec<Delivery>, BusError> {
-        let all: Vec<&Delivery> = batch.iter().collect();
-        let held = bus
-            .extend_locks(&self.route.queue, &all, self.route.lock_timeout)
-            .await?;
+        let still = client::extend_lock_batch(
+            bus.client(),
+            &self.route.queue,
+            &held(batch),
+            self.route.lock_timeout,
+        )
+        .await?;
         Ok(batch
             .iter()
-            .filter(|d| held.contains(&d.id))
+            .filter(|d| still.contains(&d.id))
             .cloned()
             .collect())
     }
@@ -211,11 +216,12 @@ impl Worker {
 
     /// The next batch, waiting for one up to `poll_wait`; None on shutdown.
     async fn read(&mut self, bus: &Bus) -> Result<Option<Vec<Delivery>>, BusError> {
-        let read = bus.read(
+        let read = client::read(
+            bus.client(),
             &self.route.queue,
-            self.route.batch_size,
+            self.route.batch_size as i32,
             self.route.lock_timeout,
-            self.shared.config.poll_wait,
+            Some(self.shared.config.poll_wait),
         );
         tokio::pin!(read);
         tokio::select! {
@@ -224,8 +230,7 @@ impl Worker {
                 let _ = bus.cancel_token().cancel_query(NoTls).await;
                 // A read that finished before the cancel arrived has locked messages: give them back.
                 if let Ok(batch) = read.await {
-                    let held: Vec<&Delivery> = batch.iter().collect();
-                    bus.nack(&self.route.queue, &held, Some(Duration::ZERO), "relay shutting down").await?;
+                    give_back(bus, &self.route.queue, &batch, "relay shutting down").await?;
                 }
                 Ok(None)
             }
@@ -274,10 +279,9 @@ impl Worker {
         error: &str,
     ) -> Result<(), BusError> {
         warn!(route = %self.route.queue, message_id = delivery.id, reason, error, "dead-lettering message");
-        match bus
-            .dead_letter(&self.route.queue, delivery, reason, error)
-            .await
-        {
+        let queue = &self.route.queue;
+        let (id, token) = (delivery.id, delivery.lock_token);
+        match client::dead_letter(bus.client(), queue, id, token, reason, Some(error)).await {
             Ok(moved) => {
                 if moved {
                     self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -286,8 +290,7 @@ impl Worker {
             }
             // A queue without a dead-letter queue of its own (itself one): retry with backoff instead.
             Err(e) if !e.is_connection() => {
-                bus.nack(&self.route.queue, &[delivery], None, error)
-                    .await?;
+                client::nack(bus.client(), queue, id, token, None, Some(error)).await?;
                 Ok(())
             }
             Err(e) => Err(e),
@@ -335,7 +338,16 @@ impl Worker {
                         warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
                               delivery = delivery.delivery_count, %error,
                               "JetStream rejected the message; nacked");
-                        if bus.nack(&queue, &[&delivery], None, &error).await? > 0 && last {
+                        let given_back = client::nack(
+                            bus.client(),
+                            &queue,
+                            delivery.id,
+                            delivery.lock_token,
+                            None,
+                            Some(&error),
+                        )
+                        .await?;
+                        if given_back && last {
                             self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         }
                         in_flight.settled(1);
@@ -346,8 +358,7 @@ impl Worker {
                     }
                 }
             }
-            let stored: Vec<&Delivery> = stored.iter().collect();
-            bus.ack(&queue, &stored).await?;
+            ack(bus, &queue, &stored).await?;
             in_flight.settled(stored.len());
             if unavailable.is_empty() {
                 return Ok(());
@@ -356,11 +367,11 @@ impl Worker {
                   "NATS did not confirm; holding the messages and sending them again");
             pending = unavailable;
             if !self.pause(retry.next_delay()).await {
-                let held: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
-                bus.nack(
+                let held: Vec<Delivery> = pending.into_iter().map(|(d, _)| d).collect();
+                give_back(
+                    bus,
                     &queue,
                     &held,
-                    Some(Duration::ZERO),
                     "relay shutting down before NATS confirmed",
                 )
                 .await?;
@@ -412,7 +423,7 @@ impl Worker {
                         continue;
                     }
                     rejections += 1;
-                    let delay = bus.retry_backoff(&queue, attempts).await?;
+                    let delay = client::retry_backoff(bus.client(), &queue, attempts).await?;
                     warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
                           attempt = attempts, %error, retry_in = ?delay,
                           "JetStream rejected the message; later messages wait behind it");
@@ -428,9 +439,8 @@ impl Worker {
             self.settle_confirmed(bus, &mut confirmed, in_flight)
                 .await?;
             if !self.hold(bus, &mut pending, delay).await? {
-                let held: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
-                bus.nack(&queue, &held, Some(Duration::ZERO), "relay shutting down")
-                    .await?;
+                let held: Vec<Delivery> = pending.into_iter().map(|(d, _)| d).collect();
+                give_back(bus, &queue, &held, "relay shutting down").await?;
                 return Ok(());
             }
         }
@@ -443,8 +453,7 @@ impl Worker {
         confirmed: &mut Vec<Delivery>,
         in_flight: &mut InFlight<'_>,
     ) -> Result<(), BusError> {
-        let held: Vec<&Delivery> = confirmed.iter().collect();
-        bus.ack(&self.route.queue, &held).await?;
+        ack(bus, &self.route.queue, confirmed).await?;
         in_flight.settled(confirmed.len());
         confirmed.clear();
         Ok(())
@@ -478,18 +487,41 @@ impl Worker {
         bus: &Bus,
         pending: &mut VecDeque<(Delivery, Outgoing)>,
     ) -> Result<(), BusError> {
-        let deliveries: Vec<&Delivery> = pending.iter().map(|(d, _)| d).collect();
-        let held = bus
-            .extend_locks(&self.route.queue, &deliveries, self.route.lock_timeout)
-            .await?;
+        let still = client::extend_lock_batch(
+            bus.client(),
+            &self.route.queue,
+            &held(pending.iter().map(|(d, _)| d)),
+            self.route.lock_timeout,
+        )
+        .await?;
         let before = pending.len();
-        pending.retain(|(d, _)| held.contains(&d.id));
+        pending.retain(|(d, _)| still.contains(&d.id));
         let lost = before - pending.len();
         if lost > 0 {
             warn!(route = %self.route.queue, messages = lost, "lost the lock on held messages");
         }
         Ok(())
     }
+}
+
+/// Acks what JetStream stored (nothing to do for none).
+async fn ack(bus: &Bus, queue: &str, stored: &[Delivery]) -> Result<(), BusError> {
+    if !stored.is_empty() {
+        client::ack_batch(bus.client(), queue, &held(stored)).await?;
+    }
+    Ok(())
+}
+
+/// Gives deliveries back to bussig at once, for another reader (or this relay after a restart).
+async fn give_back(
+    bus: &Bus,
+    queue: &str,
+    deliveries: &[Delivery],
+    why: &str,
+) -> Result<(), BusError> {
+    let held = held(deliveries);
+    client::nack_batch(bus.client(), queue, &held, Some(Duration::ZERO), Some(why)).await?;
+    Ok(())
 }
 
 #[cfg(test)]
