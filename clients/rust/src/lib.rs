@@ -29,7 +29,7 @@ pub use delivery::{
     Message,
 };
 pub use error::{Error, Result};
-pub use queues::{queues, retry_backoff, QueueInfo};
+pub use queues::{queues, retry_backoff, subscribers, QueueInfo};
 pub use request::{Reply, Requester};
 pub use send::{publish, send, send_batch, SendOptions};
 pub use settle_batch::{extend_lock_batch, nack_batch};

@@ -106,3 +106,19 @@ pub async fn retry_backoff<C: GenericClient>(
         ))),
     }
 }
+
+/// The queues a message published on `subject` would reach, each with the pattern that matched
+/// (`bussig.match`). `InvalidArgument` when the subject is not a valid bussig subject.
+pub async fn subscribers<C: GenericClient>(
+    client: &C,
+    subject: &str,
+) -> Result<Vec<(String, String)>> {
+    let rows = sql::query(
+        client,
+        "SELECT queue, pattern FROM bussig.match($1)",
+        &[Type::TEXT],
+        &[&subject],
+    )
+    .await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}

@@ -159,3 +159,32 @@ fn a_message_built_by_hand_is_a_first_delivery() {
     assert_eq!(message.header("tenant"), Some("acme"));
     assert_eq!(message.payload, Job { n: 1 });
 }
+
+#[tokio::test]
+async fn subscribers_name_the_queues_a_subject_reaches() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "subs", "").await;
+    let pattern = format!("clientsubs.p{}.*", std::process::id());
+    c.query_typed(
+        "SELECT bussig.subscribe($1, $2)",
+        &[
+            (&q.name, tokio_postgres::types::Type::TEXT),
+            (&pattern, tokio_postgres::types::Type::TEXT),
+        ],
+    )
+    .await
+    .unwrap();
+    let subject = pattern.replace('*', "created");
+    assert_eq!(
+        subscribers(&c, &subject).await.unwrap(),
+        [(q.name.clone(), pattern.clone())]
+    );
+    assert!(subscribers(&c, "clientsubs.nobody")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        subscribers(&c, "bad..subject").await,
+        Err(Error::InvalidArgument(_))
+    ));
+}
