@@ -344,6 +344,7 @@ pub fn receive_waiting(
     let mut waiting: Option<wakeup::Waiting> = None;
     loop {
         let read_began = epoch_seconds();
+        let registered = waiting.is_some();
         let read = access::connect(|client, caller| {
             caller.require(client, queue, Privilege::Consume)?;
             if let Some(acks) = acks.take() {
@@ -353,7 +354,7 @@ pub fn receive_waiting(
                 }
             }
             let may_wait = started.elapsed() < wait && !crate::pg::xact::snapshot_is_fixed();
-            if !may_wait {
+            if !may_wait && !registered {
                 let delivered = receive(client, queue, max_messages, lock_timeout)?;
                 return Ok(WaitingRead::done(delivered));
             }
@@ -361,7 +362,7 @@ pub fn receive_waiting(
             let queue_id = queue::require(client, queue)?.queue_id;
             let read_from = arrivals::seen(queue_id);
             let delivered = receive(client, queue, max_messages, lock_timeout)?;
-            let next_ready = if delivered.is_empty() {
+            let next_ready = if delivered.is_empty() && may_wait {
                 let args = [queue_id.into(), read_began.into()];
                 plans::first_value::<f64>(client, &NEXT_READY, &args)?
             } else {
@@ -369,7 +370,7 @@ pub fn receive_waiting(
             };
             Ok(WaitingRead {
                 delivered,
-                may_wait: true,
+                may_wait,
                 queue_id,
                 read_from,
                 next_ready,
@@ -378,7 +379,7 @@ pub fn receive_waiting(
         let deadline = started + wait;
         let now = Instant::now();
         if !read.delivered.is_empty() || !read.may_wait || now >= deadline {
-            if let Some(waiting) = &waiting {
+            if let Some(waiting) = waiting.take() {
                 let full_batch = read.delivered.len() == max_messages as usize;
                 waiting.done(full_batch, read.read_from);
             }

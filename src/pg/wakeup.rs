@@ -38,6 +38,8 @@ struct Sleeper {
     wants: u32,
     /// A reader's: a commit woke it for its messages, which it has not read yet.
     woken: bool,
+    /// A reader's: the queue's arrival count after the commit that woke it.
+    woken_at: u64,
     /// A reader's: while it was woken, another commit passed it by, counting on its next read.
     passed_by: bool,
     /// A reader's: the queue's arrival count after the last commit that passed it by.
@@ -313,6 +315,7 @@ fn wake_readers(ready: &[(i32, u32, u64)]) {
         }
         left[at] = left[at].saturating_sub(reader.wants.max(1));
         reader.woken = true;
+        reader.woken_at = ready[at].2;
         // SAFETY: a registered reader's latch is its PGPROC's, valid while its slot is taken, and the
         // slot cannot be freed while we hold the lock.
         unsafe { pg_sys::SetLatch(reader.latch as *mut pg_sys::Latch) };
@@ -497,38 +500,49 @@ impl Waiting {
         pgrx::check_for_interrupts!();
     }
 
-    /// Clears this reader's wake: its queue, whether it had been woken, and whether a commit that
-    /// its read, begun at arrival count `read_from`, may have missed passed it by meanwhile.
-    fn clear_wake(&self, read_from: u64) -> (i32, bool, bool) {
+    /// Clears this reader's wake: its queue, whether it had been woken, and whether a commit whose
+    /// messages its read, begun at arrival count `read_from`, may have missed counted on it (woke it,
+    /// or passed it by while it was woken): a reader woken by a timeout may be woken by a commit
+    /// while its read is under way. With `leave`, the reader's slot is freed too.
+    fn clear_wake(&self, read_from: u64, leave: bool) -> (i32, bool, bool) {
         let mut sleepers = SLEEPERS.exclusive();
         let pid = crate::pg::my_pid();
-        match sleepers.readers.iter_mut().find(|slot| slot.pid == pid) {
-            Some(slot) => {
-                let woken = std::mem::replace(&mut slot.woken, false);
-                let passed_by = std::mem::replace(&mut slot.passed_by, false);
-                let missed = passed_by && std::mem::take(&mut slot.passed_at) > read_from;
-                (slot.queue_id, woken, missed)
-            }
-            None => (0, false, false),
+        let Some(slot) = sleepers.readers.iter_mut().find(|slot| slot.pid == pid) else {
+            return (0, false, false);
+        };
+        let woken = slot.woken;
+        let missed =
+            (woken && slot.woken_at > read_from) || (slot.passed_by && slot.passed_at > read_from);
+        let queue_id = slot.queue_id;
+        if leave {
+            *slot = Sleeper::default();
+            READERS_WAITING.get().fetch_sub(1, Ordering::AcqRel);
+        } else {
+            slot.woken = false;
+            slot.woken_at = 0;
+            slot.passed_by = false;
+            slot.passed_at = 0;
         }
+        (queue_id, woken, missed)
     }
 
     /// The read after a wake, begun at arrival count `read_from`, came up empty (another reader took
     /// the messages): this reader may be woken again. True when it should read again instead of
     /// sleeping: a commit that counted on it came after its read began.
     pub fn rearm(&self, read_from: u64) -> bool {
-        self.registered && self.clear_wake(read_from).2
+        self.registered && self.clear_wake(read_from, false).2
     }
 
-    /// The reader is about to return what its read, begun at arrival count `read_from`, took: a
-    /// wake it had is used up. When it took a full batch, more may be ready, and when a commit that
-    /// counted on it came after its read began, that commit's messages may be: either way the wake
-    /// goes on to another reader of the queue.
-    pub fn done(&self, full_batch: bool, read_from: u64) {
+    /// The reader leaves with what its read, begun at arrival count `read_from`, took: a wake it had
+    /// is used up. When it took a full batch, more may be ready, and when a commit that counted on it
+    /// came after its read began, that commit's messages may be: either way the wake goes on to
+    /// another reader of the queue (not to this one: its slot is freed first).
+    pub fn done(mut self, full_batch: bool, read_from: u64) {
         if !self.registered {
             return;
         }
-        let (queue_id, woken, missed) = self.clear_wake(read_from);
+        self.registered = false;
+        let (queue_id, woken, missed) = self.clear_wake(read_from, true);
         if (woken && full_batch) || missed {
             hand_on(queue_id);
         }
