@@ -6,6 +6,8 @@
 mod bus;
 mod config;
 mod http;
+mod inbound;
+mod incoming;
 mod metrics;
 mod publish;
 mod relay;
@@ -26,7 +28,8 @@ use tracing::{error, info, warn};
 use bussig_client::QueueInfo;
 
 use crate::bus::{Bus, ConnectError};
-use crate::config::{redact, Config, ConfigError, LogFormat};
+use crate::config::{redact, Config, ConfigError, Inbound, LogFormat, Target};
+use crate::inbound::InboundWorker;
 use crate::metrics::Metrics;
 use crate::relay::{Shared, Worker};
 
@@ -88,6 +91,37 @@ enum StartError {
     StreamCreate { name: String, message: String },
     #[error("cannot look up the stream for subject `{subject}`: {message}")]
     StreamLookup { subject: String, message: String },
+    #[error(
+        "inbound {index} ({name}): queue `{queue}` does not exist in the database; create it with \
+         SELECT bussig.create_queue('{queue}') or fix the route"
+    )]
+    UnknownInboundQueue {
+        index: usize,
+        name: String,
+        queue: String,
+    },
+    #[error("inbound {index} ({name}): subject `{subject}`: {message}")]
+    InboundSubject {
+        index: usize,
+        name: String,
+        subject: String,
+        message: String,
+    },
+    #[error(
+        "inbound {index} ({name}): no JetStream stream `{stream}`; create it, or fix `stream`"
+    )]
+    NoInboundStream {
+        index: usize,
+        name: String,
+        stream: String,
+    },
+    #[error("inbound {index} ({name}): cannot get or create consumer `{consumer}`: {message}")]
+    Consumer {
+        index: usize,
+        name: String,
+        consumer: String,
+        message: String,
+    },
     #[error("cannot listen on metrics_address {address}: {source}")]
     Listen {
         address: String,
@@ -103,7 +137,11 @@ impl StartError {
             | StartError::UnknownQueue { .. }
             | StartError::LockTooShort { .. }
             | StartError::NoStream { .. }
-            | StartError::StreamCreate { .. } => 2,
+            | StartError::StreamCreate { .. }
+            | StartError::UnknownInboundQueue { .. }
+            | StartError::InboundSubject { .. }
+            | StartError::NoInboundStream { .. }
+            | StartError::Consumer { .. } => 2,
             StartError::Connect(ConnectError::Url(_)) => 2,
             _ => 1,
         }
@@ -188,6 +226,92 @@ async fn check_queues(bus: &Bus, config: &Config) -> Result<Vec<QueueInfo>, Star
         queues.push(queue.clone());
     }
     Ok(queues)
+}
+
+/// Every inbound route's queue must exist, and remember a dedup_id longer than NATS takes to
+/// deliver a message again; a subject must be one bussig takes.
+async fn check_inbound_targets(bus: &Bus, config: &Config) -> Result<(), StartError> {
+    for (i, inbound) in config.inbound.iter().enumerate() {
+        let (index, name) = (i + 1, inbound.name());
+        match &inbound.target {
+            Target::Queue(queue) => {
+                let found = bussig_client::queues(bus.client(), &[queue]).await?;
+                let Some(info) = found.first() else {
+                    return Err(StartError::UnknownInboundQueue {
+                        index,
+                        name,
+                        queue: queue.clone(),
+                    });
+                };
+                if info.dedup_window < inbound.ack_wait * 2 {
+                    warn!(inbound = %name, %queue, dedup_window = ?info.dedup_window, ack_wait = ?inbound.ack_wait,
+                          "the queue's dedup_window is shorter than twice ack_wait: a message NATS \
+                           delivers again after that may be stored twice");
+                }
+            }
+            Target::Subject(subject) => {
+                match bussig_client::subscribers(bus.client(), subject).await {
+                    Ok(queues) if queues.is_empty() => {
+                        warn!(inbound = %name, %subject, "no queue subscribes to the subject yet")
+                    }
+                    Ok(_) => {}
+                    Err(bussig_client::Error::InvalidArgument(message)) => {
+                        return Err(StartError::InboundSubject {
+                            index,
+                            name,
+                            subject: subject.clone(),
+                            message,
+                        })
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The durable consumer of each inbound route, created when missing (an existing one is used as
+/// it is).
+async fn inbound_consumers(
+    jetstream: &async_nats::jetstream::Context,
+    config: &Config,
+) -> Result<Vec<async_nats::jetstream::consumer::PullConsumer>, StartError> {
+    let mut consumers = Vec::new();
+    for (i, inbound) in config.inbound.iter().enumerate() {
+        let (index, name) = (i + 1, inbound.name());
+        let stream = jetstream.get_stream(&inbound.stream).await.map_err(|_| {
+            StartError::NoInboundStream {
+                index,
+                name: name.clone(),
+                stream: inbound.stream.clone(),
+            }
+        })?;
+        let consumer = stream
+            .get_or_create_consumer(&inbound.consumer, consumer_config(inbound))
+            .await
+            .map_err(|e| StartError::Consumer {
+                index,
+                name: name.clone(),
+                consumer: inbound.consumer.clone(),
+                message: e.to_string(),
+            })?;
+        info!(inbound = %name, "consumer ready");
+        consumers.push(consumer);
+    }
+    Ok(consumers)
+}
+
+fn consumer_config(inbound: &Inbound) -> async_nats::jetstream::consumer::pull::Config {
+    async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some(inbound.consumer.clone()),
+        filter_subject: inbound.filter_subject.clone().unwrap_or_default(),
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: inbound.ack_wait,
+        // Room for every worker's batch and the next one it pulls.
+        max_ack_pending: i64::from(inbound.batch_size * inbound.concurrency * 2),
+        ..Default::default()
+    }
 }
 
 /// Asks the JetStream API for account information with a raw request: the client's typed
@@ -294,6 +418,7 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
 
     let bus = Bus::connect(&config.database_url, Duration::from_secs(30)).await?;
     let queues = check_queues(&bus, &config).await?;
+    check_inbound_targets(&bus, &config).await?;
     info!(database = %redact(&config.database_url), routes = config.routes.len(), "database checked");
 
     let nats = async_nats::ConnectOptions::new()
@@ -324,8 +449,13 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
         })?;
     ensure_streams(&jetstream, &config).await?;
     check_streams(&jetstream, &config, &queues).await?;
+    let consumers = inbound_consumers(&jetstream, &config).await?;
     if arguments.check {
-        println!("configuration OK: {} route(s)", config.routes.len());
+        println!(
+            "configuration OK: {} route(s), {} inbound",
+            config.routes.len(),
+            config.inbound.len()
+        );
         return Ok(());
     }
 
@@ -335,7 +465,10 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
             address: config.metrics_address.to_string(),
             source,
         })?;
-    let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.queue.clone())));
+    let metrics = Arc::new(Metrics::new(
+        config.routes.iter().map(|r| r.queue.clone()),
+        config.inbound.iter().map(Inbound::name),
+    ));
     let status = Arc::new(http::Status {
         metrics: metrics.clone(),
         nats: nats.clone(),
@@ -369,6 +502,21 @@ async fn start(arguments: Arguments) -> Result<(), StartError> {
                     metrics: metrics.route(&route.queue),
                     shutdown: shutdown.clone(),
                     interrupted: Vec::new(),
+                }
+                .run(),
+            );
+        }
+    }
+    for (inbound, consumer) in config.inbound.iter().zip(consumers) {
+        inbound::announce(inbound);
+        for _ in 0..inbound.concurrency {
+            workers.spawn(
+                InboundWorker {
+                    inbound: inbound.clone(),
+                    consumer: consumer.clone(),
+                    database_url: config.database_url.clone(),
+                    metrics: metrics.inbound(&inbound.name()),
+                    shutdown: shutdown.clone(),
                 }
                 .run(),
             );

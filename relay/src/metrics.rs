@@ -54,18 +54,42 @@ impl RouteMetrics {
     }
 }
 
+/// Counters of one inbound route (JetStream into bussig).
+#[derive(Default)]
+pub struct InboundMetrics {
+    pub stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+type InboundSeries = (
+    &'static str,
+    &'static str,
+    fn(&InboundMetrics) -> &AtomicU64,
+);
+
 pub struct Metrics {
     pub routes: Vec<(String, Arc<RouteMetrics>)>,
+    /// By inbound route name, `<stream>/<consumer>`.
+    pub inbound: Vec<(String, Arc<InboundMetrics>)>,
     pub database_up: AtomicBool,
     pub nats_up: AtomicBool,
 }
 
 impl Metrics {
-    pub fn new(queues: impl IntoIterator<Item = String>) -> Metrics {
+    pub fn new(
+        queues: impl IntoIterator<Item = String>,
+        inbound: impl IntoIterator<Item = String>,
+    ) -> Metrics {
         Metrics {
             routes: queues
                 .into_iter()
                 .map(|q| (q, Arc::new(RouteMetrics::default())))
+                .collect(),
+            inbound: inbound
+                .into_iter()
+                .map(|name| (name, Arc::new(InboundMetrics::default())))
                 .collect(),
             database_up: AtomicBool::new(false),
             nats_up: AtomicBool::new(false),
@@ -78,6 +102,14 @@ impl Metrics {
             .find(|(q, _)| q == queue)
             .map(|(_, m)| m.clone())
             .expect("metrics are made for every configured route")
+    }
+
+    pub fn inbound(&self, name: &str) -> Arc<InboundMetrics> {
+        self.inbound
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m.clone())
+            .expect("metrics are made for every configured inbound route")
     }
 
     /// The text exposition format, version 0.0.4.
@@ -177,6 +209,40 @@ impl Metrics {
             let _ = writeln!(out, "{name}_count{{route=\"{queue}\"}} {count}");
         }
 
+        let inbound: [InboundSeries; 4] = [
+            (
+                "bussig_relay_inbound_stored_total",
+                "JetStream messages committed to bussig (acked to NATS afterwards).",
+                |m| &m.stored,
+            ),
+            (
+                "bussig_relay_inbound_duplicates_total",
+                "Redelivered JetStream messages bussig already had (same dedup_id; for a subject, also when no queue took it).",
+                |m| &m.duplicates,
+            ),
+            (
+                "bussig_relay_inbound_rejected_total",
+                "JetStream messages bussig can never take (too large, not text): terminated in NATS.",
+                |m| &m.rejected,
+            ),
+            (
+                "bussig_relay_inbound_failed_total",
+                "JetStream messages bussig refused for now (e.g. unknown queue): given back to NATS for later.",
+                |m| &m.failed,
+            ),
+        ];
+        for (name, help, field) in inbound {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (inbound, m) in &self.inbound {
+                let _ = writeln!(
+                    out,
+                    "{name}{{inbound=\"{}\"}} {}",
+                    escape(inbound),
+                    load(field(m))
+                );
+            }
+        }
+
         for (name, help, up) in [
             (
                 "bussig_relay_database_up",
@@ -213,7 +279,11 @@ mod tests {
 
     #[test]
     fn exposition_has_every_series_per_route() {
-        let metrics = Metrics::new(["orders".to_string()]);
+        let metrics = Metrics::new(["orders".to_string()], ["PARTNER/in".to_string()]);
+        metrics
+            .inbound("PARTNER/in")
+            .stored
+            .fetch_add(2, Ordering::Relaxed);
         let route = metrics.route("orders");
         route.published.fetch_add(3, Ordering::Relaxed);
         route.observe_batch(Duration::from_millis(20));
@@ -227,6 +297,8 @@ mod tests {
             "bussig_relay_batch_duration_seconds_bucket{route=\"orders\",le=\"0.025\"} 1",
             "bussig_relay_batch_duration_seconds_count{route=\"orders\"} 1",
             "bussig_relay_nats_up 0",
+            "bussig_relay_inbound_stored_total{inbound=\"PARTNER/in\"} 2",
+            "bussig_relay_inbound_duplicates_total{inbound=\"PARTNER/in\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

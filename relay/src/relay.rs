@@ -54,7 +54,7 @@ impl Backoff {
 }
 
 /// Resolves once shutdown is asked for (or whoever could ask is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard wait_for returns must not live across an await of the caller.
     let _ = shutdown.wait_for(|stop| *stop).await.is_ok();
 }

@@ -10,6 +10,9 @@ use thiserror::Error;
 
 use crate::subject::{self, Mapping, SubjectError};
 
+mod inbound;
+pub use inbound::{Inbound, Target};
+
 /// Environment variables that override the file, so secrets need not be written in it.
 pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
 pub const NATS_URL_ENV: &str = "NATS_URL";
@@ -34,7 +37,7 @@ pub enum ConfigError {
         "no database given: set `database_url` in the configuration file or {DATABASE_URL_ENV}"
     )]
     NoDatabase,
-    #[error("the configuration has no [[route]]: nothing to relay")]
+    #[error("the configuration has no [[route]] and no [[inbound]]: nothing to relay")]
     NoRoutes,
     #[error("route {index} (queue `{queue}`): {message}")]
     Route {
@@ -56,6 +59,14 @@ pub enum ConfigError {
     Invalid { name: String, message: String },
     #[error("stream `{name}`: {message}")]
     Stream { name: String, message: String },
+    #[error("inbound {index} ({name}): {message}")]
+    Inbound {
+        index: usize,
+        name: String,
+        message: String,
+    },
+    #[error("consumer `{0}` has more than one [[inbound]]: give each consumer one")]
+    DuplicateConsumer(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +88,8 @@ struct FileConfig {
     routes: Vec<FileRoute>,
     #[serde(default, rename = "stream")]
     streams: Vec<FileStream>,
+    #[serde(default)]
+    inbound: Vec<inbound::FileInbound>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +146,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub routes: Vec<Route>,
     pub streams: Vec<Stream>,
+    /// JetStream consumers whose messages go into bussig.
+    pub inbound: Vec<Inbound>,
 }
 
 /// A stream the relay creates at start when it does not exist; an existing one is left as it is.
@@ -283,7 +298,7 @@ impl Config {
                 message: "must not contain whitespace".to_string(),
             });
         }
-        if file.routes.is_empty() {
+        if file.routes.is_empty() && file.inbound.is_empty() {
             return Err(ConfigError::NoRoutes);
         }
 
@@ -367,6 +382,17 @@ impl Config {
             .map(Stream::check)
             .collect::<Result<Vec<_>, _>>()?;
 
+        let inbound = file
+            .inbound
+            .into_iter()
+            .enumerate()
+            .map(|(i, inbound)| Inbound::check(i + 1, inbound))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut consumers = HashSet::new();
+        if let Some(twice) = inbound.iter().find(|i| !consumers.insert(i.name())) {
+            return Err(ConfigError::DuplicateConsumer(twice.name()));
+        }
+
         Ok(Config {
             database_url,
             nats_url,
@@ -378,6 +404,7 @@ impl Config {
             log_format: file.log_format,
             routes,
             streams,
+            inbound,
         })
     }
 }
@@ -388,18 +415,7 @@ impl Stream {
             name: file.name.clone(),
             message,
         };
-        // JetStream uses the name in subjects and file names.
-        let bad_name = file.name.is_empty()
-            || file
-                .name
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c));
-        if bad_name {
-            return Err(invalid(
-                "a stream name must be non-empty, without whitespace, `.`, `*`, `>`, `/` or `\\`"
-                    .to_string(),
-            ));
-        }
+        inbound::check_name(&file.name).map_err(|m| invalid(format!("stream name: {m}")))?;
         if file.subjects.is_empty() {
             return Err(invalid("`subjects` is empty".to_string()));
         }
@@ -446,197 +462,4 @@ pub fn redact(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn no_env(_: &str) -> Option<String> {
-        None
-    }
-
-    const MINIMAL: &str = r#"
-        database_url = "host=db user=relay password=secret dbname=app"
-        [[route]]
-        queue = "orders"
-        subject = "prod.orders"
-    "#;
-
-    #[test]
-    fn defaults_apply_to_a_minimal_file() {
-        let config = Config::parse("t.toml", MINIMAL, no_env).unwrap();
-        assert_eq!(config.nats_url, DEFAULT_NATS_URL);
-        assert_eq!(config.metrics_address.to_string(), DEFAULT_METRICS_ADDRESS);
-        assert_eq!(config.log_format, LogFormat::Json);
-        let route = &config.routes[0];
-        assert_eq!(
-            (route.batch_size, route.ordered, route.concurrency),
-            (100, false, 1)
-        );
-        assert_eq!(route.lock_timeout, None);
-    }
-
-    #[test]
-    fn environment_overrides_addresses() {
-        let env = |name: &str| match name {
-            DATABASE_URL_ENV => Some("postgres://other/app".to_string()),
-            NATS_URL_ENV => Some("nats://nats:4222".to_string()),
-            METRICS_ADDRESS_ENV => Some("0.0.0.0:9999".to_string()),
-            _ => None,
-        };
-        let config = Config::parse("t.toml", MINIMAL, env).unwrap();
-        assert_eq!(config.database_url, "postgres://other/app");
-        assert_eq!(config.nats_url, "nats://nats:4222");
-        assert_eq!(config.metrics_address.to_string(), "0.0.0.0:9999");
-    }
-
-    #[test]
-    fn routes_take_file_defaults_and_their_own_settings() {
-        let text = r#"
-            database_url = "host=db"
-            batch_size = 20
-            lock_timeout = "1m"
-            [[route]]
-            queue = "a"
-            [[route]]
-            queue = "b"
-            ordered = true
-            batch_size = 5
-            lock_timeout = "20s"
-            [[route.map]]
-            from = "orders.*"
-            to = "prod.orders.*"
-        "#;
-        let config = Config::parse("t.toml", text, no_env).unwrap();
-        let (a, b) = (&config.routes[0], &config.routes[1]);
-        assert_eq!(
-            (a.batch_size, a.lock_timeout),
-            (20, Some(Duration::from_secs(60)))
-        );
-        assert_eq!(
-            (b.batch_size, b.lock_timeout),
-            (5, Some(Duration::from_secs(20)))
-        );
-        assert!(b.ordered);
-        assert_eq!(
-            b.target_subject(Some("orders.eu")).as_deref(),
-            Some("prod.orders.eu")
-        );
-        assert_eq!(
-            b.target_subject(Some("billing.eu")).as_deref(),
-            Some("billing.eu")
-        );
-        assert_eq!(b.target_subject(None), None);
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(
-            parse_duration("x", "500ms").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            parse_duration("x", "1.5s").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(
-            parse_duration("x", "1h").unwrap(),
-            Duration::from_secs(3600)
-        );
-        for bad in ["", "10", "s", "ten s", "5 days", "-1s"] {
-            assert!(parse_duration("x", bad).is_err(), "{bad:?} parsed");
-        }
-    }
-
-    #[test]
-    fn bad_configurations_say_what_is_wrong() {
-        let db = "database_url = \"host=db\"\n";
-        let cases = [
-            ("", "no database given"),
-            (db, "has no [[route]]"),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\nsubject = \"a.*\""),
-                "cannot have one",
-            ),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\nmap = [{{from = \"o.*\", to = \"p.o\"}}]"),
-                "same wildcards",
-            ),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\nbatch_size = 0"),
-                "outside 1..=1000",
-            ),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\nbatch_size = 1001"),
-                "outside 1..=1000",
-            ),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\n[[route]]\nqueue = \"q\""),
-                "more than one route",
-            ),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\nordered = true\nconcurrency = 2"),
-                "ordered",
-            ),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\nlock_timeout = \"10s\""),
-                "more than twice ack_timeout",
-            ),
-            (
-                &format!("{db}[[route]]\nqueue = \"q\"\nqueue_name = \"x\""),
-                "unknown field",
-            ),
-            (
-                &format!("{db}poll_wait = \"soon\"\n[[route]]\nqueue = \"q\""),
-                "not a duration",
-            ),
-            (
-                &format!("{db}poll_wait = \"0s\"\n[[route]]\nqueue = \"q\""),
-                "at least 100ms",
-            ),
-            (
-                &format!("{db}metrics_address = \"here\"\n[[route]]\nqueue = \"q\""),
-                "not an address",
-            ),
-            ("database_url = [", "not valid"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\n[[stream]]\nname = \"a.b\"\nsubjects = [\"x\"]"), "stream name"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\n[[stream]]\nname = \"S\"\nsubjects = []"), "is empty"),
-            (&format!("{db}[[route]]\nqueue = \"q\"\n[[stream]]\nname = \"S\"\nsubjects = [\"a.>.b\"]"), "before its last"),
-        ];
-        for (text, expected) in cases {
-            let error = Config::parse("t.toml", text, no_env)
-                .expect_err(text)
-                .to_string();
-            assert!(error.contains(expected), "{text:?}: {error}");
-        }
-    }
-
-    #[test]
-    fn the_example_file_is_valid() {
-        let text = include_str!("../bussig-relay.example.toml");
-        let config = Config::parse("example", text, no_env).unwrap();
-        assert_eq!(config.routes.len(), 2);
-        assert_eq!(config.streams[0].subjects, ["prod.orders.>"]);
-        let orders = &config.routes[0];
-        assert_eq!(
-            orders.target_subject(Some("orders.eu")).as_deref(),
-            Some("prod.orders.eu")
-        );
-        assert_eq!(
-            orders.target_subject(None).as_deref(),
-            Some("prod.orders.direct")
-        );
-    }
-
-    #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(
-            redact("host=db user=relay password=secret dbname=app"),
-            "host=db user=relay password=*** dbname=app"
-        );
-        assert_eq!(
-            redact("postgres://relay:secret@db:5432/app"),
-            "postgres://relay:***@db:5432/app"
-        );
-        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-    }
-}
+mod tests;
