@@ -1,4 +1,6 @@
-//! bussig-relay: moves messages from bussig queues to NATS JetStream, each stored exactly once.
+//! bussig-relay: moves messages from bussig queues to NATS JetStream (`[[route]]`, see `relay.rs`)
+//! and from JetStream consumers into bussig (`[[inbound]]`, see `inbound.rs`), each landing exactly
+//! once. Every bussig call goes through `bussig-client`.
 //!
 //! Exit status: 0 after a clean shutdown (or `--check` passing), 1 when a server cannot be reached
 //! at start, 2 when the configuration is wrong or does not fit the servers it names.
@@ -40,7 +42,8 @@ const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: bussig-relay [--config FILE] [--check]
 
-Moves messages from bussig queues to NATS JetStream (see the README's \"Relay to NATS JetStream\").
+Moves messages from bussig queues to NATS JetStream and from JetStream consumers into bussig
+(see the README's \"Relay to NATS JetStream\").
 
   --config FILE   the TOML configuration (default: $BUSSIG_RELAY_CONFIG, else bussig-relay.toml)
   --check         check the configuration, the queues and the streams, then exit
