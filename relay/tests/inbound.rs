@@ -230,7 +230,11 @@ async fn a_relay_killed_in_the_middle_of_a_batch_stores_every_message_once() {
 
     relay.start(&nats.url());
     relay.wait_ready().await;
-    wait_settled(&js, "INKILL", "orders").await;
+    let settled = wait_settled(&js, "INKILL", "orders").await;
+    assert!(
+        settled.delivered.consumer_sequence > COUNT as u64,
+        "NATS delivered the interrupted batch again: {settled:?}"
+    );
     assert_exactly_once(&db, &queue.name, 0..COUNT).await;
     relay.assert_running();
 }

@@ -180,7 +180,10 @@ fn the_example_file_is_valid() {
     let text = include_str!("../../bussig-relay.example.toml");
     let config = Config::parse("example", text, no_env).unwrap();
     assert_eq!(config.routes.len(), 2);
-    assert_eq!(config.inbound[0].target, Target::Queue("partner_orders".into()));
+    assert_eq!(
+        config.inbound[0].target,
+        Target::Queue("partner_orders".into())
+    );
     assert_eq!(config.streams[0].subjects, ["prod.orders.>"]);
     let orders = &config.routes[0];
     assert_eq!(
