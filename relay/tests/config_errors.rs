@@ -120,6 +120,49 @@ async fn bad_configurations_exit_with_a_clear_message() {
         "cannot create stream `OTHER`",
     );
 
+    let inbound = |target: &str, stream: &str| {
+        format!("{FAST}[[inbound]]\nstream = \"{stream}\"\nconsumer = \"in\"\n{target}\n")
+    };
+    let good_inbound = inbound(&format!("queue = \"{}\"", queue.name), "CHECKED");
+    let output = run(&good_inbound, &nats.url(), &url, &["--check"]);
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("0 route(s), 1 inbound"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_fails(
+        &run(
+            &inbound("queue = \"no_such_inbound_queue\"", "CHECKED"),
+            &nats.url(),
+            &url,
+            &[],
+        ),
+        2,
+        "inbound 1 (CHECKED/in): queue `no_such_inbound_queue` does not exist",
+    );
+    assert_fails(
+        &run(
+            &inbound(&format!("queue = \"{}\"", queue.name), "NOSUCH"),
+            &nats.url(),
+            &url,
+            &[],
+        ),
+        2,
+        "no JetStream stream `NOSUCH`",
+    );
+    // NATS takes 17 tokens; bussig takes at most 16.
+    let too_deep = vec!["t"; 17].join(".");
+    assert_fails(
+        &run(
+            &inbound(&format!("subject = \"{too_deep}\""), "CHECKED"),
+            &nats.url(),
+            &url,
+            &[],
+        ),
+        2,
+        &format!("subject `{too_deep}`"),
+    );
+
     let nobody = format!("nats://127.0.0.1:{}", free_port());
     assert_fails(&run(&good, &nobody, &url, &[]), 1, "cannot connect to NATS");
 
