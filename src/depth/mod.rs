@@ -24,7 +24,7 @@ use crate::pg::shmem::ZeroedLwLock;
 use crate::pg::snapshot::LatestSnapshot;
 use crate::pg::wakeup;
 use crate::plans::{self, Statement};
-use table::{Depths, Key};
+use table::{Depths, Entered, Finished, Key};
 
 static DEPTHS: ZeroedLwLock<Depths> = ZeroedLwLock::new(c"bussig_depths");
 
@@ -55,6 +55,31 @@ struct Pending {
     changes: Vec<Change>,
     /// Open subtransactions and how many changes there were when each began.
     savepoints: Vec<(pg_sys::SubTransactionId, usize)>,
+    /// The queues whose counts this transaction was noted in flight for at its pre-commit.
+    entered: Vec<(i32, Entered)>,
+}
+
+impl Pending {
+    /// The net change of each queue's messages (queues sorted, none twice).
+    fn net_messages(&self) -> Vec<(i32, i64)> {
+        let mut net: Vec<(i32, i64)> = self
+            .changes
+            .iter()
+            .filter_map(|change| match *change {
+                Change::Messages(queue_id, delta) => Some((queue_id, delta)),
+                _ => None,
+            })
+            .collect();
+        net.sort_unstable_by_key(|&(queue_id, _)| queue_id);
+        net.dedup_by(|(queue_id, delta), (kept_id, kept_delta)| {
+            let same = queue_id == kept_id;
+            if same {
+                *kept_delta += *delta;
+            }
+            same
+        });
+        net
+    }
 }
 
 thread_local! {
@@ -149,6 +174,13 @@ fn key(relation: u32, queue_id: i32) -> Key {
 /// Called by `pg::xact` at each transaction event.
 pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT
+    ) {
+        begin_committing();
+        return;
+    }
     if !matches!(
         event,
         XACT_EVENT_COMMIT
@@ -181,15 +213,29 @@ pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
                         Change::Touched(queue_id) => depths.touch(key(queue_id)),
                     }
                 }
+                for &(queue_id, entered) in &pending.entered {
+                    depths.left(key(queue_id), entered);
+                }
             } else {
+                // One change per queue: fewer commits for a count to judge.
                 let depths = DEPTHS.share();
+                for (queue_id, delta) in pending.net_messages() {
+                    depths.add(key(queue_id), xid, delta);
+                }
                 for change in &pending.changes {
-                    match *change {
-                        Change::Messages(queue_id, delta) => depths.add(key(queue_id), xid, delta),
-                        Change::Touched(queue_id) => depths.touch(key(queue_id)),
-                        Change::Created(_) | Change::Dropped(_) => unreachable!("no reshape"),
+                    if let Change::Touched(queue_id) = *change {
+                        depths.touch(key(queue_id));
                     }
                 }
+                for &(queue_id, entered) in &pending.entered {
+                    depths.left(key(queue_id), entered);
+                }
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT if !pending.entered.is_empty() => {
+            let depths = DEPTHS.share();
+            for &(queue_id, entered) in &pending.entered {
+                depths.left(key(queue_id), entered);
             }
         }
         // COMMIT PREPARED runs in another session, without these changes: count the queues again.
@@ -201,6 +247,24 @@ pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
         }
         _ => {}
     }
+}
+
+/// Before the commit becomes visible to others: its queues' counts note it in flight, so that a count
+/// whose snapshot sees it waits for its change (see `table::InFlight`).
+fn begin_committing() {
+    PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        let net = pending.net_messages();
+        if net.is_empty() {
+            return;
+        }
+        let depths = DEPTHS.share();
+        let entered = net
+            .into_iter()
+            .map(|(queue_id, _)| (queue_id, depths.entering(key(pending.relation, queue_id))))
+            .collect();
+        pending.entered = entered;
+    });
 }
 
 /// Called by `pg::xact` at each subtransaction event.
@@ -280,12 +344,41 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
     let counts = count(client, &[queue_id], &snapshot)?;
     let count = counts.first().map_or(0, |&(_, count)| count);
     if let Some(generation) = generation {
-        DEPTHS
-            .exclusive()
-            .finish_count(key, generation, count, |xid| snapshot.saw(xid), false);
+        finish(key, generation, count, &snapshot, false);
     }
     Ok(count)
 }
+
+/// Ends a count: kept unless superseded or spoiled. While transactions that began committing before
+/// its snapshot have not added their changes (microseconds after they became visible), it waits for
+/// them a little; past that it is not kept. Whether it was kept.
+fn finish(
+    key: Key,
+    generation: u32,
+    counted: i64,
+    snapshot: &LatestSnapshot,
+    settled: bool,
+) -> bool {
+    for _ in 0..FINISH_TRIES {
+        let finished = DEPTHS.exclusive().finish_count(
+            key,
+            generation,
+            counted,
+            |xid| snapshot.saw(xid),
+            settled,
+        );
+        match finished {
+            Finished::Kept => return true,
+            Finished::Dropped => return false,
+            Finished::Busy => std::thread::sleep(FINISH_PAUSE),
+        }
+    }
+    DEPTHS.exclusive().drop_count(key, generation);
+    false
+}
+
+const FINISH_TRIES: u32 = 50;
+const FINISH_PAUSE: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Whether a count runs in the snapshot `count` takes, so that commits can be judged against it.
 /// SPI reads in the active snapshot only while the transaction has written nothing (no xid): after a
@@ -393,15 +486,16 @@ fn count_and_keep(
     }
     let ids: Vec<i32> = started.iter().map(|&(queue_id, _)| queue_id).collect();
     let counts = count(client, &ids, &snapshot)?;
-    let mut depths = DEPTHS.exclusive();
     let mut kept = 0;
-    for (&(queue_id, generation), &(_, count)) in started.iter().zip(&counts) {
-        let seen = |xid| snapshot.saw(xid);
-        kept += i64::from(depths.finish_count(
+    for &(queue_id, generation) in &started {
+        let Some(&(_, count)) = counts.iter().find(|&&(counted, _)| counted == queue_id) else {
+            continue;
+        };
+        kept += i64::from(finish(
             key(relation, queue_id),
             generation,
             count,
-            seen,
+            &snapshot,
             settled,
         ));
     }

@@ -56,21 +56,81 @@ struct Slot {
     known: bool,
     /// A prepared transaction changed the queue; its COMMIT PREPARED will not come through here.
     stale: bool,
-    /// The last call of `forget_gone` found the queue's database or file gone. It forgets the queue
-    /// only when the next call finds so again: what it was told may predate a database or a file
-    /// made just before the queue was.
-    seems_gone: bool,
+    /// The last look of its own database's worker found the queue's file replaced (`forget_gone`).
+    /// It is forgotten only when the next look finds so again: what a worker read of the catalog may
+    /// predate a file made just before the queue was.
+    file_seems_gone: bool,
+    /// The last look of another database's worker found the queue's database gone; as above.
+    database_seems_gone: bool,
     /// The count in progress: its place in `Depths::counts`, plus one; 0 for none.
     count: u8,
+    /// Committing transactions that changed the queue and have not added their change yet, by the
+    /// epoch they began committing in; a count flips the epoch as it begins.
+    in_flight: InFlight,
     messages: AtomicI64,
     /// A commit changed the queue since the worker last looked.
     touched: AtomicBool,
+}
+
+/// Transactions between their pre-commit (before others can see them) and the hook that adds their
+/// change (after): a count's snapshot may have seen them, and their change comes later. A count is
+/// kept only once every one that began committing before its snapshot has added, which it then judged.
+#[derive(Default)]
+struct InFlight {
+    epoch: bool,
+    committing: [AtomicU32; 2],
+}
+
+impl InFlight {
+    fn enter(&self) -> bool {
+        self.committing[usize::from(self.epoch)].fetch_add(1, Ordering::Relaxed);
+        self.epoch
+    }
+
+    fn leave(&self, epoch: bool) {
+        let committing = &self.committing[usize::from(epoch)];
+        // Saturating: a slot made anew between a transaction's pre-commit and its commit has none.
+        let _ = committing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Starts a new epoch: the one before it, which ends with the transactions in it.
+    fn flip(&mut self) -> bool {
+        let before = self.epoch;
+        self.epoch = !before;
+        before
+    }
+
+    fn settled(&self, epoch: bool) -> bool {
+        self.committing[usize::from(epoch)].load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Where a committing transaction was noted as in flight for one queue.
+#[derive(Clone, Copy, Debug)]
+pub enum Entered {
+    Slot(bool),
+    /// The queue had no slot: noted with all such queues.
+    Unslotted(bool),
+}
+
+/// How `finish_count` ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Finished {
+    Kept,
+    /// Superseded, taken over or spoiled: the count is not kept.
+    Dropped,
+    /// A transaction that began committing before the count's snapshot has not added its change yet:
+    /// try again in a moment.
+    Busy,
 }
 
 /// A count of one queue's rows in progress, and the commits that came while it ran.
 struct Count {
     /// Which count this is; 0 when the place is free.
     generation: u32,
+    /// The epochs of in-flight commits (the queue's, and those of queues without a slot) that
+    /// began before the count's snapshot.
+    epochs_before: (bool, bool),
     /// The queue counted.
     key: Key,
     horizon: Horizon,
@@ -153,6 +213,8 @@ pub struct Depths {
     used: usize,
     generation: u32,
     counts: [Count; COUNTS_AT_ONCE],
+    /// In-flight commits of queues that had no slot when they began committing.
+    unslotted_in_flight: InFlight,
 }
 
 // SAFETY: plain data and atomics at fixed places, with no pointers, so every process can use it where
@@ -302,6 +364,10 @@ impl Depths {
             }
         }
         self.counts[place].start(generation, key, horizon);
+        self.counts[place].epochs_before = (
+            self.slots[at].in_flight.flip(),
+            self.unslotted_in_flight.flip(),
+        );
         self.slots[at].count = (place + 1) as u8;
         Some(generation)
     }
@@ -317,26 +383,66 @@ impl Depths {
         counted: i64,
         seen: impl Fn(u32) -> bool,
         settled: bool,
-    ) -> bool {
+    ) -> Finished {
         let Some(at) = self.position(key) else {
-            return false;
+            return Finished::Dropped;
         };
         let Some(place) = usize::from(self.slots[at].count).checked_sub(1) else {
-            return false;
+            return Finished::Dropped;
         };
         if self.counts[place].generation != generation {
-            return false;
+            return Finished::Dropped;
+        }
+        let (slot_epoch, unslotted_epoch) = self.counts[place].epochs_before;
+        if !self.slots[at].in_flight.settled(slot_epoch)
+            || !self.unslotted_in_flight.settled(unslotted_epoch)
+        {
+            return Finished::Busy;
         }
         let missed = self.counts[place].missed(seen);
         self.abandon_count(at);
         let Some(missed) = missed else {
-            return false;
+            return Finished::Dropped;
         };
         let slot = &mut self.slots[at];
         *slot.messages.get_mut() = counted + missed;
         slot.known = true;
         slot.stale &= !settled;
-        true
+        Finished::Kept
+    }
+
+    /// A transaction that changed the queue's messages begins to commit: noted as in flight until
+    /// `add` (or `left` at its abort).
+    pub fn entering(&self, key: Key) -> Entered {
+        match self.find(key) {
+            Some(slot) => Entered::Slot(slot.in_flight.enter()),
+            None => Entered::Unslotted(self.unslotted_in_flight.enter()),
+        }
+    }
+
+    /// The transaction `entering` noted added its change, or aborted.
+    pub fn left(&self, key: Key, entered: Entered) {
+        match entered {
+            Entered::Slot(epoch) => {
+                if let Some(slot) = self.find(key) {
+                    slot.in_flight.leave(epoch);
+                }
+            }
+            Entered::Unslotted(epoch) => self.unslotted_in_flight.leave(epoch),
+        }
+    }
+
+    /// Gives up the count `generation` of the queue, if it is still in progress.
+    pub fn drop_count(&mut self, key: Key, generation: u32) {
+        let Some(at) = self.position(key) else {
+            return;
+        };
+        let owned = usize::from(self.slots[at].count)
+            .checked_sub(1)
+            .is_some_and(|place| self.counts[place].generation == generation);
+        if owned {
+            self.abandon_count(at);
+        }
     }
 
     /// Frees the place of the count in progress for the slot at `at`, if any.
@@ -387,15 +493,17 @@ impl Depths {
     pub fn forget_gone(&mut self, database: u32, relation: u32, databases: &[u32]) {
         let mut gone = Vec::new();
         for slot in self.slots.iter_mut().filter(|slot| slot.used) {
-            let seems_gone = if slot.key.database == database {
-                slot.key.relation != relation
+            // Each verdict has its own mark, so that workers of other databases do not clear it.
+            let (now, before) = if slot.key.database == database {
+                (slot.key.relation != relation, &mut slot.file_seems_gone)
             } else {
-                databases.binary_search(&slot.key.database).is_err()
+                let missing = databases.binary_search(&slot.key.database).is_err();
+                (missing, &mut slot.database_seems_gone)
             };
-            if seems_gone && slot.seems_gone {
+            if now && *before {
                 gone.push(slot.key);
             }
-            slot.seems_gone = seems_gone;
+            *before = now;
         }
         for key in gone {
             self.remove(key);

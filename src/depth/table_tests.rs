@@ -98,9 +98,15 @@ fn a_count_adds_what_committed_while_it_ran_and_a_later_count_wins() {
     depths.add(key(1), 200, 3);
     let second = depths.begin_count(key(1), HORIZON).unwrap();
     depths.add(key(1), 201, 2);
-    assert!(!depths.finish_count(key(1), first, 100, SEEN_NONE, true));
+    assert_eq!(
+        depths.finish_count(key(1), first, 100, SEEN_NONE, true),
+        Finished::Dropped
+    );
     assert_eq!(depths.messages(key(1)), None);
-    assert!(depths.finish_count(key(1), second, 10, SEEN_NONE, true));
+    assert_eq!(
+        depths.finish_count(key(1), second, 10, SEEN_NONE, true),
+        Finished::Kept
+    );
     assert_eq!(depths.messages(key(1)), Some(12));
 }
 
@@ -118,7 +124,10 @@ fn commits_are_judged_by_the_snapshot_whatever_their_number() {
     }
     depths.add(key(1), 1300, 1 << 40);
     depths.add(key(1), 1301, -(1 << 40));
-    assert!(depths.finish_count(key(1), generation, 10, |xid| xid == 150, true));
+    assert_eq!(
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        Finished::Kept
+    );
     assert_eq!(depths.messages(key(1)), Some(10 - 1 + 1000));
 }
 
@@ -133,11 +142,17 @@ fn a_count_with_more_commits_in_doubt_than_it_keeps_is_not_kept() {
     for xid in 100..100 + UNJUDGED_COMMITS as u32 + 1 {
         depths.add(key(1), xid, 1);
     }
-    assert!(!depths.finish_count(key(1), generation, 10, SEEN_NONE, true));
+    assert_eq!(
+        depths.finish_count(key(1), generation, 10, SEEN_NONE, true),
+        Finished::Dropped
+    );
     assert_eq!(depths.messages(key(1)), None);
     let too_large = depths.begin_count(key(1), HORIZON).unwrap();
     depths.add(key(1), 150, 1 << 40);
-    assert!(!depths.finish_count(key(1), too_large, 10, SEEN_NONE, true));
+    assert_eq!(
+        depths.finish_count(key(1), too_large, 10, SEEN_NONE, true),
+        Finished::Dropped
+    );
 }
 
 #[test]
@@ -151,7 +166,10 @@ fn transaction_ids_compare_across_wraparound() {
     depths.add(key(1), u32::MAX - 20, 100);
     depths.add(key(1), 5, 2);
     depths.add(key(1), 30, 1);
-    assert!(depths.finish_count(key(1), generation, 0, SEEN_NONE, true));
+    assert_eq!(
+        depths.finish_count(key(1), generation, 0, SEEN_NONE, true),
+        Finished::Kept
+    );
     assert_eq!(depths.messages(key(1)), Some(3));
 }
 
@@ -162,9 +180,15 @@ fn more_counts_than_places_take_over_the_oldest() {
     let rest: Vec<u32> = (1..=COUNTS_AT_ONCE as i32)
         .map(|queue_id| depths.begin_count(key(queue_id), HORIZON).unwrap())
         .collect();
-    assert!(!depths.finish_count(key(0), first, 1, SEEN_NONE, true));
+    assert_eq!(
+        depths.finish_count(key(0), first, 1, SEEN_NONE, true),
+        Finished::Dropped
+    );
     for (queue_id, generation) in (1..).zip(rest) {
-        assert!(depths.finish_count(key(queue_id), generation, 1, SEEN_NONE, true));
+        assert_eq!(
+            depths.finish_count(key(queue_id), generation, 1, SEEN_NONE, true),
+            Finished::Kept
+        );
     }
     depths.remove(key(1));
     assert!(depths.counts.iter().all(|count| count.generation == 0));
@@ -223,4 +247,61 @@ fn touched_queues_are_taken_once_and_only_small_ones() {
     depths.forget_gone(5, 16384, &[5]);
     depths.forget_gone(5, 16384, &[5]);
     assert_eq!(depths.messages(elsewhere), None);
+}
+
+#[test]
+fn a_count_waits_for_commits_that_began_before_its_snapshot_and_add_after_it() {
+    let mut depths = empty();
+    depths.created(key(1));
+    depths.created(key(2));
+    // 150 began committing before the count; 160, without a slot, too; 170 after the count began.
+    let early = depths.entering(key(1));
+    let unslotted = depths.entering(key(9));
+    let generation = depths.begin_count(key(1), HORIZON).unwrap();
+    let late = depths.entering(key(1));
+    assert_eq!(
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        Finished::Busy
+    );
+    // The snapshot saw 150: its change is in the count of 10 and is not added again.
+    depths.add(key(1), 150, 4);
+    depths.left(key(1), early);
+    assert_eq!(
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        Finished::Busy,
+        "the queue without a slot still commits"
+    );
+    depths.left(key(9), unslotted);
+    assert_eq!(
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        Finished::Kept,
+        "a commit that began after the count's snapshot does not hold it up"
+    );
+    assert_eq!(depths.messages(key(1)), Some(10));
+    depths.add(key(1), 170, 1);
+    depths.left(key(1), late);
+    assert_eq!(depths.messages(key(1)), Some(11));
+    let dropped = depths.begin_count(key(2), HORIZON).unwrap();
+    depths.drop_count(key(2), dropped);
+    assert!(depths.counts.iter().all(|count| count.generation == 0));
+}
+
+#[test]
+fn an_old_file_is_forgotten_though_other_databases_workers_look_in_between() {
+    let mut depths = empty();
+    let old_file = Key {
+        database: 7,
+        relation: 100,
+        queue_id: 1,
+    };
+    depths.created(old_file);
+    depths.forget_gone(7, 200, &[5, 7]);
+    depths.forget_gone(5, 16384, &[5, 7]);
+    assert_eq!(
+        depths.messages(old_file),
+        Some(0),
+        "kept until its worker saw it gone twice"
+    );
+    depths.forget_gone(7, 200, &[5, 7]);
+    assert_eq!(depths.messages(old_file), None);
 }
