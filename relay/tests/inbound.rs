@@ -1,6 +1,6 @@
 //! Inbound routes: JetStream messages land in bussig exactly once, with their headers, even when
-//! NATS delivers them again (an ack that came after ack_wait) or the relay is killed in the middle of
-//! a batch and started again.
+//! NATS delivers them again (an ack that came after ack_wait, or never came from a relay that died
+//! after its commit) or the relay is killed in the middle of a batch and started again.
 
 mod common;
 
@@ -200,6 +200,15 @@ async fn a_relay_killed_in_the_middle_of_a_batch_stores_every_message_once() {
     const COUNT: i64 = 600;
     publish(&js, "inkill.orders", 0..COUNT, true).await;
 
+    // As if a relay had committed the first ten and died before its acks reached NATS.
+    for i in 0..10 {
+        db.execute(
+            "SELECT bussig.send($1::text, $2::jsonb, dedup_id => $3::text)",
+            &[&queue.name, &json!({ "i": i }), &format!("m-{i}")],
+        )
+        .await
+        .expect("send");
+    }
     // The relay stores batches until the one holding m-400, and waits in its transaction there.
     let holder = hold_dedup_id(&queue.name, "m-400").await;
     let config = format!(
@@ -219,6 +228,8 @@ async fn a_relay_killed_in_the_middle_of_a_batch_stores_every_message_once() {
         async || (metric(&relay.metrics().await, stored)? >= 300.0).then_some(()),
     )
     .await;
+    let duplicates = r#"bussig_relay_inbound_duplicates_total{inbound="INKILL/orders"}"#;
+    assert_eq!(metric(&relay.metrics().await, duplicates), Some(10.0));
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.kill();
     let before = total(&db, &queue.name).await;
