@@ -93,16 +93,38 @@ impl InFlight {
         let _ = committing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
-    /// Starts a new epoch: the one before it, which ends with the transactions in it.
-    fn flip(&mut self) -> bool {
-        let before = self.epoch;
-        self.epoch = !before;
-        before
+    /// A count begins: what it must wait for. Transactions that entered before go on in the
+    /// current epoch; when the other one has no transaction left, later ones enter there, and the
+    /// count waits for the current epoch only. Otherwise (another count switched epochs a moment
+    /// ago) the epochs stay as they are, and the count waits for both.
+    fn begin_count(&mut self) -> Before {
+        let other = !self.epoch;
+        if self.committing[usize::from(other)].load(Ordering::Relaxed) == 0 {
+            let before = self.epoch;
+            self.epoch = other;
+            Before::Epoch(before)
+        } else {
+            Before::Both
+        }
     }
 
-    fn settled(&self, epoch: bool) -> bool {
-        self.committing[usize::from(epoch)].load(Ordering::Relaxed) == 0
+    fn settled(&self, before: Before) -> bool {
+        let empty = |epoch: bool| self.committing[usize::from(epoch)].load(Ordering::Relaxed) == 0;
+        match before {
+            Before::Epoch(epoch) => empty(epoch),
+            Before::Both => empty(false) && empty(true),
+        }
     }
+}
+
+/// The in-flight commits a count waits for: those of one epoch, or all. A defined layout, as it
+/// lives in zeroed shared memory: all zeros is `Epoch(false)`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(u8)]
+enum Before {
+    Epoch(bool),
+    #[default]
+    Both,
 }
 
 /// Where a committing transaction was noted as in flight for one queue.
@@ -130,7 +152,7 @@ struct Count {
     generation: u32,
     /// The epochs of in-flight commits (the queue's, and those of queues without a slot) that
     /// began before the count's snapshot.
-    epochs_before: (bool, bool),
+    epochs_before: (Before, Before),
     /// The queue counted.
     key: Key,
     horizon: Horizon,
@@ -365,8 +387,8 @@ impl Depths {
         }
         self.counts[place].start(generation, key, horizon);
         self.counts[place].epochs_before = (
-            self.slots[at].in_flight.flip(),
-            self.unslotted_in_flight.flip(),
+            self.slots[at].in_flight.begin_count(),
+            self.unslotted_in_flight.begin_count(),
         );
         self.slots[at].count = (place + 1) as u8;
         Some(generation)
@@ -393,9 +415,9 @@ impl Depths {
         if self.counts[place].generation != generation {
             return Finished::Dropped;
         }
-        let (slot_epoch, unslotted_epoch) = self.counts[place].epochs_before;
-        if !self.slots[at].in_flight.settled(slot_epoch)
-            || !self.unslotted_in_flight.settled(unslotted_epoch)
+        let (slot_before, unslotted_before) = self.counts[place].epochs_before;
+        if !self.slots[at].in_flight.settled(slot_before)
+            || !self.unslotted_in_flight.settled(unslotted_before)
         {
             return Finished::Busy;
         }

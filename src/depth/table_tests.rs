@@ -305,3 +305,28 @@ fn an_old_file_is_forgotten_though_other_databases_workers_look_in_between() {
     depths.forget_gone(7, 200, &[5, 7]);
     assert_eq!(depths.messages(old_file), None);
 }
+
+#[test]
+fn a_count_that_begins_right_after_another_waits_for_every_commit_in_flight() {
+    let mut depths = empty();
+    depths.created(key(1));
+    depths.created(key(2));
+    // Queue 9 has no slot: its commits are in flight with all such queues.
+    let early = depths.entering(key(9));
+    let first = depths.begin_count(key(1), HORIZON).unwrap();
+    let second = depths.begin_count(key(2), HORIZON).unwrap();
+    for (queue_id, generation) in [(1, first), (2, second)] {
+        assert_eq!(
+            depths.finish_count(key(queue_id), generation, 0, SEEN_NONE, true),
+            Finished::Busy,
+            "queue {queue_id}: a commit that began before both counts is in flight"
+        );
+    }
+    depths.left(key(9), early);
+    for (queue_id, generation) in [(1, first), (2, second)] {
+        assert_eq!(
+            depths.finish_count(key(queue_id), generation, 0, SEEN_NONE, true),
+            Finished::Kept
+        );
+    }
+}
