@@ -8,9 +8,13 @@
 //! commit is visible before its callback adds to the count, so a commit that adds after the count
 //! began may be in the count's snapshot or not. Its transaction id says which: below the snapshot's
 //! xmin it was seen, at or past its xmax it was not, and in between (transactions running when the
-//! snapshot was taken) it is kept with its change and judged against the snapshot at the end. Those
-//! in between are bounded by the transactions running at once; should more come than a count has
-//! room for, the count is spoiled and not kept, never wrong.
+//! snapshot was taken, or ended whose callback had not run) it is kept with its change and judged
+//! against the snapshot at the end. Those in between are about as many as the transactions that
+//! commit to the queue at once (each commit adds once per queue); should more come than a count has
+//! room for, the count is spoiled and not kept, never wrong. And a commit visible to the snapshot
+//! may add only after the count ended: commits are noted in flight from their pre-commit (before
+//! anyone can see them) until they add, and a count is kept only once those that began before its
+//! snapshot have added (`InFlight`).
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::pg::snapshot::Horizon;

@@ -2,7 +2,7 @@
 use pgrx::pg_sys;
 
 /// The range of transaction ids a snapshot leaves in doubt: below `xmin` every one had ended when it
-/// was taken, from `xmax` on none had begun.
+/// was taken, and from `xmax` on none had ended (they had not begun, or were running).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Horizon {
     pub xmin: u32,
