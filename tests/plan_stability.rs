@@ -55,6 +55,8 @@ struct Verb<'a> {
     /// Messages the measured call handles, for the bound.
     batch: i64,
     reads_first: i32,
+    /// Run before the read, unmeasured: what the verb needs at the head of the queue.
+    before: Option<String>,
     /// The measured statement, given the deliveries read first as `(ids, tokens)` array literals.
     sql: VerbSql<'a>,
 }
@@ -70,8 +72,15 @@ impl<'a> Verb<'a> {
             name,
             batch,
             reads_first,
+            before: None,
             sql: Box::new(sql),
         }
+    }
+
+    /// The same verb, with `sql` run first, unmeasured.
+    fn after(mut self, sql: String) -> Self {
+        self.before = Some(sql);
+        self
     }
 
     /// A verb that reads nothing first.
@@ -91,6 +100,10 @@ fn check(client: &mut Client, state: &str, queue: &str, verb: &Verb<'_>) {
     let mut visited = (0, 0);
     for _ in 0..=WARM_UP {
         let mut tx = client.transaction().unwrap();
+        if let Some(before) = &verb.before {
+            tx.batch_execute(before)
+                .unwrap_or_else(|e| panic!("{state}: before {}: {before}: {e:?}", verb.name));
+        }
         let (ids, tokens) = if verb.reads_first > 0 {
             id_list(&read_tokens(&mut tx, queue, verb.reads_first))
         } else {
@@ -168,6 +181,13 @@ fn check_every_verb(client: &mut Client, state: &str, queue: &str) {
         Verb::settling("dead_letter", |ids, tokens| {
             format!("SELECT bussig.dead_letter('{q}', ({ids})[1], ({tokens})[1], reason => 'plan')")
         }),
+        // A request at the head of the queue (its priority puts it first), answered to the queue itself.
+        Verb::settling("reply", |ids, tokens| {
+            format!("SELECT bussig.reply('{q}', ({ids})[1], ({tokens})[1], '{{}}')")
+        })
+        .after(format!(
+            "SELECT bussig.send('{q}', '{{}}', priority => 10, reply_to => '{q}')"
+        )),
         Verb::new("ack_batch", 10, 10, |ids, tokens| {
             format!("SELECT bussig.ack_batch('{q}', {ids}, {tokens})")
         }),
