@@ -170,19 +170,41 @@ pub fn in_kept_statement() -> bool {
 }
 
 /// While this lives, references to `bussig.message` whose alias names an index are planned with that
-/// index only (see `pg/index_pins.rs`).
-struct PinsApply(());
+/// index only (see `pg/index_pins.rs`), and kept statements run their generic plan. Their access
+/// paths do not depend on the values (the pins fix them; limits are written in), so a custom plan
+/// buys nothing; but where the plan cache finds a custom plan cheaper than the generic one, it plans
+/// the statement anew on every call: a fifth of the server's CPU with 32 long-polling consumers.
+/// The setting is the planner's variable itself, restored on drop (also when an error unwinds):
+/// going through the GUC machinery on every call would cost more than the plans it saves.
+struct PinsApply {
+    plan_cache_mode: Option<std::ffi::c_int>,
+}
 
 impl PinsApply {
     fn enter() -> Self {
-        IN_KEPT_STATEMENT.with(|depth| depth.set(depth.get() + 1));
-        PinsApply(())
+        let outermost = IN_KEPT_STATEMENT.with(|depth| {
+            depth.set(depth.get() + 1);
+            depth.get() == 1
+        });
+        // SAFETY: a backend-local planner setting, read and written by this thread only; restored by
+        // `drop`.
+        let plan_cache_mode = outermost.then(|| unsafe {
+            let before = pg_sys::plan_cache_mode;
+            pg_sys::plan_cache_mode =
+                pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as _;
+            before
+        });
+        PinsApply { plan_cache_mode }
     }
 }
 
 impl Drop for PinsApply {
     fn drop(&mut self) {
         IN_KEPT_STATEMENT.with(|depth| depth.set(depth.get() - 1));
+        if let Some(before) = self.plan_cache_mode {
+            // SAFETY: as in `enter`.
+            unsafe { pg_sys::plan_cache_mode = before };
+        }
     }
 }
 

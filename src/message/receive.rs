@@ -276,6 +276,9 @@ fn receive(
 // epoch) becomes ready; negative when it already has. Measured from that moment, not from now: a delay
 // that runs out between the read and this probe must end the sleep, not be missed until the wait ends.
 // A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
+// Only up to the end of the wait ($3): past it nothing matters, and the index range after the read
+// holds an entry for every message acked within the lock timeout (their last lock's end), dead until
+// vacuum; walking them all on every empty read was the most of a long-polling reader's work.
 static NEXT_READY: Statement = Statement {
     sql: concat!(
         "WITH RECURSIVE ",
@@ -285,10 +288,10 @@ static NEXT_READY: Statement = Statement {
          FROM priorities CROSS JOIN LATERAL (
              SELECT in_order.visible_at FROM bussig.message in_order
              WHERE in_order.queue_id = $1 AND in_order.priority = priorities.priority
-               AND in_order.visible_at > to_timestamp($2)
+               AND in_order.visible_at > to_timestamp($2) AND in_order.visible_at <= to_timestamp($3)
              ORDER BY in_order.visible_at LIMIT 1) later"
     ),
-    args: &[pg_sys::INT4OID, pg_sys::FLOAT8OID],
+    args: &[pg_sys::INT4OID, pg_sys::FLOAT8OID, pg_sys::FLOAT8OID],
     writes: true,
 };
 
@@ -363,7 +366,8 @@ pub fn receive_waiting(
             let read_from = arrivals::seen(queue_id);
             let delivered = receive(client, queue, max_messages, lock_timeout)?;
             let next_ready = if delivered.is_empty() && may_wait {
-                let args = [queue_id.into(), read_began.into()];
+                let wait_ends = read_began + wait.saturating_sub(started.elapsed()).as_secs_f64();
+                let args = [queue_id.into(), read_began.into(), wait_ends.into()];
                 plans::first_value::<f64>(client, &NEXT_READY, &args)?
             } else {
                 None
