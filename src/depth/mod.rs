@@ -89,8 +89,7 @@ thread_local! {
 /// Asks for the counts' shared memory.
 ///
 /// # Safety
-/// Call once, from _PG_init while shared_preload_libraries is processed: a second call would chain
-/// the shared memory hooks to themselves.
+/// Call once, from _PG_init while shared_preload_libraries is processed.
 pub unsafe fn request_shared_memory() {
     // SAFETY: the caller's contract is `request`'s.
     unsafe { DEPTHS.request() };
