@@ -66,6 +66,11 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.queue_creator', '');
 CREATE FUNCTION bussig.queue_depth(queue text)
 RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'queue_depth_wrapper';
 
+-- As queue_depth, but NULL for a queue that does not exist (any more): the bussig.queues view's
+-- messages, as a queue may be dropped while the view runs.
+CREATE FUNCTION bussig.queue_depth_if_exists(queue text)
+RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'queue_depth_if_exists_wrapper';
+
 -- Acknowledges a request and sends its reply to the request's reply_to queue, in one call.
 CREATE FUNCTION bussig.reply(queue text, message_id bigint, lock_token uuid, payload jsonb,
                              headers jsonb DEFAULT NULL)
@@ -97,13 +102,13 @@ SELECT q.name AS queue,
 FROM bussig.queue q
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
 LEFT JOIN bussig.queue_stats counted ON counted.queue_id = q.queue_id
-CROSS JOIN LATERAL (SELECT bussig.queue_depth(q.name) AS messages) depth
+CROSS JOIN LATERAL (SELECT bussig.queue_depth_if_exists(q.name) AS messages) depth
 CROSS JOIN LATERAL (
     SELECT least(coalesce(counted.locked, 0), depth.messages) AS locked,
            least(coalesce(counted.delayed, 0),
                  depth.messages - least(coalesce(counted.locked, 0), depth.messages)) AS delayed
 ) split
-WHERE bussig.has_queue_privilege(q.name);
+WHERE bussig.has_queue_privilege(q.name) AND depth.messages IS NOT NULL;
 
 -- The grants on the queues the current user may manage.
 CREATE VIEW bussig.grants AS

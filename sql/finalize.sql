@@ -24,13 +24,13 @@ SELECT q.name AS queue,
 FROM bussig.queue q
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
 LEFT JOIN bussig.queue_stats counted ON counted.queue_id = q.queue_id
-CROSS JOIN LATERAL (SELECT bussig.queue_depth(q.name) AS messages) depth
+CROSS JOIN LATERAL (SELECT bussig.queue_depth_if_exists(q.name) AS messages) depth
 CROSS JOIN LATERAL (
     SELECT least(coalesce(counted.locked, 0), depth.messages) AS locked,
            least(coalesce(counted.delayed, 0),
                  depth.messages - least(coalesce(counted.locked, 0), depth.messages)) AS delayed
 ) split
-WHERE bussig.has_queue_privilege(q.name);
+WHERE bussig.has_queue_privilege(q.name) AND depth.messages IS NOT NULL;
 
 -- Privileges: the SQL functions check who calls them (src/access.rs) and work as the extension owner;
 -- the tables stay closed to everyone else.

@@ -3,6 +3,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 use crate::access;
+use crate::error::BusError;
 use crate::queue;
 use crate::validate;
 
@@ -16,6 +17,24 @@ fn queue_depth(queue: Option<&str>) -> Result<i64, ErrorReport> {
         let queue_id = queue::require(client, queue)?.queue_id;
         crate::depth::messages(client, queue_id)
     })?)
+}
+
+/// As `queue_depth`, but NULL for a queue that does not exist (any more): the `messages` of the
+/// `bussig.queues` view, whose rows a concurrent `drop_queue` (the worker's of an ephemeral queue,
+/// say) may remove while it runs, as the function looks the queue up anew.
+#[pg_extern]
+fn queue_depth_if_exists(queue: Option<&str>) -> Result<Option<i64>, ErrorReport> {
+    let queue = validate::queue_name(queue)?;
+    let depth = access::connect(|client, caller| {
+        caller.require_some(client, queue, None)?;
+        let queue_id = queue::require(client, queue)?.queue_id;
+        crate::depth::messages(client, queue_id)
+    });
+    match depth {
+        Ok(depth) => Ok(Some(depth)),
+        Err(BusError::UnknownQueue(_)) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -40,6 +59,15 @@ mod tests {
             ("SELECT bussig.queue_depth(NULL)", "22004"),
             ("SELECT bussig.queue_depth('_d')", "22023"),
             ("SELECT bussig.queue_depth('nope')", "42704"),
+            ("SELECT bussig.queue_depth_if_exists(NULL)", "22004"),
         ]);
+        assert_eq!(
+            one::<i64>("SELECT bussig.queue_depth_if_exists('d')"),
+            Some(2)
+        );
+        assert_eq!(
+            one::<i64>("SELECT bussig.queue_depth_if_exists('nope')"),
+            None
+        );
     }
 }
