@@ -393,8 +393,10 @@ impl Handling {
             let work = opentelemetry::context::FutureExt::with_context(work, context);
             let work = AssertUnwindSafe(work).catch_unwind();
             tokio::pin!(work);
-            let mut extend = tokio::time::interval(self.lock_timeout / 2);
-            extend.tick().await;
+            // The first extension half a lock from now. Not `interval`'s immediate first tick: the
+            // timer's millisecond granularity made awaiting it cost each message up to a millisecond.
+            let period = self.lock_timeout / 2;
+            let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 tokio::select! {
                     outcome = &mut work => break outcome,
