@@ -7,7 +7,8 @@
 # 11 job queue of 4 to 128 long-polling consumers working 1 ms per message, 12 pressure: 800 msgs/s
 # to 32 consumers while an xid is held, then while REPEATABLE READ sessions scan the message table,
 # 13 faults: consumer backends terminated, the server restarted, a consumer process killed, with a
-# ledger of acks checked for messages lost or acked twice.
+# ledger of acks checked for messages lost or acked twice, 14 the Rust client's consumer, 15 the Python
+# client's worker against procrastinate and pgqueuer (installed from PyPI into a virtual environment).
 #   QUICK=1               a short run (a few minutes) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100 (sends and a read), counted by callgrind
@@ -96,6 +97,7 @@ if readelf -S "$library" 2>/dev/null | grep -q debug_info; then
 fi
 
 export BENCH_URL="host=127.0.0.1 port=$port user=postgres dbname=bench"
+export BENCH_PYTHON_VENV="$base/python"
 export BENCH_SETTINGS="$settings"
 # Workload 13 restarts the server under load, as its user, with the data directory only we know.
 BENCH_RESTART=$(printf '%q ' runuser -u postgres -- env -u RUST_BACKTRACE "$PG_BIN/pg_ctl" -D "$datadir" \

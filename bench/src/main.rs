@@ -12,6 +12,7 @@ mod load;
 mod pg;
 mod pgmq;
 mod pressure;
+mod python;
 mod report;
 mod soak;
 mod systems;
@@ -178,7 +179,7 @@ fn run() -> Res<()> {
         sections.push(section);
     };
     type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
-    let workloads: [(&str, Workload); 11] = [
+    let workloads: [(&str, Workload); 12] = [
         ("1 send", workloads::sends),
         ("2 send_batch", workloads::send_batches),
         ("3 consume", workloads::consume),
@@ -193,6 +194,7 @@ fn run() -> Res<()> {
         ("12 pressure on the vacuum horizon", pressure::pressure),
         ("13 faults, with a ledger", faults::faults),
         ("14 the Rust client's consumer", client::client_consumer),
+        ("15 the Python client's worker", python::python_worker),
     ];
     for (name, workload) in workloads {
         let number = name.split(' ').next().unwrap_or(name);

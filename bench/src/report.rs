@@ -29,6 +29,9 @@ pub struct Section {
     /// What the value column holds, e.g. "msgs/s" or "p50 ms".
     pub unit: String,
     pub lines: Vec<Line>,
+    /// A table of the section's own (header, rows), shown instead of the per-system one: for a
+    /// workload whose peers are not among `SYSTEMS`.
+    pub table: Option<(Vec<String>, Vec<Vec<String>>)>,
 }
 
 impl Section {
@@ -38,6 +41,7 @@ impl Section {
             note: note.into(),
             unit: unit.into(),
             lines: Vec::new(),
+            table: None,
         }
     }
 
@@ -148,6 +152,9 @@ fn ratio_text(line: &Line, peer: System) -> String {
 }
 
 fn section_rows(section: &Section) -> (Vec<String>, Vec<Vec<String>>) {
+    if let Some(table) = &section.table {
+        return table.clone();
+    }
     // A system that none of the section's rows measures gets no column: pgmq takes part in a few
     // workloads only.
     let present: Vec<bool> = (0..SYSTEMS.len())

@@ -7,19 +7,21 @@ Concurrency is each system's bound on handlers in flight: bussig's and procrasti
 ``concurrency``; for pgqueuer ``max_concurrent_tasks``, which must be at least twice its batch, so its
 batch is half the concurrency (and at concurrency 1 it runs two). bussig reads batches of 10.
 
-Prints one JSON line per (system, concurrency): messages handled, seconds, messages per second. Each
-measurement starts from a queue holding --messages jobs and ends when it is empty or --seconds have
-passed. procrastinate and pgqueuer install their schemas into the database when they are missing.
+Prints a JSON line of the versions measured, then one per (system, concurrency): messages handled,
+seconds, messages per second. Each measurement starts from a queue holding --messages jobs (and
+statistics taken after the fill: ANALYZE) and ends when all are handled or --seconds have passed.
+procrastinate and pgqueuer install their schemas into the database when they are missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
+import platform
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -30,11 +32,6 @@ QUEUE = "bench_drain"
 BATCH = 10
 
 
-async def until_empty(depth: Callable[[], Awaitable[int]], deadline: float) -> None:
-    while time.monotonic() < deadline and await depth() > 0:
-        await asyncio.sleep(0.02)
-
-
 async def bussig_async(conninfo: str, messages: int, concurrency: int, seconds: float) -> int:
     async with bussig.AsyncBus(conninfo) as bus:
         await bus.execute("SELECT bussig.create_queue(%s)", (QUEUE,))
@@ -42,6 +39,7 @@ async def bussig_async(conninfo: str, messages: int, concurrency: int, seconds: 
         for start in range(0, messages, 1000):
             payloads = [psycopg.types.json.Jsonb({"n": n}) for n in range(start, min(start + 1000, messages))]
             await bus.execute("SELECT bussig.send_batch(%s, %s::jsonb[])", (QUEUE, payloads))
+        await bus.execute("ANALYZE")
 
         async def noop(message: bussig.AsyncMessage) -> None:
             pass
@@ -49,7 +47,9 @@ async def bussig_async(conninfo: str, messages: int, concurrency: int, seconds: 
         worker = bussig.Worker(bus, QUEUE, handler=noop, concurrency=concurrency, batch=BATCH, wait=1.0)
         began = time.monotonic()
         task = asyncio.create_task(worker.run())
-        await until_empty(lambda: bus.queue_depth(QUEUE), began + seconds)
+        deadline = began + seconds
+        while worker.stats.handled < messages and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.005)
         elapsed = time.monotonic() - began
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -63,12 +63,13 @@ async def bussig_threads(conninfo: str, messages: int, concurrency: int, seconds
         for start in range(0, messages, 1000):
             payloads = [psycopg.types.json.Jsonb({"n": n}) for n in range(start, min(start + 1000, messages))]
             bus.execute("SELECT bussig.send_batch(%s, %s::jsonb[])", (QUEUE, payloads))
+        bus.execute("ANALYZE")
         worker = bussig.Worker(bus, QUEUE, handler=lambda message: None, concurrency=concurrency, batch=BATCH, wait=1.0)
         began = time.monotonic()
         worker.start()
         deadline = began + seconds
-        while time.monotonic() < deadline and bus.queue_depth(QUEUE) > 0:
-            time.sleep(0.02)
+        while worker.stats.handled < messages and time.monotonic() < deadline:
+            time.sleep(0.005)
         elapsed = time.monotonic() - began
         worker.stop()
         return report("bussig-threads", concurrency, worker.stats.handled, elapsed)
@@ -92,6 +93,7 @@ async def procrastinate_drain(conninfo: str, messages: int, concurrency: int, se
             for start in range(0, messages, 1000):
                 jobs: list[dict[str, Any]] = [{"n": n} for n in range(start, min(start + 1000, messages))]
                 await noop.batch_defer_async(*jobs)
+            await conn.execute("ANALYZE")
             began = time.monotonic()
             try:
                 # wait=False: the worker returns once the queue is empty.
@@ -124,6 +126,7 @@ async def pgqueuer_drain(conninfo: str, messages: int, concurrency: int, seconds
         for start in range(0, messages, 1000):
             count = min(start + 1000, messages) - start
             await queries.enqueue(["noop"] * count, [None] * count, [0] * count)
+        await conn.execute("ANALYZE")
         handled, last = 0, 0.0
         pgq = PgQueuer(driver)
 
@@ -137,16 +140,14 @@ async def pgqueuer_drain(conninfo: str, messages: int, concurrency: int, seconds
         # batch: the batch is half the concurrency (and concurrency 1 runs up to 2).
         batch = max(1, min(BATCH, concurrency // 2))
         began = time.monotonic()
-        try:
-            # Drain mode returns some time after the queue is empty: the clock stops at the last job.
-            await asyncio.wait_for(
-                pgq.run(batch_size=batch, max_concurrent_tasks=max(concurrency, 2 * batch), mode=QueueExecutionMode.drain),
-                seconds,
-            )
-        except asyncio.TimeoutError:
-            pass
+        # Drain mode returns some time after the queue is empty: the clock stops at the last job.
+        running = asyncio.create_task(
+            pgq.run(batch_size=batch, max_concurrent_tasks=max(concurrency, 2 * batch), mode=QueueExecutionMode.drain)
+        )
+        await asyncio.wait([running], timeout=seconds)
+        pgq.shutdown.set()  # its own graceful stop, when the time ran out first
+        await running
         elapsed = (last if handled >= messages else time.monotonic()) - began
-    # On a connection of its own: a worker cut off by the time limit may have closed the other.
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         await Queries(PsycopgDriver(conn)).clear_queue("noop")
     return report("pgqueuer", concurrency, handled, elapsed)
@@ -181,6 +182,11 @@ async def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # It warns that the app is defined in __main__, which matters only for tasks deferred by name elsewhere.
+    logging.getLogger("procrastinate.blueprints").setLevel(logging.ERROR)
+    packages = ("bussig", "procrastinate", "pgqueuer", "psycopg")
+    versions = {name: importlib.metadata.version(name) for name in packages}
+    print(json.dumps({"versions": {"python": platform.python_version(), **versions}}), flush=True)
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         for system in args.systems.split(","):
             await SYSTEMS[system](args.conninfo, args.messages, concurrency, args.seconds)
