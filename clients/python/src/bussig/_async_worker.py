@@ -14,8 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from . import _sql, outcome, trace
 from ._connections import Row, connect_async, execute_async
 from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, Book, Dispatch, Job, next_pause, settle_statement
-from .bus import EPHEMERAL_TTL
-from .errors import BussigError, connection_lost
+from .errors import BussigError, LeftLocked, connection_lost
 from .message import AsyncMessage, fields
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ class AsyncRun:
             self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
             if self.worker.ephemeral and not self.dispatch.patterns:
                 raise ValueError("a broadcast worker needs a router with patterns")
-            ttl = EPHEMERAL_TTL if self.worker.ephemeral else None
+            ttl = self.worker.ttl if self.worker.ephemeral else None
             for pattern in self.dispatch.patterns:
                 await self.execute(_sql.SUBSCRIBE, (self.queue, pattern, ttl))
             await self.execute(_sql.QUEUE_DEPTH, (self.queue,))  # an unknown queue fails the run at once
@@ -80,9 +79,8 @@ class AsyncRun:
                 except Exception as error:
                     if not connection_lost(error, self.conn):
                         raise
-                    if self.stopping:
+                    if self.stopping or not await self.reconnect():
                         break  # the drain hands in what is held, on a new connection
-                    await self.reconnect()
                     self.book.stats.reconnects += 1
             await self.drain()
         finally:
@@ -92,21 +90,25 @@ class AsyncRun:
         assert self.conn is not None
         return await execute_async(self.conn, sql, params)
 
-    async def reconnect(self) -> None:
+    async def reconnect(self) -> bool:
+        """Connects again, retrying with a capped backoff; False when a stop came first."""
         pause = RECONNECT_FIRST
-        while True:
+        while not self.stopping:
             if self.conn is not None:
                 await self.conn.close()
             try:
                 self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
-                return
+                return True
             except BussigError:
                 raise
             except psycopg.Error:
-                if self.stopping:
-                    raise
-                await asyncio.sleep(pause)
+                self.changed.clear()
+                try:
+                    await asyncio.wait_for(self.changed.wait(), pause)  # a stop sets it
+                except asyncio.TimeoutError:
+                    pass
                 pause = next_pause(pause)
+        return False
 
     async def turn(self) -> None:
         self.changed.clear()
@@ -169,7 +171,8 @@ class AsyncRun:
     async def keep_locks(self) -> None:
         for message_id, token in self.book.locks_due():
             await self.execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
-        if self.worker.ephemeral and time.monotonic() - self.last_heartbeat >= EPHEMERAL_TTL / 3:
+        beat = self.options.heartbeat
+        if beat is not None and time.monotonic() - self.last_heartbeat >= beat:
             await self.execute(_sql.HEARTBEAT, (self.queue,))
             self.last_heartbeat = time.monotonic()
 
@@ -228,6 +231,7 @@ class AsyncRun:
         return outcome.Settled()
 
     async def drain(self) -> None:
+        """As the thread worker's ``_drain``."""
         self.book.give_back(self.book.give_back_fetched())
         await self.flush()
         while self.book.running and time.monotonic() < self.deadline:
@@ -241,12 +245,20 @@ class AsyncRun:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.flush()
+        if not await self.flush():
+            raise LeftLocked(self.queue, self.book.held())
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
         """As the thread worker's ``_flush``."""
-        for attempt in range(FLUSH_ATTEMPTS):
+        pause = RECONNECT_FIRST
+        attempt = 0
+        while True:
+            attempt += 1
             try:
+                if self.conn is None or self.conn.closed:
+                    self.conn = await connect_async(
+                        self.worker.conninfo, f"bussig worker {self.queue}", max(0.0, self.deadline - time.monotonic())
+                    )
                 await self.settle()
                 await self.keep_locks()
                 acks = self.book.take_acks()
@@ -256,15 +268,21 @@ class AsyncRun:
                 except BaseException:
                     self.book.acks[:0] = acks
                     raise
-                return
+                return True
+            except BussigError:
+                raise
             except Exception as error:
-                canceled = isinstance(error, psycopg.errors.QueryCanceled)
-                if attempt == FLUSH_ATTEMPTS - 1 or not (canceled or connection_lost(error, self.conn)):
+                if isinstance(error, psycopg.errors.QueryCanceled) and attempt < FLUSH_ATTEMPTS:
+                    continue  # the stop's cancel came late, to this statement
+                if not connection_lost(error, self.conn):
                     raise
-                if not canceled:
-                    assert self.conn is not None
+                if self.conn is not None:
                     await self.conn.close()
-                    self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
+                remaining = self.deadline - time.monotonic()
+                if attempt >= FLUSH_ATTEMPTS and remaining <= 0:
+                    return False
+                await asyncio.sleep(max(0.0, min(pause, remaining)))
+                pause = next_pause(pause)
 
     async def close(self) -> None:
         for task in list(self.tasks):

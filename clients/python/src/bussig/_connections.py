@@ -4,6 +4,7 @@ SQLAlchemy session or connection on the psycopg dialect), whose transaction a ca
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import psycopg
@@ -13,14 +14,26 @@ from . import errors
 Row = tuple[Any, ...]
 
 
-def connect(conninfo: str, application_name: Optional[str] = None) -> psycopg.Connection[Row]:
+def _extra(application_name: Optional[str], timeout: Optional[float]) -> dict[str, Any]:
     extra: dict[str, Any] = {"application_name": application_name} if application_name else {}
+    if timeout is not None:
+        extra["connect_timeout"] = max(2, math.ceil(timeout))  # libpq's least
+    return extra
+
+
+def connect(
+    conninfo: str, application_name: Optional[str] = None, timeout: Optional[float] = None
+) -> psycopg.Connection[Row]:
+    """``timeout``: seconds the connection attempt may take (libpq waits at least 2)."""
+    extra = _extra(application_name, timeout)
     with errors.translated():
         return psycopg.Connection.connect(conninfo, autocommit=True, prepare_threshold=None, **extra)
 
 
-async def connect_async(conninfo: str, application_name: Optional[str] = None) -> psycopg.AsyncConnection[Row]:
-    extra: dict[str, Any] = {"application_name": application_name} if application_name else {}
+async def connect_async(
+    conninfo: str, application_name: Optional[str] = None, timeout: Optional[float] = None
+) -> psycopg.AsyncConnection[Row]:
+    extra = _extra(application_name, timeout)
     with errors.translated():
         return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None, **extra)
 

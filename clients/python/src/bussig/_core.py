@@ -15,7 +15,8 @@ from .routing import Decoder, Handler, Route, Router
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 5.0
 FLUSH_ATTEMPTS = 3
-"""How often a stopping worker tries to hand in what it holds, reconnecting in between."""
+"""How often a stopping worker tries at least to hand in what it holds, reconnecting in between; it
+goes on trying, with the reconnect backoff, until the stop's deadline."""
 
 
 @dataclass
@@ -37,6 +38,9 @@ class Options:
     """How long a read locks a message; a message held past half of it has its lock extended."""
     wait: float = 5.0
     """How long an idle worker's read waits for work: also the longest a stop waits for that read."""
+    heartbeat: Optional[float] = None
+    """How often an ephemeral queue is heartbeated (a third of its ttl): the loop wakes at least as
+    often. None for a queue that is not ephemeral."""
 
 
 @dataclass
@@ -118,7 +122,9 @@ class Book:
 
     def read_wait(self) -> Optional[float]:
         """Long-poll only when idle: a busy worker must come back to start what it reads and hand in acks."""
-        return self.options.wait if not self.running else None
+        if self.running:
+            return None
+        return min(self.options.wait, self.options.heartbeat or self.options.wait)
 
     def start_next(self) -> Optional[Job]:
         if not self.fetched or self.free_slots() <= 0:
@@ -186,9 +192,13 @@ class Book:
             self.locked_since.pop(key, None)
         return keys
 
+    def held(self) -> int:
+        """Messages whose outcome or ack has not reached the database yet."""
+        return len(self.to_settle) + len(self.acks)
+
     def tick(self) -> float:
         """How long the loop may sleep waiting for a handler: it must wake for lock extensions."""
-        return min(self.options.wait, self.options.lock_timeout / 4)
+        return min(self.options.wait, self.options.lock_timeout / 4, self.options.heartbeat or self.options.wait)
 
 
 def settle_statement(queue: str, key: _sql.Ack, result: Outcome) -> Optional[tuple[str, tuple[Any, ...]]]:

@@ -62,6 +62,20 @@ class RequestTimeout(BussigError, TimeoutError):
         self.timeout = seconds
 
 
+class LeftLocked(BussigError):
+    """A stop could not reach the database to hand in what the worker held before its time ran out:
+    those messages stay locked until their locks run out, then are delivered again (the finished ones
+    among them too: their acks were not sent)."""
+
+    def __init__(self, queue: str, held: int) -> None:
+        super().__init__(
+            f"the database could not be reached to hand in {held} message(s) of queue {queue!r};"
+            " they are delivered again once their locks run out"
+        )
+        self.queue = queue
+        self.held = held
+
+
 _BY_SQLSTATE: dict[str, type[BussigError]] = {
     "42704": UnknownQueue,
     "22023": InvalidArgument,

@@ -5,7 +5,8 @@ The loop owns one connection: it reads with ``ack_and_read`` (finished messages 
 read: one round trip per batch at steady state), long-polls only when idle, applies the handlers'
 other outcomes, extends locks held past half their time, and reconnects with a capped backoff when
 the database is lost. A stop gives back at once what was read but not started, lets running handlers
-finish until the deadline, and gives back the rest: nothing is left locked."""
+finish until the deadline, and gives back the rest: nothing is left locked, unless the database stays
+out of reach until the deadline (then ``LeftLocked``: those messages wait for their locks to run out)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ._core import (
     settle_statement,
 )
 from .bus import EPHEMERAL_TTL, ephemeral_queue
-from .errors import BussigError, connection_lost
+from .errors import BussigError, LeftLocked, connection_lost
 from .message import Message, fields
 from .routing import Decoder, Handler, Router
 
@@ -56,15 +57,24 @@ class Worker:
         transactional: bool = False,
         decode: Optional[Decoder] = None,
         ephemeral: bool = False,
+        ttl: _sql.Seconds = EPHEMERAL_TTL,
     ) -> None:
         """``bus`` is a ``Bus`` or ``AsyncBus`` (its conninfo is used). ``concurrency``: handlers in
         flight; ``batch``: most messages one read takes; ``lock_timeout`` (seconds); ``wait``: how long
         an idle read waits. ``transactional`` and ``decode`` apply to ``handler``. ``ephemeral``: the
-        queue is this process's (subscribed with a ttl, heartbeated, dropped at the end)."""
+        queue is this process's (subscribed with a ttl, heartbeated, dropped at the end); ``ttl``
+        (seconds or a timedelta): how long it outlives the last heartbeat, which comes every third of it."""
         self.conninfo: str = bus.conninfo
         self.queue = queue
+        self.ttl = _sql.seconds(ttl) or 0.0
+        if ephemeral and self.ttl <= 0:
+            raise ValueError(f"ttl must be positive, not {ttl!r}")
         self.options = Options(
-            concurrency=max(1, concurrency), batch=min(max(1, batch), 1000), lock_timeout=lock_timeout, wait=wait
+            concurrency=max(1, concurrency),
+            batch=min(max(1, batch), 1000),
+            lock_timeout=lock_timeout,
+            wait=wait,
+            heartbeat=self.ttl / 3 if ephemeral else None,
         )
         self.ephemeral = ephemeral
         self._dispatch = Dispatch(router, handler, transactional, decode)
@@ -89,8 +99,9 @@ class Worker:
     ) -> Worker:
         """A worker on a queue of this process's own (``bussig_broadcast_<uuid>``) subscribed to the
         router's patterns: every process gets every message (cache invalidation, config reloads). The
-        queue is heartbeated while the worker runs and dropped when it stops (or by the server's
-        worker, once the heartbeats stop)."""
+        queue is heartbeated while the worker runs and dropped when it stops, or by the server's
+        worker once no heartbeat came for ``ttl`` seconds (a process that died). ``options`` are the
+        worker's (``ttl``, ``concurrency``, ``wait``...)."""
         return cls(bus, ephemeral_queue("broadcast"), router, handler, ephemeral=True, **options)
 
     @property
@@ -122,7 +133,9 @@ class Worker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops reading, gives back what was read but not started, lets running handlers finish
-        within ``timeout`` seconds and gives back the rest. Re-raises an error that stopped the loop."""
+        within ``timeout`` seconds and gives back the rest, reconnecting until then if the connection
+        is lost. Raises ``LeftLocked`` when the database could not be reached in that time, and
+        re-raises an error that stopped the loop."""
         self._deadline = time.monotonic() + timeout
         self._stopping.set()
         with self._changed:
@@ -193,7 +206,7 @@ class Worker:
         return False
 
     def _subscribe(self) -> None:
-        ttl = EPHEMERAL_TTL if self.ephemeral else None
+        ttl = self.ttl if self.ephemeral else None
         if self.ephemeral and not self._dispatch.patterns:
             raise ValueError("a broadcast worker needs a router with patterns")
         for pattern in self._dispatch.patterns:
@@ -271,7 +284,8 @@ class Worker:
             due = self._book.locks_due()
         for message_id, token in due:
             self._execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
-        if self.ephemeral and time.monotonic() - self._last_heartbeat >= EPHEMERAL_TTL / 3:
+        beat = self.options.heartbeat
+        if beat is not None and time.monotonic() - self._last_heartbeat >= beat:
             self._execute(_sql.HEARTBEAT, (self.queue,))
             self._last_heartbeat = time.monotonic()
 
@@ -326,7 +340,8 @@ class Worker:
 
     def _drain(self) -> None:
         """After a stop: gives back what was not started, waits for running handlers until the
-        deadline, acks what finished and gives back what did not."""
+        deadline, acks what finished and gives back what did not. What cannot be handed in by the
+        deadline (the database unreachable) stays locked until its lock runs out: LeftLocked."""
         with self._lock:
             self._book.give_back(self._book.give_back_fetched())
         self._flush()
@@ -340,13 +355,22 @@ class Worker:
             self._flush()
         with self._lock:
             self._book.give_back(self._book.give_back_running())
-        self._flush()
+        if not self._flush():
+            raise LeftLocked(self.queue, self._book.held())
 
-    def _flush(self) -> None:
-        """Hands in every outcome and ack held, and keeps the other locks; reconnects when the
-        connection is lost (or retries when the stop's cancel came late to a later statement)."""
-        for attempt in range(FLUSH_ATTEMPTS):
+    def _flush(self) -> bool:
+        """Hands in every outcome and ack held, and keeps the other locks. A lost connection is
+        replaced, with the reconnect backoff, until the stop's deadline (and at least FLUSH_ATTEMPTS
+        times); False when the database could not be reached by then, the rest kept in the book."""
+        pause = RECONNECT_FIRST
+        attempt = 0
+        while True:
+            attempt += 1
             try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(
+                        self.conninfo, f"bussig worker {self.queue}", max(0.0, self._deadline - time.monotonic())
+                    )
                 self._settle()
                 self._keep_locks()
                 with self._lock:
@@ -358,15 +382,21 @@ class Worker:
                     with self._lock:
                         self._book.acks[:0] = acks
                     raise
-                return
+                return True
+            except BussigError:
+                raise
             except Exception as error:
-                canceled = isinstance(error, psycopg.errors.QueryCanceled)
-                if attempt == FLUSH_ATTEMPTS - 1 or not (canceled or connection_lost(error, self._conn)):
+                if isinstance(error, psycopg.errors.QueryCanceled) and attempt < FLUSH_ATTEMPTS:
+                    continue  # the stop's cancel came late, to this statement
+                if not connection_lost(error, self._conn):
                     raise
-                if not canceled:
-                    assert self._conn is not None
+                if self._conn is not None:
                     self._conn.close()
-                    self._conn = connect(self.conninfo, f"bussig worker {self.queue}")
+                remaining = self._deadline - time.monotonic()
+                if attempt >= FLUSH_ATTEMPTS and remaining <= 0:
+                    return False
+                time.sleep(max(0.0, min(pause, remaining)))
+                pause = next_pause(pause)
 
     def _close(self) -> None:
         if self._transactions is not None:
@@ -383,8 +413,9 @@ class Worker:
 
     async def run(self, *, grace: float = 10.0) -> None:
         """Consumes on the running event loop until cancelled; then stops as ``stop`` does, letting
-        running handlers finish within ``grace`` seconds. Handlers may be coroutine functions (awaited)
-        or plain functions (called on the loop: keep them quick)."""
+        running handlers finish within ``grace`` seconds (raising ``LeftLocked`` instead of the
+        cancellation when the database stayed out of reach). Handlers may be coroutine functions
+        (awaited) or plain functions (called on the loop: keep them quick)."""
         from ._async_worker import AsyncRun
 
         await AsyncRun(self, self._dispatch, self._book).run(grace)
