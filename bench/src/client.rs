@@ -4,17 +4,19 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use postgres::types::{Json, Type};
 use postgres::Client;
+use uuid::Uuid;
 
 use crate::load::closed_loop;
 use crate::pg::Res;
 use crate::report::{only, Section, Target};
-use crate::systems::{ack_and_read_step, prefill, reset, Consumer, System, QUEUE};
+use crate::systems::{prefill, reset, Consumer, Step, System, QUEUE};
 use crate::workloads::{at_least, index_of, rate_cell};
 use crate::Config;
 
 const FRAMEWORK: &str = "bussig-client Consumer, no-op handler";
-const RAW: &str = "raw ack_and_read loop, same batch; pgmq read + delete";
+const RAW: &str = "raw ack_and_read loop, same batch, every column decoded; pgmq read + delete";
 /// Handlers in flight: the consumer reads as many as are free, at most 10 at a time.
 const CONCURRENCY: [usize; 3] = [1, 4, 16];
 
@@ -30,7 +32,8 @@ pub fn client_consumer(
             "A pre-filled queue of {} messages consumed for the run's time on one connection: \
              `bussig-client`'s `Consumer` at the given concurrency with a handler that returns at once \
              (acks ride on its next `ack_and_read`), the raw `ack_and_read` loop with the batch the \
-             consumer reads (the concurrency, at most 10), and pgmq's `read` + `delete` with that batch.",
+             consumer reads (the concurrency, at most 10) that decodes what the consumer hands its \
+             handler (every column, the payload as JSON), and pgmq's `read` + `delete` with that batch.",
             crate::report::format_value(cfg.consume_fill as f64)
         ),
     );
@@ -48,7 +51,7 @@ pub fn client_consumer(
         reset(admin, System::Bussig)?;
         prefill(admin, System::Bussig, cfg.consume_fill)?;
         let raw = closed_loop(&cfg.url, 1, cfg.run, true, |c, _| {
-            ack_and_read_step(c, QUEUE, batch)
+            whole_deliveries_step(c, batch)
         })?;
         let mut cells = only(System::Bussig, rate_cell(&raw));
         reset(admin, System::Pgmq)?;
@@ -72,6 +75,56 @@ pub fn client_consumer(
     Ok(section)
 }
 
+/// One turn of the raw loop: acks the last batch and reads the next, decoding each delivery as the
+/// consumer does before its handler runs.
+fn whole_deliveries_step(client: &mut Client, max: i32) -> Res<Step> {
+    let statement = client.prepare_typed(
+        "SELECT * FROM bussig.ack_and_read($1, $2, $3, $4)",
+        &[Type::TEXT, Type::INT8_ARRAY, Type::UUID_ARRAY, Type::INT4],
+    )?;
+    let mut held: (Option<Vec<i64>>, Option<Vec<Uuid>>) = (None, None);
+    Ok(Box::new(move |c| {
+        let rows = c.query(&statement, &[&QUEUE, &held.0, &held.1, &max])?;
+        let (mut ids, mut tokens) = (
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+        );
+        for row in &rows {
+            let delivery: Delivered = (
+                row.get("message_id"),
+                row.get("lock_token"),
+                row.get("subject"),
+                row.get::<_, Json<serde_json::Value>>("payload").0,
+                row.get::<_, Option<Json<serde_json::Value>>>("headers")
+                    .map(|h| h.0),
+                row.get("delivery_count"),
+                row.get("priority"),
+                row.get("enqueued_at"),
+                row.get("correlation_id"),
+                row.get("reply_to"),
+            );
+            std::hint::black_box(&delivery);
+            ids.push(delivery.0);
+            tokens.push(delivery.1);
+        }
+        held = (Some(ids), Some(tokens));
+        Ok(rows.len() as u64)
+    }))
+}
+
+type Delivered = (
+    i64,
+    Uuid,
+    Option<String>,
+    serde_json::Value,
+    Option<serde_json::Value>,
+    i32,
+    i32,
+    std::time::SystemTime,
+    Option<String>,
+    Option<String>,
+);
+
 /// Runs the consumer for `duration` and returns its rate.
 fn run_framework(url: &str, concurrency: usize, duration: Duration) -> Res<crate::report::Cell> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -81,7 +134,8 @@ fn run_framework(url: &str, concurrency: usize, duration: Duration) -> Res<crate
         let shutdown = bussig_client::CancellationToken::new();
         let consumer = bussig_client::Consumer::new(bussig_client::connect_no_tls(url), QUEUE)
             .concurrency(concurrency)
-            .wait(Duration::from_millis(100));
+            .wait(Duration::from_millis(100))
+            .prepared_statements(true);
         let stats = consumer.stats();
         let running = tokio::spawn(consumer.run(
             |_: bussig_client::Message<serde_json::Value>| async { Ok(()) },

@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use tokio_postgres::{Client, GenericClient, Row};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, GenericClient, Row, Statement};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -226,10 +227,6 @@ impl<T> Message<T> {
     }
 }
 
-fn seconds(duration: Option<Duration>) -> Option<f64> {
-    duration.map(|d| d.as_secs_f64())
-}
-
 /// Locks up to `max` ready messages (`bussig.read`); with `wait`, waits that long for the first.
 pub async fn read<C: GenericClient>(
     client: &C,
@@ -240,9 +237,14 @@ pub async fn read<C: GenericClient>(
 ) -> Result<Vec<Message>> {
     let rows = sql::query(
         client,
-        "SELECT * FROM bussig.read($1, $2, $3 * interval '1 second', $4 * interval '1 second')",
-        &[Type::TEXT, Type::INT4, Type::FLOAT8, Type::FLOAT8],
-        &[&queue, &max, &seconds(lock_timeout), &seconds(wait)],
+        "SELECT * FROM bussig.read($1, $2, $3, $4)",
+        &[Type::TEXT, Type::INT4, Type::INTERVAL, Type::INTERVAL],
+        &[
+            &queue,
+            &max,
+            &sql::Interval::of(lock_timeout),
+            &sql::Interval::of(wait),
+        ],
     )
     .await?;
     let queue: Arc<str> = queue.into();
@@ -262,14 +264,43 @@ pub async fn ack_and_read<C: GenericClient>(
     lock_timeout: Option<Duration>,
     wait: Option<Duration>,
 ) -> Result<Vec<Message>> {
+    ack_and_read_with(client, None, queue, acked, max, lock_timeout, wait).await
+}
+
+const ACK_AND_READ: &str = "SELECT * FROM bussig.ack_and_read($1, $2, $3, $4, $5, $6)";
+const ACK_AND_READ_TYPES: [Type; 6] = [
+    Type::TEXT,
+    Type::INT8_ARRAY,
+    Type::UUID_ARRAY,
+    Type::INT4,
+    Type::INTERVAL,
+    Type::INTERVAL,
+];
+
+/// `ack_and_read`'s statement, prepared on `client` for `ack_and_read_with`.
+pub(crate) async fn prepare_ack_and_read(client: &Client) -> Result<Statement> {
+    Ok(client
+        .prepare_typed(ACK_AND_READ, &ACK_AND_READ_TYPES)
+        .await?)
+}
+
+/// `ack_and_read`, through `prepared` (from `prepare_ack_and_read` on this connection) when given.
+pub(crate) async fn ack_and_read_with<C: GenericClient>(
+    client: &C,
+    prepared: Option<&Statement>,
+    queue: &str,
+    acked: &[(i64, Uuid)],
+    max: i32,
+    lock_timeout: Option<Duration>,
+    wait: Option<Duration>,
+) -> Result<Vec<Message>> {
     let (ids, tokens): (Vec<i64>, Vec<Uuid>) = acked.iter().copied().unzip();
-    let rows = sql::query(
-        client,
-        "SELECT * FROM bussig.ack_and_read($1, $2, $3, $4, $5 * interval '1 second', $6 * interval '1 second')",
-        &[Type::TEXT, Type::INT8_ARRAY, Type::UUID_ARRAY, Type::INT4, Type::FLOAT8, Type::FLOAT8],
-        &[&queue, &ids, &tokens, &max, &seconds(lock_timeout), &seconds(wait)],
-    )
-    .await?;
+    let (lock_timeout, wait) = (sql::Interval::of(lock_timeout), sql::Interval::of(wait));
+    let params: [&(dyn ToSql + Sync); 6] = [&queue, &ids, &tokens, &max, &lock_timeout, &wait];
+    let rows = match prepared {
+        Some(statement) => client.query(statement, &params).await?,
+        None => sql::query(client, ACK_AND_READ, &ACK_AND_READ_TYPES, &params).await?,
+    };
     let queue: Arc<str> = queue.into();
     Ok(rows
         .iter()
@@ -316,9 +347,15 @@ pub async fn nack<C: GenericClient>(
 ) -> Result<bool> {
     sql::value(
         client,
-        "SELECT bussig.nack($1, $2, $3, $4* interval '1 second', $5)",
-        &[Type::TEXT, Type::INT8, Type::UUID, Type::FLOAT8, Type::TEXT],
-        &[&queue, &id, &token, &seconds(delay), &error],
+        "SELECT bussig.nack($1, $2, $3, $4, $5)",
+        &[
+            Type::TEXT,
+            Type::INT8,
+            Type::UUID,
+            Type::INTERVAL,
+            Type::TEXT,
+        ],
+        &[&queue, &id, &token, &sql::Interval::of(delay), &error],
     )
     .await
 }
@@ -333,9 +370,9 @@ pub async fn extend_lock<C: GenericClient>(
 ) -> Result<bool> {
     sql::value(
         client,
-        "SELECT bussig.extend_lock($1, $2, $3, $4* interval '1 second')",
-        &[Type::TEXT, Type::INT8, Type::UUID, Type::FLOAT8],
-        &[&queue, &id, &token, &seconds(lock_timeout)],
+        "SELECT bussig.extend_lock($1, $2, $3, $4)",
+        &[Type::TEXT, Type::INT8, Type::UUID, Type::INTERVAL],
+        &[&queue, &id, &token, &sql::Interval::of(lock_timeout)],
     )
     .await
 }

@@ -19,9 +19,9 @@ pub async fn create(client: &Client, prefix: &str, pattern: &str) -> Result<Stri
     let pattern = pattern.replace("{queue}", &queue);
     sql::query(
         client,
-        "SELECT bussig.subscribe($1, $2, $3 * interval '1 second')",
-        &[Type::TEXT, Type::TEXT, Type::FLOAT8],
-        &[&queue, &pattern, &TTL.as_secs_f64()],
+        "SELECT bussig.subscribe($1, $2, $3)",
+        &[Type::TEXT, Type::TEXT, Type::INTERVAL],
+        &[&queue, &pattern, &sql::Interval(TTL)],
     )
     .await?;
     Ok(queue)

@@ -43,10 +43,19 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the connection itself failed (closed, reset, unreachable): worth a reconnect.
+    /// Whether the connection itself failed (closed, reset, unreachable, or ended by the server:
+    /// pg_terminate_backend, a shutdown, a pooler losing its server): worth a reconnect.
     pub fn is_connection(&self) -> bool {
         match self {
-            Error::Database(e) => e.is_closed() || e.as_db_error().is_none(),
+            Error::Database(e) => match e.as_db_error() {
+                None => true,
+                // Class 08: connection exception; 57P01 to 57P03: the server ended it or is starting.
+                Some(db) => {
+                    e.is_closed()
+                        || db.code().code().starts_with("08")
+                        || db.code().code().starts_with("57P")
+                }
+            },
             _ => false,
         }
     }

@@ -68,8 +68,8 @@ impl SendOptions {
         crate::trace::with_current_context(self.headers.clone()).map(Value::Object)
     }
 
-    fn delay_seconds(&self) -> Option<f64> {
-        self.delay.map(|delay| delay.as_secs_f64())
+    fn delay_interval(&self) -> Option<sql::Interval> {
+        sql::Interval::of(self.delay)
     }
 }
 
@@ -80,7 +80,7 @@ pub async fn send<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<Option<i64>> {
-    let sql = "SELECT bussig.send($1, $2, $3, $4 * interval '1 second', $5, $6, $7, $8)";
+    let sql = "SELECT bussig.send($1, $2, $3, $4, $5, $6, $7, $8)";
     Ok(one_message(client, sql, queue, payload, options)
         .await?
         .get(0))
@@ -102,7 +102,7 @@ async fn one_message<C: GenericClient, T: Serialize + ?Sized>(
             Type::TEXT,
             Type::JSONB,
             Type::JSONB,
-            Type::FLOAT8,
+            Type::INTERVAL,
             Type::INT4,
             Type::TEXT,
             Type::TEXT,
@@ -112,7 +112,7 @@ async fn one_message<C: GenericClient, T: Serialize + ?Sized>(
             &target,
             &payload,
             &options.headers_value(),
-            &options.delay_seconds(),
+            &options.delay_interval(),
             &options.priority,
             &options.dedup_id,
             &options.correlation_id,
@@ -136,19 +136,19 @@ pub async fn send_batch<C: GenericClient, T: Serialize>(
         .collect::<Result<Vec<Value>, _>>()?;
     let rows = sql::query(
         client,
-        "SELECT bussig.send_batch($1, $2, $3, $4 * interval '1 second', $5)",
+        "SELECT bussig.send_batch($1, $2, $3, $4, $5)",
         &[
             Type::TEXT,
             Type::JSONB_ARRAY,
             Type::JSONB,
-            Type::FLOAT8,
+            Type::INTERVAL,
             Type::INT4,
         ],
         &[
             &queue,
             &payloads,
             &options.headers_value(),
-            &options.delay_seconds(),
+            &options.delay_interval(),
             &options.priority,
         ],
     )
@@ -163,7 +163,7 @@ pub async fn publish<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<i32> {
-    let sql = "SELECT bussig.publish($1, $2, $3, $4 * interval '1 second', $5, $6, $7, $8)";
+    let sql = "SELECT bussig.publish($1, $2, $3, $4, $5, $6, $7, $8)";
     Ok(one_message(client, sql, subject, payload, options)
         .await?
         .get(0))

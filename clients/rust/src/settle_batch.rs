@@ -10,10 +10,6 @@ use uuid::Uuid;
 use crate::error::Result;
 use crate::sql;
 
-fn seconds(duration: Option<Duration>) -> Option<f64> {
-    duration.map(|d| d.as_secs_f64())
-}
-
 /// Gives every delivery back, as `nack` does one: ready again after `delay` (None: each message's
 /// backoff), `error` kept as the last error, and a message on its last allowed delivery moved to the
 /// dead-letter queue. How many still held their lock (stale tokens are skipped).
@@ -31,15 +27,15 @@ pub async fn nack_batch<C: GenericClient>(
     sql::value(
         client,
         "SELECT count(*) FROM unnest($2::bigint[], $3::uuid[]) AS d(id, token)
-         WHERE bussig.nack($1, d.id, d.token, $4 * interval '1 second', $5)",
+         WHERE bussig.nack($1, d.id, d.token, $4, $5)",
         &[
             Type::TEXT,
             Type::INT8_ARRAY,
             Type::UUID_ARRAY,
-            Type::FLOAT8,
+            Type::INTERVAL,
             Type::TEXT,
         ],
-        &[&queue, &ids, &tokens, &seconds(delay), &error],
+        &[&queue, &ids, &tokens, &sql::Interval::of(delay), &error],
     )
     .await
 }
@@ -59,9 +55,14 @@ pub async fn extend_lock_batch<C: GenericClient>(
     let rows = sql::query(
         client,
         "SELECT d.id FROM unnest($2::bigint[], $3::uuid[]) AS d(id, token)
-         WHERE bussig.extend_lock($1, d.id, d.token, $4 * interval '1 second')",
-        &[Type::TEXT, Type::INT8_ARRAY, Type::UUID_ARRAY, Type::FLOAT8],
-        &[&queue, &ids, &tokens, &seconds(lock_timeout)],
+         WHERE bussig.extend_lock($1, d.id, d.token, $4)",
+        &[
+            Type::TEXT,
+            Type::INT8_ARRAY,
+            Type::UUID_ARRAY,
+            Type::INTERVAL,
+        ],
+        &[&queue, &ids, &tokens, &sql::Interval::of(lock_timeout)],
     )
     .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())

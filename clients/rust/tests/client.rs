@@ -236,3 +236,80 @@ async fn a_long_handler_keeps_its_lock_and_shutdown_gives_back_what_is_unfinishe
         [("ready".to_string(), 1), ("ready".to_string(), 1)]
     );
 }
+
+/// The consumer's connection ended by the server while handlers run: it connects again (preparing
+/// its statement again when it keeps it prepared), and every message is handled, none left behind.
+#[tokio::test]
+async fn a_consumer_whose_connection_is_killed_reconnects_and_loses_nothing() {
+    for prepared in [false, true] {
+        killed_mid_batch(prepared).await;
+    }
+}
+
+async fn killed_mid_batch(prepared: bool) {
+    let c = client().await;
+    let q = TestQueue::create(
+        &c,
+        &format!("killed_{prepared}"),
+        "lock_timeout => '2 seconds'",
+    )
+    .await;
+    const MESSAGES: i64 = 40;
+    for n in 0..MESSAGES {
+        send(&c, &q.name, &Job { n }, &SendOptions::new())
+            .await
+            .unwrap();
+    }
+    // Direct, not through a pooler: the kill must reach this consumer's own server connection.
+    let application = format!("killed_{prepared}_{}", std::process::id());
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(
+        connect_no_tls(format!("{} application_name={application}", session_url())),
+        q.name.clone(),
+    )
+    .concurrency(4)
+    .batch(4)
+    .lock_timeout(Duration::from_secs(2))
+    .wait(Duration::from_millis(200))
+    .prepared_statements(prepared);
+    let stats = consumer.stats();
+    let handled = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let seen = handled.clone();
+    let running = tokio::spawn(consumer.run(
+        move |m: Message<Job>| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                seen.lock().unwrap().insert(m.payload.n);
+                Ok(())
+            }
+        },
+        shutdown.clone(),
+    ));
+    eventually("a few messages handled", async || {
+        handled.lock().unwrap().len() >= 8
+    })
+    .await;
+    let killed: i64 = c
+        .query_typed(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[(&application, Type::TEXT)],
+        )
+        .await
+        .unwrap()[0]
+        .get(0);
+    assert_eq!(killed, 1, "the consumer's one connection");
+    eventually("every message handled and acked", async || {
+        handled.lock().unwrap().len() == MESSAGES as usize
+            && queue_depth(&c, &q.name).await.unwrap() == 0
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        stats.reconnects.load(Ordering::Relaxed),
+        1,
+        "prepared: {prepared}"
+    );
+    assert_eq!(stats.in_flight.load(Ordering::Relaxed), 0);
+}

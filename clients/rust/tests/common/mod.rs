@@ -16,6 +16,12 @@ pub fn url() -> String {
     std::env::var("BUSSIG_TEST_URL").expect("BUSSIG_TEST_URL is not set: run `make test`")
 }
 
+/// A connection to the server itself, never through a pooling proxy: `BUSSIG_TEST_SESSION_URL`,
+/// else `BUSSIG_TEST_URL`.
+pub fn session_url() -> String {
+    std::env::var("BUSSIG_TEST_SESSION_URL").unwrap_or_else(|_| url())
+}
+
 pub async fn client() -> Client {
     (connect_no_tls(url()))().await.expect("connect")
 }
