@@ -54,6 +54,7 @@ INSERT INTO calls (call) VALUES
     ($$SELECT bussig.redrive('perm')$$),
     ($$SELECT count(*) FROM bussig.peek('perm')$$),
     ($$SELECT bussig.queue_depth('perm')$$),
+    ($$SELECT bussig.queue_depth_if_exists('perm')$$),
     ($$SELECT bussig.subscribe('perm', 'other.>')$$),
     ($$SELECT bussig.unsubscribe('perm', 'perm.>')$$),
     ($$SELECT bussig.heartbeat('perm')$$),

@@ -60,6 +60,7 @@ mod tests {
             ("SELECT bussig.queue_depth('_d')", "22023"),
             ("SELECT bussig.queue_depth('nope')", "42704"),
             ("SELECT bussig.queue_depth_if_exists(NULL)", "22004"),
+            ("SELECT bussig.queue_depth_if_exists('_d')", "22023"),
         ]);
         assert_eq!(
             one::<i64>("SELECT bussig.queue_depth_if_exists('d')"),

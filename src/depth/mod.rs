@@ -23,6 +23,7 @@ use crate::pg::catalog;
 use crate::pg::shmem::ZeroedLwLock;
 use crate::pg::snapshot::LatestSnapshot;
 use crate::pg::wakeup;
+use crate::pg::xact::{sum_per_queue, SavepointLog};
 use crate::plans::{self, Statement};
 use table::{Depths, Entered, Finished, Key};
 
@@ -52,9 +53,7 @@ impl Change {
 struct Pending {
     /// bussig.message's storage (`message_storage`), looked up with the transaction's first change.
     relation: u32,
-    changes: Vec<Change>,
-    /// Open subtransactions and how many changes there were when each began.
-    savepoints: Vec<(pg_sys::SubTransactionId, usize)>,
+    changes: SavepointLog<Change>,
     /// The queues whose counts this transaction was noted in flight for at its pre-commit.
     entered: Vec<(i32, Entered)>,
 }
@@ -62,23 +61,16 @@ struct Pending {
 impl Pending {
     /// The net change of each queue's messages (queues sorted, none twice).
     fn net_messages(&self) -> Vec<(i32, i64)> {
-        let mut net: Vec<(i32, i64)> = self
+        let deltas = self
             .changes
+            .entries()
             .iter()
             .filter_map(|change| match *change {
                 Change::Messages(queue_id, delta) => Some((queue_id, delta)),
                 _ => None,
             })
             .collect();
-        net.sort_unstable_by_key(|&(queue_id, _)| queue_id);
-        net.dedup_by(|(queue_id, delta), (kept_id, kept_delta)| {
-            let same = queue_id == kept_id;
-            if same {
-                *kept_delta += *delta;
-            }
-            same
-        });
-        net
+        sum_per_queue(deltas, |sum, delta| *sum += delta)
     }
 }
 
@@ -131,12 +123,7 @@ fn note(change: Change) {
             pending.relation = message_storage();
         }
         // Changes since the innermost savepoint merge into one per queue in a row.
-        let floor = pending.savepoints.last().map_or(0, |&(_, len)| len);
-        if pending.changes.len() > floor {
-            let last = pending
-                .changes
-                .last_mut()
-                .expect("more changes than the floor");
+        if let Some(last) = pending.changes.last_since_savepoint() {
             if last.queue_id() == change.queue_id() {
                 match (last, &change) {
                     (Change::Messages(_, sum), Change::Messages(_, delta)) => {
@@ -200,11 +187,12 @@ pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let reshapes = pending
                 .changes
+                .entries()
                 .iter()
                 .any(|change| matches!(change, Change::Created(_) | Change::Dropped(_)));
             if reshapes {
                 let mut depths = DEPTHS.exclusive();
-                for change in &pending.changes {
+                for change in pending.changes.entries() {
                     match *change {
                         Change::Created(queue_id) => depths.created(key(queue_id)),
                         Change::Dropped(queue_id) => depths.remove(key(queue_id)),
@@ -221,7 +209,7 @@ pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
                 for (queue_id, delta) in pending.net_messages() {
                     depths.add(key(queue_id), xid, delta);
                 }
-                for change in &pending.changes {
+                for change in pending.changes.entries() {
                     if let Change::Touched(queue_id) = *change {
                         depths.touch(key(queue_id));
                     }
@@ -239,10 +227,12 @@ pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
         }
         // COMMIT PREPARED runs in another session, without these changes: count the queues again.
         XACT_EVENT_PREPARE => {
-            let mut depths = DEPTHS.exclusive();
-            for change in &pending.changes {
-                depths.mark_stale(key(change.queue_id()));
-            }
+            let keys = pending
+                .changes
+                .entries()
+                .iter()
+                .map(|change| key(change.queue_id()));
+            DEPTHS.exclusive().prepared(keys);
         }
         _ => {}
     }
@@ -271,37 +261,20 @@ pub fn at_subtransaction_end(
     event: pg_sys::SubXactEvent::Type,
     subtransaction: pg_sys::SubTransactionId,
 ) {
-    use pg_sys::SubXactEvent::*;
     PENDING.with(|pending| {
-        let mut pending = pending.borrow_mut();
-        match event {
-            SUBXACT_EVENT_START_SUB => {
-                let len = pending.changes.len();
-                pending.savepoints.push((subtransaction, len));
-            }
-            SUBXACT_EVENT_COMMIT_SUB | SUBXACT_EVENT_ABORT_SUB => {
-                let Some(at) = pending
-                    .savepoints
-                    .iter()
-                    .rposition(|&(id, _)| id == subtransaction)
-                else {
-                    return;
-                };
-                let (_, len) = pending.savepoints[at];
-                pending.savepoints.truncate(at);
-                if event == SUBXACT_EVENT_ABORT_SUB {
-                    pending.changes.truncate(len);
-                }
-            }
-            _ => {}
-        }
+        // What an aborted subtransaction changed never happened.
+        pending
+            .borrow_mut()
+            .changes
+            .at_subtransaction_end(event, subtransaction);
     });
 }
 
 // Runs in the snapshot `count` takes after the count began, not the calling statement's older one.
 static COUNT_MESSAGES: Statement = Statement {
     sql: "SELECT ids.queue_id,
-                 (SELECT count(*) FROM bussig.message in_order WHERE in_order.queue_id = ids.queue_id)
+                 (SELECT count(*) FROM bussig.message in_order WHERE in_order.queue_id = ids.queue_id),
+                 EXISTS (SELECT FROM bussig.queue q WHERE q.queue_id = ids.queue_id)
           FROM unnest($1::int[]) AS ids(queue_id)",
     args: &[pg_sys::INT4ARRAYOID],
     writes: false,
@@ -315,6 +288,7 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
         let pending = pending.borrow();
         let mine = pending
             .changes
+            .entries()
             .iter()
             .filter(|change| change.queue_id() == queue_id);
         mine.fold(None, |sum: Option<i64>, change| match *change {
@@ -341,11 +315,11 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
         (None, LatestSnapshot::take())
     };
     let counts = count(client, &[queue_id], &snapshot)?;
-    let count = counts.first().map_or(0, |&(_, count)| count);
+    let count = counts.first().and_then(|&(_, count)| count);
     if let Some(generation) = generation {
-        finish(key, generation, count, &snapshot, false);
+        finish(key, generation, count, &snapshot, None);
     }
-    Ok(count)
+    Ok(count.unwrap_or(0))
 }
 
 /// Ends a count: kept unless superseded or spoiled. While transactions that began committing before
@@ -354,17 +328,22 @@ pub fn messages(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<i64> {
 fn finish(
     key: Key,
     generation: u32,
-    counted: i64,
+    counted: Option<i64>,
     snapshot: &LatestSnapshot,
-    settled: bool,
+    settled_since: Option<u32>,
 ) -> bool {
+    // Dropped before the count's snapshot: its slot, made again by `begin_count`, goes.
+    let Some(counted) = counted else {
+        DEPTHS.exclusive().remove(key);
+        return false;
+    };
     for _ in 0..FINISH_TRIES {
         let finished = DEPTHS.exclusive().finish_count(
             key,
             generation,
             counted,
             |xid| snapshot.saw(xid),
-            settled,
+            settled_since,
         );
         match finished {
             Finished::Kept => return true,
@@ -387,19 +366,22 @@ fn counts_in_own_snapshot() -> bool {
     !crate::pg::xact::snapshot_is_fixed() && crate::pg::xact::top_transaction_id() == 0
 }
 
-/// Counts of queues' messages, as `snapshot` sees them.
+/// Counts of queues' messages, as `snapshot` sees them; None for a queue that is gone in it.
 fn count(
     client: &mut SpiClient<'_>,
     queue_ids: &[i32],
     snapshot: &LatestSnapshot,
-) -> BusResult<Vec<(i32, i64)>> {
+) -> BusResult<Vec<(i32, Option<i64>)>> {
     let rows =
         snapshot.while_active(|| plans::run(client, &COUNT_MESSAGES, &[queue_ids.to_vec().into()]));
     let mut counts = Vec::with_capacity(queue_ids.len());
     for row in rows? {
+        let exists: bool = plans::filled(&row, 3, "queue exists")?;
         counts.push((
             plans::filled(&row, 1, "queue id")?,
-            plans::filled(&row, 2, "count")?,
+            exists
+                .then(|| plans::filled(&row, 2, "count"))
+                .transpose()?,
         ));
     }
     Ok(counts)
@@ -436,7 +418,11 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
         .into_iter()
         .map(|oid| oid as u32)
         .collect();
-    let settled = plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0);
+    // Read before looking for prepared transactions, all ahead of the counts' snapshots: a PREPARE
+    // that the look misses moves it (see `Depths::finish_count`).
+    let prepares = DEPTHS.share().prepares();
+    let settled_since =
+        (plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0)).then_some(prepares);
     plans::prepare(client, &COUNT_MESSAGES)?;
     let uncounted = {
         let mut depths = DEPTHS.exclusive();
@@ -452,7 +438,7 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
         if std::time::Instant::now() >= budget {
             break;
         }
-        kept += count_and_keep(client, relation, few, settled)?;
+        kept += count_and_keep(client, relation, few, settled_since)?;
     }
     Ok(kept)
 }
@@ -465,7 +451,7 @@ fn count_and_keep(
     client: &mut SpiClient<'_>,
     relation: u32,
     queue_ids: &[i32],
-    settled: bool,
+    settled_since: Option<u32>,
 ) -> BusResult<i64> {
     let (started, snapshot): (Vec<(i32, u32)>, LatestSnapshot) = {
         let mut depths = DEPTHS.exclusive();
@@ -495,7 +481,7 @@ fn count_and_keep(
             generation,
             count,
             &snapshot,
-            settled,
+            settled_since,
         ));
     }
     Ok(kept)

@@ -241,6 +241,9 @@ pub struct Depths {
     counts: [Count; COUNTS_AT_ONCE],
     /// In-flight commits of queues that had no slot when they began committing.
     unslotted_in_flight: InFlight,
+    /// PREPAREs that changed counted queues so far (wrapping): a count over which it moved cannot say
+    /// that no prepared transaction is left to change its queue.
+    prepares: u32,
 }
 
 // SAFETY: plain data and atomics at fixed places, with no pointers, so every process can use it where
@@ -360,10 +363,21 @@ impl Depths {
         Some(slot.messages.load(Ordering::Relaxed))
     }
 
-    pub fn mark_stale(&mut self, key: Key) {
-        if let Some(at) = self.position(key) {
-            self.slots[at].stale = true;
+    /// A transaction that changed these queues was prepared: COMMIT PREPARED will come from another
+    /// session, without the changes, so the queues are counted again once no prepared transaction is
+    /// left.
+    pub fn prepared(&mut self, keys: impl IntoIterator<Item = Key>) {
+        self.prepares = self.prepares.wrapping_add(1);
+        for key in keys {
+            if let Some(at) = self.position(key) {
+                self.slots[at].stale = true;
+            }
         }
+    }
+
+    /// How many PREPAREs `prepared` has seen (wrapping): see `finish_count`.
+    pub fn prepares(&self) -> u32 {
+        self.prepares
     }
 
     /// Starts a count of the queue's messages in a snapshot the caller takes before letting go of
@@ -400,15 +414,16 @@ impl Depths {
 
     /// Ends the count `generation` began with `counted` messages; `seen` says whether the count's
     /// snapshot saw a transaction's commit. A later count of the same queue supersedes it, and a
-    /// spoiled one leaves the queue uncounted; `settled` says that no prepared transaction can still
-    /// change the queue. Whether the count was kept.
+    /// spoiled one leaves the queue uncounted. `settled_since` is `prepares()` as it was before the
+    /// caller found no prepared transaction, ahead of the count's snapshot: when no PREPARE came since,
+    /// none can still change the queue, and its stale mark goes. Whether the count was kept.
     pub fn finish_count(
         &mut self,
         key: Key,
         generation: u32,
         counted: i64,
         seen: impl Fn(u32) -> bool,
-        settled: bool,
+        settled_since: Option<u32>,
     ) -> Finished {
         let Some(at) = self.position(key) else {
             return Finished::Dropped;
@@ -430,6 +445,7 @@ impl Depths {
         let Some(missed) = missed else {
             return Finished::Dropped;
         };
+        let settled = settled_since == Some(self.prepares);
         let slot = &mut self.slots[at];
         *slot.messages.get_mut() = counted + missed;
         slot.known = true;

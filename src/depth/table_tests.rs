@@ -84,6 +84,8 @@ fn a_nearly_full_table_with_churn_agrees_with_a_map() {
 }
 
 const SEEN_NONE: fn(u32) -> bool = |_| false;
+/// No prepared transaction found, and no PREPARE since the table began.
+const SETTLED: Option<u32> = Some(0);
 /// Transactions 100 to 199 were running when the count's snapshot was taken.
 const HORIZON: Horizon = Horizon {
     xmin: 100,
@@ -99,12 +101,12 @@ fn a_count_adds_what_committed_while_it_ran_and_a_later_count_wins() {
     let second = depths.begin_count(key(1), HORIZON).unwrap();
     depths.add(key(1), 201, 2);
     assert_eq!(
-        depths.finish_count(key(1), first, 100, SEEN_NONE, true),
+        depths.finish_count(key(1), first, 100, SEEN_NONE, SETTLED),
         Finished::Dropped
     );
     assert_eq!(depths.messages(key(1)), None);
     assert_eq!(
-        depths.finish_count(key(1), second, 10, SEEN_NONE, true),
+        depths.finish_count(key(1), second, 10, SEEN_NONE, SETTLED),
         Finished::Kept
     );
     assert_eq!(depths.messages(key(1)), Some(12));
@@ -125,7 +127,7 @@ fn commits_are_judged_by_the_snapshot_whatever_their_number() {
     depths.add(key(1), 1300, 1 << 40);
     depths.add(key(1), 1301, -(1 << 40));
     assert_eq!(
-        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, SETTLED),
         Finished::Kept
     );
     assert_eq!(depths.messages(key(1)), Some(10 - 1 + 1000));
@@ -143,14 +145,14 @@ fn a_count_with_more_commits_in_doubt_than_it_keeps_is_not_kept() {
         depths.add(key(1), xid, 1);
     }
     assert_eq!(
-        depths.finish_count(key(1), generation, 10, SEEN_NONE, true),
+        depths.finish_count(key(1), generation, 10, SEEN_NONE, SETTLED),
         Finished::Dropped
     );
     assert_eq!(depths.messages(key(1)), None);
     let too_large = depths.begin_count(key(1), HORIZON).unwrap();
     depths.add(key(1), 150, 1 << 40);
     assert_eq!(
-        depths.finish_count(key(1), too_large, 10, SEEN_NONE, true),
+        depths.finish_count(key(1), too_large, 10, SEEN_NONE, SETTLED),
         Finished::Dropped
     );
 }
@@ -167,7 +169,7 @@ fn transaction_ids_compare_across_wraparound() {
     depths.add(key(1), 5, 2);
     depths.add(key(1), 30, 1);
     assert_eq!(
-        depths.finish_count(key(1), generation, 0, SEEN_NONE, true),
+        depths.finish_count(key(1), generation, 0, SEEN_NONE, SETTLED),
         Finished::Kept
     );
     assert_eq!(depths.messages(key(1)), Some(3));
@@ -181,12 +183,12 @@ fn more_counts_than_places_take_over_the_oldest() {
         .map(|queue_id| depths.begin_count(key(queue_id), HORIZON).unwrap())
         .collect();
     assert_eq!(
-        depths.finish_count(key(0), first, 1, SEEN_NONE, true),
+        depths.finish_count(key(0), first, 1, SEEN_NONE, SETTLED),
         Finished::Dropped
     );
     for (queue_id, generation) in (1..).zip(rest) {
         assert_eq!(
-            depths.finish_count(key(queue_id), generation, 1, SEEN_NONE, true),
+            depths.finish_count(key(queue_id), generation, 1, SEEN_NONE, SETTLED),
             Finished::Kept
         );
     }
@@ -260,20 +262,20 @@ fn a_count_waits_for_commits_that_began_before_its_snapshot_and_add_after_it() {
     let generation = depths.begin_count(key(1), HORIZON).unwrap();
     let late = depths.entering(key(1));
     assert_eq!(
-        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, SETTLED),
         Finished::Busy
     );
     // The snapshot saw 150: its change is in the count of 10 and is not added again.
     depths.add(key(1), 150, 4);
     depths.left(key(1), early);
     assert_eq!(
-        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, SETTLED),
         Finished::Busy,
         "the queue without a slot still commits"
     );
     depths.left(key(9), unslotted);
     assert_eq!(
-        depths.finish_count(key(1), generation, 10, |xid| xid == 150, true),
+        depths.finish_count(key(1), generation, 10, |xid| xid == 150, SETTLED),
         Finished::Kept,
         "a commit that began after the count's snapshot does not hold it up"
     );
@@ -317,7 +319,7 @@ fn a_count_that_begins_right_after_another_waits_for_every_commit_in_flight() {
     let second = depths.begin_count(key(2), HORIZON).unwrap();
     for (queue_id, generation) in [(1, first), (2, second)] {
         assert_eq!(
-            depths.finish_count(key(queue_id), generation, 0, SEEN_NONE, true),
+            depths.finish_count(key(queue_id), generation, 0, SEEN_NONE, SETTLED),
             Finished::Busy,
             "queue {queue_id}: a commit that began before both counts is in flight"
         );
@@ -325,8 +327,45 @@ fn a_count_that_begins_right_after_another_waits_for_every_commit_in_flight() {
     depths.left(key(9), early);
     for (queue_id, generation) in [(1, first), (2, second)] {
         assert_eq!(
-            depths.finish_count(key(queue_id), generation, 0, SEEN_NONE, true),
+            depths.finish_count(key(queue_id), generation, 0, SEEN_NONE, SETTLED),
             Finished::Kept
         );
     }
+}
+
+#[test]
+fn a_prepare_the_look_for_prepared_transactions_missed_keeps_the_queue_stale() {
+    let mut depths = empty();
+    depths.created(key(1));
+    depths.prepared([key(1)]);
+    assert_eq!(depths.uncounted(5, 16384, &[1]), vec![1]);
+
+    // The worker found no prepared transaction, then another was prepared before its count began:
+    // the count cannot see what that one will commit.
+    let settled_since = Some(depths.prepares());
+    depths.prepared([key(2)]);
+    let generation = depths.begin_count(key(1), HORIZON).unwrap();
+    assert_eq!(
+        depths.finish_count(key(1), generation, 4, SEEN_NONE, settled_since),
+        Finished::Kept
+    );
+    assert_eq!(depths.uncounted(5, 16384, &[1]), vec![1], "still in doubt");
+
+    // With no PREPARE between the look and the count's end, the doubt goes.
+    let settled_since = Some(depths.prepares());
+    let generation = depths.begin_count(key(1), HORIZON).unwrap();
+    assert_eq!(
+        depths.finish_count(key(1), generation, 4, SEEN_NONE, settled_since),
+        Finished::Kept
+    );
+    assert_eq!(depths.uncounted(5, 16384, &[1]), Vec::<i32>::new());
+
+    // A count that found prepared transactions keeps the doubt.
+    depths.prepared([key(1)]);
+    let generation = depths.begin_count(key(1), HORIZON).unwrap();
+    assert_eq!(
+        depths.finish_count(key(1), generation, 4, SEEN_NONE, None),
+        Finished::Kept
+    );
+    assert_eq!(depths.uncounted(5, 16384, &[1]), vec![1]);
 }

@@ -34,6 +34,7 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     _argument: *mut std::ffi::c_void,
 ) {
     depth::at_subtransaction_end(event, subtransaction);
+    wakeup::at_subtransaction_end(event, subtransaction);
 }
 
 /// Whether this transaction reads with one snapshot throughout (REPEATABLE READ or SERIALIZABLE):
@@ -53,4 +54,92 @@ pub fn top_transaction_id() -> u32 {
 pub fn is_this_transaction(xid: u32) -> bool {
     // SAFETY: a look-up in this backend's own transaction state.
     unsafe { pg_sys::TransactionIdIsCurrentTransactionId(xid.into()) }
+}
+
+/// What a module notes during a transaction, with a mark where each open subtransaction began: what
+/// a subtransaction noted is taken out when it aborts (ROLLBACK TO SAVEPOINT, a PL/pgSQL exception).
+pub struct SavepointLog<T> {
+    entries: Vec<T>,
+    marks: Vec<(pg_sys::SubTransactionId, usize)>,
+}
+
+impl<T> Default for SavepointLog<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> SavepointLog<T> {
+    pub const fn new() -> Self {
+        SavepointLog {
+            entries: Vec::new(),
+            marks: Vec::new(),
+        }
+    }
+
+    pub fn entries(&self) -> &[T] {
+        &self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn push(&mut self, entry: T) {
+        self.entries.push(entry);
+    }
+
+    /// The last entry when the innermost open subtransaction noted it: only such an entry may absorb
+    /// a new one, or an abort would take out what an outer level noted.
+    pub fn last_since_savepoint(&mut self) -> Option<&mut T> {
+        let floor = self.marks.last().map_or(0, |&(_, len)| len);
+        if self.entries.len() > floor {
+            self.entries.last_mut()
+        } else {
+            None
+        }
+    }
+
+    /// Everything noted, for the transaction's end; the log starts empty again.
+    pub fn take(&mut self) -> Vec<T> {
+        self.marks.clear();
+        std::mem::take(&mut self.entries)
+    }
+
+    /// Follows a subtransaction event; returns what an aborted subtransaction had noted.
+    pub fn at_subtransaction_end(
+        &mut self,
+        event: pg_sys::SubXactEvent::Type,
+        subtransaction: pg_sys::SubTransactionId,
+    ) -> Vec<T> {
+        use pg_sys::SubXactEvent::*;
+        match event {
+            SUBXACT_EVENT_START_SUB => self.marks.push((subtransaction, self.entries.len())),
+            SUBXACT_EVENT_COMMIT_SUB | SUBXACT_EVENT_ABORT_SUB => {
+                let Some(at) = self.marks.iter().rposition(|&(id, _)| id == subtransaction) else {
+                    return Vec::new();
+                };
+                let (_, len) = self.marks[at];
+                self.marks.truncate(at);
+                if event == SUBXACT_EVENT_ABORT_SUB {
+                    return self.entries.split_off(len.min(self.entries.len()));
+                }
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+}
+
+/// Adds up the values noted for each queue: queues sorted, none twice.
+pub fn sum_per_queue<V>(mut noted: Vec<(i32, V)>, add: impl Fn(&mut V, V)) -> Vec<(i32, V)> {
+    noted.sort_by_key(|&(queue_id, _)| queue_id);
+    let mut sums: Vec<(i32, V)> = Vec::with_capacity(noted.len());
+    for (queue_id, value) in noted {
+        match sums.last_mut() {
+            Some((last, sum)) if *last == queue_id => add(sum, value),
+            _ => sums.push((queue_id, value)),
+        }
+    }
+    sums
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use pgrx::{pg_guard, pg_shmem_init, pg_sys, IntoDatum, PGRXSharedMemory, PgAtomic, PgLwLock};
 
 use super::arrivals;
+use super::xact::{sum_per_queue, SavepointLog};
 
 mod waiting;
 pub use waiting::Waiting;
@@ -117,10 +118,10 @@ static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     /// Queues this transaction made messages ready in, and how many.
-    static READY: RefCell<Vec<(i32, u32)>> = const { RefCell::new(Vec::new()) };
+    static READY: RefCell<SavepointLog<(i32, u32)>> = const { RefCell::new(SavepointLog::new()) };
     /// Queues this transaction locked messages of by reading them, and how many: its abort makes
     /// them ready again.
-    static LOCKED: RefCell<Vec<(i32, u32)>> = const { RefCell::new(Vec::new()) };
+    static LOCKED: RefCell<SavepointLog<(i32, u32)>> = const { RefCell::new(SavepointLog::new()) };
     /// Queues (id, name) to NOTIFY when this transaction commits: by the worker, or by the
     /// transaction itself where no worker serves the database.
     static NOTIFY_AT_COMMIT: RefCell<Vec<(i32, String)>> = const { RefCell::new(Vec::new()) };
@@ -164,7 +165,7 @@ pub fn shared_memory() -> bool {
 pub fn note_ready(queue_id: i32, count: u32) {
     READY.with(|ready| {
         let mut ready = ready.borrow_mut();
-        match ready.last_mut() {
+        match ready.last_since_savepoint() {
             Some((last, noted)) if *last == queue_id => *noted = noted.saturating_add(count),
             _ => ready.push((queue_id, count)),
         }
@@ -234,8 +235,8 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
             }
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            LOCKED.with(|locked| locked.borrow_mut().clear());
-            let ready = READY.with(|ready| std::mem::take(&mut *ready.borrow_mut()));
+            LOCKED.with(|locked| locked.borrow_mut().take());
+            let ready = READY.with(|ready| ready.borrow_mut().take());
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
             if WAKE_LAUNCHER.with(|wake| wake.replace(false)) && shared_memory() {
                 wake_launcher();
@@ -253,11 +254,11 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            let released = LOCKED.with(|locked| std::mem::take(&mut *locked.borrow_mut()));
+            let released = LOCKED.with(|locked| locked.borrow_mut().take());
             if event != XACT_EVENT_PREPARE && shared_memory() {
                 arrive(released);
             }
-            READY.with(|ready| ready.borrow_mut().clear());
+            READY.with(|ready| ready.borrow_mut().take());
             NOTIFY_AT_COMMIT.with(|queues| queues.borrow_mut().clear());
             FANOUT.with(|fanout| fanout.set(false));
             WAKE_LAUNCHER.with(|wake| wake.set(false));
@@ -266,24 +267,38 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     }
 }
 
+/// Called by `xact` at each subtransaction event. What an aborted subtransaction made ready never
+/// happened; what it locked by reading is ready again now, so its waiting readers are woken.
+pub(super) fn at_subtransaction_end(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+) {
+    READY.with(|ready| {
+        ready
+            .borrow_mut()
+            .at_subtransaction_end(event, subtransaction)
+    });
+    let released = LOCKED.with(|locked| {
+        locked
+            .borrow_mut()
+            .at_subtransaction_end(event, subtransaction)
+    });
+    if shared_memory() {
+        arrive(released);
+    }
+}
+
 /// Messages became ready in these queues (`(queue, how many)`, in any order, repeats allowed), visible to
 /// others already: an arrival is counted for each queue, and its waiting readers are woken.
-fn arrive(mut ready: Vec<(i32, u32)>) {
+fn arrive(ready: Vec<(i32, u32)>) {
     if ready.is_empty() {
         return;
     }
-    ready.sort_unstable_by_key(|&(queue_id, _)| queue_id);
-    ready.dedup_by(|(queue_id, count), (kept_id, kept_count)| {
-        let same = queue_id == kept_id;
-        if same {
-            *kept_count = kept_count.saturating_add(*count);
-        }
-        same
-    });
-    let arrived: Vec<(i32, u32, u64)> = ready
-        .into_iter()
-        .map(|(queue_id, count)| (queue_id, count, arrivals::arrived(queue_id)))
-        .collect();
+    let arrived: Vec<(i32, u32, u64)> =
+        sum_per_queue(ready, |sum, count| *sum = sum.saturating_add(count))
+            .into_iter()
+            .map(|(queue_id, count)| (queue_id, count, arrivals::arrived(queue_id)))
+            .collect();
     wake_readers(&arrived);
 }
 
