@@ -66,7 +66,9 @@ BUSSIG_TEST_SESSION_URL="$BUSSIG_TEST_URL" \
 BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \
 BUSSIG_TORTURE_SECONDS=15 \
     cargo test -p bussig-tests -- --test-threads=4 $skip_server_level 2>&1 | tee -a "$log"
-# The Rust client sends unnamed statements only, so it runs through the pooler unchanged.
+# The Rust client sends unnamed statements only, so it runs through the pooler unchanged; a test that
+# ends a consumer's own server connection needs one of its own.
+BUSSIG_TEST_SESSION_URL="$BUSSIG_TEST_URL" \
 BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \
     cargo test -p bussig-client --features otel 2>&1 | tee -a "$log"
 BUSSIG_TEST_URL="host=127.0.0.1 port=$BOUNCER_PORT user=postgres dbname=bussig_test" \

@@ -290,7 +290,9 @@ async fn killed_mid_batch(prepared: bool) {
         handled.lock().unwrap().len() >= 8
     })
     .await;
-    let killed: i64 = c
+    // From a connection of its own too: through a pooler, `c` could be handed the consumer's.
+    let direct = (connect_no_tls(session_url()))().await.unwrap();
+    let killed: i64 = direct
         .query_typed(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
             &[(&application, Type::TEXT)],
