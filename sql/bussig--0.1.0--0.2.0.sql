@@ -158,3 +158,56 @@ ALTER INDEX bussig.message_delivery_order SET (deduplicate_items = off);
 
 -- A send_batch takes one value of the sequence per 128 messages (see schema.sql).
 ALTER SEQUENCE bussig.message_id_seq INCREMENT BY 128;
+
+-- Ordered message groups (src/message/group.rs): a group's messages are delivered one at a time, in
+-- send order; those behind the group's head wait with visible_at 'infinity'.
+ALTER TABLE bussig.message ADD COLUMN group_id text, ADD COLUMN group_seq bigint,
+                           ADD COLUMN group_ready_at timestamptz;
+CREATE INDEX message_group_order ON bussig.message (queue_id, group_id, group_seq) WHERE group_seq IS NOT NULL;
+CREATE TABLE bussig.message_group (
+    queue_id int NOT NULL,
+    group_id text NOT NULL,
+    pending  int NOT NULL,
+    last_seq bigint NOT NULL,
+    PRIMARY KEY (queue_id, group_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('bussig.message_group', '');
+
+-- Sends take a group; reads and peek say it.
+DROP FUNCTION bussig.send(text, jsonb, jsonb, interval, int, text, text, text);
+CREATE FUNCTION bussig.send(queue text, payload jsonb, headers jsonb DEFAULT NULL, delay interval DEFAULT NULL,
+                            priority int DEFAULT 0, dedup_id text DEFAULT NULL, correlation_id text DEFAULT NULL,
+                            reply_to text DEFAULT NULL, group_id text DEFAULT NULL)
+RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'send_wrapper';
+DROP FUNCTION bussig.send_batch(text, jsonb[], jsonb, interval, int);
+CREATE FUNCTION bussig.send_batch(queue text, payloads jsonb[], headers jsonb DEFAULT NULL,
+                                  delay interval DEFAULT NULL, priority int DEFAULT 0, group_ids text[] DEFAULT NULL)
+RETURNS SETOF bigint LANGUAGE c AS 'MODULE_PATHNAME', 'send_batch_wrapper';
+DROP FUNCTION bussig.publish(text, jsonb, jsonb, interval, int, text, text, text);
+CREATE FUNCTION bussig.publish(subject text, payload jsonb, headers jsonb DEFAULT NULL, delay interval DEFAULT NULL,
+                               priority int DEFAULT 0, dedup_id text DEFAULT NULL, correlation_id text DEFAULT NULL,
+                               reply_to text DEFAULT NULL, group_id text DEFAULT NULL)
+RETURNS int LANGUAGE c AS 'MODULE_PATHNAME', 'publish_wrapper';
+DROP FUNCTION bussig.read(text, int, interval, interval);
+CREATE FUNCTION bussig.read(queue text, max_messages int DEFAULT 1, lock_timeout interval DEFAULT NULL,
+                            wait interval DEFAULT NULL)
+RETURNS TABLE (message_id bigint, lock_token uuid, subject text, payload jsonb, headers jsonb, delivery_count int,
+               priority int, enqueued_at timestamptz, correlation_id text, reply_to text, group_id text)
+LANGUAGE c AS 'MODULE_PATHNAME', 'read_wrapper';
+DROP FUNCTION bussig.ack_and_read(text, bigint[], uuid[], int, interval, interval);
+CREATE FUNCTION bussig.ack_and_read(queue text, message_ids bigint[] DEFAULT NULL, lock_tokens uuid[] DEFAULT NULL,
+                                    max_messages int DEFAULT 1, lock_timeout interval DEFAULT NULL,
+                                    wait interval DEFAULT NULL)
+RETURNS TABLE (message_id bigint, lock_token uuid, subject text, payload jsonb, headers jsonb, delivery_count int,
+               priority int, enqueued_at timestamptz, correlation_id text, reply_to text, group_id text)
+LANGUAGE c AS 'MODULE_PATHNAME', 'ack_and_read_wrapper';
+DROP FUNCTION bussig.peek(text, int);
+CREATE FUNCTION bussig.peek(queue text, max_messages int DEFAULT 10)
+RETURNS TABLE (message_id bigint, state text, visible_at timestamptz, subject text, payload jsonb, headers jsonb,
+               delivery_count int, priority int, enqueued_at timestamptz, correlation_id text, reply_to text,
+               group_id text)
+LANGUAGE c AS 'MODULE_PATHNAME', 'peek_wrapper';
+-- The groups whose head holds the rest back.
+CREATE FUNCTION bussig.blocked_groups(queue text)
+RETURNS TABLE (group_id text, head_message_id bigint, state text, since timestamptz)
+LANGUAGE c AS 'MODULE_PATHNAME', 'blocked_groups_wrapper';

@@ -109,7 +109,13 @@ CREATE TABLE bussig.message (
     correlation_id text,
     reply_to       text,
     -- The latest nack's error, carried into the dead-letter headers when the message dies later.
-    last_error     text
+    last_error     text,
+    -- Ordered groups (src/message/group.rs): the group, the message's place in it (NULL once it left
+    -- it, in a dead-letter queue), and, while it waits behind the group's head with visible_at
+    -- 'infinity', when it would have been ready.
+    group_id       text,
+    group_seq      bigint,
+    group_ready_at timestamptz
 );
 ALTER SEQUENCE bussig.message_id_seq OWNED BY bussig.message.message_id;
 -- Every message is inserted, updated on each delivery and deleted, and a read starts its index scan at
@@ -125,6 +131,18 @@ ALTER TABLE bussig.message SET (autovacuum_vacuum_scale_factor = 0, autovacuum_v
 CREATE INDEX message_delivery_order ON bussig.message (queue_id, priority DESC, visible_at, message_id)
     WITH (deduplicate_items = off);
 CREATE INDEX message_final_lock ON bussig.message (visible_at) WHERE final_delivery;
+-- Each group's messages in send order: the next in line when its head goes.
+CREATE INDEX message_group_order ON bussig.message (queue_id, group_id, group_seq) WHERE group_seq IS NOT NULL;
+
+-- The groups of each queue that hold messages: how many, and the last one's place in send order. No
+-- foreign key, as for messages: a send racing drop_queue commits, and the worker clears up after it.
+CREATE TABLE bussig.message_group (
+    queue_id int NOT NULL,
+    group_id text NOT NULL,
+    pending  int NOT NULL,
+    last_seq bigint NOT NULL,
+    PRIMARY KEY (queue_id, group_id)
+);
 
 -- Queues drop_queue removed. A send that raced the drop may still commit a message for one of them;
 -- the worker deletes such messages once in-flight sends have had time to finish. Recording the drop
@@ -150,6 +168,7 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.queue_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.message', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.message_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.dedup', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.message_group', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.queue_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.queue_creator', '');
 

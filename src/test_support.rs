@@ -52,12 +52,16 @@ pub fn read_into_got(queue: &str) {
     ));
 }
 
-/// Makes every lock and delay of the queue run out, as if time had passed.
+/// Makes every lock and delay of the queue run out, as if time had passed; messages waiting behind
+/// their group's head keep waiting.
 pub fn let_time_pass(queue: &str) {
     // Time passes for the backend's read positions too.
     crate::message::read_position::forget_all();
     run(&format!(
-        "UPDATE bussig.message SET visible_at = now() - interval '1 second', enqueued_at = enqueued_at - interval '1 second'
+        "UPDATE bussig.message
+         SET visible_at = CASE WHEN visible_at = 'infinity' THEN visible_at ELSE now() - interval '1 second' END,
+             group_ready_at = CASE WHEN group_ready_at IS NOT NULL THEN now() - interval '1 second' END,
+             enqueued_at = enqueued_at - interval '1 second'
          WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = '{queue}')"
     ));
 }

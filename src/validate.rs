@@ -13,6 +13,20 @@ pub fn required<T>(value: Option<T>, what: &'static str) -> BusResult<T> {
     value.ok_or(BusError::NullArgument(what))
 }
 
+pub const MAX_GROUP_ID_LEN: usize = 256;
+
+/// A message group's id: NULL (no group) or 1 to 256 bytes, so that it fits the group index.
+pub fn group_id(group_id: Option<&str>) -> BusResult<Option<&str>> {
+    match group_id {
+        Some("") => Err(BusError::invalid("group_id", "it is empty")),
+        Some(id) if id.len() > MAX_GROUP_ID_LEN => Err(BusError::invalid(
+            "group_id",
+            format!("it is longer than {MAX_GROUP_ID_LEN} bytes"),
+        )),
+        group_id => Ok(group_id),
+    }
+}
+
 /// Checks a queue name and hands it back, so that only checked names travel further.
 pub fn queue_name(name: Option<&str>) -> BusResult<&str> {
     let name = required(name, "queue")?;

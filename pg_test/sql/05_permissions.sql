@@ -53,6 +53,7 @@ INSERT INTO calls (call) VALUES
     (format($$SELECT bussig.reply('perm', %s, %L, '{}')$$, :mid, :'tok')),
     ($$SELECT bussig.redrive('perm')$$),
     ($$SELECT count(*) FROM bussig.peek('perm')$$),
+    ($$SELECT count(*) FROM bussig.blocked_groups('perm')$$),
     ($$SELECT bussig.queue_depth('perm')$$),
     ($$SELECT bussig.queue_depth_if_exists('perm')$$),
     ($$SELECT bussig.subscribe('perm', 'other.>')$$),
@@ -76,6 +77,7 @@ INSERT INTO calls (call) VALUES
     ($$SELECT bussig.lock_token() IS NOT NULL$$),
     ($$SELECT count(*) FROM bussig.message$$),
     ($$SELECT count(*) FROM bussig.queue_grant$$),
+    ($$SELECT count(*) FROM bussig.message_group$$),
     ($$WITH gone AS (DELETE FROM bussig.queue RETURNING 1) SELECT count(*) FROM gone$$),
     ($$INSERT INTO bussig.queue_creator VALUES ('bussig_regress_nobody') RETURNING grantee$$);
 

@@ -8,7 +8,7 @@ use pgrx::Uuid;
 use crate::error::{BusError, BusResult};
 use crate::message::receive::{receive_waiting, Delivery, ReadRequest};
 use crate::message::send::{self, check_headers, Outgoing};
-use crate::message::{dead_letter, peek, reply, settle};
+use crate::message::{dead_letter, group, peek, reply, settle};
 use crate::pg::datum::{BigintArray, Jsonb, JsonbArray, UuidArray};
 use crate::validate::{self, required};
 
@@ -23,6 +23,7 @@ fn send(
     dedup_id: default!(Option<&str>, "NULL"),
     correlation_id: default!(Option<&str>, "NULL"),
     reply_to: default!(Option<&str>, "NULL"),
+    group_id: default!(Option<&str>, "NULL"),
 ) -> Result<Option<i64>, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let outgoing = Outgoing::check(payload, headers, delay, priority)?;
@@ -30,6 +31,7 @@ fn send(
         dedup_id,
         correlation_id,
         reply_to,
+        group_id: validate::group_id(group_id)?,
     };
     Ok(send::one(queue, outgoing, extras)?)
 }
@@ -41,6 +43,7 @@ fn send_batch(
     headers: default!(Option<Jsonb>, "NULL"),
     delay: default!(Option<Interval>, "NULL"),
     priority: default!(Option<i32>, 0),
+    group_ids: default!(Option<Vec<Option<String>>>, "NULL"),
 ) -> Result<SetOfIterator<'static, i64>, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let payloads = required(payloads, "payloads")?;
@@ -48,7 +51,7 @@ fn send_batch(
     let delay = validate::delay(delay)?;
     let priority = required(priority, "priority")?;
     Ok(SetOfIterator::new(send::batch(
-        queue, payloads, headers, delay, priority,
+        queue, payloads, headers, delay, priority, group_ids,
     )?))
 }
 
@@ -61,6 +64,7 @@ type DeliveryRow = (
     i32,
     i32,
     TimestampWithTimeZone,
+    Option<String>,
     Option<String>,
     Option<String>,
 );
@@ -79,6 +83,7 @@ fn deliveries(delivered: Vec<Delivery>) -> TableIterator<'static, DeliveryRow> {
             d.enqueued_at,
             d.correlation_id,
             d.reply_to,
+            d.group_id,
         )
     }))
 }
@@ -104,6 +109,7 @@ fn read(
             name!(enqueued_at, TimestampWithTimeZone),
             name!(correlation_id, Option<String>),
             name!(reply_to, Option<String>),
+            name!(group_id, Option<String>),
         ),
     >,
     ErrorReport,
@@ -175,6 +181,7 @@ fn ack_and_read(
             name!(enqueued_at, TimestampWithTimeZone),
             name!(correlation_id, Option<String>),
             name!(reply_to, Option<String>),
+            name!(group_id, Option<String>),
         ),
     >,
     ErrorReport,
@@ -287,6 +294,7 @@ fn peek(
             name!(enqueued_at, TimestampWithTimeZone),
             name!(correlation_id, Option<String>),
             name!(reply_to, Option<String>),
+            name!(group_id, Option<String>),
         ),
     >,
     ErrorReport,
@@ -294,4 +302,26 @@ fn peek(
     let queue = validate::queue_name(queue)?;
     let max_messages = validate::max_messages(max_messages)?;
     Ok(TableIterator::new(peek::peek(queue, max_messages)?))
+}
+
+/// The groups of `queue` whose head is not ready (locked, waiting for a retry, or delayed): what holds
+/// each group's later messages back.
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+fn blocked_groups(
+    queue: Option<&str>,
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(group_id, String),
+            name!(head_message_id, i64),
+            name!(state, String),
+            name!(since, TimestampWithTimeZone),
+        ),
+    >,
+    ErrorReport,
+> {
+    let queue = validate::queue_name(queue)?;
+    Ok(TableIterator::new(group::blocked_in(queue)?))
 }

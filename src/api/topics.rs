@@ -48,6 +48,7 @@ fn publish(
     dedup_id: default!(Option<&str>, "NULL"),
     correlation_id: default!(Option<&str>, "NULL"),
     reply_to: default!(Option<&str>, "NULL"),
+    group_id: default!(Option<&str>, "NULL"),
 ) -> Result<i32, ErrorReport> {
     let subject = checked_subject(subject)?;
     let outgoing = Outgoing::check(payload, headers, delay, priority)?;
@@ -55,6 +56,7 @@ fn publish(
         dedup_id,
         correlation_id,
         reply_to,
+        group_id: crate::validate::group_id(group_id)?,
     };
     Ok(publish::one(subject, outgoing, extras)? as i32)
 }

@@ -5,6 +5,7 @@ use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::Uuid;
 
+use super::group;
 use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::{BusError, BusResult};
@@ -23,6 +24,11 @@ static DEAD_LETTER: Statement = Statement {
               delivery_count = 0,
               final_delivery = false,
               last_error = NULL,
+              -- It leaves its group; a dead-letter queue keeps the group's name only of messages that
+              -- were in one (see group.rs), for redrive.
+              group_id = CASE WHEN by_id.group_seq IS NOT NULL THEN by_id.group_id END,
+              group_seq = NULL,
+              group_ready_at = NULL,
               headers = coalesce(by_id.headers, '{}') || jsonb_build_object(
                   'bussig-dead-letter-reason', $3,
                   'bussig-dead-letter-error', coalesce($4, by_id.last_error),
@@ -33,7 +39,7 @@ static DEAD_LETTER: Statement = Statement {
             AND ($2::uuid IS NULL OR by_id.lock_token = $2)
                         AND ($6 OR by_id.delivery_count >= q.max_deliveries)
           RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify),
-                    q.queue_id",
+                    q.queue_id, by_id.group_id",
     args: &[
         pg_sys::INT8ARRAYOID,
         pg_sys::UUIDOID,
@@ -47,7 +53,8 @@ static DEAD_LETTER: Statement = Statement {
 
 // A dead-letter queue has none of its own: its expired messages are simply dropped (retention).
 static DELETE_MESSAGES: Statement = Statement {
-    sql: "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1) RETURNING queue_id",
+    sql: "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1)
+          RETURNING queue_id, CASE WHEN by_id.group_seq IS NOT NULL THEN by_id.group_id END",
     args: &[pg_sys::INT8ARRAYOID],
     writes: true,
 };
@@ -74,7 +81,8 @@ static REDRIVE: Statement = Statement {
               headers = nullif(by_ctid.headers - ARRAY['bussig-dead-letter-reason', 'bussig-dead-letter-error',
                                                        'bussig-source-queue'], '{}')
           FROM picked
-          WHERE by_ctid.ctid = picked.row_ctid",
+          WHERE by_ctid.ctid = picked.row_ctid
+          RETURNING by_ctid.message_id, by_ctid.group_id IS NOT NULL",
     args: &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT4OID],
     writes: true,
 };
@@ -86,17 +94,33 @@ pub(super) fn move_to_dead_letter_queue(
     args: &[DatumWithOid<'_>],
 ) -> BusResult<i64> {
     let mut moved = 0;
+    let mut left = Vec::new();
     for row in plans::run(client, &DEAD_LETTER, args)? {
         let queue_id: i32 = plans::filled(&row, 1, "dead-letter queue id")?;
-        depth::removed(plans::filled(&row, 3, "source queue id")?, 1);
+        let source_queue_id = plans::filled(&row, 3, "source queue id")?;
+        depth::removed(source_queue_id, 1);
         depth::added(queue_id, 1);
+        if let Some(group) = row.get::<String>(4)? {
+            left.push((source_queue_id, group));
+        }
         match row.get::<String>(2)? {
             Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true, 1),
             None => wakeup::note_ready(queue_id, 1),
         }
         moved += 1;
     }
+    leave_groups(client, left)?;
     Ok(moved)
+}
+
+/// Messages of these (queue, group) pairs left their queues: each group's next in line moves up.
+fn leave_groups(client: &mut SpiClient<'_>, mut left: Vec<(i32, String)>) -> BusResult<()> {
+    left.sort_unstable();
+    for queue in left.chunk_by(|a, b| a.0 == b.0) {
+        let groups = queue.iter().map(|(_, group)| group.clone()).collect();
+        group::leave(client, queue[0].0, groups)?;
+    }
+    Ok(())
 }
 
 /// Why a message may not be delivered again, found by a read or the worker.
@@ -159,9 +183,15 @@ pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) ->
             move_to_dead_letter_queue(client, &args)?;
         }
         if !dropped.is_empty() {
+            let mut left = Vec::new();
             for row in plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])? {
-                depth::removed(plans::filled(&row, 1, "queue id")?, 1);
+                let queue_id = plans::filled(&row, 1, "queue id")?;
+                depth::removed(queue_id, 1);
+                if let Some(group) = row.get::<String>(2)? {
+                    left.push((queue_id, group));
+                }
             }
+            leave_groups(client, left)?;
         }
     }
     Ok(())
@@ -212,7 +242,17 @@ pub fn redrive(queue: &str, max_messages: Option<i32>) -> BusResult<i64> {
             found.queue_id.into(),
             max_messages.into(),
         ];
-        let redriven = plans::run(client, &REDRIVE, &args)?.len() as i64;
+        let mut redriven = 0;
+        let mut grouped = Vec::new();
+        for row in plans::run(client, &REDRIVE, &args)? {
+            redriven += 1;
+            if plans::filled(&row, 2, "grouped")? {
+                grouped.push(plans::filled::<i64>(&row, 1, "message id")?);
+            }
+        }
+        // They rejoin their groups behind what is there, in the order they were sent.
+        grouped.sort_unstable();
+        group::join(client, grouped)?;
         depth::removed(dead_letter_queue_id, redriven as usize);
         depth::added(found.queue_id, redriven as usize);
         if redriven > 0 {

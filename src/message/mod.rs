@@ -5,6 +5,7 @@
 // The domain is written against SPI and `pg`: no unsafe code of its own.
 #![deny(unsafe_code)]
 pub mod dead_letter;
+pub mod group;
 pub mod peek;
 pub mod read_position;
 pub mod receive;
@@ -13,6 +14,7 @@ pub mod send;
 pub mod settle;
 #[cfg(any(test, feature = "pg_test"))]
 mod tests {
+    mod groups;
     mod receive;
     mod send;
     mod settle;

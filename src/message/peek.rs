@@ -8,7 +8,8 @@ use crate::error::BusResult;
 use crate::pg::datum::Jsonb;
 use crate::plans::{self, Statement};
 
-// Ready messages in delivery order, then the rest in the order they will become ready.
+// Ready messages in delivery order, then the rest in the order they will become ready; a message
+// waiting behind its group's head shows when it would be ready, and comes last.
 static PEEK: Statement = Statement {
     sql: concat!(
         "WITH RECURSIVE q AS (SELECT queue_id, clock_timestamp() AS now FROM bussig.queue WHERE name = $1), ",
@@ -17,7 +18,7 @@ static PEEK: Statement = Statement {
           (SELECT ready.message_id, 'ready' AS state, ready.visible_at, ready.subject,
                   coalesce(ready.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = ready.body_id)),
                   ready.headers, ready.delivery_count, ready.priority, ready.enqueued_at,
-                  ready.correlation_id, ready.reply_to
+                  ready.correlation_id, ready.reply_to, ready.group_id
            FROM priorities CROSS JOIN LATERAL (
                SELECT in_order.* FROM bussig.message in_order
                WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
@@ -27,11 +28,14 @@ static PEEK: Statement = Statement {
            ORDER BY ready.priority DESC, ready.visible_at, ready.message_id
            LIMIT $2)
           UNION ALL
-          (SELECT later.message_id, CASE WHEN later.lock_token IS NULL THEN 'delayed' ELSE 'locked' END,
-                  later.visible_at, later.subject,
+          (SELECT later.message_id,
+                  CASE WHEN later.lock_token IS NOT NULL THEN 'locked'
+                       WHEN later.visible_at = 'infinity' THEN 'waiting_in_group'
+                       ELSE 'delayed' END,
+                  coalesce(later.group_ready_at, later.visible_at), later.subject,
                   coalesce(later.payload, (SELECT b.payload FROM bussig.body b WHERE b.body_id = later.body_id)),
                   later.headers, later.delivery_count, later.priority, later.enqueued_at, later.correlation_id,
-                  later.reply_to
+                  later.reply_to, later.group_id
            FROM priorities CROSS JOIN LATERAL (
                SELECT in_order.* FROM bussig.message in_order
                WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
@@ -59,6 +63,7 @@ pub type PeekRow = (
     TimestampWithTimeZone,
     Option<String>,
     Option<String>,
+    Option<String>,
 );
 
 /// Up to `max_messages` messages of `queue`: ready ones in delivery order, then the rest in the order
@@ -84,6 +89,7 @@ pub fn peek(queue: &str, max_messages: i32) -> BusResult<Vec<PeekRow>> {
                 plans::filled(&row, 9, "enqueue time")?,
                 row.get::<String>(10)?,
                 row.get::<String>(11)?,
+                row.get::<String>(12)?,
             ));
         }
         if rows.is_empty() {

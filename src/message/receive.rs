@@ -50,7 +50,7 @@ macro_rules! read_statement {
                             WHEN q.has_dead_letter_queue AND by_ctid.delivery_count > q.max_deliveries
                                  THEN 'max_deliveries'
                        END AS dead_reason,
-                       q.has_dead_letter_queue, q.queue_id"
+                       q.has_dead_letter_queue, q.queue_id, by_ctid.group_id"
         )
     };
 }
@@ -129,6 +129,7 @@ pub struct Delivery {
     pub enqueued_at: TimestampWithTimeZone,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    pub group_id: Option<String>,
 }
 
 /// What READ and READ_FROM return for each message they locked: a delivery, or a message to
@@ -144,6 +145,7 @@ struct ReadRow {
     enqueued_at: TimestampWithTimeZone,
     correlation_id: Option<String>,
     reply_to: Option<String>,
+    group_id: Option<String>,
     /// Why it may not be delivered, and whether its queue has a dead-letter queue.
     dead: Option<(DeadReason, bool)>,
 }
@@ -172,6 +174,7 @@ impl ReadRow {
             enqueued_at: plans::filled(row, 8, "enqueue time")?,
             correlation_id: row.get(9)?,
             reply_to: row.get(10)?,
+            group_id: row.get(15)?,
             dead,
         })
     }
@@ -191,6 +194,7 @@ impl ReadRow {
             enqueued_at: self.enqueued_at,
             correlation_id: self.correlation_id,
             reply_to: self.reply_to,
+            group_id: self.group_id,
         })
     }
 }

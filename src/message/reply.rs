@@ -3,8 +3,8 @@
 use pgrx::pg_sys;
 use pgrx::Uuid;
 
-use super::nothing_done;
 use super::send::{check_size, reply_into};
+use super::{group, nothing_done};
 use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::{BusError, BusResult};
@@ -16,7 +16,8 @@ use crate::queue;
 static TAKE_REQUEST: Statement = Statement {
     sql: "DELETE FROM bussig.message by_id
           WHERE queue_id = $1 AND message_id = $2 AND lock_token = $3
-          RETURNING reply_to, coalesce(correlation_id, message_id::text)",
+          RETURNING reply_to, coalesce(correlation_id, message_id::text),
+                    CASE WHEN group_seq IS NOT NULL THEN group_id END",
     args: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::UUIDOID],
     writes: true,
 };
@@ -47,6 +48,11 @@ pub fn reply(
             });
         };
         depth::removed(queue_id, 1);
+        group::leave(
+            client,
+            queue_id,
+            request.get::<String>(3)?.into_iter().collect(),
+        )?;
         let id = reply_into(client, caller, &reply_to, payload, headers, &correlation_id)?;
         Ok(Some(id))
     })

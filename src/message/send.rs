@@ -5,6 +5,7 @@ use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::IntoDatum;
 
+use super::group;
 use crate::access::{self, Caller, Privilege};
 use crate::depth;
 use crate::error::{BusError, BusResult};
@@ -19,8 +20,8 @@ use crate::validate::{self, required};
 // The queue comes as its id, from the backend's cache of queues (queue::destination): a send is one
 // plain INSERT. A send that races a drop of its queue commits a message the worker then removes.
 static SEND: Statement = Statement {
-    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
-          VALUES ($1, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7)
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to, group_id)
+          VALUES ($1, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8)
           RETURNING message_id",
     args: &SEND_ARGS,
     writes: true,
@@ -37,34 +38,37 @@ pub const MESSAGE_FIELDS: [pg_sys::Oid; 6] = [
     pg_sys::TEXTOID,
 ];
 
-/// queue_id, then the message's fields.
-const SEND_ARGS: [pg_sys::Oid; 7] = plans::joined([pg_sys::INT4OID], MESSAGE_FIELDS);
+/// queue_id, the message's fields, its group.
+const SEND_ARGS: [pg_sys::Oid; 8] = plans::joined(
+    plans::joined::<1, 6, 7>([pg_sys::INT4OID], MESSAGE_FIELDS),
+    [pg_sys::TEXTOID],
+);
 
 // A key that expired stays in place until the worker prunes it; ON CONFLICT revives it.
 static SEND_DEDUPLICATED: Statement = Statement {
     sql: "WITH q AS (SELECT queue_id, dedup_window FROM bussig.queue WHERE queue_id = $1),
           fresh AS (
               INSERT INTO bussig.dedup AS d (queue_id, dedup_id, expires_at)
-              SELECT queue_id, $8, now() + dedup_window FROM q
+              SELECT queue_id, $9, now() + dedup_window FROM q
               ON CONFLICT (queue_id, dedup_id) DO UPDATE SET expires_at = excluded.expires_at
               WHERE d.expires_at <= now()
               RETURNING queue_id
           ),
           sent AS (
-              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to)
-              SELECT fresh.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7 FROM fresh
+              INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to, group_id)
+              SELECT fresh.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8 FROM fresh
               RETURNING message_id
           )
           SELECT message_id FROM sent",
-    args: &plans::joined::<7, 1, 8>(SEND_ARGS, [pg_sys::TEXTOID]),
+    args: &plans::joined::<8, 1, 9>(SEND_ARGS, [pg_sys::TEXTOID]),
     writes: true,
 };
 
 // The function scan hands the insert the payloads in array order, so ids follow that order.
 static SEND_BATCH: Statement = Statement {
-    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority)
-          SELECT $1, p.payload, $3, clock_timestamp() + coalesce($4, interval '0'), $5
-          FROM unnest($2::jsonb[]) AS p(payload)
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, group_id)
+          SELECT $1, p.payload, $3, clock_timestamp() + coalesce($4, interval '0'), $5, p.group_id
+          FROM unnest($2::jsonb[], $6::text[]) AS p(payload, group_id)
           RETURNING message_id",
     args: &[
         pg_sys::INT4OID,
@@ -72,6 +76,7 @@ static SEND_BATCH: Statement = Statement {
         pg_sys::JSONBOID,
         pg_sys::INTERVALOID,
         pg_sys::INT4OID,
+        pg_sys::TEXTARRAYOID,
     ],
     writes: true,
 };
@@ -190,6 +195,8 @@ pub struct Extras<'a> {
     pub dedup_id: Option<&'a str>,
     pub correlation_id: Option<&'a str>,
     pub reply_to: Option<&'a str>,
+    /// Checked with `validate::group_id`.
+    pub group_id: Option<&'a str>,
 }
 
 /// Sends one message: its id, or None when `dedup_id` made it a duplicate.
@@ -204,6 +211,7 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
         dedup_id,
         correlation_id,
         reply_to,
+        group_id,
     } = extras;
     let payloads = [payload.into_datum().expect("a payload is a datum")];
     let messages = |queue_id| direct_insert::Messages {
@@ -216,8 +224,7 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
         reply_to,
     };
     let direct = || {
-        dedup_id
-            .is_none()
+        (dedup_id.is_none() && group_id.is_none())
             .then(|| send_directly(queue, delay, messages))
             .flatten()
     };
@@ -232,15 +239,21 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
             priority.into(),
             correlation_id.into(),
             reply_to.into(),
+            group_id.into(),
         ];
-        let (statement, direct) = match dedup_id {
-            Some(dedup_id) => {
+        let (statement, direct) = match (dedup_id, group_id) {
+            (Some(dedup_id), _) => {
                 args.push(dedup_id.into());
                 (&SEND_DEDUPLICATED, None)
             }
-            None => (&SEND, Some(&messages)),
+            (None, Some(_)) => (&SEND, None),
+            (None, None) => (&SEND, Some(&messages)),
         };
-        insert_messages(client, queue, found, delay, direct, statement, &args)
+        let ids = insert_messages(client, queue, found, delay, direct, statement, &args)?;
+        if group_id.is_some() {
+            group::join(client, ids.clone())?;
+        }
+        Ok(ids)
     })?;
     Ok(ids.first().copied())
 }
@@ -257,13 +270,14 @@ pub(super) fn reply_into(
 ) -> BusResult<i64> {
     caller.require(client, queue, Privilege::Send)?;
     let found = queue::require(client, queue)?;
-    let args: [DatumWithOid; 7] = [
+    let args: [DatumWithOid; 8] = [
         found.queue_id.into(),
         payload.into(),
         headers.into(),
         Option::<Interval>::None.into(),
         0.into(),
         correlation_id.into(),
+        Option::<&str>::None.into(),
         Option::<&str>::None.into(),
     ];
     let ids = insert_messages(client, queue, found, None, None, &SEND, &args)?;
@@ -272,18 +286,38 @@ pub(super) fn reply_into(
         .ok_or_else(|| BusError::Corrupt("a reply's INSERT returned no id".into()))
 }
 
-/// Sends `payloads` in array order: their ids, ascending.
+/// Sends `payloads` in array order, each with the group of the same place in `group_ids`: their ids,
+/// ascending.
 pub fn batch(
     queue: &str,
     payloads: JsonbArray,
     headers: Option<Jsonb>,
     delay: Option<Interval>,
     priority: i32,
+    group_ids: Option<Vec<Option<String>>>,
 ) -> BusResult<Vec<i64>> {
     let (count, any_null) = payloads.shape();
     if any_null {
         return Err(BusError::NullArgument("every element of payloads"));
     }
+    let grouped = match &group_ids {
+        Some(group_ids) if group_ids.len() != count => {
+            return Err(BusError::invalid(
+                "group_ids",
+                format!(
+                    "{} group ids do not match {count} payloads",
+                    group_ids.len()
+                ),
+            ))
+        }
+        Some(group_ids) => {
+            for group_id in group_ids {
+                validate::group_id(group_id.as_deref())?;
+            }
+            group_ids.iter().any(Option::is_some)
+        }
+        None => false,
+    };
     let elements: Vec<pg_sys::Datum> = if count > 0 {
         let elements = payloads.elements();
         let largest = elements.iter().map(Jsonb::size).max().unwrap_or(0);
@@ -304,26 +338,28 @@ pub fn batch(
         correlation_id: None,
         reply_to: None,
     };
-    let direct = || send_directly(queue, delay, messages);
+    let direct = || {
+        (!grouped)
+            .then(|| send_directly(queue, delay, messages))
+            .flatten()
+    };
     let mut ids = access::connect_unless_direct(direct, |client, caller| {
         let found = destination(client, caller, queue)?;
-        let args: [DatumWithOid; 5] = [
+        let args: [DatumWithOid; 6] = [
             found.queue_id.into(),
             payloads.into(),
             headers.into(),
             delay.into(),
             priority.into(),
+            group_ids.into(),
         ];
         let messages = messages(found.queue_id);
-        insert_messages(
-            client,
-            queue,
-            found,
-            delay,
-            Some(&messages),
-            &SEND_BATCH,
-            &args,
-        )
+        let direct = (!grouped).then_some(&messages);
+        let ids = insert_messages(client, queue, found, delay, direct, &SEND_BATCH, &args)?;
+        if grouped {
+            group::join(client, ids.clone())?;
+        }
+        Ok(ids)
     })?;
     ids.sort_unstable();
     Ok(ids)

@@ -31,7 +31,7 @@ const fn column(name: &'static CStr, type_oid: pg_sys::Oid, not_null: bool) -> C
     }
 }
 
-const COLUMNS: [Column; 15] = [
+const COLUMNS: [Column; 18] = [
     column(c"message_id", pg_sys::INT8OID, true),
     column(c"visible_at", pg_sys::TIMESTAMPTZOID, true),
     column(c"enqueued_at", pg_sys::TIMESTAMPTZOID, true),
@@ -47,6 +47,10 @@ const COLUMNS: [Column; 15] = [
     column(c"correlation_id", pg_sys::TEXTOID, false),
     column(c"reply_to", pg_sys::TEXTOID, false),
     column(c"last_error", pg_sys::TEXTOID, false),
+    // Grouped messages are sent by statement (message::group): direct inserts leave these NULL.
+    column(c"group_id", pg_sys::TEXTOID, false),
+    column(c"group_seq", pg_sys::INT8OID, false),
+    column(c"group_ready_at", pg_sys::TIMESTAMPTZOID, false),
 ];
 const MESSAGE_ID: usize = 0;
 const VISIBLE_AT: usize = 1;

@@ -74,7 +74,9 @@ static DROP_QUEUE: Statement = Statement {
                                 WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1)
           ), gone_messages AS (
               DELETE FROM bussig.message in_order WHERE queue_id IN (SELECT queue_id FROM doomed)
-                    ), gone_keys AS (
+          ), gone_groups AS (
+              DELETE FROM bussig.message_group WHERE queue_id IN (SELECT queue_id FROM doomed)
+          ), gone_keys AS (
               DELETE FROM bussig.dedup WHERE queue_id IN (SELECT queue_id FROM doomed)
           ), recorded AS (
               INSERT INTO bussig.dropped_queue (queue_id) SELECT queue_id FROM doomed
@@ -87,6 +89,13 @@ static DROP_QUEUE: Statement = Statement {
 
 static PURGE_QUEUE: Statement = Statement {
     sql: "DELETE FROM bussig.message in_order WHERE queue_id = $1",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+// A purged queue's groups are empty.
+static PURGE_GROUPS: Statement = Statement {
+    sql: "DELETE FROM bussig.message_group WHERE queue_id = $1",
     args: &[pg_sys::INT4OID],
     writes: true,
 };
@@ -284,6 +293,7 @@ pub fn purge(client: &mut SpiClient<'_>, caller: &Caller, queue: &str) -> BusRes
     caller.require(client, queue, Privilege::Manage)?;
     let found = require(client, queue)?;
     let purged = plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len();
+    plans::run(client, &PURGE_GROUPS, &[found.queue_id.into()])?;
     crate::depth::removed(found.queue_id, purged);
     Ok(purged as i64)
 }

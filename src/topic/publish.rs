@@ -7,6 +7,7 @@ use pgrx::spi::SpiClient;
 use super::{checked_subject, routes};
 use crate::access::{self, Caller, Privilege};
 use crate::error::{BusError, BusResult};
+use crate::message::group;
 use crate::message::send::{check_size, Extras, Outgoing, MESSAGE_FIELDS};
 use crate::pg::datum::{ArrayShape, Jsonb, JsonbArray};
 use crate::pg::gucs;
@@ -27,22 +28,24 @@ static CLAIM_DEDUP: Statement = Statement {
 
 // One queue: the payload is stored inline, as by send.
 static PUBLISH_ONE: Statement = Statement {
-    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to, subject)
-          SELECT q.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8
+    sql: "INSERT INTO bussig.message (queue_id, payload, headers, visible_at, priority, correlation_id, reply_to, subject,
+                                     group_id)
+          SELECT q.queue_id, $2, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8, $9
           FROM bussig.queue q WHERE q.queue_id = ($1::int[])[1]
-          RETURNING queue_id",
-    args: &PUBLISH_ARGS,
+          RETURNING queue_id, message_id",
+    args: &PUBLISH_GROUPED_ARGS,
     writes: true,
 };
 
 // Several queues: the payload is stored once and each queue's message refers to it.
 static PUBLISH_SHARED: Statement = Statement {
     sql: "WITH body AS (INSERT INTO bussig.body (payload) VALUES ($2) RETURNING body_id)
-          INSERT INTO bussig.message (queue_id, body_id, headers, visible_at, priority, correlation_id, reply_to, subject)
-          SELECT q.queue_id, body.body_id, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8
+          INSERT INTO bussig.message (queue_id, body_id, headers, visible_at, priority, correlation_id, reply_to, subject,
+                                      group_id)
+          SELECT q.queue_id, body.body_id, $3, clock_timestamp() + coalesce($4, interval '0'), $5, $6, $7, $8, $9
           FROM body, bussig.queue q WHERE q.queue_id = ANY ($1)
-          RETURNING queue_id",
-    args: &PUBLISH_ARGS,
+          RETURNING queue_id, message_id",
+    args: &PUBLISH_GROUPED_ARGS,
     writes: true,
 };
 
@@ -61,6 +64,8 @@ const PUBLISH_ARGS: [pg_sys::Oid; 8] = plans::joined(
     plans::joined::<1, 6, 7>([pg_sys::INT4ARRAYOID], MESSAGE_FIELDS),
     [pg_sys::TEXTOID],
 );
+/// The same, then its group.
+const PUBLISH_GROUPED_ARGS: [pg_sys::Oid; 9] = plans::joined(PUBLISH_ARGS, [pg_sys::TEXTOID]);
 
 /// One message for every subscribed queue whose pattern matches and that the caller may send to; how
 /// many queues received it.
@@ -75,6 +80,7 @@ fn route(
         dedup_id,
         correlation_id,
         reply_to,
+        group_id,
     } = *extras;
     let Outgoing {
         payload,
@@ -97,7 +103,7 @@ fn route(
         return Ok(0);
     }
     let count = queue_ids.len();
-    let args: [DatumWithOid; 8] = [
+    let mut args: Vec<DatumWithOid> = vec![
         queue_ids.into(),
         payload.into(),
         headers.into(),
@@ -107,7 +113,11 @@ fn route(
         reply_to.into(),
         subject.into(),
     ];
-    if count > gucs::INLINE_FANOUT_LIMIT.get() as usize && crate::worker::serves_this_database() {
+    // A grouped message joins its group in each queue in this transaction: never handed to the worker.
+    if group_id.is_none()
+        && count > gucs::INLINE_FANOUT_LIMIT.get() as usize
+        && crate::worker::serves_this_database()
+    {
         plans::run(client, &PUBLISH_TO_WORKER, &args)?;
         wakeup::note_fanout();
         return Ok(count as i64);
@@ -117,16 +127,22 @@ fn route(
     } else {
         &PUBLISH_SHARED
     };
+    args.push(group_id.into());
     let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
     let mut delivered = 0;
+    let mut message_ids = Vec::new();
     for row in plans::run(client, statement, &args)? {
         let queue_id: i32 = plans::filled(&row, 1, "queue id")?;
         crate::depth::added(queue_id, 1);
         if let Some((name, notify)) = routes.queues.get(&queue_id) {
             wakeup::announce(queue_id, name, *notify, ready_now, 1);
         }
+        if group_id.is_some() {
+            message_ids.push(plans::filled::<i64>(&row, 2, "message id")?);
+        }
         delivered += 1;
     }
+    group::join(client, message_ids)?;
     Ok(delivered)
 }
 
@@ -161,6 +177,7 @@ pub fn batch(
         dedup_id: None,
         correlation_id: None,
         reply_to: None,
+        group_id: None,
     };
     access::connect(|client, caller| -> BusResult<i64> {
         let mut total = 0;

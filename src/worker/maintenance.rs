@@ -149,12 +149,14 @@ static COLLECT_BODIES: Statement = Statement {
     writes: true,
 };
 
-// A send racing drop_queue can leave a message whose queue is gone; nobody could ever read it. A
-// minute after the drop, every such send has committed or rolled back.
+// A send racing drop_queue can leave a message (and its group) whose queue is gone; nobody could ever
+// read it. A minute after the drop, every such send has committed or rolled back.
 static ORPHANED_MESSAGES: Statement = Statement {
     sql: "WITH settled AS (
               DELETE FROM bussig.dropped_queue WHERE dropped_at < clock_timestamp() - interval '1 minute'
               RETURNING queue_id
+          ), orphaned_groups AS (
+              DELETE FROM bussig.message_group WHERE queue_id IN (SELECT queue_id FROM settled)
           )
           DELETE FROM bussig.message in_order WHERE queue_id IN (SELECT queue_id FROM settled)",
     args: &[],

@@ -58,6 +58,8 @@ pub struct Message<T = Value> {
     pub enqueued_at: DateTime<Utc>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// Its ordered group, if it was sent to one.
+    pub group_id: Option<String>,
     /// Set on messages a `Consumer` hands its handler.
     pub(crate) connection: Option<Connection>,
 }
@@ -76,6 +78,7 @@ impl Message<Value> {
             enqueued_at: row.get(7),
             correlation_id: row.get(8),
             reply_to: row.get(9),
+            group_id: row.try_get(10).ok().flatten(),
             connection: None,
         }
     }
@@ -109,6 +112,7 @@ impl<T> Message<T> {
             enqueued_at: Utc::now(),
             correlation_id: None,
             reply_to: None,
+            group_id: None,
             connection: None,
         }
     }
@@ -127,6 +131,7 @@ impl<T> Message<T> {
             enqueued_at: self.enqueued_at,
             correlation_id: self.correlation_id,
             reply_to: self.reply_to,
+            group_id: self.group_id,
             connection: self.connection,
         }
     }

@@ -19,6 +19,7 @@ pub struct SendOptions {
     pub dedup_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    pub group_id: Option<String>,
 }
 
 impl SendOptions {
@@ -57,6 +58,13 @@ impl SendOptions {
         self
     }
 
+    /// An ordered group: its messages are delivered one at a time, in send order (`group_id`). For
+    /// `send_batch`, every message goes to this group.
+    pub fn group_id(mut self, id: impl Into<String>) -> Self {
+        self.group_id = Some(id.into());
+        self
+    }
+
     /// The queue a reply should go to (`bussig.reply`, or `request` in this crate).
     pub fn reply_to(mut self, queue: impl Into<String>) -> Self {
         self.reply_to = Some(queue.into());
@@ -80,7 +88,7 @@ pub async fn send<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<Option<i64>> {
-    let sql = "SELECT bussig.send($1, $2, $3, $4, $5, $6, $7, $8)";
+    let sql = "SELECT bussig.send($1, $2, $3, $4, $5, $6, $7, $8, $9)";
     Ok(one_message(client, sql, queue, payload, options)
         .await?
         .get(0))
@@ -107,6 +115,7 @@ async fn one_message<C: GenericClient, T: Serialize + ?Sized>(
             Type::TEXT,
             Type::TEXT,
             Type::TEXT,
+            Type::TEXT,
         ],
         &[
             &target,
@@ -117,6 +126,7 @@ async fn one_message<C: GenericClient, T: Serialize + ?Sized>(
             &options.dedup_id,
             &options.correlation_id,
             &options.reply_to,
+            &options.group_id,
         ],
     )
     .await?;
@@ -134,15 +144,20 @@ pub async fn send_batch<C: GenericClient, T: Serialize>(
         .iter()
         .map(serde_json::to_value)
         .collect::<Result<Vec<Value>, _>>()?;
+    let group_ids = options
+        .group_id
+        .as_ref()
+        .map(|group| vec![group.clone(); payloads.len()]);
     let rows = sql::query(
         client,
-        "SELECT bussig.send_batch($1, $2, $3, $4, $5)",
+        "SELECT bussig.send_batch($1, $2, $3, $4, $5, $6)",
         &[
             Type::TEXT,
             Type::JSONB_ARRAY,
             Type::JSONB,
             Type::INTERVAL,
             Type::INT4,
+            Type::TEXT_ARRAY,
         ],
         &[
             &queue,
@@ -150,6 +165,7 @@ pub async fn send_batch<C: GenericClient, T: Serialize>(
             &options.headers_value(),
             &options.delay_interval(),
             &options.priority,
+            &group_ids,
         ],
     )
     .await?;
@@ -163,7 +179,7 @@ pub async fn publish<C: GenericClient, T: Serialize + ?Sized>(
     payload: &T,
     options: &SendOptions,
 ) -> Result<i32> {
-    let sql = "SELECT bussig.publish($1, $2, $3, $4, $5, $6, $7, $8)";
+    let sql = "SELECT bussig.publish($1, $2, $3, $4, $5, $6, $7, $8, $9)";
     Ok(one_message(client, sql, subject, payload, options)
         .await?
         .get(0))

@@ -188,3 +188,29 @@ async fn subscribers_name_the_queues_a_subject_reaches() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+#[tokio::test]
+async fn a_group_comes_out_one_message_at_a_time_and_says_its_name() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "grouped", "").await;
+    let grouped = SendOptions::new().group_id("order-7");
+    send(&c, &q.name, &Job { n: 1 }, &grouped).await.unwrap();
+    send_batch(&c, &q.name, &[Job { n: 2 }, Job { n: 3 }], &grouped)
+        .await
+        .unwrap();
+    send(&c, &q.name, &Job { n: 4 }, &SendOptions::new())
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        let got = read(&c, &q.name, 10, None, None).await.unwrap();
+        let ours: Vec<&Message> = got
+            .iter()
+            .filter(|m| m.group_id.as_deref() == Some("order-7"))
+            .collect();
+        assert_eq!(ours.len(), 1, "one of the group at a time");
+        assert_eq!(ours[0].payload["n"], n);
+        assert!(ack(&c, &q.name, ours[0].id, ours[0].lock_token)
+            .await
+            .unwrap());
+    }
+}

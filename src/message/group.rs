@@ -1,0 +1,187 @@
+//! Ordered message groups: the messages a queue holds for one `group_id` are delivered one at a time,
+//! in send order, while other groups and ungrouped messages flow in parallel. A group's first message
+//! (its head) is a message like any other: ready, delayed, locked or waiting for a retry. The others
+//! are parked behind it (visible_at 'infinity', past the range any read scans, so a read never walks
+//! them) with the time they would have been ready. When the head is acked or dead-lettered, the next
+//! in send order takes its place. Send order is the group's own sequence: message ids come from
+//! per-backend ranges and do not follow it.
+//!
+//! `bussig.message_group` counts each group's messages. Sends and settles of one group take its row
+//! lock, so they line up: a settle that empties a group and a send that refills it cannot both miss
+//! each other.
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+
+use super::nothing_done;
+use crate::access::{self, Privilege};
+use crate::error::BusResult;
+use crate::pg::wakeup;
+use crate::plans::{self, Statement};
+
+// New messages (ids in send order) join their groups: each gets its place in its group, and all but
+// a group's head are parked with the time they would have been ready. Groups are locked in name order,
+// so that two transactions sending to the same groups do not deadlock.
+static JOIN: Statement = Statement {
+    sql: "WITH new AS (
+              SELECT m.message_id, m.queue_id, m.group_id,
+                     row_number() OVER (PARTITION BY m.queue_id, m.group_id ORDER BY ids.ord) AS nth,
+                     count(*) OVER (PARTITION BY m.queue_id, m.group_id) AS n
+              FROM unnest($1::bigint[]) WITH ORDINALITY AS ids(message_id, ord)
+              JOIN bussig.message m ON m.message_id = ids.message_id
+              WHERE m.group_id IS NOT NULL
+          ), joined AS (
+              INSERT INTO bussig.message_group AS g (queue_id, group_id, pending, last_seq)
+              SELECT queue_id, group_id, n, n FROM (SELECT DISTINCT queue_id, group_id, n FROM new) counts
+              ORDER BY queue_id, group_id
+              ON CONFLICT (queue_id, group_id)
+              DO UPDATE SET pending = g.pending + excluded.pending, last_seq = g.last_seq + excluded.last_seq
+              RETURNING queue_id, group_id, pending, last_seq
+          )
+          UPDATE bussig.message m
+          SET group_seq = joined.last_seq - new.n + new.nth,
+              visible_at = CASE WHEN joined.pending - new.n + new.nth = 1 THEN m.visible_at ELSE 'infinity' END,
+              group_ready_at = CASE WHEN joined.pending - new.n + new.nth = 1 THEN NULL ELSE m.visible_at END
+          FROM new JOIN joined USING (queue_id, group_id)
+          WHERE m.message_id = new.message_id",
+    args: &[pg_sys::INT8ARRAYOID],
+    writes: true,
+};
+
+// Messages of these groups ($2, one entry per message) left queue $1: the counts go down, in name order.
+static LEAVE: Statement = Statement {
+    sql: "UPDATE bussig.message_group g SET pending = g.pending - gone.n
+          FROM (SELECT group_id, count(*) AS n FROM unnest($2::text[]) AS gone(group_id)
+                GROUP BY group_id ORDER BY group_id) gone
+          WHERE g.queue_id = $1 AND g.group_id = gone.group_id
+          RETURNING g.group_id, g.pending",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTARRAYOID],
+    writes: true,
+};
+
+// The next message of each group $2 in queue $1 becomes ready when it would have been. A statement of
+// its own after LEAVE: its snapshot sees the messages of sends that LEAVE waited for.
+static NEXT_IN_LINE: Statement = Statement {
+    sql: "UPDATE bussig.message m
+          SET visible_at = greatest(clock_timestamp(), m.group_ready_at), group_ready_at = NULL
+          FROM unnest($2::text[]) AS groups(group_id)
+          WHERE m.message_id = (SELECT p.message_id FROM bussig.message p
+                                WHERE p.queue_id = $1 AND p.group_id = groups.group_id AND p.group_seq IS NOT NULL
+                                ORDER BY p.group_seq LIMIT 1)
+            AND m.visible_at = 'infinity'
+          RETURNING m.visible_at <= clock_timestamp()",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTARRAYOID],
+    writes: true,
+};
+
+// Groups left with no message: their rows go (LEAVE holds their locks).
+static FORGET: Statement = Statement {
+    sql: "DELETE FROM bussig.message_group WHERE queue_id = $1 AND group_id = ANY ($2) AND pending <= 0",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTARRAYOID],
+    writes: true,
+};
+
+// Each group whose head is not ready: locked by a consumer, waiting for a retry after a nack, or
+// delayed; since its head was sent.
+static BLOCKED: Statement = Statement {
+    sql: "SELECT g.group_id, head.message_id,
+                 CASE WHEN head.lock_token IS NOT NULL THEN 'locked'
+                      WHEN head.delivery_count > 0 THEN 'retry'
+                      ELSE 'delayed' END,
+                 head.enqueued_at
+          FROM bussig.queue q
+          JOIN bussig.message_group g ON g.queue_id = q.queue_id
+          CROSS JOIN LATERAL (
+              SELECT p.message_id, p.lock_token, p.delivery_count, p.enqueued_at, p.visible_at
+              FROM bussig.message p
+              WHERE p.queue_id = g.queue_id AND p.group_id = g.group_id AND p.group_seq IS NOT NULL
+              ORDER BY p.group_seq LIMIT 1) head
+          WHERE q.name = $1 AND head.visible_at > clock_timestamp()
+          ORDER BY head.enqueued_at, g.group_id",
+    args: &[pg_sys::TEXTOID],
+    writes: false,
+};
+
+/// New messages, in send order, join their groups; ids of ungrouped messages are passed over.
+pub fn join(client: &mut SpiClient<'_>, message_ids: Vec<i64>) -> BusResult<()> {
+    if !message_ids.is_empty() {
+        plans::run(client, &JOIN, &[message_ids.into()])?;
+    }
+    Ok(())
+}
+
+/// Messages of `groups` (one entry per message) left queue `queue_id` by an ack or a move to the
+/// dead-letter queue: the next of each group becomes ready, and readers waiting for it are woken.
+pub fn leave(client: &mut SpiClient<'_>, queue_id: i32, groups: Vec<String>) -> BusResult<()> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let (mut next, mut empty) = (Vec::new(), Vec::new());
+    for row in plans::run(client, &LEAVE, &[queue_id.into(), groups.into()])? {
+        let group: String = plans::filled(&row, 1, "group id")?;
+        let pending: i32 = plans::filled(&row, 2, "group's messages")?;
+        if pending > 0 {
+            next.push(group);
+        } else {
+            empty.push(group);
+        }
+    }
+    if !next.is_empty() {
+        crate::depth::touched(queue_id);
+        let mut ready = 0u32;
+        for row in plans::run(client, &NEXT_IN_LINE, &[queue_id.into(), next.into()])? {
+            ready += u32::from(row.get::<bool>(1)?.unwrap_or(false));
+        }
+        if ready > 0 {
+            wakeup::note_ready(queue_id, ready);
+        }
+    }
+    if !empty.is_empty() {
+        plans::run(client, &FORGET, &[queue_id.into(), empty.into()])?;
+    }
+    Ok(())
+}
+
+/// A group whose head is not ready, as `bussig.blocked_groups` shows it.
+pub type BlockedRow = (String, i64, String, TimestampWithTimeZone);
+
+/// The groups of `queue` whose head is not ready; 42704 for an unknown queue.
+pub fn blocked_in(queue: &str) -> BusResult<Vec<BlockedRow>> {
+    access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
+        let rows = blocked(client, queue)?;
+        if rows.is_empty() {
+            return nothing_done(client, queue, rows);
+        }
+        Ok(rows)
+    })
+}
+
+fn blocked(client: &mut SpiClient<'_>, queue: &str) -> BusResult<Vec<BlockedRow>> {
+    plans::run(client, &BLOCKED, &[queue.into()])?
+        .map(|row| {
+            Ok((
+                plans::filled(&row, 1, "group id")?,
+                plans::filled(&row, 2, "message id")?,
+                plans::filled(&row, 3, "state")?,
+                plans::filled(&row, 4, "enqueue time")?,
+            ))
+        })
+        .collect()
+}
+
+/// The group ids a settle statement returned in `column` (NULL for ungrouped messages).
+pub fn returned_groups(
+    rows: pgrx::spi::SpiTupleTable<'_>,
+    column: usize,
+) -> BusResult<(i64, Vec<String>)> {
+    let mut count = 0;
+    let mut groups = Vec::new();
+    for row in rows {
+        count += 1;
+        if let Some(group) = row.get::<String>(column)? {
+            groups.push(group);
+        }
+    }
+    Ok((count, groups))
+}
