@@ -3,7 +3,7 @@ that ack, retry, dead-letter, extend locks and stop without leaving a message lo
 
 from ._core import Stats
 from .aio import AsyncBus
-from .bus import Bus
+from .bus import BlockedGroup, Bus
 from .errors import (
     BussigError,
     InUse,
@@ -26,6 +26,7 @@ from .worker import Worker
 __all__ = [
     "AsyncBus",
     "AsyncMessage",
+    "BlockedGroup",
     "Bus",
     "BussigError",
     "DeadLetter",

@@ -20,13 +20,13 @@ from . import trace
 Seconds = Union[timedelta, float, int]
 Params = tuple[Any, ...]
 
-_OPTIONS = "%s::jsonb, %s::float8 * interval '1 second', %s::int4, %s::text, %s::text, %s::text"
+_OPTIONS = "%s::jsonb, %s::float8 * interval '1 second', %s::int4, %s::text, %s::text, %s::text, %s::text"
 SEND = f"SELECT bussig.send(%s::text, %s::jsonb, {_OPTIONS})"
 PUBLISH = f"SELECT bussig.publish(%s::text, %s::jsonb, {_OPTIONS})"
 
 COLUMNS = (
     "message_id, lock_token, subject, payload, headers, delivery_count, priority, enqueued_at,"
-    " correlation_id, reply_to"
+    " correlation_id, reply_to, group_id"
 )
 ACK_AND_READ = (
     f"SELECT {COLUMNS} FROM bussig.ack_and_read(%s::text, %s::int8[], %s::uuid[], %s::int4,"
@@ -42,6 +42,7 @@ QUEUE_DEPTH = "SELECT bussig.queue_depth(%s::text)"
 SUBSCRIBE = "SELECT bussig.subscribe(%s::text, %s::text, %s::float8 * interval '1 second')"
 HEARTBEAT = "SELECT bussig.heartbeat(%s::text)"
 DROP_QUEUE = "SELECT bussig.drop_queue(%s::text)"
+BLOCKED_GROUPS = "SELECT group_id, head_message_id, state, since FROM bussig.blocked_groups(%s::text)"
 
 Ack = tuple[int, uuid.UUID]
 
@@ -72,6 +73,7 @@ def message_params(
     dedup_id: Optional[str],
     correlation_id: Optional[str],
     reply_to: Optional[str],
+    group_id: Optional[str] = None,
 ) -> Params:
     """The parameters of SEND and PUBLISH; the headers gain the current trace context."""
     headers = trace.inject(headers)
@@ -84,6 +86,7 @@ def message_params(
         dedup_id,
         correlation_id,
         reply_to,
+        group_id,
     )
 
 

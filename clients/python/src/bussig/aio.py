@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from . import _sql, errors
 from ._connections import Row, caller_connection_async, connect_async, execute_async
 from ._sql import Seconds
-from .bus import EPHEMERAL_TTL, REPLY_WAIT, ephemeral_queue
+from .bus import EPHEMERAL_TTL, REPLY_WAIT, BlockedGroup, blocked_groups, ephemeral_queue
 from .message import AsyncMessage, fields
 
 
@@ -68,10 +68,13 @@ class AsyncBus:
         dedup_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         reply_to: Optional[str] = None,
+        group_id: Optional[str] = None,
         conn: Any = None,
     ) -> Optional[int]:
         """As ``Bus.send``."""
-        params = _sql.message_params(queue, payload, headers, delay, priority, dedup_id, correlation_id, reply_to)
+        params = _sql.message_params(
+            queue, payload, headers, delay, priority, dedup_id, correlation_id, reply_to, group_id
+        )
         value: Optional[int] = (await self.execute(_sql.SEND, params, conn))[0][0]
         return value
 
@@ -86,16 +89,23 @@ class AsyncBus:
         dedup_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         reply_to: Optional[str] = None,
+        group_id: Optional[str] = None,
         conn: Any = None,
     ) -> int:
         """As ``Bus.publish``."""
-        params = _sql.message_params(subject, payload, headers, delay, priority, dedup_id, correlation_id, reply_to)
+        params = _sql.message_params(
+            subject, payload, headers, delay, priority, dedup_id, correlation_id, reply_to, group_id
+        )
         value: int = (await self.execute(_sql.PUBLISH, params, conn))[0][0]
         return value
 
     async def queue_depth(self, queue: str, conn: Any = None) -> int:
         value: int = (await self.execute(_sql.QUEUE_DEPTH, (queue,), conn))[0][0]
         return value
+
+    async def blocked_groups(self, queue: str, conn: Any = None) -> list[BlockedGroup]:
+        """As ``Bus.blocked_groups``."""
+        return blocked_groups(await self.execute(_sql.BLOCKED_GROUPS, (queue,), conn))
 
     async def request(self, queue: str, payload: Any, timeout: Seconds = 30.0, **options: Any) -> AsyncMessage:
         """As ``Bus.request``."""

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Optional
 
 import psycopg
@@ -28,6 +30,22 @@ REPLY_WAIT = 1.0
 
 def ephemeral_queue(kind: str) -> str:
     return f"bussig_{kind}_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class BlockedGroup:
+    """An ordered group whose head is not ready, so the rest of the group waits behind it."""
+
+    group_id: str
+    head_message_id: int
+    state: str
+    """``locked`` (a consumer holds it), ``retry`` (nacked, waiting for its retry) or ``delayed``."""
+    since: datetime
+    """When the head was sent."""
+
+
+def blocked_groups(rows: list[Row]) -> list[BlockedGroup]:
+    return [BlockedGroup(*row) for row in rows]
 
 
 class Bus:
@@ -77,10 +95,14 @@ class Bus:
         dedup_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         reply_to: Optional[str] = None,
+        group_id: Optional[str] = None,
         conn: Any = None,
     ) -> Optional[int]:
-        """Sends one message; its id, or None when ``dedup_id`` found it a duplicate."""
-        params = _sql.message_params(queue, payload, headers, delay, priority, dedup_id, correlation_id, reply_to)
+        """Sends one message; its id, or None when ``dedup_id`` found it a duplicate. Messages with the
+        same ``group_id`` are delivered one at a time, in send order."""
+        params = _sql.message_params(
+            queue, payload, headers, delay, priority, dedup_id, correlation_id, reply_to, group_id
+        )
         value: Optional[int] = self.execute(_sql.SEND, params, conn)[0][0]
         return value
 
@@ -95,10 +117,13 @@ class Bus:
         dedup_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         reply_to: Optional[str] = None,
+        group_id: Optional[str] = None,
         conn: Any = None,
     ) -> int:
         """Publishes to every queue subscribed to a pattern the subject matches; how many got it."""
-        params = _sql.message_params(subject, payload, headers, delay, priority, dedup_id, correlation_id, reply_to)
+        params = _sql.message_params(
+            subject, payload, headers, delay, priority, dedup_id, correlation_id, reply_to, group_id
+        )
         value: int = self.execute(_sql.PUBLISH, params, conn)[0][0]
         return value
 
@@ -106,6 +131,10 @@ class Bus:
         """How many messages the queue holds: ready, delayed and locked."""
         value: int = self.execute(_sql.QUEUE_DEPTH, (queue,), conn)[0][0]
         return value
+
+    def blocked_groups(self, queue: str, conn: Any = None) -> list[BlockedGroup]:
+        """The queue's ordered groups whose head is locked, waiting for a retry, or delayed."""
+        return blocked_groups(self.execute(_sql.BLOCKED_GROUPS, (queue,), conn))
 
     def request(self, queue: str, payload: Any, timeout: Seconds = 30.0, **options: Any) -> Message:
         """Sends ``payload`` to ``queue`` with ``reply_to`` set to this process's reply queue and waits

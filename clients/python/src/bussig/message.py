@@ -29,6 +29,8 @@ class _Delivery:
     enqueued_at: datetime
     correlation_id: Optional[str]
     reply_to: Optional[str]
+    group_id: Optional[str] = None
+    """The ordered group it was sent to: the group's next message waits until this one is settled."""
     replied: bool = field(default=False, init=False)
     """Whether ``reply`` answered it (and so acked it)."""
 
@@ -74,7 +76,8 @@ class AsyncMessage(_Delivery):
 
 def fields(queue: str, row: tuple[Any, ...]) -> dict[str, Any]:
     """A row of ``_sql.COLUMNS`` as the keyword arguments of a message."""
-    (message_id, token, subject, payload, headers, delivery_count, priority, enqueued_at, correlation_id, reply_to) = row
+    (message_id, token, subject, payload, headers, delivery_count, priority, enqueued_at) = row[:8]
+    correlation_id, reply_to, group_id = row[8:]
     return dict(
         queue=queue,
         message_id=message_id,
@@ -87,4 +90,5 @@ def fields(queue: str, row: tuple[Any, ...]) -> dict[str, Any]:
         enqueued_at=enqueued_at,
         correlation_id=correlation_id,
         reply_to=reply_to,
+        group_id=group_id,
     )
