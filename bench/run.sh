@@ -8,7 +8,8 @@
 # to 32 consumers while an xid is held, then while REPEATABLE READ sessions scan the message table,
 # 13 faults: consumer backends terminated, the server restarted, a consumer process killed, with a
 # ledger of acks checked for messages lost or acked twice, 14 the Rust client's consumer, 15 the Python
-# client's worker against procrastinate and pgqueuer (installed from PyPI into a virtual environment).
+# client's worker against procrastinate and pgqueuer (installed from PyPI into a virtual environment),
+# 16 ordered message groups against pgmq's read_grouped.
 #   QUICK=1               a short run (a few minutes) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100 (sends and a read), counted by callgrind

@@ -171,6 +171,14 @@ CREATE TABLE bussig.message_group (
     last_seq bigint NOT NULL,
     PRIMARY KEY (queue_id, group_id)
 );
+
+-- A TRUNCATE of bussig.message empties every group too: a group counted with messages gone would hold
+-- its next sends back for ever.
+CREATE FUNCTION bussig.forget_groups() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN DELETE FROM bussig.message_group; RETURN NULL; END $$;
+CREATE TRIGGER message_truncated AFTER TRUNCATE ON bussig.message
+FOR EACH STATEMENT EXECUTE FUNCTION bussig.forget_groups();
 SELECT pg_catalog.pg_extension_config_dump('bussig.message_group', '');
 
 -- Sends take a group; reads and peek say it.

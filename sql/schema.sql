@@ -144,6 +144,14 @@ CREATE TABLE bussig.message_group (
     PRIMARY KEY (queue_id, group_id)
 );
 
+-- A TRUNCATE of bussig.message empties every group too: a group counted with messages gone would hold
+-- its next sends back for ever.
+CREATE FUNCTION bussig.forget_groups() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN DELETE FROM bussig.message_group; RETURN NULL; END $$;
+CREATE TRIGGER message_truncated AFTER TRUNCATE ON bussig.message
+FOR EACH STATEMENT EXECUTE FUNCTION bussig.forget_groups();
+
 -- Queues drop_queue removed. A send that raced the drop may still commit a message for one of them;
 -- the worker deletes such messages once in-flight sends have had time to finish. Recording the drop
 -- keeps that from ever touching messages whose queue is merely not loaded yet (pg_restore loads

@@ -7,6 +7,7 @@ mod client;
 mod faults;
 mod features;
 mod field;
+mod groups;
 mod ledger;
 mod load;
 mod pg;
@@ -179,7 +180,7 @@ fn run() -> Res<()> {
         sections.push(section);
     };
     type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
-    let workloads: [(&str, Workload); 12] = [
+    let workloads: [(&str, Workload); 13] = [
         ("1 send", workloads::sends),
         ("2 send_batch", workloads::send_batches),
         ("3 consume", workloads::consume),
@@ -195,6 +196,7 @@ fn run() -> Res<()> {
         ("13 faults, with a ledger", faults::faults),
         ("14 the Rust client's consumer", client::client_consumer),
         ("15 the Python client's worker", python::python_worker),
+        ("16 ordered message groups", groups::groups),
     ];
     for (name, workload) in workloads {
         let number = name.split(' ').next().unwrap_or(name);

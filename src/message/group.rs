@@ -48,12 +48,22 @@ static JOIN: Statement = Statement {
     writes: true,
 };
 
-// Messages of these groups ($2, one entry per message) left queue $1: the counts go down, in name order.
+// Messages of these groups ($2, one entry per message) left queue $1: the counts go down. The rows are
+// locked in name order first, as JOIN locks them, so that a settle and a send of the same groups do
+// not deadlock.
 static LEAVE: Statement = Statement {
-    sql: "UPDATE bussig.message_group g SET pending = g.pending - gone.n
-          FROM (SELECT group_id, count(*) AS n FROM unnest($2::text[]) AS gone(group_id)
-                GROUP BY group_id ORDER BY group_id) gone
+    sql: "WITH gone AS (
+              SELECT group_id, count(*) AS n FROM unnest($2::text[]) AS gone(group_id) GROUP BY group_id
+          ), locked AS (
+              SELECT g.group_id FROM bussig.message_group g
+              WHERE g.queue_id = $1 AND g.group_id IN (SELECT group_id FROM gone)
+              ORDER BY g.group_id
+              FOR UPDATE
+          )
+          UPDATE bussig.message_group g SET pending = g.pending - gone.n
+          FROM gone
           WHERE g.queue_id = $1 AND g.group_id = gone.group_id
+            AND g.group_id IN (SELECT group_id FROM locked)
           RETURNING g.group_id, g.pending",
     args: &[pg_sys::INT4OID, pg_sys::TEXTARRAYOID],
     writes: true,

@@ -2,7 +2,7 @@
 //! index entries, written straight into `bussig.message`, with no INSERT statement to start and shut
 //! down per call (a tenth of a send's backend time; see docs/performance.md).
 //!
-//! Only for the table as bussig creates it (dropped columns aside). Triggers, rules, row security,
+//! Only for the table as bussig creates it (dropped columns aside). Insert triggers, rules, row security,
 //! CHECK constraints, generated columns, columns or NOT NULL constraints bussig does not know, another
 //! table access method, partitioning, a read-only or parallel transaction: in all of these `insert`
 //! returns `None` and the caller runs its plain INSERT, which handles them.
@@ -269,7 +269,15 @@ unsafe fn layout(relation: pg_sys::Relation) -> Option<Layout> {
             && class.relam == pg_sys::HEAP_TABLE_AM_OID
             && !class.relispartition
             && !class.relrowsecurity
-            && (*relation).trigdesc.is_null()
+            && (*relation).trigdesc.as_ref().is_none_or(|t| {
+                // bussig's own TRUNCATE trigger is no concern of an insert; any other trigger is.
+                !(t.trig_insert_before_row
+                    || t.trig_insert_after_row
+                    || t.trig_insert_instead_row
+                    || t.trig_insert_before_statement
+                    || t.trig_insert_after_statement
+                    || t.trig_insert_new_table)
+            })
             && (*relation).rd_rules.is_null()
             && constraints.is_none_or(|c| c.num_check == 0 && !c.has_generated_stored);
         if !plain {

@@ -190,7 +190,7 @@ mod tests {
     }
 
     #[pg_test]
-    fn purge_and_drop_forget_the_groups() {
+    fn purge_truncate_and_drop_forget_the_groups() {
         run("SELECT bussig.create_queue('g')");
         run("SELECT bussig.send('g', '\"a1\"', group_id => 'a')");
         run("SELECT bussig.send('g', '\"a2\"', group_id => 'a')");
@@ -198,6 +198,11 @@ mod tests {
         assert_eq!(count("SELECT FROM bussig.message_group"), 0);
         run("SELECT bussig.send('g', '\"a3\"', group_id => 'a')");
         assert_eq!(read_payloads("g"), ["a3"]);
+        run("SELECT bussig.send('g', '\"a4\"', group_id => 'a')");
+        run("TRUNCATE bussig.message");
+        assert_eq!(count("SELECT FROM bussig.message_group"), 0);
+        run("SELECT bussig.send('g', '\"a5\"', group_id => 'a')");
+        assert_eq!(read_payloads("g"), ["a5"], "a group emptied by TRUNCATE starts again");
         run("SELECT bussig.drop_queue('g')");
         assert_eq!(count("SELECT FROM bussig.message_group"), 0);
     }
