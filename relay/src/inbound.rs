@@ -154,7 +154,7 @@ impl InboundWorker {
     async fn deliver(&self, bus: &mut Bus, batch: Vec<NatsMessage>) -> Result<(), BusError> {
         let mut storable = Vec::with_capacity(batch.len());
         for message in batch {
-            match convert(&message) {
+            match convert(&message, self.inbound.group_id_header.as_deref()) {
                 Ok(incoming) => storable.push((message, incoming)),
                 Err(why) => self.settle(&message, Stored::Rejected(why)).await,
             }
@@ -244,9 +244,10 @@ impl InboundWorker {
 }
 
 /// The bussig message for a NATS message, or why there can be none.
-fn convert(message: &NatsMessage) -> Result<Incoming, String> {
+fn convert(message: &NatsMessage, group_id_header: Option<&str>) -> Result<Incoming, String> {
     let info = message.info().map_err(|e| e.to_string())?;
-    incoming::incoming(message, info.stream, info.stream_sequence).map_err(|e| e.to_string())
+    incoming::incoming(message, info.stream, info.stream_sequence, group_id_header)
+        .map_err(|e| e.to_string())
 }
 
 /// Sends or publishes one message with its dedup_id.

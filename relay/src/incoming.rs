@@ -52,11 +52,13 @@ fn payload(bytes: &[u8]) -> Result<Value, Unstorable> {
 
 /// The message as bussig stores it: every NATS header (several values joined with ", "), including
 /// `traceparent` and `tracestate`, plus where it came from; the relay's own correlation headers
-/// become the message's correlation id and reply-to again.
+/// become the message's correlation id and reply-to again, and the `group_id_header`'s value, when
+/// not empty, its group.
 pub fn incoming(
     message: &async_nats::Message,
     stream: &str,
     sequence: u64,
+    group_id_header: Option<&str>,
 ) -> Result<Incoming, Unstorable> {
     let mut options = SendOptions::new().dedup_id(dedup_id(message, stream, sequence));
     if let Some(headers) = &message.headers {
@@ -67,6 +69,9 @@ pub fn incoming(
                 options = options.correlation_id(text.clone());
             } else if name == REPLY_TO_HEADER {
                 options = options.reply_to(text.clone());
+            }
+            if Some(name.as_str()) == group_id_header && !text.is_empty() {
+                options = options.group_id(text.clone());
             }
             options = options.header(name, text);
         }
@@ -127,7 +132,7 @@ mod tests {
                 (REPLY_TO_HEADER, "replies"),
             ],
         );
-        let incoming = incoming(&m, "PARTNER", 5).unwrap();
+        let incoming = incoming(&m, "PARTNER", 5, None).unwrap();
         assert_eq!(incoming.payload, json!({"order": 1}));
         let options = &incoming.options;
         let headers = options.headers.as_ref().unwrap();
@@ -140,14 +145,28 @@ mod tests {
         assert_eq!(options.correlation_id.as_deref(), Some("c-1"));
         assert_eq!(options.reply_to.as_deref(), Some("replies"));
         assert_eq!(options.dedup_id.as_deref(), Some("PARTNER:5"));
+        assert_eq!(options.group_id, None, "no group header configured");
+    }
+
+    #[test]
+    fn the_configured_header_becomes_the_group() {
+        let m = message(b"{}", &[("Order-Id", "o-17"), ("Bussig-Group-Id", "other")]);
+        let grouped = incoming(&m, "S", 1, Some("Order-Id")).unwrap();
+        assert_eq!(grouped.options.group_id.as_deref(), Some("o-17"));
+        let empty = message(b"{}", &[("Order-Id", "")]);
+        let ungrouped = incoming(&empty, "S", 2, Some("Order-Id")).unwrap();
+        assert_eq!(
+            ungrouped.options.group_id, None,
+            "an empty value is no group"
+        );
     }
 
     #[test]
     fn text_payloads_become_strings_and_binary_ones_are_refused() {
-        let text = incoming(&message(b"hello", &[]), "S", 1).unwrap();
+        let text = incoming(&message(b"hello", &[]), "S", 1, None).unwrap();
         assert_eq!(text.payload, json!("hello"));
         assert!(matches!(
-            incoming(&message(&[0xff, 0xfe], &[]), "S", 1),
+            incoming(&message(&[0xff, 0xfe], &[]), "S", 1, None),
             Err(Unstorable::NotText)
         ));
     }

@@ -11,6 +11,7 @@ pub mod config;
 mod http;
 mod inbound;
 mod incoming;
+mod lanes;
 mod metrics;
 mod publish;
 mod relay;

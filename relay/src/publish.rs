@@ -16,6 +16,7 @@ pub const REPLY_TO_HEADER: &str = "Bussig-Reply-To";
 pub const QUEUE_HEADER: &str = "Bussig-Queue";
 pub const MESSAGE_ID_HEADER: &str = "Bussig-Message-Id";
 pub const SUBJECT_HEADER: &str = "Bussig-Subject";
+pub const GROUP_ID_HEADER: &str = "Bussig-Group-Id";
 
 /// Why a delivery cannot become a NATS message at all; retrying would not help.
 #[derive(Debug, Error)]
@@ -82,6 +83,9 @@ pub fn build(
     }
     if let Some(own) = &delivery.subject {
         headers.insert(SUBJECT_HEADER, header_value(SUBJECT_HEADER, own)?);
+    }
+    if let Some(group) = &delivery.group_id {
+        headers.insert(GROUP_ID_HEADER, header_value(GROUP_ID_HEADER, group)?);
     }
     headers.insert(QUEUE_HEADER, header_value(QUEUE_HEADER, queue)?);
     headers.insert(MESSAGE_ID_HEADER, delivery.id.to_string().as_str());
@@ -170,6 +174,7 @@ mod tests {
         delivery.headers = headers;
         delivery.correlation_id = Some("c-1".to_string());
         delivery.reply_to = Some("replies".to_string());
+        delivery.group_id = Some("order-7".to_string());
         delivery
     }
 
@@ -193,6 +198,7 @@ mod tests {
         assert_eq!(get(REPLY_TO_HEADER).as_deref(), Some("replies"));
         assert_eq!(get(SUBJECT_HEADER).as_deref(), Some("orders.eu"));
         assert_eq!(get(QUEUE_HEADER).as_deref(), Some("orders"));
+        assert_eq!(get(GROUP_ID_HEADER).as_deref(), Some("order-7"));
         assert_eq!(get("Nats-Msg-Id").as_deref(), Some("orders:42"));
         assert_eq!(out.payload, br#"{"order":1}"#);
     }

@@ -2,7 +2,6 @@
 //! in bussig. One `Worker` is one batch in flight; a route has `concurrency` of them.
 
 use std::collections::hash_map::RandomState;
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,8 +15,9 @@ use bussig_client::{self as client, Error as BusError, QueueInfo};
 
 use crate::bus::{held, Bus, Delivery};
 use crate::config::{Config, Route};
+use crate::lanes::{self, Lane, OnRejection};
 use crate::metrics::RouteMetrics;
-use crate::publish::{self, Outcome, Outgoing};
+use crate::publish::{self, Outcome};
 
 /// How often a relay on standby asks again for an ordered queue another relay drains.
 const STANDBY_INTERVAL: Duration = Duration::from_secs(2);
@@ -259,13 +259,12 @@ impl Worker {
                 }
             }
         }
-        if self.route.ordered {
-            self.deliver_in_order(bus, pending.into(), &mut in_flight)
-                .await?;
+        let lanes = if self.route.ordered {
+            lanes::by_group(pending)
         } else {
-            self.deliver_all(bus, pending.into(), &mut in_flight)
-                .await?;
-        }
+            lanes::each_alone(pending)
+        };
+        self.deliver_lanes(bus, lanes, &mut in_flight).await?;
         metrics.observe_batch(started.elapsed());
         Ok(())
     }
@@ -307,144 +306,136 @@ impl Worker {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Unordered: publish the whole batch at once, then wait for every PubAck. Rejected messages
-    /// are nacked with the queue's backoff; those NATS did not answer are held and sent again.
-    async fn deliver_all(
+    /// Publishes the lanes' front messages side by side, awaits their PubAcks, and goes on until
+    /// every lane is empty. Stored messages are acked; a rejected one is nacked or retried in place
+    /// (see `OnRejection`); those NATS did not answer are held, their locks extended, and sent again
+    /// with capped backoff.
+    async fn deliver_lanes(
         &mut self,
         bus: &Bus,
-        mut pending: VecDeque<(Delivery, Outgoing)>,
+        mut lanes: Vec<Lane>,
         in_flight: &mut InFlight<'_>,
     ) -> Result<(), BusError> {
         let queue = self.route.queue.clone();
-        let mut retry = Backoff::new(Duration::from_millis(200), self.lock_timeout() / 3);
-        loop {
-            let mut acks = Vec::with_capacity(pending.len());
-            for (_, outgoing) in &pending {
+        let lock_step = self.lock_timeout() / 3;
+        let mut unavailable_retry = Backoff::new(Duration::from_millis(200), lock_step);
+        let mut confirmed: Vec<Delivery> = Vec::new();
+        let mut locks_extended = Instant::now();
+        while let Some(first_due) = lanes.iter().map(|lane| lane.due).min() {
+            let now = Instant::now();
+            let waited = first_due > now;
+            if waited {
+                self.settle_confirmed(bus, &mut confirmed, in_flight)
+                    .await?;
+                if !self.pause((first_due - now).min(lock_step)).await {
+                    let held: Vec<Delivery> = lanes
+                        .into_iter()
+                        .flat_map(|lane| lane.messages.into_iter().map(|(d, _)| d))
+                        .collect();
+                    give_back(bus, &queue, &held, "relay shutting down").await?;
+                    return Ok(());
+                }
+            }
+            if waited || locks_extended.elapsed() >= lock_step {
+                self.keep_locks(bus, &mut lanes).await?;
+                locks_extended = Instant::now();
+                continue;
+            }
+            let due: Vec<usize> = (0..lanes.len()).filter(|&i| lanes[i].due <= now).collect();
+            let mut acks = Vec::with_capacity(due.len());
+            for &i in &due {
+                let (_, outgoing) = lanes[i].messages.front().expect("lanes are never empty");
                 acks.push(publish::send(&self.shared.jetstream, outgoing).await);
             }
-            let mut stored = Vec::new();
-            let mut unavailable = VecDeque::new();
+            let mut unavailable = Vec::new();
             let mut last_unavailable = String::new();
-            for ((delivery, outgoing), ack) in pending.into_iter().zip(acks) {
+            for (i, ack) in due.into_iter().zip(acks) {
                 let outcome = match ack {
                     Ok(future) => Outcome::of(future.await),
                     Err(outcome) => outcome,
                 };
                 self.count_outcome(&outcome);
+                let lane = &mut lanes[i];
                 match outcome {
-                    Outcome::Stored { .. } => stored.push(delivery),
+                    Outcome::Stored { .. } => {
+                        let (delivery, _) = lane.messages.pop_front().expect("front exists");
+                        confirmed.push(delivery);
+                        lane.rejections = 0;
+                    }
                     Outcome::Rejected(error) => {
-                        let last = delivery.delivery_count >= self.queue.max_deliveries;
-                        warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
-                              delivery = delivery.delivery_count, %error,
-                              "JetStream rejected the message; nacked");
-                        let given_back = client::nack(
-                            bus.client(),
-                            &queue,
-                            delivery.id,
-                            delivery.lock_token,
-                            None,
-                            Some(&error),
-                        )
-                        .await?;
-                        if given_back && last {
-                            self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        }
-                        in_flight.settled(1);
+                        self.rejected(bus, lane, &error, in_flight).await?;
                     }
                     Outcome::Unavailable(error) => {
                         last_unavailable = error;
-                        unavailable.push_back((delivery, outgoing));
+                        unavailable.push(i);
                     }
                 }
             }
-            ack(bus, &queue, &stored).await?;
-            in_flight.settled(stored.len());
             if unavailable.is_empty() {
-                return Ok(());
-            }
-            warn!(route = %queue, messages = unavailable.len(), error = %last_unavailable,
-                  "NATS did not confirm; holding the messages and sending them again");
-            pending = unavailable;
-            if !self.pause(retry.next_delay()).await {
-                let held: Vec<Delivery> = pending.into_iter().map(|(d, _)| d).collect();
-                give_back(
-                    bus,
-                    &queue,
-                    &held,
-                    "relay shutting down before NATS confirmed",
-                )
-                .await?;
-                return Ok(());
-            }
-            self.keep_locks(bus, &mut pending).await?;
-        }
-    }
-
-    /// Ordered: one message at a time, each confirmed before the next is sent, so nothing later
-    /// overtakes a message that failed. A rejected message is retried here, in place, with the
-    /// queue's backoff (a nack would put it behind the rest of the queue) until its deliveries
-    /// run out; then it is dead-lettered and the batch goes on.
-    async fn deliver_in_order(
-        &mut self,
-        bus: &Bus,
-        mut pending: VecDeque<(Delivery, Outgoing)>,
-        in_flight: &mut InFlight<'_>,
-    ) -> Result<(), BusError> {
-        let queue = self.route.queue.clone();
-        let mut confirmed: Vec<Delivery> = Vec::new();
-        let mut unavailable_retry =
-            Backoff::new(Duration::from_millis(200), self.lock_timeout() / 3);
-        let mut rejections = 0;
-        while let Some((delivery, outgoing)) = pending.front() {
-            let outcome = match publish::send(&self.shared.jetstream, outgoing).await {
-                Ok(future) => Outcome::of(future.await),
-                Err(outcome) => outcome,
-            };
-            self.count_outcome(&outcome);
-            let delay = match outcome {
-                Outcome::Stored { .. } => {
-                    let (delivery, _) = pending.pop_front().expect("front exists");
-                    confirmed.push(delivery);
-                    unavailable_retry.reset();
-                    rejections = 0;
-                    continue;
+                unavailable_retry.reset();
+            } else {
+                let delay = unavailable_retry.next_delay();
+                warn!(route = %queue, messages = unavailable.len(), error = %last_unavailable,
+                      retry_in = ?delay, "NATS did not confirm; holding the messages and sending them again");
+                for i in unavailable {
+                    lanes[i].due = Instant::now() + delay;
                 }
-                Outcome::Rejected(error) => {
-                    let attempts = delivery.delivery_count + rejections;
-                    if attempts >= self.queue.max_deliveries {
-                        let (delivery, _) = pending.pop_front().expect("front exists");
-                        self.settle_confirmed(bus, &mut confirmed, in_flight)
-                            .await?;
-                        self.reject_for_good(bus, &delivery, "max_deliveries", &error)
-                            .await?;
-                        in_flight.settled(1);
-                        rejections = 0;
-                        continue;
-                    }
-                    rejections += 1;
-                    let delay = client::retry_backoff(bus.client(), &queue, attempts).await?;
-                    warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
-                          attempt = attempts, %error, retry_in = ?delay,
-                          "JetStream rejected the message; later messages wait behind it");
-                    delay
-                }
-                Outcome::Unavailable(error) => {
-                    let delay = unavailable_retry.next_delay();
-                    warn!(route = %queue, message_id = delivery.id, %error, retry_in = ?delay,
-                          "NATS did not confirm; holding the batch and sending again");
-                    delay
-                }
-            };
-            self.settle_confirmed(bus, &mut confirmed, in_flight)
-                .await?;
-            if !self.hold(bus, &mut pending, delay).await? {
-                let held: Vec<Delivery> = pending.into_iter().map(|(d, _)| d).collect();
-                give_back(bus, &queue, &held, "relay shutting down").await?;
-                return Ok(());
             }
+            lanes.retain(|lane| !lane.messages.is_empty());
         }
         self.settle_confirmed(bus, &mut confirmed, in_flight).await
+    }
+
+    /// JetStream refused a lane's front message: nack it with the queue's backoff, or retry it in
+    /// place until its deliveries run out and then dead-letter it.
+    async fn rejected(
+        &self,
+        bus: &Bus,
+        lane: &mut Lane,
+        error: &str,
+        in_flight: &mut InFlight<'_>,
+    ) -> Result<(), BusError> {
+        let queue = &self.route.queue;
+        let (delivery, outgoing) = lane.messages.front().expect("front exists");
+        let attempts = delivery.delivery_count + lane.rejections;
+        if lane.on_rejection == OnRejection::RetryInPlace && attempts < self.queue.max_deliveries {
+            lane.rejections += 1;
+            let delay = client::retry_backoff(bus.client(), queue, attempts).await?;
+            warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
+                  attempt = attempts, %error, retry_in = ?delay,
+                  "JetStream rejected the message; later ungrouped messages wait behind it");
+            lane.due = Instant::now() + delay;
+            return Ok(());
+        }
+        let (delivery, outgoing) = lane.messages.pop_front().expect("front exists");
+        lane.rejections = 0;
+        in_flight.settled(1);
+        if lane.on_rejection == OnRejection::RetryInPlace {
+            return self
+                .reject_for_good(bus, &delivery, "max_deliveries", error)
+                .await;
+        }
+        warn!(route = %queue, message_id = delivery.id, subject = %outgoing.subject,
+              delivery = delivery.delivery_count, %error, "JetStream rejected the message; nacked");
+        let (id, token) = (delivery.id, delivery.lock_token);
+        let given_back = client::nack(bus.client(), queue, id, token, None, Some(error)).await?;
+        if given_back && delivery.delivery_count >= self.queue.max_deliveries {
+            self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
+        // Nothing stays behind it in a grouped lane (bussig hands out one message of a group at a
+        // time); should anything, it must not overtake.
+        let behind: Vec<Delivery> = lane.messages.drain(..).map(|(d, _)| d).collect();
+        if !behind.is_empty() {
+            give_back(
+                bus,
+                queue,
+                &behind,
+                "an earlier message of its group was rejected",
+            )
+            .await?;
+            in_flight.settled(behind.len());
+        }
+        Ok(())
     }
 
     async fn settle_confirmed(
@@ -459,44 +450,26 @@ impl Worker {
         Ok(())
     }
 
-    /// Waits `delay` keeping the batch locked; false on shutdown.
-    async fn hold(
-        &mut self,
-        bus: &Bus,
-        pending: &mut VecDeque<(Delivery, Outgoing)>,
-        delay: Duration,
-    ) -> Result<bool, BusError> {
-        let deadline = Instant::now() + delay;
-        let step = self.lock_timeout() / 3;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !self.pause(left.min(step)).await {
-                return Ok(false);
-            }
-            self.keep_locks(bus, pending).await?;
-            if left <= step {
-                return Ok(true);
-            }
-        }
-    }
-
     /// Extends the locks of held messages; drops those whose lock was lost (another reader has
     /// them now, and JetStream will drop whichever copy comes second).
-    async fn keep_locks(
-        &self,
-        bus: &Bus,
-        pending: &mut VecDeque<(Delivery, Outgoing)>,
-    ) -> Result<(), BusError> {
+    async fn keep_locks(&self, bus: &Bus, lanes: &mut Vec<Lane>) -> Result<(), BusError> {
+        let messages = lanes
+            .iter()
+            .flat_map(|lane| lane.messages.iter().map(|(d, _)| d));
         let still = client::extend_lock_batch(
             bus.client(),
             &self.route.queue,
-            &held(pending.iter().map(|(d, _)| d)),
+            &held(messages),
             self.route.lock_timeout,
         )
         .await?;
-        let before = pending.len();
-        pending.retain(|(d, _)| still.contains(&d.id));
-        let lost = before - pending.len();
+        let mut lost = 0;
+        for lane in lanes.iter_mut() {
+            let before = lane.messages.len();
+            lane.messages.retain(|(d, _)| still.contains(&d.id));
+            lost += before - lane.messages.len();
+        }
+        lanes.retain(|lane| !lane.messages.is_empty());
         if lost > 0 {
             warn!(route = %self.route.queue, messages = lost, "lost the lock on held messages");
         }

@@ -9,6 +9,8 @@ use super::{duration_or, positive, ConfigError, DEFAULT_BATCH_SIZE, MAX_BATCH_SI
 use crate::subject;
 
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// The header the outbound relay writes a message's group in, so a round trip keeps the group.
+const DEFAULT_GROUP_ID_HEADER: &str = "Bussig-Group-Id";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +23,7 @@ pub(super) struct FileInbound {
     batch_size: Option<u32>,
     concurrency: Option<u32>,
     ack_wait: Option<String>,
+    group_id_header: Option<String>,
 }
 
 /// Where the messages of an inbound route go in bussig.
@@ -55,6 +58,8 @@ pub struct Inbound {
     pub concurrency: u32,
     /// How long NATS waits for an ack before it delivers again, when the relay creates the consumer.
     pub ack_wait: Duration,
+    /// The NATS header whose value becomes the bussig message's `group_id`; None for no groups.
+    pub group_id_header: Option<String>,
 }
 
 impl Inbound {
@@ -100,6 +105,14 @@ impl Inbound {
             "ack_wait",
             duration_or("ack_wait", file.ack_wait.as_deref(), DEFAULT_ACK_WAIT)?,
         )?;
+        let group_id_header = match file.group_id_header.as_deref() {
+            None => Some(DEFAULT_GROUP_ID_HEADER.to_string()),
+            Some("") => None,
+            Some(name) => {
+                check_header_name(name).map_err(|m| invalid(format!("`group_id_header`: {m}")))?;
+                Some(name.to_string())
+            }
+        };
         Ok(Inbound {
             stream: file.stream,
             consumer: file.consumer,
@@ -108,6 +121,7 @@ impl Inbound {
             batch_size,
             concurrency,
             ack_wait,
+            group_id_header,
         })
     }
 }
@@ -121,6 +135,16 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
     if bad {
         return Err(
             "a name must be non-empty, without whitespace, `.`, `*`, `>`, `/` or `\\`".into(),
+        );
+    }
+    Ok(())
+}
+
+/// A NATS header name: printable ASCII without `:` or spaces.
+fn check_header_name(name: &str) -> Result<(), String> {
+    if name.chars().any(|c| !c.is_ascii_graphic() || c == ':') {
+        return Err(
+            "a header name is printable ASCII without `:` or spaces (\"\" for none)".into(),
         );
     }
     Ok(())

@@ -225,6 +225,7 @@ fn inbound_routes_take_a_queue_or_a_subject() {
         batch_size = 10
         concurrency = 3
         ack_wait = "5s"
+        group_id_header = "Order-Id"
     "#;
     let config = Config::parse("t.toml", text, no_env).unwrap();
     assert!(config.routes.is_empty());
@@ -241,6 +242,11 @@ fn inbound_routes_take_a_queue_or_a_subject() {
         (events.batch_size, events.concurrency, events.ack_wait),
         (10, 3, Duration::from_secs(5))
     );
+    assert_eq!(orders.group_id_header.as_deref(), Some("Bussig-Group-Id"));
+    assert_eq!(events.group_id_header.as_deref(), Some("Order-Id"));
+    let without = text.replace("\"Order-Id\"", "\"\"");
+    let config = Config::parse("t.toml", &without, no_env).unwrap();
+    assert_eq!(config.inbound[1].group_id_header, None);
 }
 
 #[test]
@@ -255,6 +261,7 @@ fn bad_inbound_routes_say_what_is_wrong() {
         (format!("{head}queue = \"q\"\nconcurrency = 0"), "at least 1"),
         (format!("{head}queue = \"q\"\nack_wait = \"0s\""), "more than zero"),
         (format!("{head}queue = \"q\"\ndurable = \"x\""), "unknown field"),
+        (format!("{head}queue = \"q\"\ngroup_id_header = \"Order Id\""), "`group_id_header`"),
         (
             "database_url = \"host=db\"\n[[inbound]]\nstream = \"S.1\"\nconsumer = \"c\"\nqueue = \"q\"".into(),
             "`stream`: a name must",
