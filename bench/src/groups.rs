@@ -6,7 +6,7 @@ use postgres::Client;
 
 use crate::load::closed_loop;
 use crate::pg::Res;
-use crate::report::{format_value, no_cells, Section, Target};
+use crate::report::{format_value, no_cells, Cell, Section, Target};
 use crate::systems::{ack_and_read_step, fill, reset, vacuum, Step, System, QUEUE};
 use crate::workloads::{at_least, index_of, rate_cell};
 use crate::Config;
@@ -85,21 +85,55 @@ fn read_only_step(system: System) -> Step {
     })
 }
 
-/// Takes the heads of BLOCKED groups out for an hour, as consumers would hold them.
-fn block_heads(admin: &mut Client, system: System) -> Res<()> {
+/// Takes the heads of BLOCKED groups out for an hour, as consumers would hold them. False when one
+/// call ran past PEER_PATIENCE (pgmq's read_grouped looks at every ready message of the queue).
+fn block_heads(admin: &mut Client, system: System) -> Res<bool> {
     let sql = match system {
         System::Bussig => "SELECT count(*) FROM bussig.read($1, 1000, lock_timeout => '1 hour')",
         _ => "SELECT count(*) FROM pgmq.read_grouped($1, 3600, 1000)",
     };
     let mut out = 0;
     while out < BLOCKED {
-        let got: i64 = admin.query_one(sql, &[&QUEUE])?.get(0);
+        let got: i64 = match patiently(admin, |c| Ok(c.query_one(sql, &[&QUEUE])?.get(0)))? {
+            Some(got) => got,
+            None => return Ok(false),
+        };
         if got == 0 {
             break;
         }
         out += got;
     }
-    vacuum(admin, system)
+    vacuum(admin, system)?;
+    Ok(true)
+}
+
+/// The longest one call may take before a row gives up on it.
+const PEER_PATIENCE: &str = "60s";
+
+/// Runs `call` under a statement timeout of PEER_PATIENCE: None when it ran past it.
+fn patiently<T>(admin: &mut Client, call: impl FnOnce(&mut Client) -> Res<T>) -> Res<Option<T>> {
+    admin.batch_execute(&format!("SET statement_timeout = '{PEER_PATIENCE}'"))?;
+    let result = call(admin);
+    admin.batch_execute("RESET statement_timeout")?;
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(error) if timed_out(&*error) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<postgres::Error>()
+        .and_then(postgres::Error::code)
+        .is_some_and(|code| *code == postgres::error::SqlState::QUERY_CANCELED)
+}
+
+fn gave_up() -> Cell {
+    Cell {
+        value: f64::NAN,
+        detail: format!("a call ran past {PEER_PATIENCE}"),
+    }
 }
 
 pub fn groups(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res<Section> {
@@ -141,7 +175,10 @@ pub fn groups(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Re
     for system in [System::Bussig, System::Pgmq] {
         reset(admin, system)?;
         fill_groups(admin, system, 2 * (BLOCKED + FREE), BLOCKED + FREE)?;
-        block_heads(admin, system)?;
+        if !block_heads(admin, system)? {
+            blocked[index_of(system)] = Some(gave_up());
+            continue;
+        }
         let outcome = closed_loop(&cfg.url, 1, cfg.run, false, |_, _| Ok(read_only_step(system)))?;
         blocked[index_of(system)] = Some(rate_cell(&outcome));
     }

@@ -176,6 +176,34 @@ mod tests {
     }
 
     #[pg_test]
+    fn an_expired_head_is_dead_lettered_and_its_group_moves_on() {
+        run("SELECT bussig.create_queue('g', message_ttl => '1 hour')");
+        run("SELECT bussig.send('g', '\"a1\"', group_id => 'a')");
+        run("SELECT bussig.send('g', '\"a2\"', group_id => 'a')");
+        run("UPDATE bussig.message SET enqueued_at = enqueued_at - interval '2 hours' WHERE payload = '\"a1\"'");
+        assert_nothing_ready("g");
+        assert_eq!(
+            one::<String>("SELECT headers ->> 'bussig-dead-letter-reason' FROM bussig.peek('g_dlq')"),
+            Some("expired".into())
+        );
+        assert_eq!(read_payloads("g"), ["a2"]);
+    }
+
+    #[pg_test]
+    fn a_duplicate_does_not_join_its_group() {
+        run("SELECT bussig.create_queue('g')");
+        run("SELECT bussig.send('g', '\"a1\"', dedup_id => 'k', group_id => 'a')");
+        assert_eq!(
+            one::<i64>("SELECT bussig.send('g', '\"a1\"', dedup_id => 'k', group_id => 'a')"),
+            None
+        );
+        assert_eq!(one::<i32>("SELECT pending FROM bussig.message_group"), Some(1));
+        assert_eq!(read_payloads("g"), ["a1"]);
+        ack_got("a1");
+        assert_eq!(count("SELECT FROM bussig.message_group"), 0);
+    }
+
+    #[pg_test]
     fn published_messages_join_the_group_in_each_queue() {
         run("SELECT bussig.create_queue('g')");
         run("SELECT bussig.create_queue('h')");
