@@ -15,18 +15,6 @@ const PRODUCERS: i64 = 3;
 const CONSUMERS: u64 = 8;
 const LOCK: &str = "300 milliseconds";
 
-/// A small, seedable generator: each thread its own, so a failure can be replayed.
-struct Dice(u64);
-
-impl Dice {
-    fn roll(&mut self, sides: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % sides
-    }
-}
-
 #[test]
 fn groups_stay_ordered_and_single_file_under_concurrent_consumers() {
     let mut admin = connect();
@@ -79,11 +67,11 @@ fn groups_stay_ordered_and_single_file_under_concurrent_consumers() {
                     if open.is_empty() {
                         break;
                     }
-                    let size = 1 + dice.roll(4) as usize;
+                    let size = 1 + dice.below(4) as usize;
                     let mut payloads = Vec::new();
                     let mut groups = Vec::new();
                     for _ in 0..size {
-                        let g = open[dice.roll(open.len() as u64) as usize];
+                        let g = open[dice.below(open.len() as u64) as usize];
                         let seq = next.entry(g).or_insert(0);
                         if *seq >= PER_GROUP {
                             continue;
@@ -108,13 +96,13 @@ fn groups_stay_ordered_and_single_file_under_concurrent_consumers() {
                 let mut c = connect();
                 while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let mut tx = c.transaction().unwrap();
-                    let got = read(&mut tx, queue, 1 + dice.roll(5) as i32, Some(LOCK));
+                    let got = read(&mut tx, queue, 1 + dice.below(5) as i32, Some(LOCK));
                     tx.commit().unwrap();
                     if got.is_empty() {
                         thread::sleep(Duration::from_millis(2));
                         continue;
                     }
-                    match dice.roll(20) {
+                    match dice.below(20) {
                         // Vanish mid-batch: the locks run out and the messages come back.
                         0 => {
                             c = connect();
@@ -125,7 +113,7 @@ fn groups_stay_ordered_and_single_file_under_concurrent_consumers() {
                         _ => {}
                     }
                     for d in got {
-                        if dice.roll(6) == 0 {
+                        if dice.below(6) == 0 {
                             c.execute(
                                 "SELECT bussig.nack($1::text, $2::bigint, $3::uuid, '0 seconds')",
                                 &[queue, &d.id, &d.token],

@@ -539,18 +539,15 @@ fn a_trickle_reaches_readers_that_long_poll_in_a_loop_without_a_lost_wake() {
                 })
             })
             .collect();
-        let mut dice = 0x9E37_79B9_7F4A_7C15u64;
+        let mut dice = Dice(0x9E37_79B9_7F4A_7C15);
         let mut sent = 0;
         while sent < MESSAGES {
-            dice ^= dice << 13;
-            dice ^= dice >> 7;
-            dice ^= dice << 17;
-            let burst = (1 + dice % 3) as i64;
+            let burst = (1 + dice.below(3)) as i64;
             for _ in 0..burst.min(MESSAGES - sent) {
                 send(&mut writer, &queue.name, &json!({ "sent": millis() }));
                 sent += 1;
             }
-            thread::sleep(Duration::from_millis(dice % 25));
+            thread::sleep(Duration::from_millis(dice.below(25)));
         }
         eventually(Duration::from_secs(15), "every message acked", || {
             (counts(&mut writer, &queue.name).0 == 0).then_some(())

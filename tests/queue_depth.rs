@@ -41,18 +41,6 @@ fn ids_and_tokens(deliveries: &[Delivery]) -> (Vec<i64>, Vec<uuid::Uuid>) {
     deliveries.iter().map(|d| (d.id, d.token)).unzip()
 }
 
-/// A small deterministic source of choices (xorshift), one per thread.
-struct Dice(u64);
-
-impl Dice {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn own_database(test: &str) -> (Database, Client) {
     let db = Database::create(test);
     let mut admin = db.connect();

@@ -359,3 +359,17 @@ pub fn keep_worker_out(admin: &mut Client) {
         },
     );
 }
+
+/// A small deterministic source of choices (xorshift): tests need variety, not quality, and a seed
+/// to replay a failure with.
+pub struct Dice(pub u64);
+
+impl Dice {
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
