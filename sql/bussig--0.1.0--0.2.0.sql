@@ -163,7 +163,7 @@ ALTER SEQUENCE bussig.message_id_seq INCREMENT BY 128;
 -- send order; those behind the group's head wait with visible_at 'infinity'.
 ALTER TABLE bussig.message ADD COLUMN group_id text, ADD COLUMN group_seq bigint,
                            ADD COLUMN group_ready_at timestamptz;
-CREATE INDEX message_group_order ON bussig.message (queue_id, group_id, group_seq) WHERE group_seq IS NOT NULL;
+CREATE INDEX message_group_waiting ON bussig.message (queue_id, group_id, group_seq) WHERE visible_at = 'infinity';
 CREATE TABLE bussig.message_group (
     queue_id int NOT NULL,
     group_id text NOT NULL,
@@ -171,6 +171,10 @@ CREATE TABLE bussig.message_group (
     last_seq bigint NOT NULL,
     PRIMARY KEY (queue_id, group_id)
 );
+-- Updated by every grouped send and settle: room on each page for the new version (a HOT update), and
+-- vacuumed by dead rows as bussig.message is.
+ALTER TABLE bussig.message_group SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+                                      autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 
 -- A TRUNCATE of bussig.message empties every group too: a group counted with messages gone would hold
 -- its next sends back for ever.

@@ -131,8 +131,9 @@ ALTER TABLE bussig.message SET (autovacuum_vacuum_scale_factor = 0, autovacuum_v
 CREATE INDEX message_delivery_order ON bussig.message (queue_id, priority DESC, visible_at, message_id)
     WITH (deduplicate_items = off);
 CREATE INDEX message_final_lock ON bussig.message (visible_at) WHERE final_delivery;
--- Each group's messages in send order: the next in line when its head goes.
-CREATE INDEX message_group_order ON bussig.message (queue_id, group_id, group_seq) WHERE group_seq IS NOT NULL;
+-- The messages waiting behind their group's head, in send order: the next in line when the head goes.
+-- Only those: a head's updates (reads, nacks) write no entry here.
+CREATE INDEX message_group_waiting ON bussig.message (queue_id, group_id, group_seq) WHERE visible_at = 'infinity';
 
 -- The groups of each queue that hold messages: how many, and the last one's place in send order. No
 -- foreign key, as for messages: a send racing drop_queue commits, and the worker clears up after it.
@@ -143,6 +144,10 @@ CREATE TABLE bussig.message_group (
     last_seq bigint NOT NULL,
     PRIMARY KEY (queue_id, group_id)
 );
+-- Updated by every grouped send and settle: room on each page for the new version (a HOT update), and
+-- vacuumed by dead rows as bussig.message is.
+ALTER TABLE bussig.message_group SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+                                      autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 
 -- A TRUNCATE of bussig.message empties every group too: a group counted with messages gone would hold
 -- its next sends back for ever.

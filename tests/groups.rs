@@ -198,3 +198,119 @@ fn groups_stay_ordered_and_single_file_under_concurrent_consumers() {
         .batch_execute(&format!("DROP TABLE {ledger}"))
         .unwrap();
 }
+
+/// A purge while a grouped send is in flight: the purge waits for it and takes its message too, so
+/// nothing is left waiting in a group the purge forgot.
+#[test]
+fn a_purge_racing_a_grouped_send_leaves_no_message_behind() {
+    let mut admin = connect();
+    let queue = Queue::create(&mut admin, "groups_purge", "");
+    let name = queue.name.clone();
+    admin
+        .execute(
+            "SELECT bussig.send($1::text, '1', group_id => 'g')",
+            &[&name],
+        )
+        .unwrap();
+    let mut sender = connect();
+    let mut sending = sender.transaction().unwrap();
+    sending
+        .execute(
+            "SELECT bussig.send($1::text, '2', group_id => 'g')",
+            &[&name],
+        )
+        .unwrap();
+    let purge_name = name.clone();
+    let purge = thread::spawn(move || {
+        let mut c = connect();
+        let purged: i64 = c
+            .query_one("SELECT bussig.purge_queue($1::text)", &[&purge_name])
+            .unwrap()
+            .get(0);
+        purged
+    });
+    thread::sleep(Duration::from_millis(300));
+    sending.commit().unwrap();
+    assert_eq!(
+        purge.join().unwrap(),
+        2,
+        "the purge waited for the send and took both"
+    );
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM bussig.message_group g JOIN bussig.queue q USING (queue_id) WHERE q.name = $1::text",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    admin
+        .execute(
+            "SELECT bussig.send($1::text, '3', group_id => 'g')",
+            &[&name],
+        )
+        .unwrap();
+    let got = read(&mut admin, &name, 10, None);
+    assert_eq!(got.len(), 1, "a new send heads the group again");
+    assert_eq!(got[0].payload, json!(3));
+}
+
+/// A grouped send left open holds its group's row: the worker's steps pass that group's messages
+/// over for the round instead of waiting (and holding every other queue up with them).
+#[test]
+fn the_worker_passes_over_a_group_an_open_send_holds() {
+    let mut admin = connect();
+    let held_queue = Queue::create(&mut admin, "groups_held", "max_deliveries => 1");
+    let other_queue = Queue::create(&mut admin, "groups_other", "max_deliveries => 1");
+    let (held, other) = (held_queue.name.clone(), other_queue.name.clone());
+    for queue in [&held, &other] {
+        admin
+            .execute(
+                "SELECT bussig.send($1::text, '1', group_id => 'g')",
+                &[queue],
+            )
+            .unwrap();
+        // Out on its last delivery, with a lock that has already run out.
+        read(&mut admin, queue, 1, Some("1 millisecond"));
+    }
+    let mut sender = connect();
+    let mut sending = sender.transaction().unwrap();
+    sending
+        .execute(
+            "SELECT bussig.send($1::text, '2', group_id => 'g')",
+            &[&held],
+        )
+        .unwrap();
+    thread::sleep(Duration::from_millis(20));
+    admin.batch_execute("SET lock_timeout = '5s'").unwrap();
+    let dead_lettered = |c: &mut Client, queue: &str| -> i64 {
+        c.query_one("SELECT bussig.queue_depth($1::text || '_dlq')", &[&queue])
+            .unwrap()
+            .get(0)
+    };
+    let started = std::time::Instant::now();
+    admin
+        .batch_execute("SELECT bussig.run_maintenance()")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the step waited on the held group"
+    );
+    assert_eq!(
+        dead_lettered(&mut admin, &other),
+        1,
+        "another queue's lock ran out and was handled"
+    );
+    assert_eq!(
+        dead_lettered(&mut admin, &held),
+        0,
+        "the held group waits for the next round"
+    );
+    sending.commit().unwrap();
+    admin
+        .batch_execute("SELECT bussig.run_maintenance()")
+        .unwrap();
+    assert_eq!(dead_lettered(&mut admin, &held), 1);
+    let next = read(&mut admin, &held, 10, None);
+    assert_eq!(next.len(), 1, "the group moved on to the send that held it");
+}

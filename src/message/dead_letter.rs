@@ -93,8 +93,19 @@ pub(super) fn move_to_dead_letter_queue(
     client: &mut SpiClient<'_>,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<i64> {
-    let mut moved = 0;
     let mut left = Vec::new();
+    let moved = move_leaving_groups(client, args, &mut left)?;
+    leave_groups(client, left)?;
+    Ok(moved)
+}
+
+/// DEAD_LETTER, noting in `left` the groups the moved messages left, for one `leave_groups` later.
+fn move_leaving_groups(
+    client: &mut SpiClient<'_>,
+    args: &[DatumWithOid<'_>],
+    left: &mut Vec<(i32, String)>,
+) -> BusResult<i64> {
+    let mut moved = 0;
     for row in plans::run(client, &DEAD_LETTER, args)? {
         let queue_id: i32 = plans::filled(&row, 1, "dead-letter queue id")?;
         let source_queue_id = plans::filled(&row, 3, "source queue id")?;
@@ -109,11 +120,11 @@ pub(super) fn move_to_dead_letter_queue(
         }
         moved += 1;
     }
-    leave_groups(client, left)?;
     Ok(moved)
 }
 
-/// Messages of these (queue, group) pairs left their queues: each group's next in line moves up.
+/// Messages of these (queue, group) pairs left their queues: each group's next in line moves up. One
+/// call for all of a statement's groups, which it locks in order.
 fn leave_groups(client: &mut SpiClient<'_>, mut left: Vec<(i32, String)>) -> BusResult<()> {
     left.sort_unstable();
     for queue in left.chunk_by(|a, b| a.0 == b.0) {
@@ -161,6 +172,7 @@ pub struct Dead {
 /// Moves dead messages of `queue` (of any queue when None) to their dead-letter queue, in the
 /// caller's transaction; in a queue without one, expired messages are deleted.
 pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) -> BusResult<()> {
+    let mut left = Vec::new();
     for reason in DeadReason::ALL {
         let (moved, dropped): (Vec<&Dead>, Vec<&Dead>) = dead
             .iter()
@@ -180,10 +192,9 @@ pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) ->
                 queue.into(),
                 true.into(),
             ];
-            move_to_dead_letter_queue(client, &args)?;
+            move_leaving_groups(client, &args, &mut left)?;
         }
         if !dropped.is_empty() {
-            let mut left = Vec::new();
             for row in plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])? {
                 let queue_id = plans::filled(&row, 1, "queue id")?;
                 depth::removed(queue_id, 1);
@@ -191,10 +202,9 @@ pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) ->
                     left.push((queue_id, group));
                 }
             }
-            leave_groups(client, left)?;
         }
     }
-    Ok(())
+    leave_groups(client, left)
 }
 
 /// Moves one delivery of a message of `queue` to its dead-letter queue with `reason` and `error` in

@@ -21,7 +21,8 @@ use crate::plans::{self, Statement};
 
 // New messages (ids in send order) join their groups: each gets its place in its group, and all but
 // a group's head are parked with the time they would have been ready. Groups are locked in name order,
-// so that two transactions sending to the same groups do not deadlock.
+// so that two transactions sending to the same groups do not deadlock. The queue's shared groups lock
+// keeps a purge from running between a send and its commit (see `purge_lock`).
 static JOIN: Statement = Statement {
     sql: "WITH new AS (
               SELECT m.message_id, m.queue_id, m.group_id,
@@ -30,6 +31,7 @@ static JOIN: Statement = Statement {
               FROM unnest($1::bigint[]) WITH ORDINALITY AS ids(message_id, ord)
               JOIN bussig.message m ON m.message_id = ids.message_id
               WHERE m.group_id IS NOT NULL
+                AND (SELECT true FROM pg_advisory_xact_lock_shared(hashtext('bussig-groups'), m.queue_id))
           ), joined AS (
               INSERT INTO bussig.message_group AS g (queue_id, group_id, pending, last_seq)
               SELECT queue_id, group_id, n, n FROM (SELECT DISTINCT queue_id, group_id, n FROM new) counts
@@ -69,14 +71,17 @@ static LEAVE: Statement = Statement {
     writes: true,
 };
 
-// The next message of each group $2 in queue $1 becomes ready when it would have been. A statement of
-// its own after LEAVE: its snapshot sees the messages of sends that LEAVE waited for.
+// The next message of each group $2 in queue $1 becomes ready as of when it would have been (so that
+// it is as old as it is for the TTL, and for delivery order among ready messages). A statement of
+// its own after LEAVE: its snapshot sees the messages of sends that LEAVE waited for. Only the head
+// ever leaves (the others wait where nothing reaches them), so the first waiting one is next.
 static NEXT_IN_LINE: Statement = Statement {
     sql: "UPDATE bussig.message m
-          SET visible_at = greatest(clock_timestamp(), m.group_ready_at), group_ready_at = NULL
+          SET visible_at = m.group_ready_at, group_ready_at = NULL
           FROM unnest($2::text[]) AS groups(group_id)
           WHERE m.message_id = (SELECT p.message_id FROM bussig.message p
-                                WHERE p.queue_id = $1 AND p.group_id = groups.group_id AND p.group_seq IS NOT NULL
+                                WHERE p.queue_id = $1 AND p.group_id = groups.group_id
+                                  AND p.visible_at = 'infinity'
                                 ORDER BY p.group_seq LIMIT 1)
             AND m.visible_at = 'infinity'
           RETURNING m.visible_at <= clock_timestamp()",
@@ -92,25 +97,44 @@ static FORGET: Statement = Statement {
 };
 
 // Each group whose head is not ready: locked by a consumer, waiting for a retry after a nack, or
-// delayed; since its head was sent.
+// delayed; since its head was sent. A grouped message that is not ready and not waiting behind its
+// head is its group's head, so the queue's not-ready range holds them all.
 static BLOCKED: Statement = Statement {
-    sql: "SELECT g.group_id, head.message_id,
-                 CASE WHEN head.lock_token IS NOT NULL THEN 'locked'
-                      WHEN head.delivery_count > 0 THEN 'retry'
-                      ELSE 'delayed' END,
-                 head.enqueued_at
-          FROM bussig.queue q
-          JOIN bussig.message_group g ON g.queue_id = q.queue_id
-          CROSS JOIN LATERAL (
-              SELECT p.message_id, p.lock_token, p.delivery_count, p.enqueued_at, p.visible_at
-              FROM bussig.message p
-              WHERE p.queue_id = g.queue_id AND p.group_id = g.group_id AND p.group_seq IS NOT NULL
-              ORDER BY p.group_seq LIMIT 1) head
-          WHERE q.name = $1 AND head.visible_at > clock_timestamp()
-          ORDER BY head.enqueued_at, g.group_id",
+    sql: concat!(
+        "WITH RECURSIVE q AS (SELECT queue_id FROM bussig.queue WHERE name = $1), ",
+        queue_priorities!("(SELECT queue_id FROM q)"),
+        "
+         SELECT head.group_id, head.message_id,
+                CASE WHEN head.lock_token IS NOT NULL THEN 'locked'
+                     WHEN head.delivery_count > 0 THEN 'retry'
+                     ELSE 'delayed' END,
+                head.enqueued_at
+         FROM priorities CROSS JOIN LATERAL (
+             SELECT in_order.* FROM bussig.message in_order
+             WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
+               AND in_order.visible_at > clock_timestamp() AND in_order.visible_at < 'infinity'
+         ) head
+         WHERE head.group_seq IS NOT NULL
+         ORDER BY head.enqueued_at, head.group_id"
+    ),
     args: &[pg_sys::TEXTOID],
     writes: false,
 };
+
+// A purge's hold on queue $1's groups: it waits for grouped sends in flight, and later ones wait for it,
+// so that it neither leaves a message waiting in a group it deleted nor deletes the group of one it
+// did not see.
+static PURGE_LOCK: Statement = Statement {
+    sql: "SELECT pg_advisory_xact_lock(hashtext('bussig-groups'), $1)",
+    args: &[pg_sys::INT4OID],
+    writes: false,
+};
+
+/// Takes queue `queue_id`'s groups for a purge, before it reads what to delete.
+pub fn purge_lock(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<()> {
+    plans::run(client, &PURGE_LOCK, &[queue_id.into()])?;
+    Ok(())
+}
 
 /// New messages, in send order, join their groups; ids of ungrouped messages are passed over.
 pub fn join(client: &mut SpiClient<'_>, message_ids: Vec<i64>) -> BusResult<()> {

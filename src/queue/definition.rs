@@ -292,6 +292,7 @@ pub fn drop(client: &mut SpiClient<'_>, caller: &Caller, queue: &str) -> BusResu
 pub fn purge(client: &mut SpiClient<'_>, caller: &Caller, queue: &str) -> BusResult<i64> {
     caller.require(client, queue, Privilege::Manage)?;
     let found = require(client, queue)?;
+    crate::message::group::purge_lock(client, found.queue_id)?;
     let purged = plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len();
     plans::run(client, &PURGE_GROUPS, &[found.queue_id.into()])?;
     crate::depth::removed(found.queue_id, purged);

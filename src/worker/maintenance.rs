@@ -16,12 +16,36 @@ use crate::queue;
 /// Rows one step handles per transaction, so that no step holds locks for long.
 pub const BATCH: i32 = 1000;
 
+/// A condition on message `$m`: it is in no group, or its group's row is free, and now locked for
+/// this step's move of it. A group that an open send or settle holds waits for the next round,
+/// instead of the step waiting on it (and every other queue with it).
+macro_rules! group_free {
+    ($m:literal) => {
+        concat!(
+            "(",
+            $m,
+            ".group_seq IS NULL OR EXISTS (
+                 SELECT FROM bussig.message_group g WHERE g.queue_id = ",
+            $m,
+            ".queue_id AND g.group_id = ",
+            $m,
+            ".group_id
+                 FOR UPDATE SKIP LOCKED))"
+        )
+    };
+}
+
 static EXPIRED_FINAL_LOCKS: Statement = Statement {
-        sql: "SELECT by_lock.message_id FROM bussig.message by_lock JOIN bussig.queue q USING (queue_id)
+    sql: concat!(
+        "SELECT by_lock.message_id FROM bussig.message by_lock JOIN bussig.queue q USING (queue_id)
           WHERE by_lock.final_delivery AND by_lock.lock_token IS NOT NULL
             AND by_lock.visible_at <= (SELECT clock_timestamp()) AND by_lock.delivery_count >= q.max_deliveries
+            AND ",
+        group_free!("by_lock"),
+        "
           ORDER BY by_lock.visible_at LIMIT $1
-          FOR UPDATE OF by_lock SKIP LOCKED",
+          FOR UPDATE OF by_lock SKIP LOCKED"
+    ),
     args: &[pg_sys::INT4OID],
     writes: true,
 };
@@ -42,6 +66,9 @@ static EXPIRED_BY_TTL: Statement = Statement {
                  SELECT in_order.message_id FROM bussig.message in_order
                  WHERE in_order.queue_id = q.queue_id AND in_order.priority = priorities.priority
                    AND in_order.visible_at <= (SELECT clock_timestamp()) - q.message_ttl
+                   AND ",
+        group_free!("in_order"),
+        "
                  ORDER BY in_order.visible_at, in_order.message_id
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED

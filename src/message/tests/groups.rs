@@ -102,6 +102,15 @@ mod tests {
         assert_nothing_ready("g");
         let blocked = "SELECT group_id || ':' || state FROM bussig.blocked_groups('g')";
         assert_eq!(one::<String>(blocked), Some("a:delayed".into()));
+        // Whatever their priority; ungrouped and waiting messages are not groups' heads.
+        run("SELECT bussig.send('g', '\"b1\"', delay => '1 hour', priority => 7, group_id => 'b')");
+        run("SELECT bussig.send('g', '\"u\"', delay => '1 hour')");
+        assert_eq!(
+            one::<String>("SELECT string_agg(group_id || ':' || state, ',' ORDER BY group_id) FROM bussig.blocked_groups('g')"),
+            Some("a:delayed,b:delayed".into())
+        );
+        run("DELETE FROM bussig.message WHERE payload IN ('\"b1\"', '\"u\"')");
+        run("DELETE FROM bussig.message_group WHERE group_id = 'b'");
 
         let_time_pass("g");
         assert_eq!(read_payloads("g"), ["a1"]);
@@ -183,10 +192,32 @@ mod tests {
         run("UPDATE bussig.message SET enqueued_at = enqueued_at - interval '2 hours' WHERE payload = '\"a1\"'");
         assert_nothing_ready("g");
         assert_eq!(
-            one::<String>("SELECT headers ->> 'bussig-dead-letter-reason' FROM bussig.peek('g_dlq')"),
+            one::<String>(
+                "SELECT headers ->> 'bussig-dead-letter-reason' FROM bussig.peek('g_dlq')"
+            ),
             Some("expired".into())
         );
         assert_eq!(read_payloads("g"), ["a2"]);
+    }
+
+    #[pg_test]
+    fn a_next_message_long_past_its_ttl_expires_as_soon_as_it_moves_up() {
+        run("SELECT bussig.create_queue('g', message_ttl => '1 hour')");
+        run("SELECT bussig.send('g', '\"a1\"', group_id => 'a')");
+        run("SELECT bussig.send('g', '\"a2\"', group_id => 'a')");
+        run(
+            "UPDATE bussig.message SET enqueued_at = enqueued_at - interval '2 hours',
+                                       group_ready_at = group_ready_at - interval '2 hours'
+             WHERE payload = '\"a2\"'",
+        );
+        assert_eq!(read_payloads("g"), ["a1"]);
+        ack_got("a1");
+        assert_eq!(
+            maintenance("expired_messages"),
+            1,
+            "the worker finds it at once"
+        );
+        assert_eq!(messages_in("g"), 0);
     }
 
     #[pg_test]
@@ -197,7 +228,10 @@ mod tests {
             one::<i64>("SELECT bussig.send('g', '\"a1\"', dedup_id => 'k', group_id => 'a')"),
             None
         );
-        assert_eq!(one::<i32>("SELECT pending FROM bussig.message_group"), Some(1));
+        assert_eq!(
+            one::<i32>("SELECT pending FROM bussig.message_group"),
+            Some(1)
+        );
         assert_eq!(read_payloads("g"), ["a1"]);
         ack_got("a1");
         assert_eq!(count("SELECT FROM bussig.message_group"), 0);
@@ -230,7 +264,11 @@ mod tests {
         run("TRUNCATE bussig.message");
         assert_eq!(count("SELECT FROM bussig.message_group"), 0);
         run("SELECT bussig.send('g', '\"a5\"', group_id => 'a')");
-        assert_eq!(read_payloads("g"), ["a5"], "a group emptied by TRUNCATE starts again");
+        assert_eq!(
+            read_payloads("g"),
+            ["a5"],
+            "a group emptied by TRUNCATE starts again"
+        );
         run("SELECT bussig.drop_queue('g')");
         assert_eq!(count("SELECT FROM bussig.message_group"), 0);
     }
