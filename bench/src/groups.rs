@@ -19,7 +19,8 @@ const FREE: i64 = 1_000;
 
 const GROUPED: &str = "consume, messages in groups: ack_and_read(10); pgmq read_grouped + delete";
 const UNGROUPED: &str = "consume, the same messages without groups: ack_and_read(10)";
-const BLOCKED_READ: &str = "read(10), 99,000 of 100,000 groups with their head out; pgmq read_grouped";
+const BLOCKED_READ: &str =
+    "read(10), 99,000 of 100,000 groups with their head out; pgmq read_grouped";
 const CLEAN_READ: &str = "read(10), a queue of the 1,000 ready messages only";
 
 /// Messages and groups of the consume rows.
@@ -60,7 +61,10 @@ fn fill_groups(admin: &mut Client, system: System, messages: i64, groups: i64) -
 fn pgmq_grouped_step(_: &mut Client) -> Res<Step> {
     Ok(Box::new(|c| {
         let ids: Vec<i64> = c
-            .query("SELECT msg_id FROM pgmq.read_grouped($1, 30, $2)", &[&QUEUE, &BATCH])?
+            .query(
+                "SELECT msg_id FROM pgmq.read_grouped($1, 30, $2)",
+                &[&QUEUE, &BATCH],
+            )?
             .iter()
             .map(|row| row.get(0))
             .collect();
@@ -175,7 +179,11 @@ pub fn groups(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Re
     let outcome = closed_loop(&cfg.url, CLIENTS, cfg.run, true, |c, _| {
         ack_and_read_step(c, QUEUE, BATCH)
     })?;
-    section.add(UNGROUPED, Some(CLIENTS), crate::report::only(System::Bussig, rate_cell(&outcome)));
+    section.add(
+        UNGROUPED,
+        Some(CLIENTS),
+        crate::report::only(System::Bussig, rate_cell(&outcome)),
+    );
 
     let mut blocked = no_cells();
     for system in [System::Bussig, System::Pgmq] {
@@ -185,15 +193,23 @@ pub fn groups(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Re
             blocked[index_of(system)] = Some(gave_up());
             continue;
         }
-        let outcome = closed_loop(&cfg.url, 1, cfg.run, false, |_, _| Ok(read_only_step(system)))?;
+        let outcome = closed_loop(&cfg.url, 1, cfg.run, false, |_, _| {
+            Ok(read_only_step(system))
+        })?;
         blocked[index_of(system)] = Some(rate_cell(&outcome));
     }
     section.add(BLOCKED_READ, Some(1), blocked);
     reset(admin, System::Bussig)?;
     fill(admin, System::Bussig, QUEUE, FREE)?;
     vacuum(admin, System::Bussig)?;
-    let outcome = closed_loop(&cfg.url, 1, cfg.run, false, |_, _| Ok(read_only_step(System::Bussig)))?;
-    section.add(CLEAN_READ, Some(1), crate::report::only(System::Bussig, rate_cell(&outcome)));
+    let outcome = closed_loop(&cfg.url, 1, cfg.run, false, |_, _| {
+        Ok(read_only_step(System::Bussig))
+    })?;
+    section.add(
+        CLEAN_READ,
+        Some(1),
+        crate::report::only(System::Bussig, rate_cell(&outcome)),
+    );
 
     let bussig = |row: &str, clients: usize| section.value(row, Some(clients), System::Bussig);
     let versus = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or(f64::NAN, |(a, b)| a / b);
