@@ -270,9 +270,8 @@ fn the_worker_passes_over_a_group_an_open_send_holds() {
                 &[queue],
             )
             .unwrap();
-        // Out on its last delivery, with a lock that has already run out.
-        read(&mut admin, queue, 1, Some("1 millisecond"));
     }
+    // The group's row is held before its head's lock runs out, so that no worker round comes between.
     let mut sender = connect();
     let mut sending = sender.transaction().unwrap();
     sending
@@ -281,6 +280,10 @@ fn the_worker_passes_over_a_group_an_open_send_holds() {
             &[&held],
         )
         .unwrap();
+    for queue in [&held, &other] {
+        // Out on its last delivery, with a lock that runs out at once.
+        assert_eq!(read(&mut admin, queue, 1, Some("1 millisecond")).len(), 1);
+    }
     thread::sleep(Duration::from_millis(20));
     admin.batch_execute("SET lock_timeout = '5s'").unwrap();
     let dead_lettered = |c: &mut Client, queue: &str| -> i64 {
@@ -313,4 +316,37 @@ fn the_worker_passes_over_a_group_an_open_send_holds() {
     assert_eq!(dead_lettered(&mut admin, &held), 1);
     let next = read(&mut admin, &held, 10, None);
     assert_eq!(next.len(), 1, "the group moved on to the send that held it");
+}
+
+/// An ack that moves a group on makes a message ready: a queue that asked for NOTIFY hears of it,
+/// as it hears of a send.
+#[test]
+fn a_group_moving_on_notifies_its_queue() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "groups_notify", "notify => true");
+    let name = queue.name.clone();
+    let channel = format!("bussig_{name}");
+    let mut listener = connect_session();
+    listener
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .unwrap();
+    for n in 1..=2 {
+        client
+            .execute(
+                "SELECT bussig.send($1::text, $2::jsonb, group_id => 'g')",
+                &[&name, &json!(n)],
+            )
+            .unwrap();
+    }
+    collect_notifications(&mut listener, &channel, 1, Duration::from_millis(300));
+    let head = read(&mut client, &name, 10, None);
+    assert_eq!(head.len(), 1);
+    assert!(ack(&mut client, &name, head[0].id, head[0].token));
+    let got = collect_notifications(&mut listener, &channel, 1, Duration::from_millis(300));
+    assert_eq!(
+        got.len(),
+        1,
+        "the ack that readied the next message notified once: {got:?}"
+    );
+    assert_eq!(read(&mut client, &name, 10, None)[0].payload, json!(2));
 }

@@ -7,8 +7,6 @@
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::Notification;
 use serde_json::Value;
 
 use bussig_tests::*;
@@ -269,39 +267,6 @@ fn cancel_ends_a_wait() {
     send(&mut client, q, &json!({ "after": "cancel" }));
     let got = read_waiting(&mut reader, q, "1 second").expect("read after cancel");
     assert_eq!(got, vec![json!({ "after": "cancel" })]);
-}
-
-/// Collects notifications on `channel` until `count` arrived (deadline 10 s),
-/// then for another `quiet` to catch any extra one.
-fn collect_notifications(
-    listener: &mut Client,
-    channel: &str,
-    count: usize,
-    quiet: Duration,
-) -> Vec<Notification> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut got = Vec::new();
-    while got.len() < count {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "timed out waiting for {count} notifications on {channel}, got {}",
-            got.len()
-        );
-        let mut notes = listener.session().notifications();
-        let mut iter = notes.timeout_iter(left);
-        match iter.next().expect("notification stream") {
-            Some(n) => got.push(n),
-            None => continue,
-        }
-    }
-    let mut notes = listener.session().notifications();
-    let mut iter = notes.timeout_iter(quiet);
-    while let Some(n) = iter.next().expect("notification stream") {
-        got.push(n);
-    }
-    got.retain(|n| n.channel() == channel);
-    got
 }
 
 #[test]

@@ -84,7 +84,9 @@ static NEXT_IN_LINE: Statement = Statement {
                                   AND p.visible_at = 'infinity'
                                 ORDER BY p.group_seq LIMIT 1)
             AND m.visible_at = 'infinity'
-          RETURNING m.visible_at <= clock_timestamp()",
+          RETURNING m.visible_at <= clock_timestamp(),
+                    (SELECT q.name FROM bussig.queue q WHERE q.queue_id = $1),
+                    (SELECT q.notify FROM bussig.queue q WHERE q.queue_id = $1)",
     args: &[pg_sys::INT4OID, pg_sys::TEXTARRAYOID],
     writes: true,
 };
@@ -162,12 +164,16 @@ pub fn leave(client: &mut SpiClient<'_>, queue_id: i32, groups: Vec<String>) -> 
     }
     if !next.is_empty() {
         crate::depth::touched(queue_id);
-        let mut ready = 0u32;
+        // As a send announces its messages: waiting readers are woken (for a message still delayed,
+        // to sleep until it is ready), and a queue that asked for NOTIFY gets it.
         for row in plans::run(client, &NEXT_IN_LINE, &[queue_id.into(), next.into()])? {
-            ready += u32::from(row.get::<bool>(1)?.unwrap_or(false));
-        }
-        if ready > 0 {
-            wakeup::note_ready(queue_id, ready);
+            let ready_now: bool = plans::filled(&row, 1, "ready")?;
+            let name: Option<String> = row.get(2)?;
+            let notify = row.get::<bool>(3)?.unwrap_or(false);
+            match name {
+                Some(name) => wakeup::announce(queue_id, &name, notify, ready_now, 1),
+                None => wakeup::note_ready(queue_id, 1),
+            }
         }
     }
     if !empty.is_empty() {

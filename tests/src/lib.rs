@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod session;
 
+use postgres::fallible_iterator::FallibleIterator;
 pub use postgres::NoTls;
 use serde_json::Value;
 pub use session::{Client, GenericClient, Param, Transaction, Typed};
@@ -372,4 +373,37 @@ impl Dice {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
+}
+
+/// Collects notifications on `channel` until `count` arrived (deadline 10 s),
+/// then for another `quiet` to catch any extra one.
+pub fn collect_notifications(
+    listener: &mut Client,
+    channel: &str,
+    count: usize,
+    quiet: Duration,
+) -> Vec<postgres::Notification> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "timed out waiting for {count} notifications on {channel}, got {}",
+            got.len()
+        );
+        let mut notes = listener.session().notifications();
+        let mut iter = notes.timeout_iter(left);
+        match iter.next().expect("notification stream") {
+            Some(n) => got.push(n),
+            None => continue,
+        }
+    }
+    let mut notes = listener.session().notifications();
+    let mut iter = notes.timeout_iter(quiet);
+    while let Some(n) = iter.next().expect("notification stream") {
+        got.push(n);
+    }
+    got.retain(|n| n.channel() == channel);
+    got
 }
