@@ -142,18 +142,24 @@ fn groups_stay_ordered_and_single_file_under_concurrent_consumers() {
         // The end: every message acked.
         let mut c = connect();
         let total = GROUPS * PER_GROUP;
-        eventually(
-            Duration::from_secs(90),
-            "every grouped message acked",
-            || {
-                let acked: i64 = c
-                    .query_one(&format!("SELECT count(*) FROM {ledger}"), &[])
-                    .unwrap()
-                    .get(0);
-                (acked >= total).then_some(())
-            },
-        );
+        let finished = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(
+                Duration::from_secs(90),
+                "every grouped message acked",
+                || {
+                    let acked: i64 = c
+                        .query_one(&format!("SELECT count(*) FROM {ledger}"), &[])
+                        .unwrap()
+                        .get(0);
+                    (acked >= total).then_some(())
+                },
+            )
+        }));
+        // The watcher and the consumers stop either way, so that a failure ends the test.
         done.store(true, Ordering::Relaxed);
+        if let Err(panic) = finished {
+            std::panic::resume_unwind(panic);
+        }
     });
 
     assert_eq!(

@@ -23,7 +23,7 @@ use crate::pg::catalog;
 use crate::pg::shmem::ZeroedLwLock;
 use crate::pg::snapshot::LatestSnapshot;
 use crate::pg::wakeup;
-use crate::pg::xact::{sum_per_queue, SavepointLog};
+use crate::pg::xact::{sum_per_key, SavepointLog};
 use crate::plans::{self, Statement};
 use table::{Depths, Entered, Finished, Key};
 
@@ -70,7 +70,7 @@ impl Pending {
                 _ => None,
             })
             .collect();
-        sum_per_queue(deltas, |sum, delta| *sum += delta)
+        sum_per_key(deltas, |sum, delta| *sum += delta)
     }
 }
 

@@ -17,6 +17,7 @@ use super::nothing_done;
 use crate::access::{self, Privilege};
 use crate::error::BusResult;
 use crate::pg::wakeup;
+use crate::pg::xact::sum_per_key;
 use crate::plans::{self, Statement};
 
 // New messages (ids in send order) join their groups: each gets its place in its group, and all but
@@ -50,24 +51,17 @@ static JOIN: Statement = Statement {
     writes: true,
 };
 
-// Messages of these groups ($2, one entry per message) left queue $1: the counts go down. The rows are
-// locked in name order first, as JOIN locks them, so that a settle and a send of the same groups do
-// not deadlock.
+// Messages of groups $2 (sorted, each once; $3 messages of each) left queue $1: the counts go down.
+// An upsert, as JOIN's: each row is found by its key through the arbiter index whatever the plan (a
+// plan that scanned the queue's groups cost a settle 14 ms at 5,000 groups), rows are locked in the
+// order given, as JOIN locks them, so that a settle and a send of the same groups do not deadlock,
+// and the row updated is its latest version, also when a send committed after this statement began.
 static LEAVE: Statement = Statement {
-    sql: "WITH gone AS (
-              SELECT group_id, count(*) AS n FROM unnest($2::text[]) AS gone(group_id) GROUP BY group_id
-          ), locked AS (
-              SELECT g.group_id FROM bussig.message_group g
-              WHERE g.queue_id = $1 AND g.group_id IN (SELECT group_id FROM gone)
-              ORDER BY g.group_id
-              FOR UPDATE
-          )
-          UPDATE bussig.message_group g SET pending = g.pending - gone.n
-          FROM gone
-          WHERE g.queue_id = $1 AND g.group_id = gone.group_id
-            AND g.group_id IN (SELECT group_id FROM locked)
+    sql: "INSERT INTO bussig.message_group AS g (queue_id, group_id, pending, last_seq)
+          SELECT $1, gone.group_id, -gone.n, 0 FROM unnest($2::text[], $3::int[]) AS gone(group_id, n)
+          ON CONFLICT (queue_id, group_id) DO UPDATE SET pending = g.pending + excluded.pending
           RETURNING g.group_id, g.pending",
-    args: &[pg_sys::INT4OID, pg_sys::TEXTARRAYOID],
+    args: &[pg_sys::INT4OID, pg_sys::TEXTARRAYOID, pg_sys::INT4ARRAYOID],
     writes: true,
 };
 
@@ -152,8 +146,18 @@ pub fn leave(client: &mut SpiClient<'_>, queue_id: i32, groups: Vec<String>) -> 
     if groups.is_empty() {
         return Ok(());
     }
+    let (names, counts): (Vec<String>, Vec<i32>) = sum_per_key(
+        groups.into_iter().map(|group| (group, 1)).collect(),
+        |n, one| *n += one,
+    )
+    .into_iter()
+    .unzip();
     let (mut next, mut empty) = (Vec::new(), Vec::new());
-    for row in plans::run(client, &LEAVE, &[queue_id.into(), groups.into()])? {
+    for row in plans::run(
+        client,
+        &LEAVE,
+        &[queue_id.into(), names.into(), counts.into()],
+    )? {
         let group: String = plans::filled(&row, 1, "group id")?;
         let pending: i32 = plans::filled(&row, 2, "group's messages")?;
         if pending > 0 {

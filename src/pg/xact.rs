@@ -131,14 +131,14 @@ impl<T> SavepointLog<T> {
     }
 }
 
-/// Adds up the values noted for each queue: queues sorted, none twice.
-pub fn sum_per_queue<V>(mut noted: Vec<(i32, V)>, add: impl Fn(&mut V, V)) -> Vec<(i32, V)> {
-    noted.sort_by_key(|&(queue_id, _)| queue_id);
-    let mut sums: Vec<(i32, V)> = Vec::with_capacity(noted.len());
-    for (queue_id, value) in noted {
+/// Adds up the values noted for each key (a queue, a group): keys sorted, none twice.
+pub fn sum_per_key<K: Ord, V>(mut noted: Vec<(K, V)>, add: impl Fn(&mut V, V)) -> Vec<(K, V)> {
+    noted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut sums: Vec<(K, V)> = Vec::with_capacity(noted.len());
+    for (key, value) in noted {
         match sums.last_mut() {
-            Some((last, sum)) if *last == queue_id => add(sum, value),
-            _ => sums.push((queue_id, value)),
+            Some((last, sum)) if *last == key => add(sum, value),
+            _ => sums.push((key, value)),
         }
     }
     sums

@@ -18,7 +18,7 @@ use std::time::Duration;
 use pgrx::{pg_guard, pg_shmem_init, pg_sys, IntoDatum, PGRXSharedMemory, PgAtomic, PgLwLock};
 
 use super::arrivals;
-use super::xact::{sum_per_queue, SavepointLog};
+use super::xact::{sum_per_key, SavepointLog};
 
 mod waiting;
 pub use waiting::Waiting;
@@ -295,7 +295,7 @@ fn arrive(ready: Vec<(i32, u32)>) {
         return;
     }
     let arrived: Vec<(i32, u32, u64)> =
-        sum_per_queue(ready, |sum, count| *sum = sum.saturating_add(count))
+        sum_per_key(ready, |sum, count| *sum = sum.saturating_add(count))
             .into_iter()
             .map(|(queue_id, count)| (queue_id, count, arrivals::arrived(queue_id)))
             .collect();
