@@ -8,12 +8,22 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bussig_tests::*;
+use serde_json::Value;
 
 const GROUPS: i64 = 24;
 const PER_GROUP: i64 = 25;
 const PRODUCERS: i64 = 3;
 const CONSUMERS: u64 = 8;
 const LOCK: &str = "300 milliseconds";
+
+/// Sends `payload` to `queue` in group `group`.
+fn send_grouped(c: &mut impl GenericClient, queue: &str, payload: &Value, group: &str) {
+    c.execute(
+        "SELECT bussig.send($1::text, $2::jsonb, group_id => $3::text)",
+        &[&queue, payload, &group],
+    )
+    .unwrap();
+}
 
 #[test]
 fn groups_stay_ordered_and_single_file_under_concurrent_consumers() {
@@ -212,20 +222,10 @@ fn a_purge_racing_a_grouped_send_leaves_no_message_behind() {
     let mut admin = connect();
     let queue = Queue::create(&mut admin, "groups_purge", "");
     let name = queue.name.clone();
-    admin
-        .execute(
-            "SELECT bussig.send($1::text, '1', group_id => 'g')",
-            &[&name],
-        )
-        .unwrap();
+    send_grouped(&mut admin, &name, &json!(1), "g");
     let mut sender = connect();
     let mut sending = sender.transaction().unwrap();
-    sending
-        .execute(
-            "SELECT bussig.send($1::text, '2', group_id => 'g')",
-            &[&name],
-        )
-        .unwrap();
+    send_grouped(&mut sending, &name, &json!(2), "g");
     let purge_name = name.clone();
     let purge = thread::spawn(move || {
         let mut c = connect();
@@ -250,12 +250,7 @@ fn a_purge_racing_a_grouped_send_leaves_no_message_behind() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0);
-    admin
-        .execute(
-            "SELECT bussig.send($1::text, '3', group_id => 'g')",
-            &[&name],
-        )
-        .unwrap();
+    send_grouped(&mut admin, &name, &json!(3), "g");
     let got = read(&mut admin, &name, 10, None);
     assert_eq!(got.len(), 1, "a new send heads the group again");
     assert_eq!(got[0].payload, json!(3));
@@ -270,22 +265,12 @@ fn the_worker_passes_over_a_group_an_open_send_holds() {
     let other_queue = Queue::create(&mut admin, "groups_other", "max_deliveries => 1");
     let (held, other) = (held_queue.name.clone(), other_queue.name.clone());
     for queue in [&held, &other] {
-        admin
-            .execute(
-                "SELECT bussig.send($1::text, '1', group_id => 'g')",
-                &[queue],
-            )
-            .unwrap();
+        send_grouped(&mut admin, queue, &json!(1), "g");
     }
     // The group's row is held before its head's lock runs out, so that no worker round comes between.
     let mut sender = connect();
     let mut sending = sender.transaction().unwrap();
-    sending
-        .execute(
-            "SELECT bussig.send($1::text, '2', group_id => 'g')",
-            &[&held],
-        )
-        .unwrap();
+    send_grouped(&mut sending, &held, &json!(2), "g");
     for queue in [&held, &other] {
         // Out on its last delivery, with a lock that runs out at once.
         assert_eq!(read(&mut admin, queue, 1, Some("1 millisecond")).len(), 1);
@@ -337,12 +322,7 @@ fn a_group_moving_on_notifies_its_queue() {
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .unwrap();
     for n in 1..=2 {
-        client
-            .execute(
-                "SELECT bussig.send($1::text, $2::jsonb, group_id => 'g')",
-                &[&name, &json!(n)],
-            )
-            .unwrap();
+        send_grouped(&mut client, &name, &json!(n), "g");
     }
     collect_notifications(&mut listener, &channel, 1, Duration::from_millis(300));
     let head = read(&mut client, &name, 10, None);
