@@ -157,12 +157,10 @@ async fn messages_nats_delivers_again_land_once_with_their_headers() {
     wait_settled(&js, "INBOX", "orders").await;
     wait_settled(&js, "INBOX", "events").await;
     assert_exactly_once(&db, &queue.name, 0..20).await;
-    let duplicates = r#"bussig_relay_inbound_duplicates_total{inbound="INBOX/orders"}"#;
+    // Whether the relay also meets a copy NATS sent again (and counts it a duplicate) depends on timing:
+    // once the first delivery is acked, a copy still in the client's buffer may be dropped unread. What
+    // must hold either way is above: each message once, and below: each stored once.
     let metrics = relay.metrics().await;
-    assert!(
-        metric(&metrics, duplicates).unwrap_or(0.0) >= 1.0,
-        "{metrics}"
-    );
     let stored = r#"bussig_relay_inbound_stored_total{inbound="INBOX/orders"}"#;
     assert_eq!(metric(&metrics, stored), Some(20.0), "{metrics}");
 
