@@ -17,7 +17,8 @@ use crate::queue;
 // holding token $2 when one is given, and, unless $6 forces it, only when their last allowed
 // delivery has been used.
 static DEAD_LETTER: Statement = Statement {
-    sql: "UPDATE bussig.message by_id
+    sql: concat!(
+        "UPDATE bussig.message by_id
           SET queue_id = q.dead_letter_queue_id,
               visible_at = clock_timestamp(),
               lock_token = NULL,
@@ -26,7 +27,9 @@ static DEAD_LETTER: Statement = Statement {
               last_error = NULL,
               -- It leaves its group; a dead-letter queue keeps the group's name only of messages that
               -- were in one (see group.rs), for redrive.
-              group_id = CASE WHEN by_id.group_seq IS NOT NULL THEN by_id.group_id END,
+              group_id = ",
+        counted_group!(),
+        ",
               group_seq = NULL,
               group_ready_at = NULL,
               headers = coalesce(by_id.headers, '{}') || jsonb_build_object(
@@ -39,7 +42,8 @@ static DEAD_LETTER: Statement = Statement {
             AND ($2::uuid IS NULL OR by_id.lock_token = $2)
                         AND ($6 OR by_id.delivery_count >= q.max_deliveries)
           RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify),
-                    q.queue_id, by_id.group_id",
+                    q.queue_id, by_id.group_id"
+    ),
     args: &[
         pg_sys::INT8ARRAYOID,
         pg_sys::UUIDOID,
@@ -53,8 +57,11 @@ static DEAD_LETTER: Statement = Statement {
 
 // A dead-letter queue has none of its own: its expired messages are simply dropped (retention).
 static DELETE_MESSAGES: Statement = Statement {
-    sql: "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1)
-          RETURNING queue_id, CASE WHEN by_id.group_seq IS NOT NULL THEN by_id.group_id END",
+    sql: concat!(
+        "DELETE FROM bussig.message by_id WHERE message_id = ANY ($1)
+          RETURNING queue_id, ",
+        counted_group!()
+    ),
     args: &[pg_sys::INT8ARRAYOID],
     writes: true,
 };

@@ -4,6 +4,15 @@
 //! token, duplicate). The SQL functions are in `api/messages.rs`.
 // The domain is written against SPI and `pg`: no unsafe code of its own.
 #![deny(unsafe_code)]
+
+/// The group a message of alias `by_id` counts in, NULL when in none (a dead letter keeps its group's
+/// name but not its place): what a statement that removes messages returns for `group::leave`.
+macro_rules! counted_group {
+    () => {
+        "CASE WHEN by_id.group_seq IS NOT NULL THEN by_id.group_id END"
+    };
+}
+
 pub mod dead_letter;
 pub mod group;
 pub mod peek;

@@ -14,10 +14,12 @@ use crate::queue;
 
 // The request goes only with its current token; what it names comes back for the reply.
 static TAKE_REQUEST: Statement = Statement {
-    sql: "DELETE FROM bussig.message by_id
+    sql: concat!(
+        "DELETE FROM bussig.message by_id
           WHERE queue_id = $1 AND message_id = $2 AND lock_token = $3
-          RETURNING reply_to, coalesce(correlation_id, message_id::text),
-                    CASE WHEN group_seq IS NOT NULL THEN group_id END",
+          RETURNING reply_to, coalesce(correlation_id, message_id::text), ",
+        counted_group!()
+    ),
     args: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::UUIDOID],
     writes: true,
 };

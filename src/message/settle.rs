@@ -15,19 +15,13 @@ use crate::pg::wakeup;
 use crate::plans::{self, Statement};
 use crate::queue;
 
-/// What an ack returns for each message it deletes: its group when it was in one (see `group`).
-macro_rules! returning_group {
-    () => {
-        "RETURNING CASE WHEN by_id.group_seq IS NOT NULL THEN by_id.group_id END"
-    };
-}
-
 // Acks take the queue as its id, from queue::destination.
 static ACK: Statement = Statement {
     sql: concat!(
         "DELETE FROM bussig.message by_id
           WHERE queue_id = $1 AND message_id = $2 AND lock_token = $3 ",
-        returning_group!()
+        "RETURNING ",
+        counted_group!()
     ),
     args: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::UUIDOID],
     writes: true,
@@ -40,7 +34,7 @@ static ACK_BATCH: Statement = Statement {
     sql: concat!(
         "DELETE FROM bussig.message by_id
           WHERE by_id.message_id = ANY ($2) AND by_id.queue_id = $1 AND by_id.lock_token = ANY ($3) ",
-        returning_group!()
+        "RETURNING ", counted_group!()
     ),
     args: &[pg_sys::INT4OID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
     writes: true,
