@@ -1,5 +1,5 @@
 # bussig: `make run` to try it, `make test` to test it. Everything runs as root on Debian.
-PG_BIN    := /usr/lib/postgresql/15/bin
+PG_BIN    ?= /usr/lib/postgresql/15/bin
 RUN_PORT  := 28815
 # The demo cluster lives in an ignored folder when `postgres` can reach it, else under /var/tmp.
 RUN_DATA  ?= $(shell runuser -u postgres -- test -x $(CURDIR) 2>/dev/null && echo $(CURDIR)/.run/pgdata \

@@ -5,7 +5,7 @@
 #   cluster.sh running DATADIR      exit status 0 when it runs
 set -euo pipefail
 
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 action=$1
 datadir=$2
 # A Rust backtrace in the environment would end up in every error's DETAIL.

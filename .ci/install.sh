@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 out=target/bussig-package
 rm -rf "$out"
 if ! build_log=$(cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$out" "$@" 2>&1); then

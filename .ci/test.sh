@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PGXS=$("$PG_BIN/pg_config" --pgxs)
 PORT=${BUSSIG_TEST_PORT:-28816}
 BOUNCER_PORT=$((PORT + 2))
