@@ -223,3 +223,64 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'peek_wrapper';
 CREATE FUNCTION bussig.blocked_groups(queue text)
 RETURNS TABLE (group_id text, head_message_id bigint, state text, since timestamptz)
 LANGUAGE c AS 'MODULE_PATHNAME', 'blocked_groups_wrapper';
+
+-- In-flight caps: the most messages of a queue locked at once (src/message/in_flight.rs).
+ALTER TABLE bussig.queue ADD COLUMN max_in_flight int CHECK (max_in_flight >= 1);
+CREATE TABLE bussig.in_flight_slot (
+    queue_id   int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
+    slot       int NOT NULL,
+    message_id bigint,
+    lock_token uuid,
+    PRIMARY KEY (queue_id, slot)
+);
+ALTER TABLE bussig.in_flight_slot SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+                                       autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
+SELECT pg_catalog.pg_extension_config_dump('bussig.in_flight_slot', '');
+-- Backends cache a queue's cap with its name.
+DROP TRIGGER queue_routing_changed ON bussig.queue;
+CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight OR DELETE ON bussig.queue
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
+DROP FUNCTION bussig.create_queue(text, int, interval, interval, interval, interval, float8, interval, text, bool);
+CREATE FUNCTION bussig.create_queue(queue text, max_deliveries int DEFAULT 5, lock_timeout interval DEFAULT '30 seconds',
+                                    message_ttl interval DEFAULT NULL, retry_delay interval DEFAULT '1 second',
+                                    retry_delay_max interval DEFAULT '15 minutes', retry_multiplier float8 DEFAULT 2.0,
+                                    dedup_window interval DEFAULT '5 minutes', dead_letter_queue text DEFAULT NULL,
+                                    notify bool DEFAULT false, max_in_flight int DEFAULT NULL)
+RETURNS bool LANGUAGE c AS 'MODULE_PATHNAME', 'create_queue_wrapper';
+DROP FUNCTION bussig.alter_queue(text, int, interval, interval, interval, interval, float8, interval, text, bool);
+CREATE FUNCTION bussig.alter_queue(queue text, max_deliveries int DEFAULT NULL, lock_timeout interval DEFAULT NULL,
+                                   message_ttl interval DEFAULT NULL, retry_delay interval DEFAULT NULL,
+                                   retry_delay_max interval DEFAULT NULL, retry_multiplier float8 DEFAULT NULL,
+                                   dedup_window interval DEFAULT NULL, dead_letter_queue text DEFAULT NULL,
+                                   notify bool DEFAULT NULL, max_in_flight int DEFAULT NULL)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'alter_queue_wrapper';
+CREATE OR REPLACE VIEW bussig.queues AS
+SELECT q.name AS queue,
+       d.name AS dead_letter_queue,
+       depth.messages - split.delayed - split.locked AS ready,
+       split.delayed,
+       split.locked,
+       CASE WHEN depth.messages > split.delayed + split.locked
+            THEN clock_timestamp() - counted.oldest_ready_since END AS oldest_ready_age,
+       q.max_deliveries,
+       q.lock_timeout,
+       q.message_ttl,
+       q.created_at,
+       q.owner,
+       q.retry_delay,
+       q.retry_delay_max,
+       q.retry_multiplier,
+       q.dedup_window,
+       depth.messages,
+       counted.counted_at,
+       q.max_in_flight
+FROM bussig.queue q
+LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
+LEFT JOIN bussig.queue_stats counted ON counted.queue_id = q.queue_id
+CROSS JOIN LATERAL (SELECT bussig.queue_depth_if_exists(q.name) AS messages) depth
+CROSS JOIN LATERAL (
+    SELECT least(coalesce(counted.locked, 0), depth.messages) AS locked,
+           least(coalesce(counted.delayed, 0),
+                 depth.messages - least(coalesce(counted.locked, 0), depth.messages)) AS delayed
+) split
+WHERE bussig.has_queue_privilege(q.name) AND depth.messages IS NOT NULL;

@@ -20,7 +20,8 @@ SELECT q.name AS queue,
        q.retry_multiplier,
        q.dedup_window,
        depth.messages,
-       counted.counted_at
+       counted.counted_at,
+       q.max_in_flight
 FROM bussig.queue q
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
 LEFT JOIN bussig.queue_stats counted ON counted.queue_id = q.queue_id

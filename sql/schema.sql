@@ -24,7 +24,9 @@ CREATE TABLE bussig.queue (
     heartbeat_at         timestamptz,
     created_at           timestamptz NOT NULL DEFAULT now(),
     -- The role that created it: it may do everything with the queue, and grant that to others.
-    owner                name NOT NULL
+    owner                name NOT NULL,
+    -- The most messages of the queue locked at once, across all consumers; NULL for no cap.
+    max_in_flight        int CHECK (max_in_flight >= 1)
 );
 ALTER SEQUENCE bussig.queue_id_seq OWNED BY bussig.queue.queue_id;
 -- drop_queue looks queues up by their dead-letter queue, as does the foreign key's check.
@@ -157,6 +159,19 @@ AS $$ BEGIN DELETE FROM bussig.message_group; RETURN NULL; END $$;
 CREATE TRIGGER message_truncated AFTER TRUNCATE ON bussig.message
 FOR EACH STATEMENT EXECUTE FUNCTION bussig.forget_groups();
 
+-- A capped queue's slots, max_in_flight of them: each holds the message a read locked in it, and is free
+-- once that message no longer holds the lock token (src/message/in_flight.rs). Written by every read
+-- of the queue: room on each page for the new version (a HOT update).
+CREATE TABLE bussig.in_flight_slot (
+    queue_id   int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
+    slot       int NOT NULL,
+    message_id bigint,
+    lock_token uuid,
+    PRIMARY KEY (queue_id, slot)
+);
+ALTER TABLE bussig.in_flight_slot SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+                                       autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
+
 -- Queues drop_queue removed. A send that raced the drop may still commit a message for one of them;
 -- the worker deletes such messages once in-flight sends have had time to finish. Recording the drop
 -- keeps that from ever touching messages whose queue is merely not loaded yet (pg_restore loads
@@ -182,6 +197,7 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.message', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.message_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.dedup', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.message_group', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.in_flight_slot', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.queue_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.queue_creator', '');
 

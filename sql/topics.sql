@@ -56,7 +56,7 @@ BEGIN
 END $$;
 CREATE TRIGGER subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.subscription
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
-CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify OR DELETE ON bussig.queue
+CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight OR DELETE ON bussig.queue
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
 
 CREATE VIEW bussig.subscriptions AS

@@ -112,6 +112,7 @@ fn sample(name: &str, queue: &str, other_queue: &str) -> String {
         "retry_delay" => "'1 second'::interval".into(),
         "retry_multiplier" => "2".into(),
         "notify" => "false".into(),
+        "max_in_flight" => "2".into(),
         other => panic!("no sample value for argument {other}: add one"),
     }
 }

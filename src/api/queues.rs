@@ -26,6 +26,7 @@ fn create_queue(
     dedup_window: default!(Option<Interval>, "'5 minutes'"),
     dead_letter_queue: default!(Option<&str>, "NULL"),
     notify: default!(Option<bool>, false),
+    max_in_flight: default!(Option<i32>, "NULL"),
 ) -> Result<bool, ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let change = SettingsChange {
@@ -37,6 +38,7 @@ fn create_queue(
         retry_multiplier: setting(retry_multiplier, "retry_multiplier")?,
         dedup_window: setting(dedup_window, "dedup_window")?,
         notify: setting(notify, "notify")?,
+        max_in_flight,
     };
     Ok(access::connect(|client, caller| {
         queue::create(client, caller, queue, change, dead_letter_queue)
@@ -56,6 +58,7 @@ fn alter_queue(
     dedup_window: default!(Option<Interval>, "NULL"),
     dead_letter_queue: default!(Option<&str>, "NULL"),
     notify: default!(Option<bool>, "NULL"),
+    max_in_flight: default!(Option<i32>, "NULL"),
 ) -> Result<(), ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let change = SettingsChange {
@@ -67,6 +70,7 @@ fn alter_queue(
         retry_multiplier,
         dedup_window,
         notify,
+        max_in_flight,
     };
     Ok(access::connect(|client, caller| {
         queue::alter(client, caller, queue, change, dead_letter_queue)

@@ -6,6 +6,7 @@ use pgrx::spi::SpiClient;
 use pgrx::Uuid;
 
 use super::group;
+use super::in_flight;
 use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::{BusError, BusResult};
@@ -42,7 +43,7 @@ static DEAD_LETTER: Statement = Statement {
             AND ($2::uuid IS NULL OR by_id.lock_token = $2)
                         AND ($6 OR by_id.delivery_count >= q.max_deliveries)
           RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify),
-                    q.queue_id, by_id.group_id"
+                    q.queue_id, by_id.group_id, q.max_in_flight IS NOT NULL"
     ),
     args: &[
         pg_sys::INT8ARRAYOID,
@@ -120,6 +121,9 @@ fn move_leaving_groups(
         depth::added(queue_id, 1);
         if let Some(group) = row.get::<String>(4)? {
             left.push((source_queue_id, group));
+        }
+        if plans::filled(&row, 5, "capped")? {
+            in_flight::freed(source_queue_id, 1);
         }
         match row.get::<String>(2)? {
             Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true, 1),

@@ -15,6 +15,7 @@ macro_rules! counted_group {
 
 pub mod dead_letter;
 pub mod group;
+pub mod in_flight;
 pub mod peek;
 pub mod read_position;
 pub mod receive;
@@ -24,6 +25,7 @@ pub mod settle;
 #[cfg(any(test, feature = "pg_test"))]
 mod tests {
     mod groups;
+    mod in_flight;
     mod receive;
     mod send;
     mod settle;

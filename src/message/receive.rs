@@ -8,6 +8,7 @@ use pgrx::spi::{SpiClient, SpiHeapTupleData};
 use pgrx::Uuid;
 
 use super::dead_letter::{bury, Dead, DeadReason};
+use super::in_flight;
 use super::read_position::{self, Position};
 use super::settle::acknowledge;
 use super::{missing_body, nothing_done};
@@ -15,7 +16,7 @@ use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::BusResult;
 use crate::pg::datum::{BigintArray, Jsonb, UuidArray};
-use crate::pg::{arrivals, wakeup};
+use crate::pg::{arrivals, wakeup, xact};
 use crate::plans::{self, Statement};
 use crate::queue;
 use crate::validate;
@@ -199,60 +200,147 @@ impl ReadRow {
     }
 }
 
+/// What one READ or READ_FROM of `receive` locked.
+struct ReadRound {
+    /// Rows returned, dead ones included.
+    returned: i32,
+    delivered: Vec<Delivery>,
+    dead: Vec<Dead>,
+    /// The first in delivery order, dead or not.
+    first: Option<Position>,
+}
+
+/// Runs READ (or READ_FROM the position `start`) for up to `limit` messages and sorts what it locked.
+fn read_round(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    limit: i32,
+    lock_timeout: Option<Interval>,
+    start: Option<Position>,
+) -> BusResult<ReadRound> {
+    let rows = match start {
+        Some(from) => plans::run_limited(
+            client,
+            &READ_FROM,
+            limit,
+            &[
+                queue.into(),
+                lock_timeout.into(),
+                from.priority.into(),
+                from.ready_at.into(),
+                from.message_id.into(),
+            ],
+        )?,
+        None => plans::run_limited(client, &READ, limit, &[queue.into(), lock_timeout.into()])?,
+    };
+    let mut round = ReadRound {
+        returned: 0,
+        delivered: Vec::new(),
+        dead: Vec::new(),
+        first: None,
+    };
+    let mut read_queue = 0;
+    for row in rows {
+        if round.returned == 0 {
+            read_queue = plans::filled(&row, 14, "queue id")?;
+            depth::touched(read_queue);
+        }
+        let row = ReadRow::decode(&row)?;
+        round.returned += 1;
+        let position = row.position;
+        if round.first.is_none_or(|first| position < first) {
+            round.first = Some(position);
+        }
+        match row.dead {
+            Some((reason, has_dead_letter_queue)) => round.dead.push(Dead {
+                message_id: position.message_id,
+                reason,
+                has_dead_letter_queue,
+            }),
+            None => round.delivered.push(row.delivery(queue)?),
+        }
+    }
+    wakeup::note_locked(read_queue, u32::try_from(round.returned).unwrap_or(0));
+    Ok(round)
+}
+
+/// As `read_round`, for a queue with a cap on messages in flight: at most as many as it can claim
+/// slots for. With `release_unused`, a round that locks nothing lets go of the slots it claimed, so
+/// that a reader about to wait does not keep them from others.
+fn capped_round(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    queue_id: i32,
+    wanted: i32,
+    lock_timeout: Option<Interval>,
+    start: Option<Position>,
+    release_unused: bool,
+) -> BusResult<(i32, ReadRound)> {
+    let mut round = || -> BusResult<(i32, ReadRound)> {
+        let claimed = in_flight::claim(client, queue_id, wanted)?;
+        let limit = claimed.count();
+        if limit == 0 {
+            return Ok((0, ReadRound::empty()));
+        }
+        let round = read_round(client, queue, limit, lock_timeout, start)?;
+        let locked = round
+            .delivered
+            .iter()
+            .map(|delivery| (delivery.position.message_id, delivery.lock_token))
+            .collect();
+        claimed.record(client, locked)?;
+        Ok((limit, round))
+    };
+    if release_unused {
+        xact::in_subtransaction(round, |(_, round)| round.returned > 0)
+    } else {
+        round()
+    }
+}
+
+impl ReadRound {
+    fn empty() -> ReadRound {
+        ReadRound {
+            returned: 0,
+            delivered: Vec::new(),
+            dead: Vec::new(),
+            first: None,
+        }
+    }
+}
+
 fn receive(
     client: &mut SpiClient<'_>,
     queue: &str,
     max_messages: i32,
     lock_timeout: Option<Interval>,
+    release_unused: bool,
 ) -> BusResult<Vec<Delivery>> {
+    let cap = queue::find(client, queue)?.filter(|found| found.max_in_flight.is_some());
     let mut delivered = Vec::new();
     loop {
         let wanted = max_messages - delivered.len() as i32;
         let start = read_position::recall(queue);
-        let rows = match start {
-            Some(from) => plans::run_limited(
+        let (limit, round) = match cap {
+            Some(capped) => capped_round(
                 client,
-                &READ_FROM,
+                queue,
+                capped.queue_id,
                 wanted,
-                &[
-                    queue.into(),
-                    lock_timeout.into(),
-                    from.priority.into(),
-                    from.ready_at.into(),
-                    from.message_id.into(),
-                ],
+                lock_timeout,
+                start,
+                release_unused,
             )?,
-            None => {
-                plans::run_limited(client, &READ, wanted, &[queue.into(), lock_timeout.into()])?
-            }
+            None => (wanted, read_round(client, queue, wanted, lock_timeout, start)?),
         };
-        let mut dead = Vec::new();
-        let mut returned = 0;
-        let mut read_queue = 0;
-        let mut first: Option<Position> = None;
-        for row in rows {
-            if returned == 0 {
-                let queue_id = plans::filled(&row, 14, "queue id")?;
-                depth::touched(queue_id);
-                read_queue = queue_id;
-            }
-            let row = ReadRow::decode(&row)?;
-            returned += 1;
-            let position = row.position;
-            if first.is_none_or(|first| position < first) {
-                first = Some(position);
-            }
-            match row.dead {
-                Some((reason, has_dead_letter_queue)) => dead.push(Dead {
-                    message_id: position.message_id,
-                    reason,
-                    has_dead_letter_queue,
-                }),
-                None => delivered.push(row.delivery(queue)?),
-            }
-        }
-        wakeup::note_locked(read_queue, u32::try_from(returned).unwrap_or(0));
-        let took_all = returned == wanted;
+        let ReadRound {
+            returned,
+            delivered: more,
+            dead,
+            first,
+        } = round;
+        delivered.extend(more);
+        let took_all = limit > 0 && returned == limit;
         // Only a read that found as many as it asked for is in a backlog worth a position; one that
         // came up short from a position reads the rest from the head.
         match first.filter(|_| took_all) {
@@ -362,13 +450,13 @@ pub fn receive_waiting(
             }
             let may_wait = started.elapsed() < wait && !crate::pg::xact::snapshot_is_fixed();
             if !may_wait && !registered {
-                let delivered = receive(client, queue, max_messages, lock_timeout)?;
+                let delivered = receive(client, queue, max_messages, lock_timeout, false)?;
                 return Ok(WaitingRead::done(delivered));
             }
             // Noted before the read's snapshot is taken: see `arrivals`.
             let queue_id = queue::require(client, queue)?.queue_id;
             let read_from = arrivals::seen(queue_id);
-            let delivered = receive(client, queue, max_messages, lock_timeout)?;
+            let delivered = receive(client, queue, max_messages, lock_timeout, true)?;
             let next_ready = if delivered.is_empty() && may_wait {
                 let wait_ends = read_began + wait.saturating_sub(started.elapsed()).as_secs_f64();
                 let args = [queue_id.into(), read_began.into(), wait_ends.into()];

@@ -4,7 +4,7 @@ use pgrx::pg_sys;
 use pgrx::Uuid;
 
 use super::send::{check_size, reply_into};
-use super::{group, nothing_done};
+use super::{group, in_flight, nothing_done};
 use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::{BusError, BusResult};
@@ -36,7 +36,8 @@ pub fn reply(
     check_size(payload.size(), headers)?;
     access::connect(|client, caller| {
         caller.require(client, queue, Privilege::Consume)?;
-        let queue_id = queue::require(client, queue)?.queue_id;
+        let found = queue::require(client, queue)?;
+        let queue_id = found.queue_id;
         let args = [queue_id.into(), message_id.into(), lock_token.into()];
         let Some(request) = plans::run(client, &TAKE_REQUEST, &args)?.next() else {
             return nothing_done(client, queue, None);
@@ -50,6 +51,9 @@ pub fn reply(
             });
         };
         depth::removed(queue_id, 1);
+        if found.max_in_flight.is_some() {
+            in_flight::freed(queue_id, 1);
+        }
         group::leave(
             client,
             queue_id,

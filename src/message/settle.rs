@@ -6,6 +6,7 @@ use pgrx::Uuid;
 
 use super::dead_letter::{move_to_dead_letter_queue, DeadReason};
 use super::group;
+use super::in_flight;
 use super::{nothing_done, processed};
 use crate::access::{self, Privilege};
 use crate::depth;
@@ -55,12 +56,25 @@ static NACK: Statement = Statement {
     writes: true,
 };
 
+// In a capped queue the lock is extended only while the delivery still holds its slot, and the slot
+// row is written with it: a reader that found the slot free (the lock ran out) and took it first
+// wins, and one that has yet to see this commit skips the slot (see in_flight.rs).
 static EXTEND_LOCK: Statement = Statement {
     sql:
-        "UPDATE bussig.message by_id
+        "WITH q AS (
+              SELECT queue_id, lock_timeout, max_in_flight FROM bussig.queue WHERE name = $1
+          ), slot AS (
+              UPDATE bussig.in_flight_slot s SET lock_token = s.lock_token
+              FROM q
+              WHERE q.max_in_flight IS NOT NULL AND s.queue_id = q.queue_id
+                AND s.message_id = $2 AND s.lock_token = $3
+              RETURNING s.slot
+          )
+          UPDATE bussig.message by_id
           SET visible_at = clock_timestamp() + coalesce($4, q.lock_timeout)
-          FROM bussig.queue q
-          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3",
+          FROM q
+          WHERE by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3
+            AND (q.max_in_flight IS NULL OR EXISTS (SELECT FROM slot))",
     args: &[
         pg_sys::TEXTOID,
         pg_sys::INT8OID,
@@ -76,21 +90,25 @@ pub fn acknowledge(
     queue: &str,
     (message_ids, lock_tokens): (BigintArray, UuidArray),
 ) -> BusResult<i64> {
-    let queue_id = queue::require(client, queue)?.queue_id;
-    let args = [queue_id.into(), message_ids.into(), lock_tokens.into()];
-    settle_deleted(client, queue_id, &ACK_BATCH, &args)
+    let found = queue::require(client, queue)?;
+    let args = [found.queue_id.into(), message_ids.into(), lock_tokens.into()];
+    settle_deleted(client, found, &ACK_BATCH, &args)
 }
 
-/// Runs an ack statement of queue `queue_id`: how many messages it deleted. Their groups move on.
+/// Runs an ack statement of `queue`: how many messages it deleted. Their groups move on, and the
+/// slots they held in a capped queue go to waiting readers.
 fn settle_deleted(
     client: &mut SpiClient<'_>,
-    queue_id: i32,
+    queue: queue::Queue,
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<i64> {
     let (acked, groups) = group::returned_groups(plans::run(client, statement, args)?, 1)?;
-    depth::removed(queue_id, acked as usize);
-    group::leave(client, queue_id, groups)?;
+    depth::removed(queue.queue_id, acked as usize);
+    if queue.max_in_flight.is_some() {
+        in_flight::freed(queue.queue_id, acked);
+    }
+    group::leave(client, queue.queue_id, groups)?;
     Ok(acked)
 }
 
@@ -135,9 +153,9 @@ pub fn settled_pairs(
 pub fn ack(queue: &str, message_id: i64, lock_token: Uuid) -> BusResult<bool> {
     access::connect(|client, caller| {
         caller.require(client, queue, Privilege::Consume)?;
-        let queue_id = queue::require(client, queue)?.queue_id;
-        let args = [queue_id.into(), message_id.into(), lock_token.into()];
-        Ok(settle_deleted(client, queue_id, &ACK, &args)? > 0)
+        let found = queue::require(client, queue)?;
+        let args = [found.queue_id.into(), message_id.into(), lock_token.into()];
+        Ok(settle_deleted(client, found, &ACK, &args)? > 0)
     })
 }
 

@@ -4,6 +4,7 @@
 use pgrx::{pg_guard, pg_sys};
 
 use super::wakeup;
+use crate::error::BusResult;
 use crate::depth;
 use crate::message::read_position;
 
@@ -54,6 +55,38 @@ pub fn top_transaction_id() -> u32 {
 pub fn is_this_transaction(xid: u32) -> bool {
     // SAFETY: a look-up in this backend's own transaction state.
     unsafe { pg_sys::TransactionIdIsCurrentTransactionId(xid.into()) }
+}
+
+/// Runs `work` in a subtransaction of its own, kept when `keep` says so of what it returned and rolled
+/// back otherwise, which also lets go of the rows it locked. An error inside rolls it back too, and
+/// goes on up. What `work` got from SPI must not outlive it: a rollback frees it.
+pub fn in_subtransaction<T>(
+    work: impl FnOnce() -> BusResult<T>,
+    keep: impl FnOnce(&T) -> bool,
+) -> BusResult<T> {
+    // SAFETY: plain reads of the backend's current memory context and resource owner, to restore
+    // after the subtransaction ends, as PostgreSQL's procedural languages do.
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    // SAFETY: called within a transaction (every SQL function is); the subtransaction is ended below
+    // on every path out, including an unwinding error.
+    unsafe {
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    let kept = matches!(&outcome, Ok(Ok(value)) if keep(value));
+    // SAFETY: the subtransaction begun above is the current one: `work` ends every subtransaction it
+    // begins (SPI and PL/pgSQL do), and an error caught above has had its state copied and flushed.
+    unsafe {
+        if kept {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+    outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// What a module notes during a transaction, with a mark where each open subtransaction began: what

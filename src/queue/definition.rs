@@ -6,22 +6,24 @@ use super::require;
 use super::settings::{settings_then, QueueSettings, SettingsChange};
 use crate::access::{Caller, Privilege};
 use crate::error::{BusError, BusResult};
+use crate::message::in_flight;
 use crate::plans::{self, Statement};
 use crate::validate;
 
 static INSERT_QUEUE: Statement = Statement {
     sql: "INSERT INTO bussig.queue (max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max,
-                                    retry_multiplier, dedup_window, notify, name, dead_letter_owner_id, owner)
-          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, pg_catalog.pg_get_userbyid($11))
+                                    retry_multiplier, dedup_window, notify, max_in_flight, name,
+                                    dead_letter_owner_id, owner)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, pg_catalog.pg_get_userbyid($12))
           ON CONFLICT (name) DO NOTHING
           RETURNING queue_id",
-    args: &settings_then::<3, 11>([pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::OIDOID]),
+    args: &settings_then::<3, 12>([pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::OIDOID]),
     writes: true,
 };
 
 static LOAD_SETTINGS: Statement = Statement {
     sql: "SELECT max_deliveries, lock_timeout, message_ttl, retry_delay, retry_delay_max, retry_multiplier,
-                 dedup_window, notify, queue_id
+                 dedup_window, notify, max_in_flight, queue_id
           FROM bussig.queue WHERE name = $1 FOR UPDATE",
     args: &[pg_sys::TEXTOID],
     writes: true,
@@ -30,9 +32,10 @@ static LOAD_SETTINGS: Statement = Statement {
 static UPDATE_SETTINGS: Statement = Statement {
     sql: "UPDATE bussig.queue
           SET max_deliveries = $1, lock_timeout = $2, message_ttl = $3, retry_delay = $4,
-              retry_delay_max = $5, retry_multiplier = $6, dedup_window = $7, notify = $8
-          WHERE queue_id = $9",
-    args: &settings_then::<1, 9>([pg_sys::INT4OID]),
+              retry_delay_max = $5, retry_multiplier = $6, dedup_window = $7, notify = $8,
+              max_in_flight = $9
+          WHERE queue_id = $10",
+    args: &settings_then::<1, 10>([pg_sys::INT4OID]),
     writes: true,
 };
 
@@ -107,7 +110,7 @@ fn insert_queue(
     dead_letter_owner_id: Option<i32>,
     owner: pg_sys::Oid,
 ) -> BusResult<Option<i32>> {
-    let [a1, a2, a3, a4, a5, a6, a7, a8] = settings.args();
+    let [a1, a2, a3, a4, a5, a6, a7, a8, a9] = settings.args();
     let args = [
         a1,
         a2,
@@ -117,6 +120,7 @@ fn insert_queue(
         a6,
         a7,
         a8,
+        a9,
         name.into(),
         dead_letter_owner_id.into(),
         owner.into(),
@@ -192,6 +196,9 @@ pub fn create(
     let Some(queue_id) = insert_queue(client, queue, &settings, None, caller.role())? else {
         return Ok(false);
     };
+    if settings.max_in_flight.is_some() {
+        in_flight::set_cap(client, queue_id, settings.max_in_flight)?;
+    }
     let dead_letter_id =
         ensure_dead_letter_queue(client, caller, &dead_letter_name, owned.then_some(queue_id))?;
     plans::run(
@@ -223,16 +230,22 @@ pub fn alter(
         retry_multiplier: plans::filled(&row, 6, "retry_multiplier")?,
         dedup_window: plans::filled(&row, 7, "dedup_window")?,
         notify: plans::filled(&row, 8, "notify")?,
+        max_in_flight: row.get(9)?,
     };
-    let queue_id: i32 = plans::filled(&row, 9, "queue id")?;
+    let queue_id: i32 = plans::filled(&row, 10, "queue id")?;
+    let current_cap = current.max_in_flight;
     let settings = change.apply(current)?;
     settings.check_notify(queue)?;
-    let [a1, a2, a3, a4, a5, a6, a7, a8] = settings.args();
+    let cap_changed = settings.max_in_flight != current_cap;
+    let [a1, a2, a3, a4, a5, a6, a7, a8, a9] = settings.args();
     plans::run(
         client,
         &UPDATE_SETTINGS,
-        &[a1, a2, a3, a4, a5, a6, a7, a8, queue_id.into()],
+        &[a1, a2, a3, a4, a5, a6, a7, a8, a9, queue_id.into()],
     )?;
+    if cap_changed {
+        in_flight::set_cap(client, queue_id, settings.max_in_flight)?;
+    }
     if let Some(name) = dead_letter_queue {
         let name = checked_dead_letter_queue(queue, name)?;
         let dead_letter_id = ensure_dead_letter_queue(client, caller, name, None)?;

@@ -20,12 +20,14 @@ use crate::plans::{self, Statement};
 pub use definition::{alter, create, drop, drop_by_id, purge};
 pub use settings::SettingsChange;
 
-/// A queue as the SQL functions need it, cached per backend by name: its id, and whether commits
-/// that make its messages ready NOTIFY. Its settings are read where they are used.
+/// A queue as the SQL functions need it, cached per backend by name: its id, whether commits that
+/// make its messages ready NOTIFY, and its cap on messages locked at once. Its other settings are
+/// read where they are used.
 #[derive(Clone, Copy)]
 pub struct Queue {
     pub queue_id: i32,
     pub notify: bool,
+    pub max_in_flight: Option<i32>,
 }
 
 /// Queues a backend remembers before it starts over: names of short-lived queues come and go.
@@ -39,13 +41,13 @@ thread_local! {
 // A writing statement, so that it reads with a new snapshot (see `invalidation::may_keep`). The row's
 // xmin tells whether this transaction wrote it.
 static FIND: Statement = Statement {
-    sql: "SELECT queue_id, notify, xmin::text::bigint FROM bussig.queue WHERE name = $1",
+    sql: "SELECT queue_id, notify, xmin::text::bigint, max_in_flight FROM bussig.queue WHERE name = $1",
     args: &[pg_sys::TEXTOID],
     writes: true,
 };
 
-/// The queue named `name`, from this backend's cache when no change to any queue's name or notify
-/// flag, and no drop, came since. A queue this transaction created or changed is not cached: the
+/// The queue named `name`, from this backend's cache when no change to any queue's name, notify
+/// flag or cap, and no drop, came since. A queue this transaction created or changed is not cached: the
 /// transaction may still roll back, and a new queue announces itself to no cache.
 pub fn find(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Queue>> {
     let generation = invalidation::generation(client)?;
@@ -58,6 +60,7 @@ pub fn find(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Queue>> 
     let found = Queue {
         queue_id: plans::filled(&row, 1, "queue id")?,
         notify: plans::filled(&row, 2, "notify")?,
+        max_in_flight: row.get(4)?,
     };
     let writer = plans::filled::<i64>(&row, 3, "xmin")? as u32;
     let written_here = crate::pg::xact::is_this_transaction(writer);

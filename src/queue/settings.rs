@@ -15,6 +15,8 @@ pub struct QueueSettings {
     pub(super) retry_multiplier: f64,
     pub(super) dedup_window: Interval,
     pub(super) notify: bool,
+    /// The most messages of the queue locked at once, across all consumers; None for no cap.
+    pub(super) max_in_flight: Option<i32>,
 }
 
 impl Default for QueueSettings {
@@ -29,11 +31,13 @@ impl Default for QueueSettings {
             retry_multiplier: 2.0,
             dedup_window: Interval::from_minutes(5),
             notify: false,
+            max_in_flight: None,
         }
     }
 }
 
-/// The settings a caller named; None leaves a setting as it is. A zero message_ttl removes the TTL.
+/// The settings a caller named; None leaves a setting as it is. A zero message_ttl removes the TTL, a
+/// zero max_in_flight the cap.
 #[derive(Default)]
 pub struct SettingsChange {
     pub max_deliveries: Option<i32>,
@@ -44,6 +48,7 @@ pub struct SettingsChange {
     pub retry_multiplier: Option<f64>,
     pub dedup_window: Option<Interval>,
     pub notify: Option<bool>,
+    pub max_in_flight: Option<i32>,
 }
 
 impl SettingsChange {
@@ -61,6 +66,11 @@ impl SettingsChange {
             retry_multiplier: self.retry_multiplier.unwrap_or(base.retry_multiplier),
             dedup_window: self.dedup_window.unwrap_or(base.dedup_window),
             notify: self.notify.unwrap_or(base.notify),
+            max_in_flight: match self.max_in_flight {
+                Some(0) => None,
+                Some(cap) => Some(cap),
+                None => base.max_in_flight,
+            },
         };
         settings.check()?;
         Ok(settings)
@@ -90,7 +100,14 @@ impl QueueSettings {
                 "it must be a finite number of at least 1",
             ));
         }
-        validate::not_negative(&self.dedup_window, "dedup_window")
+        validate::not_negative(&self.dedup_window, "dedup_window")?;
+        if self.max_in_flight.is_some_and(|cap| cap < 1) {
+            return Err(BusError::invalid(
+                "max_in_flight",
+                "it must be at least 1, or 0 for no cap",
+            ));
+        }
+        Ok(())
     }
 
     /// NOTIFY channels are identifiers of at most 63 bytes: "bussig_" leaves 56 for the name.
@@ -104,7 +121,7 @@ impl QueueSettings {
         Ok(())
     }
 
-    pub(super) fn args(&self) -> [DatumWithOid<'static>; 8] {
+    pub(super) fn args(&self) -> [DatumWithOid<'static>; 9] {
         [
             self.max_deliveries.into(),
             self.lock_timeout.into(),
@@ -114,6 +131,7 @@ impl QueueSettings {
             self.retry_multiplier.into(),
             self.dedup_window.into(),
             self.notify.into(),
+            self.max_in_flight.into(),
         ]
     }
 }
@@ -121,7 +139,7 @@ impl QueueSettings {
 const MAX_NOTIFY_QUEUE_NAME: usize = 56;
 
 /// Parameter types of QueueSettings::args(), which statements take first.
-const SETTINGS_OIDS: [pg_sys::Oid; 8] = [
+const SETTINGS_OIDS: [pg_sys::Oid; 9] = [
     pg_sys::INT4OID,
     pg_sys::INTERVALOID,
     pg_sys::INTERVALOID,
@@ -130,6 +148,7 @@ const SETTINGS_OIDS: [pg_sys::Oid; 8] = [
     pg_sys::FLOAT8OID,
     pg_sys::INTERVALOID,
     pg_sys::BOOLOID,
+    pg_sys::INT4OID,
 ];
 
 pub(super) const fn settings_then<const EXTRA: usize, const ALL: usize>(
