@@ -310,7 +310,7 @@ fn the_worker_passes_over_a_group_an_open_send_holds() {
 }
 
 /// An ack that moves a group on makes a message ready: a queue that asked for NOTIFY hears of it,
-/// as it hears of a send.
+/// as it hears of a send. A send parked behind its group's head is not ready, and is not announced.
 #[test]
 fn a_group_moving_on_notifies_its_queue() {
     let mut client = connect();
@@ -324,7 +324,12 @@ fn a_group_moving_on_notifies_its_queue() {
     for n in 1..=2 {
         send_grouped(&mut client, &name, &json!(n), "g");
     }
-    collect_notifications(&mut listener, &channel, 1, Duration::from_millis(300));
+    let got = collect_notifications(&mut listener, &channel, 1, Duration::from_millis(300));
+    assert_eq!(
+        got.len(),
+        1,
+        "the head's send notified; the one parked behind it did not: {got:?}"
+    );
     let head = read(&mut client, &name, 10, None);
     assert_eq!(head.len(), 1);
     assert!(ack(&mut client, &name, head[0].id, head[0].token));

@@ -271,15 +271,17 @@ pub fn redrive(queue: &str, max_messages: Option<i32>) -> BusResult<i64> {
                 grouped.push(plans::filled::<i64>(&row, 1, "message id")?);
             }
         }
-        // They rejoin their groups behind what is there, in the order they were sent.
-        grouped.sort_unstable();
-        group::join(client, grouped)?;
         depth::removed(dead_letter_queue_id, redriven as usize);
         depth::added(found.queue_id, redriven as usize);
-        if redriven > 0 {
-            let count = u32::try_from(redriven).unwrap_or(u32::MAX);
+        let ungrouped = redriven - grouped.len() as i64;
+        if ungrouped > 0 {
+            let count = u32::try_from(ungrouped).unwrap_or(u32::MAX);
             wakeup::announce(found.queue_id, queue, found.notify, true, count);
         }
+        // They rejoin their groups behind what is there, in the order they were sent, and are
+        // announced as they do.
+        grouped.sort_unstable();
+        group::join(client, grouped)?;
         Ok(redriven)
     })
 }

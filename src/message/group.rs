@@ -46,7 +46,9 @@ static JOIN: Statement = Statement {
               visible_at = CASE WHEN joined.pending - new.n + new.nth = 1 THEN m.visible_at ELSE 'infinity' END,
               group_ready_at = CASE WHEN joined.pending - new.n + new.nth = 1 THEN NULL ELSE m.visible_at END
           FROM new JOIN joined USING (queue_id, group_id)
-          WHERE m.message_id = new.message_id",
+          WHERE m.message_id = new.message_id
+          RETURNING m.queue_id, m.visible_at < 'infinity', m.visible_at <= clock_timestamp(),
+                    (SELECT q.name FROM bussig.queue q WHERE q.queue_id = m.queue_id AND q.notify)",
     args: &[pg_sys::INT8ARRAYOID],
     writes: true,
 };
@@ -132,10 +134,25 @@ pub fn purge_lock(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<()> {
     Ok(())
 }
 
-/// New messages, in send order, join their groups; ids of ungrouped messages are passed over.
+/// New messages, in send order, join their groups; ids of ungrouped messages are passed over. Those
+/// that head their group are announced as a send announces its messages; the others are not ready,
+/// and wake nobody until their turn comes (`leave`).
 pub fn join(client: &mut SpiClient<'_>, message_ids: Vec<i64>) -> BusResult<()> {
-    if !message_ids.is_empty() {
-        plans::run(client, &JOIN, &[message_ids.into()])?;
+    if message_ids.is_empty() {
+        return Ok(());
+    }
+    for row in plans::run(client, &JOIN, &[message_ids.into()])? {
+        if !plans::filled::<bool>(&row, 2, "head")? {
+            continue;
+        }
+        let queue_id = plans::filled(&row, 1, "queue id")?;
+        match row.get::<String>(4)? {
+            Some(name) => {
+                let ready_now = plans::filled(&row, 3, "ready")?;
+                wakeup::announce(queue_id, &name, true, ready_now, 1);
+            }
+            None => wakeup::note_ready(queue_id, 1),
+        }
     }
     Ok(())
 }

@@ -5,10 +5,12 @@
 //! purged or its lock run out. Nothing else has to keep the slots right: their state follows the
 //! messages'.
 //!
-//! Readers claim slots with FOR UPDATE SKIP LOCKED, so they do not queue behind each other, and skip a
-//! slot a commit replaced after their snapshot: its new message may be locked where their snapshot
-//! cannot see it. Every statement that locks a message of a capped queue (a read, extend_lock) writes
-//! its slot, so such a commit always shows on the slot.
+//! Readers claim slots with FOR UPDATE SKIP LOCKED, so they do not queue behind each other. A slot a
+//! commit filled after the claim's snapshot may look free to it: FOR UPDATE then locks the new version,
+//! but judges its message by the old snapshot, which does not see that message's lock. So a claim is
+//! checked again in a statement of its own, whose snapshot sees what the slot's last writer committed;
+//! and the claim skips such slots where it can tell. Every statement that locks a message of a capped
+//! queue (a read, extend_lock) writes its slot, so the slot's row lock orders them all.
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::Uuid;
@@ -29,6 +31,19 @@ static CLAIM: Statement = Statement {
           LIMIT {limit}
           FOR UPDATE OF s SKIP LOCKED",
     args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+// Which of the slots $2 of queue $1 the caller locked are free: a new snapshot, taken after the lock,
+// sees the commit that last filled each one (see the module's comment).
+static STILL_FREE: Statement = Statement {
+    sql: "SELECT s.slot FROM bussig.in_flight_slot s
+          WHERE s.queue_id = $1 AND s.slot = ANY ($2)
+            AND NOT EXISTS (SELECT FROM bussig.message m
+                            WHERE m.message_id = s.message_id AND m.lock_token = s.lock_token
+                              AND m.visible_at > clock_timestamp())
+          ORDER BY s.slot",
+    args: &[pg_sys::INT4OID, pg_sys::INT4ARRAYOID],
     writes: true,
 };
 
@@ -103,7 +118,13 @@ impl Claimed {
 
 /// Claims up to `wanted` free slots of capped queue `queue_id`.
 pub fn claim(client: &mut SpiClient<'_>, queue_id: i32, wanted: i32) -> BusResult<Claimed> {
-    let slots = plans::run_limited(client, &CLAIM, wanted, &[queue_id.into()])?
+    let locked: Vec<i32> = plans::run_limited(client, &CLAIM, wanted, &[queue_id.into()])?
+        .map(|row| plans::filled(&row, 1, "slot"))
+        .collect::<BusResult<_>>()?;
+    if locked.is_empty() {
+        return Ok(Claimed { queue_id, slots: locked });
+    }
+    let slots = plans::run(client, &STILL_FREE, &[queue_id.into(), locked.into()])?
         .map(|row| plans::filled(&row, 1, "slot"))
         .collect::<BusResult<_>>()?;
     Ok(Claimed { queue_id, slots })

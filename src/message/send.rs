@@ -149,12 +149,15 @@ fn destination(
 
 /// Runs a send into `found`: written directly when `direct` describes the messages and the table
 /// allows it, else by `statement` with `args`. Returns the new message ids (none for a duplicate).
-/// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
+/// `grouped` messages join their groups. Waiting readers are woken, and the queue's NOTIFY sent, at
+/// commit.
+#[allow(clippy::too_many_arguments)]
 fn insert_messages(
     client: &mut SpiClient<'_>,
     queue: &str,
     found: queue::Queue,
     delay: Option<Interval>,
+    grouped: bool,
     direct: Option<&direct_insert::Messages>,
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
@@ -163,7 +166,13 @@ fn insert_messages(
         Some(ids) => ids,
         None => plans::first_column(client, statement, args)?,
     };
-    announce(queue, found, delay, &ids);
+    if grouped {
+        // Announced as they join their groups: only a group's head is ready.
+        depth::added(found.queue_id, ids.len());
+        group::join(client, ids.clone())?;
+    } else {
+        announce(queue, found, delay, &ids);
+    }
     Ok(ids)
 }
 
@@ -249,10 +258,8 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
             (None, Some(_)) => (&SEND, None),
             (None, None) => (&SEND, Some(&messages)),
         };
-        let ids = insert_messages(client, queue, found, delay, direct, statement, &args)?;
-        if group_id.is_some() {
-            group::join(client, ids.clone())?;
-        }
+        let grouped = group_id.is_some();
+        let ids = insert_messages(client, queue, found, delay, grouped, direct, statement, &args)?;
         Ok(ids)
     })?;
     Ok(ids.first().copied())
@@ -280,7 +287,7 @@ pub(super) fn reply_into(
         Option::<&str>::None.into(),
         Option::<&str>::None.into(),
     ];
-    let ids = insert_messages(client, queue, found, None, None, &SEND, &args)?;
+    let ids = insert_messages(client, queue, found, None, false, None, &SEND, &args)?;
     ids.first()
         .copied()
         .ok_or_else(|| BusError::Corrupt("a reply's INSERT returned no id".into()))
@@ -355,11 +362,7 @@ pub fn batch(
         ];
         let messages = messages(found.queue_id);
         let direct = (!grouped).then_some(&messages);
-        let ids = insert_messages(client, queue, found, delay, direct, &SEND_BATCH, &args)?;
-        if grouped {
-            group::join(client, ids.clone())?;
-        }
-        Ok(ids)
+        insert_messages(client, queue, found, delay, grouped, direct, &SEND_BATCH, &args)
     })?;
     ids.sort_unstable();
     Ok(ids)

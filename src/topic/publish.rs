@@ -134,14 +134,14 @@ fn route(
     for row in plans::run(client, statement, &args)? {
         let queue_id: i32 = plans::filled(&row, 1, "queue id")?;
         crate::depth::added(queue_id, 1);
-        if let Some((name, notify)) = routes.queues.get(&queue_id) {
-            wakeup::announce(queue_id, name, *notify, ready_now, 1);
-        }
         if group_id.is_some() {
             message_ids.push(plans::filled::<i64>(&row, 2, "message id")?);
+        } else if let Some((name, notify)) = routes.queues.get(&queue_id) {
+            wakeup::announce(queue_id, name, *notify, ready_now, 1);
         }
         delivered += 1;
     }
+    // Grouped messages are announced as they join their groups: only a group's head is ready.
     group::join(client, message_ids)?;
     Ok(delivered)
 }
