@@ -227,14 +227,17 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'blocked_groups_wrapper';
 -- In-flight caps: the most messages of a queue locked at once (src/message/in_flight.rs).
 ALTER TABLE bussig.queue ADD COLUMN max_in_flight int CHECK (max_in_flight >= 1);
 CREATE TABLE bussig.in_flight_slot (
-    queue_id   int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
-    slot       int NOT NULL,
-    message_id bigint,
-    lock_token uuid,
+    queue_id     int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
+    slot         int NOT NULL,
+    message_id   bigint,
+    lock_token   uuid,
+    locked_until timestamptz NOT NULL DEFAULT '-infinity',
     PRIMARY KEY (queue_id, slot)
 );
-ALTER TABLE bussig.in_flight_slot SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
-                                       autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
+CREATE INDEX in_flight_slot_free ON bussig.in_flight_slot (queue_id, locked_until);
+CREATE INDEX in_flight_slot_message ON bussig.in_flight_slot (message_id);
+ALTER TABLE bussig.in_flight_slot SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                                       autovacuum_vacuum_cost_delay = 0);
 SELECT pg_catalog.pg_extension_config_dump('bussig.in_flight_slot', '');
 -- Backends cache a queue's cap with its name.
 DROP TRIGGER queue_routing_changed ON bussig.queue;

@@ -159,18 +159,23 @@ AS $$ BEGIN DELETE FROM bussig.message_group; RETURN NULL; END $$;
 CREATE TRIGGER message_truncated AFTER TRUNCATE ON bussig.message
 FOR EACH STATEMENT EXECUTE FUNCTION bussig.forget_groups();
 
--- A capped queue's slots, max_in_flight of them: each holds the message a read locked in it, and is free
--- once that message no longer holds the lock token (src/message/in_flight.rs). Written by every read
--- of the queue: room on each page for the new version (a HOT update).
+-- A capped queue's slots, max_in_flight of them: each holds the message a read locked in it until that
+-- lock ends (src/message/in_flight.rs). Written by every read and settle of the queue, and vacuumed by
+-- dead rows as bussig.message is.
 CREATE TABLE bussig.in_flight_slot (
-    queue_id   int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
-    slot       int NOT NULL,
-    message_id bigint,
-    lock_token uuid,
+    queue_id     int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
+    slot         int NOT NULL,
+    message_id   bigint,
+    lock_token   uuid,
+    locked_until timestamptz NOT NULL DEFAULT '-infinity',
     PRIMARY KEY (queue_id, slot)
 );
-ALTER TABLE bussig.in_flight_slot SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
-                                       autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
+-- Free slots first: a claim reads no busy slot.
+CREATE INDEX in_flight_slot_free ON bussig.in_flight_slot (queue_id, locked_until);
+-- A settle finds its message's slot.
+CREATE INDEX in_flight_slot_message ON bussig.in_flight_slot (message_id);
+ALTER TABLE bussig.in_flight_slot SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                                       autovacuum_vacuum_cost_delay = 0);
 
 -- Queues drop_queue removed. A send that raced the drop may still commit a message for one of them;
 -- the worker deletes such messages once in-flight sends have had time to finish. Recording the drop

@@ -64,6 +64,10 @@ pub fn let_time_pass(queue: &str) {
              enqueued_at = enqueued_at - interval '1 second'
          WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = '{queue}')"
     ));
+    run(&format!(
+        "UPDATE bussig.in_flight_slot SET locked_until = least(locked_until, now() - interval '1 second')
+         WHERE queue_id = (SELECT queue_id FROM bussig.queue WHERE name = '{queue}')"
+    ));
 }
 
 /// Runs every maintenance step once (as the worker would) and returns what `step` did.

@@ -464,3 +464,91 @@ fn plans_made_on_an_empty_table_still_use_the_indexes() {
     );
     tx.commit().unwrap();
 }
+
+/// Grouped messages and a capped queue, each filled after the last ANALYZE: the group statements find
+/// their groups by key and the next in line through its own index, and a capped read's claim reads
+/// free slots only, whatever the queue holds.
+#[test]
+fn grouped_and_capped_verbs_visit_rows_in_proportion_to_their_batch() {
+    let database = Database::create("plan_groups");
+    let mut admin = database.connect();
+    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
+    keep_worker_out(&mut admin);
+    admin
+        .batch_execute(
+            "ALTER TABLE bussig.message SET (autovacuum_enabled = false);
+             ALTER TABLE bussig.message_group SET (autovacuum_enabled = false);
+             ALTER TABLE bussig.in_flight_slot SET (autovacuum_enabled = false);
+             ANALYZE;
+             SELECT bussig.create_queue('grouped');
+             SELECT bussig.create_queue('capped', max_in_flight => 1000);",
+        )
+        .unwrap();
+    // 200,000 messages over 20,000 groups: one head each, the rest parked behind it.
+    admin
+        .batch_execute(
+            "SELECT bussig.send_batch('grouped', array_fill('{\"n\": 1}'::jsonb, ARRAY[10000]),
+                                      group_ids => (SELECT array_agg('g' || ((i + k) % 20000)) FROM generate_series(1, 10000) k))
+             FROM generate_series(0, 190000, 10000) i",
+        )
+        .unwrap();
+    fill(&mut admin, "capped", BIG, "");
+    let q = "grouped";
+    let grouped = [
+        Verb::plain("grouped send", 1, |_, _| {
+            format!("SELECT bussig.send('{q}', '{{}}', group_id => 'g7')")
+        }),
+        Verb::plain("grouped send_batch", 10, |_, _| {
+            format!(
+                "SELECT bussig.send_batch('{q}', array_fill('{{}}'::jsonb, ARRAY[10]),
+                                          group_ids => (SELECT array_agg('g' || k) FROM generate_series(1, 10) k))"
+            )
+        }),
+        Verb::plain("read", 10, |_, _| {
+            format!("SELECT count(*) FROM bussig.read('{q}', 10)")
+        }),
+        Verb::plain("peek", 10, |_, _| {
+            format!("SELECT count(*) FROM bussig.peek('{q}', 10)")
+        }),
+        Verb::settling("ack", |ids, tokens| {
+            format!("SELECT bussig.ack('{q}', ({ids})[1], ({tokens})[1])")
+        }),
+        Verb::settling("dead_letter", |ids, tokens| {
+            format!("SELECT bussig.dead_letter('{q}', ({ids})[1], ({tokens})[1], reason => 'plan')")
+        }),
+        Verb::new("ack_batch", 10, 10, |ids, tokens| {
+            format!("SELECT bussig.ack_batch('{q}', {ids}, {tokens})")
+        }),
+        Verb::new("ack_and_read", 20, 10, |ids, tokens| {
+            format!("SELECT count(*) FROM bussig.ack_and_read('{q}', {ids}, {tokens}, 10)")
+        }),
+    ];
+    let mut client = database.connect();
+    for verb in &grouped {
+        check(&mut client, "200,000 grouped messages after the last ANALYZE", q, verb);
+    }
+    let q = "capped";
+    let capped = [
+        Verb::plain("read", 10, |_, _| {
+            format!("SELECT count(*) FROM bussig.read('{q}', 10, lock_timeout => '1 second')")
+        }),
+        Verb::settling("ack", |ids, tokens| {
+            format!("SELECT bussig.ack('{q}', ({ids})[1], ({tokens})[1])")
+        }),
+        Verb::settling("nack", |ids, tokens| {
+            format!("SELECT bussig.nack('{q}', ({ids})[1], ({tokens})[1], delay => '1 hour')")
+        }),
+        Verb::settling("extend_lock", |ids, tokens| {
+            format!("SELECT bussig.extend_lock('{q}', ({ids})[1], ({tokens})[1], '1 second')")
+        }),
+        Verb::new("ack_batch", 10, 10, |ids, tokens| {
+            format!("SELECT bussig.ack_batch('{q}', {ids}, {tokens})")
+        }),
+        Verb::new("ack_and_read", 20, 10, |ids, tokens| {
+            format!("SELECT count(*) FROM bussig.ack_and_read('{q}', {ids}, {tokens}, 10)")
+        }),
+    ];
+    for verb in &capped {
+        check(&mut client, "a million in a capped queue after the last ANALYZE", q, verb);
+    }
+}

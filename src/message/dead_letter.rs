@@ -43,7 +43,7 @@ static DEAD_LETTER: Statement = Statement {
             AND ($2::uuid IS NULL OR by_id.lock_token = $2)
                         AND ($6 OR by_id.delivery_count >= q.max_deliveries)
           RETURNING by_id.queue_id, (SELECT d.name FROM bussig.queue d WHERE d.queue_id = by_id.queue_id AND d.notify),
-                    q.queue_id, by_id.group_id, q.max_in_flight IS NOT NULL"
+                    q.queue_id, by_id.group_id"
     ),
     args: &[
         pg_sys::INT8ARRAYOID,
@@ -121,9 +121,6 @@ fn move_leaving_groups(
         depth::added(queue_id, 1);
         if let Some(group) = row.get::<String>(4)? {
             left.push((source_queue_id, group));
-        }
-        if plans::filled(&row, 5, "capped")? {
-            in_flight::freed(source_queue_id, 1);
         }
         match row.get::<String>(2)? {
             Some(notify_name) => wakeup::announce(queue_id, &notify_name, true, true, 1),
@@ -237,10 +234,13 @@ pub fn one(
             queue.into(),
             true.into(),
         ];
+        let found = queue::require(client, queue)?;
+        if found.max_in_flight.is_some() {
+            in_flight::release_one(client, found.queue_id, message_id, lock_token)?;
+        }
         if move_to_dead_letter_queue(client, &args)? > 0 {
             return Ok(true);
         }
-        let found = queue::require(client, queue)?;
         if queue::dead_letter_queue(client, queue, found)?.is_none() {
             return Err(BusError::NoDeadLetterQueue(queue.to_string()));
         }

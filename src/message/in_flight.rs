@@ -1,16 +1,17 @@
 //! A queue's cap on messages locked at once (`max_in_flight`), across all its consumers. The queue has
 //! that many slots (`bussig.in_flight_slot`); a read first claims free slots, reads at most as many
-//! messages, and writes into each slot the message it locked and its lock token. A slot is free once
-//! its message no longer holds that token under a lock in force: acked, given back, dead-lettered,
-//! purged or its lock run out. Nothing else has to keep the slots right: their state follows the
-//! messages'.
+//! messages, and writes into each slot the message it locked, its lock token and when that lock ends.
+//! A slot is free once that time has passed: a settle (ack, nack, dead letter, reply) sets it back at
+//! once, `extend_lock` moves it on, and a lock that runs out frees its slot by itself. A message that
+//! leaves some other way (a purge, by hand) holds its slot until its lock would have ended.
 //!
-//! Readers claim slots with FOR UPDATE SKIP LOCKED, so they do not queue behind each other. A slot a
-//! commit filled after the claim's snapshot may look free to it: FOR UPDATE then locks the new version,
-//! but judges its message by the old snapshot, which does not see that message's lock. So a claim is
-//! checked again in a statement of its own, whose snapshot sees what the slot's last writer committed;
-//! and the claim skips such slots where it can tell. Every statement that locks a message of a capped
-//! queue (a read, extend_lock) writes its slot, so the slot's row lock orders them all.
+//! So whether a slot is free is in the slot's row and nowhere else. That is what makes the claim safe:
+//! readers claim with FOR UPDATE SKIP LOCKED, so they do not queue behind each other, and a slot that a
+//! commit filled after the claim's snapshot is judged by its newest version, which FOR UPDATE rechecks;
+//! a test of the message instead would be judged by the old snapshot, which does not see its lock.
+//! Every statement that locks a message of a capped queue (a read, extend_lock) writes its slot, so the
+//! slot's row lock orders them all.
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::Uuid;
@@ -19,46 +20,37 @@ use crate::error::BusResult;
 use crate::pg::wakeup;
 use crate::plans::{self, Statement};
 
-// Up to {limit} free slots of queue $1, locked for this transaction.
+// Up to {limit} free slots of queue $1 as of $2 (seconds since the epoch: a bound of the index scan,
+// which clock_timestamp() cannot be), locked for this transaction. Slots a commit replaced after this
+// snapshot are passed over where that can be told, sparing FOR UPDATE the newest version's lock.
 static CLAIM: Statement = Statement {
     sql: "SELECT s.slot FROM bussig.in_flight_slot s
-          WHERE s.queue_id = $1
+          WHERE s.queue_id = $1 AND s.locked_until <= to_timestamp($2)
             AND (s.xmax = '0'::xid OR NOT bussig.superseded(s.tableoid, s.ctid))
-            AND NOT EXISTS (SELECT FROM bussig.message m
-                            WHERE m.message_id = s.message_id AND m.lock_token = s.lock_token
-                              AND m.visible_at > clock_timestamp())
-          ORDER BY s.slot
+          ORDER BY s.locked_until
           LIMIT {limit}
           FOR UPDATE OF s SKIP LOCKED",
-    args: &[pg_sys::INT4OID],
+    args: &[pg_sys::INT4OID, pg_sys::FLOAT8OID],
     writes: true,
 };
 
-// Which of the slots $2 of queue $1 the caller locked are free: a new snapshot, taken after the lock,
-// sees the commit that last filled each one (see the module's comment).
-static STILL_FREE: Statement = Statement {
-    sql: "SELECT s.slot FROM bussig.in_flight_slot s
-          WHERE s.queue_id = $1 AND s.slot = ANY ($2)
-            AND NOT EXISTS (SELECT FROM bussig.message m
-                            WHERE m.message_id = s.message_id AND m.lock_token = s.lock_token
-                              AND m.visible_at > clock_timestamp())
-          ORDER BY s.slot",
-    args: &[pg_sys::INT4OID, pg_sys::INT4ARRAYOID],
-    writes: true,
-};
-
-// The messages a read locked ($3, $4) take the slots it claimed ($2), one each.
+// The messages a read locked ($3) take the slots it claimed ($2), one each, until their locks end.
 static RECORD: Statement = Statement {
     sql: "UPDATE bussig.in_flight_slot s
-          SET message_id = taken.message_id, lock_token = taken.lock_token
-          FROM unnest($2::int[], $3::bigint[], $4::uuid[]) AS taken(slot, message_id, lock_token)
+          SET message_id = m.message_id, lock_token = m.lock_token, locked_until = m.visible_at
+          FROM unnest($2::int[], $3::bigint[]) AS taken(slot, message_id)
+          JOIN bussig.message m ON m.message_id = taken.message_id
           WHERE s.queue_id = $1 AND s.slot = taken.slot",
-    args: &[
-        pg_sys::INT4OID,
-        pg_sys::INT4ARRAYOID,
-        pg_sys::INT8ARRAYOID,
-        pg_sys::UUIDARRAYOID,
-    ],
+    args: &[pg_sys::INT4OID, pg_sys::INT4ARRAYOID, pg_sys::INT8ARRAYOID],
+    writes: true,
+};
+
+// Deliveries ($1, $2) were settled: their slots are free. As ack_batch matches them, each message
+// with its own token (tokens are random, one per delivery).
+static RELEASE: Statement = Statement {
+    sql: "UPDATE bussig.in_flight_slot s SET locked_until = '-infinity'
+          WHERE s.message_id = ANY ($1) AND s.lock_token = ANY ($2) AND s.locked_until > '-infinity'",
+    args: &[pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
     writes: true,
 };
 
@@ -73,11 +65,12 @@ static CLEAR: Statement = Statement {
 // own after CLEAR, so that it sees what the reads CLEAR waited for locked. Walks the queue's not-ready
 // range, as a change of settings may.
 static FILL: Statement = Statement {
-    sql: "INSERT INTO bussig.in_flight_slot (queue_id, slot, message_id, lock_token)
-          SELECT $1, slots.slot, locked.message_id, locked.lock_token
+    sql: "INSERT INTO bussig.in_flight_slot (queue_id, slot, message_id, lock_token, locked_until)
+          SELECT $1, slots.slot, locked.message_id, locked.lock_token, coalesce(locked.visible_at, '-infinity')
           FROM generate_series(1, $2) AS slots(slot)
           LEFT JOIN (
-              SELECT m.message_id, m.lock_token, row_number() OVER (ORDER BY m.visible_at DESC) AS nth
+              SELECT m.message_id, m.lock_token, m.visible_at,
+                     row_number() OVER (ORDER BY m.visible_at DESC) AS nth
               FROM bussig.message m
               WHERE m.queue_id = $1 AND m.lock_token IS NOT NULL
                 AND m.visible_at > clock_timestamp() AND m.visible_at < 'infinity'
@@ -99,35 +92,53 @@ impl Claimed {
     }
 
     /// The messages the read locked take the claimed slots; the rest stay free.
-    pub fn record(self, client: &mut SpiClient<'_>, locked: Vec<(i64, Uuid)>) -> BusResult<()> {
+    pub fn record(self, client: &mut SpiClient<'_>, locked: Vec<i64>) -> BusResult<()> {
         if locked.is_empty() {
             return Ok(());
         }
         let slots: Vec<i32> = self.slots.into_iter().take(locked.len()).collect();
-        let (ids, tokens): (Vec<i64>, Vec<Uuid>) = locked.into_iter().unzip();
-        let args = [
-            self.queue_id.into(),
-            slots.into(),
-            ids.into(),
-            tokens.into(),
-        ];
-        plans::run(client, &RECORD, &args)?;
+        plans::run(client, &RECORD, &[self.queue_id.into(), slots.into(), locked.into()])?;
         Ok(())
     }
 }
 
 /// Claims up to `wanted` free slots of capped queue `queue_id`.
 pub fn claim(client: &mut SpiClient<'_>, queue_id: i32, wanted: i32) -> BusResult<Claimed> {
-    let locked: Vec<i32> = plans::run_limited(client, &CLAIM, wanted, &[queue_id.into()])?
-        .map(|row| plans::filled(&row, 1, "slot"))
-        .collect::<BusResult<_>>()?;
-    if locked.is_empty() {
-        return Ok(Claimed { queue_id, slots: locked });
-    }
-    let slots = plans::run(client, &STILL_FREE, &[queue_id.into(), locked.into()])?
+    let now = super::receive::epoch_seconds();
+    let slots = plans::run_limited(client, &CLAIM, wanted, &[queue_id.into(), now.into()])?
         .map(|row| plans::filled(&row, 1, "slot"))
         .collect::<BusResult<_>>()?;
     Ok(Claimed { queue_id, slots })
+}
+
+/// Deliveries of capped queue `queue_id` were settled (acked, given back, dead-lettered, replied to):
+/// their slots are free, and waiting readers are woken at commit for each slot freed.
+pub fn release(
+    client: &mut SpiClient<'_>,
+    queue_id: i32,
+    message_ids: DatumWithOid<'_>,
+    lock_tokens: DatumWithOid<'_>,
+) -> BusResult<()> {
+    let freed = plans::run(client, &RELEASE, &[message_ids, lock_tokens])?.len();
+    if freed > 0 {
+        wakeup::note_ready(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
+    }
+    Ok(())
+}
+
+/// As `release`, for one delivery.
+pub fn release_one(
+    client: &mut SpiClient<'_>,
+    queue_id: i32,
+    message_id: i64,
+    lock_token: Uuid,
+) -> BusResult<()> {
+    release(
+        client,
+        queue_id,
+        vec![message_id].into(),
+        vec![lock_token].into(),
+    )
 }
 
 /// Queue `queue_id`'s cap is now `cap`: its slots are made anew, holding messages locked now, as
@@ -140,12 +151,4 @@ pub fn set_cap(client: &mut SpiClient<'_>, queue_id: i32, cap: Option<i32>) -> B
     }
     wakeup::note_ready(queue_id, u32::try_from(cap.unwrap_or(i32::MAX)).unwrap_or(u32::MAX));
     Ok(())
-}
-
-/// `count` messages of capped queue `queue_id` left their slots (acked, dead-lettered): as many
-/// waiting readers are woken at commit, as when messages arrive.
-pub fn freed(queue_id: i32, count: i64) {
-    if count > 0 {
-        wakeup::note_ready(queue_id, u32::try_from(count).unwrap_or(u32::MAX));
-    }
 }

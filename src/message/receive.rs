@@ -286,7 +286,7 @@ fn capped_round(
         let locked = round
             .delivered
             .iter()
-            .map(|delivery| (delivery.position.message_id, delivery.lock_token))
+            .map(|delivery| delivery.position.message_id)
             .collect();
         claimed.record(client, locked)?;
         Ok((limit, round))
@@ -388,7 +388,7 @@ static NEXT_READY: Statement = Statement {
 };
 
 /// The wall clock as seconds since the epoch, the clock PostgreSQL's clock_timestamp() reads.
-fn epoch_seconds() -> f64 {
+pub(super) fn epoch_seconds() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |since| since.as_secs_f64())

@@ -52,7 +52,7 @@ pub fn reply(
         };
         depth::removed(queue_id, 1);
         if found.max_in_flight.is_some() {
-            in_flight::freed(queue_id, 1);
+            in_flight::release_one(client, queue_id, message_id, lock_token)?;
         }
         group::leave(
             client,

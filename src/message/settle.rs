@@ -56,15 +56,14 @@ static NACK: Statement = Statement {
     writes: true,
 };
 
-// In a capped queue the lock is extended only while the delivery still holds its slot, and the slot
-// row is written with it: a reader that found the slot free (the lock ran out) and took it first
-// wins, and one that has yet to see this commit skips the slot (see in_flight.rs).
+// In a capped queue the lock is extended only while the delivery still holds its slot, which is
+// extended with it: a reader that found the slot free (the lock ran out) and took it first wins.
 static EXTEND_LOCK: Statement = Statement {
     sql:
         "WITH q AS (
               SELECT queue_id, lock_timeout, max_in_flight FROM bussig.queue WHERE name = $1
           ), slot AS (
-              UPDATE bussig.in_flight_slot s SET lock_token = s.lock_token
+              UPDATE bussig.in_flight_slot s SET locked_until = clock_timestamp() + coalesce($4, q.lock_timeout)
               FROM q
               WHERE q.max_in_flight IS NOT NULL AND s.queue_id = q.queue_id
                 AND s.message_id = $2 AND s.lock_token = $3
@@ -92,23 +91,23 @@ pub fn acknowledge(
 ) -> BusResult<i64> {
     let found = queue::require(client, queue)?;
     let args = [found.queue_id.into(), message_ids.into(), lock_tokens.into()];
-    settle_deleted(client, found, &ACK_BATCH, &args)
+    let acked = settle_deleted(client, found.queue_id, &ACK_BATCH, &args)?;
+    if found.max_in_flight.is_some() {
+        in_flight::release(client, found.queue_id, message_ids.into(), lock_tokens.into())?;
+    }
+    Ok(acked)
 }
 
-/// Runs an ack statement of `queue`: how many messages it deleted. Their groups move on, and the
-/// slots they held in a capped queue go to waiting readers.
+/// Runs an ack statement of queue `queue_id`: how many messages it deleted. Their groups move on.
 fn settle_deleted(
     client: &mut SpiClient<'_>,
-    queue: queue::Queue,
+    queue_id: i32,
     statement: &'static Statement,
     args: &[DatumWithOid<'_>],
 ) -> BusResult<i64> {
     let (acked, groups) = group::returned_groups(plans::run(client, statement, args)?, 1)?;
-    depth::removed(queue.queue_id, acked as usize);
-    if queue.max_in_flight.is_some() {
-        in_flight::freed(queue.queue_id, acked);
-    }
-    group::leave(client, queue.queue_id, groups)?;
+    depth::removed(queue_id, acked as usize);
+    group::leave(client, queue_id, groups)?;
     Ok(acked)
 }
 
@@ -155,7 +154,11 @@ pub fn ack(queue: &str, message_id: i64, lock_token: Uuid) -> BusResult<bool> {
         caller.require(client, queue, Privilege::Consume)?;
         let found = queue::require(client, queue)?;
         let args = [found.queue_id.into(), message_id.into(), lock_token.into()];
-        Ok(settle_deleted(client, found, &ACK, &args)? > 0)
+        let acked = settle_deleted(client, found.queue_id, &ACK, &args)? > 0;
+        if found.max_in_flight.is_some() {
+            in_flight::release_one(client, found.queue_id, message_id, lock_token)?;
+        }
+        Ok(acked)
     })
 }
 
@@ -178,6 +181,10 @@ pub fn nack(
 ) -> BusResult<bool> {
     access::connect(|client, caller| -> BusResult<bool> {
         caller.require(client, queue, Privilege::Consume)?;
+        let found = queue::require(client, queue)?;
+        if found.max_in_flight.is_some() {
+            in_flight::release_one(client, found.queue_id, message_id, lock_token)?;
+        }
         let args: [DatumWithOid; 5] = [
             queue.into(),
             message_id.into(),

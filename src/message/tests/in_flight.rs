@@ -90,6 +90,9 @@ mod tests {
         assert_eq!(read_count("c", 5), 1);
         assert_eq!(read_count("c", 5), 0);
         assert_eq!(locked_in("c"), 2);
+        run("SELECT bussig.purge_queue('c')");
+        send_many("c", 3);
+        assert_eq!(read_count("c", 5), 2, "a purge frees the slots of what it deleted");
     }
 
     #[pg_test]
