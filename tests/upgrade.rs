@@ -2,6 +2,8 @@
 //! `ALTER EXTENSION bussig UPDATE`; its data and the whole API work afterwards, and it ends up exactly
 //! like a database where the current version was installed fresh.
 
+use std::time::Duration;
+
 use bussig_tests::*;
 
 /// The first tagged release; every later one ships `sql/bussig--A--B.sql` from it on.
@@ -173,4 +175,53 @@ fn update_from_first_release_keeps_data_and_matches_a_fresh_install() {
         maintenance.is_ok(),
         "maintenance after update: {maintenance:?}"
     );
+}
+
+/// A database left at the first release while the server runs the new library: its worker waits for
+/// `ALTER EXTENSION bussig UPDATE`, says so once, and does not fail a step every round; after the
+/// update it does its work.
+#[test]
+fn the_worker_waits_for_the_update_instead_of_failing_every_round() {
+    let Ok(data) = std::env::var("BUSSIG_TEST_PGDATA") else {
+        panic!("BUSSIG_TEST_PGDATA is not set: this test reads the server's log");
+    };
+    let log = || std::fs::read_to_string(format!("{data}/server.log")).unwrap_or_default();
+    let old = Database::create("upgrade_wait");
+    let mut db = old.connect();
+    db.batch_execute(&format!(
+        "CREATE EXTENSION bussig VERSION '{FIRST_RELEASE}'"
+    ))
+    .expect("install the first release");
+    let pid: i32 = eventually(Duration::from_secs(60), "this database's worker", || {
+        db.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'bussig worker'",
+            &[],
+        )
+        .unwrap()
+        .map(|row| row.get(0))
+    });
+    let mine = format!("[{pid}] ");
+    let waits = "maintenance waits for ALTER EXTENSION bussig UPDATE";
+    eventually(Duration::from_secs(30), "the worker's warning", || {
+        log().lines().any(|line| line.contains(&mine) && line.contains(waits)).then_some(())
+    });
+    // Two more rounds.
+    std::thread::sleep(Duration::from_millis(2500));
+    let said: Vec<String> = log()
+        .lines()
+        .filter(|line| line.contains(&mine) && line.contains("bussig worker"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(said.len(), 1, "one warning, no failed steps: {said:#?}");
+
+    db.batch_execute("ALTER EXTENSION bussig UPDATE; SELECT bussig.create_queue('q')")
+        .expect("update");
+    send(&mut db, "q", &json!(1));
+    eventually(Duration::from_secs(30), "the worker's count after the update", || {
+        let counted: Option<std::time::SystemTime> = db
+            .query_one("SELECT counted_at FROM bussig.queues WHERE queue = 'q'", &[])
+            .unwrap()
+            .get(0);
+        counted.map(|_| ())
+    });
 }

@@ -70,7 +70,7 @@ static DELETE_MESSAGES: Statement = Statement {
 // Messages a consumer of the dead-letter queue holds right now stay where they are.
 static REDRIVE: Statement = Statement {
     sql: "WITH picked AS (
-              SELECT in_order.ctid AS row_ctid
+              SELECT in_order.ctid AS row_ctid, in_order.visible_at AS dead_at
               FROM bussig.message in_order
               WHERE in_order.queue_id = $2
                 AND in_order.headers ->> 'bussig-source-queue' = $1
@@ -90,7 +90,8 @@ static REDRIVE: Statement = Statement {
                                                        'bussig-source-queue'], '{}')
           FROM picked
           WHERE by_ctid.ctid = picked.row_ctid
-          RETURNING by_ctid.message_id, by_ctid.group_id IS NOT NULL",
+          RETURNING by_ctid.message_id, by_ctid.group_id IS NOT NULL,
+                    (extract(epoch FROM picked.dead_at) * 1000000)::bigint",
     args: &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT4OID],
     writes: true,
 };
@@ -268,7 +269,8 @@ pub fn redrive(queue: &str, max_messages: Option<i32>) -> BusResult<i64> {
         for row in plans::run(client, &REDRIVE, &args)? {
             redriven += 1;
             if plans::filled(&row, 2, "grouped")? {
-                grouped.push(plans::filled::<i64>(&row, 1, "message id")?);
+                let dead_at: i64 = plans::filled(&row, 3, "dead-letter time")?;
+                grouped.push((dead_at, plans::filled::<i64>(&row, 1, "message id")?));
             }
         }
         depth::removed(dead_letter_queue_id, redriven as usize);
@@ -278,10 +280,12 @@ pub fn redrive(queue: &str, max_messages: Option<i32>) -> BusResult<i64> {
             let count = u32::try_from(ungrouped).unwrap_or(u32::MAX);
             wakeup::announce(found.queue_id, queue, found.notify, true, count);
         }
-        // They rejoin their groups behind what is there, in the order they were sent, and are
-        // announced as they do.
+        // They rejoin their groups behind what is there, in the order they were sent, which is the
+        // order they were dead-lettered in: only a group's head can die (its followers are parked
+        // where neither reads nor the TTL reach). Message ids do not follow send order. They are
+        // announced as they join.
         grouped.sort_unstable();
-        group::join(client, grouped)?;
+        group::join(client, grouped.into_iter().map(|(_, id)| id).collect())?;
         Ok(redriven)
     })
 }

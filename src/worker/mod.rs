@@ -213,6 +213,7 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
     let maintenance_interval =
         || Duration::from_millis(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64);
     let mut last_round: Option<Instant> = None;
+    let mut warned_version = None;
     loop {
         reload_settings_if_asked();
         // A reload may take this database off bussig.worker_databases.
@@ -225,12 +226,14 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
         // Due also when a reload shortened the interval.
         if fanout || last_round.is_none_or(|last| last.elapsed() >= maintenance_interval()) {
             // DROP EXTENSION ends the worker.
-            if run_step("check", extension_present) != Some(true) {
+            let Some(Some(installed)) = run_step("check", installed_version) else {
                 return;
-            }
+            };
             last_round = Some(Instant::now());
-            run_round(&mut bodies_after);
-            refresh_stats_when_due(&mut last_count);
+            if version_matches(&installed, &mut warned_version) {
+                run_round(&mut bodies_after);
+                refresh_stats_when_due(&mut last_count);
+            }
         }
         let next_round = last_round.map_or_else(Instant::now, |last| last + maintenance_interval());
         let until_round = next_round.saturating_duration_since(Instant::now());
@@ -252,7 +255,7 @@ fn claim_database() -> BusResult<Option<String>> {
     Spi::run("SET statement_timeout = '5min'")?;
     // The worker is a superuser: no object anyone creates may stand in for a built-in one.
     Spi::run("SET search_path = pg_catalog, pg_temp")?;
-    if !extension_present()? {
+    if installed_version()?.is_none() {
         return Ok(None);
     }
     let claimed = Spi::get_one_with_args::<bool>(
@@ -262,11 +265,29 @@ fn claim_database() -> BusResult<Option<String>> {
     Ok((claimed == Some(true)).then(current_database))
 }
 
-fn extension_present() -> BusResult<bool> {
-    Ok(
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'bussig')")?
-            == Some(true),
-    )
+/// The version of bussig installed in this database; None once it is dropped.
+fn installed_version() -> BusResult<Option<String>> {
+    Ok(Spi::get_one::<String>(
+        "SELECT extversion FROM pg_extension WHERE extname = 'bussig'",
+    )?)
+}
+
+/// Whether the extension's SQL objects are the ones this library was built for. After the library
+/// is replaced and before `ALTER EXTENSION bussig UPDATE`, the steps would fail on every round; they
+/// wait instead, with one warning per version found.
+fn version_matches(installed: &str, warned: &mut Option<String>) -> bool {
+    let library = env!("CARGO_PKG_VERSION");
+    if installed == library {
+        return true;
+    }
+    if warned.as_deref() != Some(installed) {
+        pgrx::warning!(
+            "bussig worker: this database has bussig {installed} and the library is {library}; \
+             maintenance waits for ALTER EXTENSION bussig UPDATE"
+        );
+        *warned = Some(installed.to_string());
+    }
+    false
 }
 
 /// Sends the NOTIFYs commits asked for since the last look, in one transaction; if that fails they

@@ -30,6 +30,8 @@ pub struct QueueInfo {
     pub retry_multiplier: f64,
     /// How long a `dedup_id` is remembered.
     pub dedup_window: Duration,
+    /// The most messages locked at once across all consumers; None for no cap.
+    pub max_in_flight: Option<i32>,
 }
 
 /// Intervals travel as seconds (tokio-postgres has no interval type); negative ones count as zero.
@@ -54,6 +56,7 @@ impl QueueInfo {
             retry_delay_max: duration(row.get(11)),
             retry_multiplier: row.get(12),
             dedup_window: duration(row.get(13)),
+            max_in_flight: row.get(14),
         }
     }
 }
@@ -73,7 +76,7 @@ pub async fn queues<C: GenericClient, S: AsRef<str>>(
                 max_deliveries, extract(epoch FROM lock_timeout)::float8,
                 extract(epoch FROM message_ttl)::float8,
                 extract(epoch FROM retry_delay)::float8, extract(epoch FROM retry_delay_max)::float8,
-                retry_multiplier, extract(epoch FROM dedup_window)::float8
+                retry_multiplier, extract(epoch FROM dedup_window)::float8, max_in_flight
          FROM bussig.queues WHERE queue = ANY($1) ORDER BY queue",
         &[Type::TEXT_ARRAY],
         &[&names],

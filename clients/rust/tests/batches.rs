@@ -87,7 +87,8 @@ async fn queues_report_settings_and_counts_and_retry_backoff_follows_them() {
         &c,
         "info",
         "max_deliveries => 7, lock_timeout => '45 seconds', retry_delay => '2 seconds', \
-         retry_multiplier => 3, retry_delay_max => '10 seconds', dedup_window => '1 hour'",
+         retry_multiplier => 3, retry_delay_max => '10 seconds', dedup_window => '1 hour', \
+         max_in_flight => 4",
     )
     .await;
     send_batch(
@@ -131,9 +132,11 @@ async fn queues_report_settings_and_counts_and_retry_backoff_follows_them() {
         (Duration::from_secs(2), Duration::from_secs(10))
     );
     assert_eq!(info.retry_multiplier, 3.0);
+    assert_eq!(info.max_in_flight, Some(4));
 
     let dlq = &queues(&c, &[q.dlq()]).await.unwrap()[0];
     assert_eq!(dlq.dead_letter_queue, None);
+    assert_eq!(dlq.max_in_flight, None);
     assert_eq!(dlq.oldest_ready_age, Duration::ZERO);
 
     let backoff = |attempt| retry_backoff(&c, &q.name, attempt);

@@ -185,6 +185,27 @@ mod tests {
     }
 
     #[pg_test]
+    fn redriven_dead_letters_rejoin_their_group_in_send_order_whatever_their_ids() {
+        run("SELECT bussig.create_queue('g')");
+        for payload in ["a1", "a2", "a3"] {
+            run(&format!(
+                "SELECT bussig.send('g', '\"{payload}\"', group_id => 'a')"
+            ));
+        }
+        for payload in ["a1", "a2", "a3"] {
+            assert_eq!(read_payloads("g"), [payload]);
+            run("SELECT bussig.dead_letter('g', message_id, lock_token, 'poison') FROM got");
+        }
+        // Ids come from per-backend ranges and need not follow send order: the first gets the largest.
+        run("UPDATE bussig.message SET message_id = message_id + 1000000 WHERE payload = '\"a1\"'");
+        assert_eq!(one::<i64>("SELECT bussig.redrive('g')"), Some(3));
+        for payload in ["a1", "a2", "a3"] {
+            assert_eq!(read_payloads("g"), [payload]);
+            ack_got(payload);
+        }
+    }
+
+    #[pg_test]
     fn an_expired_head_is_dead_lettered_and_its_group_moves_on() {
         run("SELECT bussig.create_queue('g', message_ttl => '1 hour')");
         run("SELECT bussig.send('g', '\"a1\"', group_id => 'a')");
