@@ -162,3 +162,24 @@ fn a_reader_waiting_on_an_empty_capped_queue_holds_no_slot() {
     send(&mut admin, &queue, &json!("late"));
     assert_eq!(waiter.join().unwrap(), 1);
 }
+
+/// A read in a transaction block that goes on holds only the slots it used: the others are free for
+/// other consumers at once, not when that transaction ends.
+#[test]
+fn a_read_in_an_open_transaction_holds_only_the_slots_it_used() {
+    let mut admin = connect();
+    let created = Queue::create(&mut admin, "inflight_block", "max_in_flight => 10");
+    let queue = created.name.clone();
+    send(&mut admin, &queue, &json!("first"));
+    let mut holder = connect();
+    let mut tx = holder.transaction().unwrap();
+    assert_eq!(read(&mut tx, &queue, 10, None).len(), 1);
+    let payloads: Vec<_> = (0..20).map(|i| json!(i)).collect();
+    send_batch(&mut admin, &queue, &payloads);
+    assert_eq!(
+        read(&mut admin, &queue, 20, None).len(),
+        9,
+        "nine slots left beside the open transaction's one"
+    );
+    tx.commit().unwrap();
+}

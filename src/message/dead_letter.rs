@@ -236,10 +236,10 @@ pub fn one(
             true.into(),
         ];
         let found = queue::require(client, queue)?;
-        if found.max_in_flight.is_some() {
-            in_flight::release_one(client, found.queue_id, message_id, lock_token)?;
-        }
         if move_to_dead_letter_queue(client, &args)? > 0 {
+            if found.max_in_flight.is_some() {
+                in_flight::release_one(client, found.queue_id, message_id, lock_token)?;
+            }
             return Ok(true);
         }
         if queue::dead_letter_queue(client, queue, found)?.is_none() {

@@ -1,9 +1,10 @@
 //! A queue's cap on messages locked at once (`max_in_flight`), across all its consumers. The queue has
 //! that many slots (`bussig.in_flight_slot`); a read first claims free slots, reads at most as many
 //! messages, and writes into each slot the message it locked, its lock token and when that lock ends.
-//! A slot is free once that time has passed: a settle (ack, nack, dead letter, reply) sets it back at
-//! once, `extend_lock` moves it on, and a lock that runs out frees its slot by itself. A message that
-//! leaves some other way (a purge, by hand) holds its slot until its lock would have ended.
+//! A slot is free once that time has passed: a settle (ack, nack, dead letter, reply) and a purge set
+//! it back at once, `extend_lock` moves it on, and a lock that runs out frees its slot by itself. A
+//! message deleted some other way (by hand) holds its slot until its lock would have ended. Settles
+//! and extend_lock lock the message first and then its slot, so that they cannot deadlock.
 //!
 //! So whether a slot is free is in the slot's row and nowhere else. That is what makes the claim safe:
 //! readers claim with FOR UPDATE SKIP LOCKED, so they do not queue behind each other, and a slot that a
@@ -11,7 +12,7 @@
 //! a test of the message instead would be judged by the old snapshot, which does not see its lock.
 //! Every statement that locks a message of a capped queue (a read, extend_lock) writes its slot, so the
 //! slot's row lock orders them all.
-use pgrx::datum::DatumWithOid;
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::Uuid;
@@ -45,12 +46,35 @@ static RECORD: Statement = Statement {
     writes: true,
 };
 
-// Deliveries ($1, $2) were settled: their slots are free. As ack_batch matches them, each message
-// with its own token (tokens are random, one per delivery).
+// Deliveries ($2, $3) of queue $1 were settled: their slots are free, and hold no delivery any more
+// (a late extend_lock of one finds none). As ack_batch matches them, each message with its own token
+// (tokens are random, one per delivery).
 static RELEASE: Statement = Statement {
-    sql: "UPDATE bussig.in_flight_slot s SET locked_until = '-infinity'
-          WHERE s.message_id = ANY ($1) AND s.lock_token = ANY ($2) AND s.locked_until > '-infinity'",
-    args: &[pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
+    sql: "UPDATE bussig.in_flight_slot s SET locked_until = '-infinity', message_id = NULL, lock_token = NULL
+          WHERE s.message_id = ANY ($2) AND s.queue_id = $1 AND s.lock_token = ANY ($3)",
+    args: &[pg_sys::INT4OID, pg_sys::INT8ARRAYOID, pg_sys::UUIDARRAYOID],
+    writes: true,
+};
+
+// extend_lock of a delivery of queue $1 that holds its slot: the slot lasts as long ($4).
+static EXTEND: Statement = Statement {
+    sql: "UPDATE bussig.in_flight_slot s SET locked_until = $4
+          WHERE s.message_id = $2 AND s.queue_id = $1 AND s.lock_token = $3
+          RETURNING s.slot",
+    args: &[
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::UUIDOID,
+        pg_sys::TIMESTAMPTZOID,
+    ],
+    writes: true,
+};
+
+// A purge: every slot of queue $1 is free.
+static RELEASE_ALL: Statement = Statement {
+    sql: "UPDATE bussig.in_flight_slot SET locked_until = '-infinity', message_id = NULL, lock_token = NULL
+          WHERE queue_id = $1 AND message_id IS NOT NULL",
+    args: &[pg_sys::INT4OID],
     writes: true,
 };
 
@@ -119,7 +143,7 @@ pub fn release(
     message_ids: DatumWithOid<'_>,
     lock_tokens: DatumWithOid<'_>,
 ) -> BusResult<()> {
-    let freed = plans::run(client, &RELEASE, &[message_ids, lock_tokens])?.len();
+    let freed = plans::run(client, &RELEASE, &[queue_id.into(), message_ids, lock_tokens])?.len();
     if freed > 0 {
         wakeup::note_ready(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
     }
@@ -139,6 +163,33 @@ pub fn release_one(
         vec![message_id].into(),
         vec![lock_token].into(),
     )
+}
+
+/// Whether the delivery (locked by the caller) still holds its slot of queue `queue_id`; if so, the
+/// slot now lasts until `until`, as its lock is about to.
+pub fn extend(
+    client: &mut SpiClient<'_>,
+    queue_id: i32,
+    message_id: i64,
+    lock_token: Uuid,
+    until: TimestampWithTimeZone,
+) -> BusResult<bool> {
+    let args = [
+        queue_id.into(),
+        message_id.into(),
+        lock_token.into(),
+        until.into(),
+    ];
+    Ok(!plans::run(client, &EXTEND, &args)?.is_empty())
+}
+
+/// Every message of queue `queue_id` was purged: its slots are free, and waiting readers are woken.
+pub fn purged(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<()> {
+    let freed = plans::run(client, &RELEASE_ALL, &[queue_id.into()])?.len();
+    if freed > 0 {
+        wakeup::note_ready(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
+    }
+    Ok(())
 }
 
 /// Queue `queue_id`'s cap is now `cap`: its slots are made anew, holding messages locked now, as

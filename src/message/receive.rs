@@ -265,36 +265,49 @@ fn read_round(
 }
 
 /// As `read_round`, for a queue with a cap on messages in flight: at most as many as it can claim
-/// slots for. With `release_unused`, a round that locks nothing lets go of the slots it claimed, so
-/// that a reader about to wait does not keep them from others.
+/// slots for. A slot claimed and not used stays locked until the claim's transaction ends, keeping
+/// other readers from it: harmless for a read in a statement's own transaction, which ends with it,
+/// but not for one in a transaction block that goes on, or a reader about to wait (`release_unused`).
+/// Those claim in a subtransaction, rolled back unless every claim was used, and claim again for as
+/// many as were found.
 fn capped_round(
     client: &mut SpiClient<'_>,
     queue: &str,
     queue_id: i32,
-    wanted: i32,
+    mut wanted: i32,
     lock_timeout: Option<Interval>,
     start: Option<Position>,
     release_unused: bool,
 ) -> BusResult<(i32, ReadRound)> {
-    let mut round = || -> BusResult<(i32, ReadRound)> {
-        let claimed = in_flight::claim(client, queue_id, wanted)?;
-        let limit = claimed.count();
-        if limit == 0 {
-            return Ok((0, ReadRound::empty()));
+    let exact = release_unused || xact::in_transaction_block();
+    loop {
+        let round = |client: &mut SpiClient<'_>| -> BusResult<(i32, ReadRound)> {
+            let claimed = in_flight::claim(client, queue_id, wanted)?;
+            let limit = claimed.count();
+            if limit == 0 {
+                return Ok((0, ReadRound::empty()));
+            }
+            let round = read_round(client, queue, limit, lock_timeout, start)?;
+            let locked = round
+                .delivered
+                .iter()
+                .map(|delivery| delivery.position.message_id)
+                .collect();
+            claimed.record(client, locked)?;
+            Ok((limit, round))
+        };
+        if !exact {
+            return round(client);
         }
-        let round = read_round(client, queue, limit, lock_timeout, start)?;
-        let locked = round
-            .delivered
-            .iter()
-            .map(|delivery| delivery.position.message_id)
-            .collect();
-        claimed.record(client, locked)?;
-        Ok((limit, round))
-    };
-    if release_unused {
-        xact::in_subtransaction(round, |(_, round)| round.returned > 0)
-    } else {
-        round()
+        let all_used = |(limit, round): &(i32, ReadRound)| round.returned == *limit;
+        let (limit, found) = xact::in_subtransaction(|| round(client), all_used)?;
+        if found.returned == limit || found.returned == 0 {
+            // Kept, or rolled back with nothing found.
+            let found = if found.returned == limit { found } else { ReadRound::empty() };
+            return Ok((limit, found));
+        }
+        // Rolled back: fewer were there than claimed.
+        wanted = found.returned;
     }
 }
 

@@ -1,5 +1,5 @@
 //! Settling a delivery: ack, ack_batch, nack and extend_lock, each matched by its lock token.
-use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::Uuid;
@@ -56,24 +56,12 @@ static NACK: Statement = Statement {
     writes: true,
 };
 
-// In a capped queue the lock is extended only while the delivery still holds its slot, which is
-// extended with it: a reader that found the slot free (the lock ran out) and took it first wins.
 static EXTEND_LOCK: Statement = Statement {
     sql:
-        "WITH q AS (
-              SELECT queue_id, lock_timeout, max_in_flight FROM bussig.queue WHERE name = $1
-          ), slot AS (
-              UPDATE bussig.in_flight_slot s SET locked_until = clock_timestamp() + coalesce($4, q.lock_timeout)
-              FROM q
-              WHERE q.max_in_flight IS NOT NULL AND s.queue_id = q.queue_id
-                AND s.message_id = $2 AND s.lock_token = $3
-              RETURNING s.slot
-          )
-          UPDATE bussig.message by_id
+        "UPDATE bussig.message by_id
           SET visible_at = clock_timestamp() + coalesce($4, q.lock_timeout)
-          FROM q
-          WHERE by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3
-            AND (q.max_in_flight IS NULL OR EXISTS (SELECT FROM slot))",
+          FROM bussig.queue q
+          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3",
     args: &[
         pg_sys::TEXTOID,
         pg_sys::INT8OID,
@@ -82,6 +70,55 @@ static EXTEND_LOCK: Statement = Statement {
     ],
     writes: true,
 };
+
+// A capped queue's delivery, locked while its slot is checked (message first, then slot, as every
+// settle takes them): the time its lock is to end.
+static LOCK_DELIVERY: Statement = Statement {
+    sql: "SELECT clock_timestamp() + coalesce($4, q.lock_timeout)
+          FROM bussig.message by_id JOIN bussig.queue q USING (queue_id)
+          WHERE q.queue_id = $1 AND by_id.message_id = $2 AND by_id.lock_token = $3
+          FOR NO KEY UPDATE OF by_id",
+    args: &[
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::UUIDOID,
+        pg_sys::INTERVALOID,
+    ],
+    writes: true,
+};
+
+static EXTEND_LOCKED: Statement = Statement {
+    sql: "UPDATE bussig.message SET visible_at = $3 WHERE message_id = $1 AND lock_token = $2",
+    args: &[pg_sys::INT8OID, pg_sys::UUIDOID, pg_sys::TIMESTAMPTZOID],
+    writes: true,
+};
+
+/// extend_lock in a capped queue: only while the delivery still holds its slot (a reader that found
+/// its lock run out may have taken it), and its slot with it, to the same time.
+fn extend_capped(
+    client: &mut SpiClient<'_>,
+    queue_id: i32,
+    message_id: i64,
+    lock_token: Uuid,
+    lock_timeout: Option<Interval>,
+) -> BusResult<bool> {
+    let args = [
+        queue_id.into(),
+        message_id.into(),
+        lock_token.into(),
+        lock_timeout.into(),
+    ];
+    let Some(until) = plans::first_value::<TimestampWithTimeZone>(client, &LOCK_DELIVERY, &args)?
+    else {
+        return Ok(false);
+    };
+    if !in_flight::extend(client, queue_id, message_id, lock_token, until)? {
+        return Ok(false);
+    }
+    let args = [message_id.into(), lock_token.into(), until.into()];
+    plans::run(client, &EXTEND_LOCKED, &args)?;
+    Ok(true)
+}
 
 /// Deletes the acknowledged messages of `queue` whose lock tokens still hold: how many.
 pub fn acknowledge(
@@ -109,21 +146,6 @@ fn settle_deleted(
     depth::removed(queue_id, acked as usize);
     group::leave(client, queue_id, groups)?;
     Ok(acked)
-}
-
-/// Runs a settle statement for one delivery: true when it applied, false for a stale token.
-fn settle(
-    queue: &str,
-    statement: &'static Statement,
-    args: &[DatumWithOid<'_>],
-) -> BusResult<bool> {
-    access::connect(|client, caller| {
-        caller.require(client, queue, Privilege::Consume)?;
-        if processed(client, statement, args)? > 0 {
-            return Ok(true);
-        }
-        nothing_done(client, queue, false)
-    })
 }
 
 /// Message ids and their lock tokens, checked to pair up one to one.
@@ -182,9 +204,6 @@ pub fn nack(
     access::connect(|client, caller| -> BusResult<bool> {
         caller.require(client, queue, Privilege::Consume)?;
         let found = queue::require(client, queue)?;
-        if found.max_in_flight.is_some() {
-            in_flight::release_one(client, found.queue_id, message_id, lock_token)?;
-        }
         let args: [DatumWithOid; 5] = [
             queue.into(),
             message_id.into(),
@@ -192,26 +211,32 @@ pub fn nack(
             delay.into(),
             error.into(),
         ];
-        if let Some(row) = plans::run(client, &NACK, &args)?.next() {
+        let given_back = if let Some(row) = plans::run(client, &NACK, &args)?.next() {
             let queue_id: i32 = plans::filled(&row, 1, "queue id")?;
             depth::touched(queue_id);
             let notify = plans::filled(&row, 2, "notify")?;
             let ready_now = plans::filled(&row, 3, "ready now")?;
             wakeup::announce(queue_id, queue, notify, ready_now, 1);
-            return Ok(true);
+            true
+        } else {
+            let args: [DatumWithOid; 6] = [
+                vec![message_id].into(),
+                lock_token.into(),
+                DeadReason::MaxDeliveries.as_str().into(),
+                error.into(),
+                queue.into(),
+                false.into(),
+            ];
+            move_to_dead_letter_queue(client, &args)? > 0
+        };
+        if !given_back {
+            return nothing_done(client, queue, false);
         }
-        let args: [DatumWithOid; 6] = [
-            vec![message_id].into(),
-            lock_token.into(),
-            DeadReason::MaxDeliveries.as_str().into(),
-            error.into(),
-            queue.into(),
-            false.into(),
-        ];
-        if move_to_dead_letter_queue(client, &args)? > 0 {
-            return Ok(true);
+        // After the message, as every settle orders its locks.
+        if found.max_in_flight.is_some() {
+            in_flight::release_one(client, found.queue_id, message_id, lock_token)?;
         }
-        nothing_done(client, queue, false)
+        Ok(true)
     })
 }
 
@@ -222,11 +247,20 @@ pub fn extend_lock(
     lock_token: Uuid,
     lock_timeout: Option<Interval>,
 ) -> BusResult<bool> {
-    let args: [DatumWithOid; 4] = [
-        queue.into(),
-        message_id.into(),
-        lock_token.into(),
-        lock_timeout.into(),
-    ];
-    settle(queue, &EXTEND_LOCK, &args)
+    access::connect(|client, caller| {
+        caller.require(client, queue, Privilege::Consume)?;
+        let found = queue::require(client, queue)?;
+        let extended = if found.max_in_flight.is_some() {
+            extend_capped(client, found.queue_id, message_id, lock_token, lock_timeout)?
+        } else {
+            let args: [DatumWithOid; 4] = [
+                queue.into(),
+                message_id.into(),
+                lock_token.into(),
+                lock_timeout.into(),
+            ];
+            processed(client, &EXTEND_LOCK, &args)? > 0
+        };
+        Ok(extended)
+    })
 }

@@ -45,6 +45,13 @@ pub fn snapshot_is_fixed() -> bool {
     unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
+/// Whether the caller runs in a transaction block (BEGIN ... COMMIT), which goes on after the current
+/// statement, rather than in a statement's own transaction.
+pub fn in_transaction_block() -> bool {
+    // SAFETY: a plain read of the backend's transaction state.
+    unsafe { pg_sys::IsTransactionBlock() }
+}
+
 /// This transaction's top-level id, or 0 when it has none (it wrote nothing).
 pub fn top_transaction_id() -> u32 {
     // SAFETY: reads the transaction's state, which stays set until its end callbacks have run.

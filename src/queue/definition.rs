@@ -308,10 +308,8 @@ pub fn purge(client: &mut SpiClient<'_>, caller: &Caller, queue: &str) -> BusRes
     crate::message::group::purge_lock(client, found.queue_id)?;
     let purged = plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len();
     plans::run(client, &PURGE_GROUPS, &[found.queue_id.into()])?;
-    if found.max_in_flight.is_some() {
-        // The slots of the messages purged come free now, not when their locks would have ended.
-        in_flight::set_cap(client, found.queue_id, found.max_in_flight)?;
-    }
+    // The slots of the messages purged come free now, not when their locks would have ended.
+    in_flight::purged(client, found.queue_id)?;
     crate::depth::removed(found.queue_id, purged);
     Ok(purged as i64)
 }

@@ -179,4 +179,50 @@ mod tests {
             Some(2)
         );
     }
+
+    #[pg_test]
+    fn a_late_extend_lock_of_a_settled_delivery_leaves_its_slot_free() {
+        run("SELECT bussig.create_queue('c', max_in_flight => 1)");
+        send_many("c", 3);
+        assert_eq!(read_count("c", 5), 1);
+        run("ALTER TABLE got RENAME TO acked");
+        run("SELECT bussig.ack('c', message_id, lock_token) FROM acked");
+        assert_eq!(
+            one::<bool>("SELECT bussig.extend_lock('c', message_id, lock_token, '1 hour') FROM acked"),
+            Some(false)
+        );
+        assert_eq!(read_count("c", 5), 1, "the slot stayed free");
+        run("ALTER TABLE got RENAME TO given_back");
+        run("SELECT bussig.nack('c', message_id, lock_token, delay => '1 hour') FROM given_back");
+        assert_eq!(
+            one::<bool>(
+                "SELECT bussig.extend_lock('c', message_id, lock_token, '1 hour') FROM given_back"
+            ),
+            Some(false)
+        );
+        assert_eq!(read_count("c", 5), 1, "the slot stayed free");
+    }
+
+    #[pg_test]
+    fn a_settle_named_with_another_queue_frees_no_slot_of_either() {
+        run("SELECT bussig.create_queue('a', max_in_flight => 1)");
+        run("SELECT bussig.create_queue('b', max_in_flight => 1)");
+        send_many("a", 2);
+        send_many("b", 2);
+        assert_eq!(read_count("b", 5), 1);
+        for settle in [
+            "bussig.nack('a', message_id, lock_token)",
+            "bussig.ack('a', message_id, lock_token)",
+            "bussig.dead_letter('a', message_id, lock_token)",
+        ] {
+            assert_eq!(one::<bool>(&format!("SELECT {settle} FROM got")), Some(false), "{settle}");
+        }
+        assert_eq!(
+            one::<i64>("SELECT bussig.ack_batch('a', array_agg(message_id), array_agg(lock_token)) FROM got"),
+            Some(0)
+        );
+        run("ALTER TABLE got RENAME TO from_b");
+        assert_eq!(read_count("b", 5), 0, "b's slot is still taken");
+        assert_eq!(read_count("a", 5), 1);
+    }
 }
