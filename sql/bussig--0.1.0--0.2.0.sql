@@ -1,4 +1,4 @@
--- bussig 0.1.0 to 0.2.0: queue owners, grants, and the right to create queues.
+-- bussig 0.1.0 to 0.2.0: queue owners, grants, the right to create queues, ordered groups and in-flight caps.
 \echo Use "ALTER EXTENSION bussig UPDATE" to load this file. \quit
 
 -- Queues made before owners existed belong to the extension's owner.
@@ -6,6 +6,8 @@ ALTER TABLE bussig.queue ADD COLUMN owner name;
 UPDATE bussig.queue
 SET owner = (SELECT pg_catalog.pg_get_userbyid(nspowner) FROM pg_catalog.pg_namespace WHERE nspname = 'bussig');
 ALTER TABLE bussig.queue ALTER COLUMN owner SET NOT NULL;
+-- The most messages of a queue locked at once (max_in_flight; src/message/in_flight.rs).
+ALTER TABLE bussig.queue ADD COLUMN max_in_flight int CHECK (max_in_flight >= 1);
 
 -- Privileges on a queue beyond its owner's (bussig.grant). Roles are kept by name, as pg_dump writes
 -- them, so grants survive a restore into a cluster whose roles have other OIDs; 'public' is everyone.
@@ -98,7 +100,8 @@ SELECT q.name AS queue,
        q.retry_multiplier,
        q.dedup_window,
        depth.messages,
-       counted.counted_at
+       counted.counted_at,
+       q.max_in_flight
 FROM bussig.queue q
 LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
 LEFT JOIN bussig.queue_stats counted ON counted.queue_id = q.queue_id
@@ -225,7 +228,6 @@ RETURNS TABLE (group_id text, head_message_id bigint, state text, since timestam
 LANGUAGE c AS 'MODULE_PATHNAME', 'blocked_groups_wrapper';
 
 -- In-flight caps: the most messages of a queue locked at once (src/message/in_flight.rs).
-ALTER TABLE bussig.queue ADD COLUMN max_in_flight int CHECK (max_in_flight >= 1);
 CREATE TABLE bussig.in_flight_slot (
     queue_id     int NOT NULL REFERENCES bussig.queue (queue_id) ON DELETE CASCADE,
     slot         int NOT NULL,
@@ -257,33 +259,3 @@ CREATE FUNCTION bussig.alter_queue(queue text, max_deliveries int DEFAULT NULL, 
                                    dedup_window interval DEFAULT NULL, dead_letter_queue text DEFAULT NULL,
                                    notify bool DEFAULT NULL, max_in_flight int DEFAULT NULL)
 RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'alter_queue_wrapper';
-CREATE OR REPLACE VIEW bussig.queues AS
-SELECT q.name AS queue,
-       d.name AS dead_letter_queue,
-       depth.messages - split.delayed - split.locked AS ready,
-       split.delayed,
-       split.locked,
-       CASE WHEN depth.messages > split.delayed + split.locked
-            THEN clock_timestamp() - counted.oldest_ready_since END AS oldest_ready_age,
-       q.max_deliveries,
-       q.lock_timeout,
-       q.message_ttl,
-       q.created_at,
-       q.owner,
-       q.retry_delay,
-       q.retry_delay_max,
-       q.retry_multiplier,
-       q.dedup_window,
-       depth.messages,
-       counted.counted_at,
-       q.max_in_flight
-FROM bussig.queue q
-LEFT JOIN bussig.queue d ON d.queue_id = q.dead_letter_queue_id
-LEFT JOIN bussig.queue_stats counted ON counted.queue_id = q.queue_id
-CROSS JOIN LATERAL (SELECT bussig.queue_depth_if_exists(q.name) AS messages) depth
-CROSS JOIN LATERAL (
-    SELECT least(coalesce(counted.locked, 0), depth.messages) AS locked,
-           least(coalesce(counted.delayed, 0),
-                 depth.messages - least(coalesce(counted.locked, 0), depth.messages)) AS delayed
-) split
-WHERE bussig.has_queue_privilege(q.name) AND depth.messages IS NOT NULL;
