@@ -28,8 +28,8 @@ static SEGMENTS_OF: Statement = Statement {
                  coalesce(pg_catalog.pg_total_relation_size(
                      pg_catalog.to_regclass(format('bussig.stream_%s_%s', s.stream_id, g.segment))), 0),
                  g.opened_at IS NULL,
-                 g.closed_at IS NOT NULL AND g.closed_at <= clock_timestamp() - s.retention,
-                 g.closed_at IS NULL AND g.opened_at <= clock_timestamp() - s.retention / 2,
+                 coalesce(g.closed_at <= clock_timestamp() - s.retention, false),
+                 g.closed_at IS NULL AND coalesce(g.opened_at <= clock_timestamp() - s.retention / 2, false),
                  g.closed_at IS NOT NULL
           FROM bussig.stream_segment g JOIN bussig.stream s USING (stream_id)
           WHERE g.stream_id = $1
