@@ -118,8 +118,10 @@ fn empty_segment(client: &mut SpiClient<'_>, stream: &Stream, segment: &Segment)
 
 /// One stream's round: empty what retention lets go, then close the current segment when due.
 fn rotate(client: &mut SpiClient<'_>, stream: &Stream, retention_bytes: Option<i64>) -> BusResult<i64> {
-    // Records committed in closed segments get their numbers before those segments may go.
-    sequence::number_all(client, stream)?;
+    // Records committed in closed segments get their numbers before those segments may go. The
+    // partitions' row locks are taken before any segment's table lock, as readers take them: a
+    // reader numbering a partition would wait for the segment while this waits for its row.
+    let numbered_all = sequence::number_all(client, stream)?;
     let mut segments = segments(client, stream.stream_id)?;
     let mut total: i64 = segments.iter().map(|segment| segment.bytes).sum();
     // Oldest closed first.
@@ -129,7 +131,7 @@ fn rotate(client: &mut SpiClient<'_>, stream: &Stream, retention_bytes: Option<i
     let mut emptied = 0;
     for i in closed {
         let over_size = retention_bytes.is_some_and(|limit| total > limit);
-        if !(segments[i].expired || over_size) {
+        if !(segments[i].expired || over_size) || !numbered_all {
             break;
         }
         if !empty_segment(client, stream, &segments[i])? {

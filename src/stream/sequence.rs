@@ -72,10 +72,12 @@ pub fn number(client: &mut SpiClient<'_>, stream: &Stream, partition: i32) -> Bu
     Ok(Some(new_head))
 }
 
-/// Numbers every partition of the stream (those another transaction is numbering are left to it).
-pub fn number_all(client: &mut SpiClient<'_>, stream: &Stream) -> BusResult<()> {
+/// Numbers every partition of the stream (those another transaction is numbering are left to it):
+/// whether this transaction now holds every partition's row lock.
+pub fn number_all(client: &mut SpiClient<'_>, stream: &Stream) -> BusResult<bool> {
+    let mut all = true;
     for partition in 0..stream.partitions {
-        number(client, stream, partition)?;
+        all &= number(client, stream, partition)?.is_some();
     }
-    Ok(())
+    Ok(all)
 }
