@@ -109,9 +109,7 @@ impl BusError {
             | BusError::UnknownConsumerGroup { .. } => ERRCODE_UNDEFINED_OBJECT,
             BusError::PermissionDenied { .. }
             | BusError::OwnerOnly(_)
-            | BusError::StreamPermissionDenied { .. } => {
-                ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
+            | BusError::StreamPermissionDenied { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             BusError::MessageTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             BusError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             BusError::DeadLetterQueueInUse { .. } => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,

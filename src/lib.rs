@@ -52,7 +52,11 @@ mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/topics.sql", name = "topics", requires = ["schema"]);
-extension_sql_file!("../sql/streams.sql", name = "streams", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/streams.sql",
+    name = "streams",
+    requires = ["schema"]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -109,7 +109,10 @@ fn dump_restore_keeps_queues_messages_keys_and_grants() {
 fn stream_snapshot(client: &mut Client) -> Vec<String> {
     // Committed records get their numbers first, so that the positions below show them.
     client
-        .execute("SELECT FROM generate_series(0, 1) p, bussig.stream_range('events', p, 1, 1)", &[])
+        .execute(
+            "SELECT FROM generate_series(0, 1) p, bussig.stream_range('events', p, 1, 1)",
+            &[],
+        )
         .expect("numbering");
     let sql = "SELECT format('%s', s) FROM bussig.stream s
                UNION ALL SELECT format('%s', p) FROM bussig.stream_partition p
@@ -150,8 +153,11 @@ fn dump_restore_keeps_streams_records_positions_and_grants() {
     ))
     .expect("fill source");
     // One record committed and not numbered yet: numbered after the restore.
-    src.execute("SELECT bussig.append('events', '\"late\"', key => 'k1')", &[])
-        .unwrap();
+    src.execute(
+        "SELECT bussig.append('events', '\"late\"', key => 'k1')",
+        &[],
+    )
+    .unwrap();
     let before = stream_snapshot(&mut src);
     drop(src);
 
@@ -168,11 +174,17 @@ fn dump_restore_keeps_streams_records_positions_and_grants() {
     assert_eq!(stream_snapshot(&mut dst), before, "restored stream differs");
     // The group reads on from its position; numbers go on from the heads.
     let left: i64 = dst
-        .query_one("SELECT count(*) FROM bussig.stream_read('events', 'g', 100)", &[])
+        .query_one(
+            "SELECT count(*) FROM bussig.stream_read('events', 'g', 100)",
+            &[],
+        )
         .unwrap()
         .get(0);
     let lag: i64 = dst
-        .query_one("SELECT sum(lag)::bigint FROM bussig.consumer_groups WHERE consumer_group = 'g'", &[])
+        .query_one(
+            "SELECT sum(lag)::bigint FROM bussig.consumer_groups WHERE consumer_group = 'g'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(left, lag);

@@ -140,8 +140,11 @@ fn null_in_every_argument() {
     let other = Queue::create(&mut c, "null_args_other", "");
     c.execute("SELECT bussig.create_stream($1::text)", &[&HOSTILE_STREAM])
         .unwrap();
-    c.execute("SELECT bussig.create_consumer_group($1::text, 'g')", &[&HOSTILE_STREAM])
-        .unwrap();
+    c.execute(
+        "SELECT bussig.create_consumer_group($1::text, 'g')",
+        &[&HOSTILE_STREAM],
+    )
+    .unwrap();
     let functions = c
         .query(
             "SELECT p.proname::text, (p.proargnames::text[])[1:p.pronargs], p.pronargs::int, p.pronargdefaults::int,

@@ -1,6 +1,5 @@
-//! Streams under concurrency and over time: appenders committing in random order and rolling back
-//! while group members read; an open appending transaction; leases shared, expiring and waking
-//! waiting readers; replay; retention emptying segments while groups read.
+//! Streams under concurrency: appenders committing in random order and rolling back while group
+//! members read; an open appending transaction; leases shared, expiring and waking waiting readers.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -8,90 +7,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bussig_tests::*;
-use serde_json::Value;
-use uuid::Uuid;
-
-/// A stream made for one test, dropped at its end.
-struct Stream {
-    name: String,
-}
-
-impl Stream {
-    fn create(client: &mut Client, test: &str, options: &str) -> Stream {
-        let name = unique_name(test);
-        let sep = if options.is_empty() { "" } else { ", " };
-        let sql = format!("SELECT bussig.create_stream($1::text{sep}{options})");
-        let created: bool = client.query_one(&sql, &[&name]).expect(&sql).get(0);
-        assert!(created);
-        Stream { name }
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        if let Ok(mut client) = std::env::var("BUSSIG_TEST_URL")
-            .map_err(|_| ())
-            .and_then(|url| Client::connect(&url, NoTls).map_err(|_| ()))
-        {
-            let _ = client.execute("SELECT bussig.drop_stream($1::text)", &[&self.name]);
-        }
-    }
-}
-
-/// One record as stream_read returns it.
-#[derive(Debug, Clone)]
-struct Record {
-    partition: i32,
-    seq: i64,
-    token: Uuid,
-    key: Option<String>,
-    payload: Value,
-}
-
-fn stream_read(c: &mut impl GenericClient, stream: &str, group: &str, max: i32, wait: &str, lease: &str) -> Vec<Record> {
-    c.query(
-        "SELECT partition, seq, lease_token, key, payload
-         FROM bussig.stream_read($1::text, $2::text, $3::int, $4::text::interval, $5::text::interval)",
-        &[&stream, &group, &max, &wait, &lease],
-    )
-    .expect("stream_read")
-    .iter()
-    .map(|row| Record {
-        partition: row.get(0),
-        seq: row.get(1),
-        token: row.get(2),
-        key: row.get(3),
-        payload: row.get(4),
-    })
-    .collect()
-}
-
-/// Commits each partition's last record read: whether every lease was still the caller's.
-fn commit_all(c: &mut impl GenericClient, stream: &str, group: &str, records: &[Record]) -> bool {
-    let mut last: BTreeMap<i32, (i64, Uuid)> = BTreeMap::new();
-    for r in records {
-        let entry = last.entry(r.partition).or_insert((r.seq, r.token));
-        if r.seq > entry.0 {
-            *entry = (r.seq, r.token);
-        }
-    }
-    last.into_iter().all(|(partition, (seq, token))| {
-        c.query_one(
-            "SELECT bussig.stream_commit($1::text, $2::text, $3::int, $4::bigint, $5::uuid)",
-            &[&stream, &group, &partition, &seq, &token],
-        )
-        .unwrap()
-        .get::<_, bool>(0)
-    })
-}
-
-fn create_group(c: &mut Client, stream: &str, group: &str, start_at: &str) {
-    c.execute(
-        "SELECT bussig.create_consumer_group($1::text, $2::text, $3::text)",
-        &[&stream, &group, &start_at],
-    )
-    .unwrap();
-}
 
 fn heads(c: &mut Client, stream: &str) -> BTreeMap<i32, i64> {
     c.query(
@@ -154,13 +69,15 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
             }));
         }
         for member in 1..=MEMBERS as u64 {
-            let (name, seen, holders, overlaps, appending) = (&name, &seen, &holders, &overlaps, &appending);
+            let (name, seen, holders, overlaps, appending) =
+                (&name, &seen, &holders, &overlaps, &appending);
             let committed = &committed;
             scope.spawn(move || {
                 let mut c = connect();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
-                    let records = stream_read(&mut c, name, "g", 7, "200 milliseconds", "20 seconds");
+                    let records =
+                        stream_read(&mut c, name, "g", 7, "200 milliseconds", "20 seconds");
                     let partitions: HashSet<i32> = records.iter().map(|r| r.partition).collect();
                     for &p in &partitions {
                         if holders[p as usize].swap(member, Ordering::SeqCst) != 0 {
@@ -221,12 +138,25 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
     });
     let committed = committed.into_inner().unwrap();
     let seen = seen.into_inner().unwrap();
-    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two members held one partition");
-    assert_eq!(behind.load(Ordering::SeqCst), 0, "a range reader found a gap it later saw filled");
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two members held one partition"
+    );
+    assert_eq!(
+        behind.load(Ordering::SeqCst),
+        0,
+        "a range reader found a gap it later saw filled"
+    );
     // Each committed record read exactly once, no rolled-back one.
     let ids: Vec<(u64, u64)> = seen
         .iter()
-        .map(|r| (r.payload["producer"].as_u64().unwrap(), r.payload["n"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r.payload["producer"].as_u64().unwrap(),
+                r.payload["n"].as_u64().unwrap(),
+            )
+        })
         .collect();
     let unique: HashSet<(u64, u64)> = ids.iter().copied().collect();
     assert_eq!(unique.len(), ids.len(), "a record was read twice");
@@ -240,7 +170,11 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
     for (partition, head) in heads {
         let mut seqs = by_partition.remove(&partition).unwrap_or_default();
         seqs.sort_unstable();
-        assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "partition {partition}");
+        assert_eq!(
+            seqs,
+            (1..=head).collect::<Vec<_>>(),
+            "partition {partition}"
+        );
     }
     // Per key and producer, seq follows append order.
     let mut order: HashMap<(String, u64), Vec<(i64, u64)>> = HashMap::new();
@@ -268,22 +202,35 @@ fn an_open_appending_transaction_holds_back_no_reader() {
     create_group(&mut admin, &name, "g", "earliest");
     let mut slow = connect();
     let mut tx = slow.transaction().unwrap();
-    tx.execute("SELECT bussig.append($1::text, '\"slow\"')", &[&name]).unwrap();
+    tx.execute("SELECT bussig.append($1::text, '\"slow\"')", &[&name])
+        .unwrap();
     let mut rolled_back = connect();
     let mut undone = rolled_back.transaction().unwrap();
-    undone.execute("SELECT bussig.append($1::text, '\"undone\"')", &[&name]).unwrap();
-    admin.execute("SELECT bussig.append($1::text, '\"fast\"')", &[&name]).unwrap();
+    undone
+        .execute("SELECT bussig.append($1::text, '\"undone\"')", &[&name])
+        .unwrap();
+    admin
+        .execute("SELECT bussig.append($1::text, '\"fast\"')", &[&name])
+        .unwrap();
     let mut reader = connect();
-    reader.batch_execute("SET statement_timeout = '5s'").unwrap();
+    reader
+        .batch_execute("SET statement_timeout = '5s'")
+        .unwrap();
     let records = stream_read(&mut reader, &name, "g", 10, "0", "30 seconds");
     assert_eq!(records.len(), 1);
-    assert_eq!((records[0].seq, records[0].payload.clone()), (1, json!("fast")));
+    assert_eq!(
+        (records[0].seq, records[0].payload.clone()),
+        (1, json!("fast"))
+    );
     assert!(commit_all(&mut reader, &name, "g", &records));
     undone.rollback().unwrap();
     tx.commit().unwrap();
     let records = stream_read(&mut reader, &name, "g", 10, "0", "30 seconds");
     assert_eq!(records.len(), 1);
-    assert_eq!((records[0].seq, records[0].payload.clone()), (2, json!("slow")));
+    assert_eq!(
+        (records[0].seq, records[0].payload.clone()),
+        (2, json!("slow"))
+    );
 }
 
 #[test]
@@ -306,21 +253,36 @@ fn members_share_partitions_and_an_expired_lease_moves_to_another_member() {
     let first_partitions: HashSet<i32> = taken.iter().map(|r| r.partition).collect();
     let rest = stream_read(&mut second, &name, "g", 100, "0", "30 seconds");
     let second_partitions: HashSet<i32> = rest.iter().map(|r| r.partition).collect();
-    assert!(first_partitions.is_disjoint(&second_partitions), "{first_partitions:?} {second_partitions:?}");
+    assert!(
+        first_partitions.is_disjoint(&second_partitions),
+        "{first_partitions:?} {second_partitions:?}"
+    );
     assert!(commit_all(&mut second, &name, "g", &rest));
     // The first member goes quiet; once its lease runs out a waiting member gets its records again.
     let started = Instant::now();
     let again = stream_read(&mut second, &name, "g", 100, "10 seconds", "30 seconds");
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(5), "waited {waited:?} past the lease's end");
+    assert!(
+        waited < Duration::from_secs(5),
+        "waited {waited:?} past the lease's end"
+    );
     let again_seqs: Vec<(i32, i64)> = again.iter().map(|r| (r.partition, r.seq)).collect();
     for r in &taken {
-        assert!(again_seqs.contains(&(r.partition, r.seq)), "{r:?} not handed on");
+        assert!(
+            again_seqs.contains(&(r.partition, r.seq)),
+            "{r:?} not handed on"
+        );
     }
-    assert!(!commit_all(&mut first, &name, "g", &taken), "a stale lease committed");
+    assert!(
+        !commit_all(&mut first, &name, "g", &taken),
+        "a stale lease committed"
+    );
     assert!(commit_all(&mut second, &name, "g", &again));
     let lag: i64 = admin
-        .query_one("SELECT sum(lag)::bigint FROM bussig.consumer_groups WHERE stream = $1::text", &[&name])
+        .query_one(
+            "SELECT sum(lag)::bigint FROM bussig.consumer_groups WHERE stream = $1::text",
+            &[&name],
+        )
         .unwrap()
         .get(0);
     assert_eq!(lag, 0);
@@ -347,117 +309,13 @@ fn a_waiting_reader_is_woken_by_the_committing_append() {
             })
             .collect();
         thread::sleep(Duration::from_millis(500));
-        admin.execute("SELECT bussig.append($1::text, '1')", &[&name]).unwrap();
+        admin
+            .execute("SELECT bussig.append($1::text, '1')", &[&name])
+            .unwrap();
         for reader in readers {
             let (count, waited) = reader.join().unwrap();
             assert_eq!(count, 1);
             assert!(waited < Duration::from_secs(5), "woken after {waited:?}");
         }
     });
-}
-
-#[test]
-fn a_group_replays_from_earliest_from_a_seq_and_from_a_time() {
-    let mut admin = connect();
-    let stream = Stream::create(&mut admin, "stream_replay", "");
-    let name = stream.name.clone();
-    let batch = |c: &mut Client, from: i32| {
-        c.execute(
-            "SELECT bussig.append_batch($1::text, array_agg(to_jsonb(n))) FROM generate_series($2::int, $2::int + 4) n",
-            &[&name, &from],
-        )
-        .unwrap();
-    };
-    batch(&mut admin, 1);
-    thread::sleep(Duration::from_millis(200));
-    let between: String = admin.query_one("SELECT clock_timestamp()::text", &[]).unwrap().get(0);
-    thread::sleep(Duration::from_millis(200));
-    batch(&mut admin, 6);
-    create_group(&mut admin, &name, "g", "latest");
-    let mut c = connect();
-    assert!(stream_read(&mut c, &name, "g", 100, "0", "30 seconds").is_empty());
-    create_group(&mut admin, &name, "replay", "earliest");
-    let all = stream_read(&mut c, &name, "replay", 100, "0", "30 seconds");
-    assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
-    assert!(commit_all(&mut c, &name, "replay", &all));
-    c.execute("SELECT bussig.stream_seek($1::text, 'replay', 0, 7)", &[&name]).unwrap();
-    let from_seq = stream_read(&mut c, &name, "replay", 100, "0", "30 seconds");
-    assert_eq!(from_seq.iter().map(|r| r.seq).collect::<Vec<_>>(), [7, 8, 9, 10]);
-    c.execute(
-        "SELECT bussig.stream_seek_time($1::text, 'g', $2::text::timestamptz)",
-        &[&name, &between],
-    )
-    .unwrap();
-    let from_time = stream_read(&mut c, &name, "g", 100, "0", "30 seconds");
-    assert_eq!(from_time.iter().map(|r| r.payload.as_i64().unwrap()).collect::<Vec<_>>(), [6, 7, 8, 9, 10]);
-}
-
-#[test]
-fn retention_empties_segments_while_groups_read() {
-    let mut admin = connect();
-    let stream = Stream::create(&mut admin, "stream_retain", "retention => '1 second'");
-    let name = stream.name.clone();
-    create_group(&mut admin, &name, "g", "earliest");
-    create_group(&mut admin, &name, "idle", "earliest");
-    let appending = AtomicBool::new(true);
-    let seen: Mutex<Vec<i64>> = Mutex::new(Vec::new());
-    thread::scope(|scope| {
-        let (name_ref, appending_ref, seen_ref) = (&name, &appending, &seen);
-        scope.spawn(move || {
-            let mut c = connect();
-            loop {
-                let finished = !appending_ref.load(Ordering::SeqCst);
-                let records = stream_read(&mut c, name_ref, "g", 50, "100 milliseconds", "30 seconds");
-                seen_ref.lock().unwrap().extend(records.iter().map(|r| r.seq));
-                assert!(commit_all(&mut c, name_ref, "g", &records));
-                if finished && records.is_empty() {
-                    break;
-                }
-            }
-        });
-        let mut appender = connect();
-        let mut maintenance = connect();
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(5) {
-            appender
-                .execute("SELECT bussig.append($1::text, to_jsonb(n)) FROM generate_series(1, 20) n", &[&name])
-                .unwrap();
-            maintenance.execute("SELECT bussig.run_maintenance()", &[]).unwrap();
-            thread::sleep(Duration::from_millis(100));
-        }
-        appending.store(false, Ordering::SeqCst);
-    });
-    // Retention stops here, so that the worker's rounds leave what is checked below as it is.
-    admin
-        .execute("SELECT bussig.alter_stream($1::text, retention => '1 day')", &[&name])
-        .unwrap();
-    let seen = seen.into_inner().unwrap();
-    // The reading group saw every record once, in order, however segments went.
-    assert_eq!(seen, (1..=seen.len() as i64).collect::<Vec<_>>());
-    let row = admin
-        .query_one(
-            "SELECT p.first_seq, p.head_seq, c.committed_seq, c.lag
-             FROM bussig.stream_partition p JOIN bussig.stream s USING (stream_id)
-             JOIN bussig.consumer_groups c ON c.stream = s.name AND c.consumer_group = 'idle'
-             WHERE s.name = $1::text",
-            &[&name],
-        )
-        .unwrap();
-    let (first, head, idle_at, idle_lag): (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
-    assert_eq!(head, seen.len() as i64);
-    assert!(first > 1, "no segment was emptied");
-    // The idle group is shown at the retention point, and reads from the oldest record kept.
-    assert_eq!((idle_at, idle_lag), (first - 1, head - first + 1));
-    let mut c = connect();
-    let oldest = stream_read(&mut c, &name, "idle", 1, "0", "30 seconds");
-    assert_eq!(oldest[0].seq, first);
-    let deleted: i64 = admin
-        .query_one(
-            "SELECT coalesce(sum(n_tup_del), 0)::bigint FROM pg_stat_user_tables
-             WHERE schemaname = 'bussig' AND relname LIKE 'stream\\_' || (SELECT stream_id FROM bussig.stream WHERE name = $1::text) || '\\_%'",
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(deleted, 0, "records were deleted row by row");
 }

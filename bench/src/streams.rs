@@ -7,7 +7,9 @@ use postgres::Client;
 use crate::load::closed_loop;
 use crate::pg::{payloads, JsonbText, Res, PAYLOAD};
 use crate::report::{format_value, no_cells, Cell, Section, Target};
-use crate::systems::{batch_sender, prefill, receive, reset, Consumer, Sender, Step, System, QUEUE};
+use crate::systems::{
+    batch_sender, prefill, receive, reset, Consumer, Sender, Step, System, QUEUE,
+};
 use crate::workloads::{at_least, index_of, rate_cell};
 use crate::Config;
 
@@ -81,7 +83,8 @@ fn group_step(client: &mut Client) -> Res<Step> {
         receive(&rows, 3);
         let mut last: Vec<(i32, i64, uuid::Uuid)> = Vec::new();
         for row in &rows {
-            let (partition, seq, token): (i32, i64, uuid::Uuid) = (row.get(0), row.get(1), row.get(2));
+            let (partition, seq, token): (i32, i64, uuid::Uuid) =
+                (row.get(0), row.get(1), row.get(2));
             match last.iter_mut().find(|(p, _, _)| *p == partition) {
                 Some(entry) => entry.1 = entry.1.max(seq),
                 None => last.push((partition, seq, token)),
@@ -120,7 +123,7 @@ fn backlog(cfg: &Config) -> i64 {
     if cfg.quick {
         50_000
     } else {
-        500_000
+        200_000
     }
 }
 
@@ -150,7 +153,9 @@ pub fn streams(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> R
         section.add(APPEND, Some(clients), two(&bussig, &hand));
         reset_stream(admin)?;
         reset(admin, System::Hand)?;
-        let bussig = closed_loop(&cfg.url, clients, cfg.run, false, |c, _| append_batch_step(c))?;
+        let bussig = closed_loop(&cfg.url, clients, cfg.run, false, |c, _| {
+            append_batch_step(c)
+        })?;
         let hand = closed_loop(&cfg.url, clients, cfg.run, false, |c, _| {
             batch_sender(c, System::Hand, BATCH as usize)
         })?;
@@ -179,7 +184,10 @@ pub fn streams(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> R
     reset(admin, System::Hand)?;
     reset(admin, System::Pgq)?;
 
-    for (rows, what) in [(&append_rows, "append"), (&batch_rows, "append_batch of 100")] {
+    for (rows, what) in [
+        (&append_rows, "append"),
+        (&batch_rows, "append_batch of 100"),
+    ] {
         for &(clients, bussig, hand) in rows {
             targets.push(at_least(
                 format!("{what} vs hand-written INSERT, {clients} client(s)"),
@@ -194,7 +202,9 @@ pub fn streams(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> R
             .zip(value(System::Hand))
             .map_or(f64::NAN, |(b, h)| b / h);
         targets.push(at_least(
-            format!("group read 100 + commit vs hand-written SKIP LOCKED consume, {clients} client(s)"),
+            format!(
+                "group read 100 + commit vs hand-written SKIP LOCKED consume, {clients} client(s)"
+            ),
             ratio,
             5.0,
         ));

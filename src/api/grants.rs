@@ -89,7 +89,10 @@ fn privilege_names(
             name => {
                 return Err(BusError::invalid(
                     "privileges",
-                    format!("unknown privilege {name:?}: use {} or all", all_names.join(", ")),
+                    format!(
+                        "unknown privilege {name:?}: use {} or all",
+                        all_names.join(", ")
+                    ),
                 ))
             }
         };
@@ -123,7 +126,13 @@ fn grant(
     let queue = validate::queue_name(queue)?;
     let role = required(role, "role")?;
     let privileges = Some(required(privileges, "privileges")?);
-    Ok(change_privileges(&GRANT, &GRANT_STREAM, queue, role, privileges)?)
+    Ok(change_privileges(
+        &GRANT,
+        &GRANT_STREAM,
+        queue,
+        role,
+        privileges,
+    )?)
 }
 
 /// Takes privileges back; all of them when none are named. Revoking what was never granted is no error.
@@ -135,7 +144,13 @@ fn revoke(
 ) -> Result<(), ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let role = required(role, "role")?;
-    Ok(change_privileges(&REVOKE, &REVOKE_STREAM, queue, role, privileges)?)
+    Ok(change_privileges(
+        &REVOKE,
+        &REVOKE_STREAM,
+        queue,
+        role,
+        privileges,
+    )?)
 }
 
 /// Runs GRANT or REVOKE for `role` on the queue named `name`, which only the queue's owner may; or,
@@ -148,7 +163,9 @@ fn change_privileges(
     privileges: Option<Vec<Option<String>>>,
 ) -> BusResult<()> {
     access::connect(|client, caller| {
-        let statement = if crate::queue::find(client, name)?.is_some() || stream::find(client, name)?.is_none() {
+        let statement = if crate::queue::find(client, name)?.is_some()
+            || stream::find(client, name)?.is_none()
+        {
             crate::queue::require(client, name)?;
             caller.require_queue_owner(client, name)?;
             on_queue

@@ -185,7 +185,15 @@ fn stream_commit(
     let seq = required(seq, "seq")?;
     let lease_token = required(lease_token, "lease_token")?;
     Ok(access::connect(|client, caller| {
-        read::commit(client, caller, stream, consumer_group, partition, seq, lease_token)
+        read::commit(
+            client,
+            caller,
+            stream,
+            consumer_group,
+            partition,
+            seq,
+            lease_token,
+        )
     })?)
 }
 

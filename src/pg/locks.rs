@@ -11,7 +11,10 @@ pub fn try_lock_exclusive(relation: pg_sys::Oid, tries: u32, pause: Duration) ->
         // SAFETY: a lock request on a relation by OID; on success the lock manager releases it at
         // transaction end, and on failure nothing is held.
         let locked = unsafe {
-            pg_sys::ConditionalLockRelationOid(relation, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)
+            pg_sys::ConditionalLockRelationOid(
+                relation,
+                pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+            )
         };
         if locked {
             return true;
@@ -21,7 +24,8 @@ pub fn try_lock_exclusive(relation: pg_sys::Oid, tries: u32, pause: Duration) ->
             unsafe {
                 pg_sys::WaitLatch(
                     pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
                     pause.as_millis().max(1) as std::ffi::c_long,
                     pg_sys::PG_WAIT_EXTENSION,
                 );

@@ -74,7 +74,12 @@ pub fn checked_subject(subject: Option<&str>) -> BusResult<Option<&str>> {
 }
 
 /// Appends one record to a stream the caller may append to: the partition it went to.
-pub fn one(client: &mut SpiClient<'_>, caller: &Caller, name: &str, record: Record<'_>) -> BusResult<i32> {
+pub fn one(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    record: Record<'_>,
+) -> BusResult<i32> {
     let stream = require(client, caller, name, StreamPrivilege::Append)?;
     append_to(client, &stream, record)
 }
@@ -125,7 +130,10 @@ impl Batch {
         if count as i32 > validate::MAX_BATCH * 10 {
             return Err(BusError::invalid(
                 "payloads",
-                format!("{count} records are more than {} a batch", validate::MAX_BATCH * 10),
+                format!(
+                    "{count} records are more than {} a batch",
+                    validate::MAX_BATCH * 10
+                ),
             ));
         }
         let headers = crate::message::send::check_headers(headers)?;
@@ -163,14 +171,22 @@ impl Batch {
 }
 
 /// Appends a batch to a stream the caller may append to: how many records.
-pub fn batch(client: &mut SpiClient<'_>, caller: &Caller, name: &str, batch: Batch) -> BusResult<i64> {
+pub fn batch(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    batch: Batch,
+) -> BusResult<i64> {
     let stream = require(client, caller, name, StreamPrivilege::Append)?;
     let count = batch.count;
     if count == 0 {
         return Ok(0);
     }
     let keys = batch.keys.unwrap_or_else(|| vec![None; count]);
-    let partitions: Vec<i32> = keys.iter().map(|key| partition(&stream, key.as_deref())).collect();
+    let partitions: Vec<i32> = keys
+        .iter()
+        .map(|key| partition(&stream, key.as_deref()))
+        .collect();
     let subjects = batch.subjects.unwrap_or_else(|| vec![None; count]);
     let types = [
         pg_sys::INT4OID,

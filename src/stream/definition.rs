@@ -117,7 +117,10 @@ pub fn create(
     if !(1..=super::MAX_PARTITIONS).contains(&partitions) {
         return Err(BusError::invalid(
             "partitions",
-            format!("{partitions} is not between 1 and {}", super::MAX_PARTITIONS),
+            format!(
+                "{partitions} is not between 1 and {}",
+                super::MAX_PARTITIONS
+            ),
         ));
     }
     if find(client, name)?.is_some() {

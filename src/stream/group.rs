@@ -84,7 +84,12 @@ pub fn create(
 }
 
 /// drop_consumer_group: false when there was no such group.
-pub fn drop(client: &mut SpiClient<'_>, caller: &Caller, name: &str, group: &str) -> BusResult<bool> {
+pub fn drop(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    group: &str,
+) -> BusResult<bool> {
     let stream = require(client, caller, name, StreamPrivilege::Manage)?;
     let args = [stream.stream_id.into(), group.into()];
     Ok(plans::first_value::<bool>(client, &DELETE_GROUP, &args)?.is_some())

@@ -223,10 +223,14 @@ mod unit_tests {
 
     #[test]
     fn a_key_always_lands_in_the_same_partition() {
-        assert_eq!(partition_of_key("order-1", 8), partition_of_key("order-1", 8));
+        assert_eq!(
+            partition_of_key("order-1", 8),
+            partition_of_key("order-1", 8)
+        );
         assert_eq!(partition_of_key("anything", 1), 0);
-        let spread: std::collections::HashSet<i32> =
-            (0..200).map(|i| partition_of_key(&format!("k{i}"), 8)).collect();
+        let spread: std::collections::HashSet<i32> = (0..200)
+            .map(|i| partition_of_key(&format!("k{i}"), 8))
+            .collect();
         assert_eq!(spread.len(), 8);
     }
 }

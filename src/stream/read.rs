@@ -135,7 +135,11 @@ fn seek_time(stream: &Stream) -> String {
     )
 }
 
-fn decode(row: &SpiHeapTupleData<'_>, partition: i32, lease_token: Option<Uuid>) -> BusResult<StreamRecord> {
+fn decode(
+    row: &SpiHeapTupleData<'_>,
+    partition: i32,
+    lease_token: Option<Uuid>,
+) -> BusResult<StreamRecord> {
     Ok(StreamRecord {
         partition,
         seq: plans::filled(row, 1, "seq")?,
@@ -172,7 +176,11 @@ pub struct StreamReadRequest {
 }
 
 impl StreamReadRequest {
-    pub fn check(max_records: Option<i32>, wait: Option<Interval>, lease: Option<Interval>) -> BusResult<Self> {
+    pub fn check(
+        max_records: Option<i32>,
+        wait: Option<Interval>,
+        lease: Option<Interval>,
+    ) -> BusResult<Self> {
         let max_records = checked_max_records(max_records)?;
         let wait = match wait {
             Some(wait) => {
@@ -266,7 +274,11 @@ fn read_once(
 
 /// stream_read: the group's next records; with a wait, sleeps until an append commits, a lease of
 /// the group runs out, or the wait is over, and reads again.
-pub fn read_waiting(name: &str, group: &str, request: StreamReadRequest) -> BusResult<Vec<StreamRecord>> {
+pub fn read_waiting(
+    name: &str,
+    group: &str,
+    request: StreamReadRequest,
+) -> BusResult<Vec<StreamRecord>> {
     let started = Instant::now();
     let mut waiting: Option<wakeup::Waiting> = None;
     loop {
@@ -277,7 +289,8 @@ pub fn read_waiting(name: &str, group: &str, request: StreamReadRequest) -> BusR
             // Noted before the read's snapshots are taken: see `arrivals`.
             let read_from = arrivals::seen(key);
             let records = read_once(client, &stream, group, &request)?;
-            let may_wait = started.elapsed() < request.wait && !crate::pg::xact::snapshot_is_fixed();
+            let may_wait =
+                started.elapsed() < request.wait && !crate::pg::xact::snapshot_is_fixed();
             let lease_ends = if records.is_empty() && may_wait {
                 let args = [stream.stream_id.into(), group.into()];
                 plans::first_value::<f64>(client, &NEXT_LEASE_END, &args)?
@@ -341,7 +354,10 @@ pub fn commit(
 
 fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
     if seq < 1 {
-        return Err(BusError::invalid(what, format!("{seq} is not a seq: they start at 1")));
+        return Err(BusError::invalid(
+            what,
+            format!("{seq} is not a seq: they start at 1"),
+        ));
     }
     Ok(seq)
 }

@@ -86,7 +86,11 @@ fn segments(client: &mut SpiClient<'_>, stream_id: i32) -> BusResult<Vec<Segment
 /// Empties a closed segment: its records' seqs are past every partition's first seq from now on.
 /// False, leaving it for a later round, while others use the table (an appender that has not
 /// committed, a reader) past a short wait, or while it holds committed records not numbered yet.
-fn empty_segment(client: &mut SpiClient<'_>, stream: &Stream, segment: &Segment) -> BusResult<bool> {
+fn empty_segment(
+    client: &mut SpiClient<'_>,
+    stream: &Stream,
+    segment: &Segment,
+) -> BusResult<bool> {
     if segment.relation == pg_sys::InvalidOid
         || !crate::pg::locks::try_lock_exclusive(segment.relation, 20, Duration::from_millis(10))
     {
@@ -106,7 +110,13 @@ fn empty_segment(client: &mut SpiClient<'_>, stream: &Stream, segment: &Segment)
          FROM (SELECT partition, max(seq) AS last_seq FROM {table} GROUP BY partition) kept
          WHERE p.stream_id = $1 AND p.partition = kept.partition"
     );
-    plans::run_text(client, &move_first, &[pg_sys::INT4OID], true, &[stream.stream_id.into()])?;
+    plans::run_text(
+        client,
+        &move_first,
+        &[pg_sys::INT4OID],
+        true,
+        &[stream.stream_id.into()],
+    )?;
     client.update(format!("TRUNCATE {table}").as_str(), None, &[])?;
     plans::run(
         client,
@@ -117,7 +127,11 @@ fn empty_segment(client: &mut SpiClient<'_>, stream: &Stream, segment: &Segment)
 }
 
 /// One stream's round: empty what retention lets go, then close the current segment when due.
-fn rotate(client: &mut SpiClient<'_>, stream: &Stream, retention_bytes: Option<i64>) -> BusResult<i64> {
+fn rotate(
+    client: &mut SpiClient<'_>,
+    stream: &Stream,
+    retention_bytes: Option<i64>,
+) -> BusResult<i64> {
     // Records committed in closed segments get their numbers before those segments may go. The
     // partitions' row locks are taken before any segment's table lock, as readers take them: a
     // reader numbering a partition would wait for the segment while this waits for its row.

@@ -21,14 +21,24 @@ static UNSUBSCRIBE: Statement = Statement {
 };
 
 /// True when the subscription is new.
-pub fn subscribe(client: &mut SpiClient<'_>, caller: &Caller, name: &str, pattern: &str) -> BusResult<bool> {
+pub fn subscribe(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    pattern: &str,
+) -> BusResult<bool> {
     let stream = require(client, caller, name, StreamPrivilege::Manage)?;
     let args = [stream.stream_id.into(), pattern.into()];
     Ok(plans::first_value::<bool>(client, &SUBSCRIBE, &args)?.is_some())
 }
 
 /// True when there was such a subscription.
-pub fn unsubscribe(client: &mut SpiClient<'_>, caller: &Caller, name: &str, pattern: &str) -> BusResult<bool> {
+pub fn unsubscribe(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    pattern: &str,
+) -> BusResult<bool> {
     let stream = require(client, caller, name, StreamPrivilege::Manage)?;
     let args = [stream.stream_id.into(), pattern.into()];
     Ok(plans::first_value::<bool>(client, &UNSUBSCRIBE, &args)?.is_some())

@@ -24,8 +24,14 @@ mod tests {
 
     #[pg_test]
     fn create_stream_makes_a_stream_once() {
-        assert_eq!(one::<bool>("SELECT bussig.create_stream('events', 4)"), Some(true));
-        assert_eq!(one::<bool>("SELECT bussig.create_stream('events', 8, '1 day')"), Some(false));
+        assert_eq!(
+            one::<bool>("SELECT bussig.create_stream('events', 4)"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.create_stream('events', 8, '1 day')"),
+            Some(false)
+        );
         assert_eq!(
             one::<String>(
                 "SELECT format('%s %s %s %s', partitions, records, retention, coalesce(retention_bytes::text, '-'))
@@ -53,18 +59,39 @@ mod tests {
             ("SELECT bussig.create_stream('')", "22023"),
             ("SELECT bussig.create_stream('_x')", "22023"),
             ("SELECT bussig.create_stream(repeat('s', 61))", "22023"),
-            ("SELECT bussig.create_stream('x''; DROP TABLE bussig.stream; --')", "22023"),
+            (
+                "SELECT bussig.create_stream('x''; DROP TABLE bussig.stream; --')",
+                "22023",
+            ),
             ("SELECT bussig.create_stream('s', 0)", "22023"),
             ("SELECT bussig.create_stream('s', 257)", "22023"),
             ("SELECT bussig.create_stream('s', -1)", "22023"),
-            ("SELECT bussig.create_stream('s', retention => '0')", "22023"),
-            ("SELECT bussig.create_stream('s', retention => '-1 day')", "22023"),
-            ("SELECT bussig.create_stream('s', retention => '100000 years')", "22023"),
-            ("SELECT bussig.create_stream('s', retention_bytes => 0)", "22023"),
-            ("SELECT bussig.create_stream('s', retention_bytes => -5)", "22023"),
+            (
+                "SELECT bussig.create_stream('s', retention => '0')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_stream('s', retention => '-1 day')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_stream('s', retention => '100000 years')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_stream('s', retention_bytes => 0)",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_stream('s', retention_bytes => -5)",
+                "22023",
+            ),
             ("SELECT bussig.create_stream(NULL)", "22004"),
             ("SELECT bussig.create_stream('s', NULL)", "22004"),
-            ("SELECT bussig.create_stream('s', retention => NULL)", "22004"),
+            (
+                "SELECT bussig.create_stream('s', retention => NULL)",
+                "22004",
+            ),
         ]);
         assert_eq!(count("SELECT FROM bussig.stream"), 0);
         assert_eq!(count("SELECT FROM pg_class WHERE relname LIKE 'stream\\_%' AND relnamespace = 'bussig'::regnamespace AND relname ~ '^stream_[0-9]'"), 0);
@@ -79,11 +106,20 @@ mod tests {
         run("SELECT bussig.alter_stream('events', retention_bytes => 0)");
         assert_eq!(one::<String>(settings).as_deref(), Some("02:00:00 -"));
         assert_all_fail(&[
-            ("SELECT bussig.alter_stream('nope', retention => '1 day')", "42704"),
+            (
+                "SELECT bussig.alter_stream('nope', retention => '1 day')",
+                "42704",
+            ),
             ("SELECT bussig.alter_stream('bad name')", "22023"),
             ("SELECT bussig.alter_stream(NULL)", "22004"),
-            ("SELECT bussig.alter_stream('events', retention => '0')", "22023"),
-            ("SELECT bussig.alter_stream('events', retention_bytes => -1)", "22023"),
+            (
+                "SELECT bussig.alter_stream('events', retention => '0')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.alter_stream('events', retention_bytes => -1)",
+                "22023",
+            ),
         ]);
         assert_eq!(one::<String>(settings).as_deref(), Some("02:00:00 -"));
     }
@@ -96,11 +132,27 @@ mod tests {
         run("SELECT bussig.subscribe_stream('events', 'orders.>')");
         run("SELECT bussig.grant('events', 'public', ARRAY['read'])");
         let table: String = one("SELECT 'bussig.stream_' || stream_id FROM bussig.stream").unwrap();
-        assert_eq!(one::<bool>("SELECT bussig.drop_stream('events')"), Some(true));
-        assert_eq!(one::<bool>("SELECT bussig.drop_stream('events')"), Some(false));
-        assert_eq!(one::<bool>(&format!("SELECT to_regclass('{table}') IS NULL")), Some(true));
-        for table in ["stream", "stream_partition", "stream_segment", "consumer_group", "group_partition",
-                      "stream_grant", "stream_subscription"] {
+        assert_eq!(
+            one::<bool>("SELECT bussig.drop_stream('events')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.drop_stream('events')"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT to_regclass('{table}') IS NULL")),
+            Some(true)
+        );
+        for table in [
+            "stream",
+            "stream_partition",
+            "stream_segment",
+            "consumer_group",
+            "group_partition",
+            "stream_grant",
+            "stream_subscription",
+        ] {
             assert_eq!(count(&format!("SELECT FROM bussig.{table}")), 0, "{table}");
         }
         assert_fails("SELECT bussig.drop_stream('bad name')", "22023");
@@ -113,7 +165,9 @@ mod tests {
         let partition: i64 = one("SELECT bussig.append('events', '1', key => 'k1')").unwrap();
         for n in 2..=5 {
             assert_eq!(
-                one::<i64>(&format!("SELECT bussig.append('events', '{n}', key => 'k1')")),
+                one::<i64>(&format!(
+                    "SELECT bussig.append('events', '{n}', key => 'k1')"
+                )),
                 Some(partition)
             );
         }
@@ -127,10 +181,12 @@ mod tests {
         // Records without a key are spread over the partitions.
         run("SELECT bussig.append('events', '0') FROM generate_series(1, 8)");
         assert_eq!(
-            count("SELECT DISTINCT partition FROM bussig.stream_range('events', 0, 1) UNION ALL
+            count(
+                "SELECT DISTINCT partition FROM bussig.stream_range('events', 0, 1) UNION ALL
                    SELECT DISTINCT partition FROM bussig.stream_range('events', 1, 1) UNION ALL
                    SELECT DISTINCT partition FROM bussig.stream_range('events', 2, 1) UNION ALL
-                   SELECT DISTINCT partition FROM bussig.stream_range('events', 3, 1)"),
+                   SELECT DISTINCT partition FROM bussig.stream_range('events', 3, 1)"
+            ),
             4
         );
         assert_eq!(one::<i64>("SELECT records FROM bussig.streams"), Some(13));
@@ -151,7 +207,10 @@ mod tests {
         run("SELECT bussig.create_stream('events')");
         run("SELECT bussig.append('events', '1')");
         assert_eq!(
-            sqlstate_of("DO $$ BEGIN PERFORM bussig.append('events', '2'); RAISE EXCEPTION 'undo'; END $$").as_deref(),
+            sqlstate_of(
+                "DO $$ BEGIN PERFORM bussig.append('events', '2'); RAISE EXCEPTION 'undo'; END $$"
+            )
+            .as_deref(),
             Some("P0001")
         );
         run("SELECT bussig.append('events', '3')");
@@ -196,7 +255,10 @@ mod tests {
             ),
             Some(100)
         );
-        assert_eq!(one::<i64>("SELECT bussig.append_batch('events', '{}'::jsonb[])"), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT bussig.append_batch('events', '{}'::jsonb[])"),
+            Some(0)
+        );
         // Per key, seq follows the order in the batch; every record once, numbered 1.. per partition.
         assert_eq!(
             count(
@@ -244,9 +306,15 @@ mod tests {
         assert_eq!(count("SELECT FROM bussig.streams"), 0);
         run("RESET ROLE");
         run("SELECT bussig.grant('events', 'stream_user', ARRAY['append'])");
-        assert_eq!(sqlstate_of(&as_user("SELECT bussig.append('events', '1')")), None);
+        assert_eq!(
+            sqlstate_of(&as_user("SELECT bussig.append('events', '1')")),
+            None
+        );
         run("RESET ROLE");
-        assert_fails(&as_user("SELECT * FROM bussig.stream_read('events', 'g')"), "42501");
+        assert_fails(
+            &as_user("SELECT * FROM bussig.stream_read('events', 'g')"),
+            "42501",
+        );
         run("SELECT bussig.grant('events', 'stream_user', ARRAY['read'])");
         assert_eq!(
             sqlstate_of(&as_user("SELECT * FROM bussig.stream_read('events', 'g')")),
@@ -258,14 +326,29 @@ mod tests {
         assert_fails(&as_user("SELECT bussig.append('events', '1')"), "42501");
         run("RESET ROLE");
         assert_all_fail(&[
-            ("SELECT bussig.grant('events', 'stream_user', ARRAY['send'])", "22023"),
-            ("SELECT bussig.grant('events', 'stream_user', ARRAY['bogus'])", "22023"),
-            ("SELECT bussig.grant('events', 'no_such_role', ARRAY['read'])", "42704"),
-            ("SELECT bussig.grant('nothing', 'stream_user', ARRAY['read'])", "42704"),
+            (
+                "SELECT bussig.grant('events', 'stream_user', ARRAY['send'])",
+                "22023",
+            ),
+            (
+                "SELECT bussig.grant('events', 'stream_user', ARRAY['bogus'])",
+                "22023",
+            ),
+            (
+                "SELECT bussig.grant('events', 'no_such_role', ARRAY['read'])",
+                "42704",
+            ),
+            (
+                "SELECT bussig.grant('nothing', 'stream_user', ARRAY['read'])",
+                "42704",
+            ),
         ]);
         run("SELECT bussig.grant('events', 'stream_user', ARRAY['all'])");
         assert_eq!(
-            one::<String>("SELECT string_agg(privilege, ',' ORDER BY privilege) FROM bussig.stream_grants").as_deref(),
+            one::<String>(
+                "SELECT string_agg(privilege, ',' ORDER BY privilege) FROM bussig.stream_grants"
+            )
+            .as_deref(),
             Some("append,manage,read")
         );
         assert_eq!(

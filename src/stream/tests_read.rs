@@ -93,7 +93,10 @@ mod tests {
         append("events", 4);
         assert_eq!(read_into_got("events", "late", 100).len(), 4);
         assert_eq!(read_into_got("events", "early", 100).len(), 4);
-        assert_eq!(count("SELECT FROM got WHERE payload::int BETWEEN 1 AND 4"), 4);
+        assert_eq!(
+            count("SELECT FROM got WHERE payload::int BETWEEN 1 AND 4"),
+            4
+        );
     }
 
     #[pg_test]
@@ -105,7 +108,10 @@ mod tests {
         run("CREATE TEMP TABLE old_lease AS SELECT DISTINCT lease_token FROM got");
         run("UPDATE bussig.group_partition SET leased_until = now() - interval '1 second'");
         assert_eq!(read_into_got("events", "g", 100), [1, 2, 3]);
-        assert_eq!(count("SELECT FROM got JOIN old_lease USING (lease_token)"), 0);
+        assert_eq!(
+            count("SELECT FROM got JOIN old_lease USING (lease_token)"),
+            0
+        );
         assert_eq!(
             one::<bool>("SELECT bussig.stream_commit('events', 'g', 0, 3, (SELECT lease_token FROM old_lease))"),
             Some(false)
@@ -132,7 +138,10 @@ mod tests {
         // A time after every record: nothing left to read.
         run("SELECT bussig.stream_seek_time('events', 'g', now() + interval '1 hour')");
         assert!(read_into_got("events", "g", 100).is_empty());
-        assert_eq!(one::<i64>("SELECT lag FROM bussig.consumer_groups"), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT lag FROM bussig.consumer_groups"),
+            Some(0)
+        );
     }
 
     #[pg_test]
@@ -141,48 +150,125 @@ mod tests {
         run("SELECT bussig.create_consumer_group('events', 'g')");
         let token = "'00000000-0000-0000-0000-000000000000'";
         assert_all_fail(&[
-            ("SELECT bussig.create_consumer_group('events', 'bad name')", "22023"),
-            ("SELECT bussig.create_consumer_group('events', 'h', 'middle')", "22023"),
-            ("SELECT bussig.create_consumer_group('events', 'h', NULL)", "22004"),
-            ("SELECT bussig.create_consumer_group('events', NULL)", "22004"),
+            (
+                "SELECT bussig.create_consumer_group('events', 'bad name')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_consumer_group('events', 'h', 'middle')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_consumer_group('events', 'h', NULL)",
+                "22004",
+            ),
+            (
+                "SELECT bussig.create_consumer_group('events', NULL)",
+                "22004",
+            ),
             ("SELECT bussig.create_consumer_group('nope', 'h')", "42704"),
             ("SELECT bussig.drop_consumer_group('nope', 'h')", "42704"),
-            ("SELECT * FROM bussig.stream_read('events', 'nope')", "42704"),
+            (
+                "SELECT * FROM bussig.stream_read('events', 'nope')",
+                "42704",
+            ),
             ("SELECT * FROM bussig.stream_read('nope', 'g')", "42704"),
-            ("SELECT * FROM bussig.stream_read('events', 'g', 0)", "22023"),
-            ("SELECT * FROM bussig.stream_read('events', 'g', 1001)", "22023"),
-            ("SELECT * FROM bussig.stream_read('events', 'g', NULL)", "22004"),
-            ("SELECT * FROM bussig.stream_read('events', 'g', wait => '-1 second')", "22023"),
-            ("SELECT * FROM bussig.stream_read('events', 'g', lease => '0')", "22023"),
-            ("SELECT * FROM bussig.stream_read('events', 'g', lease => NULL)", "22004"),
+            (
+                "SELECT * FROM bussig.stream_read('events', 'g', 0)",
+                "22023",
+            ),
+            (
+                "SELECT * FROM bussig.stream_read('events', 'g', 1001)",
+                "22023",
+            ),
+            (
+                "SELECT * FROM bussig.stream_read('events', 'g', NULL)",
+                "22004",
+            ),
+            (
+                "SELECT * FROM bussig.stream_read('events', 'g', wait => '-1 second')",
+                "22023",
+            ),
+            (
+                "SELECT * FROM bussig.stream_read('events', 'g', lease => '0')",
+                "22023",
+            ),
+            (
+                "SELECT * FROM bussig.stream_read('events', 'g', lease => NULL)",
+                "22004",
+            ),
             ("SELECT * FROM bussig.stream_read('events', '')", "22023"),
-            (&format!("SELECT bussig.stream_commit('events', 'g', 2, 1, {token})"), "22023"),
-            (&format!("SELECT bussig.stream_commit('events', 'g', -1, 1, {token})"), "22023"),
-            (&format!("SELECT bussig.stream_commit('events', 'g', 0, 0, {token})"), "22023"),
-            (&format!("SELECT bussig.stream_commit('events', 'nope', 0, 1, {token})"), "42704"),
-            ("SELECT bussig.stream_commit('events', 'g', 0, 1, NULL)", "22004"),
-            (&format!("SELECT bussig.stream_commit('events', 'g', NULL, 1, {token})"), "22004"),
-            (&format!("SELECT bussig.stream_commit('events', 'g', 0, NULL, {token})"), "22004"),
+            (
+                &format!("SELECT bussig.stream_commit('events', 'g', 2, 1, {token})"),
+                "22023",
+            ),
+            (
+                &format!("SELECT bussig.stream_commit('events', 'g', -1, 1, {token})"),
+                "22023",
+            ),
+            (
+                &format!("SELECT bussig.stream_commit('events', 'g', 0, 0, {token})"),
+                "22023",
+            ),
+            (
+                &format!("SELECT bussig.stream_commit('events', 'nope', 0, 1, {token})"),
+                "42704",
+            ),
+            (
+                "SELECT bussig.stream_commit('events', 'g', 0, 1, NULL)",
+                "22004",
+            ),
+            (
+                &format!("SELECT bussig.stream_commit('events', 'g', NULL, 1, {token})"),
+                "22004",
+            ),
+            (
+                &format!("SELECT bussig.stream_commit('events', 'g', 0, NULL, {token})"),
+                "22004",
+            ),
             ("SELECT bussig.stream_seek('events', 'g', 0, 0)", "22023"),
             ("SELECT bussig.stream_seek('events', 'g', 5, 1)", "22023"),
             ("SELECT bussig.stream_seek('events', 'nope', 0, 1)", "42704"),
             ("SELECT bussig.stream_seek('events', 'g', 0, NULL)", "22004"),
-            ("SELECT bussig.stream_seek_time('events', 'g', NULL)", "22004"),
-            ("SELECT bussig.stream_seek_time('events', 'nope', now())", "42704"),
+            (
+                "SELECT bussig.stream_seek_time('events', 'g', NULL)",
+                "22004",
+            ),
+            (
+                "SELECT bussig.stream_seek_time('events', 'nope', now())",
+                "42704",
+            ),
             ("SELECT * FROM bussig.stream_range('events', 2, 1)", "22023"),
             ("SELECT * FROM bussig.stream_range('events', 0, 0)", "22023"),
-            ("SELECT * FROM bussig.stream_range('events', 0, 1, 0)", "22023"),
-            ("SELECT * FROM bussig.stream_range('events', NULL, 1)", "22004"),
-            ("SELECT * FROM bussig.stream_range('events', 0, NULL)", "22004"),
+            (
+                "SELECT * FROM bussig.stream_range('events', 0, 1, 0)",
+                "22023",
+            ),
+            (
+                "SELECT * FROM bussig.stream_range('events', NULL, 1)",
+                "22004",
+            ),
+            (
+                "SELECT * FROM bussig.stream_range('events', 0, NULL)",
+                "22004",
+            ),
             ("SELECT * FROM bussig.stream_range('nope', 0, 1)", "42704"),
         ]);
         // A token that was never handed out commits nothing.
         assert_eq!(
-            one::<bool>(&format!("SELECT bussig.stream_commit('events', 'g', 0, 1, {token})")),
+            one::<bool>(&format!(
+                "SELECT bussig.stream_commit('events', 'g', 0, 1, {token})"
+            )),
             Some(false)
         );
-        assert_eq!(one::<bool>("SELECT bussig.drop_consumer_group('events', 'g')"), Some(true));
-        assert_eq!(one::<bool>("SELECT bussig.drop_consumer_group('events', 'g')"), Some(false));
+        assert_eq!(
+            one::<bool>("SELECT bussig.drop_consumer_group('events', 'g')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.drop_consumer_group('events', 'g')"),
+            Some(false)
+        );
         assert_eq!(count("SELECT FROM bussig.group_partition"), 0);
     }
 
@@ -204,10 +290,14 @@ mod tests {
         // The first round closes the old segment; appends go to the next one.
         assert_eq!(maintenance("emptied_stream_segments"), 0);
         append("events", 2);
-        assert_eq!(one::<i32>("SELECT current_segment FROM bussig.stream"), Some(1));
+        assert_eq!(
+            one::<i32>("SELECT current_segment FROM bussig.stream"),
+            Some(1)
+        );
         age_segments("events");
         assert_eq!(maintenance("emptied_stream_segments"), 1);
-        let first = "SELECT format('%s %s', seq, payload) FROM bussig.stream_range('events', 0, 1, 1) ";
+        let first =
+            "SELECT format('%s %s', seq, payload) FROM bussig.stream_range('events', 0, 1, 1) ";
         assert_eq!(one::<String>(first).as_deref(), Some("4 1"));
         assert_eq!(
             one::<String>("SELECT format('%s %s %s', committed_seq, lag, head_seq) FROM bussig.consumer_groups")
@@ -233,13 +323,20 @@ mod tests {
             emptied += maintenance("emptied_stream_segments");
         }
         assert!(emptied >= 1, "no segment emptied");
-        let first: i64 = one("SELECT min(seq) FROM bussig.stream_range('events', 0, 1, 1000)").unwrap();
+        let first: i64 =
+            one("SELECT min(seq) FROM bussig.stream_range('events', 0, 1, 1000)").unwrap();
         assert!(first > 1);
-        assert_eq!(one::<i64>("SELECT first_seq FROM bussig.stream_partition"), Some(first));
+        assert_eq!(
+            one::<i64>("SELECT first_seq FROM bussig.stream_partition"),
+            Some(first)
+        );
         // The segment closed last may take the stream past its limit until the next round empties it.
         maintenance("emptied_stream_segments");
         assert!(one::<i64>("SELECT bytes FROM bussig.streams").unwrap() <= 200_000);
-        assert_eq!(count("SELECT FROM bussig.stream_range('events', 0, 1, 1000)"), 0);
+        assert_eq!(
+            count("SELECT FROM bussig.stream_range('events', 0, 1, 1000)"),
+            0
+        );
         assert_eq!(
             one::<bool>("SELECT first_seq = head_seq + 1 FROM bussig.stream_partition"),
             Some(true)
@@ -250,20 +347,41 @@ mod tests {
     fn publish_appends_to_subscribed_streams() {
         run("SELECT bussig.create_stream('orders')");
         run("SELECT bussig.create_stream('all')");
-        assert_eq!(one::<bool>("SELECT bussig.subscribe_stream('orders', 'orders.*')"), Some(true));
-        assert_eq!(one::<bool>("SELECT bussig.subscribe_stream('orders', 'orders.*')"), Some(false));
+        assert_eq!(
+            one::<bool>("SELECT bussig.subscribe_stream('orders', 'orders.*')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.subscribe_stream('orders', 'orders.*')"),
+            Some(false)
+        );
         run("SELECT bussig.subscribe_stream('orders', 'orders.>')");
         run("SELECT bussig.subscribe_stream('all', '>')");
-        assert_eq!(one::<i32>("SELECT bussig.publish('orders.new', '{\"id\": 1}')"), Some(2));
-        assert_eq!(one::<i32>("SELECT bussig.publish('users.new', '{\"id\": 2}')"), Some(1));
+        assert_eq!(
+            one::<i32>("SELECT bussig.publish('orders.new', '{\"id\": 1}')"),
+            Some(2)
+        );
+        assert_eq!(
+            one::<i32>("SELECT bussig.publish('users.new', '{\"id\": 2}')"),
+            Some(1)
+        );
         assert_eq!(count("SELECT FROM bussig.stream_range('orders', 0, 1)"), 1);
         assert_eq!(
             one::<String>("SELECT string_agg(subject, ',' ORDER BY seq) FROM bussig.stream_range('all', 0, 1)").as_deref(),
             Some("orders.new,users.new")
         );
-        assert_eq!(one::<bool>("SELECT bussig.unsubscribe_stream('all', '>')"), Some(true));
-        assert_eq!(one::<bool>("SELECT bussig.unsubscribe_stream('all', '>')"), Some(false));
-        assert_eq!(one::<i32>("SELECT bussig.publish('users.new', '{}')"), Some(0));
+        assert_eq!(
+            one::<bool>("SELECT bussig.unsubscribe_stream('all', '>')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.unsubscribe_stream('all', '>')"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<i32>("SELECT bussig.publish('users.new', '{}')"),
+            Some(0)
+        );
         assert_eq!(count("SELECT FROM bussig.stream_subscriptions"), 2);
         assert_all_fail(&[
             ("SELECT bussig.subscribe_stream('orders', 'a..b')", "22023"),
