@@ -1,11 +1,13 @@
 //! Workload 17: streams. Appends (single and batches of 100) against the hand-written queue's INSERT;
 //! a consumer group reading 100 records and committing them against the hand-written SKIP LOCKED
 //! consume and PgQ's `next_batch`/`finish_batch`, from a pre-filled backlog.
+use std::time::{Duration, Instant};
+
 use postgres::types::Type;
 use postgres::Client;
 
 use crate::load::closed_loop;
-use crate::pg::{payloads, JsonbText, Res, PAYLOAD};
+use crate::pg::{connect, payloads, JsonbText, Res, Samples, PAYLOAD};
 use crate::report::{format_value, no_cells, Cell, Section, Target};
 use crate::systems::{
     batch_sender, prefill, receive, reset, Consumer, Sender, Step, System, QUEUE,
@@ -22,6 +24,8 @@ const CLIENTS: [usize; 2] = [1, 2];
 
 const APPEND: &str = "append one record; hand-written INSERT";
 const APPEND_BATCH: &str = "append_batch of 100; hand-written INSERT of 100";
+const LATENCY: &str =
+    "append-to-read latency at 1,000 records/s, a member waiting in stream_read (p99 ms)";
 const GROUP_READ: &str =
     "group read 100 + commit; hand-written SKIP LOCKED read 100 + DELETE; PgQ next_batch + finish_batch";
 
@@ -127,6 +131,70 @@ fn backlog(cfg: &Config) -> i64 {
     }
 }
 
+/// Records a second the latency row's appender offers.
+const RATE: u64 = 1_000;
+
+/// One appender offering RATE records a second (open loop, one autocommit append each) while one
+/// member waits in stream_read: the time from each append's insert (`appended_at`) to the read that
+/// returned it, in milliseconds, at the 50th and 99th percentile.
+fn append_to_read(cfg: &Config) -> Res<(f64, f64, usize)> {
+    let mut latencies: Vec<f64> = Vec::new();
+    std::thread::scope(|scope| -> Res<()> {
+        let appender = scope.spawn(|| -> Res<()> {
+            let mut c = connect(&cfg.url)?;
+            let append =
+                c.prepare_typed("SELECT bussig.append($1, $2)", &[Type::TEXT, Type::JSONB])?;
+            let started = Instant::now();
+            let mut sent: u64 = 0;
+            while started.elapsed() < cfg.run {
+                let due = started + Duration::from_micros(sent * 1_000_000 / RATE);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                c.query_one(&append, &[&STREAM, &JsonbText(PAYLOAD)])?;
+                sent += 1;
+            }
+            Ok(())
+        });
+        let mut c = connect(&cfg.url)?;
+        let read = c.prepare_typed(
+            "SELECT partition, seq, lease_token,
+                    extract(epoch FROM clock_timestamp() - appended_at)::float8 * 1000
+             FROM bussig.stream_read($1, $2, 100, wait => '200 milliseconds')",
+            &[Type::TEXT, Type::TEXT],
+        )?;
+        let commit = c.prepare_typed(
+            "SELECT bussig.stream_commit($1, $2, $3, $4, $5)",
+            &[Type::TEXT, Type::TEXT, Type::INT4, Type::INT8, Type::UUID],
+        )?;
+        let mut idle_after_end = 0;
+        while idle_after_end < 3 {
+            let rows = c.query(&read, &[&STREAM, &GROUP])?;
+            if rows.is_empty() && appender.is_finished() {
+                idle_after_end += 1;
+            }
+            let mut last: Vec<(i32, i64, uuid::Uuid)> = Vec::new();
+            for row in &rows {
+                latencies.push(row.get(3));
+                let (partition, seq, token): (i32, i64, uuid::Uuid) =
+                    (row.get(0), row.get(1), row.get(2));
+                match last.iter_mut().find(|(p, _, _)| *p == partition) {
+                    Some(entry) => entry.1 = entry.1.max(seq),
+                    None => last.push((partition, seq, token)),
+                }
+            }
+            for (partition, seq, token) in last {
+                c.query_one(&commit, &[&STREAM, &GROUP, &partition, &seq, &token])?;
+            }
+        }
+        appender.join().map_err(|_| "the appender panicked")??;
+        Ok(())
+    })?;
+    let count = latencies.len();
+    let samples = Samples::new(latencies);
+    Ok((samples.percentile(50.0), samples.percentile(99.0), count))
+}
+
 pub fn streams(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res<Section> {
     let mut section = Section::new(
         "17. Streams",
@@ -136,7 +204,9 @@ pub fn streams(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> R
              Group rows: {} records appended beforehand (bussig: numbered by one read first; PgQ: ticked \
              every 500 events), consumed by a group's members reading 100 and committing each \
              partition's last (two transactions), the hand-written queue's SKIP LOCKED read of 100 and \
-             DELETE (two transactions), PgQ's next_batch, get_batch_events and finish_batch (one).",
+             DELETE (two transactions), PgQ's next_batch, get_batch_events and finish_batch (one). Latency row: one appender offering \
+             1,000 records/s in autocommit appends, one member waiting in stream_read(100, wait 200 ms) and \
+             committing; from each record's appended_at to the read that returned it.",
             format_value(backlog(cfg) as f64)
         ),
     );
@@ -180,6 +250,25 @@ pub fn streams(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> R
         section.add(GROUP_READ, Some(clients), cells);
         group_rows.push(clients);
     }
+    reset_stream(admin)?;
+    let (p50, p99, count) = append_to_read(cfg)?;
+    section.add(
+        LATENCY,
+        Some(1),
+        crate::report::only(
+            System::Bussig,
+            Cell {
+                value: p99,
+                detail: format!("p99 ms; p50 {p50:.1} ms over {count} records"),
+            },
+        ),
+    );
+    targets.push(Target {
+        name: format!("append-to-read latency p99 at {RATE} records/s"),
+        measured: format!("{p99:.1} ms"),
+        goal: "< 10 ms".into(),
+        pass: p99 < 10.0,
+    });
     admin.execute("SELECT bussig.drop_stream($1)", &[&STREAM])?;
     reset(admin, System::Hand)?;
     reset(admin, System::Pgq)?;
