@@ -133,8 +133,8 @@ BEGIN
     INTO oldest_appended_at USING stream_id;
 END $$;
 
--- records counts sequenced records still kept; appends committed since the last read or worker round
--- are counted once sequenced. Each role sees the streams it holds a privilege on.
+-- records counts numbered records still kept; appends committed since the last read are counted once
+-- a read numbers them. Each role sees the streams it holds a privilege on.
 CREATE VIEW bussig.streams AS
 SELECT s.name AS stream,
        s.partitions,

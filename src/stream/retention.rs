@@ -132,20 +132,25 @@ fn rotate(
     stream: &Stream,
     retention_bytes: Option<i64>,
 ) -> BusResult<i64> {
-    // Records committed in closed segments get their numbers before those segments may go. The
-    // partitions' row locks are taken before any segment's table lock, as readers take them: a
-    // reader numbering a partition would wait for the segment while this waits for its row.
-    let numbered_all = sequence::number_all(client, stream)?;
     let mut segments = segments(client, stream.stream_id)?;
     let mut total: i64 = segments.iter().map(|segment| segment.bytes).sum();
     // Oldest closed first.
     let closed: Vec<usize> = (0..segments.len())
         .filter(|&i| segments[i].closed && !segments[i].empty)
         .collect();
+    let over = |total: i64| retention_bytes.is_some_and(|limit| total > limit);
+    let due = closed
+        .first()
+        .is_some_and(|&i| segments[i].expired || over(total));
+    // Only when a segment is due: records committed in it get their numbers before it may go, and
+    // the partitions' row locks are taken before any segment's table lock, as readers take them (a
+    // reader numbering a partition would wait for the segment while this waits for its row). Not on
+    // every round: numbering here would hold every partition's row to the end of the step, and
+    // readers skip a partition whose row is held.
+    let numbered_all = due && sequence::number_all(client, stream)?;
     let mut emptied = 0;
     for i in closed {
-        let over_size = retention_bytes.is_some_and(|limit| total > limit);
-        if !(segments[i].expired || over_size) || !numbered_all {
+        if !(segments[i].expired || over(total)) || !numbered_all {
             break;
         }
         if !empty_segment(client, stream, &segments[i])? {
