@@ -307,6 +307,17 @@ CREATE TABLE bussig.stream_subscription (
     PRIMARY KEY (stream_id, pattern)
 );
 
+-- A stream dropped or renamed: every backend drops its cached streams (src/stream/mod.rs), as a
+-- change of queues makes them drop theirs.
+CREATE FUNCTION bussig.streams_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM bussig.invalidate_routing();
+    RETURN NULL;
+END $$;
+REVOKE EXECUTE ON FUNCTION bussig.streams_changed() FROM PUBLIC;
+CREATE TRIGGER stream_changed AFTER UPDATE OF name OR DELETE ON bussig.stream
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream_segment', '');

@@ -22,9 +22,11 @@ pub struct Record<'a> {
     pub key: Option<&'a str>,
 }
 
+// The current segment is read in the statement itself: the stream may come from a backend's cache.
 fn insert_one(stream: &Stream) -> String {
     format!(
-        "INSERT INTO {} (segment, partition, key, subject, payload, headers) VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO {} (segment, partition, key, subject, payload, headers)
+         VALUES ((SELECT current_segment FROM bussig.stream WHERE stream_id = $1), $2, $3, $4, $5, $6)",
         stream.table()
     )
 }
@@ -34,7 +36,8 @@ fn insert_one(stream: &Stream) -> String {
 fn insert_batch(stream: &Stream) -> String {
     format!(
         "INSERT INTO {} (segment, partition, key, subject, payload, headers)
-         SELECT $1, b.partition, b.key, b.subject, b.payload, $6
+         SELECT (SELECT current_segment FROM bussig.stream WHERE stream_id = $1), b.partition, b.key,
+                b.subject, b.payload, $6
          FROM unnest($2::int[], $3::text[], $4::text[], $5::jsonb[]) AS b(partition, key, subject, payload)",
         stream.table()
     )
@@ -87,7 +90,7 @@ pub fn one(
 fn append_to(client: &mut SpiClient<'_>, stream: &Stream, record: Record<'_>) -> BusResult<i32> {
     let partition = partition(stream, record.key);
     let args = [
-        stream.current_segment.into(),
+        stream.stream_id.into(),
         partition.into(),
         record.key.into(),
         record.subject.into(),
@@ -197,7 +200,7 @@ pub fn batch(
         pg_sys::JSONBOID,
     ];
     let args = [
-        stream.current_segment.into(),
+        stream.stream_id.into(),
         partitions.into(),
         keys.into(),
         subjects.into(),

@@ -17,12 +17,15 @@ mod tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod tests_read;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
 use crate::access::Caller;
 use crate::error::{BusError, BusResult};
-use crate::pg::identity;
+use crate::pg::{identity, invalidation};
 use crate::plans::{self, Statement};
 use crate::validate;
 
@@ -62,7 +65,7 @@ impl StreamPrivilege {
 pub struct Stream {
     pub stream_id: i32,
     pub partitions: i32,
-    /// The segment appends go to now.
+    /// The segment appends went to when the stream was looked up (see `find`).
     pub current_segment: i32,
 }
 
@@ -77,12 +80,22 @@ pub fn table_of(stream_id: i32) -> String {
     format!("bussig.stream_{stream_id}")
 }
 
-// A writing statement, so that it reads with a new snapshot: a rotation that committed is seen.
+// A writing statement, so that it reads with a new snapshot. The row's xmin tells whether this
+// transaction wrote it.
 static FIND: Statement = Statement {
-    sql: "SELECT stream_id, partitions, current_segment FROM bussig.stream WHERE name = $1",
+    sql: "SELECT stream_id, partitions, current_segment, xmin::text::bigint FROM bussig.stream WHERE name = $1",
     args: &[pg_sys::TEXTOID],
     writes: true,
 };
+
+/// Streams a backend remembers before it starts over.
+const KNOWN_STREAMS_LIMIT: usize = 10_000;
+
+thread_local! {
+    /// Streams this backend looked up by name, and the invalidation generation they belong to: a
+    /// stream's id and partitions never change, and a drop or rename invalidates (a trigger).
+    static KNOWN: RefCell<(u64, HashMap<String, Stream>)> = RefCell::new((0, HashMap::new()));
+}
 
 static HAS_STREAM_PRIVILEGE: Statement = Statement {
     sql: "SELECT bussig.has_stream_privilege($1::regrole, $2, $3)",
@@ -98,15 +111,39 @@ static OWNS_STREAM: Statement = Statement {
     writes: false,
 };
 
+/// The stream named `name`, from this backend's cache when no drop or rename came since (its
+/// `current_segment` may then be stale: appends read it in their own statement). A stream this
+/// transaction created is not cached: the transaction may still roll back.
 pub fn find(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Stream>> {
+    let generation = invalidation::generation(client)?;
+    let cached = KNOWN.with(|known| {
+        let known = known.borrow();
+        (known.0 == generation)
+            .then(|| known.1.get(name).copied())
+            .flatten()
+    });
+    if cached.is_some() {
+        return Ok(cached);
+    }
     let Some(row) = plans::run(client, &FIND, &[name.into()])?.next() else {
         return Ok(None);
     };
-    Ok(Some(Stream {
+    let found = Stream {
         stream_id: plans::filled(&row, 1, "stream id")?,
         partitions: plans::filled(&row, 2, "partition count")?,
         current_segment: plans::filled(&row, 3, "current segment")?,
-    }))
+    };
+    let writer = plans::filled::<i64>(&row, 4, "xmin")? as u32;
+    if !crate::pg::xact::is_this_transaction(writer) && invalidation::may_keep(generation) {
+        KNOWN.with(|known| {
+            let mut known = known.borrow_mut();
+            if known.0 != generation || known.1.len() >= KNOWN_STREAMS_LIMIT {
+                *known = (generation, HashMap::new());
+            }
+            known.1.insert(name.to_string(), found);
+        });
+    }
+    Ok(Some(found))
 }
 
 /// The stream named `name` when the caller holds `privilege` on it: 42704 when there is none, 42501
