@@ -24,14 +24,20 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
     let mut admin = connect();
     let stream = Stream::create(&mut admin, "stream_prop", "partitions => 4");
     let name = stream.name.clone();
-    create_group(&mut admin, &name, "g", "earliest");
+    // Two independent groups: g with three members, h with two.
+    const GROUPS: [(&str, u64); 2] = [("g", 3), ("h", 2)];
+    for (group, _) in GROUPS {
+        create_group(&mut admin, &name, group, "earliest");
+    }
     const APPENDERS: u64 = 4;
     const TRANSACTIONS: u64 = 40;
-    const MEMBERS: usize = 3;
     let committed: Mutex<HashSet<(u64, u64)>> = Mutex::new(HashSet::new());
-    let seen: Mutex<Vec<Record>> = Mutex::new(Vec::new());
-    // The member holding each partition's lease right now (0: none).
-    let holders: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
+    // Per group: what its members read, and the member holding each partition's lease now (0: none).
+    let seen: Vec<Mutex<Vec<Record>>> = GROUPS.iter().map(|_| Mutex::new(Vec::new())).collect();
+    let holders: Vec<Vec<AtomicU64>> = GROUPS
+        .iter()
+        .map(|_| (0..4).map(|_| AtomicU64::new(0)).collect())
+        .collect();
     let overlaps = AtomicU64::new(0);
     let appending = AtomicBool::new(true);
     // What a reader of stream_range has seen: it must never find a record behind its position.
@@ -68,16 +74,21 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
                 }
             }));
         }
-        for member in 1..=MEMBERS as u64 {
+        let members = GROUPS
+            .iter()
+            .enumerate()
+            .flat_map(|(g, &(_, count))| (1..=count).map(move |member| (g, member)));
+        for (g, member) in members {
+            let group = GROUPS[g].0;
             let (name, seen, holders, overlaps, appending) =
-                (&name, &seen, &holders, &overlaps, &appending);
+                (&name, &seen[g], &holders[g], &overlaps, &appending);
             let committed = &committed;
             scope.spawn(move || {
                 let mut c = connect();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
                     let records =
-                        stream_read(&mut c, name, "g", 7, "200 milliseconds", "20 seconds");
+                        stream_read(&mut c, name, group, 7, "200 milliseconds", "20 seconds");
                     let partitions: HashSet<i32> = records.iter().map(|r| r.partition).collect();
                     for &p in &partitions {
                         if holders[p as usize].swap(member, Ordering::SeqCst) != 0 {
@@ -89,7 +100,10 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
                     for &p in &partitions {
                         holders[p as usize].store(0, Ordering::SeqCst);
                     }
-                    assert!(commit_all(&mut c, name, "g", &records), "a lease was lost");
+                    assert!(
+                        commit_all(&mut c, name, group, &records),
+                        "a lease was lost"
+                    );
                     let done = !appending.load(Ordering::SeqCst)
                         && seen.lock().unwrap().len() >= committed.lock().unwrap().len();
                     if done || Instant::now() > deadline {
@@ -137,17 +151,31 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
         appending.store(false, Ordering::SeqCst);
     });
     let committed = committed.into_inner().unwrap();
-    let seen = seen.into_inner().unwrap();
+    assert!(committed.len() > 100, "only {} records committed", committed.len());
     assert_eq!(
         overlaps.load(Ordering::SeqCst),
         0,
-        "two members held one partition"
+        "two members of a group held one partition"
     );
     assert_eq!(
         behind.load(Ordering::SeqCst),
         0,
         "a range reader found a gap it later saw filled"
     );
+    let heads = heads(&mut admin, &name);
+    for (seen, (group, _)) in seen.into_iter().zip(GROUPS) {
+        check_group(group, &seen.into_inner().unwrap(), &committed, &heads);
+    }
+}
+
+/// What one group read: each committed record once and no rolled-back one, seqs 1..=head in every
+/// partition, each producer's records of a key in append order.
+fn check_group(
+    group: &str,
+    seen: &[Record],
+    committed: &HashSet<(u64, u64)>,
+    heads: &BTreeMap<i32, i64>,
+) {
     // Each committed record read exactly once, no rolled-back one.
     let ids: Vec<(u64, u64)> = seen
         .iter()
@@ -159,26 +187,32 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
         })
         .collect();
     let unique: HashSet<(u64, u64)> = ids.iter().copied().collect();
-    assert_eq!(unique.len(), ids.len(), "a record was read twice");
-    assert_eq!(unique, committed, "read records differ from committed ones");
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "group {group}: a record was read twice"
+    );
+    assert_eq!(
+        &unique, committed,
+        "group {group}: read records differ from committed ones"
+    );
     // Per partition the seqs are exactly 1..=head.
-    let heads = heads(&mut admin, &name);
     let mut by_partition: HashMap<i32, Vec<i64>> = HashMap::new();
-    for r in &seen {
+    for r in seen {
         by_partition.entry(r.partition).or_default().push(r.seq);
     }
-    for (partition, head) in heads {
+    for (&partition, &head) in heads {
         let mut seqs = by_partition.remove(&partition).unwrap_or_default();
         seqs.sort_unstable();
         assert_eq!(
             seqs,
             (1..=head).collect::<Vec<_>>(),
-            "partition {partition}"
+            "group {group}, partition {partition}"
         );
     }
     // Per key and producer, seq follows append order.
     let mut order: HashMap<(String, u64), Vec<(i64, u64)>> = HashMap::new();
-    for r in &seen {
+    for r in seen {
         let producer = r.payload["producer"].as_u64().unwrap();
         order
             .entry((r.key.clone().unwrap(), producer))
@@ -189,7 +223,7 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
         records.sort_unstable();
         assert!(
             records.windows(2).all(|w| w[0].1 < w[1].1),
-            "key {key} of producer {producer} out of order: {records:?}"
+            "group {group}: key {key} of producer {producer} out of order: {records:?}"
         );
     }
 }
