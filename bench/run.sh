@@ -9,7 +9,8 @@
 # 13 faults: consumer backends terminated, the server restarted, a consumer process killed, with a
 # ledger of acks checked for messages lost or acked twice, 14 the Rust client's consumer, 15 the Python
 # client's worker against procrastinate and pgqueuer (installed from PyPI into a virtual environment),
-# 16 ordered message groups against pgmq's read_grouped.
+# 16 ordered message groups against pgmq's read_grouped, 17 streams: appends against the hand-written
+# INSERT, a consumer group against the hand-written consume and PgQ.
 #   QUICK=1               a short run (a few minutes) for use while developing
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100 (sends and a read), counted by callgrind
@@ -27,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 port=${BENCH_PORT:-28850}
 base=${BENCH_DATA:-/var/tmp/bussig-bench}
 datadir=$base/pgdata
@@ -58,7 +59,7 @@ if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
     .ci/setup.sh
     .ci/install.sh
 fi
-if [[ ! -f /usr/share/postgresql/15/extension/pgq.control ]]; then
+if [[ ! -f "$("$PG_BIN/pg_config" --sharedir)/extension/pgq.control" ]]; then
     apt-get install -y postgresql-15-pgq3 >/dev/null
 fi
 

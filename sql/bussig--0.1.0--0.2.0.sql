@@ -259,3 +259,235 @@ CREATE FUNCTION bussig.alter_queue(queue text, max_deliveries int DEFAULT NULL, 
                                    dedup_window interval DEFAULT NULL, dead_letter_queue text DEFAULT NULL,
                                    notify bool DEFAULT NULL, max_in_flight int DEFAULT NULL)
 RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'alter_queue_wrapper';
+
+-- Streams: retained logs with sequence numbers, consumer groups, replay and key partitions (issue 22):
+-- sql/streams.sql, then the functions of src/api/streams.rs. Why they look like this: docs/design.md.
+
+-- Stream definitions. Each stream's records live in its own table, bussig.stream_<stream_id>,
+-- partitioned by segment: a ring of STREAM_SEGMENTS tables, the oldest emptied whole by TRUNCATE once
+-- past retention (src/stream/retention.rs), never row by row.
+CREATE SEQUENCE bussig.stream_id_seq AS int;
+CREATE TABLE bussig.stream (
+    stream_id       int PRIMARY KEY DEFAULT nextval('bussig.stream_id_seq'),
+    name            text NOT NULL UNIQUE
+                    CONSTRAINT stream_name_valid CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$'),
+    partitions      int NOT NULL CHECK (partitions BETWEEN 1 AND 256),
+    retention       interval NOT NULL CHECK (retention > interval '0'),
+    retention_bytes bigint CHECK (retention_bytes > 0),
+    -- The segment appends go to.
+    current_segment int NOT NULL DEFAULT 0,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    owner           name NOT NULL
+);
+ALTER SEQUENCE bussig.stream_id_seq OWNED BY bussig.stream.stream_id;
+
+-- The ring of segments of each stream: when each began taking appends and when it stopped; both NULL
+-- for an empty one.
+CREATE TABLE bussig.stream_segment (
+    stream_id  int NOT NULL REFERENCES bussig.stream (stream_id) ON DELETE CASCADE,
+    segment    int NOT NULL,
+    opened_at  timestamptz,
+    closed_at  timestamptz,
+    PRIMARY KEY (stream_id, segment)
+);
+
+-- Each partition's sequence: head_seq is the last seq given, first_seq the first still kept. Its row
+-- lock lines up the sequencing of committed records (src/stream/sequence.rs); updated in place, so
+-- room is left on each page for the new version.
+CREATE TABLE bussig.stream_partition (
+    stream_id int NOT NULL REFERENCES bussig.stream (stream_id) ON DELETE CASCADE,
+    partition int NOT NULL,
+    head_seq  bigint NOT NULL DEFAULT 0,
+    first_seq bigint NOT NULL DEFAULT 1,
+    PRIMARY KEY (stream_id, partition)
+) WITH (fillfactor = 50);
+
+-- Every record of every stream takes its id here: the order records of one partition are sequenced
+-- in when they become readable together.
+CREATE SEQUENCE bussig.stream_record_id_seq;
+
+CREATE TABLE bussig.consumer_group (
+    stream_id      int NOT NULL REFERENCES bussig.stream (stream_id) ON DELETE CASCADE,
+    consumer_group text NOT NULL
+                   CONSTRAINT consumer_group_name_valid CHECK (consumer_group ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$'),
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream_id, consumer_group)
+);
+
+-- A group's position in each partition (processed up to and including committed_seq), and the lease
+-- of the member reading it. Updated by every read and commit, never in an indexed column: HOT updates.
+CREATE TABLE bussig.group_partition (
+    stream_id      int NOT NULL,
+    consumer_group text NOT NULL,
+    partition      int NOT NULL,
+    committed_seq  bigint NOT NULL,
+    lease_token    uuid,
+    leased_until   timestamptz,
+    PRIMARY KEY (stream_id, consumer_group, partition),
+    FOREIGN KEY (stream_id, consumer_group) REFERENCES bussig.consumer_group ON DELETE CASCADE
+) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
+
+-- Privileges on a stream beyond its owner's, as bussig.queue_grant for queues.
+CREATE TABLE bussig.stream_grant (
+    stream_id int NOT NULL REFERENCES bussig.stream (stream_id) ON DELETE CASCADE,
+    grantee   name NOT NULL,
+    privilege text NOT NULL CHECK (privilege IN ('append', 'read', 'manage')),
+    PRIMARY KEY (stream_id, grantee, privilege)
+);
+
+-- Streams publish appends to (bussig.subscribe_stream).
+CREATE TABLE bussig.stream_subscription (
+    stream_id  int NOT NULL REFERENCES bussig.stream (stream_id) ON DELETE CASCADE,
+    pattern    text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream_id, pattern)
+);
+
+-- A stream dropped or renamed: every backend drops its cached streams (src/stream/mod.rs), as a
+-- change of queues makes them drop theirs.
+CREATE FUNCTION bussig.streams_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM bussig.invalidate_routing();
+    RETURN NULL;
+END $$;
+REVOKE EXECUTE ON FUNCTION bussig.streams_changed() FROM PUBLIC;
+CREATE TRIGGER stream_changed AFTER UPDATE OF name OR DELETE ON bussig.stream
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+-- publish keeps the streams' subscriptions with the queues' (src/topic/routes.rs).
+CREATE TRIGGER stream_subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_subscription
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_segment', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_partition', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_record_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.consumer_group', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.group_partition', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_grant', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_subscription', '');
+
+-- Whether role holds privilege (any, when NULL) on stream, as has_queue_privilege for queues; NULL
+-- when there is no such stream.
+CREATE FUNCTION bussig.has_stream_privilege(role regrole, stream text, privilege text)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role($1, n.nspowner, 'USAGE')
+        OR EXISTS (SELECT FROM pg_roles r WHERE r.rolname = s.owner AND pg_has_role($1, r.oid, 'USAGE'))
+        OR EXISTS (SELECT FROM bussig.stream_grant g
+                   WHERE g.stream_id = s.stream_id
+                     AND (g.privilege = $3 OR $3 IS NULL)
+                     AND (g.grantee = 'public'
+                          OR EXISTS (SELECT FROM pg_roles r
+                                     WHERE r.rolname = g.grantee AND pg_has_role($1, r.oid, 'USAGE'))))
+    FROM bussig.stream s, pg_namespace n
+    WHERE s.name = $2 AND n.nspname = 'bussig'
+$$;
+
+CREATE FUNCTION bussig.has_stream_privilege(stream text, privilege text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$ SELECT bussig.has_stream_privilege(pg_catalog.to_regrole(current_user::text), $1, $2) $$;
+
+-- The bytes a stream's segments take, and its oldest record still kept: read from its own table,
+-- whose name only bussig's code knows.
+CREATE FUNCTION bussig.stream_storage(stream_id int, OUT bytes bigint, OUT oldest_appended_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass(format('bussig.stream_%s', stream_id)) IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::bigint INTO bytes
+    FROM pg_inherits WHERE inhparent = format('bussig.stream_%s', stream_id)::regclass;
+    EXECUTE format('SELECT min(first.appended_at) FROM bussig.stream_partition p
+                    CROSS JOIN LATERAL (SELECT r.appended_at FROM bussig.stream_%s r
+                                        WHERE r.partition = p.partition AND r.seq IS NOT NULL
+                                        ORDER BY r.seq LIMIT 1) first
+                    WHERE p.stream_id = $1', stream_id)
+    INTO oldest_appended_at USING stream_id;
+END $$;
+
+-- records counts numbered records still kept; appends committed since the last read are counted once
+-- a read numbers them. Each role sees the streams it holds a privilege on.
+CREATE VIEW bussig.streams AS
+SELECT s.name AS stream,
+       s.partitions,
+       p.records,
+       storage.bytes,
+       storage.oldest_appended_at,
+       p.head_seq AS last_seq,
+       s.retention,
+       s.retention_bytes,
+       s.created_at,
+       s.owner
+FROM bussig.stream s
+CROSS JOIN LATERAL (SELECT sum(head_seq - first_seq + 1)::bigint AS records, sum(head_seq)::bigint AS head_seq
+                    FROM bussig.stream_partition WHERE stream_id = s.stream_id) p
+CROSS JOIN LATERAL bussig.stream_storage(s.stream_id) storage
+WHERE bussig.has_stream_privilege(s.name);
+
+-- A group behind the retention point reads from the oldest record kept: its committed_seq shows that.
+CREATE VIEW bussig.consumer_groups AS
+SELECT s.name AS stream,
+       g.consumer_group,
+       g.partition,
+       greatest(g.committed_seq, p.first_seq - 1) AS committed_seq,
+       p.head_seq,
+       p.head_seq - greatest(g.committed_seq, p.first_seq - 1) AS lag,
+       CASE WHEN g.leased_until > clock_timestamp() THEN g.leased_until END AS leased_until
+FROM bussig.group_partition g
+JOIN bussig.stream s USING (stream_id)
+JOIN bussig.stream_partition p USING (stream_id, partition)
+WHERE bussig.has_stream_privilege(s.name);
+
+CREATE VIEW bussig.stream_subscriptions AS
+SELECT s.name AS stream, sub.pattern, sub.created_at
+FROM bussig.stream_subscription sub
+JOIN bussig.stream s USING (stream_id)
+WHERE bussig.has_stream_privilege(s.name);
+
+CREATE VIEW bussig.stream_grants AS
+SELECT s.name AS stream, g.grantee, g.privilege
+FROM bussig.stream_grant g
+JOIN bussig.stream s USING (stream_id)
+WHERE bussig.has_stream_privilege(s.name, 'manage');
+
+GRANT SELECT ON bussig.streams, bussig.consumer_groups, bussig.stream_subscriptions, bussig.stream_grants TO PUBLIC;
+
+CREATE FUNCTION bussig.create_stream(stream text, partitions int DEFAULT 1, retention interval DEFAULT '7 days',
+                                     retention_bytes bigint DEFAULT NULL)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'create_stream_wrapper';
+CREATE FUNCTION bussig.alter_stream(stream text, retention interval DEFAULT NULL, retention_bytes bigint DEFAULT NULL)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'alter_stream_wrapper';
+CREATE FUNCTION bussig.drop_stream(stream text)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'drop_stream_wrapper';
+CREATE FUNCTION bussig.append(stream text, payload jsonb, subject text DEFAULT NULL, headers jsonb DEFAULT NULL,
+                              key text DEFAULT NULL)
+RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'append_wrapper';
+CREATE FUNCTION bussig.append_batch(stream text, payloads jsonb[], subjects text[] DEFAULT NULL, headers jsonb DEFAULT NULL,
+                                    keys text[] DEFAULT NULL)
+RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'append_batch_wrapper';
+CREATE FUNCTION bussig.create_consumer_group(stream text, consumer_group text, start_at text DEFAULT 'latest')
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'create_consumer_group_wrapper';
+CREATE FUNCTION bussig.drop_consumer_group(stream text, consumer_group text)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'drop_consumer_group_wrapper';
+CREATE FUNCTION bussig.stream_read(stream text, consumer_group text, max_records int DEFAULT 100,
+                                   wait interval DEFAULT NULL, lease interval DEFAULT '30 seconds')
+RETURNS TABLE (partition int, seq bigint, lease_token uuid, subject text, key text, payload jsonb, headers jsonb,
+               appended_at timestamptz)
+LANGUAGE c AS 'MODULE_PATHNAME', 'stream_read_wrapper';
+CREATE FUNCTION bussig.stream_commit(stream text, consumer_group text, partition int, seq bigint, lease_token uuid)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'stream_commit_wrapper';
+CREATE FUNCTION bussig.stream_seek(stream text, consumer_group text, partition int, seq bigint)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'stream_seek_wrapper';
+CREATE FUNCTION bussig.stream_seek_time(stream text, consumer_group text, at timestamptz)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'stream_seek_time_wrapper';
+CREATE FUNCTION bussig.stream_range(stream text, partition int, from_seq bigint, max_records int DEFAULT 100)
+RETURNS TABLE (partition int, seq bigint, subject text, key text, payload jsonb, headers jsonb, appended_at timestamptz)
+LANGUAGE c AS 'MODULE_PATHNAME', 'stream_range_wrapper';
+CREATE FUNCTION bussig.subscribe_stream(stream text, pattern text)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'subscribe_stream_wrapper';
+CREATE FUNCTION bussig.unsubscribe_stream(stream text, pattern text)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'unsubscribe_stream_wrapper';

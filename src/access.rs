@@ -32,10 +32,6 @@ impl Privilege {
             Privilege::Manage => "manage",
         }
     }
-
-    pub fn parse(name: &str) -> Option<Privilege> {
-        Privilege::ALL.into_iter().find(|p| p.name() == name)
-    }
 }
 
 /// What `PermissionDenied` says a caller lacks when any privilege on the queue would do.
@@ -80,6 +76,11 @@ static OWNS_QUEUE: Statement = Statement {
 impl Caller {
     pub fn role(&self) -> pg_sys::Oid {
         self.role
+    }
+
+    /// The extension owner, a member of it, or a superuser: no privilege check applies.
+    pub fn unrestricted(&self) -> bool {
+        self.unrestricted
     }
 
     /// Fails with 42501 unless the caller holds `privilege` on `queue` (42704 when there is no such queue).

@@ -57,6 +57,27 @@ pub enum BusError {
     #[error("role \"{0}\" does not exist")]
     UnknownRole(String),
 
+    #[error("invalid {what} name {name:?}: {why}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        why: &'static str,
+    },
+
+    #[error("stream \"{0}\" does not exist")]
+    UnknownStream(String),
+
+    #[error("consumer group \"{group}\" of stream \"{stream}\" does not exist")]
+    UnknownConsumerGroup { stream: String, group: String },
+
+    #[error("permission denied for stream \"{stream}\": role \"{role}\" lacks {privilege}")]
+    StreamPermissionDenied {
+        /// append, read or manage (bussig.grant), create, or ownership
+        privilege: &'static str,
+        stream: String,
+        role: String,
+    },
+
     /// bussig's own rows disagree with each other (a body row deleted by hand, say).
     #[error("{0}")]
     Corrupt(String),
@@ -80,11 +101,15 @@ impl BusError {
             BusError::InvalidQueueName { .. }
             | BusError::InvalidArgument { .. }
             | BusError::InvalidSubject { .. }
-            | BusError::InvalidPattern { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
-            BusError::UnknownQueue(_) | BusError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
-            BusError::PermissionDenied { .. } | BusError::OwnerOnly(_) => {
-                ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
+            | BusError::InvalidPattern { .. }
+            | BusError::InvalidName { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            BusError::UnknownQueue(_)
+            | BusError::UnknownRole(_)
+            | BusError::UnknownStream(_)
+            | BusError::UnknownConsumerGroup { .. } => ERRCODE_UNDEFINED_OBJECT,
+            BusError::PermissionDenied { .. }
+            | BusError::OwnerOnly(_)
+            | BusError::StreamPermissionDenied { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             BusError::MessageTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             BusError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             BusError::DeadLetterQueueInUse { .. } => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
@@ -102,6 +127,19 @@ impl BusError {
                 "Queue names are 1-60 letters, digits, '_', '-' or '.', starting with a letter or digit."
                     .into(),
             ),
+            BusError::InvalidName { .. } => Some(
+                "Names are 1-60 letters, digits, '_', '-' or '.', starting with a letter or digit."
+                    .into(),
+            ),
+            BusError::UnknownStream(name) => Some(format!(
+                "Create it with SELECT bussig.create_stream('{name}')."
+            )),
+            BusError::StreamPermissionDenied { privilege: "ownership" | "create", .. } => Some(
+                "Only the stream's owner, the owner of extension bussig or a superuser can.".into(),
+            ),
+            BusError::StreamPermissionDenied { privilege, stream, role } => Some(format!(
+                "The stream's owner can allow it: SELECT bussig.grant('{stream}', '{role}', ARRAY['{privilege}'])."
+            )),
             BusError::InvalidSubject { .. } => Some(
                 "A subject is 1-16 dot-separated tokens of printable ASCII, at most 255 bytes, without wildcards."
                     .into(),

@@ -41,6 +41,7 @@ mod pg;
 mod plans;
 mod queue;
 mod routing;
+mod stream;
 #[cfg(any(test, feature = "pg_test"))]
 mod test_support;
 mod topic;
@@ -51,6 +52,11 @@ mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/topics.sql", name = "topics", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/streams.sql",
+    name = "streams",
+    requires = ["schema"]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -164,6 +164,51 @@ pub fn run_limited<'conn>(
     }
 }
 
+/// Statements whose text is made at run time (a stream's own table is named in it) that a backend
+/// keeps; past that it starts over.
+const TEXTS_KEPT: usize = 512;
+
+thread_local! {
+    static KEPT_TEXTS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// Runs a statement made at run time, kept by its text as `run` keeps a `Statement`.
+pub fn run_text<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &str,
+    types: &[pg_sys::Oid],
+    writes: bool,
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<SpiTupleTable<'conn>> {
+    let _pins = PinsApply::enter();
+    let found = KEPT_TEXTS.with(|kept| kept.borrow().get(sql).cloned());
+    let plan = match found {
+        Some(plan) => plan,
+        None => {
+            let oids: Vec<PgOid> = types.iter().map(|&oid| PgOid::from(oid)).collect();
+            let prepared = if writes {
+                client.prepare_mut(sql, &oids)?
+            } else {
+                client.prepare(sql, &oids)?
+            };
+            let plan = Rc::new(prepared.keep());
+            KEPT_TEXTS.with(|kept| {
+                let mut kept = kept.borrow_mut();
+                if kept.len() >= TEXTS_KEPT {
+                    kept.clear();
+                }
+                kept.insert(sql.to_string(), plan.clone());
+            });
+            plan
+        }
+    };
+    if writes {
+        client.update(&*plan, None, args)
+    } else {
+        client.select(&*plan, None, args)
+    }
+}
+
 /// Whether a kept statement of bussig is being planned or run.
 pub fn in_kept_statement() -> bool {
     IN_KEPT_STATEMENT.with(Cell::get) > 0

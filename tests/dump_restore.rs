@@ -104,3 +104,117 @@ fn dump_restore_keeps_queues_messages_keys_and_grants() {
         .get(0);
     assert_eq!(published, 1, "subscription lost in restore");
 }
+
+/// A stream's definition, positions, grants, subscriptions and records, as text, in a stable order.
+fn stream_snapshot(client: &mut Client) -> Vec<String> {
+    // Committed records get their numbers first, so that the positions below show them.
+    client
+        .execute(
+            "SELECT FROM generate_series(0, 1) p, bussig.stream_range('events', p, 1, 1)",
+            &[],
+        )
+        .expect("numbering");
+    let sql = "SELECT format('%s', s) FROM bussig.stream s
+               UNION ALL SELECT format('%s', p) FROM bussig.stream_partition p
+               UNION ALL SELECT format('%s', g) FROM bussig.stream_segment g
+               UNION ALL SELECT format('%s', c) FROM bussig.consumer_group c
+               UNION ALL SELECT format('%s', g) FROM bussig.group_partition g
+               UNION ALL SELECT format('%s', g) FROM bussig.stream_grant g
+               UNION ALL SELECT format('%s %s', stream_id, pattern) FROM bussig.stream_subscription
+               UNION ALL SELECT format('%s', r) FROM generate_series(0, 1) p, bussig.stream_range('events', p, 1, 1000) r
+               ORDER BY 1";
+    client
+        .query(sql, &[])
+        .expect(sql)
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[test]
+fn dump_restore_keeps_streams_records_positions_and_grants() {
+    let source = Database::create("dump_stream_src");
+    let target = Database::create("dump_stream_dst");
+    let role = Role::create("dump_stream_role");
+    let mut src = source.connect();
+    src.batch_execute(&format!(
+        r#"CREATE EXTENSION bussig;
+           SELECT bussig.create_stream('events', 2, retention => '3 days', retention_bytes => 100000000);
+           SELECT bussig.create_consumer_group('events', 'g', 'earliest');
+           SELECT bussig.append_batch('events', array_agg(to_jsonb(n)), keys => array_agg('k' || n % 3),
+                                      subjects => array_agg('orders.' || n), headers => '{{"h": 1}}')
+           FROM generate_series(1, 10) n;
+           SELECT bussig.stream_commit('events', 'g', partition, max(seq), lease_token)
+           FROM bussig.stream_read('events', 'g', 4) GROUP BY partition, lease_token;
+           SELECT bussig.create_consumer_group('events', 'h', 'latest');
+           SELECT bussig.subscribe_stream('events', 'orders.>');
+           SELECT bussig.grant('events', '{role}', ARRAY['read']);"#,
+        role = role.name
+    ))
+    .expect("fill source");
+    // One record committed and not numbered yet: numbered after the restore.
+    src.execute(
+        "SELECT bussig.append('events', '\"late\"', key => 'k1')",
+        &[],
+    )
+    .unwrap();
+    let before = stream_snapshot(&mut src);
+    drop(src);
+
+    let dump = std::env::temp_dir().join(format!("{}.dump", source.name));
+    let dump = dump.to_str().unwrap();
+    run_program(
+        "pg_dump",
+        &["-Fc", "-f", dump, "-d", &session_url_for(&source.name)],
+    );
+    run_program("pg_restore", &["-d", &session_url_for(&target.name), dump]);
+    std::fs::remove_file(dump).ok();
+
+    let mut dst = target.connect();
+    assert_eq!(stream_snapshot(&mut dst), before, "restored stream differs");
+    // The group reads on from its position; numbers go on from the heads.
+    let left: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM bussig.stream_read('events', 'g', 100)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let lag: i64 = dst
+        .query_one(
+            "SELECT sum(lag)::bigint FROM bussig.consumer_groups WHERE consumer_group = 'g'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, lag);
+    let published: i32 = dst
+        .query_one("SELECT bussig.publish('orders.x', '{}')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1, "stream subscription lost in restore");
+    let records: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM generate_series(0, 1) p, bussig.stream_range('events', p, 1, 1000)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let heads: i64 = dst
+        .query_one(
+            "SELECT sum(head_seq)::bigint FROM bussig.consumer_groups WHERE consumer_group = 'h'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!((heads, records), (12, 12));
+    let may: bool = dst
+        .query_one(
+            "SELECT bussig.has_stream_privilege($1::text::regrole, 'events', 'read')
+                    AND NOT bussig.has_stream_privilege($1::text::regrole, 'events', 'append')",
+            &[&role.name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(may, "stream grants lost in restore");
+}

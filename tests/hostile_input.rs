@@ -80,6 +80,9 @@ fn runner(cases: u32) -> TestRunner {
     })
 }
 
+/// The stream the samples name.
+const HOSTILE_STREAM: &str = "hostile_stream";
+
 /// A sample value for every argument name the API uses, valid on its own.
 fn sample(name: &str, queue: &str, other_queue: &str) -> String {
     let quoted = |text: &str| format!("'{text}'");
@@ -98,7 +101,7 @@ fn sample(name: &str, queue: &str, other_queue: &str) -> String {
         "lock_timeout" => "'30 seconds'::interval".into(),
         "wait" => "'0'::interval".into(),
         "message_id" => "1".into(),
-        "lock_token" => "gen_random_uuid()".into(),
+        "lock_token" | "lease_token" => "gen_random_uuid()".into(),
         "message_ids" => "ARRAY[1]::bigint[]".into(),
         "lock_tokens" => "ARRAY[gen_random_uuid()]".into(),
         "subject" => quoted("hostile.null"),
@@ -113,6 +116,18 @@ fn sample(name: &str, queue: &str, other_queue: &str) -> String {
         "retry_multiplier" => "2".into(),
         "notify" => "false".into(),
         "max_in_flight" => "2".into(),
+        // Streams: `null_in_every_argument` makes stream HOSTILE_STREAM with group 'g'.
+        "stream" => quoted(HOSTILE_STREAM),
+        "consumer_group" => quoted("g"),
+        "partitions" | "max_records" | "seq" | "from_seq" => "1".into(),
+        "partition" => "0".into(),
+        "retention" => "'1 day'::interval".into(),
+        "retention_bytes" => "1000000".into(),
+        "key" => quoted("k"),
+        "keys" => "ARRAY['k']".into(),
+        "start_at" => quoted("earliest"),
+        "lease" => "'30 seconds'::interval".into(),
+        "at" => "now()".into(),
         other => panic!("no sample value for argument {other}: add one"),
     }
 }
@@ -124,6 +139,13 @@ fn null_in_every_argument() {
     let (_database, mut c) = own_database("null_args", None);
     let queue = Queue::create(&mut c, "null_args", "");
     let other = Queue::create(&mut c, "null_args_other", "");
+    c.execute("SELECT bussig.create_stream($1::text)", &[&HOSTILE_STREAM])
+        .unwrap();
+    c.execute(
+        "SELECT bussig.create_consumer_group($1::text, 'g')",
+        &[&HOSTILE_STREAM],
+    )
+    .unwrap();
     let functions = c
         .query(
             "SELECT p.proname::text, (p.proargnames::text[])[1:p.pronargs], p.pronargs::int, p.pronargdefaults::int,
@@ -132,7 +154,8 @@ fn null_in_every_argument() {
              WHERE p.pronamespace = 'bussig'::regnamespace AND p.prokind = 'f' AND p.pronargs > 0
                AND p.prorettype <> 'trigger'::regtype
                -- superseded: bussig's own statements' helper, not granted to PUBLIC
-               AND p.proname NOT IN ('has_queue_privilege', 'may_create_queues', 'retry_backoff', 'superseded')
+               AND p.proname NOT IN ('has_queue_privilege', 'may_create_queues', 'retry_backoff', 'superseded',
+                                     'has_stream_privilege', 'stream_storage')
              ORDER BY 1",
             &[],
         )

@@ -16,6 +16,7 @@ mod pressure;
 mod python;
 mod report;
 mod soak;
+mod streams;
 mod systems;
 mod workloads;
 
@@ -180,7 +181,7 @@ fn run() -> Res<()> {
         sections.push(section);
     };
     type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
-    let workloads: [(&str, Workload); 13] = [
+    let workloads: [(&str, Workload); 14] = [
         ("1 send", workloads::sends),
         ("2 send_batch", workloads::send_batches),
         ("3 consume", workloads::consume),
@@ -197,6 +198,7 @@ fn run() -> Res<()> {
         ("14 the Rust client's consumer", client::client_consumer),
         ("15 the Python client's worker", python::python_worker),
         ("16 ordered message groups", groups::groups),
+        ("17 streams", streams::streams),
     ];
     for (name, workload) in workloads {
         let number = name.split(' ').next().unwrap_or(name);

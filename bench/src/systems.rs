@@ -35,7 +35,7 @@ impl System {
 }
 
 /// Takes each row's payload off the wire as a client would, without decoding it.
-fn receive(rows: &[postgres::Row], column: usize) -> usize {
+pub fn receive(rows: &[postgres::Row], column: usize) -> usize {
     rows.iter()
         .map(|row| row.get::<_, Received>(column).0)
         .sum()

@@ -6,6 +6,7 @@ use pgrx::spi::SpiClient;
 use crate::access::{self, Privilege};
 use crate::error::{BusError, BusResult};
 use crate::plans::{self, Statement};
+use crate::stream::{self, StreamPrivilege};
 use crate::validate::{self, required};
 
 static ROLE_EXISTS: Statement = Statement {
@@ -25,6 +26,21 @@ static GRANT: Statement = Statement {
 static REVOKE: Statement = Statement {
     sql: "DELETE FROM bussig.queue_grant g USING bussig.queue q
           WHERE g.queue_id = q.queue_id AND q.name = $1 AND g.grantee = $2 AND g.privilege = ANY($3)",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
+    writes: true,
+};
+
+static GRANT_STREAM: Statement = Statement {
+    sql: "INSERT INTO bussig.stream_grant (stream_id, grantee, privilege)
+          SELECT s.stream_id, $2, p FROM bussig.stream s, unnest($3::text[]) AS p WHERE s.name = $1
+          ON CONFLICT DO NOTHING",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
+    writes: true,
+};
+
+static REVOKE_STREAM: Statement = Statement {
+    sql: "DELETE FROM bussig.stream_grant g USING bussig.stream s
+          WHERE g.stream_id = s.stream_id AND s.name = $1 AND g.grantee = $2 AND g.privilege = ANY($3)",
     args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
     writes: true,
 };
@@ -52,13 +68,14 @@ fn grantee(client: &mut SpiClient<'_>, role: &str) -> BusResult<String> {
     Ok(role.to_string())
 }
 
-/// The privileges named, each once; `all` stands for every one. None (SQL NULL) is all of them.
-fn privilege_names(privileges: Option<Vec<Option<String>>>) -> BusResult<Vec<String>> {
+/// The privileges named, each once, from `all_names` (a queue's or a stream's); `all` stands for
+/// every one. None (SQL NULL) is all of them.
+fn privilege_names(
+    privileges: Option<Vec<Option<String>>>,
+    all_names: &[&'static str],
+) -> BusResult<Vec<String>> {
     let Some(privileges) = privileges else {
-        return Ok(Privilege::ALL
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect());
+        return Ok(all_names.iter().map(|name| name.to_string()).collect());
     };
     if privileges.is_empty() {
         return Err(BusError::invalid("privileges", "the array is empty"));
@@ -66,27 +83,40 @@ fn privilege_names(privileges: Option<Vec<Option<String>>>) -> BusResult<Vec<Str
     let mut names = Vec::new();
     for privilege in privileges {
         let privilege = required(privilege, "every element of privileges")?;
-        let chosen = match privilege.as_str() {
-            "all" => Privilege::ALL.to_vec(),
-            name => vec![Privilege::parse(name).ok_or_else(|| {
-                BusError::invalid(
+        let chosen: Vec<&str> = match privilege.as_str() {
+            "all" => all_names.to_vec(),
+            name if all_names.contains(&name) => vec![name],
+            name => {
+                return Err(BusError::invalid(
                     "privileges",
-                    format!("unknown privilege {name:?}: use send, consume, manage or all"),
-                )
-            })?],
+                    format!(
+                        "unknown privilege {name:?}: use {} or all",
+                        all_names.join(", ")
+                    ),
+                ))
+            }
         };
         for privilege in chosen {
-            if !names.iter().any(|name| name == privilege.name()) {
-                names.push(privilege.name().to_string());
+            if !names.iter().any(|name| name == privilege) {
+                names.push(privilege.to_string());
             }
         }
     }
     Ok(names)
 }
 
+fn queue_privileges() -> Vec<&'static str> {
+    Privilege::ALL.iter().map(|p| p.name()).collect()
+}
+
+fn stream_privileges() -> Vec<&'static str> {
+    StreamPrivilege::ALL.iter().map(|p| p.name()).collect()
+}
+
 /// Grants privileges on a queue to a role (or `public`): `send`, `consume` (read, ack, nack,
 /// extend_lock, dead_letter, peek, heartbeat), `manage` (alter, purge, drop, redrive, subscribe,
-/// unsubscribe), or `all`. Only the queue's owner or the extension's owner may grant.
+/// unsubscribe), or `all`. Only the queue's owner or the extension's owner may grant. When no queue
+/// has the name, a stream's: `append`, `read`, `manage` or `all`.
 #[pg_extern]
 fn grant(
     queue: Option<&str>,
@@ -95,8 +125,14 @@ fn grant(
 ) -> Result<(), ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let role = required(role, "role")?;
-    let privileges = privilege_names(Some(required(privileges, "privileges")?))?;
-    Ok(change_privileges(&GRANT, queue, role, privileges)?)
+    let privileges = Some(required(privileges, "privileges")?);
+    Ok(change_privileges(
+        &GRANT,
+        &GRANT_STREAM,
+        queue,
+        role,
+        privileges,
+    )?)
 }
 
 /// Takes privileges back; all of them when none are named. Revoking what was never granted is no error.
@@ -108,25 +144,46 @@ fn revoke(
 ) -> Result<(), ErrorReport> {
     let queue = validate::queue_name(queue)?;
     let role = required(role, "role")?;
-    let privileges = privilege_names(privileges)?;
-    Ok(change_privileges(&REVOKE, queue, role, privileges)?)
+    Ok(change_privileges(
+        &REVOKE,
+        &REVOKE_STREAM,
+        queue,
+        role,
+        privileges,
+    )?)
 }
 
-/// Runs GRANT or REVOKE for `role` on `queue`, which only the queue's owner may.
+/// Runs GRANT or REVOKE for `role` on the queue named `name`, which only the queue's owner may; or,
+/// when no queue has that name, on the stream, which only the stream's owner may.
 fn change_privileges(
-    statement: &'static Statement,
-    queue: &str,
+    on_queue: &'static Statement,
+    on_stream: &'static Statement,
+    name: &str,
     role: &str,
-    privileges: Vec<String>,
+    privileges: Option<Vec<Option<String>>>,
 ) -> BusResult<()> {
     access::connect(|client, caller| {
-        crate::queue::require(client, queue)?;
-        caller.require_queue_owner(client, queue)?;
+        let statement = if crate::queue::find(client, name)?.is_some()
+            || stream::find(client, name)?.is_none()
+        {
+            crate::queue::require(client, name)?;
+            caller.require_queue_owner(client, name)?;
+            on_queue
+        } else {
+            stream::require_owner(client, caller, name)?;
+            on_stream
+        };
+        let vocabulary = if std::ptr::eq(statement, on_queue) {
+            queue_privileges()
+        } else {
+            stream_privileges()
+        };
+        let privileges = privilege_names(privileges, &vocabulary)?;
         let role = grantee(client, role)?;
         plans::run(
             client,
             statement,
-            &[queue.into(), role.into(), privileges.into()],
+            &[name.into(), role.into(), privileges.into()],
         )?;
         Ok(())
     })

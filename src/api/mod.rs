@@ -4,6 +4,7 @@ mod grants;
 mod lock_token;
 mod messages;
 mod queues;
+mod streams;
 mod superseded;
 mod topics;
 mod worker;

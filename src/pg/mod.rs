@@ -23,6 +23,7 @@ pub mod heap;
 pub mod identity;
 mod index_pins;
 pub mod invalidation;
+pub mod locks;
 pub mod planner;
 pub mod shmem;
 pub mod snapshot;

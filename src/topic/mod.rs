@@ -4,7 +4,7 @@
 // The domain is written against SPI and `pg`: no unsafe code of its own.
 #![deny(unsafe_code)]
 pub mod publish;
-mod routes;
+pub mod routes;
 pub mod subscription;
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

@@ -146,9 +146,13 @@ fn route(
     Ok(delivered)
 }
 
-/// Publishes one message on `subject`: to how many queues.
+/// Publishes one message on `subject`: to how many queues and streams.
 pub fn one(subject: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<i64> {
-    access::connect(|client, caller| route(client, caller, subject, outgoing, &extras))
+    access::connect(|client, caller| {
+        let (payload, headers) = (outgoing.payload, outgoing.headers);
+        let queues = route(client, caller, subject, outgoing, &extras)?;
+        Ok(queues + crate::stream::append::published(client, caller, subject, payload, headers)?)
+    })
 }
 
 /// Publishes each payload on its subject, with the same headers: to how many queues in all.
@@ -189,6 +193,7 @@ pub fn batch(
                 priority: 0,
             };
             total += route(client, caller, subject, outgoing, &none)?;
+            total += crate::stream::append::published(client, caller, subject, payload, headers)?;
         }
         Ok(total)
     })

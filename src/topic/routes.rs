@@ -1,5 +1,5 @@
-//! Each backend keeps the subscriptions as a token trie, built on first use and rebuilt after a
-//! change to subscriptions or queues (see `invalidation`).
+//! Each backend keeps the subscriptions (of queues and of streams) as token tries, built on first use
+//! and rebuilt after a change to subscriptions, queues or streams (see `invalidation`).
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -16,6 +16,10 @@ pub struct Routes {
     pub index: PatternIndex<i32>,
     /// Name and notify flag of every subscribed queue.
     pub queues: HashMap<i32, (String, bool)>,
+    /// The streams `publish` appends to, by the patterns they subscribed with: places in
+    /// `stream_names`.
+    pub streams: PatternIndex<usize>,
+    pub stream_names: Vec<String>,
 }
 
 thread_local! {
@@ -32,6 +36,13 @@ static LOAD_SUBSCRIPTIONS: Statement = Statement {
     writes: true,
 };
 
+// As LOAD_SUBSCRIPTIONS, for streams.
+static LOAD_STREAM_SUBSCRIPTIONS: Statement = Statement {
+    sql: "SELECT s.name, sub.pattern FROM bussig.stream_subscription sub JOIN bussig.stream s USING (stream_id)",
+    args: &[],
+    writes: true,
+};
+
 /// The current routes, loading them when a change (or nothing yet) left none cached.
 pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
     let generation = invalidation::generation(client)?;
@@ -44,6 +55,8 @@ pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
     let mut routes = Routes {
         index: PatternIndex::new(),
         queues: HashMap::new(),
+        streams: PatternIndex::new(),
+        stream_names: Vec::new(),
     };
     for row in plans::run(client, &LOAD_SUBSCRIPTIONS, &[])? {
         let queue_id: i32 = plans::filled(&row, 1, "queue id")?;
@@ -53,6 +66,18 @@ pub fn routes(client: &mut SpiClient<'_>) -> BusResult<Rc<Routes>> {
         routes
             .queues
             .insert(queue_id, (name, plans::filled(&row, 4, "notify")?));
+    }
+    for row in plans::run(client, &LOAD_STREAM_SUBSCRIPTIONS, &[])? {
+        let name: String = plans::filled(&row, 1, "stream name")?;
+        let pattern: String = plans::filled(&row, 2, "pattern")?;
+        let place = match routes.stream_names.iter().position(|known| *known == name) {
+            Some(place) => place,
+            None => {
+                routes.stream_names.push(name);
+                routes.stream_names.len() - 1
+            }
+        };
+        routes.streams.insert(&pattern, place);
     }
     let routes = Rc::new(routes);
     if invalidation::may_keep(generation) {

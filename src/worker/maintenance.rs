@@ -515,6 +515,7 @@ pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
         "counted_touched_queues": count_touched_queues(client)?,
         "counted_queues": refresh_stats(client)?,
         "compacted_tables": compact(client)?,
+        "emptied_stream_segments": crate::stream::retention::rotate_all(client)?,
         "milliseconds": started.elapsed().as_millis() as u64,
     }))
 }

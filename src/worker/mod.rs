@@ -359,6 +359,9 @@ fn run_round(bodies_after: &mut i64) {
     round_step("orphan removal", || {
         Spi::connect_mut(maintenance::remove_orphans)
     });
+    round_step("stream retention", || {
+        Spi::connect_mut(crate::stream::retention::rotate_all)
+    });
 }
 
 /// The statistics step reads the whole message table. Under a backlog of millions that takes seconds,

@@ -8,11 +8,13 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod session;
+mod stream;
 
 use postgres::fallible_iterator::FallibleIterator;
 pub use postgres::NoTls;
 use serde_json::Value;
 pub use session::{Client, GenericClient, Param, Transaction, Typed};
+pub use stream::{commit_all, create_group, stream_read, Record, Stream};
 use uuid::Uuid;
 
 pub use postgres::error::SqlState;

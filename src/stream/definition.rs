@@ -1,0 +1,183 @@
+//! Creating, changing and dropping streams, each with its own table: records partitioned by segment.
+use pgrx::datum::Interval;
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+
+use super::{find, require, StreamPrivilege, SEGMENTS};
+use crate::access::Caller;
+use crate::error::{BusError, BusResult};
+use crate::plans::{self, Statement};
+
+static INSERT_STREAM: Statement = Statement {
+    sql: "INSERT INTO bussig.stream (name, partitions, retention, retention_bytes, owner)
+          VALUES ($1, $2, $3, $4, pg_catalog.pg_get_userbyid($5))
+          ON CONFLICT (name) DO NOTHING
+          RETURNING stream_id",
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::INT4OID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT8OID,
+        pg_sys::OIDOID,
+    ],
+    writes: true,
+};
+
+// The ring's first segment takes appends from now on; the others wait empty.
+static INSERT_PARTS: Statement = Statement {
+    sql: "WITH segments AS (
+              INSERT INTO bussig.stream_segment (stream_id, segment, opened_at)
+              SELECT $1, s, CASE WHEN s = 0 THEN clock_timestamp() END FROM generate_series(0, $3 - 1) s)
+          INSERT INTO bussig.stream_partition (stream_id, partition)
+          SELECT $1, p FROM generate_series(0, $2 - 1) p",
+    args: &[pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT4OID],
+    writes: true,
+};
+
+static UPDATE_RETENTION: Statement = Statement {
+    sql: "UPDATE bussig.stream
+          SET retention = coalesce($2, retention),
+              retention_bytes = CASE WHEN $4 THEN NULL ELSE coalesce($3, retention_bytes) END
+          WHERE stream_id = $1",
+    args: &[
+        pg_sys::INT4OID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT8OID,
+        pg_sys::BOOLOID,
+    ],
+    writes: true,
+};
+
+static DELETE_STREAM: Statement = Statement {
+    sql: "DELETE FROM bussig.stream WHERE stream_id = $1",
+    args: &[pg_sys::INT4OID],
+    writes: true,
+};
+
+/// The checked settings of create_stream and alter_stream.
+pub struct Retention {
+    pub retention: Option<Interval>,
+    pub retention_bytes: Option<i64>,
+}
+
+impl Retention {
+    pub fn check(retention: Option<Interval>, retention_bytes: Option<i64>) -> BusResult<Self> {
+        if let Some(retention) = &retention {
+            crate::validate::positive(retention, "retention")?;
+        }
+        if matches!(retention_bytes, Some(bytes) if bytes <= 0) {
+            return Err(BusError::invalid("retention_bytes", "it must be positive"));
+        }
+        Ok(Retention {
+            retention,
+            retention_bytes,
+        })
+    }
+}
+
+/// The statements that make a stream's table: records by segment, each segment a table of its own
+/// that retention can TRUNCATE. Records get their seq when they become readable (`sequence`), so
+/// the index on seq also finds the ones still waiting for theirs (seq NULL sorts last).
+fn table_ddl(stream_id: i32) -> Vec<String> {
+    let table = super::table_of(stream_id);
+    let mut ddl = vec![
+        format!(
+            "CREATE TABLE {table} (
+                 record_id   bigint NOT NULL DEFAULT nextval('bussig.stream_record_id_seq'),
+                 segment     int NOT NULL,
+                 partition   int NOT NULL,
+                 seq         bigint,
+                 appended_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 key         text,
+                 subject     text,
+                 payload     jsonb NOT NULL,
+                 headers     jsonb
+             ) PARTITION BY LIST (segment)"
+        ),
+        format!("CREATE INDEX ON {table} (partition, seq)"),
+        format!("CREATE INDEX ON {table} (partition, record_id) WHERE seq IS NULL"),
+    ];
+    for segment in 0..SEGMENTS {
+        ddl.push(format!(
+            "CREATE TABLE {table}_{segment} PARTITION OF {table} FOR VALUES IN ({segment})
+             WITH (autovacuum_vacuum_scale_factor = 0.05)"
+        ));
+    }
+    ddl
+}
+
+/// create_stream: true when made, false when a stream of that name existed (left untouched).
+pub fn create(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    partitions: i32,
+    retention: Retention,
+) -> BusResult<bool> {
+    if !(1..=super::MAX_PARTITIONS).contains(&partitions) {
+        return Err(BusError::invalid(
+            "partitions",
+            format!(
+                "{partitions} is not between 1 and {}",
+                super::MAX_PARTITIONS
+            ),
+        ));
+    }
+    if find(client, name)?.is_some() {
+        return Ok(false);
+    }
+    caller
+        .require_create(client, name)
+        .map_err(|_| super::denied(caller, "create", name))?;
+    let args = [
+        name.into(),
+        partitions.into(),
+        retention.retention.into(),
+        retention.retention_bytes.into(),
+        caller.role().into(),
+    ];
+    let Some(stream_id) = plans::first_value::<i32>(client, &INSERT_STREAM, &args)? else {
+        return Ok(false);
+    };
+    plans::run(
+        client,
+        &INSERT_PARTS,
+        &[stream_id.into(), partitions.into(), SEGMENTS.into()],
+    )?;
+    for statement in table_ddl(stream_id) {
+        client.update(statement.as_str(), None, &[])?;
+    }
+    Ok(true)
+}
+
+/// alter_stream: new retention by age and/or size; `no_size_limit` removes the size limit.
+pub fn alter(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    retention: Retention,
+    no_size_limit: bool,
+) -> BusResult<()> {
+    let stream = require(client, caller, name, StreamPrivilege::Manage)?;
+    let args = [
+        stream.stream_id.into(),
+        retention.retention.into(),
+        retention.retention_bytes.into(),
+        no_size_limit.into(),
+    ];
+    plans::run(client, &UPDATE_RETENTION, &args)?;
+    Ok(())
+}
+
+/// drop_stream: the stream with its records, groups, grants and subscriptions; false when there was
+/// none.
+pub fn drop(client: &mut SpiClient<'_>, caller: &Caller, name: &str) -> BusResult<bool> {
+    let stream = match require(client, caller, name, StreamPrivilege::Manage) {
+        Err(BusError::UnknownStream(_)) => return Ok(false),
+        found => found?,
+    };
+    plans::run(client, &DELETE_STREAM, &[stream.stream_id.into()])?;
+    let drop_table = format!("DROP TABLE IF EXISTS {}", stream.table());
+    client.update(drop_table.as_str(), None, &[])?;
+    Ok(true)
+}

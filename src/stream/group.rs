@@ -1,0 +1,113 @@
+//! Consumer groups: each keeps its own position in every partition of its stream.
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+
+use super::{require, sequence, Stream, StreamPrivilege};
+use crate::access::Caller;
+use crate::error::{BusError, BusResult};
+use crate::plans::{self, Statement};
+
+/// Where a new group starts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum StartAt {
+    /// The oldest record kept.
+    Earliest,
+    /// After every record readable now.
+    Latest,
+}
+
+impl StartAt {
+    pub fn parse(start_at: &str) -> BusResult<StartAt> {
+        match start_at {
+            "earliest" => Ok(StartAt::Earliest),
+            "latest" => Ok(StartAt::Latest),
+            other => Err(BusError::invalid(
+                "start_at",
+                format!("{other:?} is neither 'earliest' nor 'latest'"),
+            )),
+        }
+    }
+}
+
+static INSERT_GROUP: Statement = Statement {
+    sql: "INSERT INTO bussig.consumer_group (stream_id, consumer_group) VALUES ($1, $2)
+          ON CONFLICT DO NOTHING RETURNING true",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTOID],
+    writes: true,
+};
+
+// Earliest: before the first record kept; latest: at the head, numbered just before.
+static INSERT_POSITIONS: Statement = Statement {
+    sql: "INSERT INTO bussig.group_partition (stream_id, consumer_group, partition, committed_seq)
+          SELECT stream_id, $2, partition, CASE WHEN $3 THEN head_seq ELSE first_seq - 1 END
+          FROM bussig.stream_partition WHERE stream_id = $1",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTOID, pg_sys::BOOLOID],
+    writes: true,
+};
+
+static DELETE_GROUP: Statement = Statement {
+    sql: "DELETE FROM bussig.consumer_group WHERE stream_id = $1 AND consumer_group = $2 RETURNING true",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTOID],
+    writes: true,
+};
+
+// A writing statement: a new snapshot, so that a group another transaction just made is found.
+static GROUP_EXISTS: Statement = Statement {
+    sql: "SELECT true FROM bussig.consumer_group WHERE stream_id = $1 AND consumer_group = $2",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTOID],
+    writes: true,
+};
+
+/// create_consumer_group: false when the group existed (left untouched).
+pub fn create(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    group: &str,
+    start_at: StartAt,
+) -> BusResult<bool> {
+    let stream = require(client, caller, name, StreamPrivilege::Manage)?;
+    let args = [stream.stream_id.into(), group.into()];
+    if plans::first_value::<bool>(client, &INSERT_GROUP, &args)?.is_none() {
+        return Ok(false);
+    }
+    if start_at == StartAt::Latest {
+        sequence::number_all(client, &stream)?;
+    }
+    let args = [
+        stream.stream_id.into(),
+        group.into(),
+        (start_at == StartAt::Latest).into(),
+    ];
+    plans::run(client, &INSERT_POSITIONS, &args)?;
+    Ok(true)
+}
+
+/// drop_consumer_group: false when there was no such group.
+pub fn drop(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    group: &str,
+) -> BusResult<bool> {
+    let stream = require(client, caller, name, StreamPrivilege::Manage)?;
+    let args = [stream.stream_id.into(), group.into()];
+    Ok(plans::first_value::<bool>(client, &DELETE_GROUP, &args)?.is_some())
+}
+
+/// 42704 unless the stream has the group.
+pub fn require_group(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    stream: &Stream,
+    group: &str,
+) -> BusResult<()> {
+    let args = [stream.stream_id.into(), group.into()];
+    match plans::first_value::<bool>(client, &GROUP_EXISTS, &args)? {
+        Some(true) => Ok(()),
+        _ => Err(BusError::UnknownConsumerGroup {
+            stream: name.to_string(),
+            group: group.to_string(),
+        }),
+    }
+}

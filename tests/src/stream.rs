@@ -1,0 +1,102 @@
+//! Streams for client tests: a stream dropped at the end of its test, and stream_read / stream_commit
+//! as a member of a consumer group calls them.
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{Client, GenericClient, NoTls};
+
+/// A stream made for one test, dropped at its end.
+pub struct Stream {
+    pub name: String,
+}
+
+impl Stream {
+    pub fn create(client: &mut Client, test: &str, options: &str) -> Stream {
+        let name = crate::unique_name(test);
+        let sep = if options.is_empty() { "" } else { ", " };
+        let sql = format!("SELECT bussig.create_stream($1::text{sep}{options})");
+        let created: bool = client.query_one(&sql, &[&name]).expect(&sql).get(0);
+        assert!(created);
+        Stream { name }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Ok(mut client) = std::env::var("BUSSIG_TEST_URL")
+            .map_err(|_| ())
+            .and_then(|url| Client::connect(&url, NoTls).map_err(|_| ()))
+        {
+            let _ = client.execute("SELECT bussig.drop_stream($1::text)", &[&self.name]);
+        }
+    }
+}
+
+/// One record as stream_read returns it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub seq: i64,
+    pub token: Uuid,
+    pub key: Option<String>,
+    pub payload: Value,
+}
+
+pub fn stream_read(
+    c: &mut impl GenericClient,
+    stream: &str,
+    group: &str,
+    max: i32,
+    wait: &str,
+    lease: &str,
+) -> Vec<Record> {
+    c.query(
+        "SELECT partition, seq, lease_token, key, payload
+         FROM bussig.stream_read($1::text, $2::text, $3::int, $4::text::interval, $5::text::interval)",
+        &[&stream, &group, &max, &wait, &lease],
+    )
+    .expect("stream_read")
+    .iter()
+    .map(|row| Record {
+        partition: row.get(0),
+        seq: row.get(1),
+        token: row.get(2),
+        key: row.get(3),
+        payload: row.get(4),
+    })
+    .collect()
+}
+
+/// Commits each partition's last record read: whether every lease was still the caller's.
+pub fn commit_all(
+    c: &mut impl GenericClient,
+    stream: &str,
+    group: &str,
+    records: &[Record],
+) -> bool {
+    let mut last: BTreeMap<i32, (i64, Uuid)> = BTreeMap::new();
+    for r in records {
+        let entry = last.entry(r.partition).or_insert((r.seq, r.token));
+        if r.seq > entry.0 {
+            *entry = (r.seq, r.token);
+        }
+    }
+    last.into_iter().all(|(partition, (seq, token))| {
+        c.query_one(
+            "SELECT bussig.stream_commit($1::text, $2::text, $3::int, $4::bigint, $5::uuid)",
+            &[&stream, &group, &partition, &seq, &token],
+        )
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+}
+
+pub fn create_group(c: &mut Client, stream: &str, group: &str, start_at: &str) {
+    c.execute(
+        "SELECT bussig.create_consumer_group($1::text, $2::text, $3::text)",
+        &[&stream, &group, &start_at],
+    )
+    .unwrap();
+}
