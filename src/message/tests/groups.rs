@@ -222,7 +222,7 @@ mod tests {
     }
 
     #[pg_test]
-    fn a_next_message_long_past_its_ttl_expires_as_soon_as_it_moves_up() {
+    fn a_next_message_long_past_its_ttl_is_dead_lettered_by_the_read_that_reaches_it() {
         run("SELECT bussig.create_queue('g', message_ttl => '1 hour')");
         run("SELECT bussig.send('g', '\"a1\"', group_id => 'a')");
         run("SELECT bussig.send('g', '\"a2\"', group_id => 'a')");
@@ -233,12 +233,14 @@ mod tests {
         );
         assert_eq!(read_payloads("g"), ["a1"]);
         ack_got("a1");
-        assert_eq!(
-            maintenance("expired_messages"),
-            1,
-            "the worker finds it at once"
-        );
+        assert_nothing_ready("g");
         assert_eq!(messages_in("g"), 0);
+        assert_eq!(
+            one::<String>(
+                "SELECT headers ->> 'bussig-dead-letter-reason' FROM bussig.peek('g_dlq')"
+            ),
+            Some("expired".into())
+        );
     }
 
     #[pg_test]
