@@ -338,10 +338,7 @@ pub fn commit(
     seq: i64,
     lease_token: Uuid,
 ) -> BusResult<bool> {
-    let stream = require(client, caller, name, StreamPrivilege::Read)?;
-    require_group(client, name, &stream, group)?;
-    checked_partition(&stream, partition)?;
-    checked_seq(seq, "seq")?;
+    let stream = group_position(client, caller, name, group, partition, seq)?;
     let args = [
         stream.stream_id.into(),
         group.into(),
@@ -350,6 +347,23 @@ pub fn commit(
         lease_token.into(),
     ];
     Ok(plans::first_value::<bool>(client, &COMMIT, &args)?.unwrap_or(false))
+}
+
+/// The stream whose group `group` moves in `partition` to `seq` (commit, seek), all checked: the
+/// caller may read the stream, the group exists, the partition and the seq are valid.
+fn group_position(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    group: &str,
+    partition: i32,
+    seq: i64,
+) -> BusResult<Stream> {
+    let stream = require(client, caller, name, StreamPrivilege::Read)?;
+    require_group(client, name, &stream, group)?;
+    checked_partition(&stream, partition)?;
+    checked_seq(seq, "seq")?;
+    Ok(stream)
 }
 
 fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
@@ -371,10 +385,7 @@ pub fn seek(
     partition: i32,
     seq: i64,
 ) -> BusResult<()> {
-    let stream = require(client, caller, name, StreamPrivilege::Read)?;
-    require_group(client, name, &stream, group)?;
-    checked_partition(&stream, partition)?;
-    checked_seq(seq, "seq")?;
+    let stream = group_position(client, caller, name, group, partition, seq)?;
     let args = [
         stream.stream_id.into(),
         group.into(),

@@ -27,9 +27,7 @@ pub fn subscribe(
     name: &str,
     pattern: &str,
 ) -> BusResult<bool> {
-    let stream = require(client, caller, name, StreamPrivilege::Manage)?;
-    let args = [stream.stream_id.into(), pattern.into()];
-    Ok(plans::first_value::<bool>(client, &SUBSCRIBE, &args)?.is_some())
+    change(client, caller, name, pattern, &SUBSCRIBE)
 }
 
 /// True when there was such a subscription.
@@ -39,7 +37,19 @@ pub fn unsubscribe(
     name: &str,
     pattern: &str,
 ) -> BusResult<bool> {
+    change(client, caller, name, pattern, &UNSUBSCRIBE)
+}
+
+/// Runs `statement` for stream `name` and `pattern`, as one who may manage the stream: whether it
+/// changed a row.
+fn change(
+    client: &mut SpiClient<'_>,
+    caller: &Caller,
+    name: &str,
+    pattern: &str,
+    statement: &'static Statement,
+) -> BusResult<bool> {
     let stream = require(client, caller, name, StreamPrivilege::Manage)?;
     let args = [stream.stream_id.into(), pattern.into()];
-    Ok(plans::first_value::<bool>(client, &UNSUBSCRIBE, &args)?.is_some())
+    Ok(plans::first_value::<bool>(client, statement, &args)?.is_some())
 }
