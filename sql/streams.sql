@@ -52,17 +52,28 @@ CREATE TABLE bussig.consumer_group (
     PRIMARY KEY (stream_id, consumer_group)
 );
 
--- A group's position in each partition (processed up to and including committed_seq), and the lease
--- of the member reading it. Updated by every read and commit, never in an indexed column: HOT updates.
+-- A group's position in each partition: processed up to and including committed_seq. Updated by
+-- every commit, never in an indexed column: HOT updates.
 CREATE TABLE bussig.group_partition (
     stream_id      int NOT NULL,
     consumer_group text NOT NULL,
     partition      int NOT NULL,
     committed_seq  bigint NOT NULL,
+    PRIMARY KEY (stream_id, consumer_group, partition),
+    FOREIGN KEY (stream_id, consumer_group) REFERENCES bussig.consumer_group ON DELETE CASCADE
+) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
+
+-- The lease of the member reading a group's partition. Unlogged: a lease records no progress
+-- (committed_seq does), so taking and ending one writes no WAL, and a read commits without waiting for
+-- a flush. After a crash the table is empty: every lease has ended, and reads make the rows again.
+CREATE UNLOGGED TABLE bussig.group_lease (
+    stream_id      int NOT NULL,
+    consumer_group text NOT NULL,
+    partition      int NOT NULL,
     lease_token    uuid,
     leased_until   timestamptz,
     PRIMARY KEY (stream_id, consumer_group, partition),
-    FOREIGN KEY (stream_id, consumer_group) REFERENCES bussig.consumer_group ON DELETE CASCADE
+    FOREIGN KEY (stream_id, consumer_group, partition) REFERENCES bussig.group_partition ON DELETE CASCADE
 ) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
 
 -- Privileges on a stream beyond its owner's, as bussig.queue_grant for queues.
@@ -93,6 +104,10 @@ CREATE TRIGGER stream_changed AFTER UPDATE OF name OR DELETE ON bussig.stream
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
 -- publish keeps the streams' subscriptions with the queues' (src/topic/routes.rs).
 CREATE TRIGGER stream_subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_subscription
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+-- Backends remember which groups' lease rows exist (src/stream/group.rs): rows removed other than by a
+-- crash, which ends every backend, make them look again.
+CREATE TRIGGER group_lease_removed AFTER DELETE OR TRUNCATE ON bussig.group_lease
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
 
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream', '');
@@ -166,6 +181,23 @@ CROSS JOIN LATERAL (SELECT sum(head_seq - first_seq + 1)::bigint AS records, sum
 CROSS JOIN LATERAL bussig.stream_storage(s.stream_id) storage
 WHERE bussig.has_stream_privilege(s.name);
 
+-- When the lease of a group's partition ends, NULL when none is in force. A standby cannot read
+-- unlogged tables, and shows none, so that bussig.consumer_groups works there too.
+CREATE FUNCTION bussig.group_lease_until(stream_id int, consumer_group text, partition int)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    until timestamptz;
+BEGIN
+    IF pg_is_in_recovery() THEN
+        RETURN NULL;
+    END IF;
+    SELECT l.leased_until INTO until FROM bussig.group_lease l
+    WHERE l.stream_id = $1 AND l.consumer_group = $2 AND l.partition = $3 AND l.leased_until > clock_timestamp();
+    RETURN until;
+END $$;
+
 -- A group behind the retention point reads from the oldest record kept: its committed_seq shows that.
 CREATE VIEW bussig.consumer_groups AS
 SELECT s.name AS stream,
@@ -174,7 +206,7 @@ SELECT s.name AS stream,
        greatest(g.committed_seq, p.first_seq - 1) AS committed_seq,
        p.head_seq,
        p.head_seq - greatest(g.committed_seq, p.first_seq - 1) AS lag,
-       CASE WHEN g.leased_until > clock_timestamp() THEN g.leased_until END AS leased_until
+       bussig.group_lease_until(g.stream_id, g.consumer_group, g.partition) AS leased_until
 FROM bussig.group_partition g
 JOIN bussig.stream s USING (stream_id)
 JOIN bussig.stream_partition p USING (stream_id, partition)

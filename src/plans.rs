@@ -180,6 +180,19 @@ pub fn run_text<'conn>(
     writes: bool,
     args: &[DatumWithOid<'_>],
 ) -> SpiResult<SpiTupleTable<'conn>> {
+    run_text_stopping(client, sql, types, writes, args, None)
+}
+
+/// `run_text` that stops after `rows` rows when given: a statement keeps one plan for the LIMIT written
+/// in its text, and each call takes as many rows as it needs.
+pub fn run_text_stopping<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &str,
+    types: &[pg_sys::Oid],
+    writes: bool,
+    args: &[DatumWithOid<'_>],
+    rows: Option<i64>,
+) -> SpiResult<SpiTupleTable<'conn>> {
     let _pins = PinsApply::enter();
     let found = KEPT_TEXTS.with(|kept| kept.borrow().get(sql).cloned());
     let plan = match found {
@@ -203,9 +216,9 @@ pub fn run_text<'conn>(
         }
     };
     if writes {
-        client.update(&*plan, None, args)
+        client.update(&*plan, rows, args)
     } else {
-        client.select(&*plan, None, args)
+        client.select(&*plan, rows, args)
     }
 }
 

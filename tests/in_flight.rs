@@ -44,7 +44,9 @@ fn a_capped_queue_never_has_more_locked_than_its_cap() {
     let created = Queue::create(
         &mut admin,
         "inflight",
-        &format!("max_in_flight => {CAP}, lock_timeout => '500 milliseconds', max_deliveries => 1000"),
+        &format!(
+            "max_in_flight => {CAP}, lock_timeout => '500 milliseconds', max_deliveries => 1000"
+        ),
     );
     let queue = created.name.clone();
     let payloads: Vec<_> = (0..UPFRONT).map(|i| json!(i)).collect();
@@ -76,7 +78,8 @@ fn a_capped_queue_never_has_more_locked_than_its_cap() {
                 let mut c = connect();
                 let mut vanished = false;
                 while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let got = read_waiting(&mut c, queue, 1 + dice.below(2) as i32, "200 milliseconds");
+                    let got =
+                        read_waiting(&mut c, queue, 1 + dice.below(2) as i32, "200 milliseconds");
                     if k == 0 && !vanished && !got.is_empty() {
                         // Vanish mid-batch: the slots come free when the locks run out.
                         vanished = true;
@@ -129,7 +132,10 @@ fn an_ack_wakes_a_reader_waiting_at_the_cap() {
         })
     };
     thread::sleep(Duration::from_millis(300));
-    assert!(!waiter.is_finished(), "the cap holds the second message back");
+    assert!(
+        !waiter.is_finished(),
+        "the cap holds the second message back"
+    );
     assert!(ack(&mut admin, &queue, held.id, held.token));
     let (got, waited) = waiter.join().unwrap();
     assert_eq!(got, 1);
@@ -158,7 +164,10 @@ fn a_reader_waiting_on_an_empty_capped_queue_holds_no_slot() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(free, 2, "the waiting reader let go of the slots its empty read claimed");
+    assert_eq!(
+        free, 2,
+        "the waiting reader let go of the slots its empty read claimed"
+    );
     send(&mut admin, &queue, &json!("late"));
     assert_eq!(waiter.join().unwrap(), 1);
 }

@@ -525,7 +525,12 @@ fn grouped_and_capped_verbs_visit_rows_in_proportion_to_their_batch() {
     ];
     let mut client = database.connect();
     for verb in &grouped {
-        check(&mut client, "200,000 grouped messages after the last ANALYZE", q, verb);
+        check(
+            &mut client,
+            "200,000 grouped messages after the last ANALYZE",
+            q,
+            verb,
+        );
     }
     let q = "capped";
     let capped = [
@@ -549,6 +554,11 @@ fn grouped_and_capped_verbs_visit_rows_in_proportion_to_their_batch() {
         }),
     ];
     for verb in &capped {
-        check(&mut client, "a million in a capped queue after the last ANALYZE", q, verb);
+        check(
+            &mut client,
+            "a million in a capped queue after the last ANALYZE",
+            q,
+            verb,
+        );
     }
 }

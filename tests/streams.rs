@@ -151,7 +151,11 @@ fn concurrent_appends_are_numbered_contiguously_and_each_read_once_in_key_order(
         appending.store(false, Ordering::SeqCst);
     });
     let committed = committed.into_inner().unwrap();
-    assert!(committed.len() > 100, "only {} records committed", committed.len());
+    assert!(
+        committed.len() > 100,
+        "only {} records committed",
+        committed.len()
+    );
     assert_eq!(
         overlaps.load(Ordering::SeqCst),
         0,

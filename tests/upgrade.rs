@@ -203,7 +203,10 @@ fn the_worker_waits_for_the_update_instead_of_failing_every_round() {
     let mine = format!("[{pid}] ");
     let waits = "maintenance waits for ALTER EXTENSION bussig UPDATE";
     eventually(Duration::from_secs(30), "the worker's warning", || {
-        log().lines().any(|line| line.contains(&mine) && line.contains(waits)).then_some(())
+        log()
+            .lines()
+            .any(|line| line.contains(&mine) && line.contains(waits))
+            .then_some(())
     });
     // Two more rounds.
     std::thread::sleep(Duration::from_millis(2500));
@@ -217,11 +220,18 @@ fn the_worker_waits_for_the_update_instead_of_failing_every_round() {
     db.batch_execute("ALTER EXTENSION bussig UPDATE; SELECT bussig.create_queue('q')")
         .expect("update");
     send(&mut db, "q", &json!(1));
-    eventually(Duration::from_secs(30), "the worker's count after the update", || {
-        let counted: Option<std::time::SystemTime> = db
-            .query_one("SELECT counted_at FROM bussig.queues WHERE queue = 'q'", &[])
-            .unwrap()
-            .get(0);
-        counted.map(|_| ())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the worker's count after the update",
+        || {
+            let counted: Option<std::time::SystemTime> = db
+                .query_one(
+                    "SELECT counted_at FROM bussig.queues WHERE queue = 'q'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            counted.map(|_| ())
+        },
+    );
 }

@@ -121,7 +121,11 @@ impl Claimed {
             return Ok(());
         }
         let slots: Vec<i32> = self.slots.into_iter().take(locked.len()).collect();
-        plans::run(client, &RECORD, &[self.queue_id.into(), slots.into(), locked.into()])?;
+        plans::run(
+            client,
+            &RECORD,
+            &[self.queue_id.into(), slots.into(), locked.into()],
+        )?;
         Ok(())
     }
 }
@@ -143,7 +147,12 @@ pub fn release(
     message_ids: DatumWithOid<'_>,
     lock_tokens: DatumWithOid<'_>,
 ) -> BusResult<()> {
-    let freed = plans::run(client, &RELEASE, &[queue_id.into(), message_ids, lock_tokens])?.len();
+    let freed = plans::run(
+        client,
+        &RELEASE,
+        &[queue_id.into(), message_ids, lock_tokens],
+    )?
+    .len();
     if freed > 0 {
         wakeup::note_ready(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
     }
@@ -200,6 +209,9 @@ pub fn set_cap(client: &mut SpiClient<'_>, queue_id: i32, cap: Option<i32>) -> B
     if let Some(cap) = cap {
         plans::run(client, &FILL, &[queue_id.into(), cap.into()])?;
     }
-    wakeup::note_ready(queue_id, u32::try_from(cap.unwrap_or(i32::MAX)).unwrap_or(u32::MAX));
+    wakeup::note_ready(
+        queue_id,
+        u32::try_from(cap.unwrap_or(i32::MAX)).unwrap_or(u32::MAX),
+    );
     Ok(())
 }

@@ -303,7 +303,11 @@ fn capped_round(
         let (limit, found) = xact::in_subtransaction(|| round(client), all_used)?;
         if found.returned == limit || found.returned == 0 {
             // Kept, or rolled back with nothing found.
-            let found = if found.returned == limit { found } else { ReadRound::empty() };
+            let found = if found.returned == limit {
+                found
+            } else {
+                ReadRound::empty()
+            };
             return Ok((limit, found));
         }
         // Rolled back: fewer were there than claimed.
@@ -344,7 +348,10 @@ fn receive(
                 start,
                 release_unused,
             )?,
-            None => (wanted, read_round(client, queue, wanted, lock_timeout, start)?),
+            None => (
+                wanted,
+                read_round(client, queue, wanted, lock_timeout, start)?,
+            ),
         };
         let ReadRound {
             returned,

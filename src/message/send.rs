@@ -259,7 +259,9 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
             (None, None) => (&SEND, Some(&messages)),
         };
         let grouped = group_id.is_some();
-        let ids = insert_messages(client, queue, found, delay, grouped, direct, statement, &args)?;
+        let ids = insert_messages(
+            client, queue, found, delay, grouped, direct, statement, &args,
+        )?;
         Ok(ids)
     })?;
     Ok(ids.first().copied())
@@ -362,7 +364,16 @@ pub fn batch(
         ];
         let messages = messages(found.queue_id);
         let direct = (!grouped).then_some(&messages);
-        insert_messages(client, queue, found, delay, grouped, direct, &SEND_BATCH, &args)
+        insert_messages(
+            client,
+            queue,
+            found,
+            delay,
+            grouped,
+            direct,
+            &SEND_BATCH,
+            &args,
+        )
     })?;
     ids.sort_unstable();
     Ok(ids)

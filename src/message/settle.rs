@@ -127,10 +127,19 @@ pub fn acknowledge(
     (message_ids, lock_tokens): (BigintArray, UuidArray),
 ) -> BusResult<i64> {
     let found = queue::require(client, queue)?;
-    let args = [found.queue_id.into(), message_ids.into(), lock_tokens.into()];
+    let args = [
+        found.queue_id.into(),
+        message_ids.into(),
+        lock_tokens.into(),
+    ];
     let acked = settle_deleted(client, found.queue_id, &ACK_BATCH, &args)?;
     if found.max_in_flight.is_some() {
-        in_flight::release(client, found.queue_id, message_ids.into(), lock_tokens.into())?;
+        in_flight::release(
+            client,
+            found.queue_id,
+            message_ids.into(),
+            lock_tokens.into(),
+        )?;
     }
     Ok(acked)
 }

@@ -4,8 +4,8 @@
 use pgrx::{pg_guard, pg_sys};
 
 use super::wakeup;
-use crate::error::BusResult;
 use crate::depth;
+use crate::error::BusResult;
 use crate::message::read_position;
 
 pub(super) fn register() {

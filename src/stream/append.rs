@@ -53,6 +53,7 @@ fn partition(stream: &Stream, key: Option<&str>) -> i32 {
 /// Wakes the stream's waiting readers when this transaction commits: all of them, since every group
 /// reads every record.
 fn announce(stream: &Stream) {
+    super::sequence::forget(stream.stream_id);
     wakeup::note_ready(super::wake_key(stream.stream_id), u32::MAX);
 }
 

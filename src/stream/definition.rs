@@ -95,7 +95,6 @@ fn table_ddl(stream_id: i32) -> Vec<String> {
              ) PARTITION BY LIST (segment)"
         ),
         format!("CREATE INDEX ON {table} (partition, seq)"),
-        format!("CREATE INDEX ON {table} (partition, record_id) WHERE seq IS NULL"),
     ];
     for segment in 0..SEGMENTS {
         ddl.push(format!(

@@ -1,10 +1,14 @@
 //! Consumer groups: each keeps its own position in every partition of its stream.
+use std::cell::RefCell;
+use std::collections::HashSet;
+
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
 use super::{require, sequence, Stream, StreamPrivilege};
 use crate::access::Caller;
 use crate::error::{BusError, BusResult};
+use crate::pg::invalidation;
 use crate::plans::{self, Statement};
 
 /// Where a new group starts.
@@ -58,6 +62,55 @@ static GROUP_EXISTS: Statement = Statement {
     writes: true,
 };
 
+// The group's lease rows, made again after a crash emptied the unlogged table.
+static ENSURE_LEASES: Statement = Statement {
+    sql: "INSERT INTO bussig.group_lease (stream_id, consumer_group, partition)
+          SELECT stream_id, consumer_group, partition FROM bussig.group_partition
+          WHERE stream_id = $1 AND consumer_group = $2
+          ON CONFLICT DO NOTHING RETURNING true",
+    args: &[pg_sys::INT4OID, pg_sys::TEXTOID],
+    writes: true,
+};
+
+thread_local! {
+    /// The groups whose lease rows this backend found made (stream id, group), with the generation of
+    /// bussig's objects they were found in. A crash empties the unlogged lease table, and ends every
+    /// backend with it.
+    static LEASES_MADE: RefCell<(u64, HashSet<(i32, String)>)> = RefCell::new((0, HashSet::new()));
+}
+
+const LEASES_MADE_LIMIT: usize = 10_000;
+
+/// Makes the group's lease rows unless this backend did already.
+pub fn make_sure_of_leases(
+    client: &mut SpiClient<'_>,
+    stream: &Stream,
+    group: &str,
+) -> BusResult<()> {
+    let generation = invalidation::generation(client)?;
+    let key = (stream.stream_id, group.to_string());
+    let known = LEASES_MADE.with(|made| {
+        let made = made.borrow();
+        made.0 == generation && made.1.contains(&key)
+    });
+    if known {
+        return Ok(());
+    }
+    let args = [stream.stream_id.into(), group.into()];
+    if plans::run(client, &ENSURE_LEASES, &args)?.len() > 0 {
+        // Made in this transaction, which may roll back: known once a later call finds them.
+        return Ok(());
+    }
+    LEASES_MADE.with(|made| {
+        let mut made = made.borrow_mut();
+        if made.0 != generation || made.1.len() >= LEASES_MADE_LIMIT {
+            *made = (generation, HashSet::new());
+        }
+        made.1.insert(key);
+    });
+    Ok(())
+}
+
 /// create_consumer_group: false when the group existed (left untouched).
 pub fn create(
     client: &mut SpiClient<'_>,
@@ -80,6 +133,11 @@ pub fn create(
         (start_at == StartAt::Latest).into(),
     ];
     plans::run(client, &INSERT_POSITIONS, &args)?;
+    plans::run(
+        client,
+        &ENSURE_LEASES,
+        &[stream.stream_id.into(), group.into()],
+    )?;
     Ok(true)
 }
 

@@ -9,7 +9,7 @@ use pgrx::pg_sys;
 use pgrx::spi::{SpiClient, SpiHeapTupleData};
 use pgrx::Uuid;
 
-use super::group::require_group;
+use super::group::{make_sure_of_leases, require_group};
 use super::{checked_partition, require, sequence, Stream, StreamPrivilege};
 use crate::access::{self, Caller};
 use crate::error::{BusError, BusResult};
@@ -30,40 +30,41 @@ pub struct StreamRecord {
     pub appended_at: TimestampWithTimeZone,
 }
 
-// Partitions of the group on which no lease is in force, where it is, and how far it may read.
-static FREE_PARTITIONS: Statement = Statement {
-    sql: "SELECT g.partition, greatest(g.committed_seq, p.first_seq - 1), p.head_seq
-          FROM bussig.group_partition g JOIN bussig.stream_partition p USING (stream_id, partition)
-          WHERE g.stream_id = $1 AND g.consumer_group = $2
-            AND (g.leased_until IS NULL OR g.leased_until <= clock_timestamp())
-          ORDER BY g.partition",
-    args: &[pg_sys::INT4OID, pg_sys::TEXTOID],
-    writes: true,
-};
-
-// Takes the lease unless another member holds it or is taking it right now.
-static LEASE: Statement = Statement {
-    sql: "WITH free AS (
-              SELECT ctid FROM bussig.group_partition
-              WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3
-                AND (leased_until IS NULL OR leased_until <= clock_timestamp())
-              FOR UPDATE SKIP LOCKED)
-          UPDATE bussig.group_partition g
-          SET lease_token = gen_random_uuid(), leased_until = clock_timestamp() + $4
-          FROM free WHERE g.ctid = free.ctid
-          RETURNING g.committed_seq, g.lease_token",
+// Leases the next partition of the group with records past the group's position and no lease in
+// force, counting from partition $3, unless another member is taking it right now (SKIP LOCKED). The
+// lease is a row of the unlogged bussig.group_lease: a read that numbers nothing writes no WAL.
+static LEASE_NEXT: Statement = Statement {
+    sql: "WITH candidate AS (
+              SELECT l.ctid
+              FROM bussig.group_lease l
+              JOIN bussig.group_partition g USING (stream_id, consumer_group, partition)
+              JOIN bussig.stream_partition p USING (stream_id, partition)
+              WHERE l.stream_id = $1 AND l.consumer_group = $2
+                AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
+                AND p.head_seq > greatest(g.committed_seq, p.first_seq - 1)
+              ORDER BY (l.partition - $3 + $4) % $4
+              LIMIT 1
+              FOR UPDATE OF l SKIP LOCKED)
+          UPDATE bussig.group_lease l
+          SET lease_token = gen_random_uuid(), leased_until = clock_timestamp() + $5
+          FROM candidate WHERE l.ctid = candidate.ctid
+          RETURNING l.partition, l.lease_token",
     args: &[
         pg_sys::INT4OID,
         pg_sys::TEXTOID,
+        pg_sys::INT4OID,
         pg_sys::INT4OID,
         pg_sys::INTERVALOID,
     ],
     writes: true,
 };
 
-static RELEASE: Statement = Statement {
-    sql: "UPDATE bussig.group_partition SET lease_token = NULL, leased_until = NULL
-          WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3 AND lease_token = $4",
+// Ends the leases of the group's partition $3, or of all its partitions when $3 is NULL; with $4, only
+// the lease of that token.
+static END_LEASES: Statement = Statement {
+    sql: "UPDATE bussig.group_lease SET lease_token = NULL, leased_until = NULL
+          WHERE stream_id = $1 AND consumer_group = $2 AND (partition = $3 OR $3 IS NULL)
+            AND (lease_token = $4 OR $4 IS NULL) AND lease_token IS NOT NULL",
     args: &[
         pg_sys::INT4OID,
         pg_sys::TEXTOID,
@@ -75,18 +76,24 @@ static RELEASE: Statement = Statement {
 
 static NEXT_LEASE_END: Statement = Statement {
     sql: "SELECT extract(epoch FROM min(leased_until) - clock_timestamp())::float8
-          FROM bussig.group_partition
+          FROM bussig.group_lease
           WHERE stream_id = $1 AND consumer_group = $2 AND leased_until > clock_timestamp()",
     args: &[pg_sys::INT4OID, pg_sys::TEXTOID],
     writes: true,
 };
 
-// A stale token matches no row: false. The position never moves back, nor past the head.
+// Ends the lease when the token is still the one handed out (an expired lease nobody took since
+// still commits) and moves the position: never back, nor past the head. A stale token matches no row.
 static COMMIT: Statement = Statement {
-    sql: "UPDATE bussig.group_partition g
-          SET committed_seq = greatest(g.committed_seq, least($4, p.head_seq)), lease_token = NULL, leased_until = NULL
-          FROM bussig.stream_partition p
-          WHERE g.stream_id = $1 AND g.consumer_group = $2 AND g.partition = $3 AND g.lease_token = $5
+    sql: "WITH ended AS (
+              UPDATE bussig.group_lease SET lease_token = NULL, leased_until = NULL
+              WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3 AND lease_token = $5
+              RETURNING stream_id, consumer_group, partition)
+          UPDATE bussig.group_partition g
+          SET committed_seq = greatest(g.committed_seq, least($4, p.head_seq))
+          FROM ended, bussig.stream_partition p
+          WHERE g.stream_id = ended.stream_id AND g.consumer_group = ended.consumer_group
+            AND g.partition = ended.partition
             AND p.stream_id = g.stream_id AND p.partition = g.partition
           RETURNING true",
     args: &[
@@ -100,7 +107,7 @@ static COMMIT: Statement = Statement {
 };
 
 static SEEK: Statement = Statement {
-    sql: "UPDATE bussig.group_partition SET committed_seq = $4 - 1, lease_token = NULL, leased_until = NULL
+    sql: "UPDATE bussig.group_partition SET committed_seq = $4 - 1
           WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3",
     args: &[
         pg_sys::INT4OID,
@@ -111,12 +118,18 @@ static SEEK: Statement = Statement {
     writes: true,
 };
 
-/// Records of a partition after a seq, in order. A writing statement: it sees what this call and
-/// others numbered a moment ago.
-fn records_after(stream: &Stream) -> String {
+/// Records of a partition in order: after the group's position ($3, $4) when a group is named, else
+/// after $2. The position is read in this statement, after the lease was taken in the one before,
+/// so a commit that ended the previous lease just before is seen. A writing statement: it sees what
+/// this call and others numbered a moment ago. The limit is written in (see `plans::run_limited`).
+fn records_after(stream: &Stream, limit: i32) -> String {
     format!(
         "SELECT seq, subject, key, payload, headers, appended_at FROM {}
-         WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+         WHERE partition = $1
+           AND seq > coalesce((SELECT greatest(g.committed_seq, p.first_seq - 1)
+                               FROM bussig.group_partition g JOIN bussig.stream_partition p USING (stream_id, partition)
+                               WHERE g.stream_id = $3 AND g.consumer_group = $4 AND g.partition = $1), $2)
+         ORDER BY seq LIMIT {limit}",
         stream.table()
     )
 }
@@ -127,8 +140,7 @@ fn seek_time(stream: &Stream) -> String {
         "UPDATE bussig.group_partition g
          SET committed_seq = coalesce((SELECT min(r.seq) FROM {} r
                                        WHERE r.partition = g.partition AND r.seq IS NOT NULL AND r.appended_at >= $3),
-                                      p.head_seq + 1) - 1,
-             lease_token = NULL, leased_until = NULL
+                                      p.head_seq + 1) - 1
          FROM bussig.stream_partition p
          WHERE g.stream_id = $1 AND g.consumer_group = $2 AND p.stream_id = g.stream_id AND p.partition = g.partition",
         stream.table()
@@ -152,18 +164,40 @@ fn decode(
     })
 }
 
-/// Up to `limit` records of `partition` after `after`.
+/// Where a read starts in a partition: after a seq, or after a group's position.
+enum From<'a> {
+    Seq(i64),
+    Group(i32, &'a str),
+}
+
+/// Up to `wanted` records of `partition` after `from`, by the statement for `limit` (the call's
+/// max_records: one kept statement however many a pass still wants).
 fn read_partition(
     client: &mut SpiClient<'_>,
     stream: &Stream,
     partition: i32,
-    after: i64,
-    limit: i64,
+    from: From<'_>,
+    (wanted, limit): (i64, i32),
     lease_token: Option<Uuid>,
 ) -> BusResult<Vec<StreamRecord>> {
-    let types = [pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID];
-    let args = [partition.into(), after.into(), limit.into()];
-    plans::run_text(client, &records_after(stream), &types, true, &args)?
+    let types = [
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+    ];
+    let (after, stream_id, group) = match from {
+        From::Seq(after) => (Some(after), None, None),
+        From::Group(stream_id, group) => (None, Some(stream_id), Some(group)),
+    };
+    let args = [
+        partition.into(),
+        after.into(),
+        stream_id.into(),
+        group.into(),
+    ];
+    let sql = records_after(stream, limit);
+    plans::run_text_stopping(client, &sql, &types, true, &args, Some(wanted))?
         .map(|row| decode(&row, partition, lease_token))
         .collect()
 }
@@ -210,66 +244,68 @@ pub fn checked_max_records(max_records: Option<i32>) -> BusResult<i32> {
     Ok(max_records)
 }
 
-/// One pass over the group's free partitions, from a place that differs between calls, so that
-/// members spread over partitions.
+/// One pass over the group's partitions with records and no lease in force, from a place that
+/// differs between calls, so that members spread over partitions: one statement leases a partition,
+/// one reads it.
 fn read_once(
     client: &mut SpiClient<'_>,
+    name: &str,
     stream: &Stream,
     group: &str,
     request: &StreamReadRequest,
 ) -> BusResult<Vec<StreamRecord>> {
-    let args = [stream.stream_id.into(), group.into()];
-    let mut free: Vec<(i32, i64, i64)> = Vec::new();
-    for row in plans::run(client, &FREE_PARTITIONS, &args)? {
-        free.push((
-            plans::filled(&row, 1, "partition")?,
-            plans::filled(&row, 2, "committed seq")?,
-            plans::filled(&row, 3, "head seq")?,
-        ));
+    for partition in 0..stream.partitions {
+        sequence::number_new(client, stream, partition)?;
     }
-    if free.len() > 1 {
-        let start = super::partition_unkeyed(free.len() as i32) as usize;
-        free.rotate_left(start);
-    }
+    make_sure_of_leases(client, stream, group)?;
+    let start = super::partition_unkeyed(stream.partitions);
     let mut records = Vec::new();
     let mut left = i64::from(request.max_records);
-    for (partition, committed, head) in free {
-        if left == 0 {
-            break;
-        }
-        let head = match sequence::number(client, stream, partition)? {
-            Some(head) => head,
-            None => head,
-        };
-        if head <= committed {
-            continue;
-        }
+    while left > 0 {
         let args = [
             stream.stream_id.into(),
             group.into(),
-            partition.into(),
+            start.into(),
+            stream.partitions.into(),
             request.lease.into(),
         ];
-        let Some(row) = plans::run(client, &LEASE, &args)?.next() else {
-            continue;
+        let Some(row) = plans::run(client, &LEASE_NEXT, &args)?.next() else {
+            break;
         };
-        let committed = committed.max(plans::filled(&row, 1, "committed seq")?);
+        let partition: i32 = plans::filled(&row, 1, "partition")?;
         let token: Uuid = plans::filled(&row, 2, "lease token")?;
-        let found = read_partition(client, stream, partition, committed, left, Some(token))?;
+        let from = From::Group(stream.stream_id, group);
+        let limits = (left, request.max_records);
+        let found = read_partition(client, stream, partition, from, limits, Some(token))?;
         if found.is_empty() {
-            let args = [
-                stream.stream_id.into(),
-                group.into(),
-                partition.into(),
-                token.into(),
-            ];
-            plans::run(client, &RELEASE, &args)?;
+            // A commit moved the position to the head between the two statements.
+            end_leases(client, stream, group, Some(partition), Some(token))?;
             continue;
         }
         left -= found.len() as i64;
         records.extend(found);
     }
+    if records.is_empty() {
+        require_group(client, name, stream, group)?;
+    }
     Ok(records)
+}
+
+fn end_leases(
+    client: &mut SpiClient<'_>,
+    stream: &Stream,
+    group: &str,
+    partition: Option<i32>,
+    token: Option<Uuid>,
+) -> BusResult<()> {
+    let args = [
+        stream.stream_id.into(),
+        group.into(),
+        partition.into(),
+        token.into(),
+    ];
+    plans::run(client, &END_LEASES, &args)?;
+    Ok(())
 }
 
 /// stream_read: the group's next records; with a wait, sleeps until an append commits, a lease of
@@ -284,11 +320,10 @@ pub fn read_waiting(
     loop {
         let (records, key, read_from, may_wait, lease_ends) = access::connect(|client, caller| {
             let stream = require(client, caller, name, StreamPrivilege::Read)?;
-            require_group(client, name, &stream, group)?;
             let key = super::wake_key(stream.stream_id);
             // Noted before the read's snapshots are taken: see `arrivals`.
             let read_from = arrivals::seen(key);
-            let records = read_once(client, &stream, group, &request)?;
+            let records = read_once(client, name, &stream, group, &request)?;
             let may_wait =
                 started.elapsed() < request.wait && !crate::pg::xact::snapshot_is_fixed();
             let lease_ends = if records.is_empty() && may_wait {
@@ -338,7 +373,7 @@ pub fn commit(
     seq: i64,
     lease_token: Uuid,
 ) -> BusResult<bool> {
-    let stream = group_position(client, caller, name, group, partition, seq)?;
+    let stream = checked_position(client, caller, name, partition, seq)?;
     let args = [
         stream.stream_id.into(),
         group.into(),
@@ -346,21 +381,24 @@ pub fn commit(
         seq.into(),
         lease_token.into(),
     ];
-    Ok(plans::first_value::<bool>(client, &COMMIT, &args)?.unwrap_or(false))
+    if plans::first_value::<bool>(client, &COMMIT, &args)?.is_some() {
+        return Ok(true);
+    }
+    require_group(client, name, &stream, group)?;
+    Ok(false)
 }
 
-/// The stream whose group `group` moves in `partition` to `seq` (commit, seek), all checked: the
-/// caller may read the stream, the group exists, the partition and the seq are valid.
-fn group_position(
+/// The stream in which a group moves in `partition` to `seq` (commit, seek), checked: the caller may
+/// read the stream, the partition and the seq are valid. Whether the group exists is the caller's to
+/// check.
+fn checked_position(
     client: &mut SpiClient<'_>,
     caller: &Caller,
     name: &str,
-    group: &str,
     partition: i32,
     seq: i64,
 ) -> BusResult<Stream> {
     let stream = require(client, caller, name, StreamPrivilege::Read)?;
-    require_group(client, name, &stream, group)?;
     checked_partition(&stream, partition)?;
     checked_seq(seq, "seq")?;
     Ok(stream)
@@ -385,7 +423,8 @@ pub fn seek(
     partition: i32,
     seq: i64,
 ) -> BusResult<()> {
-    let stream = group_position(client, caller, name, group, partition, seq)?;
+    let stream = checked_position(client, caller, name, partition, seq)?;
+    require_group(client, name, &stream, group)?;
     let args = [
         stream.stream_id.into(),
         group.into(),
@@ -393,10 +432,11 @@ pub fn seek(
         seq.into(),
     ];
     plans::run(client, &SEEK, &args)?;
-    Ok(())
+    end_leases(client, &stream, group, Some(partition), None)
 }
 
-/// stream_seek_time: every partition of the group to its first record appended at or after `at`.
+/// stream_seek_time: every partition of the group to its first record appended at or after `at`;
+/// leases in force end.
 pub fn seek_to_time(
     client: &mut SpiClient<'_>,
     caller: &Caller,
@@ -410,7 +450,7 @@ pub fn seek_to_time(
     let types = [pg_sys::INT4OID, pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID];
     let args = [stream.stream_id.into(), group.into(), at.into()];
     plans::run_text(client, &seek_time(&stream), &types, true, &args)?;
-    Ok(())
+    end_leases(client, &stream, group, None, None)
 }
 
 /// stream_range: up to `max_records` records of `partition` from `from_seq` on, without a group.
@@ -425,13 +465,13 @@ pub fn range(
     let stream = require(client, caller, name, StreamPrivilege::Read)?;
     checked_partition(&stream, partition)?;
     checked_seq(from_seq, "from_seq")?;
-    sequence::number(client, &stream, partition)?;
+    sequence::number_new(client, &stream, partition)?;
     read_partition(
         client,
         &stream,
         partition,
-        from_seq - 1,
-        i64::from(max_records),
+        From::Seq(from_seq - 1),
+        (i64::from(max_records), max_records),
         None,
     )
 }

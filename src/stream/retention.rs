@@ -97,7 +97,12 @@ fn empty_segment(
         return Ok(false);
     }
     let table = format!("{}_{}", stream.table(), segment.segment);
-    let unnumbered = format!("SELECT EXISTS (SELECT FROM {table} WHERE seq IS NULL)");
+    // By partition, so that the index on (partition, seq) answers.
+    let unnumbered = format!(
+        "SELECT EXISTS (SELECT FROM generate_series(0, {}) p
+                        WHERE EXISTS (SELECT FROM {table} r WHERE r.partition = p AND r.seq IS NULL))",
+        stream.partitions - 1
+    );
     if plans::run_text(client, &unnumbered, &[], true, &[])?
         .next()
         .and_then(|row| row.get::<bool>(1).ok().flatten())

@@ -3,6 +3,9 @@
 //! batch of what committed). So numbers follow the order records become readable: one committing
 //! later gets a higher seq than anything a reader could see before, a rollback leaves no gap, and an
 //! open appending transaction holds back nobody (its records are not visible, so not numbered yet).
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
@@ -47,6 +50,55 @@ fn numbering(stream: &Stream) -> String {
     )
 }
 
+thread_local! {
+    /// Partitions (by stream id, then partition) this backend found with nothing to number, and the stream's
+    /// arrival count (`pg::arrivals`) noted before: while the count stays, no append committed since,
+    /// and reads need not look again. An append of this backend's transaction forgets its stream, so
+    /// that its own reads number its records as before.
+    static NOTHING_NEW: RefCell<HashMap<i32, HashMap<i32, u64>>> = RefCell::new(HashMap::new());
+}
+
+/// Streams remembered at most; past that the backend starts over.
+const NOTHING_NEW_LIMIT: usize = 1_000;
+
+/// `number`, unless no append to the stream committed since this backend last found the partition
+/// with nothing to number: the reads' way, which spares them a statement and an index probe.
+pub fn number_new(client: &mut SpiClient<'_>, stream: &Stream, partition: i32) -> BusResult<()> {
+    if !crate::pg::wakeup::shared_memory() {
+        number(client, stream, partition)?;
+        return Ok(());
+    }
+    let stream_id = stream.stream_id;
+    // Noted before the numbering's snapshots are taken, as a waiting reader notes it.
+    let seen = crate::pg::arrivals::seen(super::wake_key(stream.stream_id));
+    let known_empty = NOTHING_NEW.with(|known| {
+        known
+            .borrow()
+            .get(&stream_id)
+            .and_then(|partitions| partitions.get(&partition))
+            == Some(&seen)
+    });
+    if known_empty {
+        return Ok(());
+    }
+    // Only a pass that numbered nothing is remembered: it wrote nothing a rollback could take back.
+    if let Some((_, 0)) = number_counting(client, stream, partition)? {
+        NOTHING_NEW.with(|known| {
+            let mut known = known.borrow_mut();
+            if known.len() >= NOTHING_NEW_LIMIT {
+                known.clear();
+            }
+            known.entry(stream_id).or_default().insert(partition, seen);
+        });
+    }
+    Ok(())
+}
+
+/// This transaction appended to the stream: its reads number again.
+pub fn forget(stream_id: i32) {
+    NOTHING_NEW.with(|known| known.borrow_mut().remove(&stream_id));
+}
+
 /// Numbers the partition's committed records; its head (last seq) after that, or None when another
 /// transaction is numbering it right now.
 pub fn number(
@@ -54,6 +106,15 @@ pub fn number(
     stream: &Stream,
     partition: i32,
 ) -> BusResult<Option<i64>> {
+    Ok(number_counting(client, stream, partition)?.map(|(head, _)| head))
+}
+
+/// `number`, with how many records it numbered.
+fn number_counting(
+    client: &mut SpiClient<'_>,
+    stream: &Stream,
+    partition: i32,
+) -> BusResult<Option<(i64, i64)>> {
     let args = [stream.stream_id.into(), partition.into()];
     let Some(head) = plans::first_value::<i64>(client, &LOCK_PARTITION, &args)? else {
         return Ok(None);
@@ -68,7 +129,7 @@ pub fn number(
     )?;
     let count = numbered.len() as i64;
     if count == 0 {
-        return Ok(Some(head));
+        return Ok(Some((head, 0)));
     }
     // Readers of other groups that found this partition being numbered, and read on without it,
     // are woken when these numbers commit, as an append's commit wakes them.
@@ -79,7 +140,7 @@ pub fn number(
         &SET_HEAD,
         &[stream.stream_id.into(), partition.into(), new_head.into()],
     )?;
-    Ok(Some(new_head))
+    Ok(Some((new_head, count)))
 }
 
 /// Numbers every partition of the stream (those another transaction is numbering are left to it):

@@ -61,7 +61,7 @@ mod tests {
             .as_deref(),
             Some("0 5 t")
         );
-        run("CREATE TEMP TABLE first_lease AS SELECT lease_token FROM bussig.group_partition");
+        run("CREATE TEMP TABLE first_lease AS SELECT lease_token FROM bussig.group_lease");
         assert_eq!(
             one::<bool>("SELECT bussig.stream_commit('events', 'g', 0, 2, (SELECT lease_token FROM first_lease))"),
             Some(true)
@@ -106,7 +106,7 @@ mod tests {
         append("events", 3);
         assert_eq!(read_into_got("events", "g", 100), [1, 2, 3]);
         run("CREATE TEMP TABLE old_lease AS SELECT DISTINCT lease_token FROM got");
-        run("UPDATE bussig.group_partition SET leased_until = now() - interval '1 second'");
+        run("UPDATE bussig.group_lease SET leased_until = now() - interval '1 second'");
         assert_eq!(read_into_got("events", "g", 100), [1, 2, 3]);
         assert_eq!(
             count("SELECT FROM got JOIN old_lease USING (lease_token)"),

@@ -32,8 +32,14 @@ mod tests {
     #[pg_test]
     fn a_cap_must_be_positive_and_zero_removes_it() {
         assert_all_fail(&[
-            ("SELECT bussig.create_queue('c', max_in_flight => -1)", "22023"),
-            ("SELECT bussig.create_queue('c', max_in_flight => 0 - 2147483647)", "22023"),
+            (
+                "SELECT bussig.create_queue('c', max_in_flight => -1)",
+                "22023",
+            ),
+            (
+                "SELECT bussig.create_queue('c', max_in_flight => 0 - 2147483647)",
+                "22023",
+            ),
         ]);
         assert_eq!(count("SELECT FROM bussig.queue WHERE name = 'c'"), 0);
         run("SELECT bussig.create_queue('c', max_in_flight => 3)");
@@ -42,14 +48,21 @@ mod tests {
             Some(3)
         );
         assert_eq!(count("SELECT FROM bussig.in_flight_slot"), 3);
-        assert_fails("SELECT bussig.alter_queue('c', max_in_flight => -5)", "22023");
+        assert_fails(
+            "SELECT bussig.alter_queue('c', max_in_flight => -5)",
+            "22023",
+        );
         assert_eq!(
             one::<i32>("SELECT max_in_flight FROM bussig.queues WHERE queue = 'c'"),
             Some(3),
             "a refused change leaves the cap"
         );
         run("SELECT bussig.alter_queue('c', max_deliveries => 7)");
-        assert_eq!(count("SELECT FROM bussig.in_flight_slot"), 3, "other settings leave the slots");
+        assert_eq!(
+            count("SELECT FROM bussig.in_flight_slot"),
+            3,
+            "other settings leave the slots"
+        );
         run("SELECT bussig.alter_queue('c', max_in_flight => 0)");
         assert_eq!(
             one::<i32>("SELECT max_in_flight FROM bussig.queues WHERE queue = 'c'"),
@@ -92,7 +105,11 @@ mod tests {
         assert_eq!(locked_in("c"), 2);
         run("SELECT bussig.purge_queue('c')");
         send_many("c", 3);
-        assert_eq!(read_count("c", 5), 2, "a purge frees the slots of what it deleted");
+        assert_eq!(
+            read_count("c", 5),
+            2,
+            "a purge frees the slots of what it deleted"
+        );
     }
 
     #[pg_test]
@@ -101,11 +118,9 @@ mod tests {
         send_many("c", 6);
         assert_eq!(read_count("c", 2), 2);
         run("DROP TABLE IF EXISTS pg_temp.again");
-        run(
-            "CREATE TEMP TABLE again AS
+        run("CREATE TEMP TABLE again AS
              SELECT * FROM bussig.ack_and_read('c', (SELECT array_agg(message_id) FROM got),
-                                               (SELECT array_agg(lock_token) FROM got), 5)",
-        );
+                                               (SELECT array_agg(lock_token) FROM got), 5)");
         assert_eq!(count("SELECT FROM again"), 2);
         assert_eq!(locked_in("c"), 2);
     }
@@ -122,7 +137,11 @@ mod tests {
             "a delivery in its slot extends"
         );
         let_time_pass("c");
-        assert_eq!(read_count("c", 5), 1, "the slot of the lock that ran out is free");
+        assert_eq!(
+            read_count("c", 5),
+            1,
+            "the slot of the lock that ran out is free"
+        );
         assert_eq!(
             one::<bool>("SELECT bussig.extend_lock('c', message_id, lock_token) FROM first_got"),
             Some(false),
@@ -139,13 +158,11 @@ mod tests {
     fn a_read_rolled_back_gives_its_slots_back() {
         run("SELECT bussig.create_queue('c', max_in_flight => 3)");
         send_many("c", 5);
-        run(
-            "DO $$ BEGIN
+        run("DO $$ BEGIN
                  PERFORM * FROM bussig.read('c', 10);
                  RAISE EXCEPTION 'undo';
              EXCEPTION WHEN raise_exception THEN NULL;
-             END $$",
-        );
+             END $$");
         assert_eq!(locked_in("c"), 0);
         assert_eq!(read_count("c", 10), 3);
     }
@@ -188,7 +205,9 @@ mod tests {
         run("ALTER TABLE got RENAME TO acked");
         run("SELECT bussig.ack('c', message_id, lock_token) FROM acked");
         assert_eq!(
-            one::<bool>("SELECT bussig.extend_lock('c', message_id, lock_token, '1 hour') FROM acked"),
+            one::<bool>(
+                "SELECT bussig.extend_lock('c', message_id, lock_token, '1 hour') FROM acked"
+            ),
             Some(false)
         );
         assert_eq!(read_count("c", 5), 1, "the slot stayed free");
@@ -215,7 +234,11 @@ mod tests {
             "bussig.ack('a', message_id, lock_token)",
             "bussig.dead_letter('a', message_id, lock_token)",
         ] {
-            assert_eq!(one::<bool>(&format!("SELECT {settle} FROM got")), Some(false), "{settle}");
+            assert_eq!(
+                one::<bool>(&format!("SELECT {settle} FROM got")),
+                Some(false),
+                "{settle}"
+            );
         }
         assert_eq!(
             one::<i64>("SELECT bussig.ack_batch('a', array_agg(message_id), array_agg(lock_token)) FROM got"),
