@@ -97,7 +97,7 @@ pub fn make_sure_of_leases(
         return Ok(());
     }
     let args = [stream.stream_id.into(), group.into()];
-    if plans::run(client, &ENSURE_LEASES, &args)?.len() > 0 {
+    if !plans::run(client, &ENSURE_LEASES, &args)?.is_empty() {
         // Made in this transaction, which may roll back: known once a later call finds them.
         return Ok(());
     }
