@@ -16,6 +16,7 @@ mod pressure;
 mod python;
 mod report;
 mod soak;
+mod stream_soak;
 mod streams;
 mod systems;
 mod workloads;
@@ -181,7 +182,7 @@ fn run() -> Res<()> {
         sections.push(section);
     };
     type Workload = fn(&Config, &mut postgres::Client, &mut Vec<Target>) -> Res<Section>;
-    let workloads: [(&str, Workload); 14] = [
+    let workloads: [(&str, Workload); 15] = [
         ("1 send", workloads::sends),
         ("2 send_batch", workloads::send_batches),
         ("3 consume", workloads::consume),
@@ -199,6 +200,7 @@ fn run() -> Res<()> {
         ("15 the Python client's worker", python::python_worker),
         ("16 ordered message groups", groups::groups),
         ("17 streams", streams::streams),
+        ("18 streams' soak", stream_soak::stream_soak),
     ];
     for (name, workload) in workloads {
         let number = name.split(' ').next().unwrap_or(name);

@@ -16,7 +16,7 @@ use crate::workloads::{at_least, index_of, rate_cell};
 use crate::Config;
 
 const STREAM: &str = "bench_stream";
-const GROUP: &str = "bench";
+pub const GROUP: &str = "bench";
 /// Partitions of the stream: as many members as this can read at once.
 const PARTITIONS: i32 = 4;
 const BATCH: i32 = 100;
@@ -67,8 +67,15 @@ fn append_batch_step(client: &mut Client) -> Res<Step> {
 /// A member's loop: read up to 100 in one autocommit transaction, commit each partition's last in
 /// the next, as the hand-written consumer reads and deletes.
 fn group_step(client: &mut Client) -> Res<Step> {
+    member_step(client, STREAM, "0")
+}
+
+/// A member of GROUP in `stream`, its read waiting up to `wait` (an interval) when there is nothing.
+pub fn member_step(client: &mut Client, stream: &'static str, wait: &str) -> Res<Step> {
     let read = client.prepare_typed(
-        "SELECT partition, seq, lease_token, payload FROM bussig.stream_read($1, $2, $3)",
+        &format!(
+            "SELECT partition, seq, lease_token, payload FROM bussig.stream_read($1, $2, $3, wait => '{wait}')"
+        ),
         &[Type::TEXT, Type::TEXT, Type::INT4],
     )?;
     let commit = client.prepare_typed(
@@ -83,7 +90,7 @@ fn group_step(client: &mut Client) -> Res<Step> {
         ],
     )?;
     Ok(Box::new(move |c| {
-        let rows = c.query(&read, &[&STREAM, &GROUP, &BATCH])?;
+        let rows = c.query(&read, &[&stream, &GROUP, &BATCH])?;
         receive(&rows, 3);
         let mut last: Vec<(i32, i64, uuid::Uuid)> = Vec::new();
         for row in &rows {
@@ -98,7 +105,7 @@ fn group_step(client: &mut Client) -> Res<Step> {
             let partitions: Vec<i32> = last.iter().map(|l| l.0).collect();
             let seqs: Vec<i64> = last.iter().map(|l| l.1).collect();
             let tokens: Vec<uuid::Uuid> = last.iter().map(|l| l.2).collect();
-            c.query_one(&commit, &[&STREAM, &GROUP, &partitions, &seqs, &tokens])?;
+            c.query_one(&commit, &[&stream, &GROUP, &partitions, &seqs, &tokens])?;
         }
         Ok(rows.len() as u64)
     }))
