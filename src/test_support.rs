@@ -52,6 +52,13 @@ pub fn read_into_got(queue: &str) {
     ));
 }
 
+/// Creates `queue` with one message in it, and reads that into `got`.
+pub fn one_read_into_got(queue: &str) {
+    run(&format!("SELECT bussig.create_queue('{queue}')"));
+    run(&format!("SELECT bussig.send('{queue}', '1')"));
+    read_into_got(queue);
+}
+
 /// Makes every lock and delay of the queue run out, as if time had passed; messages waiting behind
 /// their group's head keep waiting.
 pub fn let_time_pass(queue: &str) {

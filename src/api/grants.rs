@@ -15,35 +15,50 @@ static ROLE_EXISTS: Statement = Statement {
     writes: false,
 };
 
-static GRANT: Statement = Statement {
-    sql: "INSERT INTO bussig.queue_grant (queue_id, grantee, privilege)
-          SELECT q.queue_id, $2, p FROM bussig.queue q, unnest($3::text[]) AS p WHERE q.name = $1
-          ON CONFLICT DO NOTHING",
-    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
-    writes: true,
-};
+/// GRANT and REVOKE for one kind of object (`queue`, `stream`): rows of `bussig.<kind>_grant` for the
+/// object named $1, grantee $2, privileges $3.
+macro_rules! grant_statements {
+    ($kind:literal, $grant:ident, $revoke:ident) => {
+        static $grant: Statement = Statement {
+            sql: concat!(
+                "INSERT INTO bussig.",
+                $kind,
+                "_grant (",
+                $kind,
+                "_id, grantee, privilege)
+                 SELECT o.",
+                $kind,
+                "_id, $2, p FROM bussig.",
+                $kind,
+                " o, unnest($3::text[]) AS p
+                 WHERE o.name = $1 ON CONFLICT DO NOTHING"
+            ),
+            args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
+            writes: true,
+        };
 
-static REVOKE: Statement = Statement {
-    sql: "DELETE FROM bussig.queue_grant g USING bussig.queue q
-          WHERE g.queue_id = q.queue_id AND q.name = $1 AND g.grantee = $2 AND g.privilege = ANY($3)",
-    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
-    writes: true,
-};
+        static $revoke: Statement = Statement {
+            sql: concat!(
+                "DELETE FROM bussig.",
+                $kind,
+                "_grant g USING bussig.",
+                $kind,
+                " o
+                 WHERE g.",
+                $kind,
+                "_id = o.",
+                $kind,
+                "_id AND o.name = $1 AND g.grantee = $2
+                   AND g.privilege = ANY($3)"
+            ),
+            args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
+            writes: true,
+        };
+    };
+}
 
-static GRANT_STREAM: Statement = Statement {
-    sql: "INSERT INTO bussig.stream_grant (stream_id, grantee, privilege)
-          SELECT s.stream_id, $2, p FROM bussig.stream s, unnest($3::text[]) AS p WHERE s.name = $1
-          ON CONFLICT DO NOTHING",
-    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
-    writes: true,
-};
-
-static REVOKE_STREAM: Statement = Statement {
-    sql: "DELETE FROM bussig.stream_grant g USING bussig.stream s
-          WHERE g.stream_id = s.stream_id AND s.name = $1 AND g.grantee = $2 AND g.privilege = ANY($3)",
-    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
-    writes: true,
-};
+grant_statements!("queue", GRANT, REVOKE);
+grant_statements!("stream", GRANT_STREAM, REVOKE_STREAM);
 
 static GRANT_CREATE: Statement = Statement {
     sql: "INSERT INTO bussig.queue_creator (grantee) VALUES ($1) ON CONFLICT DO NOTHING",

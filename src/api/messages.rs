@@ -6,34 +6,15 @@ use pgrx::prelude::*;
 use pgrx::Uuid;
 
 use crate::error::{BusError, BusResult};
+use crate::message::peek::message_row;
 use crate::message::receive::{receive_waiting, Delivery, ReadRequest};
-use crate::message::send::{self, check_headers, Outgoing};
+use crate::message::send::{self, check_headers, Extras, Outgoing};
 use crate::message::{dead_letter, group, peek, reply, settle};
 use crate::pg::datum::{BigintArray, Jsonb, JsonbArray, UuidArray};
 use crate::validate::{self, required};
 
-#[allow(clippy::too_many_arguments)]
-#[pg_extern]
-fn send(
-    queue: Option<&str>,
-    payload: Option<Jsonb>,
-    headers: default!(Option<Jsonb>, "NULL"),
-    delay: default!(Option<Interval>, "NULL"),
-    priority: default!(Option<i32>, 0),
-    dedup_id: default!(Option<&str>, "NULL"),
-    correlation_id: default!(Option<&str>, "NULL"),
-    reply_to: default!(Option<&str>, "NULL"),
-    group_id: default!(Option<&str>, "NULL"),
-) -> Result<Option<i64>, ErrorReport> {
-    let queue = validate::queue_name(queue)?;
-    let outgoing = Outgoing::check(payload, headers, delay, priority)?;
-    let extras = send::Extras {
-        dedup_id,
-        correlation_id,
-        reply_to,
-        group_id: validate::group_id(group_id)?,
-    };
-    Ok(send::one(queue, outgoing, extras)?)
+sends_one! {
+    fn send(queue) -> Option<i64> = validate::queue_name, send::one
 }
 
 #[pg_extern]
@@ -55,19 +36,39 @@ fn send_batch(
     )?))
 }
 
-type DeliveryRow = (
-    i64,
-    Uuid,
-    Option<String>,
-    Jsonb,
-    Option<Jsonb>,
-    i32,
-    i32,
-    TimestampWithTimeZone,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+type DeliveryRow = message_row!(i64, Uuid);
+
+/// Emits a `#[pg_extern] fn` returning messages as rows: the `$lead` columns, then those of every
+/// listing of messages, named (the bodies return `message_row!` tuples: the lists agree or the build
+/// fails). A whole item, since `#[pg_extern]` reads the return type before any macro in it expands.
+macro_rules! returns_messages {
+    (
+        $(#[$($attr:tt)*])*
+        fn $name:ident($($params:tt)*) -> ($($lead:tt)*) $body:tt
+    ) => {
+        $(#[$($attr)*])*
+        #[allow(clippy::type_complexity)]
+        #[pg_extern]
+        fn $name($($params)*) -> Result<
+            TableIterator<
+                'static,
+                (
+                    $($lead)*
+                    name!(subject, Option<String>),
+                    name!(payload, Jsonb),
+                    name!(headers, Option<Jsonb>),
+                    name!(delivery_count, i32),
+                    name!(priority, i32),
+                    name!(enqueued_at, TimestampWithTimeZone),
+                    name!(correlation_id, Option<String>),
+                    name!(reply_to, Option<String>),
+                    name!(group_id, Option<String>),
+                ),
+            >,
+            ErrorReport,
+        > $body
+    };
+}
 
 /// The rows read and ack_and_read return.
 fn deliveries(delivered: Vec<Delivery>) -> TableIterator<'static, DeliveryRow> {
@@ -88,35 +89,17 @@ fn deliveries(delivered: Vec<Delivery>) -> TableIterator<'static, DeliveryRow> {
     }))
 }
 
-#[allow(clippy::type_complexity)]
-#[pg_extern]
-fn read(
-    queue: Option<&str>,
-    max_messages: default!(Option<i32>, 1),
-    lock_timeout: default!(Option<Interval>, "NULL"),
-    wait: default!(Option<Interval>, "NULL"),
-) -> Result<
-    TableIterator<
-        'static,
-        (
-            name!(message_id, i64),
-            name!(lock_token, Uuid),
-            name!(subject, Option<String>),
-            name!(payload, Jsonb),
-            name!(headers, Option<Jsonb>),
-            name!(delivery_count, i32),
-            name!(priority, i32),
-            name!(enqueued_at, TimestampWithTimeZone),
-            name!(correlation_id, Option<String>),
-            name!(reply_to, Option<String>),
-            name!(group_id, Option<String>),
-        ),
-    >,
-    ErrorReport,
-> {
-    let queue = validate::queue_name(queue)?;
-    let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
-    Ok(deliveries(receive_waiting(queue, request, None)?))
+returns_messages! {
+    fn read(
+        queue: Option<&str>,
+        max_messages: default!(Option<i32>, 1),
+        lock_timeout: default!(Option<Interval>, "NULL"),
+        wait: default!(Option<Interval>, "NULL"),
+    ) -> (name!(message_id, i64), name!(lock_token, Uuid),) {
+        let queue = validate::queue_name(queue)?;
+        let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
+        Ok(deliveries(receive_waiting(queue, request, None)?))
+    }
 }
 
 /// The three arguments that name one delivery of one message.
@@ -156,45 +139,28 @@ fn ack_batch(
     Ok(settle::ack_batch(queue, pairs)?)
 }
 
-/// The consumer loop in one call: acknowledges the previous batch (stale tokens are skipped, as
-/// by ack_batch) and reads the next, in one transaction and one round trip. NULL arrays ack nothing.
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
-#[pg_extern]
-fn ack_and_read(
-    queue: Option<&str>,
-    message_ids: default!(Option<BigintArray>, "NULL"),
-    lock_tokens: default!(Option<UuidArray>, "NULL"),
-    max_messages: default!(Option<i32>, 1),
-    lock_timeout: default!(Option<Interval>, "NULL"),
-    wait: default!(Option<Interval>, "NULL"),
-) -> Result<
-    TableIterator<
-        'static,
-        (
-            name!(message_id, i64),
-            name!(lock_token, Uuid),
-            name!(subject, Option<String>),
-            name!(payload, Jsonb),
-            name!(headers, Option<Jsonb>),
-            name!(delivery_count, i32),
-            name!(priority, i32),
-            name!(enqueued_at, TimestampWithTimeZone),
-            name!(correlation_id, Option<String>),
-            name!(reply_to, Option<String>),
-            name!(group_id, Option<String>),
-        ),
-    >,
-    ErrorReport,
-> {
-    let queue = validate::queue_name(queue)?;
-    let settled = match (message_ids, lock_tokens) {
-        (None, None) => None,
-        (Some(ids), Some(tokens)) => Some(settle::settled_pairs(ids, tokens)?),
-        (None, Some(_)) => return Err(BusError::NullArgument("message_ids").into()),
-        (Some(_), None) => return Err(BusError::NullArgument("lock_tokens").into()),
-    };
-    let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
-    Ok(deliveries(receive_waiting(queue, request, settled)?))
+returns_messages! {
+    /// The consumer loop in one call: acknowledges the previous batch (stale tokens are skipped, as
+    /// by ack_batch) and reads the next, in one transaction and one round trip. NULL arrays ack nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn ack_and_read(
+        queue: Option<&str>,
+        message_ids: default!(Option<BigintArray>, "NULL"),
+        lock_tokens: default!(Option<UuidArray>, "NULL"),
+        max_messages: default!(Option<i32>, 1),
+        lock_timeout: default!(Option<Interval>, "NULL"),
+        wait: default!(Option<Interval>, "NULL"),
+    ) -> (name!(message_id, i64), name!(lock_token, Uuid),) {
+        let queue = validate::queue_name(queue)?;
+        let settled = match (message_ids, lock_tokens) {
+            (None, None) => None,
+            (Some(ids), Some(tokens)) => Some(settle::settled_pairs(ids, tokens)?),
+            (None, Some(_)) => return Err(BusError::NullArgument("message_ids").into()),
+            (Some(_), None) => return Err(BusError::NullArgument("lock_tokens").into()),
+        };
+        let request = ReadRequest::check(max_messages, lock_timeout, wait)?;
+        Ok(deliveries(receive_waiting(queue, request, settled)?))
+    }
 }
 
 /// Acknowledges a request and sends `payload` to its `reply_to` queue, correlated with it: the reply's
@@ -274,34 +240,19 @@ fn redrive(
     Ok(dead_letter::redrive(queue, max_messages)?)
 }
 
-#[allow(clippy::type_complexity)]
-#[pg_extern]
-fn peek(
-    queue: Option<&str>,
-    max_messages: default!(Option<i32>, 10),
-) -> Result<
-    TableIterator<
-        'static,
-        (
-            name!(message_id, i64),
-            name!(state, String),
-            name!(visible_at, TimestampWithTimeZone),
-            name!(subject, Option<String>),
-            name!(payload, Jsonb),
-            name!(headers, Option<Jsonb>),
-            name!(delivery_count, i32),
-            name!(priority, i32),
-            name!(enqueued_at, TimestampWithTimeZone),
-            name!(correlation_id, Option<String>),
-            name!(reply_to, Option<String>),
-            name!(group_id, Option<String>),
-        ),
-    >,
-    ErrorReport,
-> {
-    let queue = validate::queue_name(queue)?;
-    let max_messages = validate::max_messages(max_messages)?;
-    Ok(TableIterator::new(peek::peek(queue, max_messages)?))
+returns_messages! {
+    fn peek(
+        queue: Option<&str>,
+        max_messages: default!(Option<i32>, 10),
+    ) -> (
+        name!(message_id, i64),
+        name!(state, String),
+        name!(visible_at, TimestampWithTimeZone),
+    ) {
+        let queue = validate::queue_name(queue)?;
+        let max_messages = validate::max_messages(max_messages)?;
+        Ok(TableIterator::new(peek::peek(queue, max_messages)?))
+    }
 }
 
 /// The groups of `queue` whose head is not ready (locked, waiting for a retry, or delayed): what holds

@@ -37,28 +37,10 @@ fn heartbeat(queue: Option<&str>) -> Result<bool, ErrorReport> {
     Ok(subscription::heartbeat(queue)?)
 }
 
-#[allow(clippy::too_many_arguments)]
-#[pg_extern]
-fn publish(
-    subject: Option<&str>,
-    payload: Option<Jsonb>,
-    headers: default!(Option<Jsonb>, "NULL"),
-    delay: default!(Option<Interval>, "NULL"),
-    priority: default!(Option<i32>, 0),
-    dedup_id: default!(Option<&str>, "NULL"),
-    correlation_id: default!(Option<&str>, "NULL"),
-    reply_to: default!(Option<&str>, "NULL"),
-    group_id: default!(Option<&str>, "NULL"),
-) -> Result<i32, ErrorReport> {
-    let subject = checked_subject(subject)?;
-    let outgoing = Outgoing::check(payload, headers, delay, priority)?;
-    let extras = Extras {
-        dedup_id,
-        correlation_id,
-        reply_to,
-        group_id: crate::validate::group_id(group_id)?,
-    };
-    Ok(publish::one(subject, outgoing, extras)? as i32)
+sends_one! {
+    fn publish(subject) -> i32 = checked_subject, |subject, outgoing, extras| {
+        publish::one(subject, outgoing, extras).map(|queues| queues as i32)
+    }
 }
 
 #[pg_extern]

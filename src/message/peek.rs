@@ -50,21 +50,28 @@ static PEEK: Statement = Statement {
     writes: false,
 };
 
-/// One message as peek shows it.
-pub type PeekRow = (
-    i64,
-    String,
-    TimestampWithTimeZone,
-    Option<String>,
-    Jsonb,
-    Option<Jsonb>,
-    i32,
-    i32,
-    TimestampWithTimeZone,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// A message as a row: the `$lead` columns, then subject, payload, headers, delivery_count, priority,
+/// enqueued_at, correlation_id, reply_to and group_id, as every listing of messages has them.
+macro_rules! message_row {
+    ($($lead:ty),*) => {
+        (
+            $($lead,)*
+            Option<String>,
+            $crate::pg::datum::Jsonb,
+            Option<$crate::pg::datum::Jsonb>,
+            i32,
+            i32,
+            pgrx::datum::TimestampWithTimeZone,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        )
+    };
+}
+pub(crate) use message_row;
+
+/// One message as peek shows it: its state and when it is (or would be) visible after its id.
+pub type PeekRow = message_row!(i64, String, TimestampWithTimeZone);
 
 /// Up to `max_messages` messages of `queue`: ready ones in delivery order, then the rest in the order
 /// they become ready.

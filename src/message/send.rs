@@ -106,6 +106,24 @@ impl Outgoing {
             priority: required(priority, "priority")?,
         })
     }
+
+    /// The arguments of a statement that writes this message: its destination, then its fields as
+    /// `MESSAGE_FIELDS` types them.
+    pub fn args<'a>(
+        &self,
+        destination: DatumWithOid<'a>,
+        extras: &Extras<'a>,
+    ) -> Vec<DatumWithOid<'a>> {
+        vec![
+            destination,
+            self.payload.into(),
+            self.headers.into(),
+            self.delay.into(),
+            self.priority.into(),
+            extras.correlation_id.into(),
+            extras.reply_to.into(),
+        ]
+    }
 }
 
 pub fn check_headers(headers: Option<Jsonb>) -> BusResult<Option<Jsonb>> {
@@ -210,27 +228,16 @@ pub struct Extras<'a> {
 
 /// Sends one message: its id, or None when `dedup_id` made it a duplicate.
 pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Option<i64>> {
-    let Outgoing {
-        payload,
-        headers,
-        delay,
-        priority,
-    } = outgoing;
-    let Extras {
-        dedup_id,
-        correlation_id,
-        reply_to,
-        group_id,
-    } = extras;
-    let payloads = [payload.into_datum().expect("a payload is a datum")];
+    let (delay, dedup_id, group_id) = (outgoing.delay, extras.dedup_id, extras.group_id);
+    let payloads = [outgoing.payload.into_datum().expect("a payload is a datum")];
     let messages = |queue_id| direct_insert::Messages {
         queue_id,
         payloads: &payloads,
-        headers: headers.and_then(IntoDatum::into_datum),
+        headers: outgoing.headers.and_then(IntoDatum::into_datum),
         delay,
-        priority,
-        correlation_id,
-        reply_to,
+        priority: outgoing.priority,
+        correlation_id: extras.correlation_id,
+        reply_to: extras.reply_to,
     };
     let direct = || {
         (dedup_id.is_none() && group_id.is_none())
@@ -240,16 +247,8 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
     let ids = access::connect_unless_direct(direct, |client, caller| {
         let found = destination(client, caller, queue)?;
         let messages = messages(found.queue_id);
-        let mut args: Vec<DatumWithOid> = vec![
-            found.queue_id.into(),
-            payload.into(),
-            headers.into(),
-            delay.into(),
-            priority.into(),
-            correlation_id.into(),
-            reply_to.into(),
-            group_id.into(),
-        ];
+        let mut args = outgoing.args(found.queue_id.into(), &extras);
+        args.push(group_id.into());
         let (statement, direct) = match (dedup_id, group_id) {
             (Some(dedup_id), _) => {
                 args.push(dedup_id.into());

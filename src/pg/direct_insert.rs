@@ -499,27 +499,26 @@ unsafe fn insert_index_entries(
     unsafe {
         #[cfg(feature = "pg13")]
         pg_sys::ExecInsertIndexTuples(slot, estate, false, ptr::null_mut(), ptr::null_mut());
+        // pg16 added `onlySummarizing` (false: every index) after the arguments pg14 and pg15 take.
+        #[cfg(not(feature = "pg13"))]
+        macro_rules! insert_into_every_index {
+            ($($only_summarizing:expr)?) => {
+                pg_sys::ExecInsertIndexTuples(
+                    result_relation,
+                    slot,
+                    estate,
+                    false,
+                    false,
+                    ptr::null_mut(),
+                    ptr::null_mut(),
+                    $($only_summarizing)?
+                )
+            };
+        }
         #[cfg(any(feature = "pg14", feature = "pg15"))]
-        pg_sys::ExecInsertIndexTuples(
-            result_relation,
-            slot,
-            estate,
-            false,
-            false,
-            ptr::null_mut(),
-            ptr::null_mut(),
-        );
+        insert_into_every_index!();
         #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
-        pg_sys::ExecInsertIndexTuples(
-            result_relation,
-            slot,
-            estate,
-            false,
-            false,
-            ptr::null_mut(),
-            ptr::null_mut(),
-            false,
-        );
+        insert_into_every_index!(false);
         #[cfg(feature = "pg13")]
         let _ = result_relation;
     }

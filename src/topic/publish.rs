@@ -1,6 +1,5 @@
 //! publish and publish_batch: one message into every queue whose subscription matches the subject,
 //! the payload stored once when several queues get it, handed to the worker past a fan-out limit.
-use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
@@ -76,18 +75,7 @@ fn route(
     outgoing: Outgoing,
     extras: &Extras<'_>,
 ) -> BusResult<i64> {
-    let Extras {
-        dedup_id,
-        correlation_id,
-        reply_to,
-        group_id,
-    } = *extras;
-    let Outgoing {
-        payload,
-        headers,
-        delay,
-        priority,
-    } = outgoing;
+    let (dedup_id, group_id) = (extras.dedup_id, extras.group_id);
     let routes = routes::routes(client)?;
     let matching = routes.index.matching_values(subject);
     let mut queue_ids = caller.permitted(client, matching, Some(Privilege::Send))?;
@@ -103,16 +91,8 @@ fn route(
         return Ok(0);
     }
     let count = queue_ids.len();
-    let mut args: Vec<DatumWithOid> = vec![
-        queue_ids.into(),
-        payload.into(),
-        headers.into(),
-        delay.into(),
-        priority.into(),
-        correlation_id.into(),
-        reply_to.into(),
-        subject.into(),
-    ];
+    let mut args = outgoing.args(queue_ids.into(), extras);
+    args.push(subject.into());
     // A grouped message joins its group in each queue in this transaction: never handed to the worker.
     if group_id.is_none()
         && count > gucs::INLINE_FANOUT_LIMIT.get() as usize
@@ -128,7 +108,7 @@ fn route(
         &PUBLISH_SHARED
     };
     args.push(group_id.into());
-    let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
+    let ready_now = outgoing.delay.is_none_or(|delay| validate::is_zero(&delay));
     let mut delivered = 0;
     let mut message_ids = Vec::new();
     for row in plans::run(client, statement, &args)? {

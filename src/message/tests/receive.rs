@@ -69,9 +69,7 @@ mod tests {
 
     #[pg_test]
     fn read_redelivers_after_lock_expiry_with_a_new_token() {
-        run("SELECT bussig.create_queue('q')");
-        run("SELECT bussig.send('q', '1')");
-        read_into_got("q");
+        one_read_into_got("q");
         let_time_pass("q");
         assert_eq!(
             one::<bool>("SELECT r.lock_token <> got.lock_token AND r.delivery_count = 2 FROM bussig.read('q') r, got"),
@@ -158,9 +156,7 @@ mod tests {
 
     #[pg_test]
     fn ack_and_read_does_not_wait_once_it_acknowledged() {
-        run("SELECT bussig.create_queue('q')");
-        run("SELECT bussig.send('q', '1')");
-        read_into_got("q");
+        one_read_into_got("q");
         let waited = one::<f64>(
             "WITH t AS (SELECT clock_timestamp() AS started),
                   r AS (SELECT count(*) FROM bussig.ack_and_read('q', (SELECT array_agg(message_id) FROM got),

@@ -7,32 +7,33 @@ mod tests {
 
     use crate::test_support::*;
 
+    /// What settling the delivery in `got` with `call` (ack, nack, extend_lock) returned.
+    fn settled_got(call: &str) -> Option<bool> {
+        one::<bool>(&format!("SELECT bussig.{call} FROM got"))
+    }
+
+    /// Acking the delivery in `got` through `queue` finds nothing to ack, and `left` messages stay in q.
+    fn assert_nothing_acked(queue: &str, left: i64) {
+        let ack = format!("ack('{queue}', message_id, lock_token)");
+        assert_eq!(settled_got(&ack), Some(false));
+        assert_eq!(messages_in("q"), left);
+    }
+
     #[pg_test]
     fn ack_removes_only_with_the_latest_token() {
-        run("SELECT bussig.create_queue('q')");
-        run("SELECT bussig.send('q', '1')");
-        read_into_got("q");
+        one_read_into_got("q");
         assert_eq!(
-            one::<bool>("SELECT bussig.ack('q', message_id, gen_random_uuid()) FROM got"),
+            settled_got("ack('q', message_id, gen_random_uuid())"),
             Some(false)
         );
-        assert_eq!(
-            one::<bool>("SELECT bussig.ack('q', message_id, lock_token) FROM got"),
-            Some(true)
-        );
-        assert_eq!(
-            one::<bool>("SELECT bussig.ack('q', message_id, lock_token) FROM got"),
-            Some(false)
-        );
-        assert_eq!(messages_in("q"), 0);
+        assert_eq!(settled_got("ack('q', message_id, lock_token)"), Some(true));
+        assert_nothing_acked("q", 0);
     }
 
     #[pg_test]
     fn ack_rejects_bad_input() {
-        run("SELECT bussig.create_queue('q')");
+        one_read_into_got("q");
         run("SELECT bussig.create_queue('p')");
-        run("SELECT bussig.send('q', '1')");
-        read_into_got("q");
         assert_all_fail(&[
             (
                 "SELECT bussig.ack('missing', 1, gen_random_uuid())",
@@ -47,11 +48,7 @@ mod tests {
             ("SELECT bussig.ack('q', 1, NULL)", "22004"),
         ]);
         // Settling in the wrong queue does nothing.
-        assert_eq!(
-            one::<bool>("SELECT bussig.ack('p', message_id, lock_token) FROM got"),
-            Some(false)
-        );
-        assert_eq!(messages_in("q"), 1);
+        assert_nothing_acked("p", 1);
     }
 
     #[pg_test]
@@ -144,7 +141,7 @@ mod tests {
         run("SELECT bussig.send('q', '1')");
         read_into_got("q");
         assert_eq!(
-            one::<bool>("SELECT bussig.nack('q', message_id, lock_token, error => 'e1') FROM got"),
+            settled_got("nack('q', message_id, lock_token, error => 'e1')"),
             Some(true)
         );
         assert_eq!(
@@ -152,34 +149,24 @@ mod tests {
             Some("delayed 00:00:10 1")
         );
         // A nacked delivery is settled: its token no longer acks.
+        assert_eq!(settled_got("ack('q', message_id, lock_token)"), Some(false));
         assert_eq!(
-            one::<bool>("SELECT bussig.ack('q', message_id, lock_token) FROM got"),
+            settled_got("nack('q', message_id, lock_token)"),
             Some(false)
         );
-        assert_eq!(
-            one::<bool>("SELECT bussig.nack('q', message_id, lock_token) FROM got"),
-            Some(false)
-        );
-        let_time_pass("q");
-        read_into_got("q");
-        run("SELECT bussig.nack('q', message_id, lock_token) FROM got");
-        assert_eq!(
-            one::<String>(
-                "SELECT date_trunc('second', visible_at - now())::text FROM bussig.peek('q')"
-            )
-            .as_deref(),
-            Some("00:00:30")
-        );
-        let_time_pass("q");
-        read_into_got("q");
-        run("SELECT bussig.nack('q', message_id, lock_token) FROM got");
-        assert_eq!(
-            one::<String>(
-                "SELECT date_trunc('second', visible_at - now())::text FROM bussig.peek('q')"
-            )
-            .as_deref(),
-            Some("00:01:00")
-        );
+        // Each retry waits retry_multiplier times longer, up to retry_delay_max.
+        for backoff in ["00:00:30", "00:01:00"] {
+            let_time_pass("q");
+            read_into_got("q");
+            run("SELECT bussig.nack('q', message_id, lock_token) FROM got");
+            assert_eq!(
+                one::<String>(
+                    "SELECT date_trunc('second', visible_at - now())::text FROM bussig.peek('q')"
+                )
+                .as_deref(),
+                Some(backoff)
+            );
+        }
         let_time_pass("q");
         read_into_got("q");
         run("SELECT bussig.nack('q', message_id, lock_token, delay => '0') FROM got");
@@ -199,9 +186,7 @@ mod tests {
         run("SELECT bussig.send('q', '1', reply_to => 'r')");
         read_into_got("q");
         assert_eq!(
-            one::<bool>(
-                "SELECT bussig.nack('q', message_id, lock_token, error => 'boom') FROM got"
-            ),
+            settled_got("nack('q', message_id, lock_token, error => 'boom')"),
             Some(true)
         );
         assert_eq!(messages_in("q"), 0);
@@ -232,9 +217,7 @@ mod tests {
         run("SELECT bussig.send('q', '1')");
         read_into_got("q");
         assert_eq!(
-            one::<bool>(
-                "SELECT bussig.extend_lock('q', message_id, lock_token, '1 hour') FROM got"
-            ),
+            settled_got("extend_lock('q', message_id, lock_token, '1 hour')"),
             Some(true)
         );
         assert_eq!(
@@ -245,7 +228,7 @@ mod tests {
             Some("01:00:00")
         );
         assert_eq!(
-            one::<bool>("SELECT bussig.extend_lock('q', message_id, lock_token) FROM got"),
+            settled_got("extend_lock('q', message_id, lock_token)"),
             Some(true)
         );
         assert_eq!(
@@ -256,7 +239,7 @@ mod tests {
             Some("00:01:00")
         );
         assert_eq!(
-            one::<bool>("SELECT bussig.extend_lock('q', message_id, gen_random_uuid()) FROM got"),
+            settled_got("extend_lock('q', message_id, gen_random_uuid())"),
             Some(false)
         );
         assert_all_fail(&[
@@ -280,12 +263,15 @@ mod tests {
         );
         read_into_got("q");
         assert_eq!(
-            one::<bool>("SELECT bussig.dead_letter('q', message_id, gen_random_uuid()) FROM got"),
+            settled_got("dead_letter('q', message_id, gen_random_uuid())"),
             Some(false)
         );
-        assert_eq!(one::<bool>("SELECT bussig.dead_letter('q', message_id, lock_token, 'poison', 'bad field') FROM got"), Some(true));
         assert_eq!(
-            one::<bool>("SELECT bussig.dead_letter('q', message_id, lock_token) FROM got"),
+            settled_got("dead_letter('q', message_id, lock_token, 'poison', 'bad field')"),
+            Some(true)
+        );
+        assert_eq!(
+            settled_got("dead_letter('q', message_id, lock_token)"),
             Some(false)
         );
         assert_eq!(
@@ -450,7 +436,7 @@ mod tests {
         );
         assert_eq!(messages_in("requests"), 1);
         assert_eq!(
-            one::<bool>("SELECT bussig.ack('requests', message_id, lock_token) FROM got"),
+            settled_got("ack('requests', message_id, lock_token)"),
             Some(true)
         );
     }
