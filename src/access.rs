@@ -80,8 +80,6 @@ macro_rules! owns_statement {
         }
     };
 }
-// For stream::OWNS_STREAM too, still a copy of it (that file is being changed elsewhere).
-#[expect(unused_imports)]
 pub(crate) use owns_statement;
 
 static OWNS_QUEUE: Statement = owns_statement!("queue");

@@ -161,7 +161,7 @@ pub fn groups(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Re
         reset(admin, system)?;
         fill_groups(admin, system, messages, groups)?;
         // One read first, rolled back: a peer whose read takes minutes gets no loop of them.
-        let probe = patiently(admin, |c| Ok(read_only_step(system)(c)?))?;
+        let probe = patiently(admin, |c| read_only_step(system)(c))?;
         if probe.is_none() {
             grouped[index_of(system)] = Some(gave_up());
             continue;

@@ -42,31 +42,22 @@ type DeliveryRow = message_row!(i64, Uuid);
 /// listing of messages, named (the bodies return `message_row!` tuples: the lists agree or the build
 /// fails). A whole item, since `#[pg_extern]` reads the return type before any macro in it expands.
 macro_rules! returns_messages {
-    (
-        $(#[$($attr:tt)*])*
-        fn $name:ident($($params:tt)*) -> ($($lead:tt)*) $body:tt
-    ) => {
-        $(#[$($attr)*])*
-        #[allow(clippy::type_complexity)]
-        #[pg_extern]
-        fn $name($($params)*) -> Result<
-            TableIterator<
-                'static,
-                (
-                    $($lead)*
-                    name!(subject, Option<String>),
-                    name!(payload, Jsonb),
-                    name!(headers, Option<Jsonb>),
-                    name!(delivery_count, i32),
-                    name!(priority, i32),
-                    name!(enqueued_at, TimestampWithTimeZone),
-                    name!(correlation_id, Option<String>),
-                    name!(reply_to, Option<String>),
-                    name!(group_id, Option<String>),
-                ),
-            >,
-            ErrorReport,
-        > $body
+    ($(#[$($attr:tt)*])* fn $name:ident($($params:tt)*) -> ($($lead:tt)*) $body:tt) => {
+        super::returns_table! {
+            $(#[$($attr)*])*
+            fn $name($($params)*) -> (
+                $($lead)*
+                name!(subject, Option<String>),
+                name!(payload, Jsonb),
+                name!(headers, Option<Jsonb>),
+                name!(delivery_count, i32),
+                name!(priority, i32),
+                name!(enqueued_at, TimestampWithTimeZone),
+                name!(correlation_id, Option<String>),
+                name!(reply_to, Option<String>),
+                name!(group_id, Option<String>),
+            ) $body
+        }
     };
 }
 

@@ -36,6 +36,22 @@ macro_rules! sends_one {
     };
 }
 
+/// Emits a `#[pg_extern] fn` returning a table of the columns given. A whole item, since
+/// `#[pg_extern]` reads the return type before any macro in it expands: the shared column lists of
+/// `returns_messages!` and `returns_records!` come in through here.
+macro_rules! returns_table {
+    (
+        $(#[$($attr:tt)*])*
+        fn $name:ident($($params:tt)*) -> ($($columns:tt)*) $body:tt
+    ) => {
+        $(#[$($attr)*])*
+        #[allow(clippy::type_complexity)]
+        #[pg_extern]
+        fn $name($($params)*) -> Result<TableIterator<'static, ($($columns)*)>, ErrorReport> $body
+    };
+}
+use returns_table;
+
 mod depth;
 mod grants;
 mod lock_token;

@@ -11,7 +11,7 @@ use crate::pg::datum::{Jsonb, JsonbArray};
 use crate::stream::append::{self, Batch};
 use crate::stream::definition::{self, Retention};
 use crate::stream::group::{self, StartAt};
-use crate::stream::read::{self, StreamReadRequest, StreamRecord};
+use crate::stream::read::{self, GroupPosition, StreamReadRequest, StreamRecord};
 use crate::stream::{self, group_name, stream_name};
 use crate::topic::checked_pattern;
 use crate::validate::required;
@@ -140,35 +140,40 @@ fn rows(records: Vec<StreamRecord>) -> impl Iterator<Item = RecordRow> {
     })
 }
 
-#[allow(clippy::type_complexity)]
-#[pg_extern]
-fn stream_read(
-    stream: Option<&str>,
-    consumer_group: Option<&str>,
-    max_records: default!(Option<i32>, 100),
-    wait: default!(Option<Interval>, "NULL"),
-    lease: default!(Option<Interval>, "'30 seconds'"),
-) -> Result<
-    TableIterator<
-        'static,
-        (
-            name!(partition, i32),
-            name!(seq, i64),
-            name!(lease_token, Option<Uuid>),
-            name!(subject, Option<String>),
-            name!(key, Option<String>),
-            name!(payload, Jsonb),
-            name!(headers, Option<Jsonb>),
-            name!(appended_at, TimestampWithTimeZone),
-        ),
-    >,
-    ErrorReport,
-> {
-    let stream = stream_name(stream)?;
-    let consumer_group = group_name(consumer_group)?;
-    let request = StreamReadRequest::check(max_records, wait, lease)?;
-    let records = read::read_waiting(stream, consumer_group, request)?;
-    Ok(TableIterator::new(rows(records)))
+/// A `#[pg_extern]` returning records, as stream_read and stream_range do: partition and seq, the
+/// columns given (stream_read's lease token), then the record's own (see `returns_table!`).
+macro_rules! returns_records {
+    ($(#[$($attr:tt)*])* fn $name:ident($($params:tt)*) -> ($($middle:tt)*) $body:tt) => {
+        super::returns_table! {
+            $(#[$($attr)*])*
+            fn $name($($params)*) -> (
+                name!(partition, i32),
+                name!(seq, i64),
+                $($middle)*
+                name!(subject, Option<String>),
+                name!(key, Option<String>),
+                name!(payload, Jsonb),
+                name!(headers, Option<Jsonb>),
+                name!(appended_at, TimestampWithTimeZone),
+            ) $body
+        }
+    };
+}
+
+returns_records! {
+    fn stream_read(
+        stream: Option<&str>,
+        consumer_group: Option<&str>,
+        max_records: default!(Option<i32>, 100),
+        wait: default!(Option<Interval>, "NULL"),
+        lease: default!(Option<Interval>, "'30 seconds'"),
+    ) -> (name!(lease_token, Option<Uuid>),) {
+        let stream = stream_name(stream)?;
+        let consumer_group = group_name(consumer_group)?;
+        let request = StreamReadRequest::check(max_records, wait, lease)?;
+        let records = read::read_waiting(stream, consumer_group, request)?;
+        Ok(TableIterator::new(rows(records)))
+    }
 }
 
 #[pg_extern]
@@ -179,21 +184,10 @@ fn stream_commit(
     seq: Option<i64>,
     lease_token: Option<Uuid>,
 ) -> Result<bool, ErrorReport> {
-    let stream = stream_name(stream)?;
-    let consumer_group = group_name(consumer_group)?;
-    let partition = required(partition, "partition")?;
-    let seq = required(seq, "seq")?;
+    let position = GroupPosition::check(stream, consumer_group, partition, seq)?;
     let lease_token = required(lease_token, "lease_token")?;
     Ok(access::connect(|client, caller| {
-        read::commit(
-            client,
-            caller,
-            stream,
-            consumer_group,
-            partition,
-            seq,
-            lease_token,
-        )
+        read::commit(client, caller, &position, lease_token)
     })?)
 }
 
@@ -204,12 +198,9 @@ fn stream_seek(
     partition: Option<i32>,
     seq: Option<i64>,
 ) -> Result<(), ErrorReport> {
-    let stream = stream_name(stream)?;
-    let consumer_group = group_name(consumer_group)?;
-    let partition = required(partition, "partition")?;
-    let seq = required(seq, "seq")?;
+    let position = GroupPosition::check(stream, consumer_group, partition, seq)?;
     Ok(access::connect(|client, caller| {
-        read::seek(client, caller, stream, consumer_group, partition, seq)
+        read::seek(client, caller, &position)
     })?)
 }
 
@@ -227,40 +218,26 @@ fn stream_seek_time(
     })?)
 }
 
-#[allow(clippy::type_complexity)]
-#[pg_extern]
-fn stream_range(
-    stream: Option<&str>,
-    partition: Option<i32>,
-    from_seq: Option<i64>,
-    max_records: default!(Option<i32>, 100),
-) -> Result<
-    TableIterator<
-        'static,
-        (
-            name!(partition, i32),
-            name!(seq, i64),
-            name!(subject, Option<String>),
-            name!(key, Option<String>),
-            name!(payload, Jsonb),
-            name!(headers, Option<Jsonb>),
-            name!(appended_at, TimestampWithTimeZone),
-        ),
-    >,
-    ErrorReport,
-> {
-    let stream = stream_name(stream)?;
-    let partition = required(partition, "partition")?;
-    let from_seq = required(from_seq, "from_seq")?;
-    let max_records = read::checked_max_records(max_records)?;
-    let records = access::connect(|client, caller| {
-        read::range(client, caller, stream, partition, from_seq, max_records)
-    })?;
-    Ok(TableIterator::new(rows(records).map(
-        |(partition, seq, _, subject, key, payload, headers, appended_at)| {
-            (partition, seq, subject, key, payload, headers, appended_at)
-        },
-    )))
+returns_records! {
+    fn stream_range(
+        stream: Option<&str>,
+        partition: Option<i32>,
+        from_seq: Option<i64>,
+        max_records: default!(Option<i32>, 100),
+    ) -> () {
+        let stream = stream_name(stream)?;
+        let partition = required(partition, "partition")?;
+        let from_seq = required(from_seq, "from_seq")?;
+        let max_records = read::checked_max_records(max_records)?;
+        let records = access::connect(|client, caller| {
+            read::range(client, caller, stream, partition, from_seq, max_records)
+        })?;
+        Ok(TableIterator::new(rows(records).map(
+            |(partition, seq, _, subject, key, payload, headers, appended_at)| {
+                (partition, seq, subject, key, payload, headers, appended_at)
+            },
+        )))
+    }
 }
 
 /// `publish` appends every message whose subject matches `pattern` to the stream.

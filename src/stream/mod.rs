@@ -103,13 +103,7 @@ static HAS_STREAM_PRIVILEGE: Statement = Statement {
     writes: false,
 };
 
-static OWNS_STREAM: Statement = Statement {
-    sql: "SELECT coalesce(pg_catalog.pg_has_role($1, r.oid, 'USAGE'), false)
-          FROM bussig.stream s LEFT JOIN pg_catalog.pg_roles r ON r.rolname = s.owner
-          WHERE s.name = $2",
-    args: &[pg_sys::OIDOID, pg_sys::TEXTOID],
-    writes: false,
-};
+static OWNS_STREAM: Statement = crate::access::owns_statement!("stream");
 
 /// The stream named `name`, from this backend's cache when no drop or rename came since (its
 /// `current_segment` may then be stale: appends read it in their own statement). A stream this

@@ -4,7 +4,7 @@
 //! crashes.
 use std::time::{Duration, Instant};
 
-use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::spi::{SpiClient, SpiHeapTupleData};
 use pgrx::Uuid;
@@ -106,8 +106,12 @@ static COMMIT: Statement = Statement {
     writes: true,
 };
 
+// Moves the position and ends the partition's lease.
 static SEEK: Statement = Statement {
-    sql: "UPDATE bussig.group_partition SET committed_seq = $4 - 1
+    sql: "WITH ended AS (
+              UPDATE bussig.group_lease SET lease_token = NULL, leased_until = NULL
+              WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3)
+          UPDATE bussig.group_partition SET committed_seq = $4 - 1
           WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3",
     args: &[
         pg_sys::INT4OID,
@@ -291,6 +295,15 @@ fn read_once(
     Ok(records)
 }
 
+/// The arguments that name a group's partition (all of them when None), as statements take them first.
+fn partition_of_group<'a>(
+    stream: &Stream,
+    group: &'a str,
+    partition: Option<i32>,
+) -> [DatumWithOid<'a>; 3] {
+    [stream.stream_id.into(), group.into(), partition.into()]
+}
+
 fn end_leases(
     client: &mut SpiClient<'_>,
     stream: &Stream,
@@ -298,13 +311,12 @@ fn end_leases(
     partition: Option<i32>,
     token: Option<Uuid>,
 ) -> BusResult<()> {
-    let args = [
-        stream.stream_id.into(),
-        group.into(),
-        partition.into(),
-        token.into(),
-    ];
-    plans::run(client, &END_LEASES, &args)?;
+    let [stream_id, group, partition] = partition_of_group(stream, group, partition);
+    plans::run(
+        client,
+        &END_LEASES,
+        &[stream_id, group, partition, token.into()],
+    )?;
     Ok(())
 }
 
@@ -363,45 +375,58 @@ pub fn read_waiting(
     }
 }
 
+/// A place in a partition a group moves to (stream_commit, stream_seek), its arguments checked.
+pub struct GroupPosition<'a> {
+    pub stream: &'a str,
+    pub group: &'a str,
+    pub partition: i32,
+    pub seq: i64,
+}
+
+impl<'a> GroupPosition<'a> {
+    pub fn check(
+        stream: Option<&'a str>,
+        group: Option<&'a str>,
+        partition: Option<i32>,
+        seq: Option<i64>,
+    ) -> BusResult<Self> {
+        Ok(GroupPosition {
+            stream: super::stream_name(stream)?,
+            group: super::group_name(group)?,
+            partition: validate::required(partition, "partition")?,
+            seq: checked_seq(validate::required(seq, "seq")?, "seq")?,
+        })
+    }
+
+    /// The stream, which the caller may read and whose partition this is, and the arguments that
+    /// name the group's partition, with the seq.
+    fn resolve(
+        &self,
+        client: &mut SpiClient<'_>,
+        caller: &Caller,
+    ) -> BusResult<(Stream, [DatumWithOid<'a>; 4])> {
+        let stream = require(client, caller, self.stream, StreamPrivilege::Read)?;
+        checked_partition(&stream, self.partition)?;
+        let [stream_id, group, partition] =
+            partition_of_group(&stream, self.group, Some(self.partition));
+        Ok((stream, [stream_id, group, partition, self.seq.into()]))
+    }
+}
+
 /// stream_commit: true when the lease was still the caller's.
 pub fn commit(
     client: &mut SpiClient<'_>,
     caller: &Caller,
-    name: &str,
-    group: &str,
-    partition: i32,
-    seq: i64,
+    at: &GroupPosition<'_>,
     lease_token: Uuid,
 ) -> BusResult<bool> {
-    let stream = checked_position(client, caller, name, partition, seq)?;
-    let args = [
-        stream.stream_id.into(),
-        group.into(),
-        partition.into(),
-        seq.into(),
-        lease_token.into(),
-    ];
+    let (stream, [stream_id, group, partition, seq]) = at.resolve(client, caller)?;
+    let args = [stream_id, group, partition, seq, lease_token.into()];
     if plans::first_value::<bool>(client, &COMMIT, &args)?.is_some() {
         return Ok(true);
     }
-    require_group(client, name, &stream, group)?;
+    require_group(client, at.stream, &stream, at.group)?;
     Ok(false)
-}
-
-/// The stream in which a group moves in `partition` to `seq` (commit, seek), checked: the caller may
-/// read the stream, the partition and the seq are valid. Whether the group exists is the caller's to
-/// check.
-fn checked_position(
-    client: &mut SpiClient<'_>,
-    caller: &Caller,
-    name: &str,
-    partition: i32,
-    seq: i64,
-) -> BusResult<Stream> {
-    let stream = require(client, caller, name, StreamPrivilege::Read)?;
-    checked_partition(&stream, partition)?;
-    checked_seq(seq, "seq")?;
-    Ok(stream)
 }
 
 fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
@@ -415,24 +440,11 @@ fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
 }
 
 /// stream_seek: the group's next read of `partition` starts at `seq`; a lease in force ends.
-pub fn seek(
-    client: &mut SpiClient<'_>,
-    caller: &Caller,
-    name: &str,
-    group: &str,
-    partition: i32,
-    seq: i64,
-) -> BusResult<()> {
-    let stream = checked_position(client, caller, name, partition, seq)?;
-    require_group(client, name, &stream, group)?;
-    let args = [
-        stream.stream_id.into(),
-        group.into(),
-        partition.into(),
-        seq.into(),
-    ];
+pub fn seek(client: &mut SpiClient<'_>, caller: &Caller, at: &GroupPosition<'_>) -> BusResult<()> {
+    let (stream, args) = at.resolve(client, caller)?;
+    require_group(client, at.stream, &stream, at.group)?;
     plans::run(client, &SEEK, &args)?;
-    end_leases(client, &stream, group, Some(partition), None)
+    Ok(())
 }
 
 /// stream_seek_time: every partition of the group to its first record appended at or after `at`;
