@@ -27,6 +27,8 @@ shared_preload_libraries = 'bussig'
 max_connections = 200
 # A worker per database with bussig, and the tests create many databases.
 max_worker_processes = 32
+# Tests of appends and sends in prepared transactions.
+max_prepared_transactions = 8
 fsync = on
 CONF
     fi

@@ -1,5 +1,9 @@
 //! Leases of consumer groups live in an unlogged table: a read that numbers nothing writes no WAL,
 //! and leases lost as a crash loses them end like expired ones, with nothing lost or committed twice.
+//! A reader skips numbering while no append committed since it last found nothing to number; an
+//! append committed by COMMIT PREPARED counts no arrival, and is numbered all the same.
+use std::time::Duration;
+
 use serde_json::Value;
 
 use bussig_tests::*;
@@ -127,4 +131,120 @@ fn leases_lost_as_in_a_crash_end_like_expired_ones() {
         .unwrap()
         .get(0);
     assert_eq!(lag, 0);
+}
+
+#[test]
+fn an_append_committed_by_commit_prepared_is_read() {
+    let mut admin = connect();
+    let prepared: i32 = admin
+        .query_one(
+            "SELECT current_setting('max_prepared_transactions')::int",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        prepared > 0,
+        "the test server needs max_prepared_transactions (.ci/cluster.sh sets it)"
+    );
+    let stream = Stream::create(&mut admin, "lease_prepared", "");
+    let name = stream.name.clone();
+    create_group(&mut admin, &name, "g", "earliest");
+    let mut member = connect();
+    // Found with nothing to number: the member's next reads skip the partition while no arrival comes.
+    assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
+    let mut appender = connect();
+    let gid = format!("{name}-append");
+    appender
+        .batch_execute(&format!(
+            "BEGIN; SELECT bussig.append_batch('{name}', ARRAY['1', '2', '3']::jsonb[]); PREPARE TRANSACTION '{gid}'"
+        ))
+        .unwrap();
+    admin
+        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .unwrap();
+    let read = eventually(
+        Duration::from_secs(10),
+        "the prepared append's records",
+        || {
+            let records = stream_read(&mut member, &name, "g", 10, "0", "30 seconds");
+            (!records.is_empty()).then_some(records)
+        },
+    );
+    assert_eq!(seqs(&read), [1, 2, 3]);
+    assert!(commit_all(&mut member, &name, "g", &read));
+}
+
+/// A client test's three records appended in their own transaction, and the member that reads them.
+fn three_records(test: &str) -> (Stream, Client, Client) {
+    let mut admin = connect();
+    let stream = Stream::create(&mut admin, test, "");
+    create_group(&mut admin, &stream.name, "g", "earliest");
+    append(&mut admin, &stream.name, 3);
+    let member = connect();
+    (stream, admin, member)
+}
+
+#[test]
+fn a_rolled_back_numbering_is_done_again_by_the_next_read() {
+    let (stream, _admin, mut member) = three_records("lease_numbering_rollback");
+    let name = stream.name.clone();
+    member.batch_execute("BEGIN").unwrap();
+    // Numbers the records; the second read, which finds nothing new to number, sees those numbers.
+    assert_eq!(
+        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
+        [1, 2, 3]
+    );
+    assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
+    member.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
+        [1, 2, 3],
+        "the numbers were rolled back, and the read did not number again"
+    );
+}
+
+#[test]
+fn a_repeatable_read_reader_that_missed_an_append_reads_it_after() {
+    let mut admin = connect();
+    let stream = Stream::create(&mut admin, "lease_repeatable_read", "");
+    let name = stream.name.clone();
+    create_group(&mut admin, &name, "g", "earliest");
+    let mut member = connect();
+    member
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .unwrap();
+    append(&mut admin, &name, 3);
+    // Its snapshot is older than the append's commit, which the arrival count has seen already.
+    assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
+    member.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
+        [1, 2, 3]
+    );
+}
+
+#[test]
+fn lease_rows_made_again_in_a_rolled_back_transaction_are_made_once_more() {
+    let (stream, mut admin, mut member) = three_records("lease_rows_rollback");
+    let name = stream.name.clone();
+    admin
+        .execute(
+            "DELETE FROM bussig.group_lease WHERE stream_id = (SELECT stream_id FROM bussig.stream WHERE name = $1::text)",
+            &[&name],
+        )
+        .unwrap();
+    member.batch_execute("BEGIN").unwrap();
+    assert_eq!(
+        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
+        [1, 2, 3]
+    );
+    // Finds the rows it made: its own, gone with the rollback.
+    assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
+    member.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
+        [1, 2, 3],
+        "no lease rows after the rollback, and the read did not make them again"
+    );
 }

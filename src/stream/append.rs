@@ -31,13 +31,18 @@ fn insert_one(stream: &Stream) -> String {
 }
 
 // unnest keeps the arrays' order, and record ids are taken in it: a batch's records of one key are
-// numbered in the order given.
-fn insert_batch(stream: &Stream) -> String {
+// numbered in the order given. With neither keys nor subjects, the whole batch goes to partition $2.
+fn insert_batch(stream: &Stream, plain: bool) -> String {
+    let rows = if plain {
+        "SELECT $2[1], NULL::text, NULL::text, b.payload FROM unnest($5::jsonb[]) AS b(payload)"
+    } else {
+        "SELECT * FROM unnest($2::int[], $3::text[], $4::text[], $5::jsonb[])"
+    };
     format!(
         "INSERT INTO {} (segment, partition, key, subject, payload, headers)
          SELECT (SELECT current_segment FROM bussig.stream WHERE stream_id = $1), b.partition, b.key,
                 b.subject, b.payload, $6
-         FROM unnest($2::int[], $3::text[], $4::text[], $5::jsonb[]) AS b(partition, key, subject, payload)",
+         FROM ({rows}) AS b(partition, key, subject, payload)",
         stream.table()
     )
 }
@@ -185,12 +190,24 @@ pub fn batch(
     if count == 0 {
         return Ok(0);
     }
-    let keys = batch.keys.unwrap_or_else(|| vec![None; count]);
-    let partitions: Vec<i32> = keys
-        .iter()
-        .map(|key| partition(&stream, key.as_deref()))
-        .collect();
-    let subjects = batch.subjects.unwrap_or_else(|| vec![None; count]);
+    let plain = batch.keys.is_none() && batch.subjects.is_none();
+    let partitions: Vec<i32> = match &batch.keys {
+        Some(keys) => keys
+            .iter()
+            .map(|key| partition(&stream, key.as_deref()))
+            .collect(),
+        // Records without a key are spread by batch: one partition takes a whole batch, so that its
+        // index entries go to one place.
+        None => vec![partition(&stream, None); if plain { 1 } else { count }],
+    };
+    let (keys, subjects) = if plain {
+        (None, None)
+    } else {
+        (
+            Some(batch.keys.unwrap_or_else(|| vec![None; count])),
+            Some(batch.subjects.unwrap_or_else(|| vec![None; count])),
+        )
+    };
     let types = [
         pg_sys::INT4OID,
         pg_sys::INT4ARRAYOID,
@@ -207,7 +224,7 @@ pub fn batch(
         batch.payloads.into(),
         batch.headers.into(),
     ];
-    plans::run_text(client, &insert_batch(&stream), &types, true, &args)?;
+    plans::run_text(client, &insert_batch(&stream, plain), &types, true, &args)?;
     announce(&stream);
     Ok(count as i64)
 }

@@ -1,5 +1,5 @@
 //! Consumer groups: each keeps its own position in every partition of its stream.
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 
 use pgrx::pg_sys;
@@ -8,7 +8,7 @@ use pgrx::spi::SpiClient;
 use super::{require, sequence, Stream, StreamPrivilege};
 use crate::access::Caller;
 use crate::error::{BusError, BusResult};
-use crate::pg::invalidation;
+use crate::pg::{invalidation, xact};
 use crate::plans::{self, Statement};
 
 /// Where a new group starts.
@@ -81,6 +81,22 @@ thread_local! {
 
 const LEASES_MADE_LIMIT: usize = 10_000;
 
+thread_local! {
+    /// The transaction in which this backend last made lease rows: while it runs, finding rows may
+    /// be finding its own, which a rollback takes back.
+    static LEASES_MADE_IN: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Makes the group's lease rows (those missing); whether it made any.
+fn make_leases(client: &mut SpiClient<'_>, stream: &Stream, group: &str) -> BusResult<bool> {
+    let args = [stream.stream_id.into(), group.into()];
+    let made = !plans::run(client, &ENSURE_LEASES, &args)?.is_empty();
+    if made {
+        LEASES_MADE_IN.with(|made_in| made_in.set(xact::top_transaction_id()));
+    }
+    Ok(made)
+}
+
 /// Makes the group's lease rows unless this backend did already.
 pub fn make_sure_of_leases(
     client: &mut SpiClient<'_>,
@@ -96,9 +112,10 @@ pub fn make_sure_of_leases(
     if known {
         return Ok(());
     }
-    let args = [stream.stream_id.into(), group.into()];
-    if !plans::run(client, &ENSURE_LEASES, &args)?.is_empty() {
-        // Made in this transaction, which may roll back: known once a later call finds them.
+    let this = xact::top_transaction_id();
+    if make_leases(client, stream, group)? || (this != 0 && LEASES_MADE_IN.with(Cell::get) == this)
+    {
+        // Made in this transaction, which may roll back: known once a later one finds them.
         return Ok(());
     }
     LEASES_MADE.with(|made| {

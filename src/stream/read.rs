@@ -31,30 +31,38 @@ pub struct StreamRecord {
 }
 
 // Leases the next partition of the group with records past the group's position and no lease in
-// force, counting from partition $3, unless another member is taking it right now (SKIP LOCKED). The
-// lease is a row of the unlogged bussig.group_lease: a read that numbers nothing writes no WAL.
+// force, counting from partition $3 and passing over those tried ($6), unless another member is
+// taking it right now (SKIP LOCKED). The lease is a row of the unlogged bussig.group_lease: a read
+// that numbers nothing writes no WAL. The candidate is leased by its key, with the condition asked
+// again: a member that took or ended the lease after this statement's snapshot has made a newer
+// version, which the update finds and checks. Returns the candidate, and the token when leased.
 static LEASE_NEXT: Statement = Statement {
     sql: "WITH candidate AS (
-              SELECT l.ctid
+              SELECT l.partition
               FROM bussig.group_lease l
               JOIN bussig.group_partition g USING (stream_id, consumer_group, partition)
               JOIN bussig.stream_partition p USING (stream_id, partition)
-              WHERE l.stream_id = $1 AND l.consumer_group = $2
+              WHERE l.stream_id = $1 AND l.consumer_group = $2 AND NOT l.partition = ANY ($6)
                 AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
                 AND p.head_seq > greatest(g.committed_seq, p.first_seq - 1)
               ORDER BY (l.partition - $3 + $4) % $4
               LIMIT 1
-              FOR UPDATE OF l SKIP LOCKED)
-          UPDATE bussig.group_lease l
-          SET lease_token = gen_random_uuid(), leased_until = clock_timestamp() + $5
-          FROM candidate WHERE l.ctid = candidate.ctid
-          RETURNING l.partition, l.lease_token",
+              FOR UPDATE OF l SKIP LOCKED),
+          leased AS (
+              UPDATE bussig.group_lease l
+              SET lease_token = gen_random_uuid(), leased_until = clock_timestamp() + $5
+              FROM candidate
+              WHERE l.stream_id = $1 AND l.consumer_group = $2 AND l.partition = candidate.partition
+                AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
+              RETURNING l.partition, l.lease_token)
+          SELECT c.partition, leased.lease_token FROM candidate c LEFT JOIN leased USING (partition)",
     args: &[
         pg_sys::INT4OID,
         pg_sys::TEXTOID,
         pg_sys::INT4OID,
         pg_sys::INT4OID,
         pg_sys::INTERVALOID,
+        pg_sys::INT4ARRAYOID,
     ],
     writes: true,
 };
@@ -106,12 +114,10 @@ static COMMIT: Statement = Statement {
     writes: true,
 };
 
-// Moves the position and ends the partition's lease.
+// Moves the position; the lease was ended before, as a commit ends it: the lease row first, then the
+// position's, in every statement that takes both.
 static SEEK: Statement = Statement {
-    sql: "WITH ended AS (
-              UPDATE bussig.group_lease SET lease_token = NULL, leased_until = NULL
-              WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3)
-          UPDATE bussig.group_partition SET committed_seq = $4 - 1
+    sql: "UPDATE bussig.group_partition SET committed_seq = $4 - 1
           WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3",
     args: &[
         pg_sys::INT4OID,
@@ -265,6 +271,7 @@ fn read_once(
     let start = super::partition_unkeyed(stream.partitions);
     let mut records = Vec::new();
     let mut left = i64::from(request.max_records);
+    let mut tried: Vec<i32> = Vec::new();
     while left > 0 {
         let args = [
             stream.stream_id.into(),
@@ -272,12 +279,17 @@ fn read_once(
             start.into(),
             stream.partitions.into(),
             request.lease.into(),
+            tried.clone().into(),
         ];
         let Some(row) = plans::run(client, &LEASE_NEXT, &args)?.next() else {
             break;
         };
         let partition: i32 = plans::filled(&row, 1, "partition")?;
-        let token: Uuid = plans::filled(&row, 2, "lease token")?;
+        tried.push(partition);
+        // Another member leased it since this statement's snapshot.
+        let Some(token) = row.get::<Uuid>(2)? else {
+            continue;
+        };
         let from = From::Group(stream.stream_id, group);
         let limits = (left, request.max_records);
         let found = read_partition(client, stream, partition, from, limits, Some(token))?;
@@ -335,7 +347,17 @@ pub fn read_waiting(
             let key = super::wake_key(stream.stream_id);
             // Noted before the read's snapshots are taken: see `arrivals`.
             let read_from = arrivals::seen(key);
-            let records = read_once(client, name, &stream, group, &request)?;
+            let records = if request.wait > Duration::ZERO && !crate::pg::xact::snapshot_is_fixed()
+            {
+                // A read that may sleep next lets go of the rows it locked (a candidate whose lease a
+                // member took meanwhile stays locked until the transaction ends) when it found nothing.
+                crate::pg::xact::in_subtransaction(
+                    || read_once(client, name, &stream, group, &request),
+                    |records| !records.is_empty(),
+                )?
+            } else {
+                read_once(client, name, &stream, group, &request)?
+            };
             let may_wait =
                 started.elapsed() < request.wait && !crate::pg::xact::snapshot_is_fixed();
             let lease_ends = if records.is_empty() && may_wait {
@@ -443,6 +465,7 @@ fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
 pub fn seek(client: &mut SpiClient<'_>, caller: &Caller, at: &GroupPosition<'_>) -> BusResult<()> {
     let (stream, args) = at.resolve(client, caller)?;
     require_group(client, at.stream, &stream, at.group)?;
+    end_leases(client, &stream, at.group, Some(at.partition), None)?;
     plans::run(client, &SEEK, &args)?;
     Ok(())
 }
@@ -459,10 +482,11 @@ pub fn seek_to_time(
     let stream = require(client, caller, name, StreamPrivilege::Read)?;
     require_group(client, name, &stream, group)?;
     sequence::number_all(client, &stream)?;
+    end_leases(client, &stream, group, None, None)?;
     let types = [pg_sys::INT4OID, pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID];
     let args = [stream.stream_id.into(), group.into(), at.into()];
     plans::run_text(client, &seek_time(&stream), &types, true, &args)?;
-    end_leases(client, &stream, group, None, None)
+    Ok(())
 }
 
 /// stream_range: up to `max_records` records of `partition` from `from_seq` on, without a group.
@@ -474,9 +498,9 @@ pub fn range(
     from_seq: i64,
     max_records: i32,
 ) -> BusResult<Vec<StreamRecord>> {
+    checked_seq(from_seq, "from_seq")?;
     let stream = require(client, caller, name, StreamPrivilege::Read)?;
     checked_partition(&stream, partition)?;
-    checked_seq(from_seq, "from_seq")?;
     sequence::number_new(client, &stream, partition)?;
     read_partition(
         client,

@@ -5,12 +5,14 @@
 //! open appending transaction holds back nobody (its records are not visible, so not numbered yet).
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
 use super::Stream;
 use crate::error::BusResult;
+use crate::pg::xact;
 use crate::plans::{self, Statement};
 
 // SKIP LOCKED: while another transaction numbers the partition, read what is numbered already.
@@ -50,13 +52,26 @@ fn numbering(stream: &Stream) -> String {
     )
 }
 
+/// The stream's arrival count a backend noted before it looked at a partition, and when it looked.
+type Looked = (u64, Instant);
+
 thread_local! {
-    /// Partitions (by stream id, then partition) this backend found with nothing to number, and the stream's
-    /// arrival count (`pg::arrivals`) noted before: while the count stays, no append committed since,
-    /// and reads need not look again. An append of this backend's transaction forgets its stream, so
-    /// that its own reads number its records as before.
-    static NOTHING_NEW: RefCell<HashMap<i32, HashMap<i32, u64>>> = RefCell::new(HashMap::new());
+    /// Partitions (by stream id, then partition) this backend found with nothing to number, with the
+    /// stream's arrival count (`pg::arrivals`) noted before and when: while the count stays, no append
+    /// committed since, and reads need not look again. An append of this backend's transaction
+    /// forgets its stream, so that its own reads number its records as before.
+    static NOTHING_NEW: RefCell<HashMap<i32, HashMap<i32, Looked>>> = RefCell::new(HashMap::new());
 }
+
+thread_local! {
+    /// Streams this backend numbered records of, with the transaction that did: while it runs, a
+    /// pass that finds nothing may still see its own numbers, which a rollback takes back.
+    static NUMBERED_IN: RefCell<HashMap<i32, u32>> = RefCell::new(HashMap::new());
+}
+
+/// How long a backend trusts that a partition has nothing new. COMMIT PREPARED counts no arrival (the
+/// transaction's noted arrivals ended with its PREPARE): its records are numbered once this has passed.
+const NOTHING_NEW_FOR: Duration = Duration::from_secs(1);
 
 /// Streams remembered at most; past that the backend starts over.
 const NOTHING_NEW_LIMIT: usize = 1_000;
@@ -64,7 +79,9 @@ const NOTHING_NEW_LIMIT: usize = 1_000;
 /// `number`, unless no append to the stream committed since this backend last found the partition
 /// with nothing to number: the reads' way, which spares them a statement and an index probe.
 pub fn number_new(client: &mut SpiClient<'_>, stream: &Stream, partition: i32) -> BusResult<()> {
-    if !crate::pg::wakeup::shared_memory() {
+    // Without shared memory there is no count; with a snapshot older than the count, what the count
+    // says has committed may be out of this transaction's sight.
+    if !crate::pg::wakeup::shared_memory() || xact::snapshot_is_fixed() {
         number(client, stream, partition)?;
         return Ok(());
     }
@@ -76,19 +93,31 @@ pub fn number_new(client: &mut SpiClient<'_>, stream: &Stream, partition: i32) -
             .borrow()
             .get(&stream_id)
             .and_then(|partitions| partitions.get(&partition))
-            == Some(&seen)
+            .is_some_and(|&(count, since)| count == seen && since.elapsed() < NOTHING_NEW_FOR)
     });
     if known_empty {
         return Ok(());
     }
-    // Only a pass that numbered nothing is remembered: it wrote nothing a rollback could take back.
+    // Only a pass that numbered nothing, in a transaction that numbered nothing of this stream, is
+    // remembered: a rollback takes nothing back that it saw.
+    let looked = Instant::now();
     if let Some((_, 0)) = number_counting(client, stream, partition)? {
+        let numbering_now = NUMBERED_IN.with(|numbered| {
+            let this = xact::top_transaction_id();
+            this != 0 && numbered.borrow().get(&stream_id) == Some(&this)
+        });
+        if numbering_now {
+            return Ok(());
+        }
         NOTHING_NEW.with(|known| {
             let mut known = known.borrow_mut();
             if known.len() >= NOTHING_NEW_LIMIT {
                 known.clear();
             }
-            known.entry(stream_id).or_default().insert(partition, seen);
+            known
+                .entry(stream_id)
+                .or_default()
+                .insert(partition, (seen, looked));
         });
     }
     Ok(())
@@ -131,6 +160,13 @@ fn number_counting(
     if count == 0 {
         return Ok(Some((head, 0)));
     }
+    NUMBERED_IN.with(|numbered| {
+        let mut numbered = numbered.borrow_mut();
+        if numbered.len() >= NOTHING_NEW_LIMIT {
+            numbered.clear();
+        }
+        numbered.insert(stream.stream_id, xact::top_transaction_id());
+    });
     // Readers of other groups that found this partition being numbered, and read on without it,
     // are woken when these numbers commit, as an append's commit wakes them.
     crate::pg::wakeup::note_ready(super::wake_key(stream.stream_id), u32::MAX);
