@@ -8,12 +8,15 @@ use serde_json::Value;
 
 use bussig_tests::*;
 
-fn append(c: &mut Client, stream: &str, count: i32) {
-    c.execute(
-        "SELECT bussig.append_batch($1::text, array_agg(to_jsonb(n))) FROM generate_series(1, $2::int) n",
-        &[&stream, &count],
-    )
-    .unwrap();
+/// Removes the stream's lease rows, as a crash empties the unlogged table, without touching the
+/// leases of tests running beside this one.
+fn lose_leases(admin: &mut Client, stream: &str) {
+    admin
+        .execute(
+            "DELETE FROM bussig.group_lease WHERE stream_id = (SELECT stream_id FROM bussig.stream WHERE name = $1::text)",
+            &[&stream],
+        )
+        .unwrap();
 }
 
 fn seqs(records: &[Record]) -> Vec<i64> {
@@ -39,7 +42,7 @@ fn a_read_of_numbered_records_writes_no_wal_and_a_commit_does() {
     let stream = Stream::create(&mut admin, "lease_wal", "");
     let name = stream.name.clone();
     create_group(&mut admin, &name, "g", "earliest");
-    append(&mut admin, &name, 10);
+    append_numbers(&mut admin, &name, 10, false);
     let mut member = connect();
     // The first read numbers the records (a write of each); the next finds nothing new to number.
     let first = stream_read(&mut member, &name, "g", 2, "0", "30 seconds");
@@ -83,13 +86,7 @@ fn leases_lost_as_in_a_crash_end_like_expired_ones() {
     let stream = Stream::create(&mut admin, "lease_lost", "partitions => 2");
     let name = stream.name.clone();
     create_group(&mut admin, &name, "g", "earliest");
-    admin
-        .execute(
-            "SELECT bussig.append_batch($1::text, array_agg(to_jsonb(n)), keys => array_agg('k' || n))
-             FROM generate_series(1, 20) n",
-            &[&name],
-        )
-        .unwrap();
+    append_numbers(&mut admin, &name, 20, true);
     let mut member = connect();
     let taken = stream_read(&mut member, &name, "g", 100, "0", "10 minutes");
     assert_eq!(taken.len(), 20);
@@ -101,14 +98,8 @@ fn leases_lost_as_in_a_crash_end_like_expired_ones() {
         .unwrap()
         .get(0);
     assert_eq!(leased, 2, "both partitions leased, and the view says so");
-    // A crash leaves the unlogged table empty. Removing this stream's rows does the same to a running
-    // server without touching the leases of tests running beside this one.
-    admin
-        .execute(
-            "DELETE FROM bussig.group_lease WHERE stream_id = (SELECT stream_id FROM bussig.stream WHERE name = $1::text)",
-            &[&name],
-        )
-        .unwrap();
+    // As a crash leaves them.
+    lose_leases(&mut admin, &name);
     assert!(
         !commit_all(&mut member, &name, "g", &taken),
         "a lease lost in the crash committed"
@@ -123,14 +114,7 @@ fn leases_lost_as_in_a_crash_end_like_expired_ones() {
     assert_eq!(again_seqs, taken_seqs);
     assert!(commit_all(&mut other, &name, "g", &again));
     assert!(stream_read(&mut member, &name, "g", 100, "0", "30 seconds").is_empty());
-    let lag: i64 = admin
-        .query_one(
-            "SELECT sum(lag)::bigint FROM bussig.consumer_groups WHERE stream = $1::text",
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(lag, 0);
+    assert_eq!(total_lag(&mut admin, &name), 0);
 }
 
 #[test]
@@ -180,27 +164,36 @@ fn three_records(test: &str) -> (Stream, Client, Client) {
     let mut admin = connect();
     let stream = Stream::create(&mut admin, test, "");
     create_group(&mut admin, &stream.name, "g", "earliest");
-    append(&mut admin, &stream.name, 3);
+    append_numbers(&mut admin, &stream.name, 3, false);
     let member = connect();
     (stream, admin, member)
+}
+
+/// Reads the three records in a transaction, reads again there (finding nothing), rolls it back, and
+/// reads them again: what the transaction did that the second read found must not outlive it.
+fn read_twice_and_roll_back(member: &mut Client, name: &str, what: &str) {
+    member.batch_execute("BEGIN").unwrap();
+    assert_eq!(
+        seqs(&stream_read(member, name, "g", 10, "0", "30 seconds")),
+        [1, 2, 3]
+    );
+    assert!(stream_read(member, name, "g", 10, "0", "30 seconds").is_empty());
+    member.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        seqs(&stream_read(member, name, "g", 10, "0", "30 seconds")),
+        [1, 2, 3],
+        "{what}"
+    );
 }
 
 #[test]
 fn a_rolled_back_numbering_is_done_again_by_the_next_read() {
     let (stream, _admin, mut member) = three_records("lease_numbering_rollback");
-    let name = stream.name.clone();
-    member.batch_execute("BEGIN").unwrap();
-    // Numbers the records; the second read, which finds nothing new to number, sees those numbers.
-    assert_eq!(
-        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
-        [1, 2, 3]
-    );
-    assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
-    member.batch_execute("ROLLBACK").unwrap();
-    assert_eq!(
-        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
-        [1, 2, 3],
-        "the numbers were rolled back, and the read did not number again"
+    // The first read numbers the records, and the second finds nothing new to number.
+    read_twice_and_roll_back(
+        &mut member,
+        &stream.name,
+        "the numbers were rolled back, and the read did not number again",
     );
 }
 
@@ -214,7 +207,7 @@ fn a_repeatable_read_reader_that_missed_an_append_reads_it_after() {
     member
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
         .unwrap();
-    append(&mut admin, &name, 3);
+    append_numbers(&mut admin, &name, 3, false);
     // Its snapshot is older than the append's commit, which the arrival count has seen already.
     assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
     member.batch_execute("COMMIT").unwrap();
@@ -228,23 +221,11 @@ fn a_repeatable_read_reader_that_missed_an_append_reads_it_after() {
 fn lease_rows_made_again_in_a_rolled_back_transaction_are_made_once_more() {
     let (stream, mut admin, mut member) = three_records("lease_rows_rollback");
     let name = stream.name.clone();
-    admin
-        .execute(
-            "DELETE FROM bussig.group_lease WHERE stream_id = (SELECT stream_id FROM bussig.stream WHERE name = $1::text)",
-            &[&name],
-        )
-        .unwrap();
-    member.batch_execute("BEGIN").unwrap();
-    assert_eq!(
-        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
-        [1, 2, 3]
-    );
-    // Finds the rows it made: its own, gone with the rollback.
-    assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
-    member.batch_execute("ROLLBACK").unwrap();
-    assert_eq!(
-        seqs(&stream_read(&mut member, &name, "g", 10, "0", "30 seconds")),
-        [1, 2, 3],
-        "no lease rows after the rollback, and the read did not make them again"
+    lose_leases(&mut admin, &name);
+    // The first read makes the lease rows, and the second finds them: its own.
+    read_twice_and_roll_back(
+        &mut member,
+        &name,
+        "no lease rows after the rollback, and the read did not make them again",
     );
 }

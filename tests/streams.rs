@@ -277,13 +277,7 @@ fn members_share_partitions_and_an_expired_lease_moves_to_another_member() {
     let stream = Stream::create(&mut admin, "stream_lease", "partitions => 4");
     let name = stream.name.clone();
     create_group(&mut admin, &name, "g", "earliest");
-    admin
-        .execute(
-            "SELECT bussig.append_batch($1::text, array_agg(to_jsonb(n)), keys => array_agg('k' || n))
-             FROM generate_series(1, 40) n",
-            &[&name],
-        )
-        .unwrap();
+    append_numbers(&mut admin, &name, 40, true);
     let mut first = connect();
     let mut second = connect();
     let taken = stream_read(&mut first, &name, "g", 5, "0", "1 second");
@@ -316,14 +310,7 @@ fn members_share_partitions_and_an_expired_lease_moves_to_another_member() {
         "a stale lease committed"
     );
     assert!(commit_all(&mut second, &name, "g", &again));
-    let lag: i64 = admin
-        .query_one(
-            "SELECT sum(lag)::bigint FROM bussig.consumer_groups WHERE stream = $1::text",
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(lag, 0);
+    assert_eq!(total_lag(&mut admin, &name), 0);
 }
 
 #[test]

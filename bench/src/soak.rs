@@ -59,6 +59,68 @@ fn memory_cell(memory: Memory) -> Cell {
     }
 }
 
+/// A soak's timeline, in seconds from its start: its length, the intervals it counts in, when the
+/// held transaction begins and ends, and the intervals its first and last windows take.
+pub struct SoakPlan {
+    pub duration: f64,
+    pub interval: f64,
+    pub intervals: usize,
+    pub hold_start: f64,
+    pub hold_end: f64,
+    pub window: usize,
+}
+
+impl SoakPlan {
+    pub fn of(cfg: &Config) -> SoakPlan {
+        let duration = cfg.soak.as_secs_f64();
+        let interval = cfg.soak_interval.as_secs_f64();
+        let hold_start = (duration - cfg.hold.as_secs_f64()) / 2.0;
+        SoakPlan {
+            duration,
+            interval,
+            intervals: (duration / interval).ceil() as usize,
+            hold_start,
+            hold_end: hold_start + cfg.hold.as_secs_f64(),
+            window: (duration / 10.0 / interval).ceil().max(1.0) as usize,
+        }
+    }
+}
+
+/// The throughput of the last `window` intervals against the first's: flat within 10%.
+pub fn drift_target(
+    what: &str,
+    consumed: &[u64],
+    window: usize,
+    interval: f64,
+    note: &str,
+) -> Target {
+    let first: u64 = consumed[..window].iter().sum();
+    let last: u64 = consumed[consumed.len() - window..].iter().sum();
+    let drift = last as f64 / first.max(1) as f64;
+    let seconds = window as f64 * interval;
+    Target {
+        name: format!("{what}: last {seconds:.0} s vs first {seconds:.0} s throughput"),
+        measured: format!("{drift:.2}x{note}"),
+        goal: "0.90x - 1.10x".into(),
+        pass: (0.9..=1.1).contains(&drift),
+    }
+}
+
+/// Holds a REPEATABLE READ transaction with an assigned transaction id from `from` to `until`: what an
+/// idle-in-transaction session holds back vacuum with.
+pub fn hold_snapshot(url: &str, from: Instant, until: Instant) -> Res<()> {
+    let mut client = connect(url)?;
+    sleep_until(from);
+    let mut transaction = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()?;
+    transaction.query_one("SELECT txid_current()", &[])?;
+    sleep_until(until);
+    transaction.commit()?;
+    Ok(())
+}
+
 fn backend_pid(client: &mut Client) -> Res<i32> {
     Ok(client.query_one("SELECT pg_backend_pid()", &[])?.get(0))
 }
@@ -84,12 +146,14 @@ pub fn soak(
         &[&QUEUE, &rotation],
     )?;
 
-    let duration = cfg.soak.as_secs_f64();
-    let interval = cfg.soak_interval.as_secs_f64();
-    let intervals = (duration / interval).ceil() as usize;
-    let hold_start = (duration - cfg.hold.as_secs_f64()) / 2.0;
-    let hold_end = hold_start + cfg.hold.as_secs_f64();
-    let window = (duration / 10.0 / interval).ceil().max(1.0) as usize;
+    let SoakPlan {
+        duration,
+        interval,
+        intervals,
+        hold_start,
+        hold_end,
+        window,
+    } = SoakPlan::of(cfg);
     let running = AtomicBool::new(true);
     let ticking = AtomicBool::new(true);
     let start = Instant::now();
@@ -148,19 +212,7 @@ pub fn soak(
             })
             .collect();
 
-        let holder = scope.spawn(|| -> Res<()> {
-            let mut client = connect(&cfg.url)?;
-            sleep_until(at(hold_start));
-            let mut transaction = client
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .start()?;
-            // An assigned transaction id and a snapshot: what an idle-in-transaction session holds.
-            transaction.query_one("SELECT txid_current()", &[])?;
-            sleep_until(at(hold_end));
-            transaction.commit()?;
-            Ok(())
-        });
+        let holder = scope.spawn(|| hold_snapshot(&cfg.url, at(hold_start), at(hold_end)));
 
         // Sizes at the end of the first window (the queue in its steady state), right after the held
         // transaction ends, and at the end.
@@ -272,19 +324,7 @@ pub fn soak(
     }
 
     let (_, bussig) = &lanes[0];
-    let first: u64 = bussig.consumed[..window].iter().sum();
-    let last: u64 = bussig.consumed[intervals - window..].iter().sum();
-    let drift = last as f64 / first as f64;
-    targets.push(Target {
-        name: format!(
-            "soak: last {:.0} s vs first {:.0} s throughput",
-            window as f64 * interval,
-            window as f64 * interval
-        ),
-        measured: format!("{drift:.2}x"),
-        goal: "0.90x - 1.10x".into(),
-        pass: (0.9..=1.1).contains(&drift),
-    });
+    targets.push(drift_target("soak", &bussig.consumed, window, interval, ""));
     let growth = sizes[2][0] as f64 / sizes[0][0] as f64;
     targets.push(Target {
         name: "soak: size at the end vs at the start".into(),

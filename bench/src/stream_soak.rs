@@ -11,6 +11,7 @@ use postgres::Client;
 
 use crate::pg::{connect, payloads, sleep_until, Res};
 use crate::report::{format_value, only, Cell, Section, Target};
+use crate::soak::{drift_target, hold_snapshot, SoakPlan};
 use crate::streams::{member_step, GROUP};
 use crate::systems::System;
 use crate::Config;
@@ -76,11 +77,9 @@ pub fn stream_soak(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) 
         "SELECT bussig.create_consumer_group($1, $2, 'earliest')",
         &[&STREAM, &GROUP],
     )?;
-    let interval = cfg.soak_interval.as_secs_f64();
-    let intervals = (duration / interval).ceil() as usize;
-    let hold_start = (duration - cfg.hold.as_secs_f64()) / 2.0;
-    let hold_end = hold_start + cfg.hold.as_secs_f64();
-    let window = (duration / 10.0 / interval).ceil().max(1.0) as usize;
+    let plan = SoakPlan::of(cfg);
+    let (interval, intervals, window) = (plan.interval, plan.intervals, plan.window);
+    let (hold_start, hold_end) = (plan.hold_start, plan.hold_end);
     let running = AtomicBool::new(true);
     let start = Instant::now();
     let at = |seconds: f64| start + Duration::from_secs_f64(seconds);
@@ -117,18 +116,7 @@ pub fn stream_soak(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) 
             }
             Ok(consumed)
         });
-        let holder = scope.spawn(move || -> Res<()> {
-            let mut client = connect(&cfg.url)?;
-            sleep_until(at(hold_start));
-            let mut transaction = client
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .start()?;
-            transaction.query_one("SELECT txid_current()", &[])?;
-            sleep_until(at(hold_end));
-            transaction.commit()?;
-            Ok(())
-        });
+        let holder = scope.spawn(move || hold_snapshot(&cfg.url, at(hold_start), at(hold_end)));
         // The end of the first window (steady state), just before the held transaction ends, a
         // retention after it ended, and the end.
         let after_hold = (hold_end + cfg.soak.as_secs_f64() / 4.0).min(duration - 1.0);
@@ -206,19 +194,14 @@ pub fn stream_soak(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) 
             ),
         );
     }
-    let first: u64 = consumed[..window].iter().sum();
-    let last: u64 = consumed[intervals - window..].iter().sum();
-    let drift = last as f64 / first.max(1) as f64;
-    targets.push(Target {
-        name: format!(
-            "stream soak: last {:.0} s vs first {:.0} s throughput",
-            window as f64 * interval,
-            window as f64 * interval
-        ),
-        measured: format!("{drift:.2}x (lag at the end {lag})"),
-        goal: "0.90x - 1.10x".into(),
-        pass: (0.9..=1.1).contains(&drift),
-    });
+    let note = format!(" (lag at the end {lag})");
+    targets.push(drift_target(
+        "stream soak",
+        &consumed,
+        window,
+        interval,
+        &note,
+    ));
     let (_, end) = &moments[moments.len() - 1];
     let over_live = end.bytes as f64 / end.live_bytes.max(1) as f64;
     let (_, steady) = &moments[0];

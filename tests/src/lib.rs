@@ -14,7 +14,9 @@ use postgres::fallible_iterator::FallibleIterator;
 pub use postgres::NoTls;
 use serde_json::Value;
 pub use session::{Client, GenericClient, Param, Transaction, Typed};
-pub use stream::{commit_all, create_group, stream_read, Record, Stream};
+pub use stream::{
+    append_numbers, commit_all, create_group, stream_read, total_lag, Record, Stream,
+};
 use uuid::Uuid;
 
 pub use postgres::error::SqlState;

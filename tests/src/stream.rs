@@ -100,3 +100,26 @@ pub fn create_group(c: &mut Client, stream: &str, group: &str, start_at: &str) {
     )
     .unwrap();
 }
+
+/// Appends the numbers 1 to `count` as records, keyed `k1`, `k2`, … when `keyed`, in one call.
+pub fn append_numbers(c: &mut Client, stream: &str, count: i32, keyed: bool) {
+    let keys = if keyed { "array_agg('k' || n)" } else { "NULL" };
+    c.execute(
+        &format!(
+            "SELECT bussig.append_batch($1::text, array_agg(to_jsonb(n)), keys => {keys})
+             FROM generate_series(1, $2::int) n"
+        ),
+        &[&stream, &count],
+    )
+    .unwrap();
+}
+
+/// The records the stream's groups have still to commit, over all groups and partitions.
+pub fn total_lag(c: &mut Client, stream: &str) -> i64 {
+    c.query_one(
+        "SELECT coalesce(sum(lag), 0)::bigint FROM bussig.consumer_groups WHERE stream = $1::text",
+        &[&stream],
+    )
+    .unwrap()
+    .get(0)
+}
