@@ -69,6 +69,24 @@ impl Failure {
             error: None,
         }
     }
+
+    /// A handler's panic as an error, with the panic's message.
+    pub(crate) fn from_panic(panic: &(dyn std::any::Any + Send)) -> Self {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the handler panicked".into());
+        Failure::Error(format!("panic: {text}"))
+    }
+
+    /// What went wrong, in words.
+    pub(crate) fn text(&self) -> &str {
+        match self {
+            Failure::Retry { error, .. } | Failure::Error(error) => error,
+            Failure::DeadLetter { reason, error } => error.as_deref().unwrap_or(reason),
+        }
+    }
 }
 
 impl<E: std::fmt::Display> From<E> for Failure {
@@ -350,26 +368,39 @@ impl Consumer {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<(Arc<Client>, Option<Statement>)> {
-        let mut pause = RECONNECT_FIRST;
-        loop {
-            let connected = async {
-                let client = (self.connector)().await?;
-                let prepared = match self.prepared_statements {
-                    true => Some(delivery::prepare_ack_and_read(&client).await?),
-                    false => None,
-                };
-                Ok::<_, Error>((client, prepared))
+        let (connector, prepare) = (&self.connector, self.prepared_statements);
+        retry_connecting(shutdown, || async move {
+            let client = connector().await?;
+            let prepared = match prepare {
+                true => Some(delivery::prepare_ack_and_read(&client).await?),
+                false => None,
             };
-            match connected.await {
-                Ok((client, prepared)) => return Ok((Arc::new(client), prepared)),
-                Err(error) if !error.is_connection() => return Err(error),
-                Err(error) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = shutdown.cancelled() => return Err(error),
-                    }
-                    pause = (pause * 2).min(RECONNECT_MAX);
+            Ok((Arc::new(client), prepared))
+        })
+        .await
+    }
+}
+
+/// Runs `connect` until it succeeds or fails other than by the connection, waiting between tries
+/// from `RECONNECT_FIRST` doubling up to `RECONNECT_MAX`; the last error once `shutdown` is cancelled.
+pub(crate) async fn retry_connecting<T, F>(
+    shutdown: &CancellationToken,
+    mut connect: impl FnMut() -> F,
+) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
+    let mut pause = RECONNECT_FIRST;
+    loop {
+        match connect().await {
+            Ok(connected) => return Ok(connected),
+            Err(error) if !error.is_connection() => return Err(error),
+            Err(error) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.cancelled() => return Err(error),
                 }
+                pause = (pause * 2).min(RECONNECT_MAX);
             }
         }
     }
@@ -457,13 +488,7 @@ impl Handling {
             }
             Err(panic) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "the handler panicked".into());
-                self.fail(id, token, Failure::Error(format!("panic: {text}")))
-                    .await;
+                self.fail(id, token, Failure::from_panic(&*panic)).await;
                 let _ = self.settled.send(Settled::Done);
             }
         }

@@ -4,10 +4,10 @@ use tokio_postgres::error::SqlState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// 42704: no such queue (or role).
+    /// 42704: no such queue, stream, consumer group (or role).
     #[error("{0}")]
     UnknownQueue(String),
-    /// 22023: an argument breaks a rule (a queue name, a subject, a batch size, ...).
+    /// 22023: an argument breaks a rule (a queue, stream or group name, a subject, a batch size, ...).
     #[error("{0}")]
     InvalidArgument(String),
     /// 22004: NULL where a value is needed.

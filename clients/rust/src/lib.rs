@@ -1,5 +1,7 @@
 //! bussig-client: send to bussig queues in the application's own transactions, and consume them with a
 //! framework that acks, retries, dead-letters, extends locks and shuts down without losing anything.
+//! Streams too: append to them in those transactions, and read them as members of consumer groups
+//! (`StreamConsumer`).
 //!
 //! ```no_run
 //! # async fn example(client: &tokio_postgres::Client) -> bussig_client::Result<()> {
@@ -18,6 +20,7 @@ mod request;
 mod send;
 mod settle_batch;
 mod sql;
+mod streams;
 mod trace;
 mod transactional;
 
@@ -33,5 +36,9 @@ pub use queues::{queues, retry_backoff, subscribers, QueueInfo};
 pub use request::{Reply, Requester};
 pub use send::{publish, send, send_batch, SendOptions};
 pub use settle_batch::{extend_lock_batch, nack_batch};
+pub use streams::{
+    append, append_batch, stream_commit, stream_read, stream_seek, stream_seek_time, AppendOptions,
+    AppendRecord, StreamConsumer, StreamRecord, StreamStats,
+};
 pub use tokio_util::sync::CancellationToken;
 pub use transactional::TransactionalFuture;

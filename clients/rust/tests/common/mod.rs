@@ -26,6 +26,31 @@ pub async fn client() -> Client {
     (connect_no_tls(url()))().await.expect("connect")
 }
 
+/// A name no other test or run uses.
+pub fn unique_name(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000_000;
+    format!("client_{test}_{}_{nanos:x}", std::process::id())
+}
+
+/// Runs `sql` on a connection of its own, from a `Drop`, where no runtime may be blocked on.
+fn run_on_the_side(sql: &'static str, name: String) {
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let c = client().await;
+            let _ = c.query_typed(sql, &[(&name, Type::TEXT)]).await;
+        });
+    })
+    .join();
+}
+
 /// A queue of its own (and its dead-letter queue), dropped when the test ends.
 pub struct TestQueue {
     pub name: String,
@@ -33,12 +58,7 @@ pub struct TestQueue {
 
 impl TestQueue {
     pub async fn create(c: &Client, test: &str, options: &str) -> TestQueue {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            % 1_000_000_000_000;
-        let name = format!("client_{test}_{}_{nanos:x}", std::process::id());
+        let name = unique_name(test);
         let sep = if options.is_empty() { "" } else { ", " };
         // Unnamed statements only (query_typed): the tests also run through pgbouncer.
         c.query_typed(
@@ -57,20 +77,47 @@ impl TestQueue {
 
 impl Drop for TestQueue {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let c = client().await;
-                let _ = c
-                    .query_typed("SELECT bussig.drop_queue($1)", &[(&name, Type::TEXT)])
-                    .await;
-            });
-        })
-        .join();
+        run_on_the_side("SELECT bussig.drop_queue($1)", self.name.clone());
+    }
+}
+
+/// A stream of its own with `partitions` and one consumer group, `group`, reading from the earliest
+/// record; dropped when the test ends.
+pub struct TestStream {
+    pub name: String,
+}
+
+impl TestStream {
+    pub async fn create(c: &Client, test: &str, partitions: i32) -> TestStream {
+        let name = unique_name(test);
+        c.query_typed(
+            "SELECT bussig.create_stream($1, partitions => $2),
+                    bussig.create_consumer_group($1, 'group', start_at => 'earliest')",
+            &[(&name, Type::TEXT), (&partitions, Type::INT4)],
+        )
+        .await
+        .expect("create_stream");
+        TestStream { name }
+    }
+
+    /// (committed_seq, head_seq) of each partition of `group`, in partition order.
+    pub async fn positions(&self, c: &Client) -> Vec<(i64, i64)> {
+        c.query_typed(
+            "SELECT committed_seq, head_seq FROM bussig.consumer_groups
+             WHERE stream = $1 AND consumer_group = 'group' ORDER BY partition",
+            &[(&self.name, Type::TEXT)],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        run_on_the_side("SELECT bussig.drop_stream($1)", self.name.clone());
     }
 }
 

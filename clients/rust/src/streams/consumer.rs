@@ -1,0 +1,292 @@
+//! A member of a consumer group: long-polls `stream_read`, hands each partition's records to the
+//! handler in order (partitions side by side), and commits each partition where its handler got to.
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::{stream_commit, stream_read, StreamRecord};
+use crate::consumer::{retry_connecting, Connector, Failure};
+use crate::error::Result;
+
+/// What a `StreamConsumer` has done so far; read it while it runs.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub handled: AtomicU64,
+    pub failed: AtomicU64,
+    /// Handlers running now.
+    pub in_flight: AtomicI64,
+    /// Commits refused because another member had leased the partition since: its records are
+    /// handled again there.
+    pub stale_commits: AtomicU64,
+    /// Connections lost and made again.
+    pub reconnects: AtomicU64,
+    /// The last handler failure, panic or failed commit, in words.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl StreamStats {
+    fn note_error(&self, text: &str) {
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        *last = Some(text.to_string());
+    }
+}
+
+/// A member of a stream's consumer group; configure it, then `run` it with a handler. Members of one
+/// group, in this process or others, share the stream's partitions: one member at a time reads a
+/// partition, so records of one key are handled in order across members. The group must exist
+/// (`bussig.create_consumer_group`).
+#[derive(Clone)]
+pub struct StreamConsumer {
+    stream: Arc<str>,
+    group: Arc<str>,
+    connector: Connector,
+    concurrency: usize,
+    max_records: i32,
+    lease: Duration,
+    wait: Duration,
+    stats: Arc<StreamStats>,
+}
+
+impl StreamConsumer {
+    pub fn new(connector: Connector, stream: impl Into<String>, group: impl Into<String>) -> Self {
+        StreamConsumer {
+            stream: stream.into().into(),
+            group: group.into().into(),
+            connector,
+            concurrency: 1,
+            max_records: 100,
+            lease: Duration::from_secs(30),
+            wait: Duration::from_secs(5),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Handlers running at once, each on a different partition (default 1). The member reads
+    /// again only while it holds fewer partitions than this.
+    pub fn concurrency(mut self, handlers: usize) -> Self {
+        self.concurrency = handlers.max(1);
+        self
+    }
+
+    /// The most records one read takes, over all the partitions it leases (default 100).
+    pub fn max_records(mut self, records: i32) -> Self {
+        self.max_records = records.max(1);
+        self
+    }
+
+    /// How long a read keeps its partitions from the group's other members (default 30 s): longer
+    /// than handling `max_records` records takes, as it cannot be extended. A member whose lease
+    /// ran out hands out no more of that partition's records, and its commit may come too late.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long an idle member's read waits for a record (default 5 s): also the longest a shutdown
+    /// waits for that read to return.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    pub fn stats(&self) -> Arc<StreamStats> {
+        self.stats.clone()
+    }
+
+    /// Consumes until `shutdown` is cancelled. The records of one partition go to `handler` one after
+    /// another in `seq` order; different partitions run side by side. When a partition's records of
+    /// a read are done, the last one handled is committed with the partition's lease.
+    ///
+    /// - `Ok` means handled. A `Failure` (any kind: streams have no retry delay or dead letters) or
+    ///   a panic leaves that partition's remaining records of the read unhandled: the ones before
+    ///   are committed, which ends the lease, so the failed record is read again at once; when it
+    ///   was the first, once the lease runs out. A record that always fails holds up its partition;
+    ///   return `Ok` to skip it.
+    /// - A commit refused as stale (another member leased the partition after this lease ran out)
+    ///   is counted in `stats().stale_commits`, not an error: that member handles the records again.
+    /// - Shutdown: the member reads no more; each partition finishes the record in hand and commits
+    ///   it. Records not started go back to the group at once, save at a partition's very first
+    ///   record (seq 1), which waits for the lease to run out.
+    /// - A lost connection is made again with a backoff; commits that were to go over it fail, and
+    ///   those records are read again after the lease (at least once).
+    ///
+    /// Returns once every partition in hand is committed; an error other than a lost connection
+    /// (an unknown stream or group, a missing privilege) ends it.
+    pub async fn run<H, F>(self, handler: H, shutdown: CancellationToken) -> Result<()>
+    where
+        H: Fn(StreamRecord) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), Failure>> + Send + 'static,
+    {
+        let member = Arc::new(Member {
+            stream: self.stream.clone(),
+            group: self.group.clone(),
+            handler,
+            slots: Semaphore::new(self.concurrency),
+            stats: self.stats.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let mut partitions = JoinSet::new();
+        let mut client = self.connect(&shutdown).await?;
+        let outcome = loop {
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            while partitions.try_join_next().is_some() {}
+            if partitions.len() >= self.concurrency {
+                wait_for_a_partition(&mut partitions, &shutdown).await;
+                continue;
+            }
+            // Long-poll only when idle: commits of partitions in hand go over this connection too.
+            let idle = partitions.is_empty();
+            let wait = idle.then_some(self.wait);
+            let read = stream_read(
+                &*client,
+                &self.stream,
+                &self.group,
+                self.max_records,
+                wait,
+                self.lease,
+            )
+            .await;
+            let records = match read {
+                Ok(records) => records,
+                Err(error) if error.is_connection() => {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    match self.connect(&shutdown).await {
+                        Ok(connected) => client = connected,
+                        Err(error) => break Err(error),
+                    }
+                    continue;
+                }
+                Err(error) => break Err(error),
+            };
+            if records.is_empty() && !idle {
+                wait_for_a_partition(&mut partitions, &shutdown).await;
+                continue;
+            }
+            let lease_ends = Instant::now() + self.lease;
+            for records in by_partition(records) {
+                let member = member.clone();
+                partitions.spawn(member.handle_partition(client.clone(), records, lease_ends));
+            }
+        };
+        while partitions.join_next().await.is_some() {}
+        outcome
+    }
+
+    async fn connect(&self, shutdown: &CancellationToken) -> Result<Arc<Client>> {
+        let connector = &self.connector;
+        retry_connecting(shutdown, || async move { Ok(Arc::new(connector().await?)) }).await
+    }
+}
+
+/// Waits until a partition in hand is done or shutdown is asked for.
+async fn wait_for_a_partition(partitions: &mut JoinSet<()>, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = partitions.join_next() => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// A read's records, one list per partition, each in the order read.
+fn by_partition(records: Vec<StreamRecord>) -> impl Iterator<Item = Vec<StreamRecord>> {
+    let mut partitions: BTreeMap<i32, Vec<StreamRecord>> = BTreeMap::new();
+    for record in records {
+        partitions.entry(record.partition).or_default().push(record);
+    }
+    partitions.into_values()
+}
+
+/// What the partitions' tasks share.
+struct Member<H> {
+    stream: Arc<str>,
+    group: Arc<str>,
+    handler: H,
+    /// One permit per handler running.
+    slots: Semaphore,
+    stats: Arc<StreamStats>,
+    shutdown: CancellationToken,
+}
+
+impl<H> Member<H> {
+    /// Hands one partition's records to the handler in order until one fails, the lease runs out
+    /// or shutdown is asked for, then commits the last one handled.
+    async fn handle_partition<F>(
+        self: Arc<Self>,
+        client: Arc<Client>,
+        records: Vec<StreamRecord>,
+        lease_ends: Instant,
+    ) where
+        H: Fn(StreamRecord) -> F,
+        F: Future<Output = std::result::Result<(), Failure>>,
+    {
+        let first = &records[0];
+        let (partition, lease_token, first_seq) = (first.partition, first.lease_token, first.seq);
+        let stats = &self.stats;
+        let mut handled = None;
+        let mut shut_down = false;
+        for record in records {
+            let permit = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    shut_down = true;
+                    break;
+                }
+                permit = self.slots.acquire() => permit.expect("never closed"),
+            };
+            if Instant::now() >= lease_ends {
+                break;
+            }
+            let seq = record.seq;
+            stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let outcome = AssertUnwindSafe(async { (self.handler)(record).await })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(Failure::from_panic(&*panic)));
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+            match outcome {
+                Ok(()) => {
+                    stats.handled.fetch_add(1, Ordering::Relaxed);
+                    handled = Some(seq);
+                }
+                Err(failure) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    stats.note_error(failure.text());
+                    break;
+                }
+            }
+        }
+        // At a shutdown before any record, committing the position it already has ends the lease,
+        // so that the records go to another member at once (a seq below 1 is refused).
+        let given_back = (shut_down && first_seq > 1).then_some(first_seq - 1);
+        let Some(seq) = handled.or(given_back) else {
+            return;
+        };
+        let commit = stream_commit(
+            &*client,
+            &self.stream,
+            &self.group,
+            partition,
+            seq,
+            lease_token,
+        );
+        match commit.await {
+            Ok(true) => {}
+            Ok(false) => {
+                stats.stale_commits.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => stats.note_error(&error.to_string()),
+        }
+    }
+}
