@@ -512,6 +512,11 @@ RETURNS TABLE (partition int, seq bigint, lease_token uuid, subject text, key te
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_read_wrapper';
 CREATE FUNCTION bussig.stream_commit(stream text, consumer_group text, partition int, seq bigint, lease_token uuid)
 RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'stream_commit_wrapper';
+CREATE FUNCTION bussig.stream_extend_lease(stream text, consumer_group text, partition int, lease_token uuid,
+                                           lease interval DEFAULT '30 seconds')
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'stream_extend_lease_wrapper';
+CREATE FUNCTION bussig.stream_release(stream text, consumer_group text, partition int, lease_token uuid)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'stream_release_wrapper';
 CREATE FUNCTION bussig.stream_seek(stream text, consumer_group text, partition int, seq bigint)
 RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'stream_seek_wrapper';
 CREATE FUNCTION bussig.stream_seek_time(stream text, consumer_group text, at timestamptz)

@@ -30,6 +30,8 @@ INSERT INTO stream_calls (call) VALUES
     ($$SELECT bussig.drop_consumer_group('sperm', 'g')$$),
     ($$SELECT count(*) FROM bussig.stream_read('sperm', 'g')$$),
     (format($$SELECT bussig.stream_commit('sperm', 'g', %s, 1, %L)$$, :p, :'tok')),
+    (format($$SELECT bussig.stream_extend_lease('sperm', 'g', %s, %L)$$, :p, :'tok')),
+    (format($$SELECT bussig.stream_release('sperm', 'g', %s, %L)$$, :p, :'tok')),
     ($$SELECT bussig.stream_seek('sperm', 'g', 0, 1)$$),
     ($$SELECT bussig.stream_seek_time('sperm', 'g', now())$$),
     ($$SELECT count(*) FROM bussig.stream_range('sperm', 0, 1)$$),

@@ -11,6 +11,7 @@ use crate::pg::datum::{Jsonb, JsonbArray};
 use crate::stream::append::{self, Batch};
 use crate::stream::definition::{self, Retention};
 use crate::stream::group::{self, StartAt};
+use crate::stream::lease::{self, HeldLease};
 use crate::stream::read::{self, GroupPosition, StreamReadRequest, StreamRecord};
 use crate::stream::{self, group_name, stream_name};
 use crate::topic::checked_pattern;
@@ -188,6 +189,37 @@ fn stream_commit(
     let lease_token = required(lease_token, "lease_token")?;
     Ok(access::connect(|client, caller| {
         read::commit(client, caller, &position, lease_token)
+    })?)
+}
+
+/// The lease of the partition runs `lease` from now: false when another member took it since.
+#[pg_extern]
+fn stream_extend_lease(
+    stream: Option<&str>,
+    consumer_group: Option<&str>,
+    partition: Option<i32>,
+    lease_token: Option<Uuid>,
+    lease: default!(Option<Interval>, "'30 seconds'"),
+) -> Result<bool, ErrorReport> {
+    let held = HeldLease::check(stream, consumer_group, partition, lease_token)?;
+    let lease = StreamReadRequest::checked_lease(lease)?;
+    Ok(access::connect(|client, caller| {
+        lease::extend(client, caller, &held, lease)
+    })?)
+}
+
+/// Ends the lease without moving the group's position: any member reads the records again at once.
+/// False when another member took the lease since.
+#[pg_extern]
+fn stream_release(
+    stream: Option<&str>,
+    consumer_group: Option<&str>,
+    partition: Option<i32>,
+    lease_token: Option<Uuid>,
+) -> Result<bool, ErrorReport> {
+    let held = HeldLease::check(stream, consumer_group, partition, lease_token)?;
+    Ok(access::connect(|client, caller| {
+        lease::release(client, caller, &held)
     })?)
 }
 

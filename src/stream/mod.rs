@@ -8,6 +8,7 @@
 pub mod append;
 pub mod definition;
 pub mod group;
+pub mod lease;
 pub mod read;
 pub mod retention;
 pub mod sequence;

@@ -10,7 +10,7 @@ use pgrx::spi::{SpiClient, SpiHeapTupleData};
 use pgrx::Uuid;
 
 use super::group::{make_sure_of_leases, require_group};
-use super::{checked_partition, require, sequence, Stream, StreamPrivilege};
+use super::{checked_partition, lease, require, sequence, Stream, StreamPrivilege};
 use crate::access::{self, Caller};
 use crate::error::{BusError, BusResult};
 use crate::pg::datum::Jsonb;
@@ -29,66 +29,6 @@ pub struct StreamRecord {
     pub headers: Option<Jsonb>,
     pub appended_at: TimestampWithTimeZone,
 }
-
-// Leases the next partition of the group with records past the group's position and no lease in
-// force, counting from partition $3 and passing over those tried ($6), unless another member is
-// taking it right now (SKIP LOCKED). The lease is a row of the unlogged bussig.group_lease: a read
-// that numbers nothing writes no WAL. The candidate is leased by its key, with the condition asked
-// again: a member that took or ended the lease after this statement's snapshot has made a newer
-// version, which the update finds and checks. Returns the candidate, and the token when leased.
-static LEASE_NEXT: Statement = Statement {
-    sql: "WITH candidate AS (
-              SELECT l.partition
-              FROM bussig.group_lease l
-              JOIN bussig.group_partition g USING (stream_id, consumer_group, partition)
-              JOIN bussig.stream_partition p USING (stream_id, partition)
-              WHERE l.stream_id = $1 AND l.consumer_group = $2 AND NOT l.partition = ANY ($6)
-                AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
-                AND p.head_seq > greatest(g.committed_seq, p.first_seq - 1)
-              ORDER BY (l.partition - $3 + $4) % $4
-              LIMIT 1
-              FOR UPDATE OF l SKIP LOCKED),
-          leased AS (
-              UPDATE bussig.group_lease l
-              SET lease_token = gen_random_uuid(), leased_until = clock_timestamp() + $5
-              FROM candidate
-              WHERE l.stream_id = $1 AND l.consumer_group = $2 AND l.partition = candidate.partition
-                AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
-              RETURNING l.partition, l.lease_token)
-          SELECT c.partition, leased.lease_token FROM candidate c LEFT JOIN leased USING (partition)",
-    args: &[
-        pg_sys::INT4OID,
-        pg_sys::TEXTOID,
-        pg_sys::INT4OID,
-        pg_sys::INT4OID,
-        pg_sys::INTERVALOID,
-        pg_sys::INT4ARRAYOID,
-    ],
-    writes: true,
-};
-
-// Ends the leases of the group's partition $3, or of all its partitions when $3 is NULL; with $4, only
-// the lease of that token.
-static END_LEASES: Statement = Statement {
-    sql: "UPDATE bussig.group_lease SET lease_token = NULL, leased_until = NULL
-          WHERE stream_id = $1 AND consumer_group = $2 AND (partition = $3 OR $3 IS NULL)
-            AND (lease_token = $4 OR $4 IS NULL) AND lease_token IS NOT NULL",
-    args: &[
-        pg_sys::INT4OID,
-        pg_sys::TEXTOID,
-        pg_sys::INT4OID,
-        pg_sys::UUIDOID,
-    ],
-    writes: true,
-};
-
-static NEXT_LEASE_END: Statement = Statement {
-    sql: "SELECT extract(epoch FROM min(leased_until) - clock_timestamp())::float8
-          FROM bussig.group_lease
-          WHERE stream_id = $1 AND consumer_group = $2 AND leased_until > clock_timestamp()",
-    args: &[pg_sys::INT4OID, pg_sys::TEXTOID],
-    writes: true,
-};
 
 // Ends the lease when the token is still the one handed out (an expired lease nobody took since
 // still commits) and moves the position: never back, nor past the head. A stale token matches no row.
@@ -233,13 +173,19 @@ impl StreamReadRequest {
             }
             None => Duration::ZERO,
         };
-        let lease = validate::required(lease, "lease")?;
-        validate::positive(&lease, "lease")?;
+        let lease = Self::checked_lease(lease)?;
         Ok(StreamReadRequest {
             max_records,
             wait,
             lease,
         })
+    }
+
+    /// A lease's length: given, and more than zero.
+    pub fn checked_lease(lease: Option<Interval>) -> BusResult<Interval> {
+        let lease = validate::required(lease, "lease")?;
+        validate::positive(&lease, "lease")?;
+        Ok(lease)
     }
 }
 
@@ -273,21 +219,13 @@ fn read_once(
     let mut left = i64::from(request.max_records);
     let mut tried: Vec<i32> = Vec::new();
     while left > 0 {
-        let args = [
-            stream.stream_id.into(),
-            group.into(),
-            start.into(),
-            stream.partitions.into(),
-            request.lease.into(),
-            tried.clone().into(),
-        ];
-        let Some(row) = plans::run(client, &LEASE_NEXT, &args)?.next() else {
+        let Some((partition, token)) = lease::next(client, stream, group, start, request, &tried)?
+        else {
             break;
         };
-        let partition: i32 = plans::filled(&row, 1, "partition")?;
         tried.push(partition);
         // Another member leased it since this statement's snapshot.
-        let Some(token) = row.get::<Uuid>(2)? else {
+        let Some(token) = token else {
             continue;
         };
         let from = From::Group(stream.stream_id, group);
@@ -295,7 +233,7 @@ fn read_once(
         let found = read_partition(client, stream, partition, from, limits, Some(token))?;
         if found.is_empty() {
             // A commit moved the position to the head between the two statements.
-            end_leases(client, stream, group, Some(partition), Some(token))?;
+            lease::end(client, stream, group, Some(partition), Some(token))?;
             continue;
         }
         left -= found.len() as i64;
@@ -305,31 +243,6 @@ fn read_once(
         require_group(client, name, stream, group)?;
     }
     Ok(records)
-}
-
-/// The arguments that name a group's partition (all of them when None), as statements take them first.
-fn partition_of_group<'a>(
-    stream: &Stream,
-    group: &'a str,
-    partition: Option<i32>,
-) -> [DatumWithOid<'a>; 3] {
-    [stream.stream_id.into(), group.into(), partition.into()]
-}
-
-fn end_leases(
-    client: &mut SpiClient<'_>,
-    stream: &Stream,
-    group: &str,
-    partition: Option<i32>,
-    token: Option<Uuid>,
-) -> BusResult<()> {
-    let [stream_id, group, partition] = partition_of_group(stream, group, partition);
-    plans::run(
-        client,
-        &END_LEASES,
-        &[stream_id, group, partition, token.into()],
-    )?;
-    Ok(())
 }
 
 /// stream_read: the group's next records; with a wait, sleeps until an append commits, a lease of
@@ -361,8 +274,7 @@ pub fn read_waiting(
             let may_wait =
                 started.elapsed() < request.wait && !crate::pg::xact::snapshot_is_fixed();
             let lease_ends = if records.is_empty() && may_wait {
-                let args = [stream.stream_id.into(), group.into()];
-                plans::first_value::<f64>(client, &NEXT_LEASE_END, &args)?
+                lease::seconds_to_next_end(client, &stream, group)?
             } else {
                 None
             };
@@ -430,7 +342,7 @@ impl<'a> GroupPosition<'a> {
         let stream = require(client, caller, self.stream, StreamPrivilege::Read)?;
         checked_partition(&stream, self.partition)?;
         let [stream_id, group, partition] =
-            partition_of_group(&stream, self.group, Some(self.partition));
+            lease::partition_of_group(&stream, self.group, Some(self.partition));
         Ok((stream, [stream_id, group, partition, self.seq.into()]))
     }
 }
@@ -465,7 +377,7 @@ fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
 pub fn seek(client: &mut SpiClient<'_>, caller: &Caller, at: &GroupPosition<'_>) -> BusResult<()> {
     let (stream, args) = at.resolve(client, caller)?;
     require_group(client, at.stream, &stream, at.group)?;
-    end_leases(client, &stream, at.group, Some(at.partition), None)?;
+    lease::end(client, &stream, at.group, Some(at.partition), None)?;
     plans::run(client, &SEEK, &args)?;
     Ok(())
 }
@@ -482,7 +394,7 @@ pub fn seek_to_time(
     let stream = require(client, caller, name, StreamPrivilege::Read)?;
     require_group(client, name, &stream, group)?;
     sequence::number_all(client, &stream)?;
-    end_leases(client, &stream, group, None, None)?;
+    lease::end(client, &stream, group, None, None)?;
     let types = [pg_sys::INT4OID, pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID];
     let args = [stream.stream_id.into(), group.into(), at.into()];
     plans::run_text(client, &seek_time(&stream), &types, true, &args)?;

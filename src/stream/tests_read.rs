@@ -82,6 +82,69 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_lease_is_extended_and_released_without_moving_the_position() {
+        run("SELECT bussig.create_stream('events')");
+        run("SELECT bussig.create_consumer_group('events', 'g', 'earliest')");
+        append("events", 3);
+        assert_eq!(read_into_got("events", "g", 2), [1, 2]);
+        run("CREATE TEMP TABLE held AS SELECT DISTINCT lease_token FROM got");
+        let with_held = |call: &str| {
+            one::<bool>(&format!(
+                "SELECT bussig.{call}('events', 'g', 0, (SELECT lease_token FROM held))"
+            ))
+        };
+        assert_eq!(
+            one::<bool>("SELECT bussig.stream_extend_lease('events', 'g', 0, (SELECT lease_token FROM held), '1 hour')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(
+                "SELECT leased_until > now() + interval '50 minutes' FROM bussig.consumer_groups"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT bussig.stream_extend_lease('events', 'g', 0, gen_random_uuid())"),
+            Some(false)
+        );
+        assert_eq!(with_held("stream_release"), Some(true));
+        assert_eq!(
+            one::<String>("SELECT format('%s %s', committed_seq, leased_until IS NULL) FROM bussig.consumer_groups")
+                .as_deref(),
+            Some("0 t")
+        );
+        // Read again at once, from the same position, under a new lease.
+        assert_eq!(read_into_got("events", "g", 10), [1, 2, 3]);
+        assert_eq!(with_held("stream_release"), Some(false));
+        assert_eq!(with_held("stream_extend_lease"), Some(false));
+        assert!(commit_got("events", "g"));
+        // Every argument checked before the lease is looked for: any token will do.
+        assert_all_fail(&[
+            (
+                "SELECT bussig.stream_extend_lease('events', 'g', 0, gen_random_uuid(), '0 seconds')",
+                "22023",
+            ),
+            (
+                "SELECT bussig.stream_extend_lease('events', 'g', 0, gen_random_uuid(), NULL)",
+                "22004",
+            ),
+            ("SELECT bussig.stream_release('events', 'g', 0, NULL)", "22004"),
+            (
+                "SELECT bussig.stream_release('events', 'g', 1, gen_random_uuid())",
+                "22023",
+            ),
+            (
+                "SELECT bussig.stream_release('events', 'nope', 0, gen_random_uuid())",
+                "42704",
+            ),
+            (
+                "SELECT bussig.stream_extend_lease('nope', 'g', 0, gen_random_uuid())",
+                "42704",
+            ),
+        ]);
+    }
+
+    #[pg_test]
     fn groups_are_independent_and_latest_starts_after_what_is_there() {
         run("SELECT bussig.create_stream('events', 2)");
         append("events", 6);
