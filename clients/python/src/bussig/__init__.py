@@ -1,5 +1,6 @@
 """bussig: send to bussig queues in your own transactions, route subjects to handlers, and run workers
-that ack, retry, dead-letter, extend locks and stop without leaving a message locked."""
+that ack, retry, dead-letter, extend locks and stop without leaving a message locked; append to streams
+and consume them in consumer groups."""
 
 from ._core import Stats
 from .aio import AsyncBus
@@ -21,6 +22,8 @@ from .errors import (
 from .message import AsyncMessage, Message
 from .outcome import DeadLetter, Retry
 from .routing import Route, Router, pattern_matches
+from .stream import StreamRecord, StreamStats
+from .stream_consumer import StreamConsumer
 from .worker import Worker
 
 __all__ = [
@@ -44,6 +47,9 @@ __all__ = [
     "Route",
     "Router",
     "Stats",
+    "StreamConsumer",
+    "StreamRecord",
+    "StreamStats",
     "TooLarge",
     "UnknownQueue",
     "Worker",

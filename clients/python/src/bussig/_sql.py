@@ -44,6 +44,18 @@ HEARTBEAT = "SELECT bussig.heartbeat(%s::text)"
 DROP_QUEUE = "SELECT bussig.drop_queue(%s::text)"
 BLOCKED_GROUPS = "SELECT group_id, head_message_id, state, since FROM bussig.blocked_groups(%s::text)"
 
+APPEND = "SELECT bussig.append(%s::text, %s::jsonb, %s::text, %s::jsonb, %s::text)"
+APPEND_BATCH = "SELECT bussig.append_batch(%s::text, %s::jsonb[], %s::text[], %s::jsonb, %s::text[])"
+STREAM_READ = (
+    "SELECT partition, seq, lease_token, subject, key, payload, headers, appended_at"
+    " FROM bussig.stream_read(%s::text, %s::text, %s::int4, %s::float8 * interval '1 second',"
+    " %s::float8 * interval '1 second')"
+)
+CREATE_CONSUMER_GROUP = "SELECT bussig.create_consumer_group(%s::text, %s::text, %s::text)"
+STREAM_COMMIT = "SELECT bussig.stream_commit(%s::text, %s::text, %s::int4, %s::int8, %s::uuid)"
+STREAM_SEEK = "SELECT bussig.stream_seek(%s::text, %s::text, %s::int4, %s::int8)"
+STREAM_SEEK_TIME = "SELECT bussig.stream_seek_time(%s::text, %s::text, %s::timestamptz)"
+
 Ack = tuple[int, uuid.UUID]
 
 
@@ -76,17 +88,45 @@ def message_params(
     group_id: Optional[str] = None,
 ) -> Params:
     """The parameters of SEND and PUBLISH; the headers gain the current trace context."""
-    headers = trace.inject(headers)
     return (
         target,
         encode(payload),
-        Jsonb(dict(headers)) if headers is not None else None,
+        headers_param(headers),
         seconds(delay),
         priority,
         dedup_id,
         correlation_id,
         reply_to,
         group_id,
+    )
+
+
+def headers_param(headers: Optional[Mapping[str, Any]]) -> Optional[Jsonb]:
+    """Headers as jsonb, with the current trace context added."""
+    headers = trace.inject(headers)
+    return Jsonb(dict(headers)) if headers is not None else None
+
+
+def append_params(
+    stream: str, payload: Any, subject: Optional[str], headers: Optional[Mapping[str, Any]], key: Optional[str]
+) -> Params:
+    return (stream, encode(payload), subject, headers_param(headers), key)
+
+
+def append_batch_params(
+    stream: str,
+    payloads: Sequence[Any],
+    subjects: Optional[Sequence[Optional[str]]],
+    headers: Optional[Mapping[str, Any]],
+    keys: Optional[Sequence[Optional[str]]],
+) -> Params:
+    """The parameters of APPEND_BATCH: ``headers`` is one object, every record's."""
+    return (
+        stream,
+        [encode(payload) for payload in payloads],
+        list(subjects) if subjects is not None else None,
+        headers_param(headers),
+        list(keys) if keys is not None else None,
     )
 
 

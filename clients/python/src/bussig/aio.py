@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Optional
 
 import psycopg
@@ -14,8 +15,9 @@ from psycopg_pool import AsyncConnectionPool
 from . import _sql, errors
 from ._connections import Row, caller_connection_async, connect_async, execute_async
 from ._sql import Seconds
-from .bus import EPHEMERAL_TTL, REPLY_WAIT, BlockedGroup, blocked_groups, ephemeral_queue
+from .bus import EPHEMERAL_TTL, REPLY_WAIT, STREAM_LEASE, BlockedGroup, blocked_groups, ephemeral_queue
 from .message import AsyncMessage, fields
+from .stream import StreamRecord, records
 
 
 class AsyncBus:
@@ -106,6 +108,65 @@ class AsyncBus:
     async def blocked_groups(self, queue: str, conn: Any = None) -> list[BlockedGroup]:
         """As ``Bus.blocked_groups``."""
         return blocked_groups(await self.execute(_sql.BLOCKED_GROUPS, (queue,), conn))
+
+    async def append(
+        self,
+        stream: str,
+        payload: Any,
+        *,
+        subject: Optional[str] = None,
+        headers: Optional[Mapping[str, Any]] = None,
+        key: Optional[str] = None,
+        conn: Any = None,
+    ) -> int:
+        """As ``Bus.append``."""
+        params = _sql.append_params(stream, payload, subject, headers, key)
+        value: int = (await self.execute(_sql.APPEND, params, conn))[0][0]
+        return value
+
+    async def append_batch(
+        self,
+        stream: str,
+        payloads: Sequence[Any],
+        *,
+        subjects: Optional[Sequence[Optional[str]]] = None,
+        headers: Optional[Mapping[str, Any]] = None,
+        keys: Optional[Sequence[Optional[str]]] = None,
+        conn: Any = None,
+    ) -> int:
+        """As ``Bus.append_batch``."""
+        params = _sql.append_batch_params(stream, payloads, subjects, headers, keys)
+        value: int = (await self.execute(_sql.APPEND_BATCH, params, conn))[0][0]
+        return value
+
+    async def stream_read(
+        self,
+        stream: str,
+        group: str,
+        max_records: int = 100,
+        wait: Optional[Seconds] = None,
+        lease: Seconds = STREAM_LEASE,
+        conn: Any = None,
+    ) -> list[StreamRecord]:
+        """As ``Bus.stream_read``."""
+        params = (stream, group, max_records, _sql.seconds(wait), _sql.seconds(lease))
+        return records(stream, group, await self.execute(_sql.STREAM_READ, params, conn))
+
+    async def stream_commit(
+        self, stream: str, group: str, partition: int, seq: int, lease_token: uuid.UUID, conn: Any = None
+    ) -> bool:
+        """As ``Bus.stream_commit``."""
+        params = (stream, group, partition, seq, lease_token)
+        value: bool = (await self.execute(_sql.STREAM_COMMIT, params, conn))[0][0]
+        return value
+
+    async def stream_seek(self, stream: str, group: str, partition: int, seq: int, conn: Any = None) -> None:
+        """As ``Bus.stream_seek``."""
+        await self.execute(_sql.STREAM_SEEK, (stream, group, partition, seq), conn)
+
+    async def stream_seek_time(self, stream: str, group: str, at: datetime, conn: Any = None) -> None:
+        """As ``Bus.stream_seek_time``."""
+        await self.execute(_sql.STREAM_SEEK_TIME, (stream, group, at), conn)
 
     async def request(self, queue: str, payload: Any, timeout: Seconds = 30.0, **options: Any) -> AsyncMessage:
         """As ``Bus.request``."""

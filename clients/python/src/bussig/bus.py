@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -21,11 +21,14 @@ from . import _sql, errors
 from ._connections import Row, caller_connection, connect, execute
 from ._sql import Seconds
 from .message import Message, fields
+from .stream import StreamRecord, records
 
 EPHEMERAL_TTL = 60.0
 """How long a process's own queue outlives its last heartbeat; heartbeats come three times as often."""
 REPLY_WAIT = 1.0
 """How long one read of the reply queue waits: also how late its reader notices a stop."""
+STREAM_LEASE = 30.0
+"""How long a stream read leases the partitions it returns records from, by default (seconds)."""
 
 
 def ephemeral_queue(kind: str) -> str:
@@ -135,6 +138,69 @@ class Bus:
     def blocked_groups(self, queue: str, conn: Any = None) -> list[BlockedGroup]:
         """The queue's ordered groups whose head is locked, waiting for a retry, or delayed."""
         return blocked_groups(self.execute(_sql.BLOCKED_GROUPS, (queue,), conn))
+
+    def append(
+        self,
+        stream: str,
+        payload: Any,
+        *,
+        subject: Optional[str] = None,
+        headers: Optional[Mapping[str, Any]] = None,
+        key: Optional[str] = None,
+        conn: Any = None,
+    ) -> int:
+        """Appends one record to ``stream``; the partition it went to (its key's, or the next in turn
+        without a key). Not its seq: a record is numbered when it becomes readable, after the commit."""
+        value: int = self.execute(_sql.APPEND, _sql.append_params(stream, payload, subject, headers, key), conn)[0][0]
+        return value
+
+    def append_batch(
+        self,
+        stream: str,
+        payloads: Sequence[Any],
+        *,
+        subjects: Optional[Sequence[Optional[str]]] = None,
+        headers: Optional[Mapping[str, Any]] = None,
+        keys: Optional[Sequence[Optional[str]]] = None,
+        conn: Any = None,
+    ) -> int:
+        """Appends records in one statement; how many. ``subjects`` and ``keys``, when given, have one
+        entry (or None) per payload; ``headers`` is one object, every record's. Without keys the
+        whole batch goes to one partition."""
+        params = _sql.append_batch_params(stream, payloads, subjects, headers, keys)
+        value: int = self.execute(_sql.APPEND_BATCH, params, conn)[0][0]
+        return value
+
+    def stream_read(
+        self,
+        stream: str,
+        group: str,
+        max_records: int = 100,
+        wait: Optional[Seconds] = None,
+        lease: Seconds = STREAM_LEASE,
+        conn: Any = None,
+    ) -> list[StreamRecord]:
+        """Up to ``max_records`` records after the group's position, from partitions no member of the
+        group holds, each such partition leased for ``lease``. With ``wait``, an empty read waits that
+        long for an append. Commit each partition's last processed seq with ``stream_commit``."""
+        params = (stream, group, max_records, _sql.seconds(wait), _sql.seconds(lease))
+        return records(stream, group, self.execute(_sql.STREAM_READ, params, conn))
+
+    def stream_commit(
+        self, stream: str, group: str, partition: int, seq: int, lease_token: uuid.UUID, conn: Any = None
+    ) -> bool:
+        """Marks the partition processed up to and including ``seq`` and ends the lease. False on a
+        stale lease (another member has leased the partition since): those records are read again."""
+        value: bool = self.execute(_sql.STREAM_COMMIT, (stream, group, partition, seq, lease_token), conn)[0][0]
+        return value
+
+    def stream_seek(self, stream: str, group: str, partition: int, seq: int, conn: Any = None) -> None:
+        """The group's next read of ``partition`` starts at ``seq`` (1 is the first record)."""
+        self.execute(_sql.STREAM_SEEK, (stream, group, partition, seq), conn)
+
+    def stream_seek_time(self, stream: str, group: str, at: datetime, conn: Any = None) -> None:
+        """Every partition of the group to its first record appended at or after ``at``."""
+        self.execute(_sql.STREAM_SEEK_TIME, (stream, group, at), conn)
 
     def request(self, queue: str, payload: Any, timeout: Seconds = 30.0, **options: Any) -> Message:
         """Sends ``payload`` to ``queue`` with ``reply_to`` set to this process's reply queue and waits

@@ -18,11 +18,12 @@ class BussigError(Exception):
 
 
 class UnknownQueue(BussigError):
-    """42704: no such queue (or role)."""
+    """42704: no such queue, stream or consumer group (or role)."""
 
 
 class InvalidArgument(BussigError):
-    """22023: an argument breaks a rule (a queue name, a subject, a batch size, ...)."""
+    """22023: an argument breaks a rule (a queue, stream or group name, a subject, a batch size, a
+    partition or seq, ...)."""
 
 
 class NullArgument(BussigError):

@@ -1,0 +1,168 @@
+"""``StreamConsumer.run``: the stream consumer's loop on asyncio, each partition of a batch a task. It
+follows the thread loop in ``stream_consumer.py`` step for step, with the consumer's own state."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from typing import TYPE_CHECKING, Optional
+
+import psycopg
+
+from . import _sql, trace
+from ._connections import Row, connect_async, execute_async
+from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, next_pause
+from .errors import BussigError, connection_lost
+from .stream import CANCEL_EVERY, CANCELED_COMMIT_ATTEMPTS, Progress, StreamRecord, failed, stopped_early
+
+if TYPE_CHECKING:
+    from .stream_consumer import StreamConsumer
+
+
+class AsyncStreamRun:
+    def __init__(self, consumer: StreamConsumer) -> None:
+        self.consumer = consumer
+        self.stopping = False
+        self.conn: Optional[psycopg.AsyncConnection[Row]] = None
+        self.waiting_read = False
+        self.handlers: set[asyncio.Task[Progress]] = set()
+
+    async def run(self, grace: float) -> None:
+        # The loop runs in a task of its own that a cancellation does not interrupt: a read cut off
+        # could have leased partitions nobody would know of. It stops after its batch.
+        loop = asyncio.create_task(self.loop())
+        try:
+            await asyncio.shield(loop)
+        except asyncio.CancelledError:
+            self.stopping = True
+            deadline = time.monotonic() + grace
+            while not loop.done() and time.monotonic() < deadline:
+                if self.waiting_read and self.conn is not None:
+                    await self.conn.cancel_safe()  # as in the thread consumer's stop
+                await asyncio.wait({loop}, timeout=min(CANCEL_EVERY, max(0.0, deadline - time.monotonic())))
+            for handler in list(self.handlers):
+                handler.cancel()  # still running after the grace: the records they were on are read again
+            await loop
+            raise
+
+    async def loop(self) -> None:
+        consumer = self.consumer
+        try:
+            self.conn = await connect_async(consumer.conninfo, consumer.application_name)
+            if consumer.start_at is not None:
+                await self.execute(_sql.CREATE_CONSUMER_GROUP, (consumer.stream, consumer.group, consumer.start_at))
+            while not self.stopping:
+                try:
+                    await self.turn()
+                except Exception as error:
+                    if not connection_lost(error, self.conn):
+                        raise
+                    if not await self.reconnect():
+                        break
+                    consumer.stats.reconnects += 1
+            await self.flush()
+        finally:
+            if self.conn is not None:
+                await self.conn.close()
+
+    async def execute(self, sql: str, params: tuple[object, ...]) -> list[Row]:
+        assert self.conn is not None
+        return await execute_async(self.conn, sql, params)
+
+    async def turn(self) -> None:
+        consumer = self.consumer
+        await self.commit()
+        if self.stopping:
+            return
+        lease_ends = time.monotonic() + consumer.lease
+        self.waiting_read = True
+        try:
+            rows = await self.execute(_sql.STREAM_READ, consumer.read_params())
+        except psycopg.errors.QueryCanceled:
+            if self.stopping:
+                return  # the stop cut the wait short
+            raise
+        finally:
+            self.waiting_read = False
+        consumer.ready.set()
+        batch = consumer.batch(rows)
+        slots = asyncio.Semaphore(consumer.concurrency)
+        tasks = [asyncio.create_task(self.handle(partition, lease_ends, slots)) for partition in batch]
+        self.handlers.update(tasks)
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self.handlers.difference_update(tasks)
+        # A task cancelled before it began handled nothing of its partition.
+        progress = [result if isinstance(result, Progress) else Progress(part) for result, part in zip(results, batch)]
+        consumer.batch_done(progress)
+        await self.commit()
+
+    async def handle(self, partition: list[StreamRecord], lease_ends: float, slots: asyncio.Semaphore) -> Progress:
+        progress = Progress(partition)
+        try:
+            async with slots:
+                for record in partition:
+                    if stopped_early(record, self.stopping, lease_ends, time.monotonic()):
+                        break
+                    span = trace.processing(self.consumer.stream, f"{record.partition}:{record.seq}", None, record.headers)
+                    try:
+                        with span:
+                            value = self.consumer.handler(record)
+                            if inspect.isawaitable(value):
+                                await value
+                    except Exception:
+                        failed(progress, record)
+                        break
+                    progress.handled += 1
+        except asyncio.CancelledError:
+            pass  # cut off after a stop's grace: the record it was on is read again
+        return progress
+
+    async def commit(self) -> None:
+        consumer = self.consumer
+        canceled = 0
+        while consumer.pending:
+            try:
+                ok = (await self.execute(_sql.STREAM_COMMIT, consumer.commit_params()))[0][0]
+            except psycopg.errors.QueryCanceled:
+                canceled += 1
+                if canceled < CANCELED_COMMIT_ATTEMPTS:
+                    continue  # the stop's cancel, meant for a read, came late to this commit
+                raise
+            consumer.committed(ok)
+
+    async def reconnect(self) -> bool:
+        """Connects again, retrying with a capped backoff; False when a stop came first."""
+        pause = RECONNECT_FIRST
+        while not self.stopping:
+            if self.conn is not None:
+                await self.conn.close()
+            try:
+                self.conn = await connect_async(self.consumer.conninfo, self.consumer.application_name)
+                return True
+            except BussigError:
+                raise
+            except psycopg.Error:
+                await asyncio.sleep(pause)
+                pause = next_pause(pause)
+        return False
+
+    async def flush(self) -> None:
+        """As the thread consumer's ``_flush``."""
+        pause = RECONNECT_FIRST
+        for _ in range(FLUSH_ATTEMPTS):
+            try:
+                if self.conn is None or self.conn.closed:
+                    self.conn = await connect_async(self.consumer.conninfo, self.consumer.application_name, pause * 10)
+                await self.commit()
+                return
+            except Exception as error:
+                if not connection_lost(error, self.conn):
+                    raise
+                if self.conn is not None:
+                    await self.conn.close()
+                await asyncio.sleep(pause)
+                pause = next_pause(pause)
+        self.consumer.not_committed()
