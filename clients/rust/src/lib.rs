@@ -37,8 +37,9 @@ pub use request::{Reply, Requester};
 pub use send::{publish, send, send_batch, SendOptions};
 pub use settle_batch::{extend_lock_batch, nack_batch};
 pub use streams::{
-    append, append_batch, stream_commit, stream_read, stream_seek, stream_seek_time, AppendOptions,
-    AppendRecord, StreamConsumer, StreamRecord, StreamStats,
+    append, append_batch, stream_commit, stream_extend_lease, stream_read, stream_release,
+    stream_seek, stream_seek_time, AppendOptions, AppendRecord, StreamConsumer, StreamRecord,
+    StreamStats,
 };
 pub use tokio_util::sync::CancellationToken;
 pub use transactional::TransactionalFuture;

@@ -1,9 +1,9 @@
 //! Streams through bussig-client against a real database: appends and group reads one to one, and
-//! `StreamConsumer` (order per key across members, failures, shutdown).
+//! `StreamConsumer` (order per key across members, failures, shutdown, leases kept and given back).
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bussig_client::*;
 
@@ -147,6 +147,171 @@ async fn a_commit_with_a_lease_another_member_took_over_is_refused() {
     let current = stream_commit(&other, &s.name, "group", 0, 1, second[0].lease_token).await;
     assert!(current.unwrap());
     assert_eq!(s.positions(&c).await, [(1, 1)]);
+}
+
+#[tokio::test]
+async fn a_lease_is_extended_and_released_by_its_token_only() {
+    let c = client().await;
+    let other = client().await;
+    let s = TestStream::create(&c, "s_lease", 1).await;
+    let batch: Vec<_> = (0..3).map(|n| AppendRecord::new(Job { n })).collect();
+    append_batch(&c, &s.name, &batch, None).await.unwrap();
+
+    let short = Duration::from_millis(300);
+    let first = stream_read(&c, &s.name, "group", 10, None, short)
+        .await
+        .unwrap();
+    let token = first[0].lease_token;
+    assert!(stream_extend_lease(&c, &s.name, "group", 0, token, LEASE)
+        .await
+        .unwrap());
+    tokio::time::sleep(short * 2).await;
+    let kept = stream_read(&other, &s.name, "group", 10, None, LEASE).await;
+    assert!(kept.unwrap().is_empty(), "the extended lease is in force");
+
+    assert!(stream_release(&c, &s.name, "group", 0, token)
+        .await
+        .unwrap());
+    let again = stream_read(&other, &s.name, "group", 10, None, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        jobs(&again),
+        [0, 1, 2],
+        "read again at once, from the start"
+    );
+    assert_ne!(again[0].lease_token, token);
+    let stale_extension = stream_extend_lease(&c, &s.name, "group", 0, token, LEASE).await;
+    assert!(!stale_extension.unwrap());
+    assert!(!stream_release(&c, &s.name, "group", 0, token)
+        .await
+        .unwrap());
+    assert!(!stream_commit(&c, &s.name, "group", 0, 3, token)
+        .await
+        .unwrap());
+    assert_eq!(
+        s.positions(&c).await,
+        [(0, 3)],
+        "a release moves no position"
+    );
+    let current = again[0].lease_token;
+    assert!(stream_release(&other, &s.name, "group", 0, current)
+        .await
+        .unwrap());
+    assert!(
+        !stream_release(&other, &s.name, "group", 0, current)
+            .await
+            .unwrap(),
+        "a release ends the lease"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_slower_than_the_lease_keeps_its_partition_for_the_whole_batch() {
+    let c = client().await;
+    let other = client().await;
+    let s = TestStream::create(&c, "s_slow", 1).await;
+    let batch: Vec<_> = (0..5).map(|n| AppendRecord::new(Job { n })).collect();
+    append_batch(&c, &s.name, &batch, None).await.unwrap();
+
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let handler_seen = seen.clone();
+    let handler = move |record: StreamRecord| {
+        let seen = handler_seen.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            seen.lock().unwrap().push(record.payload_as::<Job>()?.n);
+            Ok(())
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let member = StreamConsumer::new(connect_no_tls(url()), &s.name, "group")
+        .lease(Duration::from_secs(1))
+        .wait(Duration::from_millis(200));
+    let stats = member.stats();
+    let started = Instant::now();
+    let running = tokio::spawn(member.run(handler, shutdown.clone()));
+    eventually("the member handling", async || {
+        stats.in_flight.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    let mut polls = 0;
+    while seen.lock().unwrap().len() < 5 {
+        let read = stream_read(&other, &s.name, "group", 10, None, LEASE).await;
+        assert_eq!(jobs(&read.unwrap()), [] as [i64; 0], "after {polls} polls");
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "the batch outlasted the lease"
+    );
+    assert!(polls > 10, "{polls}");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    assert_eq!(*seen.lock().unwrap(), [0, 1, 2, 3, 4]);
+    assert_eq!(stats.handled.load(Ordering::Relaxed), 5);
+    assert_eq!(stats.stale_commits.load(Ordering::Relaxed), 0);
+    assert_eq!(*stats.last_error.lock().unwrap(), None);
+    assert_eq!(s.positions(&c).await, [(5, 5)]);
+}
+
+#[tokio::test]
+async fn a_member_releases_at_once_the_partitions_it_handled_nothing_of() {
+    let c = client().await;
+    let other = client().await;
+    let s = TestStream::create(&c, "s_release", 2).await;
+    // Without keys, each append goes to the next partition: two records in each.
+    for n in 0..4 {
+        append(&c, &s.name, &Job { n }, &AppendOptions::new())
+            .await
+            .unwrap();
+    }
+
+    // The first record's handler asks for a shutdown and fails: its partition has nothing handled,
+    // and the other partition's first record, waiting for the one handler slot, is never started.
+    let shutdown = CancellationToken::new();
+    let handler_shutdown = shutdown.clone();
+    let handler = move |_: StreamRecord| {
+        let shutdown = handler_shutdown.clone();
+        async move {
+            shutdown.cancel();
+            Err(Failure::Error("not now".into()))
+        }
+    };
+    let member = StreamConsumer::new(connect_no_tls(url()), &s.name, "group")
+        .concurrency(1)
+        .max_records(10)
+        .wait(Duration::from_millis(200));
+    let stats = member.stats();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), member.run(handler, shutdown))
+        .await
+        .expect("stops")
+        .unwrap();
+
+    assert_eq!(
+        (
+            stats.handled.load(Ordering::Relaxed),
+            stats.failed.load(Ordering::Relaxed),
+            stats.stale_commits.load(Ordering::Relaxed),
+        ),
+        (0, 1, 0)
+    );
+    let mut rest = jobs(
+        &stream_read(&other, &s.name, "group", 10, None, LEASE)
+            .await
+            .unwrap(),
+    );
+    rest.sort();
+    assert_eq!(rest, [0, 1, 2, 3], "both partitions released");
+    assert!(
+        started.elapsed() < LEASE / 3,
+        "well before the lease ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(s.positions(&c).await, [(0, 2), (0, 2)]);
 }
 
 #[tokio::test]
@@ -379,6 +544,41 @@ async fn hostile_input_maps_to_the_sqlstates_errors() {
     }
     let commit = stream_commit(&c, &s.name, "nobody", 0, 1, token).await;
     assert!(matches!(commit, Err(Error::UnknownQueue(_))), "{commit:?}");
+
+    for (group, partition, lease) in [
+        ("bad group!", 0, LEASE),
+        ("group", 2, LEASE),
+        ("group", -1, LEASE),
+        ("group", 0, Duration::ZERO),
+    ] {
+        let extend = stream_extend_lease(&c, &s.name, group, partition, token, lease).await;
+        assert!(
+            matches!(extend, Err(Error::InvalidArgument(_))),
+            "{extend:?}"
+        );
+        if lease.is_zero() {
+            continue;
+        }
+        let release = stream_release(&c, &s.name, group, partition, token).await;
+        assert!(
+            matches!(release, Err(Error::InvalidArgument(_))),
+            "{release:?}"
+        );
+    }
+    for (stream, group) in [(&*s.name, "nobody"), ("client_no_such_stream", "group")] {
+        let extend = stream_extend_lease(&c, stream, group, 0, token, LEASE).await;
+        assert!(matches!(extend, Err(Error::UnknownQueue(_))), "{extend:?}");
+        let release = stream_release(&c, stream, group, 0, token).await;
+        assert!(
+            matches!(release, Err(Error::UnknownQueue(_))),
+            "{release:?}"
+        );
+    }
+    let never_leased = stream_extend_lease(&c, &s.name, "group", 0, token, LEASE).await;
+    assert!(!never_leased.unwrap(), "a token never given is stale");
+    assert!(!stream_release(&c, &s.name, "group", 0, token)
+        .await
+        .unwrap());
     let seek = stream_seek(&c, &s.name, "nobody", 0, 1).await;
     assert!(matches!(seek, Err(Error::UnknownQueue(_))), "{seek:?}");
     let seek = stream_seek_time(&c, "client_no_such_stream", "group", chrono::Utc::now()).await;

@@ -1,5 +1,6 @@
 //! A member of a consumer group: long-polls `stream_read`, hands each partition's records to the
-//! handler in order (partitions side by side), and commits each partition where its handler got to.
+//! handler in order (partitions side by side), keeps each partition's lease while it has records of
+//! it in hand, and commits each partition where its handler got to (or releases it).
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -10,11 +11,12 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use super::{stream_commit, stream_read, StreamRecord};
+use super::{stream_commit, stream_extend_lease, stream_read, stream_release, StreamRecord};
 use crate::consumer::{retry_connecting, Connector, Failure};
 use crate::error::Result;
 
@@ -25,12 +27,12 @@ pub struct StreamStats {
     pub failed: AtomicU64,
     /// Handlers running now.
     pub in_flight: AtomicI64,
-    /// Commits refused because another member had leased the partition since: its records are
-    /// handled again there.
+    /// Commits and releases refused because another member had leased the partition since (the
+    /// lease had run out): its records are handled again there.
     pub stale_commits: AtomicU64,
     /// Connections lost and made again.
     pub reconnects: AtomicU64,
-    /// The last handler failure, panic or failed commit, in words.
+    /// The last handler failure, panic or failed commit, extension or release, in words.
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -84,9 +86,12 @@ impl StreamConsumer {
         self
     }
 
-    /// How long a read keeps its partitions from the group's other members (default 30 s): longer
-    /// than handling `max_records` records takes, as it cannot be extended. A member whose lease
-    /// ran out hands out no more of that partition's records, and its commit may come too late.
+    /// How long a read keeps its partitions from the group's other members (default 30 s). The
+    /// member extends the lease of a partition every third of it while it has records of that
+    /// partition in hand, so a slow handler keeps its partition; a lease that could not be extended
+    /// (a lost connection, or another member took it) ends the partition's share of the read when
+    /// it runs out: no more of its records are handed out, and its commit may come too late. Set it
+    /// above what one record takes.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
@@ -105,18 +110,18 @@ impl StreamConsumer {
 
     /// Consumes until `shutdown` is cancelled. The records of one partition go to `handler` one after
     /// another in `seq` order; different partitions run side by side. When a partition's records of
-    /// a read are done, the last one handled is committed with the partition's lease.
+    /// a read are done, the last one handled is committed with the partition's lease; when none was
+    /// handled, the lease is released (`stream_release`). Either ends the lease, so the records not
+    /// handled go back to the group at once.
     ///
     /// - `Ok` means handled. A `Failure` (any kind: streams have no retry delay or dead letters) or
     ///   a panic leaves that partition's remaining records of the read unhandled: the ones before
-    ///   are committed, which ends the lease, so the failed record is read again at once; when it
-    ///   was the first, once the lease runs out. A record that always fails holds up its partition;
-    ///   return `Ok` to skip it.
+    ///   are committed (or the lease released when it was the first), so the failed record is read
+    ///   again at once. A record that always fails holds up its partition; return `Ok` to skip it.
     /// - A commit refused as stale (another member leased the partition after this lease ran out)
     ///   is counted in `stats().stale_commits`, not an error: that member handles the records again.
     /// - Shutdown: the member reads no more; each partition finishes the record in hand and commits
-    ///   it. Records not started go back to the group at once, save at a partition's very first
-    ///   record (seq 1), which waits for the lease to run out.
+    ///   it. Records not started go back to the group at once.
     /// - A lost connection is made again with a backoff; commits that were to go over it fail, and
     ///   those records are read again after the lease (at least once).
     ///
@@ -132,6 +137,7 @@ impl StreamConsumer {
             group: self.group.clone(),
             handler,
             slots: Semaphore::new(self.concurrency),
+            lease: self.lease,
             stats: self.stats.clone(),
             shutdown: shutdown.clone(),
         });
@@ -214,13 +220,27 @@ struct Member<H> {
     handler: H,
     /// One permit per handler running.
     slots: Semaphore,
+    lease: Duration,
     stats: Arc<StreamStats>,
     shutdown: CancellationToken,
 }
 
+/// This member's lease of one partition, as far as it knows.
+struct Lease {
+    partition: i32,
+    token: Uuid,
+    /// When it runs out unless extended again.
+    ends: Instant,
+    /// An extension was refused: another member has the partition.
+    lost: bool,
+    /// Ticks every third of the lease: time to extend it.
+    heartbeat: Interval,
+}
+
 impl<H> Member<H> {
     /// Hands one partition's records to the handler in order until one fails, the lease runs out
-    /// or shutdown is asked for, then commits the last one handled.
+    /// or shutdown is asked for, extending the lease meanwhile; then commits the last one handled,
+    /// or releases the lease when none was.
     async fn handle_partition<F>(
         self: Arc<Self>,
         client: Arc<Client>,
@@ -230,27 +250,37 @@ impl<H> Member<H> {
         H: Fn(StreamRecord) -> F,
         F: Future<Output = std::result::Result<(), Failure>>,
     {
-        let first = &records[0];
-        let (partition, lease_token, first_seq) = (first.partition, first.lease_token, first.seq);
+        let period = (self.lease / 3).max(Duration::from_millis(1));
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut lease = Lease {
+            partition: records[0].partition,
+            token: records[0].lease_token,
+            ends: lease_ends,
+            lost: false,
+            heartbeat,
+        };
         let stats = &self.stats;
         let mut handled = None;
-        let mut shut_down = false;
         for record in records {
-            let permit = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => {
-                    shut_down = true;
-                    break;
+            let acquire = async {
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => None,
+                    permit = self.slots.acquire() => Some(permit.expect("never closed")),
                 }
-                permit = self.slots.acquire() => permit.expect("never closed"),
             };
-            if Instant::now() >= lease_ends {
+            let Some(permit) = self.keeping(&client, &mut lease, acquire).await else {
+                break;
+            };
+            if lease.lost || Instant::now() >= lease.ends {
                 break;
             }
             let seq = record.seq;
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let outcome = AssertUnwindSafe(async { (self.handler)(record).await })
-                .catch_unwind()
+            let work = AssertUnwindSafe(async { (self.handler)(record).await }).catch_unwind();
+            let outcome = self
+                .keeping(&client, &mut lease, work)
                 .await
                 .unwrap_or_else(|panic| Err(Failure::from_panic(&*panic)));
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -267,26 +297,54 @@ impl<H> Member<H> {
                 }
             }
         }
-        // At a shutdown before any record, committing the position it already has ends the lease,
-        // so that the records go to another member at once (a seq below 1 is refused).
-        let given_back = (shut_down && first_seq > 1).then_some(first_seq - 1);
-        let Some(seq) = handled.or(given_back) else {
-            return;
+        let (stream, group) = (&*self.stream, &*self.group);
+        let (partition, token) = (lease.partition, lease.token);
+        let ended = match handled {
+            Some(seq) => stream_commit(&*client, stream, group, partition, seq, token).await,
+            None => stream_release(&*client, stream, group, partition, token).await,
         };
-        let commit = stream_commit(
-            &*client,
-            &self.stream,
-            &self.group,
-            partition,
-            seq,
-            lease_token,
-        );
-        match commit.await {
+        match ended {
             Ok(true) => {}
             Ok(false) => {
                 stats.stale_commits.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => stats.note_error(&error.to_string()),
+        }
+    }
+
+    /// Runs `work`, extending the lease whenever its heartbeat ticks meanwhile.
+    async fn keeping<T>(
+        &self,
+        client: &Client,
+        lease: &mut Lease,
+        work: impl Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                outcome = &mut work => return outcome,
+                _ = lease.heartbeat.tick(), if !lease.lost => self.extend(client, lease).await,
+            }
+        }
+    }
+
+    /// Extends the lease by `self.lease` from now. After a refusal no more records are handed out;
+    /// after an error, none once the lease runs out.
+    async fn extend(&self, client: &Client, lease: &mut Lease) {
+        let asked = Instant::now();
+        let extension = stream_extend_lease(
+            client,
+            &self.stream,
+            &self.group,
+            lease.partition,
+            lease.token,
+            self.lease,
+        );
+        match extension.await {
+            Ok(true) => lease.ends = lease.ends.max(asked + self.lease),
+            Ok(false) => lease.lost = true,
+            Err(error) => self.stats.note_error(&error.to_string()),
         }
     }
 }

@@ -195,10 +195,11 @@ pub async fn append_batch<C: GenericClient, T: Serialize>(
 }
 
 /// The group's next records (`bussig.stream_read`), up to `max_records`, from partitions no other
-/// member of the group holds; each partition read is leased to this caller for `lease`, until
-/// `stream_commit`. Records of one partition come in `seq` order, one partition after another. With
-/// `wait`, waits that long for a record when none is ready (not inside a REPEATABLE READ or
-/// SERIALIZABLE transaction, whose snapshot cannot move: the call then returns at once).
+/// member of the group holds; each partition read is leased to this caller for `lease` (longer with
+/// `stream_extend_lease`), until `stream_commit` or `stream_release`. Records of one partition come
+/// in `seq` order, one partition after another. With `wait`, waits that long for a record when none
+/// is ready (not inside a REPEATABLE READ or SERIALIZABLE transaction, whose snapshot cannot move:
+/// the call then returns at once).
 pub async fn stream_read<C: GenericClient>(
     client: &C,
     stream: &str,
@@ -247,6 +248,57 @@ pub async fn stream_commit<C: GenericClient>(
         "SELECT bussig.stream_commit($1, $2, $3, $4, $5)",
         &[Type::TEXT, Type::TEXT, Type::INT4, Type::INT8, Type::UUID],
         &[&stream, &group, &partition, &seq, &lease_token],
+    )
+    .await
+}
+
+/// Keeps this caller's lease of `partition` for `lease` from now (`bussig.stream_extend_lease`): a
+/// slow handler's heartbeat. False when another member took the lease since (it had run out): that
+/// member reads the records again, and this caller's commit will be refused.
+pub async fn stream_extend_lease<C: GenericClient>(
+    client: &C,
+    stream: &str,
+    group: &str,
+    partition: i32,
+    lease_token: Uuid,
+    lease: Duration,
+) -> Result<bool> {
+    sql::value(
+        client,
+        "SELECT bussig.stream_extend_lease($1, $2, $3, $4, $5)",
+        &[
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::UUID,
+            Type::INTERVAL,
+        ],
+        &[
+            &stream,
+            &group,
+            &partition,
+            &lease_token,
+            &sql::Interval(lease),
+        ],
+    )
+    .await
+}
+
+/// Ends this caller's lease of `partition` without moving the group's position
+/// (`bussig.stream_release`): any member reads those records again at once, instead of after the
+/// lease. False when another member took the lease since.
+pub async fn stream_release<C: GenericClient>(
+    client: &C,
+    stream: &str,
+    group: &str,
+    partition: i32,
+    lease_token: Uuid,
+) -> Result<bool> {
+    sql::value(
+        client,
+        "SELECT bussig.stream_release($1, $2, $3, $4)",
+        &[Type::TEXT, Type::TEXT, Type::INT4, Type::UUID],
+        &[&stream, &group, &partition, &lease_token],
     )
     .await
 }
