@@ -1,5 +1,6 @@
-"""Streams: append, read, commit and seek on the sync and asyncio buses, and the stream consumer
-(per-key order across members, a failing handler, a stop, asyncio)."""
+"""Streams: append, read, commit, seek, lease extension and release on the sync and asyncio buses, and
+the stream consumer (per-key order across members, a failing handler, a slow handler keeping its
+partition, a stop, asyncio)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,24 @@ def test_a_stale_lease_commit_is_false(bus: bussig.Bus, new_stream: Callable[...
     assert bus.stream_commit(stream, "g", 0, 2, fresh[0].lease_token) is True
 
 
+def test_extend_and_release_a_lease(bus: bussig.Bus, db: Any, new_stream: Callable[..., str]) -> None:
+    stream = new_stream()
+    bus.append_batch(stream, ["a", "b"])
+    token = bus.stream_read(stream, "g", lease=0.5)[0].lease_token
+    assert bus.stream_extend_lease(stream, "g", 0, token, lease=30) is True
+    time.sleep(0.7)
+    assert bus.stream_read(stream, "g") == []  # kept past the first 0.5 s
+    assert bus.stream_extend_lease(stream, "g", 0, uuid.uuid4()) is False
+    assert bus.stream_release(stream, "g", 0, uuid.uuid4()) is False
+    assert bus.stream_release(stream, "g", 0, token) is True
+    assert positions(db, stream)[0] == 0  # the position did not move
+    again = bus.stream_read(stream, "g")  # at once, not after 30 s
+    assert [r.seq for r in again] == [1, 2]
+    assert bus.stream_extend_lease(stream, "g", 0, token) is False  # another read took it since
+    assert bus.stream_release(stream, "g", 0, token) is False
+    assert bus.stream_release(stream, "g", 0, again[0].lease_token) is True
+
+
 def test_errors_have_their_classes(bus: bussig.Bus, new_stream: Callable[..., str]) -> None:
     stream = new_stream()
     cases: list[tuple[Callable[[], Any], type[bussig.BussigError], str]] = [
@@ -108,6 +127,10 @@ def test_errors_have_their_classes(bus: bussig.Bus, new_stream: Callable[..., st
         (lambda: bus.stream_read(stream, "bad group!"), bussig.InvalidArgument, "22023"),
         (lambda: bus.stream_seek(stream, "g", 7, 1), bussig.InvalidArgument, "22023"),  # no partition 7
         (lambda: bus.append_batch(stream, [1, 2], keys=["k"]), bussig.InvalidArgument, "22023"),
+        (lambda: bus.stream_extend_lease(stream, "no_such_group", 0, uuid.uuid4()), bussig.UnknownQueue, "42704"),
+        (lambda: bus.stream_release("py_no_such_stream_anywhere", "g", 0, uuid.uuid4()), bussig.UnknownQueue, "42704"),
+        (lambda: bus.stream_extend_lease(stream, "g", 7, uuid.uuid4()), bussig.InvalidArgument, "22023"),
+        (lambda: bus.stream_release(stream, "bad group!", 0, uuid.uuid4()), bussig.InvalidArgument, "22023"),
     ]
     for call, kind, sqlstate in cases:
         with pytest.raises(kind) as raised:
@@ -169,7 +192,7 @@ def test_a_failing_handler_stops_its_partition_there(bus: bussig.Bus, db: Any, n
     assert (consumer.stats.handled, consumer.stats.failed, consumer.stats.stale_commits) == (5, 1, 0)
 
 
-def test_a_consumer_past_its_lease_stops_and_its_stale_commit_is_counted(
+def test_a_consumer_whose_lease_was_taken_stops_and_its_stale_commit_is_counted(
     bus: bussig.Bus, db: Any, new_stream: Callable[..., str]
 ) -> None:
     stream = new_stream()
@@ -181,15 +204,54 @@ def test_a_consumer_past_its_lease_stops_and_its_stale_commit_is_counted(
         seen.append(record.seq)
         taken.wait(10)  # the first time, until another member has the partition
 
-    with bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, lease=0.3) as consumer:
+    with bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, lease=0.6) as consumer:
         eventually(lambda: seen, what="the first record handled")
-        time.sleep(0.4)
-        assert [r.seq for r in bus.stream_read(stream, "g", lease=0.5)] == [1, 2]  # the lease ran out
+        bus.stream_seek(stream, "g", 0, 1)  # ends the consumer's lease
+        assert [r.seq for r in bus.stream_read(stream, "g", lease=0.5)] == [1, 2]
+        time.sleep(0.5)  # the consumer's next extension is refused
         taken.set()
         eventually(lambda: positions(db, stream)[0] == 2, what="everything committed")
-    # 2 was not handled past the lease; the commit of 1 was refused, so 1 came again after 0.5 s.
+    # 2 was not handled once the lease was lost; the commit of 1 was refused, so 1 came again after 0.5 s.
     assert seen == [1, 1, 2]
     assert (consumer.stats.stale_commits, consumer.stats.handled) == (1, 3)
+
+
+def test_a_slow_handler_keeps_its_partition(bus: bussig.Bus, db: Any, new_stream: Callable[..., str]) -> None:
+    stream = new_stream()
+    bus.append_batch(stream, [1, 2, 3, 4, 5])
+    seen: list[int] = []
+
+    def handle(record: bussig.StreamRecord) -> None:
+        time.sleep(0.4)  # 2 s for the batch, twice the lease
+        seen.append(record.seq)
+
+    with bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, lease=1) as consumer:
+        # start() returned after the first read: the consumer has the partition. Another member polls.
+        while len(seen) < 5 and consumer.stats.commits == 0:
+            assert bus.stream_read(stream, "g", lease=1) == []
+            time.sleep(0.1)
+        eventually(lambda: positions(db, stream)[0] == 5, what="the batch committed")
+    assert seen == [1, 2, 3, 4, 5]
+    assert consumer.stats.extensions >= 3 and (consumer.stats.handled, consumer.stats.stale_commits) == (5, 0)
+
+
+def test_a_record_failing_first_is_retried_once_the_lease_ran_out(
+    bus: bussig.Bus, db: Any, new_stream: Callable[..., str]
+) -> None:
+    stream = new_stream()
+    seen: list[tuple[int, float]] = []
+
+    def handle(record: bussig.StreamRecord) -> None:
+        seen.append((record.seq, time.monotonic()))
+        if len(seen) == 1:
+            raise ValueError("boom")
+
+    bus.append_batch(stream, [1, 2])
+    with bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, lease=1) as consumer:
+        eventually(lambda: positions(db, stream)[0] == 2, timeout=10, what="everything committed")
+    # Nothing was handled, so nothing was released: no busy retry loop, 1 came back after the lease.
+    assert [seq for seq, _ in seen] == [1, 1, 2] and seen[1][1] - seen[0][1] > 0.8
+    assert (consumer.stats.releases, consumer.stats.failed, consumer.stats.handled) == (0, 1, 2)
 
 
 def test_stop_commits_what_was_handled(bus: bussig.Bus, db: Any, new_stream: Callable[..., str]) -> None:
@@ -220,6 +282,32 @@ def test_stop_commits_what_was_handled(bus: bussig.Bus, db: Any, new_stream: Cal
     assert time.monotonic() - started < 5  # the stop cut the 30 s read short
 
 
+def test_stop_releases_a_partition_nothing_was_handled_of(
+    bus: bussig.Bus, db: Any, new_stream: Callable[..., str]
+) -> None:
+    stream = new_stream(partitions=2)
+    bus.append_batch(stream, ["a1", "a2"])  # without keys a batch goes to one partition,
+    bus.append_batch(stream, ["b1", "b2"])  # the next batch to the next
+    started, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def handle(record: bussig.StreamRecord) -> None:
+        seen.append(record.payload)
+        started.set()
+        release.wait(10)
+
+    consumer = bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, lease=60, concurrency=1)
+    consumer.start()
+    assert started.wait(10)
+    threading.Timer(0.3, release.set).start()
+    consumer.stop()  # one partition handled its first record; the other one did not start
+    assert len(seen) == 1 and (consumer.stats.commits, consumer.stats.releases) == (1, 1)
+    # Both are readable at once, not after 60 s: one committed, the other released at its first record.
+    again = bus.stream_read(stream, "g")
+    assert sorted(r.payload for r in again) == sorted({"a1", "a2", "b1", "b2"} - set(seen))
+    assert sorted(positions(db, stream).values()) == [0, 1]
+
+
 async def test_async_bus_and_consumer(url: str, db: Any, new_stream: Callable[..., str]) -> None:
     stream = new_stream(partitions=2)
     handled: list[tuple[str, int]] = []
@@ -234,12 +322,21 @@ async def test_async_bus_and_consumer(url: str, db: Any, new_stream: Callable[..
         records = await bus.stream_read(stream, "g", wait=0.1, lease=0.5)
         assert sorted((r.key, r.payload) for r in records) == [("a", 0), ("a", 1), ("b", 2)]
         assert {r.payload: r.headers for r in records} == {0: {}, 1: {"h": "v"}, 2: {"h": "v"}}
-        # a's first record committed; the rest (a's second, b's) comes back: a's at once, b's after the lease
+        # a's first record committed; the rest (a's second, b's) comes back at once (b's lease released)
         first = next(r for r in records if r.payload == 0)
         assert await bus.stream_commit(stream, "g", first.partition, first.seq, first.lease_token) is True
         assert await bus.stream_commit(stream, "g", first.partition, first.seq, uuid.uuid4()) is False
         with pytest.raises(bussig.UnknownQueue):
             await bus.stream_seek(stream, "nope", 0, 1)
+        b = next(r for r in records if r.key == "b")
+        assert await bus.stream_extend_lease(stream, "g", b.partition, b.lease_token, lease=5) is True
+        assert await bus.stream_extend_lease(stream, "g", b.partition, uuid.uuid4()) is False
+        assert await bus.stream_release(stream, "g", b.partition, uuid.uuid4()) is False
+        assert await bus.stream_release(stream, "g", b.partition, b.lease_token) is True  # b's comes back at once
+        with pytest.raises(bussig.UnknownQueue):
+            await bus.stream_release(stream, "nope", 0, uuid.uuid4())
+        with pytest.raises(bussig.InvalidArgument):
+            await bus.stream_extend_lease(stream, "g", 9, uuid.uuid4())
 
         consumer = bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, concurrency=2)
         task = asyncio.create_task(consumer.run(grace=2))
@@ -279,3 +376,55 @@ async def test_async_cancel_commits_what_was_handled(url: str, db: Any, new_stre
             await task
         assert seen == [1, 2] and positions(db, stream)[0] == 1
         assert [r.seq for r in await bus.stream_read(stream, "g")] == [2, 3]  # not after 60 s
+
+
+async def test_async_slow_handler_keeps_its_partition(url: str, db: Any, new_stream: Callable[..., str]) -> None:
+    stream = new_stream()
+    seen: list[int] = []
+
+    async def handle(record: bussig.StreamRecord) -> None:
+        await asyncio.sleep(0.4)  # 2 s for the batch, twice the lease
+        seen.append(record.seq)
+
+    async with bussig.AsyncBus(url) as bus:
+        await bus.append_batch(stream, [1, 2, 3, 4, 5])
+        consumer = bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, lease=1)
+        task = asyncio.create_task(consumer.run(grace=2))
+        deadline = time.monotonic() + 15
+        while not consumer.ready.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        while len(seen) < 5 and time.monotonic() < deadline:
+            assert await bus.stream_read(stream, "g", lease=1) == []  # another member gets none of it
+            await asyncio.sleep(0.1)
+        while positions(db, stream)[0] < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert seen == [1, 2, 3, 4, 5] and positions(db, stream)[0] == 5
+    assert consumer.stats.extensions >= 3 and consumer.stats.stale_commits == 0
+
+
+async def test_async_cancel_releases_what_was_not_handled(url: str, db: Any, new_stream: Callable[..., str]) -> None:
+    stream = new_stream(partitions=2)
+    seen: list[str] = []
+    never = asyncio.Event()
+
+    async def handle(record: bussig.StreamRecord) -> None:
+        seen.append(record.payload)
+        await never.wait()  # cut off once the grace has passed
+
+    async with bussig.AsyncBus(url) as bus:
+        await bus.append_batch(stream, ["a1", "a2"])
+        await bus.append_batch(stream, ["b1", "b2"])
+        consumer = bussig.StreamConsumer(bus, stream, "g", handle, wait=WAIT, lease=60, concurrency=1)
+        task = asyncio.create_task(consumer.run(grace=0.3))
+        deadline = time.monotonic() + 15
+        while not seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The one cut off and the one that never started: both released, so readable at once, not after 60 s.
+        assert len(seen) == 1 and consumer.stats.releases == 2
+        assert sorted(r.payload for r in await bus.stream_read(stream, "g")) == ["a1", "a2", "b1", "b2"]

@@ -14,7 +14,17 @@ from . import _sql, trace
 from ._connections import Row, connect_async, execute_async
 from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, next_pause
 from .errors import BussigError, connection_lost
-from .stream import CANCEL_EVERY, CANCELED_COMMIT_ATTEMPTS, Progress, StreamRecord, failed, stopped_early
+from .stream import (
+    CANCEL_EVERY,
+    CANCELED_COMMIT_ATTEMPTS,
+    Progress,
+    extend_due,
+    extended,
+    extension_failed,
+    failed,
+    next_extension,
+    stopped_early,
+)
 
 if TYPE_CHECKING:
     from .stream_consumer import StreamConsumer
@@ -26,7 +36,7 @@ class AsyncStreamRun:
         self.stopping = False
         self.conn: Optional[psycopg.AsyncConnection[Row]] = None
         self.waiting_read = False
-        self.handlers: set[asyncio.Task[Progress]] = set()
+        self.handlers: set[asyncio.Task[None]] = set()
 
     async def run(self, grace: float) -> None:
         # The loop runs in a task of its own that a cancellation does not interrupt: a read cut off
@@ -86,25 +96,40 @@ class AsyncStreamRun:
         finally:
             self.waiting_read = False
         consumer.ready.set()
-        batch = consumer.batch(rows)
+        batch = consumer.batch(rows, lease_ends)
+        await self.extend(batch)  # at once when the read waited long before it found records
         slots = asyncio.Semaphore(consumer.concurrency)
-        tasks = [asyncio.create_task(self.handle(partition, lease_ends, slots)) for partition in batch]
+        tasks = [asyncio.create_task(self.handle(progress, slots)) for progress in batch]
         self.handlers.update(tasks)
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            while tasks:
+                timeout = next_extension(batch, consumer.lease, time.monotonic())
+                if not (await asyncio.wait(tasks, timeout=timeout))[1]:
+                    break
+                await self.extend(batch)
         finally:
             self.handlers.difference_update(tasks)
-        # A task cancelled before it began handled nothing of its partition.
-        progress = [result if isinstance(result, Progress) else Progress(part) for result, part in zip(results, batch)]
-        consumer.batch_done(progress)
+        # A task cancelled before it began handled nothing of its partition: its lease is released.
+        consumer.batch_done(batch)
         await self.commit()
 
-    async def handle(self, partition: list[StreamRecord], lease_ends: float, slots: asyncio.Semaphore) -> Progress:
-        progress = Progress(partition)
+    async def extend(self, batch: list[Progress]) -> None:
+        """As the thread consumer's ``_extend``."""
+        consumer = self.consumer
+        for progress in extend_due(batch, consumer.lease, time.monotonic()):
+            since = time.monotonic()
+            try:
+                ok = (await self.execute(_sql.STREAM_EXTEND_LEASE, consumer.extend_params(progress)))[0][0]
+            except Exception:
+                extension_failed(progress)
+                continue
+            extended(consumer.stats, progress, ok, since, consumer.lease)
+
+    async def handle(self, progress: Progress, slots: asyncio.Semaphore) -> None:
         try:
             async with slots:
-                for record in partition:
-                    if stopped_early(record, self.stopping, lease_ends, time.monotonic()):
+                for record in progress.records:
+                    if stopped_early(record, self.stopping, progress, time.monotonic()):
                         break
                     span = trace.processing(self.consumer.stream, f"{record.partition}:{record.seq}", None, record.headers)
                     try:
@@ -118,14 +143,15 @@ class AsyncStreamRun:
                     progress.handled += 1
         except asyncio.CancelledError:
             pass  # cut off after a stop's grace: the record it was on is read again
-        return progress
+        finally:
+            progress.done = True
 
     async def commit(self) -> None:
         consumer = self.consumer
         canceled = 0
         while consumer.pending:
             try:
-                ok = (await self.execute(_sql.STREAM_COMMIT, consumer.commit_params()))[0][0]
+                ok = (await self.execute(*consumer.next_settlement()))[0][0]
             except psycopg.errors.QueryCanceled:
                 canceled += 1
                 if canceled < CANCELED_COMMIT_ATTEMPTS:

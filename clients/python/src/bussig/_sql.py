@@ -53,6 +53,10 @@ STREAM_READ = (
 )
 CREATE_CONSUMER_GROUP = "SELECT bussig.create_consumer_group(%s::text, %s::text, %s::text)"
 STREAM_COMMIT = "SELECT bussig.stream_commit(%s::text, %s::text, %s::int4, %s::int8, %s::uuid)"
+STREAM_EXTEND_LEASE = (
+    "SELECT bussig.stream_extend_lease(%s::text, %s::text, %s::int4, %s::uuid, %s::float8 * interval '1 second')"
+)
+STREAM_RELEASE = "SELECT bussig.stream_release(%s::text, %s::text, %s::int4, %s::uuid)"
 STREAM_SEEK = "SELECT bussig.stream_seek(%s::text, %s::text, %s::int4, %s::int8)"
 STREAM_SEEK_TIME = "SELECT bussig.stream_seek_time(%s::text, %s::text, %s::timestamptz)"
 

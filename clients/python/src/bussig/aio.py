@@ -160,6 +160,28 @@ class AsyncBus:
         value: bool = (await self.execute(_sql.STREAM_COMMIT, params, conn))[0][0]
         return value
 
+    async def stream_extend_lease(
+        self,
+        stream: str,
+        group: str,
+        partition: int,
+        lease_token: uuid.UUID,
+        lease: Seconds = STREAM_LEASE,
+        conn: Any = None,
+    ) -> bool:
+        """As ``Bus.stream_extend_lease``."""
+        params = (stream, group, partition, lease_token, _sql.seconds(lease))
+        value: bool = (await self.execute(_sql.STREAM_EXTEND_LEASE, params, conn))[0][0]
+        return value
+
+    async def stream_release(
+        self, stream: str, group: str, partition: int, lease_token: uuid.UUID, conn: Any = None
+    ) -> bool:
+        """As ``Bus.stream_release``."""
+        params = (stream, group, partition, lease_token)
+        value: bool = (await self.execute(_sql.STREAM_RELEASE, params, conn))[0][0]
+        return value
+
     async def stream_seek(self, stream: str, group: str, partition: int, seq: int, conn: Any = None) -> None:
         """As ``Bus.stream_seek``."""
         await self.execute(_sql.STREAM_SEEK, (stream, group, partition, seq), conn)

@@ -194,6 +194,29 @@ class Bus:
         value: bool = self.execute(_sql.STREAM_COMMIT, (stream, group, partition, seq, lease_token), conn)[0][0]
         return value
 
+    def stream_extend_lease(
+        self,
+        stream: str,
+        group: str,
+        partition: int,
+        lease_token: uuid.UUID,
+        lease: Seconds = STREAM_LEASE,
+        conn: Any = None,
+    ) -> bool:
+        """Keeps the partition's lease for ``lease`` more from now (a slow handler's heartbeat). False
+        when another member has leased the partition since: stop handling its records."""
+        params = (stream, group, partition, lease_token, _sql.seconds(lease))
+        value: bool = self.execute(_sql.STREAM_EXTEND_LEASE, params, conn)[0][0]
+        return value
+
+    def stream_release(
+        self, stream: str, group: str, partition: int, lease_token: uuid.UUID, conn: Any = None
+    ) -> bool:
+        """Ends the partition's lease without moving the group's position: any member reads those
+        records again at once. False when another member has leased the partition since."""
+        value: bool = self.execute(_sql.STREAM_RELEASE, (stream, group, partition, lease_token), conn)[0][0]
+        return value
+
     def stream_seek(self, stream: str, group: str, partition: int, seq: int, conn: Any = None) -> None:
         """The group's next read of ``partition`` starts at ``seq`` (1 is the first record)."""
         self.execute(_sql.STREAM_SEEK, (stream, group, partition, seq), conn)

@@ -68,32 +68,97 @@ class StreamStats:
     commits: int = 0
     stale_commits: int = 0
     """Commits the server refused (the lease had passed to another member): those records are read again."""
+    releases: int = 0
+    """Leases ended at a stop on partitions of which nothing was handled: any member reads those
+    records at once."""
+    extensions: int = 0
+    """Leases kept longer while their partition was still being handled."""
     reconnects: int = 0
+
+
+Settlement = tuple[int, Optional[int], uuid.UUID]
+"""What ends a partition's lease after a batch: (partition, seq, lease_token) commits up to ``seq``;
+with ``seq`` None it releases the lease."""
 
 
 @dataclass
 class Progress:
-    """How far the handling of one partition's records of a batch got."""
+    """How far the handling of one partition's records of a batch got. The consumer's loop extends the
+    lease while ``done`` is false; the handler reads ``lease_ends`` and ``lost`` before each record."""
 
     records: list[StreamRecord]
+    lease_ends: float = 0.0
+    """When the lease runs out (``time.monotonic()``), as far as this member knows."""
     handled: int = 0
     failed: bool = False
+    lost: bool = False
+    """An extension was refused: another member has the partition."""
+    done: bool = False
 
     @property
-    def commit(self) -> Optional[tuple[int, int, uuid.UUID]]:
-        """(partition, seq, lease_token) of the last record handled; None when none was."""
-        if self.handled == 0:
+    def lease_token(self) -> uuid.UUID:
+        return self.records[0].lease_token
+
+    @property
+    def settlement(self) -> Optional[Settlement]:
+        """Commit the last record handled. With none handled (a stop), release the lease, so that any
+        member reads the records at once; not after a handler failed on the first record, whose lease
+        runs out instead (a record that keeps failing is retried once per lease, not in a busy loop),
+        nor once the lease was lost."""
+        partition = self.records[0].partition
+        if self.handled > 0:
+            return (partition, self.records[self.handled - 1].seq, self.lease_token)
+        if self.failed or self.lost:
             return None
-        last = self.records[self.handled - 1]
-        return (last.partition, last.seq, last.lease_token)
+        return (partition, None, self.lease_token)
 
 
-def stopped_early(record: StreamRecord, stopping: bool, lease_ends: float, now: float) -> bool:
-    """Whether ``record`` should be left to a later read: on a stop, or once the lease has run out
-    (another member may have the partition now, and handling on would break its order)."""
-    if stopping:
+def extend_due(batch: list[Progress], lease: float, now: float) -> list[Progress]:
+    """Partitions still being handled whose lease has less than two thirds left: extended about every
+    third of the lease (and at once after a read that waited long before it found records)."""
+    return [p for p in batch if not p.done and not p.lost and now >= p.lease_ends - lease * 2 / 3]
+
+
+def next_extension(batch: list[Progress], lease: float, now: float) -> float:
+    """Seconds until ``extend_due`` has something (the loop's wait for its handlers)."""
+    ends = [p.lease_ends for p in batch if not p.done and not p.lost]
+    return max(0.01, min(ends, default=now + lease) - lease * 2 / 3 - now)
+
+
+def extended(stats: StreamStats, progress: Progress, ok: bool, since: float, lease: float) -> None:
+    """Applies an extension's answer (``since``: when it was sent)."""
+    record = progress.records[0]
+    if ok:
+        stats.extensions += 1
+        progress.lease_ends = since + lease
+    else:
+        progress.lost = True
+        log.warning(
+            "another member has leased %s/%s partition %d: its records from seq %d are not handled further here",
+            record.stream,
+            record.consumer_group,
+            record.partition,
+            record.seq,
+        )
+
+
+def extension_failed(progress: Progress) -> None:
+    record = progress.records[0]
+    log.warning(
+        "could not extend the lease on %s/%s partition %d: handling goes on until it runs out",
+        record.stream,
+        record.consumer_group,
+        record.partition,
+        exc_info=True,
+    )
+
+
+def stopped_early(record: StreamRecord, stopping: bool, progress: Progress, now: float) -> bool:
+    """Whether ``record`` should be left to a later read: on a stop, or once the lease was lost or has
+    run out (another member may have the partition now, and handling on would break its order)."""
+    if stopping or progress.lost:
         return True
-    if now >= lease_ends:
+    if now >= progress.lease_ends:
         log.warning(
             "the lease on %s/%s partition %d ran out at seq %d: the rest is read again",
             record.stream,
@@ -116,9 +181,18 @@ def failed(progress: Progress, record: StreamRecord) -> None:
     )
 
 
-def committed(stats: StreamStats, stream: str, group: str, partition: int, seq: int, ok: bool) -> None:
-    if ok:
+def settled(stats: StreamStats, stream: str, group: str, settlement: Settlement, ok: bool) -> None:
+    """Counts and logs the answer to a commit or release."""
+    partition, seq, _ = settlement
+    if seq is None:
+        if ok:
+            stats.releases += 1
+        else:
+            log.info("stale lease on %s/%s partition %d: another member has it already", stream, group, partition)
+    elif ok:
         stats.commits += 1
     else:
         stats.stale_commits += 1
-        log.info("stale lease on %s/%s partition %d at seq %d: the records are read again", stream, group, partition, seq)
+        log.info(
+            "stale lease on %s/%s partition %d at seq %d: the records are read again", stream, group, partition, seq
+        )

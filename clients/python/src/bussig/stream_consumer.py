@@ -4,20 +4,22 @@
 The loop owns one connection. It long-polls ``stream_read``, hands each partition's records of the
 batch to the handler in seq order (one partition strictly one record after another; up to
 ``concurrency`` partitions at once), and after the batch commits each partition's last handled seq
-with the partition's lease token, which also ends the lease. A handler exception stops its partition
-there: what succeeded is committed and the rest is read again (at once when something was committed,
-since the commit ends the lease; else once the lease runs out). A partition whose lease ran out during
-the batch is not handled further: another member may have it. A commit the server refuses (a stale
-lease) is logged and counted, not raised: those records are read again. A stop lets each partition
-finish the record it is on, and commits what was handled."""
+with the partition's lease token, which also ends the lease. While a partition is being handled the
+loop extends its lease about every third of the lease, so a slow handler keeps it. A handler exception
+stops its partition there: what succeeded is committed and the rest is read again (at once when
+something was committed, since the commit ends the lease; else once the lease runs out). A partition whose extension was refused
+or whose lease ran out (the database out of reach) is not handled further: another member may have it.
+A commit the server refuses (a stale lease) is logged and counted, not raised: those records are read
+again. A stop lets each partition finish the record it is on, commits what was handled, and releases
+the partitions of which nothing was, so that another member reads them at once."""
 
 from __future__ import annotations
 
 import inspect
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from typing import Any, Callable, Optional
 
 import psycopg
@@ -31,13 +33,18 @@ from .stream import (
     CANCEL_EVERY,
     CANCELED_COMMIT_ATTEMPTS,
     Progress,
+    Settlement,
     StreamRecord,
     StreamStats,
     by_partition,
-    committed,
+    extend_due,
+    extended,
+    extension_failed,
     failed,
     log,
+    next_extension,
     records,
+    settled,
     stopped_early,
 )
 
@@ -78,8 +85,8 @@ class StreamConsumer:
         self.stats = StreamStats()
         self.ready = threading.Event()
         """Set once the consumer has connected and read once (so the stream and group exist)."""
-        self.pending: list[tuple[int, int, uuid.UUID]] = []
-        """Commits not yet made, (partition, seq, lease_token): kept across a reconnect."""
+        self.pending: list[Settlement] = []
+        """Commits and releases not yet made: kept across a reconnect."""
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._waiting_read = False
@@ -96,22 +103,29 @@ class StreamConsumer:
         wait = self.wait if self.ready.is_set() else None
         return (self.stream, self.group, self.max_records, wait, self.lease)
 
-    def batch(self, rows: list[Row]) -> list[list[StreamRecord]]:
-        return by_partition(records(self.stream, self.group, rows))
+    def batch(self, rows: list[Row], lease_ends: float) -> list[Progress]:
+        """A read's records, one ``Progress`` per partition; ``lease_ends`` counts from before the read."""
+        return [Progress(partition, lease_ends) for partition in by_partition(records(self.stream, self.group, rows))]
+
+    def extend_params(self, progress: Progress) -> tuple[Any, ...]:
+        return (self.stream, self.group, progress.records[0].partition, progress.lease_token, self.lease)
 
     def batch_done(self, progress: list[Progress]) -> None:
         for partition in progress:
             self.stats.handled += partition.handled
             self.stats.failed += partition.failed
-            if partition.commit is not None:
-                self.pending.append(partition.commit)
+            if partition.settlement is not None:
+                self.pending.append(partition.settlement)
 
-    def commit_params(self) -> tuple[Any, ...]:
-        return (self.stream, self.group, *self.pending[0])
+    def next_settlement(self) -> tuple[str, tuple[Any, ...]]:
+        """The statement of the first pending commit or release."""
+        partition, seq, token = self.pending[0]
+        if seq is None:
+            return _sql.STREAM_RELEASE, (self.stream, self.group, partition, token)
+        return _sql.STREAM_COMMIT, (self.stream, self.group, partition, seq, token)
 
     def committed(self, ok: bool) -> None:
-        partition, seq, _ = self.pending.pop(0)
-        committed(self.stats, self.stream, self.group, partition, seq, ok)
+        settled(self.stats, self.stream, self.group, self.pending.pop(0), ok)
 
     def not_committed(self) -> None:
         if self.pending:
@@ -209,29 +223,49 @@ class StreamConsumer:
             with self._lock:
                 self._waiting_read = False
         self.ready.set()
-        self.batch_done(list(executor.map(lambda partition: self._handle(partition, lease_ends), self.batch(rows))))
+        batch = self.batch(rows, lease_ends)
+        self._extend(batch)  # at once when the read waited long before it found records
+        futures = [executor.submit(self._handle, progress) for progress in batch]
+        while wait_for_futures(futures, next_extension(batch, self.lease, time.monotonic())).not_done:
+            self._extend(batch)
+        for future in futures:
+            future.result()  # what escaped a handler thread stops the loop, as before
+        self.batch_done(batch)
         self._commit()
 
-    def _handle(self, partition: list[StreamRecord], lease_ends: float) -> Progress:
-        """Runs on a handler thread: one partition's records of the batch, in order."""
-        progress = Progress(partition)
-        for record in partition:
-            if stopped_early(record, self._stopping.is_set(), lease_ends, time.monotonic()):
-                break
+    def _extend(self, batch: list[Progress]) -> None:
+        """Extends the leases of the partitions still being handled that are due. One that fails (the
+        database out of reach) leaves the lease to run out: handling stops there."""
+        for progress in extend_due(batch, self.lease, time.monotonic()):
+            since = time.monotonic()
             try:
-                with trace.processing(self.stream, f"{record.partition}:{record.seq}", None, record.headers):
-                    self.handler(record)
+                ok = self._execute(_sql.STREAM_EXTEND_LEASE, self.extend_params(progress))[0][0]
             except Exception:
-                failed(progress, record)
-                break
-            progress.handled += 1
-        return progress
+                extension_failed(progress)
+                continue
+            extended(self.stats, progress, ok, since, self.lease)
+
+    def _handle(self, progress: Progress) -> None:
+        """Runs on a handler thread: one partition's records of the batch, in order."""
+        try:
+            for record in progress.records:
+                if stopped_early(record, self._stopping.is_set(), progress, time.monotonic()):
+                    break
+                try:
+                    with trace.processing(self.stream, f"{record.partition}:{record.seq}", None, record.headers):
+                        self.handler(record)
+                except Exception:
+                    failed(progress, record)
+                    break
+                progress.handled += 1
+        finally:
+            progress.done = True
 
     def _commit(self) -> None:
         canceled = 0
         while self.pending:
             try:
-                ok = self._execute(_sql.STREAM_COMMIT, self.commit_params())[0][0]
+                ok = self._execute(*self.next_settlement())[0][0]
             except psycopg.errors.QueryCanceled:
                 canceled += 1
                 if canceled < CANCELED_COMMIT_ATTEMPTS:
