@@ -111,13 +111,14 @@ impl StreamConsumer {
     /// Consumes until `shutdown` is cancelled. The records of one partition go to `handler` one after
     /// another in `seq` order; different partitions run side by side. When a partition's records of
     /// a read are done, the last one handled is committed with the partition's lease; when none was
-    /// handled, the lease is released (`stream_release`). Either ends the lease, so the records not
-    /// handled go back to the group at once.
+    /// handled (shutdown came first), the lease is released (`stream_release`). Either ends the
+    /// lease, so the records not handled go back to the group at once.
     ///
     /// - `Ok` means handled. A `Failure` (any kind: streams have no retry delay or dead letters) or
     ///   a panic leaves that partition's remaining records of the read unhandled: the ones before
-    ///   are committed (or the lease released when it was the first), so the failed record is read
-    ///   again at once. A record that always fails holds up its partition; return `Ok` to skip it.
+    ///   are committed, so the failed record is read again at once; when it was the first, the lease
+    ///   runs out first, so a record that always fails is tried once a lease. It holds up its
+    ///   partition; return `Ok` to skip it.
     /// - A commit refused as stale (another member leased the partition after this lease ran out)
     ///   is counted in `stats().stale_commits`, not an error: that member handles the records again.
     /// - Shutdown: the member reads no more; each partition finishes the record in hand and commits
@@ -262,6 +263,7 @@ impl<H> Member<H> {
         };
         let stats = &self.stats;
         let mut handled = None;
+        let mut failed = false;
         for record in records {
             let acquire = async {
                 tokio::select! {
@@ -293,6 +295,7 @@ impl<H> Member<H> {
                 Err(failure) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                     stats.note_error(failure.text());
+                    failed = true;
                     break;
                 }
             }
@@ -301,6 +304,9 @@ impl<H> Member<H> {
         let (partition, token) = (lease.partition, lease.token);
         let ended = match handled {
             Some(seq) => stream_commit(&*client, stream, group, partition, seq, token).await,
+            // A first record that failed waits for the lease to run out: released, it would come
+            // straight back, and a record that always fails would spin.
+            None if failed => return,
             None => stream_release(&*client, stream, group, partition, token).await,
         };
         match ended {
