@@ -91,7 +91,7 @@ static EXTEND: Statement = Statement {
     writes: true,
 };
 
-/// The next partition `lease_next` found, and the lease's token when it took the lease (None when a
+/// The next partition `LEASE_NEXT` found, and the lease's token when it took the lease (None when a
 /// member took it since the statement's snapshot).
 pub fn next(
     client: &mut SpiClient<'_>,
