@@ -11,6 +11,15 @@
 # the cost of 200 executions, without the backend's start or the caches its first executions fill.
 # BENCH_CALLGRIND_OUT=DIR keeps each run's profile there (NAME-200.cg, NAME-400.cg) for
 # callgrind_annotate; BENCH_INSTRUCTIONS_ONLY=read (a pattern of NAMEs) measures only those.
+#
+# A read position (src/message/read_position.rs) lives 200 ms of the monotonic clock, and callgrind
+# runs a backend about 50x slower than native: how many reads found their position, and how many
+# started from the head of the index, depended on timing, and the read's count moved between runs of
+# one build by up to 4%. So the backend runs with bench/instructions_clock.c preloaded, which slows
+# the monotonic clocks (not the wall clock) 100,000 times: no position expires during a run, as
+# between the reads of a consumer reading on at native speed, and the count is the same every run.
+# BENCH_INSTRUCTIONS_CLOCK=expired instead makes every position expire before the next read (each
+# read starts from the head); =real leaves the clock alone, as before.
 # Run by bench/run.sh against its cluster, which this script stops.
 set -euo pipefail
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
@@ -22,9 +31,15 @@ source "$(dirname "$0")/common.sh"
 if ! command -v valgrind >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
+if ! command -v cc >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null
+fi
+clock=${BENCH_INSTRUCTIONS_CLOCK:-kept}
+case "$clock" in kept | expired | real) ;; *) echo "BENCH_INSTRUCTIONS_CLOCK: kept, expired or real" >&2; exit 2 ;; esac
 work=$(mktemp -d /var/tmp/bussig-instructions.XXXXXX)
 chown postgres: "$work"
 trap 'rm -rf "$work"' EXIT
+cc -O2 -shared -fPIC -o "$work/clock.so" "$(dirname "$0")/instructions_clock.c" -ldl
 as_postgres() { runuser -u postgres -- "$@"; }
 
 q -c "SELECT bussig.create_queue('instructions')" >/dev/null
@@ -46,7 +61,7 @@ count() {
     } >"$script"
     rm -rf "$data"
     as_postgres cp -a "$work/template" "$data"
-    as_postgres valgrind --tool=callgrind --callgrind-out-file="$work/profile.cg" \
+    as_postgres env LD_PRELOAD="$work/clock.so" BENCH_INSTRUCTIONS_CLOCK="$clock" valgrind --tool=callgrind --callgrind-out-file="$work/profile.cg" \
         "$PG_BIN/postgres" --single -D "$data" -j bench <"$script" >"$work/out" 2>"$work/err"
     if grep -q ERROR "$work/out"; then
         grep -m1 ERROR "$work/out" >&2
@@ -74,7 +89,7 @@ measure() {
 echo
 # Single statements are left out: in a single-user backend the count per transaction still grew with
 # the number of transactions run, so the difference did not isolate one statement's cost.
-echo "== Instructions per message in batches of 100 (callgrind, single-user backend, tables of a million messages)"
+echo "== Instructions per message in batches of 100 (callgrind, single-user backend, tables of a million messages, read positions $clock)"
 echo
 echo "| statement | instructions per message |"
 echo "|---|---|"

@@ -15,6 +15,7 @@
 #   CPU=1                 instead: server CPU and WAL per message of send, send_batch and plain INSERTs
 #   INSTRUCTIONS=1        instead: CPU instructions per message of batches of 100 (sends and a read), counted by callgrind
 #                         (BENCH_CALLGRIND_OUT=DIR keeps the profiles; BENCH_INSTRUCTIONS_ONLY=read measures only that)
+#                         (read positions never expire under callgrind; BENCH_INSTRUCTIONS_CLOCK=expired: always)
 #   WAL=1                 instead: WAL bytes per message by kind of record, sending and consuming
 #   COMPACTION=1          instead: the longest wait of a sender and a reader while the worker's
 #                         compaction rewrites a table holding 200,000 live messages
