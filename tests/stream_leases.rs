@@ -43,7 +43,8 @@ fn a_read_of_numbered_records_writes_no_wal_and_a_commit_does() {
     let name = stream.name.clone();
     create_group(&mut admin, &name, "g", "earliest");
     append_numbers(&mut admin, &name, 10, false);
-    let mut member = connect();
+    // A backend of its own: what it remembers between statements is what is tested.
+    let mut member = connect_session();
     // The first read numbers the records (a write of each); the next finds nothing new to number.
     let first = stream_read(&mut member, &name, "g", 2, "0", "30 seconds");
     assert_eq!(seqs(&first), [1, 2]);
@@ -87,7 +88,8 @@ fn leases_lost_as_in_a_crash_end_like_expired_ones() {
     let name = stream.name.clone();
     create_group(&mut admin, &name, "g", "earliest");
     append_numbers(&mut admin, &name, 20, true);
-    let mut member = connect();
+    // A backend of its own: what it remembers between statements is what is tested.
+    let mut member = connect_session();
     let taken = stream_read(&mut member, &name, "g", 100, "0", "10 minutes");
     assert_eq!(taken.len(), 20);
     let leased: i64 = admin
@@ -134,7 +136,8 @@ fn an_append_committed_by_commit_prepared_is_read() {
     let stream = Stream::create(&mut admin, "lease_prepared", "");
     let name = stream.name.clone();
     create_group(&mut admin, &name, "g", "earliest");
-    let mut member = connect();
+    // A backend of its own: what it remembers between statements is what is tested.
+    let mut member = connect_session();
     // Found with nothing to number: the member's next reads skip the partition while no arrival comes.
     assert!(stream_read(&mut member, &name, "g", 10, "0", "30 seconds").is_empty());
     let mut appender = connect();
@@ -165,7 +168,7 @@ fn three_records(test: &str) -> (Stream, Client, Client) {
     let stream = Stream::create(&mut admin, test, "");
     create_group(&mut admin, &stream.name, "g", "earliest");
     append_numbers(&mut admin, &stream.name, 3, false);
-    let member = connect();
+    let member = connect_session();
     (stream, admin, member)
 }
 
@@ -203,7 +206,8 @@ fn a_repeatable_read_reader_that_missed_an_append_reads_it_after() {
     let stream = Stream::create(&mut admin, "lease_repeatable_read", "");
     let name = stream.name.clone();
     create_group(&mut admin, &name, "g", "earliest");
-    let mut member = connect();
+    // A backend of its own: what it remembers between statements is what is tested.
+    let mut member = connect_session();
     member
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
         .unwrap();

@@ -18,9 +18,10 @@ use crate::validate;
 // Leases the next partition of the group with records past the group's position and no lease in
 // force, counting from partition $3 and passing over those tried ($6), unless another member is
 // taking it right now (SKIP LOCKED). The lease is a row of the unlogged bussig.group_lease: a read
-// that numbers nothing writes no WAL. The candidate is leased by its key, with the condition asked
-// again: a member that took or ended the lease after this statement's snapshot has made a newer
-// version, which the update finds and checks. Returns the candidate, and the token when leased.
+// with nothing new to number writes no WAL (a look for records to number locks the partition's
+// row). The candidate is leased by its key, with the condition asked again: a member that took or
+// ended the lease after this statement's snapshot has made a newer version, which the update finds
+// and checks. Returns the candidate, and the token when leased.
 static LEASE_NEXT: Statement = Statement {
     sql: "WITH candidate AS (
               SELECT l.partition
