@@ -11,7 +11,7 @@ use crate::pg::datum::{Jsonb, JsonbArray};
 use crate::stream::append::{self, Batch};
 use crate::stream::definition::{self, Retention};
 use crate::stream::group::{self, StartAt};
-use crate::stream::lease::{self, HeldLease};
+use crate::stream::lease::{self, GroupPartition, HeldLease};
 use crate::stream::read::{self, GroupPosition, StreamReadRequest, StreamRecord};
 use crate::stream::{self, group_name, stream_name};
 use crate::topic::checked_pattern;
@@ -185,7 +185,8 @@ fn stream_commit(
     seq: Option<i64>,
     lease_token: Option<Uuid>,
 ) -> Result<bool, ErrorReport> {
-    let position = GroupPosition::check(stream, consumer_group, partition, seq)?;
+    let place = GroupPartition::check(stream, consumer_group, partition)?;
+    let position = GroupPosition::check(place, seq)?;
     let lease_token = required(lease_token, "lease_token")?;
     Ok(access::connect(|client, caller| {
         read::commit(client, caller, &position, lease_token)
@@ -201,7 +202,8 @@ fn stream_extend_lease(
     lease_token: Option<Uuid>,
     lease: default!(Option<Interval>, "'30 seconds'"),
 ) -> Result<bool, ErrorReport> {
-    let held = HeldLease::check(stream, consumer_group, partition, lease_token)?;
+    let place = GroupPartition::check(stream, consumer_group, partition)?;
+    let held = HeldLease::check(place, lease_token)?;
     let lease = StreamReadRequest::checked_lease(lease)?;
     Ok(access::connect(|client, caller| {
         lease::extend(client, caller, &held, lease)
@@ -217,7 +219,8 @@ fn stream_release(
     partition: Option<i32>,
     lease_token: Option<Uuid>,
 ) -> Result<bool, ErrorReport> {
-    let held = HeldLease::check(stream, consumer_group, partition, lease_token)?;
+    let place = GroupPartition::check(stream, consumer_group, partition)?;
+    let held = HeldLease::check(place, lease_token)?;
     Ok(access::connect(|client, caller| {
         lease::release(client, caller, &held)
     })?)
@@ -230,7 +233,8 @@ fn stream_seek(
     partition: Option<i32>,
     seq: Option<i64>,
 ) -> Result<(), ErrorReport> {
-    let position = GroupPosition::check(stream, consumer_group, partition, seq)?;
+    let place = GroupPartition::check(stream, consumer_group, partition)?;
+    let position = GroupPosition::check(place, seq)?;
     Ok(access::connect(|client, caller| {
         read::seek(client, caller, &position)
     })?)

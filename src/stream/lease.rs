@@ -150,33 +150,47 @@ pub fn end(
     Ok(!plans::run(client, &END_LEASES, &args)?.is_empty())
 }
 
-/// A lease a member holds: the partition of a group's stream, and the token stream_read gave for it.
-pub struct HeldLease<'a> {
+/// A partition of a group's stream as a caller names it, its arguments checked.
+#[derive(Clone, Copy)]
+pub struct GroupPartition<'a> {
     pub stream: &'a str,
     pub group: &'a str,
     pub partition: i32,
-    pub token: Uuid,
 }
 
-impl<'a> HeldLease<'a> {
+impl<'a> GroupPartition<'a> {
     pub fn check(
         stream: Option<&'a str>,
         group: Option<&'a str>,
         partition: Option<i32>,
-        token: Option<Uuid>,
     ) -> BusResult<Self> {
-        Ok(HeldLease {
+        Ok(GroupPartition {
             stream: super::stream_name(stream)?,
             group: super::group_name(group)?,
             partition: validate::required(partition, "partition")?,
-            token: validate::required(token, "lease_token")?,
         })
     }
 
-    fn stream(&self, client: &mut SpiClient<'_>, caller: &Caller) -> BusResult<Stream> {
+    /// The stream, which the caller may read and which has this partition.
+    pub fn stream(&self, client: &mut SpiClient<'_>, caller: &Caller) -> BusResult<Stream> {
         let stream = require(client, caller, self.stream, StreamPrivilege::Read)?;
         checked_partition(&stream, self.partition)?;
         Ok(stream)
+    }
+}
+
+/// A lease a member holds: the partition, and the token stream_read gave for it.
+pub struct HeldLease<'a> {
+    pub place: GroupPartition<'a>,
+    pub token: Uuid,
+}
+
+impl<'a> HeldLease<'a> {
+    pub fn check(place: GroupPartition<'a>, token: Option<Uuid>) -> BusResult<Self> {
+        Ok(HeldLease {
+            place,
+            token: validate::required(token, "lease_token")?,
+        })
     }
 
     /// Whether the lease is still this token's, or was: false, once checked that the group exists.
@@ -187,7 +201,7 @@ impl<'a> HeldLease<'a> {
         applied: bool,
     ) -> BusResult<bool> {
         if !applied {
-            require_group(client, self.stream, stream, self.group)?;
+            require_group(client, self.place.stream, stream, self.place.group)?;
         }
         Ok(applied)
     }
@@ -200,9 +214,9 @@ pub fn extend(
     held: &HeldLease<'_>,
     lease: pgrx::datum::Interval,
 ) -> BusResult<bool> {
-    let stream = held.stream(client, caller)?;
+    let (place, stream) = (held.place, held.place.stream(client, caller)?);
     let [stream_id, group, partition] =
-        partition_of_group(&stream, held.group, Some(held.partition));
+        partition_of_group(&stream, place.group, Some(place.partition));
     let args = [stream_id, group, partition, held.token.into(), lease.into()];
     let applied = plans::first_value::<bool>(client, &EXTEND, &args)?.is_some();
     held.still_held(client, &stream, applied)
@@ -215,12 +229,12 @@ pub fn release(
     caller: &Caller,
     held: &HeldLease<'_>,
 ) -> BusResult<bool> {
-    let stream = held.stream(client, caller)?;
+    let (place, stream) = (held.place, held.place.stream(client, caller)?);
     let applied = end(
         client,
         &stream,
-        held.group,
-        Some(held.partition),
+        place.group,
+        Some(place.partition),
         Some(held.token),
     )?;
     if applied {

@@ -10,6 +10,7 @@ use pgrx::spi::{SpiClient, SpiHeapTupleData};
 use pgrx::Uuid;
 
 use super::group::{make_sure_of_leases, require_group};
+use super::lease::GroupPartition;
 use super::{checked_partition, lease, require, sequence, Stream, StreamPrivilege};
 use crate::access::{self, Caller};
 use crate::error::{BusError, BusResult};
@@ -311,23 +312,14 @@ pub fn read_waiting(
 
 /// A place in a partition a group moves to (stream_commit, stream_seek), its arguments checked.
 pub struct GroupPosition<'a> {
-    pub stream: &'a str,
-    pub group: &'a str,
-    pub partition: i32,
+    pub place: GroupPartition<'a>,
     pub seq: i64,
 }
 
 impl<'a> GroupPosition<'a> {
-    pub fn check(
-        stream: Option<&'a str>,
-        group: Option<&'a str>,
-        partition: Option<i32>,
-        seq: Option<i64>,
-    ) -> BusResult<Self> {
+    pub fn check(place: GroupPartition<'a>, seq: Option<i64>) -> BusResult<Self> {
         Ok(GroupPosition {
-            stream: super::stream_name(stream)?,
-            group: super::group_name(group)?,
-            partition: validate::required(partition, "partition")?,
+            place,
             seq: checked_seq(validate::required(seq, "seq")?, "seq")?,
         })
     }
@@ -339,10 +331,10 @@ impl<'a> GroupPosition<'a> {
         client: &mut SpiClient<'_>,
         caller: &Caller,
     ) -> BusResult<(Stream, [DatumWithOid<'a>; 4])> {
-        let stream = require(client, caller, self.stream, StreamPrivilege::Read)?;
-        checked_partition(&stream, self.partition)?;
+        let place = self.place;
+        let stream = place.stream(client, caller)?;
         let [stream_id, group, partition] =
-            lease::partition_of_group(&stream, self.group, Some(self.partition));
+            lease::partition_of_group(&stream, place.group, Some(place.partition));
         Ok((stream, [stream_id, group, partition, self.seq.into()]))
     }
 }
@@ -359,7 +351,7 @@ pub fn commit(
     if plans::first_value::<bool>(client, &COMMIT, &args)?.is_some() {
         return Ok(true);
     }
-    require_group(client, at.stream, &stream, at.group)?;
+    require_group(client, at.place.stream, &stream, at.place.group)?;
     Ok(false)
 }
 
@@ -376,8 +368,9 @@ fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
 /// stream_seek: the group's next read of `partition` starts at `seq`; a lease in force ends.
 pub fn seek(client: &mut SpiClient<'_>, caller: &Caller, at: &GroupPosition<'_>) -> BusResult<()> {
     let (stream, args) = at.resolve(client, caller)?;
-    require_group(client, at.stream, &stream, at.group)?;
-    lease::end(client, &stream, at.group, Some(at.partition), None)?;
+    let place = at.place;
+    require_group(client, place.stream, &stream, place.group)?;
+    lease::end(client, &stream, place.group, Some(place.partition), None)?;
     plans::run(client, &SEEK, &args)?;
     Ok(())
 }
