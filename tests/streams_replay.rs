@@ -145,6 +145,80 @@ fn retention_empties_segments_while_groups_read() {
     assert_eq!(deleted, 0, "records were deleted row by row");
 }
 
+/// A member that reads all the time numbers some partition most of the time (more so while a held
+/// snapshot slows numbering): retention waits a while for the partition's row instead of skipping
+/// the round, or a busy stream would keep every segment.
+#[test]
+fn retention_empties_a_due_segment_while_a_reader_keeps_numbering() {
+    let mut admin = connect();
+    let stream = Stream::create(&mut admin, "stream_busy_retain", "retention => '1 second'");
+    let name = stream.name.clone();
+    let first_seq = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT p.first_seq FROM bussig.stream_partition p JOIN bussig.stream s USING (stream_id)
+             WHERE s.name = $1::text",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+    };
+    admin
+        .execute("SELECT bussig.append_batch($1::text, array_agg(to_jsonb(n))) FROM generate_series(1, 10) n", &[&name])
+        .unwrap();
+    // Half the retention later the segment closes, and a retention after that it is due.
+    thread::sleep(Duration::from_millis(600));
+    admin
+        .execute("SELECT bussig.run_maintenance()", &[])
+        .unwrap();
+    let holding = AtomicBool::new(true);
+    thread::scope(|scope| {
+        let (name_ref, holding_ref) = (&name, &holding);
+        // Holds the partition's row 2.5 s at first, past the segment's due time, then 150 ms at a
+        // time with 2 ms between, as a slow member that reads all the time does: a step that only
+        // tried the row would seldom find it free.
+        scope.spawn(move || {
+            let mut c = connect();
+            let mut hold = Duration::from_millis(2_500);
+            while holding_ref.load(Ordering::SeqCst) {
+                let mut t = c.transaction().unwrap();
+                t.execute(
+                    "SELECT FROM bussig.stream_partition p JOIN bussig.stream s USING (stream_id)
+                     WHERE s.name = $1::text FOR UPDATE OF p",
+                    &[name_ref],
+                )
+                .unwrap();
+                thread::sleep(hold);
+                t.commit().unwrap();
+                hold = Duration::from_millis(150);
+                thread::sleep(Duration::from_millis(2));
+            }
+        });
+        // Due, and the row held for a while yet: the step gives up waiting, keeps the segment, and
+        // fails nothing.
+        thread::sleep(Duration::from_millis(1_200));
+        let mut maintenance = connect();
+        maintenance
+            .execute("SELECT bussig.run_maintenance()", &[])
+            .unwrap();
+        assert_eq!(
+            first_seq(&mut maintenance),
+            1,
+            "emptied with its partition's row held"
+        );
+        thread::sleep(Duration::from_millis(1_400));
+        for _ in 0..5 {
+            maintenance
+                .execute("SELECT bussig.run_maintenance()", &[])
+                .unwrap();
+            if first_seq(&mut maintenance) == 11 {
+                break;
+            }
+        }
+        holding.store(false, Ordering::SeqCst);
+    });
+    assert_eq!(first_seq(&mut admin), 11, "the due segment was kept");
+}
+
 /// The documented name rule, for streams and consumer groups as for queues.
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();

@@ -1,12 +1,15 @@
 //! The transaction callbacks, registered once: what a module noted during a transaction is applied
 //! at its commit or dropped at its abort. Order matters: depth counts are applied before waiting
 //! readers wake, so a reader that looks at the depth sees what woke it.
-use pgrx::{pg_guard, pg_sys};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::spi::SpiClient;
+use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
 
 use super::wakeup;
 use crate::depth;
 use crate::error::BusResult;
 use crate::message::read_position;
+use crate::plans::{self, Statement};
 
 pub(super) fn register() {
     // SAFETY: called from _PG_init, once per process; the callbacks are plain functions that live as
@@ -71,6 +74,14 @@ pub fn in_subtransaction<T>(
     work: impl FnOnce() -> BusResult<T>,
     keep: impl FnOnce(&T) -> bool,
 ) -> BusResult<T> {
+    subtransaction(work, keep).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// `in_subtransaction`, with an error inside given back as the panic that carries it.
+fn subtransaction<T>(
+    work: impl FnOnce() -> BusResult<T>,
+    keep: impl FnOnce(&T) -> bool,
+) -> std::thread::Result<BusResult<T>> {
     // SAFETY: plain reads of the backend's current memory context and resource owner, to restore
     // after the subtransaction ends, as PostgreSQL's procedural languages do.
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -93,7 +104,45 @@ pub fn in_subtransaction<T>(
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;
     }
-    outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    outcome
+}
+
+static LOCK_TIMEOUT: Statement = Statement {
+    sql: "SELECT pg_catalog.current_setting('lock_timeout')",
+    args: &[],
+    writes: false,
+};
+
+static SET_LOCK_TIMEOUT: Statement = Statement {
+    sql: "SELECT pg_catalog.set_config('lock_timeout', $1, true)",
+    args: &[pg_sys::TEXTOID],
+    writes: false,
+};
+
+/// Runs `work`, which waits for a lock, giving up after `wait`: None when it gave up (rolled back in a
+/// subtransaction of its own, so it holds nothing), else what it returned, its locks kept. Other
+/// errors go on up. The caller's lock_timeout is back as it was after.
+pub fn waiting_at_most<T>(
+    client: &mut SpiClient<'_>,
+    wait: std::time::Duration,
+    work: impl FnOnce(&mut SpiClient<'_>) -> BusResult<T>,
+) -> BusResult<Option<T>> {
+    let before: String = plans::first_value(client, &LOCK_TIMEOUT, &[])?.unwrap_or_default();
+    let limit = format!("{}ms", wait.as_millis().max(1));
+    plans::run(client, &SET_LOCK_TIMEOUT, &[limit.into()])?;
+    let outcome = subtransaction(|| work(&mut *client), |_| true);
+    plans::run(client, &SET_LOCK_TIMEOUT, &[before.into()])?;
+    match outcome {
+        Ok(done) => done.map(Some),
+        Err(panic) => match panic.downcast_ref::<CaughtError>() {
+            Some(CaughtError::PostgresError(report))
+                if report.sql_error_code() == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE =>
+            {
+                Ok(None)
+            }
+            _ => std::panic::resume_unwind(panic),
+        },
+    }
 }
 
 /// What a module notes during a transaction, with a mark where each open subtransaction began: what

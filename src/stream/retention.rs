@@ -57,6 +57,9 @@ static ROTATE: Statement = Statement {
     writes: true,
 };
 
+/// How long a due segment's step waits for each partition's row while a reader numbers it.
+const PARTITION_WAIT: Duration = Duration::from_millis(200);
+
 struct Segment {
     segment: i32,
     relation: pg_sys::Oid,
@@ -152,7 +155,7 @@ fn rotate(
     // reader numbering a partition would wait for the segment while this waits for its row). Not on
     // every round: numbering here would hold every partition's row to the end of the step, and
     // readers skip a partition whose row is held.
-    let numbered_all = due && sequence::number_all(client, stream)?;
+    let numbered_all = due && sequence::number_all_waiting(client, stream, PARTITION_WAIT)?;
     let mut emptied = 0;
     for i in closed {
         if !(segments[i].expired || over(total)) || !numbered_all {

@@ -23,6 +23,13 @@ static LOCK_PARTITION: Statement = Statement {
     writes: true,
 };
 
+// Retention's, which waits for a reader that is numbering the partition (a bounded wait).
+static WAIT_FOR_PARTITION: Statement = Statement {
+    sql: "SELECT head_seq FROM bussig.stream_partition WHERE stream_id = $1 AND partition = $2 FOR UPDATE",
+    args: &[pg_sys::INT4OID, pg_sys::INT4OID],
+    writes: true,
+};
+
 static SET_HEAD: Statement = Statement {
     sql: "UPDATE bussig.stream_partition SET head_seq = $3 WHERE stream_id = $1 AND partition = $2",
     args: &[pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT8OID],
@@ -187,4 +194,34 @@ pub fn number_all(client: &mut SpiClient<'_>, stream: &Stream) -> BusResult<bool
         all &= number(client, stream, partition)?.is_some();
     }
     Ok(all)
+}
+
+/// Numbers every partition of the stream, waiting up to `wait` for the row of one that a reader is
+/// numbering: whether this transaction now holds every partition's row lock. Retention's way: a
+/// member that reads all the time numbers some partition most of the time (the more so while a held
+/// snapshot slows numbering), and a step that skipped every busy row would seldom find them all
+/// free. Waiting cannot deadlock: readers never wait for a partition's row (SKIP LOCKED).
+pub fn number_all_waiting(
+    client: &mut SpiClient<'_>,
+    stream: &Stream,
+    wait: Duration,
+) -> BusResult<bool> {
+    for partition in 0..stream.partitions {
+        if number(client, stream, partition)?.is_some() {
+            continue;
+        }
+        let args = [stream.stream_id.into(), partition.into()];
+        let waited = xact::waiting_at_most(client, wait, |client| {
+            Ok(plans::first_value::<i64>(
+                client,
+                &WAIT_FOR_PARTITION,
+                &args,
+            )?)
+        })?;
+        // Held now: numbering takes its own lock at once.
+        if waited.is_none() || number(client, stream, partition)?.is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -218,6 +218,35 @@ mod tests {
     }
 
     #[pg_test]
+    fn retention_empties_a_due_segment_and_leaves_the_callers_lock_timeout() {
+        run("SELECT bussig.create_stream('events', 2, retention => '0.2 seconds')");
+        run("SELECT bussig.append_batch('events', array['1', '2', '3']::jsonb[], keys => array['a', 'b', 'c'])");
+        // Half the retention on, the segment closes; a retention later it is due.
+        run("SELECT pg_sleep(0.15), bussig.run_maintenance()");
+        run("SELECT pg_sleep(0.25)");
+        run("SET LOCAL lock_timeout = '7s'");
+        assert_eq!(
+            one::<i64>("SELECT (bussig.run_maintenance()->>'emptied_stream_segments')::bigint"),
+            Some(1)
+        );
+        assert_eq!(one::<String>("SHOW lock_timeout").as_deref(), Some("7s"));
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(format('%s-%s', first_seq, head_seq), ' ' ORDER BY partition)
+                 FROM bussig.stream_partition JOIN bussig.stream USING (stream_id) WHERE name = 'events'"
+            ),
+            one::<String>(
+                "SELECT string_agg(format('%s-%s', head_seq + 1, head_seq), ' ' ORDER BY partition)
+                 FROM bussig.stream_partition JOIN bussig.stream USING (stream_id) WHERE name = 'events'"
+            )
+        );
+        assert_eq!(
+            one::<i64>("SELECT records FROM bussig.streams WHERE stream = 'events'"),
+            Some(0)
+        );
+    }
+
+    #[pg_test]
     fn append_rejects_bad_input_and_appends_nothing() {
         run("SELECT bussig.create_stream('events')");
         assert_all_fail(&[
