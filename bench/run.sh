@@ -24,6 +24,7 @@
 #   BENCH_ONLY=1,3        only those workloads (numbers above; 8: the soak); prints, writes nothing to docs/
 #   BENCH_SKIP=12,13      every workload but those, written to docs/ under that command
 #   BENCH_SECONDS=5       length of each measurement (default 20, QUICK 1)
+#   BENCH_JOB_CONSUMERS=64,128  workload 11's consumer counts (default 4,16,64,128)
 #   BENCH_PRESSURE_BASELINE=60, BENCH_PRESSURE_SECONDS=240  workload 12's baseline and each pressure
 #   BENCH_PORT, BENCH_DATA  where the cluster listens and lives (defaults: 28850, /var/tmp/bussig-bench)
 set -euo pipefail

@@ -406,9 +406,12 @@ LANGUAGE sql STABLE
 AS $$ SELECT bussig.has_stream_privilege(pg_catalog.to_regrole(current_user::text), $1, $2) $$;
 
 -- The bytes a stream's segments take, and its oldest record still kept: read from its own table,
--- whose name only bussig's code knows.
+-- whose name only bussig's code knows, through the index on (partition, seq) whatever its statistics
+-- say (taken while records waited for their numbers, they call every seq NULL, and the planner read
+-- the whole stream for the oldest one).
 CREATE FUNCTION bussig.stream_storage(stream_id int, OUT bytes bigint, OUT oldest_appended_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 BEGIN
     IF to_regclass(format('bussig.stream_%s', stream_id)) IS NULL THEN

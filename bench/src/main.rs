@@ -167,6 +167,14 @@ fn run() -> Res<()> {
     seconds_from("BENCH_SECONDS", &mut cfg.run)?;
     seconds_from("BENCH_PRESSURE_BASELINE", &mut cfg.pressure_baseline)?;
     seconds_from("BENCH_PRESSURE_SECONDS", &mut cfg.pressure_seconds)?;
+    // BENCH_JOB_CONSUMERS=128: only those consumer counts in workload 11's sweep.
+    if let Ok(counts) = std::env::var("BENCH_JOB_CONSUMERS") {
+        cfg.job_consumers = counts
+            .split(',')
+            .map(|count| count.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| "BENCH_JOB_CONSUMERS is not a list of numbers")?;
+    }
     let mut admin = pg::connect(&cfg.url)?;
     println!(
         "{} run: {:.1} s per measurement, clients {:?}",
