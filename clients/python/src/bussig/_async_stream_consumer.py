@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 import psycopg
 
 from . import _sql, trace
-from ._connections import Row, connect_async, execute_async
+from ._connections import Row, connect_async, execute_async, reconnect_async
 from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, next_pause
 from .errors import BussigError, connection_lost
 from .stream import (
@@ -161,19 +161,12 @@ class AsyncStreamRun:
 
     async def reconnect(self) -> bool:
         """Connects again, retrying with a capped backoff; False when a stop came first."""
-        pause = RECONNECT_FIRST
-        while not self.stopping:
-            if self.conn is not None:
-                await self.conn.close()
-            try:
-                self.conn = await connect_async(self.consumer.conninfo, self.consumer.application_name)
-                return True
-            except BussigError:
-                raise
-            except psycopg.Error:
-                await asyncio.sleep(pause)
-                pause = next_pause(pause)
-        return False
+        consumer = self.consumer
+        stopping = lambda: self.stopping  # noqa: E731
+        self.conn = await reconnect_async(
+            self.conn, consumer.conninfo, consumer.application_name, stopping, asyncio.sleep
+        )
+        return self.conn is not None
 
     async def flush(self) -> None:
         """As the thread consumer's ``_flush``."""

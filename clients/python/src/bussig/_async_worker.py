@@ -12,7 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from . import _sql, outcome, trace
-from ._connections import Row, connect_async, execute_async
+from ._connections import Row, connect_async, execute_async, reconnect_async
 from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, Book, Dispatch, Job, next_pause, settle_statement
 from .errors import BussigError, LeftLocked, connection_lost
 from .message import AsyncMessage, fields
@@ -92,23 +92,18 @@ class AsyncRun:
 
     async def reconnect(self) -> bool:
         """Connects again, retrying with a capped backoff; False when a stop came first."""
-        pause = RECONNECT_FIRST
-        while not self.stopping:
-            if self.conn is not None:
-                await self.conn.close()
+
+        async def pause(seconds: float) -> None:
+            self.changed.clear()
             try:
-                self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
-                return True
-            except BussigError:
-                raise
-            except psycopg.Error:
-                self.changed.clear()
-                try:
-                    await asyncio.wait_for(self.changed.wait(), pause)  # a stop sets it
-                except asyncio.TimeoutError:
-                    pass
-                pause = next_pause(pause)
-        return False
+                await asyncio.wait_for(self.changed.wait(), seconds)  # a stop sets it
+            except asyncio.TimeoutError:
+                pass
+
+        application_name = f"bussig worker {self.queue}"
+        stopping = lambda: self.stopping  # noqa: E731
+        self.conn = await reconnect_async(self.conn, self.worker.conninfo, application_name, stopping, pause)
+        return self.conn is not None
 
     async def turn(self) -> None:
         self.changed.clear()

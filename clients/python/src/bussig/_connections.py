@@ -5,11 +5,12 @@ SQLAlchemy session or connection on the psycopg dialect), whose transaction a ca
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import psycopg
 
 from . import errors
+from ._core import RECONNECT_FIRST, next_pause
 
 Row = tuple[Any, ...]
 
@@ -36,6 +37,29 @@ async def connect_async(
     extra = _extra(application_name, timeout)
     with errors.translated():
         return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None, **extra)
+
+
+async def reconnect_async(
+    old: Optional[psycopg.AsyncConnection[Row]],
+    conninfo: str,
+    application_name: str,
+    stopping: Callable[[], bool],
+    pause: Callable[[float], Awaitable[None]],
+) -> Optional[psycopg.AsyncConnection[Row]]:
+    """Closes ``old`` and connects again, retrying with a capped backoff (``pause`` waits between
+    tries): the new connection, or None when a stop came first. An error of bussig's goes on up."""
+    wait = RECONNECT_FIRST
+    while not stopping():
+        if old is not None:
+            await old.close()
+        try:
+            return await connect_async(conninfo, application_name)
+        except errors.BussigError:
+            raise
+        except psycopg.Error:
+            await pause(wait)
+            wait = next_pause(wait)
+    return None
 
 
 def execute(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> list[Row]:

@@ -3,10 +3,11 @@ messages a worker holds (fetched, running, finished), with no I/O of its own."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from . import _sql, outcome
 from .outcome import Outcome
@@ -215,3 +216,15 @@ def settle_statement(queue: str, key: _sql.Ack, result: Outcome) -> Optional[tup
 
 def next_pause(pause: float) -> float:
     return min(pause * 2, RECONNECT_MAX)
+
+
+def started(thread: threading.Thread, ready: threading.Event, error: Callable[[], Optional[BaseException]]) -> None:
+    """Starts a consumer's loop thread and returns once it is ready (connected, and subscribed or read
+    once); raises what kept it from that."""
+    thread.start()
+    while not ready.wait(0.05) and thread.is_alive():
+        pass
+    failed = error()
+    if failed is not None:
+        thread.join()
+        raise failed

@@ -26,7 +26,7 @@ import psycopg
 
 from . import _sql, trace
 from ._connections import Row, connect, execute
-from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, next_pause
+from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, next_pause, started
 from .bus import STREAM_LEASE
 from .errors import BussigError, connection_lost
 from .stream import (
@@ -147,12 +147,7 @@ class StreamConsumer:
         if self._thread is not None:
             raise RuntimeError("the consumer was started already")
         self._thread = threading.Thread(target=self._main, name=f"bussig-stream-{self.stream}", daemon=True)
-        self._thread.start()
-        while not self.ready.wait(0.05) and self._thread.is_alive():
-            pass
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
+        started(self._thread, self.ready, lambda: self._error)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops reading, lets each partition finish the record it is on, and commits what was handled.

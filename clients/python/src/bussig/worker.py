@@ -31,6 +31,7 @@ from ._core import (
     Stats,
     next_pause,
     settle_statement,
+    started,
 )
 from .bus import EPHEMERAL_TTL, ephemeral_queue
 from .errors import BussigError, LeftLocked, connection_lost
@@ -123,13 +124,8 @@ class Worker:
         if self._thread is not None:
             raise RuntimeError("the worker was started already")
         self._thread = threading.Thread(target=self._main, name=f"bussig-worker-{self.queue}", daemon=True)
-        self._thread.start()
         # Subscribed before start returns, so that what is published next reaches the queue.
-        while not self.ready.wait(0.05) and self._thread.is_alive():
-            pass
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
+        started(self._thread, self.ready, lambda: self._error)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops reading, gives back what was read but not started, lets running handlers finish
