@@ -125,6 +125,34 @@ fn rolled_back_reads_behind_a_busy_consumer_are_still_delivered() {
     assert!(read(&mut busy, q, 10, None).is_empty());
 }
 
+/// Readers share where a queue's ready messages begin, so that each starts past what the others
+/// hold. A reader that rolls back after moving that place takes it back: the messages it held are
+/// what the next read gets, at once.
+#[test]
+fn a_rolled_back_reader_hands_its_messages_to_the_next_read_at_once() {
+    let mut holder = connect();
+    let mut other = connect();
+    let queue = Queue::create(&mut holder, "rolled_back_shared", "");
+    let q = queue.name.as_str();
+    let payloads: Vec<Value> = (1..=30).map(|n| json!({ "n": n })).collect();
+    let sent = send_batch(&mut holder, q, &payloads);
+    let ids = |batch: Vec<Delivery>| batch.iter().map(|d| d.id).collect::<Vec<_>>();
+
+    let mut tx = holder.transaction().unwrap();
+    assert_eq!(ids(read(&mut tx, q, 10, None)), sent[0..10]);
+    assert_eq!(
+        ids(read(&mut other, q, 10, None)),
+        sent[10..20],
+        "past what the holder holds"
+    );
+    tx.rollback().unwrap();
+    assert_eq!(
+        ids(read(&mut connect(), q, 10, None)),
+        sent[0..10],
+        "what the rolled-back reader held comes first"
+    );
+}
+
 fn missing(sent: &[i64], delivered: &[i64]) -> Vec<i64> {
     sent.iter()
         .filter(|id| !delivered.contains(id))

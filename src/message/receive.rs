@@ -333,11 +333,13 @@ fn receive(
     lock_timeout: Option<Interval>,
     release_unused: bool,
 ) -> BusResult<Vec<Delivery>> {
-    let cap = queue::find(client, queue)?.filter(|found| found.max_in_flight.is_some());
+    let found = queue::find(client, queue)?;
+    let queue_id = found.as_ref().map(|found| found.queue_id);
+    let cap = found.filter(|found| found.max_in_flight.is_some());
     let mut delivered = Vec::new();
     loop {
         let wanted = max_messages - delivered.len() as i32;
-        let start = read_position::recall(queue);
+        let start = queue_id.and_then(read_position::recall);
         let (limit, round) = match cap {
             Some(capped) => capped_round(
                 client,
@@ -363,9 +365,10 @@ fn receive(
         let took_all = limit > 0 && returned == limit;
         // Only a read that found as many as it asked for is in a backlog worth a position; one that
         // came up short from a position reads the rest from the head.
-        match first.filter(|_| took_all) {
-            Some(first) => read_position::remember(queue, first),
-            None => read_position::forget(queue),
+        match (queue_id, first.filter(|_| took_all)) {
+            (Some(queue_id), Some(first)) => read_position::remember(queue_id, first),
+            (Some(queue_id), None) => read_position::forget(queue_id),
+            (None, _) => {}
         }
         let more_may_be_ready = took_all && !dead.is_empty();
         bury(client, Some(queue), dead)?;

@@ -25,6 +25,7 @@ mod index_pins;
 pub mod invalidation;
 pub mod locks;
 pub mod planner;
+pub mod positions;
 pub mod shmem;
 pub mod snapshot;
 pub mod wakeup;
@@ -42,6 +43,7 @@ pub fn init() {
         unsafe {
             wakeup::request_shared_memory();
             arrivals::request_shared_memory();
+            positions::request_shared_memory();
             crate::depth::request_shared_memory();
         }
     }

@@ -1,0 +1,144 @@
+//! Read positions in shared memory: one slot per bucket of queues, each a place in delivery order and
+//! when it was first set, written and read without a lock (a sequence lock per slot: a reader that
+//! sees a write under way, or one that happened while it read, takes the slot as empty). A position
+//! is a hint that saves index steps; losing one to a collision or a concurrent write costs a read
+//! from the head, never a message (`message::read_position` says why).
+use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use super::shmem::{LockFree, ValidWhenZeroed, ZeroedLwLock};
+
+const SLOTS: usize = 4096;
+
+/// A position as stored: `since` is when it was first set, in microseconds of `now`, never 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub priority: i32,
+    pub ready_at: i64,
+    pub message_id: i64,
+    pub since: u64,
+}
+
+#[repr(C)]
+struct Slot {
+    /// Even when the slot is settled, odd while a write is under way.
+    version: AtomicU32,
+    database: AtomicU32,
+    queue_id: AtomicU32,
+    priority: AtomicU32,
+    ready_at: AtomicI64,
+    message_id: AtomicI64,
+    /// 0: empty.
+    since: AtomicU64,
+}
+
+pub struct Positions {
+    slots: [Slot; SLOTS],
+}
+
+// SAFETY: atomics at fixed places, no pointers: every process can use the table where the postmaster
+// mapped it.
+unsafe impl pgrx::PGRXSharedMemory for Positions {}
+// SAFETY: all zeros is every slot empty and settled.
+unsafe impl ValidWhenZeroed for Positions {}
+// SAFETY: every field is an atomic.
+unsafe impl LockFree for Positions {}
+
+static POSITIONS: ZeroedLwLock<Positions> = ZeroedLwLock::new(c"bussig_read_positions");
+
+/// The instant every process measures `now` from: set in the postmaster, before it forks the
+/// backends, which inherit it.
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// # Safety
+/// Call once, from _PG_init while shared_preload_libraries is processed.
+pub(super) unsafe fn request_shared_memory() {
+    EPOCH.get_or_init(Instant::now);
+    // SAFETY: the caller's contract is `request`'s.
+    unsafe { POSITIONS.request() };
+}
+
+/// Whether positions are shared: bussig was preloaded.
+pub fn shared() -> bool {
+    super::wakeup::shared_memory() && EPOCH.get().is_some()
+}
+
+/// Microseconds on a monotonic clock all backends share (they count from the postmaster's EPOCH);
+/// never 0.
+pub fn now() -> u64 {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    epoch.elapsed().as_micros() as u64 + 1
+}
+
+fn slot(queue_id: i32) -> (&'static Slot, u32) {
+    let database = super::my_database().to_u32();
+    let mixed = (u64::from(database) << 32 | u64::from(queue_id as u32))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let place = (mixed >> (64 - SLOTS.trailing_zeros())) as usize;
+    (&POSITIONS.unlocked().slots[place], database)
+}
+
+/// The queue's position, if its slot holds one for it and no write got in the way.
+pub fn load(queue_id: i32) -> Option<Stored> {
+    let (slot, database) = slot(queue_id);
+    let before = slot.version.load(Ordering::Acquire);
+    if before % 2 == 1 {
+        return None;
+    }
+    let stored = Stored {
+        priority: slot.priority.load(Ordering::Relaxed) as i32,
+        ready_at: slot.ready_at.load(Ordering::Relaxed),
+        message_id: slot.message_id.load(Ordering::Relaxed),
+        since: slot.since.load(Ordering::Relaxed),
+    };
+    let mine = slot.database.load(Ordering::Relaxed) == database
+        && slot.queue_id.load(Ordering::Relaxed) == queue_id as u32;
+    // The fields were read before the version is read again.
+    fence(Ordering::Acquire);
+    let settled = slot.version.load(Ordering::Relaxed) == before;
+    (settled && mine && stored.since != 0).then_some(stored)
+}
+
+/// Writes the queue's slot with what `change` makes of the position it holds for the queue (None:
+/// empties it), unless another write is under way: that one wins.
+pub fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Stored>) {
+    let (slot, database) = slot(queue_id);
+    let before = slot.version.load(Ordering::Relaxed);
+    if before % 2 == 1
+        || slot
+            .version
+            .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    // The odd version is seen before any field written below.
+    fence(Ordering::Release);
+    let held = (slot.database.load(Ordering::Relaxed) == database
+        && slot.queue_id.load(Ordering::Relaxed) == queue_id as u32
+        && slot.since.load(Ordering::Relaxed) != 0)
+        .then(|| Stored {
+            priority: slot.priority.load(Ordering::Relaxed) as i32,
+            ready_at: slot.ready_at.load(Ordering::Relaxed),
+            message_id: slot.message_id.load(Ordering::Relaxed),
+            since: slot.since.load(Ordering::Relaxed),
+        });
+    let new = change(held);
+    // Writes to a slot of another queue only to put a position in it.
+    if held.is_some() || new.is_some() {
+        let new = new.unwrap_or(Stored {
+            priority: 0,
+            ready_at: 0,
+            message_id: 0,
+            since: 0,
+        });
+        slot.database.store(database, Ordering::Relaxed);
+        slot.queue_id.store(queue_id as u32, Ordering::Relaxed);
+        slot.priority.store(new.priority as u32, Ordering::Relaxed);
+        slot.ready_at.store(new.ready_at, Ordering::Relaxed);
+        slot.message_id.store(new.message_id, Ordering::Relaxed);
+        slot.since.store(new.since, Ordering::Relaxed);
+    }
+    slot.version.store(before + 2, Ordering::Release);
+}
