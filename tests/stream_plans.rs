@@ -85,13 +85,22 @@ fn check_every_verb(member: &mut Client, state: &str) {
         "SELECT bussig.append('s', '{\"n\": 1}')".into()
     });
     // The record just appended gets its number from this read.
-    check(member, state, "a read that numbers one new record", 100, |tx| {
-        tx.batch_execute("SELECT bussig.append('s', '{\"n\": 2}')")
-            .unwrap();
-        "SELECT count(*) FROM bussig.stream_read('s', 'g', 100)".into()
-    });
+    check(
+        member,
+        state,
+        "a read that numbers one new record",
+        100,
+        |tx| {
+            tx.batch_execute("SELECT bussig.append('s', '{\"n\": 2}')")
+                .unwrap();
+            "SELECT count(*) FROM bussig.stream_read('s', 'g', 100)".into()
+        },
+    );
     check(member, state, "stream_seek", 1, |_| {
-        format!("SELECT bussig.stream_seek('s', 'other', 0, {})", RECORDS / 3)
+        format!(
+            "SELECT bussig.stream_seek('s', 'other', 0, {})",
+            RECORDS / 3
+        )
     });
     check(member, state, "the consumer_groups view", 2, |_| {
         "SELECT count(*) FROM bussig.consumer_groups WHERE stream = 's'".into()
@@ -174,7 +183,10 @@ fn stream_verbs_visit_rows_in_proportion_to_their_batch() {
     }
     fill(&mut admin);
     number(&mut admin);
-    check_every_verb(&mut member, "plans made on the empty stream, never analyzed");
+    check_every_verb(
+        &mut member,
+        "plans made on the empty stream, never analyzed",
+    );
 
     // Statistics taken while every record waited for its number: seq NULL in every row sampled. A
     // new backend plans from them.

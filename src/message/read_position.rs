@@ -113,9 +113,7 @@ fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Stored>) 
 
 /// The position to read the queue from, if one is fresh.
 pub fn recall(queue_id: i32) -> Option<Position> {
-    load(queue_id)
-        .filter(fresh)
-        .and_then(Position::of)
+    load(queue_id).filter(fresh).and_then(Position::of)
 }
 
 /// Moves the queue's position to `position`, or past it when another read moved it further; a fresh
