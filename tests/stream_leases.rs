@@ -81,6 +81,60 @@ fn a_read_of_numbered_records_writes_no_wal_and_a_commit_does() {
     assert!(wal > 0, "a commit of the group's position wrote no WAL");
 }
 
+/// A transaction that writes nothing but a group's position commits without waiting for the WAL
+/// flush (losing it only makes the group read the records again); one that also writes rows of its
+/// own commits as the caller's settings say. Either way the caller's synchronous_commit is as it was.
+#[test]
+fn a_commit_of_positions_only_leaves_the_callers_synchronous_commit_as_it_was() {
+    let mut admin = connect();
+    let stream = Stream::create(&mut admin, "lease_async", "");
+    let name = stream.name.clone();
+    create_group(&mut admin, &name, "g", "earliest");
+    append_numbers(&mut admin, &name, 4, false);
+    let mut member = connect_session();
+    member
+        .batch_execute("SET synchronous_commit = 'remote_write'")
+        .unwrap();
+    let setting =
+        |c: &mut Client| -> String { c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0) };
+    let first = stream_read(&mut member, &name, "g", 2, "0", "30 seconds");
+    assert!(commit_all(&mut member, &name, "g", &first));
+    assert_eq!(setting(&mut member), "remote_write");
+
+    let table = unique_name("own_rows");
+    admin
+        .batch_execute(&format!("CREATE TABLE \"{table}\" (seq bigint)"))
+        .unwrap();
+    let mut tx = member.transaction().unwrap();
+    let second = stream_read(&mut tx, &name, "g", 2, "0", "30 seconds");
+    assert!(commit_all(&mut tx, &name, "g", &second));
+    for record in &second {
+        tx.execute(
+            &format!("INSERT INTO \"{table}\" VALUES ($1)"),
+            &[&record.seq],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    assert_eq!(setting(&mut member), "remote_write");
+    let (kept, committed): (i64, i64) = {
+        let row = admin
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM \"{table}\"),
+                            (SELECT committed_seq FROM bussig.consumer_groups WHERE stream = $1::text)"
+                ),
+                &[&name],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((kept, committed), (2, 4));
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .unwrap();
+}
+
 #[test]
 fn leases_lost_as_in_a_crash_end_like_expired_ones() {
     let mut admin = connect();

@@ -28,6 +28,82 @@ unsafe extern "C-unwind" fn on_transaction_end(
     read_position::at_transaction_end(event);
     depth::at_transaction_end(event);
     wakeup::at_transaction_end(event);
+    replayable_at_transaction_event(event);
+}
+
+/// What a transaction wrote so far, as far as its commit's flush goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// No replayable write yet.
+    Nothing,
+    /// Only replayable writes, the last of them ending at this place in the WAL.
+    ReplayableThrough(pg_sys::XLogRecPtr),
+    /// Something else.
+    Other,
+}
+
+thread_local! {
+    static WRITTEN: std::cell::Cell<Written> = const { std::cell::Cell::new(Written::Nothing) };
+    /// The synchronous_commit a commit of replayable writes only set aside, to put back after it.
+    static SET_ASIDE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `write`, whose loss in a crash only makes work be done again (a consumer group's position:
+/// its records are read again, at least once as always). When all a transaction writes is such
+/// writes, its commit does not wait for the WAL flush (asynchronous commit, for that transaction
+/// only): a crash may take back the last fraction of a second of them. A transaction that also
+/// writes anything else, before or after, commits as the caller's settings say.
+pub fn replayable_write<T>(write: impl FnOnce() -> BusResult<T>) -> BusResult<T> {
+    // SAFETY: plain reads of this backend's WAL position, which PostgreSQL keeps per transaction.
+    let before = unsafe { pg_sys::XactLastRecEnd };
+    let done = write()?;
+    // SAFETY: as above.
+    let after = unsafe { pg_sys::XactLastRecEnd };
+    WRITTEN.with(|written| {
+        let now = match written.get() {
+            _ if after == before => written.get(),
+            Written::Nothing if before == 0 => Written::ReplayableThrough(after),
+            Written::ReplayableThrough(end) if before == end => Written::ReplayableThrough(after),
+            _ => Written::Other,
+        };
+        written.set(now);
+    });
+    Ok(done)
+}
+
+fn replayable_at_transaction_event(event: pg_sys::XactEvent::Type) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT => {
+            // SAFETY: plain reads and a write of backend-local settings; the commit record, written
+            // after this callback, reads synchronous_commit, and the end of the transaction puts it
+            // back.
+            unsafe {
+                let only_replayable = matches!(WRITTEN.with(|w| w.get()),
+                    Written::ReplayableThrough(end) if end == pg_sys::XactLastRecEnd);
+                if only_replayable
+                    && pg_sys::synchronous_commit
+                        > pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
+                {
+                    SET_ASIDE.with(|aside| aside.set(Some(pg_sys::synchronous_commit)));
+                    pg_sys::synchronous_commit =
+                        pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32;
+                }
+            }
+        }
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PREPARE
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_PARALLEL_ABORT => {
+            WRITTEN.with(|written| written.set(Written::Nothing));
+            if let Some(level) = SET_ASIDE.with(|aside| aside.take()) {
+                // SAFETY: puts back the value set aside at PRE_COMMIT.
+                unsafe { pg_sys::synchronous_commit = level };
+            }
+        }
+        _ => {}
+    }
 }
 
 #[pg_guard]

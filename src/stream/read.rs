@@ -348,7 +348,11 @@ pub fn commit(
 ) -> BusResult<bool> {
     let (stream, [stream_id, group, partition, seq]) = at.resolve(client, caller)?;
     let args = [stream_id, group, partition, seq, lease_token.into()];
-    if plans::first_value::<bool>(client, &COMMIT, &args)?.is_some() {
+    // A lost position only makes the group read the records again.
+    let committed = crate::pg::xact::replayable_write(|| {
+        Ok(plans::first_value::<bool>(client, &COMMIT, &args)?.is_some())
+    })?;
+    if committed {
         return Ok(true);
     }
     require_group(client, at.place.stream, &stream, at.place.group)?;
