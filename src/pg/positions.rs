@@ -1,8 +1,8 @@
 //! Read positions in shared memory: one slot per bucket of queues, each a place in delivery order and
 //! when it was first set, written and read without a lock (a sequence lock per slot: a reader that
 //! sees a write under way, or one that happened while it read, takes the slot as empty). A position
-//! is a hint that saves index steps; losing one to a collision or a concurrent write costs a read
-//! from the head, never a message (`message::read_position` says why).
+//! is a hint that saves index steps; losing one to a collision costs a read from the head, never a
+//! message (`message::read_position` says why).
 use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -100,19 +100,31 @@ pub fn load(queue_id: i32) -> Option<Stored> {
     (settled && mine && stored.since != 0).then_some(stored)
 }
 
+/// Writes attempted before a write gives up while others hold the slot (each takes a few dozen
+/// instructions).
+const WRITE_TRIES: u32 = 1_000;
+
 /// Writes the queue's slot with what `change` makes of the position it holds for the queue (None:
-/// empties it), unless another write is under way: that one wins.
+/// empties it), once no other write holds the slot; gives up (writes nothing) if others keep it.
 pub fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Stored>) {
     let (slot, database) = slot(queue_id);
-    let before = slot.version.load(Ordering::Relaxed);
-    if before % 2 == 1
-        || slot
-            .version
-            .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-    {
-        return;
-    }
+    let mut tries = 0;
+    let before = loop {
+        let before = slot.version.load(Ordering::Relaxed);
+        if before % 2 == 0
+            && slot
+                .version
+                .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            break before;
+        }
+        tries += 1;
+        if tries == WRITE_TRIES {
+            return;
+        }
+        std::hint::spin_loop();
+    };
     // The odd version is seen before any field written below.
     fence(Ordering::Release);
     let held = (slot.database.load(Ordering::Relaxed) == database
