@@ -33,6 +33,23 @@ struct Slot {
     since: AtomicU64,
 }
 
+impl Slot {
+    /// The fields, as they are now: callers check the version around the read.
+    fn fields(&self) -> Stored {
+        Stored {
+            priority: self.priority.load(Ordering::Relaxed) as i32,
+            ready_at: self.ready_at.load(Ordering::Relaxed),
+            message_id: self.message_id.load(Ordering::Relaxed),
+            since: self.since.load(Ordering::Relaxed),
+        }
+    }
+
+    fn holds(&self, database: u32, queue_id: i32) -> bool {
+        self.database.load(Ordering::Relaxed) == database
+            && self.queue_id.load(Ordering::Relaxed) == queue_id as u32
+    }
+}
+
 pub struct Positions {
     slots: [Slot; SLOTS],
 }
@@ -59,9 +76,9 @@ pub(super) unsafe fn request_shared_memory() {
     unsafe { POSITIONS.request() };
 }
 
-/// Whether positions are shared: bussig was preloaded.
+/// Whether positions are shared: bussig was preloaded (which also set EPOCH).
 pub fn shared() -> bool {
-    super::wakeup::shared_memory() && EPOCH.get().is_some()
+    super::wakeup::shared_memory()
 }
 
 /// Microseconds on a monotonic clock all backends share (they count from the postmaster's EPOCH);
@@ -86,14 +103,8 @@ pub fn load(queue_id: i32) -> Option<Stored> {
     if before % 2 == 1 {
         return None;
     }
-    let stored = Stored {
-        priority: slot.priority.load(Ordering::Relaxed) as i32,
-        ready_at: slot.ready_at.load(Ordering::Relaxed),
-        message_id: slot.message_id.load(Ordering::Relaxed),
-        since: slot.since.load(Ordering::Relaxed),
-    };
-    let mine = slot.database.load(Ordering::Relaxed) == database
-        && slot.queue_id.load(Ordering::Relaxed) == queue_id as u32;
+    let stored = slot.fields();
+    let mine = slot.holds(database, queue_id);
     // The fields were read before the version is read again.
     fence(Ordering::Acquire);
     let settled = slot.version.load(Ordering::Relaxed) == before;
@@ -127,18 +138,11 @@ pub fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Store
     };
     // The odd version is seen before any field written below.
     fence(Ordering::Release);
-    let held = (slot.database.load(Ordering::Relaxed) == database
-        && slot.queue_id.load(Ordering::Relaxed) == queue_id as u32
-        && slot.since.load(Ordering::Relaxed) != 0)
-        .then(|| Stored {
-            priority: slot.priority.load(Ordering::Relaxed) as i32,
-            ready_at: slot.ready_at.load(Ordering::Relaxed),
-            message_id: slot.message_id.load(Ordering::Relaxed),
-            since: slot.since.load(Ordering::Relaxed),
-        });
+    let held = Some(slot.fields()).filter(|held| slot.holds(database, queue_id) && held.since != 0);
     let new = change(held);
     // Writes to a slot of another queue only to put a position in it.
     if held.is_some() || new.is_some() {
+        // since 0: empty.
         let new = new.unwrap_or(Stored {
             priority: 0,
             ready_at: 0,

@@ -9,7 +9,6 @@ use super::wakeup;
 use crate::depth;
 use crate::error::BusResult;
 use crate::message::read_position;
-use crate::plans::{self, Statement};
 
 pub(super) fn register() {
     // SAFETY: called from _PG_init, once per process; the callbacks are plain functions that live as
@@ -183,31 +182,23 @@ fn subtransaction<T>(
     outcome
 }
 
-static LOCK_TIMEOUT: Statement = Statement {
-    sql: "SELECT pg_catalog.current_setting('lock_timeout')",
-    args: &[],
-    writes: false,
-};
-
-static SET_LOCK_TIMEOUT: Statement = Statement {
-    sql: "SELECT pg_catalog.set_config('lock_timeout', $1, true)",
-    args: &[pg_sys::TEXTOID],
-    writes: false,
-};
-
 /// Runs `work`, which waits for a lock, giving up after `wait`: None when it gave up (rolled back in a
 /// subtransaction of its own, so it holds nothing), else what it returned, its locks kept. Other
-/// errors go on up. The caller's lock_timeout is back as it was after.
+/// errors go on up. The caller's lock_timeout is back as it was after (a GUC nest level of its own,
+/// as `identity::Pins` pins settings).
 pub fn waiting_at_most<T>(
     client: &mut SpiClient<'_>,
     wait: std::time::Duration,
     work: impl FnOnce(&mut SpiClient<'_>) -> BusResult<T>,
 ) -> BusResult<Option<T>> {
-    let before: String = plans::first_value(client, &LOCK_TIMEOUT, &[])?.unwrap_or_default();
-    let limit = format!("{}ms", wait.as_millis().max(1));
-    plans::run(client, &SET_LOCK_TIMEOUT, &[limit.into()])?;
+    let limit = std::ffi::CString::new(format!("{}ms", wait.as_millis().max(1)))
+        .expect("a number and a unit have no NUL");
+    // SAFETY: inside a transaction; the level is closed below, or by the abort of an error.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    super::gucs::set(c"lock_timeout", &limit, pg_sys::GucAction::GUC_ACTION_SAVE);
     let outcome = subtransaction(|| work(&mut *client), |_| true);
-    plans::run(client, &SET_LOCK_TIMEOUT, &[before.into()])?;
+    // SAFETY: the level opened above in this transaction, closed once.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
     match outcome {
         Ok(done) => done.map(Some),
         Err(panic) => match panic.downcast_ref::<CaughtError>() {
