@@ -57,7 +57,7 @@ static ROTATE: Statement = Statement {
     writes: true,
 };
 
-/// How long a due segment's step waits for each partition's row while a reader numbers it.
+/// How long a due segment's step waits, in all, for partitions' rows that readers are numbering.
 const PARTITION_WAIT: Duration = Duration::from_millis(200);
 
 struct Segment {

@@ -196,22 +196,29 @@ pub fn number_all(client: &mut SpiClient<'_>, stream: &Stream) -> BusResult<bool
     Ok(all)
 }
 
-/// Numbers every partition of the stream, waiting up to `wait` for the row of one that a reader is
-/// numbering: whether this transaction now holds every partition's row lock. Retention's way: a
+/// Numbers every partition of the stream, waiting for the rows of those a reader is numbering, up to
+/// `wait` in all: whether this transaction now holds every partition's row lock. Retention's way: a
 /// member that reads all the time numbers some partition most of the time (the more so while a held
 /// snapshot slows numbering), and a step that skipped every busy row would seldom find them all
-/// free. Waiting cannot deadlock: readers never wait for a partition's row (SKIP LOCKED).
+/// free. One budget for the stream, not one per partition, so that a stream of many busy partitions
+/// holds up the worker's round no longer. Waiting cannot deadlock: readers never wait for a
+/// partition's row (SKIP LOCKED).
 pub fn number_all_waiting(
     client: &mut SpiClient<'_>,
     stream: &Stream,
     wait: Duration,
 ) -> BusResult<bool> {
+    let deadline = Instant::now() + wait;
     for partition in 0..stream.partitions {
         if number(client, stream, partition)?.is_some() {
             continue;
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
         let args = [stream.stream_id.into(), partition.into()];
-        let waited = xact::waiting_at_most(client, wait, |client| {
+        let waited = xact::waiting_at_most(client, left, |client| {
             Ok(plans::first_value::<i64>(
                 client,
                 &WAIT_FOR_PARTITION,
