@@ -62,8 +62,12 @@ pub fn one_read_into_got(queue: &str) {
 /// Makes every lock and delay of the queue run out, as if time had passed; messages waiting behind
 /// their group's head keep waiting.
 pub fn let_time_pass(queue: &str) {
-    // Time passes for the backend's read positions too.
-    crate::message::read_position::forget_all();
+    // Time passes for the queue's read position too.
+    if let Ok(Some(queue_id)) = Spi::get_one::<i32>(&format!(
+        "SELECT queue_id FROM bussig.queue WHERE name = '{queue}'"
+    )) {
+        crate::message::read_position::forget(queue_id);
+    }
     run(&format!(
         "UPDATE bussig.message
          SET visible_at = CASE WHEN visible_at = 'infinity' THEN visible_at ELSE now() - interval '1 second' END,

@@ -29,23 +29,6 @@ const SLACK: i64 = 40;
 const BUFFERS: i64 = 2_000;
 const WARM_UP: usize = 6;
 
-/// Live rows of `bussig.message` read so far in this transaction, and pages read, over the table and
-/// its indexes.
-fn visits(c: &mut impl GenericClient) -> (i64, i64) {
-    let row = c
-        .query_one(
-            "SELECT (pg_stat_get_xact_tuples_returned('bussig.message'::regclass)
-                     + pg_stat_get_xact_tuples_fetched('bussig.message'::regclass)
-                     + sum(pg_stat_get_xact_tuples_fetched(i.indexrelid)))::bigint,
-                    (pg_stat_get_xact_blocks_fetched('bussig.message'::regclass)
-                     + sum(pg_stat_get_xact_blocks_fetched(i.indexrelid)))::bigint
-             FROM pg_index i WHERE i.indrelid = 'bussig.message'::regclass",
-            &[],
-        )
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
 /// A verb's measured statement, given the deliveries read first as `(ids, tokens)` array literals.
 type VerbSql<'a> = Box<dyn Fn(&str, &str) -> String + 'a>;
 
@@ -110,10 +93,10 @@ fn check(client: &mut Client, state: &str, queue: &str, verb: &Verb<'_>) {
             Default::default()
         };
         let sql = (verb.sql)(&ids, &tokens);
-        let before = visits(&mut tx);
+        let before = message_visits(&mut tx);
         tx.batch_execute(&sql)
             .unwrap_or_else(|e| panic!("{state}: {}: {sql}: {e:?}", verb.name));
-        let after = visits(&mut tx);
+        let after = message_visits(&mut tx);
         visited = (after.0 - before.0, after.1 - before.1);
         tx.commit().unwrap();
     }
@@ -447,7 +430,7 @@ fn plans_made_on_an_empty_table_still_use_the_indexes() {
         .unwrap();
 
     let mut tx = consumer.transaction().unwrap();
-    let before = visits(&mut tx).0;
+    let before = message_visits(&mut tx).0;
     let batch = read(&mut tx, "q", 10, None);
     assert_eq!(batch.len(), 10);
     let ids: Vec<i64> = batch.iter().map(|d| d.id).collect();
@@ -457,7 +440,7 @@ fn plans_made_on_an_empty_table_still_use_the_indexes() {
         .unwrap()
         .get(0);
     assert_eq!(settled, 10);
-    let visited = visits(&mut tx).0 - before;
+    let visited = message_visits(&mut tx).0 - before;
     assert!(
         visited < 100,
         "a read and an ack of 10 visited {visited} of the 20,000 messages"

@@ -1,17 +1,22 @@
-//! Where a queue's ready messages began at the latest read that found all it asked for, so that the
-//! next read through a backlog starts its index scan there. From the head, it would first step over
-//! the index entries of every message consumed since the last VACUUM (over a large backlog, half of a
-//! read's time), and over every message the other readers hold: with a hundred readers, each read
-//! stepped over a thousand locked messages. So positions are shared by the backends (`pg::positions`;
-//! each backend keeps its own when bussig is not preloaded), and a read starts past what any reader
-//! took.
+//! Where a queue's ready messages begin, so that a read through a backlog starts its index scan
+//! there. From the head, it would first step over the index entries of every message consumed since
+//! the last VACUUM (all of them while a snapshot is held), and over every message the other readers
+//! hold: with a hundred readers, each read stepped over a thousand locked messages. So positions are
+//! shared by the backends (`pg::positions`; each backend keeps its own when bussig is not preloaded),
+//! and a read starts past what any reader took.
 //!
-//! A message can come back behind a position: a reader that had locked it rolled back, or a send that
-//! began earlier committed later. So a position is kept only after a read that found all it asked for
-//! (a read that comes up short forgets it, and a read from a position that comes up short reads the
-//! rest from the head), and only for `LIFETIME` from when it was first set: such a message waits at
-//! most that long. A transaction that rolls back forgets the positions it moved: what it read is back
-//! in the queue.
+//! A shared position is kept behind every ready message of its priority, so that a read from it
+//! that comes up short has found all there was. Whatever makes a message ready behind it moves it
+//! back: a commit that made messages ready, before it wakes a reader (`pg::wakeup`), and a reader
+//! that rolls back what it locked. A read raises it to the first message it locked, but no further
+//! than where it was moved back to since the read loaded it (its snapshot may have missed what came
+//! back there). Messages of
+//! other priorities are read from their own heads. As a safety net, a position lives `LIFETIME`
+//! from when it was first set; then one reader reads from the head while the others go on.
+//!
+//! A backend's own position is moved back by nothing but its own transactions: it is kept only
+//! after a read that found all it asked for, and a read from it that comes up short reads the rest
+//! from the head.
 use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -74,27 +79,135 @@ impl Position {
 thread_local! {
     /// This backend's own positions, by queue id, when they are not shared.
     static OWN: RefCell<HashMap<i32, Stored>> = RefCell::new(HashMap::new());
-    /// Queues whose shared position this transaction moved.
-    static MOVED: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    /// The first message this transaction locked in each queue, by reading: should it roll back,
+    /// they are ready again there.
+    static LOCKED_FROM: RefCell<Vec<(i32, Position)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn fresh(stored: &Stored) -> bool {
     positions::now().saturating_sub(stored.since) < LIFETIME.as_micros() as u64
 }
 
-fn load(queue_id: i32) -> Option<Stored> {
-    if positions::shared() {
-        positions::load(queue_id)
-    } else {
-        OWN.with(|own| own.borrow().get(&queue_id).copied())
+/// Where a read starts, and what it needs to move the position on afterwards.
+#[derive(Clone, Copy, Debug)]
+pub struct Recalled {
+    pub start: Option<Position>,
+    /// The slot's lowerings when it was loaded (shared positions).
+    lowered: u32,
+    /// Whether a read from `start` that comes up short found all there was.
+    pub complete: bool,
+}
+
+/// Where to read the queue from: its position, or the head when it has none, or when its lifetime
+/// ran out and this reader took the read from the head on itself (the position lives on meanwhile
+/// for the others). Call it before the read's snapshot is taken.
+pub fn recall(queue_id: i32) -> Recalled {
+    if !positions::shared() {
+        let own = OWN.with(|own| own.borrow().get(&queue_id).copied());
+        return Recalled {
+            start: own.filter(fresh).and_then(Position::of),
+            lowered: 0,
+            complete: false,
+        };
+    }
+    // Twice at most: a reader that finds the position expired and loses the read from the head to
+    // another takes the renewed one.
+    for _ in 0..2 {
+        let loaded = positions::load(queue_id);
+        let recalled = |start| Recalled {
+            start,
+            lowered: loaded.lowered,
+            complete: true,
+        };
+        let Some(stored) = loaded.stored else {
+            return recalled(None);
+        };
+        if fresh(&stored) {
+            return recalled(Position::of(stored));
+        }
+        let claimed = std::cell::Cell::new(false);
+        positions::raise(queue_id, loaded.lowered, |held, _| {
+            held.map(|held| {
+                if held != stored {
+                    return held;
+                }
+                claimed.set(true);
+                Stored {
+                    since: positions::now(),
+                    ..held
+                }
+            })
+        });
+        if claimed.get() {
+            return recalled(None);
+        }
+    }
+    Recalled {
+        start: None,
+        lowered: positions::load(queue_id).lowered,
+        complete: true,
     }
 }
 
-fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Stored>) {
-    if positions::shared() {
-        positions::update(queue_id, change);
+/// A read from `recalled` locked messages from `first` on, and found as many as it asked for if
+/// `took_all`: the position moves on to `first`. A full read from the head moves it back to `first`
+/// instead: it may have left ready messages behind the position.
+pub fn remember(queue_id: i32, recalled: Recalled, first: Position, took_all: bool) {
+    if !positions::shared() {
+        if took_all {
+            own_update(queue_id, |held| Some(furthest(held, first)));
+        } else {
+            forget(queue_id);
+        }
         return;
     }
+    if recalled.start.is_none() && took_all {
+        positions::lower(queue_id, i64::MIN, |held| match held {
+            Some(held) if Position::of(held).is_some_and(|kept| kept > first) => {
+                Some(first.stored(held.since))
+            }
+            Some(held) => Some(held),
+            None => Some(first.stored(positions::now())),
+        });
+    } else {
+        positions::raise(queue_id, recalled.lowered, |held, cap| {
+            match capped(first, cap) {
+                Some(first) => Some(furthest(held, first)),
+                None => held,
+            }
+        });
+    }
+}
+
+/// `first`, or no further than `cap` (a ready time) in its priority: a commit since the read loaded
+/// the position may have made messages ready from there. None when that is not known.
+fn capped(first: Position, cap: i64) -> Option<Position> {
+    if first.ready_at.into_inner() <= cap {
+        return Some(first);
+    }
+    if cap == i64::MIN {
+        return None;
+    }
+    Some(Position {
+        priority: first.priority,
+        ready_at: TimestampWithTimeZone::try_from(cap).ok()?,
+        message_id: i64::MIN,
+    })
+}
+
+/// `position`, or the one held when it is further; a fresh one keeps its age, so that it still
+/// expires in time.
+fn furthest(held: Option<Stored>, position: Position) -> Stored {
+    match held.filter(fresh) {
+        Some(held) => {
+            let furthest = Position::of(held).map_or(position, |kept| kept.max(position));
+            furthest.stored(held.since)
+        }
+        None => position.stored(positions::now()),
+    }
+}
+
+fn own_update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Stored>) {
     OWN.with(|own| {
         let mut own = own.borrow_mut();
         match change(own.get(&queue_id).copied()) {
@@ -111,40 +224,42 @@ fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Stored>) 
     });
 }
 
-/// The position to read the queue from, if one is fresh.
-pub fn recall(queue_id: i32) -> Option<Position> {
-    load(queue_id).filter(fresh).and_then(Position::of)
-}
-
-/// Moves the queue's position to `position`, or past it when another read moved it further; a fresh
-/// one keeps its age, so that it still expires in time.
-pub fn remember(queue_id: i32, position: Position) {
-    update(queue_id, |held| match held.filter(fresh) {
-        Some(held) => {
-            let furthest = Position::of(held).map_or(position, |kept| kept.max(position));
-            Some(furthest.stored(held.since))
-        }
-        None => Some(position.stored(positions::now())),
-    });
+/// Forgets the queue's position: the next read starts at the head.
+pub fn forget(queue_id: i32) {
     if positions::shared() {
-        MOVED.with(|moved| {
-            let mut moved = moved.borrow_mut();
-            if !moved.contains(&queue_id) {
-                moved.push(queue_id);
-            }
-        });
+        positions::lower(queue_id, i64::MIN, |_| None);
+    } else {
+        own_update(queue_id, |_| None);
     }
 }
 
-pub fn forget(queue_id: i32) {
-    update(queue_id, |_| None);
+/// This transaction locked messages of the queue from `first` on.
+pub fn note_locked(queue_id: i32, first: Position) {
+    LOCKED_FROM.with(|locked| {
+        let mut locked = locked.borrow_mut();
+        match locked.iter_mut().find(|(id, _)| *id == queue_id) {
+            Some((_, earliest)) => *earliest = (*earliest).min(first),
+            None => locked.push((queue_id, first)),
+        }
+    });
 }
 
-/// Forgets this backend's positions, and the shared ones its transaction moved.
-pub fn forget_all() {
-    OWN.with(|own| own.borrow_mut().clear());
-    for queue_id in MOVED.with(|moved| std::mem::take(&mut *moved.borrow_mut())) {
-        forget(queue_id);
+/// What this transaction (or the subtransaction ending) locked is ready again: each queue's position
+/// moves back to it. After a subtransaction, the whole transaction's are moved back to: more than
+/// needed, which costs a read some index steps, never a message.
+fn locks_released() {
+    let locked = LOCKED_FROM.with(|locked| locked.borrow().clone());
+    for (queue_id, first) in locked {
+        if positions::shared() {
+            positions::lower(queue_id, i64::MIN, |held| {
+                held.map(|held| match Position::of(held) {
+                    Some(kept) if kept > first => first.stored(held.since),
+                    _ => held,
+                })
+            });
+        } else {
+            forget(queue_id);
+        }
     }
 }
 
@@ -152,11 +267,21 @@ pub fn forget_all() {
 pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
-            forget_all()
+            locks_released();
+            LOCKED_FROM.with(|locked| locked.borrow_mut().clear());
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
-        | pg_sys::XactEvent::XACT_EVENT_PREPARE => MOVED.with(|moved| moved.borrow_mut().clear()),
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            LOCKED_FROM.with(|locked| locked.borrow_mut().clear())
+        }
         _ => {}
+    }
+}
+
+/// Called by `pg::xact` at each subtransaction event.
+pub fn at_subtransaction_end(event: pg_sys::SubXactEvent::Type) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        locks_released();
     }
 }

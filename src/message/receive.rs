@@ -84,30 +84,36 @@ static READ: Statement = Statement {
     writes: true,
 };
 
-// READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs), so that the
-// index scan starts there. Nothing while a message of a higher priority is ready: the caller then
-// reads from the head. The probe looks at the front of each higher priority's range, as READ does;
-// a queue with no higher priority costs it one index descent.
+// READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs): higher
+// priorities and lower ones from their heads, as READ reads them, and priority $3 from the position,
+// so that its index scan starts there. No priority's range is walked to find the priorities: the
+// higher ones are looked for only above $3, and the lower ones below it.
 static READ_FROM: Statement = Statement {
     sql: read_statement!(
         "WITH RECURSIVE ",
         queue_priorities!("(SELECT queue_id FROM q)", " AND in_order_p.priority > $3"),
-        "
-         SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
-         FROM bussig.message in_order
-         WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = $3
-           AND (in_order.visible_at, in_order.message_id) >= ($4, $5) AND in_order.visible_at <= (SELECT now FROM q)
-           AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
-           AND NOT EXISTS (
-                SELECT FROM priorities CROSS JOIN LATERAL (
-                    SELECT FROM bussig.message in_order_head
-                    WHERE in_order_head.queue_id = (SELECT queue_id FROM q)
-                      AND in_order_head.priority = priorities.priority
-                      AND in_order_head.visible_at <= (SELECT now FROM q)
-                    LIMIT 1) ready)
-         ORDER BY in_order.visible_at, in_order.message_id
-         LIMIT {limit}
-         FOR UPDATE SKIP LOCKED"
+        ", from_here(priority) AS (
+             SELECT $3
+             UNION ALL
+             SELECT (SELECT in_order_p.priority FROM bussig.message in_order_p
+                     WHERE in_order_p.queue_id = (SELECT queue_id FROM q) AND in_order_p.priority < from_here.priority
+                     ORDER BY in_order_p.priority DESC LIMIT 1)
+             FROM from_here WHERE from_here.priority IS NOT NULL
+         )
+         SELECT ready.message_id, ready.ready_at, ready.row_ctid
+         FROM (SELECT priority FROM priorities UNION ALL SELECT priority FROM from_here) in_turn
+         CROSS JOIN LATERAL (
+             SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
+             FROM bussig.message in_order
+             WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = in_turn.priority
+               AND (in_order.visible_at, in_order.message_id)
+                   >= (CASE WHEN in_turn.priority = $3 THEN $4 ELSE '-infinity'::timestamptz END, $5)
+               AND in_order.visible_at <= (SELECT now FROM q)
+               AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
+             ORDER BY in_order.visible_at, in_order.message_id
+             FOR UPDATE SKIP LOCKED
+         ) ready
+         LIMIT {limit}"
     ),
     args: &[
         pg_sys::TEXTOID,
@@ -261,6 +267,9 @@ fn read_round(
         }
     }
     wakeup::note_locked(read_queue, u32::try_from(round.returned).unwrap_or(0));
+    if let Some(first) = round.first {
+        read_position::note_locked(read_queue, first);
+    }
     Ok(round)
 }
 
@@ -339,7 +348,8 @@ fn receive(
     let mut delivered = Vec::new();
     loop {
         let wanted = max_messages - delivered.len() as i32;
-        let start = queue_id.and_then(read_position::recall);
+        let recalled = queue_id.map(read_position::recall);
+        let start = recalled.and_then(|recalled| recalled.start);
         let (limit, round) = match cap {
             Some(capped) => capped_round(
                 client,
@@ -363,16 +373,18 @@ fn receive(
         } = round;
         delivered.extend(more);
         let took_all = limit > 0 && returned == limit;
-        // Only a read that found as many as it asked for is in a backlog worth a position; one that
-        // came up short from a position reads the rest from the head.
-        match (queue_id, first.filter(|_| took_all)) {
-            (Some(queue_id), Some(first)) => read_position::remember(queue_id, first),
-            (Some(queue_id), None) => read_position::forget(queue_id),
-            (None, _) => {}
+        let complete = recalled.is_none_or(|recalled| recalled.complete);
+        if let (Some(queue_id), Some(recalled)) = (queue_id, recalled) {
+            match first {
+                Some(first) => read_position::remember(queue_id, recalled, first, took_all),
+                None if !complete => read_position::forget(queue_id),
+                None => {}
+            }
         }
         let more_may_be_ready = took_all && !dead.is_empty();
         bury(client, Some(queue), dead)?;
-        if start.is_some() && !took_all {
+        // A position a read from which may miss messages: what it did not find, it reads from the head.
+        if start.is_some() && !took_all && !complete {
             continue;
         }
         if returned == 0 && delivered.is_empty() {

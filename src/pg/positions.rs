@@ -3,6 +3,10 @@
 //! sees a write under way, or one that happened while it read, takes the slot as empty). A position
 //! is a hint that saves index steps; losing one to a collision costs a read from the head, never a
 //! message (`message::read_position` says why).
+//!
+//! Each slot also counts its lowerings, and keeps the floors of the last few: a read raises a
+//! position no further than the floor of any lowering since it loaded it, as that may be for a
+//! message its snapshot missed.
 use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -10,6 +14,8 @@ use std::time::Instant;
 use super::shmem::{LockFree, ValidWhenZeroed, ZeroedLwLock};
 
 const SLOTS: usize = 4096;
+/// Lowerings whose floors a slot keeps: a read that loaded before more than these raises nothing.
+const RECENT: usize = 8;
 
 /// A position as stored: `since` is when it was first set, in microseconds of `now`, never 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +37,10 @@ struct Slot {
     message_id: AtomicI64,
     /// 0: empty.
     since: AtomicU64,
+    /// Lowerings so far, wrapping; bumped under the sequence lock.
+    lowered: AtomicU32,
+    /// The floor of lowering n at `n % RECENT`: no message it was for is ready before it.
+    floors: [AtomicI64; RECENT],
 }
 
 impl Slot {
@@ -96,28 +106,77 @@ fn slot(queue_id: i32) -> (&'static Slot, u32) {
     (&POSITIONS.unlocked().slots[place], database)
 }
 
-/// The queue's position, if its slot holds one for it and no write got in the way.
-pub fn load(queue_id: i32) -> Option<Stored> {
+/// What a read found in a queue's slot.
+#[derive(Clone, Copy, Debug)]
+pub struct Loaded {
+    /// The queue's position, if its slot holds one for it and no write got in the way.
+    pub stored: Option<Stored>,
+    /// The slot's lowerings when it was read: a later `raise` passes it back.
+    pub lowered: u32,
+}
+
+/// The queue's position. Read before the reader's snapshot is taken: a commit that the snapshot
+/// misses lowers the slot after this read, and so stops this reader's raise.
+pub fn load(queue_id: i32) -> Loaded {
     let (slot, database) = slot(queue_id);
+    let lowered = slot.lowered.load(Ordering::SeqCst);
     let before = slot.version.load(Ordering::Acquire);
     if before % 2 == 1 {
-        return None;
+        return Loaded {
+            stored: None,
+            lowered,
+        };
     }
     let stored = slot.fields();
     let mine = slot.holds(database, queue_id);
     // The fields were read before the version is read again.
     fence(Ordering::Acquire);
     let settled = slot.version.load(Ordering::Relaxed) == before;
-    (settled && mine && stored.since != 0).then_some(stored)
+    Loaded {
+        stored: (settled && mine && stored.since != 0).then_some(stored),
+        lowered,
+    }
 }
 
 /// Writes attempted before a write gives up while others hold the slot (each takes a few dozen
 /// instructions).
 const WRITE_TRIES: u32 = 1_000;
 
+/// Moves the queue's position on with what `change` makes of it and of the cap (a ready time) it
+/// may move it to: in the position's priority, no further than the floor of a lowering since `seen`
+/// (its `Loaded::lowered`); `i64::MAX` when none happened, `i64::MIN` when that is not known.
+pub fn raise(queue_id: i32, seen: u32, change: impl FnOnce(Option<Stored>, i64) -> Option<Stored>) {
+    write(queue_id, Write::Raise(seen), change);
+}
+
+/// Moves the queue's position back with what `change` makes of it (None: forgets it), and counts a
+/// lowering of its slot even when the slot holds no position for it: a read that loaded it before
+/// may not raise it past `floor` (a ready time; `i64::MIN` for no raise at all).
+pub fn lower(queue_id: i32, floor: i64, change: impl FnOnce(Option<Stored>) -> Option<Stored>) {
+    if !write(queue_id, Write::Lower(floor), |held, _| change(held)) {
+        // Others kept the slot: the position stays, and no read that loaded it before raises it
+        // (they find more lowerings than the slot keeps). What lies behind it waits for its
+        // lifetime to run out.
+        let slot = slot(queue_id).0;
+        slot.lowered.fetch_add(RECENT as u32 + 1, Ordering::SeqCst);
+    }
+}
+
+enum Write {
+    /// A raise by a read that loaded the slot at this count of lowerings.
+    Raise(u32),
+    /// A lowering, with its floor.
+    Lower(i64),
+}
+
 /// Writes the queue's slot with what `change` makes of the position it holds for the queue (None:
-/// empties it), once no other write holds the slot; gives up (writes nothing) if others keep it.
-pub fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Stored>) {
+/// empties it) and of the cap on a raise, once no other write holds the slot; gives up (writes
+/// nothing) if others keep it. Returns whether the slot was written.
+fn write(
+    queue_id: i32,
+    kind: Write,
+    change: impl FnOnce(Option<Stored>, i64) -> Option<Stored>,
+) -> bool {
     let (slot, database) = slot(queue_id);
     let mut tries = 0;
     let before = loop {
@@ -132,14 +191,31 @@ pub fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Store
         }
         tries += 1;
         if tries == WRITE_TRIES {
-            return;
+            return false;
         }
         std::hint::spin_loop();
     };
     // The odd version is seen before any field written below.
     fence(Ordering::Release);
+    let lowered = slot.lowered.load(Ordering::SeqCst);
+    let cap = match kind {
+        Write::Raise(seen) => match lowered.wrapping_sub(seen) as usize {
+            0 => i64::MAX,
+            since @ 1..=RECENT => (1..=since)
+                .map(|n| slot.floors[(seen as usize + n) % RECENT].load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(i64::MIN),
+            _ => i64::MIN,
+        },
+        Write::Lower(floor) => {
+            let count = lowered.wrapping_add(1);
+            slot.floors[count as usize % RECENT].store(floor, Ordering::Relaxed);
+            slot.lowered.store(count, Ordering::SeqCst);
+            i64::MIN
+        }
+    };
     let held = Some(slot.fields()).filter(|held| slot.holds(database, queue_id) && held.since != 0);
-    let new = change(held);
+    let new = change(held, cap);
     // Writes to a slot of another queue only to put a position in it.
     if held.is_some() || new.is_some() {
         // since 0: empty.
@@ -157,4 +233,5 @@ pub fn update(queue_id: i32, change: impl FnOnce(Option<Stored>) -> Option<Store
         slot.since.store(new.since, Ordering::Relaxed);
     }
     slot.version.store(before + 2, Ordering::Release);
+    true
 }

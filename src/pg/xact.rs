@@ -112,6 +112,7 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     _parent: pg_sys::SubTransactionId,
     _argument: *mut std::ffi::c_void,
 ) {
+    read_position::at_subtransaction_end(event);
     depth::at_subtransaction_end(event, subtransaction);
     wakeup::at_subtransaction_end(event, subtransaction);
 }

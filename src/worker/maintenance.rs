@@ -97,7 +97,7 @@ static EXPIRED_EPHEMERAL_QUEUES: Statement = Statement {
 };
 
 static NEXT_FANOUT: Statement = Statement {
-    sql: "SELECT fanout_id, next_index, cardinality(queue_ids), visible_at <= clock_timestamp()
+    sql: "SELECT fanout_id, next_index, cardinality(queue_ids), visible_at <= clock_timestamp(), visible_at
           FROM bussig.fanout ORDER BY fanout_id LIMIT 1
           FOR UPDATE SKIP LOCKED",
     args: &[],
@@ -331,6 +331,9 @@ pub fn fan_out_chunk(client: &mut SpiClient<'_>, chunk: i32) -> BusResult<Option
     let from: i32 = plans::filled(&job, 2, "first queue")?;
     let total: i32 = plans::filled(&job, 3, "queue count")?;
     let ready_now: bool = plans::filled(&job, 4, "ready now")?;
+    // The messages keep the publish's ready time, before this transaction began.
+    let ready_at: TimestampWithTimeZone = plans::filled(&job, 5, "ready time")?;
+    wakeup::note_ready_from(ready_at.into_inner());
     let to = from.saturating_add(chunk - 1).min(total);
     let delivered: Vec<i32> = plans::first_column(
         client,

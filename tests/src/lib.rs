@@ -219,6 +219,23 @@ pub fn send_batch(c: &mut impl GenericClient, queue: &str, payloads: &[Value]) -
     .collect()
 }
 
+/// Live rows of `bussig.message` read so far in this transaction, and pages read, over the table and
+/// its indexes.
+pub fn message_visits(c: &mut impl GenericClient) -> (i64, i64) {
+    let row = c
+        .query_one(
+            "SELECT (pg_stat_get_xact_tuples_returned('bussig.message'::regclass)
+                     + pg_stat_get_xact_tuples_fetched('bussig.message'::regclass)
+                     + sum(pg_stat_get_xact_tuples_fetched(i.indexrelid)))::bigint,
+                    (pg_stat_get_xact_blocks_fetched('bussig.message'::regclass)
+                     + sum(pg_stat_get_xact_blocks_fetched(i.indexrelid)))::bigint
+             FROM pg_index i WHERE i.indrelid = 'bussig.message'::regclass",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 /// `bussig.ack(queue, id, token)`.
 pub fn ack(c: &mut impl GenericClient, queue: &str, id: i64, token: Uuid) -> bool {
     c.query_one(

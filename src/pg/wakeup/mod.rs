@@ -129,6 +129,9 @@ thread_local! {
     static IN_WORKER: Cell<bool> = const { Cell::new(false) };
     /// Whether this transaction handed a fan-out to the worker.
     static FANOUT: Cell<bool> = const { Cell::new(false) };
+    /// The earliest ready time of a message this transaction made ready, when it is before the
+    /// transaction's start (a fan-out's messages keep their publish's).
+    static EARLIEST_READY: Cell<Option<pg_sys::TimestampTz>> = const { Cell::new(None) };
     /// Whether this transaction created the extension: the launcher starts a worker at commit.
     static WAKE_LAUNCHER: Cell<bool> = const { Cell::new(false) };
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
@@ -213,6 +216,16 @@ fn send_notify(queue_name: &str) {
     }
 }
 
+/// Messages this transaction makes ready may be ready from `ready_at`, which may be before it began:
+/// the queues' read positions move back that far at commit.
+pub fn note_ready_from(ready_at: pg_sys::TimestampTz) {
+    EARLIEST_READY.with(|earliest| {
+        earliest.set(Some(
+            earliest.get().map_or(ready_at, |was| was.min(ready_at)),
+        ))
+    });
+}
+
 /// This transaction handed a fan-out to the worker; wake it at commit.
 pub fn note_fanout() {
     FANOUT.with(|fanout| fanout.set(true));
@@ -237,6 +250,7 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             LOCKED.with(|locked| locked.borrow_mut().take());
             let ready = READY.with(|ready| ready.borrow_mut().take());
+            let earliest = EARLIEST_READY.with(Cell::take);
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
             if WAKE_LAUNCHER.with(|wake| wake.replace(false)) && shared_memory() {
                 wake_launcher();
@@ -247,6 +261,7 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
                 .map(|(id, _)| id)
                 .collect();
             if shared_memory() {
+                move_positions_back(&ready, earliest);
                 arrive(ready);
                 if fanout || !notify.is_empty() {
                     send_errands(fanout, &notify);
@@ -259,6 +274,7 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
                 arrive(released);
             }
             READY.with(|ready| ready.borrow_mut().take());
+            EARLIEST_READY.with(Cell::take);
             NOTIFY_AT_COMMIT.with(|queues| queues.borrow_mut().clear());
             FANOUT.with(|fanout| fanout.set(false));
             WAKE_LAUNCHER.with(|wake| wake.set(false));
@@ -285,6 +301,30 @@ pub(super) fn at_subtransaction_end(
     });
     if shared_memory() {
         arrive(released);
+    }
+}
+
+/// The committed messages of `ready` are visible now, before any reader is woken for them: each
+/// queue's read position moves back, in its priority, to where they may be. None is ready before the
+/// transaction began (each takes the clock when it is written) or `earliest`. Messages of another
+/// priority are read from their priority's head (`message::read_position`).
+fn move_positions_back(ready: &[(i32, u32)], earliest: Option<pg_sys::TimestampTz>) {
+    // SAFETY: a plain read of the transaction's start, still set at its commit.
+    let began = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let floor = earliest.map_or(began, |earliest| earliest.min(began));
+    let mut queue_ids: Vec<i32> = ready.iter().map(|&(queue_id, _)| queue_id).collect();
+    queue_ids.sort_unstable();
+    queue_ids.dedup();
+    for queue_id in queue_ids {
+        super::positions::lower(queue_id, floor, |held| {
+            held.map(|mut held| {
+                if held.ready_at > floor {
+                    held.ready_at = floor;
+                    held.message_id = i64::MIN;
+                }
+                held
+            })
+        });
     }
 }
 
