@@ -12,7 +12,7 @@
 # BENCH_CALLGRIND_OUT=DIR keeps each run's profile there (NAME-200.cg, NAME-400.cg) for
 # callgrind_annotate; BENCH_INSTRUCTIONS_ONLY=read (a pattern of NAMEs) measures only those.
 #
-# A read position (src/message/read_position.rs) lives 200 ms of the monotonic clock, and callgrind
+# A read position (src/message/read_position.rs) lives 1 s (shared) or 200 ms of the monotonic clock, and callgrind
 # runs a backend about 50x slower than native: how many reads found their position, and how many
 # started from the head of the index, depended on timing, and the read's count moved between runs of
 # one build by up to 4%. So the backend runs with bench/instructions_clock.c preloaded, which slows

@@ -1,6 +1,6 @@
 // Preloaded into the backend that bench/instructions.sh runs under callgrind, so that a read's
 // instruction count does not depend on how fast callgrind runs. A read position
-// (src/message/read_position.rs) lives 200 ms of CLOCK_MONOTONIC; under callgrind, about 50x slower
+// (src/message/read_position.rs) lives 1 s (200 ms unshared) of CLOCK_MONOTONIC; under callgrind, about 50x slower
 // than native, whether the next read still finds it depended on timing. BENCH_INSTRUCTIONS_CLOCK:
 //   kept     the monotonic clocks run 100,000x slower than real time: no position expires in a run,
 //            as between the reads of a consumer reading on at native speed (the default)

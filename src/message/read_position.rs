@@ -11,12 +11,14 @@
 //! that rolls back what it locked. A read raises it to the first message it locked, but no further
 //! than where it was moved back to since the read loaded it (its snapshot may have missed what came
 //! back there). Messages of
-//! other priorities are read from their own heads. As a safety net, a position lives `LIFETIME`
-//! from when it was first set; then one reader reads from the head while the others go on.
+//! other priorities are read from their own heads. As a safety net, a position lives
+//! `SHARED_LIFETIME` from when it was first set; then one reader reads from the head while the
+//! others go on. Under a held snapshot that read walks every dead entry since the snapshot began, so
+//! it comes once a second, not once per read.
 //!
 //! A backend's own position is moved back by nothing but its own transactions: it is kept only
-//! after a read that found all it asked for, and a read from it that comes up short reads the rest
-//! from the head.
+//! after a read that found all it asked for, for `OWN_LIFETIME`, and a read from it that comes up
+//! short reads the rest from the head.
 use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -27,7 +29,9 @@ use pgrx::pg_sys;
 
 use crate::pg::positions::{self, Stored};
 
-const LIFETIME: Duration = Duration::from_millis(200);
+const SHARED_LIFETIME: Duration = Duration::from_secs(1);
+/// A message behind a backend's own position waits for it to expire unless a read comes up short.
+const OWN_LIFETIME: Duration = Duration::from_millis(200);
 
 /// Positions of at most this many queues per backend, when each keeps its own; past it, all are
 /// forgotten.
@@ -85,7 +89,11 @@ thread_local! {
 }
 
 fn fresh(stored: &Stored) -> bool {
-    positions::now().saturating_sub(stored.since) < LIFETIME.as_micros() as u64
+    let lifetime = match positions::shared() {
+        true => SHARED_LIFETIME,
+        false => OWN_LIFETIME,
+    };
+    positions::now().saturating_sub(stored.since) < lifetime.as_micros() as u64
 }
 
 /// Where a read starts, and what it needs to move the position on afterwards.
