@@ -4,6 +4,8 @@
 //! the way users do, and checks that the very next read gets it. The last shows what it is for: under
 //! a held snapshot, reads do not walk the dead entries of every message consumed since it began.
 
+use std::time::{Duration, Instant};
+
 use bussig_tests::*;
 use uuid::Uuid;
 
@@ -48,6 +50,41 @@ fn a_send_that_commits_after_a_later_one_was_read_is_delivered_at_once() {
         [early, later[1]],
         "the late commit's message, in its place in delivery order"
     );
+}
+
+/// COMMIT PREPARED runs in another session, which knows nothing of the messages: nothing moves the
+/// position back for them. They are still delivered, by the read from the head that checks once the
+/// position's lifetime (1 s) is over.
+#[test]
+fn a_send_committed_by_commit_prepared_is_delivered_within_the_positions_lifetime() {
+    let mut admin = connect();
+    let mut reader = connect();
+    let queue = Queue::create(&mut admin, "prepared_send", "");
+    let q = queue.name.as_str();
+    let gid = format!("{q}-send");
+    let mut sender = connect();
+    sender
+        .batch_execute(&format!(
+            "BEGIN; SELECT bussig.send('{q}', '{{\"n\": 1}}'); PREPARE TRANSACTION '{gid}'"
+        ))
+        .unwrap();
+    let later = send_batch(&mut admin, q, &numbers(2));
+    assert_eq!(ids(read(&mut reader, q, 1, None)), [later[0]]);
+    admin
+        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .unwrap();
+    let mut delivered = ids(read(&mut reader, q, 10, None));
+    let started = Instant::now();
+    while delivered.len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still missing after 5 s: {delivered:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        delivered.extend(ids(read(&mut reader, q, 10, None)));
+    }
+    assert!(delivered.contains(&later[1]));
+    assert_eq!(delivered.len(), 2, "each once: {delivered:?}");
 }
 
 /// A reader that rolls back to a savepoint hands back what it read since: the next read gets those

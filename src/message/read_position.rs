@@ -100,8 +100,8 @@ fn fresh(stored: &Stored) -> bool {
 #[derive(Clone, Copy, Debug)]
 pub struct Recalled {
     pub start: Option<Position>,
-    /// The slot's lowerings when it was loaded (shared positions).
-    lowered: u32,
+    /// When the position was loaded (shared positions).
+    loaded_at: u64,
     /// Whether a read from `start` that comes up short found all there was.
     pub complete: bool,
 }
@@ -114,7 +114,7 @@ pub fn recall(queue_id: i32) -> Recalled {
         let own = OWN.with(|own| own.borrow().get(&queue_id).copied());
         return Recalled {
             start: own.filter(fresh).and_then(Position::of),
-            lowered: 0,
+            loaded_at: 0,
             complete: false,
         };
     }
@@ -124,7 +124,7 @@ pub fn recall(queue_id: i32) -> Recalled {
         let loaded = positions::load(queue_id);
         let recalled = |start| Recalled {
             start,
-            lowered: loaded.lowered,
+            loaded_at: loaded.loaded_at,
             complete: true,
         };
         let Some(stored) = loaded.stored else {
@@ -134,7 +134,7 @@ pub fn recall(queue_id: i32) -> Recalled {
             return recalled(Position::of(stored));
         }
         let claimed = std::cell::Cell::new(false);
-        positions::raise(queue_id, loaded.lowered, |held, _| {
+        positions::raise(queue_id, loaded.loaded_at, |held, _| {
             held.map(|held| {
                 if held != stored {
                     return held;
@@ -152,7 +152,7 @@ pub fn recall(queue_id: i32) -> Recalled {
     }
     Recalled {
         start: None,
-        lowered: positions::load(queue_id).lowered,
+        loaded_at: positions::load(queue_id).loaded_at,
         complete: true,
     }
 }
@@ -170,7 +170,7 @@ pub fn remember(queue_id: i32, recalled: Recalled, first: Position, took_all: bo
         return;
     }
     if recalled.start.is_none() && took_all {
-        positions::lower(queue_id, i64::MIN, |held| match held {
+        positions::lower(queue_id, first.ready_at.into_inner(), |held| match held {
             Some(held) if Position::of(held).is_some_and(|kept| kept > first) => {
                 Some(first.stored(held.since))
             }
@@ -178,7 +178,7 @@ pub fn remember(queue_id: i32, recalled: Recalled, first: Position, took_all: bo
             None => Some(first.stored(positions::now())),
         });
     } else {
-        positions::raise(queue_id, recalled.lowered, |held, cap| {
+        positions::raise(queue_id, recalled.loaded_at, |held, cap| {
             match capped(first, cap) {
                 Some(first) => Some(furthest(held, first)),
                 None => held,
@@ -188,9 +188,10 @@ pub fn remember(queue_id: i32, recalled: Recalled, first: Position, took_all: bo
 }
 
 /// `first`, or no further than `cap` (a ready time) in its priority: a commit since the read loaded
-/// the position may have made messages ready from there. None when that is not known.
+/// the position may have made messages ready from there, any message id. None when that is not
+/// known.
 fn capped(first: Position, cap: i64) -> Option<Position> {
-    if first.ready_at.into_inner() <= cap {
+    if first.ready_at.into_inner() < cap {
         return Some(first);
     }
     if cap == i64::MIN {
@@ -259,7 +260,7 @@ fn locks_released() {
     let locked = LOCKED_FROM.with(|locked| locked.borrow().clone());
     for (queue_id, first) in locked {
         if positions::shared() {
-            positions::lower(queue_id, i64::MIN, |held| {
+            positions::lower(queue_id, first.ready_at.into_inner(), |held| {
                 held.map(|held| match Position::of(held) {
                     Some(kept) if kept > first => first.stored(held.since),
                     _ => held,

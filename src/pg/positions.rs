@@ -4,9 +4,10 @@
 //! is a hint that saves index steps; losing one to a collision costs a read from the head, never a
 //! message (`message::read_position` says why).
 //!
-//! Each slot also counts its lowerings, and keeps the floors of the last few: a read raises a
-//! position no further than the floor of any lowering since it loaded it, as that may be for a
-//! message its snapshot missed.
+//! Each slot also keeps the lowest floor of the lowerings in each of its last few windows of time: a
+//! read raises a position no further than the floor of any lowering since it loaded it, as that may
+//! be for a message its snapshot missed. By time, not by count: a queue with thousands of sending
+//! commits a second would pass any count between a read's load and its raise.
 use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -14,8 +15,10 @@ use std::time::Instant;
 use super::shmem::{LockFree, ValidWhenZeroed, ZeroedLwLock};
 
 const SLOTS: usize = 4096;
-/// Lowerings whose floors a slot keeps: a read that loaded before more than these raises nothing.
-const RECENT: usize = 8;
+/// Windows of lowerings a slot keeps, each `WINDOW_MICROS` long: a read that loaded its position
+/// before them raises nothing.
+const WINDOWS: usize = 8;
+const WINDOW_MICROS: u64 = 20_000;
 
 /// A position as stored: `since` is when it was first set, in microseconds of `now`, never 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,10 +40,12 @@ struct Slot {
     message_id: AtomicI64,
     /// 0: empty.
     since: AtomicU64,
-    /// Lowerings so far, wrapping; bumped under the sequence lock.
-    lowered: AtomicU32,
-    /// The floor of lowering n at `n % RECENT`: no message it was for is ready before it.
-    floors: [AtomicI64; RECENT],
+    /// Window w (of `now`) is kept at `w % WINDOWS`: w + 1 (0: none yet), and the lowest floor of
+    /// its lowerings. Written under the sequence lock.
+    windows: [AtomicU64; WINDOWS],
+    floors: [AtomicI64; WINDOWS],
+    /// When a lowering last gave up on a slot others kept: reads that loaded before raise nothing.
+    unwritten_lowering: AtomicU64,
 }
 
 impl Slot {
@@ -51,6 +56,33 @@ impl Slot {
             ready_at: self.ready_at.load(Ordering::Relaxed),
             message_id: self.message_id.load(Ordering::Relaxed),
             since: self.since.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The lowest floor of the lowerings from window `loaded_at / WINDOW_MICROS` to `window`.
+    fn cap_since(&self, loaded_at: u64, window: u64) -> i64 {
+        if self.unwritten_lowering.load(Ordering::SeqCst) >= loaded_at {
+            return i64::MIN;
+        }
+        let first = loaded_at / WINDOW_MICROS;
+        if window.saturating_sub(first) >= WINDOWS as u64 {
+            return i64::MIN;
+        }
+        (first..=window)
+            .filter(|&w| self.windows[w as usize % WINDOWS].load(Ordering::SeqCst) == w + 1)
+            .map(|w| self.floors[w as usize % WINDOWS].load(Ordering::SeqCst))
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    /// Counts a lowering with `floor` in window `window`.
+    fn lowered_in(&self, window: u64, floor: i64) {
+        let at = window as usize % WINDOWS;
+        if self.windows[at].load(Ordering::SeqCst) == window + 1 {
+            self.floors[at].fetch_min(floor, Ordering::SeqCst);
+        } else {
+            self.floors[at].store(floor, Ordering::SeqCst);
+            self.windows[at].store(window + 1, Ordering::SeqCst);
         }
     }
 
@@ -111,20 +143,20 @@ fn slot(queue_id: i32) -> (&'static Slot, u32) {
 pub struct Loaded {
     /// The queue's position, if its slot holds one for it and no write got in the way.
     pub stored: Option<Stored>,
-    /// The slot's lowerings when it was read: a later `raise` passes it back.
-    pub lowered: u32,
+    /// When it was read, in microseconds of `now`: a later `raise` passes it back.
+    pub loaded_at: u64,
 }
 
 /// The queue's position. Read before the reader's snapshot is taken: a commit that the snapshot
 /// misses lowers the slot after this read, and so stops this reader's raise.
 pub fn load(queue_id: i32) -> Loaded {
     let (slot, database) = slot(queue_id);
-    let lowered = slot.lowered.load(Ordering::SeqCst);
+    let loaded_at = now();
     let before = slot.version.load(Ordering::Acquire);
     if before % 2 == 1 {
         return Loaded {
             stored: None,
-            lowered,
+            loaded_at,
         };
     }
     let stored = slot.fields();
@@ -134,7 +166,7 @@ pub fn load(queue_id: i32) -> Loaded {
     let settled = slot.version.load(Ordering::Relaxed) == before;
     Loaded {
         stored: (settled && mine && stored.since != 0).then_some(stored),
-        lowered,
+        loaded_at,
     }
 }
 
@@ -143,10 +175,15 @@ pub fn load(queue_id: i32) -> Loaded {
 const WRITE_TRIES: u32 = 1_000;
 
 /// Moves the queue's position on with what `change` makes of it and of the cap (a ready time) it
-/// may move it to: in the position's priority, no further than the floor of a lowering since `seen`
-/// (its `Loaded::lowered`); `i64::MAX` when none happened, `i64::MIN` when that is not known.
-pub fn raise(queue_id: i32, seen: u32, change: impl FnOnce(Option<Stored>, i64) -> Option<Stored>) {
-    write(queue_id, Write::Raise(seen), change);
+/// may move it to: in the position's priority, no further than the floor of a lowering since
+/// `loaded_at` (its `Loaded::loaded_at`); `i64::MAX` when none happened, `i64::MIN` when that is not
+/// known.
+pub fn raise(
+    queue_id: i32,
+    loaded_at: u64,
+    change: impl FnOnce(Option<Stored>, i64) -> Option<Stored>,
+) {
+    write(queue_id, Write::Raise(loaded_at), change);
 }
 
 /// Moves the queue's position back with what `change` makes of it (None: forgets it), and counts a
@@ -154,17 +191,16 @@ pub fn raise(queue_id: i32, seen: u32, change: impl FnOnce(Option<Stored>, i64) 
 /// may not raise it past `floor` (a ready time; `i64::MIN` for no raise at all).
 pub fn lower(queue_id: i32, floor: i64, change: impl FnOnce(Option<Stored>) -> Option<Stored>) {
     if !write(queue_id, Write::Lower(floor), |held, _| change(held)) {
-        // Others kept the slot: the position stays, and no read that loaded it before raises it
-        // (they find more lowerings than the slot keeps). What lies behind it waits for its
-        // lifetime to run out.
+        // Others kept the slot: the position stays, and no read that loaded it before raises it.
+        // What lies behind it waits for its lifetime to run out.
         let slot = slot(queue_id).0;
-        slot.lowered.fetch_add(RECENT as u32 + 1, Ordering::SeqCst);
+        slot.unwritten_lowering.fetch_max(now(), Ordering::SeqCst);
     }
 }
 
 enum Write {
-    /// A raise by a read that loaded the slot at this count of lowerings.
-    Raise(u32),
+    /// A raise by a read that loaded the slot at this `now`.
+    Raise(u64),
     /// A lowering, with its floor.
     Lower(i64),
 }
@@ -197,20 +233,11 @@ fn write(
     };
     // The odd version is seen before any field written below.
     fence(Ordering::Release);
-    let lowered = slot.lowered.load(Ordering::SeqCst);
+    let window = now() / WINDOW_MICROS;
     let cap = match kind {
-        Write::Raise(seen) => match lowered.wrapping_sub(seen) as usize {
-            0 => i64::MAX,
-            since @ 1..=RECENT => (1..=since)
-                .map(|n| slot.floors[(seen as usize + n) % RECENT].load(Ordering::Relaxed))
-                .min()
-                .unwrap_or(i64::MIN),
-            _ => i64::MIN,
-        },
+        Write::Raise(loaded_at) => slot.cap_since(loaded_at, window),
         Write::Lower(floor) => {
-            let count = lowered.wrapping_add(1);
-            slot.floors[count as usize % RECENT].store(floor, Ordering::Relaxed);
-            slot.lowered.store(count, Ordering::SeqCst);
+            slot.lowered_in(window, floor);
             i64::MIN
         }
     };
