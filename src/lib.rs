@@ -11,7 +11,7 @@ macro_rules! queue_priorities {
     ($queue:literal) => {
         queue_priorities!($queue, "")
     };
-    ($queue:literal, $condition:literal) => {
+    ($queue:literal, $condition:expr) => {
         concat!(
             "priorities(priority) AS (
                  (SELECT in_order_p.priority FROM bussig.message in_order_p
@@ -27,6 +27,33 @@ macro_rules! queue_priorities {
             $condition,
             " ORDER BY in_order_p.priority DESC LIMIT 1)
                  FROM priorities WHERE priorities.priority IS NOT NULL
+             )"
+        )
+    };
+}
+
+/// `in_turn(priority)`: the priorities of queue `$queue`'s messages, highest first, as
+/// `queue_priorities!` finds them, but around priority `$pivot`: those above it, then `$pivot` itself
+/// (whether it has messages or not), then those below. No probe walks `$pivot`'s range, whose front
+/// holds an entry for every message consumed there until VACUUM (all of them while a snapshot is
+/// held): only another priority's. Defines the CTEs `priorities` and `from_pivot` for it.
+macro_rules! priorities_around {
+    ($queue:literal, $pivot:literal) => {
+        concat!(
+            queue_priorities!($queue, concat!(" AND in_order_p.priority > ", $pivot)),
+            ", from_pivot(priority) AS (
+                 SELECT ",
+            $pivot,
+            "
+                 UNION ALL
+                 SELECT (SELECT in_order_p.priority FROM bussig.message in_order_p
+                         WHERE in_order_p.queue_id = ",
+            $queue,
+            " AND in_order_p.priority < from_pivot.priority
+                         ORDER BY in_order_p.priority DESC LIMIT 1)
+                 FROM from_pivot WHERE from_pivot.priority IS NOT NULL
+             ), in_turn(priority) AS (
+                 SELECT priority FROM priorities UNION ALL SELECT priority FROM from_pivot
              )"
         )
     };

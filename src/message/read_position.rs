@@ -157,6 +157,16 @@ pub fn recall(queue_id: i32) -> Recalled {
     }
 }
 
+/// The priority of the queue's position, or 0 (the default) when it has none: where to look for the
+/// queue's priorities around without walking the front of one's range (`priorities_around!`).
+pub fn priority_hint(queue_id: i32) -> i32 {
+    let stored = match positions::shared() {
+        true => positions::load(queue_id).stored,
+        false => OWN.with(|own| own.borrow().get(&queue_id).copied()),
+    };
+    stored.map_or(0, |stored| stored.priority)
+}
+
 /// A read from `recalled` locked messages from `first` on, and found as many as it asked for if
 /// `took_all`: the position moves on to `first`. A full read from the head moves it back to `first`
 /// instead: it may have left ready messages behind the position.

@@ -62,17 +62,18 @@ macro_rules! read_statement {
 // moves it to the dead-letter queue in the same transaction. Each priority's range is read on its own,
 // highest first, and only as far as its ready messages go: a scan of the whole queue's range would
 // walk every locked and delayed message of it when none is ready (no skip scan in PostgreSQL 15).
-// The nested loop stops pulling, and so locking, once it has {limit} rows.
+// The nested loop stops pulling, and so locking, once it has {limit} rows. The priorities are found
+// around $3 (`read_position::priority_hint`): the front of its range is walked once, by the read.
 static READ: Statement = Statement {
     sql: read_statement!(
         "WITH RECURSIVE ",
-        queue_priorities!("(SELECT queue_id FROM q)"),
+        priorities_around!("(SELECT queue_id FROM q)", "$3"),
         "
          SELECT ready.message_id, ready.ready_at, ready.row_ctid
-         FROM priorities CROSS JOIN LATERAL (
+         FROM in_turn CROSS JOIN LATERAL (
              SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
              FROM bussig.message in_order
-             WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = priorities.priority
+             WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = in_turn.priority
                AND in_order.visible_at <= (SELECT now FROM q)
                AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
              ORDER BY in_order.visible_at, in_order.message_id
@@ -80,29 +81,20 @@ static READ: Statement = Statement {
          ) ready
          LIMIT {limit}"
     ),
-    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::INT4OID],
     writes: true,
 };
 
 // READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs): higher
 // priorities and lower ones from their heads, as READ reads them, and priority $3 from the position,
-// so that its index scan starts there. No priority's range is walked to find the priorities: the
-// higher ones are looked for only above $3, and the lower ones below it.
+// so that its index scan starts there. Finding the priorities walks no front of $3's range either.
 static READ_FROM: Statement = Statement {
     sql: read_statement!(
         "WITH RECURSIVE ",
-        queue_priorities!("(SELECT queue_id FROM q)", " AND in_order_p.priority > $3"),
-        ", from_here(priority) AS (
-             SELECT $3
-             UNION ALL
-             SELECT (SELECT in_order_p.priority FROM bussig.message in_order_p
-                     WHERE in_order_p.queue_id = (SELECT queue_id FROM q) AND in_order_p.priority < from_here.priority
-                     ORDER BY in_order_p.priority DESC LIMIT 1)
-             FROM from_here WHERE from_here.priority IS NOT NULL
-         )
+        priorities_around!("(SELECT queue_id FROM q)", "$3"),
+        "
          SELECT ready.message_id, ready.ready_at, ready.row_ctid
-         FROM (SELECT priority FROM priorities UNION ALL SELECT priority FROM from_here) in_turn
-         CROSS JOIN LATERAL (
+         FROM in_turn CROSS JOIN LATERAL (
              SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
              FROM bussig.message in_order
              WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = in_turn.priority
@@ -216,10 +208,12 @@ struct ReadRound {
     first: Option<Position>,
 }
 
-/// Runs READ (or READ_FROM the position `start`) for up to `limit` messages and sorts what it locked.
+/// Runs READ (or READ_FROM the position `start`) for up to `limit` messages of the queue (`queue_id`
+/// when it is known) and sorts what it locked.
 fn read_round(
     client: &mut SpiClient<'_>,
     queue: &str,
+    queue_id: Option<i32>,
     limit: i32,
     lock_timeout: Option<Interval>,
     start: Option<Position>,
@@ -237,7 +231,11 @@ fn read_round(
                 from.message_id.into(),
             ],
         )?,
-        None => plans::run_limited(client, &READ, limit, &[queue.into(), lock_timeout.into()])?,
+        None => {
+            let pivot = queue_id.map_or(0, read_position::priority_hint);
+            let args = [queue.into(), lock_timeout.into(), pivot.into()];
+            plans::run_limited(client, &READ, limit, &args)?
+        }
     };
     let mut round = ReadRound {
         returned: 0,
@@ -296,7 +294,7 @@ fn capped_round(
             if limit == 0 {
                 return Ok((0, ReadRound::empty()));
             }
-            let round = read_round(client, queue, limit, lock_timeout, start)?;
+            let round = read_round(client, queue, Some(queue_id), limit, lock_timeout, start)?;
             let locked = round
                 .delivered
                 .iter()
@@ -362,7 +360,7 @@ fn receive(
             )?,
             None => (
                 wanted,
-                read_round(client, queue, wanted, lock_timeout, start)?,
+                read_round(client, queue, queue_id, wanted, lock_timeout, start)?,
             ),
         };
         let ReadRound {
@@ -405,20 +403,27 @@ fn receive(
 // A writing statement, so that it takes a new snapshot and sees messages committed during the wait.
 // Only up to the end of the wait ($3): past it nothing matters, and the index range after the read
 // holds an entry for every message acked within the lock timeout (their last lock's end), dead until
-// vacuum; walking them all on every empty read was the most of a long-polling reader's work.
+// vacuum; walking them all on every empty read was the most of a long-polling reader's work. The
+// priorities are found around $4 (the read position's): under a held snapshot, a probe from the
+// front of the queue's range walked every message consumed since it began, on every empty read.
 static NEXT_READY: Statement = Statement {
     sql: concat!(
         "WITH RECURSIVE ",
-        queue_priorities!("$1"),
+        priorities_around!("$1", "$4"),
         "
          SELECT extract(epoch FROM min(later.visible_at) - clock_timestamp())::float8
-         FROM priorities CROSS JOIN LATERAL (
+         FROM in_turn CROSS JOIN LATERAL (
              SELECT in_order.visible_at FROM bussig.message in_order
-             WHERE in_order.queue_id = $1 AND in_order.priority = priorities.priority
+             WHERE in_order.queue_id = $1 AND in_order.priority = in_turn.priority
                AND in_order.visible_at > to_timestamp($2) AND in_order.visible_at <= to_timestamp($3)
              ORDER BY in_order.visible_at LIMIT 1) later"
     ),
-    args: &[pg_sys::INT4OID, pg_sys::FLOAT8OID, pg_sys::FLOAT8OID],
+    args: &[
+        pg_sys::INT4OID,
+        pg_sys::FLOAT8OID,
+        pg_sys::FLOAT8OID,
+        pg_sys::INT4OID,
+    ],
     writes: true,
 };
 
@@ -494,7 +499,13 @@ pub fn receive_waiting(
             let delivered = receive(client, queue, max_messages, lock_timeout, true)?;
             let next_ready = if delivered.is_empty() && may_wait {
                 let wait_ends = read_began + wait.saturating_sub(started.elapsed()).as_secs_f64();
-                let args = [queue_id.into(), read_began.into(), wait_ends.into()];
+                let pivot = read_position::priority_hint(queue_id);
+                let args = [
+                    queue_id.into(),
+                    read_began.into(),
+                    wait_ends.into(),
+                    pivot.into(),
+                ];
                 plans::first_value::<f64>(client, &NEXT_READY, &args)?
             } else {
                 None
