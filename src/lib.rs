@@ -53,7 +53,8 @@ macro_rules! priorities_around {
                          ORDER BY in_order_p.priority DESC LIMIT 1)
                  FROM from_pivot WHERE from_pivot.priority IS NOT NULL
              ), in_turn(priority) AS (
-                 SELECT priority FROM priorities UNION ALL SELECT priority FROM from_pivot
+                 SELECT priority FROM priorities WHERE priority IS NOT NULL
+                 UNION ALL SELECT priority FROM from_pivot WHERE priority IS NOT NULL
              )"
         )
     };

@@ -108,18 +108,9 @@ fn drain_in_order(c: &mut Client, q: &str) -> Vec<Value> {
     while let Some(d) = read_one(c, q) {
         got.push(d);
     }
-    let ids: Vec<i64> = got.iter().map(|d| d.id).collect();
-    let tokens: Vec<uuid::Uuid> = got.iter().map(|d| d.token).collect();
-    let acked: i64 = c
-        .query_one(
-            "SELECT bussig.ack_batch($1::text, $2::bigint[], $3::uuid[])",
-            &[&q, &ids, &tokens],
-        )
-        .expect("ack_batch")
-        .get(0);
     assert_eq!(
-        acked,
-        ids.len() as i64,
+        ack_batch(c, q, &got),
+        got.len() as i64,
         "ack_batch did not ack every message"
     );
     got.into_iter().map(|d| d.payload).collect()

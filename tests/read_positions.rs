@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use bussig_tests::*;
-use uuid::Uuid;
 
 fn ids(batch: Vec<Delivery>) -> Vec<i64> {
     batch.iter().map(|d| d.id).collect()
@@ -18,16 +17,7 @@ fn numbers(count: i32) -> Vec<serde_json::Value> {
 }
 
 fn ack_all(c: &mut impl GenericClient, queue: &str, batch: &[Delivery]) {
-    let ids: Vec<i64> = batch.iter().map(|d| d.id).collect();
-    let tokens: Vec<Uuid> = batch.iter().map(|d| d.token).collect();
-    let acked: i64 = c
-        .query_one(
-            "SELECT bussig.ack_batch($1::text, $2::bigint[], $3::uuid[])",
-            &[&queue, &ids, &tokens],
-        )
-        .expect("ack_batch")
-        .get(0);
-    assert_eq!(acked, ids.len() as i64);
+    assert_eq!(ack_batch(c, queue, batch), batch.len() as i64);
 }
 
 /// A send is ready from when it is written, but seen only from its commit: a later send can be read

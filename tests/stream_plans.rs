@@ -37,9 +37,9 @@ fn visits(c: &mut impl GenericClient, stream: &str) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
-/// Runs `sql` (given the transaction, so that it may prepare something first, unmeasured) WARM_UP
-/// + 1 times, each in a transaction of its own, and holds the last run's visits to the bound for
-/// `batch` records.
+/// Runs `sql` (given the transaction, so that it may prepare something first, unmeasured) once more
+/// than WARM_UP times, each in a transaction of its own, and holds the last run's visits to the bound
+/// for `batch` records.
 fn check(
     client: &mut Client,
     state: &str,

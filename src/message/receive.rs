@@ -62,33 +62,12 @@ macro_rules! read_statement {
 // moves it to the dead-letter queue in the same transaction. Each priority's range is read on its own,
 // highest first, and only as far as its ready messages go: a scan of the whole queue's range would
 // walk every locked and delayed message of it when none is ready (no skip scan in PostgreSQL 15).
-// The nested loop stops pulling, and so locking, once it has {limit} rows. The priorities are found
-// around $3 (`read_position::priority_hint`): the front of its range is walked once, by the read.
+// The nested loop stops pulling, and so locking, once it has {limit} rows.
+// Priority $3's range is read from the position $4 (ready_at), $5 (message_id) (read_position.rs), so
+// that its index scan starts there; the others from their heads. From the head, the position is
+// '-infinity' in the priority `read_position::priority_hint` gives. Finding the priorities walks no
+// front of $3's range (`priorities_around!`).
 static READ: Statement = Statement {
-    sql: read_statement!(
-        "WITH RECURSIVE ",
-        priorities_around!("(SELECT queue_id FROM q)", "$3"),
-        "
-         SELECT ready.message_id, ready.ready_at, ready.row_ctid
-         FROM in_turn CROSS JOIN LATERAL (
-             SELECT in_order.message_id, in_order.visible_at AS ready_at, in_order.ctid AS row_ctid
-             FROM bussig.message in_order
-             WHERE in_order.queue_id = (SELECT queue_id FROM q) AND in_order.priority = in_turn.priority
-               AND in_order.visible_at <= (SELECT now FROM q)
-               AND (in_order.xmax = '0'::xid OR NOT bussig.superseded(in_order.tableoid, in_order.ctid))
-             ORDER BY in_order.visible_at, in_order.message_id
-             FOR UPDATE SKIP LOCKED
-         ) ready
-         LIMIT {limit}"
-    ),
-    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::INT4OID],
-    writes: true,
-};
-
-// READ from a position in priority $3 ($4 ready_at, $5 message_id; see read_position.rs): higher
-// priorities and lower ones from their heads, as READ reads them, and priority $3 from the position,
-// so that its index scan starts there. Finding the priorities walks no front of $3's range either.
-static READ_FROM: Statement = Statement {
     sql: read_statement!(
         "WITH RECURSIVE ",
         priorities_around!("(SELECT queue_id FROM q)", "$3"),
@@ -131,7 +110,7 @@ pub struct Delivery {
     pub group_id: Option<String>,
 }
 
-/// What READ and READ_FROM return for each message they locked: a delivery, or a message to
+/// What READ returns for each message it locked: a delivery, or a message to
 /// dead-letter instead.
 struct ReadRow {
     position: Position,
@@ -198,7 +177,7 @@ impl ReadRow {
     }
 }
 
-/// What one READ or READ_FROM of `receive` locked.
+/// What one READ of `receive` locked.
 struct ReadRound {
     /// Rows returned, dead ones included.
     returned: i32,
@@ -208,7 +187,7 @@ struct ReadRound {
     first: Option<Position>,
 }
 
-/// Runs READ (or READ_FROM the position `start`) for up to `limit` messages of the queue (`queue_id`
+/// Runs READ (from the position `start`, or from the head) for up to `limit` messages of the queue (`queue_id`
 /// when it is known) and sorts what it locked.
 fn read_round(
     client: &mut SpiClient<'_>,
@@ -218,25 +197,19 @@ fn read_round(
     lock_timeout: Option<Interval>,
     start: Option<Position>,
 ) -> BusResult<ReadRound> {
-    let rows = match start {
-        Some(from) => plans::run_limited(
-            client,
-            &READ_FROM,
-            limit,
-            &[
-                queue.into(),
-                lock_timeout.into(),
-                from.priority.into(),
-                from.ready_at.into(),
-                from.message_id.into(),
-            ],
-        )?,
-        None => {
-            let pivot = queue_id.map_or(0, read_position::priority_hint);
-            let args = [queue.into(), lock_timeout.into(), pivot.into()];
-            plans::run_limited(client, &READ, limit, &args)?
-        }
-    };
+    let from = start.unwrap_or_else(|| Position {
+        priority: queue_id.map_or(0, read_position::priority_hint),
+        ready_at: TimestampWithTimeZone::negative_infinity(),
+        message_id: i64::MIN,
+    });
+    let args = [
+        queue.into(),
+        lock_timeout.into(),
+        from.priority.into(),
+        from.ready_at.into(),
+        from.message_id.into(),
+    ];
+    let rows = plans::run_limited(client, &READ, limit, &args)?;
     let mut round = ReadRound {
         returned: 0,
         delivered: Vec::new(),

@@ -236,6 +236,18 @@ pub fn message_visits(c: &mut impl GenericClient) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// `bussig.ack_batch(queue, ids, tokens)` of `deliveries`: how many it acked.
+pub fn ack_batch(c: &mut impl GenericClient, queue: &str, deliveries: &[Delivery]) -> i64 {
+    let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
+    let tokens: Vec<Uuid> = deliveries.iter().map(|d| d.token).collect();
+    c.query_one(
+        "SELECT bussig.ack_batch($1::text, $2::bigint[], $3::uuid[])",
+        &[&queue, &ids, &tokens],
+    )
+    .unwrap_or_else(|e| panic!("ack_batch({queue}): {e}"))
+    .get(0)
+}
+
 /// `bussig.ack(queue, id, token)`.
 pub fn ack(c: &mut impl GenericClient, queue: &str, id: i64, token: Uuid) -> bool {
     c.query_one(
