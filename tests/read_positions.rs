@@ -4,6 +4,7 @@
 //! the way users do, and checks that the very next read gets it. The last shows what it is for: under
 //! a held snapshot, reads do not walk the dead entries of every message consumed since it began.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bussig_tests::*;
@@ -75,6 +76,88 @@ fn a_send_committed_by_commit_prepared_is_delivered_within_the_positions_lifetim
     }
     assert!(delivered.contains(&later[1]));
     assert_eq!(delivered.len(), 2, "each once: {delivered:?}");
+}
+
+/// A reader whose transaction outlives its lock commits without settling: its message is ready again
+/// from its lock's end, behind where other reads, which skipped the row it held, moved the position.
+/// The commit forgets the position.
+#[test]
+fn a_reader_that_outlives_its_lock_hands_its_message_to_the_next_read_at_once() {
+    let mut admin = connect();
+    let mut slow = connect();
+    let mut other = connect();
+    let queue = Queue::create(&mut admin, "outlived_lock", "");
+    let q = queue.name.as_str();
+    let sent = send_batch(&mut admin, q, &numbers(2));
+
+    let mut tx = slow.transaction().unwrap();
+    assert_eq!(
+        ids(read(&mut tx, q, 1, Some("200 milliseconds"))),
+        [sent[0]]
+    );
+    assert_eq!(ids(read(&mut other, q, 1, None)), [sent[1]]);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = send(&mut admin, q, &json!({ "n": 3 }));
+    assert_eq!(
+        ids(read(&mut other, q, 1, None)),
+        [later],
+        "the row the slow reader holds is skipped"
+    );
+    tx.commit().unwrap();
+    assert_eq!(
+        ids(read(&mut connect(), q, 10, None)),
+        [sent[0]],
+        "ready again since its lock ended, and read at once"
+    );
+}
+
+/// Readers that keep finding messages keep the position moving, but not alive: it expires a second
+/// after it was set, and one of them reads from the head. That finds what nothing moved the position
+/// back for (here a COMMIT PREPARED's message) while a producer keeps the queue full.
+#[test]
+fn readers_that_keep_finding_messages_still_check_from_the_head() {
+    const READERS: usize = 4;
+    let mut admin = connect();
+    let queue = Queue::create(&mut admin, "checked_under_load", "");
+    let q = queue.name.clone();
+    let gid = format!("{q}-send");
+    let mut sender = connect();
+    sender
+        .batch_execute(&format!(
+            "BEGIN; SELECT bussig.send('{q}', '{{\"prepared\": true}}'); PREPARE TRANSACTION '{gid}'"
+        ))
+        .unwrap();
+    send_batch(&mut admin, &q, &numbers(1_000));
+    let mut warm_up = connect();
+    let first = read(&mut warm_up, &q, 10, None);
+    ack_all(&mut warm_up, &q, &first);
+    admin
+        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .unwrap();
+    let committed = Instant::now();
+    let found = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut producer = connect();
+            while !found.load(Ordering::SeqCst) && committed.elapsed() < Duration::from_secs(10) {
+                send_batch(&mut producer, &q, &numbers(200));
+            }
+        });
+        for _ in 0..READERS {
+            scope.spawn(|| {
+                let mut c = connect();
+                while !found.load(Ordering::SeqCst) && committed.elapsed() < Duration::from_secs(10)
+                {
+                    let batch = read(&mut c, &q, 10, None);
+                    ack_all(&mut c, &q, &batch);
+                    if batch.iter().any(|d| d.payload.get("prepared").is_some()) {
+                        found.store(true, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert!(found.load(Ordering::SeqCst), "not read within 10 s");
 }
 
 /// A reader that rolls back to a savepoint hands back what it read since: the next read gets those

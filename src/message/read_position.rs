@@ -83,9 +83,8 @@ impl Position {
 thread_local! {
     /// This backend's own positions, by queue id, when they are not shared.
     static OWN: RefCell<HashMap<i32, Stored>> = RefCell::new(HashMap::new());
-    /// The first message this transaction locked in each queue, by reading: should it roll back,
-    /// they are ready again there.
-    static LOCKED_FROM: RefCell<Vec<(i32, Position)>> = const { RefCell::new(Vec::new()) };
+    /// What this transaction locked in each queue, by reading.
+    static LOCKED: RefCell<Vec<(i32, Locks)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn fresh(stored: &Stored) -> bool {
@@ -173,13 +172,14 @@ pub fn priority_hint(queue_id: i32) -> i32 {
 pub fn remember(queue_id: i32, recalled: Recalled, first: Position, took_all: bool) {
     if !positions::shared() {
         if took_all {
-            own_update(queue_id, |held| Some(furthest(held, first)));
+            own_update(queue_id, |held| Some(furthest(held, first, true)));
         } else {
             forget(queue_id);
         }
         return;
     }
     if recalled.start.is_none() && took_all {
+        // A full read from the head: ready messages may lie between `first` and the position.
         positions::lower(queue_id, first.ready_at.into_inner(), |held| match held {
             Some(held) if Position::of(held).is_some_and(|kept| kept > first) => {
                 Some(first.stored(held.since))
@@ -187,10 +187,12 @@ pub fn remember(queue_id: i32, recalled: Recalled, first: Position, took_all: bo
             Some(held) => Some(held),
             None => Some(first.stored(positions::now())),
         });
-    } else {
+    } else if !crate::pg::xact::snapshot_is_fixed() {
+        // A snapshot taken before the position was loaded may have missed a commit that moved it
+        // back, unseen by the cap: such a read does not raise it.
         positions::raise(queue_id, recalled.loaded_at, |held, cap| {
             match capped(first, cap) {
-                Some(first) => Some(furthest(held, first)),
+                Some(first) => Some(furthest(held, first, false)),
                 None => held,
             }
         });
@@ -214,10 +216,11 @@ fn capped(first: Position, cap: i64) -> Option<Position> {
     })
 }
 
-/// `position`, or the one held when it is further; a fresh one keeps its age, so that it still
-/// expires in time.
-fn furthest(held: Option<Stored>, position: Position) -> Stored {
-    match held.filter(fresh) {
+/// `position`, or the one held when it is further; one held keeps its age, so that it still expires
+/// in time. An expired one is set anew when `renew` (a backend's own), and stays expired otherwise:
+/// only the reader that claims the read from the head renews a shared one.
+fn furthest(held: Option<Stored>, position: Position, renew: bool) -> Stored {
+    match held.filter(|held| !renew || fresh(held)) {
         Some(held) => {
             let furthest = Position::of(held).map_or(position, |kept| kept.max(position));
             furthest.stored(held.since)
@@ -252,25 +255,66 @@ pub fn forget(queue_id: i32) {
     }
 }
 
-/// This transaction locked messages of the queue from `first` on.
-pub fn note_locked(queue_id: i32, first: Position) {
-    LOCKED_FROM.with(|locked| {
+/// What one read locked in a queue.
+#[derive(Clone, Copy, Debug)]
+pub struct Locks {
+    /// The first in delivery order, and the earliest ready time (in any priority): where they are
+    /// ready again should the transaction roll back.
+    first: Option<Position>,
+    earliest: i64,
+    /// When the locks end, as a ready time.
+    pub until: i64,
+}
+
+impl Default for Locks {
+    fn default() -> Locks {
+        Locks {
+            first: None,
+            earliest: i64::MAX,
+            until: i64::MAX,
+        }
+    }
+}
+
+impl Locks {
+    pub fn add(&mut self, position: Position) {
+        self.first = Some(self.first.map_or(position, |first| first.min(position)));
+        self.earliest = self.earliest.min(position.ready_at.into_inner());
+    }
+
+    fn merge(&mut self, other: Locks) {
+        if let Some(first) = other.first {
+            self.add(first);
+        }
+        self.earliest = self.earliest.min(other.earliest);
+        self.until = self.until.min(other.until);
+    }
+}
+
+/// This transaction locked messages of the queue by reading them.
+pub fn note_locked(queue_id: i32, locks: Locks) {
+    if locks.first.is_none() {
+        return;
+    }
+    LOCKED.with(|locked| {
         let mut locked = locked.borrow_mut();
         match locked.iter_mut().find(|(id, _)| *id == queue_id) {
-            Some((_, earliest)) => *earliest = (*earliest).min(first),
-            None => locked.push((queue_id, first)),
+            Some((_, noted)) => noted.merge(locks),
+            None => locked.push((queue_id, locks)),
         }
     });
 }
 
 /// What this transaction (or the subtransaction ending) locked is ready again: each queue's position
-/// moves back to it. After a subtransaction, the whole transaction's are moved back to: more than
-/// needed, which costs a read some index steps, never a message.
+/// moves back to it, and no read that loaded the position before raises it past the earliest of it.
+/// After a subtransaction, the whole transaction's are moved back to: more than needed, which costs a
+/// read some index steps, never a message.
 fn locks_released() {
-    let locked = LOCKED_FROM.with(|locked| locked.borrow().clone());
-    for (queue_id, first) in locked {
+    let locked = LOCKED.with(|locked| locked.borrow().clone());
+    for (queue_id, locks) in locked {
+        let Some(first) = locks.first else { continue };
         if positions::shared() {
-            positions::lower(queue_id, first.ready_at.into_inner(), |held| {
+            positions::lower(queue_id, locks.earliest, |held| {
                 held.map(|held| match Position::of(held) {
                     Some(kept) if kept > first => first.stored(held.since),
                     _ => held,
@@ -282,18 +326,33 @@ fn locks_released() {
     }
 }
 
+/// This transaction commits: a lock of it that ended already (a transaction that outlived its lock
+/// timeout) leaves its message ready behind where other reads, which skipped the row it held, may have
+/// moved the position. Such a queue's position is forgotten.
+fn lapsed_locks_committed() {
+    let locked = LOCKED.with(|locked| std::mem::take(&mut *locked.borrow_mut()));
+    if locked.is_empty() {
+        return;
+    }
+    let now = pgrx::datetime::clock_timestamp().into_inner();
+    for (queue_id, locks) in locked {
+        if locks.until <= now {
+            forget(queue_id);
+        }
+    }
+}
+
 /// Called by `pg::xact` at each transaction event.
 pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             locks_released();
-            LOCKED_FROM.with(|locked| locked.borrow_mut().clear());
+            LOCKED.with(|locked| locked.borrow_mut().clear());
         }
-        pg_sys::XactEvent::XACT_EVENT_COMMIT
-        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
-        | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
-            LOCKED_FROM.with(|locked| locked.borrow_mut().clear())
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            lapsed_locks_committed()
         }
+        pg_sys::XactEvent::XACT_EVENT_PREPARE => LOCKED.with(|locked| locked.borrow_mut().clear()),
         _ => {}
     }
 }

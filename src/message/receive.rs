@@ -51,7 +51,7 @@ macro_rules! read_statement {
                             WHEN q.has_dead_letter_queue AND by_ctid.delivery_count > q.max_deliveries
                                  THEN 'max_deliveries'
                        END AS dead_reason,
-                       q.has_dead_letter_queue, q.queue_id, by_ctid.group_id"
+                       q.has_dead_letter_queue, q.queue_id, by_ctid.group_id, by_ctid.visible_at"
         )
     };
 }
@@ -217,10 +217,14 @@ fn read_round(
         first: None,
     };
     let mut read_queue = 0;
+    let mut locks = read_position::Locks::default();
     for row in rows {
         if round.returned == 0 {
             read_queue = plans::filled(&row, 14, "queue id")?;
             depth::touched(read_queue);
+            // The same for every row of the statement.
+            locks.until =
+                plans::filled::<TimestampWithTimeZone>(&row, 16, "lock end")?.into_inner();
         }
         let row = ReadRow::decode(&row)?;
         round.returned += 1;
@@ -228,6 +232,7 @@ fn read_round(
         if round.first.is_none_or(|first| position < first) {
             round.first = Some(position);
         }
+        locks.add(position);
         match row.dead {
             Some((reason, has_dead_letter_queue)) => round.dead.push(Dead {
                 message_id: position.message_id,
@@ -238,9 +243,7 @@ fn read_round(
         }
     }
     wakeup::note_locked(read_queue, u32::try_from(round.returned).unwrap_or(0));
-    if let Some(first) = round.first {
-        read_position::note_locked(read_queue, first);
-    }
+    read_position::note_locked(read_queue, locks);
     Ok(round)
 }
 

@@ -17,8 +17,8 @@ use super::shmem::{LockFree, ValidWhenZeroed, ZeroedLwLock};
 const SLOTS: usize = 4096;
 /// Windows of lowerings a slot keeps, each `WINDOW_MICROS` long: a read that loaded its position
 /// before them raises nothing.
-const WINDOWS: usize = 8;
-const WINDOW_MICROS: u64 = 20_000;
+const WINDOWS: usize = 16;
+const WINDOW_MICROS: u64 = 50_000;
 
 /// A position as stored: `since` is when it was first set, in microseconds of `now`, never 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
