@@ -154,7 +154,7 @@ pub fn release(
     )?
     .len();
     if freed > 0 {
-        wakeup::note_ready(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
+        wakeup::note_readable(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
     }
     Ok(())
 }
@@ -196,7 +196,7 @@ pub fn extend(
 pub fn purged(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<()> {
     let freed = plans::run(client, &RELEASE_ALL, &[queue_id.into()])?.len();
     if freed > 0 {
-        wakeup::note_ready(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
+        wakeup::note_readable(queue_id, u32::try_from(freed).unwrap_or(u32::MAX));
     }
     Ok(())
 }
@@ -209,7 +209,7 @@ pub fn set_cap(client: &mut SpiClient<'_>, queue_id: i32, cap: Option<i32>) -> B
     if let Some(cap) = cap {
         plans::run(client, &FILL, &[queue_id.into(), cap.into()])?;
     }
-    wakeup::note_ready(
+    wakeup::note_readable(
         queue_id,
         u32::try_from(cap.unwrap_or(i32::MAX)).unwrap_or(u32::MAX),
     );

@@ -59,7 +59,7 @@ fn partition(stream: &Stream, key: Option<&str>) -> i32 {
 /// reads every record.
 fn announce(stream: &Stream) {
     super::sequence::forget(stream.stream_id);
-    wakeup::note_ready(super::wake_key(stream.stream_id), u32::MAX);
+    wakeup::note_readable(super::wake_key(stream.stream_id), u32::MAX);
 }
 
 /// A key or subject as given: NULL is none; an empty or oversized one is refused.

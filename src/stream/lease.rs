@@ -238,7 +238,7 @@ pub fn release(
         Some(held.token),
     )?;
     if applied {
-        crate::pg::wakeup::note_ready(super::wake_key(stream.stream_id), u32::MAX);
+        crate::pg::wakeup::note_readable(super::wake_key(stream.stream_id), u32::MAX);
     }
     held.still_held(client, &stream, applied)
 }

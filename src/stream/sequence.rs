@@ -176,7 +176,7 @@ fn number_counting(
     });
     // Readers of other groups that found this partition being numbered, and read on without it,
     // are woken when these numbers commit, as an append's commit wakes them.
-    crate::pg::wakeup::note_ready(super::wake_key(stream.stream_id), u32::MAX);
+    crate::pg::wakeup::note_readable(super::wake_key(stream.stream_id), u32::MAX);
     let new_head = head + count;
     plans::run(
         client,

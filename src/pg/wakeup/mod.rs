@@ -117,8 +117,11 @@ static READERS_WAITING: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"bussig_re
 static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    /// Queues this transaction made messages ready in, and how many.
+    /// Queues this transaction made messages ready in (or freed slots of), and how many.
     static READY: RefCell<SavepointLog<(i32, u32)>> = const { RefCell::new(SavepointLog::new()) };
+    /// Queues this transaction put messages in, ready or not: their read positions move back at
+    /// commit. (A subtransaction's rolled back with it move them back all the same: harmless.)
+    static PUT: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
     /// Queues this transaction locked messages of by reading them, and how many: its abort makes
     /// them ready again.
     static LOCKED: RefCell<SavepointLog<(i32, u32)>> = const { RefCell::new(SavepointLog::new()) };
@@ -164,8 +167,21 @@ pub fn shared_memory() -> bool {
 }
 
 /// `count` messages became ready (or will, delayed) in `queue_id`: as many of its waiting readers as
-/// can take them are woken when this transaction commits.
+/// can take them are woken when this transaction commits, after the queue's read position moved back.
 pub fn note_ready(queue_id: i32, count: u32) {
+    PUT.with(|put| {
+        let mut put = put.borrow_mut();
+        if put.last() != Some(&queue_id) {
+            put.push(queue_id);
+        }
+    });
+    note_readable(queue_id, count);
+}
+
+/// `count` more messages of `queue_id` may be read, none of them put behind its read position (slots
+/// of a cap freed; a stream's records, whose readers keep positions of their own): as many of its
+/// waiting readers as can take them are woken at commit.
+pub fn note_readable(queue_id: i32, count: u32) {
     READY.with(|ready| {
         let mut ready = ready.borrow_mut();
         match ready.last_since_savepoint() {
@@ -251,6 +267,7 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
             LOCKED.with(|locked| locked.borrow_mut().take());
             let ready = READY.with(|ready| ready.borrow_mut().take());
             let earliest = EARLIEST_READY.with(Cell::take);
+            let put = PUT.with(|put| std::mem::take(&mut *put.borrow_mut()));
             let fanout = FANOUT.with(|fanout| fanout.replace(false));
             if WAKE_LAUNCHER.with(|wake| wake.replace(false)) && shared_memory() {
                 wake_launcher();
@@ -261,7 +278,7 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
                 .map(|(id, _)| id)
                 .collect();
             if shared_memory() {
-                move_positions_back(&ready, earliest);
+                move_positions_back(put, earliest);
                 arrive(ready);
                 if fanout || !notify.is_empty() {
                     send_errands(fanout, &notify);
@@ -275,6 +292,7 @@ pub(super) fn at_transaction_end(event: pg_sys::XactEvent::Type) {
             }
             READY.with(|ready| ready.borrow_mut().take());
             EARLIEST_READY.with(Cell::take);
+            PUT.with(|put| put.borrow_mut().clear());
             NOTIFY_AT_COMMIT.with(|queues| queues.borrow_mut().clear());
             FANOUT.with(|fanout| fanout.set(false));
             WAKE_LAUNCHER.with(|wake| wake.set(false));
@@ -304,15 +322,14 @@ pub(super) fn at_subtransaction_end(
     }
 }
 
-/// The committed messages of `ready` are visible now, before any reader is woken for them: each
+/// The committed messages put in `queue_ids` are visible now, before any reader is woken for them: each
 /// queue's read position moves back, in its priority, to where they may be. None is ready before the
 /// transaction began (each takes the clock when it is written) or `earliest`. Messages of another
 /// priority are read from their priority's head (`message::read_position`).
-fn move_positions_back(ready: &[(i32, u32)], earliest: Option<pg_sys::TimestampTz>) {
+fn move_positions_back(mut queue_ids: Vec<i32>, earliest: Option<pg_sys::TimestampTz>) {
     // SAFETY: a plain read of the transaction's start, still set at its commit.
     let began = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let floor = earliest.map_or(began, |earliest| earliest.min(began));
-    let mut queue_ids: Vec<i32> = ready.iter().map(|&(queue_id, _)| queue_id).collect();
     queue_ids.sort_unstable();
     queue_ids.dedup();
     for queue_id in queue_ids {
