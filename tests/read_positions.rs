@@ -21,6 +21,17 @@ fn ack_all(c: &mut impl GenericClient, queue: &str, batch: &[Delivery]) {
     assert_eq!(ack_batch(c, queue, batch), batch.len() as i64);
 }
 
+/// Sends `payload` to `queue` in a transaction prepared for COMMIT PREPARED: its global id.
+fn prepare_send(queue: &str, payload: &str) -> String {
+    let gid = format!("{queue}-send");
+    connect()
+        .batch_execute(&format!(
+            "BEGIN; SELECT bussig.send('{queue}', '{payload}'); PREPARE TRANSACTION '{gid}'"
+        ))
+        .unwrap();
+    gid
+}
+
 /// A send is ready from when it is written, but seen only from its commit: a later send can be read
 /// first, and the position move past the earlier one. Its commit moves the position back.
 #[test]
@@ -52,13 +63,7 @@ fn a_send_committed_by_commit_prepared_is_delivered_within_the_positions_lifetim
     let mut reader = connect();
     let queue = Queue::create(&mut admin, "prepared_send", "");
     let q = queue.name.as_str();
-    let gid = format!("{q}-send");
-    let mut sender = connect();
-    sender
-        .batch_execute(&format!(
-            "BEGIN; SELECT bussig.send('{q}', '{{\"n\": 1}}'); PREPARE TRANSACTION '{gid}'"
-        ))
-        .unwrap();
+    let gid = prepare_send(q, r#"{"n": 1}"#);
     let later = send_batch(&mut admin, q, &numbers(2));
     assert_eq!(ids(read(&mut reader, q, 1, None)), [later[0]]);
     admin
@@ -120,13 +125,7 @@ fn readers_that_keep_finding_messages_still_check_from_the_head() {
     let mut admin = connect();
     let queue = Queue::create(&mut admin, "checked_under_load", "");
     let q = queue.name.clone();
-    let gid = format!("{q}-send");
-    let mut sender = connect();
-    sender
-        .batch_execute(&format!(
-            "BEGIN; SELECT bussig.send('{q}', '{{\"prepared\": true}}'); PREPARE TRANSACTION '{gid}'"
-        ))
-        .unwrap();
+    let gid = prepare_send(&q, r#"{"prepared": true}"#);
     send_batch(&mut admin, &q, &numbers(1_000));
     let mut warm_up = connect();
     let first = read(&mut warm_up, &q, 10, None);
