@@ -10,11 +10,10 @@
 //! back: a commit that made messages ready, before it wakes a reader (`pg::wakeup`), and a reader
 //! that rolls back what it locked. A read raises it to the first message it locked, but no further
 //! than where it was moved back to since the read loaded it (its snapshot may have missed what came
-//! back there). Messages of
-//! other priorities are read from their own heads. As a safety net, a position lives
-//! `SHARED_LIFETIME` from when it was first set; then one reader reads from the head while the
-//! others go on. Under a held snapshot that read walks every dead entry since the snapshot began, so
-//! it comes once a second, not once per read.
+//! back there). Messages of other priorities are read from their own heads. As a safety net, a
+//! position lives `SHARED_LIFETIME` from when it was first set; then one reader reads from the head
+//! while the others go on. Under a held snapshot that read walks every dead entry since the
+//! snapshot began, so it comes once a second, not once per read.
 //!
 //! A backend's own position is moved back by nothing but its own transactions: it is kept only
 //! after a read that found all it asked for, for `OWN_LIFETIME`, and a read from it that comes up
@@ -87,6 +86,11 @@ thread_local! {
     static LOCKED: RefCell<Vec<(i32, Locks)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// This backend's own position of the queue, fresh or not.
+fn own(queue_id: i32) -> Option<Stored> {
+    OWN.with(|own| own.borrow().get(&queue_id).copied())
+}
+
 fn fresh(stored: &Stored) -> bool {
     let lifetime = match positions::shared() {
         true => SHARED_LIFETIME,
@@ -110,9 +114,8 @@ pub struct Recalled {
 /// for the others). Call it before the read's snapshot is taken.
 pub fn recall(queue_id: i32) -> Recalled {
     if !positions::shared() {
-        let own = OWN.with(|own| own.borrow().get(&queue_id).copied());
         return Recalled {
-            start: own.filter(fresh).and_then(Position::of),
+            start: own(queue_id).filter(fresh).and_then(Position::of),
             loaded_at: 0,
             complete: false,
         };
@@ -161,7 +164,7 @@ pub fn recall(queue_id: i32) -> Recalled {
 pub fn priority_hint(queue_id: i32) -> i32 {
     let stored = match positions::shared() {
         true => positions::load(queue_id).stored,
-        false => OWN.with(|own| own.borrow().get(&queue_id).copied()),
+        false => own(queue_id),
     };
     stored.map_or(0, |stored| stored.priority)
 }
