@@ -449,6 +449,19 @@ pub fn pressure(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> 
             2.0,
         ));
     }
+    // What a user is left with once the hold is over: the worker rewrites the table back to its live
+    // rows when it can take it for a moment, which VACUUM cannot.
+    let measured = &results
+        .iter()
+        .find(|(s, _, _)| *s == System::Bussig)
+        .expect("bussig ran")
+        .2;
+    let (held_phase, recovered) = (&measured[1], &measured[2]);
+    targets.push(at_most(
+        "pressure, an xid held: table size after the recovery vs before the hold".to_string(),
+        recovered.size_after as f64 / held_phase.size_before as f64,
+        2.0,
+    ));
     let read_p99 = |figures: &[Figures]| figures[0].read.percentile(99.0);
     targets.push(at_most(
         format!(

@@ -472,20 +472,30 @@ pub fn receive_waiting(
             // Noted before the read's snapshot is taken: see `arrivals`.
             let queue_id = queue::require(client, queue)?.queue_id;
             let read_from = arrivals::seen(queue_id);
-            let delivered = receive(client, queue, max_messages, lock_timeout, true)?;
-            let next_ready = if delivered.is_empty() && may_wait {
-                let wait_ends = read_began + wait.saturating_sub(started.elapsed()).as_secs_f64();
-                let pivot = read_position::priority_hint(queue_id);
-                let args = [
-                    queue_id.into(),
-                    read_began.into(),
-                    wait_ends.into(),
-                    pivot.into(),
-                ];
-                plans::first_value::<f64>(client, &NEXT_READY, &args)?
-            } else {
-                None
-            };
+            // In a subtransaction, rolled back when it found nothing and wrote nothing: so a reader
+            // that sleeps next holds no lock on the message table while it sleeps, and the worker's
+            // compaction, which needs the table to itself for a moment, gets its turn under load.
+            let (delivered, next_ready) = xact::in_subtransaction(
+                || {
+                    let delivered = receive(client, queue, max_messages, lock_timeout, true)?;
+                    let next_ready = if delivered.is_empty() && may_wait {
+                        let wait_ends =
+                            read_began + wait.saturating_sub(started.elapsed()).as_secs_f64();
+                        let pivot = read_position::priority_hint(queue_id);
+                        let args = [
+                            queue_id.into(),
+                            read_began.into(),
+                            wait_ends.into(),
+                            pivot.into(),
+                        ];
+                        plans::first_value::<f64>(client, &NEXT_READY, &args)?
+                    } else {
+                        None
+                    };
+                    Ok((delivered, next_ready))
+                },
+                |(delivered, _)| !delivered.is_empty() || xact::wrote_in_subtransaction(),
+            )?;
             Ok(WaitingRead {
                 delivered,
                 may_wait,

@@ -148,12 +148,3 @@ pub fn set_my_latch() {
     // SAFETY: this process's own latch, which lives as long as the process.
     unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
 }
-
-/// Takes `relation`'s ACCESS EXCLUSIVE lock if nobody holds a conflicting one: whether it did. The
-/// lock lasts until the end of the transaction.
-pub fn try_lock_exclusive(relation: pg_sys::Oid) -> bool {
-    let lock = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
-    // SAFETY: inside a transaction, which releases the lock at its end; an unknown oid locks nothing
-    // that exists.
-    unsafe { pg_sys::ConditionalLockRelationOid(relation, lock) }
-}

@@ -439,9 +439,14 @@ static TOTAL_SIZE: Statement = Statement {
     writes: true,
 };
 
-/// Rewrites bloated tables, each under a lock taken only if it is free at once: readers and writers
-/// never queue behind the rewrite, which takes milliseconds for the few live rows. How many tables
-/// were rewritten.
+/// A table busy with senders and readers is free only for moments between their statements (waiting
+/// readers hold no lock while they sleep): the compaction tries this often, this far apart, per round.
+const COMPACTION_TRIES: u32 = 20;
+const COMPACTION_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Rewrites bloated tables, each under a lock taken only when it is free: readers and writers never
+/// queue behind the rewrite, which takes milliseconds for the few live rows. How many tables were
+/// rewritten.
 pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let mut candidates = Vec::new();
     let scans = crate::pg::planner::whole_table_scans();
@@ -453,7 +458,7 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     drop(scans);
     let mut compacted = 0;
     for (relid, rewrite) in candidates {
-        if crate::pg::background::try_lock_exclusive(relid) {
+        if crate::pg::locks::try_lock_exclusive(relid, COMPACTION_TRIES, COMPACTION_PAUSE) {
             let mut size = || -> BusResult<i64> {
                 Ok(plans::first_value(client, &TOTAL_SIZE, &[relid.into()])?.unwrap_or(0))
             };
