@@ -44,10 +44,12 @@ pub struct Caller {
     unrestricted: bool,
 }
 
+// A writing statement, so that it reads in a new snapshot: a long poll checks again after each
+// sleep, and must see a revoke that committed during it.
 static HAS_QUEUE_PRIVILEGE: Statement = Statement {
     sql: "SELECT bussig.has_queue_privilege($1::regrole, $2, $3)",
     args: &[pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
-    writes: false,
+    writes: true,
 };
 
 static MAY_CREATE_QUEUES: Statement = Statement {

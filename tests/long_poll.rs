@@ -537,3 +537,40 @@ fn a_trickle_reaches_readers_that_long_poll_in_a_loop_without_a_lost_wake() {
         "a message waited {slowest} ms for a reader: a wake was lost"
     );
 }
+
+/// A reader whose consume privilege is revoked while it waits gets 42501 when it is woken, not the
+/// message that woke it: each pass checks again, in a new snapshot.
+#[test]
+fn a_revoke_during_a_wait_ends_it_with_42501() {
+    let mut admin = connect();
+    let queue = Queue::create(&mut admin, "revoke_wait", "");
+    let role = Role::create("revoke_wait");
+    admin
+        .execute(
+            "SELECT bussig.grant($1::text, $2::text, ARRAY['consume'])",
+            &[&queue.name, &role.name],
+        )
+        .unwrap();
+    let (q, name) = (queue.name.clone(), role.name.clone());
+    let (pid_sender, pid) = std::sync::mpsc::channel();
+    let mut reader = connect();
+    let handle = thread::spawn(move || {
+        let mut tx = reader.transaction().unwrap();
+        tx.batch_execute(&format!("SET LOCAL ROLE \"{name}\""))
+            .unwrap();
+        let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        pid_sender.send(pid).unwrap();
+        read_waiting(&mut tx, &q, "10 seconds")
+    });
+    wait_until_waiting(&mut admin, pid.recv().expect("reader's pid"));
+    admin
+        .execute(
+            "SELECT bussig.revoke($1::text, $2::text)",
+            &[&queue.name, &role.name],
+        )
+        .unwrap();
+    send(&mut admin, &queue.name, &serde_json::json!({ "k": 1 }));
+    let denied = handle.join().unwrap().expect_err("read after the revoke");
+    assert_eq!(denied.code().map(|c| c.code()), Some("42501"));
+    assert_eq!(read(&mut admin, &queue.name, 10, None).len(), 1, "the message is still ready");
+}

@@ -373,25 +373,31 @@ fn a_bloated_table_with_many_live_messages_is_not_rewritten() {
 }
 
 /// Long-polling readers sleep holding no lock on the message table, so that the rewrite, which takes
-/// the table only when it is free, finds it free between their reads.
+/// the table only when it is free, finds it free between their reads: plain reads, `ack_and_read`
+/// with no acks and with a stale one, and reads of a queue with a cap on messages in flight.
 #[test]
 fn a_bloated_table_is_rewritten_while_readers_long_poll() {
-    const READERS: usize = 8;
     let (database, mut c) = bloated_database("compaction_pollers", 15, 0);
+    c.batch_execute("SELECT bussig.create_queue('capped', max_in_flight => 2)")
+        .unwrap();
     let bloated = message_table_size(&mut c);
     assert!(bloated > 8 << 20, "only {bloated} bytes written");
     let file_before = message_table_file(&mut c);
-    let readers: Vec<_> = (0..READERS)
-        .map(|_| {
+    let waits = [
+        "SELECT count(*) FROM bussig.read('live', 10, wait => '6 seconds')",
+        "SELECT count(*) FROM bussig.read('live', 10, wait => '6 seconds')",
+        "SELECT count(*) FROM bussig.ack_and_read('live', '{}', '{}', 10, wait => '6 seconds')",
+        "SELECT count(*) FROM bussig.ack_and_read('live', ARRAY[1::bigint], ARRAY[gen_random_uuid()],
+                                                  10, wait => '6 seconds')",
+        "SELECT count(*) FROM bussig.read('capped', 10, wait => '6 seconds')",
+        "SELECT count(*) FROM bussig.ack_and_read('capped', ARRAY[1::bigint], ARRAY[gen_random_uuid()],
+                                                  10, wait => '6 seconds')",
+    ];
+    let readers: Vec<_> = waits
+        .iter()
+        .map(|&wait| {
             let mut reader = database.connect();
-            thread::spawn(move || {
-                reader
-                    .query_one(
-                        "SELECT count(*) FROM bussig.read('live', 10, wait => '6 seconds')",
-                        &[],
-                    )
-                    .map(|row| row.get::<_, i64>(0))
-            })
+            thread::spawn(move || reader.query_one(wait, &[]).map(|row| row.get::<_, i64>(0)))
         })
         .collect();
     eventually(DEADLINE, "every reader asleep in its wait", || {
@@ -399,12 +405,12 @@ fn a_bloated_table_is_rewritten_while_readers_long_poll() {
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND wait_event_type = 'Extension'
-                   AND query LIKE '%bussig.read(''live''%'",
+                   AND query LIKE '%wait => %'",
                 &[],
             )
             .unwrap()
             .get(0);
-        (asleep == READERS as i64).then_some(())
+        (asleep == waits.len() as i64).then_some(())
     });
     assert_eq!(compacted(&mut c), 1, "the rewrite did not find the table free");
     // Rewritten (a new file). How small it came out depends on the snapshots of other tests.

@@ -15,7 +15,7 @@ use super::{missing_body, nothing_done};
 use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::BusResult;
-use crate::pg::datum::{BigintArray, Jsonb, UuidArray};
+use crate::pg::datum::{ArrayShape, BigintArray, Jsonb, UuidArray};
 use crate::pg::{arrivals, wakeup, xact};
 use crate::plans::{self, Statement};
 use crate::queue;
@@ -309,17 +309,25 @@ impl ReadRound {
     }
 }
 
+/// What a read delivered, and whether it locked any message (to deliver or to dead-letter): whether
+/// it changed anything that must outlive it.
+struct Received {
+    delivered: Vec<Delivery>,
+    locked_any: bool,
+}
+
 fn receive(
     client: &mut SpiClient<'_>,
     queue: &str,
     max_messages: i32,
     lock_timeout: Option<Interval>,
     release_unused: bool,
-) -> BusResult<Vec<Delivery>> {
+) -> BusResult<Received> {
     let found = queue::find(client, queue)?;
     let queue_id = found.as_ref().map(|found| found.queue_id);
     let cap = found.filter(|found| found.max_in_flight.is_some());
     let mut delivered = Vec::new();
+    let mut locked_any = false;
     loop {
         let wanted = max_messages - delivered.len() as i32;
         let recalled = queue_id.map(read_position::recall);
@@ -346,6 +354,7 @@ fn receive(
             first,
         } = round;
         delivered.extend(more);
+        locked_any |= returned > 0;
         let took_all = limit > 0 && returned == limit;
         let complete = recalled.is_none_or(|recalled| recalled.complete);
         if let (Some(queue_id), Some(recalled)) = (queue_id, recalled) {
@@ -362,7 +371,11 @@ fn receive(
             continue;
         }
         if returned == 0 && delivered.is_empty() {
-            return nothing_done(client, queue, delivered);
+            nothing_done(client, queue, ())?;
+            return Ok(Received {
+                delivered,
+                locked_any,
+            });
         }
         if !more_may_be_ready {
             break;
@@ -370,7 +383,10 @@ fn receive(
     }
     // RETURNING gives no order: restore delivery order.
     delivered.sort_by_key(|delivery| delivery.position);
-    Ok(delivered)
+    Ok(Received {
+        delivered,
+        locked_any,
+    })
 }
 
 // Seconds until the first message that was not ready when the last read began ($2, seconds since the
@@ -458,27 +474,35 @@ pub fn receive_waiting(
         let registered = waiting.is_some();
         let read = access::connect(|client, caller| {
             caller.require(client, queue, Privilege::Consume)?;
-            if let Some(acks) = acks.take() {
+            if let Some(acks) = acks.take().filter(|(ids, _)| ids.shape().0 > 0) {
+                // In a subtransaction kept only when it acked something: stale acks leave no lock
+                // behind for the wait (see below).
+                let acked = if wait.is_zero() {
+                    acknowledge(client, queue, acks)?
+                } else {
+                    xact::in_subtransaction(|| acknowledge(client, queue, acks), |acked| *acked > 0)?
+                };
                 // Acks commit with the call: a wait that a timeout or cancel ends would undo them.
-                if acknowledge(client, queue, acks)? > 0 {
+                if acked > 0 {
                     wait = Duration::ZERO;
                 }
             }
             let may_wait = started.elapsed() < wait && !crate::pg::xact::snapshot_is_fixed();
             if !may_wait && !registered {
-                let delivered = receive(client, queue, max_messages, lock_timeout, false)?;
-                return Ok(WaitingRead::done(delivered));
+                let received = receive(client, queue, max_messages, lock_timeout, false)?;
+                return Ok(WaitingRead::done(received.delivered));
             }
             // Noted before the read's snapshot is taken: see `arrivals`.
             let queue_id = queue::require(client, queue)?.queue_id;
             let read_from = arrivals::seen(queue_id);
-            // In a subtransaction, rolled back when it found nothing and wrote nothing: so a reader
-            // that sleeps next holds no lock on the message table while it sleeps, and the worker's
-            // compaction, which needs the table to itself for a moment, gets its turn under load.
-            let (delivered, next_ready) = xact::in_subtransaction(
+            // In a subtransaction, rolled back when it locked no message (a capped queue's unused
+            // slot claims are rolled back already): so a reader that sleeps next holds no lock on the
+            // message table while it sleeps, and the worker's compaction, which needs the table to
+            // itself for a moment, gets its turn under load.
+            let (received, next_ready) = xact::in_subtransaction(
                 || {
-                    let delivered = receive(client, queue, max_messages, lock_timeout, true)?;
-                    let next_ready = if delivered.is_empty() && may_wait {
+                    let received = receive(client, queue, max_messages, lock_timeout, true)?;
+                    let next_ready = if received.delivered.is_empty() && may_wait {
                         let wait_ends =
                             read_began + wait.saturating_sub(started.elapsed()).as_secs_f64();
                         let pivot = read_position::priority_hint(queue_id);
@@ -492,10 +516,11 @@ pub fn receive_waiting(
                     } else {
                         None
                     };
-                    Ok((delivered, next_ready))
+                    Ok((received, next_ready))
                 },
-                |(delivered, _)| !delivered.is_empty() || xact::wrote_in_subtransaction(),
+                |(received, _)| received.locked_any,
             )?;
+            let delivered = received.delivered;
             Ok(WaitingRead {
                 delivered,
                 may_wait,

@@ -137,12 +137,6 @@ pub fn top_transaction_id() -> u32 {
     unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner()
 }
 
-/// Whether the current subtransaction (or transaction) has written anything: it has an id then.
-pub fn wrote_in_subtransaction() -> bool {
-    // SAFETY: reads the current (sub)transaction's state.
-    unsafe { pg_sys::GetCurrentTransactionIdIfAny() }.into_inner() != 0
-}
-
 /// Whether `xid` is this transaction or one of its subtransactions.
 pub fn is_this_transaction(xid: u32) -> bool {
     // SAFETY: a look-up in this backend's own transaction state.

@@ -98,10 +98,12 @@ thread_local! {
     static KNOWN: RefCell<(u64, HashMap<String, Stream>)> = RefCell::new((0, HashMap::new()));
 }
 
+// A writing statement, so that it reads in a new snapshot: a long poll checks again after each
+// sleep, and must see a revoke that committed during it.
 static HAS_STREAM_PRIVILEGE: Statement = Statement {
     sql: "SELECT bussig.has_stream_privilege($1::regrole, $2, $3)",
     args: &[pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
-    writes: false,
+    writes: true,
 };
 
 static OWNS_STREAM: Statement = crate::access::owns_statement!("stream");
