@@ -474,16 +474,12 @@ pub fn receive_waiting(
         let registered = waiting.is_some();
         let read = access::connect(|client, caller| {
             caller.require(client, queue, Privilege::Consume)?;
+            // No acks, no statement: an idle consumer's empty acks would lock the message table for
+            // its wait (see below). Stale ones do, but those are rare, and a subtransaction around
+            // every consumer's acks would cost each batch a second transaction id.
             if let Some(acks) = acks.take().filter(|(ids, _)| ids.shape().0 > 0) {
-                // In a subtransaction kept only when it acked something: stale acks leave no lock
-                // behind for the wait (see below).
-                let acked = if wait.is_zero() {
-                    acknowledge(client, queue, acks)?
-                } else {
-                    xact::in_subtransaction(|| acknowledge(client, queue, acks), |acked| *acked > 0)?
-                };
                 // Acks commit with the call: a wait that a timeout or cancel ends would undo them.
-                if acked > 0 {
+                if acknowledge(client, queue, acks)? > 0 {
                     wait = Duration::ZERO;
                 }
             }
