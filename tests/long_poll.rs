@@ -572,5 +572,9 @@ fn a_revoke_during_a_wait_ends_it_with_42501() {
     send(&mut admin, &queue.name, &serde_json::json!({ "k": 1 }));
     let denied = handle.join().unwrap().expect_err("read after the revoke");
     assert_eq!(denied.code().map(|c| c.code()), Some("42501"));
-    assert_eq!(read(&mut admin, &queue.name, 10, None).len(), 1, "the message is still ready");
+    assert_eq!(
+        read(&mut admin, &queue.name, 10, None).len(),
+        1,
+        "the message is still ready"
+    );
 }

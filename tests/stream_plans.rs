@@ -17,26 +17,6 @@ const SLACK: i64 = 40;
 const BUFFERS: i64 = 1_000;
 const WARM_UP: usize = 6;
 
-/// Live rows read and pages read so far in this transaction over the stream's segment tables and
-/// their indexes.
-fn visits(c: &mut impl GenericClient, stream: &str) -> (i64, i64) {
-    let row = c
-        .query_one(
-            "WITH segment AS (
-                 SELECT i.inhrelid AS relid FROM pg_inherits i
-                 WHERE i.inhparent = ('bussig.stream_' || (SELECT stream_id FROM bussig.stream WHERE name = $1))::regclass),
-             relation AS (
-                 SELECT relid FROM segment
-                 UNION ALL SELECT x.indexrelid FROM pg_index x JOIN segment ON x.indrelid = segment.relid)
-             SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(relid) + pg_stat_get_xact_tuples_fetched(relid)), 0)::bigint,
-                    coalesce(sum(pg_stat_get_xact_blocks_fetched(relid)), 0)::bigint
-             FROM relation",
-            &[&stream],
-        )
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
 /// Runs `sql` (given the transaction, so that it may prepare something first, unmeasured) once more
 /// than WARM_UP times, each in a transaction of its own, and holds the last run's visits to the bound
 /// for `batch` records.
@@ -51,10 +31,10 @@ fn check(
     for _ in 0..=WARM_UP {
         let mut tx = client.transaction().unwrap();
         let statement = sql(&mut tx);
-        let before = visits(&mut tx, "s");
+        let before = stream_visits(&mut tx, "s");
         tx.batch_execute(&statement)
             .unwrap_or_else(|e| panic!("{state}: {name}: {statement}: {e:?}"));
-        let after = visits(&mut tx, "s");
+        let after = stream_visits(&mut tx, "s");
         visited = (after.0 - before.0, after.1 - before.1);
         tx.commit().unwrap();
     }

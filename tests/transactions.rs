@@ -190,5 +190,8 @@ fn calls_that_change_nothing_take_no_transaction_id() {
     // One that changes something has one, as any writing SQL.
     send(&mut client, q, &json!({ "k": 1 }));
     let read = format!("SELECT count(*) FROM bussig.read('{q}', 10)");
-    assert!(xid_after(&mut client, &read).is_some(), "a read that locked took no id");
+    assert!(
+        xid_after(&mut client, &read).is_some(),
+        "a read that locked took no id"
+    );
 }

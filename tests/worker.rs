@@ -409,10 +409,18 @@ fn a_bloated_table_is_rewritten_while_readers_long_poll() {
             .get(0);
         (asleep == waits.len() as i64).then_some(())
     });
-    assert_eq!(compacted(&mut c), 1, "the rewrite did not find the table free");
+    assert_eq!(
+        compacted(&mut c),
+        1,
+        "the rewrite did not find the table free"
+    );
     // Rewritten (a new file). How small it came out depends on the snapshots of other tests.
     assert_ne!(message_table_file(&mut c), file_before);
     for reader in readers {
-        assert_eq!(reader.join().unwrap().unwrap(), 0, "a reader found messages");
+        assert_eq!(
+            reader.join().unwrap().unwrap(),
+            0,
+            "a reader found messages"
+        );
     }
 }

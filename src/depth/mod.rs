@@ -399,12 +399,6 @@ static DATABASES: Statement = Statement {
     writes: false,
 };
 
-static PREPARED_HERE: Statement = Statement {
-    sql: "SELECT count(*) FROM pg_catalog.pg_prepared_xacts WHERE database = current_database()",
-    args: &[],
-    writes: false,
-};
-
 /// The worker's step: counts the queues whose count is unknown (after a restart) or in doubt (a
 /// prepared transaction changed them), and forgets the queues of dropped databases and of a dropped
 /// bussig. How many counts it kept.
@@ -421,8 +415,7 @@ pub fn recount(client: &mut SpiClient<'_>) -> BusResult<i64> {
     // Read before looking for prepared transactions, all ahead of the counts' snapshots: a PREPARE
     // that the look misses moves it (see `Depths::finish_count`).
     let prepares = DEPTHS.share().prepares();
-    let settled_since =
-        (plans::first_value::<i64>(client, &PREPARED_HERE, &[])? == Some(0)).then_some(prepares);
+    let settled_since = (!crate::pg::xact::prepared_here(client)?).then_some(prepares);
     plans::prepare(client, &COUNT_MESSAGES)?;
     let uncounted = {
         let mut depths = DEPTHS.exclusive();

@@ -100,7 +100,7 @@ impl<T: ValidWhenZeroed> ZeroedLwLock<T> {
 pub unsafe trait LockFree: ValidWhenZeroed {}
 
 /// Tables bussig keeps in shared memory this way.
-const TABLES: usize = 4;
+const TABLES: usize = 5;
 
 struct Request {
     name: *const std::ffi::c_char,

@@ -27,6 +27,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
     read_position::at_transaction_end(event);
     depth::at_transaction_end(event);
     wakeup::at_transaction_end(event);
+    super::arrivals::at_transaction_end(event);
     replayable_at_transaction_event(event);
 }
 
@@ -135,6 +136,35 @@ pub fn in_transaction_block() -> bool {
 pub fn top_transaction_id() -> u32 {
     // SAFETY: reads the transaction's state, which stays set until its end callbacks have run.
     unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner()
+}
+
+// Not MVCC: the view reads the prepared transactions of the moment.
+static PREPARED_HERE: crate::plans::Statement = crate::plans::Statement {
+    sql: "SELECT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())",
+    args: &[],
+    writes: true,
+};
+
+/// Whether a transaction of this database is prepared, waiting for COMMIT or ROLLBACK PREPARED.
+pub fn prepared_here(client: &mut SpiClient<'_>) -> BusResult<bool> {
+    Ok(crate::plans::first_value::<bool>(client, &PREPARED_HERE, &[])?.unwrap_or(true))
+}
+
+/// Whether transaction `xid` (not this one) committed, or None while it runs (or is this one).
+pub fn committed(xid: u32) -> Option<bool> {
+    if is_this_transaction(xid) {
+        return None;
+    }
+    let xid = pg_sys::TransactionId::from(xid);
+    // SAFETY: look-ups in the proc array and the commit log, for a transaction id a caller saw
+    // recently (the log keeps far more than the ids since).
+    unsafe {
+        if pg_sys::TransactionIdIsInProgress(xid) {
+            None
+        } else {
+            Some(pg_sys::TransactionIdDidCommit(xid))
+        }
+    }
 }
 
 /// Whether `xid` is this transaction or one of its subtransactions.

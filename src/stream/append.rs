@@ -110,6 +110,7 @@ fn append_to(client: &mut SpiClient<'_>, stream: &Stream, record: Record<'_>) ->
         pg_sys::JSONBOID,
         pg_sys::JSONBOID,
     ];
+    crate::pg::arrivals::appending(super::wake_key(stream.stream_id));
     plans::run_text(client, &insert_one(stream), &types, true, &args)?;
     announce(stream);
     Ok(partition)
@@ -224,6 +225,7 @@ pub fn batch(
         batch.payloads.into(),
         batch.headers.into(),
     ];
+    crate::pg::arrivals::appending(super::wake_key(stream.stream_id));
     plans::run_text(client, &insert_batch(&stream, plain), &types, true, &args)?;
     announce(&stream);
     Ok(count as i64)

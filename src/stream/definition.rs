@@ -77,7 +77,9 @@ impl Retention {
 
 /// The statements that make a stream's table: records by segment, each segment a table of its own
 /// that retention can TRUNCATE. Records get their seq when they become readable (`sequence`), so
-/// the index on seq also finds the ones still waiting for theirs (seq NULL sorts last).
+/// the index on seq also finds the ones still waiting for theirs (seq NULL sorts last), in the order
+/// of their ids: numbering starts past the ids it knows are done, not at the first entry of a record
+/// numbered since a snapshot still held (a stream made before keeps `(partition, seq)`, and walks).
 fn table_ddl(stream_id: i32) -> Vec<String> {
     let table = super::table_of(stream_id);
     let mut ddl = vec![
@@ -94,7 +96,7 @@ fn table_ddl(stream_id: i32) -> Vec<String> {
                  headers     jsonb
              ) PARTITION BY LIST (segment)"
         ),
-        format!("CREATE INDEX ON {table} (partition, seq)"),
+        format!("CREATE INDEX ON {table} (partition, seq, record_id)"),
     ];
     for segment in 0..SEGMENTS {
         ddl.push(format!(

@@ -39,8 +39,15 @@ static SET_HEAD: Statement = Statement {
 /// Records waiting for a number, as many as a single pass numbers: a flood is numbered over several.
 const PASS: i64 = 100_000;
 
-/// The statement that numbers a partition's committed records after `$2`: its own, since it names
-/// the stream's table. Run after the lock was taken, so it sees every record whose number the
+// The last record id drawn (NULL before the first): read before the appenders are counted.
+static LAST_RECORD_ID: Statement = Statement {
+    sql: "SELECT pg_catalog.pg_sequence_last_value('bussig.stream_record_id_seq')",
+    args: &[],
+    writes: true,
+};
+
+/// The statement that numbers a partition's committed records after `$2`, among those with ids past
+/// `$3` (`floors`): its own, since it names the stream's table. Run after the lock was taken, so it sees every record whose number the
 /// previous holder committed, and every record committed before. The rows are found again by their
 /// place (segment table and ctid): a join on record_id would be planned once, while the table was
 /// empty, as a nested loop over every waiting record for each (minutes for 50,000 of them).
@@ -51,7 +58,8 @@ fn numbering(stream: &Stream) -> String {
              SELECT w.tableoid AS segment_table, w.ctid AS place,
                     $2 + row_number() OVER (ORDER BY w.record_id) AS seq
              FROM (SELECT tableoid, ctid, record_id FROM {table}
-                   WHERE partition = $1 AND seq IS NULL ORDER BY record_id LIMIT {PASS}) w
+                   WHERE partition = $1 AND seq IS NULL AND record_id > $3
+                   ORDER BY record_id LIMIT {PASS}) w
          )
          UPDATE {table} r SET seq = waiting.seq FROM waiting
          WHERE r.tableoid = waiting.segment_table AND r.ctid = waiting.place
@@ -155,15 +163,32 @@ fn number_counting(
     let Some(head) = plans::first_value::<i64>(client, &LOCK_PARTITION, &args)? else {
         return Ok(None);
     };
+    let place = (stream.stream_id, partition);
+    let floor = floors::current(crate::pg::invalidation::generation(client)?, place);
+    // Before the numbering's snapshot, which must be new: one taken earlier may miss records that
+    // committed since, which the floor would then pass over for good.
+    let all_ended_through = if floors::due(place) && !xact::snapshot_is_fixed() {
+        all_ended_through(client, stream)?
+    } else {
+        None
+    };
     let sql = numbering(stream);
     let numbered = plans::run_text(
         client,
         &sql,
-        &[pg_sys::INT4OID, pg_sys::INT8OID],
+        &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID],
         true,
-        &[partition.into(), head.into()],
+        &[partition.into(), head.into(), floor.into()],
     )?;
     let count = numbered.len() as i64;
+    if let Some(through) = all_ended_through.filter(|_| count < PASS) {
+        // Numbers this transaction gave (now or before) are taken back if it rolls back: the floor
+        // holds once it commits.
+        let this = xact::top_transaction_id();
+        let numbering_now = count > 0
+            || NUMBERED_IN.with(|numbered| numbered.borrow().get(&stream.stream_id) == Some(&this));
+        floors::propose(place, through, if numbering_now { this } else { 0 });
+    }
     if count == 0 {
         return Ok(Some((head, 0)));
     }
@@ -184,6 +209,110 @@ fn number_counting(
         &[stream.stream_id.into(), partition.into(), new_head.into()],
     )?;
     Ok(Some((new_head, count)))
+}
+
+/// The last record id drawn, when every transaction that drew one up to it has ended (committed or
+/// rolled back for good): the id is read first, then no appender is counted, so a record with an id
+/// up to it that commits is visible to any snapshot taken after. None otherwise, and while a prepared
+/// transaction (which may hold appends) exists.
+fn all_ended_through(client: &mut SpiClient<'_>, stream: &Stream) -> BusResult<Option<i64>> {
+    let Some(last) = plans::first_value::<i64>(client, &LAST_RECORD_ID, &[])? else {
+        return Ok(None);
+    };
+    if !crate::pg::arrivals::none_appending(super::wake_key(stream.stream_id))
+        // A prepared transaction's appends are counted no longer, nor after a restart.
+        || xact::prepared_here(client)?
+    {
+        return Ok(None);
+    }
+    Ok(Some(last))
+}
+
+/// Per partition, the record id up to which every record is numbered or was rolled back: a numbering
+/// pass looks only past it, so that the index entries of records numbered while a snapshot is held
+/// (their unnumbered versions, which nothing can remove then) are not walked again by every pass.
+/// Kept by each backend for the partitions it numbers, and learnt at most every `EVERY`.
+mod floors {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use crate::pg::xact;
+
+    const EVERY: Duration = Duration::from_millis(100);
+    const LIMIT: usize = 10_000;
+
+    struct Floor {
+        held: i64,
+        /// A floor that holds once transaction `.1` commits.
+        proposed: Option<(i64, u32)>,
+        learnt_at: Instant,
+    }
+
+    thread_local! {
+        /// By the invalidation generation they were learnt in: a stream dropped and made again
+        /// (its id too, after DROP EXTENSION) starts over.
+        static FLOORS: RefCell<(u64, HashMap<(i32, i32), Floor>)> = RefCell::new((0, HashMap::new()));
+    }
+
+    /// The floor of a partition (stream id, partition); a proposed one is taken on once its
+    /// transaction committed, and dropped if it rolled back.
+    pub fn current(generation: u64, place: (i32, i32)) -> i64 {
+        FLOORS.with(|floors| {
+            let (learnt_in, floors) = &mut *floors.borrow_mut();
+            if *learnt_in != generation {
+                *learnt_in = generation;
+                floors.clear();
+            }
+            let Some(floor) = floors.get_mut(&place) else {
+                return 0;
+            };
+            if let Some((proposed, xid)) = floor.proposed {
+                match xact::committed(xid) {
+                    Some(true) => {
+                        floor.held = floor.held.max(proposed);
+                        floor.proposed = None;
+                    }
+                    Some(false) => floor.proposed = None,
+                    None => {}
+                }
+            }
+            floor.held
+        })
+    }
+
+    /// Whether it is time to learn the partition's floor again.
+    pub fn due(place: (i32, i32)) -> bool {
+        FLOORS.with(|floors| {
+            floors
+                .borrow()
+                .1
+                .get(&place)
+                .is_none_or(|floor| floor.learnt_at.elapsed() >= EVERY)
+        })
+    }
+
+    /// Every record of the partition with an id up to `through` is numbered or rolled back, once
+    /// transaction `xid` commits (at once for 0).
+    pub fn propose(place: (i32, i32), through: i64, xid: u32) {
+        FLOORS.with(|floors| {
+            let floors = &mut floors.borrow_mut().1;
+            if floors.len() >= LIMIT && !floors.contains_key(&place) {
+                floors.clear();
+            }
+            let floor = floors.entry(place).or_insert(Floor {
+                held: 0,
+                proposed: None,
+                learnt_at: Instant::now(),
+            });
+            floor.learnt_at = Instant::now();
+            if xid == 0 {
+                floor.held = floor.held.max(through);
+            } else {
+                floor.proposed = Some((through, xid));
+            }
+        })
+    }
 }
 
 /// Numbers every partition of the stream (those another transaction is numbering are left to it):

@@ -15,7 +15,7 @@ pub use postgres::NoTls;
 use serde_json::Value;
 pub use session::{Client, GenericClient, Param, Transaction, Typed};
 pub use stream::{
-    append_numbers, commit_all, create_group, stream_read, total_lag, Record, Stream,
+    append_numbers, commit_all, create_group, stream_read, stream_visits, total_lag, Record, Stream,
 };
 use uuid::Uuid;
 

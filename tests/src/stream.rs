@@ -123,3 +123,23 @@ pub fn total_lag(c: &mut Client, stream: &str) -> i64 {
     .unwrap()
     .get(0)
 }
+
+/// Live rows read and pages read so far in this transaction over the stream's segment tables and
+/// their indexes.
+pub fn stream_visits(c: &mut impl GenericClient, stream: &str) -> (i64, i64) {
+    let row = c
+        .query_one(
+            "WITH segment AS (
+                 SELECT i.inhrelid AS relid FROM pg_inherits i
+                 WHERE i.inhparent = ('bussig.stream_' || (SELECT stream_id FROM bussig.stream WHERE name = $1))::regclass),
+             relation AS (
+                 SELECT relid FROM segment
+                 UNION ALL SELECT x.indexrelid FROM pg_index x JOIN segment ON x.indrelid = segment.relid)
+             SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(relid) + pg_stat_get_xact_tuples_fetched(relid)), 0)::bigint,
+                    coalesce(sum(pg_stat_get_xact_blocks_fetched(relid)), 0)::bigint
+             FROM relation",
+            &[&stream],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
