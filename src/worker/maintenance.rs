@@ -439,15 +439,14 @@ static TOTAL_SIZE: Statement = Statement {
     writes: true,
 };
 
-/// How long the compaction waits for a table's lock, while the requests that come after it wait for
-/// it. A table that senders and readers use all the time is free only for moments between their
-/// transactions, so rare that trying for the lock without waiting found none under a steady 800
-/// messages/s (waiting readers hold no lock while they sleep: `message::receive`).
-const COMPACTION_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// A table busy with senders and readers is free only for moments between their statements (waiting
+/// readers hold no lock while they sleep): the compaction tries this often, this far apart, per round.
+const COMPACTION_TRIES: u32 = 20;
+const COMPACTION_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Rewrites bloated tables, each under a lock waited for at most `COMPACTION_WAIT`: senders and readers
-/// that come meanwhile queue behind it for that long, and then for the rewrite, which takes
-/// milliseconds for the few live rows (below 100 ms in all). How many tables were rewritten.
+/// Rewrites bloated tables, each under a lock taken only when it is free: readers and writers never
+/// queue behind the rewrite, which takes milliseconds for the few live rows. How many tables were
+/// rewritten.
 pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let mut candidates = Vec::new();
     let scans = crate::pg::planner::whole_table_scans();
@@ -459,11 +458,7 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     drop(scans);
     let mut compacted = 0;
     for (relid, rewrite) in candidates {
-        let locked = crate::pg::xact::waiting_at_most(client, COMPACTION_WAIT, |_| {
-            crate::pg::locks::lock_exclusive(relid);
-            Ok(())
-        })?;
-        if locked.is_some() {
+        if crate::pg::locks::try_lock_exclusive(relid, COMPACTION_TRIES, COMPACTION_PAUSE) {
             let mut size = || -> BusResult<i64> {
                 Ok(plans::first_value(client, &TOTAL_SIZE, &[relid.into()])?.unwrap_or(0))
             };
