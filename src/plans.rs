@@ -157,21 +157,11 @@ pub fn run_limited<'conn>(
     let _pins = PinsApply::enter();
     let plan = kept(client, statement, limit)?;
     // The plan cache may plan the statement anew here (after an invalidation).
-    execute(client, &plan, None, args)
-}
-
-/// Runs a kept plan. A writing statement's plan was prepared read-write (`prepare_mut`), so it runs
-/// with a new snapshot and a command counter bump as it is; pgrx's `update` would also give the
-/// transaction an id before it runs, and a transaction with an id writes and flushes a commit record
-/// even when its statements changed nothing (a read that found no message, a stale ack). An id comes
-/// with the first row actually written, as for any SQL.
-fn execute<'conn>(
-    client: &SpiClient<'conn>,
-    plan: &OwnedPreparedStatement,
-    rows: Option<i64>,
-    args: &[DatumWithOid<'_>],
-) -> SpiResult<SpiTupleTable<'conn>> {
-    client.select(plan, rows, args)
+    if statement.writes {
+        client.update(&*plan, None, args)
+    } else {
+        client.select(&*plan, None, args)
+    }
 }
 
 /// Statements whose text is made at run time (a stream's own table is named in it) that a backend
@@ -225,7 +215,11 @@ pub fn run_text_stopping<'conn>(
             plan
         }
     };
-    execute(client, &plan, rows, args)
+    if writes {
+        client.update(&*plan, rows, args)
+    } else {
+        client.select(&*plan, rows, args)
+    }
 }
 
 /// Whether a kept statement of bussig is being planned or run.

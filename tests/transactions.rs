@@ -159,39 +159,3 @@ fn missing(sent: &[i64], delivered: &[i64]) -> Vec<i64> {
         .copied()
         .collect()
 }
-
-/// A call that changes nothing takes no transaction id, so its commit writes and flushes no commit
-/// record: a long-polling reader that finds nothing costs no WAL flush.
-#[test]
-fn calls_that_change_nothing_take_no_transaction_id() {
-    let mut client = connect();
-    let queue = Queue::create(&mut client, "no_xid", "");
-    let q = queue.name.as_str();
-    let calls = [
-        format!("SELECT count(*) FROM bussig.read('{q}', 10)"),
-        format!("SELECT count(*) FROM bussig.read('{q}', 10, wait => '50 milliseconds')"),
-        format!("SELECT count(*) FROM bussig.peek('{q}')"),
-        format!("SELECT bussig.ack('{q}', 1, gen_random_uuid())"),
-        format!("SELECT bussig.queue_depth('{q}')"),
-    ];
-    let xid_after = |client: &mut Client, call: &str| -> Option<i64> {
-        let mut tx = client.transaction().unwrap();
-        tx.batch_execute(call).unwrap();
-        let xid = tx
-            .query_one("SELECT txid_current_if_assigned()", &[])
-            .unwrap()
-            .get(0);
-        tx.rollback().unwrap();
-        xid
-    };
-    for call in &calls {
-        assert_eq!(xid_after(&mut client, call), None, "{call} took an id");
-    }
-    // One that changes something has one, as any writing SQL.
-    send(&mut client, q, &json!({ "k": 1 }));
-    let read = format!("SELECT count(*) FROM bussig.read('{q}', 10)");
-    assert!(
-        xid_after(&mut client, &read).is_some(),
-        "a read that locked took no id"
-    );
-}
