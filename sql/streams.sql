@@ -92,6 +92,53 @@ CREATE TABLE bussig.stream_subscription (
     PRIMARY KEY (stream_id, pattern)
 );
 
+-- Payloads publish appends to several streams, stored once: each of those records refers to its body
+-- by (body_segment, body_id) and has no payload of its own. A ring of segments like a stream's: new
+-- bodies go to the current one, and a segment no kept record refers to is emptied whole by TRUNCATE
+-- (src/stream/body.rs).
+CREATE SEQUENCE bussig.stream_body_id_seq;
+CREATE TABLE bussig.stream_body (
+    segment int NOT NULL,
+    body_id bigint NOT NULL DEFAULT nextval('bussig.stream_body_id_seq'),
+    payload jsonb NOT NULL,
+    PRIMARY KEY (segment, body_id)
+) PARTITION BY LIST (segment);
+ALTER SEQUENCE bussig.stream_body_id_seq OWNED BY bussig.stream_body.body_id;
+CREATE TABLE bussig.stream_body_0 PARTITION OF bussig.stream_body FOR VALUES IN (0);
+CREATE TABLE bussig.stream_body_1 PARTITION OF bussig.stream_body FOR VALUES IN (1);
+CREATE TABLE bussig.stream_body_2 PARTITION OF bussig.stream_body FOR VALUES IN (2);
+CREATE TABLE bussig.stream_body_3 PARTITION OF bussig.stream_body FOR VALUES IN (3);
+-- Which body segment takes new bodies, and since when. Not dumped: a restored database starts the
+-- ring again at segment 0, and keeps every restored body until nothing refers to it.
+CREATE TABLE bussig.stream_body_ring (
+    only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    current_segment int NOT NULL,
+    switched_at     timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO bussig.stream_body_ring (current_segment) VALUES (0);
+
+-- Whether a kept record of any stream refers to a body in segment: each stream's partial index on
+-- body_segment answers, whatever the statistics say.
+CREATE FUNCTION bussig.stream_body_referenced(segment int) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+DECLARE
+    stream_id int;
+    found boolean;
+BEGIN
+    FOR stream_id IN SELECT s.stream_id FROM bussig.stream s LOOP
+        CONTINUE WHEN to_regclass(format('bussig.stream_%s', stream_id)) IS NULL;
+        EXECUTE format('SELECT EXISTS (SELECT FROM bussig.stream_%s WHERE body_segment = $1)', stream_id)
+        INTO found USING segment;
+        IF found THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END $$;
+REVOKE EXECUTE ON FUNCTION bussig.stream_body_referenced(int) FROM PUBLIC;
+
 -- A stream dropped or renamed: every backend drops its cached streams (src/stream/mod.rs), as a
 -- change of queues makes them drop theirs.
 CREATE FUNCTION bussig.streams_changed() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -119,6 +166,11 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.consumer_group', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.group_partition', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream_subscription', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_0', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_1', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_2', '');
+SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_3', '');
 
 -- Whether role holds privilege (any, when NULL) on stream, as has_queue_privilege for queues; NULL
 -- when there is no such stream.

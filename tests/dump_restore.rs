@@ -148,6 +148,9 @@ fn dump_restore_keeps_streams_records_positions_and_grants() {
            FROM bussig.stream_read('events', 'g', 4) GROUP BY partition, lease_token;
            SELECT bussig.create_consumer_group('events', 'h', 'latest');
            SELECT bussig.subscribe_stream('events', 'orders.>');
+           SELECT bussig.create_stream('audit');
+           SELECT bussig.subscribe_stream('audit', '>');
+           SELECT bussig.publish('orders.shared', '{{"shared": true}}');
            SELECT bussig.grant('events', '{role}', ARRAY['read']);"#,
         role = role.name
     ))
@@ -192,7 +195,23 @@ fn dump_restore_keeps_streams_records_positions_and_grants() {
         .query_one("SELECT bussig.publish('orders.x', '{}')", &[])
         .unwrap()
         .get(0);
-    assert_eq!(published, 1, "stream subscription lost in restore");
+    assert_eq!(published, 2, "stream subscriptions lost in restore");
+    // Both publishes reached two streams, and stored their payloads once.
+    let shared: Vec<String> = dst
+        .query(
+            "SELECT payload::text FROM bussig.stream_range('audit', 0, 1) ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(shared, [r#"{"shared": true}"#, "{}"]);
+    let bodies: i64 = dst
+        .query_one("SELECT count(*) FROM bussig.stream_body", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(bodies, 2, "shared bodies lost in restore");
     let records: i64 = dst
         .query_one(
             "SELECT count(*) FROM generate_series(0, 1) p, bussig.stream_range('events', p, 1, 1000)",
@@ -207,7 +226,7 @@ fn dump_restore_keeps_streams_records_positions_and_grants() {
         )
         .unwrap()
         .get(0);
-    assert_eq!((heads, records), (12, 12));
+    assert_eq!((heads, records), (13, 13));
     let may: bool = dst
         .query_one(
             "SELECT bussig.has_stream_privilege($1::text::regrole, 'events', 'read')

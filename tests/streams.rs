@@ -344,3 +344,59 @@ fn a_waiting_reader_is_woken_by_the_committing_append() {
         }
     });
 }
+
+#[test]
+fn drop_extension_refuses_while_streams_exist_and_cascade_takes_their_tables() {
+    let db = Database::create("stream_drop_ext");
+    let mut c = db.connect();
+    c.batch_execute(
+        "CREATE EXTENSION bussig;
+         SELECT bussig.create_stream('events', 2);
+         SELECT bussig.append('events', '1');",
+    )
+    .unwrap();
+    let tables = "SELECT count(*) FROM pg_class
+                  WHERE relnamespace = 'bussig'::regnamespace AND relname ~ '^stream_[0-9]'
+                    AND relkind IN ('r', 'p')";
+    let count = |c: &mut Client| -> i64 { c.query_one(tables, &[]).unwrap().get(0) };
+    assert_eq!(count(&mut c), 5, "the stream's table and its segments");
+    let refused = c.batch_execute("DROP EXTENSION bussig").unwrap_err();
+    assert_eq!(refused.code().map(|code| code.code()), Some("2BP01"));
+    c.batch_execute("DROP EXTENSION bussig CASCADE").unwrap();
+    assert_eq!(
+        count(&mut c),
+        0,
+        "DROP EXTENSION CASCADE left stream tables"
+    );
+    // A table an earlier install left (as a restored database's stream tables, which record no
+    // dependency, are left) does not stop a new stream that draws its id.
+    c.batch_execute(
+        "CREATE TABLE bussig.stream_1 (left_over int);
+         INSERT INTO bussig.stream_1 VALUES (1);
+         CREATE EXTENSION bussig;",
+    )
+    .unwrap();
+    let created: bool = c
+        .query_one("SELECT bussig.create_stream('again')", &[])
+        .unwrap()
+        .get(0);
+    assert!(created);
+    let records: i64 = c
+        .query_one(
+            "SELECT count(*) FROM bussig.stream_range('again', 0, 1)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(records, 0);
+    c.batch_execute("SELECT bussig.append('again', '2')")
+        .unwrap();
+    let payload: String = c
+        .query_one(
+            "SELECT payload::text FROM bussig.stream_range('again', 0, 1)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(payload, "2");
+}

@@ -25,3 +25,29 @@ pub fn relation_file(table: pg_sys::Oid) -> u32 {
         file
     }
 }
+
+/// Makes relation `table` depend on the bussig extension, as a user's table on a type it defines:
+/// `DROP EXTENSION bussig` refuses while it exists, and `DROP EXTENSION bussig CASCADE` drops it. It
+/// stays out of the extension (pg_dump dumps it whole), unlike a member.
+pub fn depend_on_extension(table: pg_sys::Oid) {
+    // SAFETY: records one pg_depend row between two objects that exist in this transaction: the
+    // table, just made, and the extension whose function runs this.
+    unsafe {
+        let extension = pg_sys::get_extension_oid(c"bussig".as_ptr(), false);
+        let dependent = pg_sys::ObjectAddress {
+            classId: pg_sys::RelationRelationId,
+            objectId: table,
+            objectSubId: 0,
+        };
+        let referenced = pg_sys::ObjectAddress {
+            classId: pg_sys::ExtensionRelationId,
+            objectId: extension,
+            objectSubId: 0,
+        };
+        pg_sys::recordDependencyOn(
+            &dependent,
+            &referenced,
+            pg_sys::DependencyType::DEPENDENCY_NORMAL,
+        );
+    }
+}

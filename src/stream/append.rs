@@ -4,6 +4,7 @@
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
+use super::body::{self, Body};
 use super::{partition_of_key, partition_unkeyed, require, Stream, StreamPrivilege};
 use crate::access::Caller;
 use crate::error::{BusError, BusResult};
@@ -22,10 +23,11 @@ pub struct Record<'a> {
 }
 
 // The current segment is read in the statement itself: the stream may come from a backend's cache.
+// A record refers to a shared body ($7, $8) instead of holding its payload, or holds it ($5).
 fn insert_one(stream: &Stream) -> String {
     format!(
-        "INSERT INTO {} (segment, partition, key, subject, payload, headers)
-         VALUES ((SELECT current_segment FROM bussig.stream WHERE stream_id = $1), $2, $3, $4, $5, $6)",
+        "INSERT INTO {} (segment, partition, key, subject, payload, headers, body_segment, body_id)
+         VALUES ((SELECT current_segment FROM bussig.stream WHERE stream_id = $1), $2, $3, $4, $5, $6, $7, $8)",
         stream.table()
     )
 }
@@ -89,18 +91,26 @@ pub fn one(
     record: Record<'_>,
 ) -> BusResult<i32> {
     let stream = require(client, caller, name, StreamPrivilege::Append)?;
-    append_to(client, &stream, record)
+    append_to(client, &stream, record, None)
 }
 
-fn append_to(client: &mut SpiClient<'_>, stream: &Stream, record: Record<'_>) -> BusResult<i32> {
+/// Appends `record`, whose payload is stored in `body` when given.
+fn append_to(
+    client: &mut SpiClient<'_>,
+    stream: &Stream,
+    record: Record<'_>,
+    body: Option<Body>,
+) -> BusResult<i32> {
     let partition = partition(stream, record.key);
     let args = [
         stream.stream_id.into(),
         partition.into(),
         record.key.into(),
         record.subject.into(),
-        record.payload.into(),
+        body.is_none().then_some(record.payload).into(),
         record.headers.into(),
+        body.map(|body| body.segment).into(),
+        body.map(|body| body.body_id).into(),
     ];
     let types = [
         pg_sys::INT4OID,
@@ -109,6 +119,8 @@ fn append_to(client: &mut SpiClient<'_>, stream: &Stream, record: Record<'_>) ->
         pg_sys::TEXTOID,
         pg_sys::JSONBOID,
         pg_sys::JSONBOID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
     ];
     crate::pg::arrivals::appending(super::wake_key(stream.stream_id));
     plans::run_text(client, &insert_one(stream), &types, true, &args)?;
@@ -232,7 +244,7 @@ pub fn batch(
 }
 
 /// `publish`: appends the message to every stream with a pattern matching `subject` that the caller
-/// may append to, once each; how many streams.
+/// may append to, once each, storing the payload once when there are several; how many streams.
 pub fn published(
     client: &mut SpiClient<'_>,
     caller: &Caller,
@@ -247,23 +259,28 @@ pub fn published(
         .into_iter()
         .map(|place| routes.stream_names[place].clone())
         .collect();
-    let mut appended = 0;
+    let mut targets = Vec::with_capacity(streams.len());
     for name in streams {
-        let stream = match require(client, caller, &name, StreamPrivilege::Append) {
-            Ok(stream) => stream,
+        match require(client, caller, &name, StreamPrivilege::Append) {
+            Ok(stream) => targets.push(stream),
             Err(BusError::StreamPermissionDenied { .. } | BusError::UnknownStream(_)) => continue,
             Err(other) => return Err(other),
-        };
+        }
+    }
+    let body = match targets.len() {
+        0 | 1 => None,
+        _ => Some(body::store(client, payload)?),
+    };
+    for stream in &targets {
         let record = Record {
             payload,
             subject: Some(subject),
             headers,
             key: None,
         };
-        append_to(client, &stream, record)?;
-        appended += 1;
+        append_to(client, stream, record, body)?;
     }
-    Ok(appended)
+    Ok(targets.len() as i64)
 }
 
 /// Checks a payload and headers as append takes them.

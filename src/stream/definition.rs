@@ -80,6 +80,8 @@ impl Retention {
 /// the index on seq also finds the ones still waiting for theirs (seq NULL sorts last), in the order
 /// of their ids: numbering starts past the ids it knows are done, not at the first entry of a record
 /// numbered since a snapshot still held (a stream made before keeps `(partition, seq)`, and walks).
+/// A record `publish` appended to several streams has no payload: it refers to a shared body
+/// (`body`), and the index on body_segment tells when a segment of bodies may go.
 fn table_ddl(stream_id: i32) -> Vec<String> {
     let table = super::table_of(stream_id);
     let mut ddl = vec![
@@ -92,11 +94,14 @@ fn table_ddl(stream_id: i32) -> Vec<String> {
                  appended_at timestamptz NOT NULL DEFAULT clock_timestamp(),
                  key         text,
                  subject     text,
-                 payload     jsonb NOT NULL,
-                 headers     jsonb
+                 payload     jsonb,
+                 headers     jsonb,
+                 body_segment int,
+                 body_id      bigint
              ) PARTITION BY LIST (segment)"
         ),
         format!("CREATE INDEX ON {table} (partition, seq, record_id)"),
+        format!("CREATE INDEX ON {table} (body_segment) WHERE body_segment IS NOT NULL"),
     ];
     for segment in 0..SEGMENTS {
         ddl.push(format!(
@@ -145,9 +150,21 @@ pub fn create(
         &INSERT_PARTS,
         &[stream_id.into(), partitions.into(), SEGMENTS.into()],
     )?;
+    // A table of this new id is an orphan of an earlier install in this database whose tables did
+    // not depend on the extension (as a restored database's do not), so that DROP EXTENSION left it.
+    let relation = || {
+        let name =
+            std::ffi::CString::new(format!("stream_{stream_id}")).expect("no NUL in a number");
+        crate::pg::catalog::bussig_relation(&name)
+    };
+    if relation() != pg_sys::InvalidOid {
+        let drop_orphan = format!("DROP TABLE {}", super::table_of(stream_id));
+        client.update(drop_orphan.as_str(), None, &[])?;
+    }
     for statement in table_ddl(stream_id) {
         client.update(statement.as_str(), None, &[])?;
     }
+    crate::pg::catalog::depend_on_extension(relation());
     Ok(true)
 }
 

@@ -6,6 +6,7 @@
 // The domain is written against SPI and `pg`: no unsafe code of its own.
 #![deny(unsafe_code)]
 pub mod append;
+pub mod body;
 pub mod definition;
 pub mod group;
 pub mod lease;

@@ -73,9 +73,14 @@ static SEEK: Statement = Statement {
 /// after $2. The position is read in this statement, after the lease was taken in the one before,
 /// so a commit that ended the previous lease just before is seen. A writing statement: it sees what
 /// this call and others numbered a moment ago. The limit is written in (see `plans::run_limited`).
+/// A published record's shared body is looked up only for records without a payload of their own.
 fn records_after(stream: &Stream, limit: i32) -> String {
     format!(
-        "SELECT seq, subject, key, payload, headers, appended_at FROM {}
+        "SELECT seq, subject, key,
+                coalesce(payload, (SELECT b.payload FROM bussig.stream_body b
+                                   WHERE b.segment = r.body_segment AND b.body_id = r.body_id)),
+                headers, appended_at
+         FROM {} r
          WHERE partition = $1
            AND seq > coalesce((SELECT greatest(g.committed_seq, p.first_seq - 1)
                                FROM bussig.group_partition g JOIN bussig.stream_partition p USING (stream_id, partition)

@@ -453,4 +453,93 @@ mod tests {
             ("SELECT bussig.unsubscribe_stream('nope', 'a')", "42704"),
         ]);
     }
+
+    #[pg_test]
+    fn a_publish_to_several_streams_stores_its_payload_once_until_no_record_refers_to_it() {
+        run("SELECT bussig.create_stream('orders', retention => '1 hour')");
+        run("SELECT bussig.create_stream('all', retention => '2 hours')");
+        run("SELECT bussig.create_consumer_group('all', 'g', 'earliest')");
+        run("SELECT bussig.subscribe_stream('orders', 'orders.*')");
+        run("SELECT bussig.subscribe_stream('all', '>')");
+        assert_eq!(
+            one::<i32>("SELECT bussig.publish('orders.new', '{\"id\": 1}')"),
+            Some(2)
+        );
+        assert_eq!(count("SELECT FROM bussig.stream_body"), 1);
+        // Only the stream reached alone holds its payload.
+        assert_eq!(
+            one::<i32>("SELECT bussig.publish('users.new', '{\"id\": 2}')"),
+            Some(1)
+        );
+        assert_eq!(count("SELECT FROM bussig.stream_body"), 1);
+        let table = |stream: &str| {
+            format!(
+                "bussig.stream_{}",
+                one::<i32>(&format!(
+                    "SELECT stream_id FROM bussig.stream WHERE name = '{stream}'"
+                ))
+                .unwrap()
+            )
+        };
+        assert_eq!(
+            count(&format!(
+                "SELECT FROM {} WHERE payload IS NULL AND body_id IS NOT NULL",
+                table("orders")
+            )),
+            1
+        );
+        // Every way of reading gives the payload.
+        assert_eq!(
+            one::<String>("SELECT payload::text FROM bussig.stream_range('orders', 0, 1)")
+                .as_deref(),
+            Some("{\"id\": 1}")
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(payload::text, ',' ORDER BY seq) FROM bussig.stream_read('all', 'g')")
+                .as_deref(),
+            Some("{\"id\": 1},{\"id\": 2}")
+        );
+        // The ring moves on; the body stays while either stream keeps its record.
+        run("UPDATE bussig.stream_body_ring SET switched_at = switched_at - interval '1 day'");
+        assert_eq!(maintenance("emptied_body_segments"), 0);
+        assert_eq!(
+            one::<i32>("SELECT current_segment FROM bussig.stream_body_ring"),
+            Some(1)
+        );
+        let emptied_records = |stream: &str| {
+            let mut emptied = 0;
+            for _ in 0..2 {
+                age_segments(stream);
+                emptied += maintenance("emptied_stream_segments");
+            }
+            assert_eq!(emptied, 1, "{stream}'s segment not emptied");
+        };
+        emptied_records("orders");
+        assert_eq!(maintenance("emptied_body_segments"), 0);
+        assert_eq!(count("SELECT FROM bussig.stream_body"), 1);
+        assert_eq!(
+            one::<String>("SELECT payload::text FROM bussig.stream_range('all', 0, 1, 1)")
+                .as_deref(),
+            Some("{\"id\": 1}")
+        );
+        emptied_records("all");
+        assert_eq!(count("SELECT FROM bussig.stream_body"), 0);
+        // A ring without bodies stays where it is.
+        run("UPDATE bussig.stream_body_ring SET switched_at = switched_at - interval '1 day'");
+        assert_eq!(maintenance("emptied_body_segments"), 0);
+        assert_eq!(
+            one::<i32>("SELECT current_segment FROM bussig.stream_body_ring"),
+            Some(1)
+        );
+        // New bodies go to the current segment, and read back.
+        run("SELECT bussig.publish('orders.new', '3')");
+        assert_eq!(count("SELECT FROM bussig.stream_body WHERE segment = 1"), 1);
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(payload::text, ',') FROM bussig.stream_range('orders', 0, 1)"
+            )
+            .as_deref(),
+            Some("3")
+        );
+    }
 }

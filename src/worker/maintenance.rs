@@ -524,6 +524,7 @@ pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
         "counted_queues": refresh_stats(client)?,
         "compacted_tables": compact(client)?,
         "emptied_stream_segments": crate::stream::retention::rotate_all(client)?,
+        "emptied_body_segments": crate::stream::body::collect(client)?,
         "milliseconds": started.elapsed().as_millis() as u64,
     }))
 }

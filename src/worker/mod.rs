@@ -362,6 +362,9 @@ fn run_round(bodies_after: &mut i64) {
     round_step("stream retention", || {
         Spi::connect_mut(crate::stream::retention::rotate_all)
     });
+    round_step("stream bodies", || {
+        Spi::connect_mut(crate::stream::body::collect)
+    });
 }
 
 /// The statistics step reads the whole message table. Under a backlog of millions that takes seconds,
