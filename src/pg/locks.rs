@@ -36,3 +36,12 @@ pub fn try_lock_exclusive(relation: pg_sys::Oid, tries: u32, pause: Duration) ->
     }
     false
 }
+
+/// Waits for an ACCESS EXCLUSIVE lock on `relation`, held to the end of the transaction, for as long
+/// as lock_timeout allows (see `xact::waiting_at_most`). Requests of others that come meanwhile queue
+/// behind this one.
+pub fn lock_exclusive(relation: pg_sys::Oid) {
+    // SAFETY: a lock request on a relation by OID; the lock manager releases it at transaction end,
+    // and a timeout raises an error that leaves nothing held.
+    unsafe { pg_sys::LockRelationOid(relation, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+}

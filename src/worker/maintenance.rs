@@ -410,7 +410,7 @@ pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
 // live messages, 85 ms at 50,000, 808 ms at 200,000); a larger one is left to VACUUM, which makes its
 // space reusable without shrinking the file.
 static COMPACTION_CANDIDATES: Statement = Statement {
-    sql: "SELECT t.relid::oid, t.rewrite
+    sql: "SELECT t.relid::oid, t.rewrite, pg_relation_size(t.relid)
           FROM (VALUES
               ('bussig.message'::regclass, 'CLUSTER bussig.message USING message_delivery_order',
                (SELECT avg(pg_column_size(m.*)) FROM (SELECT * FROM bussig.message LIMIT 100) m),
@@ -444,8 +444,32 @@ static TOTAL_SIZE: Statement = Statement {
 const COMPACTION_TRIES: u32 = 20;
 const COMPACTION_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Rewrites bloated tables, each under a lock taken only when it is free: readers and writers never
-/// queue behind the rewrite, which takes milliseconds for the few live rows. How many tables were
+/// Under a steady load of short transactions such a moment may not come for minutes; then the
+/// compaction waits for the lock this long, and senders and readers that come meanwhile queue behind
+/// it, for the wait and then the rewrite. Only for a table of at most `COMPACTION_WAIT_MAX_BYTES`:
+/// the rewrite reads the whole file (dead rows not vacuumed yet, too), and a larger one would hold
+/// them for longer than a stall worth taking (a gigabyte of dead messages took seconds).
+const COMPACTION_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+const COMPACTION_WAIT_MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+/// Takes the lock for `relid`'s rewrite: when it is free, or after a short wait for a table small
+/// enough to rewrite quickly. False, holding nothing, when it stayed busy.
+fn lock_for_rewrite(client: &mut SpiClient<'_>, relid: pg_sys::Oid, bytes: i64) -> BusResult<bool> {
+    if crate::pg::locks::try_lock_exclusive(relid, COMPACTION_TRIES, COMPACTION_PAUSE) {
+        return Ok(true);
+    }
+    if bytes > COMPACTION_WAIT_MAX_BYTES {
+        return Ok(false);
+    }
+    let locked = crate::pg::xact::waiting_at_most(client, COMPACTION_WAIT, |_| {
+        crate::pg::locks::lock_exclusive(relid);
+        Ok(())
+    })?;
+    Ok(locked.is_some())
+}
+
+/// Rewrites bloated tables, each under a lock taken when it is free, or waited for briefly (see
+/// `lock_for_rewrite`); the rewrite takes milliseconds for the few live rows. How many tables were
 /// rewritten.
 pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let mut candidates = Vec::new();
@@ -453,12 +477,13 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     for row in plans::run(client, &COMPACTION_CANDIDATES, &[])? {
         let relid: pg_sys::Oid = plans::filled(&row, 1, "table")?;
         let rewrite: String = plans::filled(&row, 2, "rewrite statement")?;
-        candidates.push((relid, rewrite));
+        let bytes: i64 = plans::filled(&row, 3, "table size")?;
+        candidates.push((relid, rewrite, bytes));
     }
     drop(scans);
     let mut compacted = 0;
-    for (relid, rewrite) in candidates {
-        if crate::pg::locks::try_lock_exclusive(relid, COMPACTION_TRIES, COMPACTION_PAUSE) {
+    for (relid, rewrite, bytes) in candidates {
+        if lock_for_rewrite(client, relid, bytes)? {
             let mut size = || -> BusResult<i64> {
                 Ok(plans::first_value(client, &TOTAL_SIZE, &[relid.into()])?.unwrap_or(0))
             };
