@@ -84,6 +84,12 @@ thread_local! {
     static NUMBERED_IN: RefCell<HashMap<i32, u32>> = RefCell::new(HashMap::new());
 }
 
+/// Whether the running transaction numbered records of the stream (see `NUMBERED_IN`).
+fn numbered_in_this_transaction(stream_id: i32) -> bool {
+    let this = xact::top_transaction_id();
+    this != 0 && NUMBERED_IN.with(|numbered| numbered.borrow().get(&stream_id) == Some(&this))
+}
+
 /// How long a backend trusts that a partition has nothing new. COMMIT PREPARED counts no arrival (the
 /// transaction's noted arrivals ended with its PREPARE): its records are numbered once this has passed.
 const NOTHING_NEW_FOR: Duration = Duration::from_secs(1);
@@ -117,11 +123,7 @@ pub fn number_new(client: &mut SpiClient<'_>, stream: &Stream, partition: i32) -
     // remembered: a rollback takes nothing back that it saw.
     let looked = Instant::now();
     if let Some((_, 0)) = number_counting(client, stream, partition)? {
-        let numbering_now = NUMBERED_IN.with(|numbered| {
-            let this = xact::top_transaction_id();
-            this != 0 && numbered.borrow().get(&stream_id) == Some(&this)
-        });
-        if numbering_now {
+        if numbered_in_this_transaction(stream_id) {
             return Ok(());
         }
         NOTHING_NEW.with(|known| {
@@ -184,9 +186,8 @@ fn number_counting(
     if let Some(through) = all_ended_through.filter(|_| count < PASS) {
         // Numbers this transaction gave (now or before) are taken back if it rolls back: the floor
         // holds once it commits.
+        let numbering_now = count > 0 || numbered_in_this_transaction(stream.stream_id);
         let this = xact::top_transaction_id();
-        let numbering_now = count > 0
-            || NUMBERED_IN.with(|numbered| numbered.borrow().get(&stream.stream_id) == Some(&this));
         floors::propose(place, through, if numbering_now { this } else { 0 });
     }
     if count == 0 {
@@ -249,10 +250,13 @@ mod floors {
         learnt_at: Instant,
     }
 
+    /// Each partition's floor, by (stream id, partition).
+    type Floors = HashMap<(i32, i32), Floor>;
+
     thread_local! {
         /// By the invalidation generation they were learnt in: a stream dropped and made again
         /// (its id too, after DROP EXTENSION) starts over.
-        static FLOORS: RefCell<(u64, HashMap<(i32, i32), Floor>)> = RefCell::new((0, HashMap::new()));
+        static FLOORS: RefCell<(u64, Floors)> = RefCell::new((0, HashMap::new()));
     }
 
     /// The floor of a partition (stream id, partition); a proposed one is taken on once its
