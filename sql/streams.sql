@@ -108,12 +108,15 @@ CREATE TABLE bussig.stream_body_0 PARTITION OF bussig.stream_body FOR VALUES IN 
 CREATE TABLE bussig.stream_body_1 PARTITION OF bussig.stream_body FOR VALUES IN (1);
 CREATE TABLE bussig.stream_body_2 PARTITION OF bussig.stream_body FOR VALUES IN (2);
 CREATE TABLE bussig.stream_body_3 PARTITION OF bussig.stream_body FOR VALUES IN (3);
--- Which body segment takes new bodies, and since when. Not dumped: a restored database starts the
--- ring again at segment 0, and keeps every restored body until nothing refers to it.
+-- Which body segment takes new bodies, and since when; when the ring was made (no segment is emptied
+-- in the hour after: a restore loads bodies and the records referring to them in any order). Not
+-- dumped: a restored database starts the ring again at segment 0, and keeps every restored body
+-- until nothing refers to it.
 CREATE TABLE bussig.stream_body_ring (
     only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-    current_segment int NOT NULL,
-    switched_at     timestamptz NOT NULL DEFAULT now()
+    current_segment int NOT NULL CHECK (current_segment BETWEEN 0 AND 3),
+    switched_at     timestamptz NOT NULL DEFAULT now(),
+    made_at         timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO bussig.stream_body_ring (current_segment) VALUES (0);
 

@@ -236,4 +236,24 @@ fn dump_restore_keeps_streams_records_positions_and_grants() {
         .unwrap()
         .get(0);
     assert!(may, "stream grants lost in restore");
+    // pg_restore makes the streams' tables without their dependency on the extension; maintenance
+    // (the worker's round) records it, so DROP EXTENSION refuses again while streams exist.
+    let adopted: i64 = dst
+        .query_one(
+            "SELECT (bussig.run_maintenance() ->> 'adopted_stream_tables')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(adopted <= 2, "{adopted} tables adopted for 2 streams");
+    let refused = dst.batch_execute("DROP EXTENSION bussig").unwrap_err();
+    assert_eq!(refused.code().map(|code| code.code()), Some("2BP01"));
+    let again: i64 = dst
+        .query_one(
+            "SELECT (bussig.run_maintenance() ->> 'adopted_stream_tables')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(again, 0, "adopted twice");
 }

@@ -345,6 +345,52 @@ fn a_waiting_reader_is_woken_by_the_committing_append() {
     });
 }
 
+/// A publish to two streams stores its payload once; members waiting in each read it, although it
+/// was stored after their calls began.
+#[test]
+fn waiting_readers_of_two_streams_read_the_payload_a_publish_stored_once() {
+    let mut admin = connect();
+    let streams = [
+        Stream::create(&mut admin, "stream_shared_a", ""),
+        Stream::create(&mut admin, "stream_shared_b", ""),
+    ];
+    let subject = format!("shared.{}", streams[0].name);
+    for stream in &streams {
+        create_group(&mut admin, &stream.name, "g", "latest");
+        admin
+            .execute(
+                "SELECT bussig.subscribe_stream($1::text, $2::text)",
+                &[&stream.name, &subject],
+            )
+            .unwrap();
+    }
+    thread::scope(|scope| {
+        let readers: Vec<_> = streams
+            .iter()
+            .map(|stream| {
+                let name = &stream.name;
+                scope.spawn(move || {
+                    stream_read(&mut connect(), name, "g", 10, "20 seconds", "30 seconds")
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(500));
+        let reached: i32 = admin
+            .query_one(
+                "SELECT bussig.publish($1::text, '{\"once\": true}')",
+                &[&subject],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(reached, 2);
+        for reader in readers {
+            let records = reader.join().unwrap();
+            let payloads: Vec<_> = records.iter().map(|r| r.payload.clone()).collect();
+            assert_eq!(payloads, [serde_json::json!({"once": true})]);
+        }
+    });
+}
+
 #[test]
 fn drop_extension_refuses_while_streams_exist_and_cascade_takes_their_tables() {
     let db = Database::create("stream_drop_ext");

@@ -28,10 +28,20 @@ pub fn relation_file(table: pg_sys::Oid) -> u32 {
 
 /// Makes relation `table` depend on the bussig extension, as a user's table on a type it defines:
 /// `DROP EXTENSION bussig` refuses while it exists, and `DROP EXTENSION bussig CASCADE` drops it. It
-/// stays out of the extension (pg_dump dumps it whole), unlike a member.
-pub fn depend_on_extension(table: pg_sys::Oid) {
+/// stays out of the extension (pg_dump dumps it whole), unlike a member. False when the table was
+/// dropped meanwhile.
+pub fn depend_on_extension(table: pg_sys::Oid) -> bool {
+    // SAFETY: a share lock on a relation by OID, held to the end of the transaction, then a catalog
+    // look-up by OID: once the lock is granted, a concurrent DROP has committed or waits for us.
+    let exists = unsafe {
+        pg_sys::LockRelationOid(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        !pg_sys::get_rel_name(table).is_null()
+    };
+    if !exists {
+        return false;
+    }
     // SAFETY: records one pg_depend row between two objects that exist in this transaction: the
-    // table, just made, and the extension whose function runs this.
+    // table, locked above, and the extension whose function runs this.
     unsafe {
         let extension = pg_sys::get_extension_oid(c"bussig".as_ptr(), false);
         let dependent = pg_sys::ObjectAddress {
@@ -50,4 +60,5 @@ pub fn depend_on_extension(table: pg_sys::Oid) {
             pg_sys::DependencyType::DEPENDENCY_NORMAL,
         );
     }
+    true
 }

@@ -213,7 +213,8 @@ fn subtransaction<T>(
     outcome
 }
 
-/// Runs `work`, which waits for a lock, giving up after `wait`: None when it gave up (rolled back in a
+/// Runs `work`, which waits for a lock, giving up after `wait` (or the caller's lock_timeout, when
+/// shorter): None when it gave up (rolled back in a
 /// subtransaction of its own, so it holds nothing), else what it returned, its locks kept. Other
 /// errors go on up. The caller's lock_timeout is back as it was after (a GUC nest level of its own,
 /// as `identity::Pins` pins settings).
@@ -222,8 +223,15 @@ pub fn waiting_at_most<T>(
     wait: std::time::Duration,
     work: impl FnOnce(&mut SpiClient<'_>) -> BusResult<T>,
 ) -> BusResult<Option<T>> {
-    let limit = std::ffi::CString::new(format!("{}ms", wait.as_millis().max(1)))
-        .expect("a number and a unit have no NUL");
+    // A caller's shorter lock_timeout stands.
+    // SAFETY: a plain read of a backend-local setting.
+    let callers = unsafe { pg_sys::LockTimeout };
+    let mut millis = wait.as_millis().max(1);
+    if callers > 0 {
+        millis = millis.min(callers as u128);
+    }
+    let limit =
+        std::ffi::CString::new(format!("{millis}ms")).expect("a number and a unit have no NUL");
     // SAFETY: inside a transaction; the level is closed below, or by the abort of an error.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
     super::gucs::set(c"lock_timeout", &limit, pg_sys::GucAction::GUC_ACTION_SAVE);

@@ -3,13 +3,14 @@
 //! of segments as a stream's records are: new bodies go to the current one, and a segment that no kept
 //! record of any stream refers to is emptied whole by TRUNCATE, never row by row. The current segment
 //! is closed once it has taken bodies for half the longest retention of any stream and the next one
-//! is empty, so bodies live about as long as the records that refer to them.
+//! is empty. A segment goes once its last record does, so a body outlives the last record that
+//! refers to it by up to about twice the longest retention.
 use std::time::Duration;
 
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
-use crate::error::BusResult;
+use crate::error::{BusError, BusResult};
 use crate::pg::datum::Jsonb;
 use crate::plans::{self, Statement};
 
@@ -23,6 +24,14 @@ pub struct Body {
     pub body_id: i64,
 }
 
+// A writing statement, for a new snapshot: it must see every body the record read just before did
+// (a long poll's records may have come after the call's own snapshot).
+static PAYLOAD: Statement = Statement {
+    sql: "SELECT payload FROM bussig.stream_body WHERE segment = $1 AND body_id = $2",
+    args: &[pg_sys::INT4OID, pg_sys::INT8OID],
+    writes: true,
+};
+
 static STORE: Statement = Statement {
     sql: "INSERT INTO bussig.stream_body (segment, payload)
           SELECT current_segment, $1 FROM bussig.stream_body_ring
@@ -31,11 +40,14 @@ static STORE: Statement = Statement {
     writes: true,
 };
 
-// Segments other than the current one that hold bodies, with their tables.
+// Segments other than the current one that hold bodies, with their tables. None in the hour after
+// the ring was made, by CREATE EXTENSION or its update: a restore loads bodies and the records that
+// refer to them in any order, and meanwhile a body may look unreferenced.
 static HELD: Statement = Statement {
     sql: "SELECT s.segment, pg_catalog.to_regclass(format('bussig.stream_body_%s', s.segment))::oid
           FROM generate_series(0, $1 - 1) s(segment), bussig.stream_body_ring r
           WHERE s.segment <> r.current_segment
+            AND r.made_at <= clock_timestamp() - interval '1 hour'
             AND EXISTS (SELECT FROM bussig.stream_body b WHERE b.segment = s.segment)
           ORDER BY s.segment",
     args: &[pg_sys::INT4OID],
@@ -61,14 +73,36 @@ static ROTATE: Statement = Statement {
     writes: true,
 };
 
+/// A segment busy with readers of shared bodies is free only between their statements: the
+/// collection tries for its lock this often, this far apart, per round.
+const LOCK_TRIES: u32 = 20;
+const LOCK_PAUSE: Duration = Duration::from_millis(10);
+
 /// Stores a payload shared by the records of one publish.
 pub fn store(client: &mut SpiClient<'_>, payload: Jsonb) -> BusResult<Body> {
-    let row = plans::run(client, &STORE, &[payload.into()])?
-        .next()
-        .expect("an INSERT ... SELECT from the ring's one row returns one row");
+    let Some(row) = plans::run(client, &STORE, &[payload.into()])?.next() else {
+        return Err(BusError::Corrupt(
+            "bussig.stream_body_ring has lost its row".into(),
+        ));
+    };
     Ok(Body {
         segment: plans::filled(&row, 1, "body segment")?,
         body_id: plans::filled(&row, 2, "body id")?,
+    })
+}
+
+/// The payload a body holds.
+pub fn payload(client: &mut SpiClient<'_>, body: Body) -> BusResult<Jsonb> {
+    plans::first_value::<Jsonb>(
+        client,
+        &PAYLOAD,
+        &[body.segment.into(), body.body_id.into()],
+    )?
+    .ok_or_else(|| {
+        BusError::Corrupt(format!(
+            "its body {} of segment {} is missing",
+            body.body_id, body.segment
+        ))
     })
 }
 
@@ -79,6 +113,11 @@ fn referenced(client: &mut SpiClient<'_>, segment: i32) -> BusResult<bool> {
 /// The worker's step (with stream retention): empties the body segments no kept record refers to,
 /// then moves the ring on when due. How many segments were emptied.
 pub fn collect(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    // The look after the lock needs a snapshot taken after it: a caller's REPEATABLE READ
+    // transaction would miss a publish that committed meanwhile.
+    if crate::pg::xact::snapshot_is_fixed() {
+        return Ok(0);
+    }
     let mut held = Vec::new();
     for row in plans::run(client, &HELD, &[SEGMENTS.into()])? {
         let segment: i32 = plans::filled(&row, 1, "body segment")?;
@@ -94,7 +133,7 @@ pub fn collect(client: &mut SpiClient<'_>) -> BusResult<i64> {
         // once locked, every record referring to the segment has committed or gone.
         if relation == pg_sys::InvalidOid
             || referenced(client, segment)?
-            || !crate::pg::locks::try_lock_exclusive(relation, 1, Duration::ZERO)
+            || !crate::pg::locks::try_lock_exclusive(relation, LOCK_TRIES, LOCK_PAUSE)
             || referenced(client, segment)?
         {
             continue;

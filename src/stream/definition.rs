@@ -54,6 +54,18 @@ static DELETE_STREAM: Statement = Statement {
     writes: true,
 };
 
+// Streams' tables that record no dependency on the extension: pg_restore makes them without one.
+static UNADOPTED: Statement = Statement {
+    sql: "SELECT t.oid FROM bussig.stream s
+          CROSS JOIN LATERAL pg_catalog.to_regclass(format('bussig.stream_%s', s.stream_id)) AS t(oid)
+          WHERE t.oid IS NOT NULL
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                            WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.oid
+                              AND d.objsubid = 0 AND d.refclassid = 'pg_catalog.pg_extension'::regclass)",
+    args: &[],
+    writes: true,
+};
+
 /// The checked settings of create_stream and alter_stream.
 pub struct Retention {
     pub retention: Option<Interval>,
@@ -151,21 +163,34 @@ pub fn create(
         &[stream_id.into(), partitions.into(), SEGMENTS.into()],
     )?;
     // A table of this new id is an orphan of an earlier install in this database whose tables did
-    // not depend on the extension (as a restored database's do not), so that DROP EXTENSION left it.
+    // not depend on the extension (a restored one's, before the worker adopted them), so that DROP
+    // EXTENSION left it.
     let relation = || {
         let name =
             std::ffi::CString::new(format!("stream_{stream_id}")).expect("no NUL in a number");
         crate::pg::catalog::bussig_relation(&name)
     };
     if relation() != pg_sys::InvalidOid {
-        let drop_orphan = format!("DROP TABLE {}", super::table_of(stream_id));
-        client.update(drop_orphan.as_str(), None, &[])?;
+        let orphan = super::table_of(stream_id);
+        pgrx::warning!("bussig: dropping {orphan}, a stream table left by an earlier install");
+        client.update(format!("DROP TABLE {orphan}").as_str(), None, &[])?;
     }
     for statement in table_ddl(stream_id) {
         client.update(statement.as_str(), None, &[])?;
     }
     crate::pg::catalog::depend_on_extension(relation());
     Ok(true)
+}
+
+/// Makes the tables of restored streams depend on the extension, as create_stream makes them: how
+/// many. A step of the worker's retention round (and of `bussig.run_maintenance()`).
+pub fn adopt_restored(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    let tables: Vec<pg_sys::Oid> = plans::first_column(client, &UNADOPTED, &[])?;
+    let adopted = tables
+        .into_iter()
+        .filter(|&table| crate::pg::catalog::depend_on_extension(table))
+        .count();
+    Ok(adopted as i64)
 }
 
 /// alter_stream: new retention by age and/or size; `no_size_limit` removes the size limit.

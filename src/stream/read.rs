@@ -9,6 +9,7 @@ use pgrx::pg_sys;
 use pgrx::spi::{SpiClient, SpiHeapTupleData};
 use pgrx::Uuid;
 
+use super::body::{self, Body};
 use super::group::{make_sure_of_leases, require_group};
 use super::lease::GroupPartition;
 use super::{checked_partition, lease, require, sequence, Stream, StreamPrivilege};
@@ -73,14 +74,12 @@ static SEEK: Statement = Statement {
 /// after $2. The position is read in this statement, after the lease was taken in the one before,
 /// so a commit that ended the previous lease just before is seen. A writing statement: it sees what
 /// this call and others numbered a moment ago. The limit is written in (see `plans::run_limited`).
-/// A published record's shared body is looked up only for records without a payload of their own.
+/// A record without a payload of its own names the shared body that holds it (`body`), and shows a
+/// JSON null in its place until that is read.
 fn records_after(stream: &Stream, limit: i32) -> String {
     format!(
-        "SELECT seq, subject, key,
-                coalesce(payload, (SELECT b.payload FROM bussig.stream_body b
-                                   WHERE b.segment = r.body_segment AND b.body_id = r.body_id)),
-                headers, appended_at
-         FROM {} r
+        "SELECT seq, subject, key, coalesce(payload, 'null'), headers, appended_at, body_segment, body_id
+         FROM {}
          WHERE partition = $1
            AND seq > coalesce((SELECT greatest(g.committed_seq, p.first_seq - 1)
                                FROM bussig.group_partition g JOIN bussig.stream_partition p USING (stream_id, partition)
@@ -103,12 +102,25 @@ fn seek_time(stream: &Stream) -> String {
     )
 }
 
+/// A record read, and the shared body that holds its payload when it has none of its own.
+struct Read {
+    record: StreamRecord,
+    body: Option<Body>,
+}
+
 fn decode(
     row: &SpiHeapTupleData<'_>,
     partition: i32,
     lease_token: Option<Uuid>,
-) -> BusResult<StreamRecord> {
-    Ok(StreamRecord {
+) -> BusResult<Read> {
+    let body = match row.get::<i64>(8)? {
+        Some(body_id) => Some(Body {
+            segment: plans::filled(row, 7, "body segment")?,
+            body_id,
+        }),
+        None => None,
+    };
+    let record = StreamRecord {
         partition,
         seq: plans::filled(row, 1, "seq")?,
         lease_token,
@@ -117,7 +129,8 @@ fn decode(
         payload: plans::filled(row, 4, "payload")?,
         headers: row.get(5)?,
         appended_at: plans::filled(row, 6, "append time")?,
-    })
+    };
+    Ok(Read { record, body })
 }
 
 /// Where a read starts in a partition: after a seq, or after a group's position.
@@ -153,9 +166,24 @@ fn read_partition(
         group.into(),
     ];
     let sql = records_after(stream, limit);
-    plans::run_text_stopping(client, &sql, &types, true, &args, Some(wanted))?
-        .map(|row| decode(&row, partition, lease_token))
-        .collect()
+    let read: Vec<Read> =
+        plans::run_text_stopping(client, &sql, &types, true, &args, Some(wanted))?
+            .map(|row| decode(&row, partition, lease_token))
+            .collect::<BusResult<_>>()?;
+    let mut records = Vec::with_capacity(read.len());
+    for Read { mut record, body } in read {
+        if let Some(body) = body {
+            record.payload = body::payload(client, body).map_err(|error| match error {
+                BusError::Corrupt(what) => BusError::Corrupt(format!(
+                    "record {} of partition {partition} of stream {}: {what}",
+                    record.seq, stream.stream_id
+                )),
+                other => other,
+            })?;
+        }
+        records.push(record);
+    }
+    Ok(records)
 }
 
 /// The checked arguments of stream_read.

@@ -401,7 +401,8 @@ pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
 // A table is worth a rewrite when it is over 8 MB with its indexes and at least nine tenths empty (live
 // rows sized by a sample; the messages counted exactly by the statistics step just before, since the
 // statistics system's estimate lags behind a bulk load and a rewrite of a large live set would hold
-// the table's lock for long), and no transaction older than 10 seconds could still need its dead rows:
+// the table's lock for long), and no transaction older than 10 seconds could still need its dead rows
+// or hold the table (one with a transaction id, as a prepared one, may hold it without a snapshot):
 // then a rewrite keeps only live rows and gives the space back, where VACUUM would leave the file (and
 // the indexes) at their peak size. A plain VACUUM holds nothing back (a rewrite ignores it); ANALYZE does.
 // The message table is rewritten in delivery order, so that reads find ready messages on few pages.
@@ -422,8 +423,11 @@ static COMPACTION_CANDIDATES: Statement = Statement {
           WHERE pg_total_relation_size(t.relid) > 8 * 1024 * 1024
             AND pg_relation_size(t.relid) > 10 * t.live_rows * coalesce(t.row_width, 0)
             AND t.live_rows <= 40000
+            AND NOT EXISTS (SELECT FROM pg_prepared_xacts p
+                            WHERE p.prepared < clock_timestamp() - interval '10 seconds')
             AND NOT EXISTS (SELECT FROM pg_stat_activity a
-                            WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+                            WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+                              AND a.pid <> pg_backend_pid()
                               AND NOT (a.backend_type = 'autovacuum worker'
                                        AND a.query LIKE 'autovacuum: VACUUM %'
                                        AND a.query NOT LIKE '%ANALYZE%')
@@ -454,12 +458,15 @@ const COMPACTION_WAIT: std::time::Duration = std::time::Duration::from_millis(50
 const COMPACTION_WAIT_MAX_BYTES: i64 = 128 * 1024 * 1024;
 
 /// Takes the lock for `relid`'s rewrite: when it is free, or after a short wait for a table small
-/// enough to rewrite quickly. False, holding nothing, when it stayed busy.
+/// enough to rewrite quickly that no long transaction holds. False, holding nothing, when it stayed
+/// busy.
 fn lock_for_rewrite(client: &mut SpiClient<'_>, relid: pg_sys::Oid, bytes: i64) -> BusResult<bool> {
     if crate::pg::locks::try_lock_exclusive(relid, COMPACTION_TRIES, COMPACTION_PAUSE) {
         return Ok(true);
     }
-    if bytes > COMPACTION_WAIT_MAX_BYTES {
+    if bytes > COMPACTION_WAIT_MAX_BYTES
+        || plans::first_value::<bool>(client, &HELD_FOR_LONG, &[relid.into()])? != Some(false)
+    {
         return Ok(false);
     }
     let locked = crate::pg::xact::waiting_at_most(client, COMPACTION_WAIT, |_| {
@@ -488,6 +495,19 @@ fn grown_since_last_rewrite(relid: pg_sys::Oid, bytes: i64) -> bool {
         _ => true,
     })
 }
+
+// Whether any other transaction that began over a second ago holds a lock on the table: a short
+// wait would not see it end, and would only stall the table's senders and readers (an idle
+// transaction that once looked at the table holds it, without a snapshot or a transaction id).
+static HELD_FOR_LONG: Statement = Statement {
+    sql: "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                         WHERE l.locktype = 'relation' AND l.relation = $1 AND l.granted
+                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND l.pid <> pg_backend_pid()
+                           AND a.xact_start < clock_timestamp() - interval '1 second')",
+    args: &[pg_sys::OIDOID],
+    writes: true,
+};
 
 /// Rewrites bloated tables, each under a lock taken when it is free, or waited for briefly (see
 /// `lock_for_rewrite`); the rewrite takes milliseconds for the few live rows. How many tables were
@@ -575,9 +595,11 @@ pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
         "removed_orphans": remove_orphans(client)?,
         "counted_touched_queues": count_touched_queues(client)?,
         "counted_queues": refresh_stats(client)?,
-        "compacted_tables": compact(client)?,
         "emptied_stream_segments": crate::stream::retention::rotate_all(client)?,
         "emptied_body_segments": crate::stream::body::collect(client)?,
+        "adopted_stream_tables": crate::stream::definition::adopt_restored(client)?,
+        // Last: the lock a rewrite takes is held to the end of the caller's transaction.
+        "compacted_tables": compact(client)?,
         "milliseconds": started.elapsed().as_millis() as u64,
     }))
 }

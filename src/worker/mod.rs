@@ -365,6 +365,9 @@ fn run_round(bodies_after: &mut i64) {
     round_step("stream bodies", || {
         Spi::connect_mut(crate::stream::body::collect)
     });
+    round_step("restored stream tables", || {
+        Spi::connect_mut(crate::stream::definition::adopt_restored)
+    });
 }
 
 /// The statistics step reads the whole message table. Under a backlog of millions that takes seconds,
