@@ -157,10 +157,22 @@ pub fn run_limited<'conn>(
     let _pins = PinsApply::enter();
     let plan = kept(client, statement, limit)?;
     // The plan cache may plan the statement anew here (after an invalidation).
-    if statement.writes {
-        client.update(&*plan, None, args)
+    execute(client, &plan, statement.writes, None, args)
+}
+
+/// Runs a kept plan: a writing statement through `update` (a new snapshot and a command counter bump
+/// for each), else through `select`; `rows` stops it early.
+fn execute<'conn>(
+    client: &mut SpiClient<'conn>,
+    plan: &OwnedPreparedStatement,
+    writes: bool,
+    rows: Option<i64>,
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<SpiTupleTable<'conn>> {
+    if writes {
+        client.update(plan, rows, args)
     } else {
-        client.select(&*plan, None, args)
+        client.select(plan, rows, args)
     }
 }
 
@@ -215,11 +227,7 @@ pub fn run_text_stopping<'conn>(
             plan
         }
     };
-    if writes {
-        client.update(&*plan, rows, args)
-    } else {
-        client.select(&*plan, rows, args)
-    }
+    execute(client, &plan, writes, rows, args)
 }
 
 /// Whether a kept statement of bussig is being planned or run.

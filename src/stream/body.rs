@@ -5,8 +5,6 @@
 //! is closed once it has taken bodies for half the longest retention of any stream and the next one
 //! is empty. A segment goes once its last record does, so a body outlives the last record that
 //! refers to it by up to about twice the longest retention.
-use std::time::Duration;
-
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
@@ -73,11 +71,6 @@ static ROTATE: Statement = Statement {
     writes: true,
 };
 
-/// A segment busy with readers of shared bodies is free only between their statements: the
-/// collection tries for its lock this often, this far apart, per round.
-const LOCK_TRIES: u32 = 20;
-const LOCK_PAUSE: Duration = Duration::from_millis(10);
-
 /// Stores a payload shared by the records of one publish.
 pub fn store(client: &mut SpiClient<'_>, payload: Jsonb) -> BusResult<Body> {
     let Some(row) = plans::run(client, &STORE, &[payload.into()])?.next() else {
@@ -133,7 +126,11 @@ pub fn collect(client: &mut SpiClient<'_>) -> BusResult<i64> {
         // once locked, every record referring to the segment has committed or gone.
         if relation == pg_sys::InvalidOid
             || referenced(client, segment)?
-            || !crate::pg::locks::try_lock_exclusive(relation, LOCK_TRIES, LOCK_PAUSE)
+            || !crate::pg::locks::try_lock_exclusive(
+                relation,
+                super::SEGMENT_LOCK_TRIES,
+                super::SEGMENT_LOCK_PAUSE,
+            )
             || referenced(client, segment)?
         {
             continue;

@@ -183,7 +183,7 @@ pub fn create(
 }
 
 /// Makes the tables of restored streams depend on the extension, as create_stream makes them: how
-/// many. A step of the worker's retention round (and of `bussig.run_maintenance()`).
+/// many. A step the worker runs with its statistics step (and `bussig.run_maintenance()`).
 pub fn adopt_restored(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let tables: Vec<pg_sys::Oid> = plans::first_column(client, &UNADOPTED, &[])?;
     let adopted = tables

@@ -35,6 +35,11 @@ use crate::validate;
 pub const SEGMENTS: i32 = 4;
 pub const MAX_PARTITIONS: i32 = 256;
 
+/// A segment's table (of records, or of shared bodies) that readers use is free only between their
+/// statements: retention and the body collection try for its lock this often, this far apart.
+pub const SEGMENT_LOCK_TRIES: u32 = 20;
+pub const SEGMENT_LOCK_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// What a role may do with one stream (`bussig.grant`); a stream's owner may do all of it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum StreamPrivilege {

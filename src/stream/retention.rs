@@ -95,7 +95,11 @@ fn empty_segment(
     segment: &Segment,
 ) -> BusResult<bool> {
     if segment.relation == pg_sys::InvalidOid
-        || !crate::pg::locks::try_lock_exclusive(segment.relation, 20, Duration::from_millis(10))
+        || !crate::pg::locks::try_lock_exclusive(
+            segment.relation,
+            super::SEGMENT_LOCK_TRIES,
+            super::SEGMENT_LOCK_PAUSE,
+        )
     {
         return Ok(false);
     }

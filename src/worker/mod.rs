@@ -365,9 +365,6 @@ fn run_round(bodies_after: &mut i64) {
     round_step("stream bodies", || {
         Spi::connect_mut(crate::stream::body::collect)
     });
-    round_step("restored stream tables", || {
-        Spi::connect_mut(crate::stream::definition::adopt_restored)
-    });
 }
 
 /// The statistics step reads the whole message table. Under a backlog of millions that takes seconds,
@@ -405,6 +402,10 @@ fn refresh_stats_when_due(last: &mut Option<LastCount>) {
         if counted.is_some() {
             round_step("compaction", || Spi::connect_mut(maintenance::compact));
         }
+        // Only a restore makes stream tables without their dependency: no need to look every round.
+        round_step("restored stream tables", || {
+            Spi::connect_mut(crate::stream::definition::adopt_restored)
+        });
         *last = Some(LastCount {
             ended: Instant::now(),
             took,
