@@ -366,3 +366,75 @@ fn maintenance_in_a_repeatable_read_transaction_empties_no_segment() {
     assert_eq!(kept, 1, "emptied under REPEATABLE READ");
     assert_eq!(emptied(&mut c, "READ COMMITTED"), 1);
 }
+
+/// An appender goes straight into the segment it knows as current: after the ring moved on, its
+/// next append (single or batch) goes into the new current segment, not the closed one.
+#[test]
+fn appends_after_a_rotation_go_into_the_new_current_segment() {
+    let mut admin = connect();
+    let stream = Stream::create(&mut admin, "stream_rotate", "retention => '4 seconds'");
+    let name = stream.name.clone();
+    let mut appender = connect();
+    let append = |c: &mut Client, n: i32| {
+        c.execute(
+            "SELECT bussig.append($1::text, to_jsonb($2::int))",
+            &[&name, &n],
+        )
+        .unwrap();
+    };
+    let segment_of = |c: &mut Client| -> i32 {
+        c.query_one(
+            "SELECT current_segment FROM bussig.stream WHERE name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+    };
+    append(&mut appender, 1);
+    let first = segment_of(&mut admin);
+    // Half the retention has passed: maintenance (or the worker before it) closes the segment and
+    // opens the next, which takes appends for two seconds more.
+    thread::sleep(Duration::from_millis(2_200));
+    admin
+        .execute("SELECT bussig.run_maintenance()", &[])
+        .unwrap();
+    let second = segment_of(&mut admin);
+    assert_ne!(first, second, "maintenance moved the ring on");
+    append(&mut appender, 2);
+    append(&mut appender, 3);
+    appender
+        .execute(
+            "SELECT bussig.append_batch($1::text, ARRAY['4'::jsonb, '5'::jsonb])",
+            &[&name],
+        )
+        .unwrap();
+    let id: i32 = admin
+        .query_one(
+            "SELECT stream_id FROM bussig.stream WHERE name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    let by_segment: Vec<(i32, i64)> = admin
+        .query(
+            &format!("SELECT segment, count(*) FROM bussig.stream_{id} GROUP BY 1 ORDER BY 1"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut expected = vec![(first, 1), (second, 4)];
+    expected.sort();
+    assert_eq!(by_segment, expected);
+    let payloads: Vec<i64> = admin
+        .query(
+            "SELECT payload::text::bigint FROM bussig.stream_range($1::text, 0, 1, 10) ORDER BY seq",
+            &[&name],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(payloads, [1, 2, 3, 4, 5]);
+}

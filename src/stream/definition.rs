@@ -88,12 +88,13 @@ impl Retention {
 }
 
 /// The statements that make a stream's table: records by segment, each segment a table of its own
-/// that retention can TRUNCATE. Records get their seq when they become readable (`sequence`), so
-/// the index on seq also finds the ones still waiting for theirs (seq NULL sorts last), in the order
-/// of their ids: numbering starts past the ids it knows are done, not at the first entry of a record
-/// numbered since a snapshot still held (a stream made before keeps `(partition, seq)`, and walks).
-/// A record `publish` appended to several streams has no payload: it refers to a shared body
-/// (`body`), and the index on body_segment tells when a segment of bodies may go.
+/// that retention can TRUNCATE. Records get their seq when they become readable (`sequence`): one
+/// partial index finds those still waiting, in the order of their ids (numbering starts past the ids
+/// it knows are done, not at the first entry of a record numbered since a snapshot still held), the
+/// other the numbered ones by seq. Neither holds a NULL, so an append's index entry is compared by
+/// its fixed-width columns, not through the slow path a NULL in the key takes. A record `publish`
+/// appended to several streams has no payload: it refers to a shared body (`body`), and the index on
+/// body_segment tells when a segment of bodies may go.
 fn table_ddl(stream_id: i32) -> Vec<String> {
     let table = super::table_of(stream_id);
     let mut ddl = vec![
@@ -112,7 +113,8 @@ fn table_ddl(stream_id: i32) -> Vec<String> {
                  body_id      bigint
              ) PARTITION BY LIST (segment)"
         ),
-        format!("CREATE INDEX ON {table} (partition, seq, record_id)"),
+        format!("CREATE INDEX ON {table} (partition, record_id) WHERE seq IS NULL"),
+        format!("CREATE INDEX ON {table} (partition, seq) WHERE seq IS NOT NULL"),
         format!("CREATE INDEX ON {table} (body_segment) WHERE body_segment IS NOT NULL"),
     ];
     for segment in 0..SEGMENTS {

@@ -104,7 +104,7 @@ fn empty_segment(
         return Ok(false);
     }
     let table = format!("{}_{}", stream.table(), segment.segment);
-    // By partition, so that the index on (partition, seq) answers.
+    // By partition, so that the index of unnumbered records answers.
     let unnumbered = format!(
         "SELECT EXISTS (SELECT FROM generate_series(0, {}) p
                         WHERE EXISTS (SELECT FROM {table} r WHERE r.partition = p AND r.seq IS NULL))",
