@@ -88,6 +88,11 @@ fn check_every_verb(member: &mut Client, state: &str) {
     check(member, state, "the streams view", 1, |_| {
         "SELECT count(*) FROM bussig.streams WHERE stream = 's'".into()
     });
+    // The worker's look, before it empties a segment of shared bodies, for a record still referring
+    // to one: the partial index on body_segment, not the stream's records.
+    check(member, state, "stream_body_referenced", 1, |_| {
+        "SELECT bussig.stream_body_referenced(0)".into()
+    });
 }
 
 /// Stream 's' (one partition) made anew with groups 'g' and 'other' at its start, its segment tables
