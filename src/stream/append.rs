@@ -22,25 +22,19 @@ pub struct Record<'a> {
     pub key: Option<&'a str>,
 }
 
-// Appends go straight into the segment this backend knows as current, which spares the routing
-// through the parent table (a fifth of a single append's work). Whether it is still current is asked in
-// the statement, after the plan locked the segment's table (retention empties only segments no longer
-// current, under a lock this one conflicts with): when it no longer is, nothing is inserted, and
-// `append_rows` appends through the parent, which finds the current segment in its own snapshot.
+// The current segment is read in the statement itself: the stream may come from a backend's cache.
 // A record refers to a shared body ($7, $8) instead of holding its payload, or holds it ($5).
-fn insert_one(stream: &Stream, target: Target) -> String {
+fn insert_one(stream: &Stream) -> String {
     format!(
         "INSERT INTO {} (segment, partition, key, subject, payload, headers, body_segment, body_id)
-         SELECT {}, $2, $3, $4, $5, $6, $7, $8 {}",
-        target.table(stream),
-        target.segment(),
-        target.condition()
+         VALUES ((SELECT current_segment FROM bussig.stream WHERE stream_id = $1), $2, $3, $4, $5, $6, $7, $8)",
+        stream.table()
     )
 }
 
 // unnest keeps the arrays' order, and record ids are taken in it: a batch's records of one key are
 // numbered in the order given. With neither keys nor subjects, the whole batch goes to partition $2.
-fn insert_batch(stream: &Stream, plain: bool, target: Target) -> String {
+fn insert_batch(stream: &Stream, plain: bool) -> String {
     let rows = if plain {
         "SELECT $2[1], NULL::text, NULL::text, b.payload FROM unnest($5::jsonb[]) AS b(payload)"
     } else {
@@ -48,68 +42,11 @@ fn insert_batch(stream: &Stream, plain: bool, target: Target) -> String {
     };
     format!(
         "INSERT INTO {} (segment, partition, key, subject, payload, headers)
-         SELECT {}, b.partition, b.key, b.subject, b.payload, $6
-         FROM ({rows}) AS b(partition, key, subject, payload) {}",
-        target.table(stream),
-        target.segment(),
-        target.condition()
+         SELECT (SELECT current_segment FROM bussig.stream WHERE stream_id = $1), b.partition, b.key,
+                b.subject, b.payload, $6
+         FROM ({rows}) AS b(partition, key, subject, payload)",
+        stream.table()
     )
-}
-
-/// Where an append's statement inserts.
-#[derive(Clone, Copy)]
-enum Target {
-    /// The segment's own table, if the segment is still current.
-    Segment(i32),
-    /// The stream's table, which routes to the current segment.
-    Current,
-}
-
-impl Target {
-    fn table(self, stream: &Stream) -> String {
-        match self {
-            Target::Segment(segment) => format!("{}_{segment}", stream.table()),
-            Target::Current => stream.table(),
-        }
-    }
-
-    fn segment(self) -> String {
-        match self {
-            Target::Segment(segment) => segment.to_string(),
-            Target::Current => {
-                "(SELECT current_segment FROM bussig.stream WHERE stream_id = $1)".to_string()
-            }
-        }
-    }
-
-    fn condition(self) -> String {
-        match self {
-            Target::Segment(segment) => format!(
-                "WHERE EXISTS (SELECT FROM bussig.stream WHERE stream_id = $1 AND current_segment = {segment})"
-            ),
-            Target::Current => String::new(),
-        }
-    }
-}
-
-/// Runs an append's statement (made by `sql` for a target) into the segment the stream was known
-/// to append to, and through the stream's table when that is current no more (then this backend
-/// looks the stream up again next time).
-fn append_rows(
-    client: &mut SpiClient<'_>,
-    stream: &Stream,
-    sql: impl Fn(Target) -> String,
-    types: &[pg_sys::Oid],
-    args: &[pgrx::datum::DatumWithOid<'_>],
-) -> BusResult<()> {
-    crate::pg::arrivals::appending(super::wake_key(stream.stream_id));
-    let direct = Target::Segment(stream.current_segment);
-    if plans::run_text(client, &sql(direct), types, true, args)?.is_empty() {
-        super::forget_known(stream.stream_id);
-        plans::run_text(client, &sql(Target::Current), types, true, args)?;
-    }
-    announce(stream);
-    Ok(())
 }
 
 /// The partition a record goes to.
@@ -185,13 +122,9 @@ fn append_to(
         pg_sys::INT4OID,
         pg_sys::INT8OID,
     ];
-    append_rows(
-        client,
-        stream,
-        |target| insert_one(stream, target),
-        &types,
-        &args,
-    )?;
+    crate::pg::arrivals::appending(super::wake_key(stream.stream_id));
+    plans::run_text(client, &insert_one(stream), &types, true, &args)?;
+    announce(stream);
     Ok(partition)
 }
 
@@ -304,8 +237,9 @@ pub fn batch(
         batch.payloads.into(),
         batch.headers.into(),
     ];
-    let sql = |target| insert_batch(&stream, plain, target);
-    append_rows(client, &stream, sql, &types, &args)?;
+    crate::pg::arrivals::appending(super::wake_key(stream.stream_id));
+    plans::run_text(client, &insert_batch(&stream, plain), &types, true, &args)?;
+    announce(&stream);
     Ok(count as i64)
 }
 

@@ -149,16 +149,6 @@ pub fn find(client: &mut SpiClient<'_>, name: &str) -> BusResult<Option<Stream>>
     Ok(Some(found))
 }
 
-/// Drops the stream from this backend's cache: its current segment moved on.
-pub fn forget_known(stream_id: i32) {
-    KNOWN.with(|known| {
-        known
-            .borrow_mut()
-            .1
-            .retain(|_, stream| stream.stream_id != stream_id)
-    });
-}
-
 /// The stream named `name` when the caller holds `privilege` on it: 42704 when there is none, 42501
 /// when the caller lacks the privilege.
 pub fn require(

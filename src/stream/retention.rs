@@ -117,9 +117,14 @@ fn empty_segment(
     {
         return Ok(false);
     }
+    // Each partition's last seq in the segment, one probe of the numbered records' index each (the
+    // segment's table is locked for this: a scan of it would keep every reader waiting).
     let move_first = format!(
         "UPDATE bussig.stream_partition p SET first_seq = greatest(p.first_seq, kept.last_seq + 1)
-         FROM (SELECT partition, max(seq) AS last_seq FROM {table} GROUP BY partition) kept
+         FROM (SELECT q.partition,
+                      (SELECT r.seq FROM {table} r WHERE r.partition = q.partition AND r.seq IS NOT NULL
+                       ORDER BY r.seq DESC LIMIT 1) AS last_seq
+               FROM bussig.stream_partition q WHERE q.stream_id = $1) kept
          WHERE p.stream_id = $1 AND p.partition = kept.partition"
     );
     plans::run_text(
