@@ -18,16 +18,24 @@ fn read_and_commit(member: &mut Client, stream: &str, max: i32) -> usize {
 
 #[test]
 fn under_a_held_snapshot_a_read_visits_entries_in_proportion_to_its_batch() {
-    let mut admin = connect();
-    let stream = Stream::create(&mut admin, "floor_held", "partitions => 1");
-    let name = stream.name.clone();
+    // A database of its own: floors are not learnt while a transaction of the database is prepared,
+    // and the tests below prepare one while this one runs.
+    let db = Database::create("floor_held");
+    let mut admin = db.connect();
+    admin
+        .batch_execute(
+            "CREATE EXTENSION bussig;
+             SELECT bussig.create_stream('events', partitions => 1);",
+        )
+        .unwrap();
+    let name = "events".to_string();
     create_group(&mut admin, &name, "g", "earliest");
-    let mut holder = connect_session();
+    let mut holder = db.connect();
     holder
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT txid_current();")
         .unwrap();
     // A backend of its own: the floor is what it learnt.
-    let mut member = connect_session();
+    let mut member = db.connect();
     for _ in 0..60 {
         append_numbers(&mut admin, &name, 100, false);
         assert_eq!(read_and_commit(&mut member, &name, 100), 100);
