@@ -13,6 +13,8 @@ use crate::pg::wakeup;
 use crate::plans::{self, Statement};
 use crate::queue;
 
+use super::stats;
+
 /// Rows one step handles per transaction, so that no step holds locks for long.
 pub const BATCH: i32 = 1000;
 
@@ -190,91 +192,6 @@ static ORPHANED_MESSAGES: Statement = Statement {
     writes: true,
 };
 
-/// Counts by state of the messages `$m` (an alias of bussig.message) at `clock.now`.
-macro_rules! counts_by_state {
-    ($m:literal) => {
-        concat!(
-            "count(*) FILTER (WHERE ",
-            $m,
-            ".visible_at <= clock.now) AS ready,
-             count(*) FILTER (WHERE ",
-            $m,
-            ".visible_at > clock.now AND ",
-            $m,
-            ".lock_token IS NULL) AS delayed,
-             count(*) FILTER (WHERE ",
-            $m,
-            ".visible_at > clock.now AND ",
-            $m,
-            ".lock_token IS NOT NULL) AS locked,
-             min(",
-            $m,
-            ".enqueued_at) FILTER (WHERE ",
-            $m,
-            ".visible_at <= clock.now) AS oldest_ready_since"
-        )
-    };
-}
-
-/// Saves the rows of CTE `counted` (queue_id and `counts_by_state`) to bussig.queue_stats.
-macro_rules! save_counts {
-    () => {
-        "INSERT INTO bussig.queue_stats AS s (queue_id, ready, delayed, locked, oldest_ready_since, counted_at)
-         SELECT c.queue_id, c.ready, c.delayed, c.locked, c.oldest_ready_since, clock_timestamp()
-         FROM counted c JOIN bussig.queue q USING (queue_id)
-         ON CONFLICT (queue_id) DO UPDATE
-         SET ready = excluded.ready, delayed = excluded.delayed, locked = excluded.locked,
-             oldest_ready_since = excluded.oldest_ready_since, counted_at = excluded.counted_at
-         RETURNING queue_id"
-    };
-}
-
-// One pass over all messages; the worker runs it every bussig.stats_interval.
-static REFRESH_STATS: Statement = Statement {
-    sql: concat!(
-        "WITH clock AS (SELECT clock_timestamp() AS now), counted AS (
-             SELECT m.queue_id, ",
-        counts_by_state!("m"),
-        " FROM bussig.message m, clock GROUP BY m.queue_id
-         ), saved AS (",
-        save_counts!(),
-        ") DELETE FROM bussig.queue_stats s WHERE NOT EXISTS (SELECT FROM saved WHERE saved.queue_id = s.queue_id)"
-    ),
-    args: &[],
-    writes: true,
-};
-
-// The queues $1, each counted through its own range of the delivery order.
-static COUNT_QUEUES: Statement = Statement {
-    sql: concat!(
-        "WITH clock AS (SELECT clock_timestamp() AS now), counted AS (
-             SELECT ids.queue_id, c.*
-             FROM unnest($1::int[]) AS ids(queue_id) CROSS JOIN clock CROSS JOIN LATERAL (
-                 SELECT ",
-        counts_by_state!("in_order"),
-        "        FROM bussig.message in_order WHERE in_order.queue_id = ids.queue_id
-             ) c
-         ) ",
-        save_counts!()
-    ),
-    args: &[pg_sys::INT4ARRAYOID],
-    writes: true,
-};
-
-/// Queues of at most this many messages are counted by state every round when a commit changed them;
-/// larger ones every bussig.stats_interval.
-pub const COUNTED_EVERY_ROUND: i64 = 10_000;
-
-/// Counts by state the small queues that commits changed since the last round, so that the split of
-/// bussig.queues is about a round old for them. How many it counted.
-pub fn count_touched_queues(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    let touched = crate::depth::take_touched(COUNTED_EVERY_ROUND);
-    if touched.is_empty() {
-        return Ok(0);
-    }
-    Ok(plans::run(client, &COUNT_QUEUES, &[touched.into()])?.len() as i64)
-}
-
 /// Dead-letters messages whose lock ran out on their last allowed delivery.
 pub fn dead_letter_expired_locks(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let dead: Vec<Dead> =
@@ -388,14 +305,6 @@ fn collect_all_bodies(client: &mut SpiClient<'_>) -> BusResult<i64> {
             None => return Ok(collected),
         }
     }
-}
-
-/// Recounts every queue for bussig.queues; returns how many queues hold messages.
-pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    crate::depth::recount(client)?;
-    let _scans = crate::pg::planner::whole_table_scans();
-    plans::run(client, &REFRESH_STATS, &[])?;
-    Ok(Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0))
 }
 
 // A table is worth a rewrite when it is over 8 MB with its indexes and at least nine tenths empty (live
@@ -583,6 +492,8 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
 /// step did, and how long it all took.
 pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
     let started = Instant::now();
+    // Before any step, so that the wait holds nothing another writer of the counts could wait for.
+    stats::wait_for_the_counts(client)?;
     let mut fanned_out = 0;
     while let Some(delivered) = fan_out_chunk(client, BATCH)? {
         fanned_out += delivered;
@@ -595,8 +506,8 @@ pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
         "fanned_out": fanned_out,
         "collected_bodies": collect_all_bodies(client)?,
         "removed_orphans": remove_orphans(client)?,
-        "counted_touched_queues": count_touched_queues(client)?,
-        "counted_queues": refresh_stats(client)?,
+        "counted_touched_queues": stats::count_touched_queues(client)?,
+        "counted_queues": stats::refresh_stats(client)?,
         "emptied_stream_segments": crate::stream::retention::rotate_all(client)?,
         "emptied_body_segments": crate::stream::body::collect(client)?,
         "adopted_stream_tables": crate::stream::definition::adopt_restored(client)?,

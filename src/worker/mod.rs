@@ -5,6 +5,7 @@
 //! that commits ask for as they come. A step that fails is
 //! logged and rolled back; the loop goes on.
 pub mod maintenance;
+pub mod stats;
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
 
@@ -354,7 +355,7 @@ fn run_round(bodies_after: &mut i64) {
         *bodies_after = next.unwrap_or(0);
     }
     round_step("queue counts", || {
-        Spi::connect_mut(maintenance::count_touched_queues)
+        Spi::connect_mut(stats::count_touched_queues)
     });
     round_step("orphan removal", || {
         Spi::connect_mut(maintenance::remove_orphans)
@@ -395,7 +396,7 @@ fn refresh_stats_when_due(last: &mut Option<LastCount>) {
     if stats_due(last.as_ref(), interval) {
         let started = Instant::now();
         let counted = round_step("statistics", || {
-            Spi::connect_mut(maintenance::refresh_stats)
+            Spi::connect_mut(stats::refresh_stats)
         });
         let took = started.elapsed();
         // Compaction judges the message table by these counts.

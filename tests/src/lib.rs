@@ -262,7 +262,7 @@ pub fn ack(c: &mut impl GenericClient, queue: &str, id: i64, token: Uuid) -> boo
 /// split is the worker's count; `c` must be the extension owner).
 pub fn counts(c: &mut impl GenericClient, queue: &str) -> (i64, i64, i64) {
     c.execute("SELECT bussig.run_maintenance()", &[])
-        .unwrap_or_else(|e| panic!("run_maintenance before counting {queue}: {e}"));
+        .unwrap_or_else(|e| panic!("run_maintenance before counting {queue}: {e:?}"));
     let sql = "SELECT ready::bigint, delayed::bigint, locked::bigint \
                FROM bussig.queues WHERE queue = $1::text";
     let row = c
