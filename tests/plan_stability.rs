@@ -216,10 +216,7 @@ fn fill(client: &mut Client, queue: &str, count: i64, options: &str) {
 
 #[test]
 fn every_verb_visits_rows_in_proportion_to_its_batch() {
-    let database = Database::create("plan_rows");
-    let mut admin = database.connect();
-    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
-    keep_worker_out(&mut admin);
+    let (database, mut admin) = Database::without_worker("plan_rows");
     admin
         .batch_execute(
             "-- Statistics change only where the test says so.
@@ -453,10 +450,7 @@ fn plans_made_on_an_empty_table_still_use_the_indexes() {
 /// free slots only, whatever the queue holds.
 #[test]
 fn grouped_and_capped_verbs_visit_rows_in_proportion_to_their_batch() {
-    let database = Database::create("plan_groups");
-    let mut admin = database.connect();
-    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
-    keep_worker_out(&mut admin);
+    let (database, mut admin) = Database::without_worker("plan_groups");
     admin
         .batch_execute(
             "ALTER TABLE bussig.message SET (autovacuum_enabled = false);

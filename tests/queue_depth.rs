@@ -41,17 +41,9 @@ fn ids_and_tokens(deliveries: &[Delivery]) -> (Vec<i64>, Vec<uuid::Uuid>) {
     deliveries.iter().map(|d| (d.id, d.token)).unzip()
 }
 
-fn own_database(test: &str) -> (Database, Client) {
-    let db = Database::create(test);
-    let mut admin = db.connect();
-    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
-    keep_worker_out(&mut admin);
-    (db, admin)
-}
-
 #[test]
 fn every_change_to_a_queue_keeps_its_depth_equal_to_its_rows() {
-    let (_db, mut c) = own_database("depth_verbs");
+    let (_db, mut c) = Database::without_worker("depth_verbs");
     c.batch_execute(
         "SELECT bussig.create_queue('q', max_deliveries => 2);
          SELECT bussig.create_queue('t', message_ttl => '1 second');
@@ -171,7 +163,7 @@ fn every_change_to_a_queue_keeps_its_depth_equal_to_its_rows() {
 
 #[test]
 fn a_transaction_sees_its_own_changes_and_nobody_sees_what_rolled_back() {
-    let (db, mut c) = own_database("depth_rollback");
+    let (db, mut c) = Database::without_worker("depth_rollback");
     c.batch_execute("SELECT bussig.create_queue('q')").unwrap();
     send_batch(&mut c, "q", &[serde_json::json!(1), serde_json::json!(2)]);
     let mut other = db.connect();
@@ -211,7 +203,7 @@ fn a_transaction_sees_its_own_changes_and_nobody_sees_what_rolled_back() {
 
 #[test]
 fn a_truncated_or_rewritten_message_table_is_counted_again() {
-    let (_db, mut c) = own_database("depth_truncate");
+    let (_db, mut c) = Database::without_worker("depth_truncate");
     c.batch_execute("SELECT bussig.create_queue('q')").unwrap();
     send_batch(&mut c, "q", &[serde_json::json!(1), serde_json::json!(2)]);
     assert_exact(&mut c, &["q"], "send_batch");
@@ -226,7 +218,7 @@ fn a_truncated_or_rewritten_message_table_is_counted_again() {
 
 #[test]
 fn concurrent_commits_and_rollbacks_leave_every_depth_exact() {
-    let (db, mut admin) = own_database("depth_concurrent");
+    let (db, mut admin) = Database::without_worker("depth_concurrent");
     admin
         .batch_execute(
             "SELECT bussig.create_queue('a', max_deliveries => 3);
@@ -304,7 +296,7 @@ fn concurrent_commits_and_rollbacks_leave_every_depth_exact() {
 /// arrival alone.
 #[test]
 fn counts_taken_from_the_rows_while_commits_go_on_are_exact() {
-    let (db, mut admin) = own_database("depth_recount");
+    let (db, mut admin) = Database::without_worker("depth_recount");
     admin
         .batch_execute(
             "SELECT bussig.create_queue('q');

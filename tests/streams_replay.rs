@@ -326,10 +326,7 @@ fn hostile_names_keys_and_subjects_are_refused_cleanly() {
 /// taken after it: in a REPEATABLE READ transaction, whose snapshot is older, they empty nothing.
 #[test]
 fn maintenance_in_a_repeatable_read_transaction_empties_no_segment() {
-    let db = Database::create("stream_rr_maintenance");
-    let mut c = db.connect();
-    c.batch_execute("CREATE EXTENSION bussig").unwrap();
-    keep_worker_out(&mut c);
+    let (_db, mut c) = Database::without_worker("stream_rr_maintenance");
     c.batch_execute(
         "SELECT bussig.create_stream('events', retention => '1 hour');
          SELECT bussig.append('events', '1');
@@ -371,10 +368,7 @@ fn maintenance_in_a_repeatable_read_transaction_empties_no_segment() {
 /// into the new current segment after it, singly and in batches, and a read finds them all in order.
 #[test]
 fn appends_after_a_rotation_go_into_the_new_current_segment() {
-    let db = Database::create("stream_rotation_appends");
-    let mut admin = db.connect();
-    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
-    keep_worker_out(&mut admin);
+    let (db, mut admin) = Database::without_worker("stream_rotation_appends");
     admin
         .batch_execute("SELECT bussig.create_stream('events', retention => '1 hour')")
         .unwrap();

@@ -322,10 +322,7 @@ fn a_bloated_message_table_is_rewritten_small() {
 /// A database of its own, its worker kept out, whose message table held `gone` times 10,000 messages
 /// of queue 'gone', purged, and holds `live` times 10,000 of queue 'live'.
 fn bloated_database(test: &str, gone: i32, live: i32) -> (Database, Client) {
-    let database = Database::create(test);
-    let mut c = database.connect();
-    c.batch_execute("CREATE EXTENSION bussig").unwrap();
-    keep_worker_out(&mut c);
+    let (database, mut c) = Database::without_worker(test);
     c.batch_execute(&format!(
         "SELECT bussig.create_queue('live'), bussig.create_queue('gone');
          SELECT count(*) FROM (SELECT bussig.send_batch('gone', array_fill('{{\"pad\": 1}}'::jsonb, ARRAY[10000]))

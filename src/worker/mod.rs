@@ -395,9 +395,7 @@ fn refresh_stats_when_due(last: &mut Option<LastCount>) {
     let interval = Duration::from_millis(gucs::STATS_INTERVAL.get().max(1) as u64);
     if stats_due(last.as_ref(), interval) {
         let started = Instant::now();
-        let counted = round_step("statistics", || {
-            Spi::connect_mut(stats::refresh_stats)
-        });
+        let counted = round_step("statistics", || Spi::connect_mut(stats::refresh_stats));
         let took = started.elapsed();
         // Compaction judges the message table by these counts.
         if counted.is_some() {

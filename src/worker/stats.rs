@@ -83,20 +83,30 @@ static COUNT_QUEUES: Statement = Statement {
 /// larger ones every bussig.stats_interval.
 pub const COUNTED_EVERY_ROUND: i64 = 10_000;
 
-// Writers of bussig.queue_stats take this first: two of them upserting the same queues' rows in
-// different orders (one pass counts every queue, another those commits touched, a third deletes the
-// rows of emptied queues) deadlocked, as `run_maintenance` calls beside the worker's rounds did.
-// The worker's steps try it and leave the count to the next round when it is taken; run_maintenance
-// waits for it before its first step, holding nothing yet (see `run_all`).
+/// A call of advisory-lock function `$f` on the counts' lock. Writers of bussig.queue_stats take it
+/// first: two of them upserting the same queues' rows in different orders (one pass counts every
+/// queue, another those commits touched, a third deletes the rows of emptied queues) deadlocked, as
+/// `run_maintenance` calls beside the worker's rounds did. The worker's steps try it and leave the
+/// count to the next round when it is taken; run_maintenance waits for it before its first step,
+/// holding nothing yet (see `run_all`).
+macro_rules! stats_lock {
+    ($f:literal) => {
+        concat!(
+            "SELECT pg_catalog.",
+            $f,
+            "(pg_catalog.hashtext('bussig-queue-stats'))"
+        )
+    };
+}
+
 static TRY_STATS_LOCK: Statement = Statement {
-    sql: "SELECT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('bussig-queue-stats'))",
+    sql: stats_lock!("pg_try_advisory_xact_lock"),
     args: &[],
     writes: true,
 };
 
 static STATS_LOCK: Statement = Statement {
-    sql:
-        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('bussig-queue-stats')) IS NULL",
+    sql: concat!(stats_lock!("pg_advisory_xact_lock"), " IS NULL"),
     args: &[],
     writes: true,
 };

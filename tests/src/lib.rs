@@ -329,6 +329,16 @@ impl Database {
         Client::connect(&url_for(&self.name), NoTls)
             .unwrap_or_else(|e| panic!("cannot connect to database {}: {e}", self.name))
     }
+
+    /// A database of its own with the extension, its worker kept out for as long as the returned
+    /// session lives (see `keep_worker_out`): for tests that run the worker's steps themselves.
+    pub fn without_worker(test: &str) -> (Database, Client) {
+        let database = Database::create(test);
+        let mut admin = database.connect();
+        admin.batch_execute("CREATE EXTENSION bussig").unwrap();
+        keep_worker_out(&mut admin);
+        (database, admin)
+    }
 }
 
 impl Drop for Database {
