@@ -1,14 +1,16 @@
-//! Reads pass over message versions that a committed transaction replaced after the read's snapshot
-//! was taken, without locking them (`bussig.superseded`). A reader holding an old snapshot sees each
-//! kind of version: replaced by a read or an ack (skipped), only row-locked or updated by a
-//! transaction that rolled back, or untouched (left to FOR UPDATE SKIP LOCKED).
+//! Reads pass over message versions that another transaction has taken, without trying to lock them
+//! (`bussig.superseded`): replaced by a commit after the read's snapshot was taken, or updated or
+//! row-locked by a transaction still in progress. A reader holding an old snapshot sees each kind of
+//! version: replaced by a read or an ack, or held by another open transaction (skipped); only
+//! row-locked by a transaction that committed, updated by one that rolled back, row-locked by the
+//! reader's own transaction, or untouched (left to FOR UPDATE SKIP LOCKED).
 use bussig_tests::*;
 
 #[test]
 fn only_versions_replaced_by_a_commit_are_superseded() {
     let mut admin = connect();
     let queue = Queue::create(&mut admin, "superseded", "");
-    let ids: Vec<i64> = (0..5)
+    let ids: Vec<i64> = (0..8)
         .map(|n| send(&mut admin, &queue.name, &json!({ "n": n })))
         .collect();
 
@@ -51,6 +53,27 @@ fn only_versions_replaced_by_a_commit_are_superseded() {
         )
         .unwrap();
     undone.rollback().unwrap();
+    // 5 row-locked and 6 updated by a transaction still open, 7 row-locked by the reader itself.
+    let mut holding = connect();
+    let mut holder = holding.transaction().unwrap();
+    holder
+        .execute(
+            "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
+            &[&ids[5]],
+        )
+        .unwrap();
+    holder
+        .execute(
+            "UPDATE bussig.message SET priority = 7 WHERE message_id = $1",
+            &[&ids[6]],
+        )
+        .unwrap();
+    snapshot
+        .execute(
+            "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
+            &[&ids[7]],
+        )
+        .unwrap();
 
     let superseded: Vec<bool> = versions
         .iter()
@@ -64,10 +87,14 @@ fn only_versions_replaced_by_a_commit_are_superseded() {
                 .get(0)
         })
         .collect();
-    assert_eq!(superseded, [true, true, false, false, false]);
+    assert_eq!(
+        superseded,
+        [true, true, false, false, false, true, true, false]
+    );
     snapshot.commit().unwrap();
+    holder.rollback().unwrap();
 
-    // Whatever the old snapshot saw, the queue still hands out exactly the three unread messages.
+    // Whatever the old snapshot saw, the queue still hands out exactly the six unread messages.
     let rest: Vec<i64> = read(&mut admin, &queue.name, 10, None)
         .iter()
         .map(|d| d.id)

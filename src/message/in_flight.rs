@@ -23,7 +23,8 @@ use crate::plans::{self, Statement};
 
 // Up to {limit} free slots of queue $1 as of $2 (seconds since the epoch: a bound of the index scan,
 // which clock_timestamp() cannot be), locked for this transaction. Slots a commit replaced after this
-// snapshot are passed over where that can be told, sparing FOR UPDATE the newest version's lock.
+// snapshot, or another reader holds, are passed over where that can be told, sparing FOR UPDATE the
+// newest version's lock and the attempt at a held one.
 static CLAIM: Statement = Statement {
     sql: "SELECT s.slot FROM bussig.in_flight_slot s
           WHERE s.queue_id = $1 AND s.locked_until <= to_timestamp($2)

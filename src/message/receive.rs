@@ -56,8 +56,8 @@ macro_rules! read_statement {
     };
 }
 
-// Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold or have
-// already replaced since the statement's snapshot (see superseded.rs). A message past its TTL or its
+// Locks up to {limit} ready messages in delivery order, skipping rows other consumers hold, are taking
+// or have already replaced since the statement's snapshot (see superseded.rs). A message past its TTL or its
 // last allowed delivery comes back flagged with dead_reason instead of being handed out; the caller
 // moves it to the dead-letter queue in the same transaction. Each priority's range is read on its own,
 // highest first, and only as far as its ready messages go: a scan of the whole queue's range would

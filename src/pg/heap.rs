@@ -2,9 +2,10 @@
 use pgrx::itemptr::item_pointer_get_both;
 use pgrx::pg_sys;
 
-/// Whether row `version` of table `relation` was updated or deleted by a committed transaction; false
-/// whenever the row does not plainly say so. A block past the end of the table is an error.
-pub fn replaced_by_a_commit(relation: pg_sys::Oid, version: pg_sys::ItemPointerData) -> bool {
+/// Whether row `version` of table `relation` is taken by another transaction: updated or deleted by one
+/// that committed, or updated, deleted or row-locked by one still in progress. False whenever the row
+/// does not plainly say so. A block past the end of the table is an error.
+pub fn taken_by_another(relation: pg_sys::Oid, version: pg_sys::ItemPointerData) -> bool {
     let (block, offset) = item_pointer_get_both(version);
     // SAFETY: relation_open raises an ERROR for an unknown oid, and only a heap's pages are read (the
     // access method is checked); ReadBufferExtended raises an ERROR for a block past the end; the
@@ -33,34 +34,34 @@ pub fn replaced_by_a_commit(relation: pg_sys::Oid, version: pg_sys::ItemPointerD
                 });
             pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
             pg_sys::ReleaseBuffer(buffer);
-            header.is_some_and(|(infomask, xmax)| replaced_by_commit(infomask, xmax))
+            header.is_some_and(|(infomask, xmax)| taken(infomask, xmax))
         };
         pg_sys::relation_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
         answer
     }
 }
 
-/// From a row version's infomask and xmax: replaced by an update or delete that committed. Row locks
-/// (HEAP_XMAX_IS_LOCKED_ONLY) and multixacts say nothing of the kind.
-fn replaced_by_commit(infomask: u32, xmax: pg_sys::TransactionId) -> bool {
-    let locked_only = infomask & pg_sys::HEAP_XMAX_LOCK_ONLY != 0
-        || infomask & (pg_sys::HEAP_XMAX_IS_MULTI | pg_sys::HEAP_LOCK_MASK)
-            == pg_sys::HEAP_XMAX_EXCL_LOCK;
-    if infomask & pg_sys::HEAP_XMAX_INVALID != 0
-        || locked_only
-        || infomask & pg_sys::HEAP_XMAX_IS_MULTI != 0
-    {
+/// From a row version's infomask and xmax: replaced by an update or delete that committed, or held by
+/// another transaction in progress (its update, delete or row lock), which `FOR UPDATE SKIP LOCKED` would
+/// skip as well, after a heavier look (the row lock's attempt and a lock-table probe). Multixacts, and
+/// what this transaction did itself, say nothing of the kind.
+fn taken(infomask: u32, xmax: pg_sys::TransactionId) -> bool {
+    if infomask & pg_sys::HEAP_XMAX_INVALID != 0 || infomask & pg_sys::HEAP_XMAX_IS_MULTI != 0 {
         return false;
     }
-    if infomask & pg_sys::HEAP_XMAX_COMMITTED != 0 {
+    let locked_only = infomask & pg_sys::HEAP_XMAX_LOCK_ONLY != 0
+        || infomask & pg_sys::HEAP_LOCK_MASK == pg_sys::HEAP_XMAX_EXCL_LOCK;
+    if !locked_only && infomask & pg_sys::HEAP_XMAX_COMMITTED != 0 {
         return true;
     }
     // In this order: a transaction shows as committed in the commit log before it leaves the proc array.
     // SAFETY: plain look-ups of transaction status by id, which PostgreSQL allows any backend at
     // any time.
     unsafe {
-        !pg_sys::TransactionIdIsCurrentTransactionId(xmax)
-            && !pg_sys::TransactionIdIsInProgress(xmax)
-            && pg_sys::TransactionIdDidCommit(xmax)
+        if pg_sys::TransactionIdIsCurrentTransactionId(xmax) {
+            return false;
+        }
+        pg_sys::TransactionIdIsInProgress(xmax)
+            || !locked_only && pg_sys::TransactionIdDidCommit(xmax)
     }
 }
