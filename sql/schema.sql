@@ -47,23 +47,35 @@ CREATE TABLE bussig.queue_creator (
 );
 
 -- Whether role holds privilege (any, when NULL) on queue: the owner of extension bussig (and every
--- superuser) holds all of them on every queue, a queue's owner all of them on it. NULL when there is
--- no such queue. Like has_table_privilege, anyone may ask about anyone.
-CREATE FUNCTION bussig.has_queue_privilege(role regrole, queue text, privilege text)
-RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- superuser) holds all of them on every queue, a queue's owner all of them on it. No row when there is
+-- no such queue. For bussig's own statements, which run as the extension owner, and for
+-- has_queue_privilege: a set-returning SQL function without SECURITY DEFINER or SET, so that the
+-- statement calling it plans its body in once and keeps that plan (a function call planned it anew
+-- each time, most of a restricted role's send).
+CREATE FUNCTION bussig.queue_privilege_of(role oid, queue text, privilege text)
+RETURNS SETOF boolean
+LANGUAGE sql STABLE ROWS 1
 AS $$
-    SELECT pg_has_role($1, n.nspowner, 'USAGE')
-        OR EXISTS (SELECT FROM pg_roles r WHERE r.rolname = q.owner AND pg_has_role($1, r.oid, 'USAGE'))
+    SELECT pg_catalog.pg_has_role($1, n.nspowner, 'USAGE')
+        OR EXISTS (SELECT FROM pg_catalog.pg_roles r
+                   WHERE r.rolname = q.owner AND pg_catalog.pg_has_role($1, r.oid, 'USAGE'))
         OR EXISTS (SELECT FROM bussig.queue_grant g
                    WHERE g.queue_id = q.queue_id
                      AND (g.privilege = $3 OR $3 IS NULL)
                      AND (g.grantee = 'public'
-                          OR EXISTS (SELECT FROM pg_roles r
-                                     WHERE r.rolname = g.grantee AND pg_has_role($1, r.oid, 'USAGE'))))
-    FROM bussig.queue q, pg_namespace n
+                          OR EXISTS (SELECT FROM pg_catalog.pg_roles r
+                                     WHERE r.rolname = g.grantee
+                                       AND pg_catalog.pg_has_role($1, r.oid, 'USAGE'))))
+    FROM bussig.queue q, pg_catalog.pg_namespace n
     WHERE q.name = $2 AND n.nspname = 'bussig'
 $$;
+REVOKE EXECUTE ON FUNCTION bussig.queue_privilege_of(oid, text, text) FROM PUBLIC;
+
+-- The same, NULL when there is no such queue. Like has_table_privilege, anyone may ask about anyone.
+CREATE FUNCTION bussig.has_queue_privilege(role regrole, queue text, privilege text)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT held FROM bussig.queue_privilege_of($1, $2, $3) AS held $$;
 
 -- The same for the current user.
 CREATE FUNCTION bussig.has_queue_privilege(queue text, privilege text DEFAULT NULL)

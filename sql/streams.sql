@@ -175,23 +175,36 @@ SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_1', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_2', '');
 SELECT pg_catalog.pg_extension_config_dump('bussig.stream_body_3', '');
 
--- Whether role holds privilege (any, when NULL) on stream, as has_queue_privilege for queues; NULL
--- when there is no such stream.
-CREATE FUNCTION bussig.has_stream_privilege(role regrole, stream text, privilege text)
-RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Whether role holds privilege (any, when NULL) on stream: the owner of extension bussig (and every
+-- superuser) holds all of them on every stream, a stream's owner all of them on it. No row when there is
+-- no such stream. For bussig's own statements, which run as the extension owner, and for
+-- has_stream_privilege: a set-returning SQL function without SECURITY DEFINER or SET, so that the
+-- statement calling it plans its body in once and keeps that plan (a function call planned it anew
+-- each time, most of a restricted role's send).
+CREATE FUNCTION bussig.stream_privilege_of(role oid, stream text, privilege text)
+RETURNS SETOF boolean
+LANGUAGE sql STABLE ROWS 1
 AS $$
-    SELECT pg_has_role($1, n.nspowner, 'USAGE')
-        OR EXISTS (SELECT FROM pg_roles r WHERE r.rolname = s.owner AND pg_has_role($1, r.oid, 'USAGE'))
+    SELECT pg_catalog.pg_has_role($1, n.nspowner, 'USAGE')
+        OR EXISTS (SELECT FROM pg_catalog.pg_roles r
+                   WHERE r.rolname = s.owner AND pg_catalog.pg_has_role($1, r.oid, 'USAGE'))
         OR EXISTS (SELECT FROM bussig.stream_grant g
                    WHERE g.stream_id = s.stream_id
                      AND (g.privilege = $3 OR $3 IS NULL)
                      AND (g.grantee = 'public'
-                          OR EXISTS (SELECT FROM pg_roles r
-                                     WHERE r.rolname = g.grantee AND pg_has_role($1, r.oid, 'USAGE'))))
-    FROM bussig.stream s, pg_namespace n
+                          OR EXISTS (SELECT FROM pg_catalog.pg_roles r
+                                     WHERE r.rolname = g.grantee
+                                       AND pg_catalog.pg_has_role($1, r.oid, 'USAGE'))))
+    FROM bussig.stream s, pg_catalog.pg_namespace n
     WHERE s.name = $2 AND n.nspname = 'bussig'
 $$;
+REVOKE EXECUTE ON FUNCTION bussig.stream_privilege_of(oid, text, text) FROM PUBLIC;
+
+-- The same, NULL when there is no such stream.
+CREATE FUNCTION bussig.has_stream_privilege(role regrole, stream text, privilege text)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT held FROM bussig.stream_privilege_of($1, $2, $3) AS held $$;
 
 CREATE FUNCTION bussig.has_stream_privilege(stream text, privilege text DEFAULT NULL)
 RETURNS boolean

@@ -45,9 +45,10 @@ pub struct Caller {
 }
 
 // A writing statement, so that it reads in a new snapshot: a long poll checks again after each
-// sleep, and must see a revoke that committed during it.
+// sleep, and must see a revoke that committed during it. The function's body is planned into this
+// statement (see its comment in sql/schema.sql).
 static HAS_QUEUE_PRIVILEGE: Statement = Statement {
-    sql: "SELECT bussig.has_queue_privilege($1::regrole, $2, $3)",
+    sql: "SELECT held FROM bussig.queue_privilege_of($1, $2, $3) AS held",
     args: &[pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
     writes: true,
 };
@@ -60,8 +61,9 @@ static MAY_CREATE_QUEUES: Statement = Statement {
 
 // $3 NULL: any privilege.
 static PERMITTED: Statement = Statement {
-    sql: "SELECT queue_id FROM bussig.queue
-          WHERE queue_id = ANY($2) AND bussig.has_queue_privilege($1::regrole, name, $3)",
+    sql: "SELECT q.queue_id FROM bussig.queue q
+          WHERE q.queue_id = ANY($2)
+            AND EXISTS (SELECT FROM bussig.queue_privilege_of($1, q.name, $3) AS held WHERE held)",
     args: &[pg_sys::OIDOID, pg_sys::INT4ARRAYOID, pg_sys::TEXTOID],
     writes: false,
 };

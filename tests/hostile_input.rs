@@ -153,10 +153,10 @@ fn null_in_every_argument() {
              FROM pg_proc p
              WHERE p.pronamespace = 'bussig'::regnamespace AND p.prokind = 'f' AND p.pronargs > 0
                AND p.prorettype <> 'trigger'::regtype
-               -- superseded: bussig's own statements' helper, not granted to PUBLIC
+               -- superseded and the *_privilege_of: bussig's own statements' helpers, not granted to PUBLIC
                AND p.proname NOT IN ('has_queue_privilege', 'may_create_queues', 'retry_backoff', 'superseded',
                                      'has_stream_privilege', 'stream_storage', 'group_lease_until',
-                                     'stream_body_referenced')
+                                     'stream_body_referenced', 'queue_privilege_of', 'stream_privilege_of')
              ORDER BY 1",
             &[],
         )

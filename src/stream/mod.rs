@@ -105,9 +105,10 @@ thread_local! {
 }
 
 // A writing statement, so that it reads in a new snapshot: a long poll checks again after each
-// sleep, and must see a revoke that committed during it.
+// sleep, and must see a revoke that committed during it. The function's body is planned into this
+// statement (see its comment in sql/schema.sql).
 static HAS_STREAM_PRIVILEGE: Statement = Statement {
-    sql: "SELECT bussig.has_stream_privilege($1::regrole, $2, $3)",
+    sql: "SELECT held FROM bussig.stream_privilege_of($1, $2, $3) AS held",
     args: &[pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
     writes: true,
 };

@@ -1,0 +1,124 @@
+//! A restricted role's privilege check: planned into bussig's kept statement once (a function call
+//! planned the check anew on every call, and a restricted role sent at a fifth of a superuser's rate),
+//! and still answering from the grants as they are at each call.
+use bussig_tests::*;
+
+/// The statements of src/access.rs and src/stream/mod.rs, as bussig keeps them.
+const CHECKS: [(&str, &str); 2] = [
+    (
+        "queue",
+        "SELECT held FROM bussig.queue_privilege_of($1, $2, $3) AS held",
+    ),
+    (
+        "stream",
+        "SELECT held FROM bussig.stream_privilege_of($1, $2, $3) AS held",
+    ),
+];
+
+/// A function that is STRICT, VOLATILE, SECURITY DEFINER or has a SET clause is not planned into its
+/// caller: the plan would show a function scan, and every call would plan the body again.
+#[test]
+fn the_check_is_planned_into_the_statement() {
+    let mut admin = connect();
+    let mut tx = admin.transaction().unwrap();
+    for (kind, check) in CHECKS {
+        tx.batch_execute(&format!(
+            "PREPARE privilege_check (oid, text, text) AS {check}"
+        ))
+        .unwrap();
+        // A generic plan, as bussig's kept statements run.
+        tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            .unwrap();
+        let plan: Vec<String> = tx
+            .query(
+                "EXPLAIN (COSTS OFF) EXECUTE privilege_check (10, 'x', NULL)",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            !plan.contains("Function Scan"),
+            "the {kind} check is called, not planned in:\n{plan}"
+        );
+        assert!(
+            plan.contains(&format!("on {kind} ")),
+            "the {kind} check does not read bussig.{kind}:\n{plan}"
+        );
+        tx.batch_execute("DEALLOCATE privilege_check").unwrap();
+    }
+}
+
+fn sqlstate(result: Result<u64, postgres::Error>) -> Option<String> {
+    result
+        .err()
+        .and_then(|error| error.code().map(|code| code.code().to_string()))
+}
+
+/// One connection of the role sends, and keeps its statements; grants, revokes and role memberships
+/// committed meanwhile take effect on its next call.
+#[test]
+fn each_call_checks_the_grants_as_they_are() {
+    let mut admin = connect();
+    let queue = Queue::create(&mut admin, "privilege_calls", "");
+    let role = Role::create("privilege_calls");
+    let team = Role::create("privilege_team");
+    let mut app = connect();
+    app.batch_execute(&format!("SET ROLE \"{}\"", role.name))
+        .unwrap();
+    let mut send_as_role =
+        || sqlstate(app.execute("SELECT bussig.send($1::text, '1')", &[&queue.name]));
+    let admin_runs = |admin: &mut Client, sql: &str, role: &str| {
+        admin.execute(sql, &[&queue.name, &role]).unwrap();
+    };
+
+    assert_eq!(send_as_role(), Some("42501".into()), "sent without a grant");
+    admin_runs(
+        &mut admin,
+        "SELECT bussig.grant($1::text, $2::text, ARRAY['send'])",
+        &role.name,
+    );
+    for _ in 0..3 {
+        assert_eq!(send_as_role(), None, "refused after the grant");
+    }
+    admin_runs(
+        &mut admin,
+        "SELECT bussig.revoke($1::text, $2::text)",
+        &role.name,
+    );
+    assert_eq!(
+        send_as_role(),
+        Some("42501".into()),
+        "sent after the revoke"
+    );
+
+    // Through a role it is a member of.
+    admin_runs(
+        &mut admin,
+        "SELECT bussig.grant($1::text, $2::text, ARRAY['send'])",
+        &team.name,
+    );
+    assert_eq!(send_as_role(), Some("42501".into()), "sent as a non-member");
+    admin
+        .batch_execute(&format!("GRANT \"{}\" TO \"{}\"", team.name, role.name))
+        .unwrap();
+    assert_eq!(send_as_role(), None, "refused to a member");
+    admin
+        .batch_execute(&format!("REVOKE \"{}\" FROM \"{}\"", team.name, role.name))
+        .unwrap();
+    assert_eq!(
+        send_as_role(),
+        Some("42501".into()),
+        "sent after the membership ended"
+    );
+
+    // Four sends went through, and no refused one left a message behind.
+    assert_eq!(counts(&mut admin, &queue.name).0, 4);
+    admin_runs(
+        &mut admin,
+        "SELECT bussig.revoke($1::text, $2::text)",
+        &team.name,
+    );
+}
