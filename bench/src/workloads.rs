@@ -76,14 +76,16 @@ pub fn sends(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res
         "1. Send, one message per transaction",
         "msgs/s",
         "bussig `send`, an `INSERT` into the hand-written table, PgQ `insert_event`, pgmq `send`; each an \
-         autocommit statement. The notify row sends to a bussig queue created with `notify => true`. The \
-         five runs of a row take turns: four slices of a quarter of the time each, in rotation.",
+         autocommit statement. The notify row sends to a bussig queue created with `notify => true`; the \
+         granted row sends as a role that holds only `send` on the queue (`SET ROLE`). The \
+         six runs of a row take turns: four slices of a quarter of the time each, in rotation.",
     );
     for &clients in &cfg.clients {
         for system in SYSTEMS {
             reset(admin, system)?;
         }
         ensure_bussig_queue(admin, "bench_notify", true)?;
+        granted_sender(admin)?;
         let mut setups: Vec<Setup> = SYSTEMS
             .iter()
             .map(|&system| -> Setup {
@@ -93,12 +95,21 @@ pub fn sends(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res
         setups.push(Box::new(|c, _| {
             Ok(Sender::new(c, System::Bussig, "bench_notify", false)?.step())
         }));
+        setups.push(Box::new(|c, _| {
+            c.batch_execute(&format!("SET ROLE {GRANTED_SENDER}"))?;
+            Ok(Sender::new(c, System::Bussig, QUEUE, false)?.step())
+        }));
         let outcomes = in_turns(&cfg.url, clients, cfg.run, &setups)?;
         section.add("send", Some(clients), rate_cells(&outcomes));
         section.add(
             "send, notify => true",
             Some(clients),
             only(System::Bussig, rate_cell(&outcomes[SYSTEMS.len()])),
+        );
+        section.add(
+            GRANTED_SEND,
+            Some(clients),
+            only(System::Bussig, rate_cell(&outcomes[SYSTEMS.len() + 1])),
         );
     }
     for &clients in &cfg.clients {
@@ -120,8 +131,33 @@ pub fn sends(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) -> Res
             notify / plain,
             0.9,
         ));
+        // Applications send as roles granted `send`, not as superusers; their check is one kept
+        // statement per send (a superuser's send runs none).
+        let granted = section
+            .value(GRANTED_SEND, Some(clients), System::Bussig)
+            .unwrap_or(f64::NAN);
+        targets.push(at_least(
+            format!("send as a role granted send vs as a superuser, {clients} client(s)"),
+            granted / plain,
+            0.8,
+        ));
     }
     Ok(section)
+}
+
+const GRANTED_SEND: &str = "send as a role granted send";
+const GRANTED_SENDER: &str = "bench_sender";
+
+/// A role that may only send to QUEUE (made again after each reset of the queue).
+fn granted_sender(admin: &mut Client) -> Res<()> {
+    admin.batch_execute(&format!(
+        "DO $$ BEGIN CREATE ROLE {GRANTED_SENDER}; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    ))?;
+    admin.execute(
+        "SELECT bussig.grant($1, $2, ARRAY['send'])",
+        &[&QUEUE, &GRANTED_SENDER],
+    )?;
+    Ok(())
 }
 
 /// Workload 2: batches of 100 messages in one statement.
