@@ -57,7 +57,7 @@ fn sqlstate(result: Result<u64, postgres::Error>) -> Option<String> {
         .and_then(|error| error.code().map(|code| code.code().to_string()))
 }
 
-/// One connection of the role sends, and keeps its statements; grants, revokes and role memberships
+/// One connection sends as the role, and keeps its statements; grants, revokes and role memberships
 /// committed meanwhile take effect on its next call.
 #[test]
 fn each_call_checks_the_grants_as_they_are() {
@@ -65,11 +65,18 @@ fn each_call_checks_the_grants_as_they_are() {
     let queue = Queue::create(&mut admin, "privilege_calls", "");
     let role = Role::create("privilege_calls");
     let team = Role::create("privilege_team");
+    // The role is set per transaction: under a pooler a session's SET ROLE would reach other tests.
     let mut app = connect();
-    app.batch_execute(&format!("SET ROLE \"{}\"", role.name))
-        .unwrap();
-    let mut send_as_role =
-        || sqlstate(app.execute("SELECT bussig.send($1::text, '1')", &[&queue.name]));
+    let mut send_as_role = || {
+        let mut tx = app.transaction().unwrap();
+        tx.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
+            .unwrap();
+        let refused = sqlstate(tx.execute("SELECT bussig.send($1::text, '1')", &[&queue.name]));
+        if refused.is_none() {
+            tx.commit().unwrap();
+        }
+        refused
+    };
     let admin_runs = |admin: &mut Client, sql: &str, role: &str| {
         admin.execute(sql, &[&queue.name, &role]).unwrap();
     };
