@@ -21,14 +21,14 @@ const CHECKS: [(&str, &str); 2] = [
 fn the_check_is_planned_into_the_statement() {
     let mut admin = connect();
     let mut tx = admin.transaction().unwrap();
+    // A generic plan, as bussig's kept statements run.
+    tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        .unwrap();
     for (kind, check) in CHECKS {
         tx.batch_execute(&format!(
             "PREPARE privilege_check (oid, text, text) AS {check}"
         ))
         .unwrap();
-        // A generic plan, as bussig's kept statements run.
-        tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            .unwrap();
         let plan: Vec<String> = tx
             .query(
                 "EXPLAIN (COSTS OFF) EXECUTE privilege_check (10, 'x', NULL)",
@@ -49,6 +49,73 @@ fn the_check_is_planned_into_the_statement() {
         );
         tx.batch_execute("DEALLOCATE privilege_check").unwrap();
     }
+}
+
+/// The checks read bussig's closed tables: only bussig's own statements (and the public
+/// `has_*_privilege`, as the extension owner) call them.
+#[test]
+fn the_checks_are_not_for_everyone() {
+    let role = Role::create("privilege_of");
+    let mut admin = connect();
+    for (kind, _) in CHECKS {
+        let mut as_role = admin.transaction().unwrap();
+        as_role
+            .batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
+            .unwrap();
+        let refused = as_role.query(
+            &format!("SELECT * FROM bussig.{kind}_privilege_of(10, 'x', NULL)"),
+            &[],
+        );
+        assert_eq!(
+            refused
+                .err()
+                .and_then(|e| e.code().map(|c| c.code().to_string())),
+            Some("42501".into()),
+            "{kind}_privilege_of ran for a role"
+        );
+    }
+}
+
+/// A restricted role's sends read bussig's catalog tables by their indexes only, however many queues
+/// there are and whatever the statistics say: no sequential scan, a handful of index rows per send.
+#[test]
+fn a_granted_send_reads_the_catalog_by_its_indexes() {
+    let mut admin = connect();
+    let queue = Queue::create(&mut admin, "privilege_rows", "");
+    let role = Role::create("privilege_rows");
+    admin
+        .execute(
+            "SELECT bussig.grant($1::text, $2::text, ARRAY['send'])",
+            &[&queue.name, &role.name],
+        )
+        .unwrap();
+    const SENDS: i64 = 20;
+    let mut tx = admin.transaction().unwrap();
+    tx.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
+        .unwrap();
+    for _ in 0..SENDS {
+        tx.execute("SELECT bussig.send($1::text, '1')", &[&queue.name])
+            .unwrap();
+    }
+    // This transaction's own counts, before it ends.
+    let rows = tx
+        .query(
+            "SELECT relname::text, seq_scan, coalesce(idx_tup_fetch, 0)
+             FROM pg_stat_xact_user_tables
+             WHERE schemaname = 'bussig' AND relname IN ('queue', 'queue_grant')",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2, "counts of bussig.queue and queue_grant");
+    for row in rows {
+        let (table, seq_scans, fetched): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(seq_scans, 0, "bussig.{table} scanned whole");
+        assert!(
+            fetched <= 4 * SENDS,
+            "bussig.{table}: {fetched} index rows for {SENDS} sends"
+        );
+    }
+    tx.rollback().unwrap();
 }
 
 fn sqlstate(result: Result<u64, postgres::Error>) -> Option<String> {

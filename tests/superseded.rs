@@ -6,8 +6,26 @@
 //! reader's own transaction, or untouched (left to FOR UPDATE SKIP LOCKED).
 use bussig_tests::*;
 
+/// Message `id` row-locked by `c`'s transaction, as a reader's FOR UPDATE locks it.
+fn row_lock(c: &mut impl GenericClient, id: i64) {
+    c.execute(
+        "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
+        &[&id],
+    )
+    .unwrap();
+}
+
+/// Message `id` updated by `c`'s transaction.
+fn row_update(c: &mut impl GenericClient, id: i64) {
+    c.execute(
+        "UPDATE bussig.message SET priority = 7 WHERE message_id = $1",
+        &[&id],
+    )
+    .unwrap();
+}
+
 #[test]
-fn only_versions_replaced_by_a_commit_are_superseded() {
+fn only_versions_another_transaction_took_are_superseded() {
     let mut admin = connect();
     let queue = Queue::create(&mut admin, "superseded", "");
     let ids: Vec<i64> = (0..8)
@@ -38,42 +56,17 @@ fn only_versions_replaced_by_a_commit_are_superseded() {
     assert_eq!(first.iter().map(|d| d.id).collect::<Vec<_>>(), ids[..2]);
     assert!(ack(&mut admin, &queue.name, first[1].id, first[1].token));
     let mut locker = admin.transaction().unwrap();
-    locker
-        .execute(
-            "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
-            &[&ids[2]],
-        )
-        .unwrap();
+    row_lock(&mut locker, ids[2]);
     locker.commit().unwrap();
     let mut undone = admin.transaction().unwrap();
-    undone
-        .execute(
-            "UPDATE bussig.message SET priority = 7 WHERE message_id = $1",
-            &[&ids[3]],
-        )
-        .unwrap();
+    row_update(&mut undone, ids[3]);
     undone.rollback().unwrap();
     // 5 row-locked and 6 updated by a transaction still open, 7 row-locked by the reader itself.
     let mut holding = connect();
     let mut holder = holding.transaction().unwrap();
-    holder
-        .execute(
-            "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
-            &[&ids[5]],
-        )
-        .unwrap();
-    holder
-        .execute(
-            "UPDATE bussig.message SET priority = 7 WHERE message_id = $1",
-            &[&ids[6]],
-        )
-        .unwrap();
-    snapshot
-        .execute(
-            "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
-            &[&ids[7]],
-        )
-        .unwrap();
+    row_lock(&mut holder, ids[5]);
+    row_update(&mut holder, ids[6]);
+    row_lock(&mut snapshot, ids[7]);
 
     let superseded: Vec<bool> = versions
         .iter()
