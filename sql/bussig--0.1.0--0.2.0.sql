@@ -255,7 +255,10 @@ ALTER TABLE bussig.in_flight_slot SET (autovacuum_vacuum_scale_factor = 0, autov
 SELECT pg_catalog.pg_extension_config_dump('bussig.in_flight_slot', '');
 -- Backends cache a queue's cap with its name.
 DROP TRIGGER queue_routing_changed ON bussig.queue;
-CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight OR DELETE ON bussig.queue
+CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight, owner OR DELETE ON bussig.queue
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
+-- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
+CREATE TRIGGER queue_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.queue_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
 DROP FUNCTION bussig.create_queue(text, int, interval, interval, interval, interval, float8, interval, text, bool);
 CREATE FUNCTION bussig.create_queue(queue text, max_deliveries int DEFAULT 5, lock_timeout interval DEFAULT '30 seconds',
@@ -416,15 +419,18 @@ BEGIN
 END $$;
 REVOKE EXECUTE ON FUNCTION bussig.stream_body_referenced(int) FROM PUBLIC;
 
--- A stream dropped or renamed: every backend drops its cached streams (src/stream/mod.rs), as a
--- change of queues makes them drop theirs.
+-- A stream dropped, renamed or given another owner: every backend drops its cached streams
+-- (src/stream/mod.rs) and the privileges it keeps, as a change of queues makes them drop theirs.
 CREATE FUNCTION bussig.streams_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM bussig.invalidate_routing();
     RETURN NULL;
 END $$;
 REVOKE EXECUTE ON FUNCTION bussig.streams_changed() FROM PUBLIC;
-CREATE TRIGGER stream_changed AFTER UPDATE OF name OR DELETE ON bussig.stream
+CREATE TRIGGER stream_changed AFTER UPDATE OF name, owner OR DELETE ON bussig.stream
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+-- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
+CREATE TRIGGER stream_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
 -- publish keeps the streams' subscriptions with the queues' (src/topic/routes.rs).
 CREATE TRIGGER stream_subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_subscription

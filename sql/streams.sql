@@ -142,15 +142,18 @@ BEGIN
 END $$;
 REVOKE EXECUTE ON FUNCTION bussig.stream_body_referenced(int) FROM PUBLIC;
 
--- A stream dropped or renamed: every backend drops its cached streams (src/stream/mod.rs), as a
--- change of queues makes them drop theirs.
+-- A stream dropped, renamed or given another owner: every backend drops its cached streams
+-- (src/stream/mod.rs) and the privileges it keeps, as a change of queues makes them drop theirs.
 CREATE FUNCTION bussig.streams_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM bussig.invalidate_routing();
     RETURN NULL;
 END $$;
 REVOKE EXECUTE ON FUNCTION bussig.streams_changed() FROM PUBLIC;
-CREATE TRIGGER stream_changed AFTER UPDATE OF name OR DELETE ON bussig.stream
+CREATE TRIGGER stream_changed AFTER UPDATE OF name, owner OR DELETE ON bussig.stream
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+-- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
+CREATE TRIGGER stream_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
 -- publish keeps the streams' subscriptions with the queues' (src/topic/routes.rs).
 CREATE TRIGGER stream_subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_subscription

@@ -56,7 +56,10 @@ BEGIN
 END $$;
 CREATE TRIGGER subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.subscription
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
-CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight OR DELETE ON bussig.queue
+CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight, owner OR DELETE ON bussig.queue
+    FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
+-- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
+CREATE TRIGGER queue_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.queue_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
 
 CREATE VIEW bussig.subscriptions AS

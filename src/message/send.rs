@@ -244,7 +244,7 @@ pub fn one(queue: &str, outgoing: Outgoing, extras: Extras<'_>) -> BusResult<Opt
             .then(|| send_directly(queue, delay, messages))
             .flatten()
     };
-    let ids = access::connect_unless_direct(direct, |client, caller| {
+    let ids = access::connect_unless_direct((queue, Privilege::Send), direct, |client, caller| {
         let found = destination(client, caller, queue)?;
         let messages = messages(found.queue_id);
         let mut args = outgoing.args(found.queue_id.into(), &extras);
@@ -351,29 +351,30 @@ pub fn batch(
             .then(|| send_directly(queue, delay, messages))
             .flatten()
     };
-    let mut ids = access::connect_unless_direct(direct, |client, caller| {
-        let found = destination(client, caller, queue)?;
-        let args: [DatumWithOid; 6] = [
-            found.queue_id.into(),
-            payloads.into(),
-            headers.into(),
-            delay.into(),
-            priority.into(),
-            group_ids.into(),
-        ];
-        let messages = messages(found.queue_id);
-        let direct = (!grouped).then_some(&messages);
-        insert_messages(
-            client,
-            queue,
-            found,
-            delay,
-            grouped,
-            direct,
-            &SEND_BATCH,
-            &args,
-        )
-    })?;
+    let mut ids =
+        access::connect_unless_direct((queue, Privilege::Send), direct, |client, caller| {
+            let found = destination(client, caller, queue)?;
+            let args: [DatumWithOid; 6] = [
+                found.queue_id.into(),
+                payloads.into(),
+                headers.into(),
+                delay.into(),
+                priority.into(),
+                group_ids.into(),
+            ];
+            let messages = messages(found.queue_id);
+            let direct = (!grouped).then_some(&messages);
+            insert_messages(
+                client,
+                queue,
+                found,
+                delay,
+                grouped,
+                direct,
+                &SEND_BATCH,
+                &args,
+            )
+        })?;
     ids.sort_unstable();
     Ok(ids)
 }

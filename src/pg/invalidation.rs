@@ -5,6 +5,10 @@
 //! delivery bumps a generation number; a cache entry is good while the generation it was loaded
 //! at is current.
 //!
+//! Roles, role memberships and the owner of schema `bussig`, which the privileges a backend keeps
+//! (`access::held`) depend on, are watched through PostgreSQL's own invalidations of pg_authid,
+//! pg_auth_members and pg_namespace.
+//!
 //! The direct insert's copy of `bussig.message` (its layout, indexes and id sequence) is watched the
 //! same way, through the relcache invalidations PostgreSQL itself sends when any of those change.
 use std::cell::{Cell, RefCell};
@@ -25,6 +29,8 @@ thread_local! {
     /// The relations the message-table copy was built from, and whether one has changed since.
     static MESSAGE_TABLE: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
     static MESSAGE_TABLE_STALE: Cell<bool> = const { Cell::new(true) };
+    static ROLE_CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static ROLES_GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
 static SUBSCRIPTION_TABLE: Statement = Statement {
@@ -109,6 +115,37 @@ pub fn known_generation() -> Option<u64> {
 /// not read under a transaction-long snapshot, which may predate changes already announced.
 pub fn may_keep(generation: u64) -> bool {
     !crate::pg::xact::snapshot_is_fixed() && GENERATION.with(Cell::get) == generation
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_roles_invalidation(
+    _argument: pg_sys::Datum,
+    _cache: std::ffi::c_int,
+    _hash: u32,
+) {
+    ROLES_GENERATION.with(|generation| generation.set(generation.get() + 1));
+}
+
+/// A number that moves whenever a role, a role membership or a schema's owner may have changed, once
+/// the changes other transactions committed have been applied.
+pub fn roles_generation() -> u64 {
+    if !ROLE_CALLBACKS_REGISTERED.with(|registered| registered.replace(true)) {
+        use pg_sys::SysCacheIdentifier::{AUTHMEMROLEMEM, AUTHOID, NAMESPACEOID};
+        for cache in [AUTHOID, AUTHMEMROLEMEM, NAMESPACEOID] {
+            // SAFETY: registered once per backend (three of PostgreSQL's 64 slots); the callback is a
+            // plain function that lives as long as the library.
+            unsafe {
+                pg_sys::CacheRegisterSyscacheCallback(
+                    cache as std::ffi::c_int,
+                    Some(on_roles_invalidation),
+                    pg_sys::Datum::from(0),
+                )
+            };
+        }
+    }
+    // SAFETY: processes pending invalidations, as any catalog access does, inside a transaction.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    ROLES_GENERATION.with(Cell::get)
 }
 
 /// Called by the triggers on queues and subscriptions: every backend drops its cached copies (this

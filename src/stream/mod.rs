@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
+use crate::access::held::On;
 use crate::access::Caller;
 use crate::error::{BusError, BusResult};
 use crate::pg::{identity, invalidation};
@@ -159,8 +160,8 @@ pub fn require(
     privilege: StreamPrivilege,
 ) -> BusResult<Stream> {
     if !caller.unrestricted() {
-        let args = [caller.role().into(), name.into(), privilege.name().into()];
-        match plans::first_value::<bool>(client, &HAS_STREAM_PRIVILEGE, &args)? {
+        let check = (On::Stream, &HAS_STREAM_PRIVILEGE);
+        match caller.holds(client, check, name, Some(privilege.name()))? {
             Some(true) => {}
             Some(false) => return Err(denied(caller, privilege.name(), name)),
             None => return Err(BusError::UnknownStream(name.to_string())),

@@ -11,6 +11,9 @@ use crate::error::{BusError, BusResult};
 use crate::pg::identity;
 use crate::plans::{self, Statement};
 
+pub mod held;
+use held::On;
+
 /// What a role may do with one queue (`bussig.grant`); a queue's owner may do all of it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Privilege {
@@ -119,12 +122,32 @@ impl Caller {
             return Ok(());
         }
         let name = privilege.map(Privilege::name);
-        let args = [self.role.into(), queue.into(), name.into()];
-        match plans::first_value::<bool>(client, &HAS_QUEUE_PRIVILEGE, &args)? {
+        match self.holds(client, (On::Queue, &HAS_QUEUE_PRIVILEGE), queue, name)? {
             Some(true) => Ok(()),
             Some(false) => Err(self.denied(name.unwrap_or(ANY_PRIVILEGE), queue)),
             None => Err(BusError::UnknownQueue(queue.to_string())),
         }
+    }
+
+    /// Whether the caller holds `privilege` (any, when None) on the queue or stream `name`, from
+    /// what this backend keeps (`held`) or else by `check`; None when there is no such object.
+    pub fn holds(
+        &self,
+        client: &mut SpiClient<'_>,
+        (on, check): (On, &'static Statement),
+        name: &str,
+        privilege: Option<&'static str>,
+    ) -> BusResult<Option<bool>> {
+        let version = held::version(client)?;
+        if held::is_held(version, on, self.role, name, privilege) {
+            return Ok(Some(true));
+        }
+        let args = [self.role.into(), name.into(), privilege.into()];
+        let answer = plans::first_value::<bool>(client, check, &args)?;
+        if answer == Some(true) {
+            held::remember(version, on, self.role, name, privilege);
+        }
+        Ok(answer)
     }
 
     /// Fails with 42501 unless the caller owns `queue` (or is unrestricted); 42704 for no such queue.
@@ -228,16 +251,23 @@ pub fn connect<R>(work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>
     connect_as(&Identity::current(), work)
 }
 
-/// As `connect`, but when the caller is unrestricted `direct` is tried first, as the extension owner
-/// and without the SPI connection and pinned settings: a send that only writes its rows directly
-/// saves a tenth of its function's time. `direct` runs no statement, and returns None, having
-/// written nothing, when it needs them after all; `work` runs then.
+/// As `connect`, but when the caller is unrestricted, or was found to hold `privilege` on `queue`
+/// (`held`), `direct` is tried first, as the extension owner and without the SPI connection and
+/// pinned settings: a send that only writes its rows directly saves a tenth of its function's time.
+/// `direct` runs no statement, and returns None, having written nothing, when it needs them after
+/// all; `work` runs then.
 pub fn connect_unless_direct<R>(
+    (queue, privilege): (&str, Privilege),
     direct: impl FnOnce() -> Option<R>,
     work: impl FnOnce(&mut SpiClient<'_>, &Caller) -> BusResult<R>,
 ) -> BusResult<R> {
     let identity = Identity::current();
-    if identity.caller.unrestricted {
+    let caller = &identity.caller;
+    let allowed = caller.unrestricted
+        || held::version_known().is_some_and(|now| {
+            held::is_held(now, On::Queue, caller.role, queue, Some(privilege.name()))
+        });
+    if allowed {
         if let Some(done) = identity.as_owner(|_| direct()) {
             return Ok(done);
         }
