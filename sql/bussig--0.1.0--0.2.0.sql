@@ -260,6 +260,9 @@ CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight
 -- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
 CREATE TRIGGER queue_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.queue_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
+-- Even under session_replication_role = replica (a replication apply, a restore without triggers).
+ALTER TABLE bussig.queue ENABLE ALWAYS TRIGGER queue_routing_changed;
+ALTER TABLE bussig.queue_grant ENABLE ALWAYS TRIGGER queue_grant_changed;
 DROP FUNCTION bussig.create_queue(text, int, interval, interval, interval, interval, float8, interval, text, bool);
 CREATE FUNCTION bussig.create_queue(queue text, max_deliveries int DEFAULT 5, lock_timeout interval DEFAULT '30 seconds',
                                     message_ttl interval DEFAULT NULL, retry_delay interval DEFAULT '1 second',
@@ -432,6 +435,9 @@ CREATE TRIGGER stream_changed AFTER UPDATE OF name, owner OR DELETE ON bussig.st
 -- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
 CREATE TRIGGER stream_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+-- Even under session_replication_role = replica (a replication apply, a restore without triggers).
+ALTER TABLE bussig.stream ENABLE ALWAYS TRIGGER stream_changed;
+ALTER TABLE bussig.stream_grant ENABLE ALWAYS TRIGGER stream_grant_changed;
 -- publish keeps the streams' subscriptions with the queues' (src/topic/routes.rs).
 CREATE TRIGGER stream_subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_subscription
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();

@@ -155,6 +155,9 @@ CREATE TRIGGER stream_changed AFTER UPDATE OF name, owner OR DELETE ON bussig.st
 -- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
 CREATE TRIGGER stream_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();
+-- Even under session_replication_role = replica (a replication apply, a restore without triggers).
+ALTER TABLE bussig.stream ENABLE ALWAYS TRIGGER stream_changed;
+ALTER TABLE bussig.stream_grant ENABLE ALWAYS TRIGGER stream_grant_changed;
 -- publish keeps the streams' subscriptions with the queues' (src/topic/routes.rs).
 CREATE TRIGGER stream_subscription_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.stream_subscription
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.streams_changed();

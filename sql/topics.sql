@@ -61,6 +61,9 @@ CREATE TRIGGER queue_routing_changed AFTER UPDATE OF name, notify, max_in_flight
 -- Backends keep the privileges a restricted role was found to hold (src/access/held.rs).
 CREATE TRIGGER queue_grant_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bussig.queue_grant
     FOR EACH STATEMENT EXECUTE FUNCTION bussig.routing_changed();
+-- Even under session_replication_role = replica (a replication apply, a restore without triggers).
+ALTER TABLE bussig.queue ENABLE ALWAYS TRIGGER queue_routing_changed;
+ALTER TABLE bussig.queue_grant ENABLE ALWAYS TRIGGER queue_grant_changed;
 
 CREATE VIEW bussig.subscriptions AS
 SELECT q.name AS queue, s.pattern, s.created_at, q.heartbeat_at + q.ephemeral_ttl AS expires_at

@@ -320,6 +320,22 @@ fn a_kept_privilege_goes_with_what_it_was_read_from() {
     );
     assert_eq!(counts(&mut admin, &other.name).0, 0);
 
+    // A grant to everyone, and its revoke.
+    admin
+        .execute(grant, &[&other.name, &"public", &"send"])
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(as_role(&mut app, &role.name, SEND, &other.name), None);
+    }
+    admin
+        .execute("SELECT bussig.revoke($1::text, 'public')", &[&other.name])
+        .unwrap();
+    assert_eq!(
+        as_role(&mut app, &role.name, SEND, &other.name),
+        Some("42501".into()),
+        "sent after the grant to public was revoked"
+    );
+
     // Streams keep theirs the same way.
     let stream = unique_name("privilege_kept");
     admin
@@ -344,5 +360,78 @@ fn a_kept_privilege_goes_with_what_it_was_read_from() {
     assert_eq!(refused, Some("42501".into()), "appended after the revoke");
     admin
         .batch_execute(&format!("REVOKE \"{}\" FROM \"{}\"", team.name, role.name))
+        .unwrap();
+}
+
+/// What a role's transaction found it holds counts for its backend only once that transaction
+/// commits: a queue or stream it created and rolled back (wholly, or to a savepoint) left no
+/// privilege behind for the one another role creates under the same name next.
+#[test]
+fn a_privilege_read_in_a_rolled_back_transaction_is_not_kept() {
+    let _serial = serial();
+    let mut admin = connect();
+    let role = Role::create("privilege_rolled_back");
+    admin
+        .execute("SELECT bussig.grant_create_queues($1::text)", &[&role.name])
+        .unwrap();
+    let mut app = connect();
+    let (queue, stream) = (unique_name("held_queue"), unique_name("held_stream"));
+    for (create, write, name) in [
+        ("SELECT bussig.create_queue($1::text)", SEND, &queue),
+        ("SELECT bussig.create_stream($1::text)", APPEND, &stream),
+    ] {
+        let mut tx = app.transaction().unwrap();
+        tx.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
+            .unwrap();
+        tx.execute(create, &[name]).unwrap();
+        for _ in 0..2 {
+            tx.execute(write, &[name]).unwrap();
+        }
+        tx.rollback().unwrap();
+        admin.execute(create, &[name]).unwrap();
+        assert_eq!(
+            as_role(&mut app, &role.name, write, name),
+            Some("42501".into()),
+            "wrote to the {name} another role created after a rollback"
+        );
+    }
+
+    // Rolled back to a savepoint, and created by the admin while the role's transaction goes on.
+    let again = unique_name("held_savepoint");
+    let mut tx = app.transaction().unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL ROLE \"{}\"; SAVEPOINT before_create",
+        role.name
+    ))
+    .unwrap();
+    tx.execute("SELECT bussig.create_queue($1::text)", &[&again])
+        .unwrap();
+    tx.execute(SEND, &[&again]).unwrap();
+    tx.batch_execute("ROLLBACK TO SAVEPOINT before_create")
+        .unwrap();
+    admin
+        .execute("SELECT bussig.create_queue($1::text)", &[&again])
+        .unwrap();
+    assert_eq!(
+        sqlstate(tx.execute(SEND, &[&again])),
+        Some("42501".into()),
+        "sent to the queue another role created after a rollback to a savepoint"
+    );
+    drop(tx);
+
+    admin
+        .execute(
+            "SELECT bussig.revoke_create_queues($1::text)",
+            &[&role.name],
+        )
+        .unwrap();
+    for name in [&queue, &again] {
+        assert_eq!(counts(&mut admin, name).0, 0, "{name} got a message");
+        admin
+            .execute("SELECT bussig.drop_queue($1::text)", &[name])
+            .unwrap();
+    }
+    admin
+        .execute("SELECT bussig.drop_stream($1::text)", &[&stream])
         .unwrap();
 }

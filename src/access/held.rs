@@ -4,8 +4,9 @@
 //!
 //! An answer stays good while nothing it was read from changed: bussig's catalog (queue and stream
 //! rows, their grants), whose triggers move the generation of `pg::invalidation`, and the roles,
-//! their memberships and the owner of schema `bussig`, whose changes PostgreSQL announces itself.
-//! Both are taken in before every check, so a grant or revoke counts from the first call after its
+//! their memberships and the owners of schema `bussig` and of the database, whose changes
+//! PostgreSQL announces itself. Creating a queue or stream announces nothing, so an answer read in a
+//! transaction counts only once it commits. Both are taken in before every check, so a grant or revoke counts from the first call after its
 //! transaction committed, and a long poll sees one that committed while it slept. As with
 //! PostgreSQL's own privilege checks, a call that starts in the instant between a revoke's commit
 //! and the arrival of its invalidation still sees the grant.
@@ -38,10 +39,32 @@ type Answer = (On, pg_sys::Oid, Option<&'static str>);
 /// Names kept at most; past that the backend starts over.
 const LIMIT: usize = 1_000;
 
+/// The answers of one backend, all read under `version`.
+#[derive(Default)]
+struct Held {
+    version: Option<Version>,
+    /// Answers read by transactions that committed, by the name of their queue or stream.
+    kept: HashMap<String, Vec<Answer>>,
+    /// Answers read by the transaction under way, with the subtransaction that read them: kept when
+    /// it commits, dropped when it (or that subtransaction) aborts, for what they were read from may
+    /// be its own work rolled back (a queue it created, whose name another role may take next).
+    pending: Vec<(String, Answer, pg_sys::SubTransactionId)>,
+}
+
+impl Held {
+    fn has(&self, name: &str, answer: Answer) -> bool {
+        self.kept
+            .get(name)
+            .is_some_and(|answers| answers.contains(&answer))
+            || self
+                .pending
+                .iter()
+                .any(|(pending, held, _)| pending == name && *held == answer)
+    }
+}
+
 thread_local! {
-    /// The answers kept, by the name of their queue or stream, and the version they were read under.
-    static HELD: RefCell<(Option<Version>, HashMap<String, Vec<Answer>>)> =
-        RefCell::new((None, HashMap::new()));
+    static HELD: RefCell<Held> = RefCell::new(Held::default());
 }
 
 /// The version now, once the changes other transactions committed have been applied; None when
@@ -73,11 +96,7 @@ pub fn is_held(
 ) -> bool {
     HELD.with(|held| {
         let held = held.borrow();
-        held.0 == Some(now)
-            && held
-                .1
-                .get(name)
-                .is_some_and(|answers| answers.contains(&(on, role, privilege)))
+        held.version == Some(now) && held.has(name, (on, role, privilege))
     })
 }
 
@@ -94,14 +113,60 @@ pub fn remember(
     if xact::snapshot_is_fixed() || version_known() != Some(read_under) {
         return;
     }
+    // SAFETY: a plain read of the running transaction's state.
+    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
     HELD.with(|held| {
         let mut held = held.borrow_mut();
-        if held.0 != Some(read_under) || held.1.len() >= LIMIT {
-            *held = (Some(read_under), HashMap::new());
+        if held.version != Some(read_under) || held.pending.len() >= LIMIT {
+            *held = Held {
+                version: Some(read_under),
+                ..Held::default()
+            };
         }
-        let answers = held.1.entry(name.to_string()).or_default();
-        if !answers.contains(&(on, role, privilege)) {
-            answers.push((on, role, privilege));
+        let answer = (on, role, privilege);
+        if !held.has(name, answer) {
+            held.pending
+                .push((name.to_string(), answer, subtransaction));
         }
     });
+}
+
+/// The transaction's answers are kept at its commit and dropped at its abort, or when it is
+/// prepared (its end comes in another session).
+pub fn at_transaction_end(event: pg_sys::XactEvent::Type) {
+    use pg_sys::XactEvent::*;
+    HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        if held.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut held.pending);
+        if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
+            for (name, answer, _) in pending {
+                if !held.kept.contains_key(&name) && held.kept.len() >= LIMIT {
+                    held.kept.clear();
+                }
+                held.kept.entry(name).or_default().push(answer);
+            }
+        } else if !matches!(
+            event,
+            XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE
+        ) {
+            held.pending = pending;
+        }
+    });
+}
+
+/// A subtransaction that aborts drops the answers it (or one inside it) read.
+pub fn at_subtransaction_end(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        HELD.with(|held| {
+            held.borrow_mut()
+                .pending
+                .retain(|&(_, _, read_in)| read_in < subtransaction)
+        });
+    }
 }

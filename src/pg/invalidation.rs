@@ -7,7 +7,7 @@
 //!
 //! Roles, role memberships and the owner of schema `bussig`, which the privileges a backend keeps
 //! (`access::held`) depend on, are watched through PostgreSQL's own invalidations of pg_authid,
-//! pg_auth_members and pg_namespace.
+//! pg_auth_members, pg_namespace and pg_database.
 //!
 //! The direct insert's copy of `bussig.message` (its layout, indexes and id sequence) is watched the
 //! same way, through the relcache invalidations PostgreSQL itself sends when any of those change.
@@ -126,13 +126,14 @@ unsafe extern "C-unwind" fn on_roles_invalidation(
     ROLES_GENERATION.with(|generation| generation.set(generation.get() + 1));
 }
 
-/// A number that moves whenever a role, a role membership or a schema's owner may have changed, once
-/// the changes other transactions committed have been applied.
+/// A number that moves whenever a role, a role membership, a schema's or the database's owner may
+/// have changed, once the changes other transactions committed have been applied.
 pub fn roles_generation() -> u64 {
     if !ROLE_CALLBACKS_REGISTERED.with(|registered| registered.replace(true)) {
-        use pg_sys::SysCacheIdentifier::{AUTHMEMROLEMEM, AUTHOID, NAMESPACEOID};
-        for cache in [AUTHOID, AUTHMEMROLEMEM, NAMESPACEOID] {
-            // SAFETY: registered once per backend (three of PostgreSQL's 64 slots); the callback is a
+        // The database's owner too: pg_has_role counts it a member of pg_database_owner.
+        use pg_sys::SysCacheIdentifier::{AUTHMEMROLEMEM, AUTHOID, DATABASEOID, NAMESPACEOID};
+        for cache in [AUTHOID, AUTHMEMROLEMEM, NAMESPACEOID, DATABASEOID] {
+            // SAFETY: registered once per backend (four of PostgreSQL's 64 slots); the callback is a
             // plain function that lives as long as the library.
             unsafe {
                 pg_sys::CacheRegisterSyscacheCallback(

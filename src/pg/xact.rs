@@ -28,6 +28,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
     depth::at_transaction_end(event);
     wakeup::at_transaction_end(event);
     super::arrivals::at_transaction_end(event);
+    crate::access::held::at_transaction_end(event);
     replayable_at_transaction_event(event);
 }
 
@@ -116,6 +117,7 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     read_position::at_subtransaction_end(event);
     depth::at_subtransaction_end(event, subtransaction);
     wakeup::at_subtransaction_end(event, subtransaction);
+    crate::access::held::at_subtransaction_end(event, subtransaction);
 }
 
 /// Whether this transaction reads with one snapshot throughout (REPEATABLE READ or SERIALIZABLE):
