@@ -578,3 +578,30 @@ fn a_revoke_during_a_wait_ends_it_with_42501() {
         "the message is still ready"
     );
 }
+
+/// A consumer whose transaction outlives the lock of what it read commits without settling it: the
+/// message is ready from that commit on, and a reader that passed over its row while it was held,
+/// and has waited since, is woken for it (nothing else would wake it before its wait ends).
+#[test]
+fn a_lapsed_lock_committed_wakes_a_reader_that_passed_it_over() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "long_poll_lapsed", "");
+    let q = queue.name.as_str();
+    send(&mut client, q, &json!({ "held": "long" }));
+    let mut consumer = connect();
+    let mut held = consumer.transaction().unwrap();
+    assert_eq!(read(&mut held, q, 1, Some("200 milliseconds")).len(), 1);
+    let (pid, reader) = spawn_reader(connect(), q, "10 seconds");
+    wait_until_waiting(&mut client, pid);
+    // Past the lock's end, the consumer's transaction still open.
+    thread::sleep(Duration::from_millis(400));
+    held.commit().unwrap();
+    let committed = Instant::now();
+    let (result, returned, _) = reader.join().expect("reader thread");
+    assert_eq!(result.expect("read"), vec![json!({ "held": "long" })]);
+    let latency = returned.saturating_duration_since(committed);
+    assert!(
+        latency < Duration::from_secs(1),
+        "the reader returned {latency:?} after the commit (its wait was 10 s)"
+    );
+}

@@ -115,3 +115,45 @@ fn a_record_of_a_transaction_left_open_is_read_once_it_commits() {
 fn a_record_of_a_prepared_transaction_is_read_once_it_commits() {
     a_late_record_is_read("floor_prepared", true);
 }
+
+/// A read that may wait numbers in a subtransaction, and rolls it back when it leased nothing (a
+/// caller's savepoint may roll back a read too): the numbers go, and so must the floor that pass
+/// learnt, or the backend would never number those records again while its transaction commits.
+#[test]
+fn a_numbering_rolled_back_with_its_subtransaction_moves_no_floor() {
+    // A database of its own: floors are not learnt while a transaction of the database is prepared.
+    let db = Database::create("floor_rolled_back");
+    let mut admin = db.connect();
+    admin
+        .batch_execute(
+            "CREATE EXTENSION bussig;
+             SELECT bussig.create_stream('events', partitions => 1);",
+        )
+        .unwrap();
+    let name = "events".to_string();
+    create_group(&mut admin, &name, "g", "earliest");
+    // Sessions of their own: the floor is what the member's backend learnt.
+    let session = || Client::connect(&session_url_for(&db.name), NoTls).unwrap();
+    let (mut holder, mut member) = (session(), session());
+    append_numbers(&mut admin, &name, 1, false);
+    let held = stream_read(&mut holder, &name, "g", 10, "0", "30 seconds");
+    assert_eq!(held.len(), 1, "the holder's lease");
+    append_numbers(&mut admin, &name, 5, false);
+    // The member numbers the five, finds the partition leased, and rolls its pass back.
+    let nothing = stream_read(
+        &mut member,
+        &name,
+        "g",
+        10,
+        "200 milliseconds",
+        "30 seconds",
+    );
+    assert!(nothing.is_empty(), "read a partition another member leased");
+    assert!(commit_all(&mut holder, &name, "g", &held));
+    let records = stream_read(&mut member, &name, "g", 10, "0", "30 seconds");
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![2, 3, 4, 5, 6],
+        "the records numbered and rolled back"
+    );
+}

@@ -428,3 +428,42 @@ fn appends_after_a_rotation_go_into_the_new_current_segment() {
         .collect();
     assert_eq!(payloads, [1, 2, 3, 4, 5]);
 }
+
+/// A seek while a member holds records it read in a transaction still open: the seek waits for that
+/// transaction and ends its lease, so the member's commit cannot move the position past the seek.
+#[test]
+fn a_seek_holds_against_a_member_that_read_before_it() {
+    let mut admin = connect();
+    let stream = Stream::create(&mut admin, "stream_seek_race", "partitions => 1");
+    let name = stream.name.clone();
+    create_group(&mut admin, &name, "g", "earliest");
+    append_numbers(&mut admin, &name, 10, false);
+    let mut member = connect();
+    let mut tx = member.transaction().unwrap();
+    let records = stream_read(&mut tx, &name, "g", 100, "0", "30 seconds");
+    assert_eq!(records.len(), 10);
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let seek = {
+        let (name, done) = (name.clone(), done.clone());
+        thread::spawn(move || {
+            let result =
+                connect().execute("SELECT bussig.stream_seek($1::text, 'g', 0, 1)", &[&name]);
+            done.store(true, Ordering::SeqCst);
+            result.map(|_| ())
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the seek did not wait for the member that holds the lease"
+    );
+    assert!(commit_all(&mut tx, &name, "g", &records));
+    tx.commit().unwrap();
+    seek.join().unwrap().expect("stream_seek");
+    let replayed = stream_read(&mut member, &name, "g", 100, "0", "30 seconds");
+    assert_eq!(
+        replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>(),
+        "the seek was undone by the member's commit"
+    );
+}

@@ -331,7 +331,9 @@ fn locks_released() {
 
 /// This transaction commits: a lock of it that ended already (a transaction that outlived its lock
 /// timeout) leaves its message ready behind where other reads, which skipped the row it held, may have
-/// moved the position. Such a queue's position is forgotten.
+/// moved the position. Such a queue's position is forgotten, and a waiting reader is woken: one that
+/// passed over the row while it was held has nothing else to wake it before its wait ends. (Called
+/// before `pg::wakeup` takes what this commit made readable.)
 fn lapsed_locks_committed() {
     let locked = LOCKED.with(|locked| std::mem::take(&mut *locked.borrow_mut()));
     if locked.is_empty() {
@@ -341,6 +343,7 @@ fn lapsed_locks_committed() {
     for (queue_id, locks) in locked {
         if locks.until <= now {
             forget(queue_id);
+            crate::pg::wakeup::note_readable(queue_id, 1);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The transaction callbacks, registered once: what a module noted during a transaction is applied
 //! at its commit or dropped at its abort. Order matters: depth counts are applied before waiting
-//! readers wake, so a reader that looks at the depth sees what woke it.
+//! readers wake, so a reader that looks at the depth sees what woke it, and a commit's lapsed locks
+//! (`read_position`) are noted before `wakeup` takes what the commit made readable.
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::spi::SpiClient;
 use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
@@ -138,6 +139,18 @@ pub fn in_transaction_block() -> bool {
 pub fn top_transaction_id() -> u32 {
     // SAFETY: reads the transaction's state, which stays set until its end callbacks have run.
     unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner()
+}
+
+/// The id of the running subtransaction (of the transaction, outside any), or else of the
+/// transaction; 0 when neither has one.
+pub fn current_transaction_id() -> u32 {
+    // SAFETY: reads the transaction's state, as above.
+    let current = unsafe { pg_sys::GetCurrentTransactionIdIfAny() }.into_inner();
+    if current != 0 {
+        current
+    } else {
+        top_transaction_id()
+    }
 }
 
 // Not MVCC: the view reads the prepared transactions of the moment.

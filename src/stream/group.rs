@@ -166,6 +166,8 @@ pub fn drop(
     group: &str,
 ) -> BusResult<bool> {
     let stream = require(client, caller, name, StreamPrivilege::Manage)?;
+    // The lease rows before the positions (which the delete's cascade takes), as a commit takes them.
+    super::lease::end(client, &stream, group, None, None)?;
     let args = [stream.stream_id.into(), group.into()];
     Ok(plans::first_value::<bool>(client, &DELETE_GROUP, &args)?.is_some())
 }

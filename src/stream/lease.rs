@@ -54,11 +54,13 @@ static LEASE_NEXT: Statement = Statement {
 };
 
 // Ends the leases of the group's partition $3, or of all its partitions when $3 is NULL; with $4, only
-// the lease of that token.
+// the lease of that token. Without a token every row named is written, a free one too: the update
+// waits for a member taking the lease right now, ends what it took, and holds the rows to the end of
+// the transaction, so that no member leases them meanwhile (a seek's position then holds).
 static END_LEASES: Statement = Statement {
     sql: "UPDATE bussig.group_lease SET lease_token = NULL, leased_until = NULL
           WHERE stream_id = $1 AND consumer_group = $2 AND (partition = $3 OR $3 IS NULL)
-            AND (lease_token = $4 OR $4 IS NULL) AND lease_token IS NOT NULL
+            AND (lease_token = $4 OR $4 IS NULL)
           RETURNING true",
     args: &[
         pg_sys::INT4OID,
@@ -136,8 +138,8 @@ pub fn partition_of_group<'a>(
     [stream.stream_id.into(), group.into(), partition.into()]
 }
 
-/// Ends the leases of the group's partition, or of all its partitions; with a token, only that lease.
-/// Whether it ended one.
+/// Ends the leases of the group's partition, or of all its partitions; with a token, only that lease
+/// (and whether it was still in place).
 pub fn end(
     client: &mut SpiClient<'_>,
     stream: &Stream,

@@ -56,11 +56,14 @@ static COMMIT: Statement = Statement {
     writes: true,
 };
 
-// Moves the position; the lease was ended before, as a commit ends it: the lease row first, then the
-// position's, in every statement that takes both.
+// Moves the position, never past the partition's next record; the lease was ended before, as a
+// commit ends it: the lease row first, then the position's, in every statement that takes both.
 static SEEK: Statement = Statement {
-    sql: "UPDATE bussig.group_partition SET committed_seq = $4 - 1
-          WHERE stream_id = $1 AND consumer_group = $2 AND partition = $3",
+    sql: "UPDATE bussig.group_partition g SET committed_seq = $4 - 1
+          FROM bussig.stream_partition p
+          WHERE g.stream_id = $1 AND g.consumer_group = $2 AND g.partition = $3
+            AND p.stream_id = g.stream_id AND p.partition = g.partition AND $4 - 1 <= p.head_seq
+          RETURNING true",
     args: &[
         pg_sys::INT4OID,
         pg_sys::TEXTOID,
@@ -402,13 +405,24 @@ fn checked_seq(seq: i64, what: &'static str) -> BusResult<i64> {
     Ok(seq)
 }
 
-/// stream_seek: the group's next read of `partition` starts at `seq`; a lease in force ends.
+/// stream_seek: the group's next read of `partition` starts at `seq`; a lease in force ends. A seq
+/// past the partition's next record is refused (22023): the group would pass over records not yet
+/// appended.
 pub fn seek(client: &mut SpiClient<'_>, caller: &Caller, at: &GroupPosition<'_>) -> BusResult<()> {
     let (stream, args) = at.resolve(client, caller)?;
     let place = at.place;
     require_group(client, place.stream, &stream, place.group)?;
+    sequence::number_new(client, &stream, place.partition)?;
     lease::end(client, &stream, place.group, Some(place.partition), None)?;
-    plans::run(client, &SEEK, &args)?;
+    if plans::run(client, &SEEK, &args)?.is_empty() {
+        return Err(BusError::invalid(
+            "seq",
+            format!(
+                "{} is past the next record of partition {} (its head_seq + 1 in bussig.consumer_groups)",
+                at.seq, place.partition
+            ),
+        ));
+    }
     Ok(())
 }
 

@@ -117,15 +117,29 @@ fn empty_segment(
     {
         return Ok(false);
     }
-    // Each partition's last seq in the segment, one probe of the numbered records' index each (the
-    // segment's table is locked for this: a scan of it would keep every reader waiting).
+    // Each partition's last seq in the segment, and its first in every other, one probe of the
+    // numbered records' index each (the segment's table is locked for this: a scan of it would keep
+    // every reader waiting). A record of the next segment may have a lower seq than the last one
+    // here: one whose append read the current segment before the switch committed after records of
+    // the next one were numbered. The first seq kept is the lower of the two.
+    let probe = |table: &str, order: &str| {
+        format!(
+            "(SELECT r.seq FROM {table} r WHERE r.partition = q.partition AND r.seq IS NOT NULL
+              ORDER BY r.seq {order} LIMIT 1)"
+        )
+    };
+    let others: Vec<String> = (0..super::SEGMENTS)
+        .filter(|&other| other != segment.segment)
+        .map(|other| probe(&format!("{}_{other}", stream.table()), "ASC"))
+        .collect();
     let move_first = format!(
-        "UPDATE bussig.stream_partition p SET first_seq = greatest(p.first_seq, kept.last_seq + 1)
-         FROM (SELECT q.partition,
-                      (SELECT r.seq FROM {table} r WHERE r.partition = q.partition AND r.seq IS NOT NULL
-                       ORDER BY r.seq DESC LIMIT 1) AS last_seq
+        "UPDATE bussig.stream_partition p
+         SET first_seq = greatest(p.first_seq, least(kept.last_seq + 1, kept.first_kept))
+         FROM (SELECT q.partition, {} AS last_seq, least({}) AS first_kept
                FROM bussig.stream_partition q WHERE q.stream_id = $1) kept
-         WHERE p.stream_id = $1 AND p.partition = kept.partition"
+         WHERE p.stream_id = $1 AND p.partition = kept.partition",
+        probe(&table, "DESC"),
+        others.join(", ")
     );
     plans::run_text(
         client,

@@ -185,9 +185,10 @@ fn number_counting(
     let count = numbered.len() as i64;
     if let Some(through) = all_ended_through.filter(|_| count < PASS) {
         // Numbers this transaction gave (now or before) are taken back if it rolls back: the floor
-        // holds once it commits.
+        // holds once it commits. Filed under the subtransaction numbering now, which a long poll
+        // that found nothing (or a caller's savepoint) rolls back while the transaction commits.
         let numbering_now = count > 0 || numbered_in_this_transaction(stream.stream_id);
-        let this = xact::top_transaction_id();
+        let this = xact::current_transaction_id();
         floors::propose(place, through, if numbering_now { this } else { 0 });
     }
     if count == 0 {
