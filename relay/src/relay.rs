@@ -347,13 +347,18 @@ impl Worker {
                 let (_, outgoing) = lanes[i].messages.front().expect("lanes are never empty");
                 acks.push(publish::send(&self.shared.jetstream, outgoing).await);
             }
-            let mut unavailable = Vec::new();
-            let mut last_unavailable = String::new();
-            for (i, ack) in due.into_iter().zip(acks) {
-                let outcome = match ack {
+            // Awaited together: a PubAck's timeout starts when it is awaited, and one after another
+            // a silent NATS would hold the pass (and the locks it extends) for a timeout per message.
+            let outcomes = futures_util::future::join_all(acks.into_iter().map(|ack| async move {
+                match ack {
                     Ok(future) => Outcome::of(future.await),
                     Err(outcome) => outcome,
-                };
+                }
+            }))
+            .await;
+            let mut unavailable = Vec::new();
+            let mut last_unavailable = String::new();
+            for (i, outcome) in due.into_iter().zip(outcomes) {
                 self.count_outcome(&outcome);
                 let lane = &mut lanes[i];
                 match outcome {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
@@ -210,7 +210,11 @@ impl Consumer {
         let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
         let mut tasks = JoinSet::new();
         let (mut client, mut prepared) = self.reconnect(&shutdown).await?;
+        // The connection handlers extend, nack and dead-letter on: the one a reconnect made last.
+        let current = Current::new(client.clone(), self.connector.clone());
         let mut acks: Vec<(i64, Uuid)> = Vec::new();
+        // An error that ends the loop; what was fetched is settled or given back first.
+        let mut failed: Option<Error> = None;
         while !shutdown.is_cancelled() {
             if !tasks.is_empty() {
                 // Handlers that are about to finish do so first: their acks ride on this read and
@@ -225,7 +229,7 @@ impl Consumer {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits();
             if free == 0 {
-                wait_for_a_handler(&mut settled_rx, &shutdown, &mut acks).await;
+                wait_for_a_handler(&mut settled_rx, &mut tasks, &shutdown, &mut acks).await;
                 continue;
             }
             // Long-poll only when idle: a busy consumer must come back to hand in its acks.
@@ -251,10 +255,22 @@ impl Consumer {
                     // Acks sent with the lost call may or may not have committed; resent, stale
                     // tokens are skipped.
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    (client, prepared) = self.reconnect(&shutdown).await?;
+                    match self.reconnect(&shutdown).await {
+                        Ok(connected) => (client, prepared) = connected,
+                        Err(error) => {
+                            failed = Some(error);
+                            break;
+                        }
+                    }
+                    current.set(client.clone()).await;
                     continue;
                 }
-                Err(error) => return Err(error),
+                // Rolled back, acks with it: they go with the next call.
+                Err(error) if error.is_transient() => continue,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
             };
             if shutdown.is_cancelled() {
                 self.give_back(&client, &messages, "the consumer is shutting down")
@@ -283,7 +299,7 @@ impl Consumer {
                     }
                 };
                 let run = Handling {
-                    client: client.clone(),
+                    client: current.clone(),
                     queue: self.queue.clone(),
                     lock_timeout: self.lock_timeout,
                     stats: self.stats.clone(),
@@ -292,15 +308,18 @@ impl Consumer {
                 let handler = handler.clone();
                 self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
                 tasks.spawn(async move {
-                    run.handle(message, |m| handler(m)).await;
-                    drop(permit);
+                    run.handle(message, |m| handler(m), permit).await;
                 });
             }
             if empty && !idle {
-                wait_for_a_handler(&mut settled_rx, &shutdown, &mut acks).await;
+                wait_for_a_handler(&mut settled_rx, &mut tasks, &shutdown, &mut acks).await;
             }
         }
-        self.drain(&client, tasks, settled_rx, acks).await
+        let drained = self.drain(&client, tasks, settled_rx, acks).await;
+        match failed {
+            Some(error) => Err(error),
+            None => drained,
+        }
     }
 
     /// Lets handlers in flight finish within the grace period, acks what they finished, and gives
@@ -406,9 +425,11 @@ where
     }
 }
 
-/// Waits until a handler finishes (keeping its ack) or shutdown is asked for.
+/// Waits until a handler settles (keeping its ack), a handler's task ends (one that settled before
+/// the loop last looked has nothing more to send), or shutdown is asked for.
 async fn wait_for_a_handler(
     settled_rx: &mut mpsc::UnboundedReceiver<Settled>,
+    tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
     acks: &mut Vec<(i64, Uuid)>,
 ) {
@@ -418,13 +439,48 @@ async fn wait_for_a_handler(
                 acks.push((id, token));
             }
         }
+        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         _ = shutdown.cancelled() => {}
+    }
+}
+
+/// The consumer's connection as of now, shared with its handlers, which extend their locks and
+/// settle on it: a reconnect of the loop replaces it, and a handler that finds it closed (the loop
+/// may be waiting for that very handler) connects anew once for all of them.
+#[derive(Clone)]
+struct Current {
+    client: Arc<tokio::sync::Mutex<Arc<Client>>>,
+    connector: Connector,
+}
+
+impl Current {
+    fn new(client: Arc<Client>, connector: Connector) -> Self {
+        Current {
+            client: Arc::new(tokio::sync::Mutex::new(client)),
+            connector,
+        }
+    }
+
+    /// The connection, connected anew when it was closed (and left as it is when that fails: the
+    /// call on it fails, and the next one tries again).
+    async fn get(&self) -> Arc<Client> {
+        let mut held = self.client.lock().await;
+        if held.is_closed() {
+            if let Ok(client) = (self.connector)().await {
+                *held = Arc::new(client);
+            }
+        }
+        held.clone()
+    }
+
+    async fn set(&self, client: Arc<Client>) {
+        *self.client.lock().await = client;
     }
 }
 
 /// What one handler task needs.
 struct Handling {
-    client: Arc<Client>,
+    client: Current,
     queue: Arc<str>,
     lock_timeout: Duration,
     stats: Arc<Stats>,
@@ -432,8 +488,14 @@ struct Handling {
 }
 
 impl Handling {
-    async fn handle<T, F>(self, message: Message<T>, handler: impl FnOnce(Message<T>) -> F)
-    where
+    /// Runs the handler and settles; `permit` (the handler's slot) is free before the loop hears of
+    /// the settle, so that it never waits for a slot already given back.
+    async fn handle<T, F>(
+        self,
+        message: Message<T>,
+        handler: impl FnOnce(Message<T>) -> F,
+        permit: OwnedSemaphorePermit,
+    ) where
         F: Future<Output = std::result::Result<(), Failure>>,
     {
         let (id, token) = (message.id, message.lock_token);
@@ -462,41 +524,43 @@ impl Handling {
                 tokio::select! {
                     outcome = &mut work => break outcome,
                     _ = extend.tick() => {
-                        let _ = delivery::extend_lock(&*self.client, &self.queue, id, token, Some(self.lock_timeout)).await;
+                        let client = self.client.get().await;
+                        let _ = delivery::extend_lock(&*client, &self.queue, id, token, Some(self.lock_timeout)).await;
                     }
                 }
             }
         };
         std::mem::forget(guard);
         let stats = &self.stats;
-        match outcome {
+        let settled = match outcome {
             Ok(Ok(())) => {
                 stats.handled.fetch_add(1, Ordering::Relaxed);
                 let already =
                     settled_by_handler.is_some_and(|settled| settled.load(Ordering::Acquire));
-                let settled = if already {
+                if already {
                     Settled::Done
                 } else {
                     Settled::Acked(id, token)
-                };
-                let _ = self.settled.send(settled);
+                }
             }
             Ok(Err(failure)) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 self.fail(id, token, failure).await;
-                let _ = self.settled.send(Settled::Done);
+                Settled::Done
             }
             Err(panic) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 self.fail(id, token, Failure::from_panic(&*panic)).await;
-                let _ = self.settled.send(Settled::Done);
+                Settled::Done
             }
-        }
+        };
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+        let _ = self.settled.send(settled);
     }
 
     async fn fail(&self, id: i64, token: Uuid, failure: Failure) {
-        let client = &*self.client;
+        let client = &*self.client.get().await;
         let _: Result<bool, Error> = match failure {
             Failure::Retry { delay, error } => {
                 delivery::nack(client, &self.queue, id, token, delay, Some(&error)).await

@@ -59,6 +59,23 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether the call failed on its own and may simply be made again on the same connection: it was
+    /// cancelled (a `statement_timeout`, 57014), or lost a serialization race or a deadlock (40001,
+    /// 40P01). Its transaction rolled back, acks with it.
+    pub fn is_transient(&self) -> bool {
+        let Error::Database(e) = self else {
+            return false;
+        };
+        e.as_db_error().is_some_and(|db| {
+            [
+                SqlState::QUERY_CANCELED,
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+            ]
+            .contains(db.code())
+        })
+    }
 }
 
 impl From<tokio_postgres::Error> for Error {

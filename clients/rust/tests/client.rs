@@ -315,3 +315,64 @@ async fn killed_mid_batch(prepared: bool) {
     );
     assert_eq!(stats.in_flight.load(Ordering::Relaxed), 0);
 }
+
+/// A handler that runs through the loss of the consumer's connection (the loop itself waits for that
+/// handler, with nothing to read on) keeps its lock: it extends it on a connection made anew, so no
+/// other reader gets the message meanwhile, and it is acked once.
+#[tokio::test]
+async fn a_handler_keeps_its_lock_through_a_lost_connection() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "handler_reconnects", "lock_timeout => '2 seconds'").await;
+    send(&c, &q.name, &Job { n: 1 }, &SendOptions::new())
+        .await
+        .unwrap();
+    let application = format!("handler_reconnects_{}", std::process::id());
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(
+        connect_no_tls(format!("{} application_name={application}", session_url())),
+        q.name.clone(),
+    )
+    .concurrency(1)
+    .lock_timeout(Duration::from_secs(2))
+    .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let handler_started = started.clone();
+    let running = tokio::spawn(consumer.run(
+        move |_: Message<Job>| {
+            let started = handler_started.clone();
+            async move {
+                started.notify_one();
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                Ok(())
+            }
+        },
+        shutdown.clone(),
+    ));
+    started.notified().await;
+    let began = Instant::now();
+    let direct = (connect_no_tls(session_url()))().await.unwrap();
+    let killed: i64 = direct
+        .query_typed(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[(&application, Type::TEXT)],
+        )
+        .await
+        .unwrap()[0]
+        .get(0);
+    assert_eq!(killed, 1, "the consumer's one connection");
+    // Well past the lock the handler took, which only an extension keeps.
+    tokio::time::sleep(Duration::from_millis(4_500).saturating_sub(began.elapsed())).await;
+    let taken = read(&direct, &q.name, 1, None, None).await.unwrap();
+    assert!(
+        taken.is_empty(),
+        "another reader got the message while its handler ran"
+    );
+    eventually("the message handled and acked", async || {
+        stats.handled.load(Ordering::Relaxed) == 1 && queue_depth(&c, &q.name).await.unwrap() == 0
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.handled.load(Ordering::Relaxed), 1);
+}
