@@ -477,3 +477,40 @@ fn a_bloated_table_kept_busy_by_senders_is_rewritten() {
     assert_ne!(message_table_file(&mut c), before);
     assert_eq!(counts(&mut c, "live").0, sent, "a send lost in the rewrite");
 }
+
+/// A DROP EXTENSION that waits for a table's lock and then fails leaves the worker running: while the
+/// drop waited (three of the worker's one-second rounds) the worker only skipped its rounds. Before,
+/// it left, and the launcher started the next one a minute later.
+#[test]
+fn a_drop_extension_that_fails_leaves_the_worker_running() {
+    let db = Database::create("drop_fails");
+    let session = || Client::connect(&session_url_for(&db.name), NoTls).unwrap();
+    let mut admin = session();
+    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
+    let worker = |c: &mut Client| -> Option<i32> {
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity
+             WHERE backend_type = 'bussig worker' AND datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .map(|row| row.get(0))
+    };
+    let pid = eventually(DEADLINE, "the database's worker", || worker(&mut admin));
+    let mut holder = session();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bussig.queue IN ACCESS SHARE MODE")
+        .unwrap();
+    let refused = session()
+        .batch_execute("SET lock_timeout = '3s'; DROP EXTENSION bussig CASCADE")
+        .err()
+        .and_then(|error| error.code().map(|code| code.code().to_string()));
+    assert_eq!(refused, Some("55P03".into()), "the drop's lock timeout");
+    holder.batch_execute("COMMIT").unwrap();
+    thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        worker(&mut admin),
+        Some(pid),
+        "the worker left while the drop waited"
+    );
+}

@@ -68,6 +68,19 @@ pub fn in_transaction<T>(
     Some(outcome)
 }
 
+/// Whether the extension is in this database now, though a `DROP EXTENSION` may be waiting for its
+/// lock (and may yet be cancelled, fail or roll back). Outside any transaction: it runs one.
+pub fn extension_present() -> bool {
+    // SAFETY: the worker's main loop, outside any transaction; the look-up reads the catalog inside
+    // the transaction started and ended here.
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        let present = pg_sys::get_extension_oid(c"bussig".as_ptr(), true) != pg_sys::InvalidOid;
+        pg_sys::CommitTransactionCommand();
+        present
+    }
+}
+
 /// Takes a share lock on the extension for the rest of this transaction, if nobody is dropping it: false
 /// when it is absent or a `DROP EXTENSION` holds or waits for it. DROP EXTENSION locks the extension
 /// before the tables it drops; a step that locked a table first and then waited for one the drop

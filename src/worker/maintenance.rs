@@ -327,7 +327,10 @@ static COMPACTION_CANDIDATES: Statement = Statement {
                (SELECT coalesce(sum(ready + delayed + locked), 0) FROM bussig.queue_stats)),
               ('bussig.body'::regclass, 'CLUSTER bussig.body USING body_pkey',
                (SELECT avg(pg_column_size(b.*)) FROM (SELECT * FROM bussig.body LIMIT 100) b),
-               pg_stat_get_live_tuples('bussig.body'::regclass))
+               -- The statistics system's count is gone after a crash or pg_stat_reset(), and a
+               -- rewrite does not restore it: the count of the last VACUUM, ANALYZE or rewrite too.
+               greatest(pg_stat_get_live_tuples('bussig.body'::regclass),
+                        (SELECT c.reltuples::bigint FROM pg_class c WHERE c.oid = 'bussig.body'::regclass)))
           ) AS t(relid, rewrite, row_width, live_rows)
           WHERE pg_total_relation_size(t.relid) > 8 * 1024 * 1024
             AND pg_relation_size(t.relid) > 10 * t.live_rows * coalesce(t.row_width, 0)

@@ -226,12 +226,15 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
         let fanout = send_notifications(false);
         // Due also when a reload shortened the interval.
         if fanout || last_round.is_none_or(|last| last.elapsed() >= maintenance_interval()) {
-            // DROP EXTENSION ends the worker.
-            let Some(Some(installed)) = run_step("check", installed_version) else {
-                return;
+            // DROP EXTENSION ends the worker; one that waits for its lock (it may yet be cancelled,
+            // fail or roll back) only holds off this round.
+            let installed = match run_step("check", installed_version) {
+                Some(Some(installed)) => Some(installed),
+                None if background::extension_present() => None,
+                _ => return,
             };
             last_round = Some(Instant::now());
-            if version_matches(&installed, &mut warned_version) {
+            if installed.is_some_and(|installed| version_matches(&installed, &mut warned_version)) {
                 run_round(&mut bodies_after);
                 refresh_stats_when_due(&mut last_count);
             }
