@@ -235,7 +235,7 @@ pub extern "C-unwind" fn bussig_worker_main(argument: pg_sys::Datum) {
             };
             last_round = Some(Instant::now());
             if installed.is_some_and(|installed| version_matches(&installed, &mut warned_version)) {
-                run_round(&mut bodies_after);
+                run_round(&mut bodies_after, maintenance_interval());
                 refresh_stats_when_due(&mut last_count);
             }
         }
@@ -323,22 +323,35 @@ fn send_notifications(keep_fanout: bool) -> bool {
 }
 
 /// A step of a round, then the notifications asked for while it ran: a round over large tables takes
-/// a while.
+/// a while. Skipped once a fast shutdown or a forced DROP DATABASE asked the worker to end (the
+/// main loop sees it next).
 fn round_step<T>(
     name: &str,
     step: impl FnOnce() -> BusResult<T> + std::panic::UnwindSafe,
 ) -> Option<T> {
+    if BackgroundWorker::sigterm_received() {
+        return None;
+    }
     let outcome = run_step(name, step);
     send_notifications(true);
     outcome
 }
 
-/// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction until
-/// none is left, so that a worker killed in the middle redoes at most one uncommitted chunk.
-fn run_round(bodies_after: &mut i64) {
+/// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction, so that
+/// a worker killed in the middle redoes at most one uncommitted chunk, until none is left or for one
+/// maintenance interval: publishers that hand over fan-outs faster than they go would otherwise keep
+/// every other step (lock expiry, TTL) from running. What is left goes on in the next round, at once.
+fn run_round(bodies_after: &mut i64, fan_out_for: Duration) {
+    let started = Instant::now();
     while let Some(Some(_)) = round_step("fan-out", || {
         Spi::connect_mut(|client| maintenance::fan_out_chunk(client, maintenance::BATCH))
-    }) {}
+    }) {
+        if started.elapsed() >= fan_out_for {
+            wakeup::return_errands(&Errands::fan_out());
+            background::set_my_latch();
+            break;
+        }
+    }
     round_step("dead-lettering expired locks", || {
         Spi::connect_mut(maintenance::dead_letter_expired_locks)
     });
