@@ -423,9 +423,9 @@ static HELD_FOR_LONG: Statement = Statement {
     writes: true,
 };
 
-/// Rewrites bloated tables, each under a lock taken when it is free, or waited for briefly (see
+/// Rewrites a bloated table, under a lock taken when it is free, or waited for briefly (see
 /// `lock_for_rewrite`); the rewrite takes milliseconds for the few live rows. How many tables were
-/// rewritten.
+/// rewritten: one at most.
 pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let mut candidates = Vec::new();
     let scans = crate::pg::planner::whole_table_scans();
@@ -457,6 +457,10 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
                     .insert(relid, (std::time::Instant::now(), bytes))
             });
             compacted += 1;
+            // One table per transaction: the rewrite's lock lasts to its end, and the next table's
+            // tries, wait and rewrite would hold this one's senders and readers too. The next round
+            // (or call) takes the next.
+            break;
         }
     }
     Ok(compacted)
