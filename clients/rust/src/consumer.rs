@@ -285,7 +285,7 @@ impl Consumer {
                     Ok(message) => message,
                     Err((message, error)) => {
                         let text = error.to_string();
-                        let _ = delivery::dead_letter(
+                        let moved = delivery::dead_letter(
                             &*client,
                             &self.queue,
                             message.id,
@@ -294,7 +294,9 @@ impl Consumer {
                             Some(&text),
                         )
                         .await;
-                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        if matches!(moved, Ok(true)) {
+                            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        }
                         continue;
                     }
                 };
@@ -569,9 +571,19 @@ impl Handling {
                 delivery::nack(client, &self.queue, id, token, None, Some(&error)).await
             }
             Failure::DeadLetter { reason, error } => {
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                delivery::dead_letter(client, &self.queue, id, token, &reason, error.as_deref())
-                    .await
+                let moved = delivery::dead_letter(
+                    client,
+                    &self.queue,
+                    id,
+                    token,
+                    &reason,
+                    error.as_deref(),
+                )
+                .await;
+                if matches!(moved, Ok(true)) {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                moved
             }
         };
     }

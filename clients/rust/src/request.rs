@@ -116,34 +116,23 @@ impl Requester {
             .lock()
             .expect("not poisoned")
             .insert(correlation_id.clone(), tx);
+        // Whatever ends the request (an error, the timeout, the caller dropping this future) ends
+        // its wait: a reply coming later finds nobody and is only acked.
+        let _waiting = Forget {
+            waiting: &self.waiting,
+            correlation_id: &correlation_id,
+        };
         let options = SendOptions::new()
             .reply_to(self.reply_queue.clone())
             .correlation_id(correlation_id.clone());
-        let sent = send_it(options).await;
-        let reply = match sent {
-            Ok(()) => tokio::time::timeout(timeout, rx).await,
-            Err(error) => {
-                self.forget(&correlation_id);
-                return Err(error);
-            }
-        };
-        match reply {
+        send_it(options).await?;
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(message)) => message
                 .decode::<R>()
                 .map_err(|(_, error)| Error::Payload(error)),
             Ok(Err(_)) => Err(Error::NotInState("the requester stopped".into())),
-            Err(_) => {
-                self.forget(&correlation_id);
-                Err(Error::Timeout(timeout))
-            }
+            Err(_) => Err(Error::Timeout(timeout)),
         }
-    }
-
-    fn forget(&self, correlation_id: &str) {
-        self.waiting
-            .lock()
-            .expect("not poisoned")
-            .remove(correlation_id);
     }
 
     /// Stops reading replies and drops the reply queue.
@@ -157,6 +146,20 @@ impl Requester {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// Takes a request's entry out of the waiting map when the request ends, however it ends.
+struct Forget<'a> {
+    waiting: &'a Waiting,
+    correlation_id: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.remove(self.correlation_id);
+        }
     }
 }
 
