@@ -280,6 +280,28 @@ def test_fetched_messages_waiting_for_a_slot_keep_their_locks(
     assert counts == [1, 1, 1]
 
 
+def test_finished_messages_waiting_for_their_ack_keep_their_locks(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    queue = new_queue()
+    started = threading.Event()
+
+    def slow(message: bussig.Message) -> None:
+        started.set()
+        time.sleep(0.7)
+
+    for n in range(3):
+        bus.send(queue, n)
+    # One read takes all three; the first finishes at 0.7 s, but its ack goes with the next read,
+    # after the third finished at 2.1 s: past its 1 s lock, which only an extension keeps.
+    running(bussig.Worker(bus, queue, handler=slow, concurrency=1, batch=3, lock_timeout=1.0, wait=WAIT))
+    assert started.wait(10)
+    time.sleep(1.6)
+    taken = db.execute("SELECT message_id FROM bussig.read(%s, 10)", (queue,)).fetchall()
+    assert taken == [], "a finished message's lock ran out before its ack"
+    eventually(lambda: depth(db, queue) == 0, what="all acked")
+
+
 def test_a_transactional_handler_cut_off_by_stop_commits_nothing(
     bus: bussig.Bus, db: Any, new_queue: Callable[..., str]
 ) -> None:

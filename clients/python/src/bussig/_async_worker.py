@@ -164,8 +164,13 @@ class AsyncRun:
             pending.pop(0)
 
     async def keep_locks(self) -> None:
-        for message_id, token in self.book.locks_due():
-            await self.execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
+        due = self.book.locks_due()
+        for done, (message_id, token) in enumerate(due):
+            try:
+                await self.execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
+            except BaseException:
+                self.book.extensions_failed(due[done:])
+                raise
         beat = self.options.heartbeat
         if beat is not None and time.monotonic() - self.last_heartbeat >= beat:
             await self.execute(_sql.HEARTBEAT, (self.queue,))

@@ -139,7 +139,10 @@ class Book:
         """Records a handler's outcome; one whose message was given back meanwhile is dropped."""
         if self.running.pop(job.key, None) is None:
             return
-        self.locked_since.pop(job.key, None)
+        if not isinstance(result, outcome.Ack):
+            # An ack waits for the next read, maybe long (every fetched message starts first): its
+            # lock is kept extended until ``take_acks`` hands it out.
+            self.locked_since.pop(job.key, None)
         self.stats.in_flight = len(self.running)
         if isinstance(result, (outcome.Ack, outcome.Reply, outcome.Settled)):
             self.stats.handled += 1
@@ -159,6 +162,8 @@ class Book:
 
     def take_acks(self) -> list[_sql.Ack]:
         acks, self.acks = self.acks, []
+        for key in acks:
+            self.locked_since.pop(key, None)
         return acks
 
     def take_settlements(self) -> list[tuple[_sql.Ack, Outcome]]:
@@ -166,12 +171,19 @@ class Book:
         return settlements
 
     def locks_due(self) -> list[_sql.Ack]:
-        """Held messages whose lock is half gone; marked extended now."""
+        """Held messages whose lock is half gone; marked extended now (see ``extensions_failed``)."""
         now = time.monotonic()
         due = [key for key, since in self.locked_since.items() if now - since >= self.options.lock_timeout / 2]
         for key in due:
             self.locked_since[key] = now
         return due
+
+    def extensions_failed(self, keys: list[_sql.Ack]) -> None:
+        """The extensions of ``keys`` did not happen (the connection went): due again at once, on the
+        next connection, not half a lock later, when the lock may have run out."""
+        for key in keys:
+            if key in self.locked_since:
+                self.locked_since[key] = float("-inf")
 
     def give_back(self, keys: list[_sql.Ack]) -> None:
         """Queues ``keys`` to be given back at once (nack without delay)."""

@@ -278,8 +278,13 @@ class Worker:
     def _keep_locks(self) -> None:
         with self._lock:
             due = self._book.locks_due()
-        for message_id, token in due:
-            self._execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
+        for done, (message_id, token) in enumerate(due):
+            try:
+                self._execute(_sql.EXTEND_LOCK, (self.queue, message_id, token, self.options.lock_timeout))
+            except Exception:
+                with self._lock:
+                    self._book.extensions_failed(due[done:])
+                raise
         beat = self.options.heartbeat
         if beat is not None and time.monotonic() - self._last_heartbeat >= beat:
             self._execute(_sql.HEARTBEAT, (self.queue,))
