@@ -302,6 +302,19 @@ def test_finished_messages_waiting_for_their_ack_keep_their_locks(
     eventually(lambda: depth(db, queue) == 0, what="all acked")
 
 
+def test_reads_cancelled_by_a_statement_timeout_are_made_again(url: str, db: Any, new_queue: Callable[..., str], running: Any) -> None:
+    queue = new_queue()
+    got: list[Any] = []
+    # Every idle read (a 1 s wait) is cancelled after 0.3 s: 57014, and the worker reads again.
+    with bussig.Bus(f"{url} options='-c statement_timeout=300'") as bus:
+        worker = running(bussig.Worker(bus, queue, handler=lambda m: got.append(m.payload), wait=1.0))
+        time.sleep(1.5)
+        bus.send(queue, {"after": "timeouts"})
+        eventually(lambda: got, what="the message sent after the cancelled reads")
+        worker.stop(timeout=5)
+    assert got == [{"after": "timeouts"}]
+
+
 def test_a_transactional_handler_cut_off_by_stop_commits_nothing(
     bus: bussig.Bus, db: Any, new_queue: Callable[..., str]
 ) -> None:

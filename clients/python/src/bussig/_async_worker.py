@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from . import _sql, outcome, trace
 from ._connections import Row, connect_async, execute_async, reconnect_async
 from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, Book, Dispatch, Job, next_pause, settle_statement
-from .errors import BussigError, LeftLocked, connection_lost
+from .errors import BussigError, LeftLocked, connection_lost, transient
 from .message import AsyncMessage, fields
 
 if TYPE_CHECKING:
@@ -73,16 +73,23 @@ class AsyncRun:
                 )
                 await self.transactions.open()
             self.worker.ready.set()
+            failed: Optional[Exception] = None
             while not self.stopping:
                 try:
                     await self.turn()
                 except Exception as error:
+                    if transient(error):
+                        continue
                     if not connection_lost(error, self.conn):
-                        raise
+                        # What is held is handed in first, as at a stop.
+                        failed = error
+                        break
                     if self.stopping or not await self.reconnect():
                         break  # the drain hands in what is held, on a new connection
                     self.book.stats.reconnects += 1
             await self.drain()
+            if failed is not None:
+                raise failed
         finally:
             await self.close()
 

@@ -101,6 +101,13 @@ def connection_lost(error: BaseException, connection: Optional[psycopg.BaseConne
     )
 
 
+def transient(error: BaseException) -> bool:
+    """Whether a call failed on its own and may be made again on the same connection: cancelled (a
+    ``statement_timeout``, 57014) or lost to a serialization failure or a deadlock (40001, 40P01). Its
+    transaction rolled back, with any acks it carried."""
+    return getattr(error, "sqlstate", None) in ("57014", "40001", "40P01")
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
     """Re-raises a database error with a documented SQLSTATE as its bussig class."""

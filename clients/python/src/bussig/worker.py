@@ -34,7 +34,7 @@ from ._core import (
     started,
 )
 from .bus import EPHEMERAL_TTL, ephemeral_queue
-from .errors import BussigError, LeftLocked, connection_lost
+from .errors import BussigError, LeftLocked, connection_lost, transient
 from .message import Message, fields
 from .routing import Decoder, Handler, Router
 
@@ -165,16 +165,23 @@ class Worker:
                     open=True,
                 )
             self.ready.set()
+            failed: Optional[Exception] = None
             while not self._stopping.is_set():
                 try:
                     self._turn(executor)
                 except Exception as error:
+                    if transient(error):
+                        continue
                     if not connection_lost(error, self._conn):
-                        raise
+                        # What is held is handed in first, as at a stop.
+                        failed = error
+                        break
                     if not self._reconnect():
                         break  # stopping: the drain hands in what is held, on a new connection
                     self._book.stats.reconnects += 1
             self._drain()
+            if failed is not None:
+                raise failed
         except BaseException as error:
             self._error = error
         finally:
