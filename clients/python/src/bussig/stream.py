@@ -4,6 +4,7 @@ batch cut into partitions, and the progress each partition's handling made, with
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,6 +95,8 @@ class Progress:
     lost: bool = False
     """An extension was refused: another member has the partition."""
     done: bool = False
+    retry_at: float = 0.0
+    """After a failed extension, when to try again (``time.monotonic()``): not every turn of the loop."""
 
     @property
     def lease_token(self) -> uuid.UUID:
@@ -116,13 +119,13 @@ class Progress:
 def extend_due(batch: list[Progress], lease: float, now: float) -> list[Progress]:
     """Partitions still being handled whose lease has less than two thirds left: extended about every
     third of the lease (and at once after a read that waited long before it found records)."""
-    return [p for p in batch if not p.done and not p.lost and now >= p.lease_ends - lease * 2 / 3]
+    return [p for p in batch if not p.done and not p.lost and now >= max(p.lease_ends - lease * 2 / 3, p.retry_at)]
 
 
 def next_extension(batch: list[Progress], lease: float, now: float) -> float:
     """Seconds until ``extend_due`` has something (the loop's wait for its handlers)."""
-    ends = [p.lease_ends for p in batch if not p.done and not p.lost]
-    return max(0.01, min(ends, default=now + lease) - lease * 2 / 3 - now)
+    due = [max(p.lease_ends - lease * 2 / 3, p.retry_at) for p in batch if not p.done and not p.lost]
+    return max(0.01, min(due, default=now + lease / 3) - now)
 
 
 def extended(stats: StreamStats, progress: Progress, ok: bool, since: float, lease: float) -> None:
@@ -142,7 +145,12 @@ def extended(stats: StreamStats, progress: Progress, ok: bool, since: float, lea
         )
 
 
+EXTENSION_RETRY = 1.0
+"""Seconds between tries of an extension that failed (the database out of reach)."""
+
+
 def extension_failed(progress: Progress) -> None:
+    progress.retry_at = time.monotonic() + EXTENSION_RETRY
     record = progress.records[0]
     log.warning(
         "could not extend the lease on %s/%s partition %d: handling goes on until it runs out",
