@@ -16,11 +16,11 @@ fn read_and_commit(member: &mut Client, stream: &str, max: i32) -> usize {
     records.len()
 }
 
-#[test]
-fn under_a_held_snapshot_a_read_visits_entries_in_proportion_to_its_batch() {
-    // A database of its own: floors are not learnt while a transaction of the database is prepared,
-    // and the tests below prepare one while this one runs.
-    let db = Database::create("floor_held");
+/// A database of its own with stream `events` of one partition and its group `g` from the earliest:
+/// floors are not learnt while a transaction of the database is prepared, and other tests here
+/// prepare one. The database, its admin connection and the stream's name.
+fn own_database(test: &str) -> (Database, Client, String) {
+    let db = Database::create(test);
     let mut admin = db.connect();
     admin
         .batch_execute(
@@ -30,6 +30,12 @@ fn under_a_held_snapshot_a_read_visits_entries_in_proportion_to_its_batch() {
         .unwrap();
     let name = "events".to_string();
     create_group(&mut admin, &name, "g", "earliest");
+    (db, admin, name)
+}
+
+#[test]
+fn under_a_held_snapshot_a_read_visits_entries_in_proportion_to_its_batch() {
+    let (db, mut admin, name) = own_database("floor_held");
     let mut holder = db.connect();
     holder
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT txid_current();")
@@ -121,17 +127,7 @@ fn a_record_of_a_prepared_transaction_is_read_once_it_commits() {
 /// learnt, or the backend would never number those records again while its transaction commits.
 #[test]
 fn a_numbering_rolled_back_with_its_subtransaction_moves_no_floor() {
-    // A database of its own: floors are not learnt while a transaction of the database is prepared.
-    let db = Database::create("floor_rolled_back");
-    let mut admin = db.connect();
-    admin
-        .batch_execute(
-            "CREATE EXTENSION bussig;
-             SELECT bussig.create_stream('events', partitions => 1);",
-        )
-        .unwrap();
-    let name = "events".to_string();
-    create_group(&mut admin, &name, "g", "earliest");
+    let (db, mut admin, name) = own_database("floor_rolled_back");
     // Sessions of their own: the floor is what the member's backend learnt.
     let session = || Client::connect(&session_url_for(&db.name), NoTls).unwrap();
     let (mut holder, mut member) = (session(), session());

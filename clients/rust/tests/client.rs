@@ -290,17 +290,11 @@ async fn killed_mid_batch(prepared: bool) {
         handled.lock().unwrap().len() >= 8
     })
     .await;
-    // From a connection of its own too: through a pooler, `c` could be handed the consumer's.
-    let direct = (connect_no_tls(session_url()))().await.unwrap();
-    let killed: i64 = direct
-        .query_typed(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-            &[(&application, Type::TEXT)],
-        )
-        .await
-        .unwrap()[0]
-        .get(0);
-    assert_eq!(killed, 1, "the consumer's one connection");
+    assert_eq!(
+        kill_connections(&application).await,
+        1,
+        "the consumer's one connection"
+    );
     eventually("every message handled and acked", async || {
         handled.lock().unwrap().len() == MESSAGES as usize
             && queue_depth(&c, &q.name).await.unwrap() == 0
@@ -351,16 +345,12 @@ async fn a_handler_keeps_its_lock_through_a_lost_connection() {
     ));
     started.notified().await;
     let began = Instant::now();
+    assert_eq!(
+        kill_connections(&application).await,
+        1,
+        "the consumer's one connection"
+    );
     let direct = (connect_no_tls(session_url()))().await.unwrap();
-    let killed: i64 = direct
-        .query_typed(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-            &[(&application, Type::TEXT)],
-        )
-        .await
-        .unwrap()[0]
-        .get(0);
-    assert_eq!(killed, 1, "the consumer's one connection");
     // Well past the lock the handler took, which only an extension keeps.
     tokio::time::sleep(Duration::from_millis(4_500).saturating_sub(began.elapsed())).await;
     let taken = read(&direct, &q.name, 1, None, None).await.unwrap();
@@ -375,4 +365,18 @@ async fn a_handler_keeps_its_lock_through_a_lost_connection() {
     shutdown.cancel();
     running.await.unwrap().unwrap();
     assert_eq!(stats.handled.load(Ordering::Relaxed), 1);
+}
+
+/// Ends every server connection of `application`, from a connection of its own made directly:
+/// through a pooler, a test's usual connection could be handed one of those. How many it ended.
+async fn kill_connections(application: &str) -> i64 {
+    let direct = (connect_no_tls(session_url()))().await.unwrap();
+    direct
+        .query_typed(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[(&application, Type::TEXT)],
+        )
+        .await
+        .unwrap()[0]
+        .get(0)
 }
