@@ -163,7 +163,8 @@ class AsyncRun:
                 if statement is not None:
                     await self.execute(*statement)
             except BussigError as error:
-                if isinstance(result, outcome.Reply):
+                # As in the thread worker: nacked with the error, not left locked.
+                if isinstance(result, (outcome.Reply, outcome.Bury)):
                     await self.execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
             except BaseException:
                 self.book.to_settle[:0] = pending

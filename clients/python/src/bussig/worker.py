@@ -274,7 +274,9 @@ class Worker:
                 if statement is not None:
                     self._execute(*statement)
             except BussigError as error:
-                if isinstance(result, outcome.Reply):  # no reply_to queue, say: the handler failed
+                # No reply_to queue, say, or no dead-letter queue (55000): the message is nacked with
+                # the error, not left locked until its lock runs out.
+                if isinstance(result, (outcome.Reply, outcome.Bury)):
                     self._execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
             except Exception:
                 with self._lock:
