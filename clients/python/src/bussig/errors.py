@@ -1,5 +1,6 @@
 """One exception hierarchy for every call: each SQLSTATE bussig documents has a class, with the
-server's message kept, so callers can catch what went wrong without parsing text."""
+server's message kept, so callers can catch what went wrong without parsing text. A cancelled call
+(57014) stays psycopg's ``QueryCanceled``."""
 
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ class NotSupported(BussigError):
     """0A000: not supported."""
 
 
+class InvalidSetting(BussigError):
+    """42602: ``SET bussig.<name>`` for a setting bussig does not have."""
+
+
+class Corrupted(BussigError):
+    """XX001: a message whose payload is in neither its row nor its shared body row."""
+
+
 class NoExtension(BussigError):
     """The database has no bussig (undefined schema, table or function)."""
 
@@ -86,6 +95,8 @@ _BY_SQLSTATE: dict[str, type[BussigError]] = {
     "55000": NotInState,
     "2BP01": InUse,
     "0A000": NotSupported,
+    "42602": InvalidSetting,
+    "XX001": Corrupted,
     "3F000": NoExtension,
     "42P01": NoExtension,
     "42883": NoExtension,
