@@ -6,8 +6,9 @@
 //! rows, their grants), whose triggers move the generation of `pg::invalidation`, and the roles,
 //! their memberships and the owners of schema `bussig` and of the database, whose changes
 //! PostgreSQL announces itself. Creating a queue or stream announces nothing, so an answer read in a
-//! transaction counts only once it commits. Both are taken in before every check, so a grant or revoke counts from the first call after its
-//! transaction committed, and a long poll sees one that committed while it slept. As with
+//! transaction counts only once it commits. Both are taken in before every check, so a grant or
+//! revoke counts from the first call after its transaction committed, and a long poll sees one that
+//! committed while it slept. As with
 //! PostgreSQL's own privilege checks, a call that starts in the instant between a revoke's commit
 //! and the arrival of its invalidation still sees the grant.
 use std::cell::RefCell;
@@ -70,20 +71,20 @@ thread_local! {
 /// The version now, once the changes other transactions committed have been applied; None when
 /// knowing it takes a statement (see `pg::invalidation::known_generation`).
 pub fn version_known() -> Option<Version> {
-    let catalog = invalidation::known_generation()?;
-    Some(Version {
-        catalog,
-        roles: invalidation::roles_generation(),
-    })
+    invalidation::known_generation().map(with_roles)
 }
 
 /// The version now, with a statement when it takes one.
 pub fn version(client: &mut SpiClient<'_>) -> BusResult<Version> {
-    let catalog = invalidation::generation(client)?;
-    Ok(Version {
+    Ok(with_roles(invalidation::generation(client)?))
+}
+
+/// The version of the catalog's generation `catalog` and of the roles now.
+fn with_roles(catalog: u64) -> Version {
+    Version {
         catalog,
         roles: invalidation::roles_generation(),
-    })
+    }
 }
 
 /// Whether `role` was found to hold `privilege` on `name` under the version `now`.
