@@ -91,7 +91,9 @@ fn the_checks_are_not_for_everyone() {
 
 /// A restricted role's backend keeps what it found it holds: of 20 sends in one transaction, the
 /// first reads bussig.queue and queue_grant (by index, never a whole table) and the other 19 read
-/// neither: they take the direct path a superuser's sends take.
+/// neither: they take the direct path a superuser's sends take. A superuser's send comes first, in
+/// the same transaction: behind a pooler the transaction may run on a backend that never ran bussig,
+/// whose first call loads what every backend keeps (its queues, routes) by reading whole tables.
 #[test]
 fn a_granted_role_checks_the_catalog_once() {
     let _serial = serial();
@@ -124,8 +126,8 @@ fn a_granted_role_checks_the_catalog_once() {
             .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
             .collect()
     };
-    tx.batch_execute(&format!("SET LOCAL ROLE \"{}\"", role.name))
-        .unwrap();
+    tx.execute(SEND, &[&queue.name]).unwrap();
+    let warmed = catalog_reads(&mut tx);
     tx.execute(SEND, &[&queue.name]).unwrap();
     let after_first = catalog_reads(&mut tx);
     assert_eq!(
@@ -133,9 +135,14 @@ fn a_granted_role_checks_the_catalog_once() {
         2,
         "counts of bussig.queue and queue_grant"
     );
-    for (table, scans, _, seq_scans) in &after_first {
-        assert_eq!(*seq_scans, 0, "bussig.{table} scanned whole");
-        assert!(*scans > 0, "the first send did not check bussig.{table}");
+    for ((table, scans, _, seq_scans), (_, scans_before, _, seq_scans_before)) in
+        after_first.iter().zip(&warmed)
+    {
+        assert_eq!(seq_scans, seq_scans_before, "bussig.{table} scanned whole");
+        assert!(
+            scans > scans_before,
+            "the first send did not check bussig.{table}"
+        );
     }
     for _ in 1..SENDS {
         tx.execute(SEND, &[&queue.name]).unwrap();
@@ -154,7 +161,7 @@ fn a_granted_role_checks_the_catalog_once() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(sent, SENDS, "messages sent");
+    assert_eq!(sent, 1 + SENDS, "messages sent");
     tx.rollback().unwrap();
 }
 
