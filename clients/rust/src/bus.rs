@@ -7,7 +7,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::Serialize;
 use tokio_postgres::NoTls;
 
-use crate::consumer::{connect_no_tls, Connector, Consumer};
+use crate::connection::{connect_no_tls, Connector};
+use crate::consumer::Consumer;
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::request::Requester;

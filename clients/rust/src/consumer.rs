@@ -3,7 +3,6 @@
 //! extended while a handler runs past half of them, and shutdown finishes or gives back everything.
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,26 +15,9 @@ use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::connection::{retry_connecting, Connector, Current};
 use crate::delivery::{self, Message};
 use crate::error::{Error, Result};
-
-/// Opens a new connection; the consumer calls it again after the database was lost.
-pub type Connector =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Client>> + Send>> + Send + Sync>;
-
-/// A connector for `conninfo` without TLS; the connection runs on a task of its own.
-pub fn connect_no_tls(conninfo: impl Into<String>) -> Connector {
-    let conninfo: Arc<str> = conninfo.into().into();
-    Arc::new(move || {
-        let conninfo = conninfo.clone();
-        Box::pin(async move {
-            let (client, connection) =
-                tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
-            tokio::spawn(connection);
-            Ok(client)
-        })
-    })
-}
 
 /// Why a handler did not finish its message. Any error converts into `Failure::Error` with `?`: the
 /// message is then nacked with the queue's backoff and the error's text.
@@ -104,6 +86,8 @@ pub struct Stats {
     pub in_flight: AtomicI64,
     /// Connections lost and made again.
     pub reconnects: AtomicU64,
+    /// Handlers whose lock was gone when the consumer came to extend it (`Message::lock_lost`).
+    pub locks_lost: AtomicU64,
 }
 
 /// A consumer of one queue; configure it, then `run` it with a handler.
@@ -119,10 +103,6 @@ pub struct Consumer {
     prepared_statements: bool,
     stats: Arc<Stats>,
 }
-
-/// The first reconnect waits this long, each next one twice as long, up to `RECONNECT_MAX`.
-const RECONNECT_FIRST: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// A handler's message, and how it ended.
 enum Settled {
@@ -402,31 +382,6 @@ impl Consumer {
     }
 }
 
-/// Runs `connect` until it succeeds or fails other than by the connection, waiting between tries
-/// from `RECONNECT_FIRST` doubling up to `RECONNECT_MAX`; the last error once `shutdown` is cancelled.
-pub(crate) async fn retry_connecting<T, F>(
-    shutdown: &CancellationToken,
-    mut connect: impl FnMut() -> F,
-) -> Result<T>
-where
-    F: Future<Output = Result<T>>,
-{
-    let mut pause = RECONNECT_FIRST;
-    loop {
-        match connect().await {
-            Ok(connected) => return Ok(connected),
-            Err(error) if !error.is_connection() => return Err(error),
-            Err(error) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.cancelled() => return Err(error),
-                }
-                pause = (pause * 2).min(RECONNECT_MAX);
-            }
-        }
-    }
-}
-
 /// Waits until a handler settles (keeping its ack), a handler's task ends (one that settled before
 /// the loop last looked has nothing more to send), or shutdown is asked for.
 async fn wait_for_a_handler(
@@ -443,40 +398,6 @@ async fn wait_for_a_handler(
         }
         Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         _ = shutdown.cancelled() => {}
-    }
-}
-
-/// The consumer's connection as of now, shared with its handlers, which extend their locks and
-/// settle on it: a reconnect of the loop replaces it, and a handler that finds it closed (the loop
-/// may be waiting for that very handler) connects anew once for all of them.
-#[derive(Clone)]
-struct Current {
-    client: Arc<tokio::sync::Mutex<Arc<Client>>>,
-    connector: Connector,
-}
-
-impl Current {
-    fn new(client: Arc<Client>, connector: Connector) -> Self {
-        Current {
-            client: Arc::new(tokio::sync::Mutex::new(client)),
-            connector,
-        }
-    }
-
-    /// The connection, connected anew when it was closed (and left as it is when that fails: the
-    /// call on it fails, and the next one tries again).
-    async fn get(&self) -> Arc<Client> {
-        let mut held = self.client.lock().await;
-        if held.is_closed() {
-            if let Ok(client) = (self.connector)().await {
-                *held = Arc::new(client);
-            }
-        }
-        held.clone()
-    }
-
-    async fn set(&self, client: Arc<Client>) {
-        *self.client.lock().await = client;
     }
 }
 
@@ -505,6 +426,7 @@ impl Handling {
             .connection
             .as_ref()
             .map(|connection| connection.settled.clone());
+        let lock_lost = message.lock_lost();
         let guard = GiveBack {
             handling: Some(&self),
             id,
@@ -525,9 +447,16 @@ impl Handling {
             loop {
                 tokio::select! {
                     outcome = &mut work => break outcome,
-                    _ = extend.tick() => {
-                        let client = self.client.get().await;
-                        let _ = delivery::extend_lock(&*client, &self.queue, id, token, Some(self.lock_timeout)).await;
+                    _ = extend.tick(), if !lock_lost.is_cancelled() => {
+                        let (queue, lock) = (&self.queue, Some(self.lock_timeout));
+                        let extended = self.client.run(|client| async move {
+                            delivery::extend_lock(&*client, queue, id, token, lock).await
+                        }).await;
+                        // Gone (not merely unreachable): nothing extends it again, and the handler hears.
+                        if matches!(extended, Ok(false)) {
+                            self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+                            lock_lost.cancel();
+                        }
                     }
                 }
             }
@@ -562,30 +491,30 @@ impl Handling {
     }
 
     async fn fail(&self, id: i64, token: Uuid, failure: Failure) {
-        let client = &*self.client.get().await;
-        let _: Result<bool, Error> = match failure {
-            Failure::Retry { delay, error } => {
-                delivery::nack(client, &self.queue, id, token, delay, Some(&error)).await
-            }
-            Failure::Error(error) => {
-                delivery::nack(client, &self.queue, id, token, None, Some(&error)).await
-            }
-            Failure::DeadLetter { reason, error } => {
-                let moved = delivery::dead_letter(
-                    client,
-                    &self.queue,
-                    id,
-                    token,
-                    &reason,
-                    error.as_deref(),
-                )
-                .await;
-                if matches!(moved, Ok(true)) {
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let queue = &self.queue;
+        let dead_lettered = self
+            .client
+            .run(|client| async move {
+                let client = &*client;
+                match failure {
+                    Failure::Retry { delay, error } => {
+                        delivery::nack(client, queue, id, token, delay, Some(&error)).await?;
+                        Ok(false)
+                    }
+                    Failure::Error(error) => {
+                        delivery::nack(client, queue, id, token, None, Some(&error)).await?;
+                        Ok(false)
+                    }
+                    Failure::DeadLetter { reason, error } => {
+                        delivery::dead_letter(client, queue, id, token, &reason, error.as_deref())
+                            .await
+                    }
                 }
-                moved
-            }
-        };
+            })
+            .await;
+        if matches!(dead_lettered, Ok(true)) {
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row, Statement};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -25,6 +26,8 @@ pub(crate) struct Connection {
     pub(crate) settled: Arc<AtomicBool>,
     /// Set once a reply was sent for it, on any client: that reply's transaction acked it too.
     pub(crate) answered: Arc<AtomicBool>,
+    /// Cancelled when the consumer found the lock gone as it came to extend it.
+    pub(crate) lock_lost: CancellationToken,
 }
 
 impl Connection {
@@ -33,6 +36,7 @@ impl Connection {
             client,
             settled: Arc::default(),
             answered: Arc::default(),
+            lock_lost: CancellationToken::new(),
         }
     }
 }
@@ -139,6 +143,27 @@ impl<T> Message<T> {
     /// A header's value as text, when it is a string.
     pub fn header(&self, key: &str) -> Option<&str> {
         self.headers.as_ref()?.get(key)?.as_str()
+    }
+
+    /// Cancelled when the `Consumer` that handed this message out came to extend its lock and found
+    /// it gone (it ran out, and another reader may be handling the message now): work that the other
+    /// delivery will do again can stop, and settling this one returns false. Never cancelled for a
+    /// message read by hand.
+    ///
+    /// ```no_run
+    /// # async fn example(m: bussig_client::Message) {
+    /// let lost = m.lock_lost();
+    /// tokio::select! {
+    ///     _ = lost.cancelled() => { /* stop: another delivery takes over */ }
+    ///     _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => { /* the work */ }
+    /// }
+    /// # }
+    /// ```
+    pub fn lock_lost(&self) -> CancellationToken {
+        match &self.connection {
+            Some(connection) => connection.lock_lost.clone(),
+            None => CancellationToken::new(),
+        }
     }
 
     /// The connection this message was read with, for settling it: a `Consumer`'s or a `stream`'s.

@@ -11,6 +11,7 @@
 //! ```
 mod broadcast;
 mod bus;
+mod connection;
 mod consumer;
 mod delivery;
 mod ephemeral;
@@ -26,7 +27,8 @@ mod transactional;
 
 pub use broadcast::Broadcast;
 pub use bus::Bus;
-pub use consumer::{connect_no_tls, Connector, Consumer, Failure, Stats};
+pub use connection::{connect_no_tls, Connector};
+pub use consumer::{Consumer, Failure, Stats};
 pub use delivery::{
     ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, reply, stream,
     Message,

@@ -1,6 +1,8 @@
 //! Request/reply: a `Requester` owns a reply queue for this process (ephemeral: the worker drops it
 //! once its heartbeats stop), sends each request with `reply_to` naming it and a fresh correlation id,
-//! and one task long-polls the queue and hands each reply to the request that waits for it.
+//! and one task long-polls the queue and hands each reply to the request that waits for it. Both
+//! connections come back after the database was lost, and the queue with them if the worker dropped
+//! it meanwhile; requests in flight then time out.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,24 +15,25 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::consumer::Connector;
+use crate::connection::{retry_connecting, Connector, Current};
 use crate::delivery::{self, Message};
-use crate::ephemeral;
+use crate::ephemeral::{self, Ephemeral};
 use crate::error::{Error, Result};
 use crate::send::{publish, send, SendOptions};
-use crate::sql;
-use tokio_postgres::types::Type;
 
 /// Requests waiting for their replies, by correlation id.
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
 
 /// How long one read of the reply queue waits: also how late the task notices a shutdown.
 const REPLY_WAIT: Duration = Duration::from_secs(1);
+/// How long the reader pauses after an error that was not the connection's.
+const PAUSE: Duration = Duration::from_secs(1);
 
 /// Sends requests and waits for their replies. Cheap to share: clone the `Arc` it comes in.
 pub struct Requester {
-    client: Client,
-    reply_queue: String,
+    /// Sends requests and heartbeats the reply queue.
+    sender: Current,
+    reply_queue: Ephemeral,
     waiting: Waiting,
     stop: CancellationToken,
 }
@@ -45,23 +48,30 @@ impl Requester {
             ephemeral::create(&client, "bussig_reply", "_bussig.reply.{queue}").await?;
         let reader = connector().await?;
         let requester = Arc::new(Requester {
-            client,
+            sender: Current::new(Arc::new(client), connector.clone()),
             reply_queue,
             waiting: Arc::default(),
             stop: CancellationToken::new(),
         });
-        tokio::spawn(read_replies(
-            reader,
-            requester.reply_queue.clone(),
-            requester.waiting.clone(),
-            requester.stop.clone(),
-        ));
+        tokio::spawn(
+            requester
+                .reply_queue
+                .clone()
+                .keep_alive(requester.sender.clone(), requester.stop.clone()),
+        );
+        let replies = Replies {
+            connector,
+            queue: requester.reply_queue.clone(),
+            waiting: requester.waiting.clone(),
+            stop: requester.stop.clone(),
+        };
+        tokio::spawn(replies.read(reader));
         Ok(requester)
     }
 
     /// The queue replies come to.
     pub fn reply_queue(&self) -> &str {
-        &self.reply_queue
+        &self.reply_queue.queue
     }
 
     /// Sends `request` to `queue` and waits up to `timeout` for the reply, decoded into `R`.
@@ -76,8 +86,10 @@ impl Requester {
         Q: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.ask(timeout, |options| async move {
-            send(&self.client, queue, request, &options).await.map(drop)
+        self.ask(timeout, |options| {
+            self.sender.run(|client| async move {
+                send(&*client, queue, request, &options).await.map(drop)
+            })
         })
         .await
     }
@@ -93,10 +105,12 @@ impl Requester {
         Q: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.ask(timeout, |options| async move {
-            publish(&self.client, subject, request, &options)
-                .await
-                .map(drop)
+        self.ask(timeout, |options| {
+            self.sender.run(|client| async move {
+                publish(&*client, subject, request, &options)
+                    .await
+                    .map(drop)
+            })
         })
         .await
     }
@@ -123,7 +137,7 @@ impl Requester {
             correlation_id: &correlation_id,
         };
         let options = SendOptions::new()
-            .reply_to(self.reply_queue.clone())
+            .reply_to(self.reply_queue.queue.clone())
             .correlation_id(correlation_id.clone());
         send_it(options).await?;
         match tokio::time::timeout(timeout, rx).await {
@@ -138,14 +152,9 @@ impl Requester {
     /// Stops reading replies and drops the reply queue.
     pub async fn stop(&self) -> Result<()> {
         self.stop.cancel();
-        sql::query(
-            &self.client,
-            "SELECT bussig.drop_queue($1)",
-            &[Type::TEXT],
-            &[&self.reply_queue],
-        )
-        .await?;
-        Ok(())
+        self.reply_queue
+            .drop_queue(&*self.sender.get().await)
+            .await
     }
 }
 
@@ -170,33 +179,60 @@ impl Drop for Requester {
     }
 }
 
-/// Long-polls the reply queue, acks every reply and hands it to the request waiting for it, and
-/// heartbeats the queue; until `stop`.
-async fn read_replies(client: Client, queue: String, waiting: Waiting, stop: CancellationToken) {
-    let mut acks: Vec<(i64, Uuid)> = Vec::new();
-    let mut last_heartbeat = tokio::time::Instant::now();
-    while !stop.is_cancelled() {
-        if last_heartbeat.elapsed() >= ephemeral::TTL / 3 {
-            let _ = ephemeral::heartbeat(&client, &queue).await;
-            last_heartbeat = tokio::time::Instant::now();
+/// The task that reads the reply queue.
+struct Replies {
+    connector: Connector,
+    queue: Ephemeral,
+    waiting: Waiting,
+    stop: CancellationToken,
+}
+
+impl Replies {
+    /// Long-polls the reply queue on `client` and hands each reply to the request waiting for it,
+    /// acking it with the next read; until `stop`. A lost connection is made again, and the queue
+    /// too if the worker dropped it meanwhile.
+    async fn read(self, client: Client) {
+        let mut client = Arc::new(client);
+        let mut acks: Vec<(i64, Uuid)> = Vec::new();
+        while !self.stop.is_cancelled() {
+            let read = tokio::select! {
+                read = delivery::ack_and_read(&*client, &self.queue.queue, &acks, 100, None, Some(REPLY_WAIT)) => read,
+                _ = self.stop.cancelled() => break,
+            };
+            match read {
+                Ok(replies) => {
+                    acks = replies.iter().map(|r| (r.id, r.lock_token)).collect();
+                    self.hand_out(replies);
+                }
+                Err(error) if error.is_connection() => {
+                    // Acks sent with the lost call go again: stale tokens are skipped.
+                    let connector = &self.connector;
+                    match retry_connecting(&self.stop, || async { connector().await }).await {
+                        Ok(connected) => client = Arc::new(connected),
+                        Err(_) => self.pause().await,
+                    }
+                }
+                Err(Error::UnknownQueue(_)) if !self.stop.is_cancelled() => {
+                    acks.clear();
+                    if self.queue.subscribe(&client).await.is_err() {
+                        self.pause().await;
+                    }
+                }
+                Err(_) => self.pause().await,
+            }
         }
-        let read = tokio::select! {
-            read = delivery::ack_and_read(&client, &queue, &acks, 100, None, Some(REPLY_WAIT)) => read,
-            _ = stop.cancelled() => break,
-        };
-        let Ok(replies) = read else {
-            // The connection is gone: requests time out, and the queue ends with its heartbeats.
-            break;
-        };
-        acks = replies
-            .iter()
-            .map(|reply| (reply.id, reply.lock_token))
-            .collect();
+        if !acks.is_empty() {
+            let _ = delivery::ack_batch(&*client, &self.queue.queue, &acks).await;
+        }
+    }
+
+    fn hand_out(&self, replies: Vec<Message>) {
         for reply in replies {
             let Some(correlation_id) = reply.correlation_id.clone() else {
                 continue;
             };
-            let waiter = waiting
+            let waiter = self
+                .waiting
                 .lock()
                 .expect("not poisoned")
                 .remove(&correlation_id);
@@ -205,8 +241,12 @@ async fn read_replies(client: Client, queue: String, waiting: Waiting, stop: Can
             }
         }
     }
-    if !acks.is_empty() {
-        let _ = delivery::ack_batch(&client, &queue, &acks).await;
+
+    async fn pause(&self) {
+        tokio::select! {
+            _ = tokio::time::sleep(PAUSE) => {}
+            _ = self.stop.cancelled() => {}
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{Connector, Consumer, Failure};
+use crate::connection::Connector;
+use crate::consumer::{Consumer, Failure};
 use crate::delivery::Message;
 use crate::error::Result;
 

@@ -367,16 +367,58 @@ async fn a_handler_keeps_its_lock_through_a_lost_connection() {
     assert_eq!(stats.handled.load(Ordering::Relaxed), 1);
 }
 
-/// Ends every server connection of `application`, from a connection of its own made directly:
-/// through a pooler, a test's usual connection could be handed one of those. How many it ended.
-async fn kill_connections(application: &str) -> i64 {
-    let direct = (connect_no_tls(session_url()))().await.unwrap();
-    direct
-        .query_typed(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-            &[(&application, Type::TEXT)],
-        )
+/// A handler whose lock is gone when the consumer comes to extend it (the message was purged from
+/// under it) hears of it through `lock_lost`, and the consumer stops extending.
+#[tokio::test]
+async fn a_handler_hears_when_its_lock_is_gone() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "lock_lost", "lock_timeout => '1 second'").await;
+    send(&c, &q.name, &Job { n: 1 }, &SendOptions::new())
         .await
-        .unwrap()[0]
-        .get(0)
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .lock_timeout(Duration::from_secs(1))
+        .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let (heard_tx, mut heard_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let running = tokio::spawn(consumer.run(
+        move |m: Message<Job>| {
+            let (heard, started) = (heard_tx.clone(), started_tx.clone());
+            async move {
+                started.send(()).unwrap();
+                let lost = m.lock_lost();
+                let heard_in_time =
+                    tokio::time::timeout(Duration::from_secs(10), lost.cancelled()).await;
+                heard.send(heard_in_time.is_ok()).unwrap();
+                Ok(())
+            }
+        },
+        shutdown.clone(),
+    ));
+    started_rx.recv().await.unwrap();
+    let extended_so_far = stats.locks_lost.load(Ordering::Relaxed);
+    assert_eq!(extended_so_far, 0, "the lock holds while the message is there");
+    c.query_typed(
+        "SELECT bussig.purge_queue($1)",
+        &[(&q.name.as_str(), Type::TEXT)],
+    )
+    .await
+    .unwrap();
+    assert!(
+        heard_rx.recv().await.unwrap(),
+        "the handler heard within 10 s that its lock was gone"
+    );
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.locks_lost.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.handled.load(Ordering::Relaxed), 1);
+
+    // A message read by hand has no consumer to tell it: its token is never cancelled.
+    send(&c, &q.name, &Job { n: 2 }, &SendOptions::new())
+        .await
+        .unwrap();
+    let by_hand = read(&c, &q.name, 1, None, None).await.unwrap().remove(0);
+    assert!(!by_hand.lock_lost().is_cancelled());
 }

@@ -386,3 +386,122 @@ async fn a_bus_sends_over_its_pool_and_makes_consumers() {
     running.await.unwrap().unwrap();
     assert_eq!(stats.handled.load(Ordering::Relaxed), 6);
 }
+
+/// The requester's connections are killed and its reply queue dropped (as the worker drops it when
+/// the process was away from the database past its ttl): the requester connects again, makes the
+/// queue again, and its next requests get their replies.
+#[tokio::test]
+async fn a_requester_comes_back_after_the_database_was_lost() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "requester_back", "").await;
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .concurrency(2)
+        .wait(Duration::from_millis(200));
+    let running = tokio::spawn(consumer.run(
+        |m: Message<Job>| async move {
+            m.reply(&Job { n: m.payload.n + 1 }).await?;
+            Ok(())
+        },
+        shutdown.clone(),
+    ));
+    let application = format!("requester_back_{}", std::process::id());
+    let requester = Requester::start(connect_no_tls(format!(
+        "{} application_name={application}",
+        session_url()
+    )))
+    .await
+    .unwrap();
+    let ask = async |n: i64| {
+        requester
+            .request::<_, Job>(&q.name, &Job { n }, Duration::from_secs(10))
+            .await
+    };
+    assert_eq!(ask(1).await.unwrap().payload, Job { n: 2 });
+
+    assert_eq!(kill_connections(&application).await, 2, "sender and reader");
+    // A send that meets the loss fails with it (in doubt, as any send is then); the next finds its
+    // connection closed and connects anew. The reader reconnects by itself.
+    let after_loss = match ask(10).await {
+        Err(error) if error.is_connection() => ask(10).await,
+        answered => answered,
+    };
+    assert_eq!(after_loss.unwrap().payload, Job { n: 11 });
+
+    c.query_typed(
+        "SELECT bussig.drop_queue($1)",
+        &[(&requester.reply_queue(), Type::TEXT)],
+    )
+    .await
+    .unwrap();
+    eventually("the reply queue made again", async || {
+        queue_depth(&c, requester.reply_queue()).await.is_ok()
+    })
+    .await;
+    assert_eq!(ask(20).await.unwrap().payload, Job { n: 21 });
+
+    requester.stop().await.unwrap();
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// A broadcast subscriber whose connections are killed and whose queue is dropped meanwhile makes
+/// the queue again and gets what is published after that.
+#[tokio::test]
+async fn a_broadcast_subscriber_comes_back_after_the_database_was_lost() {
+    let c = client().await;
+    let pattern = format!("clienttest.back{}.>", std::process::id());
+    let application = format!("broadcast_back_{}", std::process::id());
+    let broadcast = Broadcast::subscribe(
+        connect_no_tls(format!("{} application_name={application}", session_url())),
+        &pattern,
+    )
+    .await
+    .unwrap()
+    .configure(|consumer| consumer.wait(Duration::from_millis(200)));
+    let queue = broadcast.queue().to_string();
+    let shutdown = CancellationToken::new();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
+    let running = tokio::spawn(broadcast.run(
+        move |m: Message<Job>| {
+            let seen = seen_tx.clone();
+            async move {
+                seen.send(m.payload.n).unwrap();
+                Ok(())
+            }
+        },
+        shutdown.clone(),
+    ));
+    let subject = pattern.replace('>', "config");
+    let published = async |n: i64| {
+        publish(&c, &subject, &Job { n }, &SendOptions::new())
+            .await
+            .unwrap()
+    };
+    let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<i64>| {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("delivered within 10 s")
+            .unwrap()
+    };
+    assert_eq!(published(1).await, 1);
+    assert_eq!(next(&mut seen_rx).await, 1);
+
+    c.query_typed("SELECT bussig.drop_queue($1)", &[(&queue, Type::TEXT)])
+        .await
+        .unwrap();
+    assert!(kill_connections(&application).await >= 1);
+    eventually("the broadcast queue made again", async || {
+        queue_depth(&c, &queue).await.is_ok()
+    })
+    .await;
+    assert_eq!(published(2).await, 1, "the queue is subscribed again");
+    assert_eq!(next(&mut seen_rx).await, 2);
+
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert!(
+        queue_depth(&c, &queue).await.is_err(),
+        "{queue} is dropped at shutdown"
+    );
+}

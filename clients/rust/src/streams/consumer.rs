@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{stream_commit, stream_extend_lease, stream_read, stream_release, StreamRecord};
-use crate::consumer::{retry_connecting, Connector, Failure};
+use crate::connection::{retry_connecting, Connector};
+use crate::consumer::Failure;
 use crate::error::Result;
 
 /// What a `StreamConsumer` has done so far; read it while it runs.

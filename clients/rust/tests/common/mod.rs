@@ -141,3 +141,17 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Ends every server connection of `application`, from a connection of its own made directly:
+/// through a pooler, a test's usual connection could be handed one of those. How many it ended.
+pub async fn kill_connections(application: &str) -> i64 {
+    let direct = (connect_no_tls(session_url()))().await.unwrap();
+    direct
+        .query_typed(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[(&application, Type::TEXT)],
+        )
+        .await
+        .unwrap()[0]
+        .get(0)
+}

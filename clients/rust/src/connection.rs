@@ -1,0 +1,126 @@
+//! Connections that come back: a `Connector` opens one, `retry_connecting` tries again with a capped
+//! backoff while the database is away, and `Current` is a connection shared by tasks that any of them
+//! replaces once it finds it closed.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+
+/// Opens a new connection; the consumer calls it again after the database was lost.
+pub type Connector =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Client>> + Send>> + Send + Sync>;
+
+/// A connector for `conninfo` without TLS; the connection runs on a task of its own.
+pub fn connect_no_tls(conninfo: impl Into<String>) -> Connector {
+    let conninfo: Arc<str> = conninfo.into().into();
+    Arc::new(move || {
+        let conninfo = conninfo.clone();
+        Box::pin(async move {
+            let (client, connection) =
+                tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            Ok(client)
+        })
+    })
+}
+
+/// The first reconnect waits this long, each next one twice as long, up to `RECONNECT_MAX`.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Runs `connect` until it succeeds or fails other than by the connection, waiting between tries
+/// from `RECONNECT_FIRST` doubling up to `RECONNECT_MAX`; the last error once `shutdown` is cancelled.
+pub(crate) async fn retry_connecting<T, F>(
+    shutdown: &CancellationToken,
+    mut connect: impl FnMut() -> F,
+) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
+    let mut pause = RECONNECT_FIRST;
+    loop {
+        match connect().await {
+            Ok(connected) => return Ok(connected),
+            Err(error) if !error.is_connection() => return Err(error),
+            Err(error) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.cancelled() => return Err(error),
+                }
+                pause = (pause * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
+/// A connection as of now, shared by tasks: a consumer's handlers extend their locks and settle on
+/// its loop's, a requester sends on its own. Whoever finds it closed connects anew, once for all of
+/// them (a consumer's loop may be waiting for that very handler); a reconnect elsewhere replaces it.
+#[derive(Clone)]
+pub(crate) struct Current {
+    held: Arc<tokio::sync::Mutex<Held>>,
+    connector: Connector,
+}
+
+struct Held {
+    client: Arc<Client>,
+    /// A call on it failed by the connection: the client may not know it closed yet (it learns
+    /// from its connection's task, a moment after the call's error).
+    lost: bool,
+}
+
+impl Current {
+    pub(crate) fn new(client: Arc<Client>, connector: Connector) -> Self {
+        Current {
+            held: Arc::new(tokio::sync::Mutex::new(Held {
+                client,
+                lost: false,
+            })),
+            connector,
+        }
+    }
+
+    /// The connection, connected anew when it was closed or lost (and left as it is when that
+    /// fails: the call on it fails, and the next one tries again).
+    pub(crate) async fn get(&self) -> Arc<Client> {
+        let mut held = self.held.lock().await;
+        if held.lost || held.client.is_closed() {
+            if let Ok(client) = (self.connector)().await {
+                *held = Held {
+                    client: Arc::new(client),
+                    lost: false,
+                };
+            }
+        }
+        held.client.clone()
+    }
+
+    /// Runs `call` on the connection; one that failed by the connection marks it lost, so that the
+    /// next call connects anew.
+    pub(crate) async fn run<T, F>(&self, call: impl FnOnce(Arc<Client>) -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        let client = self.get().await;
+        let result = call(client.clone()).await;
+        if matches!(&result, Err(error) if error.is_connection()) {
+            let mut held = self.held.lock().await;
+            if Arc::ptr_eq(&held.client, &client) {
+                held.lost = true;
+            }
+        }
+        result
+    }
+
+    pub(crate) async fn set(&self, client: Arc<Client>) {
+        *self.held.lock().await = Held {
+            client,
+            lost: false,
+        };
+    }
+}
