@@ -89,6 +89,51 @@ async def test_a_heartbeated_queue_outlives_its_ttl_on_asyncio(url: str) -> None
         assert row and row[0] == 0  # dropped by the stop
 
 
+def test_a_broadcast_queue_dropped_while_away_is_made_again(bus: bussig.Bus, db: Any) -> None:
+    """The worker drops a process's queue once its heartbeats stopped for the ttl (the process was
+    away from the database that long): the process's worker makes it again and goes on."""
+    subject = unique_subject()
+    got: list[Any] = []
+    router = bussig.Router()
+    router.on(subject)(lambda m: got.append(m.payload))
+    worker = bussig.Worker.broadcast(bus, router=router, wait=0.2)
+    worker.start()
+    try:
+        db.execute("SELECT bussig.drop_queue(%s)", (worker.queue,))
+        eventually(lambda: bus.publish(subject, "after") == 1, what="the queue subscribed again")
+        eventually(lambda: got == ["after"], what="the message handled")
+    finally:
+        worker.stop()
+    assert not maintained_and_present(db, worker.queue)
+
+
+async def test_an_async_broadcast_queue_dropped_while_away_is_made_again(url: str, db: Any) -> None:
+    subject = unique_subject()
+    got: list[Any] = []
+    router = bussig.Router()
+    router.on(subject)(lambda m: got.append(m.payload))
+    async with bussig.AsyncBus(url) as bus:
+        worker = bussig.Worker.broadcast(bus, router=router, wait=0.2)
+        task = asyncio.create_task(worker.run(grace=2))
+        try:
+            while not worker.ready.is_set():
+                assert not task.done(), task.result()
+                await asyncio.sleep(0.05)
+            db.execute("SELECT bussig.drop_queue(%s)", (worker.queue,))
+            deadline = time.monotonic() + 15
+            while await bus.publish(subject, "after") != 1:
+                assert not task.done(), task.result()
+                assert time.monotonic() < deadline, "the queue was not subscribed again"
+                await asyncio.sleep(0.1)
+            while got != ["after"]:
+                assert time.monotonic() < deadline, f"not handled: {got!r}"
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert not maintained_and_present(db, worker.queue)
+
+
 # A process with a broadcast worker that says its queue's name once it runs, then idles until killed.
 CHILD = """
 import sys, time

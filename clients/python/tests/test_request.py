@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 
 import bussig
-from conftest import depth, eventually
+from conftest import behind_a_proxy, depth, eventually, kill_backends
 from test_async import until
 
 WAIT = 0.5  # seconds an idle test worker waits per read
@@ -74,6 +74,56 @@ async def test_async_request_reply(url: str, new_queue: Callable[..., str]) -> N
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_requester_comes_back_after_the_database_was_lost(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str]
+) -> None:
+    """The reply reader's connection is killed, then its queue dropped (as the worker drops it when the
+    process was away past its ttl): the reader connects again, makes the queue again, and later
+    requests get their replies."""
+    queue = new_queue()
+    with bussig.Worker(bus, queue, handler=lambda m: m.payload + 1, wait=WAIT):
+        assert bus.request(queue, 1, timeout=10).payload == 2
+        reply_queue = bus._started_requester().queue
+        # Behind a pooler the backend serves other clients between transactions: only killed directly.
+        if not behind_a_proxy(db):
+            eventually(lambda: kill_backends(db, "bussig requester"), what="the reader's backend terminated")
+            assert bus.request(queue, 10, timeout=10).payload == 11
+        db.execute("SELECT bussig.drop_queue(%s)", (reply_queue,))
+        eventually(lambda: depth_or_none(db, reply_queue) is not None, what="the reply queue made again")
+        assert bus.request(queue, 20, timeout=10).payload == 21
+
+
+async def test_an_async_requester_comes_back_after_the_database_was_lost(
+    url: str, db: Any, new_queue: Callable[..., str]
+) -> None:
+    queue = new_queue()
+
+    async def answer(message: bussig.AsyncMessage) -> Any:
+        return message.payload + 1
+
+    async with bussig.AsyncBus(url) as bus:
+        worker = bussig.Worker(bus, queue, handler=answer, wait=WAIT)
+        task = asyncio.create_task(worker.run())
+        try:
+            assert (await bus.request(queue, 1, timeout=10)).payload == 2
+            assert bus._requester is not None
+            reply_queue = bus._requester.queue
+            if not behind_a_proxy(db):
+                await until(lambda: kill_backends(db, "bussig requester") > 0, what="the reader's backend terminated")
+                assert (await bus.request(queue, 10, timeout=10)).payload == 11
+            db.execute("SELECT bussig.drop_queue(%s)", (reply_queue,))
+            await until(lambda: depth_or_none(db, reply_queue) is not None, what="the reply queue made again")
+            assert (await bus.request(queue, 20, timeout=10)).payload == 21
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def depth_or_none(db: Any, queue: str) -> Any:
+    row = db.execute("SELECT messages FROM bussig.queues WHERE queue = %s", (queue,)).fetchone()
+    return None if row is None else row[0]
 
 
 def test_broadcast_reaches_every_process(bus: bussig.Bus, db: Any, new_queue: Callable[..., str]) -> None:

@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from . import _sql, outcome, trace
 from ._connections import Row, connect_async, execute_async, reconnect_async
 from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, Book, Dispatch, Job, next_pause, settle_statement
-from .errors import BussigError, LeftLocked, connection_lost, transient
+from .errors import BussigError, LeftLocked, UnknownQueue, connection_lost, transient
 from .message import AsyncMessage, fields
 
 if TYPE_CHECKING:
@@ -58,11 +58,7 @@ class AsyncRun:
             self.conn = await connect_async(self.worker.conninfo, f"bussig worker {self.queue}")
             if self.worker.ephemeral and not self.dispatch.patterns:
                 raise ValueError("a broadcast worker needs a router with patterns")
-            ttl = self.worker.ttl if self.worker.ephemeral else None
-            for pattern in self.dispatch.patterns:
-                await self.execute(_sql.SUBSCRIBE, (self.queue, pattern, ttl))
-            await self.execute(_sql.QUEUE_DEPTH, (self.queue,))  # an unknown queue fails the run at once
-            self.last_heartbeat = time.monotonic()
+            await self.subscribe()
             if any(route.transactional for route in self.dispatch.routes):
                 self.transactions = AsyncConnectionPool(
                     self.worker.conninfo,
@@ -80,6 +76,13 @@ class AsyncRun:
                 except Exception as error:
                     if transient(error):
                         continue
+                    if self.worker.ephemeral and isinstance(error, UnknownQueue):
+                        # The worker dropped this process's queue while the database was away.
+                        try:
+                            await self.subscribe()
+                            continue
+                        except Exception as remaking:
+                            error = remaking
                     if not connection_lost(error, self.conn):
                         # What is held is handed in first, as at a stop.
                         failed = error
@@ -92,6 +95,13 @@ class AsyncRun:
                 raise failed
         finally:
             await self.close()
+
+    async def subscribe(self) -> None:
+        ttl = self.worker.ttl if self.worker.ephemeral else None
+        for pattern in self.dispatch.patterns:
+            await self.execute(_sql.SUBSCRIBE, (self.queue, pattern, ttl))
+        await self.execute(_sql.QUEUE_DEPTH, (self.queue,))  # an unknown queue fails the run at once
+        self.last_heartbeat = time.monotonic()
 
     async def execute(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
         assert self.conn is not None

@@ -14,8 +14,17 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _sql, errors
 from ._connections import Row, caller_connection_async, connect_async, execute_async
+from ._core import RECONNECT_FIRST, next_pause
 from ._sql import Seconds
-from .bus import EPHEMERAL_TTL, REPLY_WAIT, STREAM_LEASE, BlockedGroup, blocked_groups, ephemeral_queue
+from .bus import (
+    EPHEMERAL_TTL,
+    REPLY_WAIT,
+    STREAM_LEASE,
+    BlockedGroup,
+    blocked_groups,
+    ephemeral_queue,
+    reply_queue_subscription,
+)
 from .message import AsyncMessage, fields
 from .stream import StreamRecord, records
 
@@ -227,9 +236,10 @@ class AsyncBus:
 class _AsyncRequester:
     """As the sync requester: this process's reply queue, read by a task of its own."""
 
-    def __init__(self, queue: str, conn: psycopg.AsyncConnection[Row]) -> None:
+    def __init__(self, queue: str, conninfo: str, conn: psycopg.AsyncConnection[Row]) -> None:
         self.queue = queue
         self.waiting: dict[str, asyncio.Future[AsyncMessage]] = {}
+        self._conninfo = conninfo
         self._conn = conn
         self._stopping = False
         self._task = asyncio.create_task(self._read())
@@ -238,21 +248,40 @@ class _AsyncRequester:
     async def start(cls, conninfo: str) -> _AsyncRequester:
         queue = ephemeral_queue("reply")
         conn = await connect_async(conninfo, "bussig requester")
-        await execute_async(conn, _sql.SUBSCRIBE, (queue, f"_bussig.reply.{queue}", EPHEMERAL_TTL))
-        return cls(queue, conn)
+        await execute_async(conn, _sql.SUBSCRIBE, reply_queue_subscription(queue))
+        return cls(queue, conninfo, conn)
 
     async def _read(self) -> None:
         acks: list[_sql.Ack] = []
         beat = 0.0
+        pause = RECONNECT_FIRST
         while not self._stopping:
             try:
+                if self._conn.closed or self._conn.broken:
+                    self._conn = await connect_async(self._conninfo, "bussig requester")
+                    beat = 0.0
                 if time.monotonic() - beat >= EPHEMERAL_TTL / 3:
                     await execute_async(self._conn, _sql.HEARTBEAT, (self.queue,))
                     beat = time.monotonic()
                 params = _sql.ack_and_read_params(self.queue, acks, 100, None, REPLY_WAIT)
                 rows = await execute_async(self._conn, _sql.ACK_AND_READ, params)
-            except Exception:
-                return  # the connection is gone: requests time out, the queue goes with its heartbeats
+            except errors.UnknownQueue:
+                acks = []
+                try:
+                    await execute_async(self._conn, _sql.SUBSCRIBE, reply_queue_subscription(self.queue))
+                    beat = time.monotonic()
+                except Exception:
+                    await asyncio.sleep(REPLY_WAIT)
+                continue
+            except Exception as error:
+                # As the sync requester: reconnect with a backoff, or pause after another error.
+                if errors.connection_lost(error, self._conn):
+                    await asyncio.sleep(pause)
+                    pause = next_pause(pause)
+                else:
+                    await asyncio.sleep(REPLY_WAIT)
+                continue
+            pause = RECONNECT_FIRST
             replies = [AsyncMessage(**fields(self.queue, row)) for row in rows]
             acks = [(reply.message_id, reply.lock_token) for reply in replies]
             for reply in replies:

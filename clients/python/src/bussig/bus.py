@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from . import _sql, errors
 from ._connections import Row, caller_connection, connect, execute
+from ._core import RECONNECT_FIRST, next_pause
 from ._sql import Seconds
 from .message import Message, fields
 from .stream import StreamRecord, records
@@ -254,15 +255,23 @@ class Bus:
             return self._requester
 
 
+def reply_queue_subscription(queue: str) -> tuple[str, str, float]:
+    """``SUBSCRIBE``'s parameters for a reply queue. Nothing publishes on its subject: subscribing with
+    a ttl is how a queue becomes ephemeral, and how it is made again when the worker dropped it."""
+    return (queue, f"_bussig.reply.{queue}", EPHEMERAL_TTL)
+
+
 class _Requester:
     """This process's reply queue (ephemeral: the worker drops it once its heartbeats stop) and the
-    thread that long-polls it, acks each reply and hands it to the request waiting for it."""
+    thread that long-polls it, acks each reply and hands it to the request waiting for it. The thread
+    connects again after the database was lost, and makes the queue again if the worker dropped it
+    meanwhile; requests in flight then time out."""
 
     def __init__(self, conninfo: str) -> None:
         self.queue = ephemeral_queue("reply")
+        self._conninfo = conninfo
         self._conn = connect(conninfo, "bussig requester")
-        # Nothing publishes on this subject: subscribing with a ttl is how a queue becomes ephemeral.
-        execute(self._conn, _sql.SUBSCRIBE, (self.queue, f"_bussig.reply.{self.queue}", EPHEMERAL_TTL))
+        execute(self._conn, _sql.SUBSCRIBE, reply_queue_subscription(self.queue))
         self._waiting: dict[str, Future[Message]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -282,16 +291,34 @@ class _Requester:
     def _read(self) -> None:
         acks: list[_sql.Ack] = []
         beat = 0.0
+        pause = RECONNECT_FIRST
         while not self._stopping.is_set():
             try:
+                if self._conn.closed or self._conn.broken:
+                    self._conn = connect(self._conninfo, "bussig requester")
+                    beat = 0.0
                 if time.monotonic() - beat >= EPHEMERAL_TTL / 3:
                     execute(self._conn, _sql.HEARTBEAT, (self.queue,))
                     beat = time.monotonic()
                 params = _sql.ack_and_read_params(self.queue, acks, 100, None, REPLY_WAIT)
                 rows = execute(self._conn, _sql.ACK_AND_READ, params)
-            except Exception:
-                # The connection is gone: requests time out, and the queue goes with its heartbeats.
-                return
+            except errors.UnknownQueue:
+                acks = []
+                try:
+                    execute(self._conn, _sql.SUBSCRIBE, reply_queue_subscription(self.queue))
+                    beat = time.monotonic()
+                except Exception:
+                    self._stopping.wait(REPLY_WAIT)
+                continue
+            except Exception as error:
+                # Acks sent with a lost call go again: stale tokens are skipped.
+                if errors.connection_lost(error, self._conn):
+                    self._stopping.wait(pause)
+                    pause = next_pause(pause)
+                else:
+                    self._stopping.wait(REPLY_WAIT)
+                continue
+            pause = RECONNECT_FIRST
             replies = [Message(**fields(self.queue, row)) for row in rows]
             acks = [(reply.message_id, reply.lock_token) for reply in replies]
             for reply in replies:

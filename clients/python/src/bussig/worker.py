@@ -34,7 +34,7 @@ from ._core import (
     started,
 )
 from .bus import EPHEMERAL_TTL, ephemeral_queue
-from .errors import BussigError, LeftLocked, connection_lost, transient
+from .errors import BussigError, LeftLocked, UnknownQueue, connection_lost, transient
 from .message import Message, fields
 from .routing import Decoder, Handler, Router
 
@@ -172,6 +172,13 @@ class Worker:
                 except Exception as error:
                     if transient(error):
                         continue
+                    if self.ephemeral and isinstance(error, UnknownQueue):
+                        # The worker dropped this process's queue while the database was away.
+                        try:
+                            self._subscribe()
+                            continue
+                        except Exception as remaking:
+                            error = remaking
                     if not connection_lost(error, self._conn):
                         # What is held is handed in first, as at a stop.
                         failed = error
