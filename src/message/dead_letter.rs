@@ -67,6 +67,14 @@ static DELETE_MESSAGES: Statement = Statement {
     writes: true,
 };
 
+// Messages whose body row is gone get a JSON null for a payload, so that their dead letters can be
+// read and peeked.
+static WITHOUT_BODY: Statement = Statement {
+    sql: "UPDATE bussig.message SET payload = 'null'::jsonb, body_id = NULL WHERE message_id = ANY ($1)",
+    args: &[pg_sys::INT8ARRAYOID],
+    writes: true,
+};
+
 // Messages a consumer of the dead-letter queue holds right now stay where they are.
 static REDRIVE: Statement = Statement {
     sql: "WITH picked AS (
@@ -150,16 +158,32 @@ pub enum DeadReason {
     Expired,
     /// Its last allowed delivery was used.
     MaxDeliveries,
+    /// Published with a shared body row that is gone (deleted by hand): it cannot be delivered, and
+    /// must not stop its queue's reads at it.
+    BodyMissing,
 }
 
 impl DeadReason {
-    const ALL: [DeadReason; 2] = [DeadReason::Expired, DeadReason::MaxDeliveries];
+    const ALL: [DeadReason; 3] = [
+        DeadReason::Expired,
+        DeadReason::MaxDeliveries,
+        DeadReason::BodyMissing,
+    ];
 
     /// As the `bussig-dead-letter-reason` header and the read statements name it.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::Expired => "expired",
             DeadReason::MaxDeliveries => "max_deliveries",
+            DeadReason::BodyMissing => "body_missing",
+        }
+    }
+
+    /// The `bussig-dead-letter-error` a dead letter of this reason gets when it has no error of its own.
+    fn error(self) -> Option<&'static str> {
+        match self {
+            DeadReason::BodyMissing => Some("the body row it was published with is gone"),
+            DeadReason::Expired | DeadReason::MaxDeliveries => None,
         }
     }
 
@@ -179,7 +203,8 @@ pub struct Dead {
 }
 
 /// Moves dead messages of `queue` (of any queue when None) to their dead-letter queue, in the
-/// caller's transaction; in a queue without one, expired messages are deleted.
+/// caller's transaction; in a queue without one, expired messages and those whose body is gone are
+/// deleted (the latter with a WARNING naming them).
 pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) -> BusResult<()> {
     let mut left = Vec::new();
     for reason in DeadReason::ALL {
@@ -187,24 +212,34 @@ pub fn bury(client: &mut SpiClient<'_>, queue: Option<&str>, dead: Vec<Dead>) ->
             .iter()
             .filter(|dead| dead.reason == reason)
             .partition(|dead| dead.has_dead_letter_queue);
-        let ids = |list: Vec<&Dead>| {
+        let ids = |list: &[&Dead]| {
             list.iter()
                 .map(|dead| dead.message_id)
                 .collect::<Vec<i64>>()
         };
         if !moved.is_empty() {
+            if reason == DeadReason::BodyMissing {
+                plans::run(client, &WITHOUT_BODY, &[ids(&moved).into()])?;
+            }
             let args: [DatumWithOid; 6] = [
-                ids(moved).into(),
+                ids(&moved).into(),
                 Option::<Uuid>::None.into(),
                 reason.as_str().into(),
-                Option::<&str>::None.into(),
+                reason.error().into(),
                 queue.into(),
                 true.into(),
             ];
             move_leaving_groups(client, &args, &mut left)?;
         }
         if !dropped.is_empty() {
-            for row in plans::run(client, &DELETE_MESSAGES, &[ids(dropped).into()])? {
+            if reason == DeadReason::BodyMissing {
+                pgrx::warning!(
+                    "bussig: messages {:?} of queue \"{}\" had lost the body row they were published with and were dropped (the queue has no dead-letter queue)",
+                    ids(&dropped),
+                    queue.unwrap_or("?")
+                );
+            }
+            for row in plans::run(client, &DELETE_MESSAGES, &[ids(&dropped).into()])? {
                 let queue_id = plans::filled(&row, 1, "queue id")?;
                 depth::removed(queue_id, 1);
                 if let Some(group) = row.get::<String>(2)? {

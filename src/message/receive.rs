@@ -116,7 +116,7 @@ struct ReadRow {
     position: Position,
     lock_token: Uuid,
     subject: Option<String>,
-    /// None only when the shared body row it was published with is gone.
+    /// None only when the shared body row it was published with is gone (and `dead` says so).
     payload: Option<Jsonb>,
     headers: Option<Jsonb>,
     delivery_count: i32,
@@ -131,11 +131,14 @@ struct ReadRow {
 impl ReadRow {
     fn decode(row: &SpiHeapTupleData<'_>) -> BusResult<ReadRow> {
         // Only what a delivery needs is read: every column read costs a conversion per message.
-        let dead = match row.get::<String>(12)? {
-            Some(reason) => Some((
-                DeadReason::parse(&reason)?,
-                plans::filled(row, 13, "dead-letter flag")?,
-            )),
+        let payload: Option<Jsonb> = row.get(4)?;
+        let reason = match row.get::<String>(12)? {
+            Some(reason) => Some(DeadReason::parse(&reason)?),
+            None if payload.is_none() => Some(DeadReason::BodyMissing),
+            None => None,
+        };
+        let dead = match reason {
+            Some(reason) => Some((reason, plans::filled(row, 13, "dead-letter flag")?)),
             None => None,
         };
         Ok(ReadRow {
@@ -146,7 +149,7 @@ impl ReadRow {
             },
             lock_token: plans::filled(row, 2, "lock token")?,
             subject: row.get(3)?,
-            payload: row.get(4)?,
+            payload,
             headers: row.get(5)?,
             delivery_count: plans::filled(row, 6, "delivery count")?,
             enqueued_at: plans::filled(row, 8, "enqueue time")?,
@@ -157,7 +160,8 @@ impl ReadRow {
         })
     }
 
-    /// The delivery, or XX001 when neither the message nor a body row holds its payload.
+    /// The delivery of a row not dead; XX001 when neither the message nor a body row holds its
+    /// payload (`decode` makes such a row dead).
     fn delivery(self, queue: &str) -> BusResult<Delivery> {
         let Some(payload) = self.payload else {
             return Err(missing_body(self.position.message_id, queue));

@@ -271,18 +271,47 @@ mod tests {
         assert_eq!(rest, expected, "delivered once each, none left behind");
     }
 
-    /// A message whose shared body row is gone (deleted by hand) is reported as broken data with its
-    /// id, not as an internal error; the read that found it takes nothing.
+    /// A message whose shared body row is gone (deleted by hand) cannot be delivered, and must not
+    /// stop its queue at it: a read moves it to the dead-letter queue (reason `body_missing`, a JSON
+    /// null for payload) and delivers what follows. Peek reports it as broken data with its id.
     #[pg_test]
-    fn a_message_without_its_body_is_reported_as_corrupt() {
+    fn a_message_without_its_body_is_dead_lettered_by_the_read_that_finds_it() {
+        run("SELECT bussig.create_queue('q', dead_letter_queue => 'q_dlq')");
+        run("INSERT INTO bussig.message (queue_id, visible_at, body_id, subject)
+             SELECT queue_id, now() - interval '1 second', 424242, 'lost' FROM bussig.queue WHERE name = 'q'");
+        run("SELECT bussig.send('q', '2')");
+        assert_fails("SELECT * FROM bussig.peek('q')", "XX001");
+        assert_eq!(
+            one::<String>("SELECT string_agg(payload::text, ',') FROM bussig.read('q', 10)"),
+            Some("2".into()),
+            "the next message is delivered"
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT concat_ws('|', subject, payload::text, headers->>'bussig-dead-letter-reason',
+                                  headers->>'bussig-dead-letter-error')
+                 FROM bussig.peek('q_dlq')"
+            ),
+            Some("lost|null|body_missing|the body row it was published with is gone".into())
+        );
+        assert_eq!(count("SELECT * FROM bussig.read('q_dlq')"), 1);
+    }
+
+    /// Without a dead-letter queue, such a message is dropped, with a WARNING naming it.
+    #[pg_test]
+    fn a_message_without_its_body_and_no_dead_letter_queue_is_dropped() {
         run("SELECT bussig.create_queue('q')");
         run("INSERT INTO bussig.message (queue_id, visible_at, body_id)
              SELECT queue_id, now() - interval '1 second', 424242 FROM bussig.queue WHERE name = 'q'");
-        assert_fails("SELECT * FROM bussig.read('q')", "XX001");
-        assert_fails("SELECT * FROM bussig.peek('q')", "XX001");
+        run("SELECT bussig.send('q', '2')");
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM bussig.message WHERE lock_token IS NULL"),
-            Some(1)
+            one::<String>("SELECT string_agg(payload::text, ',') FROM bussig.read('q', 10)"),
+            Some("2".into())
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM bussig.message m JOIN bussig.queue q USING (queue_id) WHERE q.name = 'q'"),
+            Some(1),
+            "only the delivered message is left"
         );
     }
 
