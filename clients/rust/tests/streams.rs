@@ -10,15 +10,6 @@ use bussig_client::*;
 mod common;
 use common::*;
 
-const LEASE: Duration = Duration::from_secs(30);
-
-fn jobs(records: &[StreamRecord]) -> Vec<i64> {
-    records
-        .iter()
-        .map(|record| record.payload_as::<Job>().unwrap().n)
-        .collect()
-}
-
 #[tokio::test]
 async fn appends_are_read_in_order_committed_and_replayed() {
     let mut c = client().await;
@@ -402,51 +393,6 @@ async fn members_of_a_group_handle_each_key_in_order_and_every_record_once() {
     );
     let heads: i64 = positions.iter().map(|(_, head)| head).sum();
     assert_eq!(heads, KEYS * PER_KEY);
-}
-
-#[tokio::test]
-async fn a_shutdown_commits_what_was_handled_and_gives_back_the_rest() {
-    let c = client().await;
-    let s = TestStream::create(&c, "s_shutdown", 1).await;
-    let batch: Vec<_> = (0..20).map(|n| AppendRecord::new(Job { n })).collect();
-    append_batch(&c, &s.name, &batch, None).await.unwrap();
-
-    let shutdown = CancellationToken::new();
-    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
-    let (handler_seen, handler_shutdown) = (seen.clone(), shutdown.clone());
-    let handler = move |record: StreamRecord| {
-        let (seen, shutdown) = (handler_seen.clone(), handler_shutdown.clone());
-        async move {
-            let job: Job = record.payload_as()?;
-            if job.n == 4 {
-                shutdown.cancel();
-            }
-            seen.lock().unwrap().push(job.n);
-            Ok(())
-        }
-    };
-    let member = StreamConsumer::new(connect_no_tls(url()), &s.name, "group")
-        .max_records(20)
-        .wait(Duration::from_millis(200));
-    tokio::time::timeout(Duration::from_secs(10), member.run(handler, shutdown))
-        .await
-        .expect("stops")
-        .unwrap();
-
-    assert_eq!(
-        *seen.lock().unwrap(),
-        [0, 1, 2, 3, 4],
-        "the record in hand finished"
-    );
-    assert_eq!(s.positions(&c).await, [(5, 20)]);
-    let rest = stream_read(&c, &s.name, "group", 100, None, LEASE)
-        .await
-        .unwrap();
-    assert_eq!(
-        jobs(&rest),
-        (5..20).collect::<Vec<_>>(),
-        "no lease left behind"
-    );
 }
 
 #[tokio::test]

@@ -57,6 +57,7 @@ pub struct StreamConsumer {
     max_records: i32,
     lease: Duration,
     wait: Duration,
+    grace: Duration,
     stats: Arc<StreamStats>,
 }
 
@@ -70,6 +71,7 @@ impl StreamConsumer {
             max_records: 100,
             lease: Duration::from_secs(30),
             wait: Duration::from_secs(5),
+            grace: Duration::from_secs(10),
             stats: Arc::default(),
         }
     }
@@ -105,6 +107,14 @@ impl StreamConsumer {
         self
     }
 
+    /// How long a shutdown lets the handlers in hand finish (default 10 s). A handler still running
+    /// then is dropped, unfinished: its partition commits the record before it, or is released, so
+    /// its records go back to the group at once.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
     pub fn stats(&self) -> Arc<StreamStats> {
         self.stats.clone()
     }
@@ -122,8 +132,9 @@ impl StreamConsumer {
     ///   partition; return `Ok` to skip it.
     /// - A commit refused as stale (another member leased the partition after this lease ran out)
     ///   is counted in `stats().stale_commits`, not an error: that member handles the records again.
-    /// - Shutdown: the member reads no more; each partition finishes the record in hand and commits
-    ///   it. Records not started go back to the group at once.
+    /// - Shutdown: the member reads no more; each partition finishes the record in hand (within
+    ///   `shutdown_grace`) and commits it. Records not started or not finished go back to the group
+    ///   at once.
     /// - A lost connection is made again with a backoff; commits that were to go over it fail, and
     ///   those records are read again after the lease (at least once).
     ///
@@ -142,6 +153,7 @@ impl StreamConsumer {
             lease: self.lease,
             stats: self.stats.clone(),
             shutdown: shutdown.clone(),
+            cut_off: CancellationToken::new(),
         });
         let mut partitions = JoinSet::new();
         let mut client = self.connect(&shutdown).await?;
@@ -188,7 +200,16 @@ impl StreamConsumer {
                 partitions.spawn(member.handle_partition(client.clone(), records, lease_ends));
             }
         };
-        while partitions.join_next().await.is_some() {}
+        let drained = async { while partitions.join_next().await.is_some() {} };
+        tokio::pin!(drained);
+        tokio::select! {
+            _ = &mut drained => {}
+            _ = sleep_after(&shutdown, self.grace) => {
+                // Handlers still running are dropped; their partitions commit or release.
+                member.cut_off.cancel();
+                drained.await;
+            }
+        }
         outcome
     }
 
@@ -196,6 +217,12 @@ impl StreamConsumer {
         let connector = &self.connector;
         retry_connecting(shutdown, || async move { Ok(Arc::new(connector().await?)) }).await
     }
+}
+
+/// Returns `grace` after `shutdown` was cancelled.
+async fn sleep_after(shutdown: &CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
 }
 
 /// Waits until a partition in hand is done or shutdown is asked for.
@@ -225,6 +252,8 @@ struct Member<H> {
     lease: Duration,
     stats: Arc<StreamStats>,
     shutdown: CancellationToken,
+    /// Cancelled once shutdown's grace ran out: handlers still running are dropped.
+    cut_off: CancellationToken,
 }
 
 /// This member's lease of one partition, as far as it knows.
@@ -282,12 +311,19 @@ impl<H> Member<H> {
             let seq = record.seq;
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let work = AssertUnwindSafe(async { (self.handler)(record).await }).catch_unwind();
-            let outcome = self
-                .keeping(&client, &mut lease, work)
-                .await
-                .unwrap_or_else(|panic| Err(Failure::from_panic(&*panic)));
+            let work = async {
+                tokio::select! {
+                    outcome = work => Some(outcome),
+                    _ = self.cut_off.cancelled() => None,
+                }
+            };
+            let outcome = self.keeping(&client, &mut lease, work).await;
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
+            let Some(outcome) = outcome else {
+                break;
+            };
+            let outcome = outcome.unwrap_or_else(|panic| Err(Failure::from_panic(&*panic)));
             match outcome {
                 Ok(()) => {
                     stats.handled.fetch_add(1, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 use std::time::{Duration, Instant};
 
-use bussig_client::connect_no_tls;
+use bussig_client::{connect_no_tls, StreamRecord};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
@@ -154,4 +154,15 @@ pub async fn kill_connections(application: &str) -> i64 {
         .await
         .unwrap()[0]
         .get(0)
+}
+
+/// How long the tests' stream reads lease their partitions.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// The `n` of each record's `Job` payload, in order.
+pub fn jobs(records: &[StreamRecord]) -> Vec<i64> {
+    records
+        .iter()
+        .map(|record| record.payload_as::<Job>().unwrap().n)
+        .collect()
 }
