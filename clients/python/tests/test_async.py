@@ -110,6 +110,36 @@ async def test_transactional_rolls_back_on_error(
         db.execute(f"DROP TABLE {table}")
 
 
+async def test_a_transactional_reply_does_not_hold_up_the_loop(
+    abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    """As the thread worker's test: an early reply in the handler's transaction holds the request's
+    row, and the loop goes on reading and acking meanwhile."""
+    queue, replies = new_queue(), new_queue()
+    replied, done = asyncio.Event(), asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(message: bussig.AsyncMessage) -> None:
+        if message.payload == "request":
+            await message.reply("answer")
+            replied.set()
+            await asyncio.sleep(4)
+            done.set()
+        else:
+            handled.append(message.payload)
+
+    await abus.send(queue, "request", reply_to=replies)
+    await running(
+        bussig.Worker(abus, queue, handler=handler, transactional=True, concurrency=2, lock_timeout=1.0, wait=WAIT)
+    )
+    await asyncio.wait_for(replied.wait(), 10)
+    await asyncio.sleep(0.7)
+    await abus.send(queue, "other")
+    await until(lambda: handled == ["other"] and depth(db, queue) == 1, timeout=3, what="the other message acked")
+    assert not done.is_set(), "the other message waited for the request's transaction"
+    await until(lambda: depth(db, queue) == 0 and depth(db, replies) == 1, what="the request acked by its reply")
+
+
 async def test_cancel_finishes_or_gives_back_everything(
     abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str], running: Any
 ) -> None:

@@ -172,6 +172,36 @@ def test_transactional_handler_commits_with_the_ack_or_rolls_back(
         db.execute(f"DROP TABLE {table}")
 
 
+def test_a_transactional_reply_does_not_hold_up_the_loop(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    """A transactional handler that replies early holds its request's row until its transaction
+    ends: the loop must not wait for it to extend that lock, but go on reading and acking."""
+    queue, replies = new_queue(), new_queue()
+    replied, done = threading.Event(), threading.Event()
+    handled: list[str] = []
+
+    def handler(message: bussig.Message) -> None:
+        if message.payload == "request":
+            message.reply("answer")
+            replied.set()
+            time.sleep(4)  # past half the lock (1 s) several times over
+            done.set()
+        else:
+            handled.append(message.payload)
+
+    bus.send(queue, "request", reply_to=replies)
+    running(
+        bussig.Worker(bus, queue, handler=handler, transactional=True, concurrency=2, lock_timeout=1.0, wait=WAIT)
+    )
+    assert replied.wait(10)
+    time.sleep(0.7)  # the request's lock is due for an extension now
+    bus.send(queue, "other")
+    eventually(lambda: handled == ["other"] and depth(db, queue) == 1, timeout=3, what="the other message acked")
+    assert not done.is_set(), "the other message waited for the request's transaction"
+    eventually(lambda: depth(db, queue) == 0 and depth(db, replies) == 1, what="the request acked by its reply")
+
+
 def test_long_handlers_have_their_locks_extended(
     bus: bussig.Bus, db: Any, new_queue: Callable[..., str], running: Any
 ) -> None:

@@ -235,6 +235,7 @@ class AsyncRun:
                 reply_id = await self.reply(run, message, payload)
                 if reply_id is None:
                     raise outcome.LockLost(*job.key)
+                self.book.settling_in_transaction(job.key)
                 return reply_id
 
             message._replier = reply

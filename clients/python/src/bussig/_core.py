@@ -178,6 +178,12 @@ class Book:
             self.locked_since[key] = now
         return due
 
+    def settling_in_transaction(self, key: _sql.Ack) -> None:
+        """A transactional handler settled (replied to) its message in its own transaction, which
+        holds the message's row until it ends: an extension would wait for it, and with it the loop.
+        The row lock keeps every other reader off meanwhile."""
+        self.locked_since.pop(key, None)
+
     def extensions_failed(self, keys: list[_sql.Ack]) -> None:
         """The extensions of ``keys`` did not happen (the connection went): due again at once, on the
         next connection, not half a lock later, when the lock may have run out."""

@@ -344,6 +344,8 @@ class Worker:
                 reply_id = self._reply(run, message, payload)
                 if reply_id is None:
                     raise outcome.LockLost(message.message_id, message.lock_token)
+                with self._lock:
+                    self._book.settling_in_transaction(job.key)
                 return reply_id
 
             message._replier = reply
