@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -422,10 +423,10 @@ impl Handling {
         F: Future<Output = std::result::Result<(), Failure>>,
     {
         let (id, token) = (message.id, message.lock_token);
-        let settled_by_handler = message
-            .connection
-            .as_ref()
-            .map(|connection| connection.settled.clone());
+        let flags = message.connection.as_ref().map(|connection| {
+            (connection.settled.clone(), connection.settling.clone())
+        });
+        let (settled_by_handler, settling) = flags.unzip();
         let lock_lost = message.lock_lost();
         let guard = GiveBack {
             handling: Some(&self),
@@ -439,27 +440,9 @@ impl Handling {
             #[cfg(feature = "otel")]
             let work = opentelemetry::context::FutureExt::with_context(work, context);
             let work = AssertUnwindSafe(work).catch_unwind();
-            tokio::pin!(work);
-            // The first extension half a lock from now. Not `interval`'s immediate first tick: the
-            // timer's millisecond granularity made awaiting it cost each message up to a millisecond.
-            let period = self.lock_timeout / 2;
-            let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            loop {
-                tokio::select! {
-                    outcome = &mut work => break outcome,
-                    _ = extend.tick(), if !lock_lost.is_cancelled() => {
-                        let (queue, lock) = (&self.queue, Some(self.lock_timeout));
-                        let extended = self.client.run(|client| async move {
-                            delivery::extend_lock(&*client, queue, id, token, lock).await
-                        }).await;
-                        // Gone (not merely unreachable): nothing extends it again, and the handler hears.
-                        if matches!(extended, Ok(false)) {
-                            self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
-                            lock_lost.cancel();
-                        }
-                    }
-                }
-            }
+            let settling = || settling.as_ref().is_some_and(|s| s.load(Ordering::Acquire));
+            self.keeping_the_lock(work, id, token, &lock_lost, settling)
+                .await
         };
         std::mem::forget(guard);
         let stats = &self.stats;
@@ -488,6 +471,47 @@ impl Handling {
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
         let _ = self.settled.send(settled);
+    }
+
+    /// Runs `work`, extending the lock every half of it meanwhile. An extension runs beside the
+    /// work, never instead of it: a transaction of the handler's that settles the message holds its
+    /// row, and an extension waiting for that row must not keep the transaction from its commit.
+    /// None starts once `settling` (such a transaction has begun to settle it). An extension that
+    /// finds the lock gone (not merely unreachable) cancels `lock_lost`, and none follows.
+    async fn keeping_the_lock<T>(
+        &self,
+        work: impl Future<Output = T>,
+        id: i64,
+        token: Uuid,
+        lock_lost: &CancellationToken,
+        settling: impl Fn() -> bool,
+    ) -> T {
+        tokio::pin!(work);
+        // The first extension half a lock from now. Not `interval`'s immediate first tick: the
+        // timer's millisecond granularity made awaiting it cost each message up to a millisecond.
+        let period = self.lock_timeout / 2;
+        let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut extension: Option<BoxFuture<'_, Result<bool>>> = None;
+        loop {
+            tokio::select! {
+                outcome = &mut work => return outcome,
+                extended = async { extension.as_mut().expect("checked").await }, if extension.is_some() => {
+                    extension = None;
+                    if matches!(extended, Ok(false)) && !settling() {
+                        self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+                        lock_lost.cancel();
+                    }
+                }
+                _ = extend.tick(), if extension.is_none() && !lock_lost.is_cancelled() => {
+                    if !settling() {
+                        let (queue, lock) = (&self.queue, Some(self.lock_timeout));
+                        extension = Some(Box::pin(self.client.run(move |client| async move {
+                            delivery::extend_lock(&*client, queue, id, token, lock).await
+                        })));
+                    }
+                }
+            }
+        }
     }
 
     async fn fail(&self, id: i64, token: Uuid, failure: Failure) {

@@ -28,6 +28,9 @@ pub(crate) struct Connection {
     pub(crate) answered: Arc<AtomicBool>,
     /// Cancelled when the consumer found the lock gone as it came to extend it.
     pub(crate) lock_lost: CancellationToken,
+    /// Set once a transaction settles the message (a reply, a transactional handler's ack) and so
+    /// holds its row until it ends: an extension then would only wait for that transaction.
+    pub(crate) settling: Arc<AtomicBool>,
 }
 
 impl Connection {
@@ -37,6 +40,7 @@ impl Connection {
             settled: Arc::default(),
             answered: Arc::default(),
             lock_lost: CancellationToken::new(),
+            settling: Arc::default(),
         }
     }
 }
@@ -242,11 +246,20 @@ impl<T> Message<T> {
         client: &C,
         payload: &R,
     ) -> Result<Option<i64>> {
+        self.mark_settling();
         let reply = reply(client, &self.queue, self.id, self.lock_token, payload, None).await?;
         if let (Some(connection), Some(_)) = (&self.connection, reply) {
             connection.answered.store(true, Ordering::Release);
         }
         Ok(reply)
+    }
+
+    /// Tells the consumer that a transaction is settling the message from now on: it extends the
+    /// lock no more.
+    pub(crate) fn mark_settling(&self) {
+        if let Some(connection) = &self.connection {
+            connection.settling.store(true, Ordering::Release);
+        }
     }
 
     /// Whether a reply to it was sent (and acked it) in some transaction.

@@ -106,6 +106,7 @@ where
     let tx = client.transaction().await?;
     handler(message, &tx).await?;
     // A reply sent in the transaction acked the message there already.
+    message.mark_settling();
     let acked = message.answered()
         || crate::delivery::ack(&tx, &message.queue, message.id, message.lock_token).await?;
     if !acked {

@@ -505,3 +505,41 @@ async fn a_broadcast_subscriber_comes_back_after_the_database_was_lost() {
         "{queue} is dropped at shutdown"
     );
 }
+
+/// A transactional handler that replies early and works on holds the request's row in its
+/// transaction: the lock's extension, due meanwhile, must neither stop the handler (it waited for
+/// that row, and the handler could not commit while it waited) nor count the lock as lost.
+#[tokio::test]
+async fn a_transactional_handler_that_replies_early_is_not_held_up_by_its_lock() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "early_reply", "lock_timeout => '1 second'").await;
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .lock_timeout(Duration::from_secs(1))
+        .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let running = tokio::spawn(consumer.run_transactional(
+        |m: &Message<Job>, tx| {
+            Box::pin(async move {
+                m.reply_with(tx, &Job { n: -m.payload.n }).await?;
+                // Past half the lock twice over, with the reply's row held.
+                tokio::time::sleep(Duration::from_millis(2_500)).await;
+                Ok(())
+            })
+        },
+        shutdown.clone(),
+    ));
+    let requester = Requester::start(connect_no_tls(url())).await.unwrap();
+    let reply = requester
+        .request::<_, Job>(&q.name, &Job { n: 5 }, Duration::from_secs(10))
+        .await
+        .expect("the reply, committed with the handler's transaction");
+    assert_eq!(reply.payload, Job { n: -5 });
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    requester.stop().await.unwrap();
+    assert_eq!(stats.handled.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.locks_lost.load(Ordering::Relaxed), 0);
+    assert_eq!(queue_depth(&c, &q.name).await.unwrap(), 0);
+}
