@@ -444,6 +444,42 @@ fn a_bloated_table_in_use_is_left_for_a_later_round() {
     );
 }
 
+/// A maintenance call whose own transaction wrote to the message table comes to rewrite it while
+/// another transaction, which holds the table too, already waits for it in ACCESS EXCLUSIVE mode:
+/// PostgreSQL reports the deadlock at once to the one that asks second. The rewrite gives up, as
+/// after its wait, instead of failing the call (CI: 40P01 from a run_maintenance beside the worker,
+/// whose compaction waited for the table).
+#[test]
+fn a_rewrite_that_would_deadlock_is_left_for_a_later_round() {
+    let (database, mut c) = bloated_database("compaction_deadlock", 15, 0);
+    c.batch_execute("BEGIN; SELECT bussig.send('live', '1')")
+        .unwrap();
+    let mut other = database.connect();
+    let waiting = thread::spawn(move || {
+        other.batch_execute(
+            "BEGIN; SELECT count(*) FROM bussig.message;
+             LOCK TABLE bussig.message IN ACCESS EXCLUSIVE MODE; COMMIT",
+        )
+    });
+    eventually(DEADLINE, "the other transaction waiting for the table", || {
+        let waits: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_locks
+                 WHERE relation = 'bussig.message'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (waits == 1).then_some(())
+    });
+    assert_eq!(compacted(&mut c), 0, "rewritten under a deadlock");
+    c.batch_execute("COMMIT").unwrap();
+    waiting
+        .join()
+        .unwrap()
+        .expect("the other transaction got the table once the call's ended");
+}
+
 /// Senders that keep the table busy with short transactions, leaving it free only for moments, let the
 /// rewrite through: it waits for the lock briefly, and they queue behind it.
 #[test]

@@ -229,9 +229,11 @@ fn subtransaction<T>(
 }
 
 /// Runs `work`, which waits for a lock, giving up after `wait` (or the caller's lock_timeout, when
-/// shorter): None when it gave up (rolled back in a
+/// shorter), or at once when the wait would deadlock: None when it gave up (rolled back in a
 /// subtransaction of its own, so it holds nothing), else what it returned, its locks kept. Other
-/// errors go on up. The caller's lock_timeout is back as it was after (a GUC nest level of its own,
+/// errors go on up. A deadlock comes at once, not after deadlock_timeout, when this transaction
+/// holds the object in a weaker mode and another that holds it too already waits for it: each
+/// would wait for the other (PostgreSQL's lock queue sees it before sleeping). The caller's lock_timeout is back as it was after (a GUC nest level of its own,
 /// as `identity::Pins` pins settings).
 pub fn waiting_at_most<T>(
     client: &mut SpiClient<'_>,
@@ -257,7 +259,11 @@ pub fn waiting_at_most<T>(
         Ok(done) => done.map(Some),
         Err(panic) => match panic.downcast_ref::<CaughtError>() {
             Some(CaughtError::PostgresError(report))
-                if report.sql_error_code() == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE =>
+                if matches!(
+                    report.sql_error_code(),
+                    PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
+                        | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
+                ) =>
             {
                 Ok(None)
             }
