@@ -81,6 +81,24 @@ def test_sqlalchemy_session(bus: bussig.Bus, url: str, new_queue: Callable[..., 
     assert bus.queue_depth(queue) == 1
 
 
+def test_sqlalchemy_connection(bus: bussig.Bus, db: Any, url: str, new_queue: Callable[..., str]) -> None:
+    """A SQLAlchemy Connection on which nothing ran yet: the send begins its transaction, as
+    SQLAlchemy's own first statement would, so that its commit() commits the send."""
+    from sqlalchemy import create_engine
+
+    queue = new_queue()
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(url, prepare_threshold=None))
+    with engine.connect() as connection:
+        bus.send(queue, {"rolled": "back"}, conn=connection)
+        connection.rollback()
+        bus.send(queue, {"committed": True}, conn=connection)
+        connection.commit()
+    with engine.connect() as connection, connection.begin():
+        bus.send(queue, {"in": "begin()"}, conn=connection)
+    engine.dispose()
+    assert [m["payload"] for m in peek(db, queue)] == [{"committed": True}, {"in": "begin()"}]
+
+
 async def test_sqlalchemy_async_session(url: str, new_queue: Callable[..., str]) -> None:
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
@@ -94,5 +112,22 @@ async def test_sqlalchemy_async_session(url: str, new_queue: Callable[..., str])
             await session.rollback()
             await bus.send(queue, {"committed": True}, conn=session)
             await session.commit()
+        assert await bus.queue_depth(queue) == 1
+    await engine.dispose()
+
+
+async def test_sqlalchemy_async_connection(url: str, new_queue: Callable[..., str]) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    queue = new_queue()
+    engine = create_async_engine(
+        "postgresql+psycopg://", async_creator=lambda: psycopg.AsyncConnection.connect(url, prepare_threshold=None)
+    )
+    async with bussig.AsyncBus(url) as bus:
+        async with engine.connect() as connection:
+            await bus.send(queue, {"rolled": "back"}, conn=connection)
+            await connection.rollback()
+            await bus.send(queue, {"committed": True}, conn=connection)
+            await connection.commit()
         assert await bus.queue_depth(queue) == 1
     await engine.dispose()

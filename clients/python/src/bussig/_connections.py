@@ -79,6 +79,15 @@ def _raw(connection: Any) -> Any:
     return getattr(connection, "driver_connection", None) or getattr(connection, "dbapi_connection", None)
 
 
+def _not_begun(conn: Any) -> bool:
+    """Whether ``conn`` is a SQLAlchemy (Async)Connection with no transaction begun: one on which
+    nothing ran yet. Its transaction is begun as SQLAlchemy's own first statement would (autobegin):
+    otherwise the driver's implicit transaction would carry the call, and a ``commit()`` of the
+    Connection, knowing of no transaction, would not commit it."""
+    in_transaction = getattr(conn, "in_transaction", None)
+    return callable(in_transaction) and callable(getattr(conn, "begin", None)) and not in_transaction()
+
+
 def caller_connection(conn: Any) -> psycopg.Connection[Any]:
     """The psycopg connection of ``conn``: itself, or under a SQLAlchemy Session or Connection (whose
     transaction it begins, as SQLAlchemy would for its own statement)."""
@@ -86,6 +95,8 @@ def caller_connection(conn: Any) -> psycopg.Connection[Any]:
         return conn
     if hasattr(conn, "connection") and callable(getattr(conn, "get_bind", None)):  # a Session
         conn = conn.connection()
+    elif _not_begun(conn):
+        conn.begin()
     raw = _raw(getattr(conn, "connection", None))
     if isinstance(raw, psycopg.Connection):
         return raw
@@ -98,6 +109,8 @@ async def caller_connection_async(conn: Any) -> psycopg.AsyncConnection[Any]:
         return conn
     if callable(getattr(conn, "get_bind", None)):  # an AsyncSession
         conn = await conn.connection()
+    elif _not_begun(conn):
+        await conn.begin()
     get_raw = getattr(conn, "get_raw_connection", None)
     if get_raw is not None:
         raw = _raw(await get_raw())
