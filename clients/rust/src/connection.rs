@@ -64,8 +64,13 @@ where
 #[derive(Clone)]
 pub(crate) struct Current {
     held: Arc<tokio::sync::Mutex<Held>>,
-    connector: Connector,
+    /// None for a connection the caller made and keeps (`delivery::stream`): never made anew.
+    connector: Option<Connector>,
 }
+
+/// How long `Current` waits for a new connection: the others who need it wait behind (a connect to
+/// a server that drops packets can otherwise hang for minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Held {
     client: Arc<Client>,
@@ -76,6 +81,15 @@ struct Held {
 
 impl Current {
     pub(crate) fn new(client: Arc<Client>, connector: Connector) -> Self {
+        Self::with(client, Some(connector))
+    }
+
+    /// A connection that is never made anew: calls on it fail once it is lost.
+    pub(crate) fn fixed(client: Arc<Client>) -> Self {
+        Self::with(client, None)
+    }
+
+    fn with(client: Arc<Client>, connector: Option<Connector>) -> Self {
         Current {
             held: Arc::new(tokio::sync::Mutex::new(Held {
                 client,
@@ -89,12 +103,14 @@ impl Current {
     /// fails: the call on it fails, and the next one tries again).
     pub(crate) async fn get(&self) -> Arc<Client> {
         let mut held = self.held.lock().await;
-        if held.lost || held.client.is_closed() {
-            if let Ok(client) = (self.connector)().await {
-                *held = Held {
-                    client: Arc::new(client),
-                    lost: false,
-                };
+        if let Some(connector) = &self.connector {
+            if held.lost || held.client.is_closed() {
+                if let Ok(Ok(client)) = tokio::time::timeout(CONNECT_TIMEOUT, connector()).await {
+                    *held = Held {
+                        client: Arc::new(client),
+                        lost: false,
+                    };
+                }
             }
         }
         held.client.clone()
@@ -115,6 +131,18 @@ impl Current {
             }
         }
         result
+    }
+
+    /// As `run`, and once more on a new connection when the first call lost its own: for calls that
+    /// settle deliveries, which a second try cannot apply twice (a spent token matches nothing).
+    pub(crate) async fn run_settling<T, F>(&self, call: impl Fn(Arc<Client>) -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        match self.run(&call).await {
+            Err(error) if error.is_connection() => self.run(&call).await,
+            done => done,
+        }
     }
 
     pub(crate) async fn set(&self, client: Arc<Client>) {

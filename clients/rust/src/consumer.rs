@@ -3,7 +3,7 @@
 //! extended while a handler runs past half of them, and shutdown finishes or gives back everything.
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::connection::{retry_connecting, Connector, Current};
 use crate::delivery::{self, Message};
+use crate::settle_batch::nack_batch;
 use crate::error::{Error, Result};
 
 /// Why a handler did not finish its message. Any error converts into `Failure::Error` with `?`: the
@@ -104,6 +105,11 @@ pub struct Consumer {
     prepared_statements: bool,
     stats: Arc<Stats>,
 }
+
+/// How long a busy loop whose read found nothing waits for a handler before it reads again.
+const BUSY_POLL: Duration = Duration::from_millis(250);
+/// How soon an extension that failed (not one that found the lock gone) is tried again.
+const EXTENSION_RETRY: Duration = Duration::from_secs(1);
 
 /// A handler's message, and how it ended.
 enum Settled {
@@ -261,16 +267,16 @@ impl Consumer {
             let empty = messages.is_empty();
             for mut message in messages {
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
-                message.connection = Some(delivery::Connection::new(client.clone()));
+                message.connection = Some(delivery::Connection::new(current.clone()));
                 let message = match message.decode::<T>() {
                     Ok(message) => message,
                     Err((message, error)) => {
                         let text = error.to_string();
-                        let moved = delivery::dead_letter(
-                            &*client,
+                        let (id, token) = (message.id, message.lock_token);
+                        let moved = dead_letter_or_give_back(
+                            &client,
                             &self.queue,
-                            message.id,
-                            message.lock_token,
+                            (id, token),
                             "undecodable",
                             Some(&text),
                         )
@@ -295,10 +301,16 @@ impl Consumer {
                 });
             }
             if empty && !idle {
-                wait_for_a_handler(&mut settled_rx, &mut tasks, &shutdown, &mut acks).await;
+                // Not for long: messages that come while a handler runs long are read with free
+                // slots, at most this late.
+                let _ = tokio::time::timeout(
+                    self.wait.min(BUSY_POLL),
+                    wait_for_a_handler(&mut settled_rx, &mut tasks, &shutdown, &mut acks),
+                )
+                .await;
             }
         }
-        let drained = self.drain(&client, tasks, settled_rx, acks).await;
+        let drained = self.drain(&current, tasks, settled_rx, acks).await;
         match failed {
             Some(error) => Err(error),
             None => drained,
@@ -309,7 +321,7 @@ impl Consumer {
     /// back (nack with no delay) the messages of those that did not.
     async fn drain(
         &self,
-        client: &Client,
+        current: &Current,
         mut tasks: JoinSet<()>,
         mut settled_rx: mpsc::UnboundedReceiver<Settled>,
         mut acks: Vec<(i64, Uuid)>,
@@ -333,21 +345,28 @@ impl Consumer {
                 Settled::Done => {}
             }
         }
-        if !acks.is_empty() {
-            delivery::ack_batch(client, &self.queue, &acks).await?;
-        }
-        for (id, token) in unfinished {
-            delivery::nack(
-                client,
-                &self.queue,
-                id,
-                token,
-                Some(Duration::ZERO),
-                Some("the consumer shut down"),
-            )
-            .await?;
-        }
-        Ok(())
+        // On the connection as of now (a handler may have made it anew while the loop waited), and
+        // the give-backs whether or not the acks went through.
+        let queue = &*self.queue;
+        let acked = match acks.is_empty() {
+            true => Ok(0),
+            false => {
+                let acks = &acks;
+                current
+                    .run_settling(|client| async move {
+                        delivery::ack_batch(&*client, queue, acks).await
+                    })
+                    .await
+            }
+        };
+        let unfinished = &unfinished;
+        let given_back = current
+            .run_settling(|client| async move {
+                let why = Some("the consumer shut down");
+                nack_batch(&*client, queue, unfinished, Some(Duration::ZERO), why).await
+            })
+            .await;
+        acked.and(given_back).map(drop)
     }
 
     async fn give_back(&self, client: &Client, messages: &[Message], why: &str) {
@@ -440,7 +459,13 @@ impl Handling {
             #[cfg(feature = "otel")]
             let work = opentelemetry::context::FutureExt::with_context(work, context);
             let work = AssertUnwindSafe(work).catch_unwind();
-            let settling = || settling.as_ref().is_some_and(|s| s.load(Ordering::Acquire));
+            // Settled by the handler, or being settled in a transaction: nothing to keep.
+            let settling = || {
+                let set = |flag: &Option<Arc<AtomicBool>>| {
+                    flag.as_ref().is_some_and(|f| f.load(Ordering::Acquire))
+                };
+                set(&settling) || set(&settled_by_handler)
+            };
             self.keeping_the_lock(work, id, token, &lock_lost, settling)
                 .await
         };
@@ -497,9 +522,15 @@ impl Handling {
                 outcome = &mut work => return outcome,
                 extended = async { extension.as_mut().expect("checked").await }, if extension.is_some() => {
                     extension = None;
-                    if matches!(extended, Ok(false)) && !settling() {
-                        self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
-                        lock_lost.cancel();
+                    match extended {
+                        Ok(false) if !settling() => {
+                            self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+                            lock_lost.cancel();
+                        }
+                        // Unreachable now: tried again soon, not half a lock later, when the lock
+                        // may be gone.
+                        Err(_) => extend.reset_after(EXTENSION_RETRY.min(period)),
+                        _ => {}
                     }
                 }
                 _ = extend.tick(), if extension.is_none() && !lock_lost.is_cancelled() => {
@@ -515,23 +546,22 @@ impl Handling {
     }
 
     async fn fail(&self, id: i64, token: Uuid, failure: Failure) {
-        let queue = &self.queue;
+        let (queue, failure) = (&self.queue, &failure);
         let dead_lettered = self
             .client
-            .run(|client| async move {
-                let client = &*client;
+            .run_settling(|client| async move {
                 match failure {
                     Failure::Retry { delay, error } => {
-                        delivery::nack(client, queue, id, token, delay, Some(&error)).await?;
+                        delivery::nack(&*client, queue, id, token, *delay, Some(error)).await?;
                         Ok(false)
                     }
                     Failure::Error(error) => {
-                        delivery::nack(client, queue, id, token, None, Some(&error)).await?;
+                        delivery::nack(&*client, queue, id, token, None, Some(error)).await?;
                         Ok(false)
                     }
                     Failure::DeadLetter { reason, error } => {
-                        delivery::dead_letter(client, queue, id, token, &reason, error.as_deref())
-                            .await
+                        let error = error.as_deref();
+                        dead_letter_or_give_back(&client, queue, (id, token), reason, error).await
                     }
                 }
             })
@@ -539,6 +569,26 @@ impl Handling {
         if matches!(dead_lettered, Ok(true)) {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Dead-letters a delivery; one the queue refuses to dead-letter (it has no dead-letter queue: 55000)
+/// is given back with the queue's backoff instead, the refusal as its error, so that it does not sit
+/// locked until its lock runs out and come back at once. Whether it was dead-lettered.
+async fn dead_letter_or_give_back(
+    client: &Client,
+    queue: &str,
+    (id, token): (i64, Uuid),
+    reason: &str,
+    error: Option<&str>,
+) -> Result<bool> {
+    match delivery::dead_letter(client, queue, id, token, reason, error).await {
+        Err(refused) if !refused.is_connection() => {
+            let why = format!("not dead-lettered ({reason}): {refused}");
+            delivery::nack(client, queue, id, token, None, Some(&why)).await?;
+            Ok(false)
+        }
+        moved => moved,
     }
 }
 

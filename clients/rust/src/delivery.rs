@@ -13,14 +13,16 @@ use tokio_postgres::{Client, GenericClient, Row, Statement};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::connection::Current;
 use crate::error::{Error, Result};
 use crate::sql;
 use tokio_postgres::types::Type;
 
-/// The connection a `Consumer` read a message on, for `Message::reply`.
+/// The connection a `Consumer` (or `stream`) read a message on, for settling it: the consumer's
+/// connection as of now, made anew after a loss.
 #[derive(Clone)]
 pub(crate) struct Connection {
-    pub(crate) client: Arc<Client>,
+    pub(crate) client: Current,
     /// Set once the message is settled through it (acked, given back, dead-lettered, replied to):
     /// the consumer then has nothing left to do with it.
     pub(crate) settled: Arc<AtomicBool>,
@@ -34,7 +36,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(client: Arc<Client>) -> Self {
+    pub(crate) fn new(client: Current) -> Self {
         Connection {
             client,
             settled: Arc::default(),
@@ -170,10 +172,14 @@ impl<T> Message<T> {
         }
     }
 
-    /// The connection this message was read with, for settling it: a `Consumer`'s or a `stream`'s.
-    fn connection(&self) -> Result<&Client> {
+    /// Runs `call` on the connection this message was read with (a `Consumer`'s, made anew after a
+    /// loss, or a `stream`'s), for settling it.
+    async fn on_its_connection<R, F>(&self, call: impl FnOnce(Arc<Client>) -> F) -> Result<R>
+    where
+        F: std::future::Future<Output = Result<R>>,
+    {
         match &self.connection {
-            Some(connection) => Ok(&connection.client),
+            Some(connection) => connection.client.run(call).await,
             None => Err(Error::NotInState(
                 "this message was read by hand: settle it with the functions that take a client"
                     .into(),
@@ -183,7 +189,10 @@ impl<T> Message<T> {
 
     /// Acks this delivery on the connection it was read with; false when the lock no longer held.
     pub async fn ack(&self) -> Result<bool> {
-        let acked = ack(self.connection()?, &self.queue, self.id, self.lock_token).await?;
+        let (queue, id, token) = (&self.queue, self.id, self.lock_token);
+        let acked = self
+            .on_its_connection(|client| async move { ack(&*client, queue, id, token).await })
+            .await?;
         Ok(self.settled_if(acked))
     }
 
@@ -205,36 +214,41 @@ impl<T> Message<T> {
 
     /// Gives it back (see `nack`) on the connection it was read with.
     pub async fn nack(&self, delay: Option<Duration>, error: Option<&str>) -> Result<bool> {
-        let given_back = nack(
-            self.connection()?,
-            &self.queue,
-            self.id,
-            self.lock_token,
-            delay,
-            error,
-        )
-        .await?;
+        let (queue, id, token) = (&self.queue, self.id, self.lock_token);
+        let given_back = self
+            .on_its_connection(|client| async move {
+                nack(&*client, queue, id, token, delay, error).await
+            })
+            .await?;
         Ok(self.settled_if(given_back))
     }
 
     /// Extends its lock (see `extend_lock`) on the connection it was read with.
     pub async fn extend_lock(&self, lock_timeout: Option<Duration>) -> Result<bool> {
-        let client = self.connection()?;
-        extend_lock(client, &self.queue, self.id, self.lock_token, lock_timeout).await
+        let (queue, id, token) = (&self.queue, self.id, self.lock_token);
+        self.on_its_connection(|client| async move {
+            extend_lock(&*client, queue, id, token, lock_timeout).await
+        })
+        .await
     }
 
     /// Dead-letters it (see `dead_letter`) on the connection it was read with.
     pub async fn dead_letter(&self, reason: &str, error: Option<&str>) -> Result<bool> {
-        let client = self.connection()?;
-        let moved =
-            dead_letter(client, &self.queue, self.id, self.lock_token, reason, error).await?;
+        let (queue, id, token) = (&self.queue, self.id, self.lock_token);
+        let moved = self
+            .on_its_connection(|client| async move {
+                dead_letter(&*client, queue, id, token, reason, error).await
+            })
+            .await?;
         Ok(self.settled_if(moved))
     }
 
     /// Answers this request on the connection its `Consumer` read it with: see `reply`. A message
     /// read by hand has none; use `reply_with` then.
     pub async fn reply<R: Serialize + ?Sized>(&self, payload: &R) -> Result<Option<i64>> {
-        let reply = self.reply_with(self.connection()?, payload).await?;
+        let reply = self
+            .on_its_connection(|client| async move { self.reply_with(&*client, payload).await })
+            .await?;
         self.settled_if(reply.is_some());
         Ok(reply)
     }
@@ -247,11 +261,15 @@ impl<T> Message<T> {
         payload: &R,
     ) -> Result<Option<i64>> {
         self.mark_settling();
-        let reply = reply(client, &self.queue, self.id, self.lock_token, payload, None).await?;
-        if let (Some(connection), Some(_)) = (&self.connection, reply) {
-            connection.answered.store(true, Ordering::Release);
+        let reply = reply(client, &self.queue, self.id, self.lock_token, payload, None).await;
+        if let Some(connection) = &self.connection {
+            match reply {
+                Ok(Some(_)) => connection.answered.store(true, Ordering::Release),
+                // Not settled after all: its lock is kept again, and its loss told.
+                _ => connection.settling.store(false, Ordering::Release),
+            }
         }
-        Ok(reply)
+        reply
     }
 
     /// Tells the consumer that a transaction is settling the message from now on: it extends the
@@ -462,7 +480,7 @@ pub fn stream(
                 }
             }
             let mut message = pending.pop_front().expect("not empty");
-            message.connection = Some(Connection::new(client.clone()));
+            message.connection = Some(Connection::new(Current::fixed(client.clone())));
             Some((Ok(message), (client, queue, pending)))
         },
     )

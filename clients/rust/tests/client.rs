@@ -422,3 +422,128 @@ async fn a_handler_hears_when_its_lock_is_gone() {
     let by_hand = read(&c, &q.name, 1, None, None).await.unwrap().remove(0);
     assert!(!by_hand.lock_lost().is_cancelled());
 }
+
+/// A message that comes while a handler runs long is read with the free slots meanwhile, not after
+/// that handler.
+#[tokio::test]
+async fn a_long_handler_does_not_keep_the_free_slots_from_reading() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "busy_reads", "").await;
+    send(&c, &q.name, &Job { n: 1 }, &SendOptions::new())
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .concurrency(2)
+        .wait(Duration::from_secs(5));
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
+    let running = tokio::spawn(consumer.run(
+        move |m: Message<Job>| {
+            let started = started_tx.clone();
+            async move {
+                started.send(m.payload.n).unwrap();
+                if m.payload.n == 1 {
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                }
+                Ok(())
+            }
+        },
+        shutdown.clone(),
+    ));
+    assert_eq!(started_rx.recv().await, Some(1));
+    // Past the read that found nothing while 1 runs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    send(&c, &q.name, &Job { n: 2 }, &SendOptions::new())
+        .await
+        .unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(3), started_rx.recv()).await;
+    assert_eq!(
+        second.ok().flatten(),
+        Some(2),
+        "the second message waited for the long handler"
+    );
+    assert!(sent.elapsed() < Duration::from_secs(3));
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// A handler that asks for a dead letter in a queue without a dead-letter queue (a dead-letter queue
+/// itself): the refusal (55000) gives the message back with the queue's backoff and the refusal as
+/// its error, instead of leaving it locked until its lock runs out.
+#[tokio::test]
+async fn a_refused_dead_letter_gives_the_message_back() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "no_dlq", "").await;
+    let dlq = q.dlq();
+    c.query_typed(
+        "SELECT bussig.alter_queue($1, retry_delay => '1 hour', retry_delay_max => '1 hour')",
+        &[(&dlq.as_str(), Type::TEXT)],
+    )
+    .await
+    .unwrap();
+    let id = send(&c, &dlq, &Job { n: 1 }, &SendOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), dlq.clone())
+        .lock_timeout(Duration::from_secs(600))
+        .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let running = tokio::spawn(consumer.run(
+        |_: Message<Job>| async move { Err(Failure::dead_letter("poison")) },
+        shutdown.clone(),
+    ));
+    eventually("the refused dead letter given back", async || {
+        stats.failed.load(Ordering::Relaxed) == 1
+            && states(&c, &dlq).await == [("delayed".to_string(), 1)]
+    })
+    .await;
+    let error: String = c
+        .query_typed(
+            "SELECT last_error FROM bussig.message WHERE message_id = $1",
+            &[(&id, Type::INT8)],
+        )
+        .await
+        .unwrap()[0]
+        .get(0);
+    assert!(error.starts_with("not dead-lettered (poison)"), "{error}");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
+}
+
+/// A handler that acked its message itself and works on past half the lock is not told the lock is
+/// lost: the message is settled, not taken.
+#[tokio::test]
+async fn a_handler_that_settled_its_message_is_not_told_of_a_lost_lock() {
+    let c = client().await;
+    let q = TestQueue::create(&c, "settled_early", "lock_timeout => '1 second'").await;
+    send(&c, &q.name, &Job { n: 1 }, &SendOptions::new())
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(connect_no_tls(url()), q.name.clone())
+        .lock_timeout(Duration::from_secs(1))
+        .wait(Duration::from_millis(200));
+    let stats = consumer.stats();
+    let (heard_tx, mut heard_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let running = tokio::spawn(consumer.run(
+        move |m: Message<Job>| {
+            let heard = heard_tx.clone();
+            async move {
+                assert!(m.ack().await?);
+                let lost = m.lock_lost();
+                let told = tokio::time::timeout(Duration::from_millis(1_800), lost.cancelled());
+                heard.send(told.await.is_ok()).unwrap();
+                Ok(())
+            }
+        },
+        shutdown.clone(),
+    ));
+    assert_eq!(heard_rx.recv().await, Some(false), "told of a lost lock");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.locks_lost.load(Ordering::Relaxed), 0);
+}

@@ -538,3 +538,49 @@ async fn hostile_input_maps_to_the_sqlstates_errors() {
         .await;
     assert!(matches!(run, Err(Error::UnknownQueue(_))), "{run:?}");
 }
+
+/// Records of other partitions are read while one partition's handler runs long, not after it.
+#[tokio::test]
+async fn a_long_partition_does_not_keep_the_others_from_being_read() {
+    let c = client().await;
+    let s = TestStream::create(&c, "s_busy", 2).await;
+    append(&c, &s.name, &Job { n: 0 }, &AppendOptions::new().key("k0"))
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<(i32, i64)>();
+    let handler = move |record: StreamRecord| {
+        let started = started_tx.clone();
+        async move {
+            let job: Job = record.payload_as()?;
+            started.send((record.partition, job.n)).unwrap();
+            if job.n == 0 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+            }
+            Ok(())
+        }
+    };
+    let member = StreamConsumer::new(connect_no_tls(url()), &s.name, "group")
+        .concurrency(2)
+        .wait(Duration::from_secs(5));
+    let running = tokio::spawn(member.run(handler, shutdown.clone()));
+    let (long_partition, _) = started_rx.recv().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Keys spread over both partitions: some land in the one not in hand.
+    for n in 1..=9 {
+        let options = AppendOptions::new().key(format!("k{n}"));
+        append(&c, &s.name, &Job { n }, &options).await.unwrap();
+    }
+    let other = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let (partition, _) = started_rx.recv().await.unwrap();
+            if partition != long_partition {
+                return partition;
+            }
+        }
+    })
+    .await;
+    assert!(other.is_ok(), "the other partition waited for the long one");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}

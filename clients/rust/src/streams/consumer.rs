@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -191,7 +192,12 @@ impl StreamConsumer {
                 Err(error) => break Err(error),
             };
             if records.is_empty() && !idle {
-                wait_for_a_partition(&mut partitions, &shutdown).await;
+                // Not for long: other partitions' records are read while one runs long.
+                let _ = tokio::time::timeout(
+                    self.wait.min(BUSY_POLL),
+                    wait_for_a_partition(&mut partitions, &shutdown),
+                )
+                .await;
                 continue;
             }
             let lease_ends = Instant::now() + self.lease;
@@ -218,6 +224,9 @@ impl StreamConsumer {
         retry_connecting(shutdown, || async move { Ok(Arc::new(connector().await?)) }).await
     }
 }
+
+/// How long a busy member whose read found nothing waits for a partition before it reads again.
+const BUSY_POLL: Duration = Duration::from_millis(250);
 
 /// Returns `grace` after `shutdown` was cancelled.
 async fn sleep_after(shutdown: &CancellationToken, grace: Duration) {
@@ -355,7 +364,10 @@ impl<H> Member<H> {
         }
     }
 
-    /// Runs `work`, extending the lease whenever its heartbeat ticks meanwhile.
+    /// Runs `work`, extending the lease whenever its heartbeat ticks meanwhile: beside the work,
+    /// never instead of it (an extension held up by the connection must not hold up the handler,
+    /// nor its cut-off at shutdown). Extended by `self.lease` from when it was asked. After a
+    /// refusal no more records are handed out; after an error, none once the lease runs out.
     async fn keeping<T>(
         &self,
         client: &Client,
@@ -363,31 +375,32 @@ impl<H> Member<H> {
         work: impl Future<Output = T>,
     ) -> T {
         tokio::pin!(work);
+        let mut extension: Option<(Instant, BoxFuture<'_, Result<bool>>)> = None;
         loop {
             tokio::select! {
                 biased;
                 outcome = &mut work => return outcome,
-                _ = lease.heartbeat.tick(), if !lease.lost => self.extend(client, lease).await,
+                extended = async { extension.as_mut().expect("checked").1.as_mut().await }, if extension.is_some() => {
+                    let (asked, _) = extension.take().expect("checked");
+                    match extended {
+                        Ok(true) => lease.ends = lease.ends.max(asked + self.lease),
+                        Ok(false) => lease.lost = true,
+                        Err(error) => self.stats.note_error(&error.to_string()),
+                    }
+                }
+                _ = lease.heartbeat.tick(), if extension.is_none() && !lease.lost => {
+                    let asked = Instant::now();
+                    let extending = stream_extend_lease(
+                        client,
+                        &self.stream,
+                        &self.group,
+                        lease.partition,
+                        lease.token,
+                        self.lease,
+                    );
+                    extension = Some((asked, Box::pin(extending)));
+                }
             }
-        }
-    }
-
-    /// Extends the lease by `self.lease` from now. After a refusal no more records are handed out;
-    /// after an error, none once the lease runs out.
-    async fn extend(&self, client: &Client, lease: &mut Lease) {
-        let asked = Instant::now();
-        let extension = stream_extend_lease(
-            client,
-            &self.stream,
-            &self.group,
-            lease.partition,
-            lease.token,
-            self.lease,
-        );
-        match extension.await {
-            Ok(true) => lease.ends = lease.ends.max(asked + self.lease),
-            Ok(false) => lease.lost = true,
-            Err(error) => self.stats.note_error(&error.to_string()),
         }
     }
 }
