@@ -208,3 +208,74 @@ async def test_cancel_cuts_an_idle_wait_short(abus: bussig.AsyncBus, new_queue: 
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert time.monotonic() - began < 5
+
+
+async def test_a_handler_cancelled_from_inside_is_nacked_with_the_backoff(
+    abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str], running: Any
+) -> None:
+    """A CancelledError out of a future the handler awaited, not out of a stop: a failure, nacked
+    with the queue's backoff; given back at once, it came straight back, again and again."""
+    queue = new_queue(retry_delay="1 hour", retry_delay_max="1 hour")
+    deliveries: list[int] = []
+
+    async def handler(message: bussig.AsyncMessage) -> None:
+        deliveries.append(message.delivery_count)
+        cancelled = asyncio.get_running_loop().create_future()
+        cancelled.cancel()
+        await cancelled
+
+    await abus.send(queue, 1)
+    await running(bussig.Worker(abus, queue, handler=handler, wait=WAIT))
+    await until(lambda: [m["state"] for m in peek(db, queue)] == ["delayed"], what="nacked with the backoff")
+    await asyncio.sleep(0.5)
+    assert deliveries == [1]
+
+
+async def test_a_second_cancel_still_hands_in_what_the_worker_held(
+    abus: bussig.AsyncBus, db: Any, new_queue: Callable[..., str]
+) -> None:
+    """A second cancel of ``run`` (or of the loop task, as asyncio.run's clean-up does) does not cut
+    the first one's stop short: fetched messages and the one cut off after the grace are given back."""
+    queue = new_queue(lock_timeout="10 minutes")
+    for n in range(5):
+        await abus.send(queue, n)
+    started = asyncio.Event()
+
+    async def handler(message: bussig.AsyncMessage) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    worker = bussig.Worker(abus, queue, handler=handler, concurrency=1, wait=WAIT)
+    task = asyncio.create_task(worker.run(grace=0.5))
+    await asyncio.wait_for(started.wait(), 15)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [m["state"] for m in peek(db, queue)] == ["ready"] * 5, "left locked"
+
+
+def test_asyncio_run_ending_under_a_running_worker_hands_in_what_it_held(
+    url: str, db: Any, new_queue: Callable[..., str]
+) -> None:
+    """A program whose main coroutine returns with a worker still running: asyncio.run cancels every
+    task left, the worker's loop task among them, which still gives back what it held."""
+    queue = new_queue(lock_timeout="10 minutes")
+    for n in range(5):
+        db.execute("SELECT bussig.send(%s, %s::jsonb)", (queue, str(n)))
+
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def handler(message: bussig.AsyncMessage) -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        async with bussig.AsyncBus(url) as bus:
+            worker = bussig.Worker(bus, queue, handler=handler, concurrency=1, wait=WAIT)
+            asyncio.get_running_loop().create_task(worker.run(grace=0.5))
+            await asyncio.wait_for(started.wait(), 15)
+
+    asyncio.run(main())
+    assert [m["state"] for m in peek(db, queue)] == ["ready"] * 5, "left locked"

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 import bussig
-from conftest import eventually
+from conftest import behind_a_proxy, eventually
 
 WAIT = 0.5  # seconds an idle test consumer waits per read
 
@@ -428,3 +428,18 @@ async def test_async_cancel_releases_what_was_not_handled(url: str, db: Any, new
         # The one cut off and the one that never started: both released, so readable at once, not after 60 s.
         assert len(seen) == 1 and consumer.stats.releases == 2
         assert sorted(r.payload for r in await bus.stream_read(stream, "g")) == ["a1", "a2", "b1", "b2"]
+
+
+def test_a_statement_timeout_does_not_end_a_consumer(url: str, db: Any, new_stream: Callable[..., str]) -> None:
+    """Idle reads cancelled by a statement_timeout shorter than their wait (57014) are made again, as
+    the queue worker makes them: the consumer goes on and reads what comes."""
+    if behind_a_proxy(db):
+        pytest.skip("a pooler refuses the options startup parameter")
+    stream = new_stream()
+    seen: list[int] = []
+    with bussig.Bus(f"{url} options='-c statement_timeout=300'") as bus:
+        with bussig.StreamConsumer(bus, stream, "g", lambda record: seen.append(record.payload), wait=1) as consumer:
+            time.sleep(1.5)  # idle reads cut off by the timeout meanwhile
+            bus.append(stream, 7)
+            eventually(lambda: seen == [7], what="the record read after the timeouts")
+            assert consumer.stats.handled == 1

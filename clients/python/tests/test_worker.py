@@ -398,3 +398,27 @@ def test_stop_hands_in_on_a_new_connection_when_its_own_was_lost(
     worker.stop(timeout=10)  # the handler finishes; its ack goes on a new connection
     assert depth(db, queue) == 0
     assert worker.stats.handled == 1
+
+
+def test_stop_is_not_held_up_by_a_transactional_reply(
+    bus: bussig.Bus, db: Any, new_queue: Callable[..., str]
+) -> None:
+    """A transactional handler that replied early holds the request's row in its transaction: a stop
+    whose timeout runs out meanwhile returns, leaving that message to the transaction (a give-back
+    would wait for it), which commits the reply when the handler ends."""
+    queue, replies = new_queue(), new_queue()
+    replied = threading.Event()
+
+    def handler(message: bussig.Message) -> None:
+        message.reply("answer")
+        replied.set()
+        time.sleep(4)
+
+    bus.send(queue, "request", reply_to=replies)
+    worker = bussig.Worker(bus, queue, handler=handler, transactional=True, wait=WAIT)
+    worker.start()
+    assert replied.wait(10)
+    began = time.monotonic()
+    worker.stop(timeout=0.5)
+    assert time.monotonic() - began < 3, "the stop waited for the handler's transaction"
+    eventually(lambda: depth(db, queue) == 0 and depth(db, replies) == 1, what="the reply committed")

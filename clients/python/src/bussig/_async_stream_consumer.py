@@ -4,6 +4,7 @@ follows the thread loop in ``stream_consumer.py`` step for step, with the consum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from typing import TYPE_CHECKING, Optional
@@ -12,8 +13,8 @@ import psycopg
 
 from . import _sql, trace
 from ._connections import Row, connect_async, execute_async, reconnect_async
-from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, next_pause
-from .errors import BussigError, connection_lost
+from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, cancel_requested, next_pause
+from .errors import BussigError, connection_lost, transient
 from .stream import (
     CANCEL_EVERY,
     CANCELED_COMMIT_ATTEMPTS,
@@ -47,13 +48,17 @@ class AsyncStreamRun:
         except asyncio.CancelledError:
             self.stopping = True
             deadline = time.monotonic() + grace
+            # Later cancels (a second one, asyncio.run's clean-up) do not cut the stop short.
             while not loop.done() and time.monotonic() < deadline:
-                if self.waiting_read and self.conn is not None:
-                    await self.conn.cancel_safe()  # as in the thread consumer's stop
-                await asyncio.wait({loop}, timeout=min(CANCEL_EVERY, max(0.0, deadline - time.monotonic())))
+                with contextlib.suppress(asyncio.CancelledError):
+                    if self.waiting_read and self.conn is not None:
+                        await self.conn.cancel_safe()  # as in the thread consumer's stop
+                    await asyncio.wait({loop}, timeout=min(CANCEL_EVERY, max(0.0, deadline - time.monotonic())))
             for handler in list(self.handlers):
                 handler.cancel()  # still running after the grace: the records they were on are read again
-            await loop
+            while not loop.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({loop})
             raise
 
     async def loop(self) -> None:
@@ -65,7 +70,15 @@ class AsyncStreamRun:
             while not self.stopping:
                 try:
                     await self.turn()
+                except asyncio.CancelledError:
+                    # This task itself was cancelled (asyncio.run's clean-up): the commits owed go
+                    # out first.
+                    self.stopping = True
+                    await self.flush()
+                    raise
                 except Exception as error:
+                    if transient(error):
+                        continue  # as in the thread consumer
                     if not connection_lost(error, self.conn):
                         raise
                     if not await self.reconnect():
@@ -138,6 +151,12 @@ class AsyncStreamRun:
                             if inspect.isawaitable(value):
                                 await value
                     except Exception:
+                        failed(progress, record)
+                        break
+                    except asyncio.CancelledError:
+                        if self.stopping or cancel_requested():
+                            raise
+                        # Cancelled from inside, not by a stop: a failure, tried again once a lease.
                         failed(progress, record)
                         break
                     progress.handled += 1

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -13,7 +14,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _sql, outcome, trace
 from ._connections import Row, connect_async, execute_async, reconnect_async
-from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, Book, Dispatch, Job, next_pause, settle_statement
+from ._core import (
+    FLUSH_ATTEMPTS,
+    RECONNECT_FIRST,
+    Book,
+    Dispatch,
+    Job,
+    cancel_requested,
+    next_pause,
+    settle_statement,
+)
 from .errors import BussigError, LeftLocked, UnknownQueue, connection_lost, transient
 from .message import AsyncMessage, fields
 
@@ -38,19 +48,35 @@ class AsyncRun:
 
     async def run(self, grace: float) -> None:
         # The loop runs in a task of its own that a cancellation does not interrupt: a read cut off
-        # could have locked messages nobody would know of. It stops after its read returns.
+        # could have locked messages nobody would know of. It stops after its read returns. A later
+        # cancel (a second one, asyncio.run's clean-up) does not cut the stop short either.
         loop = asyncio.create_task(self.loop(grace))
-        try:
-            await asyncio.shield(loop)
-        except asyncio.CancelledError:
-            self.stopping = True
-            self.deadline = time.monotonic() + grace
-            self.changed.set()
-            if self.waiting_read and self.conn is not None:
-                # An idle read would wait its full time: cut it short (it rolls back, locking nothing).
-                await self.conn.cancel_safe()
-            await loop
-            raise
+        asked_to_stop = False
+        while True:
+            try:
+                await asyncio.shield(loop)
+            except asyncio.CancelledError:
+                if loop.done():
+                    raise
+                if not asked_to_stop:
+                    asked_to_stop = True
+                    self.stop(grace)
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self.cut_idle_read_short()
+                continue
+            if asked_to_stop:
+                raise asyncio.CancelledError
+            return
+
+    def stop(self, grace: float) -> None:
+        self.stopping = True
+        self.deadline = time.monotonic() + grace
+        self.changed.set()
+
+    async def cut_idle_read_short(self) -> None:
+        if self.waiting_read and self.conn is not None:
+            # An idle read would wait its full time: cut it short (it rolls back, locking nothing).
+            await self.conn.cancel_safe()
 
     async def loop(self, grace: float) -> None:
         self.deadline = time.monotonic() + grace
@@ -70,9 +96,16 @@ class AsyncRun:
                 await self.transactions.open()
             self.worker.ready.set()
             failed: Optional[Exception] = None
+            cancelled = False
             while not self.stopping:
                 try:
                     await self.turn()
+                except asyncio.CancelledError:
+                    # This task itself was cancelled (asyncio.run's clean-up cancels every task left):
+                    # what it holds is still handed in, within the grace.
+                    self.stop(grace)
+                    cancelled = True
+                    break
                 except Exception as error:
                     if transient(error):
                         continue
@@ -84,8 +117,10 @@ class AsyncRun:
                         except Exception as remaking:
                             error = remaking
                     if not connection_lost(error, self.conn):
-                        # What is held is handed in first, as at a stop.
+                        # What is held is handed in first, as at a stop, with a stop's grace.
                         failed = error
+                        if not self.stopping:
+                            self.deadline = time.monotonic() + grace
                         break
                     if self.stopping or not await self.reconnect():
                         break  # the drain hands in what is held, on a new connection
@@ -93,6 +128,8 @@ class AsyncRun:
             await self.drain()
             if failed is not None:
                 raise failed
+            if cancelled:
+                raise asyncio.CancelledError
         finally:
             await self.close()
 
@@ -111,6 +148,8 @@ class AsyncRun:
         """Connects again, retrying with a capped backoff; False when a stop came first."""
 
         async def pause(seconds: float) -> None:
+            if self.stopping:
+                return  # a stop came: its wake-up is not to be cleared
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), seconds)  # a stop sets it
@@ -175,7 +214,11 @@ class AsyncRun:
             except BussigError as error:
                 # As in the thread worker: nacked with the error, not left locked.
                 if isinstance(result, (outcome.Reply, outcome.Bury)):
-                    await self.execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
+                    try:
+                        await self.execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
+                    except BaseException:
+                        self.book.to_settle[:0] = pending
+                        raise
             except BaseException:
                 self.book.to_settle[:0] = pending
                 raise
@@ -213,8 +256,18 @@ class AsyncRun:
                     result = outcome.of_return(value, message.reply_to, message.replied)
         except Exception as error:
             result = outcome.of_exception(error)
-        except asyncio.CancelledError:
-            result = outcome.GIVE_BACK  # cut off by a stop: the message was given back already
+        except asyncio.CancelledError as cancelled:
+            if self.stopping or cancel_requested():
+                result = outcome.GIVE_BACK  # cut off by a stop: the message was given back already
+            else:
+                # Cancelled from inside (a future it awaited was cancelled): a failure like any
+                # other, nacked with the queue's backoff, not given back at once and again.
+                result = outcome.of_exception(RuntimeError(f"the handler was cancelled: {cancelled!r}"))
+        except BaseException:
+            # KeyboardInterrupt, SystemExit: its message is given back, and its slot freed.
+            self.book.finish(job, outcome.GIVE_BACK)
+            self.changed.set()
+            raise
         self.book.finish(job, result)
         self.changed.set()
 
@@ -232,10 +285,16 @@ class AsyncRun:
                 return await execute_async(conn, sql, params)
 
             async def reply(payload: Any) -> Optional[int]:
-                reply_id = await self.reply(run, message, payload)
+                # As in the thread worker: marked before the reply takes the row.
+                self.book.settling_in_transaction(job.key)
+                reply_id: Optional[int] = None
+                try:
+                    reply_id = await self.reply(run, message, payload)
+                finally:
+                    if reply_id is None:
+                        self.book.not_settling(job.key)
                 if reply_id is None:
                     raise outcome.LockLost(*job.key)
-                self.book.settling_in_transaction(job.key)
                 return reply_id
 
             message._replier = reply
@@ -260,7 +319,7 @@ class AsyncRun:
             except asyncio.TimeoutError:
                 pass
             await self.flush()
-        self.book.give_back(self.book.give_back_running())
+        self.book.give_back(self.book.give_back_running(with_transactions=True))
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -5,9 +5,11 @@ SQLAlchemy session or connection on the psycopg dialect), whose transaction a ca
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Awaitable, Callable, Optional
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from . import errors
 from ._core import RECONNECT_FIRST, next_pause
@@ -15,10 +17,18 @@ from ._core import RECONNECT_FIRST, next_pause
 Row = tuple[Any, ...]
 
 
-def _extra(application_name: Optional[str], timeout: Optional[float]) -> dict[str, Any]:
+CONNECT_TIMEOUT = 10
+"""Seconds a connection attempt of the client's own may take when the conninfo (or PGCONNECT_TIMEOUT)
+sets no limit: against a server that drops packets, libpq would wait for the system's (minutes),
+and a reconnecting worker's stop with it."""
+
+
+def _extra(conninfo: str, application_name: Optional[str], timeout: Optional[float]) -> dict[str, Any]:
     extra: dict[str, Any] = {"application_name": application_name} if application_name else {}
     if timeout is not None:
         extra["connect_timeout"] = max(2, math.ceil(timeout))  # libpq's least
+    elif "connect_timeout" not in conninfo_to_dict(conninfo) and not os.environ.get("PGCONNECT_TIMEOUT"):
+        extra["connect_timeout"] = CONNECT_TIMEOUT
     return extra
 
 
@@ -26,7 +36,7 @@ def connect(
     conninfo: str, application_name: Optional[str] = None, timeout: Optional[float] = None
 ) -> psycopg.Connection[Row]:
     """``timeout``: seconds the connection attempt may take (libpq waits at least 2)."""
-    extra = _extra(application_name, timeout)
+    extra = _extra(conninfo, application_name, timeout)
     with errors.translated():
         return psycopg.Connection.connect(conninfo, autocommit=True, prepare_threshold=None, **extra)
 
@@ -34,7 +44,7 @@ def connect(
 async def connect_async(
     conninfo: str, application_name: Optional[str] = None, timeout: Optional[float] = None
 ) -> psycopg.AsyncConnection[Row]:
-    extra = _extra(application_name, timeout)
+    extra = _extra(conninfo, application_name, timeout)
     with errors.translated():
         return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None, **extra)
 

@@ -3,6 +3,7 @@ messages a worker holds (fetched, running, finished), with no I/O of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -13,6 +14,8 @@ from . import _sql, outcome
 from .outcome import Outcome
 from .routing import Decoder, Handler, Route, Router
 
+STOP_TIMEOUT = 10.0
+"""How long a stop lets running handlers finish, by default; a loop ended by an error gives them as long."""
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 5.0
 FLUSH_ATTEMPTS = 3
@@ -108,6 +111,10 @@ class Book:
     """Finished messages, acked with the next read."""
     to_settle: list[tuple[_sql.Ack, Outcome]] = field(default_factory=list)
     """Outcomes other than an ack, applied by the loop on its connection (again after a reconnect)."""
+    in_transaction: set[_sql.Ack] = field(default_factory=set)
+    """Running messages a transactional handler is settling (replying to) in its own transaction,
+    which holds their rows: neither extended nor given back by the loop, whose statements would wait
+    for that transaction."""
 
     def fetch(self, jobs: list[Job]) -> None:
         now = time.monotonic()
@@ -137,6 +144,7 @@ class Book:
 
     def finish(self, job: Job, result: Outcome) -> None:
         """Records a handler's outcome; one whose message was given back meanwhile is dropped."""
+        self.in_transaction.discard(job.key)
         if self.running.pop(job.key, None) is None:
             return
         if not isinstance(result, outcome.Ack):
@@ -179,10 +187,17 @@ class Book:
         return due
 
     def settling_in_transaction(self, key: _sql.Ack) -> None:
-        """A transactional handler settled (replied to) its message in its own transaction, which
-        holds the message's row until it ends: an extension would wait for it, and with it the loop.
-        The row lock keeps every other reader off meanwhile."""
+        """A transactional handler settles (replies to) its message in its own transaction, which
+        holds the message's row until it ends: an extension or a give-back would wait for it, and
+        with it the loop. The row lock keeps every other reader off meanwhile."""
         self.locked_since.pop(key, None)
+        self.in_transaction.add(key)
+
+    def not_settling(self, key: _sql.Ack) -> None:
+        """The reply in the handler's transaction failed: its lock is kept again."""
+        self.in_transaction.discard(key)
+        if key in self.running:
+            self.locked_since[key] = time.monotonic()
 
     def extensions_failed(self, keys: list[_sql.Ack]) -> None:
         """The extensions of ``keys`` did not happen (the connection went): due again at once, on the
@@ -202,10 +217,14 @@ class Book:
             self.locked_since.pop(key, None)
         return keys
 
-    def give_back_running(self) -> list[_sql.Ack]:
-        """Handlers cut off by a stop: their messages are given back, their outcomes dropped."""
-        keys = list(self.running)
+    def give_back_running(self, with_transactions: bool) -> list[_sql.Ack]:
+        """Handlers cut off by a stop: their messages are given back, their outcomes dropped. Those
+        settled in a handler's own transaction only ``with_transactions`` (the asyncio worker
+        cancels its handlers, rolling their transactions back, before it gives back): a thread's
+        handler goes on, and its transaction's end decides."""
+        keys = [key for key in self.running if with_transactions or key not in self.in_transaction]
         self.running.clear()
+        self.in_transaction.clear()
         self.stats.in_flight = 0
         for key in keys:
             self.locked_since.pop(key, None)
@@ -230,6 +249,14 @@ def settle_statement(queue: str, key: _sql.Ack, result: Outcome) -> Optional[tup
     if isinstance(result, outcome.Reply):
         return _sql.REPLY, _sql.reply_params(queue, message_id, token, result.value, result.headers)
     return None
+
+
+def cancel_requested() -> bool:
+    """Whether the running asyncio task was asked to cancel (a stop, asyncio.run's clean-up), as
+    opposed to a CancelledError from a future it awaited. Python 3.11 tells; before, only a stop does."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 def next_pause(pause: float) -> float:

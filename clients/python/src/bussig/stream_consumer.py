@@ -28,7 +28,7 @@ from . import _sql, trace
 from ._connections import Row, connect, execute
 from ._core import FLUSH_ATTEMPTS, RECONNECT_FIRST, next_pause, started
 from .bus import STREAM_LEASE
-from .errors import BussigError, connection_lost
+from .errors import BussigError, connection_lost, transient
 from .stream import (
     CANCEL_EVERY,
     CANCELED_COMMIT_ATTEMPTS,
@@ -184,6 +184,8 @@ class StreamConsumer:
                 try:
                     self._turn(executor)
                 except Exception as error:
+                    if transient(error):
+                        continue  # cancelled by a statement_timeout, or a deadlock: rolled back
                     if not connection_lost(error, self._conn):
                         raise
                     if not self._reconnect():

@@ -24,6 +24,7 @@ from ._connections import Row, connect, execute
 from ._core import (
     FLUSH_ATTEMPTS,
     RECONNECT_FIRST,
+    STOP_TIMEOUT,
     Book,
     Dispatch,
     Job,
@@ -127,7 +128,7 @@ class Worker:
         # Subscribed before start returns, so that what is published next reaches the queue.
         started(self._thread, self.ready, lambda: self._error)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stops reading, gives back what was read but not started, lets running handlers finish
         within ``timeout`` seconds and gives back the rest, reconnecting until then if the connection
         is lost. Raises ``LeftLocked`` when the database could not be reached in that time, and
@@ -180,8 +181,11 @@ class Worker:
                         except Exception as remaking:
                             error = remaking
                     if not connection_lost(error, self._conn):
-                        # What is held is handed in first, as at a stop.
+                        # What is held is handed in first, as at a stop: running handlers get a
+                        # stop's default time to finish, not a deadline long past.
                         failed = error
+                        if not self._stopping.is_set():
+                            self._deadline = time.monotonic() + STOP_TIMEOUT
                         break
                     if not self._reconnect():
                         break  # stopping: the drain hands in what is held, on a new connection
@@ -284,7 +288,12 @@ class Worker:
                 # No reply_to queue, say, or no dead-letter queue (55000): the message is nacked with
                 # the error, not left locked until its lock runs out.
                 if isinstance(result, (outcome.Reply, outcome.Bury)):
-                    self._execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
+                    try:
+                        self._execute(_sql.NACK, (self.queue, *key, None, f"{type(error).__name__}: {error}"))
+                    except Exception:
+                        with self._lock:
+                            self._book.to_settle[:0] = pending
+                        raise
             except Exception:
                 with self._lock:
                     self._book.to_settle[:0] = pending
@@ -341,11 +350,18 @@ class Worker:
                 return execute(conn, sql, params)
 
             def reply(payload: Any) -> Optional[int]:
-                reply_id = self._reply(run, message, payload)
-                if reply_id is None:
-                    raise outcome.LockLost(message.message_id, message.lock_token)
+                # Marked before the reply takes the row, so that the loop never waits for it.
                 with self._lock:
                     self._book.settling_in_transaction(job.key)
+                reply_id: Optional[int] = None
+                try:
+                    reply_id = self._reply(run, message, payload)
+                finally:
+                    if reply_id is None:
+                        with self._lock:
+                            self._book.not_settling(job.key)
+                if reply_id is None:
+                    raise outcome.LockLost(message.message_id, message.lock_token)
                 return reply_id
 
             message._replier = reply
@@ -373,7 +389,7 @@ class Worker:
                 self._dirty = False
             self._flush()
         with self._lock:
-            self._book.give_back(self._book.give_back_running())
+            self._book.give_back(self._book.give_back_running(with_transactions=False))
         if not self._flush():
             raise LeftLocked(self.queue, self._book.held())
 
