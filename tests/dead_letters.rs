@@ -142,3 +142,41 @@ fn nack(c: &mut Client, q: &str, id: i64, token: Uuid, error: Option<&str>) -> b
         .expect("nack")
         .get(0)
 }
+
+/// A waiting read that finds only an expired message dead-letters it and returns at once: sleeping,
+/// it held the dead letter's rows (and a capped queue's slot, or a group's row) and hid it from the
+/// dead-letter queue until its wait ended.
+#[test]
+fn a_waiting_read_that_only_dead_letters_returns_at_once() {
+    // Without a worker, whose expiry step could dead-letter the message before the read does.
+    let (_database, mut client) = Database::without_worker("dead_while_waiting");
+    client
+        .batch_execute(
+            "SELECT bussig.create_queue('q', message_ttl => '100 milliseconds', max_in_flight => 1)",
+        )
+        .unwrap();
+    let id: i64 = client
+        .query_one("SELECT bussig.send('q', '1')", &[])
+        .unwrap()
+        .get(0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let began = std::time::Instant::now();
+    let read: i64 = client
+        .query_one(
+            "SELECT count(*) FROM bussig.read('q', 1, wait => '10 seconds')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(read, 0, "an expired message delivered");
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(5),
+        "slept {:?} after dead-lettering",
+        began.elapsed()
+    );
+    let dead: i64 = client
+        .query_one("SELECT message_id FROM bussig.peek('q_dlq', 1)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, id);
+}

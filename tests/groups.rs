@@ -341,3 +341,55 @@ fn a_group_moving_on_notifies_its_queue() {
     );
     assert_eq!(read(&mut client, &name, 10, None)[0].payload, json!(2));
 }
+
+/// A batch whose messages are partly in a group and partly in none wakes a waiting reader for the
+/// ungrouped ones: only the grouped ones wait for their group's head.
+#[test]
+fn the_ungrouped_messages_of_a_grouped_batch_wake_a_waiting_reader() {
+    let mut admin = connect();
+    let created = Queue::create(&mut admin, "mixed_batch", "");
+    let queue = created.name.clone();
+    send_grouped(&mut admin, &queue, &json!("head"), "a");
+    let head = read_one(&mut admin, &queue).expect("the group's head");
+    assert_eq!(head.payload, json!("head"));
+    let waiting = {
+        let (mut reader, queue) = (connect(), queue.clone());
+        thread::spawn(move || {
+            let began = Instant::now();
+            let got: Vec<Value> = reader
+                .query(
+                    "SELECT payload FROM bussig.read($1::text, 1, wait => '20 seconds')",
+                    &[&queue],
+                )
+                .unwrap()
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            (got, began.elapsed())
+        })
+    };
+    eventually(Duration::from_secs(10), "the reader waiting", || {
+        let asleep: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Extension' AND query LIKE '%wait => ''20 seconds''%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (asleep == 1).then_some(())
+    });
+    admin
+        .execute(
+            "SELECT count(*) FROM bussig.send_batch($1::text, ARRAY['1', '2']::jsonb[],
+                                                   group_ids => ARRAY['a', NULL])",
+            &[&queue],
+        )
+        .unwrap();
+    let (got, waited) = waiting.join().unwrap();
+    assert_eq!(got, [json!(2)], "the ungrouped message");
+    assert!(
+        waited < Duration::from_secs(15),
+        "the reader slept to the end of its wait"
+    );
+}

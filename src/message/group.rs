@@ -138,12 +138,14 @@ pub fn purge_lock(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<()> {
 
 /// New messages, in send order, join their groups; ids of ungrouped messages are passed over. Those
 /// that head their group are announced as a send announces its messages; the others are not ready,
-/// and wake nobody until their turn comes (`leave`).
-pub fn join(client: &mut SpiClient<'_>, message_ids: Vec<i64>) -> BusResult<()> {
+/// and wake nobody until their turn comes (`leave`). How many joined a group.
+pub fn join(client: &mut SpiClient<'_>, message_ids: Vec<i64>) -> BusResult<usize> {
     if message_ids.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let mut joined = 0;
     for row in plans::run(client, &JOIN, &[message_ids.into()])? {
+        joined += 1;
         if !plans::filled::<bool>(&row, 2, "head")? {
             continue;
         }
@@ -156,7 +158,7 @@ pub fn join(client: &mut SpiClient<'_>, message_ids: Vec<i64>) -> BusResult<()> 
             None => wakeup::note_ready(queue_id, 1),
         }
     }
-    Ok(())
+    Ok(joined)
 }
 
 /// Messages of `groups` (one entry per message) left queue `queue_id` by an ack or a move to the

@@ -520,9 +520,9 @@ pub fn receive_waiting(
                 },
                 |(received, _)| received.locked_any,
             )?;
-            let delivered = received.delivered;
             Ok(WaitingRead {
-                delivered,
+                delivered: received.delivered,
+                locked_any: received.locked_any,
                 may_wait,
                 queue_id,
                 read_from,
@@ -531,7 +531,9 @@ pub fn receive_waiting(
         })?;
         let deadline = started + wait;
         let now = Instant::now();
-        if !read.delivered.is_empty() || !read.may_wait || now >= deadline {
+        // A read that locked messages only to dead-letter them returns too: sleeping, it would hold
+        // their rows (a group's, a cap's slot) and hide the dead letters until its wait ended.
+        if !read.delivered.is_empty() || read.locked_any || !read.may_wait || now >= deadline {
             if let Some(waiting) = waiting.take() {
                 let full_batch = read.delivered.len() == max_messages as usize;
                 waiting.done(full_batch, read.read_from);
@@ -563,6 +565,8 @@ pub fn receive_waiting(
 /// What one read of a waiting reader found, and what it needs to know to wait for more.
 struct WaitingRead {
     delivered: Vec<Delivery>,
+    /// Whether it locked any message, delivered or dead-lettered: its subtransaction was kept.
+    locked_any: bool,
     /// Whether the reader may wait after this read: time is left, and its snapshot can change.
     may_wait: bool,
     queue_id: i32,
@@ -577,6 +581,7 @@ impl WaitingRead {
     fn done(delivered: Vec<Delivery>) -> WaitingRead {
         WaitingRead {
             delivered,
+            locked_any: false,
             may_wait: false,
             queue_id: 0,
             read_from: 0,

@@ -185,9 +185,11 @@ fn insert_messages(
         None => plans::first_column(client, statement, args)?,
     };
     if grouped {
-        // Announced as they join their groups: only a group's head is ready.
+        // Announced as they join their groups: only a group's head is ready. Those of the batch in
+        // no group (a NULL group id) are ready as any send's.
         depth::added(found.queue_id, ids.len());
-        group::join(client, ids.clone())?;
+        let joined = group::join(client, ids.clone())?;
+        wake(queue, found, delay, ids.len() - joined);
     } else {
         announce(queue, found, delay, &ids);
     }
@@ -207,12 +209,17 @@ fn send_directly<'a>(
     Some(ids)
 }
 
-/// Waiting readers are woken, and the queue's NOTIFY sent, at commit.
+/// The messages are counted, and waiting readers woken and the queue's NOTIFY sent at commit.
 fn announce(queue: &str, found: queue::Queue, delay: Option<Interval>, ids: &[i64]) {
     depth::added(found.queue_id, ids.len());
-    if !ids.is_empty() {
+    wake(queue, found, delay, ids.len());
+}
+
+/// `count` new messages wake waiting readers, and send the queue's NOTIFY, at commit.
+fn wake(queue: &str, found: queue::Queue, delay: Option<Interval>, count: usize) {
+    if count > 0 {
         let ready_now = delay.is_none_or(|delay| validate::is_zero(&delay));
-        let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
         wakeup::announce(found.queue_id, queue, found.notify, ready_now, count);
     }
 }
