@@ -28,6 +28,9 @@ pub struct Lane {
     pub on_rejection: OnRejection,
     /// JetStream's rejections of the front message so far in this batch (in-place retries).
     pub rejections: i32,
+    /// "No responders" for the front message in a row: held that many times before it counts as a
+    /// rejection.
+    pub no_responders: u32,
     /// When the front message may be sent (again).
     pub due: Instant,
 }
@@ -38,6 +41,7 @@ impl Lane {
             messages: VecDeque::new(),
             on_rejection,
             rejections: 0,
+            no_responders: 0,
             due: now,
         }
     }

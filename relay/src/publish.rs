@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::ErrorCode;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use thiserror::Error;
@@ -114,6 +115,9 @@ pub enum Outcome {
     Rejected(String),
     /// No answer: NATS is unreachable or slow. Safe to re-send, JetStream removes duplicates.
     Unavailable(String),
+    /// "No responders": no stream captures the subject, or none answers for a moment (a JetStream
+    /// node restarting, a stream electing its leader). Held a few times, then a rejection.
+    NoResponders(String),
 }
 
 impl Outcome {
@@ -130,29 +134,56 @@ impl Outcome {
 fn classify(error: PublishError) -> Outcome {
     let text = error.to_string();
     match error.kind() {
-        PublishErrorKind::StreamNotFound
-        | PublishErrorKind::MaxPayloadExceeded
+        PublishErrorKind::MaxPayloadExceeded
         | PublishErrorKind::WrongLastMessageId
         | PublishErrorKind::WrongLastSequence => Outcome::Rejected(text),
+        // What the client reports as no stream.
+        PublishErrorKind::StreamNotFound => Outcome::NoResponders(text),
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
         | PublishErrorKind::MaxAckPending => Outcome::Unavailable(text),
-        // An API error in the PubAck is JetStream's answer; anything else is on the way there.
+        // An API error in the PubAck is JetStream's answer, but for a cluster not available now;
+        // a reply that is no PubAck at all (a service answering on the subject) is an answer too.
+        // Anything else is on the way there.
         PublishErrorKind::Other => {
-            let answered = error
-                .source()
-                .is_some_and(|s| s.downcast_ref::<async_nats::jetstream::Error>().is_some());
-            if answered {
-                Outcome::Rejected(text)
-            } else {
-                Outcome::Unavailable(text)
+            let source = error.source();
+            let api = source.and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            match api {
+                Some(api) if api.error_code() == ErrorCode::CLUSTER_NOT_AVAILABLE => {
+                    Outcome::Unavailable(text)
+                }
+                Some(_) => Outcome::Rejected(text),
+                None if source.is_some_and(|s| s.is::<serde_json::Error>()) => Outcome::Rejected(text),
+                None => Outcome::Unavailable(text),
             }
         }
     }
 }
 
+/// Sends a publish and waits for its PubAck, all within `ack_timeout`; nothing is sent while NATS
+/// is not `connected` (Unavailable at once).
+pub async fn confirmed(
+    context: &async_nats::jetstream::Context,
+    outgoing: &Outgoing,
+    connected: bool,
+    ack_timeout: std::time::Duration,
+) -> Outcome {
+    if !connected {
+        return Outcome::Unavailable("NATS is not connected".into());
+    }
+    let published = async {
+        match send(context, outgoing).await {
+            Ok(ack) => Outcome::of(ack.await),
+            Err(outcome) => outcome,
+        }
+    };
+    tokio::time::timeout(ack_timeout, published)
+        .await
+        .unwrap_or_else(|_| Outcome::Unavailable(format!("no PubAck within {ack_timeout:?}")))
+}
+
 /// Sends a publish; the returned future yields its outcome once the PubAck (or its absence) is known.
-pub async fn send(
+async fn send(
     context: &async_nats::jetstream::Context,
     outgoing: &Outgoing,
 ) -> Result<PublishAckFuture, Outcome> {

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use tokio::sync::watch;
 use tokio_postgres::NoTls;
 use tracing::{debug, info, warn};
@@ -64,6 +65,11 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub jetstream: async_nats::jetstream::Context,
 }
+
+/// How many times in a row a message JetStream answers with "no responders" is held and sent again
+/// (with the unavailable backoff, from 200 ms: some seconds, what a stream's leader election takes)
+/// before it counts as rejected: no stream captures its subject.
+const NO_RESPONDERS_HELD: u32 = 5;
 
 /// Keeps the in-flight gauge right whichever way a batch ends.
 struct InFlight<'a> {
@@ -301,7 +307,7 @@ impl Worker {
             Outcome::Stored { duplicate: false } => &self.metrics.published,
             Outcome::Stored { duplicate: true } => &self.metrics.duplicates,
             Outcome::Rejected(_) => &self.metrics.rejected,
-            Outcome::Unavailable(_) => &self.metrics.unavailable,
+            Outcome::Unavailable(_) | Outcome::NoResponders(_) => &self.metrics.unavailable,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -342,18 +348,17 @@ impl Worker {
                 continue;
             }
             let due: Vec<usize> = (0..lanes.len()).filter(|&i| lanes[i].due <= now).collect();
-            let mut acks = Vec::with_capacity(due.len());
-            for &i in &due {
+            // Sent and awaited together, each within the ack timeout: one after another, a silent
+            // NATS would hold the pass (and the locks it extends) for a timeout per message, and the
+            // client's full command channel (it stops draining it while it reconnects) for another.
+            // Nothing is sent while NATS is away: stale copies sent on reconnect could land after
+            // later messages of their group.
+            let jetstream = &self.shared.jetstream;
+            let connected = jetstream.client().connection_state() == State::Connected;
+            let ack_timeout = self.shared.config.ack_timeout;
+            let outcomes = futures_util::future::join_all(due.iter().map(|&i| {
                 let (_, outgoing) = lanes[i].messages.front().expect("lanes are never empty");
-                acks.push(publish::send(&self.shared.jetstream, outgoing).await);
-            }
-            // Awaited together: a PubAck's timeout starts when it is awaited, and one after another
-            // a silent NATS would hold the pass (and the locks it extends) for a timeout per message.
-            let outcomes = futures_util::future::join_all(acks.into_iter().map(|ack| async move {
-                match ack {
-                    Ok(future) => Outcome::of(future.await),
-                    Err(outcome) => outcome,
-                }
+                publish::confirmed(jetstream, outgoing, connected, ack_timeout)
             }))
             .await;
             let mut unavailable = Vec::new();
@@ -366,8 +371,16 @@ impl Worker {
                         let (delivery, _) = lane.messages.pop_front().expect("front exists");
                         confirmed.push(delivery);
                         lane.rejections = 0;
+                        lane.no_responders = 0;
                     }
-                    Outcome::Rejected(error) => {
+                    // For a moment, as while a stream elects its leader: held like no answer.
+                    Outcome::NoResponders(error) if lane.no_responders < NO_RESPONDERS_HELD => {
+                        lane.no_responders += 1;
+                        last_unavailable = error;
+                        unavailable.push(i);
+                    }
+                    Outcome::Rejected(error) | Outcome::NoResponders(error) => {
+                        lane.no_responders = 0;
                         self.rejected(bus, lane, &error, in_flight).await?;
                     }
                     Outcome::Unavailable(error) => {

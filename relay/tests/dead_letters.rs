@@ -113,3 +113,36 @@ async fn rejected_messages_end_in_the_dead_letter_queue() {
         assert_eq!(metric(&metrics, &dead), Some(dead_lettered), "{metrics}");
     }
 }
+
+/// "No responders" (no stream captures the subject) is what JetStream answers while a node
+/// restarts or a stream elects a leader, too: the message is held for a few tries, not nacked at
+/// once (its deliveries would run out within a second here), and goes out once a stream captures it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_no_stream_answers_for_a_moment_is_held_until_one_does() {
+    let db = connect().await;
+    let nats = Nats::start().await;
+    let js = nats.jetstream().await;
+    create_stream(&js, "HELD", &["held.known"], 1 << 20).await;
+    let queue = Queue::create(&db, "held_unanswered", QUEUE_OPTIONS).await;
+    db.execute(
+        "SELECT bussig.subscribe($1::text, 'held.>')",
+        &[&queue.name],
+    )
+    .await
+    .expect("subscribe");
+    db.execute("SELECT bussig.publish('held.later', '{\"i\": 1}')", &[])
+        .await
+        .expect("publish");
+    let config = format!("{FAST}{}", route(&queue.name, "held.known", ""));
+    let relay = Relay::start_ready(&nats.url(), &config).await;
+
+    // Past three deliveries' worth of the queue's backoff: a rejection would be dead-lettered by now.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(total(&db, &queue.dlq()).await, 0, "dead-lettered");
+    assert_eq!(total(&db, &queue.name).await, 1, "the message is held");
+
+    create_stream(&js, "LATER", &["held.later"], 1 << 20).await;
+    wait_relayed(&db, &js, "LATER", &queue.name, 1, LONG).await;
+    assert_eq!(total(&db, &queue.dlq()).await, 0);
+    drop(relay);
+}
