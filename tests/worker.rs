@@ -461,8 +461,11 @@ fn a_rewrite_that_would_deadlock_is_left_for_a_later_round() {
              LOCK TABLE bussig.message IN ACCESS EXCLUSIVE MODE; COMMIT",
         )
     });
-    eventually(DEADLINE, "the other transaction waiting for the table", || {
-        let waits: i64 = c
+    eventually(
+        DEADLINE,
+        "the other transaction waiting for the table",
+        || {
+            let waits: i64 = c
             .query_one(
                 "SELECT count(*) FROM pg_locks
                  WHERE relation = 'bussig.message'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted",
@@ -470,8 +473,9 @@ fn a_rewrite_that_would_deadlock_is_left_for_a_later_round() {
             )
             .unwrap()
             .get(0);
-        (waits == 1).then_some(())
-    });
+            (waits == 1).then_some(())
+        },
+    );
     assert_eq!(compacted(&mut c), 0, "rewritten under a deadlock");
     c.batch_execute("COMMIT").unwrap();
     waiting

@@ -153,7 +153,9 @@ fn classify(error: PublishError) -> Outcome {
                     Outcome::Unavailable(text)
                 }
                 Some(_) => Outcome::Rejected(text),
-                None if source.is_some_and(|s| s.is::<serde_json::Error>()) => Outcome::Rejected(text),
+                None if source.is_some_and(|s| s.is::<serde_json::Error>()) => {
+                    Outcome::Rejected(text)
+                }
                 None => Outcome::Unavailable(text),
             }
         }

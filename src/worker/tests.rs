@@ -58,7 +58,11 @@ mod tests {
             "UPDATE bussig.body SET unreferenced_since = unreferenced_since - interval '2 minutes'";
         assert_eq!(maintenance("collected_bodies"), 0);
         run(marks_age);
-        assert_eq!(maintenance("collected_bodies"), 0, "collected in the first hour");
+        assert_eq!(
+            maintenance("collected_bodies"),
+            0,
+            "collected in the first hour"
+        );
         run("UPDATE bussig.stream_body_ring SET made_at = made_at - interval '2 hours'");
         run(marks_age);
         assert_eq!(maintenance("collected_bodies"), 1);

@@ -8,10 +8,11 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{retry_connecting, Connector, Current};
-use crate::consumer::{Consumer, Failure};
+use crate::consumer::Consumer;
 use crate::delivery::Message;
 use crate::ephemeral::{self, Ephemeral};
 use crate::error::{Error, Result};
+use crate::failure::Failure;
 
 /// A process's subscription to a pattern: its queue, and a consumer of it.
 pub struct Broadcast {

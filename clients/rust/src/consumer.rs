@@ -18,66 +18,9 @@ use uuid::Uuid;
 
 use crate::connection::{retry_connecting, Connector, Current};
 use crate::delivery::{self, Message};
-use crate::settle_batch::nack_batch;
 use crate::error::{Error, Result};
-
-/// Why a handler did not finish its message. Any error converts into `Failure::Error` with `?`: the
-/// message is then nacked with the queue's backoff and the error's text.
-#[derive(Debug)]
-pub enum Failure {
-    /// Try again after `delay` (the queue's backoff when None).
-    Retry {
-        delay: Option<Duration>,
-        error: String,
-    },
-    /// Never again: to the dead-letter queue with this reason.
-    DeadLetter {
-        reason: String,
-        error: Option<String>,
-    },
-    /// An error: nacked with the queue's backoff.
-    Error(String),
-}
-
-impl Failure {
-    pub fn retry_after(delay: Duration) -> Self {
-        Failure::Retry {
-            delay: Some(delay),
-            error: format!("retry after {delay:?}"),
-        }
-    }
-
-    pub fn dead_letter(reason: impl Into<String>) -> Self {
-        Failure::DeadLetter {
-            reason: reason.into(),
-            error: None,
-        }
-    }
-
-    /// A handler's panic as an error, with the panic's message.
-    pub(crate) fn from_panic(panic: &(dyn std::any::Any + Send)) -> Self {
-        let text = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "the handler panicked".into());
-        Failure::Error(format!("panic: {text}"))
-    }
-
-    /// What went wrong, in words.
-    pub(crate) fn text(&self) -> &str {
-        match self {
-            Failure::Retry { error, .. } | Failure::Error(error) => error,
-            Failure::DeadLetter { reason, error } => error.as_deref().unwrap_or(reason),
-        }
-    }
-}
-
-impl<E: std::fmt::Display> From<E> for Failure {
-    fn from(error: E) -> Self {
-        Failure::Error(error.to_string())
-    }
-}
+use crate::failure::Failure;
+use crate::settle_batch::nack_batch;
 
 /// What a consumer has done so far; read it while it runs.
 #[derive(Debug, Default)]
@@ -442,9 +385,10 @@ impl Handling {
         F: Future<Output = std::result::Result<(), Failure>>,
     {
         let (id, token) = (message.id, message.lock_token);
-        let flags = message.connection.as_ref().map(|connection| {
-            (connection.settled.clone(), connection.settling.clone())
-        });
+        let flags = message
+            .connection
+            .as_ref()
+            .map(|connection| (connection.settled.clone(), connection.settling.clone()));
         let (settled_by_handler, settling) = flags.unzip();
         let lock_lost = message.lock_lost();
         let guard = GiveBack {

@@ -16,6 +16,7 @@ mod consumer;
 mod delivery;
 mod ephemeral;
 mod error;
+mod failure;
 mod queues;
 mod request;
 mod send;
@@ -28,12 +29,13 @@ mod transactional;
 pub use broadcast::Broadcast;
 pub use bus::Bus;
 pub use connection::{connect_no_tls, Connector};
-pub use consumer::{Consumer, Failure, Stats};
+pub use consumer::{Consumer, Stats};
 pub use delivery::{
     ack, ack_and_read, ack_batch, dead_letter, extend_lock, nack, queue_depth, read, reply, stream,
     Message,
 };
 pub use error::{Error, Result};
+pub use failure::Failure;
 pub use queues::{queues, retry_backoff, subscribers, QueueInfo};
 pub use request::{Reply, Requester};
 pub use send::{publish, send, send_batch, SendOptions};

@@ -152,9 +152,7 @@ impl Requester {
     /// Stops reading replies and drops the reply queue.
     pub async fn stop(&self) -> Result<()> {
         self.stop.cancel();
-        self.reply_queue
-            .drop_queue(&*self.sender.get().await)
-            .await
+        self.reply_queue.drop_queue(&*self.sender.get().await).await
     }
 }
 

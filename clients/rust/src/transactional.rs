@@ -10,9 +10,10 @@ use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::Connector;
-use crate::consumer::{Consumer, Failure};
+use crate::consumer::Consumer;
 use crate::delivery::Message;
 use crate::error::Result;
+use crate::failure::Failure;
 
 /// What a transactional handler returns: a future that borrows the transaction.
 pub type TransactionalFuture<'a> =

@@ -399,7 +399,10 @@ async fn a_handler_hears_when_its_lock_is_gone() {
     ));
     started_rx.recv().await.unwrap();
     let extended_so_far = stats.locks_lost.load(Ordering::Relaxed);
-    assert_eq!(extended_so_far, 0, "the lock holds while the message is there");
+    assert_eq!(
+        extended_so_far, 0,
+        "the lock holds while the message is there"
+    );
     c.query_typed(
         "SELECT bussig.purge_queue($1)",
         &[(&q.name.as_str(), Type::TEXT)],

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use super::{stream_commit, stream_extend_lease, stream_read, stream_release, StreamRecord};
 use crate::connection::{retry_connecting, Connector};
-use crate::consumer::Failure;
 use crate::error::Result;
+use crate::failure::Failure;
 
 /// What a `StreamConsumer` has done so far; read it while it runs.
 #[derive(Debug, Default)]
