@@ -60,6 +60,16 @@ macro_rules! priorities_around {
     };
 }
 
+/// SQL: whether the extension was made (CREATE EXTENSION, or its update) within the hour, as
+/// `bussig.stream_body_ring.made_at` says (not dumped: a restore's CREATE EXTENSION sets it). A
+/// restore loads the extension's tables one by one meanwhile, so the worker judges nothing gone by
+/// its absence then (design.md, "Nothing the worker deletes is judged by absence alone").
+macro_rules! made_within_the_hour {
+    () => {
+        "(SELECT r.made_at FROM bussig.stream_body_ring r) > clock_timestamp() - interval '1 hour'"
+    };
+}
+
 mod access;
 mod api;
 mod depth;

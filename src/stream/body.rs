@@ -42,12 +42,16 @@ static STORE: Statement = Statement {
 // the ring was made, by CREATE EXTENSION or its update: a restore loads bodies and the records that
 // refer to them in any order, and meanwhile a body may look unreferenced.
 static HELD: Statement = Statement {
-    sql: "SELECT s.segment, pg_catalog.to_regclass(format('bussig.stream_body_%s', s.segment))::oid
-          FROM generate_series(0, $1 - 1) s(segment), bussig.stream_body_ring r
-          WHERE s.segment <> r.current_segment
-            AND r.made_at <= clock_timestamp() - interval '1 hour'
+    sql: concat!(
+        "SELECT s.segment, pg_catalog.to_regclass(format('bussig.stream_body_%s', s.segment))::oid
+          FROM generate_series(0, $1 - 1) s(segment), bussig.stream_body_ring ring
+          WHERE s.segment <> ring.current_segment
+            AND NOT ",
+        made_within_the_hour!(),
+        "
             AND EXISTS (SELECT FROM bussig.stream_body b WHERE b.segment = s.segment)
-          ORDER BY s.segment",
+          ORDER BY s.segment"
+    ),
     args: &[pg_sys::INT4OID],
     writes: true,
 };

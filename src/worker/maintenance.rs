@@ -152,11 +152,11 @@ static FANOUT_ADVANCE: Statement = Statement {
 // design.md, "Nothing the worker deletes is judged by absence alone"). The chunk waits: skipped, its
 // queues would never get the message.
 static RESTORING_QUEUES: Statement = Statement {
-    sql: "SELECT (SELECT r.made_at FROM bussig.stream_body_ring r) > clock_timestamp() - interval '1 hour'
+    sql: concat!("SELECT ", made_within_the_hour!(), "
              AND EXISTS (SELECT FROM bussig.fanout f CROSS JOIN LATERAL unnest(f.queue_ids[$2:$3]) AS t(queue_id)
                          WHERE f.fanout_id = $1
                            AND NOT EXISTS (SELECT FROM bussig.queue q WHERE q.queue_id = t.queue_id)
-                           AND NOT EXISTS (SELECT FROM bussig.dropped_queue d WHERE d.queue_id = t.queue_id))",
+                           AND NOT EXISTS (SELECT FROM bussig.dropped_queue d WHERE d.queue_id = t.queue_id))"),
     args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INT4OID],
     writes: true,
 };
@@ -173,7 +173,7 @@ static FANOUT_DONE: Statement = Statement {
 // extension was made (CREATE EXTENSION, or its update: when the stream body ring was made): a restore
 // loads the bodies, and a minute or more later the messages that refer to them.
 static COLLECT_BODIES: Statement = Statement {
-    sql: "WITH examined AS (
+    sql: concat!("WITH examined AS (
               SELECT b.body_id, b.unreferenced_since,
                      NOT EXISTS (SELECT FROM bussig.message by_body WHERE by_body.body_id = b.body_id)
                      AND NOT EXISTS (SELECT FROM bussig.fanout f WHERE f.body_id = b.body_id) AS unreferenced
@@ -182,7 +182,7 @@ static COLLECT_BODIES: Statement = Statement {
               DELETE FROM bussig.body b USING examined e
               WHERE b.body_id = e.body_id AND e.unreferenced
                 AND e.unreferenced_since < clock_timestamp() - interval '1 minute'
-                AND (SELECT r.made_at FROM bussig.stream_body_ring r) <= clock_timestamp() - interval '1 hour'
+                AND NOT ", made_within_the_hour!(), "
               RETURNING 1
           ), marked AS (
               UPDATE bussig.body b
@@ -190,7 +190,7 @@ static COLLECT_BODIES: Statement = Statement {
               FROM examined e
               WHERE b.body_id = e.body_id AND e.unreferenced = (e.unreferenced_since IS NULL)
           )
-          SELECT (SELECT max(body_id) FROM examined), (SELECT count(*) FROM collected)",
+          SELECT (SELECT max(body_id) FROM examined), (SELECT count(*) FROM collected)"),
     args: &[pg_sys::INT8OID, pg_sys::INT4OID],
     writes: true,
 };

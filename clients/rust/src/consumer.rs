@@ -49,8 +49,9 @@ pub struct Consumer {
     stats: Arc<Stats>,
 }
 
-/// How long a busy loop whose read found nothing waits for a handler before it reads again.
-const BUSY_POLL: Duration = Duration::from_millis(250);
+/// How long a busy loop whose read found nothing waits for a handler (a stream member: for a
+/// partition) before it reads again.
+pub(crate) const BUSY_POLL: Duration = Duration::from_millis(250);
 /// How soon an extension that failed (not one that found the lock gone) is tried again.
 const EXTENSION_RETRY: Duration = Duration::from_secs(1);
 

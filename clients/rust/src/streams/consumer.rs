@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::{stream_commit, stream_extend_lease, stream_read, stream_release, StreamRecord};
 use crate::connection::{retry_connecting, Connector};
+use crate::consumer::BUSY_POLL;
 use crate::error::Result;
 use crate::failure::Failure;
 
@@ -224,9 +225,6 @@ impl StreamConsumer {
         retry_connecting(shutdown, || async move { Ok(Arc::new(connector().await?)) }).await
     }
 }
-
-/// How long a busy member whose read found nothing waits for a partition before it reads again.
-const BUSY_POLL: Duration = Duration::from_millis(250);
 
 /// Returns `grace` after `shutdown` was cancelled.
 async fn sleep_after(shutdown: &CancellationToken, grace: Duration) {
