@@ -393,3 +393,94 @@ fn the_ungrouped_messages_of_a_grouped_batch_wake_a_waiting_reader() {
         "the reader slept to the end of its wait"
     );
 }
+
+/// Waits until a backend running a statement that contains `statement` waits for a lock.
+fn waiting_for_a_lock(c: &mut Client, statement: &str) {
+    let pattern = format!("%{statement}%");
+    eventually(
+        Duration::from_secs(20),
+        &format!("{statement} waiting for a lock"),
+        || {
+            let waiting: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND query LIKE $1 AND pid <> pg_backend_pid()",
+                    &[&pattern],
+                )
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    );
+}
+
+/// A purge or drop of a queue whose group's parked follower outranks its head, while an ack of the
+/// head moves the follower up: the ack takes the head, then the follower. A single DELETE in delivery
+/// order took the follower first and then waited for the head, each waiting for the other (40P01);
+/// the heads go first now, in a statement of their own.
+#[test]
+fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
+    for verb in ["purge_queue", "drop_queue"] {
+        let mut admin = connect();
+        let queue = Queue::create(&mut admin, &format!("groups_deadlock_{verb}"), "");
+        let name = queue.name.clone();
+        admin
+            .execute(
+                "SELECT bussig.send($1::text, '1', group_id => 'g')",
+                &[&name],
+            )
+            .unwrap();
+        admin
+            .execute(
+                "SELECT bussig.send($1::text, '2', group_id => 'g', priority => 9)",
+                &[&name],
+            )
+            .unwrap();
+        let head = read(&mut admin, &name, 1, None).remove(0);
+        // Another transaction holds the follower's row, so that the removal waits there first.
+        let mut holder = connect();
+        holder.batch_execute("BEGIN").unwrap();
+        let held = holder
+            .execute(
+                "SELECT FROM bussig.message m JOIN bussig.queue q USING (queue_id)
+                 WHERE q.name = $1::text AND m.visible_at = 'infinity' FOR UPDATE OF m",
+                &[&name],
+            )
+            .unwrap();
+        assert_eq!(held, 1, "the follower is not parked");
+        let removing = name.clone();
+        let remover = thread::spawn(move || {
+            connect()
+                .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&removing])
+                .map(|_| ())
+        });
+        waiting_for_a_lock(&mut admin, &format!("bussig.{verb}"));
+        let acker = thread::spawn(move || {
+            connect()
+                .query_one(
+                    "SELECT bussig.ack($1::text, $2, $3)",
+                    &[&name, &head.id, &head.token],
+                )
+                .map(|row| row.get::<_, bool>(0))
+        });
+        waiting_for_a_lock(&mut admin, "bussig.ack(");
+        holder.batch_execute("COMMIT").unwrap();
+        remover
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{verb}: {e:?}"));
+        acker
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the ack beside {verb}: {e:?}"));
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM bussig.message m JOIN bussig.queue q USING (queue_id)
+                 WHERE q.name = $1::text",
+                &[&queue.name],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "{verb} left messages");
+    }
+}

@@ -129,6 +129,37 @@ thread_local! {
 /// Inserts `messages`, returning their ids in payload order, or `None` when the table or the
 /// transaction needs the executor. The rows are visible to the transaction's next command.
 pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
+    // SAFETY: `write` gets the relation and a target built for this very table.
+    unsafe { with_direct(|relation, direct, sequence| write(relation, direct, sequence, messages)) }
+}
+
+/// Inserts `rows`, whole rows of `bussig.message` formed with its tuple descriptor and holding no
+/// out-of-line values, frozen: visible to every snapshot once this transaction commits, as COPY
+/// FREEZE writes them. Only into a table truncated earlier in this transaction, which no other
+/// transaction can see until then. False when the table needs the executor (nothing written).
+pub fn insert_frozen(rows: &[pg_sys::HeapTuple]) -> bool {
+    // SAFETY: `write_rows` gets the relation and a target built for this very table; the caller
+    // vouches for the rows.
+    unsafe {
+        with_direct(|relation, direct, _| {
+            write_rows(relation, direct, rows, pg_sys::HEAP_INSERT_FROZEN as i32)
+        })
+        .is_some()
+    }
+}
+
+/// Whether `bussig.message` takes rows written straight into it now.
+pub fn writable() -> bool {
+    // SAFETY: the work is empty; with_direct only opens the table and builds its target.
+    unsafe { with_direct(|_, _, _| ()).is_some() }
+}
+
+/// Runs `write` on `bussig.message`, opened with an INSERT's lock (kept to the end of the
+/// transaction), with the target kept for it and its id sequence; None when the table or the
+/// transaction needs the executor.
+unsafe fn with_direct<T>(
+    write: impl FnOnce(pg_sys::Relation, &mut Direct, pg_sys::Oid) -> T,
+) -> Option<T> {
     // SAFETY: inside a transaction (a SQL function's call); the relation is opened with an INSERT's
     // lock and closed with NoLock, keeping the lock to the end of the transaction; `write` gets the
     // relation and a target built for this very table, checked current after the lock applied
@@ -168,16 +199,16 @@ pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
         };
         let mut target = target.expect("a target was found or built");
         let sequence = target.sequence;
-        let ids = target
+        let written = target
             .direct
             .as_mut()
-            .map(|direct| write(relation, direct, sequence, messages));
+            .map(|direct| write(relation, direct, sequence));
         pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
         TARGET.with(|kept| *kept.borrow_mut() = Some(target));
-        if ids.is_some() {
+        if written.is_some() {
             pg_sys::CommandCounterIncrement();
         }
-        ids
+        written
     }
 }
 
@@ -319,6 +350,7 @@ unsafe fn write(
     // formed from datums that live through the call, written with the current command id, and its
     // index entries inserted before the next.
     unsafe {
+        let result_relation = open_indexes(relation, direct, messages.payloads.len());
         let layout = &direct.layout;
         let now = pg_sys::Datum::from(pg_sys::GetCurrentTimestamp());
         let visible_at = match messages.delay {
@@ -343,27 +375,7 @@ unsafe fn write(
         row[at(CORRELATION_ID)] = messages.correlation_id.and_then(IntoDatum::into_datum);
         row[at(REPLY_TO)] = messages.reply_to.and_then(IntoDatum::into_datum);
 
-        // What ExecOpenIndices does, with the index descriptions kept from the last call.
-        for (opened, &index) in direct.index_relations.iter_mut().zip(&direct.indexes) {
-            *opened = pg_sys::index_open(index, ROW_EXCLUSIVE);
-        }
-        let result_relation = direct.result_relation;
-        pg_sys::InitResultRelInfo(result_relation, relation, 1, ptr::null_mut(), 0);
-        (*result_relation).ri_NumIndices = direct.indexes.len() as i32;
-        (*result_relation).ri_IndexRelationDescs = direct.index_relations.as_mut_ptr();
-        (*result_relation).ri_IndexRelationInfo = direct.index_infos.as_mut_ptr();
-        #[cfg(feature = "pg13")]
-        {
-            (*direct.estate).es_result_relation_info = result_relation;
-        }
         let command = pg_sys::GetCurrentCommandId(true);
-        let wanted = messages.payloads.len().min(ROWS_PER_FLUSH);
-        while direct.slots.len() < wanted {
-            let slot = PgMemoryContexts::For(direct.memory).switch_to(|_| {
-                pg_sys::MakeSingleTupleTableSlot(direct.row_type, &pg_sys::TTSOpsHeapTuple)
-            });
-            direct.slots.push(slot);
-        }
         let ids = next_ids(sequence, messages.payloads.len());
         for (chunk, chunk_ids) in messages
             .payloads
@@ -407,12 +419,92 @@ unsafe fn write(
             pg_sys::MemoryContextReset(direct.per_row);
             direct.flush.reset();
         }
-        // Locks stay to the end of the transaction, as the table's does.
+        close_indexes(direct);
+        ids
+    }
+}
+
+/// What ExecOpenIndices does, with the index descriptions kept from the last call, and slots for
+/// `rows` rows (up to a flush's): the result relation to insert index entries through.
+unsafe fn open_indexes(
+    relation: pg_sys::Relation,
+    direct: &mut Direct,
+    rows: usize,
+) -> *mut pg_sys::ResultRelInfo {
+    // SAFETY: `relation` is open with an INSERT's lock and `direct` was built for it; the indexes
+    // are opened with the same lock, and closed by `close_indexes`.
+    unsafe {
+        for (opened, &index) in direct.index_relations.iter_mut().zip(&direct.indexes) {
+            *opened = pg_sys::index_open(index, ROW_EXCLUSIVE);
+        }
+        let result_relation = direct.result_relation;
+        pg_sys::InitResultRelInfo(result_relation, relation, 1, ptr::null_mut(), 0);
+        (*result_relation).ri_NumIndices = direct.indexes.len() as i32;
+        (*result_relation).ri_IndexRelationDescs = direct.index_relations.as_mut_ptr();
+        (*result_relation).ri_IndexRelationInfo = direct.index_infos.as_mut_ptr();
+        #[cfg(feature = "pg13")]
+        {
+            (*direct.estate).es_result_relation_info = result_relation;
+        }
+        let wanted = rows.min(ROWS_PER_FLUSH);
+        while direct.slots.len() < wanted {
+            let slot = PgMemoryContexts::For(direct.memory).switch_to(|_| {
+                pg_sys::MakeSingleTupleTableSlot(direct.row_type, &pg_sys::TTSOpsHeapTuple)
+            });
+            direct.slots.push(slot);
+        }
+        result_relation
+    }
+}
+
+unsafe fn close_indexes(direct: &mut Direct) {
+    // SAFETY: the indexes `open_indexes` opened; their locks stay to the end of the transaction, as
+    // the table's does.
+    unsafe {
         for opened in &mut direct.index_relations {
             pg_sys::index_close(*opened, pg_sys::NoLock as pg_sys::LOCKMODE);
             *opened = ptr::null_mut();
         }
-        ids
+    }
+}
+
+/// Writes whole rows with heap_multi_insert `options`, then their index entries.
+unsafe fn write_rows(
+    relation: pg_sys::Relation,
+    direct: &mut Direct,
+    rows: &[pg_sys::HeapTuple],
+    options: i32,
+) {
+    // SAFETY: `relation` is open with an INSERT's lock and `direct` was built for it; the rows
+    // were formed with its descriptor and outlive the call; each is stored in a slot without being
+    // handed over, written with the current command id, and its index entries inserted before the
+    // slot is cleared.
+    unsafe {
+        let result_relation = open_indexes(relation, direct, rows.len());
+        let command = pg_sys::GetCurrentCommandId(true);
+        for chunk in rows.chunks(ROWS_PER_FLUSH) {
+            for (slot, &row) in direct.slots.iter().zip(chunk) {
+                pg_sys::ExecStoreHeapTuple(row, *slot, false);
+            }
+            direct.flush.switch_to(|_| {
+                pg_sys::heap_multi_insert(
+                    relation,
+                    direct.slots.as_mut_ptr(),
+                    chunk.len() as i32,
+                    command,
+                    options,
+                    ptr::null_mut(),
+                )
+            });
+            for slot in &direct.slots[..chunk.len()] {
+                PgMemoryContexts::For(direct.per_row)
+                    .switch_to(|_| insert_index_entries(result_relation, *slot, direct.estate));
+                pg_sys::ExecClearTuple(*slot);
+            }
+            pg_sys::MemoryContextReset(direct.per_row);
+            direct.flush.reset();
+        }
+        close_indexes(direct);
     }
 }
 

@@ -111,3 +111,29 @@ pub fn set(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
         );
     }
 }
+
+/// Runs `work` with setting `name`, one only a superuser may set, at `value`, and puts it back after
+/// (a GUC nest level of its own; an error's abort puts it back too). For bussig's own statements,
+/// never for a caller's.
+pub fn with_superuser_setting<T>(name: &CStr, value: &CStr, work: impl FnOnce() -> T) -> T {
+    // SAFETY: inside a transaction; the level is closed below, or by the abort of an error.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    // SAFETY: both names are NUL-terminated and copied by PostgreSQL; an invalid value raises an
+    // ERROR. The superuser context is bussig's own: the caller was checked to run maintenance.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+    let done = work();
+    // SAFETY: the level opened above in this transaction, closed once.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    done
+}

@@ -26,6 +26,7 @@ pub mod invalidation;
 pub mod locks;
 pub mod planner;
 pub mod positions;
+pub mod refill;
 pub mod shmem;
 pub mod snapshot;
 pub mod wakeup;

@@ -4,6 +4,7 @@
 //! `bussig.maintenance_interval`, and at once when a commit hands it a fan-out; it sends the NOTIFYs
 //! that commits ask for as they come. A step that fails is
 //! logged and rolled back; the loop goes on.
+pub mod compaction;
 pub mod maintenance;
 pub mod stats;
 #[cfg(any(test, feature = "pg_test"))]
@@ -415,7 +416,7 @@ fn refresh_stats_when_due(last: &mut Option<LastCount>) {
         let took = started.elapsed();
         // Compaction judges the message table by these counts.
         if counted.is_some() {
-            round_step("compaction", || Spi::connect_mut(maintenance::compact));
+            round_step("compaction", || Spi::connect_mut(compaction::compact));
         }
         // Only a restore makes stream tables without their dependency: no need to look every round.
         round_step("restored stream tables", || {
