@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bussig_tests::*;
 
@@ -75,7 +75,7 @@ fn message_table_size(c: &mut Client) -> i64 {
 }
 
 /// A rewrite holds every sender and reader of the table while it copies the live rows: a table with
-/// more than 40,000 of them is left to VACUUM, however bloated (see maintenance.rs).
+/// more than 40,000 of them is left to VACUUM, however bloated (see src/worker/compaction.rs).
 #[test]
 fn a_bloated_table_with_many_live_messages_is_not_rewritten() {
     let (_database, mut c) = bloated_database("compaction_live", 60, 5);
@@ -236,15 +236,13 @@ fn a_bloated_table_kept_busy_by_senders_is_rewritten() {
 }
 
 /// A transaction that holds a transaction id, idle in REPEATABLE READ: every row version dead since it
-/// began stays, for VACUUM and for CLUSTER alike. Returned once it is older than the compaction's
-/// 10 seconds.
-fn old_snapshot(database: &Database) -> Client {
+/// began stays, for VACUUM and for CLUSTER alike. With when it began.
+fn old_snapshot(database: &Database) -> (Client, Instant) {
     let mut holder = database.connect();
     holder
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT txid_current()")
         .unwrap();
-    thread::sleep(Duration::from_millis(10_500));
-    holder
+    (holder, Instant::now())
 }
 
 /// With a snapshot held (for minutes, by a forgotten session or a long report), CLUSTER would copy
@@ -254,7 +252,15 @@ fn old_snapshot(database: &Database) -> Client {
 /// are now (they went back frozen, as COPY FREEZE writes rows).
 #[test]
 fn a_bloated_table_is_rewritten_under_a_held_snapshot() {
-    let (database, mut c) = bloated_database("compaction_held", 15, 0);
+    let (database, mut c) = bloated_database("compaction_held", 0, 0);
+    let (mut holder, held_since) = old_snapshot(&database);
+    // Messages sent and purged under the held snapshot: their rows stay for it.
+    c.batch_execute(
+        "SELECT count(*) FROM (SELECT bussig.send_batch('gone', array_fill('{\"pad\": 1}'::jsonb, ARRAY[10000]))
+                               FROM generate_series(1, 15)) s;
+         SELECT bussig.purge_queue('gone');",
+    )
+    .unwrap();
     c.batch_execute(
         "SELECT bussig.create_queue('grouped');
          SELECT bussig.send('grouped', '{\"n\": 1}', group_id => 'g');
@@ -277,7 +283,9 @@ fn a_bloated_table_is_rewritten_under_a_held_snapshot() {
     assert_eq!(locked.len(), 2);
     let mut before: Vec<(i64, String, i32)> = message_rows(&mut c);
     let bloated = message_table_size(&mut c);
-    let mut holder = old_snapshot(&database);
+    assert!(bloated > 8 << 20, "only {bloated} bytes written");
+    // Older than the 10 s the compaction allows CLUSTER.
+    thread::sleep(Duration::from_millis(10_500).saturating_sub(held_since.elapsed()));
 
     // The caller's own snapshot (REPEATABLE READ) predates a message committed since: the rewrite
     // reads in a snapshot of its own, taken under the lock, and keeps it.

@@ -192,3 +192,51 @@ fn a_read_in_an_open_transaction_holds_only_the_slots_it_used() {
     );
     tx.commit().unwrap();
 }
+
+/// A purge frees the slots of the messages it deleted, not those of messages a read locked after the
+/// purge's snapshot was taken (here: while the purge waited for a row another transaction held).
+/// Freeing every slot let one more read past the cap while that message was still locked.
+#[test]
+fn a_purge_frees_only_the_slots_of_what_it_deleted() {
+    let mut c = connect();
+    let queue = Queue::create(&mut c, "in_flight_purge", "max_in_flight => 1");
+    let q = queue.name.clone();
+    let first = send(&mut c, &q, &json!(1));
+    let mut holder = connect();
+    holder.batch_execute("BEGIN").unwrap();
+    holder
+        .execute(
+            "SELECT FROM bussig.message WHERE message_id = $1 FOR UPDATE",
+            &[&first],
+        )
+        .unwrap();
+    let purging = q.clone();
+    let purge = thread::spawn(move || {
+        connect()
+            .query_one("SELECT bussig.purge_queue($1::text)", &[&purging])
+            .map(|row| row.get::<_, i64>(0))
+    });
+    eventually(Duration::from_secs(20), "the purge waiting", || {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%purge_queue%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    });
+    // Sent and read after the purge's snapshot: the purge does not see it, and it keeps the slot.
+    send(&mut c, &q, &json!(2));
+    assert_eq!(read(&mut c, &q, 1, Some("1 hour")).len(), 1);
+    holder.batch_execute("COMMIT").unwrap();
+    assert_eq!(purge.join().unwrap().unwrap(), 1, "the purge deleted");
+    assert_eq!(locked_now(&mut c, &q), 1);
+    send(&mut c, &q, &json!(3));
+    assert_eq!(
+        read(&mut c, &q, 1, None).len(),
+        0,
+        "a read went past the cap of 1"
+    );
+}

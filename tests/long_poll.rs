@@ -605,3 +605,35 @@ fn a_lapsed_lock_committed_wakes_a_reader_that_passed_it_over() {
         "the reader returned {latency:?} after the commit (its wait was 10 s)"
     );
 }
+
+/// A lock made to end sooner (`extend_lock` with a shorter timeout, in a queue with and without a
+/// cap): a reader waiting on the queue had planned to sleep until its wait's end, past the message's
+/// new lock end, and is woken to sleep only until then.
+#[test]
+fn a_lock_made_to_end_sooner_ends_a_waiting_readers_sleep_then() {
+    for options in ["", "max_in_flight => 5"] {
+        let mut client = connect();
+        let queue = Queue::create(&mut client, "long_poll_sooner", options);
+        let q = queue.name.as_str();
+        send(&mut client, q, &json!({ "locked": "long" }));
+        let delivery = read(&mut client, q, 1, Some("1 hour")).remove(0);
+        let (pid, reader) = spawn_reader(connect(), q, "10 seconds");
+        wait_until_waiting(&mut client, pid);
+        let shortened = Instant::now();
+        let extended: bool = client
+            .query_one(
+                "SELECT bussig.extend_lock($1::text, $2, $3, '300 milliseconds')",
+                &[&q, &delivery.id, &delivery.token],
+            )
+            .unwrap()
+            .get(0);
+        assert!(extended);
+        let (result, returned, _) = reader.join().expect("reader thread");
+        assert_eq!(result.expect("read"), vec![json!({ "locked": "long" })]);
+        let latency = returned.saturating_duration_since(shortened);
+        assert!(
+            latency < Duration::from_secs(3),
+            "{options:?}: the reader returned {latency:?} after the lock was shortened to 300 ms"
+        );
+    }
+}

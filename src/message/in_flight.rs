@@ -71,10 +71,13 @@ static EXTEND: Statement = Statement {
     writes: true,
 };
 
-// A purge: every slot of queue $1 is free.
+// A purge: the slots of queue $1 whose messages it deleted are free. A statement after the purge's
+// deletes, whose snapshot sees them, and also the messages that reads locked after theirs: those
+// keep their slots.
 static RELEASE_ALL: Statement = Statement {
-    sql: "UPDATE bussig.in_flight_slot SET locked_until = '-infinity', message_id = NULL, lock_token = NULL
-          WHERE queue_id = $1 AND message_id IS NOT NULL",
+    sql: "UPDATE bussig.in_flight_slot s SET locked_until = '-infinity', message_id = NULL, lock_token = NULL
+          WHERE s.queue_id = $1 AND s.message_id IS NOT NULL
+            AND NOT EXISTS (SELECT FROM bussig.message m WHERE m.message_id = s.message_id)",
     args: &[pg_sys::INT4OID],
     writes: true,
 };
@@ -193,7 +196,7 @@ pub fn extend(
     Ok(!plans::run(client, &EXTEND, &args)?.is_empty())
 }
 
-/// Every message of queue `queue_id` was purged: its slots are free, and waiting readers are woken.
+/// The messages of queue `queue_id` were purged: their slots are free, and waiting readers are woken.
 pub fn purged(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<()> {
     let freed = plans::run(client, &RELEASE_ALL, &[queue_id.into()])?.len();
     if freed > 0 {

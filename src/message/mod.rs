@@ -31,21 +31,10 @@ mod tests {
     mod settle;
 }
 
-use pgrx::datum::DatumWithOid;
 use pgrx::spi::SpiClient;
 
 use crate::error::{BusError, BusResult};
-use crate::plans::{self, Statement};
 use crate::queue;
-
-/// How many rows a kept statement touched, as a count.
-fn processed(
-    client: &mut SpiClient<'_>,
-    statement: &'static Statement,
-    args: &[DatumWithOid<'_>],
-) -> BusResult<i64> {
-    Ok(plans::run(client, statement, args)?.len() as i64)
-}
 
 /// A statement that found nothing: the queue must exist, otherwise the answer is simply "no".
 fn nothing_done<T>(client: &mut SpiClient<'_>, queue: &str, answer: T) -> BusResult<T> {

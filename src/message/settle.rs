@@ -7,7 +7,7 @@ use pgrx::Uuid;
 use super::dead_letter::{move_to_dead_letter_queue, DeadReason};
 use super::group;
 use super::in_flight;
-use super::{nothing_done, processed};
+use super::nothing_done;
 use crate::access::{self, Privilege};
 use crate::depth;
 use crate::error::{BusError, BusResult};
@@ -56,12 +56,17 @@ static NACK: Statement = Statement {
     writes: true,
 };
 
+// Returns whether the lock now ends sooner than it did: the subquery reads the statement's snapshot,
+// which holds the row as it was.
 static EXTEND_LOCK: Statement = Statement {
     sql:
         "UPDATE bussig.message by_id
           SET visible_at = clock_timestamp() + coalesce($4, q.lock_timeout)
           FROM bussig.queue q
-          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3",
+          WHERE q.name = $1 AND by_id.queue_id = q.queue_id AND by_id.message_id = $2 AND by_id.lock_token = $3
+          RETURNING q.queue_id,
+                    by_id.visible_at < (SELECT was.visible_at FROM bussig.message was
+                                        WHERE was.message_id = by_id.message_id)",
     args: &[
         pg_sys::TEXTOID,
         pg_sys::INT8OID,
@@ -74,7 +79,7 @@ static EXTEND_LOCK: Statement = Statement {
 // A capped queue's delivery, locked while its slot is checked (message first, then slot, as every
 // settle takes them): the time its lock is to end.
 static LOCK_DELIVERY: Statement = Statement {
-    sql: "SELECT clock_timestamp() + coalesce($4, q.lock_timeout)
+    sql: "SELECT clock_timestamp() + coalesce($4, q.lock_timeout), by_id.visible_at
           FROM bussig.message by_id JOIN bussig.queue q USING (queue_id)
           WHERE q.queue_id = $1 AND by_id.message_id = $2 AND by_id.lock_token = $3
           FOR NO KEY UPDATE OF by_id",
@@ -108,16 +113,27 @@ fn extend_capped(
         lock_token.into(),
         lock_timeout.into(),
     ];
-    let Some(until) = plans::first_value::<TimestampWithTimeZone>(client, &LOCK_DELIVERY, &args)?
-    else {
+    let Some(row) = plans::run(client, &LOCK_DELIVERY, &args)?.next() else {
         return Ok(false);
     };
+    let until: TimestampWithTimeZone = plans::filled(&row, 1, "lock end")?;
+    let was: TimestampWithTimeZone = plans::filled(&row, 2, "lock end before")?;
     if !in_flight::extend(client, queue_id, message_id, lock_token, until)? {
         return Ok(false);
     }
     let args = [message_id.into(), lock_token.into(), until.into()];
     plans::run(client, &EXTEND_LOCKED, &args)?;
+    if until < was {
+        wake_for_sooner_end(queue_id);
+    }
     Ok(true)
+}
+
+/// A lock made to end sooner: a reader waiting on the queue may have planned to sleep past the new
+/// end (until the next message it saw would be ready). One is woken at commit, and sleeps again only
+/// until then.
+fn wake_for_sooner_end(queue_id: i32) {
+    wakeup::note_readable(queue_id, 1);
 }
 
 /// Deletes the acknowledged messages of `queue` whose lock tokens still hold: how many.
@@ -268,7 +284,15 @@ pub fn extend_lock(
                 lock_token.into(),
                 lock_timeout.into(),
             ];
-            processed(client, &EXTEND_LOCK, &args)? > 0
+            match plans::run(client, &EXTEND_LOCK, &args)?.next() {
+                Some(row) => {
+                    if plans::filled::<bool>(&row, 2, "sooner")? {
+                        wake_for_sooner_end(plans::filled(&row, 1, "queue id")?);
+                    }
+                    true
+                }
+                None => false,
+            }
         };
         Ok(extended)
     })

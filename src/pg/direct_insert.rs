@@ -142,6 +142,20 @@ pub fn insert_frozen(rows: &[pg_sys::HeapTuple]) -> bool {
     // vouches for the rows.
     unsafe {
         with_direct(|relation, direct, _| {
+            // As COPY FREEZE asks: rows frozen into a file other transactions may see would be
+            // visible to them before this transaction commits.
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+            let new_file = (*relation).rd_newRelfilenodeSubid;
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let new_file = (*relation).rd_newRelfilelocatorSubid;
+            let empty =
+                pg_sys::RelationGetNumberOfBlocksInFork(relation, pg_sys::ForkNumber::MAIN_FORKNUM)
+                    == 0;
+            if new_file != pg_sys::GetCurrentSubTransactionId() || !empty {
+                pgrx::error!(
+                    "bussig: frozen rows go only into a table emptied in this subtransaction"
+                );
+            }
             write_rows(relation, direct, rows, pg_sys::HEAP_INSERT_FROZEN as i32)
         })
         .is_some()

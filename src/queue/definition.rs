@@ -66,43 +66,44 @@ static DEAD_LETTER_USERS: Statement = Statement {
 };
 
 // The queue goes with its messages, its de-duplication keys and the dead-letter queue made for it,
-// unless another queue still sends its dead letters there.
-/// Queue $1 and the dead-letter queue it owns, unless another queue sends its dead letters there too.
-macro_rules! doomed {
-    () => {
-        "doomed AS (
+// unless another queue still sends its dead letters there: those queues' ids, found once.
+static DOOMED: Statement = Statement {
+    sql: "SELECT array_agg(doomed.queue_id) FROM (
               SELECT $1 AS queue_id
               UNION ALL
               SELECT d.queue_id FROM bussig.queue d
               WHERE d.dead_letter_owner_id = $1
                 AND NOT EXISTS (SELECT FROM bussig.queue u
-                                WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1))"
-    };
-}
-
-// Deleting a queue's messages takes them in two statements, those not waiting in a group first: an
-// ack of a group's head deletes it and then moves its follower up, and a single DELETE in delivery
-// order takes a follower of a higher priority before its head, so each would wait for the other
-// (40P01). The second statement deletes the rest, the followers an ack moved up meanwhile too. Only
-// when the queues have groups (a condition evaluated once).
-static DROP_READY_FIRST: Statement = Statement {
-    sql: concat!(
-        "WITH ",
-        doomed!(),
-        "
-          DELETE FROM bussig.message in_order
-          WHERE queue_id IN (SELECT queue_id FROM doomed) AND visible_at < 'infinity'
-            AND EXISTS (SELECT FROM bussig.message_group g WHERE g.queue_id IN (SELECT queue_id FROM doomed))"
-    ),
+                                WHERE u.dead_letter_queue_id = d.queue_id AND u.queue_id <> $1)) doomed",
     args: &[pg_sys::INT4OID],
     writes: true,
 };
 
+static HAS_GROUPS: Statement = Statement {
+    sql: "SELECT EXISTS (SELECT FROM bussig.message_group WHERE queue_id = ANY ($1))",
+    args: &[pg_sys::INT4ARRAYOID],
+    writes: true,
+};
+
+// The messages of queues with groups go in group order: ungrouped ones first, then each group's from
+// its head on, as an ack takes a head and then moves its follower up. One DELETE in delivery order
+// took a parked follower of a higher priority before its head, and the ack the other way round:
+// each waited for the other (40P01). The rows are locked in that order, then deleted by place.
+static DELETE_IN_GROUP_ORDER: Statement = Statement {
+    sql: "WITH taken AS (
+              SELECT in_order.ctid AS place FROM bussig.message in_order
+              WHERE in_order.queue_id = ANY ($1)
+              ORDER BY in_order.group_id NULLS FIRST, in_order.group_seq, in_order.message_id
+              FOR UPDATE OF in_order)
+          DELETE FROM bussig.message by_ctid USING taken WHERE by_ctid.ctid = taken.place",
+    args: &[pg_sys::INT4ARRAYOID],
+    writes: true,
+};
+
 static DROP_QUEUE: Statement = Statement {
-    sql: concat!(
-        "WITH ",
-        doomed!(),
-        ", gone_messages AS (
+    sql: "WITH doomed AS (
+              SELECT unnest($1::int[]) AS queue_id
+          ), gone_messages AS (
               DELETE FROM bussig.message in_order WHERE queue_id IN (SELECT queue_id FROM doomed)
           ), gone_groups AS (
               DELETE FROM bussig.message_group WHERE queue_id IN (SELECT queue_id FROM doomed)
@@ -112,20 +113,25 @@ static DROP_QUEUE: Statement = Statement {
               INSERT INTO bussig.dropped_queue (queue_id) SELECT queue_id FROM doomed
               ON CONFLICT (queue_id) DO UPDATE SET dropped_at = excluded.dropped_at
           )
-          DELETE FROM bussig.queue WHERE queue_id IN (SELECT queue_id FROM doomed) RETURNING queue_id"
-    ),
-    args: &[pg_sys::INT4OID],
+          DELETE FROM bussig.queue WHERE queue_id IN (SELECT queue_id FROM doomed) RETURNING queue_id",
+    args: &[pg_sys::INT4ARRAYOID],
     writes: true,
 };
 
-// As a drop, in two statements (see DROP_READY_FIRST). Only a queue with groups needs the first (a
-// condition evaluated once): the second walks again the index entries of what the first deleted.
-static PURGE_READY_FIRST: Statement = Statement {
-    sql: "DELETE FROM bussig.message in_order WHERE queue_id = $1 AND visible_at < 'infinity'
-            AND EXISTS (SELECT FROM bussig.message_group g WHERE g.queue_id = $1)",
-    args: &[pg_sys::INT4OID],
-    writes: true,
-};
+/// Deletes the messages of `queue_ids` in group order when any of them has groups (see
+/// DELETE_IN_GROUP_ORDER): how many. Otherwise none, and the caller's plain DELETE takes them.
+fn delete_in_group_order(
+    client: &mut SpiClient<'_>,
+    queue_ids: &[i32],
+) -> BusResult<Option<usize>> {
+    if plans::first_value::<bool>(client, &HAS_GROUPS, &[queue_ids.to_vec().into()])? != Some(true)
+    {
+        return Ok(None);
+    }
+    Ok(Some(
+        plans::run(client, &DELETE_IN_GROUP_ORDER, &[queue_ids.to_vec().into()])?.len(),
+    ))
+}
 
 static PURGE_QUEUE: Statement = Statement {
     sql: "DELETE FROM bussig.message in_order WHERE queue_id = $1",
@@ -317,8 +323,10 @@ pub fn drop_by_id(client: &mut SpiClient<'_>, queue_id: i32) -> BusResult<bool> 
     if dead_letter_users(client, queue_id)?.is_some() {
         return Ok(false);
     }
-    plans::run(client, &DROP_READY_FIRST, &[queue_id.into()])?;
-    for row in plans::run(client, &DROP_QUEUE, &[queue_id.into()])? {
+    let doomed: Vec<i32> =
+        plans::first_value(client, &DOOMED, &[queue_id.into()])?.unwrap_or_else(|| vec![queue_id]);
+    delete_in_group_order(client, &doomed)?;
+    for row in plans::run(client, &DROP_QUEUE, &[doomed.into()])? {
         crate::depth::dropped(plans::filled(&row, 1, "queue id")?);
     }
     Ok(true)
@@ -344,8 +352,10 @@ pub fn purge(client: &mut SpiClient<'_>, caller: &Caller, queue: &str) -> BusRes
     caller.require(client, queue, Privilege::Manage)?;
     let found = require(client, queue)?;
     crate::message::group::purge_lock(client, found.queue_id)?;
-    let purged = plans::run(client, &PURGE_READY_FIRST, &[found.queue_id.into()])?.len()
-        + plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len();
+    let purged = match delete_in_group_order(client, &[found.queue_id])? {
+        Some(deleted) => deleted,
+        None => plans::run(client, &PURGE_QUEUE, &[found.queue_id.into()])?.len(),
+    };
     plans::run(client, &PURGE_GROUPS, &[found.queue_id.into()])?;
     // The slots of the messages purged come free now, not when their locks would have ended.
     in_flight::purged(client, found.queue_id)?;

@@ -18,8 +18,9 @@ use crate::plans::{self, Statement};
 // 808 ms at 200,000); a larger one is left to VACUUM, which makes its space reusable without
 // shrinking the file.
 //
-// `held_back`: a transaction older than 10 seconds could still see the dead rows (one with a
-// transaction id, as a prepared one, holds them back without a snapshot). CLUSTER keeps what any
+// `held_back`: a transaction of this database older than 10 seconds could still see the dead rows
+// (one with a transaction id, as a prepared one, holds them back without a snapshot; another
+// database's transactions hold back none of this database's tables). CLUSTER keeps what any
 // snapshot can see, so it would give nothing back; the message table is then emptied and refilled
 // (`pg::refill`), and the body table waits. A plain VACUUM holds nothing back (a rewrite
 // ignores it); ANALYZE does.
@@ -38,9 +39,11 @@ static COMPACTION_CANDIDATES: Statement = Statement {
           ) AS t(relid, row_width, live_rows),
           LATERAL (SELECT
               EXISTS (SELECT FROM pg_prepared_xacts p
-                      WHERE p.prepared < clock_timestamp() - interval '10 seconds')
+                      WHERE p.prepared < clock_timestamp() - interval '10 seconds'
+                        AND p.database = current_database())
               OR EXISTS (SELECT FROM pg_stat_activity a
                          WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+                           AND a.datname = current_database()
                            AND a.pid <> pg_backend_pid()
                            AND NOT (a.backend_type = 'autovacuum worker'
                                     AND a.query LIKE 'autovacuum: VACUUM %'
@@ -77,6 +80,9 @@ fn cluster_statement(relid: pg_sys::Oid) -> &'static str {
 /// The truncating rewrite holds senders and readers while it reads the file and inserts the live rows
 /// in batches, index entry by index entry: fewer of them than CLUSTER takes.
 const TRUNCATING_MAX_LIVE: i64 = 10_000;
+/// The refill holds the rows in memory: it gives up (before it truncates anything) past twice that
+/// many found, or this many bytes of them, the counts it was judged by being a round old.
+const TRUNCATING_MAX_BYTES: usize = 64 << 20;
 
 /// How `relid` can be rewritten now, if at all.
 fn rewrite_for(relid: pg_sys::Oid, live_rows: i64, held_back: bool) -> Option<Rewrite> {
@@ -199,8 +205,10 @@ pub fn compact(client: &mut SpiClient<'_>) -> BusResult<i64> {
                     statement
                 }
                 Rewrite::Truncating => {
-                    if !crate::pg::refill::refill_message_table()? {
-                        continue;
+                    let most_rows = 2 * TRUNCATING_MAX_LIVE as usize;
+                    if !crate::pg::refill::refill_message_table(most_rows, TRUNCATING_MAX_BYTES)? {
+                        // Its lock lasts to the end of the transaction: nothing more this round.
+                        break;
                     }
                     "bussig.message emptied and refilled (a snapshot is held)"
                 }

@@ -131,3 +131,19 @@ async def test_sqlalchemy_async_connection(url: str, new_queue: Callable[..., st
             await connection.commit()
         assert await bus.queue_depth(queue) == 1
     await engine.dispose()
+
+
+def test_own_connections_keep_alive_within_a_minute(url: str) -> None:
+    """The client's own connections send TCP keepalives after 30 s idle (not the system's two hours),
+    unless the conninfo sets them."""
+    from psycopg.conninfo import make_conninfo
+
+    from bussig import _connections
+
+    with _connections.connect(url) as conn:
+        parameters = conn.info.get_parameters()
+        assert parameters["keepalives_idle"] == "30"
+        assert parameters["keepalives_interval"] == "10"
+        assert parameters["keepalives_count"] == "3"
+    with _connections.connect(make_conninfo(url, keepalives_idle=7)) as conn:
+        assert conn.info.get_parameters()["keepalives_idle"] == "7"

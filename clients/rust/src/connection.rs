@@ -21,12 +21,34 @@ pub fn connect_no_tls(conninfo: impl Into<String>) -> Connector {
     Arc::new(move || {
         let conninfo = conninfo.clone();
         Box::pin(async move {
-            let (client, connection) =
-                tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+            let (client, connection) = config(&conninfo)?.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
             Ok(client)
         })
     })
+}
+
+/// TCP keepalives start after this long idle unless `conninfo` says otherwise (the system's default
+/// is two hours): a server that vanished without closing the socket (a failover, a cable) is noticed
+/// within about a minute, also by a read waiting on it, and the connection made anew.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVES_RETRIES: u32 = 3;
+
+/// `conninfo` parsed, with the keepalives above where it sets none.
+pub(crate) fn config(conninfo: &str) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = conninfo.parse()?;
+    let defaults = tokio_postgres::Config::new();
+    if config.get_keepalives_idle() == defaults.get_keepalives_idle() {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if config.get_keepalives_interval() == defaults.get_keepalives_interval() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if config.get_keepalives_retries() == defaults.get_keepalives_retries() {
+        config.keepalives_retries(KEEPALIVES_RETRIES);
+    }
+    Ok(config)
 }
 
 /// The first reconnect waits this long, each next one twice as long, up to `RECONNECT_MAX`.
@@ -150,5 +172,22 @@ impl Current {
             client,
             lost: false,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalives_are_minutes_not_hours_unless_the_conninfo_says() {
+        let plain = config("host=localhost user=me").unwrap();
+        assert_eq!(plain.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(plain.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(plain.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        let own = config("host=localhost keepalives_idle=7 keepalives_interval=2").unwrap();
+        assert_eq!(own.get_keepalives_idle(), Duration::from_secs(7));
+        assert_eq!(own.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        assert!(config("host=localhost port=notaport").is_err());
     }
 }

@@ -23,12 +23,22 @@ sets no limit: against a server that drops packets, libpq would wait for the sys
 and a reconnecting worker's stop with it."""
 
 
+KEEPALIVES = {"keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+"""TCP keepalives of the client's own connections where the conninfo sets none (the system's default
+starts them after two hours idle): a server that vanished without closing the socket (a failover, a
+cable) is noticed within about a minute, also by a read waiting on it, and the worker connects anew."""
+
+
 def _extra(conninfo: str, application_name: Optional[str], timeout: Optional[float]) -> dict[str, Any]:
     extra: dict[str, Any] = {"application_name": application_name} if application_name else {}
+    given = conninfo_to_dict(conninfo)
     if timeout is not None:
         extra["connect_timeout"] = max(2, math.ceil(timeout))  # libpq's least
-    elif "connect_timeout" not in conninfo_to_dict(conninfo) and not os.environ.get("PGCONNECT_TIMEOUT"):
+    elif "connect_timeout" not in given and not os.environ.get("PGCONNECT_TIMEOUT"):
         extra["connect_timeout"] = CONNECT_TIMEOUT
+    for name, seconds in KEEPALIVES.items():
+        if name not in given:
+            extra[name] = seconds
     return extra
 
 
