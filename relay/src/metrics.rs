@@ -22,6 +22,9 @@ pub struct RouteMetrics {
     pub rejected: AtomicU64,
     pub unavailable: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Messages whose lock ran out while the relay held them: bussig delivers them again, and
+    /// JetStream drops the re-sent copy only within its duplicate window.
+    pub locks_lost: AtomicU64,
     pub in_flight: AtomicI64,
     /// f64 bits: age of the oldest ready message, refreshed by the lag watcher.
     lag_seconds: AtomicU64,
@@ -116,7 +119,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [CounterSeries; 3] = [
+        let counters: [CounterSeries; 4] = [
             (
                 "bussig_relay_published_total",
                 "Messages JetStream stored (acknowledged in bussig afterwards).",
@@ -131,6 +134,11 @@ impl Metrics {
                 "bussig_relay_dead_lettered_total",
                 "Messages the relay moved, or had bussig move, to the dead-letter queue.",
                 |m| &m.dead_lettered,
+            ),
+            (
+                "bussig_relay_locks_lost_total",
+                "Messages whose lock ran out while the relay held them (bussig delivers them again).",
+                |m| &m.locks_lost,
             ),
         ];
         for (name, help, field) in counters {

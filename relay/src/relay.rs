@@ -462,7 +462,16 @@ impl Worker {
         confirmed: &mut Vec<Delivery>,
         in_flight: &mut InFlight<'_>,
     ) -> Result<(), BusError> {
-        ack(bus, &self.route.queue, confirmed).await?;
+        let acked = ack(bus, &self.route.queue, confirmed).await?;
+        let lost = confirmed.len() - acked;
+        if lost > 0 {
+            // Stored in JetStream, but their locks ran out first: bussig delivers them again.
+            warn!(route = %self.route.queue, messages = lost,
+                  "the lock ran out before the ack of messages JetStream stored; they will be sent again");
+            self.metrics
+                .locks_lost
+                .fetch_add(lost as u64, Ordering::Relaxed);
+        }
         in_flight.settled(confirmed.len());
         confirmed.clear();
         Ok(())
@@ -490,17 +499,21 @@ impl Worker {
         lanes.retain(|lane| !lane.messages.is_empty());
         if lost > 0 {
             warn!(route = %self.route.queue, messages = lost, "lost the lock on held messages");
+            self.metrics
+                .locks_lost
+                .fetch_add(lost as u64, Ordering::Relaxed);
         }
         Ok(())
     }
 }
 
-/// Acks what JetStream stored (nothing to do for none).
-async fn ack(bus: &Bus, queue: &str, stored: &[Delivery]) -> Result<(), BusError> {
-    if !stored.is_empty() {
-        client::ack_batch(bus.client(), queue, &held(stored)).await?;
+/// Acks what JetStream stored (nothing to do for none): how many acks found their lock still held.
+async fn ack(bus: &Bus, queue: &str, stored: &[Delivery]) -> Result<usize, BusError> {
+    if stored.is_empty() {
+        return Ok(0);
     }
-    Ok(())
+    let acked = client::ack_batch(bus.client(), queue, &held(stored)).await?;
+    Ok(usize::try_from(acked).unwrap_or(0).min(stored.len()))
 }
 
 /// Gives deliveries back to bussig at once, for another reader (or this relay after a restart).

@@ -103,6 +103,11 @@ pub enum StartError {
         address: String,
         source: std::io::Error,
     },
+    /// A route's or inbound's worker ended before the relay was told to stop: a bug. The relay stops
+    /// the others (within the shutdown timeout) and exits 1, for its supervisor to start it again,
+    /// rather than go on relaying without it while /ready says all is well.
+    #[error("a relay worker ended before the shutdown: {0}")]
+    WorkerEnded(String),
 }
 
 impl StartError {
@@ -241,7 +246,18 @@ pub async fn run(
     }
     info!(metrics_address = %config.metrics_address, nats = %redact(&config.nats_url), "relaying");
 
-    stop_when.await;
+    tokio::pin!(stop_when);
+    let ended = tokio::select! {
+        _ = &mut stop_when => None,
+        Some(outcome) = workers.join_next() => Some(match outcome {
+            Ok(()) => "it returned".to_string(),
+            Err(error) if error.is_panic() => panic_message(error.into_panic()),
+            Err(error) => error.to_string(),
+        }),
+    };
+    if let Some(why) = &ended {
+        tracing::error!(%why, "a relay worker ended before the shutdown; stopping the relay");
+    }
     info!("shutting down: finishing or releasing batches in flight");
     status.stopping.store(true, Ordering::Relaxed);
     let _ = stop.send(true);
@@ -256,5 +272,19 @@ pub async fn run(
     // Bounded: with NATS away, a flush would wait for the reconnect.
     let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
     info!("stopped");
-    Ok(())
+    match ended {
+        Some(why) => Err(StartError::WorkerEnded(why)),
+        None => Ok(()),
+    }
+}
+
+/// What a panic said, when it said it with a string.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => format!("panicked: {message}"),
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(message) => format!("panicked: {message}"),
+            Err(_) => "panicked".to_string(),
+        },
+    }
 }
