@@ -75,3 +75,58 @@ fn concurrent_maintenance_calls_beside_the_worker_and_senders_all_succeed() {
         failures[0]
     );
 }
+
+/// Two ephemeral queues past their heartbeat: one's message is held by a consumer idle in its
+/// transaction. The other is dropped at once; the held one once the consumer's transaction ends.
+/// The held one's lock wait failed the whole step before, every round, so neither went.
+#[test]
+fn an_expired_ephemeral_queue_in_use_does_not_hold_back_the_others() {
+    let (database, mut c) = Database::without_worker("maintenance_ephemeral");
+    let subject = "maintenance.ephemeral";
+    for queue in ["eph_held", "eph_free"] {
+        c.execute(
+            "SELECT bussig.subscribe($1::text, $2::text, ttl => '1 second')",
+            &[&queue, &format!("{subject}.{queue}")],
+        )
+        .unwrap();
+    }
+    c.execute(
+        "SELECT bussig.publish($1::text, '{\"held\": true}')",
+        &[&format!("{subject}.eph_held")],
+    )
+    .unwrap();
+    let mut consumer = database.connect();
+    consumer.batch_execute("BEGIN").unwrap();
+    assert_eq!(read(&mut consumer, "eph_held", 1, None).len(), 1);
+    thread::sleep(Duration::from_millis(1500));
+    c.batch_execute("SET statement_timeout = '20s'").unwrap();
+    let dropped = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT (bussig.run_maintenance() ->> 'dropped_queues')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(dropped(&mut c), 1, "the free queue was not dropped");
+    let left: Vec<String> = c
+        .query(
+            "SELECT queue FROM bussig.queues WHERE queue LIKE 'eph_%' ORDER BY queue",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    // The held queue, with the dead-letter queue made for it.
+    assert_eq!(
+        left,
+        vec!["eph_held".to_string(), "eph_held_dlq".to_string()]
+    );
+    consumer.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        dropped(&mut c),
+        1,
+        "the held queue was not dropped once free"
+    );
+}

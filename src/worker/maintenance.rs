@@ -249,12 +249,20 @@ pub fn drop_expired_queues(client: &mut SpiClient<'_>) -> BusResult<i64> {
     let expired: Vec<i32> = plans::first_column(client, &EXPIRED_EPHEMERAL_QUEUES, &[])?;
     let mut dropped = 0;
     for queue_id in expired {
-        if queue::drop_by_id(client, queue_id)? {
+        // A queue whose message an open transaction holds (a consumer idle in it) waits for a later
+        // round; the others go now. Its lock wait failed the whole step, every round, before.
+        let gone = crate::pg::xact::waiting_at_most(client, EXPIRED_QUEUE_WAIT, |client| {
+            queue::drop_by_id(client, queue_id)
+        })?;
+        if gone == Some(true) {
             dropped += 1;
         }
     }
     Ok(dropped)
 }
+
+/// How long the drop of one expired ephemeral queue waits for the locks of its rows.
+const EXPIRED_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Delivers up to `chunk` queues of the oldest pending fan-out; None when there is none, or when it
 /// waits for a restore (`RESTORING_QUEUES`).
