@@ -102,6 +102,40 @@ fn launcher_does_not_restart_workers_in_a_loop() {
     }
 }
 
+/// More messages expire at once than one batch (1,000) of a round: the worker takes batch after batch
+/// within the round, instead of one a round (30 s for these 30,000 at the default 1 s interval).
+#[test]
+fn a_flood_of_expired_messages_is_dead_lettered_within_a_few_rounds() {
+    let mut client = connect();
+    let queue = Queue::create(&mut client, "worker_ttl_flood", "message_ttl => '1 second'");
+    let q = queue.name.as_str();
+    client
+        .execute(
+            "SELECT count(*) FROM (SELECT bussig.send_batch($1::text, array_fill('{\"pad\": 1}'::jsonb, ARRAY[10000]))
+                                   FROM generate_series(1, 3)) s",
+            &[&q],
+        )
+        .unwrap();
+    let sent = Instant::now();
+    let dlq = queue.dlq();
+    eventually(
+        Duration::from_secs(15),
+        "the worker to dead-letter 30,000 expired messages",
+        || {
+            let dead: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM bussig.message m JOIN bussig.queue d USING (queue_id)
+                     WHERE d.name = $1::text",
+                    &[&dlq],
+                )
+                .unwrap()
+                .get(0);
+            (dead == 30_000).then_some(())
+        },
+    );
+    assert!(sent.elapsed() < Duration::from_secs(15));
+}
+
 #[test]
 fn expired_message_is_dead_lettered_by_the_worker() {
     let mut client = connect();

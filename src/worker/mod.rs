@@ -338,6 +338,21 @@ fn round_step<T>(
     outcome
 }
 
+/// A step that handles up to `maintenance::BATCH` rows (per queue, for message expiry): how many.
+type BatchStep = fn(&mut pgrx::spi::SpiClient<'_>) -> crate::error::BusResult<i64>;
+
+/// Runs `step` again, each time in a transaction of its own, while its last run handled a full batch,
+/// for at most `budget`: one batch a round fell further behind each round under a steady rate above
+/// it (1,000 expired messages a second at the default interval).
+fn repeated_while_full(name: &str, step: BatchStep, budget: Duration) {
+    let started = Instant::now();
+    while let Some(handled) = round_step(name, || Spi::connect_mut(step)) {
+        if handled < i64::from(maintenance::BATCH) || started.elapsed() >= budget {
+            break;
+        }
+    }
+}
+
 /// One round of every step, each in its own transaction. Fan-outs go a chunk per transaction, so that
 /// a worker killed in the middle redoes at most one uncommitted chunk, until none is left or for one
 /// maintenance interval: publishers that hand over fan-outs faster than they go would otherwise keep
@@ -353,15 +368,17 @@ fn run_round(bodies_after: &mut i64, fan_out_for: Duration) {
             break;
         }
     }
-    round_step("dead-lettering expired locks", || {
-        Spi::connect_mut(maintenance::dead_letter_expired_locks)
-    });
-    round_step("message expiry", || {
-        Spi::connect_mut(maintenance::expire_messages)
-    });
-    round_step("de-duplication key pruning", || {
-        Spi::connect_mut(maintenance::prune_dedup_keys)
-    });
+    let batch_steps: [(&str, BatchStep); 3] = [
+        (
+            "dead-lettering expired locks",
+            maintenance::dead_letter_expired_locks,
+        ),
+        ("message expiry", maintenance::expire_messages),
+        ("de-duplication key pruning", maintenance::prune_dedup_keys),
+    ];
+    for (name, step) in batch_steps {
+        repeated_while_full(name, step, fan_out_for);
+    }
     round_step("ephemeral queue expiry", || {
         Spi::connect_mut(maintenance::drop_expired_queues)
     });
