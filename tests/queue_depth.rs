@@ -373,3 +373,40 @@ fn queue_depth_is_for_roles_that_may_use_the_queue() {
         )
         .unwrap();
 }
+
+/// A send prepared (two-phase) to a queue the counts have not looked at since the table's file
+/// changed, counted before its COMMIT PREPARED: that commit runs in another session and adds nothing,
+/// so the count must not stay as exact. The PREPARE marks the queue to be counted again, by the
+/// worker's next statistics round or a `run_maintenance()`. It marked only queues counted already,
+/// and that recount never counted anything (it ran after the statistics step had taken a
+/// transaction id): the count stayed short for good.
+#[test]
+fn a_prepared_send_to_a_queue_not_counted_yet_is_counted_after_its_commit() {
+    let (db, mut c) = Database::without_worker("depth_prepared_unseen");
+    c.batch_execute("SELECT bussig.create_queue('q')").unwrap();
+    send(&mut c, "q", &serde_json::json!(1));
+    // A new file: no queue of it is counted yet.
+    c.batch_execute("CLUSTER bussig.message USING message_delivery_order")
+        .unwrap();
+    let gid = format!("bussig_depth_{}", std::process::id());
+    let mut preparer = db.connect();
+    preparer
+        .batch_execute(&format!(
+            "BEGIN; SELECT bussig.send('q', '2'); SELECT bussig.send('q', '3');
+             PREPARE TRANSACTION '{gid}'"
+        ))
+        .unwrap();
+    assert_eq!(depth_and_rows(&mut c, "q"), (1, 1), "before the commit");
+    c.batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .unwrap();
+    let recounted: i64 = c
+        .query_one(
+            "SELECT (bussig.run_maintenance() ->> 'recounted_depths')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // q, and q_dlq, which no look had counted in the new file either.
+    assert_eq!(recounted, 2);
+    assert_exact(&mut c, &["q"], "COMMIT PREPARED and a maintenance round");
+}

@@ -369,8 +369,10 @@ impl Depths {
     pub fn prepared(&mut self, keys: impl IntoIterator<Item = Key>) {
         self.prepares = self.prepares.wrapping_add(1);
         for key in keys {
-            if let Some(at) = self.position(key) {
-                self.slots[at].stale = true;
+            // A queue not counted yet gets its slot now, stale: a first count taken before the
+            // COMMIT PREPARED (which does not come through here) would otherwise be kept as exact.
+            if let Some(slot) = self.slot(key) {
+                slot.stale = true;
             }
         }
     }

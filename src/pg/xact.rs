@@ -157,7 +157,9 @@ pub fn current_transaction_id() -> u32 {
 static PREPARED_HERE: crate::plans::Statement = crate::plans::Statement {
     sql: "SELECT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())",
     args: &[],
-    writes: true,
+    // Read-only, so that it takes no transaction id: the depth recount that asks must have none
+    // (`depth::counts_in_own_snapshot`). The view reads shared memory, not a snapshot.
+    writes: false,
 };
 
 /// Whether a transaction of this database is prepared, waiting for COMMIT or ROLLBACK PREPARED.

@@ -366,7 +366,9 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
 /// step did, and how long it all took.
 pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
     let started = Instant::now();
-    // Before any step, so that the wait holds nothing another writer of the counts could wait for.
+    // First: it counts only in a transaction that has no transaction id yet (the caller's may).
+    let recounted = crate::depth::recount(client)?;
+    // Before any other step, so that the wait holds nothing another writer of the counts could wait for.
     stats::wait_for_the_counts(client)?;
     let mut fanned_out = 0;
     while let Some(delivered) = fan_out_chunk(client, BATCH)? {
@@ -382,6 +384,7 @@ pub fn run_all(client: &mut SpiClient<'_>) -> BusResult<serde_json::Value> {
         "removed_orphans": remove_orphans(client)?,
         "counted_touched_queues": stats::count_touched_queues(client)?,
         "counted_queues": stats::refresh_stats(client)?,
+        "recounted_depths": recounted,
         "emptied_stream_segments": crate::stream::retention::rotate_all(client)?,
         "emptied_body_segments": crate::stream::body::collect(client)?,
         "adopted_stream_tables": crate::stream::definition::adopt_restored(client)?,

@@ -429,6 +429,10 @@ fn refresh_stats_when_due(last: &mut Option<LastCount>) {
     let interval = Duration::from_millis(gucs::STATS_INTERVAL.get().max(1) as u64);
     if stats_due(last.as_ref(), interval) {
         let started = Instant::now();
+        // In a transaction of its own, before anything takes a transaction id: a count is judged
+        // against its snapshot only in a transaction without one. Inside the statistics step, after
+        // its lock, it never counted anything (the prepared transactions' queues stayed short).
+        round_step("depth recount", || Spi::connect_mut(crate::depth::recount));
         let counted = round_step("statistics", || Spi::connect_mut(stats::refresh_stats));
         let took = started.elapsed();
         // Compaction judges the message table by these counts.

@@ -142,7 +142,6 @@ pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
     if !may_write_stats(client)? {
         return Ok(0);
     }
-    crate::depth::recount(client)?;
     let _scans = crate::pg::planner::whole_table_scans();
     plans::run(client, &REFRESH_STATS, &[])?;
     Ok(Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0))
