@@ -435,8 +435,10 @@ fn refresh_stats_when_due(last: &mut Option<LastCount>) {
         round_step("depth recount", || Spi::connect_mut(crate::depth::recount));
         let counted = round_step("statistics", || Spi::connect_mut(stats::refresh_stats));
         let took = started.elapsed();
-        // Compaction judges the message table by these counts.
-        if counted.is_some() {
+        // Compaction judges the message table by these counts: not by a round's older ones when
+        // this round could not count (a run_maintenance() held the right to), as a table whose live
+        // rows grew since could be rewritten, holding its senders and readers for long.
+        if matches!(counted, Some(Some(_))) {
             round_step("compaction", || Spi::connect_mut(compaction::compact));
         }
         // Only a restore makes stream tables without their dependency: no need to look every round.

@@ -136,13 +136,15 @@ pub fn count_touched_queues(client: &mut SpiClient<'_>) -> BusResult<i64> {
     Ok(plans::run(client, &COUNT_QUEUES, &[touched.into()])?.len() as i64)
 }
 
-/// Recounts every queue for bussig.queues; returns how many queues hold messages (none, counting
+/// Recounts every queue for bussig.queues; returns how many queues hold messages (None, counting
 /// nothing, while another transaction writes the counts).
-pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<i64> {
+pub fn refresh_stats(client: &mut SpiClient<'_>) -> BusResult<Option<i64>> {
     if !may_write_stats(client)? {
-        return Ok(0);
+        return Ok(None);
     }
     let _scans = crate::pg::planner::whole_table_scans();
     plans::run(client, &REFRESH_STATS, &[])?;
-    Ok(Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0))
+    Ok(Some(
+        Spi::get_one::<i64>("SELECT count(*) FROM bussig.queue_stats")?.unwrap_or(0),
+    ))
 }
