@@ -65,6 +65,7 @@ const CORRELATION_ID: usize = 12;
 const REPLY_TO: usize = 13;
 
 /// Where each of `COLUMNS` sits in the table's rows, which may also hold dropped columns.
+#[derive(Clone, Copy)]
 struct Layout {
     positions: [usize; COLUMNS.len()],
     width: usize,
@@ -72,7 +73,7 @@ struct Layout {
 
 /// Rows handed to the table access method at once: as COPY does, enough to fill pages, few enough
 /// that a large batch does not hold all its tuples in memory.
-const ROWS_PER_FLUSH: usize = 1000;
+pub(super) const ROWS_PER_FLUSH: usize = 1000;
 
 /// Messages for one queue, sharing everything but their payloads.
 pub struct Messages<'a> {
@@ -101,7 +102,7 @@ struct Target {
 }
 
 /// The parts of an insert that outlive a call, all allocated in the target's memory context.
-struct Direct {
+pub(super) struct Direct {
     /// The target's memory context.
     memory: pg_sys::MemoryContext,
     layout: Layout,
@@ -117,7 +118,7 @@ struct Direct {
     /// Slots over a copy of the row type, which is not reference-counted: pinning the relation's
     /// own for every slot cost more than filling it. Made as large batches need them.
     row_type: pg_sys::TupleDesc,
-    slots: Vec<*mut pg_sys::TupleTableSlot>,
+    pub(super) slots: Vec<*mut pg_sys::TupleTableSlot>,
     /// heap_multi_insert leaves its tuple copies (toasted ones among them) in the current context.
     flush: PgMemoryContexts,
 }
@@ -133,35 +134,6 @@ pub fn insert(messages: &Messages) -> Option<Vec<i64>> {
     unsafe { with_direct(|relation, direct, sequence| write(relation, direct, sequence, messages)) }
 }
 
-/// Inserts `rows`, whole rows of `bussig.message` formed with its tuple descriptor and holding no
-/// out-of-line values, frozen: visible to every snapshot once this transaction commits, as COPY
-/// FREEZE writes them. Only into a table truncated earlier in this transaction, which no other
-/// transaction can see until then. False when the table needs the executor (nothing written).
-pub fn insert_frozen(rows: &[pg_sys::HeapTuple]) -> bool {
-    // SAFETY: `write_rows` gets the relation and a target built for this very table; the caller
-    // vouches for the rows.
-    unsafe {
-        with_direct(|relation, direct, _| {
-            // As COPY FREEZE asks: rows frozen into a file other transactions may see would be
-            // visible to them before this transaction commits.
-            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-            let new_file = (*relation).rd_newRelfilenodeSubid;
-            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-            let new_file = (*relation).rd_newRelfilelocatorSubid;
-            let empty =
-                pg_sys::RelationGetNumberOfBlocksInFork(relation, pg_sys::ForkNumber::MAIN_FORKNUM)
-                    == 0;
-            if new_file != pg_sys::GetCurrentSubTransactionId() || !empty {
-                pgrx::error!(
-                    "bussig: frozen rows go only into a table emptied in this subtransaction"
-                );
-            }
-            write_rows(relation, direct, rows, pg_sys::HEAP_INSERT_FROZEN as i32)
-        })
-        .is_some()
-    }
-}
-
 /// Whether `bussig.message` takes rows written straight into it now.
 pub fn writable() -> bool {
     // SAFETY: the work is empty; with_direct only opens the table and builds its target.
@@ -171,7 +143,7 @@ pub fn writable() -> bool {
 /// Runs `write` on `bussig.message`, opened with an INSERT's lock (kept to the end of the
 /// transaction), with the target kept for it and its id sequence; None when the table or the
 /// transaction needs the executor.
-unsafe fn with_direct<T>(
+pub(super) unsafe fn with_direct<T>(
     write: impl FnOnce(pg_sys::Relation, &mut Direct, pg_sys::Oid) -> T,
 ) -> Option<T> {
     // SAFETY: inside a transaction (a SQL function's call); the relation is opened with an INSERT's
@@ -365,7 +337,7 @@ unsafe fn write(
     // index entries inserted before the next.
     unsafe {
         let result_relation = open_indexes(relation, direct, messages.payloads.len());
-        let layout = &direct.layout;
+        let layout = direct.layout;
         let now = pg_sys::Datum::from(pg_sys::GetCurrentTimestamp());
         let visible_at = match messages.delay {
             Some(delay) => direct_function_call_as_datum(
@@ -409,29 +381,12 @@ unsafe fn write(
                 nulls[at(PAYLOAD)] = false;
                 pg_sys::ExecStoreVirtualTuple(*slot);
             }
-            direct.flush.switch_to(|_| {
-                pg_sys::heap_multi_insert(
-                    relation,
-                    direct.slots.as_mut_ptr(),
-                    chunk.len() as i32,
-                    command,
-                    0,
-                    ptr::null_mut(),
-                )
-            });
-            for slot in &direct.slots[..chunk.len()] {
-                // Materializing the heap tuple marked the slot's values as unread, though they are the
-                // ones just stored and their datums outlive the call: reading them back from the tuple
-                // was a tenth of the index insertions' time.
-                (**slot).tts_nvalid = layout.width as pg_sys::AttrNumber;
-                PgMemoryContexts::For(direct.per_row)
-                    .switch_to(|_| insert_index_entries(result_relation, *slot, direct.estate));
-                pg_sys::ExecClearTuple(*slot);
-            }
-            // Index insertions free their tuples; what predicates or expressions leave is bounded by
-            // the chunk.
-            pg_sys::MemoryContextReset(direct.per_row);
-            direct.flush.reset();
+            // Materializing the heap tuple marks the slot's values as unread, though they are the ones
+            // just stored and their datums outlive the call: reading them back from the tuple was a
+            // tenth of the index insertions' time.
+            let stored_values = Some(layout.width as pg_sys::AttrNumber);
+            let chunk_rows = (chunk.len(), command, 0);
+            flush(relation, direct, result_relation, chunk_rows, stored_values);
         }
         close_indexes(direct);
         ids
@@ -440,7 +395,7 @@ unsafe fn write(
 
 /// What ExecOpenIndices does, with the index descriptions kept from the last call, and slots for
 /// `rows` rows (up to a flush's): the result relation to insert index entries through.
-unsafe fn open_indexes(
+pub(super) unsafe fn open_indexes(
     relation: pg_sys::Relation,
     direct: &mut Direct,
     rows: usize,
@@ -471,7 +426,7 @@ unsafe fn open_indexes(
     }
 }
 
-unsafe fn close_indexes(direct: &mut Direct) {
+pub(super) unsafe fn close_indexes(direct: &mut Direct) {
     // SAFETY: the indexes `open_indexes` opened; their locks stay to the end of the transaction, as
     // the table's does.
     unsafe {
@@ -482,43 +437,41 @@ unsafe fn close_indexes(direct: &mut Direct) {
     }
 }
 
-/// Writes whole rows with heap_multi_insert `options`, then their index entries.
-unsafe fn write_rows(
+/// Writes the first `count` slots' rows with heap_multi_insert `options` and command `command`, then
+/// their index entries, and clears the slots. `stored_values`: how many of each slot's values are
+/// still valid after the write materialized its tuple (None: read them back from the tuple).
+pub(super) unsafe fn flush(
     relation: pg_sys::Relation,
     direct: &mut Direct,
-    rows: &[pg_sys::HeapTuple],
-    options: i32,
+    result_relation: *mut pg_sys::ResultRelInfo,
+    (count, command, options): (usize, pg_sys::CommandId, i32),
+    stored_values: Option<pg_sys::AttrNumber>,
 ) {
-    // SAFETY: `relation` is open with an INSERT's lock and `direct` was built for it; the rows
-    // were formed with its descriptor and outlive the call; each is stored in a slot without being
-    // handed over, written with the current command id, and its index entries inserted before the
-    // slot is cleared.
+    // SAFETY: `relation` is open with an INSERT's lock, `direct` was built for it and its indexes
+    // opened (`open_indexes`); the first `count` slots hold rows formed for it.
     unsafe {
-        let result_relation = open_indexes(relation, direct, rows.len());
-        let command = pg_sys::GetCurrentCommandId(true);
-        for chunk in rows.chunks(ROWS_PER_FLUSH) {
-            for (slot, &row) in direct.slots.iter().zip(chunk) {
-                pg_sys::ExecStoreHeapTuple(row, *slot, false);
+        direct.flush.switch_to(|_| {
+            pg_sys::heap_multi_insert(
+                relation,
+                direct.slots.as_mut_ptr(),
+                count as i32,
+                command,
+                options,
+                ptr::null_mut(),
+            )
+        });
+        for slot in &direct.slots[..count] {
+            if let Some(valid) = stored_values {
+                (**slot).tts_nvalid = valid;
             }
-            direct.flush.switch_to(|_| {
-                pg_sys::heap_multi_insert(
-                    relation,
-                    direct.slots.as_mut_ptr(),
-                    chunk.len() as i32,
-                    command,
-                    options,
-                    ptr::null_mut(),
-                )
-            });
-            for slot in &direct.slots[..chunk.len()] {
-                PgMemoryContexts::For(direct.per_row)
-                    .switch_to(|_| insert_index_entries(result_relation, *slot, direct.estate));
-                pg_sys::ExecClearTuple(*slot);
-            }
-            pg_sys::MemoryContextReset(direct.per_row);
-            direct.flush.reset();
+            PgMemoryContexts::For(direct.per_row)
+                .switch_to(|_| insert_index_entries(result_relation, *slot, direct.estate));
+            pg_sys::ExecClearTuple(*slot);
         }
-        close_indexes(direct);
+        // Index insertions free their tuples; what predicates or expressions leave is bounded by the
+        // chunk.
+        pg_sys::MemoryContextReset(direct.per_row);
+        direct.flush.reset();
     }
 }
 

@@ -96,13 +96,23 @@ pub fn register() {
 /// Sets a setting through the GUC API, as a SET statement would without being parsed: `GUC_ACTION_LOCAL`
 /// until the end of the transaction, `GUC_ACTION_SAVE` until the enclosing GUC nest level ends.
 pub fn set(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
+    set_in(name, value, pg_sys::GucContext::PGC_USERSET, action);
+}
+
+/// `set`, in the context of a caller entitled to `context` (PGC_SUSET: a superuser's).
+fn set_in(
+    name: &CStr,
+    value: &CStr,
+    context: pg_sys::GucContext::Type,
+    action: pg_sys::GucAction::Type,
+) {
     // SAFETY: both names are NUL-terminated and copied by PostgreSQL; an invalid value raises an
     // ERROR, not undefined behaviour.
     unsafe {
         pg_sys::set_config_option(
             name.as_ptr(),
             value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
+            context,
             pg_sys::GucSource::PGC_S_SESSION,
             action,
             true,
@@ -118,20 +128,13 @@ pub fn set(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
 pub fn with_superuser_setting<T>(name: &CStr, value: &CStr, work: impl FnOnce() -> T) -> T {
     // SAFETY: inside a transaction; the level is closed below, or by the abort of an error.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
-    // SAFETY: both names are NUL-terminated and copied by PostgreSQL; an invalid value raises an
-    // ERROR. The superuser context is bussig's own: the caller was checked to run maintenance.
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-    }
+    // The superuser context is bussig's own: the caller was checked to run maintenance.
+    set_in(
+        name,
+        value,
+        pg_sys::GucContext::PGC_SUSET,
+        pg_sys::GucAction::GUC_ACTION_SAVE,
+    );
     let done = work();
     // SAFETY: the level opened above in this transaction, closed once.
     unsafe { pg_sys::AtEOXact_GUC(true, level) };

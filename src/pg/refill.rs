@@ -3,7 +3,10 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use super::{catalog, direct_insert, gucs};
+use super::direct_insert::{
+    self, close_indexes, flush, open_indexes, with_direct, Direct, ROWS_PER_FLUSH,
+};
+use super::{catalog, gucs};
 use crate::error::BusResult;
 
 /// Empties `bussig.message` (TRUNCATE: a new file, which no snapshot pins) and writes back every row
@@ -24,7 +27,7 @@ pub fn refill_message_table(max_rows: usize, max_bytes: usize) -> BusResult<bool
     gucs::with_superuser_setting(c"session_replication_role", c"replica", || {
         Spi::run("TRUNCATE bussig.message")
     })?;
-    if !direct_insert::insert_frozen(&rows) {
+    if !insert_frozen(&rows) {
         // The table changed under a lock nobody else can take: undo the TRUNCATE with the rest.
         pgrx::error!("bussig: the message table changed while it was refilled");
     }
@@ -121,5 +124,64 @@ fn live_rows(max_rows: usize, max_bytes: usize) -> Option<Vec<pg_sys::HeapTuple>
         }
         rows.sort_unstable_by_key(|(key, _)| *key);
         Some(rows.into_iter().map(|(_, row)| row).collect())
+    }
+}
+
+/// Inserts `rows`, whole rows of `bussig.message` formed with its tuple descriptor and holding no
+/// out-of-line values, frozen: visible to every snapshot once this transaction commits, as COPY
+/// FREEZE writes them. Only into a table truncated earlier in this transaction, which no other
+/// transaction can see until then. False when the table needs the executor (nothing written).
+fn insert_frozen(rows: &[pg_sys::HeapTuple]) -> bool {
+    // SAFETY: `write_rows` gets the relation and a target built for this very table; the caller
+    // vouches for the rows.
+    unsafe {
+        with_direct(|relation, direct, _| {
+            // As COPY FREEZE asks: rows frozen into a file other transactions may see would be
+            // visible to them before this transaction commits.
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+            let new_file = (*relation).rd_newRelfilenodeSubid;
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let new_file = (*relation).rd_newRelfilelocatorSubid;
+            let empty =
+                pg_sys::RelationGetNumberOfBlocksInFork(relation, pg_sys::ForkNumber::MAIN_FORKNUM)
+                    == 0;
+            if new_file != pg_sys::GetCurrentSubTransactionId() || !empty {
+                pgrx::error!(
+                    "bussig: frozen rows go only into a table emptied in this subtransaction"
+                );
+            }
+            write_rows(relation, direct, rows, pg_sys::HEAP_INSERT_FROZEN as i32)
+        })
+        .is_some()
+    }
+}
+
+/// Writes whole rows with heap_multi_insert `options`, then their index entries.
+unsafe fn write_rows(
+    relation: pg_sys::Relation,
+    direct: &mut Direct,
+    rows: &[pg_sys::HeapTuple],
+    options: i32,
+) {
+    // SAFETY: `relation` is open with an INSERT's lock and `direct` was built for it; the rows
+    // were formed with its descriptor and outlive the call; each is stored in a slot without being
+    // handed over, written with the current command id, and its index entries inserted before the
+    // slot is cleared.
+    unsafe {
+        let result_relation = open_indexes(relation, direct, rows.len());
+        let command = pg_sys::GetCurrentCommandId(true);
+        for chunk in rows.chunks(ROWS_PER_FLUSH) {
+            for (slot, &row) in direct.slots.iter().zip(chunk) {
+                pg_sys::ExecStoreHeapTuple(row, *slot, false);
+            }
+            flush(
+                relation,
+                direct,
+                result_relation,
+                (chunk.len(), command, options),
+                None,
+            );
+        }
+        close_indexes(direct);
     }
 }
