@@ -43,6 +43,8 @@ echo "== client tests (tests/)"
 "${psql[@]}" -d bussig_test -c "CREATE EXTENSION bussig"
 export BUSSIG_TEST_URL="host=127.0.0.1 port=$PORT user=postgres dbname=bussig_test"
 export BUSSIG_TEST_PGDATA="$work/pgdata"
+# Directly, the session URL is the plain one: a value from the calling shell would point elsewhere.
+unset BUSSIG_TEST_SESSION_URL
 # A hung statement fails its test instead of the run, behind the proxy too.
 "${psql[@]}" -d postgres -c "ALTER DATABASE bussig_test SET statement_timeout = '30s'"
 # These stop, crash or reload the whole server: they run alone, after the others.

@@ -394,26 +394,6 @@ fn the_ungrouped_messages_of_a_grouped_batch_wake_a_waiting_reader() {
     );
 }
 
-/// Waits until a backend running a statement that contains `statement` waits for a lock.
-fn waiting_for_a_lock(c: &mut Client, statement: &str) {
-    let pattern = format!("%{statement}%");
-    eventually(
-        Duration::from_secs(20),
-        &format!("{statement} waiting for a lock"),
-        || {
-            let waiting: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE wait_event_type = 'Lock' AND query LIKE $1 AND pid <> pg_backend_pid()",
-                    &[&pattern],
-                )
-                .unwrap()
-                .get(0);
-            (waiting > 0).then_some(())
-        },
-    );
-}
-
 /// A purge or drop of a queue whose group's parked follower outranks its head, while an ack of the
 /// head moves the follower up: the ack takes the head, then the follower. A single DELETE in delivery
 /// order took the follower first and then waited for the head, each waiting for the other (40P01);
@@ -424,6 +404,13 @@ fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
         let mut admin = connect();
         let queue = Queue::create(&mut admin, &format!("groups_deadlock_{verb}"), "");
         let name = queue.name.clone();
+        let queue_id: i32 = admin
+            .query_one(
+                "SELECT queue_id FROM bussig.queue WHERE name = $1::text",
+                &[&name],
+            )
+            .unwrap()
+            .get(0);
         admin
             .execute(
                 "SELECT bussig.send($1::text, '1', group_id => 'g')",
@@ -449,21 +436,25 @@ fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
             .unwrap();
         assert_eq!(held, 1, "the follower is not parked");
         let removing = name.clone();
+        let mut remover = connect();
+        let remover_pid = backend_pid(&mut remover);
         let remover = thread::spawn(move || {
-            connect()
+            remover
                 .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&removing])
                 .map(|_| ())
         });
-        waiting_for_a_lock(&mut admin, &format!("bussig.{verb}"));
+        blocked_on_a_lock(&mut admin, remover_pid, verb);
+        let mut acker = connect();
+        let acker_pid = backend_pid(&mut acker);
         let acker = thread::spawn(move || {
-            connect()
+            acker
                 .query_one(
                     "SELECT bussig.ack($1::text, $2, $3)",
                     &[&name, &head.id, &head.token],
                 )
                 .map(|row| row.get::<_, bool>(0))
         });
-        waiting_for_a_lock(&mut admin, "bussig.ack(");
+        blocked_on_a_lock(&mut admin, acker_pid, "the ack");
         holder.batch_execute("COMMIT").unwrap();
         remover
             .join()
@@ -473,14 +464,76 @@ fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
             .join()
             .unwrap()
             .unwrap_or_else(|e| panic!("the ack beside {verb}: {e:?}"));
+        // By id: a dropped queue's name finds nothing.
         let left: i64 = admin
             .query_one(
-                "SELECT count(*) FROM bussig.message m JOIN bussig.queue q USING (queue_id)
-                 WHERE q.name = $1::text",
-                &[&queue.name],
+                "SELECT count(*) FROM bussig.message WHERE queue_id = $1",
+                &[&queue_id],
             )
             .unwrap()
             .get(0);
         assert_eq!(left, 0, "{verb} left messages");
+    }
+}
+
+/// A purge or drop of a queue with groups locks its messages in group order and then deletes them.
+/// A message that another transaction changed (a read, an ack moving a follower up) while the purge
+/// waited for it must go too: deleted by the place it was locked at, it was invisible to the delete's
+/// snapshot and stayed behind.
+#[test]
+fn a_purge_or_drop_deletes_a_message_changed_while_it_waited() {
+    for verb in ["purge_queue", "drop_queue"] {
+        let mut admin = connect();
+        let queue = Queue::create(&mut admin, &format!("groups_changed_{verb}"), "");
+        let name = queue.name.clone();
+        let queue_id: i32 = admin
+            .query_one(
+                "SELECT queue_id FROM bussig.queue WHERE name = $1::text",
+                &[&name],
+            )
+            .unwrap()
+            .get(0);
+        for group in ["a", "b"] {
+            admin
+                .execute(
+                    "SELECT bussig.send($1::text, '1', group_id => $2::text)",
+                    &[&name, &group],
+                )
+                .unwrap();
+        }
+        let mut changer = connect();
+        changer.batch_execute("BEGIN").unwrap();
+        let changed = changer
+            .execute(
+                "UPDATE bussig.message m SET headers = '{\"changed\": \"yes\"}'
+                 FROM bussig.queue q
+                 WHERE q.queue_id = m.queue_id AND q.name = $1::text AND m.group_id = 'b'",
+                &[&name],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+        let removing = name.clone();
+        let mut remover = connect();
+        let remover_pid = backend_pid(&mut remover);
+        let remover = thread::spawn(move || {
+            remover
+                .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&removing])
+                .map(|_| ())
+        });
+        blocked_on_a_lock(&mut admin, remover_pid, verb);
+        changer.batch_execute("COMMIT").unwrap();
+        remover
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{verb}: {e:?}"));
+        // By id: a dropped queue's name finds nothing.
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM bussig.message WHERE queue_id = $1",
+                &[&queue_id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "{verb} left the changed message");
     }
 }

@@ -211,22 +211,14 @@ fn a_purge_frees_only_the_slots_of_what_it_deleted() {
         )
         .unwrap();
     let purging = q.clone();
+    let mut purger = connect();
+    let purger_pid = backend_pid(&mut purger);
     let purge = thread::spawn(move || {
-        connect()
+        purger
             .query_one("SELECT bussig.purge_queue($1::text)", &[&purging])
             .map(|row| row.get::<_, i64>(0))
     });
-    eventually(Duration::from_secs(20), "the purge waiting", || {
-        let waiting: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%purge_queue%'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (waiting > 0).then_some(())
-    });
+    blocked_on_a_lock(&mut c, purger_pid, "the purge");
     // Sent and read after the purge's snapshot: the purge does not see it, and it keeps the slot.
     send(&mut c, &q, &json!(2));
     assert_eq!(read(&mut c, &q, 1, Some("1 hour")).len(), 1);

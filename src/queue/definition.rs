@@ -88,14 +88,16 @@ static HAS_GROUPS: Statement = Statement {
 // The messages of queues with groups go in group order: ungrouped ones first, then each group's from
 // its head on, as an ack takes a head and then moves its follower up. One DELETE in delivery order
 // took a parked follower of a higher priority before its head, and the ack the other way round:
-// each waited for the other (40P01). The rows are locked in that order, then deleted by place.
+// each waited for the other (40P01). The rows are locked in that order, then deleted by id: by the
+// ctid it locked, a row that a commit after the statement's snapshot had changed (an ack moving a
+// follower up, a read) was invisible to the delete and stayed behind.
 static DELETE_IN_GROUP_ORDER: Statement = Statement {
     sql: "WITH taken AS (
-              SELECT in_order.ctid AS place FROM bussig.message in_order
+              SELECT in_order.message_id FROM bussig.message in_order
               WHERE in_order.queue_id = ANY ($1)
               ORDER BY in_order.group_id NULLS FIRST, in_order.group_seq, in_order.message_id
               FOR UPDATE OF in_order)
-          DELETE FROM bussig.message by_ctid USING taken WHERE by_ctid.ctid = taken.place",
+          DELETE FROM bussig.message by_id USING taken WHERE by_id.message_id = taken.message_id",
     args: &[pg_sys::INT4ARRAYOID],
     writes: true,
 };

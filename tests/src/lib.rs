@@ -119,6 +119,30 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
     }
 }
 
+/// The process id of `c`'s backend, to watch it from another connection.
+pub fn backend_pid(c: &mut Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0)
+}
+
+/// Waits until the backend `pid` waits for a lock. Watched by pid, not by its statement's text: a
+/// test running beside it may wait in the same function.
+pub fn blocked_on_a_lock(watcher: &mut Client, pid: i32, what: &str) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{what} waiting for a lock"),
+        || {
+            let waiting: bool = watcher
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
+                &[&pid],
+            )
+            .unwrap()
+            .get(0);
+            waiting.then_some(())
+        },
+    );
+}
+
 /// One row of `bussig.read`.
 #[derive(Debug, Clone)]
 pub struct Delivery {
