@@ -436,16 +436,14 @@ fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
             .unwrap();
         assert_eq!(held, 1, "the follower is not parked");
         let removing = name.clone();
-        let mut remover = connect();
-        let remover_pid = backend_pid(&mut remover);
+        let (mut remover, remover_pid) = watched_session();
         let remover = thread::spawn(move || {
             remover
                 .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&removing])
                 .map(|_| ())
         });
         blocked_on_a_lock(&mut admin, remover_pid, verb);
-        let mut acker = connect();
-        let acker_pid = backend_pid(&mut acker);
+        let (mut acker, acker_pid) = watched_session();
         let acker = thread::spawn(move || {
             acker
                 .query_one(
@@ -513,8 +511,7 @@ fn a_purge_or_drop_deletes_a_message_changed_while_it_waited() {
             .unwrap();
         assert_eq!(changed, 1);
         let removing = name.clone();
-        let mut remover = connect();
-        let remover_pid = backend_pid(&mut remover);
+        let (mut remover, remover_pid) = watched_session();
         let remover = thread::spawn(move || {
             remover
                 .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&removing])

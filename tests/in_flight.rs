@@ -211,8 +211,7 @@ fn a_purge_frees_only_the_slots_of_what_it_deleted() {
         )
         .unwrap();
     let purging = q.clone();
-    let mut purger = connect();
-    let purger_pid = backend_pid(&mut purger);
+    let (mut purger, purger_pid) = watched_session();
     let purge = thread::spawn(move || {
         purger
             .query_one("SELECT bussig.purge_queue($1::text)", &[&purging])

@@ -119,9 +119,15 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
     }
 }
 
-/// The process id of `c`'s backend, to watch it from another connection.
-pub fn backend_pid(c: &mut Client) -> i32 {
-    c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0)
+/// A session (`connect_session`) and the process id of its backend, to watch it from another
+/// connection: through a pooler, a connection's backend changes from one transaction to the next.
+pub fn watched_session() -> (Client, i32) {
+    let mut session = connect_session();
+    let pid = session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    (session, pid)
 }
 
 /// Waits until the backend `pid` waits for a lock. Watched by pid, not by its statement's text: a
