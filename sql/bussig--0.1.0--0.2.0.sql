@@ -8,6 +8,9 @@ SET owner = (SELECT pg_catalog.pg_get_userbyid(nspowner) FROM pg_catalog.pg_name
 ALTER TABLE bussig.queue ALTER COLUMN owner SET NOT NULL;
 -- The most messages of a queue locked at once (max_in_flight; src/message/in_flight.rs).
 ALTER TABLE bussig.queue ADD COLUMN max_in_flight int CHECK (max_in_flight >= 1);
+-- When the worker first saw a drop committed: orphans of sends that raced it go once no transaction
+-- older than that is left.
+ALTER TABLE bussig.dropped_queue ADD COLUMN noticed_at timestamptz;
 
 -- Privileges on a queue beyond its owner's (bussig.grant). Roles are kept by name, as pg_dump writes
 -- them, so grants survive a restore into a cluster whose roles have other OIDs; 'public' is everyone.

@@ -190,12 +190,14 @@ ALTER TABLE bussig.in_flight_slot SET (autovacuum_vacuum_scale_factor = 0, autov
                                        autovacuum_vacuum_cost_delay = 0);
 
 -- Queues drop_queue removed. A send that raced the drop may still commit a message for one of them;
--- the worker deletes such messages once in-flight sends have had time to finish. Recording the drop
--- keeps that from ever touching messages whose queue is merely not loaded yet (pg_restore loads
--- bussig.message before bussig.queue). Not dumped.
+-- the worker deletes such messages once every transaction that began before it noticed the drop
+-- (`noticed_at`, a round after the drop committed) has ended. Recording the drop keeps that from ever
+-- touching messages whose queue is merely not loaded yet (pg_restore loads bussig.message before
+-- bussig.queue). Not dumped.
 CREATE TABLE bussig.dropped_queue (
     queue_id   int PRIMARY KEY,
-    dropped_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    dropped_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    noticed_at timestamptz
 );
 
 -- De-duplication keys of send(dedup_id => ...), each alive for its queue's dedup_window.

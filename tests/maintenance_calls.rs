@@ -130,3 +130,78 @@ fn an_expired_ephemeral_queue_in_use_does_not_hold_back_the_others() {
         "the held queue was not dropped once free"
     );
 }
+
+/// What one `run_maintenance()` call's orphan step removed.
+fn orphans_removed(admin: &mut Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT (bussig.run_maintenance() ->> 'removed_orphans')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// A send that began before its queue's drop and commits long after it leaves a message nobody can
+/// read. It used to stay for good when the send committed over a minute after the drop: by then the
+/// worker had forgotten the drop. The drop is kept while a transaction older than the worker's notice
+/// of it is open, and the message goes once that one has ended.
+#[test]
+fn a_send_committed_long_after_its_queues_drop_leaves_no_message_behind() {
+    let db = Database::create("late_orphan");
+    let mut admin = db.connect();
+    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
+    keep_worker_out(&mut admin);
+    admin
+        .batch_execute("SELECT bussig.create_queue('raced')")
+        .unwrap();
+    let queue_id: i32 = admin
+        .query_one(
+            "SELECT queue_id FROM bussig.queue WHERE name = 'raced'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut sender = db.connect();
+    sender.batch_execute("BEGIN").unwrap();
+    sender
+        .execute("SELECT bussig.send('raced', '\"late\"')", &[])
+        .unwrap();
+    admin
+        .batch_execute("SELECT bussig.drop_queue('raced')")
+        .unwrap();
+    assert_eq!(orphans_removed(&mut admin), 0, "the round that notices it");
+    // Over a minute since the drop, as far as the worker can tell.
+    admin
+        .batch_execute(
+            "UPDATE bussig.dropped_queue SET dropped_at = dropped_at - interval '2 minutes'",
+        )
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(orphans_removed(&mut admin), 0, "nothing committed yet");
+    }
+    let kept: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM bussig.dropped_queue WHERE queue_id = $1",
+            &[&queue_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        kept, 1,
+        "the drop was forgotten while a send that raced it was open"
+    );
+    sender.batch_execute("COMMIT").unwrap();
+    assert_eq!(orphans_removed(&mut admin), 1, "the late send's message");
+    let (messages, drops): (i64, i64) = {
+        let row = admin
+            .query_one(
+                "SELECT (SELECT count(*) FROM bussig.message WHERE queue_id = $1),
+                        (SELECT count(*) FROM bussig.dropped_queue WHERE queue_id = $1)",
+                &[&queue_id],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((messages, drops), (0, 0));
+}

@@ -244,7 +244,11 @@ pub fn job_queue(cfg: &Config, admin: &mut Client, targets: &mut Vec<Target>) ->
             vacuum(admin, system)?;
             let (outcome, mut looks) = sweep_cell(cfg, system, consumers)?;
             looks.depths.sort_unstable();
-            let median = looks.depths.get(looks.depths.len() / 2).copied().unwrap_or(0);
+            let median = looks
+                .depths
+                .get(looks.depths.len() / 2)
+                .copied()
+                .unwrap_or(0);
             rates[s].push(outcome.rate());
             let in_server_p99 = looks.in_server.percentile(99.0);
             slowest_look[s] = slowest_look[s].max(in_server_p99);

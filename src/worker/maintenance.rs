@@ -196,15 +196,38 @@ static COLLECT_BODIES: Statement = Statement {
 };
 
 // A send racing drop_queue can leave a message (and its group) whose queue is gone; nobody could ever
-// read it. A minute after the drop, every such send has committed or rolled back.
+// read it. Such a send began before the drop committed, so before the worker noticed the drop (a round
+// after). Once no transaction of this database that began before then is left, every racing send has
+// committed or rolled back: the drop is settled. A prepared transaction's start is not shown, so none
+// may be left either; nor may a session this role cannot see (then nothing is settled).
+static SETTLED_DROPS: Statement = Statement {
+    sql: "DELETE FROM bussig.dropped_queue d
+          WHERE d.noticed_at IS NOT NULL
+            AND pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE')
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                            WHERE a.datname = current_database() AND a.pid <> pg_catalog.pg_backend_pid()
+                              AND a.xact_start <= d.noticed_at)
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts p WHERE p.database = current_database())
+          RETURNING d.queue_id",
+    args: &[],
+    writes: true,
+};
+
+// The messages and groups of settled drops. A statement after SETTLED_DROPS: its snapshot sees what
+// every racing send committed.
 static ORPHANED_MESSAGES: Statement = Statement {
-    sql: "WITH settled AS (
-              DELETE FROM bussig.dropped_queue WHERE dropped_at < clock_timestamp() - interval '1 minute'
-              RETURNING queue_id
-          ), orphaned_groups AS (
-              DELETE FROM bussig.message_group WHERE queue_id IN (SELECT queue_id FROM settled)
+    sql: "WITH orphaned_groups AS (
+              DELETE FROM bussig.message_group WHERE queue_id = ANY ($1)
           )
-          DELETE FROM bussig.message in_order WHERE queue_id IN (SELECT queue_id FROM settled)",
+          DELETE FROM bussig.message in_order WHERE queue_id = ANY ($1)",
+    args: &[pg_sys::INT4ARRAYOID],
+    writes: true,
+};
+
+// Drops committed since the last round; after SETTLED_DROPS, so that none is settled in the round
+// that notices it.
+static NOTICE_DROPS: Statement = Statement {
+    sql: "UPDATE bussig.dropped_queue SET noticed_at = clock_timestamp() WHERE noticed_at IS NULL",
     args: &[],
     writes: true,
 };
@@ -358,8 +381,16 @@ pub fn notify(client: &mut SpiClient<'_>, queue_ids: &[i32], all: bool) -> BusRe
     Ok(sent.len() as i64)
 }
 
+/// Deletes the messages sends left for queues whose drop is settled (see SETTLED_DROPS): how many.
 pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
-    Ok(plans::run(client, &ORPHANED_MESSAGES, &[])?.len() as i64)
+    let settled = plans::first_column::<i32>(client, &SETTLED_DROPS, &[])?;
+    let removed = if settled.is_empty() {
+        0
+    } else {
+        plans::run(client, &ORPHANED_MESSAGES, &[settled.into()])?.len() as i64
+    };
+    plans::run(client, &NOTICE_DROPS, &[])?;
+    Ok(removed)
 }
 
 /// Every step once, in the caller's transaction; pending fan-outs are delivered completely. What each

@@ -84,16 +84,36 @@ mod tests {
             1
         );
 
-        // A message a send committed for a queue that was dropped meanwhile goes a minute after the
-        // drop; a message whose queue is only missing (a restore loads messages first) stays.
+        // A message a send committed for a queue that was dropped meanwhile goes once no transaction
+        // older than the worker's notice of the drop is left; a message whose queue is only missing (a
+        // restore loads messages first) stays. This test's own transaction is passed over, and the
+        // notice is moved back past every other test's.
         run("SELECT bussig.create_queue('doomed')");
         let doomed = one::<i32>("SELECT queue_id FROM bussig.queue WHERE name = 'doomed'").unwrap();
         run("SELECT bussig.drop_queue('doomed')");
         run(&format!("INSERT INTO bussig.message (queue_id, visible_at, payload) VALUES ({doomed}, now(), '1')"));
         run("INSERT INTO bussig.message (queue_id, visible_at, payload) VALUES (-1, now(), '1')");
-        assert_eq!(maintenance("removed_orphans"), 0);
-        run("UPDATE bussig.dropped_queue SET dropped_at = dropped_at - interval '2 minutes'");
+        assert_eq!(
+            maintenance("removed_orphans"),
+            0,
+            "settled in the round that noticed it"
+        );
+        assert!(
+            one::<bool>(&format!(
+                "SELECT noticed_at IS NOT NULL FROM bussig.dropped_queue WHERE queue_id = {doomed}"
+            ))
+            .unwrap(),
+            "the drop was not noticed"
+        );
+        run("UPDATE bussig.dropped_queue SET noticed_at = noticed_at - interval '1 day'");
         assert_eq!(maintenance("removed_orphans"), 1);
+        assert_eq!(
+            count(&format!(
+                "SELECT FROM bussig.dropped_queue WHERE queue_id = {doomed}"
+            )),
+            0,
+            "the drop stayed recorded"
+        );
         assert_eq!(
             count(&format!(
                 "SELECT FROM bussig.message WHERE queue_id IN ({doomed}, -1)"
