@@ -192,6 +192,12 @@ fn a_send_committed_long_after_its_queues_drop_leaves_no_message_behind() {
         "the drop was forgotten while a send that raced it was open"
     );
     sender.batch_execute("COMMIT").unwrap();
+    // A transaction-long snapshot would not see the late send's message: nothing is settled in it.
+    admin
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .unwrap();
+    assert_eq!(orphans_removed(&mut admin), 0, "under REPEATABLE READ");
+    admin.batch_execute("COMMIT").unwrap();
     assert_eq!(orphans_removed(&mut admin), 1, "the late send's message");
     let (messages, drops): (i64, i64) = {
         let row = admin

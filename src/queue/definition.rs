@@ -113,7 +113,7 @@ static DROP_QUEUE: Statement = Statement {
               DELETE FROM bussig.dedup WHERE queue_id IN (SELECT queue_id FROM doomed)
           ), recorded AS (
               INSERT INTO bussig.dropped_queue (queue_id) SELECT queue_id FROM doomed
-              ON CONFLICT (queue_id) DO UPDATE SET dropped_at = excluded.dropped_at
+              ON CONFLICT (queue_id) DO UPDATE SET dropped_at = excluded.dropped_at, noticed_at = NULL
           )
           DELETE FROM bussig.queue WHERE queue_id IN (SELECT queue_id FROM doomed) RETURNING queue_id",
     args: &[pg_sys::INT4ARRAYOID],

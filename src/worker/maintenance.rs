@@ -197,21 +197,40 @@ static COLLECT_BODIES: Statement = Statement {
 
 // A send racing drop_queue can leave a message (and its group) whose queue is gone; nobody could ever
 // read it. Such a send began before the drop committed, so before the worker noticed the drop (a round
-// after). Once no transaction of this database that began before then is left, every racing send has
-// committed or rolled back: the drop is settled. A prepared transaction's start is not shown, so none
-// may be left either; nor may a session this role cannot see (then nothing is settled).
+// after, once the dropping transaction has ended altogether, its invalidations sent). Once no
+// transaction of this database that began before the notice is left, every racing send has committed
+// or rolled back: the drop is settled. Sessions whose activity is not tracked, and a prepared
+// transaction (its start is not shown), hold it back, as does a session this role cannot see (then
+// nothing is settled). A notice of this transaction's own, or of one that committed after it began,
+// waits. The sessions are those of the status snapshot STATUS_NOW took, before the prepared
+// transactions are read: a sender that prepares in between is in one or the other.
 static SETTLED_DROPS: Statement = Statement {
     sql: "DELETE FROM bussig.dropped_queue d
-          WHERE d.noticed_at IS NOT NULL
+          WHERE d.noticed_at < pg_catalog.transaction_timestamp()
             AND pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE')
+            AND NOT EXISTS (SELECT FROM bussig.queue q WHERE q.queue_id = d.queue_id)
             AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
                             WHERE a.datname = current_database() AND a.pid <> pg_catalog.pg_backend_pid()
-                              AND a.xact_start <= d.noticed_at)
+                              AND (a.xact_start <= d.noticed_at OR a.state = 'disabled'))
             AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts p WHERE p.database = current_database())
           RETURNING d.queue_id",
     args: &[],
     writes: true,
 };
+
+// The sessions as they are now: the backend status is read once a transaction and kept to its end.
+static STATUS_NOW: [Statement; 2] = [
+    Statement {
+        sql: "SELECT pg_catalog.pg_stat_clear_snapshot()",
+        args: &[],
+        writes: true,
+    },
+    Statement {
+        sql: "SELECT count(*) FROM pg_catalog.pg_stat_activity",
+        args: &[],
+        writes: true,
+    },
+];
 
 // The messages and groups of settled drops. A statement after SETTLED_DROPS: its snapshot sees what
 // every racing send committed.
@@ -224,10 +243,13 @@ static ORPHANED_MESSAGES: Statement = Statement {
     writes: true,
 };
 
-// Drops committed since the last round; after SETTLED_DROPS, so that none is settled in the round
-// that notices it.
+// Drops committed since the last round whose transaction has ended (no lock on its id is left); after
+// SETTLED_DROPS, so that none is settled in the round that notices it.
 static NOTICE_DROPS: Statement = Statement {
-    sql: "UPDATE bussig.dropped_queue SET noticed_at = clock_timestamp() WHERE noticed_at IS NULL",
+    sql: "UPDATE bussig.dropped_queue d SET noticed_at = clock_timestamp()
+          WHERE d.noticed_at IS NULL
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_locks l
+                            WHERE l.locktype = 'transactionid' AND l.transactionid = d.xmin)",
     args: &[],
     writes: true,
 };
@@ -382,7 +404,14 @@ pub fn notify(client: &mut SpiClient<'_>, queue_ids: &[i32], all: bool) -> BusRe
 }
 
 /// Deletes the messages sends left for queues whose drop is settled (see SETTLED_DROPS): how many.
+/// Nothing under a transaction-long snapshot, which would not see what racing sends committed.
 pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
+    if crate::pg::xact::snapshot_is_fixed() {
+        return Ok(0);
+    }
+    for statement in &STATUS_NOW {
+        plans::run(client, statement, &[])?;
+    }
     let settled = plans::first_column::<i32>(client, &SETTLED_DROPS, &[])?;
     let removed = if settled.is_empty() {
         0
