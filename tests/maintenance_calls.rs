@@ -148,10 +148,7 @@ fn orphans_removed(admin: &mut Client) -> i64 {
 /// of it is open, and the message goes once that one has ended.
 #[test]
 fn a_send_committed_long_after_its_queues_drop_leaves_no_message_behind() {
-    let db = Database::create("late_orphan");
-    let mut admin = db.connect();
-    admin.batch_execute("CREATE EXTENSION bussig").unwrap();
-    keep_worker_out(&mut admin);
+    let (db, mut admin) = Database::without_worker("late_orphan");
     admin
         .batch_execute("SELECT bussig.create_queue('raced')")
         .unwrap();
