@@ -394,6 +394,34 @@ fn the_ungrouped_messages_of_a_grouped_batch_wake_a_waiting_reader() {
     );
 }
 
+/// `bussig.{verb}(queue)` (purge_queue or drop_queue) on a session of its own, once it waits for a
+/// row lock another transaction holds.
+fn removing_while_blocked(
+    watcher: &mut Client,
+    verb: &'static str,
+    queue: &str,
+) -> thread::JoinHandle<Result<(), postgres::Error>> {
+    let (mut remover, pid) = watched_session();
+    let queue = queue.to_string();
+    let removing = thread::spawn(move || {
+        remover
+            .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&queue])
+            .map(|_| ())
+    });
+    blocked_on_a_lock(watcher, pid, verb);
+    removing
+}
+
+/// The messages of a queue, by its id: a dropped queue's name finds nothing.
+fn messages_of(c: &mut Client, queue_id: i32) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM bussig.message WHERE queue_id = $1",
+        &[&queue_id],
+    )
+    .unwrap()
+    .get(0)
+}
+
 /// A purge or drop of a queue whose group's parked follower outranks its head, while an ack of the
 /// head moves the follower up: the ack takes the head, then the follower. A single DELETE in delivery
 /// order took the follower first and then waited for the head, each waiting for the other (40P01);
@@ -404,13 +432,7 @@ fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
         let mut admin = connect();
         let queue = Queue::create(&mut admin, &format!("groups_deadlock_{verb}"), "");
         let name = queue.name.clone();
-        let queue_id: i32 = admin
-            .query_one(
-                "SELECT queue_id FROM bussig.queue WHERE name = $1::text",
-                &[&name],
-            )
-            .unwrap()
-            .get(0);
+        let queue_id = queue.id(&mut admin);
         admin
             .execute(
                 "SELECT bussig.send($1::text, '1', group_id => 'g')",
@@ -435,14 +457,7 @@ fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
             )
             .unwrap();
         assert_eq!(held, 1, "the follower is not parked");
-        let removing = name.clone();
-        let (mut remover, remover_pid) = watched_session();
-        let remover = thread::spawn(move || {
-            remover
-                .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&removing])
-                .map(|_| ())
-        });
-        blocked_on_a_lock(&mut admin, remover_pid, verb);
+        let remover = removing_while_blocked(&mut admin, verb, &name);
         let (mut acker, acker_pid) = watched_session();
         let acker = thread::spawn(move || {
             acker
@@ -462,15 +477,7 @@ fn a_purge_or_drop_beside_an_ack_that_moves_a_group_on_does_not_deadlock() {
             .join()
             .unwrap()
             .unwrap_or_else(|e| panic!("the ack beside {verb}: {e:?}"));
-        // By id: a dropped queue's name finds nothing.
-        let left: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM bussig.message WHERE queue_id = $1",
-                &[&queue_id],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(left, 0, "{verb} left messages");
+        assert_eq!(messages_of(&mut admin, queue_id), 0, "{verb} left messages");
     }
 }
 
@@ -484,13 +491,7 @@ fn a_purge_or_drop_deletes_a_message_changed_while_it_waited() {
         let mut admin = connect();
         let queue = Queue::create(&mut admin, &format!("groups_changed_{verb}"), "");
         let name = queue.name.clone();
-        let queue_id: i32 = admin
-            .query_one(
-                "SELECT queue_id FROM bussig.queue WHERE name = $1::text",
-                &[&name],
-            )
-            .unwrap()
-            .get(0);
+        let queue_id = queue.id(&mut admin);
         for group in ["a", "b"] {
             admin
                 .execute(
@@ -510,27 +511,16 @@ fn a_purge_or_drop_deletes_a_message_changed_while_it_waited() {
             )
             .unwrap();
         assert_eq!(changed, 1);
-        let removing = name.clone();
-        let (mut remover, remover_pid) = watched_session();
-        let remover = thread::spawn(move || {
-            remover
-                .query_one(&format!("SELECT bussig.{verb}($1::text)"), &[&removing])
-                .map(|_| ())
-        });
-        blocked_on_a_lock(&mut admin, remover_pid, verb);
+        let remover = removing_while_blocked(&mut admin, verb, &name);
         changer.batch_execute("COMMIT").unwrap();
         remover
             .join()
             .unwrap()
             .unwrap_or_else(|e| panic!("{verb}: {e:?}"));
-        // By id: a dropped queue's name finds nothing.
-        let left: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM bussig.message WHERE queue_id = $1",
-                &[&queue_id],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(left, 0, "{verb} left the changed message");
+        assert_eq!(
+            messages_of(&mut admin, queue_id),
+            0,
+            "{verb} left the changed message"
+        );
     }
 }

@@ -218,10 +218,13 @@ static SETTLED_DROPS: Statement = Statement {
     writes: true,
 };
 
-// The sessions as they are now: the backend status is read once a transaction and kept to its end.
+// The sessions as they are now, when a noticed drop waits to be settled (the first statement returns
+// a row only then: most rounds read no session): the backend status is read once a transaction and
+// kept to its end.
 static STATUS_NOW: [Statement; 2] = [
     Statement {
-        sql: "SELECT pg_catalog.pg_stat_clear_snapshot()",
+        sql: "SELECT pg_catalog.pg_stat_clear_snapshot()
+              FROM bussig.dropped_queue WHERE noticed_at IS NOT NULL LIMIT 1",
         args: &[],
         writes: true,
     },
@@ -409,15 +412,15 @@ pub fn remove_orphans(client: &mut SpiClient<'_>) -> BusResult<i64> {
     if crate::pg::xact::snapshot_is_fixed() {
         return Ok(0);
     }
-    for statement in &STATUS_NOW {
-        plans::run(client, statement, &[])?;
+    let [clear_status, read_status] = &STATUS_NOW;
+    let mut removed = 0;
+    if !plans::run(client, clear_status, &[])?.is_empty() {
+        plans::run(client, read_status, &[])?;
+        let settled = plans::first_column::<i32>(client, &SETTLED_DROPS, &[])?;
+        if !settled.is_empty() {
+            removed = plans::run(client, &ORPHANED_MESSAGES, &[settled.into()])?.len() as i64;
+        }
     }
-    let settled = plans::first_column::<i32>(client, &SETTLED_DROPS, &[])?;
-    let removed = if settled.is_empty() {
-        0
-    } else {
-        plans::run(client, &ORPHANED_MESSAGES, &[settled.into()])?.len() as i64
-    };
     plans::run(client, &NOTICE_DROPS, &[])?;
     Ok(removed)
 }

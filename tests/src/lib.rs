@@ -84,6 +84,17 @@ impl Queue {
         Queue { name }
     }
 
+    /// The queue's id: what its messages keep once a drop has removed its name.
+    pub fn id(&self, client: &mut Client) -> i32 {
+        client
+            .query_one(
+                "SELECT queue_id FROM bussig.queue WHERE name = $1::text",
+                &[&self.name],
+            )
+            .unwrap()
+            .get(0)
+    }
+
     /// The dead-letter queue every queue gets by default.
     pub fn dlq(&self) -> String {
         format!("{}_dlq", self.name)
